@@ -1,0 +1,3 @@
+from m3compile.cli import app
+
+app()

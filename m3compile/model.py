@@ -1,0 +1,573 @@
+"""A Llama-family decoder in plain PyTorch: config, modules, RoPE, and one checkpoint loader.
+
+In the spirit of gpt-fast's `model.py` and llama2.c's `model.py`, but with hooks the Memory³
+paper needs (arXiv 2407.01178 §3.1-3.3, ../shared/docs/memory3-paper.md §3 and §5):
+  * `Transformer.forward_kv` returns, for chosen layers, the per-head queries and keys *before*
+    rotary embedding (the paper scores tokens without positions), the keys *after* it and the
+    values (what a memory stores), and stops once the last requested layer has its key-values;
+  * every attention takes optional extra key-values placed in front of the context under one
+    softmax (paper Eq. 4), which is how the read side attends to memories.
+
+Supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM in Hugging Face layout —
+grouped-query attention, explicit head_dim, q/k/v(/o) biases, tied embeddings, rope_theta and the
+`llama3` rope scaling. RoPE uses the HF half-split ("rotate_half") layout, so loading is a pure
+rename with no q/k permutation. Numerics follow transformers' eager path (RMSNorm in float32,
+RoPE tables in float32 then cast), which is what the parity tests hold us to.
+
+Shape letters: B batch, T tokens, S key length (memory + context), M memory tokens,
+N query heads, H kv heads, D head dim, C model dim, F FFN width, V vocab.
+"""
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, asdict
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from m3compile.errors import M3Error
+from m3compile.tokenizer import Tokenizer
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    vocab_size: int  # tokens in the embedding table
+    dim: int  # model (residual) width C
+    n_layers: int  # transformer blocks
+    n_heads: int  # query heads N
+    n_kv_heads: int  # key-value heads H; N % H == 0 (grouped-query attention)
+    head_dim: int  # D, may differ from dim // n_heads (Mistral/Qwen explicit head_dim)
+    hidden_dim: int  # FFN width F of the SwiGLU MLP
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # RoPE base
+    max_seq_len: int = 2048  # max_position_embeddings, informative: longer inputs still run
+    qkv_bias: bool = False  # bias on q/k/v projections (Qwen2: always; Llama: attention_bias)
+    o_bias: bool = False  # bias on the output projection (Llama attention_bias)
+    mlp_bias: bool = False  # bias on gate/up/down projections (Llama mlp_bias)
+    tie_word_embeddings: bool = False  # output head shares the embedding matrix
+    rope_scaling: tuple | None = None  # None or sorted (key, value) pairs of a llama3 scaling dict
+    sliding_window: int | None = None  # active sliding-window span in tokens, None when full attention
+    architecture: str = "LlamaForCausalLM"  # one of SUPPORTED_ARCHITECTURES
+
+    def __post_init__(self):
+        assert self.n_heads % self.n_kv_heads == 0, (self.n_heads, self.n_kv_heads)
+
+    @property
+    def n_rep(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        """Read a transformers `config.json` dict; refuse anything this runtime does not compute."""
+        archs = cfg.get("architectures") or []
+        if len(archs) != 1 or archs[0] not in SUPPORTED_ARCHITECTURES:
+            raise M3Error(
+                f"unsupported architecture {archs or cfg.get('model_type')!r}: m3compile runs "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)}; use a checkpoint of one of those"
+            )
+        arch = archs[0]
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise M3Error(f"unsupported hidden_act {act!r}: m3compile runs SwiGLU (silu) MLPs only")
+        if cfg.get("partial_rotary_factor", 1.0) != 1.0:
+            raise M3Error("unsupported partial_rotary_factor: m3compile rotates the whole head dim")
+        n_heads = cfg["num_attention_heads"]
+        dim = cfg["hidden_size"]
+        head_dim = cfg.get("head_dim") or dim // n_heads
+        theta, scaling = _rope_config(cfg)
+        if arch == "Qwen2ForCausalLM":
+            qkv_bias, o_bias, mlp_bias = True, False, False
+            window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
+            if window is not None and "sliding_attention" not in (cfg.get("layer_types") or ["sliding_attention"]):
+                window = None
+        else:
+            qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
+            mlp_bias = bool(cfg.get("mlp_bias", False))
+            window = cfg.get("sliding_window") if arch == "MistralForCausalLM" else None
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            dim=dim,
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=head_dim,
+            hidden_dim=cfg["intermediate_size"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=theta,
+            max_seq_len=cfg.get("max_position_embeddings", 2048),
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            mlp_bias=mlp_bias,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            rope_scaling=scaling,
+            sliding_window=window,
+            architecture=arch,
+        )
+
+    def to_hf_config(self, bos_token_id: int | None = None, eos_token_id: int | None = None) -> dict:
+        """The transformers `config.json` of a Llama with these args (for checkpoints we write)."""
+        assert self.architecture == "LlamaForCausalLM" and self.qkv_bias == self.o_bias, self
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling:
+            rope = {**dict(self.rope_scaling), "rope_theta": self.rope_theta}
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.dim,
+            "intermediate_size": self.hidden_dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_seq_len,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": rope,
+            "attention_bias": self.qkv_bias,
+            "mlp_bias": self.mlp_bias,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": bos_token_id,
+            "eos_token_id": eos_token_id,
+            "torch_dtype": "float32",
+        }
+
+
+def _rope_config(cfg: dict) -> tuple[float, tuple | None]:
+    # transformers <5 writes rope_theta + rope_scaling; >=5 writes rope_parameters with both inside
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise M3Error(
+            f"unsupported rope scaling type {rope_type!r}: m3compile computes "
+            f"{' and '.join(SUPPORTED_ROPE_TYPES)} RoPE only"
+        )
+    if rope_type == "default":
+        return theta, None
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    missing = [k for k in keys if k not in params]
+    if missing:
+        raise M3Error(f"llama3 rope scaling lacks {', '.join(missing)} in config.json; fix the config")
+    return theta, tuple(sorted([("rope_type", "llama3")] + [(k, params[k]) for k in keys]))
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies [D/2] in float32, with llama3 scaling if configured (as transformers)."""
+    d = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))  # (D/2,)
+    if not args.rope_scaling:
+        return inv_freq
+    s = dict(args.rope_scaling)
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq  # (D/2,)
+    # long wavelengths are slowed by `factor`, short ones kept, the band between interpolated
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)  # (D/2,)
+    smooth = (old_len / wavelen - low) / (high - low)  # (D/2,)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled  # (D/2,)
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos/sin tables [B, 1, T, D] for integer positions [B, T], computed in float32."""
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+    return emb.cos()[:, None].to(dtype), emb.sin()[:, None].to(dtype)  # (B, 1, T, D) each
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, heads, T, D] in the half-split layout (pairs i and i + D/2)."""
+    x1, x2 = x.chunk(2, dim=-1)  # (B, heads, T, D/2) each
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin  # (B, heads, T, D)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in float32 like transformers, then scale in the input dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class LayerKV(NamedTuple):
+    q_pre: torch.Tensor  # (B, N, T, D) queries before RoPE
+    k_pre: torch.Tensor  # (B, H, T, D) keys before RoPE
+    k_post: torch.Tensor  # (B, H, T, D) keys after RoPE (what a memory stores)
+    v: torch.Tensor  # (B, H, T, D) values
+
+
+class ExtraKV(NamedTuple):
+    """Key-values put in front of the context in one layer (paper Eq. 4), e.g. memories."""
+
+    k: torch.Tensor  # (B, H, M, D) keys, already rotated to their own positions
+    v: torch.Tensor  # (B, H, M, D)
+    visible: torch.Tensor  # (B, T, M) bool: may query t attend to extra token m
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        n, h, d = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, n * d, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, h * d, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, h * d, bias=args.qkv_bias)
+        self.wo = nn.Linear(n * d, args.dim, bias=args.o_bias)
+
+    def project(self, x, cos, sin) -> LayerKV:
+        a = self.args
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)  # (B, N, T, D)
+        k = self.wk(x).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, H, T, D)
+        v = self.wv(x).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, H, T, D)
+        return LayerKV(q, k, apply_rope(k, cos, sin), v)
+
+    def forward(self, x, cos, sin, mask, extra: ExtraKV | None = None):
+        a = self.args
+        B, T, _ = x.shape
+        kv = self.project(x, cos, sin)
+        q = apply_rope(kv.q_pre, cos, sin)  # (B, N, T, D)
+        k, v = kv.k_post, kv.v
+        if extra is not None:
+            k = torch.cat([extra.k.to(k.dtype), k], dim=2)  # (B, H, M+T, D)
+            v = torch.cat([extra.v.to(v.dtype), v], dim=2)  # (B, H, M+T, D)
+            mask = torch.cat([extra.visible[:, None], mask], dim=-1)  # (B, 1, T, M+T)
+        # grouped-query: query head n reads kv head n // n_rep (transformers' repeat_kv)
+        k = k.repeat_interleave(a.n_rep, dim=1)  # (B, N, S, D)
+        v = v.repeat_interleave(a.n_rep, dim=1)  # (B, N, S, D)
+        scores = (q @ k.transpose(-2, -1)) * a.head_dim**-0.5  # (B, N, T, S)
+        # a fully masked row (a padding query) gets a finite uniform row instead of NaN
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # (B, N, T, S)
+        out = (probs @ v).transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim)  # (B, T, N*D)
+        return self.wo(out), kv
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)  # gate
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)  # up
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=args.mlp_bias)  # down
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, mask, extra: ExtraKV | None = None):
+        h, kv = self.attention(self.attention_norm(x), cos, sin, mask, extra)
+        h = x + h
+        return h + self.feed_forward(self.ffn_norm(h)), kv
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+
+    def init_weights(self, seed: int, std: float = 0.02):
+        """Deterministic random init (normal(0, std) matrices, unit norms, zero biases)."""
+        g = torch.Generator().manual_seed(seed)
+        for name, p in sorted(self.named_parameters()):
+            with torch.no_grad():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith("bias"):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    def _prepare(self, tokens, attention_mask, positions):
+        B, T = tokens.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(B, T, dtype=torch.bool, device=tokens.device)  # (B, T)
+        attention_mask = attention_mask.bool()
+        if positions is None:
+            # count only real tokens, so left and right padding both give 0, 1, 2, ... per row
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        span = int(positions.max()) + 1 if positions.numel() else 0
+        if self.args.sliding_window is not None and span > self.args.sliding_window:
+            raise M3Error(
+                f"sequence spans {span} positions but the model's sliding window is "
+                f"{self.args.sliding_window}: sliding-window attention is not supported; "
+                "use shorter inputs or a checkpoint without an active sliding window"
+            )
+        causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()  # (T, T)
+        mask = causal[None, None] & attention_mask[:, None, None, :]  # (B, 1, T, T)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, self.dtype)  # (B, 1, T, D) each
+        return self.tok_embeddings(tokens), cos, sin, mask  # x: (B, T, C)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        extra: dict[int, ExtraKV] | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, T, V] for tokens [B, T].
+
+        attention_mask [B, T] (True = real token) masks padding as keys; positions [B, T] are the
+        RoPE positions (default: 0, 1, ... over the real tokens of each row); extra maps a layer
+        index to key-values attended in front of the context in that layer (memories).
+        """
+        x, cos, sin, mask = self._prepare(tokens, attention_mask, positions)
+        extra = extra or {}
+        for i, layer in enumerate(self.layers):
+            x, _ = layer(x, cos, sin, mask, extra.get(i))
+        return self.output(self.norm(x))  # (B, T, V)
+
+    def forward_kv(
+        self,
+        tokens: torch.Tensor,
+        layers: Sequence[int],
+        attention_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> dict[int, LayerKV]:
+        """Queries/keys (pre- and post-RoPE) and values of the requested layers.
+
+        Runs blocks only up to the last requested layer, and of that one only the q/k/v
+        projections: nothing that no requested layer needs is computed (paper App. A.2).
+        """
+        wanted = sorted(set(layers))
+        assert wanted and 0 <= wanted[0] and wanted[-1] < self.args.n_layers, (layers, self.args.n_layers)
+        x, cos, sin, mask = self._prepare(tokens, attention_mask, positions)
+        out = {}
+        for i in range(wanted[-1]):
+            x, kv = self.layers[i](x, cos, sin, mask)
+            if i in wanted:
+                out[i] = kv
+        last = self.layers[wanted[-1]]
+        out[wanted[-1]] = last.attention.project(last.attention_norm(x), cos, sin)
+        return out
+
+
+# Hugging Face tensor name -> ours. `{}` is the layer index. One table for all three architectures.
+WEIGHT_MAP = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
+    "model.layers.{}.self_attn.q_proj.bias": "layers.{}.attention.wq.bias",
+    "model.layers.{}.self_attn.k_proj.bias": "layers.{}.attention.wk.bias",
+    "model.layers.{}.self_attn.v_proj.bias": "layers.{}.attention.wv.bias",
+    "model.layers.{}.self_attn.o_proj.bias": "layers.{}.attention.wo.bias",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
+    "model.layers.{}.mlp.gate_proj.bias": "layers.{}.feed_forward.w1.bias",
+    "model.layers.{}.mlp.up_proj.bias": "layers.{}.feed_forward.w3.bias",
+    "model.layers.{}.mlp.down_proj.bias": "layers.{}.feed_forward.w2.bias",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_LAYER_NUM = re.compile(r"\.(\d+)\.")
+# tensors some exporters add that carry no weights (old transformers saved RoPE tables)
+_IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+_FUSED_QKV = re.compile(r"(qkv_proj|W_pack|query_key_value|c_attn)")
+
+
+def hf_to_ours(name: str) -> str | None:
+    m = _LAYER_NUM.search(name)
+    key = _LAYER_NUM.sub(".{}.", name, count=1) if m else name
+    ours = WEIGHT_MAP.get(key)
+    return ours.format(m.group(1)) if ours and m else ours
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, through the shard index when there is one."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError) as e:
+            raise M3Error(f"cannot read {index}: {e!r}; fix or re-save the checkpoint") from None
+        files = [path / f for f in sorted(set(weight_map.values()))]
+    elif (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    else:
+        hint = " (found PyTorch .bin weights: re-save with safe_serialization=True)" if any(path.glob("*.bin")) else ""
+        raise M3Error(f"no model.safetensors or model.safetensors.index.json in {path}{hint}")
+    for f in files:
+        if not f.is_file():
+            raise M3Error(f"weight shard {f.name} named by the index is missing from {path}")
+    return files
+
+
+def _read_config(path: Path) -> dict:
+    cfg_path = path / "config.json"
+    if not path.is_dir():
+        raise M3Error(f"model path {path} is not a directory; give a Hugging Face checkpoint directory")
+    if not cfg_path.is_file():
+        raise M3Error(f"no config.json in {path}; give a Hugging Face checkpoint directory")
+    try:
+        return json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise M3Error(f"cannot parse {cfg_path}: {e}; fix or replace the file") from None
+
+
+def _load_state_dict(files: list[Path], args: ModelArgs, dtype: torch.dtype, device) -> dict:
+    state, unexpected = {}, []
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt", device=str(device)) as sf:
+                for name in sf.keys():
+                    if _IGNORED.search(name):
+                        continue
+                    if _FUSED_QKV.search(name):
+                        raise M3Error(
+                            f"fused QKV projection {name!r} in {f.name} is not supported; m3compile "
+                            "needs separate q_proj/k_proj/v_proj tensors"
+                        )
+                    ours = hf_to_ours(name)
+                    if ours is None:
+                        unexpected.append(name)
+                        continue
+                    if ours == "output.weight" and args.tie_word_embeddings:
+                        continue  # tied: the head is the embedding, as transformers does
+                    state[ours] = sf.get_tensor(name).to(dtype)
+        except M3Error:
+            raise
+        except Exception as e:  # safetensors raises its own error types on a corrupt file
+            raise M3Error(f"cannot read weights {f}: {e}; the file is corrupt or not safetensors") from None
+    if unexpected:
+        raise M3Error(f"unexpected tensor(s) in checkpoint: {', '.join(sorted(unexpected)[:5])}; "
+                      f"not part of a {args.architecture} with this config.json")
+    return state
+
+
+@dataclass
+class Checkpoint:
+    model: Transformer
+    args: ModelArgs
+    tokenizer: Tokenizer
+    path: Path  # the checkpoint directory
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32) -> Checkpoint:
+    """Load a local Hugging Face checkpoint directory, strictly and offline.
+
+    Args:
+        path: directory with config.json, model.safetensors (or a sharded index) and tokenizer.json.
+        device: where the weights go ("cpu", "cuda", ...).
+        dtype: torch.float32 / torch.bfloat16 (or their names).
+    Returns:
+        Checkpoint with `.model` (eval mode), `.args`, `.tokenizer`, `.path`.
+    Example:
+        >>> ck = load_checkpoint("examples/model")
+        >>> logits = ck.model(torch.tensor([ck.tokenizer.encode("Veldmoor")]))
+    """
+    path = Path(path)
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    args = ModelArgs.from_hf_config(_read_config(path))
+    tokenizer = Tokenizer.from_dir(path)
+    state = _load_state_dict(weight_files(path), args, dtype, device)
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = set(model.state_dict())
+    if args.tie_word_embeddings:
+        expected.discard("output.weight")
+    missing = sorted(expected - set(state))
+    if missing:
+        raise M3Error(f"checkpoint {path} lacks tensor(s) {', '.join(missing[:5])}; "
+                      "the weights do not match config.json")
+    for name, tensor in state.items():
+        want = model.get_parameter(name).shape
+        if tensor.shape != want:
+            raise M3Error(f"tensor {name} has shape {tuple(tensor.shape)} but config.json implies {tuple(want)}")
+    if args.tie_word_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if args.tie_word_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model.inv_freq = rope_inv_freq(args).to(device)
+    return Checkpoint(model=model.eval(), args=args, tokenizer=tokenizer, path=path)
+
+
+def save_checkpoint(model: Transformer, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
+                    bos_id: int | None = None, eos_id: int | None = None) -> Path:
+    """Write `model` as an ordinary Hugging Face Llama checkpoint (config.json + model.safetensors)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ours_to_hf = {}
+    for hf, ours in WEIGHT_MAP.items():
+        for i in range(model.args.n_layers) if "{}" in hf else [None]:
+            ours_to_hf[ours.format(i)] = hf.format(i)
+    state = {ours_to_hf[k]: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
+             if not (k == "output.weight" and model.args.tie_word_embeddings)}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = model.args.to_hf_config(bos_id, eos_id)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if tokenizer_dir is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            src = Path(tokenizer_dir) / name
+            if src.is_file():
+                (out / name).write_bytes(src.read_bytes())
+    return out
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(path: str | Path) -> dict:
+    """Model identity: architecture and dims plus sha256 of config.json, every weight file and tokenizer.json."""
+    path = Path(path)
+    args = ModelArgs.from_hf_config(_read_config(path))
+    return {
+        "architecture": args.architecture,
+        "args": asdict(args),
+        "config_sha256": sha256_file(path / "config.json"),
+        "weights_sha256": {f.name: sha256_file(f) for f in weight_files(path)},
+        "tokenizer_sha256": sha256_file(path / "tokenizer.json"),
+    }

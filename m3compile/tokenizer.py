@@ -1,0 +1,83 @@
+"""The model's tokenizer, read from a checkpoint's `tokenizer.json` through the `tokenizers` library.
+
+BOS/EOS come from `tokenizer_config.json` (token strings) and fall back to `config.json`
+(`bos_token_id`/`eos_token_id`), the way Hugging Face resolves them. Text is always encoded
+without special tokens: callers add BOS themselves where the paper's layout puts it.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+
+from m3compile.errors import M3Error
+
+
+def _token_content(value) -> str | None:
+    # tokenizer_config.json stores a special token as a string or as an AddedToken dict
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise M3Error(f"cannot read {path}: {e}; fix or replace the file") from None
+
+
+@dataclass
+class Tokenizer:
+    hf: HFTokenizer
+    bos_id: int | None  # id of the beginning-of-sequence token, None if the tokenizer has none
+    eos_id: int | None  # id of the end-of-sequence token, None if the tokenizer has none
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "Tokenizer":
+        path = Path(path)
+        tj = path / "tokenizer.json"
+        if not tj.is_file():
+            raise M3Error(
+                f"no tokenizer.json in {path}: m3compile reads tokenizers through the `tokenizers` "
+                "library; save one with `AutoTokenizer.from_pretrained(...).save_pretrained(dir)`"
+            )
+        try:
+            hf = HFTokenizer.from_file(str(tj))
+        except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+            raise M3Error(f"cannot load {tj}: {e}; the file is not a valid tokenizers JSON") from None
+        tc = _read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
+        cfg = _read_json(path / "config.json") if (path / "config.json").is_file() else {}
+
+        def resolve(name: str) -> int | None:
+            content = _token_content(tc.get(f"{name}_token"))
+            if content is not None:
+                tid = hf.token_to_id(content)
+                if tid is None:
+                    raise M3Error(
+                        f"tokenizer_config.json names {name}_token {content!r} but tokenizer.json has no "
+                        "such token; fix tokenizer_config.json"
+                    )
+                return tid
+            tid = cfg.get(f"{name}_token_id")
+            if isinstance(tid, list):  # some configs list several eos ids; the first is the canonical one
+                tid = tid[0] if tid else None
+            return tid
+
+        return cls(hf=hf, bos_id=resolve("bos"), eos_id=resolve("eos"))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids and each token's (start, end) character span in `text`."""
+        enc = self.hf.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=False)

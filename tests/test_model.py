@@ -1,0 +1,255 @@
+"""The runtime against transformers (the independent implementation) on small random checkpoints
+saved with `save_pretrained`, one per supported architecture and feature; and refusals."""
+
+import json
+
+import pytest
+import torch
+
+from m3compile.errors import M3Error
+from m3compile.model import ModelArgs, Transformer, load_checkpoint, save_checkpoint
+from conftest import write_word_tokenizer
+
+transformers = pytest.importorskip("transformers", reason="transformers is the test-only parity oracle")
+
+SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=120, max_position_embeddings=256, rms_norm_eps=1e-5)
+
+CASES = {
+    "llama-gqa": ("LlamaForCausalLM", {}),
+    "llama-mha": ("LlamaForCausalLM", dict(num_key_value_heads=4)),
+    "llama-bias": ("LlamaForCausalLM", dict(attention_bias=True, mlp_bias=True)),
+    "llama-tied": ("LlamaForCausalLM", dict(tie_word_embeddings=True)),
+    "llama-theta": ("LlamaForCausalLM", dict(rope_theta=500000.0)),
+    "llama3-rope": ("LlamaForCausalLM", dict(rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16})),
+    "mistral-head-dim": ("MistralForCausalLM", dict(head_dim=24, sliding_window=4096)),
+    "qwen2-bias-tied": ("Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "llama-sharded": ("LlamaForCausalLM", dict(_shard="40KB")),
+}
+
+
+def make_checkpoint(path, arch, overrides, seed=0):
+    overrides = dict(overrides)
+    shard = overrides.pop("_shard", None)
+    cls = getattr(transformers, arch)
+    config = cls.config_class(**{**SMALL, **overrides})
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    # random init leaves biases at zero and norms at one; perturb them so they are tested
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    kwargs = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(path, **kwargs)
+    write_word_tokenizer(path, SMALL["vocab_size"])
+    return model
+
+
+def oracle(model, ids, mask=None, position_ids=None):
+    """transformers' logits, pre-RoPE q/k and v projections, and post-RoPE key cache."""
+    proj = {}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        for name in ("q_proj", "k_proj", "v_proj"):
+            mod = getattr(layer.self_attn, name)
+            hooks.append(mod.register_forward_hook(lambda m, a, out, i=i, name=name: proj.__setitem__((i, name), out)))
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
+    for h in hooks:
+        h.remove()
+    return out.logits, proj, out.past_key_values
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_parity_with_transformers(tmp_path, case):
+    arch, overrides = CASES[case]
+    ref = make_checkpoint(tmp_path, arch, overrides)
+    ref.config._attn_implementation = "eager"
+    if case == "llama-sharded":
+        assert (tmp_path / "model.safetensors.index.json").is_file()
+        assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    ck = load_checkpoint(tmp_path)
+    a = ck.args
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, SMALL["vocab_size"], (2, 40), generator=g)
+    ref_logits, proj, cache = oracle(ref, ids)
+    with torch.no_grad():
+        logits = ck.model(ids)
+        kvs = ck.model.forward_kv(ids, layers=range(a.n_layers))
+    assert (logits - ref_logits).abs().max() <= 1e-4
+    B, T = ids.shape
+    for i in range(a.n_layers):
+        kv = kvs[i]
+        q_ref = proj[(i, "q_proj")].view(B, T, a.n_heads, a.head_dim).transpose(1, 2)
+        k_ref = proj[(i, "k_proj")].view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        v_ref = proj[(i, "v_proj")].view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        assert kv.q_pre.shape == (B, a.n_heads, T, a.head_dim)
+        assert (kv.q_pre - q_ref).abs().max() <= 1e-5
+        assert (kv.k_pre - k_ref).abs().max() <= 1e-5
+        assert (kv.k_post - cache.layers[i].keys).abs().max() <= 1e-5
+        assert (kv.v - cache.layers[i].values).abs().max() <= 1e-5
+        assert (kv.v - v_ref).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_batch_matches_unpadded(tmp_path, side):
+    ref = make_checkpoint(tmp_path, "LlamaForCausalLM", {})
+    ref.config._attn_implementation = "eager"
+    ck = load_checkpoint(tmp_path)
+    g = torch.Generator().manual_seed(2)
+    lengths = [23, 9]
+    T = max(lengths)
+    ids = torch.zeros(2, T, dtype=torch.long)
+    mask = torch.zeros(2, T, dtype=torch.bool)
+    rows = [torch.randint(3, 120, (n,), generator=g) for n in lengths]
+    for b, row in enumerate(rows):
+        sl = slice(0, len(row)) if side == "right" else slice(T - len(row), T)
+        ids[b, sl], mask[b, sl] = row, True
+    with torch.no_grad():
+        logits = ck.model(ids, attention_mask=mask)
+        kvs = ck.model.forward_kv(ids, layers=[1], attention_mask=mask)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    ref_logits, _, cache = oracle(ref, ids, mask=mask.long(), position_ids=positions)
+    for b, row in enumerate(rows):
+        alone = ck.model(row[None])[0]
+        real = mask[b]
+        assert (logits[b, real] - alone).abs().max() <= 1e-4
+        assert (logits[b, real] - ref_logits[b, real]).abs().max() <= 1e-4
+        assert (kvs[1].k_post[b][:, real] - cache.layers[1].keys[b][:, real]).abs().max() <= 1e-5
+
+
+def test_forward_kv_stops_after_last_requested_layer(tmp_path):
+    make_checkpoint(tmp_path, "LlamaForCausalLM", dict(num_hidden_layers=4))
+    model = load_checkpoint(tmp_path).model
+    ran = []
+    for i, layer in enumerate(model.layers):
+        layer.register_forward_hook(lambda m, a, o, i=i: ran.append(("block", i)))
+        layer.feed_forward.register_forward_hook(lambda m, a, o, i=i: ran.append(("mlp", i)))
+    ids = torch.randint(3, 120, (1, 12))
+    with torch.no_grad():
+        out = model.forward_kv(ids, layers=[0, 1])
+    assert sorted(out) == [0, 1]
+    # block 0 runs whole; of block 1 only the projections; blocks 2 and 3 not at all
+    assert ran == [("mlp", 0), ("block", 0)]
+
+
+def test_bfloat16_close_to_float32(tmp_path):
+    make_checkpoint(tmp_path, "LlamaForCausalLM", {})
+    ids = torch.randint(3, 120, (2, 30))
+    with torch.no_grad():
+        l32 = load_checkpoint(tmp_path).model(ids)
+        m16 = load_checkpoint(tmp_path, dtype="bfloat16").model
+        assert m16.dtype == torch.bfloat16
+        l16 = m16(ids).float()
+    # bf16 keeps ~3 significant digits; logits of this scale agree to a few hundredths
+    assert (l16 - l32).abs().max() < 0.05 * l32.abs().max()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_matches_cpu(tmp_path, dtype):
+    make_checkpoint(tmp_path, "Qwen2ForCausalLM", {})
+    ids = torch.randint(3, 120, (2, 30))
+    with torch.no_grad():
+        cpu = load_checkpoint(tmp_path, dtype="float32").model(ids)
+        gpu = load_checkpoint(tmp_path, device="cuda", dtype=dtype).model(ids.cuda()).float().cpu()
+    tol = 1e-4 if dtype == "float32" else 0.05 * cpu.abs().max()
+    assert (gpu - cpu).abs().max() <= tol
+
+
+def test_save_checkpoint_round_trips_through_transformers(tmp_path):
+    args = ModelArgs(vocab_size=120, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96)
+    model = Transformer(args).init_weights(seed=3)
+    save_checkpoint(model, tmp_path, bos_id=1, eos_id=2)
+    write_word_tokenizer(tmp_path, 120)
+    ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(3, 120, (1, 20))
+    with torch.no_grad():
+        assert (model(ids) - ref(ids).logits).abs().max() <= 1e-4
+        assert (load_checkpoint(tmp_path).model(ids) - model(ids)).abs().max() == 0
+
+
+# --- refusals: every unsupported configuration names what is unsupported ---
+
+def _edit_config(path, **changes):
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(architectures=["GPT2LMHeadModel"]), "unsupported architecture ['GPT2LMHeadModel']"),
+    (dict(architectures=["LlamaForCausalLM", "MistralForCausalLM"]), "unsupported architecture"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}), "unsupported rope scaling type 'yarn'"),
+    (dict(rope_parameters=None, rope_scaling={"type": "linear", "factor": 2.0}), "unsupported rope scaling type 'linear'"),
+    (dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}), "llama3 rope scaling lacks"),
+    (dict(hidden_act="gelu"), "unsupported hidden_act 'gelu'"),
+    (dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
+])
+def test_unsupported_config_refused(tmp_path, changes, message):
+    make_checkpoint(tmp_path, "LlamaForCausalLM", {})
+    _edit_config(tmp_path, **changes)
+    with pytest.raises(M3Error, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_checkpoint(tmp_path)
+
+
+def test_active_sliding_window_shorter_than_sequence_refused(tmp_path):
+    make_checkpoint(tmp_path, "MistralForCausalLM", dict(sliding_window=16))
+    model = load_checkpoint(tmp_path).model
+    model(torch.randint(3, 120, (1, 16)))  # within the window: full attention is exact
+    with pytest.raises(M3Error, match="sliding window is 16"):
+        model(torch.randint(3, 120, (1, 17)))
+
+
+def test_qwen2_sliding_window_only_when_enabled(tmp_path):
+    make_checkpoint(tmp_path, "Qwen2ForCausalLM", dict(sliding_window=8, use_sliding_window=False))
+    load_checkpoint(tmp_path).model(torch.randint(3, 120, (1, 20)))  # inactive: no refusal
+
+
+def _rewrite_weights(path, fn):
+    from safetensors.torch import load_file, save_file
+    f = path / "model.safetensors"
+    save_file(fn(load_file(f)), f, metadata={"format": "pt"})
+
+
+def test_fused_qkv_refused(tmp_path):
+    make_checkpoint(tmp_path, "LlamaForCausalLM", {})
+
+    def fuse(sd):
+        p = "model.layers.0.self_attn."
+        sd[p + "qkv_proj.weight"] = torch.cat([sd.pop(p + n + "_proj.weight") for n in "qkv"])
+        return sd
+
+    _rewrite_weights(tmp_path, fuse)
+    with pytest.raises(M3Error, match="fused QKV projection 'model.layers.0.self_attn.qkv_proj.weight'"):
+        load_checkpoint(tmp_path)
+
+
+def test_missing_and_unexpected_tensors_named(tmp_path):
+    make_checkpoint(tmp_path, "LlamaForCausalLM", {})
+    _rewrite_weights(tmp_path, lambda sd: {k: v for k, v in sd.items() if "layers.1.mlp.up_proj" not in k})
+    with pytest.raises(M3Error, match=r"lacks tensor\(s\) layers.1.feed_forward.w3.weight"):
+        load_checkpoint(tmp_path)
+    make_checkpoint(tmp_path, "LlamaForCausalLM", {})
+    _rewrite_weights(tmp_path, lambda sd: {**sd, "model.layers.0.extra.weight": torch.zeros(2)})
+    with pytest.raises(M3Error, match=r"unexpected tensor\(s\) in checkpoint: model.layers.0.extra.weight"):
+        load_checkpoint(tmp_path)
+
+
+def test_shape_mismatch_and_missing_files(tmp_path):
+    make_checkpoint(tmp_path, "LlamaForCausalLM", {})
+    _edit_config(tmp_path, intermediate_size=100)
+    with pytest.raises(M3Error, match="has shape"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(M3Error, match="is not a directory"):
+        load_checkpoint(tmp_path / "nowhere")
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(M3Error, match="no model.safetensors"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
+    with pytest.raises(M3Error, match="cannot read weights"):
+        load_checkpoint(tmp_path)
