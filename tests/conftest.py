@@ -41,3 +41,60 @@ def write_word_tokenizer(path: Path, vocab_size: int) -> None:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+
+
+SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=120, max_position_embeddings=256, rms_norm_eps=1e-5)
+
+CHECKPOINT_CASES = {
+    "llama-gqa": ("LlamaForCausalLM", {}),
+    "llama-mha": ("LlamaForCausalLM", dict(num_key_value_heads=4)),
+    "llama-bias": ("LlamaForCausalLM", dict(attention_bias=True, mlp_bias=True)),
+    "llama-tied": ("LlamaForCausalLM", dict(tie_word_embeddings=True)),
+    "llama-theta": ("LlamaForCausalLM", dict(rope_theta=500000.0)),
+    "llama3-rope": ("LlamaForCausalLM", dict(rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16})),
+    "mistral-head-dim": ("MistralForCausalLM", dict(head_dim=24, sliding_window=4096)),
+    "qwen2-bias-tied": ("Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "llama-sharded": ("LlamaForCausalLM", dict(_shard="40KB")),
+}
+
+
+def make_checkpoint(path, arch, overrides, seed=0):
+    """A small random transformers model of `arch`, saved with save_pretrained plus a tokenizer."""
+    import torch
+    import transformers
+
+    overrides = dict(overrides)
+    shard = overrides.pop("_shard", None)
+    cls = getattr(transformers, arch)
+    config = cls.config_class(**{**SMALL, **overrides})
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    # random init leaves biases at zero and norms at one; perturb them so they are tested
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    kwargs = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(path, **kwargs)
+    write_word_tokenizer(path, SMALL["vocab_size"])
+    return model
+
+
+def oracle(model, ids, mask=None, position_ids=None):
+    import torch
+
+    """transformers' logits, pre-RoPE q/k and v projections, and post-RoPE key cache."""
+    proj = {}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        for name in ("q_proj", "k_proj", "v_proj"):
+            mod = getattr(layer.self_attn, name)
+            hooks.append(mod.register_forward_hook(lambda m, a, out, i=i, name=name: proj.__setitem__((i, name), out)))
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
+    for h in hooks:
+        h.remove()
+    return out.logits, proj, out.past_key_values

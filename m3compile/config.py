@@ -1,0 +1,110 @@
+"""CompileConfig: every setting of a compile, with its default stated once (STYLE rules 3-4).
+
+The CLI takes its option defaults from these fields; the manifest stores the whole config as
+run. Settings that change a memory's bytes are listed in MEMORY_SETTINGS: a knowledge base
+compiled with other values of those is a different knowledge base.
+"""
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from m3compile.errors import M3Error
+
+QUANT_CHOICES = ("none", "int8", "int4")
+DTYPE_CHOICES = ("float32", "bfloat16")
+BOUNDARY_CHOICES = ("sentence", "fixed")
+
+# settings that change what a reference's memory is (the rest change speed or bookkeeping only)
+MEMORY_SETTINGS = ("max_tokens", "boundary", "prefix", "top_k", "memory_layers", "quant", "dtype")
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    corpus: str  # corpus directory or file, as given
+    model: str | None = None  # Hugging Face checkpoint directory; None = the embedded example model
+    max_tokens: int = 128  # tokens per reference at most (paper §3.1: 128)
+    boundary: str = "sentence"  # "sentence": prefer paragraph/sentence ends; "fixed": the paper's plain windows
+    prefix: str = "Reference:"  # text after BOS in the write prefix, the paper's `<s>Reference:` (§3.2)
+    top_k: int = 8  # tokens kept per memory layer and kv head (paper §3.3: 8 of 128)
+    memory_layers: tuple[int, ...] | None = None  # layer indices; None = the first half (paper §3.3)
+    quant: str = "int8"  # "none" (lossless, model dtype), "int8", "int4"
+    dtype: str = "float32"  # model compute dtype: "float32" or "bfloat16"
+    device: str = "cpu"  # torch device for the forward pass, e.g. "cuda"
+    batch_size: int = 16  # references per forward pass
+    max_shard_bytes: int = 256 * 2**20  # compressed payload bytes per shard file at most
+    follow_symlinks: bool = False  # follow corpus symlinks that leave the corpus root
+    extra: dict = field(default_factory=dict)  # reserved for settings of later stages (index, ...)
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise M3Error(f"--max-tokens {self.max_tokens} must be at least 1")
+        if self.top_k < 1:
+            raise M3Error(f"--top-k {self.top_k} must be at least 1")
+        if self.quant not in QUANT_CHOICES:
+            raise M3Error(f"--quant {self.quant!r} is not one of {', '.join(QUANT_CHOICES)}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise M3Error(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
+        if self.boundary not in BOUNDARY_CHOICES:
+            raise M3Error(f"--boundary {self.boundary!r} is not one of {', '.join(BOUNDARY_CHOICES)}")
+        if self.batch_size < 1:
+            raise M3Error(f"--batch-size {self.batch_size} must be at least 1")
+        if self.memory_layers is not None:
+            layers = tuple(sorted(set(self.memory_layers)))
+            if not layers or layers[0] < 0:
+                raise M3Error(f"--memory-layers {self.memory_layers} must name layer indices >= 0")
+            object.__setattr__(self, "memory_layers", layers)
+
+    def resolve_layers(self, n_layers: int) -> tuple[int, ...]:
+        """The memory layers for a model of n_layers: as given, or the first half (at least one)."""
+        if self.memory_layers is None:
+            return tuple(range(max(1, n_layers // 2)))
+        if self.memory_layers[-1] >= n_layers:
+            raise M3Error(
+                f"--memory-layers names layer {self.memory_layers[-1]} but the model has {n_layers} "
+                f"layers (0..{n_layers - 1})"
+            )
+        return self.memory_layers
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["memory_layers"] = list(self.memory_layers) if self.memory_layers is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CompileConfig":
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        if d.get("memory_layers") is not None:
+            d["memory_layers"] = tuple(d["memory_layers"])
+        return cls(**d)
+
+    def with_preset(self, name: str) -> "CompileConfig":
+        if name not in PRESETS:
+            raise M3Error(f"unknown preset {name!r}; presets are {', '.join(sorted(PRESETS))}")
+        return replace(self, **PRESETS[name])
+
+
+# exact-name presets; each states only what it changes
+PRESETS = {
+    "paper": dict(max_tokens=128, boundary="fixed", top_k=8, memory_layers=None, prefix="Reference:"),
+    "lossless": dict(quant="none", dtype="float32"),
+}
+
+
+def parse_layers(text: str | None) -> tuple[int, ...] | None:
+    """'0-3,6' -> (0, 1, 2, 3, 6); None or '' -> None (the default)."""
+    if not text:
+        return None
+    out = []
+    try:
+        for part in text.split(","):
+            a, _, b = part.strip().partition("-")
+            out.extend(range(int(a), int(b) + 1) if b else [int(a)])
+    except ValueError:
+        raise M3Error(f"--memory-layers {text!r} is not a list like '0-3,6'") from None
+    return tuple(out)
+
+
+def default_model_dir() -> Path:
+    """The embedded demo model shipped in the repository's examples/."""
+    return Path(__file__).resolve().parents[1] / "examples" / "model"

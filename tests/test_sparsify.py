@@ -1,0 +1,89 @@
+"""Encode + sparsify against an independent implementation of the paper's selection rule (§3.3)
+computed in float64 from transformers' own projections and key-value cache."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CHECKPOINT_CASES, make_checkpoint, oracle
+from m3compile.encode import encode_batch, write_prefix
+from m3compile.model import load_checkpoint
+from m3compile.sparsify import select_topk
+
+pytest.importorskip("transformers", reason="transformers is the test-only parity oracle")
+
+
+def reference_rule(ref_model, prefix, tokens, layers, k):
+    """Kept j, post-RoPE keys and values per layer, from transformers alone, reference by reference."""
+    ids = torch.tensor([list(prefix) + list(tokens)])
+    _, proj, cache = oracle(ref_model, ids)
+    cfg = ref_model.config
+    n, h = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // n
+    p, T = len(prefix), len(tokens)
+    out = []
+    for l in layers:
+        q = proj[(l, "q_proj")][0, p:].double().numpy().reshape(T, n, d)
+        kp = proj[(l, "k_proj")][0, p:].double().numpy().reshape(T, h, d)
+        kept = []
+        for g in range(h):
+            group = range(g * (n // h), (g + 1) * (n // h))
+            # the paper's w_j = sum over queries i (and the group's heads) of exp(q_i . k_j / sqrt(d))
+            w = [sum(np.exp(q[i, hh] @ kp[j, g] / np.sqrt(d)) for hh in group for i in range(T)) for j in range(T)]
+            best = sorted(range(T), key=lambda j: (-w[j], j))[:min(k, T)]
+            kept.append(sorted(best))
+        kept = np.array(kept)  # (H, K)
+        keys = cache.layers[l].keys[0, :, p:]  # (H, T, D)
+        values = cache.layers[l].values[0, :, p:]
+        idx = torch.from_numpy(kept)[..., None].expand(-1, -1, d)
+        out.append((kept, keys.gather(1, idx), values.gather(1, idx)))
+    return out
+
+
+@pytest.mark.parametrize("case", ["llama-gqa", "llama-bias", "mistral-head-dim", "qwen2-bias-tied", "llama3-rope"])
+def test_selection_matches_independent_rule(tmp_path, case):
+    arch, overrides = CHECKPOINT_CASES[case]
+    ref = make_checkpoint(tmp_path, arch, overrides)
+    ref.config._attn_implementation = "eager"
+    ck = load_checkpoint(tmp_path)
+    prefix = write_prefix(ck.tokenizer, "w7 w9")
+    assert prefix == [1, 7, 9]
+    g = torch.Generator().manual_seed(5)
+    # distinct tokens within a reference, so no exact ties make the comparison ambiguous;
+    # one reference shorter than k keeps all its tokens
+    refs = [torch.randperm(117, generator=g)[:n].add(3).tolist() for n in (20, 13, 5)]
+    layers = [0, 2]
+    batch = encode_batch(ck.model, refs, prefix, layers)
+    got = select_topk(batch, k=8)
+    for toks, mem in zip(refs, got):
+        expect = reference_rule(ref, prefix, toks, layers, 8)
+        kr = min(8, len(toks))
+        assert mem.keys.shape == (2, ck.args.n_kv_heads, kr, ck.args.head_dim)
+        assert mem.positions.shape == (2, ck.args.n_kv_heads, kr)
+        for li, (kept, keys, values) in enumerate(expect):
+            assert mem.positions[li].tolist() == kept.tolist()
+            assert (mem.keys[li] - keys).abs().max() <= 1e-5
+            assert (mem.values[li] - values).abs().max() <= 1e-5
+
+
+def test_ties_go_to_lower_positions(tmp_path):
+    make_checkpoint(tmp_path, "LlamaForCausalLM", {})
+    ck = load_checkpoint(tmp_path)
+    # at layer 0 a repeated token has identical pre-RoPE key and query: every score ties
+    batch = encode_batch(ck.model, [[5] * 20], write_prefix(ck.tokenizer, ""), [0])
+    mem = select_topk(batch, k=8)[0]
+    assert mem.positions.tolist() == [[list(range(8))] * ck.args.n_kv_heads]
+
+
+def test_prefix_and_padding_take_no_part(tmp_path):
+    make_checkpoint(tmp_path, "LlamaForCausalLM", {})
+    ck = load_checkpoint(tmp_path)
+    prefix = write_prefix(ck.tokenizer, "w7 w9")
+    short, long = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20], list(range(30, 70))
+    alone = select_topk(encode_batch(ck.model, [short], prefix, [0, 1]), k=4)[0]
+    padded = select_topk(encode_batch(ck.model, [long, short], prefix, [0, 1]), k=4)[1]
+    # the same reference batched beside a longer one keeps the same tokens and the same vectors
+    assert torch.equal(alone.positions, padded.positions)
+    assert (alone.keys - padded.keys).abs().max() <= 1e-5
+    # and never a prefix or padding position
+    assert int(padded.positions.max()) < len(short)
