@@ -29,7 +29,8 @@ def stories260k(tmp_path_factory) -> Path:
     """stories260K (llama2.c, trained on TinyStories) converted to a Hugging Face directory."""
     from m3compile.llama2c import ensure_converted
 
-    return ensure_converted(shared("stories260k"), tmp_path_factory.mktemp("stories260k"))
+    shared("stories260k")
+    return ensure_converted(SHARED_DATA, tmp_path_factory.mktemp("models"))
 
 
 def write_word_tokenizer(path: Path, vocab_size: int) -> None:
