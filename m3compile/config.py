@@ -15,7 +15,7 @@ DTYPE_CHOICES = ("float32", "bfloat16")
 BOUNDARY_CHOICES = ("sentence", "fixed")
 
 # settings that change what a reference's memory is (the rest change speed or bookkeeping only)
-MEMORY_SETTINGS = ("max_tokens", "boundary", "prefix", "top_k", "memory_layers", "quant", "dtype")
+MEMORY_SETTINGS = ("max_tokens", "boundary", "min_fill", "prefix", "top_k", "memory_layers", "quant", "dtype")
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class CompileConfig:
     model: str | None = None  # Hugging Face checkpoint directory; None = the embedded example model
     max_tokens: int = 128  # tokens per reference at most (paper §3.1: 128)
     boundary: str = "sentence"  # "sentence": prefer paragraph/sentence ends; "fixed": the paper's plain windows
+    min_fill: float = 0.75  # "sentence" cuts keep a non-final reference at least this full (formats/chunking.md)
     prefix: str = "Reference:"  # text after BOS in the write prefix, the paper's `<s>Reference:` (§3.2)
     top_k: int = 8  # tokens kept per memory layer and kv head (paper §3.3: 8 of 128)
     memory_layers: tuple[int, ...] | None = None  # layer indices; None = the first half (paper §3.3)

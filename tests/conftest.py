@@ -99,3 +99,33 @@ def oracle(model, ids, mask=None, position_ids=None):
     for h in hooks:
         h.remove()
     return out.logits, proj, out.past_key_values
+
+
+def reference_rule(ref_model, prefix, tokens, layers, k):
+    """Kept j, post-RoPE keys and values per layer, from transformers alone, reference by reference."""
+    import numpy as np
+    import torch
+
+    ids = torch.tensor([list(prefix) + list(tokens)])
+    _, proj, cache = oracle(ref_model, ids)
+    cfg = ref_model.config
+    n, h = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // n
+    p, T = len(prefix), len(tokens)
+    out = []
+    for l in layers:
+        q = proj[(l, "q_proj")][0, p:].double().numpy().reshape(T, n, d)
+        kp = proj[(l, "k_proj")][0, p:].double().numpy().reshape(T, h, d)
+        kept = []
+        for g in range(h):
+            group = range(g * (n // h), (g + 1) * (n // h))
+            # the paper's w_j = sum over queries i (and the group's heads) of exp(q_i . k_j / sqrt(d))
+            w = [sum(np.exp(q[i, hh] @ kp[j, g] / np.sqrt(d)) for hh in group for i in range(T)) for j in range(T)]
+            best = sorted(range(T), key=lambda j: (-w[j], j))[:min(k, T)]
+            kept.append(sorted(best))
+        kept = np.array(kept)  # (H, K)
+        keys = cache.layers[l].keys[0, :, p:]  # (H, T, D)
+        values = cache.layers[l].values[0, :, p:]
+        idx = torch.from_numpy(kept)[..., None].expand(-1, -1, d)
+        out.append((kept, keys.gather(1, idx), values.gather(1, idx)))
+    return out

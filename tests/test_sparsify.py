@@ -1,43 +1,15 @@
 """Encode + sparsify against an independent implementation of the paper's selection rule (§3.3)
 computed in float64 from transformers' own projections and key-value cache."""
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import CHECKPOINT_CASES, make_checkpoint, oracle
+from conftest import CHECKPOINT_CASES, make_checkpoint, reference_rule
 from m3compile.encode import encode_batch, write_prefix
 from m3compile.model import load_checkpoint
 from m3compile.sparsify import select_topk
 
 pytest.importorskip("transformers", reason="transformers is the test-only parity oracle")
-
-
-def reference_rule(ref_model, prefix, tokens, layers, k):
-    """Kept j, post-RoPE keys and values per layer, from transformers alone, reference by reference."""
-    ids = torch.tensor([list(prefix) + list(tokens)])
-    _, proj, cache = oracle(ref_model, ids)
-    cfg = ref_model.config
-    n, h = cfg.num_attention_heads, cfg.num_key_value_heads
-    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // n
-    p, T = len(prefix), len(tokens)
-    out = []
-    for l in layers:
-        q = proj[(l, "q_proj")][0, p:].double().numpy().reshape(T, n, d)
-        kp = proj[(l, "k_proj")][0, p:].double().numpy().reshape(T, h, d)
-        kept = []
-        for g in range(h):
-            group = range(g * (n // h), (g + 1) * (n // h))
-            # the paper's w_j = sum over queries i (and the group's heads) of exp(q_i . k_j / sqrt(d))
-            w = [sum(np.exp(q[i, hh] @ kp[j, g] / np.sqrt(d)) for hh in group for i in range(T)) for j in range(T)]
-            best = sorted(range(T), key=lambda j: (-w[j], j))[:min(k, T)]
-            kept.append(sorted(best))
-        kept = np.array(kept)  # (H, K)
-        keys = cache.layers[l].keys[0, :, p:]  # (H, T, D)
-        values = cache.layers[l].values[0, :, p:]
-        idx = torch.from_numpy(kept)[..., None].expand(-1, -1, d)
-        out.append((kept, keys.gather(1, idx), values.gather(1, idx)))
-    return out
 
 
 @pytest.mark.parametrize("case", ["llama-gqa", "llama-bias", "mistral-head-dim", "qwen2-bias-tied", "llama3-rope"])

@@ -1,0 +1,148 @@
+"""Stage 2: cut each document's tokens into references of at most `max_tokens` tokens.
+
+The paper tokenizes its knowledge base with the model's tokenizer and cuts it into 128-token
+references (Memory³ §3.1, §4.4), consecutive and non-overlapping. `boundary="fixed"` reproduces
+that exactly; `boundary="sentence"` may end a reference earlier, at the last paragraph, sentence or
+word end that keeps it at least `min_fill` full, so a memory holds whole sentences where it can.
+The rule, and how character spans follow token offsets, are specified in formats/chunking.md.
+
+A reference's token ids are a slice of the whole document's encoding, never a re-encoding of its
+text: BPE merges at a cut could otherwise change the tokens.
+"""
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from m3compile.corpus import Document
+from m3compile.errors import M3Error
+
+CHUNK_RULE_VERSION = 1  # bump when a change moves any cut; record it beside boundary and min_fill
+BOUNDARIES = ("fixed", "sentence")  # "fixed": the paper's windows; "sentence": see formats/chunking.md
+SENTENCE_END = ".!?。！？"  # a sentence ends with one of these ...
+CLOSERS = "\"')]}»”’」』"  # ... optionally followed by closing quotes or brackets
+WIDE_SENTENCE_END = "。！？"  # full-width ends need no whitespace after them (CJK has none)
+SCAN_CHARS = 256  # how far back a boundary test looks through whitespace and closers
+NONE, WORD, SENTENCE, PARAGRAPH = 0, 1, 2, 3  # kinds of break at a cut, weakest first
+
+
+@dataclass(frozen=True)
+class Reference:
+    doc_id: str  # the document it was cut from
+    source: str  # that document's file, relative to the corpus root
+    index: int  # 0-based position within the document
+    char_start: int  # text == document.text[char_start:char_end]
+    char_end: int
+    token_ids: tuple[int, ...]  # (T,) with 1 <= T <= max_tokens; no special tokens
+    text: str
+
+
+def chunk_documents(
+    docs: Iterable[Document],
+    tokenizer,
+    max_tokens: int = 128,
+    boundary: str = "sentence",
+    min_fill: float = 0.75,
+) -> Iterator[Reference]:
+    """Cut documents into references, one document in memory at a time.
+
+    Args:
+        docs: documents, e.g. from `corpus.iter_documents`.
+        tokenizer: has `encode_with_offsets(text) -> (ids, [(start, end), ...])`.
+        max_tokens: the most tokens in one reference (the paper's 128).
+        boundary: "sentence" (default) ends a reference at the last paragraph break, else the last
+            sentence end, else the last word end, among the cuts that leave it at least
+            `min_fill * max_tokens` tokens; "fixed" always cuts at `max_tokens` (the paper's
+            windows). formats/chunking.md has the exact rule.
+        min_fill: the least fraction of `max_tokens` a non-final "sentence" reference holds.
+    Returns:
+        An iterator of `Reference`; per document their token ids concatenate to the document's
+        encoding and their texts to the document's text.
+    Example:
+        >>> refs = list(chunk_documents(iter_documents(root, report), tok, boundary="fixed"))
+    """
+    if boundary not in BOUNDARIES:
+        raise M3Error(f"unknown chunk boundary {boundary!r}; use one of {', '.join(BOUNDARIES)}")
+    if max_tokens < 1:
+        raise M3Error(f"max_tokens is {max_tokens}; a reference needs at least 1 token")
+    if not 0.0 < min_fill <= 1.0:
+        raise M3Error(f"min_fill is {min_fill}; use a fraction in (0, 1], e.g. 0.75")
+    min_tokens = max(1, math.ceil(min_fill * max_tokens))
+    for doc in docs:
+        yield from _chunk_one(doc, tokenizer, max_tokens, boundary, min_tokens)
+
+
+def _cuts(offsets: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
+    """For each token boundary e in 0..T: the char position of a cut there, and whether it is clean.
+
+    The cut before token e sits at max(start of token e, furthest end of the tokens before it).
+    Byte-fallback pieces of one character all carry that character's span, and a SentencePiece
+    prefix "▁" carries the first character's span; a cut among them moves to after the shared
+    character, so spans stay contiguous and non-overlapping. The cut is clean when token e starts
+    at or after that furthest end, i.e. when it splits no character.
+    """
+    pos, clean, furthest = [], [], 0
+    for start, end in offsets:
+        pos.append(max(start, furthest))
+        clean.append(start >= furthest)
+        furthest = max(furthest, end)
+    return pos + [furthest], clean + [True]
+
+
+def _chunk_one(doc: Document, tokenizer, max_tokens: int, boundary: str, min_tokens: int):
+    ids, offsets = tokenizer.encode_with_offsets(doc.text)
+    n = len(ids)  # T
+    pos, clean = _cuts(offsets)
+    text = doc.text
+    start, char_start, index = 0, 0, 0
+    while start < n:
+        end = min(start + max_tokens, n)
+        if end < n:
+            end = _pick_cut(text, pos, clean, start, end, min_tokens, boundary)
+        # the first reference starts at 0 and the last ends at the text's end, so text that no
+        # token covers (leading or trailing whitespace some tokenizers drop) is kept too
+        char_end = len(text) if end == n else pos[end]
+        assert char_start <= char_end, (doc.doc_id, start, end, char_start, char_end)
+        yield Reference(
+            doc.doc_id, doc.source, index, char_start, char_end, tuple(ids[start:end]), text[char_start:char_end]
+        )
+        start, char_start, index = end, char_end, index + 1
+
+
+def _pick_cut(text, pos, clean, start: int, hard: int, min_tokens: int, boundary: str) -> int:
+    # hard = start + max_tokens < T: the window is full and must end somewhere in (start, hard]
+    if boundary == "fixed":
+        return hard  # the paper's window, even where it splits a byte-fallback character
+    best = {}  # kind -> the largest cut of that kind in reach
+    for e in range(hard, start + min_tokens - 1, -1):
+        if clean[e]:
+            kind = _boundary_kind(text, pos[e])
+            if kind == PARAGRAPH:
+                return e
+            best.setdefault(kind, e)
+    for kind in (SENTENCE, WORD):
+        if kind in best:
+            return best[kind]
+    # no break in reach (e.g. one 100-token word): the longest window that splits no character
+    for e in range(hard, start, -1):
+        if clean[e]:
+            return e
+    return hard
+
+
+def _boundary_kind(text: str, c: int) -> int:
+    """The strongest break that ends just before char c: PARAGRAPH, SENTENCE, WORD or NONE."""
+    # the whitespace run right before c
+    i, newlines, floor = c, 0, max(0, c - SCAN_CHARS)
+    while i > floor and text[i - 1].isspace():
+        i -= 1
+        newlines += text[i] == "\n"
+    if newlines >= 2:
+        return PARAGRAPH
+    # sentence and word ends need whitespace on one side of the cut (or the text's end there)
+    spaced = i < c or c == len(text) or text[c].isspace()
+    while i > floor and text[i - 1] in CLOSERS:
+        i -= 1
+    if i > 0 and text[i - 1] in SENTENCE_END and (spaced or text[i - 1] in WIDE_SENTENCE_END):
+        return SENTENCE
+    return WORD if spaced else NONE

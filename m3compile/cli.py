@@ -1,0 +1,183 @@
+"""The `m3` command line: thin Typer functions that build a config, call one package function and
+render the result (STYLE rule 14). Results go to stdout; progress and logs to stderr.
+"""
+
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import fields
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from m3compile.config import CompileConfig, parse_layers
+from m3compile.errors import M3Error
+
+app = typer.Typer(help="Compile corpora into Memory³ explicit memories and inspect them.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+out = Console()
+err = Console(stderr=True)
+DEFAULTS = {f.name: f.default for f in fields(CompileConfig)}
+
+COMPILE_EXAMPLES = """
+Examples:\n
+  m3 compile examples/corpus -o kb/                       # embedded example model\n
+  m3 compile corpus/ -o kb/ --model path/to/hf-checkpoint\n
+  m3 compile docs.jsonl -o kb/ --model ckpt --quant none --dtype float32 --top-k 16\n
+  m3 compile corpus/ -o kb/ --model ckpt --memory-layers 0-11 --device cuda --dtype bfloat16
+"""
+INSPECT_EXAMPLES = """
+Examples:\n
+  m3 inspect kb/              # summary table\n
+  m3 inspect kb/ --json       # the same, as JSON\n
+  m3 inspect kb/ --ref 42     # one reference: its text and the tokens kept per layer and head
+"""
+
+
+@contextmanager
+def user_errors():
+    """An M3Error becomes one red line on stderr and exit code 1 (M3_DEBUG=1 shows the traceback)."""
+    try:
+        yield
+    except M3Error as e:
+        if os.environ.get("M3_DEBUG") == "1":
+            raise
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+def _progress():
+    return Progress(TextColumn("[bold]compiling"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                    TextColumn("{task.fields[refs]} refs  {task.fields[rate]}"), TimeElapsedColumn(),
+                    TextColumn("ETA"), TimeRemainingColumn(), console=err, transient=True)
+
+
+@app.command(epilog=COMPILE_EXAMPLES)
+def compile(
+    corpus: Annotated[Path, typer.Argument(help="directory of .txt/.md/.jsonl/.parquet, or one such file")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="knowledge base directory to create")],
+    model: Annotated[Optional[Path], typer.Option(help="Hugging Face checkpoint directory [default: embedded example]")] = DEFAULTS["model"],
+    max_tokens: Annotated[int, typer.Option(help="tokens per reference at most")] = DEFAULTS["max_tokens"],
+    boundary: Annotated[str, typer.Option(help="reference cuts: sentence | fixed")] = DEFAULTS["boundary"],
+    prefix: Annotated[str, typer.Option(help="write prefix after BOS (paper: <s>Reference:)")] = DEFAULTS["prefix"],
+    top_k: Annotated[int, typer.Option(help="tokens kept per memory layer and kv head")] = DEFAULTS["top_k"],
+    memory_layers: Annotated[Optional[str], typer.Option(help="e.g. 0-11 or 0,2,4 [default: first half]")] = None,
+    quant: Annotated[str, typer.Option(help="none | int8 | int4")] = DEFAULTS["quant"],
+    dtype: Annotated[str, typer.Option(help="compute dtype: float32 | bfloat16")] = DEFAULTS["dtype"],
+    device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda")] = DEFAULTS["device"],
+    batch_size: Annotated[int, typer.Option(help="references per forward pass")] = DEFAULTS["batch_size"],
+    max_shard_bytes: Annotated[int, typer.Option(help="compressed bytes per shard file at most")] = DEFAULTS["max_shard_bytes"],
+    follow_symlinks: Annotated[bool, typer.Option(help="follow symlinks that leave the corpus")] = DEFAULTS["follow_symlinks"],
+    preset: Annotated[Optional[str], typer.Option(help="apply a named preset: paper | lossless")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the manifest as JSON")] = False,
+):
+    """Cut a corpus into references, encode each alone, keep the top-k tokens per layer and head,
+    quantize, compress and shard them, and write a self-describing knowledge base."""
+    from m3compile.pipeline import compile_kb
+
+    with user_errors():
+        config = CompileConfig(corpus=str(corpus), model=str(model) if model else None, max_tokens=max_tokens,
+                               boundary=boundary, prefix=prefix, top_k=top_k,
+                               memory_layers=parse_layers(memory_layers), quant=quant, dtype=dtype, device=device,
+                               batch_size=batch_size, max_shard_bytes=max_shard_bytes,
+                               follow_symlinks=follow_symlinks)
+        if preset:
+            config = config.with_preset(preset)
+        with _progress() as bar:
+            task = bar.add_task("compile", total=None, refs=0, rate="")
+            counts = {"refs": 0, "tokens": 0}
+
+            def on_event(e):
+                if e["event"] == "start":
+                    bar.update(task, total=max(1, e["total_bytes"]))
+                elif e["event"] == "batch":
+                    counts["refs"] += e["refs"]
+                    counts["tokens"] += e["tokens"]
+                    elapsed = bar.tasks[0].elapsed or 1e-9
+                    bar.update(task, advance=e["bytes"], refs=counts["refs"],
+                               rate=f"{counts['refs'] / elapsed:.1f} refs/s  {counts['tokens'] / elapsed:.0f} tok/s")
+                elif e["event"] == "done":
+                    bar.update(task, completed=bar.tasks[0].total)
+
+            manifest = compile_kb(config, output, progress=on_event, log=lambda s: err.print(s, highlight=False))
+    if as_json:
+        out.print_json(json.dumps(manifest))
+        return
+    c, q, sz = manifest["counts"], manifest["quant"], manifest["sizes"]
+    out.print(f"wrote {output}: {c['references']} references from {c['documents']} documents, "
+              f"{c['tokens']} tokens, {c['kept_kv']} kept key-values in {c['shards']} shard(s); "
+              f"{sz['files_bytes']:,} bytes; {q['scheme']} rel err max {q['rel_err_max']:.4f}", highlight=False)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+
+
+@app.command(epilog=INSPECT_EXAMPLES)
+def inspect(
+    kb: Annotated[Path, typer.Argument(help="knowledge base directory")],
+    ref: Annotated[Optional[int], typer.Option(help="show one reference and the tokens it kept")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+):
+    """Show what is in a knowledge base: model, settings, counts, sizes, quantization error."""
+    from m3compile.kb import describe, open_kb, reference_detail
+
+    with user_errors():
+        base = open_kb(kb)
+        info = reference_detail(base, ref) if ref is not None else describe(base)
+    if as_json:
+        out.print_json(json.dumps(info))
+    elif ref is not None:
+        _render_ref(info)
+    else:
+        _render_summary(info)
+
+
+def _render_summary(d: dict) -> None:
+    t = Table(title=f"knowledge base {d['path']}", show_header=False)
+    m, w, c, q, s = d["model"], d["write"], d["counts"], d["quant"], d["sizes"]
+    rows = [
+        ("format", f"{d['format']} ({d['created_by']})"),
+        ("model", f"{m['architecture']} {m['path']}: {m['n_layers']} layers, {m['n_heads']} heads / "
+                  f"{m['n_kv_heads']} kv heads x {m['head_dim']}, {m['dtype']}"),
+        ("write prefix", f"{w['prefix']!r} -> ids {w['prefix_ids']}"),
+        ("memory layers", ", ".join(map(str, w["memory_layers"]))),
+        ("top-k / max tokens", f"{w['top_k']} / {w['max_tokens']}"),
+        ("documents / references", f"{c['documents']:,} / {c['references']:,}"),
+        ("tokens / kept key-values", f"{c['tokens']:,} / {c['kept_kv']:,}"),
+        ("skipped", ", ".join(f"{k}: {v}" for k, v in c["skipped"].items()) or "none"),
+        ("quantization", f"{q['scheme']}: {q['bits_per_element_stored']} bits/element stored, "
+                         f"{q['bits_per_element_compressed']} after zstd"),
+        ("error (relative)", f"max {q['rel_err_max']:.5f}, mean {q['rel_err_mean']:.5f}; max abs {q['max_abs_err']:.4g}"),
+        ("size on disk", f"{_human(s['on_disk_bytes'])} in {c['shards']} shard(s) + table; "
+                         f"{_human(s['bytes_per_reference'])} per reference"),
+        ("vs dense bf16 KV", f"{_human(s['dense_bf16_bytes'])} -> x{s['vs_dense_bf16']} smaller"),
+        ("vs sparse bf16", f"{_human(s['sparse_bf16_bytes'])} -> x{s['vs_sparse_bf16']} smaller"),
+    ]
+    t.add_column(style="bold")
+    t.add_column()
+    for k, v in rows:
+        t.add_row(k, v)
+    out.print(t)
+
+
+def _render_ref(d: dict) -> None:
+    out.print(f"[bold]reference {d['ref_id']}[/bold]  doc {d['doc_id']!r} ({d['source']}) #{d['index']}  "
+              f"chars {d['char_start']}..{d['char_end']}  {d['n_tokens']} tokens  "
+              f"rel err {d['quant_rel_err']:.5f}", highlight=False)
+    out.print(d["text"], highlight=False, markup=False)
+    t = Table(title="kept tokens (j:token) per memory layer and kv head")
+    t.add_column("layer")
+    t.add_column("head")
+    t.add_column("kept")
+    for layer, heads in d["kept"].items():
+        for h, toks in enumerate(heads):
+            t.add_row(str(layer), str(h), "  ".join(f"{x['j']}:{x['text'] if x['text'] is not None else x['id']}" for x in toks))
+    out.print(t)

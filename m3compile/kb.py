@@ -1,0 +1,154 @@
+"""open_kb: read a compiled knowledge base (formats/README.md).
+
+The manifest is read first and checked; references.parquet is read on demand; a memory is read by
+slicing its one zstd frame out of its shard, without touching its neighbours.
+
+Shape letters: L memory layers, H kv heads, K kept tokens, D head dim.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+from m3compile import references as refs_file
+from m3compile.errors import M3Error
+from m3compile.manifest import read_manifest
+from m3compile.pack import RefLocation, decode_payload, payload_nbytes, read_payload
+from m3compile.quantize import get_scheme
+
+
+@dataclass(frozen=True)
+class Memory:
+    ref_id: int
+    keys: torch.Tensor  # (L, H, K, D) float32, dequantized, post-RoPE at positions p + j
+    values: torch.Tensor  # (L, H, K, D) float32, dequantized
+    positions: torch.Tensor  # (L, H, K) int64, kept token index j in the reference
+    layers: tuple[int, ...]  # the model layer of each of the L entries
+
+
+class KnowledgeBase:
+    """A compiled kb. Use `open_kb(path)`."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        w = self.manifest["write"]
+        self.layers = tuple(w["memory_layers"])
+        self.prefix_ids = tuple(w["prefix_ids"])
+        self.scheme = get_scheme(self.manifest["quant"]["scheme"])
+        m = self.manifest["model"]
+        self._max_bytes = payload_nbytes(self.scheme, len(self.layers), m["n_kv_heads"], w["top_k"], m["head_dim"])
+        self._table: pa.Table | None = None
+        self._loc: dict[int, RefLocation] | None = None
+
+    def references(self) -> pa.Table:
+        """All reference rows (ref_id, doc_id, source, spans, token_ids, text, shard location, errors)."""
+        if self._table is None:
+            self._table = refs_file.read_references(self.path / refs_file.FILE_NAME)
+        return self._table
+
+    def _locations(self) -> dict[int, RefLocation]:
+        if self._loc is None:
+            t = refs_file.read_references(self.path / refs_file.FILE_NAME,
+                                          ["ref_id", "shard", "byte_offset", "byte_length"]).to_pydict()
+            self._loc = {i: RefLocation(i, s, o, n) for i, s, o, n in
+                         zip(t["ref_id"], t["shard"], t["byte_offset"], t["byte_length"])}
+        return self._loc
+
+    def __len__(self) -> int:
+        return len(self._locations())
+
+    def memory(self, ref_id: int) -> Memory:
+        """One reference's memory, dequantized.
+
+        Args:
+            ref_id: a `ref_id` of references().
+        Returns:
+            Memory with keys/values (L, H, K, D) float32, positions (L, H, K), layers.
+        Example:
+            >>> kb = open_kb("kb/"); m = kb.memory(0); m.keys.shape
+            torch.Size([2, 2, 8, 32])
+        """
+        loc = self._locations().get(int(ref_id))
+        if loc is None:
+            raise M3Error(f"no reference {ref_id} in {self.path} (it has {len(self)}); see `m3 inspect`")
+        shard = self.path / loc.shard
+        frame = read_payload(shard, loc)
+        keys, values, positions = decode_payload(frame, self.scheme, self._max_bytes,
+                                                 where=f"{loc.shard} reference {ref_id}")
+        return Memory(int(ref_id), keys, values, positions, self.layers)
+
+    def memories(self, ref_ids) -> list[Memory]:
+        return [self.memory(i) for i in ref_ids]
+
+
+def open_kb(path: str | Path) -> KnowledgeBase:
+    """Open a knowledge base directory written by `m3 compile`.
+
+    Args:
+        path: the kb directory (holds manifest.json).
+    Returns:
+        KnowledgeBase with `.manifest` (dict), `.references()` (pyarrow Table),
+        `.memory(ref_id)` and `.memories(ref_ids)`.
+    Example:
+        >>> kb = open_kb("kb/")
+        >>> kb.manifest["counts"]["references"], kb.memory(0).keys.shape
+    """
+    return KnowledgeBase(Path(path))
+
+
+def describe(kb: KnowledgeBase) -> dict:
+    """What `m3 inspect` shows: read from the manifest, shard headers and the parquet footer only."""
+    from m3compile.pack import read_shard_header
+
+    m = kb.manifest
+    shards = [name for name in m["files"] if name.startswith("memory-")]
+    for name in shards:
+        read_shard_header(kb.path / name)  # refuses a foreign or newer shard by name
+    rows = refs_file.check_metadata(kb.path / refs_file.FILE_NAME).num_rows
+    if rows != m["counts"]["references"]:
+        raise M3Error(f"{kb.path}: references.parquet has {rows} rows but the manifest says "
+                      f"{m['counts']['references']}; the kb is damaged: recompile it")
+    on_disk = sum((kb.path / name).stat().st_size for name in m["files"])
+    sz, q, c, w, model = m["sizes"], m["quant"], m["counts"], m["write"], m["model"]
+    return {
+        "path": str(kb.path),
+        "format": f"{m['format']} v{m['format_version']}",
+        "created_by": m["created_by"],
+        "model": {"path": model["path"], "architecture": model["architecture"], "n_layers": model["n_layers"],
+                  "n_heads": model["n_heads"], "n_kv_heads": model["n_kv_heads"], "head_dim": model["head_dim"],
+                  "dtype": model["dtype"], "config_sha256": model["config_sha256"]},
+        "write": {"prefix": w["prefix_text"], "prefix_ids": w["prefix_ids"], "memory_layers": w["memory_layers"],
+                  "top_k": w["top_k"], "max_tokens": w["max_tokens"]},
+        "counts": c,
+        "quant": q,
+        "sizes": {**sz, "on_disk_bytes": on_disk,
+                  "vs_dense_bf16": round(sz["dense_bf16_bytes"] / max(1, on_disk), 2),
+                  "vs_sparse_bf16": round(sz["sparse_bf16_bytes"] / max(1, sz["payload_bytes"]), 2),
+                  "bytes_per_reference": round(sz["payload_bytes"] / max(1, c["references"]), 1)},
+    }
+
+
+def reference_detail(kb: KnowledgeBase, ref_id: int) -> dict:
+    """One reference: its row, and per memory layer and kv head the kept tokens (j, id, text)."""
+    table = kb.references()
+    import pyarrow.compute as pc
+
+    rows = table.filter(pc.equal(table["ref_id"], ref_id)).to_pylist()
+    if not rows:
+        raise M3Error(f"no reference {ref_id} in {kb.path} (ref ids 0..{len(table) - 1}); see `m3 inspect`")
+    row = rows[0]
+    mem = kb.memory(ref_id)
+    tok = None
+    if (kb.path / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer as HFTokenizer
+
+        tok = HFTokenizer.from_file(str(kb.path / "tokenizer.json"))
+    ids = row["token_ids"]
+    kept = {}
+    for li, layer in enumerate(mem.layers):
+        kept[layer] = [[{"j": int(j), "id": ids[j], "text": tok.id_to_token(ids[j]) if tok else None}
+                        for j in mem.positions[li, h].tolist()] for h in range(mem.positions.shape[1])]
+    return {**{k: v for k, v in row.items() if k != "token_ids"}, "kept": kept}

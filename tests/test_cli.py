@@ -1,0 +1,139 @@
+"""The `m3` CLI through Typer's CliRunner: compile/inspect flows and one clear line for bad input."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import make_checkpoint
+from m3compile.cli import app
+from m3compile.config import default_model_dir
+
+pytest.importorskip("transformers", reason="transformers builds the tiny test checkpoints")
+runner = CliRunner()
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    make_checkpoint(tmp_path / "model", "LlamaForCausalLM", {})
+    return tmp_path / "model"
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text("w3 w4 w5 w6 w7 w8 w9 w10. w11 w12 w13 w14.")
+    (root / "sub" / "b.md").write_text("w20 w21 w22 w23 w24 w25")
+    (root / "c.jsonl").write_text(json.dumps({"_id": "x1", "title": "w30", "text": "w31 w32 w33"}) + "\n")
+    return root
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code == 1, (result.exit_code, result.output)
+    lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+
+
+def test_compile_then_inspect(tmp_path, corpus, model_dir):
+    r = run("compile", corpus, "-o", tmp_path / "kb", "--model", model_dir, "--top-k", "3")
+    assert r.exit_code == 0, r.output
+    assert "wrote" in r.stdout and "3 documents" in r.stdout
+    r = run("inspect", tmp_path / "kb", "--json")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert info["counts"]["documents"] == 3 and info["write"]["top_k"] == 3
+    assert info["write"]["memory_layers"] == [0]  # first half of 3 layers
+    r = run("inspect", tmp_path / "kb")
+    assert r.exit_code == 0 and "memory layers" in r.stdout
+    r = run("inspect", tmp_path / "kb", "--ref", 0)
+    assert r.exit_code == 0 and "kept tokens" in r.stdout and "w3" in r.stdout
+
+
+def test_embedded_example_model(tmp_path):
+    if not (default_model_dir() / "config.json").is_file():
+        pytest.fail(f"the embedded example model is missing from {default_model_dir()}")
+    r = run("compile", default_model_dir().parent / "corpus", "-o", tmp_path / "kb")
+    assert r.exit_code == 0, r.output
+    assert "embedded example model" in r.stderr
+    assert run("inspect", tmp_path / "kb").exit_code == 0
+
+
+def test_missing_corpus(tmp_path, model_dir):
+    assert_one_line_error(run("compile", tmp_path / "nope", "-o", tmp_path / "kb", "--model", model_dir),
+                          "does not exist")
+
+
+@pytest.mark.parametrize("content, reason", [
+    (None, "no files"),
+    (b"\x00\x01\x02binary\x00", "binary"),
+    ("caf\u00e9 cr\u00e8me".encode("latin-1"), "utf"),
+])
+def test_corpus_without_readable_documents(tmp_path, model_dir, content, reason):
+    root = tmp_path / "corpus"
+    root.mkdir()
+    if content is not None:
+        (root / "bad.txt").write_bytes(content)
+    r = run("compile", root, "-o", tmp_path / "kb", "--model", model_dir)
+    assert_one_line_error(r, "no readable document")
+    assert reason in r.stderr.lower()
+    assert not (tmp_path / "kb" / "manifest.json").exists()
+
+
+def test_bad_file_is_skipped_and_reported(tmp_path, corpus, model_dir):
+    (corpus / "zz.txt").write_bytes(b"\xff\xfe\x00garbage")
+    r = run("compile", corpus, "-o", tmp_path / "kb", "--model", model_dir)
+    assert r.exit_code == 0, r.output
+    assert "skipped 1" in r.stderr and "zz.txt" in r.stderr
+
+
+def test_missing_and_unsupported_model(tmp_path, corpus, model_dir):
+    assert_one_line_error(run("compile", corpus, "-o", tmp_path / "kb", "--model", tmp_path / "none"),
+                          "not a directory")
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(run("compile", corpus, "-o", tmp_path / "kb", "--model", model_dir),
+                          "unsupported architecture", "GPT2LMHeadModel")
+
+
+def test_output_is_a_file_or_an_existing_kb(tmp_path, corpus, model_dir):
+    (tmp_path / "file").write_text("keep me")
+    assert_one_line_error(run("compile", corpus, "-o", tmp_path / "file", "--model", model_dir), "is a file")
+    assert (tmp_path / "file").read_text() == "keep me"
+    assert run("compile", corpus, "-o", tmp_path / "kb", "--model", model_dir).exit_code == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "kb").iterdir()}
+    assert_one_line_error(run("compile", corpus, "-o", tmp_path / "kb", "--model", model_dir),
+                          "already holds a knowledge base")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "kb").iterdir()} == before
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--quant", "int3"], "--quant 'int3'"),
+    (["--memory-layers", "0-9"], "--memory-layers names layer 9"),
+    (["--memory-layers", "a-b"], "is not a list"),
+    (["--top-k", "0"], "--top-k 0"),
+    (["--preset", "fast"], "unknown preset 'fast'"),
+])
+def test_bad_options(tmp_path, corpus, model_dir, args, fragment):
+    assert_one_line_error(run("compile", corpus, "-o", tmp_path / "kb", "--model", model_dir, *args), fragment)
+
+
+def test_inspect_bad_kb(tmp_path, corpus, model_dir):
+    assert_one_line_error(run("inspect", tmp_path / "nope"), "is not a directory")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run("inspect", tmp_path / "empty"), "no manifest.json")
+    assert run("compile", corpus, "-o", tmp_path / "kb", "--model", model_dir).exit_code == 0
+    m = json.loads((tmp_path / "kb" / "manifest.json").read_text())
+    m["format_version"] = 99
+    (tmp_path / "kb" / "manifest.json").write_text(json.dumps(m))
+    assert_one_line_error(run("inspect", tmp_path / "kb"), "format_version 99", "upgrade m3compile")
+    m["format_version"] = 1
+    (tmp_path / "kb" / "manifest.json").write_text(json.dumps(m))
+    assert_one_line_error(run("inspect", tmp_path / "kb", "--ref", 999), "no reference 999")
