@@ -5,7 +5,7 @@ run. Settings that change a memory's bytes are listed in MEMORY_SETTINGS: a know
 compiled with other values of those is a different knowledge base.
 """
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from m3compile.errors import M3Error
@@ -34,7 +34,8 @@ class CompileConfig:
     batch_size: int = 16  # references per forward pass
     max_shard_bytes: int = 256 * 2**20  # compressed payload bytes per shard file at most
     follow_symlinks: bool = False  # follow corpus symlinks that leave the corpus root
-    extra: dict = field(default_factory=dict)  # reserved for settings of later stages (index, ...)
+    embedder: str | None = None  # local sentence-transformers model directory for the dense index; None = BM25 only
+    index_factory: str = "Flat"  # FAISS factory string of the dense index ("Flat", "IVF{n},PQ{m}", "HNSW32", ...)
 
     def __post_init__(self):
         if self.max_tokens < 1:

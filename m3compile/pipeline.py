@@ -143,7 +143,7 @@ def compile_kb(config: CompileConfig, out_dir: str | Path, progress: Progress | 
         model_id = fingerprint(model_path)
     layers = config.resolve_layers(ck.args.n_layers)
     prefix_ids = write_prefix(ck.tokenizer, config.prefix)
-    scheme = get_scheme(config.quant, ck.model.dtype)
+    scheme = get_scheme(config.quant, ck.model.dtype, head_dim=ck.args.head_dim)
     prepare_out_dir(out)
     try:
         stats = _compile_into(out, config, ck, layers, prefix_ids, scheme, model_id, timer, progress)

@@ -110,7 +110,8 @@ def test_int8_int4_errors_on_real_activations(stories260k, tmp_path):
     assert 0 < q8["rel_err_max"] < 0.01 and q8["rel_err_mean"] < 0.006
     assert 0 < q4["rel_err_max"] < 0.12 and q4["rel_err_mean"] < 0.09
     assert q8["bits_per_element_stored"] < 0.5 * results["none"]["quant"]["bits_per_element_stored"]
-    assert q4["bits_per_element_stored"] < 0.65 * q8["bits_per_element_stored"]
+    # at head dim 8 the per-group scale/min and the positions weigh a lot: int4-asym-g8 is 9.1 bits
+    assert q4["bits_per_element_stored"] < 0.85 * q8["bits_per_element_stored"]
     # the dequantized memories are the lossless ones within the recorded error
     exact, approx = open_kb(tmp_path / "none"), open_kb(tmp_path / "int8")
     for rid in (0, 7):

@@ -1,0 +1,129 @@
+"""Compile throughput baseline: a realistic-shape random-weight Llama over real books.
+
+Compiles the first --mb megabytes of ../shared/data/gutenberg (text between the Project Gutenberg
+START/END markers, one document per book) with a random-weight Llama of GPT-2-small shape
+(12 layers x 768, 12 heads, 4 kv heads, SwiGLU 2048, 32k vocab: ~110M parameters) in bfloat16
+and float32, and prints references/s, tokens/s, the share of wall time per stage, and the
+model-FLOPs utilisation
+
+    MFU = write-FLOPs per reference (paper App. A.2) x references / wall seconds / bf16 matmul peak
+
+with the peak measured by this script on this machine. The tokenizer is a 32k byte-level BPE
+trained here on the same books (no hub download). Random weights: selection is meaningless but
+the cost is the real one.
+
+    python benchmarks/compile_throughput.py --mb 1
+"""
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from m3compile.config import CompileConfig
+from m3compile.model import ModelArgs, Transformer, save_checkpoint
+from m3compile.pipeline import compile_kb
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gutenberg"
+ARGS = ModelArgs(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=4, head_dim=64,
+                 hidden_dim=2048, max_seq_len=2048)
+
+
+def book_texts(mb: float) -> dict[str, str]:
+    budget = int(mb * 2**20)
+    out = {}
+    per_book = budget // len(list(DATA.glob("pg*.txt")))
+    for p in sorted(DATA.glob("pg*.txt")):
+        text = p.read_text(encoding="utf-8-sig").replace("\r\n", "\n")
+        start = text.find("\n", text.find("*** START OF")) + 1
+        end = text.find("*** END OF")
+        out[p.stem] = text[start:end if end > 0 else None][:per_book]
+    return out
+
+
+def train_tokenizer(texts: list[str], path: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=ARGS.vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def write_flops(l_ref: float, args: ModelArgs, l_mem: int) -> float:
+    """Paper App. A.2 write cost of one reference, with this model's dims (W = FFN width)."""
+    d, dh, hkv, w = args.dim, args.head_dim, args.n_kv_heads, args.hidden_dim
+    return 2 * (l_mem * (l_ref * (2 * d * d + 2 * d * dh * hkv) + 2 * (l_ref**2 / 2) * d)
+                + (l_mem - 1) * l_ref * 3 * d * w + l_mem * l_ref**2 * d)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mb", type=float, default=1.0, help="megabytes of book text to compile")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--dtypes", default="bfloat16,float32")
+    opts = ap.parse_args()
+    if not DATA.is_dir():
+        sys.exit(f"{DATA} is absent: this benchmark needs ../shared/data/gutenberg")
+    work = Path(tempfile.mkdtemp(prefix="m3bench-"))
+    try:
+        corpus = work / "corpus"
+        corpus.mkdir()
+        texts = book_texts(opts.mb)
+        for name, text in texts.items():
+            (corpus / f"{name}.txt").write_text(text)
+        model_dir = work / "model"
+        t = time.perf_counter()
+        save_checkpoint(Transformer(ARGS).init_weights(seed=0), model_dir, bos_id=1, eos_id=2)
+        train_tokenizer(list(texts.values()), model_dir)
+        print(f"setup (model {sum(p.numel() for p in Transformer(ARGS).parameters()) / 1e6:.0f}M params, "
+              f"tokenizer) {time.perf_counter() - t:.1f}s; corpus {opts.mb} MB of {len(texts)} books; "
+              f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+        peak = matmul_peak(torch.bfloat16)
+        print(f"measured matmul peak: bf16 {peak / 1e9:.0f} GFLOP/s, fp32 {matmul_peak(torch.float32) / 1e9:.0f} GFLOP/s")
+        rows = []
+        for dtype in opts.dtypes.split(","):
+            cfg = CompileConfig(corpus=str(corpus), model=str(model_dir), dtype=dtype, quant="int8",
+                                batch_size=opts.batch_size)
+            t = time.perf_counter()
+            m = compile_kb(cfg, work / f"kb-{dtype}")
+            wall = time.perf_counter() - t
+            run = json.loads((work / f"kb-{dtype}" / "run.json").read_text())
+            n, toks = m["counts"]["references"], m["counts"]["tokens"]
+            flops = write_flops(toks / n, ARGS, len(m["write"]["memory_layers"])) * n
+            stages = run["stage_seconds"]
+            rows.append((dtype, n, toks, wall, n / wall, toks / wall, flops / wall / peak,
+                         {k: v / wall for k, v in stages.items()}))
+        print(f"\n| dtype | refs | tokens | wall s | refs/s | tokens/s | MFU (vs bf16 peak) |")
+        print("|---|---|---|---|---|---|---|")
+        for dtype, n, toks, wall, rps, tps, mfu, _ in rows:
+            print(f"| {dtype} | {n} | {toks} | {wall:.1f} | {rps:.1f} | {tps:.0f} | {100 * mfu:.1f} % |")
+        print("\nshare of wall time per stage:")
+        for dtype, *_, shares in rows:
+            print(f"  {dtype}: " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in sorted(shares.items())))
+        if len(rows) == 2:
+            print(f"\nbf16 / fp32 throughput ratio: {rows[0][4] / rows[1][4]:.2f}x")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,379 @@
+"""Pack memories into zstd frames and write them into safetensors shards (formats/kv-shard.md).
+
+One reference's memory (keys and values (L, H, K, D), positions (L, H, K); paper §3.3) becomes
+one payload: a 14-byte header, the positions, then the keys' and values' quantized parts
+(quantize.py). Each payload is compressed to one independent zstd frame, and a shard holds the
+frames of many references concatenated in a U8 tensor with CSR offsets and ref ids beside it
+(STYLE §5.1), so one reference is read by slicing its byte range. Sharding is a pure plan
+(`plan_shards`) that the streaming `ShardWriter` follows (STYLE rule 12; huggingface_hub
+`split_state_dict_into_shards`). Letters: R references, L memory layers, H kv-heads, K kept
+tokens, D head dim.
+
+The shard file is written here rather than by `safetensors.numpy.save_file`: safetensors 0.8
+writes `__metadata__` keys in hash order, different on every run (safetensors issue #584), and
+determinism is part of the format. The bytes are plain safetensors; tests check them against
+safetensors' own writer and reader.
+"""
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import zstandard
+from safetensors import SafetensorError, safe_open
+
+from m3compile.errors import M3Error
+from m3compile.quantize import QuantError, QuantKV, Scheme, get_scheme
+
+FORMAT, FORMAT_VERSION, CODEC = "m3-kv", 1, "zstd"
+# measured in formats/kv-shard.md: on quantized K/V level 19 saves 1-3% more at ~1/80 the speed
+ZSTD_LEVEL = 3
+LAYOUT = "header,positions[L,H,K],keys[L,H,K,D],values[L,H,K,D]"  # keys/values as quant's parts
+_HEADER = struct.Struct("<4sHHHHH")  # magic, version, L, H, K, D
+_MAGIC = b"M3KV"
+_POS = np.dtype("<u2")  # kept token index inside the reference
+_MAX_HEADER = 100_000_000  # safetensors' own bound on the JSON header
+_SHARD_NAME = "memory-{:05d}.safetensors"
+INDEX_NAME = "memory.safetensors.index.json"
+
+
+def payload_nbytes(scheme: Scheme, L: int, H: int, K: int, D: int) -> int:
+    """Exact decompressed payload size: header, positions, keys and values parts."""
+    parts = sum(p.dtype.itemsize * int(np.prod(p.shape)) for p in scheme.parts((L, H, K, D)))
+    return _HEADER.size + _POS.itemsize * L * H * K + 2 * parts
+
+
+def bits_per_element(scheme: Scheme, L: int, H: int, K: int, D: int) -> float:
+    """Stored bits per key/value element, counting scales, mins, positions and the header."""
+    return 8 * payload_nbytes(scheme, L, H, K, D) / (2 * L * H * K * D)
+
+
+def pack_payload(keys: QuantKV, values: QuantKV, positions: np.ndarray) -> bytes:
+    """The uncompressed payload bytes (formats/kv-shard.md, "Payload")."""
+    assert keys.shape == values.shape and keys.scheme == values.scheme, (keys.shape, values.shape)
+    assert len(keys.shape) == 4 and max(keys.shape) <= 0xFFFF, keys.shape
+    L, H, K, D = keys.shape
+    assert positions.shape == (L, H, K), (positions.shape, keys.shape)
+    out = [_HEADER.pack(_MAGIC, FORMAT_VERSION, L, H, K, D), positions.astype(_POS).tobytes()]
+    for q in (keys, values):
+        specs = get_scheme(q.scheme).parts(q.shape)
+        for spec, a in zip(specs, q.parts, strict=True):
+            assert a.shape == spec.shape and a.dtype.kind == spec.dtype.kind, (spec, a.shape, a.dtype)
+            out.append(np.ascontiguousarray(a, dtype=spec.dtype).tobytes())
+    return b"".join(out)
+
+
+def unpack_payload(raw: bytes, scheme: Scheme, where: str = "payload") -> tuple[QuantKV, QuantKV, np.ndarray]:
+    """Split payload bytes into quantized keys, values and positions (L, H, K) uint16."""
+    if len(raw) < _HEADER.size:
+        raise M3Error(f"{where}: payload is {len(raw)} bytes, shorter than its header; the shard is damaged")
+    magic, version, L, H, K, D = _HEADER.unpack_from(raw)
+    if magic != _MAGIC:
+        raise M3Error(f"{where}: payload magic {magic!r} is not {_MAGIC!r}; the shard is damaged or not m3-kv")
+    _check_version(version, where)
+    want = payload_nbytes(scheme, L, H, K, D)
+    if len(raw) != want:
+        raise M3Error(f"{where}: payload is {len(raw)} bytes but (L,H,K,D)=({L},{H},{K},{D}) in {scheme.name} "
+                      f"needs {want}; the shard is damaged or its `quant` is wrong")
+    off = _HEADER.size
+    positions = np.frombuffer(raw, _POS, L * H * K, off).reshape(L, H, K)  # (L, H, K)
+    off += positions.nbytes
+    quants = []
+    for _ in range(2):
+        parts = []
+        for spec in scheme.parts((L, H, K, D)):
+            n = int(np.prod(spec.shape))
+            parts.append(np.frombuffer(raw, spec.dtype, n, off).reshape(spec.shape).copy())
+            off += n * spec.dtype.itemsize
+        quants.append(QuantKV(scheme.name, (L, H, K, D), tuple(parts)))
+    return quants[0], quants[1], positions.copy()
+
+
+def encode_payload(keys, values, positions, scheme: Scheme) -> tuple[bytes, QuantError]:
+    """Quantize one reference's memory and compress it into one zstd frame.
+
+    Args:
+        keys, values: (L, H, K, D) float tensors or arrays; keys are post-RoPE.
+        positions: (L, H, K) kept token indices inside the reference, ascending per head, < 65536.
+        scheme: from `quantize.get_scheme`; its name must be the shard's `quant`.
+    Returns:
+        the frame, and the quantization error over keys and values together.
+    Example:
+        >>> frame, err = encode_payload(k, v, pos, get_scheme("int8"))
+    """
+    pos = np.asarray(positions, dtype=np.int64)  # (L, H, K)
+    if pos.size and (pos.min() < 0 or pos.max() > np.iinfo(_POS).max):
+        raise M3Error(f"token positions {pos.min()}..{pos.max()} do not fit in uint16; "
+                      "references longer than 65536 tokens are not supported: lower the chunk size")
+    assert pos.ndim == 3 and (np.diff(pos, axis=-1) > 0).all(), "positions must ascend per head"
+    qk, ek = scheme.quantize(keys)
+    qv, ev = scheme.quantize(values)
+    raw = pack_payload(qk, qv, pos)
+    cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True, write_content_size=True, threads=0)
+    return cctx.compress(raw), ek.merge(ev)
+
+
+def decode_payload(data: bytes, scheme: Scheme, max_bytes: int, where: str = "payload"):
+    """Decompress and dequantize one frame into (keys, values, positions).
+
+    Args:
+        data: one zstd frame, as written by `encode_payload`.
+        scheme: the shard's `quant` scheme.
+        max_bytes: the largest payload a reference of this kb can have, `payload_nbytes` at
+            the kb's top_k; a frame declaring more (or no size) is refused before decompressing.
+        where: names the shard and reference in errors.
+    Returns:
+        keys and values (L, H, K, D) float32 tensors, positions (L, H, K) int64 tensor.
+    """
+    try:
+        declared = zstandard.frame_content_size(data)
+    except zstandard.ZstdError as e:
+        raise M3Error(f"{where}: not a zstd frame ({e}); the shard is damaged") from None
+    if declared < 0 or declared > max_bytes:
+        size = "no content size" if declared < 0 else f"content size {declared}"
+        raise M3Error(f"{where}: zstd frame declares {size}, but a reference of this kb is at most "
+                      f"{max_bytes} bytes; refusing to decompress a damaged or hostile shard")
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(data, allow_extra_data=False)
+    except zstandard.ZstdError as e:
+        raise M3Error(f"{where}: zstd frame does not decompress ({e}); the shard is damaged") from None
+    qk, qv, pos = unpack_payload(raw, scheme, where)
+    return scheme.dequantize(qk), scheme.dequantize(qv), torch.from_numpy(pos.astype(np.int64))
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    groups: tuple[range, ...]  # payload indices of each shard, in input order
+    sizes: tuple[int, ...]  # kv bytes of each shard
+
+
+def _starts_new_shard(n_in_shard: int, shard_bytes: int, size: int, max_shard_bytes: int) -> bool:
+    # greedy in order; a payload larger than the limit gets a shard of its own
+    return n_in_shard > 0 and shard_bytes + size > max_shard_bytes
+
+
+def plan_shards(sizes: list[int], max_shard_bytes: int) -> ShardPlan:
+    """Group payloads, in order, into shards of at most max_shard_bytes kv bytes each."""
+    if max_shard_bytes <= 0:
+        raise M3Error(f"max shard size must be positive, got {max_shard_bytes}")
+    starts, totals = [], []
+    for i, s in enumerate(sizes):
+        if not starts or _starts_new_shard(i - starts[-1], totals[-1], s, max_shard_bytes):
+            starts.append(i)
+            totals.append(0)
+        totals[-1] += s
+    ends = starts[1:] + [len(sizes)]
+    return ShardPlan(tuple(range(a, b) for a, b in zip(starts, ends)), tuple(totals))
+
+
+@dataclass(frozen=True)
+class RefLocation:
+    ref_id: int
+    shard: str  # shard file name, relative to the kb directory
+    byte_offset: int  # start of the frame inside the shard's kv tensor
+    byte_length: int  # frame length
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    file: str  # shard file name
+    tensors: tuple[str, ...]  # tensor names in the file
+    nbytes: int  # data bytes (all tensors), as in the index's total_size
+    n_refs: int
+
+
+def _fsync_replace(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    dfd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)  # make the rename itself durable
+    finally:
+        os.close(dfd)
+
+
+def _write_safetensors(path: Path, tensors: list[tuple[str, str, list[int], list[bytes]]], metadata: dict) -> int:
+    # tensors: (name, dtype, shape, chunks) in data order; the header's keys are sorted
+    header, off = {"__metadata__": metadata}, 0
+    for name, dtype, shape, chunks in tensors:
+        n = sum(len(c) for c in chunks)
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [off, off + n]}
+        off += n
+    hb = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(hb)) + hb)
+        for *_, chunks in tensors:
+            for c in chunks:
+                f.write(c)
+    return off
+
+
+class ShardWriter:
+    """Streams frames into memory-NNNNN.safetensors files, one shard buffered at a time.
+
+    Example:
+        >>> with ShardWriter(kb, {"quant": s.name, "model_id": m}, 1 << 30) as w:
+        ...     loc = w.add(ref_id, frame)
+        >>> write_shard_index(kb, w.shards, w.metadata)
+    """
+
+    def __init__(self, out_dir: Path, metadata: dict[str, str], max_shard_bytes: int, first_index: int = 1):
+        own = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "codec": CODEC,
+               "zstd_level": str(ZSTD_LEVEL), "layout": LAYOUT, "rope": "post"}
+        assert all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()), metadata
+        assert all(metadata.get(k, v) == v for k, v in own.items()), (metadata, own)
+        assert "quant" in metadata, "the caller names the quant scheme"
+        get_scheme(metadata["quant"])  # refuses an unknown scheme now, not after hours of compiling
+        if max_shard_bytes <= 0:
+            raise M3Error(f"max shard size must be positive, got {max_shard_bytes}")
+        self.out_dir, self.max_shard_bytes = Path(out_dir), max_shard_bytes
+        self.metadata = {**metadata, **own}
+        self.shards: list[ShardInfo] = []
+        self._index, self._frames, self._ids, self._bytes = first_index, [], [], 0
+        self._last_id: int | None = None
+        self._check_free(self.out_dir / _SHARD_NAME.format(first_index))  # fail before hours of compiling
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        self._frames, self._ids = [], []  # on error, drop the unwritten shard
+
+    def add(self, ref_id: int, payload: bytes) -> RefLocation:
+        assert self._last_id is None or ref_id > self._last_id, ("ref ids must ascend", self._last_id, ref_id)
+        if _starts_new_shard(len(self._frames), self._bytes, len(payload), self.max_shard_bytes):
+            self._flush()
+        loc = RefLocation(ref_id, _SHARD_NAME.format(self._index), self._bytes, len(payload))
+        self._frames.append(payload)
+        self._ids.append(ref_id)
+        self._bytes += len(payload)
+        self._last_id = ref_id
+        return loc
+
+    def _check_free(self, final: Path) -> None:
+        if final.exists():
+            raise M3Error(f"{final} already exists; shards are never rewritten: write to a new kb "
+                          "directory, or append with first_index after the last shard")
+
+    def _flush(self) -> None:
+        if not self._frames:
+            return
+        name, p = _SHARD_NAME.format(self._index), f"shard.{self._index:05d}"
+        final, tmp = self.out_dir / name, self.out_dir / f".{name}.tmp"
+        self._check_free(final)
+        offsets = np.cumsum([0] + [len(f) for f in self._frames], dtype="<i8")  # (n+1,)
+        ids = np.asarray(self._ids, dtype="<i8")  # (n,)
+        n = len(ids)
+        tensors = [(f"{p}.kv_offsets", "I64", [n + 1], [offsets.tobytes()]),
+                   (f"{p}.ref_ids", "I64", [n], [ids.tobytes()]),
+                   (f"{p}.kv", "U8", [self._bytes], self._frames)]
+        try:
+            nbytes = _write_safetensors(tmp, tensors, self.metadata)
+            _fsync_replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self.shards.append(ShardInfo(name, tuple(sorted(t[0] for t in tensors)), nbytes, n))
+        self._index, self._frames, self._ids, self._bytes = self._index + 1, [], [], 0
+
+    def close(self) -> None:
+        self._flush()
+
+
+def write_shard_index(out_dir: Path, shards: list[ShardInfo], metadata: dict[str, str]) -> Path:
+    """Write memory.safetensors.index.json (HF keys, written even for one shard), atomically."""
+    meta = {**metadata, "total_size": sum(s.nbytes for s in shards), "n_shards": len(shards),
+            "n_refs": sum(s.n_refs for s in shards), "index_always_written": "true"}
+    index = {"metadata": meta, "weight_map": {t: s.file for s in shards for t in s.tensors}}
+    final = Path(out_dir) / INDEX_NAME
+    tmp = final.with_name(f".{INDEX_NAME}.tmp")
+    try:
+        tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        _fsync_replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
+
+
+def _check_version(version, where: str) -> None:
+    if version > FORMAT_VERSION:
+        raise M3Error(f"{where}: kb shard format_version {version} is newer than this m3compile reads "
+                      f"({FORMAT_VERSION}); upgrade m3compile")
+
+
+def check_shard_metadata(meta: dict, where: str) -> None:
+    """Refuse a shard this version cannot read; unknown extra keys are ignored."""
+    if meta.get("format") != FORMAT:
+        raise M3Error(f"{where}: __metadata__ format is {meta.get('format')!r}, not {FORMAT!r}; not an m3 kb shard")
+    v = str(meta.get("format_version", ""))
+    if not re.fullmatch(r"[1-9][0-9]*", v):
+        raise M3Error(f"{where}: format_version {v!r} is not a positive integer; the shard is damaged")
+    _check_version(int(v), where)
+    for key, want in (("codec", CODEC), ("layout", LAYOUT)):
+        if meta.get(key) != want:
+            raise M3Error(f"{where}: {key} {meta.get(key)!r} is not {want!r}, the only one format_version "
+                          f"{FORMAT_VERSION} defines; the shard is damaged")
+
+
+def read_shard_header(path: Path) -> dict:
+    """Read only the 8-byte length and JSON header of a shard; check that it is whole and ours."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 2 <= n <= min(_MAX_HEADER, size - 8):
+                raise M3Error(f"{path.name}: header length {n} is impossible for a {size}-byte file; "
+                              "the shard is truncated or not safetensors")
+            header = json.loads(f.read(n))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise M3Error(f"cannot read shard {path}: {e}; the file is damaged, recompile the kb") from None
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
+        raise M3Error(f"{path.name}: safetensors header has no __metadata__; not an m3 kb shard")
+    try:
+        ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"]
+    except (KeyError, TypeError, IndexError, ValueError):
+        raise M3Error(f"{path.name}: a tensor entry lacks valid data_offsets; the shard is damaged") from None
+    if max(ends, default=0) != size - 8 - n:
+        raise M3Error(f"{path.name}: tensors need {max(ends, default=0)} data bytes but the file has "
+                      f"{size - 8 - n}; the shard is truncated or damaged, recompile the kb")
+    check_shard_metadata(header["__metadata__"], path.name)
+    return header
+
+
+def shard_info(path: Path) -> ShardInfo:
+    """ShardInfo of an existing shard, from its header (to re-index after appending shards)."""
+    header = read_shard_header(path)
+    tensors = tuple(sorted(k for k in header if k != "__metadata__"))
+    ids = [k for k in tensors if k.endswith(".ref_ids")]
+    nbytes = max(header[k]["data_offsets"][1] for k in tensors)
+    return ShardInfo(Path(path).name, tensors, nbytes, sum(header[k]["shape"][0] for k in ids))
+
+
+def read_payload(shard_path: Path, loc: RefLocation) -> bytes:
+    """One reference's frame, read by slicing its byte range; no other frame is read."""
+    shard_path = Path(shard_path)
+    where = f"{shard_path.name} ref {loc.ref_id}"
+    header = read_shard_header(shard_path)
+    kv = [k for k in header if k.endswith(".kv")]
+    if len(kv) != 1:
+        raise M3Error(f"{where}: shard has {len(kv)} kv tensors, expected 1; the shard is damaged")
+    n = header[kv[0]]["shape"][0]
+    a, b = loc.byte_offset, loc.byte_offset + loc.byte_length
+    if not 0 <= a < b <= n:
+        raise M3Error(f"{where}: byte range [{a}, {b}) is outside the shard's {n} kv bytes; "
+                      "references.parquet does not match this shard")
+    try:
+        with safe_open(str(shard_path), framework="numpy") as f:
+            return f.get_slice(kv[0])[a:b].tobytes()
+    except SafetensorError as e:
+        raise M3Error(f"{where}: safetensors cannot read the shard ({e}); recompile the kb") from None

@@ -1,0 +1,262 @@
+"""Quantize memory key/value tensors: a registry of schemes, each a quantize/dequantize pair.
+
+A memory is keys and values of shape (L, H, K, D): L memory layers, H kv-heads, K kept tokens,
+D head dim (paper §3.3). Groups run along D, inside one token's vector, so one reference (and one
+head) dequantizes alone. Every scheme has a full self-describing name (`none-bfloat16`,
+`int8-sym-g16`, `int4-asym-g16`), recorded as the shard's `quant` string (formats/kv-shard.md);
+readers rebuild the scheme from that string with `get_scheme`. The paper's vector quantizer
+(§4.2, FAISS `OPQ20_80,Residual2x14,PQ8x10`) would be one more family here, named e.g.
+`vq-<factory>`, with its codebook as a kb artefact; it is not built.
+
+Guarantees (checked by tests/test_quantize.py), with s the stored float16 scale of a group:
+  none-*     dequantize(quantize(x)) == x bit for bit (bf16 and f16 widen to f32 exactly).
+  intB-sym   s = absmax/qmax rounded *up* to float16, q = round(x/s) in [-qmax, qmax]
+             (qmax = 2^(B-1)-1), so |x - x̂| <= s/2 and no value is clipped.
+  intB-asym  m = min rounded *down* to float16, s = (max-m)/(2^B-1) rounded up, q = round((x-m)/s)
+             in [0, 2^B-1], x̂ = q*s + m, so |x - x̂| <= s/2 and no value is clipped.
+(plus float32 rounding of the arithmetic, a few ulps of the group's largest value.) Rounding the
+stored scale outward is what makes the bound hold for the bytes on disk, not just in float32.
+"""
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from m3compile.errors import M3Error
+
+# little-endian on disk whatever the host; bfloat16 has no numpy dtype, so it travels as its bits
+_NONE_DTYPES = {  # name -> (torch dtype, numpy storage dtype)
+    "float32": (torch.float32, np.dtype("<f4")),
+    "float16": (torch.float16, np.dtype("<f2")),
+    "bfloat16": (torch.bfloat16, np.dtype("<u2")),
+}
+_SCALE = np.dtype("<f2")  # scales and mins: float16, rounded outward (see the module docstring)
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    name: str  # "codes", "scales", "mins" or "values"
+    dtype: np.dtype  # little-endian storage dtype
+    shape: tuple[int, ...]  # row-major
+
+
+@dataclass(frozen=True)
+class QuantKV:
+    scheme: str  # full scheme name, as in the shard's `quant`
+    shape: tuple[int, ...]  # shape of the float tensor, (L, H, K, D)
+    parts: tuple[np.ndarray, ...]  # in the order of scheme.parts(shape); their bytes are the payload
+
+
+@dataclass(frozen=True)
+class QuantError:
+    max_abs: float  # max |x - x̂| over all elements
+    sq_err: float  # sum of (x - x̂)^2, float64
+    sq_norm: float  # sum of x^2, float64
+
+    @property
+    def rel(self) -> float:  # ||x - x̂||_2 / ||x||_2
+        return math.sqrt(self.sq_err / self.sq_norm) if self.sq_norm > 0 else 0.0
+
+    def merge(self, other: "QuantError") -> "QuantError":
+        return QuantError(max(self.max_abs, other.max_abs), self.sq_err + other.sq_err, self.sq_norm + other.sq_norm)
+
+
+ZERO_ERROR = QuantError(0.0, 0.0, 0.0)
+
+
+class Scheme(Protocol):
+    name: str
+
+    def parts(self, shape: tuple[int, ...]) -> tuple[PartSpec, ...]: ...
+    def quantize(self, x) -> tuple[QuantKV, QuantError]: ...
+    def dequantize(self, q: QuantKV) -> torch.Tensor: ...
+
+
+def _to_f32(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        assert x.is_floating_point(), x.dtype
+        x = x.detach().to("cpu", torch.float32).numpy()  # exact for bf16/f16
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise M3Error("memory keys/values contain NaN or inf; the model produced them, so check the "
+                      "checkpoint and the compute dtype (float16 overflows where bfloat16 does not)")
+    return x
+
+
+def _error(x: np.ndarray, xh: np.ndarray) -> QuantError:
+    d = x.astype(np.float64) - xh.astype(np.float64)
+    return QuantError(float(np.abs(d).max(initial=0.0)), float((d * d).sum()), float((x.astype(np.float64) ** 2).sum()))
+
+
+def _f16_up(a: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        h = a.astype(_SCALE)
+    low = h.astype(np.float32) < a
+    h[low] = np.nextafter(h[low], np.float16(np.inf))
+    if not np.isfinite(h).all():
+        raise M3Error("a quantization group spans more than float16 scales can hold (range > 65504 * qmax); "
+                      "the activations are unusually large: use --quant none")
+    return h
+
+
+def _f16_down(a: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        h = a.astype(_SCALE)
+    high = h.astype(np.float32) > a
+    h[high] = np.nextafter(h[high], np.float16(-np.inf))
+    if not np.isfinite(h).all():
+        raise M3Error("a group minimum is beyond float16 range (|min| > 65504); use --quant none")
+    return h
+
+
+@dataclass(frozen=True)
+class NoneScheme:
+    """Lossless: the values as computed, in their own dtype."""
+
+    dtype: str  # key of _NONE_DTYPES
+
+    @property
+    def name(self) -> str:
+        return f"none-{self.dtype}"
+
+    def parts(self, shape):
+        return (PartSpec("values", _NONE_DTYPES[self.dtype][1], tuple(shape)),)
+
+    def quantize(self, x):
+        tdt, ndt = _NONE_DTYPES[self.dtype]
+        t = torch.as_tensor(x)
+        if t.dtype != tdt:
+            raise M3Error(f"scheme {self.name} stores {self.dtype} losslessly but got {t.dtype}; "
+                          f"use scheme none-{str(t.dtype).removeprefix('torch.')} or convert first")
+        _to_f32(t)  # the finiteness check
+        t = t.detach().cpu().contiguous()  # (..., D)
+        raw = t.view(torch.int16).numpy().view(ndt) if tdt == torch.bfloat16 else t.numpy().astype(ndt)
+        return QuantKV(self.name, tuple(t.shape), (raw,)), QuantError(0.0, 0.0, float((t.double() ** 2).sum()))
+
+    def dequantize(self, q):
+        (raw,) = q.parts
+        if self.dtype == "bfloat16":
+            # (..., D) bf16 bits -> f32 bits: bf16 is the top half of a float32
+            return torch.from_numpy((raw.astype(np.uint32) << 16).view(np.float32))
+        return torch.from_numpy(raw.astype(np.float32))
+
+    def bound(self, q):
+        return torch.zeros(q.shape[:-1] + (1,))  # (..., 1)
+
+
+@dataclass(frozen=True)
+class IntScheme:
+    """Uniform B-bit integers per group of G values along D, with a float16 scale (and min)."""
+
+    bits: int  # 4 or 8
+    sym: bool  # symmetric absmax (codes centred on 0) or asymmetric min/max
+    group: int  # G, values per scale; must divide D
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}-{'sym' if self.sym else 'asym'}-g{self.group}"
+
+    def _check(self, shape):
+        d = shape[-1]
+        if d % self.group or (self.bits == 4 and self.group % 2):
+            raise M3Error(f"scheme {self.name} needs a head dim that is a multiple of {self.group} "
+                          f"(and even for int4), but D = {d}; pick a group size that divides {d}, "
+                          f"e.g. int{self.bits}-{'sym' if self.sym else 'asym'}-g{math.gcd(d, self.group)}")
+
+    def parts(self, shape):
+        self._check(shape)
+        *lead, d = shape
+        g = (*lead, d // self.group)
+        codes = (*lead, d // 2) if self.bits == 4 else tuple(shape)
+        cdt = np.dtype("i1") if self.bits == 8 and self.sym else np.dtype("u1")
+        specs = (PartSpec("codes", cdt, codes), PartSpec("scales", _SCALE, g))
+        return specs if self.sym else specs + (PartSpec("mins", _SCALE, g),)
+
+    def quantize(self, x):
+        x = _to_f32(x)
+        self._check(x.shape)
+        xg = x.reshape(*x.shape[:-1], -1, self.group)  # (..., D/G, G)
+        if self.sym:
+            qmax = 2 ** (self.bits - 1) - 1
+            s = _f16_up(np.abs(xg).max(-1) / qmax)  # (..., D/G)
+            sf = s.astype(np.float32)[..., None]
+            q = np.rint(np.divide(xg, sf, out=np.zeros_like(xg), where=sf > 0))
+            q = np.clip(q, -qmax, qmax).astype(np.int8)  # (..., D/G, G)
+            mins = None
+        else:
+            qmax = 2**self.bits - 1
+            mins = _f16_down(xg.min(-1))  # (..., D/G)
+            mf = mins.astype(np.float32)[..., None]
+            s = _f16_up((xg.max(-1) - mf[..., 0]) / qmax)  # (..., D/G)
+            sf = s.astype(np.float32)[..., None]
+            q = np.rint(np.divide(xg - mf, sf, out=np.zeros_like(xg), where=sf > 0))
+            q = np.clip(q, 0, qmax).astype(np.uint8)  # (..., D/G, G)
+        q = q.reshape(x.shape)  # (..., D)
+        if self.bits == 4:
+            u = (q.astype(np.int16) + 8).astype(np.uint8) if self.sym else q  # sym nibbles offset by 8
+            q = u[..., 0::2] | (u[..., 1::2] << 4)  # (..., D/2): even d in the low nibble
+        qkv = QuantKV(self.name, tuple(x.shape), (q, s) if self.sym else (q, s, mins))
+        return qkv, _error(x, self.dequantize(qkv).numpy())
+
+    def dequantize(self, q):
+        codes, s = q.parts[0], q.parts[1]
+        if self.bits == 4:
+            lo, hi = codes & 0xF, codes >> 4  # (..., D/2) each
+            c = np.stack([lo, hi], -1).reshape(q.shape).astype(np.float32)  # (..., D)
+            c = c - 8 if self.sym else c
+        else:
+            c = codes.astype(np.float32)  # (..., D)
+        cg = c.reshape(*q.shape[:-1], -1, self.group)  # (..., D/G, G)
+        xh = cg * s.astype(np.float32)[..., None]
+        if not self.sym:
+            xh = xh + q.parts[2].astype(np.float32)[..., None]
+        return torch.from_numpy(np.ascontiguousarray(xh.reshape(q.shape)))  # (..., D)
+
+    def bound(self, q):
+        return torch.from_numpy(q.parts[1].astype(np.float32) / 2)  # (..., D/G): |x - x̂| <= s/2
+
+
+# the CLI names; the full name each resolves to is what goes on disk. "none" keeps the compute
+# dtype and the int groups follow the head dim, so get_scheme resolves them. G = 16 where it
+# divides D (64, 80, 128), else the largest divisor of D below 16 (40 -> 10, 8 -> 8): the
+# choice of sym/asym and G is measured in formats/kv-shard.md.
+SCHEMES: dict[str, Scheme] = {
+    "none": NoneScheme("float32"),
+    "int8": IntScheme(bits=8, sym=True, group=16),
+    "int4": IntScheme(bits=4, sym=False, group=16),
+}
+_INT_NAME = re.compile(r"int([48])-(sym|asym)-g([1-9][0-9]*)")
+
+
+def get_scheme(name: str, dtype: torch.dtype | None = None, head_dim: int | None = None) -> Scheme:
+    """The scheme for a CLI name (`none`, `int8`, `int4`) or a full on-disk name (`int8-sym-g16`).
+
+    Args:
+        name: a key of SCHEMES, or a full name such as `none-bfloat16` or `int4-asym-g16`.
+        dtype: the compute dtype; only used by `none`, which stores values in that dtype.
+        head_dim: D; only used by `int8`/`int4`, whose group is the largest divisor of D up to
+            SCHEMES' group (even for int4). Full names are taken as they are.
+
+    Example:
+        >>> get_scheme("none", torch.bfloat16).name, get_scheme("int8", head_dim=40).name
+        ('none-bfloat16', 'int8-sym-g10')
+    """
+    if name == "none" and dtype is not None:
+        name = "none-" + str(dtype).removeprefix("torch.")
+    if name in SCHEMES:
+        s = SCHEMES[name]
+        if isinstance(s, IntScheme) and head_dim is not None:
+            step = 2 if s.bits == 4 else 1
+            g = max((g for g in range(step, s.group + 1, step) if head_dim % g == 0), default=s.group)
+            s = IntScheme(bits=s.bits, sym=s.sym, group=g)
+        return s
+    if name.startswith("none-") and name[5:] in _NONE_DTYPES:
+        return NoneScheme(name[5:])
+    if m := _INT_NAME.fullmatch(name):
+        return IntScheme(bits=int(m[1]), sym=m[2] == "sym", group=int(m[3]))
+    raise M3Error(f"unknown quant scheme {name!r}; use one of {', '.join(SCHEMES)} or a full name like "
+                  "int8-sym-g16, int4-asym-g16, none-bfloat16 (a kb made by a newer m3compile may need an upgrade)")
