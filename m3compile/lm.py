@@ -1,8 +1,7 @@
 """Language-model utilities over the runtime: token negative log-likelihood and generation.
 
-Plain forward passes without memory; the read side (paper Eq. 4) passes memories through
-`Transformer.forward(..., extra=...)`. Generation recomputes the whole sequence each step: the
-models here are small, and a key-value cache belongs with the read side's chunk schedule.
+Plain forward passes without memory; the read side (paper Eq. 4, reader.py) passes memories
+through `Transformer.forward(..., extra=...)`. Generation decodes incrementally with a KVCache.
 
 Shape letters: B sequences, T tokens, V vocab.
 """
@@ -12,7 +11,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from m3compile.model import Transformer
+from m3compile.model import KVCache, Transformer
 
 
 @torch.no_grad()
@@ -41,16 +40,21 @@ def generate(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int,
              eos_id: int | None = None, seed: int = 0) -> list[int]:
     """Continue prompt_ids greedily (temperature 0) or by sampling; stop at eos_id. Returns new ids."""
     g = torch.Generator(device=model.device).manual_seed(seed)
-    ids = list(prompt_ids)
+    cache = KVCache()
+    step = list(prompt_ids)
     new = []
     for _ in range(max_new_tokens):
-        logits = model(torch.tensor([ids], device=model.device))[0, -1].float()  # (V,)
-        if temperature <= 0:
-            nxt = int(logits.argmax())
-        else:
-            nxt = int(torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=g))
+        logits = model(torch.tensor([step], device=model.device), cache=cache)[0, -1].float()  # (V,)
+        nxt = sample(logits, temperature, g)
         if nxt == eos_id:
             break
-        ids.append(nxt)
         new.append(nxt)
+        step = [nxt]
     return new
+
+
+def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> int:
+    """Greedy at temperature 0, else a draw from softmax(logits / temperature)."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    return int(torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=generator))

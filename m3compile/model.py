@@ -224,6 +224,31 @@ class ExtraKV(NamedTuple):
     visible: torch.Tensor  # (B, T, M) bool: may query t attend to extra token m
 
 
+class KVCache:
+    """Context key-values of earlier forward calls, per layer, for incremental decoding.
+
+    Holds post-RoPE keys and values (B, H, S, D) and which of the S cached keys are real tokens.
+    Memories (ExtraKV) are not cached: the read side swaps them per chunk.
+    """
+
+    def __init__(self):
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        self.key_mask: torch.Tensor | None = None  # (B, S) bool
+        self.next_pos: torch.Tensor | None = None  # (B,) the RoPE position after the last cached token
+
+    @property
+    def length(self) -> int:
+        return 0 if self.key_mask is None else self.key_mask.shape[1]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if layer in self.k:
+            k = torch.cat([self.k[layer], k], dim=2)  # (B, H, S+T, D)
+            v = torch.cat([self.v[layer], v], dim=2)  # (B, H, S+T, D)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -242,12 +267,15 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, H, T, D)
         return LayerKV(q, k, apply_rope(k, cos, sin), v)
 
-    def forward(self, x, cos, sin, mask, extra: ExtraKV | None = None):
+    def forward(self, x, cos, sin, mask, extra: ExtraKV | None = None, cache: tuple | None = None):
         a = self.args
         B, T, _ = x.shape
         kv = self.project(x, cos, sin)
         q = apply_rope(kv.q_pre, cos, sin)  # (B, N, T, D)
         k, v = kv.k_post, kv.v
+        if cache is not None:
+            store, layer = cache
+            k, v = store.update(layer, k, v)  # (B, H, S+T, D) each
         if extra is not None:
             k = torch.cat([extra.k.to(k.dtype), k], dim=2)  # (B, H, M+T, D)
             v = torch.cat([extra.v.to(v.dtype), v], dim=2)  # (B, H, M+T, D)
@@ -282,8 +310,8 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, mask, extra: ExtraKV | None = None):
-        h, kv = self.attention(self.attention_norm(x), cos, sin, mask, extra)
+    def forward(self, x, cos, sin, mask, extra: ExtraKV | None = None, cache: tuple | None = None):
+        h, kv = self.attention(self.attention_norm(x), cos, sin, mask, extra, cache)
         h = x + h
         return h + self.feed_forward(self.ffn_norm(h)), kv
 
@@ -321,7 +349,7 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.tok_embeddings.weight.dtype
 
-    def _prepare(self, tokens, attention_mask, positions):
+    def _prepare(self, tokens, attention_mask, positions, cache: KVCache | None = None):
         B, T = tokens.shape
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.bool, device=tokens.device)  # (B, T)
@@ -329,6 +357,8 @@ class Transformer(nn.Module):
         if positions is None:
             # count only real tokens, so left and right padding both give 0, 1, 2, ... per row
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+            if cache is not None and cache.next_pos is not None:
+                positions = positions + cache.next_pos[:, None]
         span = int(positions.max()) + 1 if positions.numel() else 0
         if self.args.sliding_window is not None and span > self.args.sliding_window:
             raise M3Error(
@@ -336,8 +366,14 @@ class Transformer(nn.Module):
                 f"{self.args.sliding_window}: sliding-window attention is not supported; "
                 "use shorter inputs or a checkpoint without an active sliding window"
             )
-        causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()  # (T, T)
-        mask = causal[None, None] & attention_mask[:, None, None, :]  # (B, 1, T, T)
+        S = cache.length if cache is not None else 0
+        # query t sees every cached key and the new keys up to itself
+        causal = torch.ones(T, S + T, dtype=torch.bool, device=tokens.device).tril(diagonal=S)  # (T, S+T)
+        keys = attention_mask if not S else torch.cat([cache.key_mask, attention_mask], dim=1)  # (B, S+T)
+        mask = causal[None, None] & keys[:, None, None, :]  # (B, 1, T, S+T)
+        if cache is not None:
+            cache.key_mask = keys
+            cache.next_pos = positions.max(dim=1).values + 1  # (B,)
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.dtype)  # (B, 1, T, D) each
         return self.tok_embeddings(tokens), cos, sin, mask  # x: (B, T, C)
 
@@ -347,17 +383,20 @@ class Transformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         extra: dict[int, ExtraKV] | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V] for tokens [B, T].
 
         attention_mask [B, T] (True = real token) masks padding as keys; positions [B, T] are the
-        RoPE positions (default: 0, 1, ... over the real tokens of each row); extra maps a layer
-        index to key-values attended in front of the context in that layer (memories).
+        RoPE positions (default: 0, 1, ... over the real tokens of each row, continuing the cache);
+        extra maps a layer index to key-values attended in front of the context in that layer
+        (memories); cache, when given, is extended with this call's key-values and its earlier
+        content is attended as context.
         """
-        x, cos, sin, mask = self._prepare(tokens, attention_mask, positions)
+        x, cos, sin, mask = self._prepare(tokens, attention_mask, positions, cache)
         extra = extra or {}
         for i, layer in enumerate(self.layers):
-            x, _ = layer(x, cos, sin, mask, extra.get(i))
+            x, _ = layer(x, cos, sin, mask, extra.get(i), (cache, i) if cache is not None else None)
         return self.output(self.norm(x))  # (B, T, V)
 
     def forward_kv(

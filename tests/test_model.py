@@ -202,3 +202,17 @@ def test_shape_mismatch_and_missing_files(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
     with pytest.raises(M3Error, match="cannot read weights"):
         load_checkpoint(tmp_path)
+
+
+def test_kv_cache_decoding_equals_full_forward(tmp_path):
+    make_checkpoint(tmp_path, "Qwen2ForCausalLM", {})
+    from m3compile.model import KVCache
+
+    model = load_checkpoint(tmp_path).model
+    ids = torch.randint(3, 120, (2, 30))
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache()
+        parts = [model(ids[:, :17], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(17, 30)]
+    assert cache.length == 30 and cache.next_pos.tolist() == [30, 30]
+    assert (torch.cat(parts, dim=1) - full).abs().max() <= 1e-5
