@@ -15,6 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from m3compile.config import CompileConfig, parse_layers
+from m3compile.reader import ReadLayout
 from m3compile.errors import M3Error
 
 app = typer.Typer(help="Compile corpora into Memory³ explicit memories and inspect them.",
@@ -180,4 +181,147 @@ def _render_ref(d: dict) -> None:
     for layer, heads in d["kept"].items():
         for h, toks in enumerate(heads):
             t.add_row(str(layer), str(h), "  ".join(f"{x['j']}:{x['text'] if x['text'] is not None else x['id']}" for x in toks))
+    out.print(t)
+
+
+READ_DEFAULTS = {f.name: f.default for f in fields(ReadLayout)}
+EVAL_EXAMPLES = """
+Examples:\n
+  m3 eval kb/ stories.jsonl --oracle --max-text-tokens 255   # each text reads its own references\n
+  m3 eval kb/ texts/ --json                                  # memories by retrieval, JSON report
+"""
+GENERATE_EXAMPLES = """
+Examples:\n
+  m3 generate --kb kb/ "In which year was Veldmoor founded?"\n
+  m3 generate --kb kb/ "Once upon a time" --temperature 0.8 --max-new-tokens 200\n
+  m3 generate --kb kb/ "Once upon a time" --no-memory
+"""
+QUERY_EXAMPLES = """
+Examples:\n
+  m3 query kb/ "river trade in the north" -k 5\n
+  m3 query kb/ "river trade" --mode bm25 --json
+"""
+
+
+def _retriever(base, mode, max_overlap):
+    from m3compile.retrieve import Retriever
+
+    r = Retriever.open(base.path, base.manifest)
+    return lambda text, k: [h.ref_id for h in r.retrieve(text, k, mode=mode, max_overlap=max_overlap)], r
+
+
+@app.command(name="eval", epilog=EVAL_EXAMPLES)
+def eval_(
+    kb: Annotated[Path, typer.Argument(help="knowledge base directory")],
+    texts: Annotated[Path, typer.Argument(help="texts to score: a corpus directory or file, as for compile")],
+    model: Annotated[Optional[Path], typer.Option(help="the checkpoint the kb was compiled with [default: the manifest's]")] = None,
+    oracle: Annotated[bool, typer.Option(help="each text reads its own references instead of retrieved ones")] = False,
+    max_text_tokens: Annotated[Optional[int], typer.Option(help="score the first N tokens of each text")] = None,
+    chunk_tokens: Annotated[int, typer.Option(help="text tokens per chunk")] = READ_DEFAULTS["chunk_tokens"],
+    refs: Annotated[int, typer.Option(help="references per chunk")] = READ_DEFAULTS["refs_per_chunk"],
+    mode: Annotated[Optional[str], typer.Option(help="retrieval: bm25 | dense | hybrid [default: the kb's]")] = None,
+    max_overlap: Annotated[Optional[float], typer.Option(help="drop references overlapping the chunk more (paper Eq. 6)")] = None,
+    device: Annotated[str, typer.Option(help="torch device")] = DEFAULTS["device"],
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+):
+    """Perplexity without memory, with the kb's sparse memories, and with full-reference memories
+    in the kb's memory layers and in all layers, over the same predicted tokens."""
+    from m3compile.corpus import CorpusReport, iter_documents
+    from m3compile.evaluate import evaluate
+    from m3compile.kb import load_kb_model, open_kb
+
+    with user_errors():
+        base = open_kb(kb)
+        ck = load_kb_model(base, model, device=device)
+        retrieve = None if oracle else _retriever(base, mode, max_overlap)[0]
+        report = CorpusReport()
+        docs = list(iter_documents(texts, report))
+        report.raise_if_empty()
+        result = evaluate(base, ck, docs, oracle=oracle, retrieve=retrieve, max_text_tokens=max_text_tokens,
+                          chunk_tokens=chunk_tokens, refs_per_chunk=refs)
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    t = Table(title=f"perplexity over {result['rows']['no_memory']['tokens']:,} tokens of {result['docs']} texts "
+                    f"({'oracle' if oracle else 'retrieved'} memories, {refs} per {chunk_tokens}-token chunk)")
+    for col in ("memory", "perplexity", "nats/token", "texts improved"):
+        t.add_column(col)
+    names = {"no_memory": "none", "sparse": "kb (sparse, as stored)",
+             "full_memory_layers": "full references, kb memory layers",
+             "full_all_layers": "full references, all layers"}
+    for row, r in result["rows"].items():
+        t.add_row(names[row], f"{r['ppl']:.4f}", f"{r['nll']:.4f}",
+                  str(result["improved_docs"].get(row, "")))
+    out.print(t)
+
+
+@app.command(epilog=GENERATE_EXAMPLES)
+def generate(
+    prompt: Annotated[str, typer.Argument(help="text to continue")],
+    kb: Annotated[Path, typer.Option(help="knowledge base directory")],
+    model: Annotated[Optional[Path], typer.Option(help="the checkpoint the kb was compiled with [default: the manifest's]")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate at most")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
+    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    memory: Annotated[bool, typer.Option("--memory/--no-memory", help="read retrieved memories")] = True,
+    chunk_tokens: Annotated[int, typer.Option(help="tokens per chunk")] = READ_DEFAULTS["chunk_tokens"],
+    refs: Annotated[int, typer.Option(help="references per chunk")] = READ_DEFAULTS["refs_per_chunk"],
+    mode: Annotated[Optional[str], typer.Option(help="retrieval: bm25 | dense | hybrid [default: the kb's]")] = None,
+    device: Annotated[str, typer.Option(help="torch device")] = DEFAULTS["device"],
+    as_json: Annotated[bool, typer.Option("--json", help="print the text and the references read as JSON")] = False,
+):
+    """Continue a prompt, reading the kb's memories chunk by chunk (paper §3.1)."""
+    from m3compile.kb import load_kb_model, open_kb
+    from m3compile.reader import ChunkMemory, ReadLayout, generate as read_generate
+
+    with user_errors():
+        base = open_kb(kb)
+        ck = load_kb_model(base, model, device=device)
+        layout = ReadLayout.from_manifest(base.manifest, ck.tokenizer.bos_id, chunk_tokens, refs)
+        read = []
+        retrieve = None
+        if memory:
+            ids_for, _ = _retriever(base, mode, None)
+
+            def retrieve(tokens):
+                ids = ids_for(ck.tokenizer.decode(tokens), refs)
+                read.append(ids)
+                return ChunkMemory.gather(base.memories(ids), layout.memory_layers)
+
+        new = read_generate(ck.model, layout, ck.tokenizer.encode(prompt), retrieve, max_new_tokens,
+                            temperature, ck.tokenizer.eos_id, seed)
+        text = ck.tokenizer.decode(new)
+    if as_json:
+        out.print_json(json.dumps({"prompt": prompt, "text": text, "memory": memory, "references_read": read}))
+    else:
+        out.print(prompt + text, highlight=False, markup=False)
+
+
+@app.command(epilog=QUERY_EXAMPLES)
+def query(
+    kb: Annotated[Path, typer.Argument(help="knowledge base directory")],
+    text: Annotated[str, typer.Argument(help="query text")],
+    k: Annotated[int, typer.Option("-k", help="references to return")] = READ_DEFAULTS["refs_per_chunk"],
+    mode: Annotated[Optional[str], typer.Option(help="bm25 | dense | hybrid [default: the kb's]")] = None,
+    max_overlap: Annotated[Optional[float], typer.Option(help="drop references overlapping the query more (paper Eq. 6)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+):
+    """Retrieve the references of a kb nearest a query, best first."""
+    from m3compile.kb import open_kb
+
+    with user_errors():
+        base = open_kb(kb)
+        _, r = _retriever(base, mode, max_overlap)
+        hits = r.retrieve(text, k, mode=mode, max_overlap=max_overlap)
+        rows = {row["ref_id"]: row for row in base.references().select(["ref_id", "doc_id", "text"]).to_pylist()}
+    results = [{"ref_id": h.ref_id, "score": h.score, "doc_id": rows[h.ref_id]["doc_id"], "text": rows[h.ref_id]["text"]}
+               for h in hits]
+    if as_json:
+        out.print_json(json.dumps({"query": text, "mode": mode, "hits": results}))
+        return
+    t = Table(title=f"{len(results)} references for {text!r}")
+    for col in ("rank", "ref", "score", "doc", "text"):
+        t.add_column(col)
+    for i, h in enumerate(results, 1):
+        t.add_row(str(i), str(h["ref_id"]), f"{h['score']:.4f}", h["doc_id"], h["text"].replace("\n", " ")[:200])
     out.print(t)

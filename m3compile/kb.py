@@ -6,6 +6,7 @@ slicing its one zstd frame out of its shard, without touching its neighbours.
 Shape letters: L memory layers, H kv heads, K kept tokens, D head dim.
 """
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +32,11 @@ class Memory:
 class KnowledgeBase:
     """A compiled kb. Use `open_kb(path)`."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, cache_size: int = 256):
         self.path = Path(path)
+        # decoded memories, most recently used last: neighbouring chunks often retrieve the same refs
+        self._cache: OrderedDict[int, Memory] = OrderedDict()
+        self.cache_size = cache_size
         self.manifest = read_manifest(self.path)
         w = self.manifest["write"]
         self.layers = tuple(w["memory_layers"])
@@ -71,17 +75,50 @@ class KnowledgeBase:
             >>> kb = open_kb("kb/"); m = kb.memory(0); m.keys.shape
             torch.Size([2, 2, 8, 32])
         """
-        loc = self._locations().get(int(ref_id))
+        ref_id = int(ref_id)
+        if ref_id in self._cache:
+            self._cache.move_to_end(ref_id)
+            return self._cache[ref_id]
+        loc = self._locations().get(ref_id)
         if loc is None:
             raise M3Error(f"no reference {ref_id} in {self.path} (it has {len(self)}); see `m3 inspect`")
         shard = self.path / loc.shard
         frame = read_payload(shard, loc)
         keys, values, positions = decode_payload(frame, self.scheme, self._max_bytes,
                                                  where=f"{loc.shard} reference {ref_id}")
-        return Memory(int(ref_id), keys, values, positions, self.layers)
+        mem = Memory(ref_id, keys, values, positions, self.layers)
+        if self.cache_size > 0:
+            self._cache[ref_id] = mem
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return mem
 
     def memories(self, ref_ids) -> list[Memory]:
         return [self.memory(i) for i in ref_ids]
+
+
+def load_kb_model(kb: KnowledgeBase, model: str | Path | None = None, device: str = "cpu", dtype: str = "float32"):
+    """The checkpoint a kb was compiled with: `model`, else the path its manifest records.
+
+    Refuses a checkpoint whose config, weights or tokenizer differ from the manifest's
+    fingerprint: memories are tied to one exact checkpoint (paper Remark 9).
+    """
+    from m3compile.config import default_model_dir
+    from m3compile.model import fingerprint, load_checkpoint
+
+    recorded = kb.manifest["model"]
+    if model is None:
+        model = default_model_dir() if recorded["path"] == "<embedded example>" else Path(recorded["path"])
+        if not Path(model).is_dir():
+            raise M3Error(f"the kb's model {recorded['path']!r} is not found from here; pass --model "
+                          "with the checkpoint the kb was compiled with")
+    fp = fingerprint(model)
+    for key, what in (("config_sha256", "config.json"), ("tokenizer_sha256", "tokenizer.json"),
+                      ("weights_sha256", "weights")):
+        if fp[key] != recorded[key]:
+            raise M3Error(f"model {model} differs from the one {kb.path} was compiled with ({what} "
+                          "differs); pass the same --model, or recompile the kb with this one")
+    return load_checkpoint(model, device=device, dtype=dtype)
 
 
 def open_kb(path: str | Path) -> KnowledgeBase:

@@ -1,0 +1,138 @@
+"""The words of the example encyclopedia: name parts, value lists and sentence templates.
+
+Pure data, used by make_corpus.py (which holds the logic).
+
+Articles, restatements and questions word the facts differently, so a model that answers a
+question from an article in memory has to map one phrasing onto another, not copy a sentence.
+"""
+
+# name parts; names are onset + vowel + coda (+ suffix), checked unique across the whole world
+ONSETS = ("B", "Br", "C", "Cr", "D", "Dr", "F", "G", "Gr", "H", "K", "L", "M", "N", "P", "R",
+          "S", "St", "T", "Th", "V", "W", "Y", "Z")
+VOWELS = ("a", "e", "i", "o", "u", "ae", "ei", "ou", "ia")
+CODAS = ("l", "n", "r", "rn", "ld", "st", "sk", "v", "th", "m", "nd", "rr")
+TOWN_SUFFIXES = ("moor", "ford", "hollow", "wick", "mere", "gate", "stead", "holm", "by", "reach",
+                 "haven", "crest", "dale", "brook", "fell", "port")
+REGION_SUFFIXES = ("vale", "march", "lands", "shire", "fen")
+SURNAME_SUFFIXES = ("ric", "wyn", "ard", "ell", "ow", "ane", "ith", "en", "ley", "ton")
+GIVEN = {
+    "she": ("Ilsa", "Orla", "Maren", "Tamsin", "Brisa", "Edda", "Liesel", "Nerys", "Sabine", "Yara",
+            "Corra", "Elin", "Frida", "Greta", "Hanne", "Ione", "Juna", "Katrin", "Mira", "Perrin"),
+    "he": ("Aldo", "Bram", "Casimir", "Dorian", "Emrys", "Fennick", "Gideon", "Halvard", "Ivo",
+           "Jory", "Kaspar", "Lucan", "Matthis", "Niall", "Osric", "Piet", "Rurik", "Soren", "Tobin", "Ulric"),
+}
+OCCUPATIONS = ("cartographer", "shipwright", "astronomer", "physician", "merchant", "poet", "architect",
+               "clockmaker", "botanist", "printer", "engineer", "composer", "glassblower", "historian")
+WORK_ADJ = ("Amber", "Salt", "Winter", "Copper", "Tidal", "Silent", "Northern", "Lantern", "Iron",
+            "Green", "Hollow", "Golden", "Lesser", "Ninefold", "Weathered", "Scarlet")
+WORK_NOUN = ("Ledger", "Atlas", "Almanac", "Charts", "Psalter", "Codex", "Treatise", "Chronicle",
+             "Herbal", "Canticles", "Survey", "Compass", "Register", "Letters")
+EXPORTS = ("amber", "salt", "wool", "copper", "glassware", "dyed linen", "barley", "tin", "honey",
+           "rope", "paper", "clocks", "cheese", "timber", "slate", "indigo", "pewter", "cider", "lace")
+COLOURS = ("silver", "red", "green", "black", "golden", "blue", "white")
+BEASTS = ("heron", "stag", "boar", "tower", "key", "ship", "wolf", "otter", "fox", "bell", "wheel")
+WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday")
+ORG_WORDS = ("Amber", "Heron", "Lantern", "Copper", "Juniper", "Saltmarsh", "Kestrel", "Thistle",
+             "Meridian", "Ivory", "Cobalt", "Willow", "Granite", "Falcon", "Marigold", "Hawthorn",
+             "Ember", "Silver", "Raven", "Oak", "Larch", "Otter", "Bramble", "Quill")
+# org kind -> what such a body is known for
+ORG_KINDS = {
+    "guild": ("bell casting", "glass beads", "river charts", "fine locks", "woven banners"),
+    "trading company": ("spice fleets", "salt caravans", "fur trade", "wool contracts"),
+    "academy": ("lectures on optics", "school of rhetoric", "medical library", "debates"),
+    "observatory": ("star catalogues", "comet records", "eclipse tables", "great telescope"),
+    "bank": ("silver notes", "loans to shipbuilders", "vaulted cellars", "bills of exchange"),
+    "printing house": ("pocket almanacs", "illustrated herbals", "maps", "cheap broadsheets"),
+    "shipyard": ("river barges", "fast cutters", "ocean carracks", "dredgers"),
+}
+
+# Templates. {n}/{N} is the entity's name in running text / at a sentence start, {short} a
+# person's surname, {pron}/{Pron}/{poss} pronouns, {noun} "town"/"city", {founded_the} "the "
+# before an organisation's name. Every other field is a fact key, and its span is recorded.
+# An article line is a list of alternatives; each alternative covers the same fact keys.
+ARTICLE = {
+    "town": [
+        ["{N} is a {noun} in {region}, on the banks of the River {river}.",
+         "{N} is a {noun} on the River {river}, in the region of {region}."],
+        ["It was founded in {founded} by {founder}.", "{founder} founded the {noun} in {founded}."],
+        ["{N} has a population of about {population}.", "About {population} people live in {N}."],
+        ["The {noun} is best known for its {export}.", "Its chief export is {export}."],
+        ["Its old rival is {rival}.", "For centuries {N} has quarrelled with {rival}."],
+        ["The arms of {n} show a {emblem}, and its market is held on {market_day}.",
+         "Market day in {n} is {market_day}; the {noun} arms show a {emblem}."],
+    ],
+    "person": [
+        ["{N} ({born}\u2013{died}) was {a} {occupation} from {birthplace}.",
+         "{N} was {a} {occupation} born in {birthplace} in {born}; {pron} died in {died}."],
+        ["In {founded_year} {pron} founded {founded_the}{founder_of}."],
+        ["{Pron} died in {died_in}.", "{Pron} spent {poss} last years in {died_in}."],
+        ["{Pron} is remembered for the {known_for}.", "{Poss} best-known work is the {known_for}."],
+    ],
+    "org": [
+        ["The {n} is {a} {kind} seated in {seat}.", "The {n} is {a} {kind} with its seat in {seat}."],
+        ["It was founded in {founded} by {founder}.", "{founder} founded it in {founded}."],
+        ["It has about {members} members.", "The {kind} counts about {members} members."],
+        ["It is known for its {specialty}.", "Its fame rests on its {specialty}."],
+        ["Its emblem is a {emblem}.", "The {kind} bears a {emblem} on its seal."],
+    ],
+}
+RESTATE = {
+    "town": ["{founder} established {n} in the year {founded}.", "{N} lies in {region}.",
+             "The River {river} flows through {n}.", "Roughly {population} inhabitants call {n} home.",
+             "Traders know {n} above all for {export}.", "{rival} has long competed with {n}.",
+             "In {founded}, {founder} laid the first stones of {n}.", "The {noun} of {n} belongs to {region}.",
+             "A {emblem} is painted on the gates of {n}.",
+             "Each {market_day} the square of {n} fills with stalls."],
+    "person": ["{short} came into the world in {born} at {birthplace}.", "{short} worked as {a} {occupation}.",
+               "{short} died in the year {died}.", "The {known_for} was written by {short}.",
+               "It was {short} who founded {founded_the}{founder_of}.", "By trade {short} was {a} {occupation}.",
+               "{short} passed away in {died_in}."],
+    "org": ["{founder} set up the {n} in {founded}.", "The seat of the {n} is {seat}.",
+            "Some {members} members belong to the {n}.", "The {n} is {a} {kind}.",
+            "People remember the {n} for its {specialty}.", "In {founded} the {n} was established.",
+            "The seal of the {n} carries a {emblem}."],
+}
+QUESTIONS = {
+    "town": {
+        "founded": ["In which year was {n} founded? {founded}.", "When was {n} founded? In {founded}."],
+        "founder": ["Who founded {n}? {founder}.", "Who was the founder of {n}? It was {founder}."],
+        "region": ["In which region is {n}? In {region}.", "Where does {n} lie? In {region}."],
+        "river": ["On which river does {n} lie? The River {river}.",
+                  "Which river flows through {n}? The {river}."],
+        "population": ["How many people live in {n}? About {population}.",
+                       "What is the population of {n}? About {population}."],
+        "export": ["What is the chief export of {n}? Mainly {export}.",
+                   "What is {n} known for? For its {export}."],
+        "emblem": ["What do the arms of {n} show? A {emblem}.", "Which emblem does {n} bear? A {emblem}."],
+        "market_day": ["On which day is market held in {n}? On {market_day}.",
+                       "When is market day in {n}? On {market_day}."],
+        "rival": ["Which town is the old rival of {n}? {rival}.",
+                  "With whom has {n} long quarrelled? With {rival}."],
+    },
+    "person": {
+        "born": ["In which year was {n} born? {born}.", "When was {n} born? In {born}."],
+        "died": ["In which year did {n} die? {died}.", "When did {n} die? In {died}."],
+        "birthplace": ["Where was {n} born? In {birthplace}.", "Which town was {n} from? From {birthplace}."],
+        "occupation": ["What was {n}'s trade? {A} {occupation}.",
+                       "What did {n} work as? As {a} {occupation}."],
+        "known_for": ["Which work is {n} remembered for? The {known_for}.",
+                      "Which work did {n} write? The {known_for}."],
+        "died_in": ["Where did {n} die? In {died_in}.",
+                    "In which town did {n} spend {poss} last years? In {died_in}."],
+        "founder_of": ["What did {n} found? {founded_The}{founder_of}.",
+                       "What was founded by {n}? {founded_The}{founder_of}."],
+    },
+    "org": {
+        "emblem": ["What is the emblem of the {n}? A {emblem}.",
+                   "What does the seal of the {n} carry? A {emblem}."],
+        "kind": ["What kind of body is the {n}? {A} {kind}.", "What is the {n}? It is {a} {kind}."],
+        "seat": ["Where is the {n} seated? In {seat}.", "Which town is the seat of the {n}? {seat}."],
+        "founded": ["In which year was the {n} founded? {founded}.",
+                    "When was the {n} founded? In {founded}."],
+        "founder": ["Who founded the {n}? {founder}.", "Who was the founder of the {n}? It was {founder}."],
+        "members": ["How many members does the {n} have? About {members}.",
+                    "How large is the {n}? It has about {members} members."],
+        "specialty": ["What is the {n} known for? Its {specialty}.",
+                      "For what is the {n} famous? For its {specialty}."],
+    },
+}
