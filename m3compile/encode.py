@@ -32,12 +32,17 @@ class EncodedBatch:
 
 @torch.no_grad()
 def encode_batch(model: Transformer, token_lists: Sequence[Sequence[int]], prefix_ids: Sequence[int],
-                 layers: Sequence[int]) -> EncodedBatch:
-    """Forward the references (each alone, behind the prefix) and keep the memory layers' q/k/v."""
+                 layers: Sequence[int], pad_to: int | None = None) -> EncodedBatch:
+    """Forward the references (each alone, behind the prefix) and keep the memory layers' q/k/v.
+
+    pad_to fixes the padded width: with the same tensor shapes in every batch, a reference's
+    memory does not depend on which batch it was in (measured bit-exact on CPU, float32 and
+    bfloat16), so resumed and incremental compiles reproduce the bytes of a full one.
+    """
     p = len(prefix_ids)
     lengths = [len(t) for t in token_lists]
-    assert min(lengths) > 0, lengths
-    B, T = len(token_lists), max(lengths)
+    assert min(lengths) > 0 and (pad_to is None or max(lengths) <= pad_to), (lengths, pad_to)
+    B, T = len(token_lists), pad_to or max(lengths)
     ids = torch.zeros(B, p + T, dtype=torch.long)  # (B, p+T)
     ids[:, :p] = torch.tensor(list(prefix_ids), dtype=torch.long)
     mask = torch.zeros(B, p + T, dtype=torch.bool)  # (B, p+T)

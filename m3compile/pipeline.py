@@ -182,7 +182,8 @@ def _compile_into(out, config, ck: Checkpoint, layers, prefix_ids, scheme, model
             refs_file.ReferenceWriter(out / refs_file.FILE_NAME) as table:
         for batch in _batches(refs, config.batch_size):
             with timer("encode"):
-                encoded = encode_batch(ck.model, [r.token_ids for r in batch], prefix_ids, layers)
+                encoded = encode_batch(ck.model, [r.token_ids for r in batch], prefix_ids, layers,
+                                       pad_to=config.max_tokens)
             with timer("sparsify"):
                 memories = select_topk(encoded, config.top_k)
             for r, mem in zip(batch, memories):
