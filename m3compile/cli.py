@@ -73,6 +73,8 @@ def compile(
     batch_size: Annotated[int, typer.Option(help="references per forward pass")] = DEFAULTS["batch_size"],
     max_shard_bytes: Annotated[int, typer.Option(help="compressed bytes per shard file at most")] = DEFAULTS["max_shard_bytes"],
     follow_symlinks: Annotated[bool, typer.Option(help="follow symlinks that leave the corpus")] = DEFAULTS["follow_symlinks"],
+    embedder: Annotated[Optional[Path], typer.Option(help="local sentence-transformers model dir for a dense index")] = DEFAULTS["embedder"],
+    index_factory: Annotated[str, typer.Option(help="FAISS factory string of the dense index")] = DEFAULTS["index_factory"],
     preset: Annotated[Optional[str], typer.Option(help="apply a named preset: paper | lossless")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the manifest as JSON")] = False,
 ):
@@ -85,7 +87,8 @@ def compile(
                                boundary=boundary, prefix=prefix, top_k=top_k,
                                memory_layers=parse_layers(memory_layers), quant=quant, dtype=dtype, device=device,
                                batch_size=batch_size, max_shard_bytes=max_shard_bytes,
-                               follow_symlinks=follow_symlinks)
+                               follow_symlinks=follow_symlinks, embedder=str(embedder) if embedder else None,
+                               index_factory=index_factory)
         if preset:
             config = config.with_preset(preset)
         with _progress() as bar:

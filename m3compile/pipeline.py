@@ -6,9 +6,9 @@ peak memory is one batch plus one shard buffer. The manifest is written last: a 
 without one is an unfinished compile.
 """
 
-import json
 import os
 import platform
+import shutil
 import socket
 import time
 from collections import defaultdict
@@ -24,6 +24,7 @@ from m3compile.config import MEMORY_SETTINGS, CompileConfig, default_model_dir
 from m3compile.corpus import RECORD_SUFFIXES, TEXT_SUFFIXES, CorpusReport, iter_documents
 from m3compile.encode import encode_batch, write_prefix
 from m3compile.errors import M3Error
+from m3compile.index import BM25_DIR, FAISS_FILE, build_indexes
 from m3compile.model import Checkpoint, fingerprint, load_checkpoint
 from m3compile.pack import INDEX_NAME, ShardWriter, bits_per_element, encode_payload, payload_nbytes, write_shard_index
 from m3compile.quantize import ZERO_ERROR, get_scheme
@@ -80,12 +81,16 @@ def corpus_bytes(root: Path) -> int:
 
 
 TOKENIZER_COPY = "tokenizer.json"  # the model's tokenizer, so a kb is readable without its model
-KB_ARTEFACTS = (mf.FILE_NAME, mf.RUN_LOG, refs_file.FILE_NAME, INDEX_NAME, TOKENIZER_COPY)
+KB_ARTEFACTS = (mf.FILE_NAME, mf.RUN_LOG, refs_file.FILE_NAME, INDEX_NAME, TOKENIZER_COPY, BM25_DIR, FAISS_FILE)
 
 
 def _is_artefact(name: str) -> bool:
     return name in KB_ARTEFACTS or (name.startswith("memory-") and name.endswith(".safetensors")) \
         or (name.startswith(".") and name.endswith(".tmp"))
+
+
+def _remove(p: Path) -> None:
+    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 def prepare_out_dir(out: Path) -> None:
@@ -100,7 +105,7 @@ def prepare_out_dir(out: Path) -> None:
             raise M3Error(f"output directory {out} is not empty ({', '.join(foreign[:3])}); "
                           "give a new or empty directory")
         for p in out.iterdir():  # leftovers of a compile that never wrote its manifest
-            p.unlink()
+            _remove(p)
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -152,7 +157,7 @@ def compile_kb(config: CompileConfig, out_dir: str | Path, progress: Progress | 
         # and the partial artefacts are removed
         for p in out.iterdir():
             if _is_artefact(p.name):
-                p.unlink()
+                _remove(p)
         raise
     report = stats.pop("report")
     for line in report.summary_lines()[1:]:
@@ -215,6 +220,10 @@ def _compile_into(out, config, ck: Checkpoint, layers, prefix_ids, scheme, model
     with timer("write"):
         write_shard_index(out, writer.shards, writer.metadata)
     (out / TOKENIZER_COPY).write_bytes((ck.path / "tokenizer.json").read_bytes())
+    with timer("index"):
+        t = refs_file.read_references(out / refs_file.FILE_NAME, ["ref_id", "text"]).to_pydict()
+        s["retrieval"] = build_indexes(out, t["ref_id"], t["text"], config.embedder, config.index_factory,
+                                       config.device)["retrieval"]
     s["shards"] = [sh.file for sh in writer.shards]
     s["report"] = report
     return s
@@ -223,7 +232,7 @@ def _compile_into(out, config, ck: Checkpoint, layers, prefix_ids, scheme, model
 def _build_manifest(config, ck, model_path, model_id, layers, prefix_ids, scheme, s, report, out) -> dict:
     a = ck.args
     L, H, D = len(layers), a.n_kv_heads, a.head_dim
-    files = sorted(s["shards"]) + [INDEX_NAME, refs_file.FILE_NAME, TOKENIZER_COPY]
+    files = sorted(s["shards"]) + [INDEX_NAME, refs_file.FILE_NAME, TOKENIZER_COPY] + s["retrieval"]["files"]
     file_entries = {name: mf.file_entry(out, name) for name in files}
     n = s["references"]
     rel = s["rel_errs"]
@@ -275,5 +284,6 @@ def _build_manifest(config, ck, model_path, model_id, layers, prefix_ids, scheme
             "files_bytes": sum(e["bytes"] for e in file_entries.values()),
         },
         "files": file_entries,
+        "retrieval": s["retrieval"],
         "run_log": mf.RUN_LOG,
     }

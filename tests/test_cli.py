@@ -108,10 +108,11 @@ def test_output_is_a_file_or_an_existing_kb(tmp_path, corpus, model_dir):
     assert_one_line_error(run("compile", corpus, "-o", tmp_path / "file", "--model", model_dir), "is a file")
     assert (tmp_path / "file").read_text() == "keep me"
     assert run("compile", corpus, "-o", tmp_path / "kb", "--model", model_dir).exit_code == 0
-    before = {p.name: p.read_bytes() for p in (tmp_path / "kb").iterdir()}
+    snapshot = lambda: {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "kb").rglob("*") if p.is_file()}
+    before = snapshot()
     assert_one_line_error(run("compile", corpus, "-o", tmp_path / "kb", "--model", model_dir),
                           "already holds a knowledge base")
-    assert {p.name: p.read_bytes() for p in (tmp_path / "kb").iterdir()} == before
+    assert snapshot() == before
 
 
 @pytest.mark.parametrize("args, fragment", [

