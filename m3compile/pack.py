@@ -198,6 +198,18 @@ def _fsync_replace(tmp: Path, final: Path) -> None:
         os.close(dfd)
 
 
+def _same_bytes(a: Path, b: Path, chunk: int = 1 << 20) -> bool:
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(chunk), fb.read(chunk)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
 def _write_safetensors(path: Path, tensors: list[tuple[str, str, list[int], list[bytes]]], metadata: dict) -> int:
     # tensors: (name, dtype, shape, chunks) in data order; the header's keys are sorted
     header, off = {"__metadata__": metadata}, 0
@@ -236,9 +248,10 @@ class ShardWriter:
         self.out_dir, self.max_shard_bytes = Path(out_dir), max_shard_bytes
         self.metadata = {**metadata, **own}
         self.shards: list[ShardInfo] = []
-        self._index, self._frames, self._ids, self._bytes = first_index, [], [], 0
+        self._index, self._frames, self._ids, self._keys, self._bytes = first_index, [], [], [], 0
         self._last_id: int | None = None
-        self._check_free(self.out_dir / _SHARD_NAME.format(first_index))  # fail before hours of compiling
+        self.written: list[str] = []  # shard files this writer wrote
+        self.kept: list[str] = []  # identical shard files that were already there
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -246,46 +259,51 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-        self._frames, self._ids = [], []  # on error, drop the unwritten shard
+        self._frames, self._ids, self._keys = [], [], []  # on error, drop the unwritten shard
 
-    def add(self, ref_id: int, payload: bytes) -> RefLocation:
+    def add(self, ref_id: int, payload: bytes, key: bytes = b"\0" * 32) -> RefLocation:
+        """Append one frame; `key` is the reference's 32-byte content key (sha256), stored beside it."""
         assert self._last_id is None or ref_id > self._last_id, ("ref ids must ascend", self._last_id, ref_id)
+        assert len(key) == 32, len(key)
         if _starts_new_shard(len(self._frames), self._bytes, len(payload), self.max_shard_bytes):
-            self._flush()
+            self.flush()
         loc = RefLocation(ref_id, _SHARD_NAME.format(self._index), self._bytes, len(payload))
         self._frames.append(payload)
         self._ids.append(ref_id)
+        self._keys.append(key)
         self._bytes += len(payload)
         self._last_id = ref_id
         return loc
 
-    def _check_free(self, final: Path) -> None:
-        if final.exists():
-            raise M3Error(f"{final} already exists; shards are never rewritten: write to a new kb "
-                          "directory, or append with first_index after the last shard")
-
-    def _flush(self) -> None:
+    def flush(self) -> None:
         if not self._frames:
             return
         name, p = _SHARD_NAME.format(self._index), f"shard.{self._index:05d}"
         final, tmp = self.out_dir / name, self.out_dir / f".{name}.tmp"
-        self._check_free(final)
         offsets = np.cumsum([0] + [len(f) for f in self._frames], dtype="<i8")  # (n+1,)
         ids = np.asarray(self._ids, dtype="<i8")  # (n,)
         n = len(ids)
         tensors = [(f"{p}.kv_offsets", "I64", [n + 1], [offsets.tobytes()]),
                    (f"{p}.ref_ids", "I64", [n], [ids.tobytes()]),
-                   (f"{p}.kv", "U8", [self._bytes], self._frames)]
+                   (f"{p}.kv", "U8", [self._bytes], self._frames),
+                   (f"{p}.ref_keys", "U8", [n, 32], self._keys)]  # safetensors' own order: by dtype, then name
         try:
             nbytes = _write_safetensors(tmp, tensors, self.metadata)
-            _fsync_replace(tmp, final)
+            if final.exists() and _same_bytes(tmp, final):
+                # a resumed compile rebuilds the shard an interrupted one already wrote: keep that
+                # file as it is (same bytes, same mtime)
+                self.kept.append(name)
+            else:
+                # never an existing shard of a committed kb: the caller numbers new shards after those
+                _fsync_replace(tmp, final)
+                self.written.append(name)
         finally:
             tmp.unlink(missing_ok=True)
         self.shards.append(ShardInfo(name, tuple(sorted(t[0] for t in tensors)), nbytes, n))
-        self._index, self._frames, self._ids, self._bytes = self._index + 1, [], [], 0
+        self._index, self._frames, self._ids, self._keys, self._bytes = self._index + 1, [], [], [], 0
 
     def close(self) -> None:
-        self._flush()
+        self.flush()
 
 
 def write_shard_index(out_dir: Path, shards: list[ShardInfo], metadata: dict[str, str]) -> Path:

@@ -164,7 +164,7 @@ def test_write_and_read_end_to_end(tmp_path):
     s = get_scheme(META["quant"])
     for j, (name, group) in enumerate(zip(names, plan.groups), start=1):
         t = load_file(tmp_path / name)  # plain safetensors reads it
-        assert set(t) == {f"shard.{j:05d}.kv", f"shard.{j:05d}.kv_offsets", f"shard.{j:05d}.ref_ids"}
+        assert set(t) == {f"shard.{j:05d}.{x}" for x in ("kv", "kv_offsets", "ref_ids", "ref_keys")}
         kv, offsets, ids = t[f"shard.{j:05d}.kv"], t[f"shard.{j:05d}.kv_offsets"], t[f"shard.{j:05d}.ref_ids"]
         assert kv.dtype == np.uint8 and offsets.dtype == ids.dtype == np.int64
         assert ids.tolist() == list(group) and offsets[0] == 0 and offsets[-1] == kv.size
@@ -183,7 +183,7 @@ def test_write_and_read_end_to_end(tmp_path):
         assert torch.equal(got[0], s.dequantize(s.quantize(want[0])[0]))
     index = json.loads((tmp_path / INDEX_NAME).read_text())
     assert index["weight_map"] == {f"shard.{j:05d}.{t}": n for j, n in enumerate(names, 1)
-                                   for t in ("kv", "kv_offsets", "ref_ids")}
+                                   for t in ("kv", "kv_offsets", "ref_ids", "ref_keys")}
     assert index["metadata"]["total_size"] == sum(a.nbytes for n in names for a in load_file(tmp_path / n).values())
     assert index["metadata"]["n_refs"] == 10 and index["metadata"]["quant"] == META["quant"]
     assert (tmp_path / INDEX_NAME).read_text() == json.dumps(index, indent=2, sort_keys=True) + "\n"
@@ -228,7 +228,7 @@ def test_reading_one_ref_ignores_damaged_neighbours(tmp_path):
     locs, _ = write(tmp_path, fr, 1 << 30)
     path = tmp_path / locs[1].shard
     data = bytearray(path.read_bytes())
-    base = len(data) - sum(map(len, fr))  # kv is the last tensor in the file
+    base = len(data) - sum(map(len, fr)) - 32 * len(fr)  # kv comes right before the 32-byte ref keys
     for loc in (locs[0], locs[2]):
         for b in range(loc.byte_offset, loc.byte_offset + loc.byte_length):
             data[base + b] ^= 0x5A
@@ -280,9 +280,12 @@ def test_damaged_shards_are_refused(tmp_path):
 
 def test_append_never_rewrites(tmp_path):
     _, w1 = write(tmp_path, frames(2), 1 << 30)
-    with pytest.raises(M3Error, match="never rewritten"):
-        write(tmp_path, frames(2), 1 << 30)
-    before = (tmp_path / "memory-00001.safetensors").read_bytes()
+    shard = tmp_path / "memory-00001.safetensors"
+    before, mtime = shard.read_bytes(), shard.stat().st_mtime_ns
+    # the same shard again (a resumed compile) keeps the file untouched
+    _, again = write(tmp_path, frames(2), 1 << 30)
+    assert again.kept == ["memory-00001.safetensors"] and again.written == []
+    assert shard.read_bytes() == before and shard.stat().st_mtime_ns == mtime
     locs, w2 = write(tmp_path, frames(2), 1 << 30, first_index=2, ids=[2, 3])
     assert [l.shard for l in locs] == ["memory-00002.safetensors"] * 2
     assert (tmp_path / "memory-00001.safetensors").read_bytes() == before
@@ -290,7 +293,7 @@ def test_append_never_rewrites(tmp_path):
     assert infos == w1.shards + w2.shards
     write_shard_index(tmp_path, infos, w2.metadata)
     index = json.loads((tmp_path / INDEX_NAME).read_text())
-    assert index["metadata"]["n_refs"] == 4 and len(index["weight_map"]) == 6
+    assert index["metadata"]["n_refs"] == 4 and len(index["weight_map"]) == 8
 
 
 def test_failed_write_leaves_no_shard(tmp_path):
