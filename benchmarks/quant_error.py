@@ -1,0 +1,42 @@
+"""Quantization error and size on real activations: stories260K over TinyStories stories.
+
+    python benchmarks/quant_error.py --stories 40
+"""
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from m3compile.config import CompileConfig
+from m3compile.llama2c import ensure_converted
+from m3compile.pipeline import compile_kb
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--stories", type=int, default=40)
+    opts = ap.parse_args()
+    if not (DATA / "stories260k").is_dir():
+        sys.exit(f"{DATA} lacks stories260k: this benchmark needs ../shared/data")
+    work = Path(tempfile.mkdtemp(prefix="m3quant-"))
+    try:
+        model = ensure_converted(DATA, work)
+        text = (DATA / "tinystories-val" / "tinystories_val_first1000.txt").read_text(encoding="utf-8")
+        stories = [s.strip() for s in text.split("<|endoftext|>") if s.strip()][:opts.stories]
+        (work / "corpus").mkdir()
+        (work / "corpus" / "stories.txt").write_text("\n\n".join(stories))
+        print("| quant | bits/element stored | after zstd | rel. error max | mean | max abs |\n|---|---|---|---|---|---|")
+        for quant in ("none", "int8", "int4"):
+            q = compile_kb(CompileConfig(corpus=str(work / "corpus"), model=str(model), quant=quant), work / quant)["quant"]
+            print(f"| {q['scheme']} | {q['bits_per_element_stored']:.1f} | {q['bits_per_element_compressed']:.1f} | "
+                  f"{q['rel_err_max']:.4f} | {q['rel_err_mean']:.4f} | {q['max_abs_err']:.4g} |")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
