@@ -104,7 +104,7 @@ def main():
             cfg = CompileConfig(corpus=str(corpus), model=str(model_dir), dtype=dtype, quant="int8",
                                 batch_size=opts.batch_size)
             t = time.perf_counter()
-            m = compile_kb(cfg, work / f"kb-{dtype}")
+            m = compile_kb(cfg, work / f"kb-{dtype}").manifest
             wall = time.perf_counter() - t
             run = json.loads((work / f"kb-{dtype}" / "run.json").read_text())
             n, toks = m["counts"]["references"], m["counts"]["tokens"]

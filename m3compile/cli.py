@@ -76,11 +76,14 @@ def compile(
     embedder: Annotated[Optional[Path], typer.Option(help="local sentence-transformers model dir for a dense index")] = DEFAULTS["embedder"],
     index_factory: Annotated[str, typer.Option(help="FAISS factory string of the dense index")] = DEFAULTS["index_factory"],
     preset: Annotated[Optional[str], typer.Option(help="apply a named preset: paper | lossless")] = None,
+    keep_missing: Annotated[bool, typer.Option(help="keep references of documents absent from this corpus (add-only)")] = False,
+    rebuild: Annotated[bool, typer.Option(help="compile anew even if the kb was made with other settings")] = False,
+    check: Annotated[bool, typer.Option(help="write nothing; exit 0 if the kb is up to date, 1 listing what would change")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the manifest as JSON")] = False,
 ):
     """Cut a corpus into references, encode each alone, keep the top-k tokens per layer and head,
     quantize, compress and shard them, and write a self-describing knowledge base."""
-    from m3compile.pipeline import compile_kb
+    from m3compile.pipeline import check_kb, compile_kb
 
     with user_errors():
         config = CompileConfig(corpus=str(corpus), model=str(model) if model else None, max_tokens=max_tokens,
@@ -91,6 +94,14 @@ def compile(
                                index_factory=index_factory)
         if preset:
             config = config.with_preset(preset)
+        if check:
+            changes = check_kb(config, output, keep_missing=keep_missing)
+            for line in changes:
+                out.print(line, highlight=False)
+            if changes:
+                raise typer.Exit(1)
+            out.print(f"{output} is up to date", highlight=False)
+            return
         with _progress() as bar:
             task = bar.add_task("compile", total=None, refs=0, rate="")
             counts = {"refs": 0, "tokens": 0}
@@ -107,11 +118,17 @@ def compile(
                 elif e["event"] == "done":
                     bar.update(task, completed=bar.tasks[0].total)
 
-            manifest = compile_kb(config, output, progress=on_event, log=lambda s: err.print(s, highlight=False))
+            result = compile_kb(config, output, progress=on_event, log=lambda s: err.print(s, highlight=False),
+                                keep_missing=keep_missing, rebuild=rebuild)
+    manifest, s = result.manifest, result.summary
     if as_json:
-        out.print_json(json.dumps(manifest))
+        out.print_json(json.dumps({"manifest": manifest, "summary": s}))
         return
     c, q, sz = manifest["counts"], manifest["quant"], manifest["sizes"]
+    d, r = s["documents"], s["references"]
+    out.print(f"documents: {d['added']} added, {d['changed']} changed, {d['removed']} removed, {d['unchanged']} "
+              f"unchanged" + (f", {d['kept']} kept" if d["kept"] else "") + f"; references: {r['encoded']} encoded, "
+              f"{r['copied']} copied, {r['reused']} reused, {r['removed']} removed", highlight=False)
     out.print(f"wrote {output}: {c['references']} references from {c['documents']} documents, "
               f"{c['tokens']} tokens, {c['kept_kv']} kept key-values in {c['shards']} shard(s); "
               f"{sz['files_bytes']:,} bytes; {q['scheme']} rel err max {q['rel_err_max']:.4f}", highlight=False)
@@ -157,6 +174,8 @@ def _render_summary(d: dict) -> None:
         ("documents / references", f"{c['documents']:,} / {c['references']:,}"),
         ("tokens / kept key-values", f"{c['tokens']:,} / {c['kept_kv']:,}"),
         ("skipped", ", ".join(f"{k}: {v}" for k, v in c["skipped"].items()) or "none"),
+        ("tombstoned", f"{d['dead']['references']:,} references, {_human(d['dead']['kv_bytes'])} "
+                       f"({100 * d['dead']['share']:.1f} % of shard bytes; `m3 compact` drops them)"),
         ("quantization", f"{q['scheme']}: {q['bits_per_element_stored']} bits/element stored, "
                          f"{q['bits_per_element_compressed']} after zstd"),
         ("error (relative)", f"max {q['rel_err_max']:.5f}, mean {q['rel_err_mean']:.5f}; max abs {q['max_abs_err']:.4g}"),
@@ -328,3 +347,42 @@ def query(
     for i, h in enumerate(results, 1):
         t.add_row(str(i), str(h["ref_id"]), f"{h['score']:.4f}", h["doc_id"], h["text"].replace("\n", " ")[:200])
     out.print(t)
+
+
+VERIFY_EXAMPLES = """
+Examples:\n
+  m3 verify kb/                 # checksums, shards, every payload, counts, indexes\n
+  m3 verify kb/ --recompute 20  # and re-encode 20 random references with the model
+"""
+
+
+@app.command(epilog=VERIFY_EXAMPLES)
+def verify(
+    kb: Annotated[Path, typer.Argument(help="knowledge base directory")],
+    recompute: Annotated[int, typer.Option(help="re-encode N random references with the model and compare")] = 0,
+    model: Annotated[Optional[Path], typer.Option(help="the checkpoint the kb was compiled with [default: the manifest's]")] = None,
+    device: Annotated[str, typer.Option(help="torch device for --recompute")] = DEFAULTS["device"],
+):
+    """Check every file, shard, payload and count of a kb against its manifest; exit 0 only if all hold."""
+    from m3compile.verify import verify_kb
+
+    with user_errors():
+        faults = verify_kb(kb, recompute=recompute, model=model, device=device)
+    for f in faults:
+        out.print(f"FAULT {f}", highlight=False, markup=False)
+    if faults:
+        err.print(f"[red]error:[/red] {len(faults)} fault(s) in {kb}", highlight=False)
+        raise typer.Exit(1)
+    out.print(f"{kb}: every check holds" + (f" ({recompute} references re-encoded)" if recompute else ""),
+              highlight=False)
+
+
+@app.command()
+def compact(kb: Annotated[Path, typer.Argument(help="knowledge base directory")]):
+    """Rewrite shards without their tombstoned frames (copied, not re-encoded)."""
+    from m3compile.compact import compact_kb
+
+    with user_errors():
+        r = compact_kb(kb, log=lambda s: err.print(s, highlight=False))
+    out.print(f"{len(r['shards_rewritten'])} shard(s) rewritten, {r['refs_moved']} references moved, "
+              f"{r['bytes_freed']:,} bytes freed", highlight=False)

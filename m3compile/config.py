@@ -16,6 +16,8 @@ BOUNDARY_CHOICES = ("sentence", "fixed")
 
 # settings that change what a reference's memory is (the rest change speed or bookkeeping only)
 MEMORY_SETTINGS = ("max_tokens", "boundary", "min_fill", "prefix", "top_k", "memory_layers", "quant", "dtype")
+# settings that change only how a compile runs, never its output: kept out of the manifest (run.json has them)
+RUN_SETTINGS = ("device", "batch_size")
 
 
 @dataclass(frozen=True)

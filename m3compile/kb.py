@@ -47,15 +47,19 @@ class KnowledgeBase:
         self._table: pa.Table | None = None
         self._loc: dict[int, RefLocation] | None = None
 
+    @property
+    def references_path(self) -> Path:
+        return self.path / self.manifest["paths"]["references"]
+
     def references(self) -> pa.Table:
         """All reference rows (ref_id, doc_id, source, spans, token_ids, text, shard location, errors)."""
         if self._table is None:
-            self._table = refs_file.read_references(self.path / refs_file.FILE_NAME)
+            self._table = refs_file.read_references(self.references_path)
         return self._table
 
     def _locations(self) -> dict[int, RefLocation]:
         if self._loc is None:
-            t = refs_file.read_references(self.path / refs_file.FILE_NAME,
+            t = refs_file.read_references(self.references_path,
                                           ["ref_id", "shard", "byte_offset", "byte_length"]).to_pydict()
             self._loc = {i: RefLocation(i, s, o, n) for i, s, o, n in
                          zip(t["ref_id"], t["shard"], t["byte_offset"], t["byte_length"])}
@@ -141,10 +145,10 @@ def describe(kb: KnowledgeBase) -> dict:
     from m3compile.pack import read_shard_header
 
     m = kb.manifest
-    shards = [name for name in m["files"] if name.startswith("memory-")]
+    shards = m["state"]["shards"]
     for name in shards:
         read_shard_header(kb.path / name)  # refuses a foreign or newer shard by name
-    rows = refs_file.check_metadata(kb.path / refs_file.FILE_NAME).num_rows
+    rows = refs_file.check_metadata(kb.references_path).num_rows
     if rows != m["counts"]["references"]:
         raise M3Error(f"{kb.path}: references.parquet has {rows} rows but the manifest says "
                       f"{m['counts']['references']}; the kb is damaged: recompile it")
@@ -160,6 +164,9 @@ def describe(kb: KnowledgeBase) -> dict:
         "write": {"prefix": w["prefix_text"], "prefix_ids": w["prefix_ids"], "memory_layers": w["memory_layers"],
                   "top_k": w["top_k"], "max_tokens": w["max_tokens"]},
         "counts": c,
+        "dead": {"references": m["state"]["dead_refs"], "kv_bytes": m["state"]["dead_kv_bytes"],
+                 "share": round(m["state"]["dead_kv_bytes"] / max(1, sum(s["kv_bytes"] for s in shards.values())), 4)},
+        "generation": m["generation"],
         "quant": q,
         "sizes": {**sz, "on_disk_bytes": on_disk,
                   "vs_dense_bf16": round(sz["dense_bf16_bytes"] / max(1, on_disk), 2),
@@ -179,10 +186,11 @@ def reference_detail(kb: KnowledgeBase, ref_id: int) -> dict:
     row = rows[0]
     mem = kb.memory(ref_id)
     tok = None
-    if (kb.path / "tokenizer.json").is_file():
+    tok_path = kb.path / kb.manifest["paths"]["tokenizer"]
+    if tok_path.is_file():
         from tokenizers import Tokenizer as HFTokenizer
 
-        tok = HFTokenizer.from_file(str(kb.path / "tokenizer.json"))
+        tok = HFTokenizer.from_file(str(tok_path))
     ids = row["token_ids"]
     kept = {}
     for li, layer in enumerate(mem.layers):

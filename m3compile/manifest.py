@@ -22,7 +22,7 @@ def file_entry(kb_dir: Path, name: str) -> dict:
     return {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str, before_replace=None) -> None:
     """Write `text` to `path` so that readers see the old file or the new one, never a mix."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -31,6 +31,8 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -45,10 +47,10 @@ def to_json(obj: dict) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-def write_manifest(kb_dir: Path, manifest: dict) -> Path:
+def write_manifest(kb_dir: Path, manifest: dict, before_replace=None) -> Path:
     assert manifest.get("format") == FORMAT, manifest.get("format")
     path = Path(kb_dir) / FILE_NAME
-    atomic_write_text(path, to_json(manifest))
+    atomic_write_text(path, to_json(manifest), before_replace)
     return path
 
 

@@ -248,10 +248,11 @@ class ShardWriter:
         self.out_dir, self.max_shard_bytes = Path(out_dir), max_shard_bytes
         self.metadata = {**metadata, **own}
         self.shards: list[ShardInfo] = []
-        self._index, self._frames, self._ids, self._keys, self._bytes = first_index, [], [], [], 0
+        self._index, self._frames, self._ids, self._keys, self._errs, self._bytes = first_index, [], [], [], [], 0
         self._last_id: int | None = None
         self.written: list[str] = []  # shard files this writer wrote
         self.kept: list[str] = []  # identical shard files that were already there
+        self.before_replace = None  # called with a file name before a differing file of that name is replaced
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -259,10 +260,11 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-        self._frames, self._ids, self._keys = [], [], []  # on error, drop the unwritten shard
+        self._frames, self._ids, self._keys, self._errs = [], [], [], []  # on error, drop the unwritten shard
 
-    def add(self, ref_id: int, payload: bytes, key: bytes = b"\0" * 32) -> RefLocation:
-        """Append one frame; `key` is the reference's 32-byte content key (sha256), stored beside it."""
+    def add(self, ref_id: int, payload: bytes, key: bytes = b"\0" * 32, err: tuple[float, float] = (0.0, 0.0)) -> RefLocation:
+        """Append one frame; `key` is the reference's 32-byte content key (sha256) and `err` its
+        quantization error (relative, max abs), both stored beside it."""
         assert self._last_id is None or ref_id > self._last_id, ("ref ids must ascend", self._last_id, ref_id)
         assert len(key) == 32, len(key)
         if _starts_new_shard(len(self._frames), self._bytes, len(payload), self.max_shard_bytes):
@@ -271,6 +273,7 @@ class ShardWriter:
         self._frames.append(payload)
         self._ids.append(ref_id)
         self._keys.append(key)
+        self._errs.append(np.asarray(err, dtype="<f4").tobytes())
         self._bytes += len(payload)
         self._last_id = ref_id
         return loc
@@ -285,6 +288,7 @@ class ShardWriter:
         n = len(ids)
         tensors = [(f"{p}.kv_offsets", "I64", [n + 1], [offsets.tobytes()]),
                    (f"{p}.ref_ids", "I64", [n], [ids.tobytes()]),
+                   (f"{p}.ref_errs", "F32", [n, 2], self._errs),
                    (f"{p}.kv", "U8", [self._bytes], self._frames),
                    (f"{p}.ref_keys", "U8", [n, 32], self._keys)]  # safetensors' own order: by dtype, then name
         try:
@@ -295,12 +299,14 @@ class ShardWriter:
                 self.kept.append(name)
             else:
                 # never an existing shard of a committed kb: the caller numbers new shards after those
+                if final.exists() and self.before_replace is not None:
+                    self.before_replace(name)
                 _fsync_replace(tmp, final)
                 self.written.append(name)
         finally:
             tmp.unlink(missing_ok=True)
         self.shards.append(ShardInfo(name, tuple(sorted(t[0] for t in tensors)), nbytes, n))
-        self._index, self._frames, self._ids, self._keys, self._bytes = self._index + 1, [], [], [], 0
+        self._index, self._frames, self._ids, self._keys, self._errs, self._bytes = self._index + 1, [], [], [], [], 0
 
     def close(self) -> None:
         self.flush()
@@ -395,3 +401,20 @@ def read_payload(shard_path: Path, loc: RefLocation) -> bytes:
             return f.get_slice(kv[0])[a:b].tobytes()
     except SafetensorError as e:
         raise M3Error(f"{where}: safetensors cannot read the shard ({e}); recompile the kb") from None
+
+
+def frame_shape(frame: bytes, max_bytes: int) -> tuple[int, int, int, int]:
+    """(L, H, K, D) from a frame's payload header, decompressing at most max_bytes."""
+    declared = zstandard.frame_content_size(frame)
+    if declared < _HEADER.size or declared > max_bytes:
+        raise M3Error(f"zstd frame declares {declared} bytes; not a payload of this kb")
+    head = zstandard.ZstdDecompressor().decompressobj().decompress(frame)[:_HEADER.size]
+    magic, _, L, H, K, D = _HEADER.unpack(head)
+    if magic != _MAGIC:
+        raise M3Error("frame payload has no M3KV header; the shard is damaged")
+    return L, H, K, D
+
+
+def read_frame(shard_path: Path, offset: int, length: int) -> bytes:
+    """Bytes [offset, offset+length) of a shard's kv tensor (a frame being copied, not decoded)."""
+    return read_payload(Path(shard_path), RefLocation(-1, Path(shard_path).name, offset, length))

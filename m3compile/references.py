@@ -32,6 +32,8 @@ SCHEMA = pa.schema([
     pa.field("byte_length", pa.int64(), nullable=False),
     pa.field("quant_rel_err", pa.float32(), nullable=False),  # ||x - x̂|| / ||x|| over keys and values
     pa.field("quant_max_err", pa.float32(), nullable=False),  # max |x - x̂|
+    pa.field("ref_key", pa.string(), nullable=False),  # sha256 content key (hex) of the memory, as in the shard
+    pa.field("doc_sha256", pa.string(), nullable=False),  # sha256 of the document text the reference was cut from
 ])
 
 
@@ -76,10 +78,10 @@ def check_metadata(path: Path) -> pq.FileMetaData:
     """Read the footer only; refuse a foreign file or a newer format version."""
     try:
         meta = pq.read_metadata(str(path))
-    except (OSError, pa.ArrowException) as e:
+        raw = (meta.metadata or {}).get(b"m3compile")
+        info = json.loads(raw) if raw else {}
+    except (OSError, pa.ArrowException, ValueError) as e:  # ValueError: undecodable metadata
         raise M3Error(f"cannot read {path}: {e}; the file is damaged or missing") from None
-    raw = (meta.metadata or {}).get(b"m3compile")
-    info = json.loads(raw) if raw else {}
     if info.get("format") != FORMAT:
         raise M3Error(f"{path} is not an m3compile references table (no m3compile metadata)")
     if int(info.get("format_version", 0)) > FORMAT_VERSION:
@@ -88,9 +90,15 @@ def check_metadata(path: Path) -> pq.FileMetaData:
     return meta
 
 
+def write_references(path: Path, rows: list[dict]) -> None:
+    with ReferenceWriter(path) as w:
+        for row in rows:
+            w.add(row)
+
+
 def read_references(path: Path, columns: list[str] | None = None) -> pa.Table:
     check_metadata(path)
     try:
         return pq.read_table(str(path), columns=columns)
-    except (OSError, pa.ArrowException) as e:
+    except (OSError, pa.ArrowException, ValueError) as e:
         raise M3Error(f"cannot read {path}: {e}; the file is damaged") from None

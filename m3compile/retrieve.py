@@ -130,7 +130,8 @@ class Retriever:
         if "retrieval" not in manifest:
             raise M3Error(f"{kb_dir} has no retrieval index (its manifest has no 'retrieval' section); "
                           "recompile it with this m3compile")
-        return cls(Path(kb_dir), manifest["retrieval"], embedder, device)
+        # the index files live in the kb's current generation directory
+        return cls(Path(kb_dir) / manifest.get("generation", ""), manifest["retrieval"], embedder, device)
 
     # -- dense ---------------------------------------------------------------------------------------
 

@@ -107,11 +107,24 @@ def test_output_is_a_file_or_an_existing_kb(tmp_path, corpus, model_dir):
     (tmp_path / "file").write_text("keep me")
     assert_one_line_error(run("compile", corpus, "-o", tmp_path / "file", "--model", model_dir), "is a file")
     assert (tmp_path / "file").read_text() == "keep me"
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    assert_one_line_error(run("compile", corpus, "-o", tmp_path / "notes", "--model", model_dir), "not part of a knowledge base")
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
     assert run("compile", corpus, "-o", tmp_path / "kb", "--model", model_dir).exit_code == 0
-    snapshot = lambda: {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "kb").rglob("*") if p.is_file()}
+
+    def snapshot():
+        return {p.relative_to(tmp_path): (p.read_bytes(), p.stat().st_mtime_ns)
+                for p in (tmp_path / "kb").rglob("*") if p.is_file() and p.name != "run.json"}
+
     before = snapshot()
-    assert_one_line_error(run("compile", corpus, "-o", tmp_path / "kb", "--model", model_dir),
-                          "already holds a knowledge base")
+    # the same compile again: nothing to encode, no file touched
+    r = run("compile", corpus, "-o", tmp_path / "kb", "--model", model_dir)
+    assert r.exit_code == 0 and "0 encoded" in r.stdout and "3 reused" in r.stdout, r.output
+    assert snapshot() == before
+    # other memory settings: refused by name, nothing lost
+    assert_one_line_error(run("compile", corpus, "-o", tmp_path / "kb", "--model", model_dir, "--top-k", "3"),
+                          "different --top-k", "--rebuild")
     assert snapshot() == before
 
 

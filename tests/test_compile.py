@@ -37,7 +37,7 @@ def test_kb_memories_equal_transformers(tmp_path, case):
     corpus = word_corpus(tmp_path / "corpus")
     cfg = CompileConfig(corpus=str(corpus), model=str(model_dir), max_tokens=32, boundary="fixed",
                         prefix="w7 w9", top_k=6, memory_layers=(0, 2), quant="none", dtype="float32")
-    manifest = compile_kb(cfg, tmp_path / "kb")
+    manifest = compile_kb(cfg, tmp_path / "kb").manifest
     kb = open_kb(tmp_path / "kb")
     assert manifest["write"]["prefix_ids"] == [1, 7, 9]
     rows = kb.references().to_pylist()
@@ -69,13 +69,15 @@ def test_two_compiles_are_byte_identical(tmp_path):
 def test_files_open_with_their_standard_libraries(tmp_path):
     make_checkpoint(tmp_path / "model", "LlamaForCausalLM", {})
     corpus = word_corpus(tmp_path / "corpus")
-    manifest = compile_kb(CompileConfig(corpus=str(corpus), model=str(tmp_path / "model"), max_tokens=20), tmp_path / "kb")
+    manifest = compile_kb(CompileConfig(corpus=str(corpus), model=str(tmp_path / "model"), max_tokens=20), tmp_path / "kb").manifest
     kb = tmp_path / "kb"
     assert json.loads((kb / "manifest.json").read_text()) == manifest
-    index = json.loads((kb / "memory.safetensors.index.json").read_text())
-    table = pq.read_table(kb / "references.parquet")
+    paths = manifest["paths"]
+    index = json.loads((kb / paths["shard_index"]).read_text())
+    assert index["metadata"]["shard_dir"] == ".."  # shards sit in the kb directory, beside the generation
+    table = pq.read_table(kb / paths["references"])
     assert table.num_rows == manifest["counts"]["references"]
-    meta = json.loads(pq.read_metadata(kb / "references.parquet").metadata[b"m3compile"])
+    meta = json.loads(pq.read_metadata(kb / paths["references"]).metadata[b"m3compile"])
     assert meta == {"format": "m3-references", "format_version": 1}
     n_refs = 0
     for shard in sorted(set(index["weight_map"].values())):
@@ -99,7 +101,7 @@ def test_int8_int4_errors_on_real_activations(stories260k, tmp_path):
     results = {}
     for quant in ("none", "int8", "int4"):
         cfg = CompileConfig(corpus=str(corpus), model=str(stories260k), quant=quant)
-        m = compile_kb(cfg, tmp_path / quant)
+        m = compile_kb(cfg, tmp_path / quant).manifest
         results[quant] = m
         info = describe(open_kb(tmp_path / quant))
         on_disk = sum((tmp_path / quant / name).stat().st_size for name in m["files"])

@@ -18,6 +18,12 @@ from m3compile.pipeline import compile_kb
 
 GOLDEN = Path(__file__).parent / "data" / "kb-example"
 FILES = ("manifest.json", "memory-00001.safetensors", "memory.safetensors.index.json", "references.parquet")
+
+
+def kb_file(kb: Path, name: str) -> Path:
+    """Top-level files by name; the generation's files through the manifest."""
+    gen = json.loads((kb / "manifest.json").read_text())["generation"]
+    return kb / name if (kb / name).exists() else kb / gen / name
 DOCS = {"a.txt": "w3 w4 w5 w6 w7 w8. w9 w10 w11 w12.", "b.txt": "w20 w21 w22 w23 w24 w25 w26 w27 w28 w29 w30 w31"}
 
 
@@ -43,10 +49,10 @@ def test_golden_kb(tmp_path):
     if os.environ.get("M3_UPDATE_GOLDEN") == "1":
         GOLDEN.mkdir(parents=True, exist_ok=True)
         for name in FILES:
-            (GOLDEN / name).write_bytes((kb / name).read_bytes())
-        rows = pq.read_table(kb / "references.parquet").to_pylist()
+            (GOLDEN / name).write_bytes(kb_file(kb, name).read_bytes())
+        rows = pq.read_table(kb_file(kb, "references.parquet")).to_pylist()
         (GOLDEN / "references.json").write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
     for name in FILES:
-        assert (kb / name).read_bytes() == (GOLDEN / name).read_bytes(), f"{name} differs from the golden"
-    rows = pq.read_table(kb / "references.parquet").to_pylist()
+        assert kb_file(kb, name).read_bytes() == (GOLDEN / name).read_bytes(), f"{name} differs from the golden"
+    rows = pq.read_table(kb_file(kb, "references.parquet")).to_pylist()
     assert rows == json.loads((GOLDEN / "references.json").read_text())

@@ -164,7 +164,7 @@ def test_write_and_read_end_to_end(tmp_path):
     s = get_scheme(META["quant"])
     for j, (name, group) in enumerate(zip(names, plan.groups), start=1):
         t = load_file(tmp_path / name)  # plain safetensors reads it
-        assert set(t) == {f"shard.{j:05d}.{x}" for x in ("kv", "kv_offsets", "ref_ids", "ref_keys")}
+        assert set(t) == {f"shard.{j:05d}.{x}" for x in ("kv", "kv_offsets", "ref_ids", "ref_errs", "ref_keys")}
         kv, offsets, ids = t[f"shard.{j:05d}.kv"], t[f"shard.{j:05d}.kv_offsets"], t[f"shard.{j:05d}.ref_ids"]
         assert kv.dtype == np.uint8 and offsets.dtype == ids.dtype == np.int64
         assert ids.tolist() == list(group) and offsets[0] == 0 and offsets[-1] == kv.size
@@ -183,7 +183,7 @@ def test_write_and_read_end_to_end(tmp_path):
         assert torch.equal(got[0], s.dequantize(s.quantize(want[0])[0]))
     index = json.loads((tmp_path / INDEX_NAME).read_text())
     assert index["weight_map"] == {f"shard.{j:05d}.{t}": n for j, n in enumerate(names, 1)
-                                   for t in ("kv", "kv_offsets", "ref_ids", "ref_keys")}
+                                   for t in ("kv", "kv_offsets", "ref_ids", "ref_errs", "ref_keys")}
     assert index["metadata"]["total_size"] == sum(a.nbytes for n in names for a in load_file(tmp_path / n).values())
     assert index["metadata"]["n_refs"] == 10 and index["metadata"]["quant"] == META["quant"]
     assert (tmp_path / INDEX_NAME).read_text() == json.dumps(index, indent=2, sort_keys=True) + "\n"
@@ -293,7 +293,7 @@ def test_append_never_rewrites(tmp_path):
     assert infos == w1.shards + w2.shards
     write_shard_index(tmp_path, infos, w2.metadata)
     index = json.loads((tmp_path / INDEX_NAME).read_text())
-    assert index["metadata"]["n_refs"] == 4 and len(index["weight_map"]) == 8
+    assert index["metadata"]["n_refs"] == 4 and len(index["weight_map"]) == 10
 
 
 def test_failed_write_leaves_no_shard(tmp_path):

@@ -254,7 +254,8 @@ def test_overlap_filter_drops_leaking_references(tmp_path):
             ids = tok.encode(text.lower().replace(".", "")).ids
             w.add({"ref_id": i, "doc_id": "d", "source": "s", "index": 0, "char_start": 0, "char_end": len(text),
                    "n_tokens": len(ids), "token_ids": ids, "text": text, "n_kept": 1, "shard": "m", "byte_offset": 0,
-                   "byte_length": 0, "quant_rel_err": 0.0, "quant_max_err": 0.0})
+                   "byte_length": 0, "quant_rel_err": 0.0, "quant_max_err": 0.0, "ref_key": "0" * 64,
+                   "doc_sha256": "0" * 64})
     kb, section = bm25_kb(tmp_path)
     r = Retriever.open(kb, section)
     leak = "so sailors navigate ships across the ocean using the stars tonight"

@@ -1,0 +1,81 @@
+"""`m3 compact`: rewrite the shards that hold tombstoned frames, keeping only live ones.
+
+Live frames are copied byte for byte into new shards numbered after the existing ones (no model,
+no re-encoding); the references table and shard index move to a new generation; the other
+generation files (retrieval indexes, tokenizer) are carried over unchanged since the set of live
+references does not change. Committed by the manifest like a compile; the old shards are
+removed after the commit.
+"""
+
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from m3compile import manifest as mf, references as refs_file, store
+from m3compile.pack import INDEX_NAME, ShardWriter, read_frame, read_shard_header, shard_info, write_shard_index
+
+
+def compact_kb(kb_dir: str | Path, log: Callable[[str], None] = lambda s: None) -> dict:
+    """Drop tombstoned frames from a kb. Returns {"shards_rewritten", "refs_moved", "bytes_freed"}."""
+    kb = Path(kb_dir)
+    with store.KbLock(kb, log):
+        store.remove_temporaries(kb)
+        manifest = mf.read_manifest(kb)
+        state = manifest["state"]
+        dirty = sorted(s for s, v in state["shards"].items() if v["refs"] > v["live_refs"])
+        if not dirty:
+            return {"shards_rewritten": [], "refs_moved": 0, "bytes_freed": 0}
+        rows = refs_file.read_references(kb / manifest["paths"]["references"]).to_pylist()
+        old_gen = kb / manifest["generation"]
+        first = 1 + max(store.shard_number(s) for s in state["shards"])
+        meta = {k: v for k, v in read_shard_header(kb / dirty[0])["__metadata__"].items()}
+        moved = 0
+        with ShardWriter(kb, meta, manifest["config"]["max_shard_bytes"], first_index=first) as writer:
+            writer.before_replace = lambda name: (kb / name).unlink()  # leftovers of an interrupted compact
+            for r in rows:  # rows are in ref id order, as a writer needs
+                if r["shard"] in dirty:
+                    frame = read_frame(kb / r["shard"], r["byte_offset"], r["byte_length"])
+                    loc = writer.add(r["ref_id"], frame, bytes.fromhex(r["ref_key"]), (r["quant_rel_err"], r["quant_max_err"]))
+                    r.update(shard=loc.shard, byte_offset=loc.byte_offset, byte_length=loc.byte_length)
+                    moved += 1
+        live = sorted({r["shard"] for r in rows})
+
+        def build(gen: Path):
+            refs_file.write_references(gen / refs_file.FILE_NAME, rows)
+            index_meta = {k: str(v) for k, v in _index_metadata(old_gen).items()}
+            write_shard_index(gen, [shard_info(kb / s) for s in live], index_meta)
+            for p in old_gen.rglob("*"):
+                rel = p.relative_to(old_gen)
+                if p.is_file() and rel.as_posix() not in (refs_file.FILE_NAME, INDEX_NAME):
+                    (gen / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(p, gen / rel)
+
+        gen = store.write_generation(kb, build)
+        shards = {}
+        for s in live:
+            kv = [t for t in shard_info(kb / s).tensors if t.endswith(".kv")][0]
+            n_live = [r for r in rows if r["shard"] == s]
+            shards[s] = {"refs": shard_info(kb / s).n_refs, "live_refs": len(n_live),
+                         "kv_bytes": read_shard_header(kb / s)[kv]["shape"][0],
+                         "live_kv_bytes": sum(r["byte_length"] for r in n_live)}
+        freed = state["dead_kv_bytes"] - sum(v["kv_bytes"] - v["live_kv_bytes"] for v in shards.values())
+        gen_files = sorted(p.relative_to(kb).as_posix() for p in (kb / gen).rglob("*") if p.is_file())
+        files = {name: mf.file_entry(kb, name) for name in live + gen_files}
+        manifest.update(
+            generation=gen, files=files,
+            paths={"references": f"{gen}/{refs_file.FILE_NAME}", "shard_index": f"{gen}/{INDEX_NAME}",
+                   "tokenizer": f"{gen}/tokenizer.json"},
+            state={**state, "shards": shards, "dead_refs": sum(v["refs"] - v["live_refs"] for v in shards.values()),
+                   "dead_kv_bytes": sum(v["kv_bytes"] - v["live_kv_bytes"] for v in shards.values())})
+        manifest["counts"]["shards"] = len(live)
+        manifest["sizes"]["files_bytes"] = sum(e["bytes"] for e in files.values())
+        mf.write_manifest(kb, manifest)
+        store.collect_garbage(kb, set(live) | {gen})
+    return {"shards_rewritten": dirty, "refs_moved": moved, "bytes_freed": freed}
+
+
+def _index_metadata(gen: Path) -> dict:
+    import json
+
+    meta = json.loads((gen / INDEX_NAME).read_text())["metadata"]
+    return {k: v for k, v in meta.items() if k not in ("total_size", "n_shards", "n_refs", "index_always_written")}

@@ -1,0 +1,196 @@
+"""The kb directory as a store: content keys, the compile lock, frames already on disk, the
+generation directory and garbage collection (formats/manifest.md, "Incremental compiles").
+
+A reference's memory is identified by a content key: sha256 of everything that decides its bytes
+(model fingerprint, write prefix, top-k, memory layers, quant scheme, dtype, padded width) and its
+token ids. Every shard stores the key of each frame, so a frame on disk is found again by key
+whether its shard is live, holds tombstones, or was left by a compile that was killed: nothing
+durably written is encoded twice.
+
+Shards are append-only. Everything else that changes from one compile to the next (the
+references table, the shard index, the retrieval indexes, the tokenizer copy) lives in one
+content-addressed directory `gen-<hash>/`, written whole before the manifest names it. The
+manifest is the commit point; files it does not name are garbage that the next compile removes.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from safetensors import safe_open
+
+from m3compile.errors import M3Error
+from m3compile.model import sha256_file
+
+LOCK_NAME = ".m3.lock"
+GEN_PREFIX = "gen-"
+_TMP_GEN = ".gen-tmp"
+
+
+def key_context(model_id: dict, prefix_ids: Sequence[int], top_k: int, layers: Sequence[int], scheme: str,
+                dtype: str, pad_to: int) -> bytes:
+    """The part of every content key shared by all references of one compile setting."""
+    ctx = {"model": {k: model_id[k] for k in ("config_sha256", "weights_sha256", "tokenizer_sha256")},
+           "prefix_ids": list(prefix_ids), "top_k": top_k, "memory_layers": list(layers), "quant": scheme,
+           "dtype": dtype, "pad_to": pad_to, "payload": "m3-kv/1"}
+    return hashlib.sha256(json.dumps(ctx, sort_keys=True).encode()).digest()
+
+
+def ref_key(context: bytes, token_ids: Sequence[int]) -> bytes:
+    return hashlib.sha256(context + np.asarray(token_ids, dtype="<i4").tobytes()).digest()
+
+
+@dataclass(frozen=True)
+class Frame:
+    shard: str  # shard file name
+    offset: int  # byte offset in the shard's kv tensor
+    length: int
+    rel_err: float
+    max_err: float
+
+
+def shard_number(name: str) -> int | None:
+    if name.startswith("memory-") and name.endswith(".safetensors") and name[7:12].isdigit() and len(name) == 24:
+        return int(name[7:12])
+    return None
+
+
+def scan_frames(kb_dir: Path) -> dict[bytes, Frame]:
+    """Every frame in every readable shard file of the directory, by content key.
+
+    Unreadable shards (truncated, foreign) are skipped: they are garbage, and the frames they
+    held are encoded again.
+    """
+    frames: dict[bytes, Frame] = {}
+    for path in sorted(Path(kb_dir).glob("memory-*.safetensors")):
+        n = shard_number(path.name)
+        if n is None:
+            continue
+        p = f"shard.{n:05d}"
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                offsets, keys, errs = (f.get_tensor(f"{p}.{t}") for t in ("kv_offsets", "ref_keys", "ref_errs"))
+        except Exception:  # any damage: the shard is not trusted as a source of frames
+            continue
+        for i, key in enumerate(keys):
+            frames.setdefault(key.tobytes(), Frame(path.name, int(offsets[i]), int(offsets[i + 1] - offsets[i]),
+                                                   float(errs[i, 0]), float(errs[i, 1])))
+    return frames
+
+
+class KbLock:
+    """An exclusive lock on a kb directory for one compile: `.m3.lock` with the holder's pid and host."""
+
+    def __init__(self, kb_dir: Path, log: Callable[[str], None] = lambda s: None):
+        self.path = Path(kb_dir) / LOCK_NAME
+        self.log = log
+
+    def __enter__(self):
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder.get("host") == me["host"] and not _alive(holder.get("pid")):
+                    self.log(f"removing stale lock {self.path} of pid {holder.get('pid')}, which is gone")
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise M3Error(f"{self.path.parent} is being compiled by pid {holder.get('pid')} on host "
+                              f"{holder.get('host')} (lock {self.path}); wait for it to finish, or delete the "
+                              "lock file if that process is gone") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            return self
+        raise M3Error(f"cannot take the lock {self.path}; delete it if no compile is running")
+
+    def _holder(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_generation(kb_dir: Path, build: Callable[[Path], None]) -> str:
+    """Build the mutable artefacts into a fresh directory and file it under its content hash.
+
+    Returns the generation name `gen-<16 hex>`. An identical generation already present is kept
+    as it is (a no-change rebuild rewrites nothing).
+    """
+    kb_dir = Path(kb_dir)
+    tmp = kb_dir / _TMP_GEN
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        build(tmp)
+        h = hashlib.sha256()
+        for p in sorted(q for q in tmp.rglob("*") if q.is_file()):
+            h.update(p.relative_to(tmp).as_posix().encode() + b"\0" + bytes.fromhex(sha256_file(p)))
+            _fsync(p)
+        name = GEN_PREFIX + h.hexdigest()[:16]
+        final = kb_dir / name
+        if final.exists():
+            shutil.rmtree(tmp)
+        else:
+            for d in sorted({p.parent for p in tmp.rglob("*")} | {tmp}):
+                _fsync(d)
+            os.replace(tmp, final)
+            _fsync(kb_dir)
+        return name
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def collect_garbage(kb_dir: Path, named: set[str]) -> list[str]:
+    """Remove every entry of the kb directory that the manifest does not name (top level)."""
+    removed = []
+    for p in sorted(Path(kb_dir).iterdir()):
+        if p.name in named or p.name in ("manifest.json", "run.json", LOCK_NAME):
+            continue
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        removed.append(p.name)
+    return removed
+
+
+def remove_temporaries(kb_dir: Path) -> None:
+    """Temp files of an interrupted compile (never named by a manifest, never a source of frames)."""
+    for p in Path(kb_dir).iterdir():
+        if p.name.endswith(".tmp") or p.name == _TMP_GEN:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def is_kb_entry(name: str) -> bool:
+    """Names a compile may have written: shards, generations, temp files, manifest, run log, lock."""
+    return (shard_number(name) is not None or name.startswith(GEN_PREFIX) or name.startswith(".")
+            or name in ("manifest.json", "run.json"))

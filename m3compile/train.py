@@ -1,0 +1,388 @@
+"""Continued training with explicit memory (`m3 train`): teach a checkpoint to read a kb's memories.
+
+Paper §3.6 (../shared/docs/memory3-paper.md): every 64-token chunk of a training text attends to the
+sparse memories of its retrieved references, *encoded in real time by the current weights* (the
+weights move, so the kb's stored memories would be stale), and references overlapping the chunk by
+more than 90 % (Eq. 6) are dropped, so the model learns to use knowledge rather than to copy.
+
+Exactly the read side's format (reader.py): write prefix at 0..p-1, memories at parallel positions
+[p, p+I), the BOS separator at p+I, the text after; each chunk reads only its own memories under one
+softmax with the context; the kb manifest's prefix, memory layers, top-k and reference width I.
+Memories are made by encode_batch + sparsify.select_topk themselves, with autograd on: selection is
+a discrete top-k (no gradient), while the kept keys/values carry gradients into the memory layers'
+encoder when `grad_through_memory` is set. The paper is silent on this; the default is off (cheaper:
+the encoder runs under no_grad), and benchmarks/train_memory.py measures both.
+
+Retrieval does not depend on the weights, so it runs once, before the first step. Batch order and
+the memory/no-memory choice of each step are pure functions of (seed, step), so a resumed run draws
+the same batches as an uninterrupted one; the state file holds weights, AdamW moments and the step.
+
+Shape letters: B sequences, T tokens (head + text), R references, M memory tokens, H kv heads,
+D head dim, V vocab.
+"""
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from m3compile.corpus import CorpusReport, iter_documents
+from m3compile.encode import EncodedBatch, encode_batch
+from m3compile.errors import M3Error
+from m3compile.kb import Memory, open_kb
+from m3compile.model import ExtraKV, LayerKV, Transformer, fingerprint, load_checkpoint, save_checkpoint
+from m3compile.reader import ChunkMemory, ReadLayout, build_extra
+from m3compile.sparsify import select_topk
+
+SCHEDULES = ("cosine", "wsd")
+STATE_FILE = "train-state.safetensors"  # in the output directory while a run is unfinished
+REPORT_FILE = "training.json"
+STATE_FORMAT = "m3-train-state"
+STATE_VERSION = 1
+
+# (chunk texts, their token ids) -> ref ids per chunk, best first
+RetrieveMany = Callable[[list[str], list[list[int]]], list[list[int]]]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str  # Hugging Face checkpoint directory to continue training
+    kb: str  # compiled kb: its index retrieves, its references are encoded, its manifest fixes the layout
+    texts: str  # training texts: a directory or a .txt/.md/.jsonl/.parquet file (as `m3 compile` reads)
+    out: str  # output checkpoint directory (also holds the resume state while training)
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 16  # sequences per step
+    seq_tokens: int = 256  # text tokens per training sequence at most; longer texts are cut
+    chunk_tokens: int = 64  # text tokens per memory chunk (paper: 64)
+    refs_per_chunk: int = 5  # references retrieved per chunk (paper: 5)
+    max_overlap: float = 0.9  # drop references whose Eq. 6 overlap with the chunk exceeds this (paper: 0.9)
+    retrieval_mode: str | None = None  # "bm25", "dense", "hybrid"; None = the kb's default
+    memory_fraction: float = 0.8  # share of steps that read memories; the rest keep no-memory reading alive
+    grad_through_memory: bool = False  # backpropagate through the memory encoding (see module docstring)
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float = 1e-4  # end of the decay
+    warmup_steps: int = 50  # linear warmup from 0
+    schedule: str = "cosine"  # "cosine" decay, or "wsd": warmup-stable then linear decay over decay_fraction
+    decay_fraction: float = 0.2  # wsd: the last share of steps that decays
+    weight_decay: float = 0.1  # AdamW, matrices only
+    grad_clip: float = 1.0  # max global gradient norm
+    bf16: bool = True  # bf16 autocast (weights and optimizer stay float32)
+    seed: int = 0  # batch order and memory/no-memory steps
+    threads: int | None = None  # torch intra-op threads; None = leave torch's setting
+    device: str = "cpu"  # torch device
+    checkpoint_every: int = 200  # steps between resume states; 0 = only at the end
+    log_every: int = 10  # steps between loss records in the report
+    resume: bool = True  # continue from out/train-state.safetensors when it is there
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise M3Error(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if not 0.0 <= self.memory_fraction <= 1.0:
+            raise M3Error(f"memory_fraction {self.memory_fraction} must lie in [0, 1]")
+        if self.steps < 1 or self.batch_size < 1 or self.seq_tokens < 1 or self.chunk_tokens < 1:
+            raise M3Error("steps, batch_size, seq_tokens and chunk_tokens must be at least 1")
+
+    def run_settings(self) -> dict:
+        """What must match for a state file to be resumed (not bookkeeping like log_every)."""
+        skip = {"checkpoint_every", "log_every", "resume", "threads", "out"}
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
+
+@dataclass(frozen=True)
+class TrainSequence:
+    text_ids: tuple[int, ...]  # the text tokens (no head)
+    chunk_refs: tuple[tuple[int, ...], ...]  # ref ids per chunk_tokens chunk, best first
+
+
+# ---- data -----------------------------------------------------------------------------------------
+
+def kb_retriever(kb_dir: str | Path, k: int, mode: str | None, max_overlap: float | None) -> RetrieveMany:
+    """The kb's own retrieval (Retriever.retrieve_many) with the Eq. 6 filter, as ref ids."""
+    from m3compile.retrieve import Retriever
+
+    r = Retriever.open(kb_dir)
+
+    def retrieve(texts, token_ids):
+        hits = r.retrieve_many(texts, k, mode=mode, max_overlap=max_overlap, query_tokens=token_ids)
+        return [[h.ref_id for h in row] for row in hits]
+    return retrieve
+
+
+def prepare_sequences(texts_path: Path, tokenizer, seq_tokens: int, chunk_tokens: int,
+                      retrieve: RetrieveMany) -> list[TrainSequence]:
+    """Tokenize the training texts, cut them into sequences, and retrieve every chunk's references."""
+    report = CorpusReport()
+    pieces = []
+    for doc in iter_documents(Path(texts_path), report):
+        ids = tokenizer.encode(doc.text)
+        pieces += [ids[i:i + seq_tokens] for i in range(0, len(ids), seq_tokens)]
+    report.raise_if_empty()
+    if not pieces:
+        raise M3Error(f"training texts {texts_path} hold no tokens; give texts to train on")
+    chunks = [s[i:i + chunk_tokens] for s in pieces for i in range(0, len(s), chunk_tokens)]
+    refs = retrieve([tokenizer.decode(c) for c in chunks], chunks)
+    out, at = [], 0
+    for s in pieces:
+        n = math.ceil(len(s) / chunk_tokens)
+        out.append(TrainSequence(tuple(s), tuple(tuple(r) for r in refs[at:at + n])))
+        at += n
+    return out
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
+    """Sequences of one step: consecutive slices of seeded per-epoch permutations (stateless)."""
+    out = []
+    for flat in range(step * batch_size, (step + 1) * batch_size):
+        epoch, i = divmod(flat, n)
+        perm = list(range(n))
+        random.Random(f"{seed}/epoch/{epoch}").shuffle(perm)
+        out.append(perm[i])
+    return out
+
+
+def uses_memory(step: int, config: TrainConfig) -> bool:
+    return random.Random(f"{config.seed}/memory/{step}").random() < config.memory_fraction
+
+
+def lr_at(step: int, c: TrainConfig) -> float:
+    if step < c.warmup_steps:
+        return c.lr * (step + 1) / c.warmup_steps
+    if c.schedule == "wsd":
+        start = c.steps - int(c.decay_fraction * c.steps)
+        if step < start:
+            return c.lr
+        return c.lr + (c.min_lr - c.lr) * (step - start + 1) / max(1, c.steps - start)
+    frac = (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps)
+    return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1 + math.cos(math.pi * frac))
+
+
+# ---- memories and the forward pass ----------------------------------------------------------------
+
+def encode_memories(model: Transformer, token_lists: Sequence[Sequence[int]], ref_ids: Sequence[int],
+                    layout: ReadLayout, top_k: int, pad_to: int) -> list[Memory]:
+    """Sparse memories of references under the current weights, as `m3 compile` makes them
+    (encode_batch + select_topk), differentiable through the kept keys and values when autograd
+    is on. The selection scores are detached: top-k is discrete and gets no gradient."""
+    if not token_lists:
+        return []
+    # encode_batch without its no_grad decorator: the same inputs, with autograd
+    enc = encode_batch.__wrapped__(model, token_lists, layout.prefix_ids, layout.memory_layers, pad_to=pad_to)
+    kv = {l: LayerKV(t.q_pre.detach(), t.k_pre.detach(), t.k_post, t.v) for l, t in enc.kv.items()}
+    # scores in float32 as on the write side: autocast would run token_scores' einsum in bf16
+    with torch.autocast(model.device.type, enabled=False):
+        sparse = select_topk(EncodedBatch(kv, enc.mask, enc.n_tokens), top_k)
+    return [Memory(int(r), s.keys, s.values, s.positions, tuple(layout.memory_layers)) for r, s in zip(ref_ids, sparse)]
+
+
+def batch_logits(model: Transformer, layout: ReadLayout, text_ids: Sequence[Sequence[int]],
+                 chunks: Sequence[Sequence[ChunkMemory | None] | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """reader.text_logits for a batch, with autograd: logits (B, T, V) of the padded head + text
+    rows, and targets (B, T) holding the next text token where one is predicted, else -100."""
+    dev, head = model.device, layout.head
+    B, T = len(text_ids), len(head) + max(map(len, text_ids))
+    tokens = torch.zeros(B, T, dtype=torch.long)  # (B, T)
+    mask = torch.zeros(B, T, dtype=torch.bool)  # (B, T)
+    pos = torch.zeros(B, T, dtype=torch.long)  # (B, T)
+    targets = torch.full((B, T), -100, dtype=torch.long)  # (B, T)
+    extras = []
+    for b, ids in enumerate(text_ids):
+        n, row = len(ids), head + list(ids)
+        tokens[b, :len(row)] = torch.tensor(row)
+        mask[b, :len(row)] = True
+        pos[b, :len(row)] = torch.tensor(layout.positions(n))
+        targets[b, len(head) - 1:len(row) - 1] = torch.tensor(list(ids))  # the last head token predicts text 0
+        extras.append(build_extra(chunks[b] or [], layout.chunk_of(n), dev, model.dtype))
+    extra = _stack_extras(extras, T) if any(extras) else {}
+    logits = model(tokens.to(dev), attention_mask=mask.to(dev), positions=pos.to(dev), extra=extra)  # (B, T, V)
+    return logits, targets.to(dev)
+
+
+def _stack_extras(extras: list[dict[int, ExtraKV]], T: int) -> dict[int, ExtraKV]:
+    # rows read different numbers of memory tokens: pad each to the longest, invisible
+    layers = next(e for e in extras if e).keys()
+    M = max(next(iter(e.values())).k.shape[2] for e in extras if e)
+    out = {}
+    for layer in layers:
+        ks, vs, vis = [], [], []
+        for e in extras:
+            x = e.get(layer)
+            if x is None:
+                ref = next(e2 for e2 in extras if e2)[layer]
+                x = ExtraKV(ref.k[:, :, :0], ref.v[:, :, :0], torch.zeros(1, 0, 0, dtype=torch.bool, device=ref.k.device))
+            m, t = x.k.shape[2], x.visible.shape[1]
+            ks.append(F.pad(x.k, (0, 0, 0, M - m)))  # (1, H, M, D)
+            vs.append(F.pad(x.v, (0, 0, 0, M - m)))  # (1, H, M, D)
+            vis.append(F.pad(x.visible, (0, M - m, 0, T - t)))  # (1, T, M)
+        out[layer] = ExtraKV(torch.cat(ks), torch.cat(vs), torch.cat(vis))  # (B, H, M, D), (B, T, M)
+    return out
+
+
+def step_loss(model: Transformer, layout: ReadLayout, seqs: Sequence[TrainSequence], ref_tokens: dict[int, list[int]],
+              with_memory: bool, top_k: int, pad_to: int, grad_through_memory: bool) -> tuple[torch.Tensor, int]:
+    """Mean next-token loss over the text tokens of a batch, and their count."""
+    chunks = [None] * len(seqs)
+    if with_memory:
+        wanted = sorted({r for s in seqs for c in s.chunk_refs for r in c})
+        with torch.set_grad_enabled(grad_through_memory and torch.is_grad_enabled()):
+            mems = encode_memories(model, [ref_tokens[r] for r in wanted], wanted, layout, top_k, pad_to)
+        by_id = {m.ref_id: m for m in mems}
+        chunks = [[ChunkMemory.gather([by_id[r] for r in c], layout.memory_layers) for c in s.chunk_refs]
+                  for s in seqs]
+    logits, targets = batch_logits(model, layout, [s.text_ids for s in seqs], chunks)
+    n = int((targets != -100).sum())
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum") / n
+    return loss, n
+
+
+# ---- resume state ----------------------------------------------------------------------------------
+
+def save_state(path: Path, model: Transformer, opt: torch.optim.Optimizer, step: int, config: TrainConfig,
+               history: list) -> None:
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for i, st in opt.state_dict()["state"].items():
+        for name, t in st.items():
+            tensors[f"opt.{i}.{name}"] = torch.as_tensor(t).detach().cpu().contiguous()
+    if model.args.tie_word_embeddings:
+        tensors.pop("model.output.weight", None)
+    meta = {"format": STATE_FORMAT, "format_version": str(STATE_VERSION), "step": str(step),
+            "settings": json.dumps(config.run_settings(), sort_keys=True), "history": json.dumps(history)}
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)  # a crash mid-write leaves the previous state intact
+
+
+def load_state(path: Path, model: Transformer, opt: torch.optim.Optimizer, config: TrainConfig) -> tuple[int, list]:
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != STATE_FORMAT or int(meta.get("format_version", 0)) > STATE_VERSION:
+            raise M3Error(f"{path} is not an m3 training state this version reads; delete it to start afresh")
+        if json.loads(meta["settings"]) != config.run_settings():
+            raise M3Error(f"{path} was written by a run with other settings; resume with the same settings, "
+                          "or delete it (or set resume=False) to start afresh")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    if model.args.tie_word_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict(state, strict=True)
+    sd = opt.state_dict()
+    sd["state"] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, i, name = k.split(".", 2)
+            sd["state"].setdefault(int(i), {})[name] = v
+    opt.load_state_dict(sd)
+    return int(meta["step"]), json.loads(meta["history"])
+
+
+# ---- the loop ----------------------------------------------------------------------------------------
+
+def train(config: TrainConfig, progress: Callable[[dict], None] | None = None,
+          retrieve: RetrieveMany | None = None) -> dict:
+    """Continue training `config.model` reading `config.kb`'s memories; write an HF checkpoint.
+
+    Args:
+        config: every setting (see TrainConfig).
+        progress: called with {"event": "start", "sequences", "steps", "start_step"}, then per step
+            {"event": "step", "step", "steps", "loss", "lr", "memory", "tokens_per_s"}, and
+            {"event": "checkpoint", "step"}.
+        retrieve: (chunk texts, chunk token ids) -> ref ids per chunk; None = the kb's index with
+            config.retrieval_mode, refs_per_chunk and max_overlap.
+    Returns:
+        The report (also written to out/training.json): config, steps, loss curve, tokens/s,
+        memory steps, wall time, and that kbs compiled with the input model need recompiling.
+    Example:
+        >>> train(TrainConfig(model="examples/model", kb="kb/", texts="facts/", out="m2/", steps=500))
+    """
+    progress = progress or (lambda e: None)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    kb = open_kb(config.kb)
+    ck = load_checkpoint(config.model, device=config.device)
+    recorded = kb.manifest["model"]
+    if fingerprint(config.model)["tokenizer_sha256"] != recorded["tokenizer_sha256"]:
+        raise M3Error(f"model {config.model} has another tokenizer than the one {config.kb} was compiled with; "
+                      "compile the kb with this model's tokenizer")
+    layout = ReadLayout.from_manifest(kb.manifest, ck.tokenizer.bos_id, config.chunk_tokens, config.refs_per_chunk)
+    w = kb.manifest["write"]
+    top_k, pad_to = w["top_k"], w["max_tokens"]
+    t = kb.references().select(["ref_id", "token_ids"]).to_pydict()
+    ref_tokens = dict(zip(t["ref_id"], t["token_ids"]))
+    if retrieve is None:
+        retrieve = kb_retriever(config.kb, config.refs_per_chunk, config.retrieval_mode, config.max_overlap)
+    t0 = time.perf_counter()
+    seqs = prepare_sequences(Path(config.texts), ck.tokenizer, config.seq_tokens, config.chunk_tokens, retrieve)
+    prep_s = time.perf_counter() - t0
+
+    model = ck.model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    params = sorted(model.named_parameters())
+    opt = torch.optim.AdamW([{"params": [p for _, p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+                             {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=config.lr, betas=(0.9, 0.95))
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / STATE_FILE
+    start, history = 0, []
+    if config.resume and state_path.is_file():
+        start, history = load_state(state_path, model, opt, config)
+    progress({"event": "start", "sequences": len(seqs), "steps": config.steps, "start_step": start})
+
+    t_loop, tokens, running = time.perf_counter(), 0, []
+    memory_steps = 0
+    for step in range(start, config.steps):
+        batch = [seqs[i] for i in batch_indices(step, len(seqs), config.batch_size, config.seed)]
+        mem = uses_memory(step, config)
+        memory_steps += mem
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            loss, n = step_loss(model, layout, batch, ref_tokens, mem, top_k, pad_to, config.grad_through_memory)
+        lr = lr_at(step, config)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        opt.step()
+        tokens += n
+        running.append((loss.item(), mem))
+        rate = tokens / max(1e-9, time.perf_counter() - t_loop)
+        progress({"event": "step", "step": step + 1, "steps": config.steps, "loss": running[-1][0], "lr": lr,
+                  "memory": mem, "tokens_per_s": rate})
+        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+            m = [x for x, used in running if used]
+            nm = [x for x, used in running if not used]
+            history.append({"step": step + 1, "loss": round(sum(x for x, _ in running) / len(running), 4),
+                            "memory_loss": round(sum(m) / len(m), 4) if m else None,
+                            "no_memory_loss": round(sum(nm) / len(nm), 4) if nm else None})
+            running = []
+        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            save_state(state_path, model, opt, step + 1, config, history)
+            progress({"event": "checkpoint", "step": step + 1})
+    wall = time.perf_counter() - t_loop
+
+    model.eval()
+    save_checkpoint(model, out, tokenizer_dir=config.model, bos_id=ck.tokenizer.bos_id, eos_id=ck.tokenizer.eos_id)
+    report = {
+        "config": {f.name: getattr(config, f.name) for f in fields(config)},
+        "sequences": len(seqs), "text_tokens": sum(len(s.text_ids) for s in seqs),
+        "chunks_with_refs": sum(bool(c) for s in seqs for c in s.chunk_refs),
+        "chunks": sum(len(s.chunk_refs) for s in seqs),
+        "layout": {"prefix_ids": list(layout.prefix_ids), "memory_layers": list(layout.memory_layers),
+                   "top_k": top_k, "interval": layout.interval},
+        "start_step": start, "memory_steps_this_run": memory_steps, "loss_curve": history,
+        "final_loss": history[-1]["loss"] if history else None,
+        "prepare_seconds": round(prep_s, 2), "train_seconds": round(wall, 2),
+        "tokens_per_s": round(tokens / max(1e-9, wall), 1), "torch": torch.__version__,
+        "note": "the weights changed: kbs compiled with the input model must be recompiled with this one",
+    }
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    state_path.unlink(missing_ok=True)
+    return report

@@ -1,0 +1,236 @@
+"""Incremental compiles, crash safety, the lock, `--check`, `verify` and `compact`."""
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import make_checkpoint
+from m3compile import pipeline
+from m3compile.compact import compact_kb
+from m3compile.config import CompileConfig
+from m3compile.errors import M3Error
+from m3compile.kb import open_kb
+from m3compile.pipeline import check_kb, compile_kb
+from m3compile.verify import verify_kb
+
+pytest.importorskip("transformers", reason="transformers builds the tiny test checkpoints")
+
+
+def words(seed, n):
+    import random
+
+    rng = random.Random(seed)
+    return " ".join(f"w{rng.randrange(3, 120)}" for _ in range(n)) + "."
+
+
+@pytest.fixture
+def env(tmp_path):
+    make_checkpoint(tmp_path / "model", "LlamaForCausalLM", {})
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"doc{i}.txt").write_text(words(i, 30 + 7 * i))
+    cfg = CompileConfig(corpus=str(corpus), model=str(tmp_path / "model"), max_tokens=16, top_k=4,
+                        max_shard_bytes=1500, batch_size=3)
+    return tmp_path, corpus, cfg
+
+
+def snapshot(kb: Path, with_mtime=True):
+    return {p.relative_to(kb).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns if with_mtime else 0)
+            for p in kb.rglob("*") if p.is_file() and p.name not in ("run.json", ".m3.lock")}
+
+
+def memories(kb: Path):
+    base = open_kb(kb)
+    return {r["ref_id"]: (r["ref_key"], base.memory(r["ref_id"]).keys) for r in base.references().to_pylist()}
+
+
+def test_same_corpus_again_is_a_no_op(env, monkeypatch):
+    tmp, corpus, cfg = env
+    first = compile_kb(cfg, tmp / "kb")
+    assert first.summary["references"]["encoded"] == first.manifest["counts"]["references"]
+    before = snapshot(tmp / "kb")
+    calls = []
+    monkeypatch.setattr(pipeline, "encode_batch", lambda *a, **k: calls.append(a))
+    again = compile_kb(cfg, tmp / "kb")
+    assert calls == [] and again.summary["references"] == {"encoded": 0, "copied": 0, "reused": first.manifest["counts"]["references"], "removed": 0}
+    assert snapshot(tmp / "kb") == before  # same bytes, same mtimes
+    assert check_kb(cfg, tmp / "kb") == []
+
+
+def test_new_changed_and_removed_documents(env):
+    tmp, corpus, cfg = env
+    compile_kb(cfg, tmp / "kb")
+    m0 = json.loads((tmp / "kb" / "manifest.json").read_text())
+    shards0 = {s: (tmp / "kb" / s).stat().st_mtime_ns for s in m0["state"]["shards"]}
+    old = memories(tmp / "kb")
+    (corpus / "doc9.txt").write_text(words(9, 40))
+    changes = check_kb(cfg, tmp / "kb")
+    assert "documents added: 1" in changes and any(c.startswith("references to add") for c in changes)
+    r = compile_kb(cfg, tmp / "kb")
+    new_refs = r.manifest["counts"]["references"] - m0["counts"]["references"]
+    assert r.summary["documents"]["added"] == 1 and r.summary["references"]["encoded"] == new_refs == 3
+    assert r.summary["references"]["reused"] == m0["counts"]["references"]
+    for s, mtime in shards0.items():  # existing shards untouched
+        assert (tmp / "kb" / s).stat().st_mtime_ns == mtime
+    assert len(r.manifest["state"]["shards"]) > len(shards0)
+    now = memories(tmp / "kb")
+    for rid, (key, keys) in old.items():  # same ids, same memories
+        assert now[rid][0] == key and (now[rid][1] == keys).all()
+    assert check_kb(cfg, tmp / "kb") == []
+    # a changed document: its old references leave, its new ones come in; a removed one leaves
+    (corpus / "doc1.txt").write_text(words(101, 30))
+    (corpus / "doc2.txt").unlink()
+    r = compile_kb(cfg, tmp / "kb")
+    d = r.summary["documents"]
+    assert (d["changed"], d["removed"], d["added"]) == (1, 1, 0)
+    # frames of departed references stay as tombstones, except in shards left with none alive,
+    # which the commit drops
+    assert 0 < r.manifest["state"]["dead_refs"] <= r.summary["references"]["removed"]
+    docs = {x["doc_id"] for x in open_kb(tmp / "kb").references().to_pylist()}
+    assert "doc2.txt" not in docs
+    assert verify_kb(tmp / "kb") == []
+    # compact drops the tombstones without changing any live memory
+    live = memories(tmp / "kb")
+    result = compact_kb(tmp / "kb")
+    assert result["refs_moved"] > 0 and result["bytes_freed"] > 0
+    m = json.loads((tmp / "kb" / "manifest.json").read_text())
+    assert m["state"]["dead_refs"] == 0
+    after = memories(tmp / "kb")
+    assert after.keys() == live.keys() and all((after[i][1] == live[i][1]).all() for i in live)
+    assert verify_kb(tmp / "kb") == []
+    assert check_kb(cfg, tmp / "kb") == []
+
+
+def test_keep_missing_only_adds(env):
+    tmp, corpus, cfg = env
+    compile_kb(cfg, tmp / "kb")
+    n0 = open_kb(tmp / "kb").manifest["counts"]["references"]
+    new = tmp / "new_docs"
+    new.mkdir()
+    (new / "law.txt").write_text(words(77, 20))
+    r = compile_kb(CompileConfig(**{**cfg.to_dict(), "corpus": str(new), "memory_layers": None}), tmp / "kb", keep_missing=True)
+    assert r.summary["documents"]["kept"] == 4 and r.summary["references"]["removed"] == 0
+    assert r.manifest["counts"]["references"] == n0 + 2
+    assert verify_kb(tmp / "kb") == []
+
+
+def test_mismatch_is_refused_and_rebuild_starts_over(env):
+    tmp, corpus, cfg = env
+    compile_kb(cfg, tmp / "kb")
+    before = snapshot(tmp / "kb")
+    for change, name in ((dict(top_k=5), "--top-k"), (dict(prefix="w9"), "prefix ids"), (dict(quant="int4"), "--quant")):
+        other = CompileConfig(**{**cfg.to_dict(), "memory_layers": None, **change})
+        with pytest.raises(M3Error, match=f"different {name}.*--rebuild"):
+            compile_kb(other, tmp / "kb")
+        assert snapshot(tmp / "kb") == before
+    other = CompileConfig(**{**cfg.to_dict(), "memory_layers": None, "top_k": 5})
+    r = compile_kb(other, tmp / "kb", rebuild=True)
+    assert r.manifest["write"]["top_k"] == 5 and verify_kb(tmp / "kb") == []
+    # the old shards held other memories: after the commit they are gone
+    assert not set(r.manifest["state"]["shards"]) & {f for f in before if f.startswith("memory-")}
+
+
+def run_cli(args, env_extra=None):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "m3compile", *map(str, args)], capture_output=True, text=True, env=env)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["encode:2", "shard", "generation", "commit"])
+def test_killed_compile_keeps_the_old_kb_and_resumes_to_the_same_bytes(env, point):
+    tmp, corpus, cfg = env
+    args = ["compile", corpus, "-o", None, "--model", tmp / "model", "--max-tokens", 16, "--top-k", 4,
+            "--max-shard-bytes", 1500, "--batch-size", 3]
+    # the reference: an uninterrupted compile of the first corpus, then of the grown one
+    for kb in ("ref", "kb"):
+        args[3] = tmp / kb
+        assert run_cli(args).returncode == 0
+    old = snapshot(tmp / "kb", with_mtime=False)
+    for i in range(5, 9):
+        (corpus / f"doc{i}.txt").write_text(words(i, 60))
+    args[3] = tmp / "ref"
+    assert run_cli(args).returncode == 0
+    args[3] = tmp / "kb"
+    killed = run_cli(args, {"M3_CRASH_AT": point})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    # the previous kb is whole and readable
+    assert verify_kb(tmp / "kb") == []
+    assert {k: v for k, v in snapshot(tmp / "kb", with_mtime=False).items() if k in old} == old
+    resumed = run_cli(args + ["--json"])
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout)["summary"]
+    if point in ("shard", "generation", "commit"):
+        assert summary["references"]["copied"] > 0  # durable frames were not encoded again
+    assert snapshot(tmp / "kb", with_mtime=False) == snapshot(tmp / "ref", with_mtime=False)
+    assert verify_kb(tmp / "kb") == []
+
+
+def test_lock_refuses_a_second_compile(env):
+    tmp, corpus, cfg = env
+    compile_kb(cfg, tmp / "kb")
+    lock = tmp / "kb" / ".m3.lock"
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    with pytest.raises(M3Error, match=f"being compiled by pid {os.getpid()} on host"):
+        compile_kb(cfg, tmp / "kb")
+    lock.write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname()}))  # no such process
+    notes = []
+    compile_kb(cfg, tmp / "kb", log=notes.append)
+    assert any("stale lock" in n for n in notes) and not lock.exists()
+
+
+def test_disk_full_loses_nothing(env, monkeypatch):
+    tmp, corpus, cfg = env
+    compile_kb(cfg, tmp / "kb")
+    before = snapshot(tmp / "kb")
+    (corpus / "doc9.txt").write_text(words(9, 80))
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("m3compile.pack._write_safetensors", full)
+    with pytest.raises(M3Error, match="No space left on device.*run the same command again"):
+        compile_kb(cfg, tmp / "kb")
+    assert snapshot(tmp / "kb") == before and verify_kb(tmp / "kb") == []
+
+
+def test_verify_names_every_damaged_artefact(env):
+    tmp, corpus, cfg = env
+    m = compile_kb(cfg, tmp / "kb").manifest
+    kb = tmp / "kb"
+    assert verify_kb(kb) == []
+    gen = m["generation"]
+    targets = {"shard payload": sorted(m["state"]["shards"])[0], "references": f"{gen}/references.parquet",
+               "shard index": f"{gen}/memory.safetensors.index.json", "tokenizer": f"{gen}/tokenizer.json",
+               "bm25": next(n for n in m["files"] if n.startswith(f"{gen}/bm25/"))}
+    for what, name in targets.items():
+        p = kb / name
+        data = bytearray(p.read_bytes())
+        pristine = bytes(data)
+        data[len(data) // 2] ^= 0xFF
+        p.write_bytes(bytes(data))
+        faults = verify_kb(kb)
+        assert any(f.startswith(f"{name}: sha256 differs") for f in faults), (what, faults)
+        p.write_bytes(pristine)
+    shard = kb / sorted(m["state"]["shards"])[-1]
+    saved = shard.read_bytes()
+    shard.write_bytes(saved[: len(saved) // 2])
+    assert any("truncated" in f for f in verify_kb(kb))
+    shard.unlink()
+    assert any(f == f"{shard.name}: missing" for f in verify_kb(kb))
+    with pytest.raises(M3Error, match="is missing.*m3 verify"):
+        compile_kb(cfg, kb)
+    shard.write_bytes(saved)
+    (kb / "manifest.json").write_text("{ not json")
+    assert verify_kb(kb)[0].startswith("manifest.json: cannot parse")
+    with pytest.raises(M3Error, match="--rebuild"):
+        compile_kb(cfg, kb)
+    compile_kb(cfg, kb, rebuild=True)
+    assert verify_kb(kb, recompute=3) == []

@@ -1,0 +1,199 @@
+"""m3compile.train: memory training reads memories exactly as the read side does, and resumes.
+
+A tiny random Llama and a word-level corpus, compiled losslessly (quant none, float32) so the kb's
+memories are the write side's exact floats; training memories and the training forward are held to
+`m3 compile`'s memories and `reader.text_logits` at the same weights.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_word_tokenizer
+from m3compile.config import CompileConfig
+from m3compile.errors import M3Error
+from m3compile.kb import open_kb
+from m3compile.model import ModelArgs, Transformer, load_checkpoint, save_checkpoint
+from m3compile.pipeline import compile_kb
+from m3compile.reader import ChunkMemory, ReadLayout, text_logits
+from m3compile.train import (STATE_FILE, TrainConfig, batch_logits, encode_memories, kb_retriever, lr_at,
+                             prepare_sequences, step_loss, train, uses_memory)
+
+VOCAB = 120
+
+
+def _doc(rng, n):
+    return " ".join(f"w{3 + int(rng.integers(0, VOCAB - 3))}" for _ in range(n)) + "."
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("train")
+    args = ModelArgs(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96)
+    model = Transformer(args).init_weights(seed=0, std=0.1)
+    save_checkpoint(model, root / "model", bos_id=1, eos_id=2)
+    write_word_tokenizer(root / "model", VOCAB)
+    rng = np.random.default_rng(0)
+    docs = [_doc(rng, n) for n in (30, 12, 25, 18, 40, 9)]
+    (root / "corpus").mkdir()
+    for i, d in enumerate(docs):
+        (root / "corpus" / f"d{i}.txt").write_text(d)
+    compile_kb(CompileConfig(corpus=str(root / "corpus"), model=str(root / "model"), max_tokens=16, top_k=3,
+                             quant="none", dtype="float32"), root / "kb")
+    # training texts: shuffled pieces of the documents, plus one document verbatim (for the filter)
+    texts = [{"id": f"t{i}", "text": " ".join(d.split()[::-1][: 8 + 3 * i])} for i, d in enumerate(docs)]
+    texts.append({"id": "copy", "text": docs[1]})
+    (root / "texts.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts))
+    return root
+
+
+def _config(root, out, **kw):
+    base = dict(model=str(root / "model"), kb=str(root / "kb"), texts=str(root / "texts.jsonl"), out=str(out),
+                steps=6, batch_size=3, chunk_tokens=8, refs_per_chunk=2, lr=3e-3, warmup_steps=2, bf16=False,
+                memory_fraction=0.6, log_every=1, checkpoint_every=0)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_training_memories_equal_kb_memories(setup):
+    kb = open_kb(setup / "kb")
+    ck = load_checkpoint(setup / "model")
+    layout = ReadLayout.from_manifest(kb.manifest, ck.tokenizer.bos_id)
+    t = kb.references().select(["ref_id", "token_ids"]).to_pydict()
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            mems = encode_memories(ck.model, t["token_ids"], t["ref_id"], layout, 3, 16)
+        for m in mems:
+            stored = kb.memory(m.ref_id)
+            assert torch.equal(m.positions, stored.positions), m.ref_id
+            torch.testing.assert_close(m.keys.detach(), stored.keys, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(m.values.detach(), stored.values, rtol=1e-6, atol=1e-6)
+            assert m.keys.requires_grad == grad
+
+
+def test_batched_training_forward_equals_text_logits(setup):
+    kb = open_kb(setup / "kb")
+    ck = load_checkpoint(setup / "model")
+    layout = ReadLayout.from_manifest(kb.manifest, ck.tokenizer.bos_id, chunk_tokens=5)
+    texts = [list(range(3, 15)), list(range(20, 27)), list(range(40, 43))]  # 3, 2 and 1 chunks
+    mem = lambda ids: ChunkMemory.gather(kb.memories(ids), layout.memory_layers)  # noqa: E731
+    chunks = [[mem([0, 1]), None, mem([2])], None, [mem([3, 4, 5])]]
+    with torch.no_grad():
+        logits, targets = batch_logits(ck.model, layout, texts, chunks)
+    head = len(layout.head)
+    for b, ids in enumerate(texts):
+        want = text_logits(ck.model, layout, ids, chunks[b])  # (n, V)
+        got = logits[b, head - 1:head - 1 + len(ids)]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert targets[b, head - 1:head - 1 + len(ids)].tolist() == ids
+        assert (targets[b] != -100).sum() == len(ids)
+    # the memories matter: the same text without them gives other logits
+    assert not torch.allclose(logits[0], batch_logits(ck.model, layout, texts, [None] * 3)[0][0])
+
+
+def test_overlap_filter_drops_the_copied_reference(setup):
+    kb = open_kb(setup / "kb")
+    ck = load_checkpoint(setup / "model")
+    copy_refs = {r["ref_id"] for r in kb.references().select(["ref_id", "doc_id"]).to_pylist() if r["doc_id"] == "d1.txt"}
+    assert copy_refs
+    text = (setup / "corpus" / "d1.txt").read_text()
+    (setup / "one.txt").write_text(text)
+
+    def refs(max_overlap):
+        seqs = prepare_sequences(setup / "one.txt", ck.tokenizer, 64, 64, kb_retriever(setup / "kb", 3, "bm25", max_overlap))
+        return set(seqs[0].chunk_refs[0])
+    assert copy_refs <= refs(None)  # found by retrieval, as the best match
+    assert not copy_refs & refs(0.9)  # and dropped by Eq. 6: the chunk contains the whole reference
+    assert refs(0.9)  # other references still come
+
+
+def test_memory_and_no_memory_steps_mix(setup):
+    cfg = _config(setup, setup / "unused", steps=200, memory_fraction=0.25)
+    used = [uses_memory(s, cfg) for s in range(200)]
+    assert 30 <= sum(used) <= 70
+    assert not any(uses_memory(s, _config(setup, "x", memory_fraction=0.0)) for s in range(50))
+    assert all(uses_memory(s, _config(setup, "x", memory_fraction=1.0)) for s in range(50))
+    # a memory step reads memories (its loss differs) and encodes them with gradients only when asked
+    kb = open_kb(setup / "kb")
+    ck = load_checkpoint(setup / "model")
+    layout = ReadLayout.from_manifest(kb.manifest, ck.tokenizer.bos_id, chunk_tokens=8)
+    t = kb.references().select(["ref_id", "token_ids"]).to_pydict()
+    ref_tokens = dict(zip(t["ref_id"], t["token_ids"]))
+    seqs = prepare_sequences(setup / "texts.jsonl", ck.tokenizer, 64, 8,
+                             kb_retriever(setup / "kb", 2, None, 0.9))[:3]
+    assert all(any(c) for s in seqs for c in [s.chunk_refs])
+    losses, grads = {}, {}
+    for mem, through in ((False, False), (True, False), (True, True)):
+        ck.model.zero_grad()
+        loss, n = step_loss(ck.model, layout, seqs, ref_tokens, mem, 3, 16, through)
+        loss.backward()
+        losses[mem, through] = loss.item()
+        grads[mem, through] = ck.model.layers[0].attention.wk.weight.grad.clone()
+    assert losses[True, False] != losses[False, False]
+    assert losses[True, False] == pytest.approx(losses[True, True], abs=1e-6)
+    assert not torch.allclose(grads[True, False], grads[True, True])  # the encoder path adds gradient
+
+
+def _weights(out):
+    return load_file(str(Path(out) / "model.safetensors"))
+
+
+def test_deterministic_with_a_seed_and_it_learns(setup, tmp_path):
+    r1 = train(_config(setup, tmp_path / "a"))
+    r2 = train(_config(setup, tmp_path / "b"))
+    r3 = train(_config(setup, tmp_path / "c", seed=1))
+    assert r1["loss_curve"] == r2["loss_curve"]
+    w1, w2, w3 = _weights(tmp_path / "a"), _weights(tmp_path / "b"), _weights(tmp_path / "c")
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert any(not torch.equal(w1[k], w3[k]) for k in w1)
+    assert r1["memory_steps_this_run"] == sum(uses_memory(s, _config(setup, "x")) for s in range(6))
+    assert r1["loss_curve"][-1]["loss"] < r1["loss_curve"][0]["loss"]
+    # the output is an ordinary checkpoint that loads, with its training report beside it
+    assert load_checkpoint(tmp_path / "a").args.n_layers == 2
+    assert not (tmp_path / "a" / STATE_FILE).exists()
+
+
+def test_resume_equals_uninterrupted(setup, tmp_path):
+    full = train(_config(setup, tmp_path / "full"))
+
+    def crash(e):
+        if e["event"] == "step" and e["step"] == 5:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(setup, tmp_path / "part", checkpoint_every=3), crash)
+    assert (tmp_path / "part" / STATE_FILE).is_file()
+    with pytest.raises(M3Error, match="other settings"):
+        train(_config(setup, tmp_path / "part", checkpoint_every=3, lr=1e-2))
+    resumed = train(_config(setup, tmp_path / "part", checkpoint_every=3))
+    assert resumed["start_step"] == 3
+    assert resumed["loss_curve"] == full["loss_curve"]
+    wf, wp = _weights(tmp_path / "full"), _weights(tmp_path / "part")
+    assert all(torch.equal(wf[k], wp[k]) for k in wf)
+
+
+def test_schedules():
+    c = TrainConfig(model="m", kb="k", texts="t", out="o", steps=100, lr=1.0, min_lr=0.1, warmup_steps=10)
+    assert lr_at(0, c) == pytest.approx(0.1) and lr_at(9, c) == pytest.approx(1.0)
+    assert lr_at(99, c) == pytest.approx(0.1, abs=1e-3)
+    w = TrainConfig(model="m", kb="k", texts="t", out="o", steps=100, lr=1.0, min_lr=0.1, warmup_steps=10,
+                    schedule="wsd", decay_fraction=0.2)
+    assert lr_at(50, w) == lr_at(79, w) == 1.0 and lr_at(99, w) == pytest.approx(0.1)
+    with pytest.raises(M3Error):
+        TrainConfig(model="m", kb="k", texts="t", out="o", schedule="linear")
+
+
+@pytest.mark.slow
+def test_benchmark_smoke(tmp_path):
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "train_memory.py"
+    proc = subprocess.run([sys.executable, str(bench), "--smoke", "--work", str(tmp_path), "--json",
+                           str(tmp_path / "r.json")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((tmp_path / "r.json").read_text())
+    for mode in ("none", "sparse", "rag", "other"):
+        assert res["trained"]["held_out"][mode]["question"]["facts"] > 0
