@@ -386,3 +386,45 @@ def compact(kb: Annotated[Path, typer.Argument(help="knowledge base directory")]
         r = compact_kb(kb, log=lambda s: err.print(s, highlight=False))
     out.print(f"{len(r['shards_rewritten'])} shard(s) rewritten, {r['refs_moved']} references moved, "
               f"{r['bytes_freed']:,} bytes freed", highlight=False)
+
+
+TRAIN_EXAMPLES = """
+Examples:\n
+  m3 train --model ckpt/ --kb kb/ --texts train.jsonl -o ckpt-mem/ --steps 2000\n
+  m3 train --model ckpt/ --kb kb/ --texts train/ -o ckpt-mem/ --grad-through-memory --schedule wsd
+"""
+
+
+@app.command(epilog=TRAIN_EXAMPLES)
+def train(
+    model: Annotated[Path, typer.Option(help="Hugging Face checkpoint to continue training")],
+    kb: Annotated[Path, typer.Option(help="compiled kb: its index retrieves the memories, its manifest fixes the layout")],
+    texts: Annotated[Path, typer.Option(help="training texts: a corpus directory or file")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="output checkpoint directory")],
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = None,
+    batch_size: Annotated[int, typer.Option(help="sequences per step")] = None,
+    lr: Annotated[float, typer.Option(help="peak learning rate")] = None,
+    schedule: Annotated[str, typer.Option(help="cosine | wsd")] = None,
+    memory_fraction: Annotated[float, typer.Option(help="share of steps that read memories")] = None,
+    grad_through_memory: Annotated[bool, typer.Option(help="backpropagate through the memory encoding")] = None,
+    bf16: Annotated[bool, typer.Option("--bf16/--fp32", help="bfloat16 autocast")] = None,
+    seed: Annotated[int, typer.Option(help="seed of batch order and memory steps")] = None,
+    device: Annotated[str, typer.Option(help="torch device")] = None,
+):
+    """Continue training a checkpoint to read explicit memories (paper §3.6); resumable."""
+    from m3compile.train import TrainConfig, train as run_train
+
+    given = dict(steps=steps, batch_size=batch_size, lr=lr, schedule=schedule, memory_fraction=memory_fraction,
+                 grad_through_memory=grad_through_memory, bf16=bf16, seed=seed, device=device)
+    with user_errors():
+        # defaults live in TrainConfig: only options the user gave are passed
+        config = TrainConfig(model=str(model), kb=str(kb), texts=str(texts), out=str(output),
+                             **{k: v for k, v in given.items() if v is not None})
+
+        def on_event(e):
+            if e.get("event") == "step" and e["step"] % 10 == 0:
+                err.print(f"step {e['step']}/{e['steps']}  loss {e['loss']:.4f}  lr {e['lr']:.2e}  "
+                          f"{'memory' if e['memory'] else 'no memory'}  {e['tokens_per_s']:.0f} tok/s", highlight=False)
+
+        report = run_train(config, progress=on_event)
+    out.print(f"wrote {output}; {report.get('note', '')}", highlight=False)

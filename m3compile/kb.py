@@ -46,6 +46,7 @@ class KnowledgeBase:
         self._max_bytes = payload_nbytes(self.scheme, len(self.layers), m["n_kv_heads"], w["top_k"], m["head_dim"])
         self._table: pa.Table | None = None
         self._loc: dict[int, RefLocation] | None = None
+        self._retriever = None
 
     @property
     def references_path(self) -> Path:
@@ -99,6 +100,24 @@ class KnowledgeBase:
 
     def memories(self, ref_ids) -> list[Memory]:
         return [self.memory(i) for i in ref_ids]
+
+    def retrieve(self, text: str, k: int = 5, mode: str | None = None, max_overlap: float | None = None):
+        """The k references nearest `text`, best first, as Hit(ref_id, score).
+
+        Args:
+            text: the query.
+            k: how many.
+            mode: "bm25", "dense" or "hybrid" (default: the kb's).
+            max_overlap: drop references whose overlap with the query (paper Eq. 6) exceeds this.
+        Example:
+            >>> open_kb("kb/").retrieve("river trade in the north", k=3)
+            [Hit(ref_id=12, score=0.0489), ...]
+        """
+        if self._retriever is None:
+            from m3compile.retrieve import Retriever
+
+            self._retriever = Retriever.open(self.path, self.manifest)
+        return self._retriever.retrieve(text, k, mode=mode, max_overlap=max_overlap)
 
 
 def load_kb_model(kb: KnowledgeBase, model: str | Path | None = None, device: str = "cpu", dtype: str = "float32"):

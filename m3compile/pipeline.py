@@ -464,6 +464,14 @@ def compile_kb(config: CompileConfig, out_dir: str | Path, progress: Progress | 
         prev = _previous(out, setup, rebuild)
         progress({"event": "start", "total_bytes": corpus_bytes(corpus)})
         plan = _plan(setup, prev, keep_missing, timer)
+        if _unchanged(setup, prev, plan):
+            # nothing would change: no shard, generation or manifest is written (CI rebuilds)
+            for line in plan.report.summary_lines()[1:]:
+                log(line)
+            progress({"event": "done"})
+            return CompileResult(prev.manifest, {"documents": plan.docs, "references": {
+                "encoded": 0, "copied": 0, "reused": len(plan.rows), "removed": 0}, "shards_written": [],
+                "shards_kept": sorted(prev.manifest["state"]["shards"])})
         try:
             stats = _write_new(out, setup, prev, plan, timer, progress)
         except OSError as e:
@@ -493,6 +501,13 @@ def compile_kb(config: CompileConfig, out_dir: str | Path, progress: Progress | 
         log(line)
     progress({"event": "done"})
     return CompileResult(manifest, summary)
+
+
+def _unchanged(setup: Setup, prev: Previous, plan: Plan) -> bool:
+    if prev.manifest is None or plan.new or plan.removed or plan.rows != prev.rows:
+        return False
+    config = {k: v for k, v in setup.config.to_dict().items() if k not in RUN_SETTINGS}
+    return config == prev.manifest["config"] and prev.manifest["created_by"] == f"m3compile {__version__}"
 
 
 def check_kb(config: CompileConfig, out_dir: str | Path, keep_missing: bool = False) -> list[str]:

@@ -413,3 +413,20 @@ def test_dense_with_real_minilm(tmp_path, monkeypatch):
     assert r.retrieve("a kitten dozing outside", k=1, mode="dense")[0].ref_id == 100
     assert r.retrieve("puppy chasing a toy", k=1, mode="dense")[0].ref_id == 205
     assert r.retrieve("a puppy chasing a toy", k=1, mode="bm25") == []
+
+
+def test_kb_retrieve_on_a_compiled_kb(tmp_path):
+    from conftest import make_checkpoint
+    from m3compile.config import CompileConfig
+    from m3compile.kb import open_kb
+    from m3compile.pipeline import compile_kb
+
+    pytest.importorskip("transformers", reason="transformers builds the tiny test checkpoint")
+    make_checkpoint(tmp_path / "model", "LlamaForCausalLM", {})
+    (tmp_path / "corpus").mkdir()
+    for i, words in enumerate(["w5 w6 w7 w8", "w30 w31 w32", "w60 w61 w62 w63"]):
+        (tmp_path / "corpus" / f"d{i}.txt").write_text(words)
+    compile_kb(CompileConfig(corpus=str(tmp_path / "corpus"), model=str(tmp_path / "model")), tmp_path / "kb")
+    kb = open_kb(tmp_path / "kb")
+    hits = kb.retrieve("w31 w32", k=2)
+    assert hits[0].ref_id == 1 and len(hits) == 1  # only one reference shares a term

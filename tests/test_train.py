@@ -197,3 +197,21 @@ def test_benchmark_smoke(tmp_path):
     res = json.loads((tmp_path / "r.json").read_text())
     for mode in ("none", "sparse", "rag", "other"):
         assert res["trained"]["held_out"][mode]["question"]["facts"] > 0
+
+
+def test_m3_train_cli_writes_a_loadable_checkpoint(setup, tmp_path):
+    from typer.testing import CliRunner
+
+    from m3compile.cli import app
+
+    r = CliRunner().invoke(app, ["train", "--model", str(setup / "model"), "--kb", str(setup / "kb"),
+                                 "--texts", str(setup / "texts.jsonl"), "-o", str(tmp_path / "out"),
+                                 "--steps", "2", "--batch-size", "2", "--fp32"])
+    assert r.exit_code == 0, r.output
+    assert "recompile" in r.stdout
+    trained = load_checkpoint(tmp_path / "out")
+    original = load_checkpoint(setup / "model")
+    assert not torch.equal(trained.model.layers[0].attention.wq.weight, original.model.layers[0].attention.wq.weight)
+    r = CliRunner().invoke(app, ["train", "--model", str(setup / "model"), "--kb", str(setup / "kb"),
+                                 "--texts", str(setup / "nope.jsonl"), "-o", str(tmp_path / "out2")])
+    assert r.exit_code == 1 and "error:" in r.stderr

@@ -1,0 +1,252 @@
+"""Memory³ continued training in miniature (paper §3.6): does a model learn to read explicit memories?
+
+The setup of issue 6 on the project's fictional encyclopedia (examples/make_corpus.py):
+  1. a world of --entities entities, split three ways: held-out H (articles only in the kb, never in
+     any training text), memory-only A (their restatements and questions are training texts, their
+     articles only in the kb: memory is the only source of their facts) and known W;
+  2. warm-up without memory (examples/train_model.py) on W's articles, restatements and questions;
+  3. compile every article into a kb with the warm model, continue training with memory
+     (m3compile.train) on A's and W's restatements and questions, recompile the kb with the result;
+  4. on H's restatements and questions: fact accuracy (every token of the fact greedy-correct,
+     teacher-forced) and perplexity, without memory / with the kb's sparse memories found by
+     retrieval / with the article pasted as text (RAG) / with another entity's memories (harm).
+
+    python benchmarks/train_memory.py                      # the full run (minutes, one thread)
+    python benchmarks/train_memory.py --smoke              # < 60 s, what CI runs
+    python benchmarks/train_memory.py --json out.json      # also write every figure as JSON
+
+Questions retrieve with their question part only (what `m3 generate --kb` would see); restatements
+with each chunk's own text, as the read side does. Evaluation drops references whose Eq. 6 overlap
+with the query exceeds 2/3 (paper §3.6).
+"""
+
+import argparse
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+import make_corpus  # noqa: E402
+import train_model  # noqa: E402
+import train_tokenizer  # noqa: E402
+from m3compile.config import CompileConfig  # noqa: E402
+from m3compile.kb import open_kb  # noqa: E402
+from m3compile.model import load_checkpoint  # noqa: E402
+from m3compile.pipeline import compile_kb  # noqa: E402
+from m3compile.reader import ChunkMemory, ReadLayout, text_logits  # noqa: E402
+from m3compile.retrieve import Retriever  # noqa: E402
+from m3compile.tokenizer import Tokenizer  # noqa: E402
+from m3compile.train import TrainConfig, train  # noqa: E402
+
+EVAL_OVERLAP = 2 / 3  # paper §3.6: the evaluation-time leakage filter
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+
+
+def split_world(ids: list[str], held_out: float, memory_only: float, seed: int):
+    rng = random.Random(f"{seed}/split")
+    ids = sorted(ids)
+    rng.shuffle(ids)
+    nh, na = round(held_out * len(ids)), round(memory_only * len(ids))
+    return set(ids[:nh]), set(ids[nh:nh + na]), set(ids[nh + na:])
+
+
+def make_world(work: Path, a) -> dict:
+    world = make_corpus.generate(a.entities, a.world_seed)
+    make_corpus.write_corpus(world, work / "corpus")
+    make_corpus.write_facts(world, work / "facts")
+    H, A, W = split_world([e.id for e in world.entities], a.held_out, a.memory_only, a.world_seed)
+    (work / "warm.txt").write_text("\n".join(sorted(W)))
+    recs = _jsonl(work / "facts" / "restatements.jsonl") + _jsonl(work / "facts" / "questions.jsonl")
+    articles = {e.id: (work / "corpus" / f"{e.id}.md").read_text(encoding="utf-8") for e in world.entities}
+    rng = random.Random(f"{a.world_seed}/rag")
+    with open(work / "train_texts.jsonl", "w", encoding="utf-8") as f:
+        for r in recs:
+            if r["entity"] in A | W:
+                f.write(json.dumps({"id": r["id"], "text": r["text"]}) + "\n")
+                # in-context copies keep RAG alive; Eq. 6 then drops the article from memory
+                if rng.random() < a.rag_share:
+                    text = articles[r["entity"]].rstrip("\n") + "\n\n" + r["text"]
+                    f.write(json.dumps({"id": r["id"] + ".rag", "text": text}) + "\n")
+    return {"H": H, "A": A, "W": W, "records": recs}
+
+
+def warm_up(work: Path, a) -> Path:
+    tok_dir, model_dir = work / "tok", work / "warm"
+    train_tokenizer.main(["--corpus-dir", str(work / "corpus"), "--facts-dir", str(work / "facts"),
+                          "--entities-file", str(work / "warm.txt"), "--out", str(tok_dir),
+                          "--vocab-size", str(a.vocab)])
+    train_model.main(["--corpus-dir", str(work / "corpus"), "--facts-dir", str(work / "facts"),
+                      "--tokenizer-dir", str(tok_dir), "--entities-file", str(work / "warm.txt"),
+                      "--kinds", "article,restatement,question", "--steps", str(a.warm_steps),
+                      "--out", str(model_dir), "--n-heads", str(a.n_heads), "--n-kv-heads", str(a.n_kv_heads),
+                      "--head-dim", str(128 // a.n_heads)])
+    return model_dir
+
+
+def compile_world(work: Path, model: Path, name: str, a) -> Path:
+    kb = work / name
+    shutil.rmtree(kb, ignore_errors=True)
+    compile_kb(CompileConfig(corpus=str(work / "corpus"), model=str(model), top_k=a.top_k,
+                             memory_layers=a.memory_layers, quant="int8"), kb)
+    return kb
+
+
+# ---- evaluation -------------------------------------------------------------------------------------
+
+class Evaluator:
+    def __init__(self, kb_dir: Path, model_dir: Path, work: Path):
+        self.kb = open_kb(kb_dir)
+        self.ck = load_checkpoint(model_dir)
+        self.tok = self.ck.tokenizer
+        self.layout = ReadLayout.from_manifest(self.kb.manifest, self.tok.bos_id)
+        self.retriever = Retriever.open(kb_dir)
+        refs = self.kb.references().select(["ref_id", "doc_id"]).to_pydict()
+        self.refs_of = {}
+        for rid, doc in zip(refs["ref_id"], refs["doc_id"]):
+            self.refs_of.setdefault(Path(doc).stem, []).append(rid)
+        self.articles = {p.stem: p.read_text(encoding="utf-8") for p in (work / "corpus").glob("*.md")}
+
+    def _retrieve(self, text: str) -> list[int]:
+        ids = self.tok.encode(text)
+        hits = self.retriever.retrieve(text, self.layout.refs_per_chunk, max_overlap=EVAL_OVERLAP, query_tokens=ids)
+        return [h.ref_id for h in hits]
+
+    def _chunks(self, rec, ids, mode, other):
+        C = self.layout.chunk_tokens
+        n_chunks = math.ceil(len(ids) / C)
+        if mode == "none":
+            return None
+        if mode == "other":  # another entity's own article memories: pure distraction
+            refs = [self.refs_of[other][:self.layout.refs_per_chunk]] * n_chunks
+        elif rec["kind"] == "question":
+            refs = [self._retrieve(rec["text"][:rec["question_end"]])] * n_chunks
+        else:
+            refs = [self._retrieve(self.tok.decode(ids[i:i + C])) for i in range(0, len(ids), C)]
+        return [ChunkMemory.gather(self.kb.memories(r), self.layout.memory_layers) for r in refs]
+
+    def record(self, rec, mode: str, other: str | None = None):
+        """(nll sum, tokens, facts right, facts) of one restatement or question."""
+        ids, offsets = self.tok.encode_with_offsets(rec["text"])
+        ctx = []
+        if mode == "rag":
+            ctx = self.tok.encode(self.articles[rec["entity"]].rstrip("\n") + "\n\n")
+        logits = text_logits(self.ck.model, self.layout, ctx + ids, self._chunks(rec, ctx + ids, mode, other))
+        logits = logits[len(ctx):]  # (n, V)
+        target = torch.tensor(ids)
+        nll = float(F.cross_entropy(logits, target, reduction="sum"))
+        right = logits.argmax(-1) == target
+        hits = 0
+        for f in rec["facts"]:
+            cols = [j for j, (s, e) in enumerate(offsets) if s < f["end"] and e > f["start"]]
+            hits += bool(cols) and all(bool(right[j]) for j in cols)
+        return nll, len(ids), hits, len(rec["facts"])
+
+    def table(self, recs, modes=("none", "sparse", "rag", "other"), seed=0) -> dict:
+        ents = sorted({r["entity"] for r in recs})
+        rng = random.Random(seed)
+        out = {}
+        for mode in modes:
+            s = {"question": [0.0, 0, 0, 0], "restatement": [0.0, 0, 0, 0]}
+            for r in recs:
+                other = rng.choice([e for e in self.refs_of if e != r["entity"]]) if mode == "other" else None
+                for i, x in enumerate(self.record(r, mode, other)):
+                    s[r["kind"]][i] += x
+            out[mode] = {k: {"fact_acc": round(v[2] / max(1, v[3]), 4), "facts": v[3],
+                             "ppl": round(math.exp(v[0] / max(1, v[1])), 3)} for k, v in s.items()}
+        return out
+
+
+def eval_records(recs, ents, limit):
+    rs = [r for r in recs if r["entity"] in ents]
+    random.Random(0).shuffle(rs)
+    return rs[:limit]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/m3-train-memory"))
+    ap.add_argument("--entities", type=int, default=400)
+    ap.add_argument("--world-seed", type=int, default=0)
+    ap.add_argument("--held-out", type=float, default=0.1)
+    ap.add_argument("--memory-only", type=float, default=0.6)
+    ap.add_argument("--vocab", type=int, default=1024)
+    ap.add_argument("--n-heads", type=int, default=4)
+    ap.add_argument("--n-kv-heads", type=int, default=2)
+    ap.add_argument("--warm-steps", type=int, default=800)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--memory-fraction", type=float, default=0.8)
+    ap.add_argument("--grad-through-memory", action="store_true")
+    ap.add_argument("--rag-share", type=float, default=0.0, help="training texts also given with their article in context")
+    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--memory-layers", type=lambda s: tuple(int(x) for x in s.split(",")), default=None)
+    ap.add_argument("--eval-limit", type=int, default=400, help="held-out records evaluated")
+    ap.add_argument("--reuse-warm", action="store_true", help="keep an existing warm model in --work")
+    ap.add_argument("--smoke", action="store_true", help="tiny world and runs, < 60 s")
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args(argv)
+    if a.smoke:
+        a.entities, a.warm_steps, a.steps, a.eval_limit, a.batch_size = 40, 60, 30, 40, 8
+    torch.set_num_threads(1)
+    work = a.work
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    w = make_world(work, a)
+    warm = work / "warm"
+    if not (a.reuse_warm and (warm / "config.json").is_file()):
+        warm = warm_up(work, a)
+    kb0 = compile_world(work, warm, "kb-warm", a)
+    held = eval_records(w["records"], w["H"], a.eval_limit)
+    seen = eval_records(w["records"], w["A"], a.eval_limit // 2)
+    res = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+           "split": {k: len(w[k]) for k in "HAW"}}
+    res["warm"] = {"held_out": Evaluator(kb0, warm, work).table(held)}
+    print(json.dumps({"warm": res["warm"]}), flush=True)
+
+    def show(e):
+        if e["event"] == "step" and (e["step"] % 50 == 0 or e["step"] == e["steps"]):
+            print(f"step {e['step']}/{e['steps']} loss {e['loss']:.3f} mem {e['memory']} "
+                  f"{e['tokens_per_s']:.0f} tok/s", file=sys.stderr, flush=True)
+    cfg = TrainConfig(model=str(warm), kb=str(kb0), texts=str(work / "train_texts.jsonl"), out=str(work / "trained"),
+                      steps=a.steps, batch_size=a.batch_size, lr=a.lr, memory_fraction=a.memory_fraction,
+                      grad_through_memory=a.grad_through_memory, warmup_steps=min(50, a.steps // 10),
+                      resume=False, checkpoint_every=0)
+    rep = train(cfg, show)
+    kb1 = compile_world(work, Path(cfg.out), "kb-trained", a)
+    ev = Evaluator(kb1, Path(cfg.out), work)
+    res["trained"] = {"held_out": ev.table(held), "memory_only_train": ev.table(seen, modes=("none", "sparse"))}
+    res["train"] = {k: rep[k] for k in ("train_seconds", "tokens_per_s", "final_loss", "loss_curve")}
+    res["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    print_table(res)
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=2) + "\n")
+    return res
+
+
+def print_table(res):
+    print(f"\nsplit {res['split']}  wall {res['wall_seconds']} s  train {res['train']['train_seconds']} s "
+          f"({res['train']['tokens_per_s']} tok/s)")
+    print(f"{'model':8} {'set':18} {'memory':7} {'q fact acc':>10} {'q ppl':>9} {'r fact acc':>10} {'r ppl':>9}")
+    for model in ("warm", "trained"):
+        for name, t in res[model].items():
+            for mode, v in t.items():
+                q, r = v["question"], v["restatement"]
+                print(f"{model:8} {name:18} {mode:7} {q['fact_acc']:10.3f} {q['ppl']:9.2f} "
+                      f"{r['fact_acc']:10.3f} {r['ppl']:9.2f}")
+
+
+if __name__ == "__main__":
+    main()
