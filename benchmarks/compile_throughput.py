@@ -112,7 +112,7 @@ def main():
             stages = run["stage_seconds"]
             rows.append((dtype, n, toks, wall, n / wall, toks / wall, flops / wall / peak,
                          {k: v / wall for k, v in stages.items()}))
-        print(f"\n| dtype | refs | tokens | wall s | refs/s | tokens/s | MFU (vs bf16 peak) |")
+        print("\n| dtype | refs | tokens | wall s | refs/s | tokens/s | MFU (vs bf16 peak) |")
         print("|---|---|---|---|---|---|---|")
         for dtype, n, toks, wall, rps, tps, mfu, _ in rows:
             print(f"| {dtype} | {n} | {toks} | {wall:.1f} | {rps:.1f} | {tps:.0f} | {100 * mfu:.1f} % |")

@@ -19,7 +19,7 @@ from m3compile import pipeline
 from m3compile.config import CompileConfig
 from m3compile.model import Transformer, save_checkpoint
 
-from compile_throughput import ARGS, DATA, book_texts, train_tokenizer  # noqa: E402  (same directory)
+from compile_throughput import ARGS, book_texts, train_tokenizer  # noqa: E402  (same directory)
 
 
 def split_docs(texts: dict[str, str], doc_bytes: int) -> dict[str, str]:

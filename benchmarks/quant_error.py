@@ -5,28 +5,22 @@
 
 import argparse
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
+from common import stories260k, tinystories  # noqa: E402  (same directory)
 from m3compile.config import CompileConfig
-from m3compile.llama2c import ensure_converted
 from m3compile.pipeline import compile_kb
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--stories", type=int, default=40)
     opts = ap.parse_args()
-    if not (DATA / "stories260k").is_dir():
-        sys.exit(f"{DATA} lacks stories260k: this benchmark needs ../shared/data")
     work = Path(tempfile.mkdtemp(prefix="m3quant-"))
     try:
-        model = ensure_converted(DATA, work)
-        text = (DATA / "tinystories-val" / "tinystories_val_first1000.txt").read_text(encoding="utf-8")
-        stories = [s.strip() for s in text.split("<|endoftext|>") if s.strip()][:opts.stories]
+        model = stories260k(work)
+        stories = tinystories(opts.stories)
         (work / "corpus").mkdir()
         (work / "corpus" / "stories.txt").write_text("\n\n".join(stories))
         print("| quant | bits/element stored | after zstd | rel. error max | mean | max abs |\n|---|---|---|---|---|---|")

@@ -114,7 +114,7 @@ def main() -> int:
         return 0
     print(f"SciFact TRAIN split: {len(qids)} queries, {len(docs)} documents (title + text), "
           f"index build {info['build_s']} s; embedder {embedder or '-'}")
-    print(f"| mode   | nDCG@10 | R@100  | ms/query |\n|--------|---------|--------|----------|")
+    print("| mode   | nDCG@10 | R@100  | ms/query |\n|--------|---------|--------|----------|")
     for row in rows:
         print(f"| {row['mode']:<6} | {row['ndcg@10']:.4f}  | {row['recall@100']:.4f} | {row['ms_per_query']:8.2f} |")
     print(f"overlap (Eq. 6), 64-token query vs 128-token reference: {info['overlap_us_64x128']} µs/pair")

@@ -12,18 +12,15 @@ layers and in all layers — for each --quant.
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
+from common import stories260k, tinystories  # noqa: E402  (same directory)
 from m3compile.config import CompileConfig
 from m3compile.corpus import CorpusReport, iter_documents
 from m3compile.evaluate import evaluate
 from m3compile.kb import load_kb_model, open_kb
-from m3compile.llama2c import ensure_converted
 from m3compile.pipeline import compile_kb
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def main():
@@ -33,13 +30,10 @@ def main():
     ap.add_argument("--quant", default="none,int8")
     ap.add_argument("--top-k", type=int, default=8)
     opts = ap.parse_args()
-    if not (DATA / "stories260k").is_dir():
-        sys.exit(f"{DATA} lacks stories260k: this benchmark needs ../shared/data")
     work = Path(tempfile.mkdtemp(prefix="m3stories-"))
     try:
-        model = ensure_converted(DATA, work)
-        text = (DATA / "tinystories-val" / "tinystories_val_first1000.txt").read_text(encoding="utf-8")
-        stories = [s.strip() for s in text.split("<|endoftext|>") if s.strip()][:opts.stories]
+        model = stories260k(work)
+        stories = tinystories(opts.stories)
         corpus = work / "stories.jsonl"
         corpus.write_text("".join(json.dumps({"id": f"story{i:04d}", "text": s}) + "\n" for i, s in enumerate(stories)))
         docs = list(iter_documents(corpus, CorpusReport()))

@@ -7,6 +7,7 @@ references does not change. Committed by the manifest like a compile; the old sh
 removed after the commit.
 """
 
+import json
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -51,13 +52,7 @@ def compact_kb(kb_dir: str | Path, log: Callable[[str], None] = lambda s: None) 
                     shutil.copyfile(p, gen / rel)
 
         gen = store.write_generation(kb, build)
-        shards = {}
-        for s in live:
-            kv = [t for t in shard_info(kb / s).tensors if t.endswith(".kv")][0]
-            n_live = [r for r in rows if r["shard"] == s]
-            shards[s] = {"refs": shard_info(kb / s).n_refs, "live_refs": len(n_live),
-                         "kv_bytes": read_shard_header(kb / s)[kv]["shape"][0],
-                         "live_kv_bytes": sum(r["byte_length"] for r in n_live)}
+        shards = store.shard_state(kb, rows)
         freed = state["dead_kv_bytes"] - sum(v["kv_bytes"] - v["live_kv_bytes"] for v in shards.values())
         gen_files = sorted(p.relative_to(kb).as_posix() for p in (kb / gen).rglob("*") if p.is_file())
         files = {name: mf.file_entry(kb, name) for name in live + gen_files}
@@ -75,7 +70,5 @@ def compact_kb(kb_dir: str | Path, log: Callable[[str], None] = lambda s: None) 
 
 
 def _index_metadata(gen: Path) -> dict:
-    import json
-
     meta = json.loads((gen / INDEX_NAME).read_text())["metadata"]
     return {k: v for k, v in meta.items() if k not in ("total_size", "n_shards", "n_refs", "index_always_written")}

@@ -22,7 +22,7 @@ from collections import defaultdict, deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -35,8 +35,9 @@ from m3compile.encode import encode_batch, write_prefix
 from m3compile.errors import M3Error
 from m3compile.index import build_indexes
 from m3compile.model import Checkpoint, fingerprint, load_checkpoint
-from m3compile.pack import (INDEX_NAME, ShardWriter, bits_per_element, encode_payload, frame_shape, payload_nbytes,
-                            read_frame, shard_info, write_shard_index)
+from m3compile.pack import (CODEC, FORMAT, FORMAT_VERSION, INDEX_NAME, LAYOUT, ZSTD_LEVEL, ShardWriter,
+                            bits_per_element, encode_payload, frame_shape, payload_nbytes, read_frame,
+                            shard_info, write_shard_index)
 from m3compile.quantize import get_scheme
 from m3compile.sparsify import select_topk
 
@@ -254,13 +255,16 @@ class FrameSource:
         self.alias[name] = aside
 
 
+def _shard_metadata(setup: Setup) -> dict:
+    return {"quant": setup.scheme.name, "model_config_sha256": setup.model_id["config_sha256"],
+            "created_by": f"m3compile {__version__}"}
+
+
 def _write_new(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: Timer, progress: Progress) -> dict:
-    config, ck, a = setup.config, setup.ck, setup.ck.args
+    config, ck = setup.config, setup.ck
     source = FrameSource(out)
     stats = {"encoded": 0, "copied": 0}
-    meta = {"quant": setup.scheme.name, "model_config_sha256": setup.model_id["config_sha256"],
-            "created_by": f"m3compile {__version__}"}
-    with ShardWriter(out, meta, config.max_shard_bytes, first_index=prev.next_shard) as writer:
+    with ShardWriter(out, _shard_metadata(setup), config.max_shard_bytes, first_index=prev.next_shard) as writer:
         writer.before_replace = source.move_aside
         for start in range(0, len(plan.new), config.batch_size):
             batch = plan.new[start:start + config.batch_size]
@@ -310,12 +314,8 @@ def _build_generation(out: Path, setup: Setup, rows: list[dict], shards: list[st
     def build(gen: Path):
         refs_file.write_references(gen / refs_file.FILE_NAME, rows)
         infos = [shard_info(out / s) for s in shards]
-        meta = {"quant": setup.scheme.name, "model_config_sha256": setup.model_id["config_sha256"],
-                "created_by": f"m3compile {__version__}"}
-        from m3compile.pack import CODEC, FORMAT, FORMAT_VERSION, LAYOUT, ZSTD_LEVEL
-
-        meta.update(format=FORMAT, format_version=str(FORMAT_VERSION), codec=CODEC, zstd_level=str(ZSTD_LEVEL),
-                    layout=LAYOUT, rope="post", shard_dir="..")
+        meta = {**_shard_metadata(setup), "format": FORMAT, "format_version": str(FORMAT_VERSION), "codec": CODEC,
+                "zstd_level": str(ZSTD_LEVEL), "layout": LAYOUT, "rope": "post", "shard_dir": ".."}
         write_shard_index(gen, infos, meta)
         (gen / TOKENIZER_COPY).write_bytes((setup.ck.path / "tokenizer.json").read_bytes())
         with timer("index"):
@@ -326,23 +326,6 @@ def _build_generation(out: Path, setup: Setup, rows: list[dict], shards: list[st
     with timer("write"):
         gen = store.write_generation(out, build)
     return gen, retrieval
-
-
-def _shard_state(out: Path, rows: list[dict]) -> dict:
-    live = defaultdict(lambda: [0, 0])
-    for r in rows:
-        live[r["shard"]][0] += 1
-        live[r["shard"]][1] += r["byte_length"]
-    state = {}
-    for name in sorted(live):
-        info = shard_info(out / name)
-        kv = [t for t in info.tensors if t.endswith(".kv")][0]
-        from m3compile.pack import read_shard_header
-
-        kv_bytes = read_shard_header(out / name)[kv]["shape"][0]
-        state[name] = {"refs": info.n_refs, "live_refs": live[name][0], "kv_bytes": kv_bytes,
-                       "live_kv_bytes": live[name][1]}
-    return state
 
 
 def _build_manifest(setup: Setup, rows: list[dict], gen: str, retrieval: dict, shards: dict, plan_docs: int,
@@ -477,7 +460,7 @@ def compile_kb(config: CompileConfig, out_dir: str | Path, progress: Progress | 
         except OSError as e:
             raise M3Error(f"cannot write to {out}: {e.strerror or e}; free space or fix permissions and run "
                           "the same command again: finished shards are kept") from None
-        shards = _shard_state(out, plan.rows)
+        shards = store.shard_state(out, plan.rows)
         gen, retrieval = _build_generation(out, setup, plan.rows, sorted(shards), timer)
         crash_point("generation")
         next_id = max([prev.next_ref_id] + [r["ref_id"] + 1 for r in plan.rows])

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import socket
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -27,6 +28,7 @@ from safetensors import safe_open
 
 from m3compile.errors import M3Error
 from m3compile.model import sha256_file
+from m3compile.pack import read_shard_header, shard_info
 
 LOCK_NAME = ".m3.lock"
 GEN_PREFIX = "gen-"
@@ -181,6 +183,22 @@ def collect_garbage(kb_dir: Path, named: set[str]) -> list[str]:
         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         removed.append(p.name)
     return removed
+
+
+def shard_state(kb_dir: Path, rows: list[dict]) -> dict:
+    """The manifest's state.shards: per shard holding a live reference, its frames and bytes, live and all."""
+    live = defaultdict(lambda: [0, 0])
+    for r in rows:
+        live[r["shard"]][0] += 1
+        live[r["shard"]][1] += r["byte_length"]
+    state = {}
+    for name in sorted(live):
+        info = shard_info(Path(kb_dir) / name)
+        kv = next(t for t in info.tensors if t.endswith(".kv"))
+        state[name] = {"refs": info.n_refs, "live_refs": live[name][0],
+                       "kv_bytes": read_shard_header(Path(kb_dir) / name)[kv]["shape"][0],
+                       "live_kv_bytes": live[name][1]}
+    return state
 
 
 def remove_temporaries(kb_dir: Path) -> None:

@@ -17,7 +17,7 @@ from m3compile import references as refs_file
 from m3compile.errors import M3Error
 from m3compile.manifest import read_manifest
 from m3compile.model import sha256_file
-from m3compile.pack import decode_payload, payload_nbytes, read_shard_header
+from m3compile.pack import decode_payload, payload_nbytes, read_frame, read_shard_header
 from m3compile.quantize import get_scheme
 from m3compile.store import shard_number
 
@@ -101,8 +101,6 @@ def verify_kb(kb_dir: str | Path, recompute: int = 0, model: str | Path | None =
         if t["ref_keys"][i].tobytes().hex() != r["ref_key"]:
             faults.append(f"{where}: content key differs between the table and the shard")
         try:
-            from m3compile.pack import read_frame
-
             keys, values, pos = decode_payload(read_frame(kb / r["shard"], r["byte_offset"], r["byte_length"]),
                                                scheme, cap, where)
         except M3Error as e:

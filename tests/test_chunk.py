@@ -2,7 +2,6 @@ import json
 import math
 import re
 from itertools import accumulate
-from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer as HFTokenizer

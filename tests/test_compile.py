@@ -2,7 +2,6 @@
 real-activation quantization error, and what `inspect` reports."""
 
 import json
-import struct
 
 import numpy as np
 import pyarrow.parquet as pq

@@ -1,7 +1,6 @@
 """Memories read by a real trained model that was never trained to read them (stories260K)."""
 
 import json
-import math
 
 import pytest
 

@@ -234,3 +234,26 @@ def test_verify_names_every_damaged_artefact(env):
         compile_kb(cfg, kb)
     compile_kb(cfg, kb, rebuild=True)
     assert verify_kb(kb, recompute=3) == []
+
+
+def test_documents_that_vanish_or_change_during_the_run(env, monkeypatch):
+    tmp, corpus, cfg = env
+    real = pipeline.iter_documents
+
+    def racing(root, report, follow_symlinks=False):
+        # the walk has listed every file; then, while the first is read, one vanishes, one changes
+        for i, doc in enumerate(real(root, report, follow_symlinks)):
+            if i == 0:
+                (corpus / "doc2.txt").unlink()
+                (corpus / "doc3.txt").write_text(words(333, 20))
+            yield doc
+
+    monkeypatch.setattr(pipeline, "iter_documents", racing)
+    notes = []
+    r = compile_kb(cfg, tmp / "kb", log=notes.append)
+    assert any("unreadable" in n for n in notes) and any("doc2.txt" in n for n in notes)
+    rows = open_kb(tmp / "kb").references().to_pylist()
+    assert "doc2.txt" not in {x["doc_id"] for x in rows}
+    doc3 = "".join(x["text"] for x in rows if x["doc_id"] == "doc3.txt")
+    assert doc3 == words(333, 20)  # the text that was read is the text that was compiled
+    assert verify_kb(tmp / "kb") == [] and r.manifest["counts"]["documents"] == 3

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from conftest import shared, tinystories
+from conftest import tinystories
 from m3compile.lm import generate, token_nll
 from m3compile.model import load_checkpoint
 

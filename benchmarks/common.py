@@ -1,0 +1,20 @@
+"""Shared data access for the benchmarks: ../shared/data beside the repository."""
+
+import sys
+from pathlib import Path
+
+from m3compile.llama2c import ensure_converted
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def tinystories(n: int) -> list[str]:
+    text = (DATA / "tinystories-val" / "tinystories_val_first1000.txt").read_text(encoding="utf-8")
+    return [s.strip() for s in text.split("<|endoftext|>") if s.strip()][:n]
+
+
+def stories260k(work: Path) -> Path:
+    """stories260K converted to a Hugging Face directory under `work`; exits if the data is absent."""
+    if not (DATA / "stories260k").is_dir():
+        sys.exit(f"{DATA} lacks stories260k: this benchmark needs ../shared/data")
+    return ensure_converted(DATA, work)
