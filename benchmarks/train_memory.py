@@ -79,7 +79,7 @@ def make_world(work: Path, a) -> dict:
                 if rng.random() < a.rag_share:
                     text = articles[r["entity"]].rstrip("\n") + "\n\n" + r["text"]
                     f.write(json.dumps({"id": r["id"] + ".rag", "text": text}) + "\n")
-    return {"H": H, "A": A, "W": W, "records": recs}
+    return {"H": H, "A": A, "W": W, "records": recs, "world": world}
 
 
 def warm_up(work: Path, a) -> Path:
@@ -154,7 +154,6 @@ class Evaluator:
         return nll, len(ids), hits, len(rec["facts"])
 
     def table(self, recs, modes=("none", "sparse", "rag", "other"), seed=0) -> dict:
-        ents = sorted({r["entity"] for r in recs})
         rng = random.Random(seed)
         out = {}
         for mode in modes:
@@ -166,6 +165,39 @@ class Evaluator:
             out[mode] = {k: {"fact_acc": round(v[2] / max(1, v[3]), 4), "facts": v[3],
                              "ppl": round(math.exp(v[0] / max(1, v[1])), 3)} for k, v in s.items()}
         return out
+
+
+def selection_coverage(kb_dir: Path, tok: Tokenizer, world, ents) -> dict:
+    """How many fact tokens of the articles of `ents` the kb's top-k selection keeps at all.
+
+    A fact counts as kept when every one of its tokens is among the kept tokens of some memory
+    layer and kv head (the union): a ceiling on what any reader can recall from sparse memory."""
+    kb = open_kb(kb_dir)
+    t = kb.references().select(["ref_id", "doc_id", "index", "n_tokens"]).to_pydict()
+    refs_of = {}
+    for rid, doc, i, n in zip(t["ref_id"], t["doc_id"], t["index"], t["n_tokens"]):
+        refs_of.setdefault(Path(doc).stem, []).append((i, rid, n))
+    rng = random.Random(f"{world.seed}/articles")
+    tokens = kept_tokens = facts = kept_facts = 0
+    for e in world.entities:
+        text, spans = make_corpus.article(e, rng)  # drawn for every entity, as write_corpus does
+        if e.id not in ents:
+            continue
+        _, offsets = tok.encode_with_offsets(text)
+        where, start = {}, 0  # document token index -> (ref id, index in the reference)
+        for _, rid, n in sorted(refs_of[e.id]):
+            where.update({start + j: (rid, j) for j in range(n)})
+            start += n
+        kept = {rid: set(kb.memory(rid).positions.flatten().tolist()) for _, rid, _ in refs_of[e.id]}
+        for f in spans:
+            cols = [j for j, (a, b) in enumerate(offsets) if a < f["end"] and b > f["start"]]
+            hit = [where[j][1] in kept[where[j][0]] for j in cols]
+            tokens += len(hit)
+            kept_tokens += sum(hit)
+            facts += 1
+            kept_facts += all(hit)
+    return {"fact_tokens_kept": round(kept_tokens / max(1, tokens), 4),
+            "facts_fully_kept": round(kept_facts / max(1, facts), 4), "facts": facts}
 
 
 def eval_records(recs, ents, limit):
@@ -213,6 +245,8 @@ def main(argv=None):
     seen = eval_records(w["records"], w["A"], a.eval_limit // 2)
     res = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
            "split": {k: len(w[k]) for k in "HAW"}}
+    res["selection"] = {"warm": selection_coverage(kb0, Tokenizer.from_dir(work / "tok"), w["world"], w["H"])}
+    print(json.dumps({"selection": res["selection"]}), flush=True)
     res["warm"] = {"held_out": Evaluator(kb0, warm, work).table(held)}
     print(json.dumps({"warm": res["warm"]}), flush=True)
 
@@ -226,6 +260,7 @@ def main(argv=None):
                       resume=False, checkpoint_every=0)
     rep = train(cfg, show)
     kb1 = compile_world(work, Path(cfg.out), "kb-trained", a)
+    res["selection"]["trained"] = selection_coverage(kb1, Tokenizer.from_dir(work / "tok"), w["world"], w["H"])
     ev = Evaluator(kb1, Path(cfg.out), work)
     res["trained"] = {"held_out": ev.table(held), "memory_only_train": ev.table(seen, modes=("none", "sparse"))}
     res["train"] = {k: rep[k] for k in ("train_seconds", "tokens_per_s", "final_loss", "loss_curve")}
@@ -239,6 +274,9 @@ def main(argv=None):
 def print_table(res):
     print(f"\nsplit {res['split']}  wall {res['wall_seconds']} s  train {res['train']['train_seconds']} s "
           f"({res['train']['tokens_per_s']} tok/s)")
+    for model, c in res["selection"].items():
+        print(f"{model:8} top-k selection keeps {c['fact_tokens_kept']:.1%} of held-out article fact tokens, "
+              f"{c['facts_fully_kept']:.1%} of {c['facts']} facts whole (the ceiling of sparse-memory recall)")
     print(f"{'model':8} {'set':18} {'memory':7} {'q fact acc':>10} {'q ppl':>9} {'r fact acc':>10} {'r ppl':>9}")
     for model in ("warm", "trained"):
         for name, t in res[model].items():
