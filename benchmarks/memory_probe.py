@@ -6,9 +6,13 @@ about a freshly generated entity whose article exists only as memory (its own, n
 with the loss weighted on the answer tokens. Held-out questions of world seed 0's held-out
 entities are scored every --eval-every steps: answer accuracy (all answer tokens right, teacher
 forced) and answer NLL, with the entity's own memory, none, another entity's, and the article in
-context (RAG). --top-k 128 keeps every token; --layers picks the memory layers.
+context (RAG). --top-k 128 keeps every token; --layers picks the memory layers; --ref-tokens
+splits articles into shorter references. --lookup-steps N first trains in-context lookup without
+memory (fresh article, then its questions), the copy circuit memory reading reuses;
+--lookup-share keeps that share of each memory step's rows as lookup rows.
 
     python benchmarks/memory_probe.py --model /tmp/m3-train-memory/warm --steps 1500 --top-k 128
+    python benchmarks/memory_probe.py --model /tmp/m3-train-memory/warm --lookup-steps 2000 --steps 0 --save /tmp/mp/lookup
 """
 
 import argparse
@@ -120,42 +124,72 @@ class Probe:
             ids, w = ids + qi, w + ww
         return ids[:64], w[:64]  # one chunk: it reads this entity's memory
 
+    def lookup_row(self, e) -> tuple[list[int], list[float]]:
+        # the RAG evaluation's format (article, blank line, question), questions after it: the only
+        # way to answer is to find the fact earlier in the sequence, which grows a copy circuit
+        ctx = e["article"] + self.tok.encode("\n\n")
+        ids, w = self.row(e)
+        return ctx + ids, [0.0] * len(ctx) + w
+
+    def train_step(self, rows, chunks, lr: float) -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, targets = batch_logits(self.model, self.layout, [r[0] for r in rows], chunks)
+        weights = torch.zeros(targets.shape)  # (B, T)
+        off = len(self.layout.head) - 1
+        for r, (_, w) in enumerate(rows):
+            weights[r, off:off + len(w)] = torch.tensor(w)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                              reduction="none").view(targets.shape)
+        loss = (nll * weights).sum() / weights.sum()
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        return loss.item()
+
+    def phase(self, name: str, steps: int, make_batch, modes) -> None:
+        a, t0, losses = self.a, time.time(), []
+        for step in range(steps):
+            rows, chunks = make_batch()
+            # linear warm-up over 30 steps, cosine down to 10 % of the peak
+            lr = a.lr * min(1, (step + 1) / 30) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
+            losses.append(self.train_step(rows, chunks, lr))
+            if (step + 1) % 50 == 0:
+                print(f"{name} step {step + 1} loss {sum(losses) / len(losses):.3f} {time.time() - t0:.0f}s", flush=True)
+                losses = []
+            if (step + 1) % a.eval_every == 0 or step + 1 == steps:
+                print(json.dumps({"phase": name, "step": step + 1, **{m: self.evaluate(m) for m in modes}}), flush=True)
+
+    def lookup_batch(self):
+        rows = [self.lookup_row(self.fresh()) for _ in range(self.a.batch_size)]
+        return rows, [None] * len(rows)
+
+    def memory_batch(self):
+        ents = [self.fresh() for _ in range(self.a.batch_size)]
+        rows = [self.row(e) for e in ents]
+        with torch.set_grad_enabled(self.a.grad_through_memory):
+            chunks = self.memories(ents)
+        # --lookup-share of the rows keep practising in-context lookup (no memory) so the copy
+        # circuit the memory reader reuses is not trained away
+        n_look = round(self.a.lookup_share * len(ents))
+        for r in range(n_look):
+            rows[r], chunks[r] = self.lookup_row(ents[r]), None
+        return rows, chunks
+
     def run(self):
         a, model = self.a, self.model
-        params = list(model.parameters())
-        for p in params:
+        self.params = list(model.parameters())
+        for p in self.params:
             p.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
+        self.opt = torch.optim.AdamW(self.params, lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
         modes = ("own", "none", "other", "rag")
-        print(json.dumps({"step": 0, **{m: self.evaluate(m) for m in modes}}), flush=True)
-        t0, losses = time.time(), []
-        for step in range(a.steps):
-            ents = [self.fresh() for _ in range(a.batch_size)]
-            rows = [self.row(e) for e in ents]
-            with torch.set_grad_enabled(a.grad_through_memory):
-                chunks = self.memories(ents)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                logits, targets = batch_logits(model, self.layout, [r[0] for r in rows], chunks)
-            weights = torch.zeros(targets.shape)
-            off = len(self.layout.head) - 1
-            for r, (_, w) in enumerate(rows):
-                weights[r, off:off + len(w)] = torch.tensor(w)
-            nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
-                                  reduction="none").view(targets.shape)
-            loss = (nll * weights).sum() / weights.sum()
-            lr = a.lr * min(1, (step + 1) / 30) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / a.steps)))
-            for g in opt.param_groups:
-                g["lr"] = lr
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            losses.append(loss.item())
-            if (step + 1) % 50 == 0:
-                print(f"step {step + 1} loss {sum(losses) / len(losses):.3f} {time.time() - t0:.0f}s", flush=True)
-                losses = []
-            if (step + 1) % a.eval_every == 0 or step + 1 == a.steps:
-                print(json.dumps({"step": step + 1, **{m: self.evaluate(m) for m in modes}}), flush=True)
+        print(json.dumps({"phase": "start", "step": 0, **{m: self.evaluate(m) for m in modes}}), flush=True)
+        if a.lookup_steps:
+            self.phase("lookup", a.lookup_steps, self.lookup_batch, ("none", "rag"))
+        if a.steps:
+            self.phase("memory", a.steps, self.memory_batch, modes)
         if a.save:
             save_checkpoint(model.eval(), a.save, tokenizer_dir=a.model, bos_id=self.tok.bos_id, eos_id=self.tok.eos_id)
 
@@ -172,6 +206,10 @@ def main():
     ap.add_argument("--qper", type=int, default=4, help="questions per training row")
     ap.add_argument("--w-other", type=float, default=0.1, help="loss weight of non-answer tokens")
     ap.add_argument("--ref-tokens", type=int, default=128)
+    ap.add_argument("--lookup-steps", type=int, default=0,
+                    help="first train in-context lookup (fresh article, then its questions; no memory)")
+    ap.add_argument("--lookup-share", type=float, default=0.0,
+                    help="share of each memory step's rows that are in-context lookup rows")
     ap.add_argument("--eval-n", type=int, default=300)
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--save", help="write the probed model here")
