@@ -17,7 +17,6 @@ the cost is the real one.
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -83,8 +82,8 @@ def main():
     opts = ap.parse_args()
     if not DATA.is_dir():
         sys.exit(f"{DATA} is absent: this benchmark needs ../shared/data/gutenberg")
-    work = Path(tempfile.mkdtemp(prefix="m3bench-"))
-    try:
+    with tempfile.TemporaryDirectory(prefix="m3bench-") as tmp:
+        work = Path(tmp)
         corpus = work / "corpus"
         corpus.mkdir()
         texts = book_texts(opts.mb)
@@ -121,8 +120,6 @@ def main():
             print(f"  {dtype}: " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in sorted(shares.items())))
         if len(rows) == 2:
             print(f"\nbf16 / fp32 throughput ratio: {rows[0][4] / rows[1][4]:.2f}x")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

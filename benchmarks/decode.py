@@ -12,7 +12,6 @@ the kb's own index, memories decoded from the kb (LRU cache cleared before each 
 """
 
 import argparse
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -35,8 +34,8 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     opts = ap.parse_args()
     torch.manual_seed(0)
-    work = Path(tempfile.mkdtemp(prefix="m3decode-"))
-    try:
+    with tempfile.TemporaryDirectory(prefix="m3decode-") as tmp:
+        work = Path(tmp)
         compile_kb(CompileConfig(corpus=opts.corpus, model=opts.model), work / "kb")
         kb = open_kb(work / "kb")
         ck = load_kb_model(kb, opts.model)
@@ -70,8 +69,6 @@ def main():
             print(f"  {k:15s} {v:8.1f} tokens/s")
         print(f"with/without memory: {mean['with memory'] / mean['without memory']:.3f} "
               f"({100 * (mean['with memory'] / mean['without memory'] - 1):+.1f} %; paper: -35.2 %)")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

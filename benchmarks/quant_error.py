@@ -4,7 +4,6 @@
 """
 
 import argparse
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -17,8 +16,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--stories", type=int, default=40)
     opts = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="m3quant-"))
-    try:
+    with tempfile.TemporaryDirectory(prefix="m3quant-") as tmp:
+        work = Path(tmp)
         model = stories260k(work)
         stories = tinystories(opts.stories)
         (work / "corpus").mkdir()
@@ -28,8 +27,6 @@ def main():
             q = compile_kb(CompileConfig(corpus=str(work / "corpus"), model=str(model), quant=quant), work / quant).manifest["quant"]
             print(f"| {q['scheme']} | {q['bits_per_element_stored']:.1f} | {q['bits_per_element_compressed']:.1f} | "
                   f"{q['rel_err_max']:.4f} | {q['rel_err_mean']:.4f} | {q['max_abs_err']:.4g} |")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

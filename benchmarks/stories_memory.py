@@ -11,7 +11,6 @@ layers and in all layers — for each --quant.
 
 import argparse
 import json
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -30,8 +29,8 @@ def main():
     ap.add_argument("--quant", default="none,int8")
     ap.add_argument("--top-k", type=int, default=8)
     opts = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="m3stories-"))
-    try:
+    with tempfile.TemporaryDirectory(prefix="m3stories-") as tmp:
+        work = Path(tmp)
         model = stories260k(work)
         stories = tinystories(opts.stories)
         corpus = work / "stories.jsonl"
@@ -50,8 +49,6 @@ def main():
             for name, v in rows.items():
                 print(f"| {name} | {v['ppl']:.4f} | {v['nll']:.4f} | {v['nll'] - base:+.4f} | "
                       f"{r['improved_docs'].get(name, '')} |")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
