@@ -30,6 +30,12 @@ TRAIN_MAX = 100_000  # at most this many vectors (or 64 per IVF list, if more) t
 NPROBE = 16  # IVF lists visited per query, stored in index.faiss and recorded as search_params
 # reciprocal-rank fusion (Cormack et al. 2009): score = sum over methods of w / (rrf_k + rank)
 FUSION = dict(method="rrf", rrf_k=60, depth=100, weights={"bm25": 1.0, "dense": 1.0})
+# A reference cut from the middle of a document has lost the words that say what it is about
+# ("It was founded in 892." names no town), so the indexes see each later reference after its
+# document's title. Measured on the 2000-article example world with 32-token references: BM25
+# finds the reference holding a question's answer for 49 % of questions without titles, 94.5 % with.
+TITLE_MAX_CHARS = 100
+TITLE_JOINER = "\n\n"
 
 
 def _version(dist: str) -> str:
@@ -200,6 +206,21 @@ def _build_dense(out: Path, ref_ids: list[int], texts: list[str], embedder: str,
 
 # ---- both ----------------------------------------------------------------------------------------
 
+def document_title(first_text: str) -> str | None:
+    """A document's title: the first line of its first reference, Markdown '#'s and spaces
+    stripped, when that is 1..TITLE_MAX_CHARS characters (a heading, not a paragraph)."""
+    line = first_text.split("\n", 1)[0].strip().lstrip("#").strip()
+    return line if 0 < len(line) <= TITLE_MAX_CHARS else None
+
+
+def index_texts(doc_ids: list[str], indices: list[int], texts: list[str]) -> list[str]:
+    """What the indexes see of each reference: its text, after its document's title for every
+    reference but a document's first (which holds the title already). formats/index.md."""
+    titles = {d: document_title(t) for d, i, t in zip(doc_ids, indices, texts) if i == 0}
+    return [t if i == 0 or not titles.get(d) else titles[d] + TITLE_JOINER + t
+            for d, i, t in zip(doc_ids, indices, texts)]
+
+
 def build_indexes(kb_dir: Path, ref_ids: list[int], texts: list[str], embedder: str | None,
                   index_factory: str = "Flat", device: str = "cpu") -> dict:
     """Write the retrieval indexes over the references into `kb_dir`.
@@ -207,7 +228,7 @@ def build_indexes(kb_dir: Path, ref_ids: list[int], texts: list[str], embedder: 
     Args:
         kb_dir: the kb directory (exists).
         ref_ids: the references' ids, one per text; they become the index ids.
-        texts: the references' texts.
+        texts: what to index of each reference (index_texts: the reference after its title).
         embedder: a local sentence-transformers model directory, or None for BM25 only.
         index_factory: FAISS factory string of the dense index ("Flat", "IVF1024,PQ32", "HNSW32", ...).
         device: torch device for the embedder.
@@ -231,6 +252,7 @@ def build_indexes(kb_dir: Path, ref_ids: list[int], texts: list[str], embedder: 
     return {"retrieval": {
         "format": FORMAT, "format_version": FORMAT_VERSION, "ids": "ref_id", "count": len(ref_ids),
         "mode": "hybrid" if dense else "bm25",
+        "text": {"title": "first-line", "max_chars": TITLE_MAX_CHARS, "joiner": TITLE_JOINER},
         "bm25": bm25, "dense": dense, "fusion": dict(FUSION) if dense else None,
         "files": sorted(files),
     }}

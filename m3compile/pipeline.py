@@ -33,7 +33,7 @@ from m3compile.config import MEMORY_SETTINGS, RUN_SETTINGS, CompileConfig, defau
 from m3compile.corpus import RECORD_SUFFIXES, TEXT_SUFFIXES, CorpusReport, iter_documents
 from m3compile.encode import encode_batch, write_prefix
 from m3compile.errors import M3Error
-from m3compile.index import build_indexes
+from m3compile.index import build_indexes, index_texts
 from m3compile.model import Checkpoint, fingerprint, load_checkpoint
 from m3compile.pack import (CODEC, FORMAT, FORMAT_VERSION, INDEX_NAME, LAYOUT, ZSTD_LEVEL, ShardWriter,
                             bits_per_element, encode_payload, frame_shape, payload_nbytes, read_frame,
@@ -319,7 +319,8 @@ def _build_generation(out: Path, setup: Setup, rows: list[dict], shards: list[st
         write_shard_index(gen, infos, meta)
         (gen / TOKENIZER_COPY).write_bytes((setup.ck.path / "tokenizer.json").read_bytes())
         with timer("index"):
-            retrieval.update(build_indexes(gen, [r["ref_id"] for r in rows], [r["text"] for r in rows],
+            texts = index_texts([r["doc_id"] for r in rows], [r["index"] for r in rows], [r["text"] for r in rows])
+            retrieval.update(build_indexes(gen, [r["ref_id"] for r in rows], texts,
                                            setup.config.embedder, setup.config.index_factory,
                                            setup.config.device)["retrieval"])
 

@@ -430,3 +430,40 @@ def test_kb_retrieve_on_a_compiled_kb(tmp_path):
     kb = open_kb(tmp_path / "kb")
     hits = kb.retrieve("w31 w32", k=2)
     assert hits[0].ref_id == 1 and len(hits) == 1  # only one reference shares a term
+
+
+def test_index_texts_put_the_document_title_before_later_references():
+    from m3compile.index import TITLE_MAX_CHARS, index_texts
+
+    docs = ["a.md", "a.md", "a.md", "b.txt", "b.txt", "c.txt"]
+    idx = [0, 1, 2, 0, 1, 0]
+    long_line = "x" * (TITLE_MAX_CHARS + 1)
+    texts = ["# Kothport\n\nKothport is a town.", "It was founded in 892.", "Its rival is Losk.",
+             long_line + " and on", "more of b", "## Only one reference"]
+    assert index_texts(docs, idx, texts) == [
+        texts[0], "Kothport\n\nIt was founded in 892.", "Kothport\n\nIts rival is Losk.",
+        texts[3], "more of b",  # a first line longer than a heading gives no title
+        texts[5]]               # a document's first reference is indexed as it is
+    # order of rows does not matter: titles come from each document's reference 0
+    assert index_texts(docs[::-1], idx[::-1], texts[::-1]) == index_texts(docs, idx, texts)[::-1]
+
+
+def test_compiled_kb_finds_a_later_reference_by_its_document_title(tmp_path):
+    from conftest import make_checkpoint
+    from m3compile.config import CompileConfig
+    from m3compile.kb import open_kb
+    from m3compile.pipeline import compile_kb
+
+    pytest.importorskip("transformers", reason="transformers builds the tiny test checkpoint")
+    make_checkpoint(tmp_path / "model", "LlamaForCausalLM", {})
+    (tmp_path / "corpus").mkdir()
+    words = " ".join(f"w{i}" for i in range(10, 30))
+    (tmp_path / "corpus" / "d.md").write_text("w90\n\n" + words)
+    compile_kb(CompileConfig(corpus=str(tmp_path / "corpus"), model=str(tmp_path / "model"), max_tokens=8),
+               tmp_path / "kb")
+    kb = open_kb(tmp_path / "kb")
+    refs = kb.references().select(["ref_id", "index", "text"]).to_pylist()
+    assert len(refs) >= 3 and all("w90" not in r["text"] for r in refs if r["index"] > 0)
+    hits = kb.retrieve("w90", k=10)
+    assert {h.ref_id for h in hits} == {r["ref_id"] for r in refs}  # every reference carries the title
+    assert kb.manifest["retrieval"]["text"]["title"] == "first-line"
