@@ -94,7 +94,8 @@ class ModelArgs:
         else:
             qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
             mlp_bias = bool(cfg.get("mlp_bias", False))
-            window = cfg.get("sliding_window") if arch == "MistralForCausalLM" else None
+            # transformers' MistralConfig defaults a missing sliding_window to 4096 (null = none)
+            window = cfg.get("sliding_window", 4096) if arch == "MistralForCausalLM" else None
         return cls(
             vocab_size=cfg["vocab_size"],
             dim=dim,
@@ -116,33 +117,68 @@ class ModelArgs:
         )
 
     def to_hf_config(self, bos_token_id: int | None = None, eos_token_id: int | None = None) -> dict:
-        """The transformers `config.json` of a Llama with these args (for checkpoints we write)."""
-        assert self.architecture == "LlamaForCausalLM" and self.qkv_bias == self.o_bias, self
+        """The transformers `config.json` of these args, such that from_hf_config reads back the same
+        args; refuses (M3Error) what transformers' class for `architecture` cannot express."""
+        arch = self.architecture
+        assert arch in SUPPORTED_ARCHITECTURES, arch
+        biases = (self.qkv_bias, self.o_bias, self.mlp_bias)
+        if biases not in _HF_BIASES[arch]:
+            fits = [a for a, allowed in _HF_BIASES.items() if biases in allowed]
+            raise M3Error(
+                f"cannot write a {arch} with biases q/k/v={self.qkv_bias}, o={self.o_bias}, "
+                f"mlp={self.mlp_bias}: transformers' {arch} has no such layout; "
+                + (f"save it as {' or '.join(fits)}" if fits else "no supported architecture has it")
+            )
+        if arch == "LlamaForCausalLM" and self.sliding_window is not None:
+            raise M3Error(f"cannot write a LlamaForCausalLM with sliding window {self.sliding_window}: "
+                          "Llama has none; save it as MistralForCausalLM or Qwen2ForCausalLM")
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling:
             rope = {**dict(self.rope_scaling), "rope_theta": self.rope_theta}
-        return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+        cfg = {
+            "architectures": [arch],
+            "model_type": _HF_MODEL_TYPES[arch],
             "vocab_size": self.vocab_size,
             "hidden_size": self.dim,
             "intermediate_size": self.hidden_dim,
             "num_hidden_layers": self.n_layers,
             "num_attention_heads": self.n_heads,
             "num_key_value_heads": self.n_kv_heads,
+            # Qwen2Config has no head_dim field, but its modeling code reads one when present
             "head_dim": self.head_dim,
             "hidden_act": "silu",
             "max_position_embeddings": self.max_seq_len,
             "rms_norm_eps": self.norm_eps,
             "rope_theta": self.rope_theta,
             "rope_parameters": rope,
-            "attention_bias": self.qkv_bias,
-            "mlp_bias": self.mlp_bias,
             "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": bos_token_id,
             "eos_token_id": eos_token_id,
             "torch_dtype": "float32",
         }
+        if arch == "LlamaForCausalLM":
+            cfg.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
+        elif arch == "MistralForCausalLM":
+            # written even when null: MistralConfig defaults an absent key to 4096
+            cfg.update(sliding_window=self.sliding_window)
+        else:
+            # the runtime never attends past the window, so which layers slide is unobservable to
+            # it; when a window is active every layer gets it, like max_window_layers = 0
+            kind = "full_attention" if self.sliding_window is None else "sliding_attention"
+            cfg.update(use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window,
+                       max_window_layers=0 if self.sliding_window is not None else self.n_layers,
+                       layer_types=[kind] * self.n_layers)
+        return cfg
+
+
+# what transformers' modeling code of each architecture hard-wires: allowed (qkv_bias, o_bias, mlp_bias);
+# Llama's attention_bias switches q/k/v/o together, Qwen2 always has q/k/v biases, Mistral none
+_HF_BIASES = {
+    "LlamaForCausalLM": {(a, a, m) for a in (False, True) for m in (False, True)},
+    "MistralForCausalLM": {(False, False, False)},
+    "Qwen2ForCausalLM": {(True, False, False)},
+}
+_HF_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 
 
 def _rope_config(cfg: dict) -> tuple[float, tuple | None]:
@@ -571,8 +607,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
 
 def save_checkpoint(model: Transformer, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
                     bos_id: int | None = None, eos_id: int | None = None) -> Path:
-    """Write `model` as an ordinary Hugging Face Llama checkpoint (config.json + model.safetensors)."""
+    """Write `model` as an ordinary Hugging Face checkpoint of its architecture (config.json +
+    model.safetensors, plus tokenizer files copied from `tokenizer_dir`); see ModelArgs.to_hf_config."""
     out = Path(out_dir)
+    config = model.args.to_hf_config(bos_id, eos_id)  # refuses before anything is written
+    config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
     out.mkdir(parents=True, exist_ok=True)
     ours_to_hf = {}
     for hf, ours in WEIGHT_MAP.items():
@@ -581,7 +620,6 @@ def save_checkpoint(model: Transformer, out_dir: str | Path, tokenizer_dir: str 
     state = {ours_to_hf[k]: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
              if not (k == "output.weight" and model.args.tie_word_embeddings)}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = model.args.to_hf_config(bos_id, eos_id)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if tokenizer_dir is not None:
         for name in ("tokenizer.json", "tokenizer_config.json"):

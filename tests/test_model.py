@@ -122,6 +122,60 @@ def test_save_checkpoint_round_trips_through_transformers(tmp_path):
         assert (load_checkpoint(tmp_path).model(ids) - model(ids)).abs().max() == 0
 
 
+SAVE_CASES = {
+    **{c: CHECKPOINT_CASES[c] for c in ("llama-gqa", "llama-bias", "llama-tied", "llama3-rope",
+                                        "mistral-head-dim", "qwen2-bias-tied")},
+    "mistral-no-window": ("MistralForCausalLM", dict(sliding_window=None)),
+    "qwen2-window": ("Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=64, max_window_layers=1)),
+    "qwen2-head-dim-rope": ("Qwen2ForCausalLM", dict(head_dim=24, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 50000.0, "factor": 4.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+}
+
+
+@pytest.mark.parametrize("case", list(SAVE_CASES))
+def test_saved_checkpoint_is_the_same_model_to_transformers(tmp_path, case):
+    from safetensors import safe_open
+    from m3compile.model import fingerprint
+
+    arch, overrides = SAVE_CASES[case]
+    src, out = tmp_path / "src", tmp_path / "out"
+    ref = make_checkpoint(src, arch, overrides)
+    ck = load_checkpoint(src)
+    save_checkpoint(ck.model, out, tokenizer_dir=src, bos_id=1, eos_id=2)
+    saved = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    assert type(saved) is type(ref)
+    # transformers' own reading of the window (MistralConfig turns an absent key into 4096)
+    assert getattr(saved.config, "sliding_window", None) == ck.args.sliding_window
+    names = [safe_open(str(d / "model.safetensors"), "pt").keys() for d in (src, out)]
+    assert sorted(names[1]) == sorted(names[0])  # biases included, under their HF names
+    ids = torch.randint(3, SMALL["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (saved(ids).logits - ref(ids).logits).abs().max() <= 1e-5
+    assert load_checkpoint(out).args == ck.args
+    assert fingerprint(out)["args"] == fingerprint(src)["args"]
+    assert ModelArgs.from_hf_config(ck.args.to_hf_config()) == ck.args
+
+
+_ARGS = ModelArgs(vocab_size=120, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96)
+
+
+@pytest.mark.parametrize("arch, changes, message", [
+    ("MistralForCausalLM", dict(qkv_bias=True, o_bias=True), "save it as LlamaForCausalLM"),
+    ("Qwen2ForCausalLM", {}, "q/k/v=False, o=False, mlp=False: .* save it as LlamaForCausalLM or Mistral"),
+    ("LlamaForCausalLM", dict(qkv_bias=True), "save it as Qwen2ForCausalLM"),
+    ("LlamaForCausalLM", dict(o_bias=True), "no supported architecture has it"),
+    ("LlamaForCausalLM", dict(sliding_window=32), "sliding window 32"),
+])
+def test_save_refuses_what_the_architecture_cannot_express(tmp_path, arch, changes, message):
+    from dataclasses import replace
+
+    args = replace(_ARGS, architecture=arch, **changes)
+    with pytest.raises(M3Error, match=message):
+        save_checkpoint(Transformer(args), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 # --- refusals: every unsupported configuration names what is unsupported ---
 
 def _edit_config(path, **changes):
@@ -216,3 +270,14 @@ def test_kv_cache_decoding_equals_full_forward(tmp_path):
         parts = [model(ids[:, :17], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(17, 30)]
     assert cache.length == 30 and cache.next_pos.tolist() == [30, 30]
     assert (torch.cat(parts, dim=1) - full).abs().max() <= 1e-5
+
+
+def test_mistral_config_without_sliding_window_reads_as_transformers_does():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.MistralConfig(**SMALL).to_dict()
+    expected = transformers.MistralConfig(**SMALL).sliding_window  # transformers' own default
+    del cfg["sliding_window"]
+    assert expected is not None
+    assert ModelArgs.from_hf_config({**cfg, "architectures": ["MistralForCausalLM"]}).sliding_window == expected
+    cfg["sliding_window"] = None  # an explicit null is full attention
+    assert ModelArgs.from_hf_config({**cfg, "architectures": ["MistralForCausalLM"]}).sliding_window is None
