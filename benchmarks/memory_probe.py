@@ -28,7 +28,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import make_corpus as mc  # noqa: E402  (examples/ is not a package)
-from train_memory import split_world  # noqa: E402  (same directory)
 from m3compile.model import load_checkpoint, save_checkpoint  # noqa: E402
 from m3compile.reader import ChunkMemory, ReadLayout  # noqa: E402
 from m3compile.train import batch_logits, encode_memories  # noqa: E402
@@ -67,7 +66,7 @@ class Probe:
         prefix = [self.tok.bos_id] + self.tok.encode("Reference:")
         self.layout = ReadLayout(tuple(prefix), self.tok.bos_id, self.layers, 128, 64, 5)
         world = entities(self.tok, 0, a.ref_tokens)
-        held, _, _ = split_world([e["id"] for e in world], 0.1, 0.6, 0)
+        held, _, _ = mc.split_world([e["id"] for e in world], 0.1, 0.6, 0)
         self.held = [e for e in world if e["id"] in held]
         self.pool, self.pool_seed = [], 1
 
@@ -194,7 +193,7 @@ class Probe:
             save_checkpoint(model.eval(), a.save, tokenizer_dir=a.model, bos_id=self.tok.bos_id, eos_id=self.tok.eos_id)
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="warm-up model: DIR/warm of benchmarks/train_memory.py --work DIR")
     ap.add_argument("--steps", type=int, default=400)
@@ -214,7 +213,7 @@ def main():
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--save", help="write the probed model here")
     ap.add_argument("--threads", type=int, default=1)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     random.seed(0)

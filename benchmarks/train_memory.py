@@ -5,13 +5,19 @@ The setup of issue 6 on the project's fictional encyclopedia (examples/make_corp
      any training text), memory-only A (their restatements and questions are training texts, their
      articles only in the kb: memory is the only source of their facts) and known W;
   2. warm-up without memory (examples/train_model.py) on W's articles, restatements and questions;
-  3. compile every article into a kb with the warm model, continue training with memory
-     (m3compile.train) on A's and W's restatements and questions, recompile the kb with the result;
-  4. on H's restatements and questions: fact accuracy (every token of the fact greedy-correct,
+  3. lookup warm-up without memory (benchmarks/memory_probe.py --lookup-steps): rows of a freshly
+     generated entity's article followed by its questions, so the model grows the in-context copy
+     circuit that reading memories reuses (examples/README.md: without it recall stays near 5 %);
+  4. compile every article into a kb with that model (--ref-tokens per reference, --top-k kept
+     tokens, --memory-layers), continue training with memory (m3compile.train) on A's and W's
+     restatements and questions (plus --rag-share of them with the article in context), recompile
+     the kb with the result;
+  5. on H's restatements and questions: fact accuracy (every token of the fact greedy-correct,
      teacher-forced) and perplexity, without memory / with the kb's sparse memories found by
-     retrieval / with the article pasted as text (RAG) / with another entity's memories (harm).
+     retrieval / with the article pasted as text (RAG) / with another entity's memories (harm);
+     measured after step 3 (no memory training) and after step 4.
 
-    python benchmarks/train_memory.py                      # the full run (minutes, one thread)
+    python benchmarks/train_memory.py                      # the full run (~45 min, one thread)
     python benchmarks/train_memory.py --smoke              # < 60 s, what CI runs
     python benchmarks/train_memory.py --json out.json      # also write every figure as JSON
 
@@ -36,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
 import make_corpus  # noqa: E402
+import memory_probe  # noqa: E402  (same directory)
 import train_model  # noqa: E402
 import train_tokenizer  # noqa: E402
 from m3compile.config import CompileConfig  # noqa: E402
@@ -54,31 +61,32 @@ def _jsonl(path):
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
 
 
-def split_world(ids: list[str], held_out: float, memory_only: float, seed: int):
-    rng = random.Random(f"{seed}/split")
-    ids = sorted(ids)
-    rng.shuffle(ids)
-    nh, na = round(held_out * len(ids)), round(memory_only * len(ids))
-    return set(ids[:nh]), set(ids[nh:nh + na]), set(ids[nh + na:])
-
-
 def make_world(work: Path, a) -> dict:
     world = make_corpus.generate(a.entities, a.world_seed)
     make_corpus.write_corpus(world, work / "corpus")
     make_corpus.write_facts(world, work / "facts")
-    H, A, W = split_world([e.id for e in world.entities], a.held_out, a.memory_only, a.world_seed)
+    H, A, W = make_corpus.split_world([e.id for e in world.entities], a.held_out, a.memory_only, a.world_seed)
     (work / "warm.txt").write_text("\n".join(sorted(W)))
     recs = _jsonl(work / "facts" / "restatements.jsonl") + _jsonl(work / "facts" / "questions.jsonl")
     articles = {e.id: (work / "corpus" / f"{e.id}.md").read_text(encoding="utf-8") for e in world.entities}
     rng = random.Random(f"{a.world_seed}/rag")
+    texts = []
+    for e in sorted(A | W):
+        mine = [r for r in recs if r["entity"] == e]
+        qs = [r for r in mine if r["kind"] == "question"]
+        rng.shuffle(qs)
+        # --pack-questions of one entity's questions make one text: one 64-token chunk with
+        # several answers to find in the same memories (more signal per chunk, as in
+        # benchmarks/memory_probe.py's rows)
+        n = max(1, a.pack_questions)
+        texts += [(e, r["id"], r["text"]) for r in mine if r["kind"] != "question"]
+        texts += [(e, qs[i]["id"], " ".join(q["text"] for q in qs[i:i + n])) for i in range(0, len(qs), n)]
     with open(work / "train_texts.jsonl", "w", encoding="utf-8") as f:
-        for r in recs:
-            if r["entity"] in A | W:
-                f.write(json.dumps({"id": r["id"], "text": r["text"]}) + "\n")
-                # in-context copies keep RAG alive; Eq. 6 then drops the article from memory
-                if rng.random() < a.rag_share:
-                    text = articles[r["entity"]].rstrip("\n") + "\n\n" + r["text"]
-                    f.write(json.dumps({"id": r["id"] + ".rag", "text": text}) + "\n")
+        for entity, rid, text in texts:
+            f.write(json.dumps({"id": rid, "text": text}) + "\n")
+            # in-context copies keep RAG alive; Eq. 6 then drops the article from memory
+            if rng.random() < a.rag_share:
+                f.write(json.dumps({"id": rid + ".rag", "text": articles[entity].rstrip("\n") + "\n\n" + text}) + "\n")
     return {"H": H, "A": A, "W": W, "records": recs, "world": world}
 
 
@@ -95,10 +103,19 @@ def warm_up(work: Path, a) -> Path:
     return model_dir
 
 
+def lookup_warm_up(work: Path, warm: Path, a) -> Path:
+    """In-context lookup on fresh entities (no memory): the copy circuit memory reading reuses."""
+    out = work / "lookup"
+    memory_probe.main(["--model", str(warm), "--lookup-steps", str(a.lookup_steps), "--steps", "0",
+                       "--batch-size", str(a.batch_size), "--eval-every", str(max(1, a.lookup_steps)),
+                       "--eval-n", str(min(300, a.eval_limit)), "--save", str(out)])
+    return out
+
+
 def compile_world(work: Path, model: Path, name: str, a) -> Path:
     kb = work / name
     shutil.rmtree(kb, ignore_errors=True)
-    compile_kb(CompileConfig(corpus=str(work / "corpus"), model=str(model), top_k=a.top_k,
+    compile_kb(CompileConfig(corpus=str(work / "corpus"), model=str(model), top_k=a.top_k, max_tokens=a.ref_tokens,
                              memory_layers=a.memory_layers, quant="int8"), kb)
     return kb
 
@@ -200,6 +217,19 @@ def selection_coverage(kb_dir: Path, tok: Tokenizer, world, ents) -> dict:
             "facts_fully_kept": round(kept_facts / max(1, facts), 4), "facts": facts}
 
 
+def export(out: Path, world, H: set, model: Path, res: dict, a) -> None:
+    """Write the reader example (examples/reader/): the memory-trained model, the held-out
+    entities' articles (the kb's corpus: never in any training text) and their facts."""
+    shutil.rmtree(out / "model", ignore_errors=True)
+    shutil.copytree(model, out / "model", ignore=shutil.ignore_patterns("train-state*"))
+    make_corpus.write_corpus(world, out / "corpus", ids=H)
+    make_corpus.write_facts(world, out / "facts", ids=H)
+    keep = {k: res[k] for k in ("args", "split", "selection", "warm", "trained")}
+    keep["compile"] = {"max_tokens": a.ref_tokens, "top_k": a.top_k, "memory_layers": list(a.memory_layers),
+                       "quant": "int8"}
+    (out / "results.json").write_text(json.dumps(keep, indent=2, sort_keys=True) + "\n")
+
+
 def eval_records(recs, ents, limit):
     rs = [r for r in recs if r["entity"] in ents]
     random.Random(0).shuffle(rs)
@@ -209,29 +239,36 @@ def eval_records(recs, ents, limit):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/m3-train-memory"))
-    ap.add_argument("--entities", type=int, default=400)
+    ap.add_argument("--entities", type=int, default=2000)
     ap.add_argument("--world-seed", type=int, default=0)
-    ap.add_argument("--held-out", type=float, default=0.1)
-    ap.add_argument("--memory-only", type=float, default=0.6)
+    ap.add_argument("--held-out", type=float, default=0.02)
+    ap.add_argument("--memory-only", type=float, default=0.92)
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--n-heads", type=int, default=4)
     ap.add_argument("--n-kv-heads", type=int, default=2)
     ap.add_argument("--warm-steps", type=int, default=800)
+    ap.add_argument("--lookup-steps", type=int, default=3500, help="in-context lookup warm-up steps (0: none)")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--memory-fraction", type=float, default=0.8)
     ap.add_argument("--grad-through-memory", action="store_true")
-    ap.add_argument("--rag-share", type=float, default=0.0, help="training texts also given with their article in context")
+    ap.add_argument("--rag-share", type=float, default=0.25, help="training texts also given with their article in context")
+    ap.add_argument("--pack-questions", type=int, default=1, help="questions of one entity per training text")
     ap.add_argument("--top-k", type=int, default=8)
-    ap.add_argument("--memory-layers", type=lambda s: tuple(int(x) for x in s.split(",")), default=None)
+    ap.add_argument("--ref-tokens", type=int, default=32, help="tokens per reference (paper: 128)")
+    # all layers, not the paper's first half: in this 4-layer model the lookup reads keys in
+    # layers 2-3, and memory in layers 0-1 caps recall at ~30 % (examples/README.md)
+    ap.add_argument("--memory-layers", type=lambda s: tuple(int(x) for x in s.split(",")), default=(0, 1, 2, 3))
     ap.add_argument("--eval-limit", type=int, default=400, help="held-out records evaluated")
     ap.add_argument("--reuse-warm", action="store_true", help="keep an existing warm model in --work")
     ap.add_argument("--smoke", action="store_true", help="tiny world and runs, < 60 s")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--export", type=Path, help="write the reader example here (examples/reader)")
     a = ap.parse_args(argv)
     if a.smoke:
-        a.entities, a.warm_steps, a.steps, a.eval_limit, a.batch_size = 40, 60, 30, 40, 8
+        a.entities, a.warm_steps, a.lookup_steps, a.steps, a.eval_limit, a.batch_size = 40, 60, 20, 30, 40, 8
+        a.held_out, a.memory_only = 0.1, 0.6
     torch.set_num_threads(1)
     work = a.work
     work.mkdir(parents=True, exist_ok=True)
@@ -240,6 +277,10 @@ def main(argv=None):
     warm = work / "warm"
     if not (a.reuse_warm and (warm / "config.json").is_file()):
         warm = warm_up(work, a)
+    if a.lookup_steps:
+        if not (a.reuse_warm and (work / "lookup" / "config.json").is_file()):
+            lookup_warm_up(work, warm, a)
+        warm = work / "lookup"
     kb0 = compile_world(work, warm, "kb-warm", a)
     held = eval_records(w["records"], w["H"], a.eval_limit)
     seen = eval_records(w["records"], w["A"], a.eval_limit // 2)
@@ -268,6 +309,8 @@ def main(argv=None):
     print_table(res)
     if a.json:
         a.json.write_text(json.dumps(res, indent=2) + "\n")
+    if a.export:
+        export(a.export, w["world"], w["H"], Path(cfg.out), res, a)
     return res
 
 

@@ -335,6 +335,16 @@ def _jsonl(records) -> str:
     return "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in records)
 
 
+def split_world(ids: list[str], held_out: float, memory_only: float, seed: int) -> tuple[set, set, set]:
+    """Split entity ids three ways for the memory-training experiment (benchmarks/train_memory.py):
+    held-out H, memory-only A and known W, by a seeded shuffle of the sorted ids."""
+    rng = random.Random(f"{seed}/split")
+    ids = sorted(ids)
+    rng.shuffle(ids)
+    nh, na = round(held_out * len(ids)), round(memory_only * len(ids))
+    return set(ids[:nh]), set(ids[nh:nh + na]), set(ids[nh + na:])
+
+
 def write_corpus(world: World, out_dir: Path, ids=None) -> list[Path]:
     """Write one article per entity (all, or those in `ids`); remove other `.md` files there."""
     out_dir = Path(out_dir)

@@ -310,9 +310,13 @@ def generate(
                 read.append(ids)
                 return ChunkMemory.gather(base.memories(ids), layout.memory_layers)
 
-        new = read_generate(ck.model, layout, ck.tokenizer.encode(prompt), retrieve, max_new_tokens,
+        prompt_ids = ck.tokenizer.encode(prompt)
+        new = read_generate(ck.model, layout, prompt_ids, retrieve, max_new_tokens,
                             temperature, ck.tokenizer.eos_id, seed)
-        text = ck.tokenizer.decode(new)
+        # decoded after the prompt: a continuation decoded alone loses its leading space
+        head = ck.tokenizer.decode(prompt_ids)
+        full = ck.tokenizer.decode(prompt_ids + new)
+        text = full[len(head):] if full.startswith(head) else ck.tokenizer.decode(new)
     if as_json:
         out.print_json(json.dumps({"prompt": prompt, "text": text, "memory": memory, "references_read": read}))
     else:
