@@ -17,7 +17,7 @@ The setup of issue 6 on the project's fictional encyclopedia (examples/make_corp
      retrieval / with the article pasted as text (RAG) / with another entity's memories (harm);
      measured after step 3 (no memory training) and after step 4.
 
-    python benchmarks/train_memory.py                      # the full run (~45 min, one thread)
+    python benchmarks/train_memory.py                      # the full run (~40 min, one thread; its defaults make examples/reader)
     python benchmarks/train_memory.py --smoke              # < 60 s, what CI runs
     python benchmarks/train_memory.py --json out.json      # also write every figure as JSON
 
@@ -143,7 +143,7 @@ class Evaluator:
     def _chunks(self, rec, ids, mode, other):
         C = self.layout.chunk_tokens
         n_chunks = math.ceil(len(ids) / C)
-        if mode == "none":
+        if mode in ("none", "rag"):  # RAG: the article in context and nothing else
             return None
         if mode == "other":  # another entity's own article memories: pure distraction
             refs = [self.refs_of[other][:self.layout.refs_per_chunk]] * n_chunks
@@ -278,7 +278,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     w = make_world(work, a)
     warm = work / "warm"
-    if not (a.reuse_warm and (warm / "config.json").is_file()):
+    if not (a.reuse_warm and (warm / "config.json").is_file() and (work / "tok" / "tokenizer.json").is_file()):
         warm = warm_up(work, a)
     if a.lookup_steps:
         if not (a.reuse_warm and (work / "lookup" / "config.json").is_file()):

@@ -156,6 +156,8 @@ class ModelArgs:
             "eos_token_id": eos_token_id,
             "torch_dtype": "float32",
         }
+        if self.rope_scaling:  # the same scaling where transformers <5 reads it (it ignores rope_parameters)
+            cfg["rope_scaling"] = dict(self.rope_scaling)
         if arch == "LlamaForCausalLM":
             cfg.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
         elif arch == "MistralForCausalLM":

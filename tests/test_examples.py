@@ -236,6 +236,9 @@ def test_run_example_script(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "kb" / "manifest.json").is_file()
+    assert (tmp_path / "kb-reader" / "manifest.json").is_file()
+    answers = [line for line in proc.stdout.splitlines() if line.startswith("with memory:")]
+    assert answers and "Yimmoor? Ione Tirnric." in answers[0], proc.stdout[-1000:]  # the reader example's answer
 
 
 # ---- the reader example: a model trained to read memories, and a corpus it never trained on ----

@@ -147,6 +147,10 @@ def test_saved_checkpoint_is_the_same_model_to_transformers(tmp_path, case):
     assert type(saved) is type(ref)
     # transformers' own reading of the window (MistralConfig turns an absent key into 4096)
     assert getattr(saved.config, "sliding_window", None) == ck.args.sliding_window
+    cfg = json.loads((out / "config.json").read_text())
+    if ck.args.rope_scaling:  # transformers <5 reads the scaling from rope_scaling only
+        assert cfg["rope_scaling"] == {k: v for k, v in cfg["rope_parameters"].items() if k != "rope_theta"}
+        assert cfg["rope_scaling"]["rope_type"] == "llama3"
     names = [safe_open(str(d / "model.safetensors"), "pt").keys() for d in (src, out)]
     assert sorted(names[1]) == sorted(names[0])  # biases included, under their HF names
     ids = torch.randint(3, SMALL["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(4))
