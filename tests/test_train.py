@@ -198,6 +198,17 @@ def test_benchmark_smoke(tmp_path):
     res = json.loads((tmp_path / "r.json").read_text())
     for mode in ("none", "sparse", "rag", "other"):
         assert res["trained"]["held_out"][mode]["question"]["facts"] > 0
+    # the read diagnostics on the same work directory: read as the kb is read, they give the
+    # benchmark's own sparse figures (same world, split, records, kb and model)
+    bench = bench.parent / "read_diagnostics.py"
+    proc = subprocess.run([sys.executable, str(bench), "--work", str(tmp_path), "--kb", str(tmp_path / "kb-trained"),
+                           "--model", str(tmp_path / "trained"), "--entities", "40", "--held-out", "0.1",
+                           "--memory-only", "0.6", "--eval-limit", "40"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    diag = json.loads(proc.stdout.splitlines()[-1])
+    sparse = res["trained"]["held_out"]["sparse"]
+    assert diag["refs/chunk 5"] == {k: sparse[k]["fact_acc"] for k in ("question", "restatement")}
+    assert set(diag) == {"refs/chunk 1", "refs/chunk 2", "refs/chunk 5", "own refs", "titled", "sequential"}
 
 
 
