@@ -236,13 +236,23 @@ def eval_records(recs, ents, limit):
     return rs[:limit]
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", type=Path, default=Path("/tmp/m3-train-memory"))
+def add_world_args(ap: argparse.ArgumentParser) -> None:
+    """The options that fix the world, its split, the training texts and the evaluated records
+    (benchmarks/read_diagnostics.py remakes a run's world from them)."""
     ap.add_argument("--entities", type=int, default=2000)
     ap.add_argument("--world-seed", type=int, default=0)
     ap.add_argument("--held-out", type=float, default=0.02)
     ap.add_argument("--memory-only", type=float, default=0.92)
+    ap.add_argument("--rag-share", type=float, default=0.25, help="training texts also given with their article in context")
+    ap.add_argument("--pack-questions", type=int, default=4,
+                    help="questions of one entity per training text (examples/README.md: what makes memory training help)")
+    ap.add_argument("--eval-limit", type=int, default=400, help="held-out records evaluated")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/m3-train-memory"))
+    add_world_args(ap)
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--n-heads", type=int, default=4)
     ap.add_argument("--n-kv-heads", type=int, default=2)
@@ -253,9 +263,6 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--memory-fraction", type=float, default=0.8)
     ap.add_argument("--grad-through-memory", action="store_true")
-    ap.add_argument("--rag-share", type=float, default=0.25, help="training texts also given with their article in context")
-    ap.add_argument("--pack-questions", type=int, default=4,
-                    help="questions of one entity per training text (examples/README.md: what makes memory training help)")
     # 16 of 32, not the paper's 8 of 128: top-8 keeps 57 % of held-out facts whole, and memory
     # training drifts it to 40 %; top-16 keeps 96 % -> 91 % (examples/README.md)
     ap.add_argument("--top-k", type=int, default=16)
@@ -263,7 +270,6 @@ def main(argv=None):
     # all layers, not the paper's first half: in this 4-layer model the lookup reads keys in
     # layers 2-3, and memory in layers 0-1 caps recall at ~30 % (examples/README.md)
     ap.add_argument("--memory-layers", type=lambda s: tuple(int(x) for x in s.split(",")), default=(0, 1, 2, 3))
-    ap.add_argument("--eval-limit", type=int, default=400, help="held-out records evaluated")
     ap.add_argument("--reuse-warm", action="store_true", help="keep an existing warm model in --work")
     ap.add_argument("--smoke", action="store_true", help="tiny world and runs, < 60 s")
     ap.add_argument("--json", type=Path)

@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from common import stories260k, tinystories  # noqa: E402  (same directory)
 from m3compile.config import CompileConfig
@@ -42,7 +41,7 @@ from m3compile.kb import load_kb_model, open_kb
 from m3compile.model import load_checkpoint, save_checkpoint
 from m3compile.pipeline import compile_kb
 from m3compile.retrieve import Retriever
-from m3compile.train import STATE_FILE, TrainConfig, train
+from m3compile.train import STATE_FILE, TrainConfig, load_state_weights, train
 
 TRAIN_OVERLAP = 0.9  # paper §3.6: no training sequence reads a reference more than 90 % inside it
 ROWS = (("oracle", "sparse"), ("oracle", "full_memory_layers"), ("oracle", "full_all_layers"),
@@ -107,11 +106,7 @@ def measure(model: Path, corpus: Path, held, kb_dir: Path, a) -> dict:
 def snapshot(state: Path, base: Path, out: Path) -> Path:
     """An HF checkpoint of the weights in train()'s resume state (its `model.` tensors)."""
     ck = load_checkpoint(base)
-    with safe_open(str(state), framework="pt") as f:
-        weights = {k[len("model."):]: f.get_tensor(k) for k in f.keys() if k.startswith("model.")}
-    if ck.args.tie_word_embeddings:
-        weights["output.weight"] = weights["tok_embeddings.weight"]
-    ck.model.load_state_dict(weights, strict=True)
+    load_state_weights(state, ck.model)
     return save_checkpoint(ck.model, out, tokenizer_dir=base, bos_id=ck.tokenizer.bos_id, eos_id=ck.tokenizer.eos_id)
 
 

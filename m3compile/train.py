@@ -268,10 +268,7 @@ def load_state(path: Path, model: Transformer, opt: torch.optim.Optimizer, confi
             raise M3Error(f"{path} was written by a run with other settings; resume with the same settings, "
                           "or delete it (or set resume=False) to start afresh")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    if model.args.tie_word_embeddings:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    model.load_state_dict(state, strict=True)
+    _set_weights(model, tensors)
     sd = opt.state_dict()
     sd["state"] = {}
     for k, v in tensors.items():
@@ -280,6 +277,24 @@ def load_state(path: Path, model: Transformer, opt: torch.optim.Optimizer, confi
             sd["state"].setdefault(int(i), {})[name] = v
     opt.load_state_dict(sd)
     return int(meta["step"]), json.loads(meta["history"])
+
+
+def load_state_weights(path: Path, model: Transformer) -> int:
+    """Only the model weights of a resume state (e.g. to evaluate a run mid-way); returns its step."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != STATE_FORMAT or int(meta.get("format_version", 0)) > STATE_VERSION:
+            raise M3Error(f"{path} is not an m3 training state this version reads")
+        _set_weights(model, {k: f.get_tensor(k) for k in f.keys() if k.startswith("model.")})
+    return int(meta["step"])
+
+
+def _set_weights(model: Transformer, tensors: dict[str, torch.Tensor]) -> None:
+    """Load a state's `model.` tensors (the tied output weight is not stored)."""
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    if model.args.tie_word_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict(state, strict=True)
 
 
 # ---- the loop ----------------------------------------------------------------------------------------

@@ -228,13 +228,18 @@ def test_committed_model_matches_transformers():
         torch.testing.assert_close(ck.model(x), hf(x).logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.slow
-def test_run_example_script(tmp_path):
+def run_script(script: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run an example script as a user would, in cwd; it must succeed."""
     # the venv's bin first on PATH, so `m3` is the one installed beside this python
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    proc = subprocess.run(["bash", str(EXAMPLES / "run_example.sh"), str(tmp_path / "kb")],
-                          capture_output=True, text=True, cwd=tmp_path, env=env)
+    proc = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, cwd=cwd, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_run_example_script(tmp_path):
+    proc = run_script(EXAMPLES / "run_example.sh", tmp_path, str(tmp_path / "kb"))
     assert (tmp_path / "kb" / "manifest.json").is_file()
     assert (tmp_path / "kb-reader" / "manifest.json").is_file()
     answers = [line for line in proc.stdout.splitlines() if line.startswith("with memory:")]
@@ -302,10 +307,7 @@ def test_reader_example_answers_held_out_questions_from_memory(tmp_path):
 def test_reader_ask_script_answers_from_memory(tmp_path):
     # `m3 compile` + `m3 generate --kb` as a user runs them; the default question's answer is in
     # the kb only (its entity is held out), so it must come from memory
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    proc = subprocess.run(["bash", str(READER / "ask.sh"), str(tmp_path / "kb")],
-                          capture_output=True, text=True, cwd=tmp_path, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_script(READER / "ask.sh", tmp_path, str(tmp_path / "kb"))
     question = "Who founded Yimmoor?"
     q = next(q for q in _jsonl(READER / "facts" / "questions.jsonl") if q["text"].startswith(question))
     lines = dict(line.split(":", 1) for line in proc.stdout.splitlines() if line.startswith("with"))
