@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from m3compile.config import CompileConfig, parse_layers
+from m3compile.config import (MODEL_MEMORY_FILE, CompileConfig, default_model_dir, describe_settings, parse_layers,
+                              read_model_memory)
 from m3compile.reader import ReadLayout
 from m3compile.errors import M3Error
 
@@ -23,6 +24,7 @@ app = typer.Typer(help="Compile corpora into Memory³ explicit memories and insp
 out = Console()
 err = Console(stderr=True)
 DEFAULTS = {f.name: f.default for f in fields(CompileConfig)}
+TRAINED = "(default: the model's m3-memory.json, else {})"
 
 COMPILE_EXAMPLES = """
 Examples:\n
@@ -61,12 +63,14 @@ def _progress():
 def compile(
     corpus: Annotated[Path, typer.Argument(help="directory of .txt/.md/.jsonl/.parquet, or one such file")],
     output: Annotated[Path, typer.Option("-o", "--output", help="knowledge base directory to create")],
-    model: Annotated[Optional[Path], typer.Option(help="Hugging Face checkpoint directory [default: embedded example]")] = DEFAULTS["model"],
-    max_tokens: Annotated[int, typer.Option(help="tokens per reference at most")] = DEFAULTS["max_tokens"],
-    boundary: Annotated[str, typer.Option(help="reference cuts: sentence | fixed")] = DEFAULTS["boundary"],
-    prefix: Annotated[str, typer.Option(help="write prefix after BOS (paper: <s>Reference:)")] = DEFAULTS["prefix"],
-    top_k: Annotated[int, typer.Option(help="tokens kept per memory layer and kv head")] = DEFAULTS["top_k"],
-    memory_layers: Annotated[Optional[str], typer.Option(help="e.g. 0-11 or 0,2,4 [default: first half]")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Hugging Face checkpoint directory (default: embedded example)")] = DEFAULTS["model"],
+    # memory settings: None = the model's m3-memory.json (a checkpoint from `m3 train`), else CompileConfig's
+    max_tokens: Annotated[Optional[int], typer.Option(help=f"tokens per reference at most {TRAINED.format(DEFAULTS['max_tokens'])}")] = None,
+    boundary: Annotated[Optional[str], typer.Option(help=f"reference cuts: sentence | fixed {TRAINED.format(DEFAULTS['boundary'])}")] = None,
+    min_fill: Annotated[Optional[float], typer.Option(help=f"sentence cuts keep a reference at least this full {TRAINED.format(DEFAULTS['min_fill'])}")] = None,
+    prefix: Annotated[Optional[str], typer.Option(help=f"write prefix after BOS (paper: <s>Reference:) {TRAINED.format(DEFAULTS['prefix'])}")] = None,
+    top_k: Annotated[Optional[int], typer.Option(help=f"tokens kept per memory layer and kv head {TRAINED.format(DEFAULTS['top_k'])}")] = None,
+    memory_layers: Annotated[Optional[str], typer.Option(help=f"e.g. 0-11 or 0,2,4 {TRAINED.format('first half')}")] = None,
     quant: Annotated[str, typer.Option(help="none | int8 | int4")] = DEFAULTS["quant"],
     dtype: Annotated[str, typer.Option(help="compute dtype: float32 | bfloat16")] = DEFAULTS["dtype"],
     device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda")] = DEFAULTS["device"],
@@ -86,12 +90,18 @@ def compile(
     from m3compile.pipeline import check_kb, compile_kb
 
     with user_errors():
-        config = CompileConfig(corpus=str(corpus), model=str(model) if model else None, max_tokens=max_tokens,
-                               boundary=boundary, prefix=prefix, top_k=top_k,
-                               memory_layers=parse_layers(memory_layers), quant=quant, dtype=dtype, device=device,
-                               batch_size=batch_size, max_shard_bytes=max_shard_bytes,
+        given = {k: v for k, v in dict(max_tokens=max_tokens, boundary=boundary, min_fill=min_fill, prefix=prefix,
+                                       top_k=top_k, memory_layers=parse_layers(memory_layers)).items() if v is not None}
+        config = CompileConfig(corpus=str(corpus), model=str(model) if model else None, quant=quant, dtype=dtype,
+                               device=device, batch_size=batch_size, max_shard_bytes=max_shard_bytes,
                                follow_symlinks=follow_symlinks, embedder=str(embedder) if embedder else None,
-                               index_factory=index_factory)
+                               index_factory=index_factory, **given)
+        trained = read_model_memory(model or default_model_dir())
+        adopted = {k: v for k, v in (trained or {}).items() if k not in given and v != DEFAULTS[k]}
+        if adopted and preset != "paper":
+            config = config.with_model_memory(adopted)
+            err.print(f"using the memory settings {model or 'the embedded model'} was trained to read "
+                      f"({MODEL_MEMORY_FILE}): {describe_settings(adopted)}", highlight=False, soft_wrap=True)
         if preset:
             config = config.with_preset(preset)
         if check:
@@ -118,7 +128,7 @@ def compile(
                 elif e["event"] == "done":
                     bar.update(task, completed=bar.tasks[0].total)
 
-            result = compile_kb(config, output, progress=on_event, log=lambda s: err.print(s, highlight=False),
+            result = compile_kb(config, output, progress=on_event, log=lambda s: err.print(s, highlight=False, soft_wrap=True),
                                 keep_missing=keep_missing, rebuild=rebuild)
     manifest, s = result.manifest, result.summary
     if as_json:
@@ -236,12 +246,12 @@ def _retriever(base, mode, max_overlap):
 def eval_(
     kb: Annotated[Path, typer.Argument(help="knowledge base directory")],
     texts: Annotated[Path, typer.Argument(help="texts to score: a corpus directory or file, as for compile")],
-    model: Annotated[Optional[Path], typer.Option(help="the checkpoint the kb was compiled with [default: the manifest's]")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="the checkpoint the kb was compiled with (default: the manifest's)")] = None,
     oracle: Annotated[bool, typer.Option(help="each text reads its own references instead of retrieved ones")] = False,
     max_text_tokens: Annotated[Optional[int], typer.Option(help="score the first N tokens of each text")] = None,
     chunk_tokens: Annotated[int, typer.Option(help="text tokens per chunk")] = READ_DEFAULTS["chunk_tokens"],
     refs: Annotated[int, typer.Option(help="references per chunk")] = READ_DEFAULTS["refs_per_chunk"],
-    mode: Annotated[Optional[str], typer.Option(help="retrieval: bm25 | dense | hybrid [default: the kb's]")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="retrieval: bm25 | dense | hybrid (default: the kb's)")] = None,
     max_overlap: Annotated[Optional[float], typer.Option(help="drop references overlapping the chunk more (paper Eq. 6)")] = None,
     device: Annotated[str, typer.Option(help="torch device")] = DEFAULTS["device"],
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
@@ -281,14 +291,14 @@ def eval_(
 def generate(
     prompt: Annotated[str, typer.Argument(help="text to continue")],
     kb: Annotated[Path, typer.Option(help="knowledge base directory")],
-    model: Annotated[Optional[Path], typer.Option(help="the checkpoint the kb was compiled with [default: the manifest's]")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="the checkpoint the kb was compiled with (default: the manifest's)")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="tokens to generate at most")] = 128,
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
     seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
     memory: Annotated[bool, typer.Option("--memory/--no-memory", help="read retrieved memories")] = True,
     chunk_tokens: Annotated[int, typer.Option(help="tokens per chunk")] = READ_DEFAULTS["chunk_tokens"],
     refs: Annotated[int, typer.Option(help="references per chunk")] = READ_DEFAULTS["refs_per_chunk"],
-    mode: Annotated[Optional[str], typer.Option(help="retrieval: bm25 | dense | hybrid [default: the kb's]")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="retrieval: bm25 | dense | hybrid (default: the kb's)")] = None,
     device: Annotated[str, typer.Option(help="torch device")] = DEFAULTS["device"],
     as_json: Annotated[bool, typer.Option("--json", help="print the text and the references read as JSON")] = False,
 ):
@@ -328,7 +338,7 @@ def query(
     kb: Annotated[Path, typer.Argument(help="knowledge base directory")],
     text: Annotated[str, typer.Argument(help="query text")],
     k: Annotated[int, typer.Option("-k", help="references to return")] = READ_DEFAULTS["refs_per_chunk"],
-    mode: Annotated[Optional[str], typer.Option(help="bm25 | dense | hybrid [default: the kb's]")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="bm25 | dense | hybrid (default: the kb's)")] = None,
     max_overlap: Annotated[Optional[float], typer.Option(help="drop references overlapping the query more (paper Eq. 6)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ):
@@ -364,7 +374,7 @@ Examples:\n
 def verify(
     kb: Annotated[Path, typer.Argument(help="knowledge base directory")],
     recompute: Annotated[int, typer.Option(help="re-encode N random references with the model and compare")] = 0,
-    model: Annotated[Optional[Path], typer.Option(help="the checkpoint the kb was compiled with [default: the manifest's]")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="the checkpoint the kb was compiled with (default: the manifest's)")] = None,
     device: Annotated[str, typer.Option(help="torch device for --recompute")] = DEFAULTS["device"],
 ):
     """Check every file, shard, payload and count of a kb against its manifest; exit 0 only if all hold."""
@@ -387,7 +397,7 @@ def compact(kb: Annotated[Path, typer.Argument(help="knowledge base directory")]
     from m3compile.compact import compact_kb
 
     with user_errors():
-        r = compact_kb(kb, log=lambda s: err.print(s, highlight=False))
+        r = compact_kb(kb, log=lambda s: err.print(s, highlight=False, soft_wrap=True))
     out.print(f"{len(r['shards_rewritten'])} shard(s) rewritten, {r['refs_moved']} references moved, "
               f"{r['bytes_freed']:,} bytes freed", highlight=False)
 

@@ -5,8 +5,10 @@ run. Settings that change a memory's bytes are listed in MEMORY_SETTINGS: a know
 compiled with other values of those is a different knowledge base.
 """
 
+import json
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Collection
 
 from m3compile.errors import M3Error
 
@@ -18,6 +20,12 @@ BOUNDARY_CHOICES = ("sentence", "fixed")
 MEMORY_SETTINGS = ("max_tokens", "boundary", "min_fill", "prefix", "top_k", "memory_layers", "quant", "dtype")
 # settings that change only how a compile runs, never its output: kept out of the manifest (run.json has them)
 RUN_SETTINGS = ("device", "batch_size")
+# settings a model learns to read (formats/model-memory.md): `m3 train` records the kb's values in
+# the checkpoint it writes, and a compile with that checkpoint takes them for the options not given
+READ_SETTINGS = ("max_tokens", "boundary", "min_fill", "prefix", "top_k", "memory_layers")
+MODEL_MEMORY_FILE = "m3-memory.json"
+MODEL_MEMORY_FORMAT = "m3-model-memory"
+MODEL_MEMORY_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,8 @@ class CompileConfig:
             raise M3Error(f"--max-tokens {self.max_tokens} must be at least 1")
         if self.top_k < 1:
             raise M3Error(f"--top-k {self.top_k} must be at least 1")
+        if not 0 < self.min_fill <= 1:
+            raise M3Error(f"--min-fill {self.min_fill} must be a fraction in (0, 1], e.g. 0.75")
         if self.quant not in QUANT_CHOICES:
             raise M3Error(f"--quant {self.quant!r} is not one of {', '.join(QUANT_CHOICES)}")
         if self.dtype not in DTYPE_CHOICES:
@@ -82,6 +92,10 @@ class CompileConfig:
             d["memory_layers"] = tuple(d["memory_layers"])
         return cls(**d)
 
+    def with_model_memory(self, settings: dict, given: Collection[str] = ()) -> "CompileConfig":
+        """This config with a model's trained memory settings (read_model_memory) for those not in `given`."""
+        return replace(self, **{k: v for k, v in settings.items() if k not in given})
+
     def with_preset(self, name: str) -> "CompileConfig":
         if name not in PRESETS:
             raise M3Error(f"unknown preset {name!r}; presets are {', '.join(sorted(PRESETS))}")
@@ -110,5 +124,56 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
 
 
 def default_model_dir() -> Path:
-    """The embedded demo model shipped in the repository's examples/."""
-    return Path(__file__).resolve().parents[1] / "examples" / "model"
+    """The embedded demo model shipped in the repository's examples/: the memory reader, a small Llama
+    trained by `m3 train` to read the memories its m3-memory.json describes (examples/README.md)."""
+    return Path(__file__).resolve().parents[1] / "examples" / "reader" / "model"
+
+
+def read_model_memory(model_dir: str | Path) -> dict | None:
+    """The memory settings a checkpoint was trained to read (its m3-memory.json), or None if it has none.
+
+    Keys are READ_SETTINGS (memory_layers as a tuple); formats/model-memory.md."""
+    path = Path(model_dir) / MODEL_MEMORY_FILE
+    if not path.is_file():
+        return None
+    fix = "restore it from where the checkpoint came from, or delete it to compile with the paper's settings"
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise M3Error(f"{path} cannot be read ({e}); {fix}") from None
+    name = d.get("format") if isinstance(d, dict) else None
+    if name != MODEL_MEMORY_FORMAT:
+        raise M3Error(f"{path} is not an {MODEL_MEMORY_FORMAT} file (format {name!r}); {fix}")
+    version = d.get("format_version")
+    if not isinstance(version, int) or version > MODEL_MEMORY_VERSION:
+        raise M3Error(f"{path} has format_version {version!r}, newer than this m3compile reads "
+                      f"({MODEL_MEMORY_VERSION}); upgrade m3compile")
+    settings = d.get("settings")
+    if not isinstance(settings, dict):
+        raise M3Error(f"{path} has no settings object; {fix}")
+    out = {k: settings[k] for k in READ_SETTINGS if k in settings}
+    if out.get("memory_layers") is not None:
+        out["memory_layers"] = tuple(out["memory_layers"])
+    try:
+        CompileConfig(corpus=".", **out)  # the same checks as the options
+    except (M3Error, TypeError) as e:
+        raise M3Error(f"{path} holds an invalid setting ({e}); {fix}") from None
+    return out
+
+
+def write_model_memory(model_dir: str | Path, settings: dict, created_by: str) -> Path:
+    """Record in a checkpoint the memory settings it was trained to read (formats/model-memory.md)."""
+    assert set(settings) == set(READ_SETTINGS), sorted(settings)
+    s = {k: (list(v) if k == "memory_layers" else v) for k, v in settings.items()}
+    doc = {"format": MODEL_MEMORY_FORMAT, "format_version": MODEL_MEMORY_VERSION, "created_by": created_by,
+           "settings": s}
+    path = Path(model_dir) / MODEL_MEMORY_FILE
+    path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def describe_settings(settings: dict) -> str:
+    """'--max-tokens 32 --top-k 16 --memory-layers 0,1,2,3' (the CLI's spelling)."""
+    def value(k, v):
+        return ",".join(map(str, v)) if k == "memory_layers" and v is not None else v
+    return " ".join(f"--{k.replace('_', '-')} {value(k, v)!s}" for k, v in settings.items())

@@ -29,7 +29,8 @@ import torch
 
 from m3compile import __version__, manifest as mf, references as refs_file, store
 from m3compile.chunk import CHUNK_RULE_VERSION, Reference, chunk_documents
-from m3compile.config import MEMORY_SETTINGS, RUN_SETTINGS, CompileConfig, default_model_dir
+from m3compile.config import (MEMORY_SETTINGS, MODEL_MEMORY_FILE, READ_SETTINGS, RUN_SETTINGS, CompileConfig,
+                              default_model_dir, describe_settings, read_model_memory)
 from m3compile.corpus import RECORD_SUFFIXES, TEXT_SUFFIXES, CorpusReport, iter_documents
 from m3compile.encode import encode_batch, write_prefix
 from m3compile.errors import M3Error
@@ -114,10 +115,24 @@ def _setup(config: CompileConfig, log) -> tuple[Setup, Timer]:
         ck = load_checkpoint(model_path, device=config.device, dtype=config.dtype)
         model_id = fingerprint(model_path)
     layers = config.resolve_layers(ck.args.n_layers)
+    _note_model_memory(config, model_path, layers, log)
     prefix_ids = write_prefix(ck.tokenizer, config.prefix)
     scheme = get_scheme(config.quant, ck.model.dtype, head_dim=ck.args.head_dim)
     context = store.key_context(model_id, prefix_ids, config.top_k, layers, scheme.name, config.dtype, config.max_tokens)
     return Setup(config, ck, model_path, model_id, layers, prefix_ids, scheme, context), timer
+
+
+def _note_model_memory(config: CompileConfig, model_path: Path, layers: tuple[int, ...], log) -> None:
+    """Say so when a memory-trained model compiles memories unlike those it learned to read."""
+    trained = read_model_memory(model_path)
+    if trained is None:
+        return
+    now = {**{k: getattr(config, k) for k in READ_SETTINGS}, "memory_layers": layers}
+    differ = [k for k in READ_SETTINGS if k in trained and trained[k] is not None and trained[k] != now[k]]
+    if differ:
+        log(f"note: {model_path} was trained to read memories compiled with "
+            f"{describe_settings({k: trained[k] for k in differ})} ({MODEL_MEMORY_FILE}); this kb uses "
+            f"{describe_settings({k: now[k] for k in differ})}, which it may read poorly")
 
 
 # ---- the previous kb ------------------------------------------------------------------------------
@@ -507,7 +522,7 @@ def check_kb(config: CompileConfig, out_dir: str | Path, keep_missing: bool = Fa
     plan = _plan(setup, prev, keep_missing, timer)
     changes = []
     old_config = prev.manifest["config"]
-    new_config = {k: v for k, v in config.to_dict().items() if k not in RUN_SETTINGS}
+    new_config = {k: v for k, v in setup.config.to_dict().items() if k not in RUN_SETTINGS}
     for k in sorted(set(old_config) | set(new_config)):
         if old_config.get(k) != new_config.get(k):
             changes.append(f"setting {k}: {old_config.get(k)!r} -> {new_config.get(k)!r}")

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from m3compile import __version__
+from m3compile.config import MODEL_MEMORY_FILE, READ_SETTINGS, write_model_memory
 from m3compile.corpus import CorpusReport, iter_documents
 from m3compile.encode import EncodedBatch, encode_batch
 from m3compile.errors import M3Error
@@ -385,6 +387,10 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None,
 
     model.eval()
     save_checkpoint(model, out, tokenizer_dir=config.model, bos_id=ck.tokenizer.bos_id, eos_id=ck.tokenizer.eos_id)
+    # the memory format it learned to read: `m3 compile` with this checkpoint takes these settings
+    c = kb.manifest["config"]
+    write_model_memory(out, {**{k: c[k] for k in READ_SETTINGS}, "memory_layers": list(w["memory_layers"])},
+                       f"m3compile {__version__} (m3 train)")
     report = {
         "config": {f.name: getattr(config, f.name) for f in fields(config)},
         "sequences": len(seqs), "text_tokens": sum(len(s.text_ids) for s in seqs),
@@ -396,7 +402,8 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None,
         "final_loss": history[-1]["loss"] if history else None,
         "prepare_seconds": round(prep_s, 2), "train_seconds": round(wall, 2),
         "tokens_per_s": round(tokens / max(1e-9, wall), 1), "torch": torch.__version__,
-        "note": "the weights changed: kbs compiled with the input model must be recompiled with this one",
+        "note": "the weights changed: kbs compiled with the input model must be recompiled with this one "
+                f"(m3 compile takes the memory settings it was trained with from its {MODEL_MEMORY_FILE})",
     }
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     state_path.unlink(missing_ok=True)

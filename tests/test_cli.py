@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from conftest import make_checkpoint
 from m3compile.cli import app
-from m3compile.config import default_model_dir
+from m3compile.config import MODEL_MEMORY_FILE, default_model_dir, write_model_memory
 
 pytest.importorskip("transformers", reason="transformers builds the tiny test checkpoints")
 runner = CliRunner()
@@ -63,6 +63,47 @@ def test_embedded_example_model(tmp_path):
     assert r.exit_code == 0, r.output
     assert "embedded example model" in r.stderr
     assert run("inspect", tmp_path / "kb").exit_code == 0
+
+
+def _trained_model(model_dir, **settings):
+    """model_dir as if `m3 train` had written it (formats/model-memory.md)."""
+    base = dict(max_tokens=8, boundary="fixed", min_fill=0.75, prefix="w60", top_k=2, memory_layers=[1])
+    write_model_memory(model_dir, {**base, **settings}, "test")
+    return model_dir
+
+
+def test_compile_takes_the_settings_a_model_was_trained_to_read(tmp_path, corpus, model_dir):
+    _trained_model(model_dir)
+    r = run("compile", corpus, "-o", tmp_path / "kb", "--model", model_dir, "--top-k", "3")
+    assert r.exit_code == 0, r.output
+    # the file fills the options not given; a given option wins, with a note that the model expects another
+    taken, note = (next(l for l in r.stderr.splitlines() if l.startswith(s)) for s in ("using the memory", "note:"))
+    assert "--max-tokens 8" in taken and "--top-k" not in taken
+    assert "--top-k 2" in note and "this kb uses --top-k 3" in note
+    m = json.loads((tmp_path / "kb" / "manifest.json").read_text())
+    assert (m["write"]["max_tokens"], m["write"]["top_k"], m["write"]["memory_layers"]) == (8, 3, [1])
+    assert (m["config"]["boundary"], m["write"]["prefix_text"]) == ("fixed", "w60")
+    # a rerun with the same command is a no-op (the resolved settings are what the manifest holds)
+    assert run("compile", corpus, "-o", tmp_path / "kb", "--model", model_dir, "--top-k", "3", "--check").exit_code == 0
+    # --preset paper ignores the file, and the compile says the model expects other memories
+    r = run("compile", corpus, "-o", tmp_path / "kb-paper", "--model", model_dir, "--preset", "paper")
+    assert r.exit_code == 0, r.output
+    assert "was trained to read memories compiled with" in r.stderr and "--max-tokens 8" in r.stderr
+    m = json.loads((tmp_path / "kb-paper" / "manifest.json").read_text())
+    assert (m["write"]["max_tokens"], m["write"]["top_k"], m["write"]["memory_layers"]) == (128, 8, [0])
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("{not json", "cannot be read"),
+    (json.dumps({"format": "other", "format_version": 1, "settings": {}}), "not an m3-model-memory file"),
+    (json.dumps({"format": "m3-model-memory", "format_version": 2, "settings": {}}), "newer than this m3compile"),
+    (json.dumps({"format": "m3-model-memory", "format_version": 1, "settings": {"top_k": 0}}), "invalid setting"),
+])
+def test_bad_model_memory_file(tmp_path, corpus, model_dir, content, fragment):
+    (model_dir / MODEL_MEMORY_FILE).write_text(content)
+    assert_one_line_error(run("compile", corpus, "-o", tmp_path / "kb", "--model", model_dir), MODEL_MEMORY_FILE,
+                          fragment)
+    assert not (tmp_path / "kb" / "manifest.json").exists()
 
 
 def test_missing_corpus(tmp_path, model_dir):

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import SHARED_DATA, shared, write_word_tokenizer
-from m3compile.config import CompileConfig
+from m3compile.config import CompileConfig, read_model_memory
 from m3compile.errors import M3Error
 from m3compile.kb import open_kb
 from m3compile.model import ModelArgs, Transformer, load_checkpoint, save_checkpoint
@@ -245,6 +245,15 @@ def test_m3_train_cli_writes_a_loadable_checkpoint(setup, tmp_path):
                                  "--steps", "2", "--batch-size", "2", "--fp32"])
     assert r.exit_code == 0, r.output
     assert "recompile" in r.stdout
+    # the checkpoint records the kb settings it learned to read, and a compile with it takes them
+    assert read_model_memory(tmp_path / "out") == {"max_tokens": 16, "boundary": "sentence", "min_fill": 0.75,
+                                                   "prefix": "Reference:", "top_k": 3, "memory_layers": (0,)}
+    r = CliRunner().invoke(app, ["compile", str(setup / "corpus"), "-o", str(tmp_path / "kb2"),
+                                 "--model", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    assert "--max-tokens 16" in r.stderr and "--top-k 3" in r.stderr
+    write = open_kb(tmp_path / "kb2").manifest["write"]
+    assert (write["max_tokens"], write["top_k"], write["memory_layers"]) == (16, 3, [0])
     trained = load_checkpoint(tmp_path / "out")
     original = load_checkpoint(setup / "model")
     assert not torch.equal(trained.model.layers[0].attention.wq.weight, original.model.layers[0].attention.wq.weight)

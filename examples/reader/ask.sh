@@ -6,7 +6,8 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 kb="${1:-kb-reader}"
 question="${2:-Who founded Yimmoor?}"
-# the settings the model was trained to read with (results.json "compile")
-m3 compile "$here/corpus" -o "$kb/" --model "$here/model" --max-tokens 32 --top-k 16 --memory-layers 0-3
+# the memory settings come from the model: it was trained to read 32-token references, top-16, in
+# layers 0-3, and model/m3-memory.json says so (formats/model-memory.md)
+m3 compile "$here/corpus" -o "$kb/" --model "$here/model"
 echo "with memory:    $(m3 generate "$question" --kb "$kb/" --max-new-tokens 10)"
 echo "without memory: $(m3 generate "$question" --kb "$kb/" --max-new-tokens 10 --no-memory)"
