@@ -28,7 +28,7 @@ TRAINED = "(default: the model's m3-memory.json, else {})"
 
 COMPILE_EXAMPLES = """
 Examples:\n
-  m3 compile examples/corpus -o kb/                       # embedded example model\n
+  m3 compile examples/corpus -o kb/                       # embedded model (examples/reader/model) and its m3-memory.json\n
   m3 compile corpus/ -o kb/ --model path/to/hf-checkpoint\n
   m3 compile docs.jsonl -o kb/ --model ckpt --quant none --dtype float32 --top-k 16\n
   m3 compile corpus/ -o kb/ --model ckpt --memory-layers 0-11 --device cuda --dtype bfloat16
@@ -63,7 +63,7 @@ def _progress():
 def compile(
     corpus: Annotated[Path, typer.Argument(help="directory of .txt/.md/.jsonl/.parquet, or one such file")],
     output: Annotated[Path, typer.Option("-o", "--output", help="knowledge base directory to create")],
-    model: Annotated[Optional[Path], typer.Option(help="Hugging Face checkpoint directory (default: embedded example)")] = DEFAULTS["model"],
+    model: Annotated[Optional[Path], typer.Option(help="Hugging Face checkpoint directory (default: the embedded memory reader, examples/reader/model)")] = DEFAULTS["model"],
     # memory settings: None = the model's m3-memory.json (a checkpoint from `m3 train`), else CompileConfig's
     max_tokens: Annotated[Optional[int], typer.Option(help=f"tokens per reference at most {TRAINED.format(DEFAULTS['max_tokens'])}")] = None,
     boundary: Annotated[Optional[str], typer.Option(help=f"reference cuts: sentence | fixed {TRAINED.format(DEFAULTS['boundary'])}")] = None,
