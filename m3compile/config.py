@@ -8,7 +8,6 @@ compiled with other values of those is a different knowledge base.
 import json
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Collection
 
 from m3compile.errors import M3Error
 
@@ -92,9 +91,9 @@ class CompileConfig:
             d["memory_layers"] = tuple(d["memory_layers"])
         return cls(**d)
 
-    def with_model_memory(self, settings: dict, given: Collection[str] = ()) -> "CompileConfig":
-        """This config with a model's trained memory settings (read_model_memory) for those not in `given`."""
-        return replace(self, **{k: v for k, v in settings.items() if k not in given})
+    def with_model_memory(self, settings: dict) -> "CompileConfig":
+        """This config with a model's trained memory settings (read_model_memory, or the subset to adopt)."""
+        return replace(self, **settings)
 
     def with_preset(self, name: str) -> "CompileConfig":
         if name not in PRESETS:
