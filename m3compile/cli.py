@@ -405,7 +405,7 @@ def compact(kb: Annotated[Path, typer.Argument(help="knowledge base directory")]
 TRAIN_EXAMPLES = """
 Examples:\n
   m3 train --model ckpt/ --kb kb/ --texts train.jsonl -o ckpt-mem/ --steps 2000\n
-  m3 train --model ckpt/ --kb kb/ --texts train/ -o ckpt-mem/ --grad-through-memory --schedule wsd
+  m3 train --model ckpt/ --kb kb/ --texts train/ -o ckpt-mem/ --no-grad-through-memory --schedule wsd
 """
 
 
@@ -420,7 +420,7 @@ def train(
     lr: Annotated[float, typer.Option(help="peak learning rate")] = None,
     schedule: Annotated[str, typer.Option(help="cosine | wsd")] = None,
     memory_fraction: Annotated[float, typer.Option(help="share of steps that read memories")] = None,
-    grad_through_memory: Annotated[bool, typer.Option(help="backpropagate through the memory encoding")] = None,
+    grad_through_memory: Annotated[bool, typer.Option(help="backpropagate through the memory encoding (default: on; off saves memory and ~16 % time)")] = None,
     bf16: Annotated[bool, typer.Option("--bf16/--fp32", help="bfloat16 autocast")] = None,
     seed: Annotated[int, typer.Option(help="seed of batch order and memory steps")] = None,
     device: Annotated[str, typer.Option(help="torch device")] = None,

@@ -160,18 +160,19 @@ def test_deterministic_with_a_seed_and_it_learns(setup, tmp_path):
     assert not (tmp_path / "a" / STATE_FILE).exists()
 
 
-def test_resume_equals_uninterrupted(setup, tmp_path):
-    full = train(_config(setup, tmp_path / "full"))
+@pytest.mark.parametrize("through", [True, False], ids=["grad-through-memory", "detached-memory"])
+def test_resume_equals_uninterrupted(setup, tmp_path, through):
+    full = train(_config(setup, tmp_path / "full", grad_through_memory=through))
 
     def crash(e):
         if e["event"] == "step" and e["step"] == 5:
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        train(_config(setup, tmp_path / "part", checkpoint_every=3), crash)
+        train(_config(setup, tmp_path / "part", checkpoint_every=3, grad_through_memory=through), crash)
     assert (tmp_path / "part" / STATE_FILE).is_file()
     with pytest.raises(M3Error, match="other settings"):
-        train(_config(setup, tmp_path / "part", checkpoint_every=3, lr=1e-2))
-    resumed = train(_config(setup, tmp_path / "part", checkpoint_every=3))
+        train(_config(setup, tmp_path / "part", checkpoint_every=3, lr=1e-2, grad_through_memory=through))
+    resumed = train(_config(setup, tmp_path / "part", checkpoint_every=3, grad_through_memory=through))
     assert resumed["start_step"] == 3
     assert resumed["loss_curve"] == full["loss_curve"]
     wf, wp = _weights(tmp_path / "full"), _weights(tmp_path / "part")
