@@ -62,7 +62,7 @@ def main():
                 dt = time.perf_counter() - t
                 if rep:
                     rates[name].append(len(out) / dt)
-        print(f"model {kb.manifest['model']['path']}, {sum(p.numel() for p in ck.model.parameters()):,} params; "
+        print(f"model {kb.manifest.model['path']}, {sum(p.numel() for p in ck.model.parameters()):,} params; "
               f"prompt {len(prompt)} tokens, {opts.new} new, batch 1, {opts.reps} timed runs each, "
               f"{torch.get_num_threads()} threads")
         print(f"retrievals per memory run: {len(n_retrievals) // (opts.reps + 1)} "

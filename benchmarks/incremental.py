@@ -45,13 +45,13 @@ def main():
     opts = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="m3incr-"))
     calls = {"n": 0}
-    real = pipeline.encode_batch
+    real = pipeline.memorize
 
     def counted(*a, **k):
         calls["n"] += 1
         return real(*a, **k)
 
-    pipeline.encode_batch = counted
+    pipeline.memorize = counted
     try:
         texts = book_texts(opts.mb)
         docs = split_docs(texts, int(opts.doc_kb * 1024))
@@ -86,7 +86,7 @@ def main():
             print(f"| {step} | {wall:.1f} | {100 * wall / full:.2f} % | {n} | "
                   f"{refs['encoded']} / {refs['reused']} / {refs['removed']} |")
     finally:
-        pipeline.encode_batch = real
+        pipeline.memorize = real
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -24,7 +24,7 @@ def main():
         (work / "corpus" / "stories.txt").write_text("\n\n".join(stories))
         print("| quant | bits/element stored | after zstd | rel. error max | mean | max abs |\n|---|---|---|---|---|---|")
         for quant in ("none", "int8", "int4"):
-            q = compile_kb(CompileConfig(corpus=str(work / "corpus"), model=str(model), quant=quant), work / quant).manifest["quant"]
+            q = compile_kb(CompileConfig(corpus=str(work / "corpus"), model=str(model), quant=quant), work / quant).manifest.quant
             print(f"| {q['scheme']} | {q['bits_per_element_stored']:.1f} | {q['bits_per_element_compressed']:.1f} | "
                   f"{q['rel_err_max']:.4f} | {q['rel_err_mean']:.4f} | {q['max_abs_err']:.4g} |")
 

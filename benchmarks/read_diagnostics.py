@@ -47,7 +47,7 @@ def titled_memories(ev: tm.Evaluator):
     rows = ev.kb.references().select(["ref_id", "doc_id", "index", "token_ids", "text"]).to_pylist()
     first = {r["doc_id"]: r["text"] for r in rows if r["index"] == 0}
     by_id = {r["ref_id"]: r for r in rows}
-    w = ev.kb.manifest["write"]
+    w = ev.kb.manifest.write
     cache = {}
 
     def memories(ids):

@@ -41,8 +41,8 @@ def main():
             kb = open_kb(work / quant)
             r = evaluate(kb, load_kb_model(kb), docs, oracle=True, max_text_tokens=opts.tokens)
             rows = r["rows"]
-            print(f"\nquant {kb.manifest['quant']['scheme']}, top-{opts.top_k}, memory layers "
-                  f"{kb.manifest['write']['memory_layers']}: {r['docs']} stories, {rows['no_memory']['tokens']} "
+            print(f"\nquant {kb.manifest.quant['scheme']}, top-{opts.top_k}, memory layers "
+                  f"{kb.manifest.write['memory_layers']}: {r['docs']} stories, {rows['no_memory']['tokens']} "
                   f"predicted tokens, oracle memories (each story's own references)")
             print("| memory | perplexity | nats/token | vs none | stories improved |\n|---|---|---|---|---|")
             base = rows["no_memory"]["nll"]

@@ -16,19 +16,20 @@ from rich.table import Table
 
 from m3compile.config import (MODEL_MEMORY_FILE, CompileConfig, default_model_dir, describe_settings, parse_layers,
                               read_model_memory)
-from m3compile.reader import ReadLayout
 from m3compile.errors import M3Error
+from m3compile.reader import CHUNK_TOKENS, REFS_PER_CHUNK
 
 app = typer.Typer(help="Compile corpora into Memory³ explicit memories and inspect them.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-out = Console()
-err = Console(stderr=True)
+# soft_wrap: text is never hard-wrapped (piped output stays one line per line); tables still fit
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 DEFAULTS = {f.name: f.default for f in fields(CompileConfig)}
 TRAINED = "(default: the model's m3-memory.json, else {})"
 
 COMPILE_EXAMPLES = """
 Examples:\n
-  m3 compile examples/corpus -o kb/                       # embedded model (examples/reader/model) and its m3-memory.json\n
+  m3 compile examples/corpus -o kb/                       # the embedded model and its m3-memory.json\n
   m3 compile corpus/ -o kb/ --model path/to/hf-checkpoint\n
   m3 compile docs.jsonl -o kb/ --model ckpt --quant none --dtype float32 --top-k 16\n
   m3 compile corpus/ -o kb/ --model ckpt --memory-layers 0-11 --device cuda --dtype bfloat16
@@ -49,8 +50,20 @@ def user_errors():
     except M3Error as e:
         if os.environ.get("M3_DEBUG") == "1":
             raise
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {e}", highlight=False, markup=True)
         raise typer.Exit(1)
+    except OSError as e:  # an I/O failure no library call turned into an M3Error: still one line
+        if os.environ.get("M3_DEBUG") == "1":
+            raise
+        err.print(f"[red]error:[/red] {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}; check the "
+                  "path, free space and permissions, then run the command again", highlight=False)
+        raise typer.Exit(1)
+
+
+def _steps(what: str):
+    """A transient progress bar on stderr for commands that take a while (eval, verify, generate)."""
+    return Progress(TextColumn(f"[bold]{what}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeElapsedColumn(), console=err, transient=True)
 
 
 def _progress():
@@ -63,7 +76,7 @@ def _progress():
 def compile(
     corpus: Annotated[Path, typer.Argument(help="directory of .txt/.md/.jsonl/.parquet, or one such file")],
     output: Annotated[Path, typer.Option("-o", "--output", help="knowledge base directory to create")],
-    model: Annotated[Optional[Path], typer.Option(help="Hugging Face checkpoint directory (default: the embedded memory reader, examples/reader/model)")] = DEFAULTS["model"],
+    model: Annotated[Optional[Path], typer.Option(help="Hugging Face checkpoint directory (default: the embedded memory reader, m3compile/embedded/reader)")] = DEFAULTS["model"],
     # memory settings: None = the model's m3-memory.json (a checkpoint from `m3 train`), else CompileConfig's
     max_tokens: Annotated[Optional[int], typer.Option(help=f"tokens per reference at most {TRAINED.format(DEFAULTS['max_tokens'])}")] = None,
     boundary: Annotated[Optional[str], typer.Option(help=f"reference cuts: sentence | fixed {TRAINED.format(DEFAULTS['boundary'])}")] = None,
@@ -132,9 +145,9 @@ def compile(
                                 keep_missing=keep_missing, rebuild=rebuild)
     manifest, s = result.manifest, result.summary
     if as_json:
-        out.print_json(json.dumps({"manifest": manifest, "summary": s}))
+        out.print_json(json.dumps({"manifest": manifest.to_dict(), "summary": s}))
         return
-    c, q, sz = manifest["counts"], manifest["quant"], manifest["sizes"]
+    c, q, sz = manifest.counts, manifest.quant, manifest.sizes
     d, r = s["documents"], s["references"]
     out.print(f"documents: {d['added']} added, {d['changed']} changed, {d['removed']} removed, {d['unchanged']} "
               f"unchanged" + (f", {d['kept']} kept" if d["kept"] else "") + f"; references: {r['encoded']} encoded, "
@@ -142,6 +155,8 @@ def compile(
     out.print(f"wrote {output}: {c['references']} references from {c['documents']} documents, "
               f"{c['tokens']} tokens, {c['kept_kv']} kept key-values in {c['shards']} shard(s); "
               f"{sz['files_bytes']:,} bytes; {q['scheme']} rel err max {q['rel_err_max']:.4f}", highlight=False)
+    if s.get("repaired"):
+        out.print(f"repaired: {', '.join(s['repaired'])}", highlight=False)
 
 
 def _human(n: float) -> str:
@@ -216,7 +231,6 @@ def _render_ref(d: dict) -> None:
     out.print(t)
 
 
-READ_DEFAULTS = {f.name: f.default for f in fields(ReadLayout)}
 EVAL_EXAMPLES = """
 Examples:\n
   m3 eval kb/ stories.jsonl --oracle --max-text-tokens 255   # each text reads its own references\n
@@ -238,7 +252,7 @@ Examples:\n
 def _retriever(base, mode, max_overlap):
     from m3compile.retrieve import Retriever
 
-    r = Retriever.open(base.path, base.manifest)
+    r = Retriever.open(base.path, base.manifest.to_dict())
     return lambda text, k: [h.ref_id for h in r.retrieve(text, k, mode=mode, max_overlap=max_overlap)], r
 
 
@@ -249,8 +263,8 @@ def eval_(
     model: Annotated[Optional[Path], typer.Option(help="the checkpoint the kb was compiled with (default: the manifest's)")] = None,
     oracle: Annotated[bool, typer.Option(help="each text reads its own references instead of retrieved ones")] = False,
     max_text_tokens: Annotated[Optional[int], typer.Option(help="score the first N tokens of each text")] = None,
-    chunk_tokens: Annotated[int, typer.Option(help="text tokens per chunk")] = READ_DEFAULTS["chunk_tokens"],
-    refs: Annotated[int, typer.Option(help="references per chunk")] = READ_DEFAULTS["refs_per_chunk"],
+    chunk_tokens: Annotated[int, typer.Option(help="text tokens per chunk")] = CHUNK_TOKENS,
+    refs: Annotated[int, typer.Option(help="references per chunk")] = REFS_PER_CHUNK,
     mode: Annotated[Optional[str], typer.Option(help="retrieval: bm25 | dense | hybrid (default: the kb's)")] = None,
     max_overlap: Annotated[Optional[float], typer.Option(help="drop references overlapping the chunk more (paper Eq. 6)")] = None,
     device: Annotated[str, typer.Option(help="torch device")] = DEFAULTS["device"],
@@ -269,8 +283,11 @@ def eval_(
         report = CorpusReport()
         docs = list(iter_documents(texts, report))
         report.raise_if_empty()
-        result = evaluate(base, ck, docs, oracle=oracle, retrieve=retrieve, max_text_tokens=max_text_tokens,
-                          chunk_tokens=chunk_tokens, refs_per_chunk=refs)
+        with _steps("evaluating") as bar:
+            task = bar.add_task("eval", total=len(docs))
+            result = evaluate(base, ck, docs, oracle=oracle, retrieve=retrieve, max_text_tokens=max_text_tokens,
+                              chunk_tokens=chunk_tokens, refs_per_chunk=refs,
+                              progress=lambda n: bar.update(task, completed=n))
     if as_json:
         out.print_json(json.dumps(result))
         return
@@ -290,54 +307,43 @@ def eval_(
 @app.command(epilog=GENERATE_EXAMPLES)
 def generate(
     prompt: Annotated[str, typer.Argument(help="text to continue")],
-    kb: Annotated[Path, typer.Option(help="knowledge base directory")],
-    model: Annotated[Optional[Path], typer.Option(help="the checkpoint the kb was compiled with (default: the manifest's)")] = None,
+    kb: Annotated[Optional[Path], typer.Option(help="knowledge base directory; without it, plain generation")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="the checkpoint (default: the kb's, else the embedded model)")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="tokens to generate at most")] = 128,
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
     seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
     memory: Annotated[bool, typer.Option("--memory/--no-memory", help="read retrieved memories")] = True,
-    chunk_tokens: Annotated[int, typer.Option(help="tokens per chunk")] = READ_DEFAULTS["chunk_tokens"],
-    refs: Annotated[int, typer.Option(help="references per chunk")] = READ_DEFAULTS["refs_per_chunk"],
+    chunk_tokens: Annotated[int, typer.Option(help="tokens per chunk")] = CHUNK_TOKENS,
+    refs: Annotated[int, typer.Option(help="references per chunk")] = REFS_PER_CHUNK,
     mode: Annotated[Optional[str], typer.Option(help="retrieval: bm25 | dense | hybrid (default: the kb's)")] = None,
     device: Annotated[str, typer.Option(help="torch device")] = DEFAULTS["device"],
     as_json: Annotated[bool, typer.Option("--json", help="print the text and the references read as JSON")] = False,
 ):
-    """Continue a prompt, reading the kb's memories chunk by chunk (paper §3.1)."""
-    from m3compile.kb import load_kb_model, open_kb
-    from m3compile.reader import ChunkMemory, ReadLayout, generate as read_generate
+    """Continue a prompt, reading the kb's memories chunk by chunk (paper §3.1); without --kb, plainly."""
+    from m3compile.generation import generate_text
 
     with user_errors():
-        base = open_kb(kb)
-        ck = load_kb_model(base, model, device=device)
-        layout = ReadLayout.from_manifest(base.manifest, ck.tokenizer.bos_id, chunk_tokens, refs)
-        read = []
-        retrieve = None
-        if memory:
-            ids_for, _ = _retriever(base, mode, None)
-
-            def retrieve(tokens):
-                ids = ids_for(ck.tokenizer.decode(tokens), refs)
-                read.append(ids)
-                return ChunkMemory.gather(base.memories(ids), layout.memory_layers)
-
-        prompt_ids = ck.tokenizer.encode(prompt)
-        new = read_generate(ck.model, layout, prompt_ids, retrieve, max_new_tokens,
-                            temperature, ck.tokenizer.eos_id, seed)
-        # decoded after the prompt: a continuation decoded alone loses its leading space
-        head = ck.tokenizer.decode(prompt_ids)
-        full = ck.tokenizer.decode(prompt_ids + new)
-        text = full[len(head):] if full.startswith(head) else ck.tokenizer.decode(new)
+        if max_new_tokens < 0:
+            raise M3Error(f"--max-new-tokens {max_new_tokens} must be 0 or more")
+        with _steps("generating") as bar:
+            task = bar.add_task("generate", total=max_new_tokens)
+            result = generate_text(prompt, kb=kb, model=model, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, seed=seed, memory=memory, chunk_tokens=chunk_tokens,
+                                   refs_per_chunk=refs, mode=mode, device=device,
+                                   log=lambda s: err.print(s, highlight=False),
+                                   progress=lambda n: bar.update(task, completed=n))
     if as_json:
-        out.print_json(json.dumps({"prompt": prompt, "text": text, "memory": memory, "references_read": read}))
+        out.print_json(json.dumps({"prompt": prompt, "text": result.text, "memory": result.memory,
+                                   "references_read": result.references_read}))
     else:
-        out.print(prompt + text, highlight=False, markup=False)
+        out.print(prompt + result.text, highlight=False, markup=False)
 
 
 @app.command(epilog=QUERY_EXAMPLES)
 def query(
     kb: Annotated[Path, typer.Argument(help="knowledge base directory")],
     text: Annotated[str, typer.Argument(help="query text")],
-    k: Annotated[int, typer.Option("-k", help="references to return")] = READ_DEFAULTS["refs_per_chunk"],
+    k: Annotated[int, typer.Option("-k", help="references to return")] = REFS_PER_CHUNK,
     mode: Annotated[Optional[str], typer.Option(help="bm25 | dense | hybrid (default: the kb's)")] = None,
     max_overlap: Annotated[Optional[float], typer.Option(help="drop references overlapping the query more (paper Eq. 6)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
@@ -353,7 +359,7 @@ def query(
     results = [{"ref_id": h.ref_id, "score": h.score, "doc_id": rows[h.ref_id]["doc_id"], "text": rows[h.ref_id]["text"]}
                for h in hits]
     if as_json:
-        out.print_json(json.dumps({"query": text, "mode": mode, "hits": results}))
+        out.print_json(json.dumps({"query": text, "mode": mode or r.mode, "hits": results}))
         return
     t = Table(title=f"{len(results)} references for {text!r}")
     for col in ("rank", "ref", "score", "doc", "text"):
@@ -366,7 +372,8 @@ def query(
 VERIFY_EXAMPLES = """
 Examples:\n
   m3 verify kb/                 # checksums, shards, every payload, counts, indexes\n
-  m3 verify kb/ --recompute 20  # and re-encode 20 random references with the model
+  m3 verify kb/ --recompute 20  # and re-encode 20 random references with the model\n
+  m3 verify kb/ --repair        # rebuild what is damaged (healthy shards untouched), then verify again
 """
 
 
@@ -374,30 +381,55 @@ Examples:\n
 def verify(
     kb: Annotated[Path, typer.Argument(help="knowledge base directory")],
     recompute: Annotated[int, typer.Option(help="re-encode N random references with the model and compare")] = 0,
+    repair: Annotated[bool, typer.Option(help="rebuild the damaged files from the kb's frames, its model and (if its table is lost) its corpus")] = False,
     model: Annotated[Optional[Path], typer.Option(help="the checkpoint the kb was compiled with (default: the manifest's)")] = None,
-    device: Annotated[str, typer.Option(help="torch device for --recompute")] = DEFAULTS["device"],
+    device: Annotated[str, typer.Option(help="torch device for --recompute and --repair")] = DEFAULTS["device"],
+    as_json: Annotated[bool, typer.Option("--json", help="print {faults, repaired, recomputed} as JSON")] = False,
 ):
     """Check every file, shard, payload and count of a kb against its manifest; exit 0 only if all hold."""
-    from m3compile.verify import verify_kb
+    from m3compile.pipeline import repair_kb
+    from m3compile.verify import recompute_count, verify_kb
 
+    repaired = []
     with user_errors():
-        faults = verify_kb(kb, recompute=recompute, model=model, device=device)
-    for f in faults:
-        out.print(f"FAULT {f}", highlight=False, markup=False)
+        if recompute < 0:
+            raise M3Error(f"--recompute {recompute} must be 0 or more (references to re-encode)")
+        if repair and verify_kb(kb):
+            repaired = repair_kb(kb, model=model, device=device,
+                                 log=lambda s: err.print(s, highlight=False)).summary["repaired"]
+        n = recompute_count(kb, recompute) if recompute and (kb / "manifest.json").is_file() else 0
+        with _steps("re-encoding") as bar:
+            task = bar.add_task("verify", total=n)
+            faults = verify_kb(kb, recompute=recompute, model=model, device=device,
+                               progress=lambda done, total: bar.update(task, completed=done))
+    if as_json:
+        out.print_json(json.dumps({"kb": str(kb), "faults": faults, "repaired": repaired, "recomputed": n}))
+    else:
+        for f in faults:
+            out.print(f"FAULT {f}", highlight=False, markup=False)
+        if repaired:
+            out.print(f"repaired: {', '.join(repaired)}", highlight=False)
     if faults:
-        err.print(f"[red]error:[/red] {len(faults)} fault(s) in {kb}", highlight=False)
+        err.print(f"[red]error:[/red] {len(faults)} fault(s) in {kb}" + ("" if repair else
+                  f"; `m3 verify --repair {kb}` rebuilds what it can"), highlight=False)
         raise typer.Exit(1)
-    out.print(f"{kb}: every check holds" + (f" ({recompute} references re-encoded)" if recompute else ""),
-              highlight=False)
+    if not as_json:
+        out.print(f"{kb}: every check holds" + (f" ({n} references re-encoded)" if n else ""), highlight=False)
 
 
 @app.command()
-def compact(kb: Annotated[Path, typer.Argument(help="knowledge base directory")]):
+def compact(
+    kb: Annotated[Path, typer.Argument(help="knowledge base directory")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+):
     """Rewrite shards without their tombstoned frames (copied, not re-encoded)."""
     from m3compile.compact import compact_kb
 
     with user_errors():
-        r = compact_kb(kb, log=lambda s: err.print(s, highlight=False, soft_wrap=True))
+        r = compact_kb(kb, log=lambda s: err.print(s, highlight=False))
+    if as_json:
+        out.print_json(json.dumps(r))
+        return
     out.print(f"{len(r['shards_rewritten'])} shard(s) rewritten, {r['refs_moved']} references moved, "
               f"{r['bytes_freed']:,} bytes freed", highlight=False)
 
@@ -409,31 +441,39 @@ Examples:\n
 """
 
 
+def _train_defaults() -> dict:
+    from m3compile.train import TrainConfig
+
+    return {f.name: f.default for f in fields(TrainConfig)}
+
+
+TRAIN_DEFAULTS = _train_defaults()
+
+
 @app.command(epilog=TRAIN_EXAMPLES)
 def train(
     model: Annotated[Path, typer.Option(help="Hugging Face checkpoint to continue training")],
     kb: Annotated[Path, typer.Option(help="compiled kb: its index retrieves the memories, its manifest fixes the layout")],
     texts: Annotated[Path, typer.Option(help="training texts: a corpus directory or file")],
     output: Annotated[Path, typer.Option("-o", "--output", help="output checkpoint directory")],
-    steps: Annotated[int, typer.Option(help="optimizer steps")] = None,
-    batch_size: Annotated[int, typer.Option(help="sequences per step")] = None,
-    lr: Annotated[float, typer.Option(help="peak learning rate")] = None,
-    schedule: Annotated[str, typer.Option(help="cosine | wsd")] = None,
-    memory_fraction: Annotated[float, typer.Option(help="share of steps that read memories")] = None,
-    grad_through_memory: Annotated[bool, typer.Option(help="backpropagate through the memory encoding (default: on; off saves memory and ~16 % time)")] = None,
-    bf16: Annotated[bool, typer.Option("--bf16/--fp32", help="bfloat16 autocast")] = None,
-    seed: Annotated[int, typer.Option(help="seed of batch order and memory steps")] = None,
-    device: Annotated[str, typer.Option(help="torch device")] = None,
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = TRAIN_DEFAULTS["steps"],
+    batch_size: Annotated[int, typer.Option(help="sequences per step")] = TRAIN_DEFAULTS["batch_size"],
+    lr: Annotated[float, typer.Option(help="peak learning rate")] = TRAIN_DEFAULTS["lr"],
+    schedule: Annotated[str, typer.Option(help="cosine | wsd")] = TRAIN_DEFAULTS["schedule"],
+    memory_fraction: Annotated[float, typer.Option(help="share of steps that read memories")] = TRAIN_DEFAULTS["memory_fraction"],
+    grad_through_memory: Annotated[bool, typer.Option(help="backpropagate through the memory encoding (off saves memory and ~16 % time)")] = TRAIN_DEFAULTS["grad_through_memory"],
+    bf16: Annotated[bool, typer.Option("--bf16/--fp32", help="bfloat16 autocast")] = TRAIN_DEFAULTS["bf16"],
+    seed: Annotated[int, typer.Option(help="seed of batch order and memory steps")] = TRAIN_DEFAULTS["seed"],
+    device: Annotated[str, typer.Option(help="torch device")] = TRAIN_DEFAULTS["device"],
+    as_json: Annotated[bool, typer.Option("--json", help="print the training report as JSON")] = False,
 ):
     """Continue training a checkpoint to read explicit memories (paper §3.6); resumable."""
     from m3compile.train import TrainConfig, train as run_train
 
-    given = dict(steps=steps, batch_size=batch_size, lr=lr, schedule=schedule, memory_fraction=memory_fraction,
-                 grad_through_memory=grad_through_memory, bf16=bf16, seed=seed, device=device)
     with user_errors():
-        # defaults live in TrainConfig: only options the user gave are passed
-        config = TrainConfig(model=str(model), kb=str(kb), texts=str(texts), out=str(output),
-                             **{k: v for k, v in given.items() if v is not None})
+        config = TrainConfig(model=str(model), kb=str(kb), texts=str(texts), out=str(output), steps=steps,
+                             batch_size=batch_size, lr=lr, schedule=schedule, memory_fraction=memory_fraction,
+                             grad_through_memory=grad_through_memory, bf16=bf16, seed=seed, device=device)
 
         def on_event(e):
             if e.get("event") == "step" and e["step"] % 10 == 0:
@@ -441,4 +481,7 @@ def train(
                           f"{'memory' if e['memory'] else 'no memory'}  {e['tokens_per_s']:.0f} tok/s", highlight=False)
 
         report = run_train(config, progress=on_event)
+    if as_json:
+        out.print_json(json.dumps(report))
+        return
     out.print(f"wrote {output}; {report.get('note', '')}", highlight=False)

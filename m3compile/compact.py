@@ -13,25 +13,36 @@ from pathlib import Path
 from typing import Callable
 
 from m3compile import manifest as mf, references as refs_file, store
+from m3compile.errors import M3Error
 from m3compile.pack import INDEX_NAME, ShardWriter, read_frame, read_shard_header, shard_info, write_shard_index
 
 
 def compact_kb(kb_dir: str | Path, log: Callable[[str], None] = lambda s: None) -> dict:
-    """Drop tombstoned frames from a kb. Returns {"shards_rewritten", "refs_moved", "bytes_freed"}."""
+    """Drop tombstoned frames from a kb.
+
+    Returns:
+        {"shards_rewritten", "refs_moved", "bytes_freed"}.
+    Example:
+        >>> compact_kb("kb/")["bytes_freed"]
+    """
     kb = Path(kb_dir)
+    mf.read_manifest(kb)  # a clear error before any lock is taken in a directory that is no kb
     with store.KbLock(kb, log):
         store.remove_temporaries(kb)
         manifest = mf.read_manifest(kb)
-        state = manifest["state"]
-        dirty = sorted(s for s, v in state["shards"].items() if v["refs"] > v["live_refs"])
+        damaged = store.damaged_files(kb, manifest.files)
+        if damaged:
+            name, why = next(iter(damaged.items()))
+            raise M3Error(f"{kb}: {name}: {why}; compacting would copy damage: run `m3 verify --repair {kb}` first")
+        dirty = sorted(s for s, v in manifest.shards.items() if v["refs"] > v["live_refs"])
         if not dirty:
             return {"shards_rewritten": [], "refs_moved": 0, "bytes_freed": 0}
-        rows = refs_file.read_references(kb / manifest["paths"]["references"]).to_pylist()
-        old_gen = kb / manifest["generation"]
-        first = 1 + max(store.shard_number(s) for s in state["shards"])
-        meta = {k: v for k, v in read_shard_header(kb / dirty[0])["__metadata__"].items()}
+        rows = refs_file.read_references(kb / manifest.paths["references"]).to_pylist()
+        old_gen = kb / manifest.generation
+        first = 1 + max(store.shard_number(s) for s in manifest.shards)
+        meta = dict(read_shard_header(kb / dirty[0])["__metadata__"])
         moved = 0
-        with ShardWriter(kb, meta, manifest["config"]["max_shard_bytes"], first_index=first) as writer:
+        with ShardWriter(kb, meta, manifest.config["max_shard_bytes"], first_index=first) as writer:
             writer.before_replace = lambda name: (kb / name).unlink()  # leftovers of an interrupted compact
             for r in rows:  # rows are in ref id order, as a writer needs
                 if r["shard"] in dirty:
@@ -53,19 +64,8 @@ def compact_kb(kb_dir: str | Path, log: Callable[[str], None] = lambda s: None) 
 
         gen = store.write_generation(kb, build)
         shards = store.shard_state(kb, rows)
-        freed = state["dead_kv_bytes"] - sum(v["kv_bytes"] - v["live_kv_bytes"] for v in shards.values())
-        gen_files = sorted(p.relative_to(kb).as_posix() for p in (kb / gen).rglob("*") if p.is_file())
-        files = {name: mf.file_entry(kb, name) for name in live + gen_files}
-        manifest.update(
-            generation=gen, files=files,
-            paths={"references": f"{gen}/{refs_file.FILE_NAME}", "shard_index": f"{gen}/{INDEX_NAME}",
-                   "tokenizer": f"{gen}/tokenizer.json"},
-            state={**state, "shards": shards, "dead_refs": sum(v["refs"] - v["live_refs"] for v in shards.values()),
-                   "dead_kv_bytes": sum(v["kv_bytes"] - v["live_kv_bytes"] for v in shards.values())})
-        manifest["counts"]["shards"] = len(live)
-        manifest["sizes"]["files_bytes"] = sum(e["bytes"] for e in files.values())
-        mf.write_manifest(kb, manifest)
-        store.collect_garbage(kb, set(live) | {gen})
+        freed = manifest.state["dead_kv_bytes"] - sum(v["kv_bytes"] - v["live_kv_bytes"] for v in shards.values())
+        mf.commit(kb, manifest.with_generation(kb, gen, shards))
     return {"shards_rewritten": dirty, "refs_moved": moved, "bytes_freed": freed}
 
 

@@ -116,16 +116,20 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
     try:
         for part in text.split(","):
             a, _, b = part.strip().partition("-")
+            if b and int(b) < int(a):
+                raise M3Error(f"--memory-layers {text!r}: the range {part.strip()!r} runs backwards; write "
+                              f"{int(b)}-{int(a)}")
             out.extend(range(int(a), int(b) + 1) if b else [int(a)])
     except ValueError:
-        raise M3Error(f"--memory-layers {text!r} is not a list like '0-3,6'") from None
+        raise M3Error(f"--memory-layers {text!r} is not a list of layer indices like '0-3,6'") from None
     return tuple(out)
 
 
 def default_model_dir() -> Path:
-    """The embedded demo model shipped in the repository's examples/: the memory reader, a small Llama
-    trained by `m3 train` to read the memories its m3-memory.json describes (examples/README.md)."""
-    return Path(__file__).resolve().parents[1] / "examples" / "reader" / "model"
+    """The embedded model, package data of m3compile (so a wheel has it): the memory reader, a small
+    Llama trained by `m3 train` to read the memories its m3-memory.json describes (examples/README.md;
+    examples/reader/model links to it)."""
+    return Path(__file__).resolve().parent / "embedded" / "reader"
 
 
 def read_model_memory(model_dir: str | Path) -> dict | None:

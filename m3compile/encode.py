@@ -30,14 +30,14 @@ class EncodedBatch:
     n_tokens: tuple[int, ...]  # real tokens per reference
 
 
-@torch.no_grad()
 def encode_batch(model: Transformer, token_lists: Sequence[Sequence[int]], prefix_ids: Sequence[int],
                  layers: Sequence[int], pad_to: int | None = None) -> EncodedBatch:
     """Forward the references (each alone, behind the prefix) and keep the memory layers' q/k/v.
 
     pad_to fixes the padded width: with the same tensor shapes in every batch, a reference's
     memory does not depend on which batch it was in (measured bit-exact on CPU, float32 and
-    bfloat16), so resumed and incremental compiles reproduce the bytes of a full one.
+    bfloat16), so resumed and incremental compiles reproduce the bytes of a full one. Autograd
+    follows the caller's grad mode: spec.memorize is the entry point that sets it.
     """
     p = len(prefix_ids)
     lengths = [len(t) for t in token_lists]

@@ -18,7 +18,7 @@ from m3compile.corpus import Document
 from m3compile.errors import M3Error
 from m3compile.kb import KnowledgeBase
 from m3compile.model import Checkpoint
-from m3compile.reader import ChunkMemory, ReadLayout, full_memories, text_nll
+from m3compile.reader import CHUNK_TOKENS, REFS_PER_CHUNK, ChunkMemory, ReadLayout, full_memories, text_nll
 
 ROWS = ("no_memory", "sparse", "full_memory_layers", "full_all_layers")
 RetrieveIds = Callable[[str, int], list[int]]  # (chunk text, k) -> ref ids, best first
@@ -56,7 +56,8 @@ def oracle_refs(refs: list[_RefInfo], token_start: int, k: int) -> list[int]:
 
 def evaluate(kb: KnowledgeBase, ck: Checkpoint, docs: Iterable[Document], oracle: bool = False,
              retrieve: RetrieveIds | None = None, max_text_tokens: int | None = None,
-             chunk_tokens: int = 64, refs_per_chunk: int = 5) -> dict:
+             chunk_tokens: int = CHUNK_TOKENS, refs_per_chunk: int = REFS_PER_CHUNK,
+             progress: Callable[[int], None] | None = None) -> dict:
     """Perplexity of each row over the documents' tokens.
 
     Args:
@@ -66,6 +67,7 @@ def evaluate(kb: KnowledgeBase, ck: Checkpoint, docs: Iterable[Document], oracle
         oracle: use each document's own references instead of retrieval.
         retrieve: (chunk text, k) -> ref ids, when not oracle.
         max_text_tokens: score only the first N tokens of each document.
+        progress: called with the number of documents scored so far.
     Returns:
         {"rows": {row: {"nll", "tokens", "ppl"}}, "improved_docs": {row: n}, "docs", ...}
     """
@@ -80,7 +82,7 @@ def evaluate(kb: KnowledgeBase, ck: Checkpoint, docs: Iterable[Document], oracle
 
     def full(ids):
         missing = [i for i in ids if i not in full_cache]
-        for m in full_memories(model, [ref_tokens[i] for i in missing], missing, layout.prefix_ids,
+        for m in full_memories(model, [ref_tokens[i] for i in missing], missing, kb.spec,
                                all_layers.memory_layers):
             full_cache[m.ref_id] = m
         return [full_cache[i] for i in ids]
@@ -116,6 +118,8 @@ def evaluate(kb: KnowledgeBase, ck: Checkpoint, docs: Iterable[Document], oracle
         for row in improved:
             improved[row] += doc_nll[row] < doc_nll["no_memory"]
         n_docs += 1
+        if progress is not None:
+            progress(n_docs)
         if len(full_cache) > 4096:  # bound memory on long runs; neighbouring docs rarely share refs
             full_cache.clear()
     if n_docs == 0:

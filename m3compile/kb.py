@@ -15,9 +15,11 @@ import torch
 
 from m3compile import references as refs_file
 from m3compile.errors import M3Error
-from m3compile.manifest import read_manifest
-from m3compile.pack import RefLocation, decode_payload, payload_nbytes, read_payload
-from m3compile.quantize import get_scheme
+from m3compile.manifest import Manifest, read_manifest
+from m3compile.pack import RefLocation, decode_payload, read_payload
+from m3compile.spec import MemorySpec
+
+REPAIR_HINT = "run `m3 verify --repair {kb}` (or the same `m3 compile` again) to rebuild it"
 
 
 @dataclass(frozen=True)
@@ -37,20 +39,19 @@ class KnowledgeBase:
         # decoded memories, most recently used last: neighbouring chunks often retrieve the same refs
         self._cache: OrderedDict[int, Memory] = OrderedDict()
         self.cache_size = cache_size
-        self.manifest = read_manifest(self.path)
-        w = self.manifest["write"]
-        self.layers = tuple(w["memory_layers"])
-        self.prefix_ids = tuple(w["prefix_ids"])
-        self.scheme = get_scheme(self.manifest["quant"]["scheme"])
-        m = self.manifest["model"]
-        self._max_bytes = payload_nbytes(self.scheme, len(self.layers), m["n_kv_heads"], w["top_k"], m["head_dim"])
+        self.manifest: Manifest = read_manifest(self.path)
+        self.spec: MemorySpec = self.manifest.spec  # the write recipe of every memory here
+        self.layers = self.spec.memory_layers
+        self.prefix_ids = self.spec.prefix_ids
+        self.scheme = self.spec.scheme
+        self._max_bytes = self.spec.max_payload()
         self._table: pa.Table | None = None
         self._loc: dict[int, RefLocation] | None = None
         self._retriever = None
 
     @property
     def references_path(self) -> Path:
-        return self.path / self.manifest["paths"]["references"]
+        return self.path / self.manifest.paths["references"]
 
     def references(self) -> pa.Table:
         """All reference rows (ref_id, doc_id, source, spans, token_ids, text, shard location, errors)."""
@@ -87,10 +88,16 @@ class KnowledgeBase:
         loc = self._locations().get(ref_id)
         if loc is None:
             raise M3Error(f"no reference {ref_id} in {self.path} (it has {len(self)}); see `m3 inspect`")
-        shard = self.path / loc.shard
-        frame = read_payload(shard, loc)
-        keys, values, positions = decode_payload(frame, self.scheme, self._max_bytes,
-                                                 where=f"{loc.shard} reference {ref_id}")
+        where = f"{loc.shard} reference {ref_id}"
+        try:
+            frame = read_payload(self.path / loc.shard, loc)
+            keys, values, positions = decode_payload(frame, self.scheme, self._max_bytes, where=where)
+        except M3Error as e:
+            text = str(e) if where in str(e) else f"{where}: {e}"
+            raise M3Error(f"{text.split('; ')[0]}; {REPAIR_HINT.format(kb=self.path)}") from None
+        except OSError as e:
+            raise M3Error(f"{where}: cannot read the shard ({e.strerror or e}); "
+                          f"{REPAIR_HINT.format(kb=self.path)}") from None
         mem = Memory(ref_id, keys, values, positions, self.layers)
         if self.cache_size > 0:
             self._cache[ref_id] = mem
@@ -116,7 +123,7 @@ class KnowledgeBase:
         if self._retriever is None:
             from m3compile.retrieve import Retriever
 
-            self._retriever = Retriever.open(self.path, self.manifest)
+            self._retriever = Retriever.open(self.path, self.manifest.to_dict())
         return self._retriever.retrieve(text, k, mode=mode, max_overlap=max_overlap)
 
 
@@ -129,10 +136,14 @@ def load_kb_model(kb: KnowledgeBase, model: str | Path | None = None, device: st
     from m3compile.config import default_model_dir
     from m3compile.model import fingerprint, load_checkpoint
 
-    recorded = kb.manifest["model"]
+    recorded = kb.manifest.model
     if model is None:
-        model = default_model_dir() if recorded["path"] == "<embedded example>" else Path(recorded["path"])
-        if not Path(model).is_dir():
+        if recorded["path"] == "<embedded example>":
+            model = default_model_dir()
+        else:
+            # recorded relative to the kb directory (older kbs: as given, relative to where they were compiled)
+            model = next((p for p in (kb.path / recorded["path"], Path(recorded["path"])) if p.is_dir()), None)
+        if model is None or not Path(model).is_dir():
             raise M3Error(f"the kb's model {recorded['path']!r} is not found from here; pass --model "
                           "with the checkpoint the kb was compiled with")
     fp = fingerprint(model)
@@ -150,11 +161,11 @@ def open_kb(path: str | Path) -> KnowledgeBase:
     Args:
         path: the kb directory (holds manifest.json).
     Returns:
-        KnowledgeBase with `.manifest` (dict), `.references()` (pyarrow Table),
-        `.memory(ref_id)` and `.memories(ref_ids)`.
+        KnowledgeBase with `.manifest` (a Manifest), `.spec` (its MemorySpec), `.references()`
+        (pyarrow Table), `.memory(ref_id)`, `.memories(ref_ids)` and `.retrieve(text, k)`.
     Example:
         >>> kb = open_kb("kb/")
-        >>> kb.manifest["counts"]["references"], kb.memory(0).keys.shape
+        >>> kb.manifest.counts["references"], kb.memory(0).keys.shape
     """
     return KnowledgeBase(Path(path))
 
@@ -164,28 +175,29 @@ def describe(kb: KnowledgeBase) -> dict:
     from m3compile.pack import read_shard_header
 
     m = kb.manifest
-    shards = m["state"]["shards"]
+    shards = m.shards
     for name in shards:
         read_shard_header(kb.path / name)  # refuses a foreign or newer shard by name
     rows = refs_file.check_metadata(kb.references_path).num_rows
-    if rows != m["counts"]["references"]:
+    if rows != m.counts["references"]:
         raise M3Error(f"{kb.path}: references.parquet has {rows} rows but the manifest says "
-                      f"{m['counts']['references']}; the kb is damaged: recompile it")
-    on_disk = sum((kb.path / name).stat().st_size for name in m["files"])
-    sz, q, c, w, model = m["sizes"], m["quant"], m["counts"], m["write"], m["model"]
+                      f"{m.counts['references']}; the kb is damaged: {REPAIR_HINT.format(kb=kb.path)}")
+    on_disk = sum((kb.path / name).stat().st_size for name in m.files if (kb.path / name).is_file())
+    sz, q, c, w, model = m.sizes, m.quant, m.counts, m.write, m.model
     return {
         "path": str(kb.path),
-        "format": f"{m['format']} v{m['format_version']}",
-        "created_by": m["created_by"],
+        "format": f"m3-kb v{m.format_version}",
+        "created_by": m.created_by,
         "model": {"path": model["path"], "architecture": model["architecture"], "n_layers": model["n_layers"],
                   "n_heads": model["n_heads"], "n_kv_heads": model["n_kv_heads"], "head_dim": model["head_dim"],
                   "dtype": model["dtype"], "config_sha256": model["config_sha256"]},
         "write": {"prefix": w["prefix_text"], "prefix_ids": w["prefix_ids"], "memory_layers": w["memory_layers"],
                   "top_k": w["top_k"], "max_tokens": w["max_tokens"]},
         "counts": c,
-        "dead": {"references": m["state"]["dead_refs"], "kv_bytes": m["state"]["dead_kv_bytes"],
-                 "share": round(m["state"]["dead_kv_bytes"] / max(1, sum(s["kv_bytes"] for s in shards.values())), 4)},
-        "generation": m["generation"],
+        "dead": {"references": m.state["dead_refs"], "kv_bytes": m.state["dead_kv_bytes"],
+                 "share": round(m.state["dead_kv_bytes"] / max(1, sum(s["kv_bytes"] for s in shards.values())), 4)},
+        "generation": m.generation,
+        "retrieval": {"mode": m.retrieval.get("mode"), "dense": bool(m.retrieval.get("dense"))},
         "quant": q,
         "sizes": {**sz, "on_disk_bytes": on_disk,
                   "vs_dense_bf16": round(sz["dense_bf16_bytes"] / max(1, on_disk), 2),
@@ -205,7 +217,7 @@ def reference_detail(kb: KnowledgeBase, ref_id: int) -> dict:
     row = rows[0]
     mem = kb.memory(ref_id)
     tok = None
-    tok_path = kb.path / kb.manifest["paths"]["tokenizer"]
+    tok_path = kb.path / kb.manifest.paths["tokenizer"]
     if tok_path.is_file():
         from tokenizers import Tokenizer as HFTokenizer
 

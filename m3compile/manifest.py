@@ -1,20 +1,132 @@
 """manifest.json: the entry point and commit point of a knowledge base (formats/manifest.md).
 
-Written last and atomically (temp file, fsync, rename, fsync of the directory), so a directory
-without a manifest is by definition incomplete. Its content is deterministic: JSON with sorted
-keys, no timestamps or timings; those go to run.json beside it, which no checksum covers.
+This module owns its schema: `Manifest` is the typed document, `read_manifest` its one reader
+(which checks the format and version first), `build_manifest` the one place its sections are
+computed, and `commit` the one commit path of compile, compact and repair. The manifest is written
+last and atomically (temp file, fsync, rename, fsync of the directory), so a directory without a
+manifest is by definition incomplete; then every top-level entry it does not name is removed. Its
+content is deterministic: JSON with sorted keys, no timestamps or timings; those go to run.json
+beside it, which no checksum covers.
 """
 
 import json
 import os
+from dataclasses import dataclass, field, fields, replace
+from functools import cached_property
 from pathlib import Path
 
+from m3compile import __version__
 from m3compile.errors import M3Error
 from m3compile.model import sha256_file
+from m3compile.pack import bits_per_element, payload_nbytes
+from m3compile.spec import MemorySpec
 
 FORMAT, FORMAT_VERSION = "m3-kb", 1
 FILE_NAME = "manifest.json"
 RUN_LOG = "run.json"
+REFERENCES, SHARD_INDEX, TOKENIZER = "references.parquet", "memory.safetensors.index.json", "tokenizer.json"
+SELECTION_RULE = ("logsumexp over group query heads and reference queries of pre-RoPE q.k/sqrt(D), "
+                  "no causal mask, prefix and padding excluded, ties to lower j")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The manifest document; each field is one top-level key (formats/manifest.md)."""
+
+    format_version: int  # 1
+    created_by: str  # "m3compile <version>"
+    config: dict  # the CompileConfig as run, less run settings; paths relative to the kb directory
+    memory_settings: list  # config keys that change a memory's bytes
+    identity: dict  # MemorySpec.identity(): what a compile into this kb must match
+    model: dict  # path (relative to the kb), architecture, args, dims, dtype, sha256s
+    write: dict  # prefix, position offset, memory layers, top-k, width, rope, selection rule
+    quant: dict  # scheme, bits per element, quantization errors
+    counts: dict  # documents, references, tokens, kept_kv, shards, skipped
+    sizes: dict  # payload, raw, dense/sparse bf16 baselines, files bytes
+    state: dict  # next_ref_id, shards (name -> refs, live_refs, kv_bytes, live_kv_bytes), dead counts
+    generation: str  # gen-<16 hex>
+    paths: dict  # references, shard_index, tokenizer: relative to the kb directory
+    retrieval: dict  # formats/index.md
+    files: dict  # relative path -> {"bytes", "sha256"}
+    run_log: str = RUN_LOG
+    unknown: dict = field(default_factory=dict)  # keys of a later minor writer, kept as they are
+
+    @cached_property
+    def spec(self) -> MemorySpec:
+        """The write recipe of this kb's memories."""
+        return MemorySpec.from_manifest(self.to_dict())
+
+    @property
+    def shards(self) -> dict:
+        """Live shard name -> {"refs", "live_refs", "kv_bytes", "live_kv_bytes"}."""
+        return self.state["shards"]
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "unknown"}
+        return {"format": FORMAT, **self.unknown, **d}
+
+    def to_json(self) -> str:
+        return to_json(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = FILE_NAME) -> "Manifest":
+        names = {f.name for f in fields(cls)} - {"unknown"}
+        missing = sorted(n for n in names if n not in d and n != "run_log")
+        if missing:
+            raise M3Error(f"{where} lacks {', '.join(missing)}; the manifest is damaged: run `m3 compile` with "
+                          "--rebuild into the kb")
+        return cls(**{k: d[k] for k in names if k in d},
+                   unknown={k: v for k, v in d.items() if k not in names and k != "format"})
+
+    def with_generation(self, kb_dir: Path, generation: str, shards: dict) -> "Manifest":
+        """This manifest naming a new generation and shard state: files, paths, state and the
+        counts and sizes that follow from them are recomputed (compile and compact both end here)."""
+        gen_files = sorted(p.relative_to(kb_dir).as_posix() for p in (Path(kb_dir) / generation).rglob("*")
+                           if p.is_file())
+        files = {name: file_entry(kb_dir, name) for name in sorted(shards) + gen_files}
+        state = {**self.state, "shards": shards,
+                 "dead_refs": sum(s["refs"] - s["live_refs"] for s in shards.values()),
+                 "dead_kv_bytes": sum(s["kv_bytes"] - s["live_kv_bytes"] for s in shards.values())}
+        return replace(self, generation=generation, files=files, state=state,
+                       paths={"references": f"{generation}/{REFERENCES}", "shard_index": f"{generation}/{SHARD_INDEX}",
+                              "tokenizer": f"{generation}/{TOKENIZER}"},
+                       counts={**self.counts, "shards": len(shards)},
+                       sizes={**self.sizes, "files_bytes": sum(e["bytes"] for e in files.values())})
+
+
+def build_manifest(kb_dir: Path, spec: MemorySpec, config: dict, model: dict, rows: list[dict], generation: str,
+                   retrieval: dict, shards: dict, skipped: dict, next_ref_id: int) -> Manifest:
+    """The manifest of a compile: its spec, config record and model record, and the live rows."""
+    L, H, D = len(spec.memory_layers), spec.n_kv_heads, spec.head_dim
+    kept_kv = sum(L * H * r["n_kept"] for r in rows)
+    raw = sum(payload_nbytes(spec.scheme, L, H, r["n_kept"], D) for r in rows)
+    payload = sum(r["byte_length"] for r in rows)
+    tokens = sum(r["n_tokens"] for r in rows)
+    rel = [r["quant_rel_err"] for r in rows]
+    from m3compile.config import MEMORY_SETTINGS
+
+    base = Manifest(
+        format_version=FORMAT_VERSION, created_by=f"m3compile {__version__}", config=config,
+        memory_settings=list(MEMORY_SETTINGS), identity=spec.identity(), model=model,
+        write={"prefix_text": spec.prefix, "prefix_ids": list(spec.prefix_ids),
+               "memory_layers": list(spec.memory_layers), "top_k": spec.top_k, "max_tokens": spec.width,
+               "chunk_rule_version": spec.chunk_rule_version,
+               # reference token j was encoded at RoPE position len(prefix_ids) + j
+               "position_offset": spec.position_offset, "rope": "post", "selection": SELECTION_RULE},
+        quant={"scheme": spec.quant,
+               "bits_per_element_at_top_k": round(bits_per_element(spec.scheme, L, H, spec.top_k, D), 4),
+               "bits_per_element_stored": round(8 * raw / (2 * kept_kv * D), 4),
+               "bits_per_element_compressed": round(8 * payload / (2 * kept_kv * D), 4),
+               "rel_err_max": max(rel), "rel_err_mean": sum(rel) / len(rel),
+               "max_abs_err": max(r["quant_max_err"] for r in rows)},
+        counts={"documents": len({r["doc_id"] for r in rows}), "references": len(rows), "tokens": tokens,
+                "kept_kv": kept_kv, "shards": len(shards), "skipped": dict(sorted(skipped.items()))},
+        sizes={"payload_bytes": payload, "payload_raw_bytes": raw,
+               # the same references' key-values kept whole in bf16, in every layer: the paper's dense baseline
+               "dense_bf16_bytes": tokens * spec.n_layers * 2 * H * D * 2,
+               "sparse_bf16_bytes": kept_kv * 2 * D * 2},
+        state={"next_ref_id": next_ref_id}, generation="", paths={}, retrieval=retrieval, files={})
+    return base.with_generation(kb_dir, generation, shards)
 
 
 def file_entry(kb_dir: Path, name: str) -> dict:
@@ -47,14 +159,20 @@ def to_json(obj: dict) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-def write_manifest(kb_dir: Path, manifest: dict, before_replace=None) -> Path:
-    assert manifest.get("format") == FORMAT, manifest.get("format")
+def commit(kb_dir: Path, manifest: Manifest, before_replace=None) -> list[str]:
+    """Make `manifest` the kb's state: write it atomically (unless the file already holds exactly
+    these bytes), then remove every top-level entry it does not name. Returns the removed names."""
+    from m3compile.store import collect_garbage
+
     path = Path(kb_dir) / FILE_NAME
-    atomic_write_text(path, to_json(manifest), before_replace)
-    return path
+    text = manifest.to_json()
+    if not path.is_file() or path.read_bytes() != text.encode():
+        atomic_write_text(path, text, before_replace)
+    return collect_garbage(kb_dir, set(manifest.shards) | {manifest.generation})
 
 
-def read_manifest(kb_dir: Path) -> dict:
+def read_manifest(kb_dir: Path) -> Manifest:
+    """The kb's manifest, checked: format, a version this m3compile reads, every section present."""
     path = Path(kb_dir) / FILE_NAME
     if not Path(kb_dir).is_dir():
         raise M3Error(f"{kb_dir} is not a directory; give a knowledge base made by `m3 compile`")
@@ -62,13 +180,23 @@ def read_manifest(kb_dir: Path) -> dict:
         raise M3Error(f"no {FILE_NAME} in {kb_dir}: not a knowledge base, or its compile did not "
                       "finish; run `m3 compile` into it")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise M3Error(f"cannot parse {path}: {e}; the manifest is damaged: recompile the kb") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise M3Error(f"cannot parse {path}: {e}; the manifest is damaged: run `m3 compile` with --rebuild "
+                      "into the kb") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise M3Error(f"{path} is not an m3compile kb manifest (format is not {FORMAT!r})")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    version = doc.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise M3Error(f"{path} has format_version {version!r}, which no m3compile writes (1 is the first); "
+                      "the manifest is damaged: run `m3 compile` with --rebuild into the kb")
+    if version > FORMAT_VERSION:
         raise M3Error(f"{path} has format_version {version}, newer than this m3compile reads "
                       f"({FORMAT_VERSION}); upgrade m3compile")
+    try:
+        manifest = Manifest.from_dict(doc, str(path))
+        manifest.spec  # every field the memories need is there and typed
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise M3Error(f"{path} lacks or mistypes a field ({e!r}); the manifest is damaged: run `m3 compile` "
+                      "with --rebuild into the kb") from None
     return manifest

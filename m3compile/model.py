@@ -582,6 +582,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     """
     path = Path(path)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    device = check_device(device)
     args = ModelArgs.from_hf_config(_read_config(path))
     tokenizer = Tokenizer.from_dir(path)
     state = _load_state_dict(weight_files(path), args, dtype, device)
@@ -605,6 +606,25 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
         model.output.weight = model.tok_embeddings.weight
     model.inv_freq = rope_inv_freq(args).to(device)
     return Checkpoint(model=model.eval(), args=args, tokenizer=tokenizer, path=path)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The torch device, or an M3Error that names what is missing (not a weights error later on)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise M3Error(f"--device {device!r} is not a torch device ({e}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise M3Error(f"--device {device}: no CUDA device is available to this torch ({torch.__version__}, "
+                          f"built {'with' if torch.version.cuda else 'without'} CUDA); use --device cpu, or run on a "
+                          "machine with a GPU and a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise M3Error(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                          f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        raise M3Error(f"--device {device}: m3compile runs on cpu or cuda")
+    return dev
 
 
 def save_checkpoint(model: Transformer, out_dir: str | Path, tokenizer_dir: str | Path | None = None,

@@ -403,16 +403,23 @@ def read_payload(shard_path: Path, loc: RefLocation) -> bytes:
         raise M3Error(f"{where}: safetensors cannot read the shard ({e}); recompile the kb") from None
 
 
-def frame_shape(frame: bytes, max_bytes: int) -> tuple[int, int, int, int]:
-    """(L, H, K, D) from a frame's payload header, decompressing at most max_bytes."""
-    declared = zstandard.frame_content_size(frame)
+def check_frame(frame: bytes, scheme: Scheme, max_bytes: int, where: str = "frame") -> tuple[int, int, int, int]:
+    """(L, H, K, D) of a frame that decompresses whole (zstd content checksum included) into a
+    payload of `scheme`, at most max_bytes; M3Error naming `where` otherwise. A frame is reused or
+    copied only after this check (formats/kv-shard.md, "Reading")."""
+    try:
+        declared = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError as e:
+        raise M3Error(f"{where}: not a zstd frame ({e}); the shard is damaged") from None
     if declared < _HEADER.size or declared > max_bytes:
-        raise M3Error(f"zstd frame declares {declared} bytes; not a payload of this kb")
-    head = zstandard.ZstdDecompressor().decompressobj().decompress(frame)[:_HEADER.size]
-    magic, _, L, H, K, D = _HEADER.unpack(head)
-    if magic != _MAGIC:
-        raise M3Error("frame payload has no M3KV header; the shard is damaged")
-    return L, H, K, D
+        raise M3Error(f"{where}: zstd frame declares {declared} bytes, not a payload of this kb (at most "
+                      f"{max_bytes}); the shard is damaged")
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(frame, allow_extra_data=False)
+    except zstandard.ZstdError as e:
+        raise M3Error(f"{where}: zstd frame does not decompress ({e}); the shard is damaged") from None
+    q, _, _ = unpack_payload(raw, scheme, where)
+    return q.shape
 
 
 def read_frame(shard_path: Path, offset: int, length: int) -> bytes:

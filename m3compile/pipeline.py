@@ -10,6 +10,12 @@ was killed) are copied, never encoded again. The mutable artefacts go into a con
 generation directory, and the manifest, written last and atomically, commits it all; files it
 does not name are removed after the commit. Encoding pads every batch to the same width, so a
 resumed or incremental compile writes the bytes a full one would.
+
+A compile also repairs (formats/manifest.md, "Repair"): a shard whose bytes are no longer those the
+manifest records is rebuilt under its own name from its frames that still check and by encoding
+the rest again; a damaged generation is built anew; a damaged references table is recovered from
+the corpus and the shards' content keys. Healthy shards are never touched. `repair_kb` is the same
+run without reading the corpus (`m3 verify --repair`).
 """
 
 import hashlib
@@ -28,22 +34,24 @@ import numpy as np
 import torch
 
 from m3compile import __version__, manifest as mf, references as refs_file, store
-from m3compile.chunk import CHUNK_RULE_VERSION, Reference, chunk_documents
-from m3compile.config import (MEMORY_SETTINGS, MODEL_MEMORY_FILE, READ_SETTINGS, RUN_SETTINGS, CompileConfig,
-                              default_model_dir, describe_settings, read_model_memory)
+from m3compile.chunk import Reference, chunk_documents
+from m3compile.config import (MODEL_MEMORY_FILE, READ_SETTINGS, RUN_SETTINGS, CompileConfig, default_model_dir,
+                              describe_settings, read_model_memory)
 from m3compile.corpus import RECORD_SUFFIXES, TEXT_SUFFIXES, CorpusReport, iter_documents
-from m3compile.encode import encode_batch, write_prefix
 from m3compile.errors import M3Error
 from m3compile.index import build_indexes, index_texts
 from m3compile.model import Checkpoint, fingerprint, load_checkpoint
-from m3compile.pack import (CODEC, FORMAT, FORMAT_VERSION, INDEX_NAME, LAYOUT, ZSTD_LEVEL, ShardWriter,
-                            bits_per_element, encode_payload, frame_shape, payload_nbytes, read_frame,
-                            shard_info, write_shard_index)
-from m3compile.quantize import get_scheme
-from m3compile.sparsify import select_topk
+from m3compile.pack import (CODEC, FORMAT, FORMAT_VERSION, LAYOUT, ZSTD_LEVEL, ShardWriter, check_frame,
+                            encode_payload, read_frame, shard_info, write_shard_index)
+from m3compile.spec import MemorySpec, memorize
 
 Progress = Callable[[dict], None]  # receives {"event": "start"|"batch"|"done", ...}
-TOKENIZER_COPY = "tokenizer.json"  # the model's tokenizer, so a kb is readable without its model
+NO_SHARD_LIMIT = 1 << 62  # a repaired shard is rewritten whole, as one file
+# the compile option behind a MemorySpec field, for messages only: the kb's identity is the field
+OPTION_OF = {"model_config_sha256": "--model", "model_weights_sha256": "--model", "tokenizer_sha256": "--model",
+             "width": "--max-tokens", "boundary": "--boundary", "min_fill": "--min-fill", "prefix": "--prefix",
+             "prefix_ids": "--prefix", "memory_layers": "--memory-layers", "top_k": "--top-k", "quant": "--quant",
+             "dtype": "--dtype"}
 
 
 class Timer:
@@ -83,10 +91,27 @@ def resolve_model(config: CompileConfig, log: Callable[[str], None]) -> Path:
         return Path(config.model)
     path = default_model_dir()
     if not (path / "config.json").is_file():
-        raise M3Error("no --model given and the embedded example model is not in this installation "
-                      f"({path}); pass --model path/to/hf-checkpoint")
-    log(f"no --model given: using the embedded example model {path}")
+        raise M3Error("no --model given and the embedded model is not in this installation "
+                      f"({path}); reinstall m3compile, or pass --model path/to/hf-checkpoint")
+    log(f"no --model given: using the embedded memory reader {path}")
     return path
+
+
+def relative_to_kb(path: str | None, kb_dir: Path) -> str | None:
+    """A path the user gave, as the manifest records it: relative to the kb directory, so that no
+    machine's absolute path is stored and the same corpus given either way is the same setting.
+    Names that are not paths on this machine (e.g. an embedder word) are kept as given."""
+    if path is None or not Path(path).exists():
+        return path
+    return Path(os.path.relpath(Path(path).resolve(), Path(kb_dir).resolve())).as_posix()
+
+
+def config_record(config: CompileConfig, kb_dir: Path) -> dict:
+    """The manifest's `config`: the settings as run, less run settings, paths relative to the kb."""
+    d = {k: v for k, v in config.to_dict().items() if k not in RUN_SETTINGS}
+    for k in ("corpus", "model", "embedder"):
+        d[k] = relative_to_kb(d[k], kb_dir)
+    return d
 
 
 @dataclass
@@ -97,15 +122,8 @@ class Setup:
     ck: Checkpoint
     model_path: Path
     model_id: dict
-    layers: tuple[int, ...]
-    prefix_ids: list[int]
-    scheme: object
-    context: bytes  # shared part of every content key
-
-    @property
-    def max_payload(self) -> int:
-        a = self.ck.args
-        return payload_nbytes(self.scheme, len(self.layers), a.n_kv_heads, self.config.top_k, a.head_dim)
+    spec: MemorySpec
+    context: bytes  # spec.key_context(), shared by every content key
 
 
 def _setup(config: CompileConfig, log) -> tuple[Setup, Timer]:
@@ -114,12 +132,9 @@ def _setup(config: CompileConfig, log) -> tuple[Setup, Timer]:
     with timer("load_model"):
         ck = load_checkpoint(model_path, device=config.device, dtype=config.dtype)
         model_id = fingerprint(model_path)
-    layers = config.resolve_layers(ck.args.n_layers)
-    _note_model_memory(config, model_path, layers, log)
-    prefix_ids = write_prefix(ck.tokenizer, config.prefix)
-    scheme = get_scheme(config.quant, ck.model.dtype, head_dim=ck.args.head_dim)
-    context = store.key_context(model_id, prefix_ids, config.top_k, layers, scheme.name, config.dtype, config.max_tokens)
-    return Setup(config, ck, model_path, model_id, layers, prefix_ids, scheme, context), timer
+    spec = MemorySpec.from_config(config, ck, model_id)
+    _note_model_memory(config, model_path, spec.memory_layers, log)
+    return Setup(config, ck, model_path, model_id, spec, spec.key_context()), timer
 
 
 def _note_model_memory(config: CompileConfig, model_path: Path, layers: tuple[int, ...], log) -> None:
@@ -139,48 +154,64 @@ def _note_model_memory(config: CompileConfig, model_path: Path, layers: tuple[in
 
 @dataclass
 class Previous:
-    manifest: dict | None = None
-    rows: list[dict] = field(default_factory=list)  # live references
+    manifest: mf.Manifest | None = None
+    rows: list[dict] = field(default_factory=list)  # live references (only shard locations if recovered)
     next_ref_id: int = 0
     next_shard: int = 1
+    damaged: dict[str, str] = field(default_factory=dict)  # kb file -> what is wrong with it
+    rows_recovered: bool = False  # the references table was damaged: rows come from the shards
 
 
-def _identity(setup: Setup) -> dict:
-    """What must match for a kb's memories to be reused: model, tokenizer, prefix, memory settings."""
-    c = setup.config.to_dict()
-    return {"model config.json": setup.model_id["config_sha256"], "model weights": setup.model_id["weights_sha256"],
-            "tokenizer": setup.model_id["tokenizer_sha256"], "prefix ids": setup.prefix_ids,
-            "memory layers": list(setup.layers), "chunk rule": CHUNK_RULE_VERSION,
-            **{f"--{k.replace('_', '-')}": c[k] for k in MEMORY_SETTINGS if k != "memory_layers"}}
-
-
-def _previous(out: Path, setup: Setup, rebuild: bool) -> Previous:
+def _previous(out: Path, setup: Setup, rebuild: bool, log) -> Previous:
     if not (out / mf.FILE_NAME).exists():
         return Previous()
     try:
         manifest = mf.read_manifest(out)
-        rows = refs_file.read_references(out / manifest["paths"]["references"]).to_pylist()
-    except (M3Error, KeyError) as e:
+    except M3Error as e:
         if rebuild:
+            log(f"the existing kb's manifest cannot be read ({e}); compiling anew")
             return Previous()
         raise M3Error(f"the existing kb in {out} cannot be read ({e}); pass --rebuild to compile it anew") from None
-    shards = manifest["state"]["shards"]
-    prev = Previous(manifest, rows, manifest["state"]["next_ref_id"],
-                    1 + max((store.shard_number(s) for s in shards), default=0))
+    damaged = store.damaged_files(out, manifest.files)
+    for name, why in damaged.items():
+        log(f"damaged: {name}: {why}; it is rebuilt")
+    next_shard = 1 + max((store.shard_number(s) for s in manifest.shards), default=0)
     if rebuild:
-        # start over: no reference keeps its id, but frames on disk are still found by key
-        return Previous(manifest, [], 0, prev.next_shard)
-    old = manifest["identity"]
-    for name, value in _identity(setup).items():
-        if old.get(name) != value:
-            raise M3Error(f"{out} was compiled with a different {name} ({_short(old.get(name))} vs "
-                          f"{_short(value)} now); its memories cannot be mixed with these: pass --rebuild "
-                          "to compile the kb anew (it stays readable until the new one is committed)")
-    missing = sorted(s for s in shards if not (out / s).is_file())
-    if missing:
-        raise M3Error(f"shard {missing[0]} named by {out}/manifest.json is missing; run `m3 verify {out}` "
-                      "to see the damage, or pass --rebuild")
-    return prev
+        # start over: no reference keeps its id, but frames on disk that still check are found by key
+        return Previous(manifest, [], 0, next_shard, damaged)
+    differ = manifest.spec.differences(setup.spec)
+    if differ:
+        name = differ[0]
+        option = f"; option {OPTION_OF[name]}" if name in OPTION_OF else ""
+        raise M3Error(f"{out} was compiled with a different {name} ({_short(getattr(manifest.spec, name))} vs "
+                      f"{_short(getattr(setup.spec, name))} now{option}); its memories cannot be mixed with these: "
+                      "pass --rebuild to compile the kb anew (it stays readable until the new one is committed)")
+    refs_name = manifest.paths["references"]
+    rows = None
+    if refs_name not in damaged:
+        try:
+            rows = refs_file.read_references(out / refs_name).to_pylist()
+        except M3Error as e:
+            log(f"damaged: {refs_name}: {e}")
+    if rows is None:
+        return Previous(manifest, _rows_from_shards(out, manifest), manifest.state["next_ref_id"], next_shard,
+                        damaged, rows_recovered=True)
+    return Previous(manifest, rows, manifest.state["next_ref_id"], next_shard, damaged)
+
+
+def _rows_from_shards(out: Path, manifest: mf.Manifest) -> list[dict]:
+    """What the shards still say of the live references when the references table is lost: id,
+    content key and frame location. The corpus supplies the rest (_plan matches them by key)."""
+    rows = []
+    for name in sorted(manifest.shards):
+        try:
+            found = store.shard_frames(out / name)
+        except Exception:  # an unreadable shard's references are encoded again
+            continue
+        for ref_id, key, f in found:
+            rows.append({"ref_id": ref_id, "ref_key": key.hex(), "shard": name, "byte_offset": f.offset,
+                         "byte_length": f.length, "quant_rel_err": f.rel_err, "quant_max_err": f.max_err})
+    return sorted(rows, key=lambda r: r["ref_id"])
 
 
 def _short(v) -> str:
@@ -200,7 +231,7 @@ class Plan:
 
 
 def _plan(setup: Setup, prev: Previous, keep_missing: bool, timer: Timer) -> Plan:
-    config = setup.config
+    config, spec = setup.config, setup.spec
     report = CorpusReport()
     doc_sha: dict[str, str] = {}
 
@@ -215,11 +246,12 @@ def _plan(setup: Setup, prev: Previous, keep_missing: bool, timer: Timer) -> Pla
         old_by_key[row["ref_key"]].append(row)
     rows, new, next_id = [], [], prev.next_ref_id
     with timer("read+chunk"):
-        for ref in chunk_documents(docs, setup.ck.tokenizer, config.max_tokens, config.boundary, config.min_fill):
-            key = store.ref_key(setup.context, ref.token_ids).hex()
+        for ref in chunk_documents(docs, setup.ck.tokenizer, spec.width, spec.boundary, spec.min_fill):
+            key = spec.ref_key(ref.token_ids, setup.context).hex()
             meta = {"doc_id": ref.doc_id, "source": ref.source, "index": ref.index, "char_start": ref.char_start,
                     "char_end": ref.char_end, "n_tokens": len(ref.token_ids), "token_ids": list(ref.token_ids),
-                    "text": ref.text, "ref_key": key, "doc_sha256": doc_sha[ref.doc_id]}
+                    "text": ref.text, "ref_key": key, "doc_sha256": doc_sha[ref.doc_id],
+                    "n_kept": min(spec.top_k, len(ref.token_ids))}
             same = old_by_key.get(key)
             if same:
                 # the kb already holds this memory: keep its id and its frame
@@ -234,9 +266,10 @@ def _plan(setup: Setup, prev: Previous, keep_missing: bool, timer: Timer) -> Pla
     if not rows:
         raise M3Error(f"corpus {config.corpus} has documents but no tokens to compile; check the texts")
     leftover = [r for q in old_by_key.values() for r in q]
-    old_docs = {r["doc_id"]: r["doc_sha256"] for r in prev.rows}
-    kept = [r for r in leftover if keep_missing and r["doc_id"] not in doc_sha]
-    removed = [r for r in leftover if not (keep_missing and r["doc_id"] not in doc_sha)]
+    old_docs = {r["doc_id"]: r["doc_sha256"] for r in prev.rows if "doc_id" in r}
+    kept = [r for r in leftover if keep_missing and r.get("doc_id", "") in old_docs and r["doc_id"] not in doc_sha]
+    kept_ids = {id(r) for r in kept}
+    removed = [r for r in leftover if id(r) not in kept_ids]
     rows += kept
     rows.sort(key=lambda r: r["ref_id"])
     docs = {"added": sum(d not in old_docs for d in doc_sha),
@@ -247,21 +280,36 @@ def _plan(setup: Setup, prev: Previous, keep_missing: bool, timer: Timer) -> Pla
     return Plan(rows, new, removed, docs, report)
 
 
+def _plan_unchanged(prev: Previous) -> Plan:
+    """The plan of a repair: the kb's own references, nothing added or removed."""
+    docs = {"added": 0, "changed": 0, "removed": 0, "kept": 0,
+            "unchanged": len({r["doc_id"] for r in prev.rows})}
+    return Plan(prev.rows, [], [], docs, CorpusReport())
+
+
 # ---- writing --------------------------------------------------------------------------------------
 
 class FrameSource:
-    """Frames already on disk, by content key; follows an orphan shard moved aside before reuse of its name."""
+    """Frames already on disk, by content key, each checked before use; follows an orphan shard
+    moved aside before reuse of its name."""
 
-    def __init__(self, out: Path):
-        self.out = out
+    def __init__(self, out: Path, spec: MemorySpec):
+        self.out, self.spec = out, spec
         self.frames = store.scan_frames(out)
         self.alias: dict[str, str] = {}
 
-    def get(self, key: bytes):
-        return self.frames.get(key)
-
-    def read(self, frame: store.Frame) -> bytes:
-        return read_frame(self.out / self.alias.get(frame.shard, frame.shard), frame.offset, frame.length)
+    def get(self, key: bytes) -> tuple[bytes, store.Frame, int] | None:
+        """(frame bytes, where it was, K) of a frame with this key that checks, or None."""
+        f = self.frames.get(key)
+        if f is None:
+            return None
+        try:
+            data = read_frame(self.out / self.alias.get(f.shard, f.shard), f.offset, f.length)
+            K = check_frame(data, self.spec.scheme, self.spec.max_payload(), f.shard)[2]
+        except M3Error:
+            # damaged bytes are never copied: the reference is encoded again
+            return None
+        return data, f, K
 
     def move_aside(self, name: str) -> None:
         # an orphan shard (named by no manifest) whose name a new shard takes: keep its frames reachable
@@ -271,32 +319,37 @@ class FrameSource:
 
 
 def _shard_metadata(setup: Setup) -> dict:
-    return {"quant": setup.scheme.name, "model_config_sha256": setup.model_id["config_sha256"],
+    return {"quant": setup.spec.quant, "model_config_sha256": setup.spec.model_config_sha256,
             "created_by": f"m3compile {__version__}"}
 
 
+def _encode_frames(setup: Setup, token_lists: list[list[int]], timer: Timer) -> list[tuple[bytes, float, float, int]]:
+    """(frame, relative error, max abs error, K) of each reference, encoded now: memorize, then quantize+pack."""
+    with timer("encode+select"):
+        memories = memorize(setup.ck.model, token_lists, setup.spec)
+    out = []
+    with timer("quantize+compress"):
+        for mem in memories:
+            frame, err = encode_payload(mem.keys, mem.values, mem.positions, setup.spec.scheme)
+            # float32, as the table and the shard store them, so reuse changes no figure
+            out.append((frame, float(np.float32(err.rel)), float(np.float32(err.max_abs)), mem.positions.shape[-1]))
+    return out
+
+
 def _write_new(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: Timer, progress: Progress) -> dict:
-    config, ck = setup.config, setup.ck
-    source = FrameSource(out)
+    config = setup.config
+    source = FrameSource(out, setup.spec)
     stats = {"encoded": 0, "copied": 0}
     with ShardWriter(out, _shard_metadata(setup), config.max_shard_bytes, first_index=prev.next_shard) as writer:
         writer.before_replace = source.move_aside
         for start in range(0, len(plan.new), config.batch_size):
             batch = plan.new[start:start + config.batch_size]
-            todo = [(row, ref) for row, ref in batch if source.get(bytes.fromhex(row["ref_key"])) is None]
+            on_disk = {row["ref_id"]: source.get(bytes.fromhex(row["ref_key"])) for row, _ in batch}
+            todo = [(row, ref) for row, ref in batch if on_disk[row["ref_id"]] is None]
             fresh = {}
             if todo:
-                with timer("encode"):
-                    encoded = encode_batch(ck.model, [r.token_ids for _, r in todo], setup.prefix_ids, setup.layers,
-                                           pad_to=config.max_tokens)
-                with timer("sparsify"):
-                    memories = select_topk(encoded, config.top_k)
-                with timer("quantize+compress"):
-                    for (row, _), mem in zip(todo, memories):
-                        frame, err = encode_payload(mem.keys, mem.values, mem.positions, setup.scheme)
-                        # float32, as the table and the shard store them, so reuse changes no figure
-                        rel, mx = float(np.float32(err.rel)), float(np.float32(err.max_abs))
-                        fresh[row["ref_id"]] = (frame, rel, mx, mem.positions.shape[-1])
+                encoded = _encode_frames(setup, [list(r.token_ids) for _, r in todo], timer)
+                fresh = {row["ref_id"]: e for (row, _), e in zip(todo, encoded)}
                 crash_point(f"encode:{start // config.batch_size + 1}")
             with timer("write"):
                 for row, _ in batch:
@@ -304,9 +357,8 @@ def _write_new(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: Timer
                         frame, rel, mx, K = fresh[row["ref_id"]]
                         stats["encoded"] += 1
                     else:
-                        f = source.get(bytes.fromhex(row["ref_key"]))
-                        frame, rel, mx = source.read(f), f.rel_err, f.max_err
-                        K = frame_shape(frame, setup.max_payload)[2]
+                        frame, f, K = on_disk[row["ref_id"]]
+                        rel, mx = f.rel_err, f.max_err
                         stats["copied"] += 1
                     n_shards = len(writer.shards)
                     loc = writer.add(row["ref_id"], frame, bytes.fromhex(row["ref_key"]), (rel, mx))
@@ -323,6 +375,57 @@ def _write_new(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: Timer
     return stats
 
 
+def _repair_shards(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: Timer, log) -> list[str]:
+    """Rebuild, under its own name, every live shard whose bytes are not the manifest's: frames that
+    still check are copied, the live references' other frames are encoded again (deterministic, so a
+    fully recovered shard gets back its recorded bytes); a tombstoned frame that no longer checks is
+    dropped. Rows of the rebuilt shards get their new locations. Healthy shards are not touched."""
+    shards = sorted(s for s in prev.manifest.shards if s in prev.damaged) if prev.manifest else []
+    live = defaultdict(dict)
+    for r in plan.rows + plan.removed:
+        if r.get("shard") in shards:
+            live[r["shard"]][r["ref_id"]] = r
+    for name in shards:
+        path, rows = out / name, live[name]
+        try:
+            expected = [(i, key, f) for i, key, f in store.shard_frames(path)]
+        except Exception:  # the shard's own index is gone: its live rows say what it held
+            expected = [(i, bytes.fromhex(r["ref_key"]), store.Frame(name, r["byte_offset"], r["byte_length"],
+                                                                   r["quant_rel_err"], r["quant_max_err"]))
+                        for i, r in sorted(rows.items())]
+        frames, todo = {}, []
+        for ref_id, key, f in expected:
+            try:
+                data = read_frame(path, f.offset, f.length)
+                check_frame(data, setup.spec.scheme, setup.spec.max_payload(), name)
+                frames[ref_id] = (key, data, (f.rel_err, f.max_err))
+            except (M3Error, OSError):
+                if ref_id in rows and "token_ids" in rows[ref_id]:
+                    todo.append(ref_id)
+                else:
+                    log(f"{name}: the tombstoned frame of reference {ref_id} is damaged and dropped")
+        missing = [i for i in rows if i not in frames and i not in todo]
+        todo += [i for i in missing if "token_ids" in rows[i]]
+        for i in range(0, len(todo), setup.config.batch_size):
+            ids = todo[i:i + setup.config.batch_size]
+            for ref_id, (frame, rel, mx, _) in zip(ids, _encode_frames(setup, [rows[r]["token_ids"] for r in ids], timer)):
+                frames[ref_id] = (bytes.fromhex(rows[ref_id]["ref_key"]), frame, (rel, mx))
+        lost = [i for i in rows if i not in frames]
+        if lost:  # a recovered row whose tokens the corpus no longer has: it leaves with its frame
+            raise M3Error(f"{name}: references {lost[:5]} are damaged and their texts are not in the corpus; "
+                          "run `m3 compile CORPUS -o KB --rebuild` with the corpus they came from")
+        with timer("write"), ShardWriter(out, _shard_metadata(setup), NO_SHARD_LIMIT,
+                                         first_index=store.shard_number(name)) as writer:
+            for ref_id in sorted(frames):
+                key, data, err = frames[ref_id]
+                loc = writer.add(ref_id, data, key, err)
+                if ref_id in rows:
+                    rows[ref_id].update(byte_offset=loc.byte_offset, byte_length=loc.byte_length,
+                                        quant_rel_err=float(err[0]), quant_max_err=float(err[1]))
+        log(f"repaired {name}: {len(frames) - len(todo)} frames copied, {len(todo)} encoded again")
+    return shards
+
+
 def _build_generation(out: Path, setup: Setup, rows: list[dict], shards: list[str], timer: Timer) -> tuple[str, dict]:
     retrieval = {}
 
@@ -332,7 +435,7 @@ def _build_generation(out: Path, setup: Setup, rows: list[dict], shards: list[st
         meta = {**_shard_metadata(setup), "format": FORMAT, "format_version": str(FORMAT_VERSION), "codec": CODEC,
                 "zstd_level": str(ZSTD_LEVEL), "layout": LAYOUT, "rope": "post", "shard_dir": ".."}
         write_shard_index(gen, infos, meta)
-        (gen / TOKENIZER_COPY).write_bytes((setup.ck.path / "tokenizer.json").read_bytes())
+        (gen / mf.TOKENIZER).write_bytes((setup.ck.path / "tokenizer.json").read_bytes())
         with timer("index"):
             texts = index_texts([r["doc_id"] for r in rows], [r["index"] for r in rows], [r["text"] for r in rows])
             retrieval.update(build_indexes(gen, [r["ref_id"] for r in rows], texts,
@@ -344,75 +447,11 @@ def _build_generation(out: Path, setup: Setup, rows: list[dict], shards: list[st
     return gen, retrieval
 
 
-def _build_manifest(setup: Setup, rows: list[dict], gen: str, retrieval: dict, shards: dict, plan_docs: int,
-                    report: CorpusReport, out: Path, next_ref_id: int) -> dict:
-    config, a = setup.config, setup.ck.args
-    L, H, D = len(setup.layers), a.n_kv_heads, a.head_dim
-    kept_kv = sum(L * H * r["n_kept"] for r in rows)
-    raw = sum(payload_nbytes(setup.scheme, L, H, r["n_kept"], D) for r in rows)
-    payload = sum(r["byte_length"] for r in rows)
-    tokens = sum(r["n_tokens"] for r in rows)
-    gen_files = sorted(p.relative_to(out).as_posix() for p in (out / gen).rglob("*") if p.is_file())
-    files = {name: mf.file_entry(out, name) for name in sorted(shards) + gen_files}
-    dead_refs = sum(s["refs"] - s["live_refs"] for s in shards.values())
-    dead_bytes = sum(s["kv_bytes"] - s["live_kv_bytes"] for s in shards.values())
-    rel = [r["quant_rel_err"] for r in rows]
-    return {
-        "format": mf.FORMAT,
-        "format_version": mf.FORMAT_VERSION,
-        "created_by": f"m3compile {__version__}",
-        "config": {k: v for k, v in config.to_dict().items() if k not in RUN_SETTINGS},
-        "memory_settings": list(MEMORY_SETTINGS),
-        "identity": _identity(setup),
-        "model": {"path": str(config.model) if config.model is not None else "<embedded example>",
-                  **setup.model_id, "n_layers": a.n_layers, "n_kv_heads": H, "n_heads": a.n_heads, "head_dim": D,
-                  "dtype": config.dtype},
-        "write": {
-            "prefix_text": config.prefix,
-            "prefix_ids": setup.prefix_ids,
-            "memory_layers": list(setup.layers),
-            "top_k": config.top_k,
-            "max_tokens": config.max_tokens,
-            "chunk_rule_version": CHUNK_RULE_VERSION,
-            # reference token j was encoded at RoPE position len(prefix_ids) + j
-            "position_offset": len(setup.prefix_ids),
-            "rope": "post",
-            "selection": "logsumexp over group query heads and reference queries of pre-RoPE q.k/sqrt(D), "
-                         "no causal mask, prefix and padding excluded, ties to lower j",
-        },
-        "quant": {
-            "scheme": setup.scheme.name,
-            "bits_per_element_at_top_k": round(bits_per_element(setup.scheme, L, H, config.top_k, D), 4),
-            "bits_per_element_stored": round(8 * raw / (2 * kept_kv * D), 4),
-            "bits_per_element_compressed": round(8 * payload / (2 * kept_kv * D), 4),
-            "rel_err_max": max(rel),
-            "rel_err_mean": sum(rel) / len(rel),
-            "max_abs_err": max(r["quant_max_err"] for r in rows),
-        },
-        "counts": {
-            "documents": plan_docs,
-            "references": len(rows),
-            "tokens": tokens,
-            "kept_kv": kept_kv,
-            "shards": len(shards),
-            "skipped": dict(sorted(report.skipped.items())),
-        },
-        "sizes": {
-            "payload_bytes": payload,
-            "payload_raw_bytes": raw,
-            # the same references' key-values kept whole in bf16, in every layer: the paper's dense baseline
-            "dense_bf16_bytes": tokens * a.n_layers * 2 * H * D * 2,
-            "sparse_bf16_bytes": kept_kv * 2 * D * 2,
-            "files_bytes": sum(e["bytes"] for e in files.values()),
-        },
-        "state": {"next_ref_id": next_ref_id, "shards": shards, "dead_refs": dead_refs, "dead_kv_bytes": dead_bytes},
-        "generation": gen,
-        "paths": {"references": f"{gen}/{refs_file.FILE_NAME}", "shard_index": f"{gen}/{INDEX_NAME}",
-                  "tokenizer": f"{gen}/{TOKENIZER_COPY}"},
-        "retrieval": retrieval,
-        "files": files,
-        "run_log": mf.RUN_LOG,
-    }
+def _model_record(setup: Setup, out: Path) -> dict:
+    a, config = setup.ck.args, setup.config
+    path = relative_to_kb(config.model, out) if config.model is not None else "<embedded example>"
+    return {"path": path, **setup.model_id, "n_layers": a.n_layers, "n_kv_heads": a.n_kv_heads,
+            "n_heads": a.n_heads, "head_dim": a.head_dim, "dtype": config.dtype}
 
 
 def _prepare_out_dir(out: Path) -> None:
@@ -423,12 +462,15 @@ def _prepare_out_dir(out: Path) -> None:
         if foreign:
             raise M3Error(f"output directory {out} holds files that are not part of a knowledge base "
                           f"({', '.join(foreign[:3])}); give a new or empty directory, or an existing kb")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise M3Error(f"cannot create the kb directory {out}: {e.strerror or e}; choose a writable path") from None
 
 
 @dataclass
 class CompileResult:
-    manifest: dict
+    manifest: mf.Manifest
     summary: dict  # what this run did: documents added/changed/..., references encoded/copied/reused/removed
 
 
@@ -440,73 +482,117 @@ def compile_kb(config: CompileConfig, out_dir: str | Path, progress: Progress | 
     Args:
         config: every compile setting (see CompileConfig).
         out_dir: a new or empty directory, or a kb compiled with the same model and memory settings.
+            A damaged kb is repaired on the way (damaged shards rebuilt, healthy ones untouched).
         progress: called with {"event": "start", "total_bytes"}, {"event": "batch", "refs",
             "tokens", "bytes"} and {"event": "done"}.
-        log: receives human-readable notes (which model, skipped files, what changed).
+        log: receives human-readable notes (which model, skipped files, what changed or was repaired).
         keep_missing: keep the references of documents absent from this corpus (add-only).
-        rebuild: compile anew even if the kb was made with other settings.
+        rebuild: compile anew even if the kb was made with other settings or cannot be read.
     Returns:
         CompileResult with the manifest (also written to out_dir/manifest.json) and a summary.
     Example:
-        >>> compile_kb(CompileConfig(corpus="examples/corpus"), "kb/").manifest["counts"]["references"]
+        >>> compile_kb(CompileConfig(corpus="examples/corpus"), "kb/").manifest.counts["references"]
     """
-    progress = progress or (lambda e: None)
-    out = Path(out_dir)
     corpus = Path(config.corpus)
     if not corpus.exists():
         raise M3Error(f"corpus {corpus} does not exist; pass an existing directory or file")
+    return _run(config, Path(out_dir), progress or (lambda e: None), log, keep_missing, rebuild, repair_only=False)
+
+
+def repair_kb(kb_dir: str | Path, model: str | Path | None = None, device: str = "cpu",
+              log: Callable[[str], None] = lambda s: None) -> CompileResult:
+    """Restore a kb whose files `m3 verify` faults, from its own frames, its model and, only if its
+    references table is lost, its corpus (the path its manifest records). Healthy shards are not
+    touched; a kb with nothing damaged is left byte for byte as it was.
+
+    Args:
+        kb_dir: the knowledge base.
+        model: the checkpoint it was compiled with (default: the path its manifest records).
+        device: torch device for the frames that must be encoded again.
+        log: receives what was damaged and what was rebuilt.
+    Returns:
+        CompileResult with the committed manifest and a summary.
+    Example:
+        >>> repair_kb("kb/").summary["repaired"]
+        ['memory-00001.safetensors']
+    """
+    kb = Path(kb_dir)
+    manifest = mf.read_manifest(kb)
+    c = {**manifest.config, "device": device}
+    c["corpus"] = str(kb / c["corpus"]) if not Path(c["corpus"]).is_absolute() else c["corpus"]
+    if model is not None:
+        c["model"] = str(model)
+    elif c.get("model") is not None and not Path(c["model"]).is_absolute():
+        c["model"] = str(kb / c["model"])
+    if c.get("embedder") and (kb / c["embedder"]).exists():
+        c["embedder"] = str(kb / c["embedder"])
+    return _run(CompileConfig.from_dict(c), kb, lambda e: None, log, keep_missing=False, rebuild=False,
+                repair_only=True)
+
+
+def _run(config: CompileConfig, out: Path, progress: Progress, log, keep_missing: bool, rebuild: bool,
+         repair_only: bool) -> CompileResult:
     _prepare_out_dir(out)
     t_start = time.time()
     with store.KbLock(out, log):
         store.remove_temporaries(out)
         setup, timer = _setup(config, log)
-        prev = _previous(out, setup, rebuild)
-        progress({"event": "start", "total_bytes": corpus_bytes(corpus)})
-        plan = _plan(setup, prev, keep_missing, timer)
-        if _unchanged(setup, prev, plan):
-            # nothing would change: no shard, generation or manifest is written (CI rebuilds)
-            for line in plan.report.summary_lines()[1:]:
-                log(line)
-            progress({"event": "done"})
-            return CompileResult(prev.manifest, {"documents": plan.docs, "references": {
-                "encoded": 0, "copied": 0, "reused": len(plan.rows), "removed": 0}, "shards_written": [],
-                "shards_kept": sorted(prev.manifest["state"]["shards"])})
+        prev = _previous(out, setup, rebuild, log)
+        if repair_only and not prev.rows_recovered:
+            plan = _plan_unchanged(prev)
+        else:
+            progress({"event": "start", "total_bytes": corpus_bytes(Path(config.corpus))})
+            if repair_only and not Path(config.corpus).exists():
+                raise M3Error(f"the references table of {out} is damaged and its corpus {config.corpus} is not "
+                              "there to recover it; run `m3 compile CORPUS -o KB --rebuild`")
+            plan = _plan(setup, prev, keep_missing, timer)
         try:
+            repaired = _repair_shards(out, setup, prev, plan, timer, log)
+            if repaired:
+                prev.damaged = store.damaged_files(out, prev.manifest.files)
+            if _unchanged(setup, prev, plan, out):
+                # nothing would change: no shard, generation or manifest is written (CI rebuilds)
+                for line in plan.report.summary_lines()[1:]:
+                    log(line)
+                progress({"event": "done"})
+                return CompileResult(prev.manifest, {"documents": plan.docs, "references": {
+                    "encoded": 0, "copied": 0, "reused": len(plan.rows), "removed": 0}, "shards_written": [],
+                    "shards_kept": sorted(prev.manifest.shards), "repaired": repaired})
             stats = _write_new(out, setup, prev, plan, timer, progress)
+            shards = store.shard_state(out, plan.rows)
+            gen, retrieval = _build_generation(out, setup, plan.rows, sorted(shards), timer)
+            crash_point("generation")
+            next_id = max([prev.next_ref_id] + [r["ref_id"] + 1 for r in plan.rows])
+            manifest = mf.build_manifest(out, setup.spec, config_record(config, out), _model_record(setup, out),
+                                         plan.rows, gen, retrieval, shards, plan.report.skipped, next_id)
+            summary = {"documents": plan.docs, "references": {"encoded": stats["encoded"], "copied": stats["copied"],
+                                                              "reused": len(plan.rows) - len(plan.new),
+                                                              "removed": len(plan.removed)},
+                       "shards_written": stats["shards_written"], "shards_kept": stats["shards_kept"],
+                       "repaired": repaired}
+            run = {"created_at_unix": round(t_start, 3), "wall_seconds": round(time.time() - t_start, 3),
+                   "stage_seconds": {k: round(v, 4) for k, v in sorted(timer.seconds.items())},
+                   "summary": summary, "host": socket.gethostname(), "python": platform.python_version(),
+                   "torch": torch.__version__, "threads": torch.get_num_threads(),
+                   **{k: v for k, v in config.to_dict().items() if k in RUN_SETTINGS}}
+            mf.atomic_write_text(out / mf.RUN_LOG, mf.to_json(run))
+            mf.commit(out, manifest, before_replace=lambda: crash_point("commit"))
         except OSError as e:
-            raise M3Error(f"cannot write to {out}: {e.strerror or e}; free space or fix permissions and run "
-                          "the same command again: finished shards are kept") from None
-        shards = store.shard_state(out, plan.rows)
-        gen, retrieval = _build_generation(out, setup, plan.rows, sorted(shards), timer)
-        crash_point("generation")
-        next_id = max([prev.next_ref_id] + [r["ref_id"] + 1 for r in plan.rows])
-        manifest = _build_manifest(setup, plan.rows, gen, retrieval, shards, len({r["doc_id"] for r in plan.rows}),
-                                   plan.report, out, next_id)
-        summary = {"documents": plan.docs, "references": {"encoded": stats["encoded"], "copied": stats["copied"],
-                                                          "reused": len(plan.rows) - len(plan.new),
-                                                          "removed": len(plan.removed)},
-                   "shards_written": stats["shards_written"], "shards_kept": stats["shards_kept"]}
-        run = {"created_at_unix": round(t_start, 3), "wall_seconds": round(time.time() - t_start, 3),
-               "stage_seconds": {k: round(v, 4) for k, v in sorted(timer.seconds.items())},
-               "summary": summary, "host": socket.gethostname(), "python": platform.python_version(),
-               "torch": torch.__version__, "threads": torch.get_num_threads(),
-               **{k: v for k, v in config.to_dict().items() if k in RUN_SETTINGS}}
-        mf.atomic_write_text(out / mf.RUN_LOG, mf.to_json(run))
-        old_bytes = (out / mf.FILE_NAME).read_bytes() if (out / mf.FILE_NAME).exists() else None
-        if mf.to_json(manifest).encode() != old_bytes:
-            mf.write_manifest(out, manifest, before_replace=lambda: crash_point("commit"))
-        store.collect_garbage(out, set(shards) | {gen})
+            raise M3Error(f"cannot write to {out} ({e.strerror or e}{': ' + e.filename if e.filename else ''}); "
+                          "the kb as last committed is intact: free space or fix permissions and run the same "
+                          "command again (finished shards are kept)") from None
     for line in plan.report.summary_lines()[1:]:
         log(line)
     progress({"event": "done"})
     return CompileResult(manifest, summary)
 
 
-def _unchanged(setup: Setup, prev: Previous, plan: Plan) -> bool:
-    if prev.manifest is None or plan.new or plan.removed or plan.rows != prev.rows:
+def _unchanged(setup: Setup, prev: Previous, plan: Plan, out: Path) -> bool:
+    if prev.manifest is None or prev.damaged or prev.rows_recovered or plan.new or plan.removed \
+            or plan.rows != prev.rows:
         return False
-    config = {k: v for k, v in setup.config.to_dict().items() if k not in RUN_SETTINGS}
-    return config == prev.manifest["config"] and prev.manifest["created_by"] == f"m3compile {__version__}"
+    return config_record(setup.config, out) == prev.manifest.config \
+        and prev.manifest.created_by == f"m3compile {__version__}"
 
 
 def check_kb(config: CompileConfig, out_dir: str | Path, keep_missing: bool = False) -> list[str]:
@@ -516,13 +602,12 @@ def check_kb(config: CompileConfig, out_dir: str | Path, keep_missing: bool = Fa
         return [f"{out} holds no knowledge base: everything would be compiled"]
     setup, timer = _setup(config, lambda s: None)
     try:
-        prev = _previous(out, setup, rebuild=False)
+        prev = _previous(out, setup, rebuild=False, log=lambda s: None)
     except M3Error as e:
         return [str(e)]
     plan = _plan(setup, prev, keep_missing, timer)
-    changes = []
-    old_config = prev.manifest["config"]
-    new_config = {k: v for k, v in setup.config.to_dict().items() if k not in RUN_SETTINGS}
+    changes = [f"damaged {name}: {why}" for name, why in prev.damaged.items()]
+    old_config, new_config = prev.manifest.config, config_record(setup.config, out)
     for k in sorted(set(old_config) | set(new_config)):
         if old_config.get(k) != new_config.get(k):
             changes.append(f"setting {k}: {old_config.get(k)!r} -> {new_config.get(k)!r}")

@@ -21,10 +21,15 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from m3compile.encode import encode_batch
+from m3compile.errors import M3Error
 from m3compile.kb import Memory
 from m3compile.lm import sample
 from m3compile.model import ExtraKV, KVCache, Transformer
+from m3compile.spec import MemorySpec, memorize
+
+# the paper's read schedule (§3.1): stated once, used by the CLI, evaluate and train
+CHUNK_TOKENS = 64  # text tokens per chunk
+REFS_PER_CHUNK = 5  # references retrieved per chunk
 
 
 @dataclass(frozen=True)
@@ -33,15 +38,31 @@ class ReadLayout:
     bos_id: int | None  # the context BOS (separator); None if the tokenizer has no BOS
     memory_layers: tuple[int, ...]  # layers that read memories
     interval: int = 128  # I: memory positions lie in [p, p+I); the kb's max_tokens
-    chunk_tokens: int = 64  # text tokens per chunk
-    refs_per_chunk: int = 5  # references retrieved per chunk
+    chunk_tokens: int = CHUNK_TOKENS  # text tokens per chunk
+    refs_per_chunk: int = REFS_PER_CHUNK  # references retrieved per chunk
+
+    def __post_init__(self):
+        if self.chunk_tokens < 1:
+            raise M3Error(f"--chunk-tokens {self.chunk_tokens} must be at least 1 (text tokens per memory chunk; "
+                          f"the paper reads {CHUNK_TOKENS})")
+        if self.refs_per_chunk < 0:
+            raise M3Error(f"--refs {self.refs_per_chunk} must be 0 or more (references per chunk)")
 
     @classmethod
-    def from_manifest(cls, manifest: dict, bos_id: int | None, chunk_tokens: int = 64, refs_per_chunk: int = 5,
-                      memory_layers: Sequence[int] | None = None) -> "ReadLayout":
-        w = manifest["write"]
-        layers = tuple(memory_layers) if memory_layers is not None else tuple(w["memory_layers"])
-        return cls(tuple(w["prefix_ids"]), bos_id, layers, w["max_tokens"], chunk_tokens, refs_per_chunk)
+    def from_spec(cls, spec: MemorySpec, bos_id: int | None, chunk_tokens: int = CHUNK_TOKENS,
+                  refs_per_chunk: int = REFS_PER_CHUNK, memory_layers: Sequence[int] | None = None) -> "ReadLayout":
+        layers = tuple(memory_layers) if memory_layers is not None else spec.memory_layers
+        return cls(spec.prefix_ids, bos_id, layers, spec.width, chunk_tokens, refs_per_chunk)
+
+    @classmethod
+    def from_manifest(cls, manifest, bos_id: int | None, chunk_tokens: int = CHUNK_TOKENS,
+                      refs_per_chunk: int = REFS_PER_CHUNK, memory_layers: Sequence[int] | None = None) -> "ReadLayout":
+        """The layout of a kb, from its Manifest (kb.manifest)."""
+        return cls.from_spec(manifest.spec, bos_id, chunk_tokens, refs_per_chunk, memory_layers)
+
+    def text_positions(self, n_text: int) -> int:
+        """The highest RoPE position n_text text tokens reach, plus one: what the model must hold."""
+        return len(self.prefix_ids) + self.interval + n_text + (self.bos_id is not None)
 
     @property
     def head(self) -> list[int]:
@@ -87,18 +108,12 @@ class ChunkMemory:
 
 @torch.no_grad()
 def full_memories(model: Transformer, token_lists: Sequence[Sequence[int]], ref_ids: Sequence[int],
-                  prefix_ids: Sequence[int], layers: Sequence[int]) -> list[Memory]:
-    """Every token of each reference as memory, unquantized, encoded now (the no-sparsity baseline)."""
-    if not token_lists:
-        return []
-    batch = encode_batch(model, token_lists, prefix_ids, layers)
-    out = []
-    for b, n in enumerate(batch.n_tokens):
-        keys = torch.stack([batch.kv[l].k_post[b, :, :n] for l in layers]).float().cpu()  # (L, H, n, D)
-        values = torch.stack([batch.kv[l].v[b, :, :n] for l in layers]).float().cpu()  # (L, H, n, D)
-        pos = torch.arange(n).expand(len(layers), keys.shape[1], n)  # (L, H, n)
-        out.append(Memory(int(ref_ids[b]), keys, values, pos, tuple(layers)))
-    return out
+                  spec: MemorySpec, layers: Sequence[int] | None = None) -> list[Memory]:
+    """Every token of each reference as memory, unquantized, encoded now by the kb's own recipe
+    (memorize with top-k = width), in `layers` (default: the spec's): the no-sparsity baseline."""
+    full = spec.with_full_references(layers)
+    return [Memory(int(i), m.keys.float(), m.values.float(), m.positions, full.memory_layers)
+            for i, m in zip(ref_ids, memorize(model, token_lists, full))]
 
 
 def build_extra(chunks: Sequence[ChunkMemory | None], query_chunks: Sequence[int], device, dtype) -> dict[int, ExtraKV]:
@@ -144,7 +159,8 @@ Retrieve = Callable[[list[int]], ChunkMemory | None]  # a chunk's token ids -> i
 
 @torch.no_grad()
 def generate(model: Transformer, layout: ReadLayout, prompt_ids: Sequence[int], retrieve: Retrieve | None,
-             max_new_tokens: int, temperature: float = 0.0, eos_id: int | None = None, seed: int = 0) -> list[int]:
+             max_new_tokens: int, temperature: float = 0.0, eos_id: int | None = None, seed: int = 0,
+             progress: Callable[[int], None] | None = None) -> list[int]:
     """Generate with the paper's schedule: each prompt chunk reads the memories retrieved with its
     own text; the first generated chunk inherits the last prompt chunk's memories; then every
     chunk_tokens generated tokens the memories are dropped and retrieved anew with those tokens.
@@ -172,6 +188,8 @@ def generate(model: Transformer, layout: ReadLayout, prompt_ids: Sequence[int], 
             break
         new.append(nxt)
         window.append(nxt)
+        if progress is not None:
+            progress(len(new))
         if len(window) == C:
             # this chunk is done: its tokens fetch the memories of the next one
             memory = retrieve(window) if retrieve else None

@@ -127,6 +127,8 @@ class Retriever:
             from m3compile.manifest import read_manifest
 
             manifest = read_manifest(Path(kb_dir))
+        if not isinstance(manifest, dict):  # a Manifest
+            manifest = manifest.to_dict()
         if "retrieval" not in manifest:
             raise M3Error(f"{kb_dir} has no retrieval index (its manifest has no 'retrieval' section); "
                           "recompile it with this m3compile")

@@ -1,11 +1,12 @@
 """The kb directory as a store: content keys, the compile lock, frames already on disk, the
 generation directory and garbage collection (formats/manifest.md, "Incremental compiles").
 
-A reference's memory is identified by a content key: sha256 of everything that decides its bytes
-(model fingerprint, write prefix, top-k, memory layers, quant scheme, dtype, padded width) and its
-token ids. Every shard stores the key of each frame, so a frame on disk is found again by key
-whether its shard is live, holds tombstones, or was left by a compile that was killed: nothing
-durably written is encoded twice.
+A reference's memory is identified by a content key (MemorySpec.ref_key: sha256 of everything
+that decides its bytes and its token ids). Every shard stores the key of each frame, so a frame on
+disk is found again by key whether its shard is live, holds tombstones, or was left by a compile
+that was killed: nothing durably written is encoded twice. A frame is reused only after its bytes
+pass pack.check_frame, and a file of the kb is trusted only while its sha256 is the manifest's
+(`damaged_files`): what fails is rebuilt, never copied.
 
 Shards are append-only. Everything else that changes from one compile to the next (the
 references table, the shard index, the retrieval indexes, the tokenizer copy) lives in one
@@ -21,9 +22,8 @@ import socket
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
-import numpy as np
 from safetensors import safe_open
 
 from m3compile.errors import M3Error
@@ -33,19 +33,6 @@ from m3compile.pack import read_shard_header, shard_info
 LOCK_NAME = ".m3.lock"
 GEN_PREFIX = "gen-"
 _TMP_GEN = ".gen-tmp"
-
-
-def key_context(model_id: dict, prefix_ids: Sequence[int], top_k: int, layers: Sequence[int], scheme: str,
-                dtype: str, pad_to: int) -> bytes:
-    """The part of every content key shared by all references of one compile setting."""
-    ctx = {"model": {k: model_id[k] for k in ("config_sha256", "weights_sha256", "tokenizer_sha256")},
-           "prefix_ids": list(prefix_ids), "top_k": top_k, "memory_layers": list(layers), "quant": scheme,
-           "dtype": dtype, "pad_to": pad_to, "payload": "m3-kv/1"}
-    return hashlib.sha256(json.dumps(ctx, sort_keys=True).encode()).digest()
-
-
-def ref_key(context: bytes, token_ids: Sequence[int]) -> bytes:
-    return hashlib.sha256(context + np.asarray(token_ids, dtype="<i4").tobytes()).digest()
 
 
 @dataclass(frozen=True)
@@ -63,27 +50,53 @@ def shard_number(name: str) -> int | None:
     return None
 
 
+def shard_frames(path: Path) -> list[tuple[int, bytes, "Frame"]]:
+    """(ref id, content key, Frame) of every frame of one shard, from its index tensors, in order.
+
+    Raises whatever safetensors raises on a damaged file; callers decide what damage means.
+    """
+    n = shard_number(path.name)
+    assert n is not None, path
+    p = f"shard.{n:05d}"
+    with safe_open(str(path), framework="numpy") as f:
+        offsets, ids, keys, errs = (f.get_tensor(f"{p}.{t}") for t in ("kv_offsets", "ref_ids", "ref_keys", "ref_errs"))
+    assert len(offsets) == len(ids) + 1 == len(keys) + 1 == len(errs) + 1, "shard index tensors disagree"
+    return [(int(ids[i]), keys[i].tobytes(), Frame(path.name, int(offsets[i]), int(offsets[i + 1] - offsets[i]),
+                                                  float(errs[i, 0]), float(errs[i, 1]))) for i in range(len(ids))]
+
+
 def scan_frames(kb_dir: Path) -> dict[bytes, Frame]:
     """Every frame in every readable shard file of the directory, by content key.
 
     Unreadable shards (truncated, foreign) are skipped: they are garbage, and the frames they
-    held are encoded again.
+    held are encoded again. A frame found here is still checked before use (pack.check_frame).
     """
     frames: dict[bytes, Frame] = {}
     for path in sorted(Path(kb_dir).glob("memory-*.safetensors")):
-        n = shard_number(path.name)
-        if n is None:
+        if shard_number(path.name) is None:
             continue
-        p = f"shard.{n:05d}"
         try:
-            with safe_open(str(path), framework="numpy") as f:
-                offsets, keys, errs = (f.get_tensor(f"{p}.{t}") for t in ("kv_offsets", "ref_keys", "ref_errs"))
-        except Exception:  # any damage: the shard is not trusted as a source of frames
+            found = shard_frames(path)
+        except Exception:  # any damage: the shard's index is not trusted as a source of frames
             continue
-        for i, key in enumerate(keys):
-            frames.setdefault(key.tobytes(), Frame(path.name, int(offsets[i]), int(offsets[i + 1] - offsets[i]),
-                                                   float(errs[i, 0]), float(errs[i, 1])))
+        for _, key, frame in found:
+            frames.setdefault(key, frame)
     return frames
+
+
+def damaged_files(kb_dir: Path, files: dict) -> dict[str, str]:
+    """Files of a manifest's `files` that are missing or differ from their recorded size or sha256,
+    with what is wrong; {} when every file holds."""
+    out = {}
+    for name, entry in sorted(files.items()):
+        p = Path(kb_dir) / name
+        if not p.is_file():
+            out[name] = "missing"
+        elif p.stat().st_size != entry["bytes"]:
+            out[name] = f"{p.stat().st_size} bytes, the manifest says {entry['bytes']} (truncated or changed)"
+        elif sha256_file(p) != entry["sha256"]:
+            out[name] = "sha256 differs from the manifest (the file was changed or damaged)"
+    return out
 
 
 class KbLock:
@@ -138,7 +151,8 @@ def write_generation(kb_dir: Path, build: Callable[[Path], None]) -> str:
     """Build the mutable artefacts into a fresh directory and file it under its content hash.
 
     Returns the generation name `gen-<16 hex>`. An identical generation already present is kept
-    as it is (a no-change rebuild rewrites nothing).
+    as it is (a no-change rebuild rewrites nothing); one of that name whose files no longer hash
+    to it (damaged) is replaced.
     """
     kb_dir = Path(kb_dir)
     tmp = kb_dir / _TMP_GEN
@@ -147,15 +161,16 @@ def write_generation(kb_dir: Path, build: Callable[[Path], None]) -> str:
     tmp.mkdir()
     try:
         build(tmp)
-        h = hashlib.sha256()
-        for p in sorted(q for q in tmp.rglob("*") if q.is_file()):
-            h.update(p.relative_to(tmp).as_posix().encode() + b"\0" + bytes.fromhex(sha256_file(p)))
-            _fsync(p)
-        name = GEN_PREFIX + h.hexdigest()[:16]
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                _fsync(p)
+        name = _generation_hash(tmp)
         final = kb_dir / name
-        if final.exists():
+        if final.exists() and _generation_hash(final) == name:
             shutil.rmtree(tmp)
         else:
+            if final.exists():  # same name, damaged content: the fresh build replaces it
+                shutil.rmtree(final)
             for d in sorted({p.parent for p in tmp.rglob("*")} | {tmp}):
                 _fsync(d)
             os.replace(tmp, final)
@@ -164,6 +179,13 @@ def write_generation(kb_dir: Path, build: Callable[[Path], None]) -> str:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _generation_hash(gen: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(q for q in gen.rglob("*") if q.is_file()):
+        h.update(p.relative_to(gen).as_posix().encode() + b"\0" + bytes.fromhex(sha256_file(p)))
+    return GEN_PREFIX + h.hexdigest()[:16]
 
 
 def _fsync(path: Path) -> None:

@@ -7,8 +7,8 @@ more than 90 % (Eq. 6) are dropped, so the model learns to use knowledge rather 
 
 Exactly the read side's format (reader.py): write prefix at 0..p-1, memories at parallel positions
 [p, p+I), the BOS separator at p+I, the text after; each chunk reads only its own memories under one
-softmax with the context; the kb manifest's prefix, memory layers, top-k and reference width I.
-Memories are made by encode_batch + sparsify.select_topk themselves, with autograd on: selection is
+softmax with the context; the kb's MemorySpec (prefix, memory layers, top-k, reference width I).
+Memories are made by spec.memorize, the compile's own recipe, with autograd on: selection is
 a discrete top-k (no gradient), while the kept keys/values carry gradients into the memory layers'
 encoder when `grad_through_memory` is set. The paper is silent on this. The default is on: on the
 demo world it is worth +12 points of held-out recall at the learning rate that works (40 -> 52 %
@@ -37,14 +37,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from m3compile import __version__
-from m3compile.config import MODEL_MEMORY_FILE, READ_SETTINGS, write_model_memory
+from m3compile.config import MODEL_MEMORY_FILE, write_model_memory
 from m3compile.corpus import CorpusReport, iter_documents
-from m3compile.encode import EncodedBatch, encode_batch
 from m3compile.errors import M3Error
 from m3compile.kb import Memory, open_kb
-from m3compile.model import ExtraKV, LayerKV, Transformer, fingerprint, load_checkpoint, save_checkpoint
-from m3compile.reader import ChunkMemory, ReadLayout, build_extra
-from m3compile.sparsify import select_topk
+from m3compile.model import ExtraKV, Transformer, fingerprint, load_checkpoint, save_checkpoint
+from m3compile.reader import CHUNK_TOKENS, REFS_PER_CHUNK, ChunkMemory, ReadLayout, build_extra
+from m3compile.spec import MemorySpec, memorize
 
 SCHEDULES = ("cosine", "wsd")
 STATE_FILE = "train-state.safetensors"  # in the output directory while a run is unfinished
@@ -65,8 +64,8 @@ class TrainConfig:
     steps: int = 1000  # optimizer steps
     batch_size: int = 16  # sequences per step
     seq_tokens: int = 256  # text tokens per training sequence at most; longer texts are cut
-    chunk_tokens: int = 64  # text tokens per memory chunk (paper: 64)
-    refs_per_chunk: int = 5  # references retrieved per chunk (paper: 5)
+    chunk_tokens: int = CHUNK_TOKENS  # text tokens per memory chunk (paper: 64)
+    refs_per_chunk: int = REFS_PER_CHUNK  # references retrieved per chunk (paper: 5)
     max_overlap: float = 0.9  # drop references whose Eq. 6 overlap with the chunk exceeds this (paper: 0.9)
     retrieval_mode: str | None = None  # "bm25", "dense", "hybrid"; None = the kb's default
     memory_fraction: float = 0.8  # share of steps that read memories; the rest keep no-memory reading alive
@@ -171,19 +170,11 @@ def lr_at(step: int, c: TrainConfig) -> float:
 # ---- memories and the forward pass ----------------------------------------------------------------
 
 def encode_memories(model: Transformer, token_lists: Sequence[Sequence[int]], ref_ids: Sequence[int],
-                    layout: ReadLayout, top_k: int, pad_to: int) -> list[Memory]:
-    """Sparse memories of references under the current weights, as `m3 compile` makes them
-    (encode_batch + select_topk), differentiable through the kept keys and values when autograd
-    is on. The selection scores are detached: top-k is discrete and gets no gradient."""
-    if not token_lists:
-        return []
-    # encode_batch without its no_grad decorator: the same inputs, with autograd
-    enc = encode_batch.__wrapped__(model, token_lists, layout.prefix_ids, layout.memory_layers, pad_to=pad_to)
-    kv = {l: LayerKV(t.q_pre.detach(), t.k_pre.detach(), t.k_post, t.v) for l, t in enc.kv.items()}
-    # scores in float32 as on the write side: autocast would run token_scores' einsum in bf16
-    with torch.autocast(model.device.type, enabled=False):
-        sparse = select_topk(EncodedBatch(kv, enc.mask, enc.n_tokens), top_k)
-    return [Memory(int(r), s.keys, s.values, s.positions, tuple(layout.memory_layers)) for r, s in zip(ref_ids, sparse)]
+                    spec: MemorySpec, grad: bool) -> list[Memory]:
+    """Sparse memories of references under the current weights, exactly as `m3 compile` makes them
+    (spec.memorize), differentiable through the kept keys and values when `grad`."""
+    return [Memory(int(r), s.keys, s.values, s.positions, spec.memory_layers)
+            for r, s in zip(ref_ids, memorize(model, token_lists, spec, grad=grad))]
 
 
 def batch_logits(model: Transformer, layout: ReadLayout, text_ids: Sequence[Sequence[int]],
@@ -230,13 +221,13 @@ def _stack_extras(extras: list[dict[int, ExtraKV]], T: int) -> dict[int, ExtraKV
 
 
 def step_loss(model: Transformer, layout: ReadLayout, seqs: Sequence[TrainSequence], ref_tokens: dict[int, list[int]],
-              with_memory: bool, top_k: int, pad_to: int, grad_through_memory: bool) -> tuple[torch.Tensor, int]:
+              with_memory: bool, spec: MemorySpec, grad_through_memory: bool) -> tuple[torch.Tensor, int]:
     """Mean next-token loss over the text tokens of a batch, and their count."""
     chunks = [None] * len(seqs)
     if with_memory:
         wanted = sorted({r for s in seqs for c in s.chunk_refs for r in c})
-        with torch.set_grad_enabled(grad_through_memory and torch.is_grad_enabled()):
-            mems = encode_memories(model, [ref_tokens[r] for r in wanted], wanted, layout, top_k, pad_to)
+        mems = encode_memories(model, [ref_tokens[r] for r in wanted], wanted, spec,
+                               grad=grad_through_memory and torch.is_grad_enabled())
         by_id = {m.ref_id: m for m in mems}
         chunks = [[ChunkMemory.gather([by_id[r] for r in c], layout.memory_layers) for c in s.chunk_refs]
                   for s in seqs]
@@ -325,13 +316,11 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None,
         torch.set_num_threads(config.threads)
     kb = open_kb(config.kb)
     ck = load_checkpoint(config.model, device=config.device)
-    recorded = kb.manifest["model"]
-    if fingerprint(config.model)["tokenizer_sha256"] != recorded["tokenizer_sha256"]:
+    spec = kb.spec
+    if fingerprint(config.model)["tokenizer_sha256"] != spec.tokenizer_sha256:
         raise M3Error(f"model {config.model} has another tokenizer than the one {config.kb} was compiled with; "
                       "compile the kb with this model's tokenizer")
-    layout = ReadLayout.from_manifest(kb.manifest, ck.tokenizer.bos_id, config.chunk_tokens, config.refs_per_chunk)
-    w = kb.manifest["write"]
-    top_k, pad_to = w["top_k"], w["max_tokens"]
+    layout = ReadLayout.from_spec(spec, ck.tokenizer.bos_id, config.chunk_tokens, config.refs_per_chunk)
     t = kb.references().select(["ref_id", "token_ids"]).to_pydict()
     ref_tokens = dict(zip(t["ref_id"], t["token_ids"]))
     if retrieve is None:
@@ -362,7 +351,7 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None,
         mem = uses_memory(step, config)
         memory_steps += mem
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            loss, n = step_loss(model, layout, batch, ref_tokens, mem, top_k, pad_to, config.grad_through_memory)
+            loss, n = step_loss(model, layout, batch, ref_tokens, mem, spec, config.grad_through_memory)
         lr = lr_at(step, config)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -390,8 +379,8 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None,
     model.eval()
     save_checkpoint(model, out, tokenizer_dir=config.model, bos_id=ck.tokenizer.bos_id, eos_id=ck.tokenizer.eos_id)
     # the memory format it learned to read: `m3 compile` with this checkpoint takes these settings
-    c = kb.manifest["config"]
-    write_model_memory(out, {**{k: c[k] for k in READ_SETTINGS}, "memory_layers": list(w["memory_layers"])},
+    write_model_memory(out, {"max_tokens": spec.width, "boundary": spec.boundary, "min_fill": spec.min_fill,
+                             "prefix": spec.prefix, "top_k": spec.top_k, "memory_layers": list(spec.memory_layers)},
                        f"m3compile {__version__} (m3 train)")
     report = {
         "config": {f.name: getattr(config, f.name) for f in fields(config)},
@@ -399,7 +388,7 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None,
         "chunks_with_refs": sum(bool(c) for s in seqs for c in s.chunk_refs),
         "chunks": sum(len(s.chunk_refs) for s in seqs),
         "layout": {"prefix_ids": list(layout.prefix_ids), "memory_layers": list(layout.memory_layers),
-                   "top_k": top_k, "interval": layout.interval},
+                   "top_k": spec.top_k, "interval": layout.interval},
         "start_step": start, "memory_steps_this_run": memory_steps, "loss_curve": history,
         "final_loss": history[-1]["loss"] if history else None,
         "prepare_seconds": round(prep_s, 2), "train_seconds": round(wall, 2),

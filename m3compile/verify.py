@@ -4,10 +4,12 @@ Every file's size and sha256; every shard's tensors; every reference row against
 holds it (location, ref id, content key); every payload decoded, with the shape the manifest
 implies; the counts; the retrieval indexes; and optionally N references re-encoded with the model
 and compared within the codec's recorded error. Reads only; a fault is a line of text.
+`m3 verify --repair` then runs pipeline.repair_kb, which rebuilds what is faulted.
 """
 
 import random
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -15,29 +17,16 @@ from safetensors import safe_open
 
 from m3compile import references as refs_file
 from m3compile.errors import M3Error
-from m3compile.manifest import read_manifest
-from m3compile.model import sha256_file
-from m3compile.pack import decode_payload, payload_nbytes, read_frame, read_shard_header
-from m3compile.quantize import get_scheme
-from m3compile.store import shard_number
+from m3compile.manifest import Manifest, read_manifest
+from m3compile.pack import decode_payload, read_frame, read_shard_header
+from m3compile.store import damaged_files, shard_number
+
+Progress = Callable[[int, int], None]  # (done, total) of the references re-encoded
 
 
-def _check_files(kb: Path, manifest: dict) -> list[str]:
-    faults = []
-    for name, entry in sorted(manifest["files"].items()):
-        p = kb / name
-        if not p.is_file():
-            faults.append(f"{name}: missing")
-        elif p.stat().st_size != entry["bytes"]:
-            faults.append(f"{name}: {p.stat().st_size} bytes, the manifest says {entry['bytes']} (truncated or changed)")
-        elif sha256_file(p) != entry["sha256"]:
-            faults.append(f"{name}: sha256 differs from the manifest (the file was changed or damaged)")
-    return faults
-
-
-def _read_shards(kb: Path, manifest: dict, faults: list[str]) -> dict[str, dict]:
+def _read_shards(kb: Path, manifest: Manifest, faults: list[str]) -> dict[str, dict]:
     shards = {}
-    for name in manifest["state"]["shards"]:
+    for name in manifest.shards:
         if not (kb / name).is_file():
             continue  # already reported as missing
         p = f"shard.{shard_number(name):05d}"
@@ -58,39 +47,46 @@ def _read_shards(kb: Path, manifest: dict, faults: list[str]) -> dict[str, dict]
 
 
 def verify_kb(kb_dir: str | Path, recompute: int = 0, model: str | Path | None = None, seed: int = 0,
-              device: str = "cpu") -> list[str]:
+              device: str = "cpu", progress: Progress | None = None) -> list[str]:
     """Every fault found in the kb, one line each; [] when everything holds.
 
     Args:
         kb_dir: the knowledge base.
-        recompute: re-encode this many random references with the model and compare.
+        recompute: re-encode this many random references with the model and compare (0: none;
+            more than the kb holds: all of them).
         model: the checkpoint (default: the path the manifest records).
+        progress: called with (done, total) as references are re-encoded.
+    Example:
+        >>> verify_kb("kb/", recompute=20)
+        []
     """
+    if recompute < 0:
+        raise M3Error(f"--recompute {recompute} must be 0 or more (references to re-encode)")
     kb = Path(kb_dir)
     try:
         manifest = read_manifest(kb)
     except M3Error as e:
+        if not kb.is_dir():
+            raise
         return [f"manifest.json: {e}"]
-    faults = _check_files(kb, manifest)
+    faults = [f"{name}: {why}" for name, why in damaged_files(kb, manifest.files).items()]
     shards = _read_shards(kb, manifest, faults)
     try:
-        rows = refs_file.read_references(kb / manifest["paths"]["references"]).to_pylist()
+        rows = refs_file.read_references(kb / manifest.paths["references"]).to_pylist()
     except M3Error as e:
-        return faults + [f"{manifest['paths']['references']}: {e}"]
-    c, w, m = manifest["counts"], manifest["write"], manifest["model"]
+        return faults + [f"{manifest.paths['references']}: {e}"]
+    c, spec = manifest.counts, manifest.spec
     if len(rows) != c["references"]:
         faults.append(f"references table has {len(rows)} rows, the manifest counts {c['references']}")
     if sum(r["n_tokens"] for r in rows) != c["tokens"]:
         faults.append("token count of the references table differs from the manifest")
-    scheme = get_scheme(manifest["quant"]["scheme"])
-    L, H, D = len(w["memory_layers"]), m["n_kv_heads"], m["head_dim"]
-    cap = payload_nbytes(scheme, L, H, w["top_k"], D)
+    L, H, D = len(spec.memory_layers), spec.n_kv_heads, spec.head_dim
     kept = 0
     for r in rows:
-        where = f"reference {r['ref_id']} ({r['shard']})"
+        where = f"{r['shard']} reference {r['ref_id']}"
         t = shards.get(r["shard"])
         if t is None:
-            if r["shard"] not in manifest["state"]["shards"]:
+            if r["shard"] not in manifest.shards:
                 faults.append(f"{where}: its shard is not named by the manifest")
             continue
         i = int(np.searchsorted(t["kv_offsets"], r["byte_offset"]))
@@ -102,11 +98,11 @@ def verify_kb(kb_dir: str | Path, recompute: int = 0, model: str | Path | None =
             faults.append(f"{where}: content key differs between the table and the shard")
         try:
             keys, values, pos = decode_payload(read_frame(kb / r["shard"], r["byte_offset"], r["byte_length"]),
-                                               scheme, cap, where)
+                                               spec.scheme, spec.max_payload(), where)
         except M3Error as e:
             faults.append(str(e))
             continue
-        K = min(w["top_k"], r["n_tokens"])
+        K = min(spec.top_k, r["n_tokens"])
         if tuple(keys.shape) != (L, H, K, D) or r["n_kept"] != K:
             faults.append(f"{where}: payload shape {tuple(keys.shape)}, expected {(L, H, K, D)}")
         elif pos.numel() and (int(pos.max()) >= r["n_tokens"] or (pos.diff(dim=-1) <= 0).any()):
@@ -116,39 +112,42 @@ def verify_kb(kb_dir: str | Path, recompute: int = 0, model: str | Path | None =
         faults.append(f"kept key-values sum to {kept}, the manifest counts {c['kept_kv']}")
     faults += _check_retrieval(kb, manifest, len(rows))
     if recompute and not faults:
-        faults += _recompute(kb, rows, recompute, model, seed, device)
+        faults += _recompute(kb, rows, recompute, model, seed, device, progress or (lambda done, total: None))
     return faults
 
 
-def _check_retrieval(kb: Path, manifest: dict, n_rows: int) -> list[str]:
+def _check_retrieval(kb: Path, manifest: Manifest, n_rows: int) -> list[str]:
     from m3compile.retrieve import Retriever
 
     try:
-        r = Retriever.open(kb, manifest)
-        text = manifest.get("write", {}).get("prefix_text") or "a"
-        r.retrieve(text, 1, mode="bm25")
+        r = Retriever.open(kb, manifest.to_dict())
+        r.retrieve(manifest.spec.prefix or "a", 1, mode="bm25")
     except Exception as e:  # a damaged index surfaces as any library error
         return [f"retrieval index: cannot be loaded or queried ({e})"]
     return []
 
 
-def _recompute(kb: Path, rows: list[dict], n: int, model, seed: int, device: str) -> list[str]:
-    from m3compile.encode import encode_batch
+def _recompute(kb: Path, rows: list[dict], n: int, model, seed: int, device: str, progress: Progress) -> list[str]:
     from m3compile.kb import load_kb_model, open_kb
-    from m3compile.sparsify import select_topk
+    from m3compile.spec import memorize
 
     base = open_kb(kb)
-    ck = load_kb_model(base, model, device=device, dtype=base.manifest["model"]["dtype"])
-    w = base.manifest["write"]
+    ck = load_kb_model(base, model, device=device, dtype=base.spec.dtype)
     faults = []
-    for r in random.Random(seed).sample(rows, min(n, len(rows))):
-        mem = select_topk(encode_batch(ck.model, [r["token_ids"]], w["prefix_ids"], w["memory_layers"],
-                                       pad_to=w["max_tokens"]), w["top_k"])[0]
+    sample = random.Random(seed).sample(rows, min(n, len(rows)))
+    for done, r in enumerate(sample, 1):
+        mem = memorize(ck.model, [r["token_ids"]], base.spec)[0]
         stored = base.memory(r["ref_id"])
         tol = r["quant_max_err"] * (1 + 1e-3) + 1e-5
         if not torch.equal(stored.positions, mem.positions):
-            faults.append(f"reference {r['ref_id']}: recomputed kept tokens differ from the stored ones")
+            faults.append(f"{r['shard']} reference {r['ref_id']}: recomputed kept tokens differ from the stored ones")
         elif max((stored.keys - mem.keys.float()).abs().max(), (stored.values - mem.values.float()).abs().max()) > tol:
-            faults.append(f"reference {r['ref_id']}: recomputed key-values differ by more than the codec's "
-                          f"recorded error {r['quant_max_err']:.3g}")
+            faults.append(f"{r['shard']} reference {r['ref_id']}: recomputed key-values differ by more than the "
+                          f"codec's recorded error {r['quant_max_err']:.3g}")
+        progress(done, len(sample))
     return faults
+
+
+def recompute_count(kb_dir: str | Path, n: int) -> int:
+    """How many references `verify_kb(recompute=n)` re-encodes: n, at most the kb's references."""
+    return min(n, read_manifest(Path(kb_dir)).counts["references"])

@@ -38,7 +38,7 @@ def test_kb_memories_equal_transformers(tmp_path, case):
                         prefix="w7 w9", top_k=6, memory_layers=(0, 2), quant="none", dtype="float32")
     manifest = compile_kb(cfg, tmp_path / "kb").manifest
     kb = open_kb(tmp_path / "kb")
-    assert manifest["write"]["prefix_ids"] == [1, 7, 9]
+    assert manifest.write["prefix_ids"] == [1, 7, 9]
     rows = kb.references().to_pylist()
     assert [r["n_tokens"] for r in rows] == [32, 8, 32, 32, 1, 32, 32, 26]  # docs of 40, 65, 90 words
     for row in rows:
@@ -70,25 +70,25 @@ def test_files_open_with_their_standard_libraries(tmp_path):
     corpus = word_corpus(tmp_path / "corpus")
     manifest = compile_kb(CompileConfig(corpus=str(corpus), model=str(tmp_path / "model"), max_tokens=20), tmp_path / "kb").manifest
     kb = tmp_path / "kb"
-    assert json.loads((kb / "manifest.json").read_text()) == manifest
-    paths = manifest["paths"]
+    assert json.loads((kb / "manifest.json").read_text()) == manifest.to_dict()
+    paths = manifest.paths
     index = json.loads((kb / paths["shard_index"]).read_text())
     assert index["metadata"]["shard_dir"] == ".."  # shards sit in the kb directory, beside the generation
     table = pq.read_table(kb / paths["references"])
-    assert table.num_rows == manifest["counts"]["references"]
+    assert table.num_rows == manifest.counts["references"]
     meta = json.loads(pq.read_metadata(kb / paths["references"]).metadata[b"m3compile"])
     assert meta == {"format": "m3-references", "format_version": 1}
     n_refs = 0
     for shard in sorted(set(index["weight_map"].values())):
         with safe_open(str(kb / shard), framework="numpy") as f:
             md = f.metadata()
-            assert md["format"] == "m3-kv" and md["quant"] == manifest["quant"]["scheme"] and md["rope"] == "post"
+            assert md["format"] == "m3-kv" and md["quant"] == manifest.quant["scheme"] and md["rope"] == "post"
             p = "shard." + shard[len("memory-"):len("memory-") + 5]
             offsets, ids = f.get_tensor(p + ".kv_offsets"), f.get_tensor(p + ".ref_ids")
             assert offsets[-1] == f.get_tensor(p + ".kv").shape[0]
             n_refs += len(ids)
     assert n_refs == table.num_rows
-    for name, entry in manifest["files"].items():
+    for name, entry in manifest.files.items():
         assert (kb / name).stat().st_size == entry["bytes"]
 
 
@@ -103,16 +103,16 @@ def test_int8_int4_errors_on_real_activations(stories260k, tmp_path):
         m = compile_kb(cfg, tmp_path / quant).manifest
         results[quant] = m
         info = describe(open_kb(tmp_path / quant))
-        on_disk = sum((tmp_path / quant / name).stat().st_size for name in m["files"])
+        on_disk = sum((tmp_path / quant / name).stat().st_size for name in m.files)
         listed = {p.relative_to(tmp_path / quant).as_posix() for p in (tmp_path / quant).rglob("*") if p.is_file()}
-        assert listed - set(m["files"]) == {"manifest.json", "run.json"}
+        assert listed - set(m.files) == {"manifest.json", "run.json"}
         assert info["sizes"]["on_disk_bytes"] == on_disk
-    q8, q4 = results["int8"]["quant"], results["int4"]["quant"]
-    assert results["none"]["quant"]["rel_err_max"] == 0.0
+    q8, q4 = results["int8"].quant, results["int4"].quant
+    assert results["none"].quant["rel_err_max"] == 0.0
     # measured on this model: int8 ~0.4 % worst relative error, int4 ~7 %; bounds leave headroom
     assert 0 < q8["rel_err_max"] < 0.01 and q8["rel_err_mean"] < 0.006
     assert 0 < q4["rel_err_max"] < 0.12 and q4["rel_err_mean"] < 0.09
-    assert q8["bits_per_element_stored"] < 0.5 * results["none"]["quant"]["bits_per_element_stored"]
+    assert q8["bits_per_element_stored"] < 0.5 * results["none"].quant["bits_per_element_stored"]
     # at head dim 8 the per-group scale/min and the positions weigh a lot: int4-asym-g8 is 9.1 bits
     assert q4["bits_per_element_stored"] < 0.85 * q8["bits_per_element_stored"]
     # the dequantized memories are the lossless ones within the recorded error

@@ -273,7 +273,7 @@ def test_reader_corpus_is_the_held_out_part_of_its_world(tmp_path):
 def test_reader_model_is_the_embedded_default_and_records_its_memory_format():
     from m3compile.config import default_model_dir, read_model_memory
 
-    assert default_model_dir() == READER / "model"
+    assert default_model_dir() == (READER / "model").resolve()
     # m3-memory.json (written by m3 train) must say what the run compiled and trained with
     c = json.loads((READER / "results.json").read_text())["compile"]
     trained = read_model_memory(READER / "model")

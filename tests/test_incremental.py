@@ -55,12 +55,12 @@ def memories(kb: Path):
 def test_same_corpus_again_is_a_no_op(env, monkeypatch):
     tmp, corpus, cfg = env
     first = compile_kb(cfg, tmp / "kb")
-    assert first.summary["references"]["encoded"] == first.manifest["counts"]["references"]
+    assert first.summary["references"]["encoded"] == first.manifest.counts["references"]
     before = snapshot(tmp / "kb")
     calls = []
-    monkeypatch.setattr(pipeline, "encode_batch", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(pipeline, "memorize", lambda *a, **k: calls.append(a))
     again = compile_kb(cfg, tmp / "kb")
-    assert calls == [] and again.summary["references"] == {"encoded": 0, "copied": 0, "reused": first.manifest["counts"]["references"], "removed": 0}
+    assert calls == [] and again.summary["references"] == {"encoded": 0, "copied": 0, "reused": first.manifest.counts["references"], "removed": 0}
     assert snapshot(tmp / "kb") == before  # same bytes, same mtimes
     assert check_kb(cfg, tmp / "kb") == []
 
@@ -75,12 +75,12 @@ def test_new_changed_and_removed_documents(env):
     changes = check_kb(cfg, tmp / "kb")
     assert "documents added: 1" in changes and any(c.startswith("references to add") for c in changes)
     r = compile_kb(cfg, tmp / "kb")
-    new_refs = r.manifest["counts"]["references"] - m0["counts"]["references"]
+    new_refs = r.manifest.counts["references"] - m0["counts"]["references"]
     assert r.summary["documents"]["added"] == 1 and r.summary["references"]["encoded"] == new_refs == 3
     assert r.summary["references"]["reused"] == m0["counts"]["references"]
     for s, mtime in shards0.items():  # existing shards untouched
         assert (tmp / "kb" / s).stat().st_mtime_ns == mtime
-    assert len(r.manifest["state"]["shards"]) > len(shards0)
+    assert len(r.manifest.shards) > len(shards0)
     now = memories(tmp / "kb")
     for rid, (key, keys) in old.items():  # same ids, same memories
         assert now[rid][0] == key and (now[rid][1] == keys).all()
@@ -93,7 +93,7 @@ def test_new_changed_and_removed_documents(env):
     assert (d["changed"], d["removed"], d["added"]) == (1, 1, 0)
     # frames of departed references stay as tombstones, except in shards left with none alive,
     # which the commit drops
-    assert 0 < r.manifest["state"]["dead_refs"] <= r.summary["references"]["removed"]
+    assert 0 < r.manifest.state["dead_refs"] <= r.summary["references"]["removed"]
     docs = {x["doc_id"] for x in open_kb(tmp / "kb").references().to_pylist()}
     assert "doc2.txt" not in docs
     assert verify_kb(tmp / "kb") == []
@@ -102,7 +102,7 @@ def test_new_changed_and_removed_documents(env):
     result = compact_kb(tmp / "kb")
     assert result["refs_moved"] > 0 and result["bytes_freed"] > 0
     m = json.loads((tmp / "kb" / "manifest.json").read_text())
-    assert m["state"]["dead_refs"] == 0
+    assert m["state"]["dead_refs"] == 0  # the file itself, as any reader sees it
     after = memories(tmp / "kb")
     assert after.keys() == live.keys() and all((after[i][1] == live[i][1]).all() for i in live)
     assert verify_kb(tmp / "kb") == []
@@ -112,13 +112,13 @@ def test_new_changed_and_removed_documents(env):
 def test_keep_missing_only_adds(env):
     tmp, corpus, cfg = env
     compile_kb(cfg, tmp / "kb")
-    n0 = open_kb(tmp / "kb").manifest["counts"]["references"]
+    n0 = open_kb(tmp / "kb").manifest.counts["references"]
     new = tmp / "new_docs"
     new.mkdir()
     (new / "law.txt").write_text(words(77, 20))
     r = compile_kb(CompileConfig(**{**cfg.to_dict(), "corpus": str(new), "memory_layers": None}), tmp / "kb", keep_missing=True)
     assert r.summary["documents"]["kept"] == 4 and r.summary["references"]["removed"] == 0
-    assert r.manifest["counts"]["references"] == n0 + 2
+    assert r.manifest.counts["references"] == n0 + 2
     assert verify_kb(tmp / "kb") == []
 
 
@@ -126,16 +126,16 @@ def test_mismatch_is_refused_and_rebuild_starts_over(env):
     tmp, corpus, cfg = env
     compile_kb(cfg, tmp / "kb")
     before = snapshot(tmp / "kb")
-    for change, name in ((dict(top_k=5), "--top-k"), (dict(prefix="w9"), "prefix ids"), (dict(quant="int4"), "--quant")):
+    for change, name in ((dict(top_k=5), "top_k"), (dict(prefix="w9"), "prefix"), (dict(quant="int4"), "quant")):
         other = CompileConfig(**{**cfg.to_dict(), "memory_layers": None, **change})
         with pytest.raises(M3Error, match=f"different {name}.*--rebuild"):
             compile_kb(other, tmp / "kb")
         assert snapshot(tmp / "kb") == before
     other = CompileConfig(**{**cfg.to_dict(), "memory_layers": None, "top_k": 5})
     r = compile_kb(other, tmp / "kb", rebuild=True)
-    assert r.manifest["write"]["top_k"] == 5 and verify_kb(tmp / "kb") == []
+    assert r.manifest.write["top_k"] == 5 and verify_kb(tmp / "kb") == []
     # the old shards held other memories: after the commit they are gone
-    assert not set(r.manifest["state"]["shards"]) & {f for f in before if f.startswith("memory-")}
+    assert not set(r.manifest.shards) & {f for f in before if f.startswith("memory-")}
 
 
 def run_cli(args, env_extra=None):
@@ -206,10 +206,10 @@ def test_verify_names_every_damaged_artefact(env):
     m = compile_kb(cfg, tmp / "kb").manifest
     kb = tmp / "kb"
     assert verify_kb(kb) == []
-    gen = m["generation"]
-    targets = {"shard payload": sorted(m["state"]["shards"])[0], "references": f"{gen}/references.parquet",
+    gen = m.generation
+    targets = {"shard payload": sorted(m.shards)[0], "references": f"{gen}/references.parquet",
                "shard index": f"{gen}/memory.safetensors.index.json", "tokenizer": f"{gen}/tokenizer.json",
-               "bm25": next(n for n in m["files"] if n.startswith(f"{gen}/bm25/"))}
+               "bm25": next(n for n in m.files if n.startswith(f"{gen}/bm25/"))}
     for what, name in targets.items():
         p = kb / name
         data = bytearray(p.read_bytes())
@@ -219,15 +219,15 @@ def test_verify_names_every_damaged_artefact(env):
         faults = verify_kb(kb)
         assert any(f.startswith(f"{name}: sha256 differs") for f in faults), (what, faults)
         p.write_bytes(pristine)
-    shard = kb / sorted(m["state"]["shards"])[-1]
+    shard = kb / sorted(m.shards)[-1]
     saved = shard.read_bytes()
     shard.write_bytes(saved[: len(saved) // 2])
     assert any("truncated" in f for f in verify_kb(kb))
     shard.unlink()
     assert any(f == f"{shard.name}: missing" for f in verify_kb(kb))
-    with pytest.raises(M3Error, match="is missing.*m3 verify"):
-        compile_kb(cfg, kb)
-    shard.write_bytes(saved)
+    # the next compile rebuilds the missing shard under its own name, with its recorded bytes
+    r = compile_kb(cfg, kb)
+    assert r.summary["repaired"] == [shard.name] and shard.read_bytes() == saved and verify_kb(kb) == []
     (kb / "manifest.json").write_text("{ not json")
     assert verify_kb(kb)[0].startswith("manifest.json: cannot parse")
     with pytest.raises(M3Error, match="--rebuild"):
@@ -256,4 +256,4 @@ def test_documents_that_vanish_or_change_during_the_run(env, monkeypatch):
     assert "doc2.txt" not in {x["doc_id"] for x in rows}
     doc3 = "".join(x["text"] for x in rows if x["doc_id"] == "doc3.txt")
     assert doc3 == words(333, 20)  # the text that was read is the text that was compiled
-    assert verify_kb(tmp / "kb") == [] and r.manifest["counts"]["documents"] == 3
+    assert verify_kb(tmp / "kb") == [] and r.manifest.counts["documents"] == 3

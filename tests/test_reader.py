@@ -56,7 +56,7 @@ def test_on_the_fly_full_memories_equal_lossless_kb(setup):
     kb = compile_all_layers(tmp_path)
     layout = ReadLayout.from_manifest(kb.manifest, ck.tokenizer.bos_id)
     rows = kb.references().to_pylist()
-    fresh = full_memories(ck.model, [r["token_ids"] for r in rows], [0, 1], layout.prefix_ids, (0, 1, 2))
+    fresh = full_memories(ck.model, [r["token_ids"] for r in rows], [0, 1], kb.spec, (0, 1, 2))
     for r, f in zip(rows, fresh):
         stored = kb.memory(r["ref_id"])
         assert torch.equal(stored.positions, f.positions)

@@ -466,4 +466,4 @@ def test_compiled_kb_finds_a_later_reference_by_its_document_title(tmp_path):
     assert len(refs) >= 3 and all("w90" not in r["text"] for r in refs if r["index"] > 0)
     hits = kb.retrieve("w90", k=10)
     assert {h.ref_id for h in hits} == {r["ref_id"] for r in refs}  # every reference carries the title
-    assert kb.manifest["retrieval"]["text"]["title"] == "first-line"
+    assert kb.manifest.retrieval["text"]["title"] == "first-line"

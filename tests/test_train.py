@@ -69,7 +69,7 @@ def test_training_memories_equal_kb_memories(setup):
     t = kb.references().select(["ref_id", "token_ids"]).to_pydict()
     for grad in (False, True):
         with torch.set_grad_enabled(grad):
-            mems = encode_memories(ck.model, t["token_ids"], t["ref_id"], layout, 3, 16)
+            mems = encode_memories(ck.model, t["token_ids"], t["ref_id"], kb.spec, grad)
         for m in mems:
             stored = kb.memory(m.ref_id)
             assert torch.equal(m.positions, stored.positions), m.ref_id
@@ -132,7 +132,7 @@ def test_memory_and_no_memory_steps_mix(setup):
     losses, grads = {}, {}
     for mem, through in ((False, False), (True, False), (True, True)):
         ck.model.zero_grad()
-        loss, n = step_loss(ck.model, layout, seqs, ref_tokens, mem, 3, 16, through)
+        loss, n = step_loss(ck.model, layout, seqs, ref_tokens, mem, kb.spec, through)
         loss.backward()
         losses[mem, through] = loss.item()
         grads[mem, through] = ck.model.layers[0].attention.wk.weight.grad.clone()
@@ -253,7 +253,7 @@ def test_m3_train_cli_writes_a_loadable_checkpoint(setup, tmp_path):
                                  "--model", str(tmp_path / "out")])
     assert r.exit_code == 0, r.output
     assert "--max-tokens 16" in r.stderr and "--top-k 3" in r.stderr
-    write = open_kb(tmp_path / "kb2").manifest["write"]
+    write = open_kb(tmp_path / "kb2").manifest.write
     assert (write["max_tokens"], write["top_k"], write["memory_layers"]) == (16, 3, [0])
     trained = load_checkpoint(tmp_path / "out")
     original = load_checkpoint(setup / "model")

@@ -1,0 +1,91 @@
+"""generate_text: a prompt continued by a model reading a kb's memories, the library call behind
+`m3 generate` (paper §3.1's read schedule is reader.generate; this module picks the model, the
+layout and the retrieval, and checks that the text fits the model's positions).
+
+Without a kb the model generates plainly. A memory-trained checkpoint (one with m3-memory.json)
+then keeps the layout it was trained with, memories left out: the write prefix at 0..p-1 and the
+text after the memory interval, exactly as `--kb KB --no-memory` reads.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from m3compile.config import default_model_dir, read_model_memory
+from m3compile.encode import write_prefix
+from m3compile.errors import M3Error
+from m3compile.reader import CHUNK_TOKENS, REFS_PER_CHUNK, ChunkMemory, ReadLayout, generate
+
+
+@dataclass
+class GenerationResult:
+    text: str  # the continuation, with its leading space
+    memory: bool  # whether memories were read
+    references_read: list[list[int]] = field(default_factory=list)  # ref ids per retrieval, in order
+    new_tokens: int = 0
+
+
+def generate_text(prompt: str, kb: str | Path | None = None, model: str | Path | None = None,
+                  max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0, memory: bool = True,
+                  chunk_tokens: int = CHUNK_TOKENS, refs_per_chunk: int = REFS_PER_CHUNK, mode: str | None = None,
+                  device: str = "cpu", log: Callable[[str], None] = lambda s: None,
+                  progress: Callable[[int], None] | None = None) -> GenerationResult:
+    """Continue `prompt`, reading `kb`'s memories chunk by chunk (or plainly without a kb).
+
+    Args:
+        prompt: the text to continue.
+        kb: a compiled kb; None generates without memory.
+        model: the checkpoint (default: the kb's, else the embedded model).
+        max_new_tokens: at most this many tokens; fewer if the model's positions run out (logged).
+        temperature: 0 is greedy.
+        memory: with a kb, False reads no memory (same layout).
+        mode: retrieval mode (default: the kb's).
+    Returns:
+        GenerationResult(text, memory, references_read, new_tokens).
+    Example:
+        >>> generate_text("Who founded Brerrdale?", kb="kb/", max_new_tokens=10).text
+        ' Emrys Viandane.'
+    """
+    from m3compile.kb import load_kb_model, open_kb
+    from m3compile.model import load_checkpoint
+
+    base = open_kb(kb) if kb is not None else None
+    if base is not None:
+        ck = load_kb_model(base, model, device=device)
+        layout = ReadLayout.from_spec(base.spec, ck.tokenizer.bos_id, chunk_tokens, refs_per_chunk)
+    else:
+        ck = load_checkpoint(model if model is not None else default_model_dir(), device=device)
+        trained = read_model_memory(ck.path)
+        prefix = write_prefix(ck.tokenizer, trained["prefix"]) if trained and "prefix" in trained else []
+        layout = ReadLayout(tuple(prefix), ck.tokenizer.bos_id, (), (trained or {}).get("max_tokens", 0),
+                            chunk_tokens, refs_per_chunk)
+        memory = False
+    prompt_ids = ck.tokenizer.encode(prompt)
+    room = ck.args.max_seq_len - layout.text_positions(len(prompt_ids))
+    if room < 0:
+        raise M3Error(f"the prompt is {len(prompt_ids)} tokens, and with the memory layout it needs "
+                      f"{layout.text_positions(len(prompt_ids))} positions; the model has {ck.args.max_seq_len} "
+                      f"(max_position_embeddings): shorten the prompt to at most {len(prompt_ids) + room} tokens")
+    if max_new_tokens > room:
+        log(f"note: the model has room for {room} more tokens after this {len(prompt_ids)}-token prompt "
+            f"({ck.args.max_seq_len} positions); generating at most {room}, not {max_new_tokens}")
+        max_new_tokens = room
+    read: list[list[int]] = []
+    retrieve = None
+    if memory and base is not None:
+        from m3compile.retrieve import Retriever
+
+        retriever = Retriever.open(base.path, base.manifest.to_dict())
+
+        def retrieve(tokens):
+            ids = [h.ref_id for h in retriever.retrieve(ck.tokenizer.decode(tokens), refs_per_chunk, mode=mode)]
+            read.append(ids)
+            return ChunkMemory.gather(base.memories(ids), layout.memory_layers)
+
+    new = generate(ck.model, layout, prompt_ids, retrieve, max_new_tokens, temperature, ck.tokenizer.eos_id, seed,
+                   progress=progress)
+    # decoded after the prompt: a continuation decoded alone loses its leading space
+    head = ck.tokenizer.decode(prompt_ids)
+    full = ck.tokenizer.decode(prompt_ids + new)
+    text = full[len(head):] if full.startswith(head) else ck.tokenizer.decode(new)
+    return GenerationResult(text, memory and base is not None, read, len(new))
