@@ -31,6 +31,9 @@ import make_corpus as mc  # noqa: E402  (examples/ is not a package)
 from m3compile.model import load_checkpoint, save_checkpoint  # noqa: E402
 from m3compile.reader import ChunkMemory, ReadLayout  # noqa: E402
 from m3compile.train import batch_logits, encode_memories  # noqa: E402
+from m3compile.config import CompileConfig  # noqa: E402
+from m3compile.model import fingerprint  # noqa: E402
+from m3compile.spec import MemorySpec  # noqa: E402
 
 
 def entities(tok, seed: int, ref_tokens: int, n: int = 400) -> list[dict]:
@@ -65,6 +68,11 @@ class Probe:
         self.layers = tuple(int(x) for x in a.layers.split(","))
         prefix = [self.tok.bos_id] + self.tok.encode("Reference:")
         self.layout = ReadLayout(tuple(prefix), self.tok.bos_id, self.layers, 128, 64, 5)
+        # the compile's own recipe for these settings (the write prefix is the default "Reference:")
+        self.spec = MemorySpec.from_config(CompileConfig(corpus=".", max_tokens=128, top_k=a.top_k,
+                                                         memory_layers=self.layers, quant="none"),
+                                           self.ck, fingerprint(a.model))
+        assert self.spec.prefix_ids == self.layout.prefix_ids, (self.spec.prefix_ids, self.layout.prefix_ids)
         world = entities(self.tok, 0, a.ref_tokens)
         held, _, _ = mc.split_world([e["id"] for e in world], 0.1, 0.6, 0)
         self.held = [e for e in world if e["id"] in held]
@@ -80,7 +88,7 @@ class Probe:
     def memories(self, ents):
         refs = [r for e in ents for r in e["refs"]]
         owner = [i for i, e in enumerate(ents) for _ in e["refs"]]
-        mems = encode_memories(self.model, refs, list(range(len(refs))), self.layout, self.a.top_k, 128)
+        mems = encode_memories(self.model, refs, list(range(len(refs))), self.spec, grad=torch.is_grad_enabled())
         per = [[] for _ in ents]
         for i, m in zip(owner, mems):
             per[i].append(m)

@@ -47,7 +47,6 @@ def titled_memories(ev: tm.Evaluator):
     rows = ev.kb.references().select(["ref_id", "doc_id", "index", "token_ids", "text"]).to_pylist()
     first = {r["doc_id"]: r["text"] for r in rows if r["index"] == 0}
     by_id = {r["ref_id"]: r for r in rows}
-    w = ev.kb.manifest.write
     cache = {}
 
     def memories(ids):
@@ -56,9 +55,9 @@ def titled_memories(ev: tm.Evaluator):
                 r = by_id[i]
                 title = document_title(first[r["doc_id"]])
                 extra = ev.tok.encode(title + "\n") if r["index"] > 0 and title else []
-                lay = dataclasses.replace(ev.layout, prefix_ids=tuple(ev.layout.prefix_ids) + tuple(extra))
+                spec = dataclasses.replace(ev.kb.spec, prefix_ids=tuple(ev.kb.spec.prefix_ids) + tuple(extra))
                 with torch.no_grad():
-                    cache[i] = encode_memories(ev.ck.model, [r["token_ids"]], [i], lay, w["top_k"], w["max_tokens"])[0]
+                    cache[i] = encode_memories(ev.ck.model, [r["token_ids"]], [i], spec, grad=False)[0]
         return [cache[i] for i in ids]
     return memories
 

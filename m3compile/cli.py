@@ -14,8 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from m3compile.config import (MODEL_MEMORY_FILE, CompileConfig, default_model_dir, describe_settings, parse_layers,
-                              read_model_memory)
+from m3compile.config import PAPER_DEFAULTS, CompileConfig, parse_layers
 from m3compile.errors import M3Error
 from m3compile.reader import CHUNK_TOKENS, REFS_PER_CHUNK
 
@@ -78,11 +77,11 @@ def compile(
     output: Annotated[Path, typer.Option("-o", "--output", help="knowledge base directory to create")],
     model: Annotated[Optional[Path], typer.Option(help="Hugging Face checkpoint directory (default: the embedded memory reader, m3compile/embedded/reader)")] = DEFAULTS["model"],
     # memory settings: None = the model's m3-memory.json (a checkpoint from `m3 train`), else CompileConfig's
-    max_tokens: Annotated[Optional[int], typer.Option(help=f"tokens per reference at most {TRAINED.format(DEFAULTS['max_tokens'])}")] = None,
-    boundary: Annotated[Optional[str], typer.Option(help=f"reference cuts: sentence | fixed {TRAINED.format(DEFAULTS['boundary'])}")] = None,
-    min_fill: Annotated[Optional[float], typer.Option(help=f"sentence cuts keep a reference at least this full {TRAINED.format(DEFAULTS['min_fill'])}")] = None,
-    prefix: Annotated[Optional[str], typer.Option(help=f"write prefix after BOS (paper: <s>Reference:) {TRAINED.format(DEFAULTS['prefix'])}")] = None,
-    top_k: Annotated[Optional[int], typer.Option(help=f"tokens kept per memory layer and kv head {TRAINED.format(DEFAULTS['top_k'])}")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(help=f"tokens per reference at most {TRAINED.format(PAPER_DEFAULTS['max_tokens'])}")] = None,
+    boundary: Annotated[Optional[str], typer.Option(help=f"reference cuts: sentence | fixed {TRAINED.format(PAPER_DEFAULTS['boundary'])}")] = None,
+    min_fill: Annotated[Optional[float], typer.Option(help=f"sentence cuts keep a reference at least this full {TRAINED.format(PAPER_DEFAULTS['min_fill'])}")] = None,
+    prefix: Annotated[Optional[str], typer.Option(help=f"write prefix after BOS (paper: <s>Reference:) {TRAINED.format(PAPER_DEFAULTS['prefix'])}")] = None,
+    top_k: Annotated[Optional[int], typer.Option(help=f"tokens kept per memory layer and kv head {TRAINED.format(PAPER_DEFAULTS['top_k'])}")] = None,
     memory_layers: Annotated[Optional[str], typer.Option(help=f"e.g. 0-11 or 0,2,4 {TRAINED.format('first half')}")] = None,
     quant: Annotated[str, typer.Option(help="none | int8 | int4")] = DEFAULTS["quant"],
     dtype: Annotated[str, typer.Option(help="compute dtype: float32 | bfloat16")] = DEFAULTS["dtype"],
@@ -105,20 +104,15 @@ def compile(
     with user_errors():
         given = {k: v for k, v in dict(max_tokens=max_tokens, boundary=boundary, min_fill=min_fill, prefix=prefix,
                                        top_k=top_k, memory_layers=parse_layers(memory_layers)).items() if v is not None}
+        # memory settings not given stay None: compile_kb takes them from the model's m3-memory.json
         config = CompileConfig(corpus=str(corpus), model=str(model) if model else None, quant=quant, dtype=dtype,
                                device=device, batch_size=batch_size, max_shard_bytes=max_shard_bytes,
                                follow_symlinks=follow_symlinks, embedder=str(embedder) if embedder else None,
                                index_factory=index_factory, **given)
-        trained = read_model_memory(model or default_model_dir())
-        adopted = {k: v for k, v in (trained or {}).items() if k not in given and v != DEFAULTS[k]}
-        if adopted and preset != "paper":
-            config = config.with_model_memory(adopted)
-            err.print(f"using the memory settings {model or 'the embedded model'} was trained to read "
-                      f"({MODEL_MEMORY_FILE}): {describe_settings(adopted)}", highlight=False, soft_wrap=True)
         if preset:
             config = config.with_preset(preset)
         if check:
-            changes = check_kb(config, output, keep_missing=keep_missing)
+            changes = check_kb(config, output, keep_missing=keep_missing, log=lambda s: err.print(s, highlight=False))
             for line in changes:
                 out.print(line, highlight=False)
             if changes:

@@ -17,8 +17,9 @@ BOUNDARY_CHOICES = ("sentence", "fixed")
 
 # settings that change what a reference's memory is (the rest change speed or bookkeeping only)
 MEMORY_SETTINGS = ("max_tokens", "boundary", "min_fill", "prefix", "top_k", "memory_layers", "quant", "dtype")
-# settings that change only how a compile runs, never its output: kept out of the manifest (run.json has them)
-RUN_SETTINGS = ("device", "batch_size")
+# settings that change only how a compile runs, never its output: kept out of the manifest (run.json has them);
+# model_memory only decides how unset settings resolve, and the resolved values are in the manifest
+RUN_SETTINGS = ("device", "batch_size", "model_memory")
 # settings a model learns to read (formats/model-memory.md): `m3 train` records the kb's values in
 # the checkpoint it writes, and a compile with that checkpoint takes them for the options not given
 READ_SETTINGS = ("max_tokens", "boundary", "min_fill", "prefix", "top_k", "memory_layers")
@@ -27,16 +28,34 @@ MODEL_MEMORY_FORMAT = "m3-model-memory"
 MODEL_MEMORY_VERSION = 1
 
 
+# the paper's values of the settings a model learns to read (READ_SETTINGS): what an unset one
+# resolves to when the model has no m3-memory.json (memory_layers: None = the first half)
+PAPER_DEFAULTS = {
+    "max_tokens": 128,  # tokens per reference at most (paper §3.1: 128)
+    "boundary": "sentence",  # "sentence": prefer paragraph/sentence ends; "fixed": the paper's plain windows
+    "min_fill": 0.75,  # "sentence" cuts keep a non-final reference at least this full (formats/chunking.md)
+    "prefix": "Reference:",  # text after BOS in the write prefix, the paper's `<s>Reference:` (§3.2)
+    "top_k": 8,  # tokens kept per memory layer and kv head (paper §3.3: 8 of 128)
+    "memory_layers": None,  # layer indices; None = the first half (paper §3.3)
+}
+
+
 @dataclass(frozen=True)
 class CompileConfig:
+    """Every setting of a compile. The memory settings a model learns to read (max_tokens,
+    boundary, min_fill, prefix, top_k, memory_layers) left unset (None) take the values the model
+    was trained to read (its m3-memory.json, when model_memory), else PAPER_DEFAULTS: `resolved`
+    does this, and the manifest records the resolved values. `m3 compile` and `compile_kb` agree."""
+
     corpus: str  # corpus directory or file, as given
-    model: str | None = None  # Hugging Face checkpoint directory; None = the embedded example model
-    max_tokens: int = 128  # tokens per reference at most (paper §3.1: 128)
-    boundary: str = "sentence"  # "sentence": prefer paragraph/sentence ends; "fixed": the paper's plain windows
-    min_fill: float = 0.75  # "sentence" cuts keep a non-final reference at least this full (formats/chunking.md)
-    prefix: str = "Reference:"  # text after BOS in the write prefix, the paper's `<s>Reference:` (§3.2)
-    top_k: int = 8  # tokens kept per memory layer and kv head (paper §3.3: 8 of 128)
-    memory_layers: tuple[int, ...] | None = None  # layer indices; None = the first half (paper §3.3)
+    model: str | None = None  # Hugging Face checkpoint directory; None = the embedded memory reader
+    max_tokens: int | None = None  # tokens per reference at most; None = the model's, else 128
+    boundary: str | None = None  # "sentence" or "fixed"; None = the model's, else "sentence"
+    min_fill: float | None = None  # fill of a "sentence" cut; None = the model's, else 0.75
+    prefix: str | None = None  # write prefix text after BOS; None = the model's, else "Reference:"
+    top_k: int | None = None  # tokens kept per memory layer and kv head; None = the model's, else 8
+    memory_layers: tuple[int, ...] | None = None  # layer indices; None = the model's, else the first half
+    model_memory: bool = True  # unset memory settings take the model's m3-memory.json (False: the paper's)
     quant: str = "int8"  # "none" (lossless, model dtype), "int8", "int4"
     dtype: str = "float32"  # model compute dtype: "float32" or "bfloat16"
     device: str = "cpu"  # torch device for the forward pass, e.g. "cuda"
@@ -47,17 +66,17 @@ class CompileConfig:
     index_factory: str = "Flat"  # FAISS factory string of the dense index ("Flat", "IVF{n},PQ{m}", "HNSW32", ...)
 
     def __post_init__(self):
-        if self.max_tokens < 1:
+        if self.max_tokens is not None and self.max_tokens < 1:
             raise M3Error(f"--max-tokens {self.max_tokens} must be at least 1")
-        if self.top_k < 1:
+        if self.top_k is not None and self.top_k < 1:
             raise M3Error(f"--top-k {self.top_k} must be at least 1")
-        if not 0 < self.min_fill <= 1:
+        if self.min_fill is not None and not 0 < self.min_fill <= 1:
             raise M3Error(f"--min-fill {self.min_fill} must be a fraction in (0, 1], e.g. 0.75")
         if self.quant not in QUANT_CHOICES:
             raise M3Error(f"--quant {self.quant!r} is not one of {', '.join(QUANT_CHOICES)}")
         if self.dtype not in DTYPE_CHOICES:
             raise M3Error(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
-        if self.boundary not in BOUNDARY_CHOICES:
+        if self.boundary is not None and self.boundary not in BOUNDARY_CHOICES:
             raise M3Error(f"--boundary {self.boundary!r} is not one of {', '.join(BOUNDARY_CHOICES)}")
         if self.batch_size < 1:
             raise M3Error(f"--batch-size {self.batch_size} must be at least 1")
@@ -91,6 +110,20 @@ class CompileConfig:
             d["memory_layers"] = tuple(d["memory_layers"])
         return cls(**d)
 
+    def resolved(self, model_dir: str | Path) -> tuple["CompileConfig", dict]:
+        """This config with every unset memory setting filled: from the model's m3-memory.json
+        (when model_memory), else PAPER_DEFAULTS. Returns it and the settings taken from the model."""
+        trained = read_model_memory(model_dir) if self.model_memory else None
+        fill, adopted = {}, {}
+        for k in READ_SETTINGS:
+            if getattr(self, k) is not None:
+                continue
+            if trained and trained.get(k) is not None:
+                fill[k] = adopted[k] = trained[k]
+            else:
+                fill[k] = PAPER_DEFAULTS[k]
+        return replace(self, **fill), adopted
+
     def with_model_memory(self, settings: dict) -> "CompileConfig":
         """This config with a model's trained memory settings (read_model_memory, or the subset to adopt)."""
         return replace(self, **settings)
@@ -103,7 +136,8 @@ class CompileConfig:
 
 # exact-name presets; each states only what it changes
 PRESETS = {
-    "paper": dict(max_tokens=128, boundary="fixed", top_k=8, memory_layers=None, prefix="Reference:"),
+    "paper": dict(max_tokens=128, boundary="fixed", top_k=8, memory_layers=None, prefix="Reference:",
+                  model_memory=False),
     "lossless": dict(quant="none", dtype="float32"),
 }
 
@@ -159,7 +193,8 @@ def read_model_memory(model_dir: str | Path) -> dict | None:
         out["memory_layers"] = tuple(out["memory_layers"])
     try:
         CompileConfig(corpus=".", **out)  # the same checks as the options
-    except (M3Error, TypeError) as e:
+        assert isinstance(out.get("top_k", 1), int) and isinstance(out.get("max_tokens", 1), int)
+    except (M3Error, TypeError, AssertionError) as e:
         raise M3Error(f"{path} holds an invalid setting ({e}); {fix}") from None
     return out
 

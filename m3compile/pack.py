@@ -118,6 +118,23 @@ def encode_payload(keys, values, positions, scheme: Scheme) -> tuple[bytes, Quan
     return cctx.compress(raw), ek.merge(ev)
 
 
+def _inflate(data: bytes, max_bytes: int, where: str) -> bytes:
+    """Decompress one frame, refusing before decompressing one that declares no size or too large a
+    size (a damaged or hostile shard), and one whose content checksum fails."""
+    try:
+        declared = zstandard.frame_content_size(data)
+    except zstandard.ZstdError as e:
+        raise M3Error(f"{where}: not a zstd frame ({e}); the shard is damaged") from None
+    if declared < 0 or declared > max_bytes:
+        size = "no content size" if declared < 0 else f"content size {declared}"
+        raise M3Error(f"{where}: zstd frame declares {size}, but a reference of this kb is at most "
+                      f"{max_bytes} bytes; refusing to decompress a damaged or hostile shard")
+    try:
+        return zstandard.ZstdDecompressor().decompress(data, allow_extra_data=False)
+    except zstandard.ZstdError as e:
+        raise M3Error(f"{where}: zstd frame does not decompress ({e}); the shard is damaged") from None
+
+
 def decode_payload(data: bytes, scheme: Scheme, max_bytes: int, where: str = "payload"):
     """Decompress and dequantize one frame into (keys, values, positions).
 
@@ -130,19 +147,7 @@ def decode_payload(data: bytes, scheme: Scheme, max_bytes: int, where: str = "pa
     Returns:
         keys and values (L, H, K, D) float32 tensors, positions (L, H, K) int64 tensor.
     """
-    try:
-        declared = zstandard.frame_content_size(data)
-    except zstandard.ZstdError as e:
-        raise M3Error(f"{where}: not a zstd frame ({e}); the shard is damaged") from None
-    if declared < 0 or declared > max_bytes:
-        size = "no content size" if declared < 0 else f"content size {declared}"
-        raise M3Error(f"{where}: zstd frame declares {size}, but a reference of this kb is at most "
-                      f"{max_bytes} bytes; refusing to decompress a damaged or hostile shard")
-    try:
-        raw = zstandard.ZstdDecompressor().decompress(data, allow_extra_data=False)
-    except zstandard.ZstdError as e:
-        raise M3Error(f"{where}: zstd frame does not decompress ({e}); the shard is damaged") from None
-    qk, qv, pos = unpack_payload(raw, scheme, where)
+    qk, qv, pos = unpack_payload(_inflate(data, max_bytes, where), scheme, where)
     return scheme.dequantize(qk), scheme.dequantize(qv), torch.from_numpy(pos.astype(np.int64))
 
 
@@ -406,19 +411,8 @@ def read_payload(shard_path: Path, loc: RefLocation) -> bytes:
 def check_frame(frame: bytes, scheme: Scheme, max_bytes: int, where: str = "frame") -> tuple[int, int, int, int]:
     """(L, H, K, D) of a frame that decompresses whole (zstd content checksum included) into a
     payload of `scheme`, at most max_bytes; M3Error naming `where` otherwise. A frame is reused or
-    copied only after this check (formats/kv-shard.md, "Reading")."""
-    try:
-        declared = zstandard.frame_content_size(frame)
-    except zstandard.ZstdError as e:
-        raise M3Error(f"{where}: not a zstd frame ({e}); the shard is damaged") from None
-    if declared < _HEADER.size or declared > max_bytes:
-        raise M3Error(f"{where}: zstd frame declares {declared} bytes, not a payload of this kb (at most "
-                      f"{max_bytes}); the shard is damaged")
-    try:
-        raw = zstandard.ZstdDecompressor().decompress(frame, allow_extra_data=False)
-    except zstandard.ZstdError as e:
-        raise M3Error(f"{where}: zstd frame does not decompress ({e}); the shard is damaged") from None
-    q, _, _ = unpack_payload(raw, scheme, where)
+    copied only after this check (formats/kv-shard.md, "Frame and payload")."""
+    q, _, _ = unpack_payload(_inflate(frame, max_bytes, where), scheme, where)
     return q.shape
 
 

@@ -103,7 +103,7 @@ def relative_to_kb(path: str | None, kb_dir: Path) -> str | None:
     Names that are not paths on this machine (e.g. an embedder word) are kept as given."""
     if path is None or not Path(path).exists():
         return path
-    return Path(os.path.relpath(Path(path).resolve(), Path(kb_dir).resolve())).as_posix()
+    return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(kb_dir))).as_posix()
 
 
 def config_record(config: CompileConfig, kb_dir: Path) -> dict:
@@ -129,12 +129,16 @@ class Setup:
 def _setup(config: CompileConfig, log) -> tuple[Setup, Timer]:
     timer = Timer()
     model_path = resolve_model(config, log)
+    config, adopted = config.resolved(model_path)
+    if adopted:
+        log(f"using the memory settings {config.model or 'the embedded model'} was trained to read "
+            f"({MODEL_MEMORY_FILE}): {describe_settings(adopted)}")
     with timer("load_model"):
         ck = load_checkpoint(model_path, device=config.device, dtype=config.dtype)
         model_id = fingerprint(model_path)
     spec = MemorySpec.from_config(config, ck, model_id)
     _note_model_memory(config, model_path, spec.memory_layers, log)
-    return Setup(config, ck, model_path, model_id, spec, spec.key_context()), timer
+    return Setup(config, ck, model_path, model_id, spec, spec.key_context()), timer  # config resolved
 
 
 def _note_model_memory(config: CompileConfig, model_path: Path, layers: tuple[int, ...], log) -> None:
@@ -387,14 +391,21 @@ def _repair_shards(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: T
             live[r["shard"]][r["ref_id"]] = r
     for name in shards:
         path, rows = out / name, live[name]
+        # the live rows are the authority on their frames (id, key, place, errors); the shard's own
+        # index, which may be damaged too, only adds its tombstones
+        expected = {i: (bytes.fromhex(r["ref_key"]), store.Frame(name, r["byte_offset"], r["byte_length"],
+                                                                r["quant_rel_err"], r["quant_max_err"]))
+                    for i, r in rows.items()}
+        spans = {(f.offset, f.length) for _, f in expected.values()}
         try:
-            expected = [(i, key, f) for i, key, f in store.shard_frames(path)]
-        except Exception:  # the shard's own index is gone: its live rows say what it held
-            expected = [(i, bytes.fromhex(r["ref_key"]), store.Frame(name, r["byte_offset"], r["byte_length"],
-                                                                   r["quant_rel_err"], r["quant_max_err"]))
-                        for i, r in sorted(rows.items())]
+            index = store.shard_frames(path)
+        except Exception:  # the index is unreadable: its tombstones are lost with it
+            index = []
+        for i, key, f in index:
+            if i not in expected and (f.offset, f.length) not in spans:
+                expected[i] = (key, f)
         frames, todo = {}, []
-        for ref_id, key, f in expected:
+        for ref_id, (key, f) in sorted(expected.items()):
             try:
                 data = read_frame(path, f.offset, f.length)
                 check_frame(data, setup.spec.scheme, setup.spec.max_payload(), name)
@@ -404,8 +415,6 @@ def _repair_shards(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: T
                     todo.append(ref_id)
                 else:
                     log(f"{name}: the tombstoned frame of reference {ref_id} is damaged and dropped")
-        missing = [i for i in rows if i not in frames and i not in todo]
-        todo += [i for i in missing if "token_ids" in rows[i]]
         for i in range(0, len(todo), setup.config.batch_size):
             ids = todo[i:i + setup.config.batch_size]
             for ref_id, (frame, rel, mx, _) in zip(ids, _encode_frames(setup, [rows[r]["token_ids"] for r in ids], timer)):
@@ -518,7 +527,8 @@ def repair_kb(kb_dir: str | Path, model: str | Path | None = None, device: str =
     """
     kb = Path(kb_dir)
     manifest = mf.read_manifest(kb)
-    c = {**manifest.config, "device": device}
+    # the manifest's settings are complete (memory_layers null = the first half): nothing to adopt
+    c = {**manifest.config, "device": device, "model_memory": False}
     c["corpus"] = str(kb / c["corpus"]) if not Path(c["corpus"]).is_absolute() else c["corpus"]
     if model is not None:
         c["model"] = str(model)
@@ -537,6 +547,7 @@ def _run(config: CompileConfig, out: Path, progress: Progress, log, keep_missing
     with store.KbLock(out, log):
         store.remove_temporaries(out)
         setup, timer = _setup(config, log)
+        config = setup.config  # resolved: every memory setting set
         prev = _previous(out, setup, rebuild, log)
         if repair_only and not prev.rows_recovered:
             plan = _plan_unchanged(prev)
@@ -595,12 +606,13 @@ def _unchanged(setup: Setup, prev: Previous, plan: Plan, out: Path) -> bool:
         and prev.manifest.created_by == f"m3compile {__version__}"
 
 
-def check_kb(config: CompileConfig, out_dir: str | Path, keep_missing: bool = False) -> list[str]:
+def check_kb(config: CompileConfig, out_dir: str | Path, keep_missing: bool = False,
+             log: Callable[[str], None] = lambda s: None) -> list[str]:
     """What a compile of `config` into `out_dir` would change; [] when the kb is up to date. Writes nothing."""
     out = Path(out_dir)
     if not (out / mf.FILE_NAME).exists():
         return [f"{out} holds no knowledge base: everything would be compiled"]
-    setup, timer = _setup(config, lambda s: None)
+    setup, timer = _setup(config, log)
     try:
         prev = _previous(out, setup, rebuild=False, log=lambda s: None)
     except M3Error as e:

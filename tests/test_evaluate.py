@@ -37,7 +37,8 @@ def test_full_memory_helps_a_real_model(stories260k, tmp_path):
     assert n == rows["no_memory"]["tokens"]
     assert abs(rows["no_memory"]["nll"] - plain / n) < 0.005
     # every token of the text's own references in every layer clearly helps (measured -0.027 nats);
-    # the paper's sparse format is nearly inert for a model never trained to read it
+    # the sparse memories must not hurt (measured -0.0002: nearly inert for a model never trained to
+    # read them; a better reader may lower it, which this bound allows)
     assert rows["full_all_layers"]["nll"] < rows["no_memory"]["nll"] - 0.015
     assert r["improved_docs"]["full_all_layers"] >= 17
-    assert abs(rows["sparse"]["nll"] - rows["no_memory"]["nll"]) < 0.01
+    assert rows["sparse"]["nll"] < rows["no_memory"]["nll"] + 0.01

@@ -248,6 +248,12 @@ def test_run_example_script(tmp_path):
     assert demo and truth in demo[0], (truth, proc.stdout[-1000:])  # the embedded model answers from memory
     answers = [line for line in proc.stdout.splitlines() if line.startswith("with memory:")]
     assert answers and "Yimmoor? Ione Tirnric." in answers[0], proc.stdout[-1000:]  # the reader example's answer
+    # --check right after the quick start, from the repository root with the corpus path as a user types
+    # it: nothing would change (the script compiled with an absolute path; the kb stores it relative)
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    check = subprocess.run(["m3", "compile", "examples/corpus", "-o", str(tmp_path / "kb"), "--check"],
+                           capture_output=True, text=True, cwd=EXAMPLES.parent, env=env)
+    assert check.returncode == 0 and "up to date" in check.stdout, (check.stdout, check.stderr)
 
 
 # ---- the reader example: a model trained to read memories, and a corpus it never trained on ----

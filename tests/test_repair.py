@@ -1,0 +1,279 @@
+"""The fault table of issue 14: every kind of damage and every bad input gives one `error:` line,
+loses nothing committed, and `m3 verify --repair` (or the next compile) restores a kb that equals a
+fresh compile byte for byte, without touching its healthy shards."""
+
+import errno
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import zstandard
+from typer.testing import CliRunner
+
+from conftest import make_checkpoint
+from m3compile import pipeline, references as refs_file
+from m3compile.cli import app
+from m3compile.config import CompileConfig
+from m3compile.errors import M3Error
+from m3compile.kb import open_kb
+from m3compile.pack import ShardWriter, read_shard_header
+from m3compile.pipeline import compile_kb, repair_kb
+from m3compile.store import shard_frames
+from m3compile.verify import verify_kb
+
+pytest.importorskip("transformers", reason="transformers builds the tiny test checkpoints")
+runner = CliRunner()
+
+
+def words(seed, n):
+    import random
+
+    rng = random.Random(seed)
+    return " ".join(f"w{rng.randrange(3, 120)}" for _ in range(n)) + "."
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A kb of several shards and a fresh copy to compare against, compiled once for the module."""
+    root = tmp_path_factory.mktemp("repair")
+    make_checkpoint(root / "model", "LlamaForCausalLM", {})
+    (root / "corpus").mkdir()
+    for i in range(4):
+        (root / "corpus" / f"doc{i}.txt").write_text(words(i, 30 + 7 * i))
+    cfg = CompileConfig(corpus=str(root / "corpus"), model=str(root / "model"), max_tokens=16, top_k=4,
+                        max_shard_bytes=1500, batch_size=3)
+    compile_kb(cfg, root / "pristine")
+    return root, cfg
+
+
+@pytest.fixture
+def kb(built, tmp_path):
+    """A copy of the pristine kb beside the corpus and model (paths in the manifest are relative)."""
+    root, cfg = built
+    for name in ("model", "corpus"):
+        (tmp_path / name).symlink_to(root / name)
+    shutil.copytree(root / "pristine", tmp_path / "kb")
+    return tmp_path / "kb", CompileConfig(**{**cfg.to_dict(), "corpus": str(tmp_path / "corpus"),
+                                             "model": str(tmp_path / "model")})
+
+
+def files(kb: Path) -> dict:
+    return {p.relative_to(kb).as_posix(): p.read_bytes() for p in kb.rglob("*")
+            if p.is_file() and p.name not in ("run.json", ".m3.lock")}
+
+
+def mtimes(kb: Path) -> dict:
+    return {p.name: p.stat().st_mtime_ns for p in kb.glob("memory-*.safetensors")}
+
+
+def flip(path: Path, at: int | None = None) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 if at is None else at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def bomb(kb: Path, shard: str) -> None:
+    """Replace the shard's first frame by a small zstd frame that inflates to 64 MiB."""
+    big = zstandard.ZstdCompressor(level=3, write_content_size=True).compress(b"\0" * (64 << 20))
+    frames = shard_frames(kb / shard)
+    meta = dict(read_shard_header(kb / shard)["__metadata__"])
+    raw = (kb / shard).read_bytes()
+    header_len = struct.unpack("<Q", raw[:8])[0]
+    kv_start = 8 + header_len + read_shard_header(kb / shard)[f"shard.{int(shard[7:12]):05d}.kv"]["data_offsets"][0]
+    tmp = kb / "bomb"
+    tmp.mkdir()
+    with ShardWriter(tmp, meta, 1 << 40, first_index=int(shard[7:12])) as w:
+        for i, (ref_id, key, f) in enumerate(frames):
+            data = big if i == 0 else raw[kv_start + f.offset:kv_start + f.offset + f.length]
+            w.add(ref_id, data, key, (f.rel_err, f.max_err))
+    os.replace(tmp / shard, kb / shard)
+    tmp.rmdir()
+
+
+def damage_first_shard(kind: str):
+    def apply(kb: Path) -> str:
+        shard = sorted(json.loads((kb / "manifest.json").read_text())["state"]["shards"])[0]
+        p = kb / shard
+        if kind == "flipped byte":
+            flip(p, p.stat().st_size - 20)  # inside the last frame
+        elif kind == "truncated":
+            p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+        elif kind == "deleted":
+            p.unlink()
+        elif kind == "header length 2^40":
+            p.write_bytes(struct.pack("<Q", 2**40) + p.read_bytes()[8:])
+        elif kind == "zstd bomb":
+            bomb(kb, shard)
+        return shard
+    return apply
+
+
+def damage_references(kb: Path) -> str:
+    gen = json.loads((kb / "manifest.json").read_text())["generation"]
+    flip(kb / gen / refs_file.FILE_NAME)
+    return f"{gen}/{refs_file.FILE_NAME}"
+
+
+def damage_bm25(kb: Path) -> str:
+    m = json.loads((kb / "manifest.json").read_text())
+    name = next(n for n in m["files"] if "/bm25/" in n)
+    flip(kb / name)
+    return name
+
+
+DAMAGE = {"flipped byte": damage_first_shard("flipped byte"), "truncated": damage_first_shard("truncated"),
+          "deleted": damage_first_shard("deleted"), "header length 2^40": damage_first_shard("header length 2^40"),
+          "zstd bomb": damage_first_shard("zstd bomb"), "corrupt parquet": damage_references,
+          "corrupt bm25 index": damage_bm25}
+
+
+@pytest.mark.parametrize("how", ["compile", "verify --repair"])
+@pytest.mark.parametrize("kind", list(DAMAGE))
+def test_damage_is_named_then_repaired_to_the_fresh_bytes(built, kb, kind, how):
+    root, _ = built
+    kb_dir, cfg = kb
+    fresh = files(root / "pristine")
+    before = mtimes(kb_dir)
+    name = DAMAGE[kind](kb_dir)
+    faults = verify_kb(kb_dir)
+    assert any(f.startswith(name) for f in faults), faults
+    if how == "compile":
+        r = compile_kb(cfg, kb_dir)
+    else:
+        r = runner.invoke(app, ["verify", str(kb_dir), "--repair"])
+        assert r.exit_code == 0, r.output
+        assert "every check holds" in r.stdout
+    assert verify_kb(kb_dir, recompute=3) == []
+    assert files(kb_dir) == fresh
+    # healthy shards are not touched
+    healthy = {s: t for s, t in before.items() if s != name}
+    assert {s: t for s, t in mtimes(kb_dir).items() if s in healthy} == healthy
+    if how == "compile":
+        assert r.summary["repaired"] == ([name] if name.startswith("memory-") else [])
+
+
+def test_read_errors_name_the_shard_and_the_reference(kb):
+    kb_dir, _ = kb
+    shard = damage_first_shard("zstd bomb")(kb_dir)
+    base = open_kb(kb_dir)
+    first = min(r["ref_id"] for r in base.references().to_pylist() if r["shard"] == shard)
+    with pytest.raises(M3Error, match=rf"{shard} reference {first}: .*m3 verify --repair"):
+        base.memory(first)
+
+
+def test_rebuild_works_over_any_damage(built, kb):
+    root, _ = built
+    kb_dir, cfg = kb
+    for kind in ("zstd bomb", "flipped byte"):
+        DAMAGE[kind](kb_dir)
+    damage_references(kb_dir)
+    compile_kb(cfg, kb_dir, rebuild=True)
+    assert verify_kb(kb_dir, recompute=2) == []
+    (kb_dir / "manifest.json").write_text("{ not json")
+    with pytest.raises(M3Error, match="--rebuild"):
+        compile_kb(cfg, kb_dir)
+    compile_kb(cfg, kb_dir, rebuild=True)
+    # with no manifest to keep readable, a rebuild numbers shards from 1: the fresh compile's bytes
+    assert verify_kb(kb_dir) == [] and files(kb_dir) == files(root / "pristine")
+
+
+def test_disk_full_leaves_the_committed_kb_intact(kb, monkeypatch):
+    kb_dir, cfg = kb
+    before = files(kb_dir)
+    (Path(cfg.corpus).resolve().parent / "more").mkdir()
+    corpus2 = Path(cfg.corpus).resolve().parent / "more"
+    (corpus2 / "doc9.txt").write_text(words(9, 40))
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", "gen")
+    monkeypatch.setattr(refs_file, "write_references", full)
+    r = runner.invoke(app, ["compile", str(corpus2), "-o", str(kb_dir), "--model", cfg.model, "--max-tokens", "16",
+                            "--top-k", "4", "--keep-missing"])
+    assert_one_line_error(r, "No space left on device", "intact")
+    monkeypatch.undo()
+    assert verify_kb(kb_dir) == []
+    assert {k: v for k, v in files(kb_dir).items() if not k.startswith("memory-")} == \
+        {k: v for k, v in before.items() if not k.startswith("memory-")}
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code == 1, (result.exit_code, result.output)
+    lines = [l for l in result.stderr.strip().splitlines() if l.strip() and not l.startswith("using the memory")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+
+
+def _manifest_with(kb_dir: Path, **changes) -> None:
+    m = json.loads((kb_dir / "manifest.json").read_text())
+    m.update(changes)
+    (kb_dir / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("version, fragment", [(0, "format_version 0"), (99, "upgrade m3compile"),
+                                               ("1", "format_version '1'"), (None, "format_version None")])
+def test_bad_manifest_versions(kb, version, fragment):
+    kb_dir, _ = kb
+    _manifest_with(kb_dir, format_version=version)
+    assert_one_line_error(runner.invoke(app, ["inspect", str(kb_dir)]), fragment)
+    assert verify_kb(kb_dir)[0].startswith("manifest.json:")
+
+
+def test_concurrent_compile_names_the_lock_holder(kb):
+    kb_dir, cfg = kb
+    (kb_dir / ".m3.lock").write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename}))
+    before = files(kb_dir)
+    r = runner.invoke(app, ["compile", cfg.corpus, "-o", str(kb_dir), "--model", cfg.model])
+    assert_one_line_error(r, f"pid {os.getpid()}", "lock")
+    (kb_dir / ".m3.lock").unlink()
+    assert files(kb_dir) == before
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["compile", "{corpus}", "-o", "{out}", "--model", "{model}", "--max-tokens", "100000"],
+     ["--max-tokens 100000", "positions", "at most"]),
+    (["compile", "{corpus}", "-o", "{out}", "--model", "{model}", "--top-k", "100000"],
+     ["--top-k 100000", "exceeds the reference width"]),
+    (["compile", "{corpus}", "-o", "{out}", "--model", "{model}", "--memory-layers", "3-1"], ["runs backwards"]),
+    (["generate", "--kb", "{kb}", "Who", "--chunk-tokens", "0"], ["--chunk-tokens 0 must be at least 1"]),
+    (["generate", "--kb", "{kb}", "w5 " * 3000], ["shorten the prompt"]),
+    (["verify", "{kb}", "--recompute", "-1"], ["--recompute -1 must be 0 or more"]),
+    (["compact", "{tmp}/nope"], ["is not a directory"]),
+    (["compile", "{corpus}", "-o", "{out}", "--model", "{model}", "--device", "cuda:7"], ["--device cuda:7"]),
+    (["compile", "{corpus}", "-o", "{out}", "--model", "{model}", "--device", "gpu"], ["--device 'gpu'"]),
+])
+def test_bad_flags_are_one_line(kb, args, fragments):
+    kb_dir, cfg = kb
+    before = files(kb_dir)
+    subst = {"corpus": cfg.corpus, "out": str(kb_dir.parent / "out"), "model": cfg.model, "kb": str(kb_dir),
+             "tmp": str(kb_dir.parent)}
+    assert_one_line_error(runner.invoke(app, [a.format(**subst) for a in args]), *fragments)
+    assert files(kb_dir) == before and not (kb_dir.parent / "out" / "manifest.json").exists()
+
+
+def test_recompute_reports_what_it_did(kb):
+    kb_dir, _ = kb
+    n = json.loads((kb_dir / "manifest.json").read_text())["counts"]["references"]
+    r = runner.invoke(app, ["verify", str(kb_dir), "--recompute", "100000", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == {"kb": str(kb_dir), "faults": [], "repaired": [], "recomputed": n}
+
+
+def test_a_v1_manifest_of_0_1_0_stays_readable_and_compiles_into(tmp_path):
+    """Format v1 as m3compile 0.1.0 wrote it (identity by CLI spellings, paths as given) is read by
+    this version, and a compile into it reuses every memory: the identity is the MemorySpec."""
+    from test_golden_kb import build_example, kb_file
+
+    kb_dir = build_example(tmp_path)
+    old = Path(__file__).parent / "data" / "kb-example-v1-0.1.0" / "manifest.json"
+    (kb_dir / "manifest.json").write_bytes(old.read_bytes())
+    assert verify_kb(kb_dir) == [] and open_kb(kb_dir).memory(0).keys.shape[-1] == 16
+    cfg = CompileConfig(corpus=str(tmp_path / "corpus"), model=str(tmp_path / "model"), max_tokens=8, top_k=3,
+                        quant="int8", prefix="w60")
+    r = compile_kb(cfg, kb_dir)
+    assert r.summary["references"]["encoded"] == 0 and r.summary["references"]["reused"] == 4
+    golden = Path(__file__).parent / "data" / "kb-example" / "manifest.json"
+    assert kb_file(kb_dir, "manifest.json").read_bytes() == golden.read_bytes()
