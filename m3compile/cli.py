@@ -88,6 +88,7 @@ def compile(
     device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda")] = DEFAULTS["device"],
     batch_size: Annotated[int, typer.Option(help="references per forward pass")] = DEFAULTS["batch_size"],
     max_shard_bytes: Annotated[int, typer.Option(help="compressed bytes per shard file at most")] = DEFAULTS["max_shard_bytes"],
+    checkpoint_seconds: Annotated[float, typer.Option(help="encoded frames not yet in a shard are made durable this often; a kill loses at most this much encoding")] = DEFAULTS["checkpoint_seconds"],
     follow_symlinks: Annotated[bool, typer.Option(help="follow symlinks that leave the corpus")] = DEFAULTS["follow_symlinks"],
     embedder: Annotated[Optional[Path], typer.Option(help="local sentence-transformers model dir for a dense index")] = DEFAULTS["embedder"],
     index_factory: Annotated[str, typer.Option(help="FAISS factory string of the dense index")] = DEFAULTS["index_factory"],
@@ -107,6 +108,7 @@ def compile(
         # memory settings not given stay None: compile_kb takes them from the model's m3-memory.json
         config = CompileConfig(corpus=str(corpus), model=str(model) if model else None, quant=quant, dtype=dtype,
                                device=device, batch_size=batch_size, max_shard_bytes=max_shard_bytes,
+                               checkpoint_seconds=checkpoint_seconds,
                                follow_symlinks=follow_symlinks, embedder=str(embedder) if embedder else None,
                                index_factory=index_factory, **given)
         if preset:

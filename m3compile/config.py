@@ -19,7 +19,7 @@ BOUNDARY_CHOICES = ("sentence", "fixed")
 MEMORY_SETTINGS = ("max_tokens", "boundary", "min_fill", "prefix", "top_k", "memory_layers", "quant", "dtype")
 # settings that change only how a compile runs, never its output: kept out of the manifest (run.json has them);
 # model_memory only decides how unset settings resolve, and the resolved values are in the manifest
-RUN_SETTINGS = ("device", "batch_size", "model_memory")
+RUN_SETTINGS = ("device", "batch_size", "model_memory", "checkpoint_seconds")
 # settings a model learns to read (formats/model-memory.md): `m3 train` records the kb's values in
 # the checkpoint it writes, and a compile with that checkpoint takes them for the options not given
 READ_SETTINGS = ("max_tokens", "boundary", "min_fill", "prefix", "top_k", "memory_layers")
@@ -61,6 +61,7 @@ class CompileConfig:
     device: str = "cpu"  # torch device for the forward pass, e.g. "cuda"
     batch_size: int = 16  # references per forward pass
     max_shard_bytes: int = 256 * 2**20  # compressed payload bytes per shard file at most
+    checkpoint_seconds: float = 30.0  # encoded frames not yet in a shard are made durable this often (0: every batch)
     follow_symlinks: bool = False  # follow corpus symlinks that leave the corpus root
     embedder: str | None = None  # local sentence-transformers model directory for the dense index; None = BM25 only
     index_factory: str = "Flat"  # FAISS factory string of the dense index ("Flat", "IVF{n},PQ{m}", "HNSW32", ...)
@@ -78,6 +79,8 @@ class CompileConfig:
             raise M3Error(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
         if self.boundary is not None and self.boundary not in BOUNDARY_CHOICES:
             raise M3Error(f"--boundary {self.boundary!r} is not one of {', '.join(BOUNDARY_CHOICES)}")
+        if self.checkpoint_seconds < 0:
+            raise M3Error(f"--checkpoint-seconds {self.checkpoint_seconds} must be 0 or more")
         if self.batch_size < 1:
             raise M3Error(f"--batch-size {self.batch_size} must be at least 1")
         if self.memory_layers is not None:

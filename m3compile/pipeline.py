@@ -35,8 +35,8 @@ import torch
 
 from m3compile import __version__, manifest as mf, references as refs_file, store
 from m3compile.chunk import Reference, chunk_documents
-from m3compile.config import (MODEL_MEMORY_FILE, READ_SETTINGS, RUN_SETTINGS, CompileConfig, default_model_dir,
-                              describe_settings, read_model_memory)
+from m3compile.config import (MODEL_MEMORY_FILE, PAPER_DEFAULTS, READ_SETTINGS, RUN_SETTINGS, CompileConfig,
+                              default_model_dir, describe_settings, read_model_memory)
 from m3compile.corpus import RECORD_SUFFIXES, TEXT_SUFFIXES, CorpusReport, iter_documents
 from m3compile.errors import M3Error
 from m3compile.index import build_indexes, index_texts
@@ -130,9 +130,10 @@ def _setup(config: CompileConfig, log) -> tuple[Setup, Timer]:
     timer = Timer()
     model_path = resolve_model(config, log)
     config, adopted = config.resolved(model_path)
-    if adopted:
+    news = {k: v for k, v in adopted.items() if v != PAPER_DEFAULTS[k]}  # what differs from the paper's
+    if news:
         log(f"using the memory settings {config.model or 'the embedded model'} was trained to read "
-            f"({MODEL_MEMORY_FILE}): {describe_settings(adopted)}")
+            f"({MODEL_MEMORY_FILE}): {describe_settings(news)}")
     with timer("load_model"):
         ck = load_checkpoint(model_path, device=config.device, dtype=config.dtype)
         model_id = fingerprint(model_path)
@@ -340,10 +341,49 @@ def _encode_frames(setup: Setup, token_lists: list[list[int]], timer: Timer) -> 
     return out
 
 
+class Checkpoints:
+    """Makes encoded frames durable before their shard fills (a shard holds up to max_shard_bytes,
+    hours of encoding for a small model): every `seconds`, the frames added since the last
+    checkpoint that are not yet in a written shard go into a file of `.spill/` (shard format).
+    A resumed compile finds them by content key like any frame on disk, so a kill loses at most
+    `seconds` of encoding and the result keeps the bytes of an uninterrupted compile. Spills are
+    dropped as soon as a shard holding their frames is written, and with every commit."""
+
+    def __init__(self, out: Path, metadata: dict, seconds: float):
+        self.dir, self.metadata, self.seconds = out / store.SPILL_DIR, metadata, seconds
+        self.pending: list[tuple] = []  # (ref_id, frame, key, err) added since the last checkpoint
+        self.last = time.monotonic()
+        self.n = 1 + max((store.shard_number(p.name) or 0 for p in self.dir.glob("memory-*.safetensors")), default=0)
+        self.first = self.n  # spills of an earlier, killed run stay: their frames may not be copied yet
+
+    def added(self, *frame) -> None:
+        self.pending.append(frame)
+
+    def shard_written(self) -> None:
+        # every frame added so far is in a written shard, or is the one that opened the next shard
+        keep = self.pending[-1:]
+        self.pending = []
+        if self.dir.is_dir():
+            for p in self.dir.iterdir():
+                if self.first <= (store.shard_number(p.name) or 0) < self.n:
+                    p.unlink()
+        self.pending = keep
+
+    def tick(self) -> None:
+        if not self.pending or time.monotonic() - self.last < self.seconds:
+            return
+        self.dir.mkdir(exist_ok=True)
+        with ShardWriter(self.dir, self.metadata, NO_SHARD_LIMIT, first_index=self.n) as w:
+            for ref_id, frame, key, err in self.pending:
+                w.add(ref_id, frame, key, err)
+        self.n, self.pending, self.last = self.n + 1, [], time.monotonic()
+
+
 def _write_new(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: Timer, progress: Progress) -> dict:
     config = setup.config
     source = FrameSource(out, setup.spec)
     stats = {"encoded": 0, "copied": 0}
+    checkpoints = Checkpoints(out, _shard_metadata(setup), config.checkpoint_seconds)
     with ShardWriter(out, _shard_metadata(setup), config.max_shard_bytes, first_index=prev.next_shard) as writer:
         writer.before_replace = source.move_aside
         for start in range(0, len(plan.new), config.batch_size):
@@ -366,10 +406,14 @@ def _write_new(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: Timer
                         stats["copied"] += 1
                     n_shards = len(writer.shards)
                     loc = writer.add(row["ref_id"], frame, bytes.fromhex(row["ref_key"]), (rel, mx))
+                    checkpoints.added(row["ref_id"], frame, bytes.fromhex(row["ref_key"]), (rel, mx))
                     if len(writer.shards) > n_shards:
+                        checkpoints.shard_written()
                         crash_point("shard")
                     row.update(n_kept=K, shard=loc.shard, byte_offset=loc.byte_offset, byte_length=loc.byte_length,
                                quant_rel_err=rel, quant_max_err=mx)
+                checkpoints.tick()
+            crash_point(f"batch:{start // config.batch_size + 1}")
             progress({"event": "batch", "refs": len(batch), "tokens": sum(len(r.token_ids) for _, r in batch),
                       "bytes": sum(len(r.text.encode("utf-8")) for _, r in batch)})
         with timer("write"):

@@ -31,6 +31,7 @@ from m3compile.model import sha256_file
 from m3compile.pack import read_shard_header, shard_info
 
 LOCK_NAME = ".m3.lock"
+SPILL_DIR = ".spill"  # frames encoded but not yet in a shard, made durable (pipeline checkpoints)
 GEN_PREFIX = "gen-"
 _TMP_GEN = ".gen-tmp"
 
@@ -72,7 +73,8 @@ def scan_frames(kb_dir: Path) -> dict[bytes, Frame]:
     held are encoded again. A frame found here is still checked before use (pack.check_frame).
     """
     frames: dict[bytes, Frame] = {}
-    for path in sorted(Path(kb_dir).glob("memory-*.safetensors")):
+    spills = sorted((Path(kb_dir) / SPILL_DIR).glob("memory-*.safetensors"))
+    for path in sorted(Path(kb_dir).glob("memory-*.safetensors")) + spills:
         if shard_number(path.name) is None:
             continue
         try:
@@ -80,6 +82,8 @@ def scan_frames(kb_dir: Path) -> dict[bytes, Frame]:
         except Exception:  # any damage: the shard's index is not trusted as a source of frames
             continue
         for _, key, frame in found:
+            if path.parent.name == SPILL_DIR:
+                frame = Frame(f"{SPILL_DIR}/{path.name}", frame.offset, frame.length, frame.rel_err, frame.max_err)
             frames.setdefault(key, frame)
     return frames
 

@@ -257,3 +257,27 @@ def test_documents_that_vanish_or_change_during_the_run(env, monkeypatch):
     doc3 = "".join(x["text"] for x in rows if x["doc_id"] == "doc3.txt")
     assert doc3 == words(333, 20)  # the text that was read is the text that was compiled
     assert verify_kb(tmp / "kb") == [] and r.manifest.counts["documents"] == 3
+
+
+@pytest.mark.slow
+def test_a_kill_between_shards_loses_at_most_one_checkpoint_of_encoding(env):
+    """With every batch checkpointed (--checkpoint-seconds 0) and one shard for the whole kb, a
+    compile killed after its 4th batch resumes encoding only what came after: the frames of the
+    first 4 batches are copied from .spill/, and the bytes equal an uninterrupted compile."""
+    tmp, corpus, cfg = env
+    for i in range(5, 9):
+        (corpus / f"doc{i}.txt").write_text(words(i, 60))
+    args = ["compile", corpus, "-o", None, "--model", tmp / "model", "--max-tokens", 16, "--top-k", 4,
+            "--batch-size", 3, "--checkpoint-seconds", 0]
+    args[3] = tmp / "ref"
+    assert run_cli(args).returncode == 0
+    args[3] = tmp / "kb"
+    killed = run_cli(args, {"M3_CRASH_AT": "batch:4"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (tmp / "kb" / "manifest.json").exists() and any((tmp / "kb" / ".spill").iterdir())
+    resumed = run_cli(args + ["--json"])
+    assert resumed.returncode == 0, resumed.stderr
+    refs = json.loads(resumed.stdout)["summary"]["references"]
+    assert refs["copied"] == 12 and refs["encoded"] == json.loads(resumed.stdout)["manifest"]["counts"]["references"] - 12
+    assert snapshot(tmp / "kb", with_mtime=False) == snapshot(tmp / "ref", with_mtime=False)
+    assert not (tmp / "kb" / ".spill").exists() and verify_kb(tmp / "kb") == []
