@@ -53,15 +53,22 @@ def bits_per_element(scheme: Scheme, L: int, H: int, K: int, D: int) -> float:
     return 8 * payload_nbytes(scheme, L, H, K, D) / (2 * L * H * K * D)
 
 
-def pack_payload(keys: QuantKV, values: QuantKV, positions: np.ndarray) -> bytes:
-    """The uncompressed payload bytes (formats/kv-shard.md, "Payload")."""
+def _role(scheme: Scheme, role: str) -> dict:
+    # schemes with per-role state (vq.VQScheme: codebooks for keys and for values) take the role
+    return {"role": role} if getattr(scheme, "per_role", False) else {}
+
+
+def pack_payload(keys: QuantKV, values: QuantKV, positions: np.ndarray, scheme: Scheme | None = None) -> bytes:
+    """The uncompressed payload bytes (formats/kv-shard.md, "Payload"); `scheme` is needed for
+    schemes `get_scheme` cannot rebuild from their name alone (vq, which carries codebooks)."""
     assert keys.shape == values.shape and keys.scheme == values.scheme, (keys.shape, values.shape)
+    assert scheme is None or scheme.name == keys.scheme, (scheme.name, keys.scheme)
     assert len(keys.shape) == 4 and max(keys.shape) <= 0xFFFF, keys.shape
     L, H, K, D = keys.shape
     assert positions.shape == (L, H, K), (positions.shape, keys.shape)
     out = [_HEADER.pack(_MAGIC, FORMAT_VERSION, L, H, K, D), positions.astype(_POS).tobytes()]
     for q in (keys, values):
-        specs = get_scheme(q.scheme).parts(q.shape)
+        specs = (scheme or get_scheme(q.scheme)).parts(q.shape)
         for spec, a in zip(specs, q.parts, strict=True):
             assert a.shape == spec.shape and a.dtype.kind == spec.dtype.kind, (spec, a.shape, a.dtype)
             out.append(np.ascontiguousarray(a, dtype=spec.dtype).tobytes())
@@ -111,9 +118,9 @@ def encode_payload(keys, values, positions, scheme: Scheme) -> tuple[bytes, Quan
         raise M3Error(f"token positions {pos.min()}..{pos.max()} do not fit in uint16; "
                       "references longer than 65536 tokens are not supported: lower the chunk size")
     assert pos.ndim == 3 and (np.diff(pos, axis=-1) > 0).all(), "positions must ascend per head"
-    qk, ek = scheme.quantize(keys)
-    qv, ev = scheme.quantize(values)
-    raw = pack_payload(qk, qv, pos)
+    qk, ek = scheme.quantize(keys, **_role(scheme, "k"))
+    qv, ev = scheme.quantize(values, **_role(scheme, "v"))
+    raw = pack_payload(qk, qv, pos, scheme)
     cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True, write_content_size=True, threads=0)
     return cctx.compress(raw), ek.merge(ev)
 
@@ -148,7 +155,8 @@ def decode_payload(data: bytes, scheme: Scheme, max_bytes: int, where: str = "pa
         keys and values (L, H, K, D) float32 tensors, positions (L, H, K) int64 tensor.
     """
     qk, qv, pos = unpack_payload(_inflate(data, max_bytes, where), scheme, where)
-    return scheme.dequantize(qk), scheme.dequantize(qv), torch.from_numpy(pos.astype(np.int64))
+    keys, values = scheme.dequantize(qk, **_role(scheme, "k")), scheme.dequantize(qv, **_role(scheme, "v"))
+    return keys, values, torch.from_numpy(pos.astype(np.int64))
 
 
 @dataclass(frozen=True)
