@@ -221,8 +221,9 @@ def selection_coverage(kb_dir: Path, tok: Tokenizer, world, ents) -> dict:
 def export(out: Path, world, H: set, model: Path, res: dict, a) -> None:
     """Write the reader example (examples/reader/): the memory-trained model, the held-out
     entities' articles (the kb's corpus: never in any training text) and their facts."""
-    shutil.rmtree(out / "model", ignore_errors=True)
-    shutil.copytree(model, out / "model", ignore=shutil.ignore_patterns("train-state*"))
+    dest = (out / "model").resolve()  # examples/reader/model links to the package's embedded model
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(model, dest, ignore=shutil.ignore_patterns("train-state*"))
     make_corpus.write_corpus(world, out / "corpus", ids=H)
     make_corpus.write_facts(world, out / "facts", ids=H)
     keep = {k: res[k] for k in ("args", "split", "selection", "warm", "trained")}

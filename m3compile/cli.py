@@ -83,7 +83,10 @@ def compile(
     prefix: Annotated[Optional[str], typer.Option(help=f"write prefix after BOS (paper: <s>Reference:) {TRAINED.format(PAPER_DEFAULTS['prefix'])}")] = None,
     top_k: Annotated[Optional[int], typer.Option(help=f"tokens kept per memory layer and kv head {TRAINED.format(PAPER_DEFAULTS['top_k'])}")] = None,
     memory_layers: Annotated[Optional[str], typer.Option(help=f"e.g. 0-11 or 0,2,4 {TRAINED.format('first half')}")] = None,
-    quant: Annotated[str, typer.Option(help="none | int8 | int4")] = DEFAULTS["quant"],
+    quant: Annotated[str, typer.Option(help="none | int8 | int4 | vq (trained codebooks, 1 bit/element) | vq-paper | vq-<preset> | vq:<faiss factory>")] = DEFAULTS["quant"],
+    codebook_sample: Annotated[int, typer.Option(help="vq: references whose memories train the codebooks")] = DEFAULTS["codebook_sample"],
+    codebook_seed: Annotated[int, typer.Option(help="vq: seed of the codebooks' sample and training")] = DEFAULTS["codebook_seed"],
+    retrain_codebooks: Annotated[bool, typer.Option(help="vq: train new codebooks instead of keeping the kb's (every memory is encoded again)")] = False,
     dtype: Annotated[str, typer.Option(help="compute dtype: float32 | bfloat16")] = DEFAULTS["dtype"],
     device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda")] = DEFAULTS["device"],
     batch_size: Annotated[int, typer.Option(help="references per forward pass")] = DEFAULTS["batch_size"],
@@ -108,7 +111,8 @@ def compile(
         # memory settings not given stay None: compile_kb takes them from the model's m3-memory.json
         config = CompileConfig(corpus=str(corpus), model=str(model) if model else None, quant=quant, dtype=dtype,
                                device=device, batch_size=batch_size, max_shard_bytes=max_shard_bytes,
-                               checkpoint_seconds=checkpoint_seconds,
+                               checkpoint_seconds=checkpoint_seconds, codebook_sample=codebook_sample,
+                               codebook_seed=codebook_seed,
                                follow_symlinks=follow_symlinks, embedder=str(embedder) if embedder else None,
                                index_factory=index_factory, **given)
         if preset:
@@ -138,7 +142,7 @@ def compile(
                     bar.update(task, completed=bar.tasks[0].total)
 
             result = compile_kb(config, output, progress=on_event, log=lambda s: err.print(s, highlight=False, soft_wrap=True),
-                                keep_missing=keep_missing, rebuild=rebuild)
+                                keep_missing=keep_missing, rebuild=rebuild, retrain_codebooks=retrain_codebooks)
     manifest, s = result.manifest, result.summary
     if as_json:
         out.print_json(json.dumps({"manifest": manifest.to_dict(), "summary": s}))
@@ -199,6 +203,9 @@ def _render_summary(d: dict) -> None:
                        f"({100 * d['dead']['share']:.1f} % of shard bytes; `m3 compact` drops them)"),
         ("quantization", f"{q['scheme']}: {q['bits_per_element_stored']} bits/element stored, "
                          f"{q['bits_per_element_compressed']} after zstd"),
+        *([("codebooks", f"{q['vq']['factory']} ({q['vq']['group']}), {q['vq']['code_size']} bytes a vector, "
+                         f"{_human(q['vq']['codebook_bytes'])} in {q['vq']['path']}; "
+                         f"{q['bits_per_element_with_codebooks']} bits/element with them")] if "vq" in q else []),
         ("error (relative)", f"max {q['rel_err_max']:.5f}, mean {q['rel_err_mean']:.5f}; max abs {q['max_abs_err']:.4g}"),
         ("size on disk", f"{_human(s['on_disk_bytes'])} in {c['shards']} shard(s) + table; "
                          f"{_human(s['bytes_per_reference'])} per reference"),

@@ -56,7 +56,9 @@ class CompileConfig:
     top_k: int | None = None  # tokens kept per memory layer and kv head; None = the model's, else 8
     memory_layers: tuple[int, ...] | None = None  # layer indices; None = the model's, else the first half
     model_memory: bool = True  # unset memory settings take the model's m3-memory.json (False: the paper's)
-    quant: str = "int8"  # "none" (lossless, model dtype), "int8", "int4"
+    quant: str = "int8"  # "none" (lossless, model dtype), "int8", "int4", "vq" (presets: vq-paper, ...), "vq:<factory>"
+    codebook_sample: int = 2048  # vq: references whose memories train the codebooks (a seeded sample)
+    codebook_seed: int = 0  # vq: seed of that sample and of FAISS training
     dtype: str = "float32"  # model compute dtype: "float32" or "bfloat16"
     device: str = "cpu"  # torch device for the forward pass, e.g. "cuda"
     batch_size: int = 16  # references per forward pass
@@ -73,8 +75,12 @@ class CompileConfig:
             raise M3Error(f"--top-k {self.top_k} must be at least 1")
         if self.min_fill is not None and not 0 < self.min_fill <= 1:
             raise M3Error(f"--min-fill {self.min_fill} must be a fraction in (0, 1], e.g. 0.75")
-        if self.quant not in QUANT_CHOICES:
-            raise M3Error(f"--quant {self.quant!r} is not one of {', '.join(QUANT_CHOICES)}")
+        vq = self.quant == "vq" or self.quant.startswith("vq-") or self.quant.startswith("vq:")
+        if self.quant not in QUANT_CHOICES and not vq:
+            raise M3Error(f"--quant {self.quant!r} is not one of {', '.join(QUANT_CHOICES)}, vq, vq-paper, "
+                          "vq-<preset> or vq:<faiss factory>")
+        if self.codebook_sample < 1:
+            raise M3Error(f"--codebook-sample {self.codebook_sample} must be at least 1 (references)")
         if self.dtype not in DTYPE_CHOICES:
             raise M3Error(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
         if self.boundary is not None and self.boundary not in BOUNDARY_CHOICES:

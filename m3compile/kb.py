@@ -40,7 +40,7 @@ class KnowledgeBase:
         self._cache: OrderedDict[int, Memory] = OrderedDict()
         self.cache_size = cache_size
         self.manifest: Manifest = read_manifest(self.path)
-        self.spec: MemorySpec = self.manifest.spec  # the write recipe of every memory here
+        self.spec: MemorySpec = load_spec(self.path, self.manifest)  # the write recipe of every memory here
         self.layers = self.spec.memory_layers
         self.prefix_ids = self.spec.prefix_ids
         self.scheme = self.spec.scheme
@@ -125,6 +125,17 @@ class KnowledgeBase:
 
             self._retriever = Retriever.open(self.path, self.manifest.to_dict())
         return self._retriever.retrieve(text, k, mode=mode, max_overlap=max_overlap)
+
+
+def load_spec(kb_dir: Path, manifest: Manifest) -> MemorySpec:
+    """The kb's MemorySpec with the state its scheme needs: a vq kb's codebooks, read and checked
+    (one M3Error naming the codebooks file if it is missing or damaged)."""
+    spec = manifest.spec
+    if "vq" in manifest.quant:
+        from m3compile import codebooks
+
+        spec = spec.with_codebooks(codebooks.read(kb_dir, manifest.quant["vq"]), manifest.quant["vq"]["sha256"])
+    return spec
 
 
 def load_kb_model(kb: KnowledgeBase, model: str | Path | None = None, device: str = "cpu", dtype: str = "float32"):

@@ -57,6 +57,11 @@ class Manifest:
         return MemorySpec.from_manifest(self.to_dict())
 
     @property
+    def artefacts(self) -> list[str]:
+        """Top-level files besides shards and the generation: the VQ codebooks, if any."""
+        return [self.quant["vq"]["path"]] if "vq" in self.quant else []
+
+    @property
     def shards(self) -> dict:
         """Live shard name -> {"refs", "live_refs", "kv_bytes", "live_kv_bytes"}."""
         return self.state["shards"]
@@ -83,7 +88,7 @@ class Manifest:
         counts and sizes that follow from them are recomputed (compile and compact both end here)."""
         gen_files = sorted(p.relative_to(kb_dir).as_posix() for p in (Path(kb_dir) / generation).rglob("*")
                            if p.is_file())
-        files = {name: file_entry(kb_dir, name) for name in sorted(shards) + gen_files}
+        files = {name: file_entry(kb_dir, name) for name in sorted(shards) + self.artefacts + gen_files}
         state = {**self.state, "shards": shards,
                  "dead_refs": sum(s["refs"] - s["live_refs"] for s in shards.values()),
                  "dead_kv_bytes": sum(s["kv_bytes"] - s["live_kv_bytes"] for s in shards.values())}
@@ -95,8 +100,9 @@ class Manifest:
 
 
 def build_manifest(kb_dir: Path, spec: MemorySpec, config: dict, model: dict, rows: list[dict], generation: str,
-                   retrieval: dict, shards: dict, skipped: dict, next_ref_id: int) -> Manifest:
-    """The manifest of a compile: its spec, config record and model record, and the live rows."""
+                   retrieval: dict, shards: dict, skipped: dict, next_ref_id: int, vq: dict | None = None) -> Manifest:
+    """The manifest of a compile: its spec, config record and model record, and the live rows
+    (`vq`: the codebooks entry of a vector-quantized kb, m3compile/codebooks.py)."""
     L, H, D = len(spec.memory_layers), spec.n_kv_heads, spec.head_dim
     kept_kv = sum(L * H * r["n_kept"] for r in rows)
     raw = sum(payload_nbytes(spec.scheme, L, H, r["n_kept"], D) for r in rows)
@@ -118,7 +124,10 @@ def build_manifest(kb_dir: Path, spec: MemorySpec, config: dict, model: dict, ro
                "bits_per_element_stored": round(8 * raw / (2 * kept_kv * D), 4),
                "bits_per_element_compressed": round(8 * payload / (2 * kept_kv * D), 4),
                "rel_err_max": max(rel), "rel_err_mean": sum(rel) / len(rel),
-               "max_abs_err": max(r["quant_max_err"] for r in rows)},
+               "max_abs_err": max(r["quant_max_err"] for r in rows),
+               # codes, positions, headers and zstd, plus the codebooks amortised over this kb
+               **({"vq": vq, "bits_per_element_with_codebooks":
+                   round(8 * (payload + vq["codebook_bytes"]) / (2 * kept_kv * D), 4)} if vq else {})},
         counts={"documents": len({r["doc_id"] for r in rows}), "references": len(rows), "tokens": tokens,
                 "kept_kv": kept_kv, "shards": len(shards), "skipped": dict(sorted(skipped.items()))},
         sizes={"payload_bytes": payload, "payload_raw_bytes": raw,
@@ -168,7 +177,7 @@ def commit(kb_dir: Path, manifest: Manifest, before_replace=None) -> list[str]:
     text = manifest.to_json()
     if not path.is_file() or path.read_bytes() != text.encode():
         atomic_write_text(path, text, before_replace)
-    return collect_garbage(kb_dir, set(manifest.shards) | {manifest.generation})
+    return collect_garbage(kb_dir, set(manifest.shards) | {manifest.generation} | set(manifest.artefacts))
 
 
 def read_manifest(kb_dir: Path) -> Manifest:

@@ -255,7 +255,8 @@ class ShardWriter:
         assert all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()), metadata
         assert all(metadata.get(k, v) == v for k, v in own.items()), (metadata, own)
         assert "quant" in metadata, "the caller names the quant scheme"
-        get_scheme(metadata["quant"])  # refuses an unknown scheme now, not after hours of compiling
+        if not metadata["quant"].startswith("vq"):  # vq schemes are checked with their codebooks
+            get_scheme(metadata["quant"])  # refuses an unknown scheme now, not after hours of compiling
         if max_shard_bytes <= 0:
             raise M3Error(f"max shard size must be positive, got {max_shard_bytes}")
         self.out_dir, self.max_shard_bytes = Path(out_dir), max_shard_bytes

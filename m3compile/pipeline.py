@@ -26,7 +26,7 @@ import socket
 import time
 from collections import defaultdict, deque
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -124,6 +124,7 @@ class Setup:
     model_id: dict
     spec: MemorySpec
     context: bytes  # spec.key_context(), shared by every content key
+    vq: dict | None = None  # the codebooks' manifest entry, for a vector-quantized kb
 
 
 def _setup(config: CompileConfig, log) -> tuple[Setup, Timer]:
@@ -153,6 +154,38 @@ def _note_model_memory(config: CompileConfig, model_path: Path, layers: tuple[in
         log(f"note: {model_path} was trained to read memories compiled with "
             f"{describe_settings({k: trained[k] for k in differ})} ({MODEL_MEMORY_FILE}); this kb uses "
             f"{describe_settings({k: now[k] for k in differ})}, which it may read poorly")
+
+
+def _settle_codebooks(out: Path, setup: Setup, retrain: bool, timer: Timer, log) -> bool:
+    """Give a vector-quantized compile its codebooks: the kb's own, frozen, when it has them for
+    this quant (an incremental compile keeps them); else trained now on a seeded sample of the
+    corpus's references (formats/vq-codebooks.md). Returns whether they are new to the kb."""
+    from m3compile import codebooks
+
+    spec, config = setup.spec, setup.config
+    try:
+        old = mf.read_manifest(out) if (out / mf.FILE_NAME).is_file() else None
+    except M3Error:
+        old = None
+    entry = old.quant.get("vq") if old is not None and old.spec.quant == spec.quant else None
+    if entry is not None and not retrain and not old.spec.differences(replace(spec, codebooks_sha256=entry["sha256"])):
+        cb = codebooks.read(out, entry)
+        new = False
+    else:
+        with timer("read+chunk"):
+            docs = iter_documents(Path(config.corpus), CorpusReport(), follow_symlinks=config.follow_symlinks)
+            refs = (r.token_ids for r in chunk_documents(docs, setup.ck.tokenizer, spec.width, spec.boundary,
+                                                          spec.min_fill))
+            sample = codebooks.sample_references(refs, config.codebook_sample, config.codebook_seed)
+        with timer("train_codebooks"):
+            cb, err = codebooks.train(setup.ck.model, sample, spec, config.codebook_seed, config.batch_size)
+        entry = {**codebooks.write(out, cb), "train_references": len(sample), "train_rel_err_mean": err}
+        log(f"trained {spec.quant} codebooks ({cb.factory}, {len(cb.codecs)} codecs) on {len(sample)} references: "
+            f"relative error {err:.4f}")
+        new = True
+    setup.spec = spec.with_codebooks(cb, entry["sha256"])
+    setup.context, setup.vq = setup.spec.key_context(), entry
+    return new
 
 
 # ---- the previous kb ------------------------------------------------------------------------------
@@ -529,7 +562,7 @@ class CompileResult:
 
 def compile_kb(config: CompileConfig, out_dir: str | Path, progress: Progress | None = None,
                log: Callable[[str], None] = lambda s: None, keep_missing: bool = False,
-               rebuild: bool = False) -> CompileResult:
+               rebuild: bool = False, retrain_codebooks: bool = False) -> CompileResult:
     """Compile `config.corpus` into the knowledge base at `out_dir`, incrementally if one is there.
 
     Args:
@@ -541,6 +574,7 @@ def compile_kb(config: CompileConfig, out_dir: str | Path, progress: Progress | 
         log: receives human-readable notes (which model, skipped files, what changed or was repaired).
         keep_missing: keep the references of documents absent from this corpus (add-only).
         rebuild: compile anew even if the kb was made with other settings or cannot be read.
+        retrain_codebooks: vq: train new codebooks instead of keeping the kb's (re-encodes everything).
     Returns:
         CompileResult with the manifest (also written to out_dir/manifest.json) and a summary.
     Example:
@@ -549,7 +583,8 @@ def compile_kb(config: CompileConfig, out_dir: str | Path, progress: Progress | 
     corpus = Path(config.corpus)
     if not corpus.exists():
         raise M3Error(f"corpus {corpus} does not exist; pass an existing directory or file")
-    return _run(config, Path(out_dir), progress or (lambda e: None), log, keep_missing, rebuild, repair_only=False)
+    return _run(config, Path(out_dir), progress or (lambda e: None), log, keep_missing, rebuild, repair_only=False,
+                retrain_codebooks=retrain_codebooks)
 
 
 def repair_kb(kb_dir: str | Path, model: str | Path | None = None, device: str = "cpu",
@@ -585,13 +620,16 @@ def repair_kb(kb_dir: str | Path, model: str | Path | None = None, device: str =
 
 
 def _run(config: CompileConfig, out: Path, progress: Progress, log, keep_missing: bool, rebuild: bool,
-         repair_only: bool) -> CompileResult:
+         repair_only: bool, retrain_codebooks: bool = False) -> CompileResult:
     _prepare_out_dir(out)
     t_start = time.time()
     with store.KbLock(out, log):
         store.remove_temporaries(out)
         setup, timer = _setup(config, log)
         config = setup.config  # resolved: every memory setting set
+        if setup.spec.quant.startswith("vq") and _settle_codebooks(out, setup, retrain_codebooks, timer, log) \
+                and (out / mf.FILE_NAME).is_file() and not repair_only:
+            rebuild = True  # new codebooks: every memory is written anew
         prev = _previous(out, setup, rebuild, log)
         if repair_only and not prev.rows_recovered:
             plan = _plan_unchanged(prev)
@@ -619,12 +657,12 @@ def _run(config: CompileConfig, out: Path, progress: Progress, log, keep_missing
             crash_point("generation")
             next_id = max([prev.next_ref_id] + [r["ref_id"] + 1 for r in plan.rows])
             manifest = mf.build_manifest(out, setup.spec, config_record(config, out), _model_record(setup, out),
-                                         plan.rows, gen, retrieval, shards, plan.report.skipped, next_id)
+                                         plan.rows, gen, retrieval, shards, plan.report.skipped, next_id, setup.vq)
             summary = {"documents": plan.docs, "references": {"encoded": stats["encoded"], "copied": stats["copied"],
                                                               "reused": len(plan.rows) - len(plan.new),
                                                               "removed": len(plan.removed)},
                        "shards_written": stats["shards_written"], "shards_kept": stats["shards_kept"],
-                       "repaired": repaired}
+                       "repaired": repaired, **_drift(setup, plan, log)}
             run = {"created_at_unix": round(t_start, 3), "wall_seconds": round(time.time() - t_start, 3),
                    "stage_seconds": {k: round(v, 4) for k, v in sorted(timer.seconds.items())},
                    "summary": summary, "host": socket.gethostname(), "python": platform.python_version(),
@@ -642,6 +680,19 @@ def _run(config: CompileConfig, out: Path, progress: Progress, log, keep_missing
     return CompileResult(manifest, summary)
 
 
+def _drift(setup: Setup, plan: Plan, log) -> dict:
+    """vq: how the references encoded now fare with the kb's codebooks, against their training sample."""
+    if setup.vq is None or not plan.new:
+        return {}
+    new = float(np.mean([row["quant_rel_err"] for row, _ in plan.new]))
+    base = setup.vq["train_rel_err_mean"]
+    ratio = new / base if base > 0 else float("inf")
+    log(f"codebook drift: the {len(plan.new)} references written now have relative error {new:.4f}, the codebooks' "
+        f"training sample {base:.4f} (x{ratio:.2f})" + ("; --retrain-codebooks trains new ones" if ratio > 1.2 else ""))
+    return {"codebook_drift": {"references": len(plan.new), "rel_err_mean": new, "train_rel_err_mean": base,
+                               "ratio": ratio}}
+
+
 def _unchanged(setup: Setup, prev: Previous, plan: Plan, out: Path) -> bool:
     if prev.manifest is None or prev.damaged or prev.rows_recovered or plan.new or plan.removed \
             or plan.rows != prev.rows:
@@ -657,6 +708,15 @@ def check_kb(config: CompileConfig, out_dir: str | Path, keep_missing: bool = Fa
     if not (out / mf.FILE_NAME).exists():
         return [f"{out} holds no knowledge base: everything would be compiled"]
     setup, timer = _setup(config, log)
+    if setup.spec.quant.startswith("vq"):
+        old = mf.read_manifest(out)
+        if old.spec.quant != setup.spec.quant or "vq" not in old.quant:
+            return [f"setting quant: {old.spec.quant!r} -> {setup.spec.quant!r} (codebooks would be trained)"]
+        from m3compile import codebooks
+
+        entry = old.quant["vq"]
+        setup.spec = setup.spec.with_codebooks(codebooks.read(out, entry), entry["sha256"])
+        setup.context, setup.vq = setup.spec.key_context(), entry
     try:
         prev = _previous(out, setup, rebuild=False, log=lambda s: None)
     except M3Error as e:

@@ -5,8 +5,8 @@ D head dim (paper §3.3). Groups run along D, inside one token's vector, so one 
 head) dequantizes alone. Every scheme has a full self-describing name (`none-bfloat16`,
 `int8-sym-g16`, `int4-asym-g16`), recorded as the shard's `quant` string (formats/kv-shard.md);
 readers rebuild the scheme from that string with `get_scheme`. The paper's vector quantizer
-(§4.2, FAISS `OPQ20_80,Residual2x14,PQ8x10`) would be one more family here, named e.g.
-`vq-<factory>`, with its codebook as a kb artefact; it is not built.
+(§4.2, FAISS `OPQ20_80,Residual2x14,PQ8x10`) is one more family, `vq-<preset>` or `vq:<factory>`
+(m3compile/vq.py), whose trained codebooks are a kb artefact (m3compile/codebooks.py).
 
 Guarantees (checked by tests/test_quantize.py), with s the stored float16 scale of a group:
   none-*     dequantize(quantize(x)) == x bit for bit (bf16 and f16 widen to f32 exactly).
@@ -232,7 +232,7 @@ SCHEMES: dict[str, Scheme] = {
 _INT_NAME = re.compile(r"int([48])-(sym|asym)-g([1-9][0-9]*)")
 
 
-def get_scheme(name: str, dtype: torch.dtype | None = None, head_dim: int | None = None) -> Scheme:
+def get_scheme(name: str, dtype: torch.dtype | None = None, head_dim: int | None = None, codebooks=None) -> Scheme:
     """The scheme for a CLI name (`none`, `int8`, `int4`) or a full on-disk name (`int8-sym-g16`).
 
     Args:
@@ -245,6 +245,14 @@ def get_scheme(name: str, dtype: torch.dtype | None = None, head_dim: int | None
         >>> get_scheme("none", torch.bfloat16).name, get_scheme("int8", head_dim=40).name
         ('none-bfloat16', 'int8-sym-g10')
     """
+    if name == "vq" or name.startswith("vq-") or name.startswith("vq:"):
+        # vector quantizers carry trained state: the kb's codebooks (m3compile/codebooks.py)
+        if codebooks is None:
+            raise M3Error(f"quant {name!r} needs the kb's VQ codebooks, which were not given (a kb made by a "
+                          "newer m3compile, or its codebooks file is missing)")
+        from m3compile.vq import VQScheme
+
+        return VQScheme(codebooks, name)
     if name == "none" and dtype is not None:
         name = "none-" + str(dtype).removeprefix("torch.")
     if name in SCHEMES:

@@ -17,7 +17,7 @@ Shape letters: L memory layers, H kv heads, K kept tokens, D head dim.
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 from typing import Sequence
 
@@ -52,8 +52,11 @@ class MemorySpec:
     prefix_ids: tuple[int, ...]  # its token ids, BOS included; reference token j sits at p + j
     memory_layers: tuple[int, ...]  # layers whose key-values are kept
     top_k: int  # tokens kept per memory layer and kv head
-    quant: str  # full quant scheme name as stored, e.g. "int8-sym-g16"
+    quant: str  # full quant scheme name as stored, e.g. "int8-sym-g16", "vq-pq4", "vq:PQ8x4"
     dtype: str  # compute dtype of the forward pass: "float32" or "bfloat16"
+    codebooks_sha256: str | None = None  # vq: the trained codebooks the codes mean something with
+    # vq: the codebooks themselves (m3compile/codebooks.py loads them); state, not identity
+    codebooks: object = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         object.__setattr__(self, "model_weights_sha256", tuple(sorted(map(tuple, self.model_weights_sha256))))
@@ -78,13 +81,18 @@ class MemorySpec:
             raise M3Error(f"--top-k {config.top_k} exceeds the reference width --max-tokens {config.max_tokens}: "
                           f"a reference has at most {config.max_tokens} tokens to keep; use --top-k {config.max_tokens} "
                           "or less")
-        scheme = get_scheme(config.quant, _torch_dtype(config.dtype), head_dim=a.head_dim)
+        if config.quant == "vq" or config.quant.startswith(("vq-", "vq:")):
+            from m3compile.codebooks import resolve_quant
+
+            quant = resolve_quant(config.quant, a.head_dim)  # codebooks come later: with_codebooks
+        else:
+            quant = get_scheme(config.quant, _torch_dtype(config.dtype), head_dim=a.head_dim).name
         return cls(model_config_sha256=model_id["config_sha256"],
                    model_weights_sha256=tuple(model_id["weights_sha256"].items()),
                    tokenizer_sha256=model_id["tokenizer_sha256"], n_layers=a.n_layers, n_kv_heads=a.n_kv_heads,
                    head_dim=a.head_dim, width=config.max_tokens, boundary=config.boundary, min_fill=config.min_fill,
                    chunk_rule_version=CHUNK_RULE_VERSION, prefix=config.prefix, prefix_ids=tuple(prefix_ids),
-                   memory_layers=layers, top_k=config.top_k, quant=scheme.name, dtype=config.dtype)
+                   memory_layers=layers, top_k=config.top_k, quant=quant, dtype=config.dtype)
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "MemorySpec":
@@ -98,13 +106,18 @@ class MemorySpec:
                    head_dim=m["head_dim"], width=w["max_tokens"], boundary=c["boundary"], min_fill=c["min_fill"],
                    chunk_rule_version=w["chunk_rule_version"], prefix=w["prefix_text"],
                    prefix_ids=tuple(w["prefix_ids"]), memory_layers=tuple(w["memory_layers"]), top_k=w["top_k"],
-                   quant=manifest["quant"]["scheme"], dtype=m["dtype"])
+                   quant=manifest["quant"]["scheme"], dtype=m["dtype"],
+                   codebooks_sha256=manifest["quant"].get("vq", {}).get("sha256"))
 
     # ---- derived ----------------------------------------------------------------------------------
 
     @cached_property
     def scheme(self) -> Scheme:
-        return get_scheme(self.quant)
+        return get_scheme(self.quant, codebooks=self.codebooks)
+
+    def with_codebooks(self, codebooks, sha256: str) -> "MemorySpec":
+        """This spec with its trained VQ codebooks (their sha256 joins the identity and content keys)."""
+        return replace(self, codebooks_sha256=sha256, codebooks=codebooks)
 
     @property
     def position_offset(self) -> int:
@@ -117,14 +130,16 @@ class MemorySpec:
 
     def identity(self) -> dict:
         """The kb identity (manifest "identity"): every field, by its format name."""
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "codebooks"}
+        if d["codebooks_sha256"] is None:
+            del d["codebooks_sha256"]  # kbs without codebooks keep the identity they always had
         d["model_weights_sha256"] = dict(self.model_weights_sha256)
         d["prefix_ids"], d["memory_layers"] = list(self.prefix_ids), list(self.memory_layers)
         return d
 
     def differences(self, other: "MemorySpec") -> list[str]:
         """Names of the fields where two specs differ, in field order."""
-        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+        return [f.name for f in fields(self) if f.compare and getattr(self, f.name) != getattr(other, f.name)]
 
     def key_context(self) -> bytes:
         """The part of every content key shared by all references of this spec.
@@ -139,6 +154,8 @@ class MemorySpec:
                "prefix_ids": list(self.prefix_ids), "top_k": self.top_k, "memory_layers": list(self.memory_layers),
                "quant": self.quant, "dtype": self.dtype, "pad_to": self.width,
                "payload": f"{PAYLOAD_FORMAT}/{PAYLOAD_VERSION}"}
+        if self.codebooks_sha256 is not None:  # a vq code is only valid with the codebooks that wrote it
+            ctx["codebooks_sha256"] = self.codebooks_sha256
         return hashlib.sha256(json.dumps(ctx, sort_keys=True).encode()).digest()
 
     def ref_key(self, token_ids: Sequence[int], context: bytes | None = None) -> bytes:

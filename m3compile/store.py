@@ -235,6 +235,7 @@ def remove_temporaries(kb_dir: Path) -> None:
 
 
 def is_kb_entry(name: str) -> bool:
-    """Names a compile may have written: shards, generations, temp files, manifest, run log, lock."""
+    """Names a compile may have written: shards, generations, codebooks, temp files, manifest, run log, lock."""
     return (shard_number(name) is not None or name.startswith(GEN_PREFIX) or name.startswith(".")
+            or (name.startswith("codebooks-") and name.endswith(".safetensors"))
             or name in ("manifest.json", "run.json"))

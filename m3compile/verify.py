@@ -75,7 +75,13 @@ def verify_kb(kb_dir: str | Path, recompute: int = 0, model: str | Path | None =
         rows = refs_file.read_references(kb / manifest.paths["references"]).to_pylist()
     except M3Error as e:
         return faults + [f"{manifest.paths['references']}: {e}"]
-    c, spec = manifest.counts, manifest.spec
+    from m3compile.kb import load_spec
+
+    c = manifest.counts
+    try:
+        spec = load_spec(kb, manifest)
+    except M3Error as e:
+        return faults + [str(e)]
     if len(rows) != c["references"]:
         faults.append(f"references table has {len(rows)} rows, the manifest counts {c['references']}")
     if sum(r["n_tokens"] for r in rows) != c["tokens"]:

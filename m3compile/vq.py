@@ -1,0 +1,366 @@
+"""Vector quantizers for memory keys and values: FAISS codecs trained on a kb's own memories.
+
+The paper stores each 80-dim key and value vector as 14 bytes with the FAISS quantizer
+`OPQ20_80,Residual2x14,PQ8x10` (paper §3.3, App. B; ../shared/docs/memory3-paper.md §4.2).
+Here any FAISS factory string that builds a standalone codec (`sa_encode`/`sa_decode`) works:
+`train_codecs` trains one codec per group of vectors (by default per memory layer and role,
+"k" or "v") on a bounded, seeded sample; `Codebooks` holds them and round-trips through a dict
+of uint8 tensors (FAISS `serialize_index` bytes, no pickle) plus string metadata, the layout of
+formats/vq-codebooks.md; `VQScheme` is the quantize.Scheme over them, storing one code array
+(L, H, K, C) uint8 per role. Named presets resolve a factory for a head dim D (`resolve`).
+
+Determinism: FAISS k-means sums centroids in thread order, so training always runs on one
+thread (restored afterwards), and every clustering seed is set from `seed`; two trainings on
+the same sample give identical bytes (tests/test_vq.py).
+
+Shape letters: N vectors, L memory layers (index into the spec's memory_layers), H kv heads,
+K kept tokens, D head dim, C code bytes per vector.
+"""
+
+import hashlib
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import torch
+
+from m3compile.errors import M3Error
+from m3compile.quantize import PartSpec, QuantError, QuantKV
+
+FORMAT, FORMAT_VERSION = "m3-vq-codebooks", 1
+ROLES = ("k", "v")
+GROUPS = ("layer", "head", "role", "all")  # one codec per (layer, role), (layer, head, role), role, or one
+MAX_TRAIN = 65536  # vectors sampled per codec for training (the paper's 2x14 IMI wants 638,976)
+_CODE = np.dtype("u1")
+
+
+def _divisor_at_most(d: int, m: int) -> int:
+    return max(k for k in range(1, max(1, m) + 1) if d % k == 0)
+
+
+def paper_factory(d: int) -> str:
+    """The paper's quantizer scaled to head dim D at its rate, 1.4 bits per element.
+
+    Rule: keep the 2x14-bit multi-index first level (`Residual2x14`, 28 bits, 4 bytes) and the
+    OPQ rotation's 4-dim blocks (OPQ M = D/4, or the largest divisor of D below it); the second
+    level is PQ with 10-bit codes filling the rest of the 1.4·D-bit budget:
+    M = floor((1.4·D - 28) / 10), at least 1, lowered to a divisor of D.
+    D=80 gives exactly the paper's `OPQ20_80,Residual2x14,PQ8x10` (14 bytes); D=32 gives
+    `OPQ8_32,Residual2x14,PQ1x10` (6 bytes, 1.5 bits per element: codes are byte-padded per
+    level); below D=20 the first level alone exceeds the budget and M stays 1 (D=8: 6 bits/element).
+    """
+    m_opq = _divisor_at_most(d, d // 4)
+    m_pq = _divisor_at_most(d, (14 * d // 10 - 28) // 10)
+    return f"OPQ{m_opq}_{d},Residual2x14,PQ{m_pq}x10"
+
+
+# preset name -> (factory for head dim D, codec group); measured in benchmarks/quant_frontier.py
+PRESETS = {
+    "vq-paper": (paper_factory, "all"),  # the paper pooled K and V of all layers (App. B)
+    "vq-pq4": (lambda d: f"PQ{_divisor_at_most(d, d // 4)}x4", "layer"),  # 1 bit per element
+    "vq-pq4-half": (lambda d: f"PQ{_divisor_at_most(d, d // 8)}x4", "layer"),  # 0.5 bit per element
+    "vq-pq8": (lambda d: f"PQ{_divisor_at_most(d, d // 8)}x8", "layer"),  # 1 bit per element, 256-entry books
+    "vq-rq4": (lambda d: f"RQ{max(1, d // 4)}x4", "role"),  # 1 bit per element, residual with beam search
+}
+PRESETS["vq"] = PRESETS["vq-pq4"]  # the default; see formats/vq-codebooks.md for the measurement
+
+
+def resolve(name: str, d: int) -> tuple[str, str]:
+    """(factory, group) for a preset name or `vq:<factory>` (group "layer") at head dim D.
+
+    Example:
+        >>> resolve("vq-paper", 80)
+        ('OPQ20_80,Residual2x14,PQ8x10', 'all')
+    """
+    if name in PRESETS:
+        fn, group = PRESETS[name]
+        return fn(d), group
+    if name.startswith("vq:") and len(name) > 3:
+        return name[3:], "layer"
+    raise M3Error(f"unknown vector quantizer {name!r}; use one of {', '.join(sorted(PRESETS))} or "
+                  "vq:<faiss index factory>, e.g. vq:PQ8x4")
+
+
+def codec_name(group: str, layer: int, head: int, role: str) -> str:
+    """The tensor-name stem of the codec serving (layer, head, role) under `group`."""
+    assert role in ROLES, role
+    return {"layer": f"l{layer}.{role}", "head": f"l{layer}.h{head}.{role}", "role": role, "all": "kv"}[group]
+
+
+@contextmanager
+def _one_thread():
+    n = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(n)
+
+
+def _set_seeds(index, seed: int) -> None:
+    # every k-means and random init inside the codec draws from `seed`, not FAISS's default 1234
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexPreTransform):
+        _set_seeds(index.index, seed)
+        return
+    for part in ("pq", "rq", "lsq", "prq", "plsq", "q1"):
+        obj = getattr(index, part, None)
+        if obj is None:
+            continue
+        if hasattr(obj, "cp"):
+            obj.cp.seed, obj.cp.verbose = seed, False
+        if hasattr(obj, "random_seed"):
+            obj.random_seed = seed
+        for i in range(getattr(obj, "nsplits", 0)):  # product of residual/additive quantizers
+            sub = faiss.downcast_AdditiveQuantizer(obj.subquantizer(i))
+            if hasattr(sub, "cp"):
+                sub.cp.seed = seed
+            if hasattr(sub, "random_seed"):
+                sub.random_seed = seed
+
+
+def build_codec(factory: str, d: int):
+    """An untrained FAISS codec; M3Error if FAISS rejects the string for this D."""
+    try:
+        index = faiss.index_factory(d, factory)
+    except RuntimeError as e:
+        raise M3Error(f"FAISS cannot build a codec from {factory!r} for head dim {d}: "
+                      f"{str(e).strip().splitlines()[-1][:200]}; check the factory string (e.g. PQ8x4, "
+                      "OPQ8,PQ8x4, RQ8x4) and that its sizes divide D") from None
+    # the factory's PQ turns on polysemous training (a code reordering for Hamming search): a
+    # codec never searches, and it costs 20x the training time
+    for sub in (index, getattr(faiss.downcast_index(index), "index", None)):
+        sub = faiss.downcast_index(sub) if sub is not None else None
+        if isinstance(sub, faiss.IndexPQ):
+            sub.do_polysemous_training = False
+    return index
+
+
+def sample_rows(n: int, k: int, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded uniform sample of min(n, k) of n rows."""
+    if n <= k:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+
+
+def collect_samples(memories, max_vectors: int = MAX_TRAIN) -> dict[tuple[int, str], np.ndarray]:
+    """Training samples from memories: {(layer, role): (N, H, D) float32}, N kept tokens.
+
+    Args:
+        memories: iterable of objects with .keys/.values (L, H, K, D) (SparseKV or kb Memory), in a
+            fixed order (e.g. the seeded reference sample of `sample_rows`).
+        max_vectors: stop adding once every (layer, role) has this many tokens.
+    """
+    out: dict[tuple[int, str], list[np.ndarray]] = {}
+    count = 0
+    for m in memories:
+        for role, x in (("k", m.keys), ("v", m.values)):
+            x = torch.as_tensor(x).detach().float().numpy()  # (L, H, K, D)
+            for layer in range(x.shape[0]):
+                out.setdefault((layer, role), []).append(x[layer].transpose(1, 0, 2))  # (K, H, D)
+        count += x.shape[2]
+        if count >= max_vectors:
+            break
+    return {key: np.ascontiguousarray(np.concatenate(v)) for key, v in out.items()}  # (N, H, D) each
+
+
+@dataclass
+class Codebooks:
+    factory: str  # FAISS factory string of every codec
+    d: int  # D
+    group: str  # one of GROUPS
+    seed: int  # training seed
+    n_layers: int  # L
+    n_heads: int  # H
+    codecs: dict  # codec name -> trained FAISS index
+    n_train: dict  # codec name -> training vectors used
+
+    @property
+    def code_size(self) -> int:
+        return next(iter(self.codecs.values())).sa_code_size()
+
+    def codec(self, layer: int, role: str, head: int = 0):
+        name = codec_name(self.group, layer, head, role)
+        assert name in self.codecs, (name, sorted(self.codecs))
+        return self.codecs[name]
+
+    def encode(self, layer: int, role: str, x: np.ndarray, head: int = 0) -> np.ndarray:
+        """(N, D) float32 -> (N, C) uint8 codes."""
+        x = np.ascontiguousarray(x, dtype=np.float32)  # (N, D)
+        assert x.ndim == 2 and x.shape[1] == self.d, (x.shape, self.d)
+        return self.codec(layer, role, head).sa_encode(x)  # (N, C)
+
+    def decode(self, layer: int, role: str, codes: np.ndarray, head: int = 0) -> np.ndarray:
+        """(N, C) uint8 codes -> (N, D) float32."""
+        codes = np.ascontiguousarray(codes, dtype=_CODE)  # (N, C)
+        assert codes.ndim == 2 and codes.shape[1] == self.code_size, (codes.shape, self.code_size)
+        return self.codec(layer, role, head).sa_decode(codes)  # (N, D)
+
+    def nbytes(self) -> int:
+        """Stored bytes of all codecs (what a kb amortises over its memories)."""
+        return sum(int(faiss.serialize_index(c).size) for c in self.codecs.values())
+
+    def to_tensors(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """{"codec.<name>": uint8 serialize_index bytes} and string metadata (formats/vq-codebooks.md)."""
+        tensors = {f"codec.{n}": faiss.serialize_index(self.codecs[n]) for n in sorted(self.codecs)}
+        meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "factory": self.factory,
+                "d": str(self.d), "code_size": str(self.code_size), "group": self.group, "seed": str(self.seed),
+                "n_layers": str(self.n_layers), "n_heads": str(self.n_heads), "roles": ",".join(ROLES),
+                "n_train": json.dumps(self.n_train, sort_keys=True),
+                "sha256": json.dumps({n: hashlib.sha256(t.tobytes()).hexdigest() for n, t in tensors.items()},
+                                     sort_keys=True)}
+        return tensors, meta
+
+    def sha256(self) -> str:
+        """One digest of every codec's bytes and the metadata, for the manifest and content keys."""
+        tensors, meta = self.to_tensors()
+        h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+        for name in sorted(tensors):
+            h.update(name.encode() + b"\0" + tensors[name].tobytes())
+        return h.hexdigest()
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, np.ndarray], metadata: dict[str, str],
+                     where: str = "codebooks") -> "Codebooks":
+        """Rebuild codecs from `to_tensors` output; M3Error naming the bad tensor or field."""
+        if metadata.get("format") != FORMAT:
+            raise M3Error(f"{where}: format is {metadata.get('format')!r}, not {FORMAT!r}; not m3 VQ codebooks")
+        try:
+            version = int(metadata["format_version"])
+            d, code_size, seed = int(metadata["d"]), int(metadata["code_size"]), int(metadata["seed"])
+            n_layers, n_heads = int(metadata["n_layers"]), int(metadata["n_heads"])
+            factory, group = metadata["factory"], metadata["group"]
+            n_train, digests = json.loads(metadata["n_train"]), json.loads(metadata["sha256"])
+        except (KeyError, ValueError) as e:
+            raise M3Error(f"{where}: metadata field {e} is missing or malformed; the codebook file is damaged, "
+                          "recompile the kb") from None
+        if version > FORMAT_VERSION:
+            raise M3Error(f"{where}: format_version {version} is newer than this m3compile reads "
+                          f"({FORMAT_VERSION}); upgrade m3compile")
+        if group not in GROUPS:
+            raise M3Error(f"{where}: group {group!r} is not one of {GROUPS}; the codebook file is damaged")
+        want = sorted({codec_name(group, l, h, r) for l in range(n_layers) for h in range(n_heads) for r in ROLES})
+        codecs = {}
+        for name in want:
+            key = f"codec.{name}"
+            t = tensors.get(key)
+            if t is None:
+                raise M3Error(f"{where}: tensor {key} is missing; the codebook file is damaged, recompile the kb")
+            t = np.ascontiguousarray(t, dtype=np.uint8)
+            if hashlib.sha256(t.tobytes()).hexdigest() != digests.get(key):
+                raise M3Error(f"{where}: tensor {key} does not match its sha256; the codebook file is damaged, "
+                              "recompile the kb (or `m3 verify --repair`)")
+            try:
+                codec = faiss.deserialize_index(t)
+            except RuntimeError:
+                raise M3Error(f"{where}: tensor {key} is not a FAISS codec; the codebook file is damaged") from None
+            if codec.d != d or codec.sa_code_size() != code_size:
+                raise M3Error(f"{where}: tensor {key} is a {codec.d}-dim codec of {codec.sa_code_size()} bytes, "
+                              f"but the metadata says d={d}, code_size={code_size}; the codebook file is damaged")
+            codecs[name] = codec
+        return cls(factory, d, group, seed, n_layers, n_heads, codecs, {k: int(v) for k, v in n_train.items()})
+
+
+def train_codecs(samples: dict[tuple[int, str], np.ndarray], factory: str, seed: int, group: str = "layer",
+                 max_train: int = MAX_TRAIN) -> Codebooks:
+    """Train one codec per group on a bounded, seeded sample of the memories' vectors.
+
+    Args:
+        samples: {(memory-layer index, "k" or "v"): (N, H, D) float32}, e.g. from `collect_samples`;
+            (N, D) is read as H = 1.
+        factory: a FAISS index factory string for a standalone codec, e.g. "PQ8x4".
+        seed: seeds the row sample and every FAISS clustering.
+        group: "layer" (per layer and role), "head" (per layer, head and role), "role", or "all".
+        max_train: at most this many vectors per codec, sampled uniformly with `seed`.
+    Returns:
+        Codebooks; training runs on one FAISS thread, so the bytes do not depend on the machine.
+    Example:
+        >>> cb = train_codecs(collect_samples(mems), "PQ8x4", seed=0)
+        >>> VQScheme(cb).quantize(mem.keys, role="k")
+    """
+    if group not in GROUPS:
+        raise M3Error(f"codebook group {group!r} is not one of {', '.join(GROUPS)}")
+    samples = {k: (v[:, None] if v.ndim == 2 else v) for k, v in samples.items()}  # (N, H, D)
+    n_layers = 1 + max(l for l, _ in samples)
+    n_heads, d = next(iter(samples.values())).shape[1:]
+    assert set(samples) == {(l, r) for l in range(n_layers) for r in ROLES}, sorted(samples)
+    pools: dict[str, list[np.ndarray]] = {}
+    for (layer, role), x in sorted(samples.items()):
+        assert x.shape[1:] == (n_heads, d), (x.shape, n_heads, d)
+        for h in range(n_heads):
+            pools.setdefault(codec_name(group, layer, h, role), []).append(x[:, h])  # (N, D)
+    codecs, n_train = {}, {}
+    for i, name in enumerate(sorted(pools)):
+        x = np.concatenate(pools[name]).astype(np.float32)  # (N, D)
+        x = np.ascontiguousarray(x[sample_rows(len(x), max_train, seed + i)])  # (n, D)
+        codec = build_codec(factory, d)
+        _set_seeds(codec, seed + i)
+        try:
+            with _one_thread():
+                codec.train(x)
+        except RuntimeError as e:
+            raise M3Error(f"training codec {name} ({factory}) on {len(x)} vectors failed: "
+                          f"{str(e).strip().splitlines()[-1][:200]}; the kb may be too small for this "
+                          "quantizer (k-means needs at least as many vectors as centroids): use a smaller "
+                          "one such as vq (PQ with 4-bit codes)") from None
+        codecs[name], n_train[name] = codec, len(x)
+    return Codebooks(factory, d, group, seed, n_layers, n_heads, codecs, n_train)
+
+
+class VQScheme:
+    """quantize.Scheme over trained codebooks: one code array (L, H, K, C) uint8 per role.
+
+    quantize/dequantize take the role ("k" or "v"): keys and values have their own codecs.
+    """
+
+    per_role = True  # pack.encode_payload/decode_payload pass role= to schemes that say so
+
+    def __init__(self, codebooks: Codebooks, name: str | None = None):
+        self.codebooks = codebooks
+        self.name = name or f"vq:{codebooks.factory}"
+
+    def parts(self, shape):
+        L, H, K, D = shape
+        assert D == self.codebooks.d and L == self.codebooks.n_layers and H == self.codebooks.n_heads, \
+            (shape, self.codebooks.d, self.codebooks.n_layers, self.codebooks.n_heads)
+        return (PartSpec("codes", _CODE, (L, H, K, self.codebooks.code_size)),)
+
+    def _per_codec(self, shape):
+        # (layer, head or None): one call per codec, all heads at once when they share it
+        L, H = shape[:2]
+        if self.codebooks.group == "head":
+            return [(l, h) for l in range(L) for h in range(H)]
+        return [(l, None) for l in range(L)]
+
+    def quantize(self, x, role: str) -> tuple[QuantKV, QuantError]:
+        x = torch.as_tensor(x).detach().to("cpu", torch.float32).numpy()  # (L, H, K, D)
+        if not np.isfinite(x).all():
+            raise M3Error("memory keys/values contain NaN or inf; check the checkpoint and the compute dtype")
+        (spec,) = self.parts(x.shape)
+        codes = np.empty(spec.shape, _CODE)  # (L, H, K, C)
+        for l, h in self._per_codec(x.shape):
+            hs = slice(None) if h is None else slice(h, h + 1)
+            xs = x[l, hs].reshape(-1, x.shape[-1])  # (h*K, D)
+            codes[l, hs] = self.codebooks.encode(l, role, xs, h or 0).reshape(codes[l, hs].shape)
+        q = QuantKV(self.name, tuple(x.shape), (codes,))
+        xh = self.dequantize(q, role).numpy()  # (L, H, K, D)
+        diff = x.astype(np.float64) - xh
+        return q, QuantError(float(np.abs(diff).max(initial=0.0)), float((diff * diff).sum()),
+                             float((x.astype(np.float64) ** 2).sum()))
+
+    def dequantize(self, q: QuantKV, role: str) -> torch.Tensor:
+        (codes,) = q.parts  # (L, H, K, C)
+        out = np.empty(q.shape, np.float32)  # (L, H, K, D)
+        for l, h in self._per_codec(q.shape):
+            hs = slice(None) if h is None else slice(h, h + 1)
+            c = codes[l, hs].reshape(-1, codes.shape[-1])  # (h*K, C)
+            out[l, hs] = self.codebooks.decode(l, role, c, h or 0).reshape(out[l, hs].shape)
+        return torch.from_numpy(out)
+
+
+def bits_per_element(code_size: int, d: int) -> float:
+    """Code bits per key/value element, before positions, headers and codebooks."""
+    return 8 * code_size / d
+

@@ -1,0 +1,120 @@
+"""Vector-quantized kbs (issue 15): codebooks trained on the kb's own memories, stored as a
+content-addressed safetensors artefact named in the manifest and in every content key, frozen by
+incremental compiles (with a drift report), deterministic, verified, and refused by name when
+damaged."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_checkpoint
+from m3compile import codebooks as cbf
+from m3compile.config import CompileConfig
+from m3compile.errors import M3Error
+from m3compile.kb import describe, open_kb
+from m3compile.pipeline import compile_kb
+from m3compile.verify import verify_kb
+
+pytest.importorskip("transformers", reason="transformers builds the tiny test checkpoints")
+
+
+def words(seed, n):
+    import random
+
+    rng = random.Random(seed)
+    return " ".join(f"w{rng.randrange(3, 120)}" for _ in range(n)) + "."
+
+
+@pytest.fixture
+def env(tmp_path):
+    make_checkpoint(tmp_path / "model", "LlamaForCausalLM", {})
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"doc{i}.txt").write_text(words(i, 60 + 9 * i))
+    cfg = CompileConfig(corpus=str(corpus), model=str(tmp_path / "model"), max_tokens=16, top_k=8, quant="vq",
+                        codebook_sample=64)
+    return tmp_path, corpus, cfg
+
+
+def files(kb: Path) -> dict:
+    return {p.relative_to(kb).as_posix(): p.read_bytes() for p in kb.rglob("*") if p.is_file() and p.name != "run.json"}
+
+
+def test_vq_kb_round_trip_is_deterministic_and_verified(env):
+    tmp, corpus, cfg = env
+    m = compile_kb(cfg, tmp / "a").manifest
+    compile_kb(cfg, tmp / "b")
+    assert files(tmp / "a") == files(tmp / "b")  # codebooks and every frame, byte for byte
+    vq = m.quant["vq"]
+    assert m.quant["scheme"] == "vq-pq4" and (tmp / "a" / vq["path"]).is_file() and vq["path"] in m.files
+    assert m.identity["codebooks_sha256"] == vq["sha256"]
+    # PQ4x4 at head dim 16: 2 bytes of code a vector, 1 bit per element before positions, headers and zstd
+    assert vq["code_size"] == 2 and m.quant["bits_per_element_with_codebooks"] > m.quant["bits_per_element_compressed"]
+    assert verify_kb(tmp / "a", recompute=3) == []
+    kb = open_kb(tmp / "a")
+    assert describe(kb)["quant"]["vq"]["factory"] == "PQ4x4"
+    mem = kb.memory(0)
+    assert mem.keys.shape[-1] == 16 and torch.isfinite(mem.keys).all()
+    # the stored error is what decoding gives back: recompute agrees within it
+    assert max(r["quant_rel_err"] for r in kb.references().to_pylist()) == m.quant["rel_err_max"] < 1.0
+
+
+def test_codebooks_are_part_of_every_content_key(env):
+    tmp, _, cfg = env
+    kb = open_kb(compile_kb(cfg, tmp / "kb") and tmp / "kb")
+    spec = kb.spec
+    other = spec.with_codebooks(spec.codebooks, "0" * 64)
+    assert spec.key_context() != other.key_context()
+    # int8 kbs keep the keys they always had: no codebooks field in their context
+    assert spec.__class__.key_context(spec.__class__(**{**{f: getattr(spec, f) for f in (
+        "model_config_sha256", "model_weights_sha256", "tokenizer_sha256", "n_layers", "n_kv_heads", "head_dim",
+        "width", "boundary", "min_fill", "chunk_rule_version", "prefix", "prefix_ids", "memory_layers", "top_k",
+        "dtype")}, "quant": "int8-sym-g16"})) != spec.key_context()
+
+
+def test_incremental_compiles_keep_frozen_codebooks_and_report_drift(env):
+    tmp, corpus, cfg = env
+    first = compile_kb(cfg, tmp / "kb").manifest
+    (corpus / "doc9.txt").write_text(words(99, 80))
+    r = compile_kb(cfg, tmp / "kb")
+    assert r.manifest.quant["vq"]["sha256"] == first.quant["vq"]["sha256"]  # frozen
+    assert r.summary["references"]["reused"] == first.counts["references"]
+    drift = r.summary["codebook_drift"]
+    assert drift["references"] == r.summary["references"]["encoded"] > 0 and drift["ratio"] > 0
+    # retraining trains on the grown corpus: new codebooks, every memory written again
+    r2 = compile_kb(cfg, tmp / "kb", retrain_codebooks=True)
+    assert r2.manifest.quant["vq"]["sha256"] != first.quant["vq"]["sha256"]
+    assert r2.summary["references"]["encoded"] == r2.manifest.counts["references"]
+    assert verify_kb(tmp / "kb") == [] and not (tmp / "kb" / first.quant["vq"]["path"]).exists()
+
+
+@pytest.mark.parametrize("damage", ["missing", "flipped"])
+def test_a_damaged_codebooks_file_is_named(env, damage):
+    tmp, _, cfg = env
+    m = compile_kb(cfg, tmp / "kb").manifest
+    path = tmp / "kb" / m.quant["vq"]["path"]
+    if damage == "missing":
+        path.unlink()
+    else:
+        data = bytearray(path.read_bytes())
+        data[-10] ^= 0xFF
+        path.write_bytes(bytes(data))
+    with pytest.raises(M3Error, match=path.name):
+        open_kb(tmp / "kb")
+    assert any(path.name in f for f in verify_kb(tmp / "kb"))
+    with pytest.raises(M3Error, match=f"{path.name}.*--retrain-codebooks"):
+        compile_kb(cfg, tmp / "kb")
+    compile_kb(cfg, tmp / "kb", rebuild=True, retrain_codebooks=True)
+    assert verify_kb(tmp / "kb") == []
+
+
+def test_unknown_vq_names_are_one_clear_error(env):
+    tmp, _, cfg = env
+    for quant, fragment in (("vq-nope", "unknown vector quantizer"), ("vq:PQ5x4", "FAISS cannot build")):
+        with pytest.raises(M3Error, match=fragment):
+            compile_kb(CompileConfig(**{**cfg.to_dict(), "quant": quant}), tmp / "kb")
+    assert not (tmp / "kb" / "manifest.json").exists()
