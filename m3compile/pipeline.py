@@ -109,6 +109,8 @@ def relative_to_kb(path: str | None, kb_dir: Path) -> str | None:
 def config_record(config: CompileConfig, kb_dir: Path) -> dict:
     """The manifest's `config`: the settings as run, less run settings, paths relative to the kb."""
     d = {k: v for k, v in config.to_dict().items() if k not in RUN_SETTINGS}
+    if not config.quant.startswith("vq"):  # settings of codebooks a kb without them does not record
+        d = {k: v for k, v in d.items() if not k.startswith("codebook_")}
     for k in ("corpus", "model", "embedder"):
         d[k] = relative_to_kb(d[k], kb_dir)
     return d
@@ -640,7 +642,8 @@ def _run(config: CompileConfig, out: Path, progress: Progress, log, keep_missing
                               "there to recover it; run `m3 compile CORPUS -o KB --rebuild`")
             plan = _plan(setup, prev, keep_missing, timer)
         try:
-            repaired = _repair_shards(out, setup, prev, plan, timer, log)
+            # a rebuild writes every memory into new shards: the old ones, damaged or not, are garbage
+            repaired = [] if rebuild else _repair_shards(out, setup, prev, plan, timer, log)
             if repaired:
                 prev.damaged = store.damaged_files(out, prev.manifest.files)
             if _unchanged(setup, prev, plan, out):
