@@ -246,6 +246,11 @@ def get_scheme(name: str, dtype: torch.dtype | None = None, head_dim: int | None
         ('none-bfloat16', 'int8-sym-g10')
     """
     if name == "vq" or name.startswith("vq-") or name.startswith("vq:"):
+        from m3compile.vq import PRESETS as VQ_PRESETS
+
+        if name not in VQ_PRESETS and not (name.startswith("vq:") and len(name) > 3):
+            raise M3Error(f"unknown quant scheme {name!r}; vector quantizers are {', '.join(sorted(VQ_PRESETS))} "
+                          "or vq:<faiss factory> (a kb made by a newer m3compile may need an upgrade)")
         # vector quantizers carry trained state: the kb's codebooks (m3compile/codebooks.py)
         if codebooks is None:
             raise M3Error(f"quant {name!r} needs the kb's VQ codebooks, which were not given (a kb made by a "

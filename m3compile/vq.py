@@ -9,9 +9,11 @@ of uint8 tensors (FAISS `serialize_index` bytes, no pickle) plus string metadata
 formats/vq-codebooks.md; `VQScheme` is the quantize.Scheme over them, storing one code array
 (L, H, K, C) uint8 per role. Named presets resolve a factory for a head dim D (`resolve`).
 
-Determinism: FAISS k-means sums centroids in thread order, so training always runs on one
-thread (restored afterwards), and every clustering seed is set from `seed`; two trainings on
-the same sample give identical bytes (tests/test_vq.py).
+Determinism: measured with faiss-cpu 1.15.1, PQ and RQ training give the same bytes on 1 and 2
+threads but OPQ does not (its rotation is fitted with multi-threaded BLAS), so training always
+runs on one FAISS thread (restored afterwards) and every clustering seed is set from `seed`; two
+trainings on the same sample give identical bytes whatever the caller's thread count
+(tests/test_vq.py). Encoding is per vector and does not depend on threads.
 
 Shape letters: N vectors, L memory layers (index into the spec's memory_layers), H kv heads,
 K kept tokens, D head dim, C code bytes per vector.
@@ -56,15 +58,32 @@ def paper_factory(d: int) -> str:
     return f"OPQ{m_opq}_{d},Residual2x14,PQ{m_pq}x10"
 
 
-# preset name -> (factory for head dim D, codec group); measured in benchmarks/quant_frontier.py
+# preset name -> (factory for head dim D, codec group), measured by benchmarks/quant_frontier.py on the
+# embedded reader (D = 32, kbs of 86 and 134 references; attention-output error with real queries):
+#   vq           PQ{D/4}x4 per (layer, role): 1 code bit per element, 1.31 bits on disk with positions,
+#                header and its 17 KB of codebooks; error 0.70; encodes 500x, decodes 1.6x vq-paper.
+#                Per (layer, head, role) is 0.66 but doubles the codebooks (1.46 bits); per role 0.79.
+#                The only candidate under 1.4 bits on these kbs: 8-bit codebooks are 16x larger.
+#   vq-pq8       PQ{D/8}x8: error 0.48-0.56 and decodes 4x vq-paper, but 263 KB of codebooks per kb;
+#                the better choice once a kb holds >= ~80k vectors per codec (codebooks <= 0.1 bit).
+#   vq-rq8       RQ{D/8}x8: 0.43 on a held-out kb, below vq-paper's 0.46 at 1 code bit per element, but
+#                1 MB of codebooks per kb (<= 0.1 bit once a kb holds ~10k references of this shape)
+#                and it encodes only ~9x faster than vq-paper (beam search).
+#   vq-paper     error 0.11 on its own kb (its 2x2^14 centroids nearly memorise 27k vectors, 22 bits
+#                per element with its 2.2 MB codebooks), 0.46 on a held-out kb; encodes 3.7k vectors/s.
 PRESETS = {
     "vq-paper": (paper_factory, "all"),  # the paper pooled K and V of all layers (App. B)
+    "vq-pq4-4bit": (lambda d: f"PQ{d}x4", "layer"),  # 4 bits per element: 16 learned levels per dim
+    "vq-pq4-2bit": (lambda d: f"PQ{_divisor_at_most(d, d // 2)}x4", "layer"),  # 2 bits per element
     "vq-pq4": (lambda d: f"PQ{_divisor_at_most(d, d // 4)}x4", "layer"),  # 1 bit per element
     "vq-pq4-half": (lambda d: f"PQ{_divisor_at_most(d, d // 8)}x4", "layer"),  # 0.5 bit per element
     "vq-pq8": (lambda d: f"PQ{_divisor_at_most(d, d // 8)}x8", "layer"),  # 1 bit per element, 256-entry books
     "vq-rq4": (lambda d: f"RQ{max(1, d // 4)}x4", "role"),  # 1 bit per element, residual with beam search
+    "vq-rq8": (lambda d: f"RQ{max(1, d // 8)}x8", "layer"),  # 1 bit per element, lowest error, slow encode
 }
-PRESETS["vq"] = PRESETS["vq-pq4"]  # the default; see formats/vq-codebooks.md for the measurement
+# the default: the embedded reader's held-out recall stays within 2 points of int8 only from ~4 code
+# bits per element at D = 32 (benchmarks/reader_recall.py; formats/vq-codebooks.md has the figures)
+PRESETS["vq"] = PRESETS["vq-pq4-4bit"]
 
 
 def resolve(name: str, d: int) -> tuple[str, str]:

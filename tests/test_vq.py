@@ -1,0 +1,117 @@
+"""Vector-quantized memories (m3compile/vq.py): round trip, determinism, serialization, presets, damage."""
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from m3compile.errors import M3Error
+from m3compile.pack import decode_payload, encode_payload
+from m3compile.vq import Codebooks, VQScheme, build_codec, collect_samples, paper_factory, resolve, train_codecs
+
+L, H, K, D = 2, 2, 16, 32
+
+
+def _samples(seed=0, n=1024):
+    # clustered vectors, like memory keys: a few directions plus noise
+    centres = np.random.default_rng(0).normal(size=(L, 2, 8, D)).astype(np.float32)  # (L, role, 8, D)
+    g = np.random.default_rng(seed)
+    out = {}
+    for l in range(L):
+        for r, role in enumerate("kv"):
+            pick = g.integers(0, 8, size=(n, H))  # (N, H)
+            out[(l, role)] = centres[l, r][pick] + 0.05 * g.normal(size=(n, H, D)).astype(np.float32)  # (N, H, D)
+    return out
+
+
+@pytest.fixture(scope="module")
+def codebooks():
+    return train_codecs(_samples(), "PQ8x4", seed=3)
+
+
+def test_round_trip_error_is_small(codebooks):
+    x = torch.from_numpy(np.stack([_samples(seed=1, n=K)[(l, "k")].transpose(1, 0, 2) for l in range(L)]))  # (L, H, K, D)
+    scheme = VQScheme(codebooks)
+    q, err = scheme.quantize(x, role="k")
+    assert q.parts[0].shape == (L, H, K, 4) and q.parts[0].dtype == np.uint8
+    assert scheme.name == "vq:PQ8x4" and scheme.parts((L, H, K, D))[0].shape == (L, H, K, 4)
+    assert err.rel < 0.2, err.rel  # 8 clusters + 5 % noise: 16 centroids per 4-dim subspace find them
+    xh = scheme.dequantize(q, role="k")
+    assert torch.allclose(torch.tensor(err.rel), (x - xh).norm() / x.norm(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("factory, group", [("PQ8x4", "layer"), ("OPQ4,PQ4x4", "head"), ("RQ4x4", "role")])
+def test_training_is_deterministic(factory, group, threads):
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        a = train_codecs(_samples(), factory, seed=5, group=group, max_train=600).to_tensors()
+        b = train_codecs(_samples(), factory, seed=5, group=group, max_train=600).to_tensors()
+    finally:
+        faiss.omp_set_num_threads(before)
+    assert a[1] == b[1]
+    assert sorted(a[0]) == sorted(b[0]) and all(np.array_equal(a[0][k], b[0][k]) for k in a[0])
+
+
+def test_tensors_round_trip(codebooks):
+    tensors, meta = codebooks.to_tensors()
+    assert all(t.dtype == np.uint8 and t.ndim == 1 for t in tensors.values())
+    assert all(isinstance(v, str) for v in meta.values()) and meta["code_size"] == "4"
+    back = Codebooks.from_tensors(tensors, meta)
+    assert back.sha256() == codebooks.sha256()
+    x = _samples(seed=2, n=64)[(1, "v")][:, 0]  # (N, D)
+    c = codebooks.encode(1, "v", x)
+    assert np.array_equal(back.encode(1, "v", x), c)
+    assert np.array_equal(back.decode(1, "v", c), codebooks.decode(1, "v", c))
+
+
+def test_payload_round_trip(codebooks):
+    # the pack.py role keyword: keys and values go through their own codecs
+    s = _samples(seed=4, n=K)
+    k = np.stack([s[(l, "k")].transpose(1, 0, 2) for l in range(L)])  # (L, H, K, D)
+    v = np.stack([s[(l, "v")].transpose(1, 0, 2) for l in range(L)])  # (L, H, K, D)
+    pos = np.broadcast_to(np.arange(K), (L, H, K))  # (L, H, K)
+    scheme = VQScheme(codebooks)
+    frame, err = encode_payload(k, v, pos, scheme)
+    kh, vh, ph = decode_payload(frame, scheme, max_bytes=1 << 20)
+    assert torch.equal(kh, scheme.dequantize(scheme.quantize(k, "k")[0], "k"))
+    assert torch.equal(vh, scheme.dequantize(scheme.quantize(v, "v")[0], "v"))
+    assert torch.equal(ph, torch.from_numpy(pos.astype(np.int64))) and err.rel < 0.2
+
+
+def test_collect_samples_shapes():
+    mem = type("M", (), {"keys": torch.zeros(L, H, K, D), "values": torch.ones(L, H, K, D)})
+    s = collect_samples([mem, mem])
+    assert sorted(s) == [(0, "k"), (0, "v"), (1, "k"), (1, "v")] and s[(1, "v")].shape == (2 * K, H, D)
+
+
+@pytest.mark.parametrize("d", [8, 32, 80])
+@pytest.mark.parametrize("preset", ["vq", "vq-paper", "vq-pq4-half", "vq-pq8", "vq-rq4", "vq-rq8"])
+def test_presets_resolve(preset, d):
+    factory, group = resolve(preset, d)
+    assert build_codec(factory, d).d == d and group in ("layer", "head", "role", "all")
+
+
+def test_paper_preset():
+    assert resolve("vq-paper", 80)[0] == "OPQ20_80,Residual2x14,PQ8x10"
+    assert build_codec(paper_factory(80), 80).sa_code_size() == 14
+    assert resolve("vq:OPQ4,PQ4x8", 32) == ("OPQ4,PQ4x8", "layer")
+    with pytest.raises(M3Error, match="vq-fancy"):
+        resolve("vq-fancy", 32)
+    with pytest.raises(M3Error, match="PQ7x4"):
+        build_codec("PQ7x4", 32)
+
+
+def test_damaged_codebook_is_named(codebooks):
+    tensors, meta = codebooks.to_tensors()
+    bad = dict(tensors)
+    bad["codec.l1.k"] = bad["codec.l1.k"].copy()
+    bad["codec.l1.k"][-5] ^= 0xFF
+    with pytest.raises(M3Error, match=r"codebooks.safetensors: tensor codec.l1.k does not match its sha256"):
+        Codebooks.from_tensors(bad, meta, where="codebooks.safetensors")
+    del bad["codec.l0.v"]
+    with pytest.raises(M3Error, match="codec.l0.v is missing"):
+        Codebooks.from_tensors(bad, meta)
+    with pytest.raises(M3Error, match="not m3 VQ codebooks"):
+        Codebooks.from_tensors(tensors, {**meta, "format": "other"})
