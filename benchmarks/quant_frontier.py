@@ -47,6 +47,7 @@ CANDIDATES = {  # codec group in brackets
     "int8": "int8", "int4": "int4",
     "vq-paper [all]": ("vq-paper", None),
     "vq [layer]": ("vq", None),
+    "vq-pq4-4bit [layer]": ("vq-pq4-4bit", None),
     "vq-pq4-2bit [layer]": ("vq-pq4-2bit", None),
     "vq-pq4 [layer]": ("vq-pq4", None),
     "vq-pq4 [head]": ("vq-pq4", "head"),
@@ -303,7 +304,7 @@ def speed80(rows):
           f"{paper.sa_code_size()} bytes")
     print("| codec at D = 80 | bytes | encode vec/s | decode vec/s | encode vs paper | decode vs paper |\n|---|---|---|---|---|---|")
     base = None
-    for name in ["vq-paper", "vq", "vq-pq4-2bit", "vq-pq4", "vq-pq8", "vq-pq4-half", "vq-rq4", "vq-rq8"]:
+    for name in ["vq-paper", "vq", "vq-pq4-4bit", "vq-pq4-2bit", "vq-pq4", "vq-pq8", "vq-pq4-half", "vq-rq4", "vq-rq8"]:
         factory = resolve(name, 80)[0]
         codec = paper if factory == PAPER else build_codec(factory, 80)
         if codec is not paper:

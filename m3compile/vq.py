@@ -73,6 +73,7 @@ def paper_factory(d: int) -> str:
 #                per element with its 2.2 MB codebooks), 0.46 on a held-out kb; encodes 3.7k vectors/s.
 PRESETS = {
     "vq-paper": (paper_factory, "all"),  # the paper pooled K and V of all layers (App. B)
+    "vq-pq8-4bit": (lambda d: f"PQ{_divisor_at_most(d, d // 2)}x8", "layer"),  # 4 bits per element, 256-entry books
     "vq-pq4-4bit": (lambda d: f"PQ{d}x4", "layer"),  # 4 bits per element: 16 learned levels per dim
     "vq-pq4-2bit": (lambda d: f"PQ{_divisor_at_most(d, d // 2)}x4", "layer"),  # 2 bits per element
     "vq-pq4": (lambda d: f"PQ{_divisor_at_most(d, d // 4)}x4", "layer"),  # 1 bit per element
@@ -82,8 +83,9 @@ PRESETS = {
     "vq-rq8": (lambda d: f"RQ{max(1, d // 8)}x8", "layer"),  # 1 bit per element, lowest error, slow encode
 }
 # the default: the embedded reader's held-out recall stays within 2 points of int8 only from ~4 code
-# bits per element at D = 32 (benchmarks/reader_recall.py; formats/vq-codebooks.md has the figures)
-PRESETS["vq"] = PRESETS["vq-pq4-4bit"]
+# bits per element at D = 32 (benchmarks/reader_recall.py), and of the 4-bit candidates PQ with
+# 2-dim subvectors and 256-entry books encodes fastest (formats/vq-codebooks.md has the figures)
+PRESETS["vq"] = PRESETS["vq-pq8-4bit"]
 
 
 def resolve(name: str, d: int) -> tuple[str, str]:

@@ -35,7 +35,7 @@ def env(tmp_path):
     corpus.mkdir()
     for i in range(6):
         (corpus / f"doc{i}.txt").write_text(words(i, 60 + 9 * i))
-    cfg = CompileConfig(corpus=str(corpus), model=str(tmp_path / "model"), max_tokens=16, top_k=8, quant="vq",
+    cfg = CompileConfig(corpus=str(corpus), model=str(tmp_path / "model"), max_tokens=16, top_k=8, quant="vq-pq4",
                         codebook_sample=64)
     return tmp_path, corpus, cfg
 
@@ -110,6 +110,12 @@ def test_a_damaged_codebooks_file_is_named(env, damage):
         compile_kb(cfg, tmp / "kb")
     compile_kb(cfg, tmp / "kb", rebuild=True, retrain_codebooks=True)
     assert verify_kb(tmp / "kb") == []
+
+
+def test_vq_is_recorded_as_the_preset_it_resolves_to():
+    # `vq` is whichever preset is the default now; a kb records the preset, so a later default
+    # change does not change what its memories mean
+    assert cbf.resolve_quant("vq", 32) == "vq-pq8-4bit" and cbf.resolve_quant("vq:PQ8x4", 32) == "vq:PQ8x4"
 
 
 def test_unknown_vq_names_are_one_clear_error(env):
