@@ -248,13 +248,13 @@ class Retriever:
         if "dense" in use:
             dense = self._load_dense()
             q = ix.embed(dense.model, texts, dense.query_prompt)  # (Q, E)
-            fdepth = max(depth, f["depth"])
-            scores, ids = dense.index.search(q, min(fdepth, dense.index.ntotal))  # (Q, depth)
+            # the lists are f["depth"] long whatever k is, so a reference's score does not depend on k
+            scores, ids = dense.index.search(q, min(f["depth"], dense.index.ntotal))  # (Q, depth)
             for total, srow, irow in zip(totals, scores, ids):
                 keep = irow >= 0
                 total[self._rows(irow[keep])] += w["dense"] * _minmax(srow[keep])
             if dense.doc_index is not None:
-                scores, ids = dense.doc_index.search(q, min(fdepth, n_docs))  # (Q, depth)
+                scores, ids = dense.doc_index.search(q, min(f["depth"], n_docs))  # (Q, depth)
                 for total, srow, irow in zip(totals, scores, ids):
                     keep = irow >= 0
                     add = np.zeros(n_docs)  # (N,)

@@ -546,6 +546,7 @@ def test_dense_context_scores_with_the_document_index(tmp_path, fake_embedders):
         hits = r.retrieve("apple pickers storage", 5, mode=mode)
         assert sorted(h.ref_id for h in hits) == [1, 2, 3, 4, 5]  # 5 references, 2 documents: all reached
         assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
+        assert r.retrieve("apple pickers storage", 2, mode=mode) == hits[:2]  # k does not change the scores
 
 
 # ---- named embedders -----------------------------------------------------------------------------
