@@ -48,7 +48,7 @@ FUSION = dict(method="rrf", rrf_k=60, depth=100, weights={"bm25": 1.0, "dense": 
 # Weights measured on SciFact train (benchmarks/retrieval.py); see formats/index.md.
 CONTEXT = dict(method="context", depth=100, norm={"bm25": "max", "dense": "minmax"},
                weights={"bm25": {"bm25": 0.5, "bm25_doc": 1.0},
-                        "hybrid": {"bm25": 0.5, "bm25_doc": 1.0, "dense": 0.5, "dense_doc": 1.0}})
+                        "hybrid": {"bm25": 0.5, "bm25_doc": 1.0, "dense": 0.5, "dense_doc": 0.5}})
 # A reference cut from the middle of a document has lost the words that say what it is about
 # ("It was founded in 892." names no town), so the indexes see each later reference after its
 # document's title. Measured on the 2000-article example world with 32-token references: BM25
