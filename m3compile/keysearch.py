@@ -1,0 +1,118 @@
+"""KeySearch: the model's own memory keys as a retriever (Memory³ Remark on retrieval with the model
+itself; ../shared/docs/memory3-paper.md). A third mode beside bm25 and dense, needing no index: the
+kb's stored keys are the index, and the query's own attention queries at the memory layers search it.
+
+Score of reference r for a query text (multi-vector, MaxSim as in ColBERT, Khattab & Zaharia 2020):
+
+    s(r) = mean over memory layers l, query heads n, query tokens t of
+           max over r's kept tokens j of  q[l, n, t] · k[l, n // n_rep, j] / sqrt(D)
+
+i.e. for each query vector the attention logit it would give the reference's best kept token,
+averaged. rope="post" places the query exactly where the reader puts text (formats/reading.md:
+after the write prefix, the memory interval and the BOS), so each logit is the one reading would
+compute; rope="pre" compares pre-RoPE queries with the stored keys rotated back to no position,
+the position-free score the write side's selection uses (formats/manifest.md `write.selection`).
+
+Shape letters: R references, L memory layers, H kv heads, N query heads, T query tokens,
+K kept tokens per reference (padded to the largest), D head dim.
+"""
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from m3compile.errors import M3Error
+from m3compile.model import apply_rope, rope_cos_sin
+from m3compile.reader import ReadLayout
+from m3compile.retrieve import Hit
+
+ROPES = ("post", "pre")
+REF_BATCH = 4096  # references scored per matmul: bounds memory at R·L·N·T·K floats
+
+
+class KeySearch:
+    """A kb's memory keys, stacked once, searched with a checkpoint's queries.
+
+    Args:
+        kb: an open KnowledgeBase (m3compile.kb.open_kb).
+        checkpoint: the model the kb was compiled with (m3compile.kb.load_kb_model(kb)).
+        rope: "post" (the reader's positions, default) or "pre" (no positions).
+        chunk_tokens: query tokens used at most (the reader retrieves per 64-token chunk).
+    Example:
+        >>> kb = open_kb("kb/"); ks = KeySearch(kb, load_kb_model(kb))
+        >>> ks.retrieve("Who founded Brerrdale?", k=5)
+        [Hit(ref_id=12, score=3.1), ...]
+    """
+
+    def __init__(self, kb, checkpoint, rope: str = "post", chunk_tokens: int = 64):
+        if rope not in ROPES:
+            raise M3Error(f"rope {rope!r} is not one of {', '.join(ROPES)}")
+        self.ck, self.rope, self.chunk_tokens = checkpoint, rope, chunk_tokens
+        self.layout = ReadLayout.from_spec(kb.spec, checkpoint.tokenizer.bos_id, chunk_tokens)
+        w = kb.manifest.write
+        if w.get("rope", "post") != "post":
+            raise M3Error(f"{kb.path} stores {w.get('rope')}-RoPE keys; KeySearch reads post-RoPE keys only")
+        self.ref_ids = np.asarray(kb.references().column("ref_id").to_pylist(), dtype=np.int64)  # (R,)
+        mems = [kb.memory(int(r)) for r in self.ref_ids]
+        self.layers = mems[0].layers
+        L, H, _, D = mems[0].keys.shape
+        k_max = max(m.keys.shape[2] for m in mems)
+        self.keys = torch.zeros(len(mems), L, H, k_max, D)  # (R, L, H, K, D)
+        self.valid = torch.zeros(len(mems), L, H, k_max, dtype=torch.bool)  # (R, L, H, K)
+        for i, m in enumerate(mems):
+            n = m.keys.shape[2]
+            keys = m.keys if rope == "post" else self._unrotate(m.keys, m.positions + w["position_offset"])
+            self.keys[i, :, :, :n] = keys
+            self.valid[i, :, :, :n] = True
+
+    def _unrotate(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # RoPE is a rotation: rotating by -pos undoes the rotation by pos
+        cos, sin = rope_cos_sin(self.ck.model.inv_freq, positions.flatten(1), keys.dtype)  # (L, 1, H*K, D) each
+        flat = keys.flatten(1, 2)[:, None]  # (L, 1, H*K, D)
+        return apply_rope(flat, cos, -sin)[:, 0].view_as(keys)  # (L, H, K, D)
+
+    @torch.no_grad()
+    def _queries(self, text: str) -> torch.Tensor:
+        ids = self.ck.tokenizer.encode(text)[-self.chunk_tokens:]  # the chunk's last tokens, like reading
+        if not ids:
+            return torch.zeros(len(self.layers), self.ck.args.n_heads, 0, self.ck.args.head_dim)
+        tokens = torch.tensor([self.layout.head + ids])  # (1, T0)
+        positions = torch.tensor([self.layout.positions(len(ids))])  # (1, T0)
+        kv = self.ck.model.forward_kv(tokens, self.layers, positions=positions)
+        q = torch.stack([kv[l].q_pre[0] for l in self.layers])  # (L, N, T0, D)
+        if self.rope == "post":
+            cos, sin = rope_cos_sin(self.ck.model.inv_freq, positions, q.dtype)  # (1, 1, T0, D) each
+            q = apply_rope(q, cos, sin)  # (L, N, T0, D)
+        return q[:, :, -len(ids):].float()  # (L, N, T, D): the text's tokens only
+
+    @torch.no_grad()
+    def scores(self, text: str) -> np.ndarray:
+        """(R,) MaxSim score of every reference, in kb.references() order (self.ref_ids)."""
+        q = self._queries(text)  # (L, N, T, D)
+        L, N, T, D = q.shape
+        if T == 0:
+            return np.zeros(len(self.ref_ids), dtype=np.float32)
+        H = self.keys.shape[2]
+        q = q.reshape(L, H, N // H * T, D) * D**-0.5  # (L, H, G, D): the query vectors each kv head serves
+        out = []
+        for a in range(0, len(self.keys), REF_BATCH):
+            k, v = self.keys[a:a + REF_BATCH], self.valid[a:a + REF_BATCH]  # (B, L, H, K, D), (B, L, H, K)
+            s = torch.einsum("lhgd,blhkd->blhgk", q, k)  # (B, L, H, G, K)
+            s = s.masked_fill(~v[:, :, :, None, :], float("-inf")).amax(-1)  # (B, L, H, G)
+            out.append(s.flatten(1).mean(1))  # (B,)
+        return torch.cat(out).numpy()
+
+    def retrieve_many(self, texts: Sequence[str], k: int) -> list[list[Hit]]:
+        """Top-k references per text, best first (ties: lower ref_id first)."""
+        if k < 1:
+            raise M3Error(f"k={k} must be at least 1")
+        out = []
+        for text in texts:
+            s = self.scores(text)
+            top = np.lexsort((self.ref_ids, -s))[:k]
+            out.append([Hit(int(self.ref_ids[i]), float(s[i])) for i in top])
+        return out
+
+    def retrieve(self, text: str, k: int) -> list[Hit]:
+        return self.retrieve_many([text], k)[0]
