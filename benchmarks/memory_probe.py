@@ -69,9 +69,9 @@ class Probe:
         prefix = [self.tok.bos_id] + self.tok.encode("Reference:")
         self.layout = ReadLayout(tuple(prefix), self.tok.bos_id, self.layers, 128, 64, 5)
         # the compile's own recipe for these settings (the write prefix is the default "Reference:")
-        self.spec = MemorySpec.from_config(CompileConfig(corpus=".", max_tokens=128, top_k=a.top_k,
-                                                         memory_layers=self.layers, quant="none"),
-                                           self.ck, fingerprint(a.model))
+        config, _ = CompileConfig(corpus=".", max_tokens=128, top_k=a.top_k, memory_layers=self.layers, quant="none",
+                                  model_memory=False).resolved(a.model)
+        self.spec = MemorySpec.from_config(config, self.ck, fingerprint(a.model))
         assert self.spec.prefix_ids == self.layout.prefix_ids, (self.spec.prefix_ids, self.layout.prefix_ids)
         world = entities(self.tok, 0, a.ref_tokens)
         held, _, _ = mc.split_world([e["id"] for e in world], 0.1, 0.6, 0)

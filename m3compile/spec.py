@@ -70,6 +70,8 @@ class MemorySpec:
         Checks the settings against the model: memory layers exist, the reference width fits the
         model's positions behind the write prefix, top-k is at most the width.
         """
+        assert None not in (config.max_tokens, config.boundary, config.min_fill, config.prefix, config.top_k), \
+            ("resolve the config first: CompileConfig.resolved", config)
         a = ck.args
         layers = config.resolve_layers(a.n_layers)
         prefix_ids = write_prefix(ck.tokenizer, config.prefix)

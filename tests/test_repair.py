@@ -267,9 +267,22 @@ def test_a_v1_manifest_of_0_1_0_stays_readable_and_compiles_into(tmp_path):
     this version, and a compile into it reuses every memory: the identity is the MemorySpec."""
     from test_golden_kb import build_example, kb_file
 
+    from m3compile import store
+    from m3compile.index import build_indexes, index_texts
+
     kb_dir = build_example(tmp_path)
-    old = Path(__file__).parent / "data" / "kb-example-v1-0.1.0" / "manifest.json"
-    (kb_dir / "manifest.json").write_bytes(old.read_bytes())
+    old = json.loads((Path(__file__).parent / "data" / "kb-example-v1-0.1.0" / "manifest.json").read_text())
+    # its generation as 0.1.0 wrote it: the same table, shard index and tokenizer, a version-1 index
+    new_gen = kb_dir / json.loads((kb_dir / "manifest.json").read_text())["generation"]
+    rows = refs_file.read_references(new_gen / refs_file.FILE_NAME).to_pylist()
+
+    def build(gen):
+        for name in (refs_file.FILE_NAME, "memory.safetensors.index.json", "tokenizer.json"):
+            shutil.copyfile(new_gen / name, gen / name)
+        build_indexes(gen, [r["ref_id"] for r in rows], index_texts([r["doc_id"] for r in rows],
+                      [r["index"] for r in rows], [r["text"] for r in rows]), None)
+    assert store.write_generation(kb_dir, build) == old["generation"]
+    (kb_dir / "manifest.json").write_text(json.dumps(old))
     assert verify_kb(kb_dir) == [] and open_kb(kb_dir).memory(0).keys.shape[-1] == 16
     cfg = CompileConfig(corpus=str(tmp_path / "corpus"), model=str(tmp_path / "model"), max_tokens=8, top_k=3,
                         quant="int8", prefix="w60")
