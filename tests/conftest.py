@@ -129,3 +129,11 @@ def reference_rule(ref_model, prefix, tokens, layers, k):
         idx = torch.from_numpy(kept)[..., None].expand(-1, -1, d)
         out.append((kept, keys.gather(1, idx), values.gather(1, idx)))
     return out
+
+
+def words(seed: int, n: int) -> str:
+    """A sentence of n words of the tiny checkpoints' word vocabulary (w3..w119), seeded."""
+    import random
+
+    rng = random.Random(seed)
+    return " ".join(f"w{rng.randrange(3, 120)}" for _ in range(n)) + "."

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_checkpoint
+from conftest import make_checkpoint, words
 from m3compile import pipeline
 from m3compile.compact import compact_kb
 from m3compile.config import CompileConfig
@@ -21,13 +21,6 @@ from m3compile.pipeline import check_kb, compile_kb
 from m3compile.verify import verify_kb
 
 pytest.importorskip("transformers", reason="transformers builds the tiny test checkpoints")
-
-
-def words(seed, n):
-    import random
-
-    rng = random.Random(seed)
-    return " ".join(f"w{rng.randrange(3, 120)}" for _ in range(n)) + "."
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 import zstandard
 from typer.testing import CliRunner
 
-from conftest import make_checkpoint
+from conftest import make_checkpoint, words
 from m3compile import pipeline, references as refs_file
 from m3compile.cli import app
 from m3compile.config import CompileConfig
@@ -26,13 +26,6 @@ from m3compile.verify import verify_kb
 
 pytest.importorskip("transformers", reason="transformers builds the tiny test checkpoints")
 runner = CliRunner()
-
-
-def words(seed, n):
-    import random
-
-    rng = random.Random(seed)
-    return " ".join(f"w{rng.randrange(3, 120)}" for _ in range(n)) + "."
 
 
 @pytest.fixture(scope="module")

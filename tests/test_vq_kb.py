@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_checkpoint
+from conftest import make_checkpoint, words
 from m3compile import codebooks as cbf
 from m3compile.config import CompileConfig
 from m3compile.errors import M3Error
@@ -19,13 +19,6 @@ from m3compile.pipeline import compile_kb
 from m3compile.verify import verify_kb
 
 pytest.importorskip("transformers", reason="transformers builds the tiny test checkpoints")
-
-
-def words(seed, n):
-    import random
-
-    rng = random.Random(seed)
-    return " ".join(f"w{rng.randrange(3, 120)}" for _ in range(n)) + "."
 
 
 @pytest.fixture
