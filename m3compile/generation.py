@@ -77,7 +77,7 @@ def generate_text(prompt: str, kb: str | Path | None = None, model: str | Path |
 
         retriever = Retriever.open(base.path, base.manifest.to_dict())
 
-        def retrieve(tokens):
+        def retrieve(tokens):  # noqa: F811 - None above means "no memory"
             ids = [h.ref_id for h in retriever.retrieve(ck.tokenizer.decode(tokens), refs_per_chunk, mode=mode)]
             read.append(ids)
             return ChunkMemory.gather(base.memories(ids), layout.memory_layers)

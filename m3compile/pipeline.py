@@ -46,7 +46,6 @@ from m3compile.pack import (CODEC, FORMAT, FORMAT_VERSION, LAYOUT, ZSTD_LEVEL, S
 from m3compile.spec import MemorySpec, memorize
 
 Progress = Callable[[dict], None]  # receives {"event": "start"|"batch"|"done", ...}
-NO_SHARD_LIMIT = 1 << 62  # a repaired shard is rewritten whole, as one file
 # the compile option behind a MemorySpec field, for messages only: the kb's identity is the field
 OPTION_OF = {"model_config_sha256": "--model", "model_weights_sha256": "--model", "tokenizer_sha256": "--model",
              "width": "--max-tokens", "boundary": "--boundary", "min_fill": "--min-fill", "prefix": "--prefix",
@@ -330,35 +329,6 @@ def _plan_unchanged(prev: Previous) -> Plan:
 
 # ---- writing --------------------------------------------------------------------------------------
 
-class FrameSource:
-    """Frames already on disk, by content key, each checked before use; follows an orphan shard
-    moved aside before reuse of its name."""
-
-    def __init__(self, out: Path, spec: MemorySpec):
-        self.out, self.spec = out, spec
-        self.frames = store.scan_frames(out)
-        self.alias: dict[str, str] = {}
-
-    def get(self, key: bytes) -> tuple[bytes, store.Frame, int] | None:
-        """(frame bytes, where it was, K) of a frame with this key that checks, or None."""
-        f = self.frames.get(key)
-        if f is None:
-            return None
-        try:
-            data = read_frame(self.out / self.alias.get(f.shard, f.shard), f.offset, f.length)
-            K = check_frame(data, self.spec.scheme, self.spec.max_payload(), f.shard)[2]
-        except M3Error:
-            # damaged bytes are never copied: the reference is encoded again
-            return None
-        return data, f, K
-
-    def move_aside(self, name: str) -> None:
-        # an orphan shard (named by no manifest) whose name a new shard takes: keep its frames reachable
-        aside = f".orphan-{name}"
-        os.replace(self.out / name, self.out / aside)
-        self.alias[name] = aside
-
-
 def _shard_metadata(setup: Setup) -> dict:
     return {"quant": setup.spec.quant, "model_config_sha256": setup.spec.model_config_sha256,
             "created_by": f"m3compile {__version__}"}
@@ -377,49 +347,11 @@ def _encode_frames(setup: Setup, token_lists: list[list[int]], timer: Timer) -> 
     return out
 
 
-class Checkpoints:
-    """Makes encoded frames durable before their shard fills (a shard holds up to max_shard_bytes,
-    hours of encoding for a small model): every `seconds`, the frames added since the last
-    checkpoint that are not yet in a written shard go into a file of `.spill/` (shard format).
-    A resumed compile finds them by content key like any frame on disk, so a kill loses at most
-    `seconds` of encoding and the result keeps the bytes of an uninterrupted compile. Spills are
-    dropped as soon as a shard holding their frames is written, and with every commit."""
-
-    def __init__(self, out: Path, metadata: dict, seconds: float):
-        self.dir, self.metadata, self.seconds = out / store.SPILL_DIR, metadata, seconds
-        self.pending: list[tuple] = []  # (ref_id, frame, key, err) added since the last checkpoint
-        self.last = time.monotonic()
-        self.n = 1 + max((store.shard_number(p.name) or 0 for p in self.dir.glob("memory-*.safetensors")), default=0)
-        self.first = self.n  # spills of an earlier, killed run stay: their frames may not be copied yet
-
-    def added(self, *frame) -> None:
-        self.pending.append(frame)
-
-    def shard_written(self) -> None:
-        # every frame added so far is in a written shard, or is the one that opened the next shard
-        keep = self.pending[-1:]
-        self.pending = []
-        if self.dir.is_dir():
-            for p in self.dir.iterdir():
-                if self.first <= (store.shard_number(p.name) or 0) < self.n:
-                    p.unlink()
-        self.pending = keep
-
-    def tick(self) -> None:
-        if not self.pending or time.monotonic() - self.last < self.seconds:
-            return
-        self.dir.mkdir(exist_ok=True)
-        with ShardWriter(self.dir, self.metadata, NO_SHARD_LIMIT, first_index=self.n) as w:
-            for ref_id, frame, key, err in self.pending:
-                w.add(ref_id, frame, key, err)
-        self.n, self.pending, self.last = self.n + 1, [], time.monotonic()
-
-
 def _write_new(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: Timer, progress: Progress) -> dict:
     config = setup.config
-    source = FrameSource(out, setup.spec)
+    source = store.FrameSource(out, setup.spec)
     stats = {"encoded": 0, "copied": 0}
-    checkpoints = Checkpoints(out, _shard_metadata(setup), config.checkpoint_seconds)
+    checkpoints = store.Checkpoints(out, _shard_metadata(setup), config.checkpoint_seconds)
     with ShardWriter(out, _shard_metadata(setup), config.max_shard_bytes, first_index=prev.next_shard) as writer:
         writer.before_replace = source.move_aside
         for start in range(0, len(plan.new), config.batch_size):
@@ -503,7 +435,7 @@ def _repair_shards(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: T
         if lost:  # a recovered row whose tokens the corpus no longer has: it leaves with its frame
             raise M3Error(f"{name}: references {lost[:5]} are damaged and their texts are not in the corpus; "
                           "run `m3 compile CORPUS -o KB --rebuild` with the corpus they came from")
-        with timer("write"), ShardWriter(out, _shard_metadata(setup), NO_SHARD_LIMIT,
+        with timer("write"), ShardWriter(out, _shard_metadata(setup), store.NO_SHARD_LIMIT,
                                          first_index=store.shard_number(name)) as writer:
             for ref_id in sorted(frames):
                 key, data, err = frames[ref_id]

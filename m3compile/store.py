@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import socket
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +29,12 @@ from safetensors import safe_open
 
 from m3compile.errors import M3Error
 from m3compile.model import sha256_file
-from m3compile.pack import read_shard_header, shard_info
+from m3compile.pack import ShardWriter, check_frame, read_frame, read_shard_header, shard_info
+from m3compile.spec import MemorySpec
 
 LOCK_NAME = ".m3.lock"
-SPILL_DIR = ".spill"  # frames encoded but not yet in a shard, made durable (pipeline checkpoints)
+SPILL_DIR = ".spill"  # frames encoded but not yet in a shard, made durable (Checkpoints)
+NO_SHARD_LIMIT = 1 << 62  # a spill, or a repaired shard, is written whole as one file
 GEN_PREFIX = "gen-"
 _TMP_GEN = ".gen-tmp"
 
@@ -239,3 +242,72 @@ def is_kb_entry(name: str) -> bool:
     return (shard_number(name) is not None or name.startswith(GEN_PREFIX) or name.startswith(".")
             or (name.startswith("codebooks-") and name.endswith(".safetensors"))
             or name in ("manifest.json", "run.json"))
+
+
+# ---- frames for a compile: those on disk, and checkpoints of new ones ----------------------------------
+
+class FrameSource:
+    """Frames already on disk, by content key, each checked before use; follows an orphan shard
+    moved aside before reuse of its name."""
+
+    def __init__(self, out: Path, spec: MemorySpec):
+        self.out, self.spec = out, spec
+        self.frames = scan_frames(out)
+        self.alias: dict[str, str] = {}
+
+    def get(self, key: bytes) -> tuple[bytes, Frame, int] | None:
+        """(frame bytes, where it was, K) of a frame with this key that checks, or None."""
+        f = self.frames.get(key)
+        if f is None:
+            return None
+        try:
+            data = read_frame(self.out / self.alias.get(f.shard, f.shard), f.offset, f.length)
+            K = check_frame(data, self.spec.scheme, self.spec.max_payload(), f.shard)[2]
+        except M3Error:
+            # damaged bytes are never copied: the reference is encoded again
+            return None
+        return data, f, K
+
+    def move_aside(self, name: str) -> None:
+        # an orphan shard (named by no manifest) whose name a new shard takes: keep its frames reachable
+        aside = f".orphan-{name}"
+        os.replace(self.out / name, self.out / aside)
+        self.alias[name] = aside
+
+
+class Checkpoints:
+    """Makes encoded frames durable before their shard fills (a shard holds up to max_shard_bytes,
+    hours of encoding for a small model): every `seconds`, the frames added since the last
+    checkpoint that are not yet in a written shard go into a file of `.spill/` (shard format).
+    A resumed compile finds them by content key like any frame on disk, so a kill loses at most
+    `seconds` of encoding and the result keeps the bytes of an uninterrupted compile. Spills are
+    dropped as soon as a shard holding their frames is written, and with every commit."""
+
+    def __init__(self, out: Path, metadata: dict, seconds: float):
+        self.dir, self.metadata, self.seconds = out / SPILL_DIR, metadata, seconds
+        self.pending: list[tuple] = []  # (ref_id, frame, key, err) added since the last checkpoint
+        self.last = time.monotonic()
+        self.n = 1 + max((shard_number(p.name) or 0 for p in self.dir.glob("memory-*.safetensors")), default=0)
+        self.first = self.n  # spills of an earlier, killed run stay: their frames may not be copied yet
+
+    def added(self, *frame) -> None:
+        self.pending.append(frame)
+
+    def shard_written(self) -> None:
+        # every frame added so far is in a written shard, or is the one that opened the next shard
+        keep = self.pending[-1:]
+        self.pending = []
+        if self.dir.is_dir():
+            for p in self.dir.iterdir():
+                if self.first <= (shard_number(p.name) or 0) < self.n:
+                    p.unlink()
+        self.pending = keep
+
+    def tick(self) -> None:
+        if not self.pending or time.monotonic() - self.last < self.seconds:
+            return
+        self.dir.mkdir(exist_ok=True)
+        with ShardWriter(self.dir, self.metadata, NO_SHARD_LIMIT, first_index=self.n) as w:
+            for ref_id, frame, key, err in self.pending:
+                w.add(ref_id, frame, key, err)
+        self.n, self.pending, self.last = self.n + 1, [], time.monotonic()

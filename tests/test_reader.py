@@ -54,7 +54,6 @@ def test_memory_equals_the_same_tokens_as_context(setup):
 def test_on_the_fly_full_memories_equal_lossless_kb(setup):
     tmp_path, ck = setup
     kb = compile_all_layers(tmp_path)
-    layout = ReadLayout.from_manifest(kb.manifest, ck.tokenizer.bos_id)
     rows = kb.references().to_pylist()
     fresh = full_memories(ck.model, [r["token_ids"] for r in rows], [0, 1], kb.spec, (0, 1, 2))
     for r, f in zip(rows, fresh):

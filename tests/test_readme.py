@@ -2,7 +2,6 @@
 directory that holds the repository's examples/ (as the quick start does); and every `m3` command
 of its command list exists with the options it shows."""
 
-import os
 import re
 import shlex
 from pathlib import Path

@@ -14,13 +14,13 @@ import zstandard
 from typer.testing import CliRunner
 
 from conftest import make_checkpoint, words
-from m3compile import pipeline, references as refs_file
+from m3compile import references as refs_file
 from m3compile.cli import app
 from m3compile.config import CompileConfig
 from m3compile.errors import M3Error
 from m3compile.kb import open_kb
 from m3compile.pack import ShardWriter, read_shard_header
-from m3compile.pipeline import compile_kb, repair_kb
+from m3compile.pipeline import compile_kb
 from m3compile.store import shard_frames
 from m3compile.verify import verify_kb
 

@@ -65,7 +65,6 @@ def _config(root, out, **kw):
 def test_training_memories_equal_kb_memories(setup):
     kb = open_kb(setup / "kb")
     ck = load_checkpoint(setup / "model")
-    layout = ReadLayout.from_manifest(kb.manifest, ck.tokenizer.bos_id)
     t = kb.references().select(["ref_id", "token_ids"]).to_pydict()
     for grad in (False, True):
         with torch.set_grad_enabled(grad):

@@ -3,8 +3,6 @@ content-addressed safetensors artefact named in the manifest and in every conten
 incremental compiles (with a drift report), deterministic, verified, and refused by name when
 damaged."""
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
