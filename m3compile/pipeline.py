@@ -158,36 +158,44 @@ def _note_model_memory(config: CompileConfig, model_path: Path, layers: tuple[in
             f"{describe_settings({k: now[k] for k in differ})}, which it may read poorly")
 
 
-def _settle_codebooks(out: Path, setup: Setup, retrain: bool, timer: Timer, log) -> bool:
-    """Give a vector-quantized compile its codebooks: the kb's own, frozen, when it has them for
-    this quant (an incremental compile keeps them); else trained now on a seeded sample of the
-    corpus's references (formats/vq-codebooks.md). Returns whether they are new to the kb."""
+def _frozen_codebooks(out: Path, spec: MemorySpec):
+    """(codebooks, manifest entry) of the kb in `out` when its memories are `spec`'s but for the
+    codebooks, which an incremental compile then keeps; else None. A damaged codebooks file is
+    one error naming it (codebooks.read)."""
     from m3compile import codebooks
 
-    spec, config = setup.spec, setup.config
     try:
         old = mf.read_manifest(out) if (out / mf.FILE_NAME).is_file() else None
     except M3Error:
-        old = None
-    entry = old.quant.get("vq") if old is not None and old.spec.quant == spec.quant else None
-    if entry is not None and not retrain and not old.spec.differences(replace(spec, codebooks_sha256=entry["sha256"])):
-        cb = codebooks.read(out, entry)
-        new = False
-    else:
-        with timer("read+chunk"):
-            docs = iter_documents(Path(config.corpus), CorpusReport(), follow_symlinks=config.follow_symlinks)
-            refs = (r.token_ids for r in chunk_documents(docs, setup.ck.tokenizer, spec.width, spec.boundary,
-                                                          spec.min_fill))
-            sample = codebooks.sample_references(refs, config.codebook_sample, config.codebook_seed)
-        with timer("train_codebooks"):
-            cb, err = codebooks.train(setup.ck.model, sample, spec, config.codebook_seed, config.batch_size)
-        entry = {**codebooks.write(out, cb), "train_references": len(sample), "train_rel_err_mean": err}
-        log(f"trained {spec.quant} codebooks ({cb.factory}, {len(cb.codecs)} codecs) on {len(sample)} references: "
-            f"relative error {err:.4f}")
-        new = True
-    setup.spec = spec.with_codebooks(cb, entry["sha256"])
+        return None
+    entry = old.quant.get("vq") if old is not None else None
+    if entry is None or old.spec.differences(replace(spec, codebooks_sha256=entry["sha256"])):
+        return None
+    return codebooks.read(out, entry), entry
+
+
+def _train_codebooks(out: Path, setup: Setup, timer: Timer, log):
+    """Codebooks trained now on a seeded sample of the corpus's references (formats/vq-codebooks.md),
+    written into `out`; returns them and their manifest entry."""
+    from m3compile import codebooks
+
+    spec, config = setup.spec, setup.config
+    with timer("read+chunk"):
+        docs = iter_documents(Path(config.corpus), CorpusReport(), follow_symlinks=config.follow_symlinks)
+        refs = (r.token_ids for r in chunk_documents(docs, setup.ck.tokenizer, spec.width, spec.boundary,
+                                                      spec.min_fill))
+        sample = codebooks.sample_references(refs, config.codebook_sample, config.codebook_seed)
+    with timer("train_codebooks"):
+        cb, err = codebooks.train(setup.ck.model, sample, spec, config.codebook_seed, config.batch_size)
+    entry = {**codebooks.write(out, cb), "train_references": len(sample), "train_rel_err_mean": err}
+    log(f"trained {spec.quant} codebooks ({cb.factory}, {len(cb.codecs)} codecs) on {len(sample)} references: "
+        f"relative error {err:.4f}")
+    return cb, entry
+
+
+def _use_codebooks(setup: Setup, cb, entry: dict) -> None:
+    setup.spec = setup.spec.with_codebooks(cb, entry["sha256"])
     setup.context, setup.vq = setup.spec.key_context(), entry
-    return new
 
 
 # ---- the previous kb ------------------------------------------------------------------------------
@@ -565,9 +573,17 @@ def _run(config: CompileConfig, out: Path, progress: Progress, log, keep_missing
         store.remove_temporaries(out)
         setup, timer = _setup(config, log)
         config = setup.config  # resolved: every memory setting set
-        if setup.spec.quant.startswith("vq") and _settle_codebooks(out, setup, retrain_codebooks, timer, log) \
-                and (out / mf.FILE_NAME).is_file() and not repair_only:
-            rebuild = True  # new codebooks: every memory is written anew
+        if setup.spec.quant.startswith("vq"):
+            # an incremental compile keeps the kb's codebooks; new ones are trained for a new kb, or
+            # when asked (a rebuild, --retrain-codebooks). A kb of other settings is left to
+            # _previous, which refuses it by name like any other
+            frozen = None if retrain_codebooks else _frozen_codebooks(out, setup.spec)
+            has_kb = (out / mf.FILE_NAME).is_file()
+            if frozen is not None:
+                _use_codebooks(setup, *frozen)
+            elif not has_kb or rebuild or retrain_codebooks:
+                _use_codebooks(setup, *_train_codebooks(out, setup, timer, log))
+                rebuild = rebuild or has_kb  # new codebooks: every memory is written anew
         prev = _previous(out, setup, rebuild, log)
         if repair_only and not prev.rows_recovered:
             plan = _plan_unchanged(prev)
@@ -647,15 +663,9 @@ def check_kb(config: CompileConfig, out_dir: str | Path, keep_missing: bool = Fa
     if not (out / mf.FILE_NAME).exists():
         return [f"{out} holds no knowledge base: everything would be compiled"]
     setup, timer = _setup(config, log)
-    if setup.spec.quant.startswith("vq"):
-        old = mf.read_manifest(out)
-        if old.spec.quant != setup.spec.quant or "vq" not in old.quant:
-            return [f"setting quant: {old.spec.quant!r} -> {setup.spec.quant!r} (codebooks would be trained)"]
-        from m3compile import codebooks
-
-        entry = old.quant["vq"]
-        setup.spec = setup.spec.with_codebooks(codebooks.read(out, entry), entry["sha256"])
-        setup.context, setup.vq = setup.spec.key_context(), entry
+    frozen = _frozen_codebooks(out, setup.spec) if setup.spec.quant.startswith("vq") else None
+    if frozen is not None:
+        _use_codebooks(setup, *frozen)
     try:
         prev = _previous(out, setup, rebuild=False, log=lambda s: None)
     except M3Error as e:

@@ -81,6 +81,9 @@ def test_incremental_compiles_keep_frozen_codebooks_and_report_drift(env):
     assert r2.manifest.quant["vq"]["sha256"] != first.quant["vq"]["sha256"]
     assert r2.summary["references"]["encoded"] == r2.manifest.counts["references"]
     assert verify_kb(tmp / "kb") == [] and not (tmp / "kb" / first.quant["vq"]["path"]).exists()
+    # other memory settings are refused by name, as for any kb: no silent retraining and rebuild
+    with pytest.raises(M3Error, match="different top_k.*--rebuild"):
+        compile_kb(CompileConfig(**{**cfg.to_dict(), "top_k": 4}), tmp / "kb")
 
 
 @pytest.mark.parametrize("damage", ["missing", "flipped"])
