@@ -5,7 +5,6 @@ the manifest (`quant.vq`) with its sha256, and part of every frame's content key
 MemorySpec.codebooks_sha256. The codecs themselves are m3compile/vq.py's.
 """
 
-import hashlib
 import random
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -82,8 +81,7 @@ def write(kb_dir: Path, cb: "vq.Codebooks") -> dict:
     finally:
         tmp.unlink(missing_ok=True)
     return {"path": name, "sha256": sha, "factory": cb.factory, "group": cb.group, "code_size": cb.code_size,
-            "seed": cb.seed, "codebook_bytes": final.stat().st_size,
-            "file_sha256": hashlib.sha256(final.read_bytes()).hexdigest()}
+            "seed": cb.seed, "codebook_bytes": final.stat().st_size}
 
 
 def read(kb_dir: Path, entry: dict) -> "vq.Codebooks":

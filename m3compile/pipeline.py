@@ -596,8 +596,9 @@ def _run(config: CompileConfig, out: Path, progress: Progress, log, keep_missing
         try:
             # a rebuild writes every memory into new shards: the old ones, damaged or not, are garbage
             repaired = [] if rebuild else _repair_shards(out, setup, prev, plan, timer, log)
-            if repaired:
-                prev.damaged = store.damaged_files(out, prev.manifest.files)
+            if repaired:  # a shard rebuilt to its recorded bytes is damaged no more
+                again = store.damaged_files(out, {s: prev.manifest.files[s] for s in repaired})
+                prev.damaged = {k: v for k, v in prev.damaged.items() if k not in repaired or k in again}
             if _unchanged(setup, prev, plan, out):
                 # nothing would change: no shard, generation or manifest is written (CI rebuilds)
                 for line in plan.report.summary_lines()[1:]:

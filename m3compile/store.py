@@ -295,13 +295,11 @@ class Checkpoints:
 
     def shard_written(self) -> None:
         # every frame added so far is in a written shard, or is the one that opened the next shard
-        keep = self.pending[-1:]
-        self.pending = []
+        self.pending = self.pending[-1:]
         if self.dir.is_dir():
             for p in self.dir.iterdir():
                 if self.first <= (shard_number(p.name) or 0) < self.n:
                     p.unlink()
-        self.pending = keep
 
     def tick(self) -> None:
         if not self.pending or time.monotonic() - self.last < self.seconds:
