@@ -137,3 +137,13 @@ def words(seed: int, n: int) -> str:
 
     rng = random.Random(seed)
     return " ".join(f"w{rng.randrange(3, 120)}" for _ in range(n)) + "."
+
+
+def model_and_corpus(root: Path, sizes) -> Path:
+    """A tiny random Llama in root/model and root/corpus/doc{i}.txt of sizes[i] seeded words; returns the corpus."""
+    make_checkpoint(root / "model", "LlamaForCausalLM", {})
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i, n in enumerate(sizes):
+        (corpus / f"doc{i}.txt").write_text(words(i, n))
+    return corpus

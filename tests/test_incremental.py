@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_checkpoint, words
+from conftest import model_and_corpus, words
 from m3compile import pipeline
 from m3compile.compact import compact_kb
 from m3compile.config import CompileConfig
@@ -25,11 +25,7 @@ pytest.importorskip("transformers", reason="transformers builds the tiny test ch
 
 @pytest.fixture
 def env(tmp_path):
-    make_checkpoint(tmp_path / "model", "LlamaForCausalLM", {})
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(4):
-        (corpus / f"doc{i}.txt").write_text(words(i, 30 + 7 * i))
+    corpus = model_and_corpus(tmp_path, [30 + 7 * i for i in range(4)])
     cfg = CompileConfig(corpus=str(corpus), model=str(tmp_path / "model"), max_tokens=16, top_k=4,
                         max_shard_bytes=1500, batch_size=3)
     return tmp_path, corpus, cfg

@@ -13,7 +13,7 @@ import pytest
 import zstandard
 from typer.testing import CliRunner
 
-from conftest import make_checkpoint, words
+from conftest import model_and_corpus, words
 from m3compile import references as refs_file
 from m3compile.cli import app
 from m3compile.config import CompileConfig
@@ -32,11 +32,8 @@ runner = CliRunner()
 def built(tmp_path_factory):
     """A kb of several shards and a fresh copy to compare against, compiled once for the module."""
     root = tmp_path_factory.mktemp("repair")
-    make_checkpoint(root / "model", "LlamaForCausalLM", {})
-    (root / "corpus").mkdir()
-    for i in range(4):
-        (root / "corpus" / f"doc{i}.txt").write_text(words(i, 30 + 7 * i))
-    cfg = CompileConfig(corpus=str(root / "corpus"), model=str(root / "model"), max_tokens=16, top_k=4,
+    corpus = model_and_corpus(root, [30 + 7 * i for i in range(4)])
+    cfg = CompileConfig(corpus=str(corpus), model=str(root / "model"), max_tokens=16, top_k=4,
                         max_shard_bytes=1500, batch_size=3)
     compile_kb(cfg, root / "pristine")
     return root, cfg

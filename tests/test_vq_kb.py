@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_checkpoint, words
+from conftest import model_and_corpus, words
 from m3compile import codebooks as cbf
 from m3compile.config import CompileConfig
 from m3compile.errors import M3Error
@@ -21,11 +21,7 @@ pytest.importorskip("transformers", reason="transformers builds the tiny test ch
 
 @pytest.fixture
 def env(tmp_path):
-    make_checkpoint(tmp_path / "model", "LlamaForCausalLM", {})
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(6):
-        (corpus / f"doc{i}.txt").write_text(words(i, 60 + 9 * i))
+    corpus = model_and_corpus(tmp_path, [60 + 9 * i for i in range(6)])
     cfg = CompileConfig(corpus=str(corpus), model=str(tmp_path / "model"), max_tokens=16, top_k=8, quant="vq-pq4",
                         codebook_sample=64)
     return tmp_path, corpus, cfg
