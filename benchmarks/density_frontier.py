@@ -1,0 +1,240 @@
+"""The density frontier: held-out recall against the kept share of a reference's key-values.
+
+kept share = (kept tokens / reference tokens) x (memory layers / layers). Today's reader keeps
+16 of 32 tokens in all 4 layers: 1/2. The paper keeps 8 of 128 in the first half of the layers:
+1/32. Each point compiles the reader's 40 held-out articles (examples/reader/corpus: never in any
+training text) with one model at one (top-k, memory layers), int8, and measures on the same
+held-out records as examples/README.md (the first --limit records after a seeded shuffle):
+
+  greedy    questions answered exactly as `m3 generate --kb` answers them: the question part as
+            the prompt, greedy decoding, the kb's retrieval; right when the first sentence of the
+            continuation is the record's answer sentence ("A silver wheel."); with the kb's
+            memories, and without any (same layout);
+  forced    teacher-forced fact accuracy (every token of the fact greedy-correct; the Evaluator of
+            benchmarks/train_memory.py), questions / restatements: no memory, sparse memory found
+            by retrieval, the article in context (RAG), another entity's memories;
+  bytes     the whole kb directory's bytes per corpus token (shards, table, index, manifest);
+  kinds     greedy question recall with memory per fact kind (founded, market_day, ...);
+  known     (--known) questions about the reader's known entities W (their articles were in its
+            warm-up): of those it answers right without memory (greedy), how many it still answers
+            right reading a kb of their own articles; memory must not make it forget.
+
+Points are MODEL:TOP_K:LAYERS (LAYERS like 0-3 or 2,3; MODEL a checkpoint directory or `reader`,
+the embedded default). Without --point: the embedded reader zero-shot at top-16, 8, 4, 2 and 1 of
+its 32-token references in all layers (1/2 ... 1/32).
+
+    python benchmarks/density_frontier.py --json frontier.json --plot examples/density_frontier.png
+    python benchmarks/density_frontier.py --point reader:16:0-3 /tmp/d16/trained:4:2,3 --known 1000
+"""
+
+import argparse
+import json
+import math
+import random
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(ROOT / "examples"))
+
+import make_corpus  # noqa: E402
+from train_memory import Evaluator, eval_records  # noqa: E402  (same directory)
+from m3compile.config import CompileConfig, default_model_dir  # noqa: E402
+from m3compile.pipeline import compile_kb  # noqa: E402
+from m3compile.reader import ChunkMemory, generate  # noqa: E402
+
+READER = ROOT / "examples" / "reader"
+ANSWER_TOKENS = 16  # the longest answer sentence of the demo world is 9 tokens
+
+
+def layers_arg(s: str) -> tuple[int, ...]:
+    if "-" in s:
+        lo, hi = (int(x) for x in s.split("-"))
+        return tuple(range(lo, hi + 1))
+    return tuple(int(x) for x in s.split(","))
+
+
+def parse_point(s: str) -> dict:
+    model, top_k, layers = s.rsplit(":", 2)
+    path = default_model_dir() if model == "reader" else Path(model)
+    return {"name": s, "model": path, "top_k": int(top_k), "layers": layers_arg(layers)}
+
+
+def load_records(facts: Path) -> list[dict]:
+    return [json.loads(line) for name in ("questions.jsonl", "restatements.jsonl")
+            for line in (facts / name).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def answer(ev: Evaluator, rec: dict, memory: bool) -> str:
+    """The greedy continuation of the question part, read as `m3 generate` reads (generation.py)."""
+    prompt = ev.tok.encode(rec["text"][:rec["question_end"]])
+
+    def retrieve(tokens):
+        hits = ev.retriever.retrieve(ev.tok.decode(tokens), ev.layout.refs_per_chunk)
+        return ChunkMemory.gather(ev.kb.memories([h.ref_id for h in hits]), ev.layout.memory_layers)
+
+    new = generate(ev.ck.model, ev.layout, prompt, retrieve if memory else None, ANSWER_TOKENS, 0.0,
+                   ev.tok.eos_id)
+    head = ev.tok.decode(prompt)
+    full = ev.tok.decode(prompt + new)
+    return full[len(head):] if full.startswith(head) else ev.tok.decode(new)
+
+
+def first_sentence(text: str) -> str:
+    text = text.strip()
+    end = text.find(". ")
+    return text if end < 0 else text[:end + 1]
+
+
+def greedy(ev: Evaluator, questions: list[dict], memory: bool) -> dict:
+    right, by_kind = [], defaultdict(lambda: [0, 0])
+    for r in questions:
+        ok = first_sentence(answer(ev, r, memory)) == r["text"][r["question_end"]:].strip()
+        if ok:
+            right.append(r["id"])
+        k = by_kind[r["facts"][0]["key"]]
+        k[0] += ok
+        k[1] += 1
+    return {"recall": round(len(right) / max(1, len(questions)), 4), "questions": len(questions), "right": right,
+            "kinds": {k: round(v[0] / v[1], 4) for k, v in sorted(by_kind.items())}}
+
+
+def kb_bytes(kb: Path) -> int:
+    return sum(p.stat().st_size for p in kb.rglob("*") if p.is_file())
+
+
+def measure(point: dict, corpus_dir: Path, recs: list[dict], tmp: Path, modes) -> dict:
+    kb = tmp / f"kb-{abs(hash(point['name']))}"
+    t0 = time.perf_counter()
+    m = compile_kb(CompileConfig(corpus=str(corpus_dir / "corpus"), model=str(point["model"]), top_k=point["top_k"],
+                                 memory_layers=point["layers"], quant="int8"), kb).manifest
+    spec = m.spec
+    ev = Evaluator(kb, point["model"], corpus_dir)
+    n_layers = ev.ck.args.n_layers
+    tokens = sum(ev.kb.references().column("n_tokens").to_pylist())
+    share = Fraction(spec.top_k, spec.width) * Fraction(len(spec.memory_layers), n_layers)
+    qs = [r for r in recs if r["kind"] == "question"]
+    row = {"point": point["name"], "model": str(point["model"]), "top_k": spec.top_k, "width": spec.width,
+           "memory_layers": list(spec.memory_layers), "layers": n_layers, "share": str(share),
+           "share_value": float(share), "kb_bytes_per_token": round(kb_bytes(kb) / tokens, 1),
+           "corpus_tokens": tokens}
+    row["greedy"] = {"memory": greedy(ev, qs, True), "none": greedy(ev, qs, False)}
+    row["forced"] = ev.table(recs, modes=modes)
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def known_world(tmp: Path, limit: int) -> tuple[Path, list[dict]]:
+    """The reader's known entities W (trained on without memory): their articles and questions."""
+    world = make_corpus.generate(2000, 0)
+    _, _, W = make_corpus.split_world([e.id for e in world.entities], 0.02, 0.92, 0)
+    out = tmp / "known"
+    make_corpus.write_corpus(world, out / "corpus", ids=W)
+    make_corpus.write_facts(world, out / "facts", ids=W)
+    recs = [r for r in load_records(out / "facts") if r["kind"] == "question"]
+    random.Random(0).shuffle(recs)
+    return out, recs[:limit]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--point", nargs="+",
+                    default=["reader:16:0-3", "reader:8:0-3", "reader:4:0-3", "reader:2:0-3", "reader:1:0-3"])
+    ap.add_argument("--limit", type=int, default=400, help="held-out records evaluated (as examples/README.md)")
+    ap.add_argument("--known", type=int, default=0, metavar="N", help="also ask N questions about the known entities W")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--plot", type=Path)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    recs = load_records(READER / "facts")
+    recs = eval_records(recs, {r["entity"] for r in recs}, a.limit)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="m3frontier-") as tmp:
+        known = known_world(Path(tmp), a.known) if a.known else None
+        for s in a.point:
+            p = parse_point(s)
+            row = measure(p, READER, recs, Path(tmp), ("none", "sparse", "rag", "other"))
+            if known:
+                # facts the model answers right without memory, asked again with their article's memories
+                kev = measure(p, known[0], known[1], Path(tmp) / "k", ())
+                g = kev["greedy"]
+                kept = set(g["none"]["right"]) & set(g["memory"]["right"])
+                row["known"] = {"questions": g["none"]["questions"], "none": g["none"]["recall"],
+                                "memory": g["memory"]["recall"], "known_without_memory": len(g["none"]["right"]),
+                                "still_right_with_memory": len(kept),
+                                "ratio": round(len(kept) / max(1, len(g["none"]["right"])), 4)}
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    print_table(rows)
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=2) + "\n")
+    if a.plot:
+        plot(rows, a.plot)
+    return 0
+
+
+def pct(x) -> str:
+    return f"{100 * x:.1f}"
+
+
+def print_table(rows):
+    print("| point | kept share | bytes/corpus token | greedy q, memory | greedy q, none | forced q/r, sparse "
+          "| forced q/r, none | forced q/r, RAG | forced q, other's memory | weakest kind | known facts still right with memory |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        f = r["forced"]
+        kinds = r["greedy"]["memory"]["kinds"]
+        weak = min(kinds, key=kinds.get) if kinds else "-"
+        known = (f"{r['known']['still_right_with_memory']} of {r['known']['known_without_memory']}"
+                 if "known" in r else "-")
+        print(f"| {r['point']} | {r['share']} | {r['kb_bytes_per_token']} | {pct(r['greedy']['memory']['recall'])} % "
+              f"| {pct(r['greedy']['none']['recall'])} % "
+              f"| {pct(f['sparse']['question']['fact_acc'])} / {pct(f['sparse']['restatement']['fact_acc'])} % "
+              f"| {pct(f['none']['question']['fact_acc'])} / {pct(f['none']['restatement']['fact_acc'])} % "
+              f"| {pct(f['rag']['question']['fact_acc'])} / {pct(f['rag']['restatement']['fact_acc'])} % "
+              f"| {pct(f['other']['question']['fact_acc'])} % | {weak} {pct(kinds.get(weak, 0))} % | {known} |")
+
+
+def plot(rows, out: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_model = defaultdict(list)
+    for r in rows:
+        by_model[r["model"]].append(r)
+    for model, rs in by_model.items():
+        rs = sorted(rs, key=lambda r: r["share_value"])
+        label = Path(model).name if Path(model) != default_model_dir() else "embedded reader (trained at 1/2)"
+        ax.plot([r["share_value"] for r in rs], [100 * r["greedy"]["memory"]["recall"] for r in rs], "o-",
+                label=label)
+        for r in rs:
+            ax.annotate(f"{r['top_k']}/{r['width']}, L{min(r['memory_layers'])}-{max(r['memory_layers'])}",
+                        (r["share_value"], 100 * r["greedy"]["memory"]["recall"]), fontsize=7,
+                        textcoords="offset points", xytext=(4, 4))
+    none = [100 * r["greedy"]["none"]["recall"] for r in rows]
+    ax.axhline(sum(none) / len(none), color="grey", ls=":", label="no memory")
+    ax.axhline(80, color="red", ls="--", lw=0.8, label="goal at <= 1/16")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2], ["1/32", "1/16", "1/8", "1/4", "1/2"])
+    ax.set_xlabel("kept share of a reference's key-values (tokens x layers)")
+    ax.set_ylabel("held-out question recall, greedy exact (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
