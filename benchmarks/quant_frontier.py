@@ -38,7 +38,7 @@ from m3compile.pack import decode_payload, encode_payload, payload_nbytes
 from m3compile.pipeline import compile_kb
 from m3compile.quantize import get_scheme
 from m3compile.reader import ChunkMemory, ReadLayout, text_logits
-from m3compile.vq import VQScheme, build_codec, collect_samples, resolve, train_codecs
+from m3compile.vq import TableDecoder, VQScheme, build_codec, collect_samples, resolve, train_codecs
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPORA = ("examples/corpus", "examples/reader/corpus")
@@ -312,7 +312,9 @@ def speed80(rows):
         xs = x[:2000] if codec is paper else x
         codes = codec.sa_encode(xs)  # (N, C)
         enc = _rate(lambda: codec.sa_encode(xs), len(xs))
-        dec = _rate(lambda: codec.sa_decode(codes), len(codes))
+        # decoded as Codebooks.decode decodes in a kb: the table lookup for plain PQ, else FAISS
+        decode = TableDecoder.of(codec) or codec.sa_decode
+        dec = _rate(lambda: decode(codes), len(codes))
         base = base or (enc, dec)
         print(f"| {name} `{factory}` | {codec.sa_code_size()} | {enc:.3g} | {dec:.3g} | {enc / base[0]:.0f}x | "
               f"{dec / base[1]:.1f}x |")

@@ -22,7 +22,7 @@ K kept tokens, D head dim, C code bytes per vector.
 import hashlib
 import json
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
@@ -159,6 +159,44 @@ def build_codec(factory: str, d: int):
     return index
 
 
+class TableDecoder:
+    """sa_decode of a plain product quantizer (IndexPQ with 4- or 8-bit codes) as one table lookup.
+
+    FAISS decodes PQ codes vector by vector through its bit reader; here the M sub-codes of all N
+    vectors index one (M·ksub, dsub) centroid table at once (numpy `take`), which gives the same
+    floats (a copy, no arithmetic) several times faster (benchmarks/quant_frontier.py prints both).
+    Code layout (FAISS PQEncoder8 / PQEncoderGeneric): byte m holds sub-code m at 8 bits; at 4 bits
+    byte m//2 holds sub-code m in its low nibble for even m, high nibble for odd m.
+    """
+
+    def __init__(self, pq):
+        self.m, self.nbits, self.dsub = int(pq.M), int(pq.nbits), int(pq.dsub)
+        ksub = 1 << self.nbits
+        self.table = faiss.vector_to_array(pq.centroids).reshape(self.m * ksub, self.dsub)  # (M*ksub, dsub)
+        self.offsets = (np.arange(self.m, dtype=np.int32) * ksub)[None]  # (1, M)
+
+    @classmethod
+    def of(cls, codec) -> "TableDecoder | None":
+        """The table decoder of `codec`, or None where it is not a plain 4/8-bit PQ (FAISS decodes)."""
+        index = faiss.downcast_index(codec)
+        if type(index) is not faiss.IndexPQ or index.pq.nbits not in (4, 8):
+            return None
+        if index.pq.nbits == 4 and index.pq.M % 2:
+            return None  # an odd count of 4-bit codes ends in a half byte; FAISS decodes those
+        return cls(index.pq)
+
+    def __call__(self, codes: np.ndarray) -> np.ndarray:
+        """(N, C) uint8 -> (N, D) float32."""
+        if self.nbits == 4:
+            sub = np.empty((codes.shape[0], self.m), np.int32)  # (N, M)
+            sub[:, 0::2] = codes & 0x0F
+            sub[:, 1::2] = codes >> 4
+        else:
+            sub = codes.astype(np.int32)  # (N, M)
+        sub += self.offsets
+        return self.table.take(sub, axis=0).reshape(codes.shape[0], self.m * self.dsub)  # (N, D)
+
+
 def sample_rows(n: int, k: int, seed: int) -> np.ndarray:
     """Sorted indices of a seeded uniform sample of min(n, k) of n rows."""
     if n <= k:
@@ -197,6 +235,7 @@ class Codebooks:
     n_heads: int  # H
     codecs: dict  # codec name -> trained FAISS index
     n_train: dict  # codec name -> training vectors used
+    _decoders: dict = field(default_factory=dict, repr=False, compare=False)  # name -> TableDecoder | None
 
     @property
     def code_size(self) -> int:
@@ -217,7 +256,11 @@ class Codebooks:
         """(N, C) uint8 codes -> (N, D) float32."""
         codes = np.ascontiguousarray(codes, dtype=_CODE)  # (N, C)
         assert codes.ndim == 2 and codes.shape[1] == self.code_size, (codes.shape, self.code_size)
-        return self.codec(layer, role, head).sa_decode(codes)  # (N, D)
+        name = codec_name(self.group, layer, head, role)
+        if name not in self._decoders:
+            self._decoders[name] = TableDecoder.of(self.codec(layer, role, head))
+        fast = self._decoders[name]
+        return fast(codes) if fast is not None else self.codecs[name].sa_decode(codes)  # (N, D)
 
     def nbytes(self) -> int:
         """Stored bytes of all codecs (what a kb amortises over its memories)."""

@@ -7,7 +7,7 @@ import torch
 
 from m3compile.errors import M3Error
 from m3compile.pack import decode_payload, encode_payload
-from m3compile.vq import Codebooks, VQScheme, build_codec, collect_samples, paper_factory, resolve, train_codecs
+from m3compile.vq import Codebooks, TableDecoder, VQScheme, build_codec, collect_samples, paper_factory, resolve, train_codecs
 
 L, H, K, D = 2, 2, 16, 32
 
@@ -64,6 +64,31 @@ def test_tensors_round_trip(codebooks):
     c = codebooks.encode(1, "v", x)
     assert np.array_equal(back.encode(1, "v", x), c)
     assert np.array_equal(back.decode(1, "v", c), codebooks.decode(1, "v", c))
+
+
+@pytest.mark.parametrize("factory", ["PQ16x8", "PQ8x4", "PQ32x4", "PQ4x8"])
+def test_table_decoder_gives_faiss_floats(factory):
+    # the fast path of Codebooks.decode must return exactly what FAISS's own sa_decode returns
+    x = _samples(seed=4, n=700)[(0, "k")].reshape(-1, D)  # (N, D)
+    codec = build_codec(factory, D)
+    codec.train(x)
+    codes = codec.sa_encode(x)  # (N, C)
+    fast = TableDecoder.of(codec)
+    assert fast is not None
+    assert np.array_equal(fast(codes), codec.sa_decode(codes))
+    assert np.array_equal(fast(codes[:0]), codec.sa_decode(codes[:0]))
+
+
+@pytest.mark.parametrize("factory", ["RQ4x4", "OPQ4,PQ4x4", "PQ4x6", "PQ3x4"])
+def test_other_codecs_decode_through_faiss(factory):
+    d = 24 if factory == "PQ3x4" else D
+    codec = build_codec(factory, d)
+    assert TableDecoder.of(codec) is None
+    cb = train_codecs({(0, "k"): _samples(n=300)[(0, "k")][..., :d], (0, "v"): _samples(n=300)[(0, "v")][..., :d]},
+                      factory, seed=1, max_train=300)
+    x = _samples(seed=2, n=50)[(0, "k")][:, 0, :d]  # (N, d)
+    c = cb.encode(0, "k", x)
+    assert np.array_equal(cb.decode(0, "k", c), cb.codecs["l0.k"].sa_decode(c))
 
 
 def test_payload_round_trip(codebooks):
