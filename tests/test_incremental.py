@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import model_and_corpus, words
-from m3compile import pipeline
+from m3compile import distribute, pipeline
 from m3compile.compact import compact_kb
 from m3compile.config import CompileConfig
 from m3compile.errors import M3Error
@@ -47,7 +47,7 @@ def test_same_corpus_again_is_a_no_op(env, monkeypatch):
     assert first.summary["references"]["encoded"] == first.manifest.counts["references"]
     before = snapshot(tmp / "kb")
     calls = []
-    monkeypatch.setattr(pipeline, "memorize", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(distribute, "memorize", lambda *a, **k: calls.append(a))
     again = compile_kb(cfg, tmp / "kb")
     assert calls == [] and again.summary["references"] == {"encoded": 0, "copied": 0, "reused": first.manifest.counts["references"], "removed": 0}
     assert snapshot(tmp / "kb") == before  # same bytes, same mtimes

@@ -1,0 +1,190 @@
+"""Where the map step of a compile runs: the encode batches of a plan become frames, in order.
+
+A compile's map step is `encode_frames`: memorize a batch of references (forward, select) and
+quantize + compress each memory into a frame (pack.encode_payload). Everything else (reading,
+cutting, planning, writing shards, the generation, the manifest) stays in the driver, pipeline.py.
+
+  local   the batches are encoded one after another in this process (`local_frames`).
+  ray     (`m3 compile --engine ray`, the `[ray]` extra) the batches are a Ray Dataset, encoded by
+          a pool of actors, one model per actor, with GPUs per actor when asked (`ray_frames`).
+          Results stream back to the driver in batch order (DataContext preserve_order), so the
+          driver writes exactly what the local engine writes: the same batches through the same
+          `encode_frames` give the same frames (tests/test_distribute.py compares the kb bytes).
+          A worker killed mid-job is restarted and its batch is run again by Ray Data (actors
+          are created with max_restarts / max_task_retries, Ray Data's default for actor pools);
+          a frame depends only on its batch, so nothing in the result changes. A driver killed
+          mid-job resumes like the local engine: frames checkpointed to .spill/ or in written
+          shards are copied, not sent to the workers again.
+
+The actors need the model at the same path (a shared filesystem on a real cluster); each checks
+the weights' sha256 against the spec before encoding, so a different checkpoint at that path on
+some node is an error, not a silently mixed kb.
+"""
+
+import json
+import os
+import signal
+import socket
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from m3compile.errors import M3Error
+from m3compile.pack import encode_payload
+from m3compile.spec import MemorySpec, memorize
+
+CONNECT_TIMEOUT_S = 10  # a --ray-address that accepts no TCP connection in this time is an error
+Frames = list[tuple[bytes, float, float, int]]  # (frame, relative error, max abs error, K) per reference
+
+
+def encode_frames(model, spec: MemorySpec, token_lists: Sequence[Sequence[int]],
+                  timer: Callable[[str], object] | None = None) -> Frames:
+    """(frame, relative error, max abs error, K) of each reference: memorize, then quantize+pack.
+
+    Errors are rounded to float32, as the references table and the shards store them, so a frame
+    copied later reports the same figures."""
+    stage = timer or (lambda name: nullcontext())
+    with stage("encode+select"):
+        memories = memorize(model, token_lists, spec)
+    out = []
+    with stage("quantize+compress"):
+        for mem in memories:
+            frame, err = encode_payload(mem.keys, mem.values, mem.positions, spec.scheme)
+            out.append((frame, float(np.float32(err.rel)), float(np.float32(err.max_abs)), mem.positions.shape[-1]))
+    return out
+
+
+def local_frames(model, spec: MemorySpec, batches: Iterable[list[list[int]]], timer=None) -> Iterator[Frames]:
+    """The local engine: each batch encoded here, lazily, in order."""
+    for batch in batches:
+        yield encode_frames(model, spec, batch, timer)
+
+
+# ---- the Ray engine ----------------------------------------------------------------------------------
+
+def _pack_result(frames: Frames) -> bytes:
+    """One batch's frames as one binary cell: a JSON line of (length, rel, max, K), then the frames."""
+    head = json.dumps([[len(f), rel, mx, k] for f, rel, mx, k in frames]).encode()
+    return head + b"\n" + b"".join(f for f, _, _, _ in frames)
+
+
+def _unpack_result(data: bytes) -> Frames:
+    cut = data.index(b"\n")
+    out, at = [], cut + 1
+    for n, rel, mx, k in json.loads(data[:cut]):
+        out.append((data[at:at + n], rel, mx, k))
+        at += n
+    return out
+
+
+def _crash_once(name: str) -> None:
+    """Test hook: M3_CRASH_AT=<name> SIGKILLs this worker the first time it gets here (the file
+    M3_CRASH_MARK records that it did), as a node failure would; its retry then runs normally."""
+    mark = os.environ.get("M3_CRASH_MARK")
+    if os.environ.get("M3_CRASH_AT") == name and mark and not os.path.exists(mark):
+        Path(mark).write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _Encoder:
+    """A Ray Data actor: loads the model once, checks it is the spec's, encodes batch rows."""
+
+    def __init__(self, model_path: str, spec_fields: dict, codebooks: tuple | None, device: str, threads: int):
+        import torch
+
+        from m3compile.model import fingerprint, load_checkpoint
+
+        if threads:
+            torch.set_num_threads(threads)
+        spec = MemorySpec(**spec_fields)
+        if codebooks is not None:
+            from m3compile.vq import Codebooks
+
+            tensors, meta = codebooks
+            spec = spec.with_codebooks(Codebooks.from_tensors(tensors, meta), spec.codebooks_sha256)
+        digests = tuple(sorted(fingerprint(Path(model_path))["weights_sha256"].items()))
+        if digests != spec.model_weights_sha256:
+            raise M3Error(f"the model at {model_path} on this Ray node is not the checkpoint the compile "
+                          "started with (weight sha256 differ); give every node the same files")
+        self.spec = spec
+        self.model = load_checkpoint(model_path, device=device, dtype=spec.dtype).model
+
+    def __call__(self, row: dict) -> dict:
+        _crash_once(f"ray-batch:{row['i']}")
+        frames = encode_frames(self.model, self.spec, json.loads(row["tokens"]))
+        return {"i": row["i"], "frames": _pack_result(frames)}
+
+
+def check_ray(address: str | None) -> None:
+    """M3Error now, before any corpus is read, if Ray is not installed or `address` takes no TCP
+    connection (ray.init would retry an unreachable cluster for minutes)."""
+    try:
+        import ray
+    except ImportError:
+        raise M3Error("--engine ray needs Ray: pip install 'm3compile[ray]'") from None
+    if ray.is_initialized() or not address or address == "auto" or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except (OSError, ValueError) as e:
+        raise M3Error(f"cannot connect to Ray at {address} ({getattr(e, 'strerror', None) or e}); start a "
+                      "cluster with `ray start --head` and pass the address it prints (host:6379) to "
+                      "--ray-address") from None
+
+
+@contextmanager
+def _ray_cluster(address: str | None):
+    check_ray(address)
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        try:
+            # no address: a local cluster on this machine (or RAY_ADDRESS's, as `ray` itself reads it)
+            ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                     logging_level="ERROR", configure_logging=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            where = address or "a new local cluster"
+            raise M3Error(f"cannot connect to Ray at {where}: {str(e).splitlines()[0][:200]}; start one with "
+                          "`ray start --head` and pass its address to --ray-address") from None
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def ray_frames(model_path: Path, spec: MemorySpec, batches: Sequence[list[list[int]]], device: str,
+               address: str | None, workers: int, gpus_per_worker: float, threads_per_worker: int) -> Iterator[Frames]:
+    """The Ray engine: `batches` encoded by `workers` actors; frames yielded in batch order."""
+    if not batches:
+        return
+    codebooks = spec.codebooks.to_tensors() if spec.codebooks is not None else None
+    fields = {k: getattr(spec, k) for k in spec.__dataclass_fields__ if k != "codebooks"}
+    with _ray_cluster(address) as ray:
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # the driver writes frames in plan order
+        ctx.enable_progress_bars = False
+        ds = ray.data.from_items([{"i": i, "tokens": json.dumps(b)} for i, b in enumerate(batches)],
+                                 override_num_blocks=len(batches))
+        ds = ds.map(_Encoder, concurrency=workers, num_cpus=threads_per_worker or 1, num_gpus=gpus_per_worker,
+                    fn_constructor_kwargs={"model_path": str(model_path), "spec_fields": fields,
+                                           "codebooks": codebooks, "device": device,
+                                           "threads": threads_per_worker},
+                    )  # Ray Data's actor pools restart a killed actor and run its batch again (the default)
+        rows = iter(ds.iter_rows())
+        for want in range(len(batches)):
+            try:
+                row = next(rows)
+            except ray.exceptions.RayError as e:
+                cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
+                if isinstance(cause, M3Error):
+                    raise M3Error(str(cause)) from None
+                raise M3Error(f"the Ray engine failed: {str(cause).strip().splitlines()[-1][:300]}; the frames "
+                              "encoded so far are checkpointed, run the same command again to resume") from None
+            assert row["i"] == want, (row["i"], want)  # preserve_order
+            yield _unpack_result(row["frames"])
+        assert next(rows, None) is None  # the dataset's iterator ends before the cluster goes

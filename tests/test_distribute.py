@@ -1,0 +1,110 @@
+"""The Ray engine (`m3 compile --engine ray`, m3compile/distribute.py) on a local Ray cluster that
+these tests start themselves: the bytes of the local engine, after a worker is killed mid-job, and
+after the driver is killed and the compile resumed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from m3compile.config import CompileConfig
+from m3compile.errors import M3Error
+from m3compile.pipeline import compile_kb
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "examples" / "corpus"  # 24 articles, 86 references with the embedded model
+
+ray = pytest.importorskip("ray", reason="the Ray engine needs the [ray] extra: pip install 'm3compile[ray]'")
+pytestmark = pytest.mark.slow  # a Ray cluster takes seconds to start
+
+
+def snapshot(kb: Path) -> dict:
+    return {p.relative_to(kb).as_posix(): p.read_bytes() for p in kb.rglob("*")
+            if p.is_file() and p.name not in ("run.json", ".m3.lock")}
+
+
+def run_cli(args, env_extra=None):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "m3compile", *map(str, args)], capture_output=True, text=True, env=env)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A local cluster of 2 CPUs. Its workers inherit M3_CRASH_AT=ray-batch:3 and a mark file: the
+    worker hook (distribute._crash_once) fires only while the mark file is absent."""
+    tmp = tmp_path_factory.mktemp("ray")
+    mark = tmp / "crash-mark"
+    mark.write_text("armed by deleting this file")
+    saved = {k: os.environ.get(k) for k in ("M3_CRASH_AT", "M3_CRASH_MARK")}
+    os.environ.update(M3_CRASH_AT="ray-batch:3", M3_CRASH_MARK=str(mark))
+    info = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    for k, v in saved.items():  # the driver (this process) must not crash at any point
+        if v is None:
+            os.environ.pop(k)
+        else:
+            os.environ[k] = v
+    local = tmp / "local"
+    cfg = CompileConfig(corpus=str(CORPUS), batch_size=8, checkpoint_seconds=0)
+    compile_kb(cfg, local)
+    yield {"address": info.address_info["address"], "mark": mark, "local": local, "cfg": cfg, "tmp": tmp}
+    ray.shutdown()
+
+
+def test_ray_engine_writes_the_bytes_of_the_local_engine(cluster, tmp_path):
+    from dataclasses import replace
+
+    result = compile_kb(replace(cluster["cfg"], engine="ray", workers=2), tmp_path / "kb")
+    assert result.summary["references"]["encoded"] == 86
+    assert snapshot(tmp_path / "kb") == snapshot(cluster["local"])
+    run = json.loads((tmp_path / "kb" / "run.json").read_text())
+    assert run["engine"] == "ray" and run["workers"] == 2 and "encode (waiting for ray)" in run["stage_seconds"]
+    # the engine is a run setting: the local engine finds the kb up to date
+    assert compile_kb(cluster["cfg"], tmp_path / "kb").summary["references"]["encoded"] == 0
+
+
+def test_a_worker_killed_mid_job_changes_nothing(cluster, tmp_path):
+    from dataclasses import replace
+
+    cluster["mark"].unlink()  # arm the worker hook: the actor encoding batch 3 SIGKILLs itself once
+    compile_kb(replace(cluster["cfg"], engine="ray", workers=2), tmp_path / "kb")
+    assert cluster["mark"].is_file(), "no worker was killed: the test did not test anything"
+    assert snapshot(tmp_path / "kb") == snapshot(cluster["local"])
+
+
+def test_a_killed_driver_resumes_to_the_same_bytes(cluster, tmp_path):
+    args = ["compile", CORPUS, "-o", tmp_path / "kb", "--engine", "ray", "--ray-address", cluster["address"],
+            "--batch-size", "8", "--checkpoint-seconds", "0"]
+    killed = run_cli(args, {"M3_CRASH_AT": "batch:5"})  # the driver SIGKILLs itself after writing batch 5
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = run_cli(args + ["--json"])
+    assert resumed.returncode == 0, resumed.stderr
+    refs = json.loads(resumed.stdout)["summary"]["references"]
+    assert refs["copied"] == 40 and refs["encoded"] == 46  # 5 checkpointed batches of 8 are not sent again
+    assert snapshot(tmp_path / "kb") == snapshot(cluster["local"])
+
+
+def test_an_unreachable_cluster_is_one_error_line(tmp_path):
+    # no cluster at this address: an M3Error naming it, before anything is written
+    r = run_cli(["compile", CORPUS, "-o", tmp_path / "kb", "--engine", "ray", "--ray-address", "127.0.0.1:9"])
+    assert r.returncode == 1 and r.stderr.strip().startswith("error: cannot connect to Ray at 127.0.0.1:9"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "kb" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--engine", "spark"], "--engine 'spark' is not one of local, ray"),
+    (["--engine", "ray", "--workers", "0"], "--workers 0 and --cpus-per-worker 1 must be at least 1"),
+    (["--engine", "ray", "--gpus-per-worker", "1"], "--gpus-per-worker 1.0 gives the actors GPUs that --device cpu"),
+])
+def test_bad_engine_flags_are_one_error_line(tmp_path, args, message):
+    r = run_cli(["compile", CORPUS, "-o", tmp_path / "kb", *args])
+    assert r.returncode == 1 and r.stderr.startswith(f"error: {message}"), r.stderr
+    assert not (tmp_path / "kb").exists()
+
+
+def test_config_rejects_a_bad_engine():
+    with pytest.raises(M3Error, match="--engine 'dask'"):
+        CompileConfig(corpus="c", engine="dask")
