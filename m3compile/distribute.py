@@ -22,6 +22,8 @@ some node is an error, not a silently mixed kb.
 """
 
 import json
+import logging
+import math
 import os
 import signal
 import socket
@@ -35,6 +37,7 @@ from m3compile.errors import M3Error
 from m3compile.pack import encode_payload
 from m3compile.spec import MemorySpec, memorize
 
+MAX_BATCHES_PER_BLOCK = 64  # encode batches per Ray Data block (one actor call)
 CONNECT_TIMEOUT_S = 10  # a --ray-address that accepts no TCP connection in this time is an error
 Frames = list[tuple[bytes, float, float, int]]  # (frame, relative error, max abs error, K) per reference
 
@@ -140,6 +143,7 @@ def _ray_cluster(address: str | None):
     check_ray(address)
     import ray
 
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-dataset INFO lines are not the user's
     started = not ray.is_initialized()
     if started:
         try:
@@ -168,8 +172,11 @@ def ray_frames(model_path: Path, spec: MemorySpec, batches: Sequence[list[list[i
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # the driver writes frames in plan order
         ctx.enable_progress_bars = False
+        # a block is one actor call: enough blocks to keep every actor busy and stream results back,
+        # at most MAX_BATCHES_PER_BLOCK batches in each so that a lost worker loses little
+        blocks = min(len(batches), max(8 * workers, math.ceil(len(batches) / MAX_BATCHES_PER_BLOCK)))
         ds = ray.data.from_items([{"i": i, "tokens": json.dumps(b)} for i, b in enumerate(batches)],
-                                 override_num_blocks=len(batches))
+                                 override_num_blocks=blocks)
         ds = ds.map(_Encoder, concurrency=workers, num_cpus=threads_per_worker or 1, num_gpus=gpus_per_worker,
                     fn_constructor_kwargs={"model_path": str(model_path), "spec_fields": fields,
                                            "codebooks": codebooks, "device": device,
