@@ -3,8 +3,9 @@
 kept share = (kept tokens / reference tokens) x (memory layers / layers). Today's reader keeps
 16 of 32 tokens in all 4 layers: 1/2. The paper keeps 8 of 128 in the first half of the layers:
 1/32. Each point compiles the reader's 40 held-out articles (examples/reader/corpus: never in any
-training text) with one model at one (top-k, memory layers), int8, and measures on the same
-held-out records as examples/README.md (the first --limit records after a seeded shuffle):
+training text; `--kb world`: all 2000 articles of its world, the kb benchmarks/train_memory.py
+reads) with one model at one (top-k, memory layers), int8, and measures on the same held-out
+records as examples/README.md (the first --limit records after a seeded shuffle):
 
   greedy    questions answered exactly as `m3 generate --kb` answers them: the question part as
             the prompt, greedy decoding, the kb's retrieval; right when the first sentence of the
@@ -145,12 +146,22 @@ def known_world(tmp: Path, limit: int) -> tuple[Path, list[dict]]:
     return out, recs[:limit]
 
 
+def whole_world(tmp: Path) -> Path:
+    """Every article of the reader's 2000-entity world (its kb in benchmarks/train_memory.py)."""
+    out = tmp / "world"
+    make_corpus.write_corpus(make_corpus.generate(2000, 0), out / "corpus")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--point", nargs="+",
                     default=["reader:16:0-3", "reader:8:0-3", "reader:4:0-3", "reader:2:0-3", "reader:1:0-3"])
     ap.add_argument("--limit", type=int, default=400, help="held-out records evaluated (as examples/README.md)")
     ap.add_argument("--known", type=int, default=0, metavar="N", help="also ask N questions about the known entities W")
+    ap.add_argument("--kb", choices=("held-out", "world"), default="held-out",
+                    help="the kb's articles: the 40 held-out ones (examples/reader/corpus) or all 2000 of the "
+                         "world, as benchmarks/train_memory.py evaluates (same held-out records either way)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot", type=Path)
@@ -161,9 +172,11 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="m3frontier-") as tmp:
         known = known_world(Path(tmp), a.known) if a.known else None
+        corpus = READER if a.kb == "held-out" else whole_world(Path(tmp))
         for s in a.point:
             p = parse_point(s)
-            row = measure(p, READER, recs, Path(tmp), ("none", "sparse", "rag", "other"))
+            row = measure(p, corpus, recs, Path(tmp), ("none", "sparse", "rag", "other"))
+            row["kb"] = a.kb
             if known:
                 # facts the model answers right without memory, asked again with their article's memories
                 kev = measure(p, known[0], known[1], Path(tmp) / "k", ())

@@ -281,12 +281,14 @@ def main(argv=None):
     ap.add_argument("--reuse-warm", action="store_true", help="keep an existing warm model in --work")
     ap.add_argument("--smoke", action="store_true", help="tiny world and runs, < 60 s")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the figures above: 1; the same seed on "
+                    "another thread count gives other weights)")
     ap.add_argument("--export", type=Path, help="write the reader example here (examples/reader)")
     a = ap.parse_args(argv)
     if a.smoke:
         a.entities, a.warm_steps, a.lookup_steps, a.steps, a.eval_limit, a.batch_size = 40, 60, 20, 30, 40, 8
         a.held_out, a.memory_only = 0.1, 0.6
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
     work = a.work
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
