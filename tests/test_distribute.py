@@ -66,6 +66,16 @@ def test_ray_engine_writes_the_bytes_of_the_local_engine(cluster, tmp_path):
     assert compile_kb(cluster["cfg"], tmp_path / "kb").summary["references"]["encoded"] == 0
 
 
+def test_vq_codebooks_travel_to_the_actors(cluster, tmp_path):
+    # the codebooks are trained in the driver; the actors rebuild them from their tensors
+    from dataclasses import replace
+
+    cfg = replace(cluster["cfg"], quant="vq-pq4")
+    compile_kb(cfg, tmp_path / "local")
+    compile_kb(replace(cfg, engine="ray", workers=2), tmp_path / "ray")
+    assert snapshot(tmp_path / "ray") == snapshot(tmp_path / "local")
+
+
 def test_a_worker_killed_mid_job_changes_nothing(cluster, tmp_path):
     from dataclasses import replace
 
