@@ -226,12 +226,15 @@ def plot(rows, out: Path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    by_model = defaultdict(list)
+    by_model = defaultdict(list)  # one line per model and memory-layer set
     for r in rows:
-        by_model[r["model"]].append(r)
-    for model, rs in by_model.items():
+        layers = "all layers" if len(r["memory_layers"]) == r["layers"] else \
+            "layers " + ",".join(map(str, r["memory_layers"]))
+        by_model[(r["model"], layers)].append(r)
+    for (model, layers), rs in by_model.items():
         rs = sorted(rs, key=lambda r: r["share_value"])
-        label = Path(model).name if Path(model) != default_model_dir() else "embedded reader (trained at 1/2)"
+        name = Path(model).parent.name if Path(model).name == "trained" else Path(model).name  # a train_memory --work
+        label = (f"{name}, " if Path(model) != default_model_dir() else "embedded reader (trained at 1/2), ") + layers
         ax.plot([r["share_value"] for r in rs], [100 * r["greedy"]["memory"]["recall"] for r in rs], "o-",
                 label=label)
         for r in rs:

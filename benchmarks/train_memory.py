@@ -279,6 +279,9 @@ def main(argv=None):
     # layers 2-3, and memory in layers 0-1 caps recall at ~30 % (examples/README.md)
     ap.add_argument("--memory-layers", type=lambda s: tuple(int(x) for x in s.split(",")), default=(0, 1, 2, 3))
     ap.add_argument("--reuse-warm", action="store_true", help="keep an existing warm model in --work")
+    ap.add_argument("--start-from", type=Path, default=None,
+                    help="continue this memory-trained checkpoint (e.g. m3compile/embedded/reader) instead of the "
+                         "warm-ups: it becomes --work's warm/ and lookup/ (a dense-to-sparse curriculum step)")
     ap.add_argument("--smoke", action="store_true", help="tiny world and runs, < 60 s")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the figures above: 1; the same seed on "
@@ -293,6 +296,15 @@ def main(argv=None):
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     w = make_world(work, a)
+    if a.start_from is not None:
+        for d in ("warm", "lookup"):
+            shutil.rmtree(work / d, ignore_errors=True)
+            shutil.copytree(a.start_from, work / d, ignore=shutil.ignore_patterns("train-state*"))
+        (work / "tok").mkdir(exist_ok=True)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            if (a.start_from / f).is_file():
+                shutil.copy(a.start_from / f, work / "tok" / f)
+        a.reuse_warm = True
     warm = work / "warm"
     if not (a.reuse_warm and (warm / "config.json").is_file() and (work / "tok" / "tokenizer.json").is_file()):
         warm = warm_up(work, a)
