@@ -10,9 +10,9 @@ cutting, planning, writing shards, the generation, the manifest) stays in the dr
           Results stream back to the driver in batch order (DataContext preserve_order), so the
           driver writes exactly what the local engine writes: the same batches through the same
           `encode_frames` give the same frames (tests/test_distribute.py compares the kb bytes).
-          A worker killed mid-job is restarted and its batch is run again by Ray Data (actors
-          are created with max_restarts / max_task_retries, Ray Data's default for actor pools);
-          a frame depends only on its batch, so nothing in the result changes. A driver killed
+          A worker killed mid-job is restarted and its block of batches is run again by Ray Data
+          (its actor pools' default max_restarts / max_task_retries); a frame depends only on its
+          batch, so nothing in the result changes. A driver killed
           mid-job resumes like the local engine: frames checkpointed to .spill/ or in written
           shards are copied, not sent to the workers again.
 
@@ -177,11 +177,10 @@ def ray_frames(model_path: Path, spec: MemorySpec, batches: Sequence[list[list[i
         blocks = min(len(batches), max(8 * workers, math.ceil(len(batches) / MAX_BATCHES_PER_BLOCK)))
         ds = ray.data.from_items([{"i": i, "tokens": json.dumps(b)} for i, b in enumerate(batches)],
                                  override_num_blocks=blocks)
+        # Ray Data's actor pools restart a killed actor and run its block again (their default)
         ds = ds.map(_Encoder, concurrency=workers, num_cpus=threads_per_worker or 1, num_gpus=gpus_per_worker,
                     fn_constructor_kwargs={"model_path": str(model_path), "spec_fields": fields,
-                                           "codebooks": codebooks, "device": device,
-                                           "threads": threads_per_worker},
-                    )  # Ray Data's actor pools restart a killed actor and run its batch again (the default)
+                                           "codebooks": codebooks, "device": device, "threads": threads_per_worker})
         rows = iter(ds.iter_rows())
         for want in range(len(batches)):
             try:
