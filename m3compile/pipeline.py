@@ -374,14 +374,15 @@ def _write_new(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: Timer
         encoded = _engine(setup, [[list(r.token_ids) for _, r in b] for b in sent], timer)
         stack.enter_context(closing(encoded))  # a failed write stops the engine (and a Ray cluster it started)
         for n, (batch, todo) in enumerate(zip(batches, sent)):
+            sent_ids = {row["ref_id"] for row, _ in todo}
             on_disk = {row["ref_id"]: source.get(bytes.fromhex(row["ref_key"])) for row, _ in batch
-                       if bytes.fromhex(row["ref_key"]) in source.frames}
+                       if row["ref_id"] not in sent_ids}
             fresh = {}
             if todo:
                 with timer("encode (waiting for ray)") if config.engine == "ray" else nullcontext():
                     frames = next(encoded)
                 fresh = {row["ref_id"]: e for (row, _), e in zip(todo, frames)}
-            damaged = [(row, ref) for row, ref in batch if row["ref_id"] in on_disk and on_disk[row["ref_id"]] is None]
+            damaged = [(row, ref) for row, ref in batch if row["ref_id"] not in sent_ids and on_disk[row["ref_id"]] is None]
             if damaged:  # a frame on disk that fails its check is never copied: encoded again here
                 frames = _encode_frames(setup, [list(r.token_ids) for _, r in damaged], timer)
                 fresh.update({row["ref_id"]: e for (row, _), e in zip(damaged, frames)})
