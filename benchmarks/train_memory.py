@@ -71,8 +71,11 @@ def make_world(work: Path, a) -> dict:
     articles = {e.id: (work / "corpus" / f"{e.id}.md").read_text(encoding="utf-8") for e in world.entities}
     rng = random.Random(f"{a.world_seed}/rag")
     texts = []
+    by_entity = {}
+    for r in recs:
+        by_entity.setdefault(r["entity"], []).append(r)
     for e in sorted(A | W):
-        mine = [r for r in recs if r["entity"] == e]
+        mine = by_entity.get(e, [])
         qs = [r for r in mine if r["kind"] == "question"]
         rng.shuffle(qs)
         # --pack-questions of one entity's questions make one text: one 64-token chunk with

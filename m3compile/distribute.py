@@ -23,6 +23,7 @@ some node is an error, not a silently mixed kb.
 
 import json
 import logging
+from collections import defaultdict
 import math
 import os
 import signal
@@ -32,9 +33,10 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+import torch
 
 from m3compile.errors import M3Error
-from m3compile.pack import encode_payload
+from m3compile.pack import encode_payloads
 from m3compile.spec import MemorySpec, memorize
 
 MAX_BATCHES_PER_BLOCK = 64  # encode batches per Ray Data block (one actor call)
@@ -51,11 +53,19 @@ def encode_frames(model, spec: MemorySpec, token_lists: Sequence[Sequence[int]],
     stage = timer or (lambda name: nullcontext())
     with stage("encode+select"):
         memories = memorize(model, token_lists, spec)
-    out = []
+    out = [None] * len(memories)
     with stage("quantize+compress"):
-        for mem in memories:
-            frame, err = encode_payload(mem.keys, mem.values, mem.positions, spec.scheme)
-            out.append((frame, float(np.float32(err.rel)), float(np.float32(err.max_abs)), mem.positions.shape[-1]))
+        # references of one shape (all but those shorter than top_k) are quantized together
+        groups = defaultdict(list)
+        for i, mem in enumerate(memories):
+            groups[tuple(mem.keys.shape)].append(i)
+        for idx in groups.values():
+            ms = [memories[i] for i in idx]
+            coded = encode_payloads(torch.stack([m.keys for m in ms]), torch.stack([m.values for m in ms]),
+                                    torch.stack([m.positions for m in ms]), spec.scheme)
+            for i, (frame, err) in zip(idx, coded, strict=True):
+                out[i] = (frame, float(np.float32(err.rel)), float(np.float32(err.max_abs)),
+                          memories[i].positions.shape[-1])
     return out
 
 

@@ -358,13 +358,22 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # math on the meta device (load_checkpoint builds the module there) runs torch._refs,
+        # whose first call imports torch._dynamo: 1.2 s of every compile. So the embedding's
+        # weight is given (nn.Embedding then skips its normal_ init) and inv_freq is computed on
+        # the CPU; nn.Linear's init does not go through torch._refs.
+        emb = torch.empty(args.vocab_size, args.dim)
+        if emb.device.type != "meta":
+            nn.init.normal_(emb)
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, _weight=emb)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        with torch.device("cpu"):
+            inv_freq = rope_inv_freq(args)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def init_weights(self, seed: int, std: float = 0.02):
         """Deterministic random init (normal(0, std) matrices, unit norms, zero biases)."""

@@ -125,6 +125,44 @@ def encode_payload(keys, values, positions, scheme: Scheme) -> tuple[bytes, Quan
     return cctx.compress(raw), ek.merge(ev)
 
 
+def encode_payloads(keys, values, positions, scheme: Scheme) -> list[tuple[bytes, QuantError]]:
+    """encode_payload of every reference of a batch of equal shapes, frame for frame.
+
+    Args:
+        keys, values: (B, L, H, K, D) float tensors or arrays.
+        positions: (B, L, H, K).
+        scheme: as for encode_payload.
+    Returns:
+        B (frame, error) pairs, each byte-identical to encode_payload's for that reference.
+
+    Schemes that quantize every value group on its own (int, none: `quantize_batch`) quantize
+    the batch in one pass; a per-reference loop of small numpy calls cost more than the forward
+    of a small model. Others (vq) encode one reference at a time.
+    """
+    B = len(keys)
+    if not hasattr(scheme, "quantize_batch") or B == 0:
+        return [encode_payload(keys[b], values[b], positions[b], scheme) for b in range(B)]
+    pos = np.asarray(positions, dtype=np.int64)  # (B, L, H, K)
+    if pos.size and (pos.min() < 0 or pos.max() > np.iinfo(_POS).max):
+        raise M3Error(f"token positions {pos.min()}..{pos.max()} do not fit in uint16; "
+                      "references longer than 65536 tokens are not supported: lower the chunk size")
+    assert pos.ndim == 4 and (np.diff(pos, axis=-1) > 0).all(), "positions must ascend per head"
+    _, L, H, K, D = keys.shape
+    assert max(L, H, K, D) <= 0xFFFF and pos.shape == (B, L, H, K), (keys.shape, pos.shape)
+    qk, ek = scheme.quantize_batch(keys)
+    qv, ev = scheme.quantize_batch(values)
+    specs = scheme.parts((L, H, K, D))
+    parts = []
+    for q in (qk, qv):
+        for spec, a in zip(specs, q.parts, strict=True):
+            assert a.shape == (B, *spec.shape) and a.dtype.kind == spec.dtype.kind, (spec, a.shape, a.dtype)
+            parts.append(np.ascontiguousarray(a, dtype=spec.dtype))
+    head, pos = _HEADER.pack(_MAGIC, FORMAT_VERSION, L, H, K, D), pos.astype(_POS)
+    cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True, write_content_size=True, threads=0)
+    return [(cctx.compress(b"".join([head, pos[b].tobytes(), *(a[b].tobytes() for a in parts)])), ek[b].merge(ev[b]))
+            for b in range(B)]
+
+
 def _inflate(data: bytes, max_bytes: int, where: str) -> bytes:
     """Decompress one frame, refusing before decompressing one that declares no size or too large a
     size (a damaged or hostile shard), and one whose content checksum fails."""

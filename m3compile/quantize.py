@@ -92,6 +92,15 @@ def _error(x: np.ndarray, xh: np.ndarray) -> QuantError:
     return QuantError(float(np.abs(d).max(initial=0.0)), float((d * d).sum()), float((x.astype(np.float64) ** 2).sum()))
 
 
+def _errors(x: np.ndarray, xh: np.ndarray) -> list[QuantError]:
+    """_error of each x[b] alone (B, ...): the same float64 sums, one row per item."""
+    B = x.shape[0]
+    x64 = x.astype(np.float64).reshape(B, -1)
+    d = x64 - xh.astype(np.float64).reshape(B, -1)
+    mx, sq, nrm = np.abs(d).max(axis=1, initial=0.0), (d * d).sum(axis=1), (x64**2).sum(axis=1)
+    return [QuantError(float(mx[b]), float(sq[b]), float(nrm[b])) for b in range(B)]
+
+
 def _f16_up(a: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):
         h = a.astype(_SCALE)
@@ -137,6 +146,12 @@ class NoneScheme:
         raw = t.view(torch.int16).numpy().view(ndt) if tdt == torch.bfloat16 else t.numpy().astype(ndt)
         return QuantKV(self.name, tuple(t.shape), (raw,)), QuantError(0.0, 0.0, float((t.double() ** 2).sum()))
 
+    def quantize_batch(self, x) -> tuple[QuantKV, list[QuantError]]:
+        """quantize of each x[b] alone (B, ...), in one pass: a (B, ...) QuantKV, B errors."""
+        q, _ = self.quantize(x)
+        norms = (torch.as_tensor(x).detach().cpu().double() ** 2).flatten(1).sum(1)  # (B,)
+        return q, [QuantError(0.0, 0.0, float(n)) for n in norms]
+
     def dequantize(self, q):
         (raw,) = q.parts
         if self.dtype == "bfloat16":
@@ -178,6 +193,18 @@ class IntScheme:
 
     def quantize(self, x):
         x = _to_f32(x)
+        qkv = self._encode(x)
+        return qkv, _error(x, self.dequantize(qkv).numpy())
+
+    def quantize_batch(self, x) -> tuple[QuantKV, list[QuantError]]:
+        """quantize of each x[b] alone (B, ...), in one pass: a (B, ...) QuantKV and B errors. Every
+        group is quantized on its own, so the codes are those of one-by-one calls, and the errors
+        are the same float64 sums (tests/test_pack.py checks both)."""
+        x = _to_f32(x)
+        qkv = self._encode(x)
+        return qkv, _errors(x, self.dequantize(qkv).numpy())
+
+    def _encode(self, x: np.ndarray) -> QuantKV:
         self._check(x.shape)
         xg = x.reshape(*x.shape[:-1], -1, self.group)  # (..., D/G, G)
         if self.sym:
@@ -199,8 +226,7 @@ class IntScheme:
         if self.bits == 4:
             u = (q.astype(np.int16) + 8).astype(np.uint8) if self.sym else q  # sym nibbles offset by 8
             q = u[..., 0::2] | (u[..., 1::2] << 4)  # (..., D/2): even d in the low nibble
-        qkv = QuantKV(self.name, tuple(x.shape), (q, s) if self.sym else (q, s, mins))
-        return qkv, _error(x, self.dequantize(qkv).numpy())
+        return QuantKV(self.name, tuple(x.shape), (q, s) if self.sym else (q, s, mins))
 
     def dequantize(self, q):
         codes, s = q.parts[0], q.parts[1]

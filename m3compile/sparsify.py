@@ -40,28 +40,35 @@ def token_scores(q_pre: torch.Tensor, k_pre: torch.Tensor, mask: torch.Tensor) -
 
 
 def select_topk(batch: EncodedBatch, k: int) -> list[SparseKV]:
-    """The sparse memory of every reference in the batch, on the CPU."""
+    """The sparse memory of every reference in the batch, on the CPU.
+
+    Selection and gathering run once for the whole batch (a per-reference loop of small torch ops
+    cost more than the forward of a small model); each reference's SparseKV is a view of the
+    batch's (B, L, H, K, D) tensors. A reference shorter than k keeps all its tokens: padding
+    keys score -inf, so they sort after every real token and are cut off below."""
     layers = sorted(batch.kv)
-    per_layer = []
+    T = batch.mask.shape[1]
+    kk = min(k, T)
+    keys, values, positions = [], [], []
     for l in layers:
         kv = batch.kv[l]
         scores = token_scores(kv.q_pre, kv.k_pre, batch.mask)  # (B, H, T)
         # stable descending sort: equal scores keep ascending j, so ties go to the lower j
         order = torch.sort(scores, dim=-1, descending=True, stable=True).indices  # (B, H, T)
-        per_layer.append((order, kv.k_post, kv.v))
+        idx = order[..., :kk].sort(dim=-1).values  # (B, H, K) ascending j
+        gather = idx[..., None].expand(-1, -1, -1, kv.k_post.shape[-1])  # (B, H, K, D)
+        keys.append(kv.k_post.gather(2, gather))
+        values.append(kv.v.gather(2, gather))
+        positions.append(idx)
+    keys = torch.stack(keys, 1).cpu()  # (B, L, H, K, D)
+    values = torch.stack(values, 1).cpu()  # (B, L, H, K, D)
+    positions = torch.stack(positions, 1).cpu()  # (B, L, H, K)
     out = []
     for b, n in enumerate(batch.n_tokens):
-        kr = min(k, n)
-        keys, values, positions = [], [], []
-        for order, k_post, v in per_layer:
-            idx = order[b, :, :kr].sort(dim=-1).values  # (H, K) ascending j
-            gather = idx[..., None].expand(-1, -1, k_post.shape[-1])  # (H, K, D)
-            keys.append(k_post[b].gather(1, gather))  # (H, K, D)
-            values.append(v[b].gather(1, gather))  # (H, K, D)
-            positions.append(idx)
-        out.append(SparseKV(
-            keys=torch.stack(keys).cpu(),  # (L, H, K, D)
-            values=torch.stack(values).cpu(),  # (L, H, K, D)
-            positions=torch.stack(positions).cpu(),  # (L, H, K)
-        ))
+        if n >= kk:
+            out.append(SparseKV(keys=keys[b], values=values[b], positions=positions[b]))
+        else:  # all n real tokens win, in ascending j: positions 0..n-1 of every head
+            assert bool((positions[b, ..., :n] == torch.arange(n)).all()), "a padding key outranked a real one"
+            out.append(SparseKV(keys=keys[b, ..., :n, :].contiguous(), values=values[b, ..., :n, :].contiguous(),
+                                positions=positions[b, ..., :n].contiguous()))
     return out

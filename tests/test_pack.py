@@ -21,6 +21,7 @@ from m3compile.errors import M3Error
 from m3compile.pack import (
     INDEX_NAME, LAYOUT, ZSTD_LEVEL, RefLocation, ShardWriter, bits_per_element, decode_payload, encode_payload,
     pack_payload, payload_nbytes, plan_shards, read_payload, read_shard_header, shard_info, unpack_payload,
+    encode_payloads,
     write_shard_index,
 )
 from m3compile.quantize import get_scheme
@@ -49,6 +50,24 @@ def write(out: Path, fr, max_shard_bytes, first_index=1, ids=None):
         locs = [w.add(i, f) for i, f in zip(ids or range(len(fr)), fr)]
     write_shard_index(out, w.shards, w.metadata)
     return locs, w
+
+
+@pytest.mark.parametrize("name", SCHEMES + ["int8-sym-g8", "int4-sym-g16"])
+def test_batched_frames_are_the_one_by_one_frames(name):
+    """encode_payloads quantizes a batch in one pass: every frame and every error figure must be
+    what encode_payload gives for that reference alone (the compile's bytes depend on it)."""
+    s = get_scheme(name)
+    dt = torch.bfloat16 if name == "none-bfloat16" else torch.float32
+    mems = [memory(i, K=4, dtype=dt) for i in range(9)]
+    mems[3] = (mems[3][0] * 1e-3, mems[3][1], mems[3][2])  # a reference of much smaller keys
+    mems[5] = (torch.zeros_like(mems[5][0]), mems[5][1], mems[5][2])  # an all-zero group: scale 0
+    got = encode_payloads(*(torch.stack([m[j] for m in mems]) for j in range(3)), s)
+    for (frame, err), m in zip(got, mems, strict=True):
+        want_frame, want_err = encode_payload(*m, s)
+        assert frame == want_frame
+        assert (err.max_abs, err.sq_err, err.sq_norm) == (want_err.max_abs, want_err.sq_err, want_err.sq_norm)
+    assert encode_payloads(torch.zeros(0, 2, 2, 4, 16), torch.zeros(0, 2, 2, 4, 16),
+                           torch.zeros(0, 2, 2, 4, dtype=torch.long), s) == []
 
 
 @pytest.mark.parametrize("name", SCHEMES)
