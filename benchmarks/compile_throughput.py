@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from m3compile.config import CompileConfig
+from m3compile.kb import open_kb
 from m3compile.model import ModelArgs, Transformer, save_checkpoint
 from m3compile.pipeline import compile_kb
 
@@ -74,11 +75,60 @@ def write_flops(l_ref: float, args: ModelArgs, l_mem: int) -> float:
                 + (l_mem - 1) * l_ref * 3 * d * w + l_mem * l_ref**2 * d)
 
 
+def cpu_flags() -> str:
+    """Which bf16 matmul units the CPU has (Linux /proc/cpuinfo): AMX, AVX512-BF16, or neither."""
+    try:
+        flags = set(next(l for l in open("/proc/cpuinfo") if l.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        return "CPU flags unknown"
+    have = [n for f, n in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16")) if f in flags]
+    return ("bf16 units: " + ", ".join(have)) if have else "no AMX or AVX512-BF16"
+
+
+@torch.no_grad()
+def transformers_pipeline(model_dir: Path, refs: list[list[int]], prefix: list[int], layers: list[int], top_k: int,
+                          dtype: str, batch_size: int) -> float:
+    """The obvious pipeline, for comparison: transformers' LlamaForCausalLM (eager attention, every
+    layer run, `output_attentions`), each reference behind the same prefix, the top-k tokens per
+    memory layer and kv head by attention received (summed over the group's heads and all query
+    positions), their cached keys and values gathered. No quantization, compression or writing.
+    Returns the wall seconds."""
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), attn_implementation="eager").eval()
+    n_kv = hf.config.num_key_value_heads
+    p = len(prefix)
+    t = time.perf_counter()
+    for s in range(0, len(refs), batch_size):
+        batch = refs[s:s + batch_size]
+        T = p + max(len(r) for r in batch)
+        ids = torch.zeros(len(batch), T, dtype=torch.long)
+        mask = torch.zeros(len(batch), T, dtype=torch.long)
+        for b, r in enumerate(batch):
+            ids[b, :p + len(r)] = torch.tensor(prefix + r)
+            mask[b, :p + len(r)] = 1
+        out = hf(input_ids=ids, attention_mask=mask, output_attentions=True, use_cache=True)
+        cache = out.past_key_values
+        for l in layers:
+            att = out.attentions[l].float()  # (B, N, T, T)
+            B, N = att.shape[:2]
+            got = att.masked_fill(~mask.bool()[:, None, :, None], 0).sum(2)  # (B, N, T) attention received
+            got = got.view(B, n_kv, N // n_kv, T).sum(2)[:, :, p:]  # (B, H, T - p)
+            got = got.masked_fill(~mask.bool()[:, None, p:], -1)
+            idx = got.topk(min(top_k, T - p), dim=-1).indices + p  # (B, H, K)
+            k, v = (cache.layers[l].keys, cache.layers[l].values) if hasattr(cache, "layers") else cache[l]
+            g = idx[..., None].expand(-1, -1, -1, k.shape[-1])
+            k.gather(2, g), v.gather(2, g)  # (B, H, K, D)
+    return time.perf_counter() - t
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mb", type=float, default=1.0, help="megabytes of book text to compile")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--dtypes", default="bfloat16,float32")
+    ap.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the plain transformers pipeline (needs transformers, the [test] extra)")
     opts = ap.parse_args()
     if not DATA.is_dir():
         sys.exit(f"{DATA} is absent: this benchmark needs ../shared/data/gutenberg")
@@ -97,8 +147,9 @@ def main():
               f"tokenizer) {time.perf_counter() - t:.1f}s; corpus {opts.mb} MB of {len(texts)} books; "
               f"torch {torch.__version__}, {torch.get_num_threads()} threads")
         peak = matmul_peak(torch.bfloat16)
-        print(f"measured matmul peak: bf16 {peak / 1e9:.0f} GFLOP/s, fp32 {matmul_peak(torch.float32) / 1e9:.0f} GFLOP/s")
-        rows = []
+        print(f"measured matmul peak: bf16 {peak / 1e9:.0f} GFLOP/s, fp32 {matmul_peak(torch.float32) / 1e9:.0f} GFLOP/s; "
+              f"{cpu_flags()}")
+        rows, baselines = [], []
         for dtype in opts.dtypes.split(","):
             cfg = CompileConfig(corpus=str(corpus), model=str(model_dir), dtype=dtype, quant="int8",
                                 batch_size=opts.batch_size)
@@ -106,11 +157,17 @@ def main():
             m = compile_kb(cfg, work / f"kb-{dtype}").manifest
             wall = time.perf_counter() - t
             run = json.loads((work / f"kb-{dtype}" / "run.json").read_text())
-            n, toks = m["counts"]["references"], m["counts"]["tokens"]
-            flops = write_flops(toks / n, ARGS, len(m["write"]["memory_layers"])) * n
+            n, toks = m.counts["references"], m.counts["tokens"]
+            flops = write_flops(toks / n, ARGS, len(m.write["memory_layers"])) * n
             stages = run["stage_seconds"]
             rows.append((dtype, n, toks, wall, n / wall, toks / wall, flops / wall / peak,
                          {k: v / wall for k, v in stages.items()}))
+            if opts.baseline:
+                kb = open_kb(work / f"kb-{dtype}")
+                refs = kb.references().select(["token_ids"]).to_pydict()["token_ids"]
+                hf_wall = transformers_pipeline(model_dir, refs, list(kb.spec.prefix_ids), list(kb.spec.memory_layers),
+                                                kb.spec.top_k, dtype, opts.batch_size)
+                baselines.append((dtype, n / hf_wall, flops / hf_wall / peak, hf_wall / wall))
         print("\n| dtype | refs | tokens | wall s | refs/s | tokens/s | MFU (vs bf16 peak) |")
         print("|---|---|---|---|---|---|---|")
         for dtype, n, toks, wall, rps, tps, mfu, _ in rows:
@@ -118,6 +175,11 @@ def main():
         print("\nshare of wall time per stage:")
         for dtype, *_, shares in rows:
             print(f"  {dtype}: " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in sorted(shares.items())))
+        if baselines:
+            print("\nthe plain transformers pipeline on the same references, same run (selection only: no quantization,"
+                  " compression or writing):")
+            for dtype, rps, mfu, ratio in baselines:
+                print(f"  {dtype}: {rps:.1f} refs/s, MFU {100 * mfu:.1f} %; m3 compile is {ratio:.2f}x as fast")
         if len(rows) == 2:
             print(f"\nbf16 / fp32 throughput ratio: {rows[0][4] / rows[1][4]:.2f}x")
 

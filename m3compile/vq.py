@@ -69,6 +69,15 @@ def paper_factory(d: int) -> str:
 #   vq-rq8       RQ{D/8}x8: 0.43 on a held-out kb, below vq-paper's 0.46 at 1 code bit per element, but
 #                1 MB of codebooks per kb (<= 0.1 bit once a kb holds ~10k references of this shape)
 #                and it encodes only ~9x faster than vq-paper (beam search).
+#   vq-lsq8      LSQ{D/8}x8 (additive, local search), the codebook size of vq-rq8: on the reader's
+#                2000-article world kb (7178 references; benchmarks/quant_scale.py) 1.37 bits per
+#                element on disk with its codebooks and error 0.370, against vq-paper's 1.89 bits and
+#                0.389 and vq-rq8's 1.36 bits and 0.391. It compiles 4x slower than vq-paper (1019
+#                against 258 s there): FAISS recomputes LSQ's codebook cross terms on every encode
+#                call, and a call holds one reference. LSQ starts each encode call from seeded random codes,
+#                so codes depend on what one call holds: every path encodes one reference per
+#                (layer, role) call (VQScheme.quantize), which keeps a frame a function of its
+#                reference alone.
 #   vq-paper     error 0.11 on its own kb (its 2x2^14 centroids nearly memorise 27k vectors, 22 bits
 #                per element with its 2.2 MB codebooks), 0.46 on a held-out kb; encodes 3.7k vectors/s.
 PRESETS = {
@@ -80,7 +89,9 @@ PRESETS = {
     "vq-pq4-half": (lambda d: f"PQ{_divisor_at_most(d, d // 8)}x4", "layer"),  # 0.5 bit per element
     "vq-pq8": (lambda d: f"PQ{_divisor_at_most(d, d // 8)}x8", "layer"),  # 1 bit per element, 256-entry books
     "vq-rq4": (lambda d: f"RQ{max(1, d // 4)}x4", "role"),  # 1 bit per element, residual with beam search
-    "vq-rq8": (lambda d: f"RQ{max(1, d // 8)}x8", "layer"),  # 1 bit per element, lowest error, slow encode
+    "vq-rq8": (lambda d: f"RQ{max(1, d // 8)}x8", "layer"),  # 1 bit per element, residual with beam search
+    # 1 bit per element, additive (local search): the lowest error at 1 bit (benchmarks/quant_scale.py)
+    "vq-lsq8": (lambda d: f"LSQ{max(1, d // 8)}x8", "layer"),
 }
 # the default: the embedded reader's held-out recall stays within 2 points of int8 only from ~4 code
 # bits per element at D = 32 (benchmarks/reader_recall.py), and of the 4-bit candidates PQ with

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from m3compile.errors import M3Error
-from m3compile.pack import decode_payload, encode_payload
+from m3compile.pack import decode_payload, encode_payload, encode_payloads
 from m3compile.vq import Codebooks, TableDecoder, VQScheme, build_codec, collect_samples, paper_factory, resolve, train_codecs
 
 L, H, K, D = 2, 2, 16, 32
@@ -41,7 +41,8 @@ def test_round_trip_error_is_small(codebooks):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("factory, group", [("PQ8x4", "layer"), ("OPQ4,PQ4x4", "head"), ("RQ4x4", "role")])
+@pytest.mark.parametrize("factory, group", [("PQ8x4", "layer"), ("OPQ4,PQ4x4", "head"), ("RQ4x4", "role"),
+                                            ("LSQ4x4", "layer")])
 def test_training_is_deterministic(factory, group, threads):
     before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(threads)
@@ -112,7 +113,7 @@ def test_collect_samples_shapes():
 
 
 @pytest.mark.parametrize("d", [8, 32, 80])
-@pytest.mark.parametrize("preset", ["vq", "vq-paper", "vq-pq4-half", "vq-pq8", "vq-rq4", "vq-rq8"])
+@pytest.mark.parametrize("preset", ["vq", "vq-paper", "vq-pq4-half", "vq-pq8", "vq-rq4", "vq-rq8", "vq-lsq8"])
 def test_presets_resolve(preset, d):
     factory, group = resolve(preset, d)
     assert build_codec(factory, d).d == d and group in ("layer", "head", "role", "all")
@@ -140,3 +141,20 @@ def test_damaged_codebook_is_named(codebooks):
         Codebooks.from_tensors(bad, meta)
     with pytest.raises(M3Error, match="not m3 VQ codebooks"):
         Codebooks.from_tensors(tensors, {**meta, "format": "other"})
+
+
+def test_a_frame_depends_on_its_reference_alone():
+    """LSQ encodes from seeded random codes drawn for the whole call, so codes depend on what one
+    call holds; a compile must encode one reference per call, also when it batches references
+    (pack.encode_payloads), or a resumed or incremental compile would not give the same bytes."""
+    scheme = VQScheme(train_codecs(_samples(), "LSQ4x4", seed=2, max_train=600))
+    g = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(5, L, H, K, D, generator=g), torch.randn(5, L, H, K, D, generator=g)
+    pos = torch.arange(K).expand(5, L, H, K)
+    batched = encode_payloads(keys, values, pos, scheme)
+    alone = [encode_payload(keys[b], values[b], pos[b], scheme) for b in (4, 2, 0, 1, 3)]
+    assert [f for f, _ in batched] == [alone[i][0] for i in (2, 3, 1, 4, 0)]
+    x = keys[0, 0].reshape(-1, D).numpy()
+    together = scheme.codebooks.encode(0, "k", np.concatenate([keys[1, 0].reshape(-1, D).numpy(), x]))
+    assert not np.array_equal(together[-len(x):], scheme.codebooks.encode(0, "k", x)), \
+        "LSQ no longer depends on the call: this test no longer guards anything"
