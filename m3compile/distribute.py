@@ -23,11 +23,11 @@ some node is an error, not a silently mixed kb.
 
 import json
 import logging
-from collections import defaultdict
 import math
 import os
 import signal
 import socket
+from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence

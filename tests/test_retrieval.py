@@ -64,6 +64,19 @@ def test_stemming_and_stop_words_take_effect(tmp_path):
     assert r.retrieve("the ocean", k=1) == r.retrieve("ocean", k=1)
 
 
+def test_queries_scored_in_blocks_rank_as_all_at_once(tmp_path, monkeypatch):
+    """retrieve_many scores QUERY_BLOCK queries at a time (bounded memory); blocks change nothing."""
+    import m3compile.retrieve as retrieve_module
+
+    kb, section = bm25_kb(tmp_path)
+    r = Retriever.open(kb, section)
+    queries = ["bread oven", "ocean ships", "the of", "stars", "running", "sleeping cats", "planted"]
+    whole = r.retrieve_many(queries, k=3)
+    monkeypatch.setattr(retrieve_module, "QUERY_BLOCK", 2)
+    assert r.retrieve_many(queries, k=3) == whole
+    assert len(whole) == len(queries) and whole[0][0].ref_id == 415 and whole[2] == []
+
+
 def test_bm25_scores_match_an_independent_lucene_bm25(tmp_path):
     kb, section = bm25_kb(tmp_path)
     r = Retriever.open(kb, section)
