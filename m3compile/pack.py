@@ -113,16 +113,25 @@ def encode_payload(keys, values, positions, scheme: Scheme) -> tuple[bytes, Quan
     Example:
         >>> frame, err = encode_payload(k, v, pos, get_scheme("int8"))
     """
-    pos = np.asarray(positions, dtype=np.int64)  # (L, H, K)
+    pos = _checked_positions(positions, ndim=3)  # (L, H, K)
+    qk, ek = scheme.quantize(keys, **_role(scheme, "k"))
+    qv, ev = scheme.quantize(values, **_role(scheme, "v"))
+    return _compressor().compress(pack_payload(qk, qv, pos, scheme)), ek.merge(ev)
+
+
+def _checked_positions(positions, ndim: int) -> np.ndarray:
+    """Kept token positions as int64, refused when they do not fit the payload's uint16."""
+    pos = np.asarray(positions, dtype=np.int64)  # (..., L, H, K)
     if pos.size and (pos.min() < 0 or pos.max() > np.iinfo(_POS).max):
         raise M3Error(f"token positions {pos.min()}..{pos.max()} do not fit in uint16; "
                       "references longer than 65536 tokens are not supported: lower the chunk size")
-    assert pos.ndim == 3 and (np.diff(pos, axis=-1) > 0).all(), "positions must ascend per head"
-    qk, ek = scheme.quantize(keys, **_role(scheme, "k"))
-    qv, ev = scheme.quantize(values, **_role(scheme, "v"))
-    raw = pack_payload(qk, qv, pos, scheme)
-    cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True, write_content_size=True, threads=0)
-    return cctx.compress(raw), ek.merge(ev)
+    assert pos.ndim == ndim and (np.diff(pos, axis=-1) > 0).all(), "positions must ascend per head"
+    return pos
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    """One frame per payload: checksummed and carrying its size (formats/kv-shard.md)."""
+    return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True, write_content_size=True, threads=0)
 
 
 def encode_payloads(keys, values, positions, scheme: Scheme) -> list[tuple[bytes, QuantError]]:
@@ -142,11 +151,7 @@ def encode_payloads(keys, values, positions, scheme: Scheme) -> list[tuple[bytes
     B = len(keys)
     if not hasattr(scheme, "quantize_batch") or B == 0:
         return [encode_payload(keys[b], values[b], positions[b], scheme) for b in range(B)]
-    pos = np.asarray(positions, dtype=np.int64)  # (B, L, H, K)
-    if pos.size and (pos.min() < 0 or pos.max() > np.iinfo(_POS).max):
-        raise M3Error(f"token positions {pos.min()}..{pos.max()} do not fit in uint16; "
-                      "references longer than 65536 tokens are not supported: lower the chunk size")
-    assert pos.ndim == 4 and (np.diff(pos, axis=-1) > 0).all(), "positions must ascend per head"
+    pos = _checked_positions(positions, ndim=4)  # (B, L, H, K)
     _, L, H, K, D = keys.shape
     assert max(L, H, K, D) <= 0xFFFF and pos.shape == (B, L, H, K), (keys.shape, pos.shape)
     qk, ek = scheme.quantize_batch(keys)
@@ -158,7 +163,7 @@ def encode_payloads(keys, values, positions, scheme: Scheme) -> list[tuple[bytes
             assert a.shape == (B, *spec.shape) and a.dtype.kind == spec.dtype.kind, (spec, a.shape, a.dtype)
             parts.append(np.ascontiguousarray(a, dtype=spec.dtype))
     head, pos = _HEADER.pack(_MAGIC, FORMAT_VERSION, L, H, K, D), pos.astype(_POS)
-    cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True, write_content_size=True, threads=0)
+    cctx = _compressor()
     return [(cctx.compress(b"".join([head, pos[b].tobytes(), *(a[b].tobytes() for a in parts)])), ek[b].merge(ev[b]))
             for b in range(B)]
 

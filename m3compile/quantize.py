@@ -136,6 +136,16 @@ class NoneScheme:
         return (PartSpec("values", _NONE_DTYPES[self.dtype][1], tuple(shape)),)
 
     def quantize(self, x):
+        q, t = self._encode(x)
+        return q, QuantError(0.0, 0.0, float((t.double() ** 2).sum()))
+
+    def quantize_batch(self, x) -> tuple[QuantKV, list[QuantError]]:
+        """quantize of each x[b] alone (B, ...), in one pass: a (B, ...) QuantKV, B errors."""
+        q, t = self._encode(x)
+        return q, [QuantError(0.0, 0.0, float(n)) for n in (t.double() ** 2).flatten(1).sum(1)]
+
+    def _encode(self, x) -> tuple[QuantKV, torch.Tensor]:
+        """The stored values, and x as the contiguous CPU tensor they came from."""
         tdt, ndt = _NONE_DTYPES[self.dtype]
         t = torch.as_tensor(x)
         if t.dtype != tdt:
@@ -144,13 +154,7 @@ class NoneScheme:
         _to_f32(t)  # the finiteness check
         t = t.detach().cpu().contiguous()  # (..., D)
         raw = t.view(torch.int16).numpy().view(ndt) if tdt == torch.bfloat16 else t.numpy().astype(ndt)
-        return QuantKV(self.name, tuple(t.shape), (raw,)), QuantError(0.0, 0.0, float((t.double() ** 2).sum()))
-
-    def quantize_batch(self, x) -> tuple[QuantKV, list[QuantError]]:
-        """quantize of each x[b] alone (B, ...), in one pass: a (B, ...) QuantKV, B errors."""
-        q, _ = self.quantize(x)
-        norms = (torch.as_tensor(x).detach().cpu().double() ** 2).flatten(1).sum(1)  # (B,)
-        return q, [QuantError(0.0, 0.0, float(n)) for n in norms]
+        return QuantKV(self.name, tuple(t.shape), (raw,)), t
 
     def dequantize(self, q):
         (raw,) = q.parts
