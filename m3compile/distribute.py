@@ -4,7 +4,13 @@ A compile's map step is `encode_frames`: memorize a batch of references (forward
 quantize + compress each memory into a frame (pack.encode_payload). Everything else (reading,
 cutting, planning, writing shards, the generation, the manifest) stays in the driver, pipeline.py.
 
-  local   the batches are encoded one after another in this process (`local_frames`).
+  local   the batches are encoded one after another in this process (`local_frames`), or, with
+          `--workers N`, by N worker processes on this machine, one model and --cpus-per-worker
+          torch threads each, results in batch order (`pool_frames`): torch splits a small model's
+          matmuls poorly across threads, and processes do not share them. The bytes are the same
+          (tests/test_local_workers.py). Not the default: each worker holds a copy of the model,
+          and spawned workers import the caller's __main__, which a script without an
+          `if __name__ == "__main__":` guard would run again.
   ray     (`m3 compile --engine ray`, the `[ray]` extra) the batches are a Ray Dataset, encoded by
           a pool of actors, one model per actor, with GPUs per actor when asked (`ray_frames`).
           Results stream back to the driver in batch order (DataContext preserve_order), so the
@@ -24,10 +30,13 @@ some node is an error, not a silently mixed kb.
 import json
 import logging
 import math
+import multiprocessing
 import os
 import signal
 import socket
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -75,6 +84,46 @@ def local_frames(model, spec: MemorySpec, batches: Iterable[list[list[int]]], ti
         yield encode_frames(model, spec, batch, timer)
 
 
+# ---- the local engine with worker processes ---------------------------------------------------------
+
+_pool_encoder: "_Encoder | None" = None  # the model of this worker process (pool_frames)
+
+
+def _pool_start(model_path: str, fields: dict, codebooks: tuple | None, device: str, threads: int) -> None:
+    global _pool_encoder
+    _pool_encoder = _Encoder(model_path, fields, codebooks, device, threads)
+
+
+def _pool_encode(item: tuple[int, list[list[int]]]) -> bytes:
+    i, tokens = item
+    _crash_once(f"pool-batch:{i}")
+    return _pack_result(encode_frames(_pool_encoder.model, _pool_encoder.spec, tokens))
+
+
+def pool_frames(model_path: Path, spec: MemorySpec, batches: Sequence[list[list[int]]], device: str,
+                workers: int, threads_per_worker: int) -> Iterator[Frames]:
+    """The local engine on `workers` processes of this machine (spawned: a fork would copy the
+    parent's OpenMP state), each with its own model and `threads_per_worker` torch threads;
+    frames yielded in batch order. A worker that dies (killed, out of memory) or fails ends the
+    compile with one error; what was written and checkpointed before stays, and the same command
+    resumes from there."""
+    if not batches:
+        return
+    codebooks = spec.codebooks.to_tensors() if spec.codebooks is not None else None
+    fields = {k: getattr(spec, k) for k in spec.__dataclass_fields__ if k != "codebooks"}
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_pool_start,
+                               initargs=(str(model_path), fields, codebooks, device, threads_per_worker))
+    try:
+        for data in pool.map(_pool_encode, enumerate(batches)):  # in order; the pool runs ahead
+            yield _unpack_result(data)
+    except BrokenProcessPool:
+        raise M3Error(f"a compile worker process failed or died (killed, or out of memory with {workers} "
+                      "workers); the frames encoded so far are checkpointed: run the same command again to "
+                      "resume, with --workers 1 if memory is short") from None
+    finally:  # also when the driver stops early: queued batches are dropped, not encoded
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 # ---- the Ray engine ----------------------------------------------------------------------------------
 
 def _pack_result(frames: Frames) -> bytes:
@@ -102,7 +151,8 @@ def _crash_once(name: str) -> None:
 
 
 class _Encoder:
-    """A Ray Data actor: loads the model once, checks it is the spec's, encodes batch rows."""
+    """A Ray Data actor, or the model of a local worker process (pool_frames): loads the model once,
+    checks it is the spec's, encodes batch rows."""
 
     def __init__(self, model_path: str, spec_fields: dict, codebooks: tuple | None, device: str, threads: int):
         import torch

@@ -38,7 +38,7 @@ from m3compile.chunk import Reference, chunk_documents
 from m3compile.config import (MODEL_MEMORY_FILE, PAPER_DEFAULTS, READ_SETTINGS, RUN_SETTINGS, CompileConfig,
                               default_model_dir, describe_settings, read_model_memory)
 from m3compile.corpus import RECORD_SUFFIXES, TEXT_SUFFIXES, CorpusReport, iter_documents
-from m3compile.distribute import Frames, check_ray, encode_frames, local_frames, ray_frames
+from m3compile.distribute import Frames, check_ray, encode_frames, local_frames, pool_frames, ray_frames
 from m3compile.errors import M3Error
 from m3compile.index import index_references, resolve_embedder
 from m3compile.model import Checkpoint, fingerprint, load_checkpoint
@@ -350,20 +350,25 @@ def _encode_frames(setup: Setup, token_lists: list[list[int]], timer: Timer) -> 
     return encode_frames(setup.ck.model, setup.spec, token_lists, timer)
 
 
-def _engine(setup: Setup, batches: list[list[list[int]]], timer: Timer) -> Iterator[Frames]:
-    """The frames of each non-empty batch, in order, from the configured engine (distribute.py)."""
+def _engine(setup: Setup, batches: list[list[list[int]]], timer: Timer) -> tuple[Iterator[Frames], int]:
+    """The frames of each non-empty batch, in order, from the configured engine (distribute.py),
+    and how many processes (or Ray actors) encode them; 1 is this process."""
     config = setup.config
     todo = [b for b in batches if b]
     if config.engine == "ray":
-        return ray_frames(setup.model_path, setup.spec, todo, config.device, config.ray_address, config.workers,
-                          config.gpus_per_worker, config.cpus_per_worker)
-    return local_frames(setup.ck.model, setup.spec, todo, timer)
+        workers = config.workers or 2
+        return ray_frames(setup.model_path, setup.spec, todo, config.device, config.ray_address, workers,
+                          config.gpus_per_worker, config.cpus_per_worker), workers
+    workers = config.workers or 1
+    if workers > 1:
+        return pool_frames(setup.model_path, setup.spec, todo, config.device, workers, config.cpus_per_worker), workers
+    return local_frames(setup.ck.model, setup.spec, todo, timer), 1
 
 
 def _write_new(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: Timer, progress: Progress) -> dict:
     config = setup.config
     source = store.FrameSource(out, setup.spec)
-    stats = {"encoded": 0, "copied": 0}
+    stats = {"encoded": 0, "copied": 0, "engine_workers": 1}
     checkpoints = store.Checkpoints(out, _shard_metadata(setup), config.checkpoint_seconds)
     with ShardWriter(out, _shard_metadata(setup), config.max_shard_bytes, first_index=prev.next_shard) as writer, \
             ExitStack() as stack:
@@ -371,7 +376,8 @@ def _write_new(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: Timer
         batches = [plan.new[s:s + config.batch_size] for s in range(0, len(plan.new), config.batch_size)]
         # what the engine encodes: the references whose frame no shard or checkpoint holds
         sent = [[(row, ref) for row, ref in b if bytes.fromhex(row["ref_key"]) not in source.frames] for b in batches]
-        encoded = _engine(setup, [[list(r.token_ids) for _, r in b] for b in sent], timer)
+        encoded, stats["engine_workers"] = _engine(setup, [[list(r.token_ids) for _, r in b] for b in sent], timer)
+        waiting = "encode (waiting for ray)" if config.engine == "ray" else "encode (waiting for workers)"
         stack.enter_context(closing(encoded))  # a failed write stops the engine (and a Ray cluster it started)
         for n, (batch, todo) in enumerate(zip(batches, sent)):
             sent_ids = {row["ref_id"] for row, _ in todo}
@@ -379,7 +385,7 @@ def _write_new(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: Timer
                        if row["ref_id"] not in sent_ids}
             fresh = {}
             if todo:
-                with timer("encode (waiting for ray)") if config.engine == "ray" else nullcontext():
+                with timer(waiting) if stats["engine_workers"] > 1 or config.engine == "ray" else nullcontext():
                     frames = next(encoded)
                 fresh = {row["ref_id"]: e for (row, _), e in zip(todo, frames)}
             damaged = [(row, ref) for row, ref in batch if row["ref_id"] not in sent_ids and on_disk[row["ref_id"]] is None]
@@ -635,7 +641,8 @@ def _run(config: CompileConfig, out: Path, progress: Progress, log, keep_missing
                                                               "reused": len(plan.rows) - len(plan.new),
                                                               "removed": len(plan.removed)},
                        "shards_written": stats["shards_written"], "shards_kept": stats["shards_kept"],
-                       "repaired": repaired, **_drift(setup, plan, log)}
+                       "repaired": repaired, "engine_workers": stats.get("engine_workers", 1),
+                       **_drift(setup, plan, log)}
             run = {"created_at_unix": round(t_start, 3), "wall_seconds": round(time.time() - t_start, 3),
                    "stage_seconds": {k: round(v, 4) for k, v in sorted(timer.seconds.items())},
                    "summary": summary, "host": socket.gethostname(), "python": platform.python_version(),

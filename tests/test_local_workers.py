@@ -1,0 +1,75 @@
+"""The local engine on worker processes (`m3 compile --workers N`, distribute.pool_frames): the bytes
+of one process, codebooks in the workers, a killed worker as one error with nothing lost."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from m3compile.config import CompileConfig
+from m3compile.errors import M3Error
+from m3compile.pipeline import compile_kb
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "examples" / "corpus"  # 24 articles, 86 references with the embedded model
+
+
+def snapshot(kb: Path) -> dict:
+    return {p.relative_to(kb).as_posix(): p.read_bytes() for p in kb.rglob("*")
+            if p.is_file() and p.name not in ("run.json", ".m3.lock")}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The kb of the embedded model's example corpus, encoded in this process."""
+    kb = tmp_path_factory.mktemp("one") / "kb"
+    cfg = CompileConfig(corpus=str(CORPUS), batch_size=8, checkpoint_seconds=0)
+    result = compile_kb(cfg, kb)
+    assert result.summary["engine_workers"] == 1
+    return cfg, kb
+
+
+def test_worker_processes_write_the_bytes_of_one_process(one_process, tmp_path):
+    cfg, kb = one_process
+    result = compile_kb(replace(cfg, workers=2), tmp_path / "kb")
+    assert result.summary["engine_workers"] == 2
+    run = json.loads((tmp_path / "kb" / "run.json").read_text())
+    assert run["workers"] == 2 and "encode (waiting for workers)" in run["stage_seconds"]
+    assert "encode+select" not in run["stage_seconds"]  # the driver encoded nothing itself
+    assert snapshot(tmp_path / "kb") == snapshot(kb)
+
+
+def test_codebooks_travel_to_the_worker_processes(tmp_path):
+    cfg = CompileConfig(corpus=str(CORPUS), batch_size=8, quant="vq-pq4", codebook_sample=64)
+    compile_kb(cfg, tmp_path / "one")
+    compile_kb(replace(cfg, workers=2), tmp_path / "two")
+    assert snapshot(tmp_path / "two") == snapshot(tmp_path / "one")
+
+
+def test_a_killed_worker_is_one_error_and_the_rerun_gives_the_same_bytes(one_process, tmp_path, monkeypatch):
+    cfg, kb = one_process
+    mark = tmp_path / "crash-mark"
+    # the workers inherit these: the first to reach batch 4 SIGKILLs itself, once (distribute._crash_once)
+    monkeypatch.setenv("M3_CRASH_AT", "pool-batch:4")
+    monkeypatch.setenv("M3_CRASH_MARK", str(mark))
+    with pytest.raises(M3Error, match="worker process failed or died .* run the same command again to resume"):
+        compile_kb(replace(cfg, workers=2), tmp_path / "kb")
+    assert mark.is_file()  # a worker did die
+    assert not (tmp_path / "kb" / "manifest.json").exists()  # nothing committed
+    result = compile_kb(replace(cfg, workers=2), tmp_path / "kb")
+    assert result.summary["references"]["copied"] > 0  # checkpointed frames were not encoded again
+    assert snapshot(tmp_path / "kb") == snapshot(kb)
+
+
+def test_the_cli_runs_workers_when_asked(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "m3compile", "compile", str(CORPUS), "-o", str(tmp_path / "kb"), "--workers", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "kb" / "run.json").read_text())["summary"]["engine_workers"] == 2
+    bad = subprocess.run(cmd[:-1] + ["0"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--workers 0 and --cpus-per-worker 1 must be at least 1" in bad.stderr
+    assert CompileConfig(corpus=".").workers is None  # the default: this process alone
