@@ -1,0 +1,142 @@
+"""Variants of the dense document score on SciFact train at reference width 32: is there a better
+document vector than the embedder's truncated lead, or better fusion weights, for `--embedder minilm`?
+
+The default hybrid context scoring (formats/index.md "fusion", Retriever._context_ranked) is
+emulated in numpy from the same parts: each reference's BM25 score divided by the query's best
+(weight bm25), its document's BM25 the same way (bm25_doc), the reference's cosine min-max scaled
+over the query's top 100 references (dense), and its document's cosine min-max scaled over the top
+100 documents (dense_doc). The emulation reproduces benchmarks/retrieval.py's hybrid figure (0.7443)
+before anything is changed. Document vectors tried for dense_doc:
+
+  whole(trunc)      the document embedded whole: the embedder keeps its first 256 word pieces (today)
+  mean-refs         the normalised mean of its references' vectors (free: they are embedded anyway)
+  mean-winN/max-winN  the document cut at reference boundaries into windows of at most N word
+                    pieces, each later window after the title (as index_texts does); the normalised
+                    mean of the window vectors, or the best window's cosine
+  whole+meanwinN    the normalised sum of whole(trunc) and mean-winN
+
+--grid also scores weights (bm25, bm25_doc, dense, dense_doc) over {0.25, 0.5, 1}², {0.5, 1, 1.5} and
+{0.25, 0.5, 1}. Every figure is document-level nDCG@10 as benchmarks/retrieval.py computes it, over
+all 809 train queries and over the halves with even and odd query ids (a change that holds on only
+one half is tuning noise), then recall@100.
+
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/retrieval_variants.py --cache /tmp/emb-cache [--grid]
+
+With benchmarks/retrieval.py's cache warm (same --cache), the windows take ~15 min of one thread.
+"""
+
+import argparse
+import itertools
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+import retrieval as R  # noqa: E402  (same directory)
+from m3compile import index as ix  # noqa: E402
+from m3compile.retrieve import Retriever  # noqa: E402
+
+
+def topminmax(m: np.ndarray, depth: int = 100) -> np.ndarray:
+    """(Q, X) scores -> min-max scaled over each row's top `depth`, 0 elsewhere (as _minmax)."""
+    out = np.zeros_like(m)
+    idx = np.argpartition(-m, depth, axis=1)[:, :depth]
+    v = np.take_along_axis(m, idx, 1)
+    lo, hi = v.min(1, keepdims=True), v.max(1, keepdims=True)
+    np.put_along_axis(out, idx, (v - lo) / np.maximum(hi - lo, 1e-12), 1)
+    return out
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=R.DATA)
+    ap.add_argument("--cache", type=Path, required=True, help="embedding cache (benchmarks/retrieval.py --cache)")
+    ap.add_argument("--windows", type=int, nargs="*", default=[128, 254], help="window sizes in word pieces")
+    ap.add_argument("--grid", action="store_true", help="also score a grid of fusion weights")
+    a = ap.parse_args()
+    R.cache_embeddings(a.cache)
+    queries, qrels = R.load_scifact(a.data)
+    qids = sorted(queries)
+    qtexts = [queries[q] for q in qids]
+    rows = R.reference_rows(a.data / "corpus.jsonl", R.MODEL, 32)
+    cols = {c: [r[c] for r in rows] for c in ("ref_id", "doc_id", "index", "text")}
+    docs = ix.group_documents(cols["ref_id"], cols["doc_id"], cols["index"], cols["text"])
+    doc_ids = [d for d, _, _ in docs]
+    texts = ix.index_texts(cols["doc_id"], cols["index"], cols["text"])
+    row_of = {d: j for j, d in enumerate(doc_ids)}
+    doc_of_ref = np.array([row_of[d] for d in cols["doc_id"]])
+    assert (np.diff(doc_of_ref) >= 0).all(), "a document's references are consecutive"
+    starts = np.flatnonzero(np.r_[True, np.diff(doc_of_ref) != 0])
+
+    model = ix.load_embedder(ix.resolve_embedder("minilm"))
+    p = ix.prompt_names(model)
+    e_ref = ix.embed(model, texts, p["document_prompt"])  # (R, E)
+    e_doc = ix.embed(model, [t for _, _, t in docs], p["document_prompt"])  # (N, E)
+    q = ix.embed(model, qtexts, p["query_prompt"])  # (Q, E)
+    with tempfile.TemporaryDirectory() as tmp:
+        r = Retriever.open(tmp, ix.index_references(Path(tmp), rows, None))
+        s = np.stack(r._bm25_scores(r._bm25, qtexts)).astype(np.float32)  # (Q, R)
+        sd = np.stack(r._bm25_scores(r._doc_bm25, qtexts)).astype(np.float32)  # (Q, N)
+    s_n = s / np.maximum(s.max(1, keepdims=True), 1e-12)
+    sd_n = (sd / np.maximum(sd.max(1, keepdims=True), 1e-12))[:, doc_of_ref]
+    d_ref = topminmax(q @ e_ref.T)
+    half = np.array([int(x) % 2 for x in qids])
+
+    def score(total: np.ndarray) -> str:
+        best = np.maximum.reduceat(total, starts, axis=1)  # (Q, N): a document ranks at its best reference
+        res = []
+        for i, qid in enumerate(qids):
+            ranked = [doc_ids[j] for j in np.argsort(-best[i], kind="stable")[:100]]
+            res.append((R.ndcg_at(ranked, qrels[qid], 10), R.recall_at(ranked, qrels[qid], 100)))
+        res = np.array(res)
+        return (f"{res[:, 0].mean():.4f} | {res[half == 0, 0].mean():.4f} | {res[half == 1, 0].mean():.4f} | "
+                f"{res[:, 1].mean():.4f}")
+
+    tok = model.tokenizer
+    variants = {"whole(trunc)": q @ e_doc.T, "mean-refs": q @ unit(np.add.reduceat(e_ref, starts, axis=0)).T}
+    for size in a.windows:
+        windows, owner = [], []
+        for j, (_, refs, _) in enumerate(docs):
+            title = ix.document_title(rows[refs[0]]["text"])
+            head = title + ix.TITLE_JOINER if title else ""
+            cur, n = "", 0
+            for ref in refs:
+                t = rows[ref]["text"]
+                m = len(tok.tokenize(t))
+                if cur and n + m > size:
+                    windows.append(cur)
+                    owner.append(j)
+                    cur, n = head, len(tok.tokenize(head)) if head else 0
+                cur, n = cur + t, n + m
+            windows.append(cur)
+            owner.append(j)
+        e_win = ix.embed(model, windows, p["document_prompt"])  # (W, E)
+        wst = np.flatnonzero(np.r_[True, np.diff(np.array(owner)) != 0])
+        mean = unit(np.add.reduceat(e_win, wst, axis=0))
+        variants[f"mean-win{size}"] = q @ mean.T
+        variants[f"max-win{size}"] = np.maximum.reduceat(q @ e_win.T, wst, axis=1)
+        variants[f"whole+meanwin{size}"] = q @ unit(mean + e_doc).T
+        print(f"windows of <= {size} word pieces: {len(windows)} for {len(docs)} documents", file=sys.stderr)
+    print(f"SciFact TRAIN, width 32, {len(qids)} queries; weights bm25 0.5, bm25_doc 1.0, dense 0.5 (the default)")
+    print(f"BM25 context alone: {score(0.5 * s_n + sd_n)}")
+    print("| dense_doc vector | dense_doc weight | nDCG@10 | even ids | odd ids | R@100 |\n|---|---|---|---|---|---|")
+    for name, dd in variants.items():
+        scaled = topminmax(dd)[:, doc_of_ref]
+        for w in (0.5, 1.0):
+            print(f"| {name} | {w} | {score(0.5 * s_n + sd_n + 0.5 * d_ref + w * scaled)} |", flush=True)
+    if a.grid:
+        dd = topminmax(variants["whole(trunc)"])[:, doc_of_ref]
+        print("\n| bm25 | bm25_doc | dense | dense_doc | nDCG@10 | even ids | odd ids | R@100 |\n|---|---|---|---|---|---|---|---|")
+        for wb, wbd, wd, wdd in itertools.product((0.25, 0.5, 1.0), (0.5, 1.0, 1.5), (0.25, 0.5, 1.0), (0.25, 0.5, 1.0)):
+            print(f"| {wb} | {wbd} | {wd} | {wdd} | {score(wb * s_n + wbd * sd_n + wd * d_ref + wdd * dd)} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
