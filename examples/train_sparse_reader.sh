@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The sparse reader's recipe (examples/README.md, "The density frontier"), one command:
 #   bash examples/train_sparse_reader.sh WORK_DIR
-# Three continuations of the embedded reader (trained at 1/2 of a reference's key-values), each a
+# Five continuations of the embedded reader (trained at 1/2 of a reference's key-values), each a
 # benchmarks/train_memory.py run (it prints held-out fact accuracy before and after):
 #   d16b  its own 2000-article world, top-4 of 32 tokens in layers 2-3 (1/16), 3000 steps
 #   d16w  a fresh 8000-article world (seed 1), same memory, 2000 steps at lr 1e-3
 #   d16y  another fresh 8000-article world (seed 2), top-8 in layer 3 alone (1/16), 1500 steps
-# ~3.5 h on one core of a 2-core machine with AMX (torch threads 1). The result is
-# WORK_DIR/d16y/trained; measure it with
-#   python benchmarks/density_frontier.py --kb world --known 1000 --point WORK_DIR/d16y/trained:8:3
+#   d16z  a third fresh world (seed 3), top-8 in layer 3, 2700 steps (no gain at 1/16 by itself)
+#   d32a  a fourth fresh world (seed 4), top-4 in layer 3 alone (1/32), 1900 steps
+# ~5.3 h on one core of a 2-core machine with AMX (torch threads 1). The result is
+# WORK_DIR/d32a/trained, read at 8 tokens of layer 3 (1/16) or 4 (1/32); measure it with
+#   python benchmarks/density_frontier.py --kb world --known 1000 --point WORK_DIR/d32a/trained:8:3
 set -euo pipefail
 work=${1:?usage: bash examples/train_sparse_reader.sh WORK_DIR}
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -20,3 +22,7 @@ run --work "$work/d16w" --start-from "$work/d16b/trained" --entities 8000 --worl
     --memory-layers 2,3 --steps 2000 --lr 1e-3 --json "$work/d16w.json"
 run --work "$work/d16y" --start-from "$work/d16w/trained" --entities 8000 --world-seed 2 --top-k 8 \
     --memory-layers 3 --steps 1500 --lr 1e-3 --json "$work/d16y.json"
+run --work "$work/d16z" --start-from "$work/d16y/trained" --entities 8000 --world-seed 3 --top-k 8 \
+    --memory-layers 3 --steps 2700 --lr 1e-3 --json "$work/d16z.json"
+run --work "$work/d32a" --start-from "$work/d16z/trained" --entities 8000 --world-seed 4 --top-k 4 \
+    --memory-layers 3 --steps 1900 --lr 1e-3 --json "$work/d32a.json"
