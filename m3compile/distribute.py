@@ -109,8 +109,7 @@ def pool_frames(model_path: Path, spec: MemorySpec, batches: Sequence[list[list[
     resumes from there."""
     if not batches:
         return
-    codebooks = spec.codebooks.to_tensors() if spec.codebooks is not None else None
-    fields = {k: getattr(spec, k) for k in spec.__dataclass_fields__ if k != "codebooks"}
+    fields, codebooks = _spec_for_workers(spec)
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_pool_start,
                                initargs=(str(model_path), fields, codebooks, device, threads_per_worker))
     try:
@@ -148,6 +147,13 @@ def _crash_once(name: str) -> None:
     if os.environ.get("M3_CRASH_AT") == name and mark and not os.path.exists(mark):
         Path(mark).write_text(str(os.getpid()))
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _spec_for_workers(spec: MemorySpec) -> tuple[dict, tuple | None]:
+    """What a worker process or actor rebuilds `spec` from (_Encoder): its fields, and its
+    codebooks as tensors (None without VQ)."""
+    codebooks = spec.codebooks.to_tensors() if spec.codebooks is not None else None
+    return {k: getattr(spec, k) for k in spec.__dataclass_fields__ if k != "codebooks"}, codebooks
 
 
 class _Encoder:
@@ -226,8 +232,7 @@ def ray_frames(model_path: Path, spec: MemorySpec, batches: Sequence[list[list[i
     """The Ray engine: `batches` encoded by `workers` actors; frames yielded in batch order."""
     if not batches:
         return
-    codebooks = spec.codebooks.to_tensors() if spec.codebooks is not None else None
-    fields = {k: getattr(spec, k) for k in spec.__dataclass_fields__ if k != "codebooks"}
+    fields, codebooks = _spec_for_workers(spec)
     with _ray_cluster(address) as ray:
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # the driver writes frames in plan order

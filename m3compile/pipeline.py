@@ -368,7 +368,7 @@ def _engine(setup: Setup, batches: list[list[list[int]]], timer: Timer) -> tuple
 def _write_new(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: Timer, progress: Progress) -> dict:
     config = setup.config
     source = store.FrameSource(out, setup.spec)
-    stats = {"encoded": 0, "copied": 0, "engine_workers": 1}
+    stats = {"encoded": 0, "copied": 0}
     checkpoints = store.Checkpoints(out, _shard_metadata(setup), config.checkpoint_seconds)
     with ShardWriter(out, _shard_metadata(setup), config.max_shard_bytes, first_index=prev.next_shard) as writer, \
             ExitStack() as stack:
@@ -377,7 +377,9 @@ def _write_new(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: Timer
         # what the engine encodes: the references whose frame no shard or checkpoint holds
         sent = [[(row, ref) for row, ref in b if bytes.fromhex(row["ref_key"]) not in source.frames] for b in batches]
         encoded, stats["engine_workers"] = _engine(setup, [[list(r.token_ids) for _, r in b] for b in sent], timer)
-        waiting = "encode (waiting for ray)" if config.engine == "ray" else "encode (waiting for workers)"
+        # the driver's wait for frames encoded elsewhere (run.json); None: encoded here, timed by stage
+        waiting = ("encode (waiting for ray)" if config.engine == "ray" else
+                   "encode (waiting for workers)" if stats["engine_workers"] > 1 else None)
         stack.enter_context(closing(encoded))  # a failed write stops the engine (and a Ray cluster it started)
         for n, (batch, todo) in enumerate(zip(batches, sent)):
             sent_ids = {row["ref_id"] for row, _ in todo}
@@ -385,7 +387,7 @@ def _write_new(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: Timer
                        if row["ref_id"] not in sent_ids}
             fresh = {}
             if todo:
-                with timer(waiting) if stats["engine_workers"] > 1 or config.engine == "ray" else nullcontext():
+                with timer(waiting) if waiting else nullcontext():
                     frames = next(encoded)
                 fresh = {row["ref_id"]: e for (row, _), e in zip(todo, frames)}
             damaged = [(row, ref) for row, ref in batch if row["ref_id"] not in sent_ids and on_disk[row["ref_id"]] is None]
@@ -641,7 +643,7 @@ def _run(config: CompileConfig, out: Path, progress: Progress, log, keep_missing
                                                               "reused": len(plan.rows) - len(plan.new),
                                                               "removed": len(plan.removed)},
                        "shards_written": stats["shards_written"], "shards_kept": stats["shards_kept"],
-                       "repaired": repaired, "engine_workers": stats.get("engine_workers", 1),
+                       "repaired": repaired, "engine_workers": stats["engine_workers"],
                        **_drift(setup, plan, log)}
             run = {"created_at_unix": round(t_start, 3), "wall_seconds": round(time.time() - t_start, 3),
                    "stage_seconds": {k: round(v, 4) for k, v in sorted(timer.seconds.items())},
