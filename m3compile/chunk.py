@@ -7,7 +7,9 @@ word end that keeps it at least `min_fill` full, so a memory holds whole sentenc
 The rule, and how character spans follow token offsets, are specified in formats/chunking.md.
 
 A reference's token ids are a slice of the whole document's encoding, never a re-encoding of its
-text: BPE merges at a cut could otherwise change the tokens.
+text: BPE merges at a cut could otherwise change the tokens. That encoding is made in windows
+(`encode_windows`), so a document of any length is chunked in bounded memory (issue 16) with the
+ids and offsets of a whole-document encoding.
 """
 
 import math
@@ -24,6 +26,9 @@ CLOSERS = "\"')]}»”’」』"  # ... optionally followed by closing quotes or
 WIDE_SENTENCE_END = "。！？"  # full-width ends need no whitespace after them (CJK has none)
 SCAN_CHARS = 256  # how far back a boundary test looks through whitespace and closers
 NONE, WORD, SENTENCE, PARAGRAPH = 0, 1, 2, 3  # kinds of break at a cut, weakest first
+ENCODE_WINDOW = 1 << 16  # characters of a document encoded at a time (grows where no seam agrees)
+SEAM_CHARS = 512  # a window's cut lies between 2 and 1 seams before its end
+SEAM_TRIES = 4  # cut candidates tried in a window before it grows
 
 
 @dataclass(frozen=True)
@@ -72,16 +77,64 @@ def chunk_documents(
         yield from _chunk_one(doc, tokenizer, max_tokens, boundary, min_tokens)
 
 
-def _cuts(offsets: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
+def encode_windows(text: str, tokenizer, window: int | None = None,
+                   seam: int | None = None) -> Iterator[tuple[list[int], list[tuple[int, int]]]]:
+    """A document's encoding, in consecutive pieces of about `window` characters: concatenated,
+    the pieces' ids and (document) offsets are `tokenizer.encode_with_offsets(text)`'s.
+
+    Each window text[base:base+window] is encoded with `seam` characters of the text before it as
+    left context (the tokens starting before `base` are dropped), and a cut is sought at a token
+    start between 2 and 1 seams before the window's end that splits no character: the window's
+    tokens from the cut on must equal, ids and offsets, those of text[cut:base+window] encoded
+    with its own left context. Where they agree, the tokenizer does not look across the cut (a
+    pre-tokenizer split: whitespace, punctuation), so the tokens before it are the whole
+    document's; the next window starts at the cut. Where no candidate agrees, the window doubles,
+    up to the rest of the document: exact, but no longer bounded (formats/chunking.md).
+    """
+    window, seam = window or ENCODE_WINDOW, seam or SEAM_CHARS
+    base, n, w = 0, len(text), window
+    while n - base > w:
+        ids, offsets = _encode_from(text, base, base + w, seam, tokenizer)
+        candidates, furthest = [], base
+        for j, (a, b) in enumerate(offsets):
+            if j > 0 and a >= furthest and base + w - 2 * seam <= a <= base + w - seam:
+                candidates.append(j)
+            furthest = max(furthest, b)
+        for j in candidates[::-1][:SEAM_TRIES]:
+            c = offsets[j][0]
+            if _encode_from(text, c, base + w, seam, tokenizer) == (ids[j:], offsets[j:]):
+                yield ids[:j], offsets[:j]
+                base, w = c, window
+                break
+        else:
+            w *= 2
+    yield _encode_from(text, base, n, seam, tokenizer)
+
+
+def _encode_from(text: str, base: int, end: int, context: int, tokenizer) -> tuple[list[int], list[tuple[int, int]]]:
+    """The tokens of text[base - context:end] that start at or after `base`, with document
+    offsets; ([], []) if a token of that encoding straddles `base`, which no seam then agrees on."""
+    lo = max(0, base - context)
+    ids, offsets = tokenizer.encode_with_offsets(text[lo:end])
+    k = 0
+    while k < len(offsets) and offsets[k][0] + lo < base:
+        k += 1
+    if k > 0 and offsets[k - 1][1] + lo > base:
+        return [], []
+    return list(ids[k:]), [(a + lo, b + lo) for a, b in offsets[k:]]
+
+
+def _cuts(offsets: list[tuple[int, int]], furthest: int = 0) -> tuple[list[int], list[bool]]:
     """For each token boundary e in 0..T: the char position of a cut there, and whether it is clean.
 
-    The cut before token e sits at max(start of token e, furthest end of the tokens before it).
-    Byte-fallback pieces of one character all carry that character's span, and a SentencePiece
-    prefix "▁" carries the first character's span; a cut among them moves to after the shared
-    character, so spans stay contiguous and non-overlapping. The cut is clean when token e starts
-    at or after that furthest end, i.e. when it splits no character.
+    The cut before token e sits at max(start of token e, furthest end of the tokens before it),
+    `furthest` being that of the tokens before these. Byte-fallback pieces of one character all
+    carry that character's span, and a SentencePiece prefix "▁" carries the first character's
+    span; a cut among them moves to after the shared character, so spans stay contiguous and
+    non-overlapping. The cut is clean when token e starts at or after that furthest end, i.e. when
+    it splits no character.
     """
-    pos, clean, furthest = [], [], 0
+    pos, clean = [], []
     for start, end in offsets:
         pos.append(max(start, furthest))
         clean.append(start >= furthest)
@@ -90,23 +143,34 @@ def _cuts(offsets: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
 
 
 def _chunk_one(doc: Document, tokenizer, max_tokens: int, boundary: str, min_tokens: int):
-    ids, offsets = tokenizer.encode_with_offsets(doc.text)
-    n = len(ids)  # T
-    pos, clean = _cuts(offsets)
-    text = doc.text
-    start, char_start, index = 0, 0, 0
-    while start < n:
-        end = min(start + max_tokens, n)
-        if end < n:
-            end = _pick_cut(text, pos, clean, start, end, min_tokens, boundary)
+    # the document's tokens stream in from encode_windows; the buffer holds those not yet cut
+    # (ids[head:]), about a window's worth
+    text, pieces = doc.text, encode_windows(doc.text, tokenizer)
+    ids, offsets, head, done = [], [], 0, False
+    furthest, char_start, index = 0, 0, 0  # furthest: the furthest end of the tokens already cut
+    while True:
+        while not done and len(ids) - head <= max_tokens:
+            piece = next(pieces, None)
+            if piece is None:
+                done = True
+            else:
+                ids, offsets, head = ids[head:] + piece[0], offsets[head:] + piece[1], 0
+        left = len(ids) - head
+        if left == 0:
+            return
+        window = offsets[head:head + max_tokens + 1]
+        pos, clean = _cuts(window, furthest)
+        last = done and left <= max_tokens  # this reference ends the document
+        end = left if last else _pick_cut(text, pos, clean, 0, max_tokens, min_tokens, boundary)
         # the first reference starts at 0 and the last ends at the text's end, so text that no
         # token covers (leading or trailing whitespace some tokenizers drop) is kept too
-        char_end = len(text) if end == n else pos[end]
-        assert char_start <= char_end, (doc.doc_id, start, end, char_start, char_end)
+        char_end = len(text) if last else pos[end]
+        assert char_start <= char_end, (doc.doc_id, index, char_start, char_end)
         yield Reference(
-            doc.doc_id, doc.source, index, char_start, char_end, tuple(ids[start:end]), text[char_start:char_end]
+            doc.doc_id, doc.source, index, char_start, char_end, tuple(ids[head:head + end]), text[char_start:char_end]
         )
-        start, char_start, index = end, char_end, index + 1
+        furthest = max([furthest] + [b for _, b in window[:end]])
+        head, char_start, index = head + end, char_end, index + 1
 
 
 def _pick_cut(text, pos, clean, start: int, hard: int, min_tokens: int, boundary: str) -> int:

@@ -18,6 +18,8 @@ Shape letters: R references, N documents, E embedding dim.
 import hashlib
 import importlib
 import importlib.metadata
+from array import array
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -76,14 +78,27 @@ def bm25_tokenize(texts: list[str], tokens: dict = BM25_TOKENS) -> list[list[str
                           return_ids=False, show_progress=False)
 
 
-def _build_bm25(out: Path, rows: list[dict], texts: list[str]) -> dict:
+def _bm25_ids(texts: Sequence[str], chunk: int = 4096) -> tuple[list[array], dict[str, int]]:
+    """Each text's BM25 tokens as ids into the sorted vocabulary, and that vocabulary. Texts are
+    tokenized `chunk` at a time and kept as 4-byte ids, never as lists of token strings, so the
+    index of a big kb builds in a fraction of the memory (issue 16)."""
+    seen: dict[str, int] = {"": 0}  # "" is bm25s' empty token: an all-stop-word corpus still indexes
+    docs = []
+    for i in range(0, len(texts), chunk):
+        for d in bm25_tokenize(texts[i:i + chunk]):
+            docs.append(np.fromiter((seen.setdefault(t, len(seen)) for t in d), dtype=np.int32, count=len(d)))
+    # a sorted vocabulary: bm25s builds its own from a set, whose order changes with PYTHONHASHSEED
+    order = sorted(seen)
+    rank = np.empty(len(order), dtype=np.int32)
+    rank[[seen[t] for t in order]] = np.arange(len(order), dtype=np.int32)
+    return [array("i", rank[d].tobytes()) for d in docs], {t: i for i, t in enumerate(order)}
+
+
+def _build_bm25(out: Path, rows: Iterable[dict], texts: Sequence[str]) -> dict:
+    """The BM25 index of `texts` in `out`; `rows` (one per text, streamed) are saved beside it."""
     import bm25s
 
-    docs = bm25_tokenize(texts)
-    # a sorted vocabulary: bm25s builds its own from a set, whose order changes with PYTHONHASHSEED;
-    # "" is bm25s' empty token, added here so that an all-stop-word corpus still indexes
-    vocab = {tok: i for i, tok in enumerate(sorted({t for d in docs for t in d} | {""}))}
-    ids = [[vocab[t] for t in d] for d in docs]
+    ids, vocab = _bm25_ids(texts)
     index = bm25s.BM25(k1=BM25["k1"], b=BM25["b"], method=BM25["method"])
     index.index((ids, vocab), show_progress=False)
     # saved corpus row i ({"ref_id": ...}): bm25s returns it for its document i, so ids survive alone
@@ -91,7 +106,7 @@ def _build_bm25(out: Path, rows: list[dict], texts: list[str]) -> dict:
     return {"dir": out.name, "library": f"bm25s {_version('bm25s')}", **BM25, "idf_method": BM25["method"],
             "tokenizer": {**BM25_TOKENS, "library": "bm25s.tokenize",
                           "stemmer_library": f"PyStemmer {_version('PyStemmer')}"},
-            "vocab_size": len(vocab), "num_docs": len(rows)}
+            "vocab_size": len(vocab), "num_docs": len(texts)}
 
 
 # ---- dense ---------------------------------------------------------------------------------------
@@ -341,13 +356,13 @@ def build_indexes(kb_dir: Path, ref_ids: list[int], texts: list[str], embedder: 
     # dense first: its errors are the user's (embedder, factory string), and nothing is written before them
     dense, dense_docs = (_build_dense(out, ref_ids, texts, embedder, index_factory, device, doc_texts)
                          if embedder else (None, None))
-    bm25 = _build_bm25(out / BM25_DIR, [{"ref_id": int(r)} for r in ref_ids], texts)
+    bm25 = _build_bm25(out / BM25_DIR, ({"ref_id": int(r)} for r in ref_ids), texts)
     section = {"format": FORMAT, "format_version": FORMAT_VERSION, "ids": "ref_id", "count": len(ref_ids),
                "mode": "hybrid" if dense else "bm25",
                "text": {"title": "first-line", "max_chars": TITLE_MAX_CHARS, "joiner": TITLE_JOINER},
                "bm25": bm25, "dense": dense, "fusion": dict(FUSION) if dense else None}
     if documents is not None:
-        rows = [{"doc_id": d, "ref_ids": [int(r) for r in refs]} for d, refs, _ in documents]
+        rows = ({"doc_id": d, "ref_ids": [int(r) for r in refs]} for d, refs, _ in documents)
         section["documents"] = {"count": len(documents), "text": "concat",
                                 "bm25": _build_bm25(out / DOC_BM25_DIR, rows, doc_texts), "dense": dense_docs}
         section["format_version"] = FORMAT_VERSION_DOCS

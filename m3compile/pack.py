@@ -19,6 +19,7 @@ import json
 import os
 import re
 import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -266,31 +267,48 @@ def _same_bytes(a: Path, b: Path, chunk: int = 1 << 20) -> bool:
                 return True
 
 
-def _write_safetensors(path: Path, tensors: list[tuple[str, str, list[int], list[bytes]]], metadata: dict) -> int:
-    # tensors: (name, dtype, shape, chunks) in data order; the header's keys are sorted
+def _write_safetensors(path: Path, tensors: list[tuple[str, str, list[int], Iterable[bytes]]], metadata: dict,
+                       sizes: dict[str, int] | None = None) -> int:
+    # tensors: (name, dtype, shape, chunks) in data order; the header's keys are sorted. `sizes`
+    # gives the byte size of a tensor whose chunks are a stream (read once, while writing)
+    sizes = sizes or {}
+    chunks_of = {name: chunks if name in sizes else list(chunks) for name, _, _, chunks in tensors}
     header, off = {"__metadata__": metadata}, 0
-    for name, dtype, shape, chunks in tensors:
-        n = sum(len(c) for c in chunks)
+    for name, dtype, shape, _ in tensors:
+        n = sizes[name] if name in sizes else sum(len(c) for c in chunks_of[name])
         header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [off, off + n]}
         off += n
     hb = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     hb += b" " * (-len(hb) % 8)  # the data starts 8-byte aligned, as safetensors writes it
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(hb)) + hb)
-        for *_, chunks in tensors:
-            for c in chunks:
+        for name, *_ in tensors:
+            n = 0
+            for c in chunks_of[name]:
                 f.write(c)
+                n += len(c)
+            start, end = header[name]["data_offsets"]
+            if n != end - start:
+                raise M3Error(f"{path}: tensor {name} streamed {n} bytes, not the {end - start} its header names")
     return off
 
 
 class ShardWriter:
-    """Streams frames into memory-NNNNN.safetensors files, one shard buffered at a time.
+    """Streams frames into memory-NNNNN.safetensors files, one shard at a time.
+
+    The open shard's frame bytes go to a temporary file beside it (`.memory-NNNNN.safetensors.kv.tmp`),
+    not to memory: only its per-frame index (id, size, key, errors: 56 bytes a frame) is held, so
+    a compile's memory does not grow with --max-shard-bytes or with the corpus (issue 16). Closing
+    the shard writes the safetensors file (header, index tensors, the frame bytes copied from the
+    temporary file in blocks) and drops the temporary file.
 
     Example:
         >>> with ShardWriter(kb, {"quant": s.name, "model_id": m}, 1 << 30) as w:
         ...     loc = w.add(ref_id, frame)
         >>> write_shard_index(kb, w.shards, w.metadata)
     """
+
+    COPY_BLOCK = 1 << 22  # bytes read back from the temporary file at a time
 
     def __init__(self, out_dir: Path, metadata: dict[str, str], max_shard_bytes: int, first_index: int = 1):
         own = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "codec": CODEC,
@@ -305,29 +323,49 @@ class ShardWriter:
         self.out_dir, self.max_shard_bytes = Path(out_dir), max_shard_bytes
         self.metadata = {**metadata, **own}
         self.shards: list[ShardInfo] = []
-        self._index, self._frames, self._ids, self._keys, self._errs, self._bytes = first_index, [], [], [], [], 0
+        self._index = first_index
+        self._kv = None  # the open shard's frame bytes: a temporary file, opened by the first add
+        self._reset()
         self._last_id: int | None = None
         self.written: list[str] = []  # shard files this writer wrote
         self.kept: list[str] = []  # identical shard files that were already there
         self.before_replace = None  # called with a file name before a differing file of that name is replaced
 
+    def _reset(self) -> None:
+        self._sizes, self._ids, self._keys, self._errs, self._bytes = [], [], [], [], 0
+
+    def _kv_path(self) -> Path:
+        return self.out_dir / f".{_SHARD_NAME.format(self._index)}.kv.tmp"
+
+    def _drop_kv(self) -> None:
+        if self._kv is not None:
+            self._kv.close()
+            self._kv = None
+        self._kv_path().unlink(missing_ok=True)
+
     def __enter__(self) -> "ShardWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        self._frames, self._ids, self._keys, self._errs = [], [], [], []  # on error, drop the unwritten shard
+        try:
+            if exc_type is None:
+                self.close()
+        finally:
+            self._drop_kv()  # on error, the unwritten shard is dropped
+            self._reset()
 
     def add(self, ref_id: int, payload: bytes, key: bytes = b"\0" * 32, err: tuple[float, float] = (0.0, 0.0)) -> RefLocation:
         """Append one frame; `key` is the reference's 32-byte content key (sha256) and `err` its
         quantization error (relative, max abs), both stored beside it."""
         assert self._last_id is None or ref_id > self._last_id, ("ref ids must ascend", self._last_id, ref_id)
         assert len(key) == 32, len(key)
-        if _starts_new_shard(len(self._frames), self._bytes, len(payload), self.max_shard_bytes):
+        if _starts_new_shard(len(self._sizes), self._bytes, len(payload), self.max_shard_bytes):
             self.flush()
+        if self._kv is None:
+            self._kv = open(self._kv_path(), "w+b")
         loc = RefLocation(ref_id, _SHARD_NAME.format(self._index), self._bytes, len(payload))
-        self._frames.append(payload)
+        self._kv.write(payload)
+        self._sizes.append(len(payload))
         self._ids.append(ref_id)
         self._keys.append(key)
         self._errs.append(np.asarray(err, dtype="<f4").tobytes())
@@ -335,21 +373,27 @@ class ShardWriter:
         self._last_id = ref_id
         return loc
 
+    def _kv_blocks(self) -> Iterator[bytes]:
+        self._kv.flush()
+        self._kv.seek(0)
+        while block := self._kv.read(self.COPY_BLOCK):
+            yield block
+
     def flush(self) -> None:
-        if not self._frames:
+        if not self._sizes:
             return
         name, p = _SHARD_NAME.format(self._index), f"shard.{self._index:05d}"
         final, tmp = self.out_dir / name, self.out_dir / f".{name}.tmp"
-        offsets = np.cumsum([0] + [len(f) for f in self._frames], dtype="<i8")  # (n+1,)
+        offsets = np.cumsum([0] + self._sizes, dtype="<i8")  # (n+1,)
         ids = np.asarray(self._ids, dtype="<i8")  # (n,)
         n = len(ids)
         tensors = [(f"{p}.kv_offsets", "I64", [n + 1], [offsets.tobytes()]),
                    (f"{p}.ref_ids", "I64", [n], [ids.tobytes()]),
                    (f"{p}.ref_errs", "F32", [n, 2], self._errs),
-                   (f"{p}.kv", "U8", [self._bytes], self._frames),
+                   (f"{p}.kv", "U8", [self._bytes], self._kv_blocks()),
                    (f"{p}.ref_keys", "U8", [n, 32], self._keys)]  # safetensors' own order: by dtype, then name
         try:
-            nbytes = _write_safetensors(tmp, tensors, self.metadata)
+            nbytes = _write_safetensors(tmp, tensors, self.metadata, sizes={f"{p}.kv": self._bytes})
             if final.exists() and _same_bytes(tmp, final):
                 # a resumed compile rebuilds the shard an interrupted one already wrote: keep that
                 # file as it is (same bytes, same mtime)
@@ -362,11 +406,18 @@ class ShardWriter:
                 self.written.append(name)
         finally:
             tmp.unlink(missing_ok=True)
+            self._drop_kv()
         self.shards.append(ShardInfo(name, tuple(sorted(t[0] for t in tensors)), nbytes, n))
-        self._index, self._frames, self._ids, self._keys, self._errs, self._bytes = self._index + 1, [], [], [], [], 0
+        self._index += 1
+        self._reset()
 
     def close(self) -> None:
         self.flush()
+
+    def abort(self) -> None:
+        """Drop the open shard unwritten (its frames are not kept anywhere by this writer)."""
+        self._drop_kv()
+        self._reset()
 
 
 def write_shard_index(out_dir: Path, shards: list[ShardInfo], metadata: dict[str, str]) -> Path:

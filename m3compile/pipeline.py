@@ -24,17 +24,18 @@ import platform
 import signal
 import socket
 import time
+from array import array
 from collections import defaultdict, deque
 from contextlib import ExitStack, closing, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
 from m3compile import __version__, manifest as mf, references as refs_file, store
-from m3compile.chunk import Reference, chunk_documents
+from m3compile.chunk import chunk_documents
 from m3compile.config import (MODEL_MEMORY_FILE, PAPER_DEFAULTS, READ_SETTINGS, RUN_SETTINGS, CompileConfig,
                               default_model_dir, describe_settings, read_model_memory)
 from m3compile.corpus import RECORD_SUFFIXES, TEXT_SUFFIXES, CorpusReport, iter_documents
@@ -242,6 +243,8 @@ def _previous(out: Path, setup: Setup, rebuild: bool, log) -> Previous:
     if refs_name not in damaged:
         try:
             rows = refs_file.read_references(out / refs_name).to_pylist()
+            for row in rows:  # as the plan holds them: 4 bytes a token, not a Python int
+                row["token_ids"] = array("i", row["token_ids"])
         except M3Error as e:
             log(f"damaged: {refs_name}: {e}")
     if rows is None:
@@ -275,7 +278,7 @@ def _short(v) -> str:
 @dataclass
 class Plan:
     rows: list[dict]  # the live references after this compile (reused rows complete, new ones without location)
-    new: list[tuple[dict, Reference]]  # rows to fill by encoding or copying, in ref id order
+    new: list[dict]  # rows to fill by encoding or copying, in ref id order (the same dicts as in rows)
     removed: list[dict]  # live rows that leave (tombstoned)
     docs: dict[str, int]  # added / changed / removed / unchanged / kept
     report: CorpusReport
@@ -300,7 +303,7 @@ def _plan(setup: Setup, prev: Previous, keep_missing: bool, timer: Timer) -> Pla
         for ref in chunk_documents(docs, setup.ck.tokenizer, spec.width, spec.boundary, spec.min_fill):
             key = spec.ref_key(ref.token_ids, setup.context).hex()
             meta = {"doc_id": ref.doc_id, "source": ref.source, "index": ref.index, "char_start": ref.char_start,
-                    "char_end": ref.char_end, "n_tokens": len(ref.token_ids), "token_ids": list(ref.token_ids),
+                    "char_end": ref.char_end, "n_tokens": len(ref.token_ids), "token_ids": array("i", ref.token_ids),
                     "text": ref.text, "ref_key": key, "doc_sha256": doc_sha[ref.doc_id],
                     "n_kept": min(spec.top_k, len(ref.token_ids))}
             same = old_by_key.get(key)
@@ -312,7 +315,7 @@ def _plan(setup: Setup, prev: Previous, keep_missing: bool, timer: Timer) -> Pla
                 row = {"ref_id": next_id, **meta}
                 next_id += 1
                 rows.append(row)
-                new.append((row, ref))
+                new.append(row)
     report.raise_if_empty()
     if not rows:
         raise M3Error(f"corpus {config.corpus} has documents but no tokens to compile; check the texts")
@@ -350,11 +353,15 @@ def _encode_frames(setup: Setup, token_lists: list[list[int]], timer: Timer) -> 
     return encode_frames(setup.ck.model, setup.spec, token_lists, timer)
 
 
-def _engine(setup: Setup, batches: list[list[list[int]]], timer: Timer) -> tuple[Iterator[Frames], int]:
+def _engine(setup: Setup, batches: Iterable[list[list[int]]], timer: Timer) -> tuple[Iterator[Frames], int]:
     """The frames of each non-empty batch, in order, from the configured engine (distribute.py),
-    and how many processes (or Ray actors) encode them; 1 is this process."""
+    and how many processes (or Ray actors) encode them; 1 is this process. The local engine takes
+    the batches as they come (a lazy iterable keeps the compile's memory flat); worker processes
+    and Ray get them all at once."""
     config = setup.config
-    todo = [b for b in batches if b]
+    todo = (b for b in batches if b)
+    if config.engine == "ray" or (config.workers or 1) > 1:
+        todo = list(todo)
     if config.engine == "ray":
         workers = config.workers or 2
         return ray_frames(setup.model_path, setup.spec, todo, config.device, config.ray_address, workers,
@@ -373,31 +380,32 @@ def _write_new(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: Timer
     with ShardWriter(out, _shard_metadata(setup), config.max_shard_bytes, first_index=prev.next_shard) as writer, \
             ExitStack() as stack:
         writer.before_replace = source.move_aside
+        stack.callback(checkpoints.discard)  # frames after the last checkpoint are in a shard, or lost with the run
         batches = [plan.new[s:s + config.batch_size] for s in range(0, len(plan.new), config.batch_size)]
         # what the engine encodes: the references whose frame no shard or checkpoint holds
-        sent = [[(row, ref) for row, ref in b if bytes.fromhex(row["ref_key"]) not in source.frames] for b in batches]
-        encoded, stats["engine_workers"] = _engine(setup, [[list(r.token_ids) for _, r in b] for b in sent], timer)
+        sent = [[row for row in b if bytes.fromhex(row["ref_key"]) not in source.frames] for b in batches]
+        encoded, stats["engine_workers"] = _engine(setup, ([list(r["token_ids"]) for r in b] for b in sent), timer)
         # the driver's wait for frames encoded elsewhere (run.json); None: encoded here, timed by stage
         waiting = ("encode (waiting for ray)" if config.engine == "ray" else
                    "encode (waiting for workers)" if stats["engine_workers"] > 1 else None)
         stack.enter_context(closing(encoded))  # a failed write stops the engine (and a Ray cluster it started)
         for n, (batch, todo) in enumerate(zip(batches, sent)):
-            sent_ids = {row["ref_id"] for row, _ in todo}
-            on_disk = {row["ref_id"]: source.get(bytes.fromhex(row["ref_key"])) for row, _ in batch
+            sent_ids = {row["ref_id"] for row in todo}
+            on_disk = {row["ref_id"]: source.get(bytes.fromhex(row["ref_key"])) for row in batch
                        if row["ref_id"] not in sent_ids}
             fresh = {}
             if todo:
                 with timer(waiting) if waiting else nullcontext():
                     frames = next(encoded)
-                fresh = {row["ref_id"]: e for (row, _), e in zip(todo, frames)}
-            damaged = [(row, ref) for row, ref in batch if row["ref_id"] not in sent_ids and on_disk[row["ref_id"]] is None]
+                fresh = {row["ref_id"]: e for row, e in zip(todo, frames)}
+            damaged = [row for row in batch if row["ref_id"] not in sent_ids and on_disk[row["ref_id"]] is None]
             if damaged:  # a frame on disk that fails its check is never copied: encoded again here
-                frames = _encode_frames(setup, [list(r.token_ids) for _, r in damaged], timer)
-                fresh.update({row["ref_id"]: e for (row, _), e in zip(damaged, frames)})
+                frames = _encode_frames(setup, [list(r["token_ids"]) for r in damaged], timer)
+                fresh.update({row["ref_id"]: e for row, e in zip(damaged, frames)})
             if fresh:
                 crash_point(f"encode:{n + 1}")
             with timer("write"):
-                for row, _ in batch:
+                for row in batch:
                     if row["ref_id"] in fresh:
                         frame, rel, mx, K = fresh[row["ref_id"]]
                         stats["encoded"] += 1
@@ -415,8 +423,8 @@ def _write_new(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: Timer
                                quant_rel_err=rel, quant_max_err=mx)
                 checkpoints.tick()
             crash_point(f"batch:{n + 1}")
-            progress({"event": "batch", "refs": len(batch), "tokens": sum(len(r.token_ids) for _, r in batch),
-                      "bytes": sum(len(r.text.encode("utf-8")) for _, r in batch)})
+            progress({"event": "batch", "refs": len(batch), "tokens": sum(r["n_tokens"] for r in batch),
+                      "bytes": sum(len(r["text"].encode("utf-8")) for r in batch)})
         with timer("write"):
             writer.close()
     stats["shards_written"] = writer.written
@@ -462,7 +470,8 @@ def _repair_shards(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: T
                     log(f"{name}: the tombstoned frame of reference {ref_id} is damaged and dropped")
         for i in range(0, len(todo), setup.config.batch_size):
             ids = todo[i:i + setup.config.batch_size]
-            for ref_id, (frame, rel, mx, _) in zip(ids, _encode_frames(setup, [rows[r]["token_ids"] for r in ids], timer)):
+            for ref_id, (frame, rel, mx, _) in zip(ids, _encode_frames(setup, [list(rows[r]["token_ids"]) for r in ids],
+                                                                      timer)):
                 frames[ref_id] = (bytes.fromhex(rows[ref_id]["ref_key"]), frame, (rel, mx))
         lost = [i for i in rows if i not in frames]
         if lost:  # a recovered row whose tokens the corpus no longer has: it leaves with its frame
@@ -666,7 +675,7 @@ def _drift(setup: Setup, plan: Plan, log) -> dict:
     """vq: how the references encoded now fare with the kb's codebooks, against their training sample."""
     if setup.vq is None or not plan.new:
         return {}
-    new = float(np.mean([row["quant_rel_err"] for row, _ in plan.new]))
+    new = float(np.mean([row["quant_rel_err"] for row in plan.new]))
     base = setup.vq["train_rel_err_mean"]
     ratio = new / base if base > 0 else float("inf")
     log(f"codebook drift: the {len(plan.new)} references written now have relative error {new:.4f}, the codebooks' "

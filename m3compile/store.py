@@ -277,35 +277,46 @@ class FrameSource:
 
 class Checkpoints:
     """Makes encoded frames durable before their shard fills (a shard holds up to max_shard_bytes,
-    hours of encoding for a small model): every `seconds`, the frames added since the last
-    checkpoint that are not yet in a written shard go into a file of `.spill/` (shard format).
-    A resumed compile finds them by content key like any frame on disk, so a kill loses at most
-    `seconds` of encoding and the result keeps the bytes of an uninterrupted compile. Spills are
-    dropped as soon as a shard holding their frames is written, and with every commit."""
+    hours of encoding for a small model): the frames added that are not yet in a written shard go,
+    as they come, into an open spill of `.spill/` (shard format; its frame bytes wait in a
+    temporary file, not in memory), which is closed every `seconds`. A resumed compile finds them
+    by content key like any frame on disk, so a kill loses at most `seconds` of encoding and the
+    result keeps the bytes of an uninterrupted compile. Spills are dropped as soon as a shard
+    holding their frames is written, and with every commit."""
 
     def __init__(self, out: Path, metadata: dict, seconds: float):
         self.dir, self.metadata, self.seconds = out / SPILL_DIR, metadata, seconds
-        self.pending: list[tuple] = []  # (ref_id, frame, key, err) added since the last checkpoint
+        self.spill: ShardWriter | None = None  # the open spill: frames added since the last checkpoint
+        self.newest: tuple | None = None  # the last frame added: (ref_id, frame, key, err)
         self.last = time.monotonic()
         self.n = 1 + max((shard_number(p.name) or 0 for p in self.dir.glob("memory-*.safetensors")), default=0)
         self.first = self.n  # spills of an earlier, killed run stay: their frames may not be copied yet
 
-    def added(self, *frame) -> None:
-        self.pending.append(frame)
+    def added(self, ref_id: int, frame: bytes, key: bytes, err: tuple[float, float]) -> None:
+        if self.spill is None:
+            self.dir.mkdir(exist_ok=True)
+            self.spill = ShardWriter(self.dir, self.metadata, NO_SHARD_LIMIT, first_index=self.n)
+        self.spill.add(ref_id, frame, key, err)
+        self.newest = (ref_id, frame, key, err)
 
     def shard_written(self) -> None:
         # every frame added so far is in a written shard, or is the one that opened the next shard
-        self.pending = self.pending[-1:]
+        self.discard()
+        if self.newest is not None:
+            self.added(*self.newest)
         if self.dir.is_dir():
             for p in self.dir.iterdir():
                 if self.first <= (shard_number(p.name) or 0) < self.n:
                     p.unlink()
 
     def tick(self) -> None:
-        if not self.pending or time.monotonic() - self.last < self.seconds:
+        if self.spill is None or time.monotonic() - self.last < self.seconds:
             return
-        self.dir.mkdir(exist_ok=True)
-        with ShardWriter(self.dir, self.metadata, NO_SHARD_LIMIT, first_index=self.n) as w:
-            for ref_id, frame, key, err in self.pending:
-                w.add(ref_id, frame, key, err)
-        self.n, self.pending, self.last = self.n + 1, [], time.monotonic()
+        self.spill.close()
+        self.spill, self.n, self.last = None, self.n + 1, time.monotonic()
+
+    def discard(self) -> None:
+        """Drop the open spill (its frames are in a written shard, or the compile stops)."""
+        if self.spill is not None:
+            self.spill.abort()
+            self.spill = None

@@ -267,3 +267,34 @@ def test_stories260k_llama_tokenizer(stories260k):
         _check_invariants(doc, refs, tok, 128)
     assert all(tok.decode(r.token_ids) == r.text.removeprefix(" ") for r in refs)
     assert all(len(r.token_ids) >= 96 for r in refs[:-1])
+
+
+@pytest.mark.parametrize("boundary", ["fixed", "sentence"])
+def test_windowed_encoding_is_the_whole_documents(tok, boundary, monkeypatch):
+    """issue 16: a document is encoded in windows (bounded memory for a single-line 50 MB file).
+    With windows of a few hundred characters, the references must be those of a whole-document
+    encoding (the independent chunker above), for every tokenizer family."""
+    import m3compile.chunk as chunk
+
+    doc = Document("d", "d.txt", DOC * 4 + " ".join(DOC.split()) * 3)  # paragraphs, then one long line
+    ids, offsets = tok.encode_with_offsets(doc.text)
+    pieces = list(chunk.encode_windows(doc.text, tok, window=300, seam=40))
+    assert [t for p, _ in pieces for t in p] == ids
+    assert [o for _, p in pieces for o in p] == [tuple(o) for o in offsets]
+    monkeypatch.setattr(chunk, "ENCODE_WINDOW", 300)
+    monkeypatch.setattr(chunk, "SEAM_CHARS", 40)
+    refs = list(chunk_documents([doc], tok, max_tokens=16, boundary=boundary))
+    _check_invariants(doc, refs, tok, 16)
+    starts = list(accumulate((len(r.token_ids) for r in refs), initial=0))
+    assert list(zip(starts, starts[1:])) == _expected_cuts(doc.text, offsets, 16, boundary, 0.75)
+
+
+def test_windows_stay_bounded_for_every_tokenizer_family(tok):
+    """With the left context, every family (Llama-2 legacy and Metaspace prefixes included) finds a
+    seam in every window: no piece is longer than a window, on paragraphs and on one long line."""
+    import m3compile.chunk as chunk
+
+    for text in (DOC * 20, " ".join((DOC * 20).split())):
+        pieces = list(chunk.encode_windows(text, tok, window=300, seam=40))
+        assert len(pieces) > len(text) // 300 - 1
+        assert max(p[-1][1] - p[0][0] for _, p in pieces if p) <= 300

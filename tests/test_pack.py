@@ -323,6 +323,26 @@ def test_failed_write_leaves_no_shard(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_open_shard_frames_wait_on_disk_not_in_memory(tmp_path):
+    """issue 16: a compile's memory must not grow with the shard size. The open shard's frame bytes
+    are in a temporary file beside it (bounded memory), and the shard built from it holds every
+    frame unchanged (the golden tests pin its bytes)."""
+    fr = frames(40)
+    total = sum(len(f) for f in fr)
+    with ShardWriter(tmp_path, META, 1 << 30) as w:
+        for i, f in enumerate(fr):
+            w.add(i, f)
+        (pending,) = tmp_path.glob(".memory-00001.safetensors.kv.tmp")
+        assert pending.stat().st_size >= total - 8192  # at most the file object's write buffer in memory
+        assert not (tmp_path / "memory-00001.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["memory-00001.safetensors"]
+    path = tmp_path / "memory-00001.safetensors"
+    got = load_file(str(path))
+    kv = got["shard.00001.kv"]
+    offsets = got["shard.00001.kv_offsets"]
+    assert [kv[offsets[i]:offsets[i + 1]].tobytes() for i in range(len(fr))] == fr  # read by safetensors itself
+
+
 def _golden_kb(out: Path):
     # exact small numbers, no RNG: the example in formats/kv-shard.md
     L, H, K, D = 2, 1, 2, 16
