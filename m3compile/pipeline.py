@@ -356,8 +356,8 @@ def _encode_frames(setup: Setup, token_lists: list[list[int]], timer: Timer) -> 
 def _engine(setup: Setup, batches: Iterable[list[list[int]]], timer: Timer) -> tuple[Iterator[Frames], int]:
     """The frames of each non-empty batch, in order, from the configured engine (distribute.py),
     and how many processes (or Ray actors) encode them; 1 is this process. The local engine takes
-    the batches as they come (a lazy iterable keeps the compile's memory flat); worker processes
-    and Ray get them all at once."""
+    the batches as they come (from a lazy iterable, one batch's token lists exist at a time); worker
+    processes and Ray get them all at once."""
     config = setup.config
     todo = (b for b in batches if b)
     if config.engine == "ray" or (config.workers or 1) > 1:

@@ -343,6 +343,36 @@ def test_open_shard_frames_wait_on_disk_not_in_memory(tmp_path):
     assert [kv[offsets[i]:offsets[i + 1]].tobytes() for i in range(len(fr))] == fr  # read by safetensors itself
 
 
+def test_checkpoints_stream_to_their_spill(tmp_path):
+    """Checkpoints (store.py) hold no frames in memory either: frames go to the open spill's
+    temporary file as they come; a checkpoint closes it into a spill shard that holds them all;
+    a written kb shard drops the spills whose frames it holds, keeping the newest frame (the one
+    that opened the next shard); discard leaves nothing behind."""
+    from m3compile import store
+
+    fr = frames(6)
+    cp = store.Checkpoints(tmp_path, META, seconds=3600)
+    for i, f in enumerate(fr[:5]):
+        cp.added(i, f, bytes([i]) * 32, (0.0, 0.0))
+    (pending,) = (tmp_path / ".spill").glob(".memory-*.kv.tmp")
+    assert pending.stat().st_size >= sum(len(f) for f in fr[:5]) - 8192
+    cp.tick()  # not yet due
+    assert not list((tmp_path / ".spill").glob("memory-*.safetensors"))
+    cp.seconds = 0
+    cp.tick()
+    (spill,) = (tmp_path / ".spill").glob("memory-*.safetensors")
+    assert [(i, k) for i, k, _ in store.shard_frames(spill)] == [(i, bytes([i]) * 32) for i in range(5)]
+    cp.added(5, fr[5], b"\5" * 32, (0.0, 0.0))
+    cp.shard_written()
+    assert not spill.exists()
+    cp.tick()
+    (spill,) = (tmp_path / ".spill").glob("memory-*.safetensors")
+    assert [i for i, _, _ in store.shard_frames(spill)] == [5]
+    cp.added(6, fr[0], b"\6" * 32, (0.0, 0.0))
+    cp.discard()
+    assert sorted(p.name for p in (tmp_path / ".spill").iterdir()) == [spill.name]
+
+
 def _golden_kb(out: Path):
     # exact small numbers, no RNG: the example in formats/kv-shard.md
     L, H, K, D = 2, 1, 2, 16
