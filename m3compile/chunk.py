@@ -94,7 +94,7 @@ def encode_windows(text: str, tokenizer, window: int | None = None,
     window, seam = window or ENCODE_WINDOW, seam or SEAM_CHARS
     base, n, w = 0, len(text), window
     while n - base > w:
-        ids, offsets = _encode_from(text, base, base + w, seam, tokenizer)
+        ids, offsets = _stable(_encode_from(text, base, base + w, seam, tokenizer), base, seam)
         candidates, furthest = [], base
         for j, (a, b) in enumerate(offsets):
             if j > 0 and a >= furthest and base + w - 2 * seam <= a <= base + w - seam:
@@ -108,20 +108,30 @@ def encode_windows(text: str, tokenizer, window: int | None = None,
                 break
         else:
             w *= 2
-    yield _encode_from(text, base, n, seam, tokenizer)
+    yield _stable(_encode_from(text, base, n, seam, tokenizer), base, seam)
 
 
-def _encode_from(text: str, base: int, end: int, context: int, tokenizer) -> tuple[list[int], list[tuple[int, int]]]:
+def _encode_from(text: str, base: int, end: int, context: int, tokenizer):
     """The tokens of text[base - context:end] that start at or after `base`, with document
-    offsets; ([], []) if a token of that encoding straddles `base`, which no seam then agrees on."""
+    offsets; None if a token of that encoding straddles `base` (no seam agrees there)."""
     lo = max(0, base - context)
     ids, offsets = tokenizer.encode_with_offsets(text[lo:end])
     k = 0
     while k < len(offsets) and offsets[k][0] + lo < base:
         k += 1
     if k > 0 and offsets[k - 1][1] + lo > base:
-        return [], []
+        return None
     return list(ids[k:]), [(a + lo, b + lo) for a, b in offsets[k:]]
+
+
+def _stable(encoded, base: int, seam: int) -> tuple[list[int], list[tuple[int, int]]]:
+    # a window starts at 0 or at a cut its predecessor agreed on, with the same left context: a
+    # token across it means a tokenizer that looks further right than a seam; never drop tokens
+    if encoded is None:
+        raise M3Error(f"the tokenizer's encoding around character {base} of a document changes with text "
+                      f"more than {seam} characters away, so it cannot be encoded in windows; "
+                      "please report this tokenizer to m3compile")
+    return encoded
 
 
 def _cuts(offsets: list[tuple[int, int]], furthest: int = 0) -> tuple[list[int], list[bool]]:
