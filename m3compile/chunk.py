@@ -95,11 +95,9 @@ def encode_windows(text: str, tokenizer, window: int | None = None,
     base, n, w = 0, len(text), window
     while n - base > w:
         ids, offsets = _stable(_encode_from(text, base, base + w, seam, tokenizer), base, seam)
-        candidates, furthest = [], base
-        for j, (a, b) in enumerate(offsets):
-            if j > 0 and a >= furthest and base + w - 2 * seam <= a <= base + w - seam:
-                candidates.append(j)
-            furthest = max(furthest, b)
+        _, clean = _cuts(offsets, base)
+        candidates = [j for j, (a, _) in enumerate(offsets)
+                      if j > 0 and clean[j] and base + w - 2 * seam <= a <= base + w - seam]
         for j in candidates[::-1][:SEAM_TRIES]:
             c = offsets[j][0]
             if _encode_from(text, c, base + w, seam, tokenizer) == (ids[j:], offsets[j:]):

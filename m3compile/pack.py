@@ -351,8 +351,7 @@ class ShardWriter:
             if exc_type is None:
                 self.close()
         finally:
-            self._drop_kv()  # on error, the unwritten shard is dropped
-            self._reset()
+            self.abort()  # on error, the unwritten shard is dropped
 
     def add(self, ref_id: int, payload: bytes, key: bytes = b"\0" * 32, err: tuple[float, float] = (0.0, 0.0)) -> RefLocation:
         """Append one frame; `key` is the reference's 32-byte content key (sha256) and `err` its
