@@ -478,7 +478,9 @@ def train(
     schedule: Annotated[str, typer.Option(help="cosine | wsd")] = TRAIN_DEFAULTS["schedule"],
     memory_fraction: Annotated[float, typer.Option(help="share of steps that read memories")] = TRAIN_DEFAULTS["memory_fraction"],
     grad_through_memory: Annotated[bool, typer.Option(help="backpropagate through the memory encoding (off saves memory and ~16 % time)")] = TRAIN_DEFAULTS["grad_through_memory"],
-    bf16: Annotated[bool, typer.Option("--bf16/--fp32", help="bfloat16 autocast")] = TRAIN_DEFAULTS["bf16"],
+    bf16: Annotated[Optional[bool], typer.Option(
+        "--bf16/--fp32", help="bfloat16 autocast; default: on where bf16 matmuls are native (CUDA, AMX, AVX512-BF16), "
+                              "else float32")] = TRAIN_DEFAULTS["bf16"],
     seed: Annotated[int, typer.Option(help="seed of batch order and memory steps")] = TRAIN_DEFAULTS["seed"],
     device: Annotated[str, typer.Option(help="torch device")] = TRAIN_DEFAULTS["device"],
     as_json: Annotated[bool, typer.Option("--json", help="print the training report as JSON")] = False,
@@ -492,6 +494,9 @@ def train(
                              grad_through_memory=grad_through_memory, bf16=bf16, seed=seed, device=device)
 
         def on_event(e):
+            if e.get("event") == "start":
+                err.print(f"training in {'bf16 autocast' if e['bf16'] else 'float32'}, steps {e['start_step']}.."
+                          f"{e['steps']}", highlight=False)
             if e.get("event") == "step" and e["step"] % 10 == 0:
                 err.print(f"step {e['step']}/{e['steps']}  loss {e['loss']:.4f}  lr {e['lr']:.2e}  "
                           f"{'memory' if e['memory'] else 'no memory'}  {e['tokens_per_s']:.0f} tok/s", highlight=False)

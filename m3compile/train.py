@@ -27,7 +27,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -41,7 +41,7 @@ from m3compile.config import MODEL_MEMORY_FILE, write_model_memory
 from m3compile.corpus import CorpusReport, iter_documents
 from m3compile.errors import M3Error
 from m3compile.kb import Memory, open_kb
-from m3compile.model import ExtraKV, Transformer, fingerprint, load_checkpoint, save_checkpoint
+from m3compile.model import ExtraKV, Transformer, bf16_is_native, fingerprint, load_checkpoint, save_checkpoint
 from m3compile.reader import CHUNK_TOKENS, REFS_PER_CHUNK, ChunkMemory, ReadLayout, build_extra
 from m3compile.spec import MemorySpec, memorize
 
@@ -77,7 +77,9 @@ class TrainConfig:
     decay_fraction: float = 0.2  # wsd: the last share of steps that decays
     weight_decay: float = 0.1  # AdamW, matrices only
     grad_clip: float = 1.0  # max global gradient norm
-    bf16: bool = True  # bf16 autocast (weights and optimizer stay float32)
+    # bf16 autocast (weights and optimizer stay float32); None: where bf16 matmuls are native
+    # (model.bf16_is_native: CUDA, AMX, AVX512-BF16), else float32, which is 34x faster on AVX2 alone
+    bf16: bool | None = None
     seed: int = 0  # batch order and memory/no-memory steps
     threads: int | None = None  # torch intra-op threads; None = leave torch's setting
     device: str = "cpu"  # torch device
@@ -312,6 +314,8 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None,
         >>> train(TrainConfig(model="examples/model", kb="kb/", texts="facts/", out="m2/", steps=500))
     """
     progress = progress or (lambda e: None)
+    if config.bf16 is None:  # resolved before anything records the settings (report, resume state)
+        config = replace(config, bf16=bf16_is_native(config.device))
     if config.threads:
         torch.set_num_threads(config.threads)
     kb = open_kb(config.kb)
@@ -342,7 +346,8 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None,
     start, history = 0, []
     if config.resume and state_path.is_file():
         start, history = load_state(state_path, model, opt, config)
-    progress({"event": "start", "sequences": len(seqs), "steps": config.steps, "start_step": start})
+    progress({"event": "start", "sequences": len(seqs), "steps": config.steps, "start_step": start,
+              "bf16": config.bf16})
 
     t_loop, tokens, running = time.perf_counter(), 0, []
     memory_steps = 0

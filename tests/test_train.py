@@ -19,7 +19,8 @@ from conftest import SHARED_DATA, shared, write_word_tokenizer
 from m3compile.config import CompileConfig, read_model_memory
 from m3compile.errors import M3Error
 from m3compile.kb import open_kb
-from m3compile.model import ModelArgs, Transformer, load_checkpoint, save_checkpoint
+from m3compile.model import (ModelArgs, Transformer, bf16_is_native, cpuinfo_has_bf16, load_checkpoint,
+                             save_checkpoint)
 from m3compile.pipeline import compile_kb
 from m3compile.reader import ChunkMemory, ReadLayout, text_logits
 from m3compile.train import (STATE_FILE, TrainConfig, batch_logits, encode_memories, kb_retriever, lr_at,
@@ -60,6 +61,27 @@ def _config(root, out, **kw):
                 steps=6, batch_size=3, chunk_tokens=8, refs_per_chunk=2, lr=3e-3, warmup_steps=2, bf16=False,
                 memory_fraction=0.6, log_every=1, checkpoint_every=0)
     return TrainConfig(**{**base, **kw})
+
+
+def test_bf16_autocast_only_where_the_hardware_has_bf16_units(setup, tmp_path):
+    # emulated bf16 matmuls run 34x slower than float32 on an AVX2-only CPU: the default follows the flags
+    assert cpuinfo_has_bf16("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f amx_bf16 amx_tile\n")
+    assert cpuinfo_has_bf16("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert cpuinfo_has_bf16("Features\t: fp asimd sve bf16 i8mm\n")  # aarch64
+    assert not cpuinfo_has_bf16("flags\t\t: fpu sse2 avx2 fma f16c\nbugs\t\t: bf16\n")
+    assert not cpuinfo_has_bf16("")
+    report = train(_config(setup, tmp_path / "auto", bf16=None, steps=1))
+    assert report["config"]["bf16"] is bf16_is_native("cpu")
+    # the resolved setting is what a resume must match: the other one is refused, not mixed in
+
+    def crash(e):
+        if e["event"] == "step" and e["step"] == 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(setup, tmp_path / "t", bf16=None, steps=3, checkpoint_every=1), crash)
+    with pytest.raises(M3Error, match="other settings"):
+        train(_config(setup, tmp_path / "t", bf16=not bf16_is_native("cpu"), steps=3, checkpoint_every=1))
+    assert train(_config(setup, tmp_path / "t", bf16=None, steps=3, checkpoint_every=1))["start_step"] == 1
 
 
 def test_training_memories_equal_kb_memories(setup):
@@ -192,7 +214,7 @@ def test_schedules():
 @pytest.mark.slow
 def test_benchmark_smoke(tmp_path):
     # the subprocess timeouts guard against a hang, they check no speed: the smoke run takes under
-    # a minute on a 2-core AMX machine and ~7 minutes on a 2-core AVX2-only one (2026-12-02)
+    # a minute on a 2-core AMX machine and ~80 s on a 2-core AVX2-only one in float32 (2026-12-02)
     bench = Path(__file__).resolve().parents[1] / "benchmarks" / "train_memory.py"
     proc = subprocess.run([sys.executable, str(bench), "--smoke", "--work", str(tmp_path), "--json",
                            str(tmp_path / "r.json")], capture_output=True, text=True, timeout=1200)
