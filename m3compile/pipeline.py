@@ -42,7 +42,7 @@ from m3compile.corpus import RECORD_SUFFIXES, TEXT_SUFFIXES, CorpusReport, iter_
 from m3compile.distribute import Frames, check_ray, encode_frames, local_frames, pool_frames, ray_frames
 from m3compile.errors import M3Error
 from m3compile.index import index_references, resolve_embedder
-from m3compile.model import Checkpoint, fingerprint, load_checkpoint
+from m3compile.model import Checkpoint, bf16_is_native, fingerprint, load_checkpoint
 from m3compile.pack import (CODEC, FORMAT, FORMAT_VERSION, LAYOUT, ZSTD_LEVEL, ShardWriter, check_frame,
                             read_frame, shard_info, write_shard_index)
 from m3compile.spec import MemorySpec
@@ -146,6 +146,10 @@ def _setup(config: CompileConfig, log) -> tuple[Setup, Timer]:
         model_id = fingerprint(model_path)
     spec = MemorySpec.from_config(config, ck, model_id)
     _note_model_memory(config, model_path, spec.memory_layers, log)
+    if spec.dtype == "bfloat16" and not bf16_is_native(config.device):
+        # dtype is part of the memories' bytes, so it is never switched behind the user's back
+        log(f"note: --dtype bfloat16 on {config.device} without bf16 units (AMX, AVX512-BF16): torch emulates "
+            "bf16 matmuls here, ~30x slower than float32; --dtype float32 compiles faster (other bytes)")
     return Setup(config, ck, model_path, model_id, spec, spec.key_context()), timer  # config resolved
 
 

@@ -65,6 +65,20 @@ def test_two_compiles_are_byte_identical(tmp_path):
             assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_without_bf16_units_is_named(tmp_path, monkeypatch, native):
+    # the dtype is part of the bytes, so it is kept; the user hears that float32 would be faster
+    import m3compile.pipeline as pipeline
+    monkeypatch.setattr(pipeline, "bf16_is_native", lambda device: native)
+    make_checkpoint(tmp_path / "model", "LlamaForCausalLM", {})
+    corpus = word_corpus(tmp_path / "corpus", n_docs=1)
+    notes = []
+    m = compile_kb(CompileConfig(corpus=str(corpus), model=str(tmp_path / "model"), max_tokens=16,
+                                 dtype="bfloat16"), tmp_path / "kb", log=notes.append).manifest
+    assert m.spec.dtype == "bfloat16"
+    assert any("without bf16 units" in n and "--dtype float32" in n for n in notes) is not native, notes
+
+
 def test_files_open_with_their_standard_libraries(tmp_path):
     make_checkpoint(tmp_path / "model", "LlamaForCausalLM", {})
     corpus = word_corpus(tmp_path / "corpus")
