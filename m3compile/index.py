@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from m3compile.errors import M3Error
+from m3compile.references import columns
 
 FORMAT = "m3-index"
 # version 2 adds the document indexes and context scoring; sections without "documents" stay version 1
@@ -315,7 +316,7 @@ def index_references(kb_dir: Path, rows: list[dict], embedder: str | None, index
     Example:
         >>> index_references(Path("kb"), [{"ref_id": 0, "doc_id": "a", "index": 0, "text": "cats"}], None)
     """
-    cols = {c: [r[c] for r in rows] for c in ("ref_id", "doc_id", "index", "text")}
+    cols = columns(rows, ("ref_id", "doc_id", "index", "text"))
     texts = index_texts(cols["doc_id"], cols["index"], cols["text"])
     docs = group_documents(cols["ref_id"], cols["doc_id"], cols["index"], cols["text"])
     return build_indexes(kb_dir, cols["ref_id"], texts, embedder, index_factory, device, documents=docs)

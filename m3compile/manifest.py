@@ -19,6 +19,7 @@ from m3compile import __version__
 from m3compile.errors import M3Error
 from m3compile.model import sha256_file
 from m3compile.pack import bits_per_element, payload_nbytes
+from m3compile.references import columns
 from m3compile.spec import MemorySpec
 
 FORMAT, FORMAT_VERSION = "m3-kb", 1
@@ -104,11 +105,12 @@ def build_manifest(kb_dir: Path, spec: MemorySpec, config: dict, model: dict, ro
     """The manifest of a compile: its spec, config record and model record, and the live rows
     (`vq`: the codebooks entry of a vector-quantized kb, m3compile/codebooks.py)."""
     L, H, D = len(spec.memory_layers), spec.n_kv_heads, spec.head_dim
-    kept_kv = sum(L * H * r["n_kept"] for r in rows)
-    raw = sum(payload_nbytes(spec.scheme, L, H, r["n_kept"], D) for r in rows)
-    payload = sum(r["byte_length"] for r in rows)
-    tokens = sum(r["n_tokens"] for r in rows)
-    rel = [r["quant_rel_err"] for r in rows]
+    cols = columns(rows, ("n_kept", "byte_length", "n_tokens", "quant_rel_err", "quant_max_err", "doc_id"))
+    kept_kv = sum(L * H * k for k in cols["n_kept"])
+    raw = sum(payload_nbytes(spec.scheme, L, H, k, D) for k in cols["n_kept"])
+    payload = sum(cols["byte_length"])
+    tokens = sum(cols["n_tokens"])
+    rel = cols["quant_rel_err"]
     from m3compile.config import MEMORY_SETTINGS
 
     base = Manifest(
@@ -124,11 +126,11 @@ def build_manifest(kb_dir: Path, spec: MemorySpec, config: dict, model: dict, ro
                "bits_per_element_stored": round(8 * raw / (2 * kept_kv * D), 4),
                "bits_per_element_compressed": round(8 * payload / (2 * kept_kv * D), 4),
                "rel_err_max": max(rel), "rel_err_mean": sum(rel) / len(rel),
-               "max_abs_err": max(r["quant_max_err"] for r in rows),
+               "max_abs_err": max(cols["quant_max_err"]),
                # codes, positions, headers and zstd, plus the codebooks amortised over this kb
                **({"vq": vq, "bits_per_element_with_codebooks":
                    round(8 * (payload + vq["codebook_bytes"]) / (2 * kept_kv * D), 4)} if vq else {})},
-        counts={"documents": len({r["doc_id"] for r in rows}), "references": len(rows), "tokens": tokens,
+        counts={"documents": len(set(cols["doc_id"])), "references": len(rows), "tokens": tokens,
                 "kept_kv": kept_kv, "shards": len(shards), "skipped": dict(sorted(skipped.items()))},
         sizes={"payload_bytes": payload, "payload_raw_bytes": raw,
                # the same references' key-values kept whole in bf16, in every layer: the paper's dense baseline

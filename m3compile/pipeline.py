@@ -281,8 +281,10 @@ def _short(v) -> str:
 
 @dataclass
 class Plan:
-    rows: list[dict]  # the live references after this compile (reused rows complete, new ones without location)
-    new: list[dict]  # rows to fill by encoding or copying, in ref id order (the same dicts as in rows)
+    # the live references after this compile, in ref id order (reused rows complete, new ones
+    # located as they are written); a repair's plan holds the previous kb's list of dicts
+    rows: "refs_file.Rows | list[dict]"
+    new: "refs_file.Rows | list[dict]"  # rows to fill by encoding or copying, in ref id order (rows of the same store)
     removed: list[dict]  # live rows that leave (tombstoned)
     docs: dict[str, int]  # added / changed / removed / unchanged / kept
     report: CorpusReport
@@ -302,7 +304,7 @@ def _plan(setup: Setup, prev: Previous, keep_missing: bool, timer: Timer) -> Pla
     old_by_key: dict[str, deque] = defaultdict(deque)
     for row in prev.rows:
         old_by_key[row["ref_key"]].append(row)
-    rows, new, next_id = [], [], prev.next_ref_id
+    store, new, next_id = refs_file.RefColumns(), array("q"), prev.next_ref_id  # new: store positions
     with timer("read+chunk"):
         for ref in chunk_documents(docs, setup.ck.tokenizer, spec.width, spec.boundary, spec.min_fill):
             key = spec.ref_key(ref.token_ids, setup.context).hex()
@@ -314,28 +316,27 @@ def _plan(setup: Setup, prev: Previous, keep_missing: bool, timer: Timer) -> Pla
             if same:
                 # the kb already holds this memory: keep its id and its frame
                 old = same.popleft()
-                rows.append({**old, **meta})
+                store.append({**old, **meta})
             else:
-                row = {"ref_id": next_id, **meta}
+                new.append(store.append({"ref_id": next_id, **meta}))
                 next_id += 1
-                rows.append(row)
-                new.append(row)
     report.raise_if_empty()
-    if not rows:
+    if not len(store):
         raise M3Error(f"corpus {config.corpus} has documents but no tokens to compile; check the texts")
     leftover = [r for q in old_by_key.values() for r in q]
     old_docs = {r["doc_id"]: r["doc_sha256"] for r in prev.rows if "doc_id" in r}
     kept = [r for r in leftover if keep_missing and r.get("doc_id", "") in old_docs and r["doc_id"] not in doc_sha]
     kept_ids = {id(r) for r in kept}
     removed = [r for r in leftover if id(r) not in kept_ids]
-    rows += kept
-    rows.sort(key=lambda r: r["ref_id"])
+    for r in kept:
+        store.append(r)
+    order = np.argsort(np.frombuffer(store.ref_ids(), dtype=np.int64), kind="stable")
     docs = {"added": sum(d not in old_docs for d in doc_sha),
             "changed": sum(d in old_docs and old_docs[d] != s for d, s in doc_sha.items()),
             "unchanged": sum(old_docs.get(d) == s for d, s in doc_sha.items()),
             "removed": 0 if keep_missing else sum(d not in doc_sha for d in old_docs),
             "kept": sum(d not in doc_sha for d in old_docs) if keep_missing else 0}
-    return Plan(rows, new, removed, docs, report)
+    return Plan(refs_file.Rows(store, order), refs_file.Rows(store, new), removed, docs, report)
 
 
 def _plan_unchanged(prev: Previous) -> Plan:
@@ -385,15 +386,20 @@ def _write_new(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: Timer
             ExitStack() as stack:
         writer.before_replace = source.move_aside
         stack.callback(checkpoints.discard)  # frames after the last checkpoint are in a shard, or lost with the run
-        batches = [plan.new[s:s + config.batch_size] for s in range(0, len(plan.new), config.batch_size)]
-        # what the engine encodes: the references whose frame no shard or checkpoint holds
-        sent = [[row for row in b if bytes.fromhex(row["ref_key"]) not in source.frames] for b in batches]
-        encoded, stats["engine_workers"] = _engine(setup, ([list(r["token_ids"]) for r in b] for b in sent), timer)
+        size = config.batch_size
+        starts = range(0, len(plan.new), size)
+        # what the engine encodes: the references whose frame no shard or checkpoint holds (one
+        # byte a reference; a batch's rows exist as dicts only while it is written)
+        sending = bytearray(bytes.fromhex(row["ref_key"]) not in source.frames for row in plan.new)
+        lists = ([list(r["token_ids"]) for j, r in enumerate(plan.new[s:s + size]) if sending[s + j]] for s in starts)
+        encoded, stats["engine_workers"] = _engine(setup, lists, timer)
         # the driver's wait for frames encoded elsewhere (run.json); None: encoded here, timed by stage
         waiting = ("encode (waiting for ray)" if config.engine == "ray" else
                    "encode (waiting for workers)" if stats["engine_workers"] > 1 else None)
         stack.enter_context(closing(encoded))  # a failed write stops the engine (and a Ray cluster it started)
-        for n, (batch, todo) in enumerate(zip(batches, sent)):
+        for n, s in enumerate(starts):
+            batch = list(plan.new[s:s + size])
+            todo = [row for j, row in enumerate(batch) if sending[s + j]]
             sent_ids = {row["ref_id"] for row in todo}
             on_disk = {row["ref_id"]: source.get(bytes.fromhex(row["ref_key"])) for row in batch
                        if row["ref_id"] not in sent_ids}
@@ -409,7 +415,7 @@ def _write_new(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: Timer
             if fresh:
                 crash_point(f"encode:{n + 1}")
             with timer("write"):
-                for row in batch:
+                for j, row in enumerate(batch):
                     if row["ref_id"] in fresh:
                         frame, rel, mx, K = fresh[row["ref_id"]]
                         stats["encoded"] += 1
@@ -423,8 +429,8 @@ def _write_new(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: Timer
                     if len(writer.shards) > n_shards:
                         checkpoints.shard_written()
                         crash_point("shard")
-                    row.update(n_kept=K, shard=loc.shard, byte_offset=loc.byte_offset, byte_length=loc.byte_length,
-                               quant_rel_err=rel, quant_max_err=mx)
+                    plan.new.locate(s + j, n_kept=K, shard=loc.shard, byte_offset=loc.byte_offset,
+                                    byte_length=loc.byte_length, quant_rel_err=rel, quant_max_err=mx)
                 checkpoints.tick()
             crash_point(f"batch:{n + 1}")
             progress({"event": "batch", "refs": len(batch), "tokens": sum(r["n_tokens"] for r in batch),
@@ -443,9 +449,15 @@ def _repair_shards(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: T
     dropped. Rows of the rebuilt shards get their new locations. Healthy shards are not touched."""
     shards = sorted(s for s in prev.manifest.shards if s in prev.damaged) if prev.manifest else []
     live = defaultdict(dict)
-    for r in plan.rows + plan.removed:
+    where = {}  # ref_id -> where its row's new frame fields go (plan.rows is columns or dicts)
+    for j, r in enumerate(plan.rows):
         if r.get("shard") in shards:
             live[r["shard"]][r["ref_id"]] = r
+            where[r["ref_id"]] = (plan.rows.locate, j) if isinstance(plan.rows, refs_file.Rows) else (r.update, None)
+    for r in plan.removed:
+        if r.get("shard") in shards:
+            live[r["shard"]][r["ref_id"]] = r
+            where[r["ref_id"]] = (r.update, None)
     for name in shards:
         path, rows = out / name, live[name]
         # the live rows are the authority on their frames (id, key, place, errors); the shard's own
@@ -487,8 +499,10 @@ def _repair_shards(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: T
                 key, data, err = frames[ref_id]
                 loc = writer.add(ref_id, data, key, err)
                 if ref_id in rows:
-                    rows[ref_id].update(byte_offset=loc.byte_offset, byte_length=loc.byte_length,
-                                        quant_rel_err=float(err[0]), quant_max_err=float(err[1]))
+                    fn, j = where[ref_id]
+                    fields = dict(byte_offset=loc.byte_offset, byte_length=loc.byte_length,
+                                  quant_rel_err=float(err[0]), quant_max_err=float(err[1]))
+                    fn(j, **fields) if j is not None else fn(**fields)
         log(f"repaired {name}: {len(frames) - len(todo)} frames copied, {len(todo)} encoded again")
     return shards
 
@@ -649,7 +663,7 @@ def _run(config: CompileConfig, out: Path, progress: Progress, log, keep_missing
             shards = store.shard_state(out, plan.rows)
             gen, retrieval = _build_generation(out, setup, plan.rows, sorted(shards), timer)
             crash_point("generation")
-            next_id = max([prev.next_ref_id] + [r["ref_id"] + 1 for r in plan.rows])
+            next_id = max([prev.next_ref_id] + [i + 1 for i in refs_file.columns(plan.rows, ("ref_id",))["ref_id"]])
             manifest = mf.build_manifest(out, setup.spec, config_record(config, out), _model_record(setup, out),
                                          plan.rows, gen, retrieval, shards, plan.report.skipped, next_id, setup.vq)
             summary = {"documents": plan.docs, "references": {"encoded": stats["encoded"], "copied": stats["copied"],

@@ -5,6 +5,7 @@ holding {format, format_version}. Rows are written incrementally, so memory stay
 """
 
 import json
+from array import array
 from pathlib import Path
 
 import pyarrow as pa
@@ -72,6 +73,139 @@ class ReferenceWriter:
 
     def __exit__(self, exc_type, exc, tb):
         self.close()
+
+
+class RefColumns:
+    """Reference rows (SCHEMA's columns) held as columns: a compile's plan in ~300 bytes a reference
+    (a dict a row took ~1 KB: issue 16, bounded memory). Rows are appended once, read back as dicts
+    (`row`), and their frame fields set once encoded (`locate`). Strings a document or a shard
+    shares (doc_id, source, doc_sha256, shard) are stored once; token ids as one int32 buffer,
+    texts as one UTF-8 buffer, content keys as 32 raw bytes."""
+
+    INTERNED = ("doc_id", "source", "doc_sha256", "shard")
+    INTS = {"ref_id": "q", "index": "i", "char_start": "q", "char_end": "q", "n_tokens": "i", "n_kept": "i",
+            "byte_offset": "q", "byte_length": "q"}
+    FLOATS = ("quant_rel_err", "quant_max_err")  # float64: the encoder's values, rounded to float32 on write
+    LOCATION = ("n_kept", "shard", "byte_offset", "byte_length", "quant_rel_err", "quant_max_err")
+
+    def __init__(self):
+        self._ints = {k: array(t) for k, t in self.INTS.items()}
+        self._floats = {k: array("d") for k in self.FLOATS}
+        self._codes = {k: array("i") for k in self.INTERNED}
+        self._strings: dict[str, list[str]] = {k: [] for k in self.INTERNED}
+        self._lookup: dict[str, dict[str, int]] = {k: {} for k in self.INTERNED}
+        self._tokens, self._token_ends = array("i"), array("q")
+        self._text, self._text_ends = bytearray(), array("q")
+        self._keys = bytearray()
+
+    def __len__(self) -> int:
+        return len(self._keys) // 32
+
+    def _code(self, name: str, value: str) -> int:
+        table = self._lookup[name]
+        code = table.get(value)
+        if code is None:
+            code = table[value] = len(self._strings[name])
+            self._strings[name].append(value)
+        return code
+
+    def append(self, row: dict) -> int:
+        """Add a row (SCHEMA's columns; frame fields may be missing until `locate`); its position."""
+        key = bytes.fromhex(row["ref_key"])
+        assert len(key) == 32, row["ref_key"]
+        for k, col in self._ints.items():
+            col.append(row.get(k, 0))
+        for k, col in self._floats.items():
+            col.append(row.get(k, 0.0))
+        for k, col in self._codes.items():
+            col.append(self._code(k, row.get(k, "")))
+        self._tokens.extend(row["token_ids"])
+        self._token_ends.append(len(self._tokens))
+        self._text += row["text"].encode("utf-8")
+        self._text_ends.append(len(self._text))
+        self._keys += key
+        return len(self) - 1
+
+    def locate(self, i: int, **fields) -> None:
+        """Set row i's frame fields (LOCATION: where its memory lies, and its quantization errors)."""
+        for k, v in fields.items():
+            assert k in self.LOCATION, k
+            if k in self._ints:
+                self._ints[k][i] = v
+            elif k in self._floats:
+                self._floats[k][i] = v
+            else:
+                self._codes[k][i] = self._code(k, v)
+
+    def _token_ids(self, i: int) -> array:
+        return self._tokens[self._token_ends[i - 1] if i else 0:self._token_ends[i]]
+
+    def _text_of(self, i: int) -> str:
+        return self._text[self._text_ends[i - 1] if i else 0:self._text_ends[i]].decode("utf-8")
+
+    def row(self, i: int) -> dict:
+        """Row i as a dict of SCHEMA's columns, in its order (token_ids an int32 array, as the plan holds them)."""
+        ints, codes, strings, floats = self._ints, self._codes, self._strings, self._floats
+        return {"ref_id": ints["ref_id"][i], "doc_id": strings["doc_id"][codes["doc_id"][i]],
+                "source": strings["source"][codes["source"][i]], "index": ints["index"][i],
+                "char_start": ints["char_start"][i], "char_end": ints["char_end"][i], "n_tokens": ints["n_tokens"][i],
+                "token_ids": self._token_ids(i), "text": self._text_of(i), "n_kept": ints["n_kept"][i],
+                "shard": strings["shard"][codes["shard"][i]], "byte_offset": ints["byte_offset"][i],
+                "byte_length": ints["byte_length"][i], "quant_rel_err": floats["quant_rel_err"][i],
+                "quant_max_err": floats["quant_max_err"][i], "ref_key": self._keys[32 * i:32 * i + 32].hex(),
+                "doc_sha256": strings["doc_sha256"][codes["doc_sha256"][i]]}
+
+    def ref_ids(self) -> array:
+        return self._ints["ref_id"]
+
+    def column(self, name: str, positions) -> list:
+        """One column's values at `positions`, without building the rows."""
+        if name in self._ints:
+            col = self._ints[name]
+        elif name in self._floats:
+            col = self._floats[name]
+        elif name in self._codes:
+            codes, strings = self._codes[name], self._strings[name]
+            return [strings[codes[p]] for p in positions]
+        elif name == "text":
+            return [self._text_of(p) for p in positions]
+        elif name == "token_ids":
+            return [self._token_ids(p) for p in positions]
+        else:
+            return [self.row(p)[name] for p in positions]
+        return [col[p] for p in positions]
+
+
+class Rows:
+    """A sequence of RefColumns rows by position (a plan's rows in ref id order, or its new rows):
+    rows come out as dicts, and `locate(j, ...)` writes the frame fields of the j-th back."""
+
+    def __init__(self, store: RefColumns, positions):
+        self.store, self.positions = store, positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return Rows(self.store, self.positions[j])
+        return self.store.row(self.positions[j])
+
+    def __iter__(self):
+        return (self.store.row(p) for p in self.positions)
+
+    def __eq__(self, other) -> bool:
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    def locate(self, j: int, **fields) -> None:
+        self.store.locate(self.positions[j], **fields)
+
+
+def columns(rows, names) -> dict[str, list]:
+    """{name: values} over rows: a Rows view's columns read directly, or a list of dicts'."""
+    if isinstance(rows, Rows):
+        return {n: rows.store.column(n, rows.positions) for n in names}
+    return {n: [r[n] for r in rows] for n in names}
 
 
 def check_metadata(path: Path) -> pq.FileMetaData:

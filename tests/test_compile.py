@@ -79,6 +79,36 @@ def test_bf16_without_bf16_units_is_named(tmp_path, monkeypatch, native):
     assert any("without bf16 units" in n and "--dtype float32" in n for n in notes) is not native, notes
 
 
+def test_plan_columns_give_back_the_rows(tmp_path):
+    # a compile's plan holds its rows as columns (issue 16); what comes back is the table's rows
+    from array import array
+
+    from m3compile.references import SCHEMA, RefColumns, Rows, columns
+    make_checkpoint(tmp_path / "model", "LlamaForCausalLM", {})
+    corpus = word_corpus(tmp_path / "corpus", n_docs=3)
+    (corpus / "doc9.txt").write_text("w5 été w6 😀 w7")  # multi-byte text
+    compile_kb(CompileConfig(corpus=str(corpus), model=str(tmp_path / "model"), max_tokens=16, max_shard_bytes=3000),
+               tmp_path / "kb")
+    rows = open_kb(tmp_path / "kb").references().to_pylist()
+    for r in rows:
+        r["token_ids"] = array("i", r["token_ids"])
+    assert len({r["shard"] for r in rows}) > 1 and len({r["doc_id"] for r in rows}) == 4
+    store = RefColumns()
+    for r in reversed(rows):
+        store.append(r)
+    view = Rows(store, array("q", range(len(rows) - 1, -1, -1)))
+    assert view == rows and [list(store.row(0))] == [SCHEMA.names]
+    assert view[2:5] == rows[2:5] and list(view[-2:]) == rows[-2:]
+    got = columns(view, SCHEMA.names)
+    assert got == {n: [r[n] for r in rows] for n in SCHEMA.names}
+    # a new row has no frame until it is written; locate fills it, nothing else moves
+    fresh = {k: v for k, v in rows[0].items() if k not in RefColumns.LOCATION}
+    j = store.append(fresh)
+    assert store.row(j)["shard"] == "" and store.row(j)["byte_length"] == 0
+    Rows(store, array("q", [j])).locate(0, **{k: rows[0][k] for k in RefColumns.LOCATION})
+    assert store.row(j) == rows[0] and view == rows
+
+
 def test_files_open_with_their_standard_libraries(tmp_path):
     make_checkpoint(tmp_path / "model", "LlamaForCausalLM", {})
     corpus = word_corpus(tmp_path / "corpus")
