@@ -19,6 +19,7 @@ import hashlib
 import importlib
 import importlib.metadata
 from array import array
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -95,15 +96,84 @@ def _bm25_ids(texts: Sequence[str], chunk: int = 4096) -> tuple[list[array], dic
     return [array("i", rank[d].tobytes()) for d in docs], {t: i for i, t in enumerate(order)}
 
 
+BM25_BLOCK = 1 << 22  # score-matrix entries per column block: 32 MB of scores and row indices
+
+
+def _write_bm25_scores(out: Path, docs: Sequence[array], n_vocab: int, index, block: int = BM25_BLOCK) -> None:
+    """bm25s's CSC score matrix of `docs` (token ids per document) as its three .npy files, in
+    bounded memory: bm25s (0.2-0.3, scipy backend) holds every (doc, token) score three times over
+    while it builds a scipy matrix, ~1 KB a reference (issue 16). Here each block of columns (vocab
+    ids) whose entries fit in `block` is filled by one pass over the documents and appended to the
+    files. The scores are bm25s's own functions on the same inputs, so the bytes are the ones
+    `bm25s.BM25.index` + `save` write (tests/test_retrieval.py compares them)."""
+    from bm25s.scoring import _select_idf_scorer, _select_tfc_scorer
+
+    n_docs = len(docs)
+    lengths = np.array([len(d) for d in docs])
+    avg_doc_len = lengths.mean()  # as bm25s computes it: float64 over an int64 array
+    df = np.zeros(n_vocab, np.int64)  # documents holding each token
+    for d in docs:
+        df[np.unique(np.frombuffer(d, dtype=np.int32))] += 1  # bm25s: the document's token set
+    idf_fn, tfc_fn = _select_idf_scorer(index.idf_method), _select_tfc_scorer(index.method)
+    idf = np.zeros(n_vocab, dtype=index.dtype)
+    for v in np.flatnonzero(df):
+        idf[v] = idf_fn(int(df[v]), N=n_docs)
+    indptr = np.zeros(n_vocab + 1, np.int64)
+    np.cumsum(df, out=indptr[1:])
+    nnz = int(indptr[-1])
+    assert nnz < 2**31, "a BM25 matrix past 2^31 entries needs int64 row indices"
+    files = {k: open(out / f"{k}.csc.index.npy", "wb") for k in ("data", "indices", "indptr")}
+    try:
+        # indptr as int64: what bm25s 0.3 with scipy 1.17 writes (and so every kb before this writer)
+        for name, dtype, n in (("data", index.dtype, nnz), ("indices", np.int32, nnz), ("indptr", np.int64, n_vocab + 1)):
+            np.lib.format.write_array_header_1_0(files[name], {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                               "fortran_order": False, "shape": (n,)})
+        files["indptr"].write(indptr.astype("<i8").tobytes())
+        lo = 0
+        while lo < n_vocab:  # columns [lo, hi) hold entries indptr[lo]..indptr[hi]
+            hi = int(np.searchsorted(indptr, indptr[lo] + block, side="right")) - 1
+            hi = min(max(hi, lo + 1), n_vocab)
+            base = int(indptr[lo])
+            data = np.empty(int(indptr[hi]) - base, dtype=index.dtype)
+            rows = np.empty(len(data), dtype=np.int32)
+            cursor = indptr[lo:hi].copy() - base  # next free slot of each column in the block
+            for doc_idx, d in enumerate(docs):
+                counts = Counter(d)  # bm25s: Counter order, then the same float arithmetic
+                voc = np.array(list(counts.keys()), dtype=np.int32)
+                tf = np.array(list(counts.values()), dtype=index.dtype)
+                keep = (voc >= lo) & (voc < hi)
+                if not keep.any():
+                    continue
+                scores = (idf[voc] * tfc_fn(tf_array=tf, l_d=len(d), l_avg=avg_doc_len, k1=index.k1, b=index.b,
+                                            delta=index.delta)).astype(index.dtype)
+                at = cursor[voc[keep] - lo]
+                data[at], rows[at] = scores[keep], doc_idx
+                cursor[voc[keep] - lo] += 1
+            files["data"].write(data.astype(data.dtype.newbyteorder("<")).tobytes())
+            files["indices"].write(rows.astype("<i4").tobytes())
+            lo = hi
+    finally:
+        for f in files.values():
+            f.close()
+
+
 def _build_bm25(out: Path, rows: Iterable[dict], texts: Sequence[str]) -> dict:
     """The BM25 index of `texts` in `out`; `rows` (one per text, streamed) are saved beside it."""
     import bm25s
 
     ids, vocab = _bm25_ids(texts)
     index = bm25s.BM25(k1=BM25["k1"], b=BM25["b"], method=BM25["method"])
-    index.index((ids, vocab), show_progress=False)
-    # saved corpus row i ({"ref_id": ...}): bm25s returns it for its document i, so ids survive alone
-    index.save(str(out), corpus=rows, show_progress=False)
+    out.mkdir(parents=True, exist_ok=True)
+    # the score matrix is written here, column block by column block (_write_bm25_scores); bm25s
+    # writes the rest (vocab, params, saved corpus row i ({"ref_id": ...}), which bm25s returns for
+    # its document i, so ids survive alone) with throwaway placeholders for the three arrays
+    _write_bm25_scores(out, ids, len(vocab), index)
+    index.scores = {k: np.zeros(0, np.int32) for k in ("data", "indices", "indptr")} | {"num_docs": len(ids)}
+    index.vocab_dict, index.nonoccurrence_array = vocab, None
+    scratch = {f"{k}_name": f".scratch-{k}.npy" for k in ("data", "indices", "indptr")}
+    index.save(str(out), corpus=rows, show_progress=False, **scratch)
+    for name in scratch.values():
+        (out / name).unlink()
     return {"dir": out.name, "library": f"bm25s {_version('bm25s')}", **BM25, "idf_method": BM25["method"],
             "tokenizer": {**BM25_TOKENS, "library": "bm25s.tokenize",
                           "stemmer_library": f"PyStemmer {_version('PyStemmer')}"},
