@@ -19,7 +19,6 @@ import hashlib
 import importlib
 import importlib.metadata
 from array import array
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -99,21 +98,32 @@ def _bm25_ids(texts: Sequence[str], chunk: int = 4096) -> tuple[list[array], dic
 BM25_BLOCK = 1 << 22  # score-matrix entries per column block: 32 MB of scores and row indices
 
 
-def _write_bm25_scores(out: Path, docs: Sequence[array], n_vocab: int, index, block: int = BM25_BLOCK) -> None:
+def _write_bm25_scores(out: Path, docs: Sequence[array], n_vocab: int, index, block: int = BM25_BLOCK,
+                       doc_chunk: int = 16384) -> None:
     """bm25s's CSC score matrix of `docs` (token ids per document) as its three .npy files, in
-    bounded memory: bm25s (0.2-0.3, scipy backend) holds every (doc, token) score three times over
+    bounded memory: bm25s (0.3, scipy backend) holds every (doc, token) score several times over
     while it builds a scipy matrix, ~1 KB a reference (issue 16). Here each block of columns (vocab
-    ids) whose entries fit in `block` is filled by one pass over the documents and appended to the
-    files. The scores are bm25s's own functions on the same inputs, so the bytes are the ones
+    ids) whose entries fit in `block` is filled by one pass over the documents, `doc_chunk` at a
+    time, and appended to the files. Scores are bm25s's own idf and tf functions, applied to arrays
+    with the same float64 operations bm25s applies per document, so the bytes are the ones
     `bm25s.BM25.index` + `save` write (tests/test_retrieval.py compares them)."""
     from bm25s.scoring import _select_idf_scorer, _select_tfc_scorer
 
     n_docs = len(docs)
     lengths = np.array([len(d) for d in docs])
     avg_doc_len = lengths.mean()  # as bm25s computes it: float64 over an int64 array
-    df = np.zeros(n_vocab, np.int64)  # documents holding each token
-    for d in docs:
-        df[np.unique(np.frombuffer(d, dtype=np.int32))] += 1  # bm25s: the document's token set
+
+    def pairs(c0: int):
+        """(doc, token, count) of docs[c0:c0 + doc_chunk], each (doc, token) once, by doc."""
+        part = docs[c0:c0 + doc_chunk]
+        flat = np.concatenate([np.frombuffer(d, dtype=np.int32) for d in part]).astype(np.int64)
+        doc = np.repeat(np.arange(c0, c0 + len(part), dtype=np.int64), lengths[c0:c0 + len(part)])
+        key, tf = np.unique(doc * n_vocab + flat, return_counts=True)
+        return key // n_vocab, key % n_vocab, tf
+
+    df = np.zeros(n_vocab, np.int64)  # documents holding each token (bm25s: the document's token set)
+    for c0 in range(0, n_docs, doc_chunk):
+        df += np.bincount(pairs(c0)[1], minlength=n_vocab)
     idf_fn, tfc_fn = _select_idf_scorer(index.idf_method), _select_tfc_scorer(index.method)
     idf = np.zeros(n_vocab, dtype=index.dtype)
     for v in np.flatnonzero(df):
@@ -136,19 +146,20 @@ def _write_bm25_scores(out: Path, docs: Sequence[array], n_vocab: int, index, bl
             base = int(indptr[lo])
             data = np.empty(int(indptr[hi]) - base, dtype=index.dtype)
             rows = np.empty(len(data), dtype=np.int32)
-            cursor = indptr[lo:hi].copy() - base  # next free slot of each column in the block
-            for doc_idx, d in enumerate(docs):
-                counts = Counter(d)  # bm25s: Counter order, then the same float arithmetic
-                voc = np.array(list(counts.keys()), dtype=np.int32)
-                tf = np.array(list(counts.values()), dtype=index.dtype)
-                keep = (voc >= lo) & (voc < hi)
-                if not keep.any():
-                    continue
-                scores = (idf[voc] * tfc_fn(tf_array=tf, l_d=len(d), l_avg=avg_doc_len, k1=index.k1, b=index.b,
-                                            delta=index.delta)).astype(index.dtype)
-                at = cursor[voc[keep] - lo]
-                data[at], rows[at] = scores[keep], doc_idx
-                cursor[voc[keep] - lo] += 1
+            cursor = indptr[lo:hi] - base  # next free slot of each column in the block
+            for c0 in range(0, n_docs, doc_chunk) if len(data) else ():
+                doc, tok, tf = pairs(c0)
+                keep = (tok >= lo) & (tok < hi)
+                doc, tok, tf = doc[keep], tok[keep], tf[keep]
+                tfc = tfc_fn(tf_array=tf.astype(index.dtype), l_d=lengths[doc], l_avg=avg_doc_len, k1=index.k1,
+                             b=index.b, delta=index.delta)
+                scores = (idf[tok] * tfc).astype(index.dtype)  # bm25s: idf * tfc, stored as float32
+                order = np.argsort(tok, kind="stable")  # by column, documents ascending within one
+                col = tok[order] - lo
+                rank = np.arange(len(col)) - np.searchsorted(col, col, side="left")
+                at = cursor[col] + rank
+                data[at], rows[at] = scores[order], doc[order]
+                cursor += np.bincount(col, minlength=hi - lo)
             files["data"].write(data.astype(data.dtype.newbyteorder("<")).tobytes())
             files["indices"].write(rows.astype("<i4").tobytes())
             lo = hi

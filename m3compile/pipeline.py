@@ -390,8 +390,9 @@ def _write_new(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: Timer
         starts = range(0, len(plan.new), size)
         # what the engine encodes: the references whose frame no shard or checkpoint holds (one
         # byte a reference; a batch's rows exist as dicts only while it is written)
-        sending = bytearray(bytes.fromhex(row["ref_key"]) not in source.frames for row in plan.new)
-        lists = ([list(r["token_ids"]) for j, r in enumerate(plan.new[s:s + size]) if sending[s + j]] for s in starts)
+        sending = bytearray(plan.new.key(j) not in source.frames for j in range(len(plan.new)))
+        lists = ([list(plan.new.token_ids(j)) for j in range(s, min(s + size, len(plan.new))) if sending[j]]
+                 for s in starts)
         encoded, stats["engine_workers"] = _engine(setup, lists, timer)
         # the driver's wait for frames encoded elsewhere (run.json); None: encoded here, timed by stage
         waiting = ("encode (waiting for ray)" if config.engine == "ray" else

@@ -113,12 +113,15 @@ class RefColumns:
         """Add a row (SCHEMA's columns; frame fields may be missing until `locate`); its position."""
         key = bytes.fromhex(row["ref_key"])
         assert len(key) == 32, row["ref_key"]
+        get = row.get
         for k, col in self._ints.items():
-            col.append(row.get(k, 0))
+            col.append(get(k, 0))
         for k, col in self._floats.items():
-            col.append(row.get(k, 0.0))
+            col.append(get(k, 0.0))
         for k, col in self._codes.items():
-            col.append(self._code(k, row.get(k, "")))
+            value = get(k, "")
+            code = self._lookup[k].get(value)
+            col.append(self._code(k, value) if code is None else code)
         self._tokens.extend(row["token_ids"])
         self._token_ends.append(len(self._tokens))
         self._text += row["text"].encode("utf-8")
@@ -137,7 +140,11 @@ class RefColumns:
             else:
                 self._codes[k][i] = self._code(k, v)
 
-    def _token_ids(self, i: int) -> array:
+    def key(self, i: int) -> bytes:
+        """Row i's content key, raw (its ref_key is the hex of it)."""
+        return bytes(self._keys[32 * i:32 * i + 32])
+
+    def token_ids(self, i: int) -> array:
         return self._tokens[self._token_ends[i - 1] if i else 0:self._token_ends[i]]
 
     def _text_of(self, i: int) -> str:
@@ -149,7 +156,7 @@ class RefColumns:
         return {"ref_id": ints["ref_id"][i], "doc_id": strings["doc_id"][codes["doc_id"][i]],
                 "source": strings["source"][codes["source"][i]], "index": ints["index"][i],
                 "char_start": ints["char_start"][i], "char_end": ints["char_end"][i], "n_tokens": ints["n_tokens"][i],
-                "token_ids": self._token_ids(i), "text": self._text_of(i), "n_kept": ints["n_kept"][i],
+                "token_ids": self.token_ids(i), "text": self._text_of(i), "n_kept": ints["n_kept"][i],
                 "shard": strings["shard"][codes["shard"][i]], "byte_offset": ints["byte_offset"][i],
                 "byte_length": ints["byte_length"][i], "quant_rel_err": floats["quant_rel_err"][i],
                 "quant_max_err": floats["quant_max_err"][i], "ref_key": self._keys[32 * i:32 * i + 32].hex(),
@@ -170,7 +177,7 @@ class RefColumns:
         elif name == "text":
             return [self._text_of(p) for p in positions]
         elif name == "token_ids":
-            return [self._token_ids(p) for p in positions]
+            return [self.token_ids(p) for p in positions]
         else:
             return [self.row(p)[name] for p in positions]
         return [col[p] for p in positions]
@@ -199,6 +206,13 @@ class Rows:
 
     def locate(self, j: int, **fields) -> None:
         self.store.locate(self.positions[j], **fields)
+
+    def key(self, j: int) -> bytes:
+        """The j-th row's content key, raw (its ref_key is the hex of it)."""
+        return self.store.key(self.positions[j])
+
+    def token_ids(self, j: int) -> array:
+        return self.store.token_ids(self.positions[j])
 
 
 def columns(rows, names) -> dict[str, list]:
