@@ -28,6 +28,7 @@ from array import array
 from collections import defaultdict, deque
 from contextlib import ExitStack, closing, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -449,16 +450,18 @@ def _repair_shards(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: T
     fully recovered shard gets back its recorded bytes); a tombstoned frame that no longer checks is
     dropped. Rows of the rebuilt shards get their new locations. Healthy shards are not touched."""
     shards = sorted(s for s in prev.manifest.shards if s in prev.damaged) if prev.manifest else []
+    if not shards:
+        return []
     live = defaultdict(dict)
-    where = {}  # ref_id -> where its row's new frame fields go (plan.rows is columns or dicts)
+    where = {}  # ref_id -> what sets its row's new frame fields (plan.rows is columns or dicts)
     for j, r in enumerate(plan.rows):
         if r.get("shard") in shards:
             live[r["shard"]][r["ref_id"]] = r
-            where[r["ref_id"]] = (plan.rows.locate, j) if isinstance(plan.rows, refs_file.Rows) else (r.update, None)
+            where[r["ref_id"]] = partial(plan.rows.locate, j) if isinstance(plan.rows, refs_file.Rows) else r.update
     for r in plan.removed:
         if r.get("shard") in shards:
             live[r["shard"]][r["ref_id"]] = r
-            where[r["ref_id"]] = (r.update, None)
+            where[r["ref_id"]] = r.update
     for name in shards:
         path, rows = out / name, live[name]
         # the live rows are the authority on their frames (id, key, place, errors); the shard's own
@@ -500,10 +503,8 @@ def _repair_shards(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: T
                 key, data, err = frames[ref_id]
                 loc = writer.add(ref_id, data, key, err)
                 if ref_id in rows:
-                    fn, j = where[ref_id]
-                    fields = dict(byte_offset=loc.byte_offset, byte_length=loc.byte_length,
+                    where[ref_id](byte_offset=loc.byte_offset, byte_length=loc.byte_length,
                                   quant_rel_err=float(err[0]), quant_max_err=float(err[1]))
-                    fn(j, **fields) if j is not None else fn(**fields)
         log(f"repaired {name}: {len(frames) - len(todo)} frames copied, {len(todo)} encoded again")
     return shards
 
