@@ -255,7 +255,7 @@ def prompt_names(model) -> dict:
 
 def embed(model, texts: list[str], prompt_name: str | None = None, batch_size: int = EMBED_BATCH) -> np.ndarray:
     """(R, E) float32 unit vectors, so that inner product is cosine similarity."""
-    x = model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
+    x = model.encode(list(texts[0:len(texts)]), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
                      show_progress_bar=False, prompt_name=prompt_name)  # (R, E)
     return np.ascontiguousarray(x, dtype=np.float32)
 
@@ -397,10 +397,77 @@ def index_references(kb_dir: Path, rows: list[dict], embedder: str | None, index
     Example:
         >>> index_references(Path("kb"), [{"ref_id": 0, "doc_id": "a", "index": 0, "text": "cats"}], None)
     """
-    cols = columns(rows, ("ref_id", "doc_id", "index", "text"))
-    texts = index_texts(cols["doc_id"], cols["index"], cols["text"])
-    docs = group_documents(cols["ref_id"], cols["doc_id"], cols["index"], cols["text"])
+    cols = columns(rows, ("ref_id", "doc_id", "index"))
+    # the texts are read from `rows` a slice at a time as the indexes consume them, never all at
+    # once (issue 16); the bytes are those of index_texts and group_documents over the whole lists
+    texts, docs = _IndexTexts(rows, cols), _Documents(rows, cols)
     return build_indexes(kb_dir, cols["ref_id"], texts, embedder, index_factory, device, documents=docs)
+
+
+def _take(rows, positions):
+    """The rows at `positions` (a Rows view, or a list of dicts)."""
+    from m3compile.references import Rows
+
+    if isinstance(rows, Rows):
+        return Rows(rows.store, np.asarray(rows.positions)[positions])
+    return [rows[int(p)] for p in positions]
+
+
+class _IndexTexts(Sequence):
+    """index_texts over rows, computed a slice at a time: each reference's text after its title."""
+
+    def __init__(self, rows, cols: dict):
+        self.rows = rows
+        first = np.flatnonzero(np.asarray(cols["index"]) == 0)
+        heads = columns(_take(rows, first), ("doc_id", "text"))
+        self.titles = {d: document_title(t) for d, t in zip(heads["doc_id"], heads["text"])}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        part = self.rows[i] if isinstance(i, slice) else self.rows[i:i + 1 or None]
+        c = columns(part, ("doc_id", "index", "text"))
+        out = [t if j == 0 or not self.titles.get(d) else self.titles[d] + TITLE_JOINER + t
+               for d, j, t in zip(c["doc_id"], c["index"], c["text"])]
+        return out if isinstance(i, slice) else out[0]
+
+
+class _Documents(Sequence):
+    """group_documents over rows, a document's text built when it is asked for: (doc_id, its
+    ref_ids in reference order, its references' texts concatenated), in order of first appearance."""
+
+    def __init__(self, rows, cols: dict):
+        self.rows = rows
+        code: dict[str, int] = {}
+        codes = np.array([code.setdefault(d, len(code)) for d in cols["doc_id"]], dtype=np.int64)
+        self.order = np.lexsort((np.asarray(cols["index"]), codes))  # by document, then reference index
+        self.starts = np.searchsorted(codes[self.order], np.arange(len(code) + 1))
+        self.doc_ids = list(code)
+        self.ref_ids = np.asarray(cols["ref_id"], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.doc_ids)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = range(len(self))[i]
+        at = self.order[self.starts[i]:self.starts[i + 1]]
+        return self.doc_ids[i], self.ref_ids[at].tolist(), "".join(columns(_take(self.rows, at), ("text",))["text"])
+
+
+class _Field(Sequence):
+    """Field k of each tuple of a sequence, read as it is asked for."""
+
+    def __init__(self, seq, k: int):
+        self.seq, self.k = seq, k
+
+    def __len__(self) -> int:
+        return len(self.seq)
+
+    def __getitem__(self, i):
+        return [x[self.k] for x in self.seq[i]] if isinstance(i, slice) else self.seq[i][self.k]
 
 
 def build_indexes(kb_dir: Path, ref_ids: list[int], texts: list[str], embedder: str | None,
@@ -434,7 +501,7 @@ def build_indexes(kb_dir: Path, ref_ids: list[int], texts: list[str], embedder: 
         assert grouped == sorted(ref_ids), "documents must hold every reference exactly once"
     if not ref_ids:
         raise M3Error("no references to index; the corpus produced none")
-    doc_texts = None if documents is None else [t for _, _, t in documents]
+    doc_texts = None if documents is None else _Field(documents, 2)
     # dense first: its errors are the user's (embedder, factory string), and nothing is written before them
     dense, dense_docs = (_build_dense(out, ref_ids, texts, embedder, index_factory, device, doc_texts)
                          if embedder else (None, None))
