@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from m3compile.errors import M3Error
-from m3compile.references import columns
+from m3compile.references import Rows, columns
 
 FORMAT = "m3-index"
 # version 2 adds the document indexes and context scoring; sections without "documents" stay version 1
@@ -365,12 +365,19 @@ def document_title(first_text: str) -> str | None:
     return line if 0 < len(line) <= TITLE_MAX_CHARS else None
 
 
-def index_texts(doc_ids: list[str], indices: list[int], texts: list[str]) -> list[str]:
+def index_texts(doc_ids: list[str], indices: list[int], texts: list[str],
+                titles: dict[str, str] | None = None) -> list[str]:
     """What the indexes see of each reference: its text, after its document's title for every
-    reference but a document's first (which holds the title already). formats/index.md."""
-    titles = {d: document_title(t) for d, i, t in zip(doc_ids, indices, texts) if i == 0}
+    reference but a document's first (which holds the title already). formats/index.md.
+    `titles` (document_titles): taken from these rows when None."""
+    titles = document_titles(doc_ids, indices, texts) if titles is None else titles
     return [t if i == 0 or not titles.get(d) else titles[d] + TITLE_JOINER + t
             for d, i, t in zip(doc_ids, indices, texts)]
+
+
+def document_titles(doc_ids: list[str], indices: list[int], texts: list[str]) -> dict[str, str]:
+    """{doc_id: title} from each document's first reference (index 0) among the given ones."""
+    return {d: document_title(t) for d, i, t in zip(doc_ids, indices, texts) if i == 0}
 
 
 def group_documents(ref_ids: list[int], doc_ids: list[str], indices: list[int],
@@ -406,8 +413,6 @@ def index_references(kb_dir: Path, rows: list[dict], embedder: str | None, index
 
 def _take(rows, positions):
     """The rows at `positions` (a Rows view, or a list of dicts)."""
-    from m3compile.references import Rows
-
     if isinstance(rows, Rows):
         return Rows(rows.store, np.asarray(rows.positions)[positions])
     return [rows[int(p)] for p in positions]
@@ -418,9 +423,8 @@ class _IndexTexts(Sequence):
 
     def __init__(self, rows, cols: dict):
         self.rows = rows
-        first = np.flatnonzero(np.asarray(cols["index"]) == 0)
-        heads = columns(_take(rows, first), ("doc_id", "text"))
-        self.titles = {d: document_title(t) for d, t in zip(heads["doc_id"], heads["text"])}
+        heads = columns(_take(rows, np.flatnonzero(np.asarray(cols["index"]) == 0)), ("doc_id", "index", "text"))
+        self.titles = document_titles(heads["doc_id"], heads["index"], heads["text"])
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -428,14 +432,14 @@ class _IndexTexts(Sequence):
     def __getitem__(self, i):
         part = self.rows[i] if isinstance(i, slice) else self.rows[i:i + 1 or None]
         c = columns(part, ("doc_id", "index", "text"))
-        out = [t if j == 0 or not self.titles.get(d) else self.titles[d] + TITLE_JOINER + t
-               for d, j, t in zip(c["doc_id"], c["index"], c["text"])]
+        out = index_texts(c["doc_id"], c["index"], c["text"], self.titles)
         return out if isinstance(i, slice) else out[0]
 
 
 class _Documents(Sequence):
-    """group_documents over rows, a document's text built when it is asked for: (doc_id, its
-    ref_ids in reference order, its references' texts concatenated), in order of first appearance."""
+    """group_documents over rows, one document's rows read when it is asked for: (doc_id, its
+    ref_ids in reference order, its references' texts concatenated), in order of first appearance
+    (the grouping is done here on ids alone; group_documents makes each document's tuple)."""
 
     def __init__(self, rows, cols: dict):
         self.rows = rows
@@ -443,18 +447,19 @@ class _Documents(Sequence):
         codes = np.array([code.setdefault(d, len(code)) for d in cols["doc_id"]], dtype=np.int64)
         self.order = np.lexsort((np.asarray(cols["index"]), codes))  # by document, then reference index
         self.starts = np.searchsorted(codes[self.order], np.arange(len(code) + 1))
-        self.doc_ids = list(code)
         self.ref_ids = np.asarray(cols["ref_id"], dtype=np.int64)
 
     def __len__(self) -> int:
-        return len(self.doc_ids)
+        return len(self.starts) - 1
 
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         i = range(len(self))[i]
         at = self.order[self.starts[i]:self.starts[i + 1]]
-        return self.doc_ids[i], self.ref_ids[at].tolist(), "".join(columns(_take(self.rows, at), ("text",))["text"])
+        c = columns(_take(self.rows, at), ("doc_id", "index", "text"))
+        (doc,) = group_documents(self.ref_ids[at].tolist(), c["doc_id"], c["index"], c["text"])
+        return doc
 
 
 class _Field(Sequence):

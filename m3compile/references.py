@@ -119,9 +119,7 @@ class RefColumns:
         for k, col in self._floats.items():
             col.append(get(k, 0.0))
         for k, col in self._codes.items():
-            value = get(k, "")
-            code = self._lookup[k].get(value)
-            col.append(self._code(k, value) if code is None else code)
+            col.append(self._code(k, get(k, "")))
         self._tokens.extend(row["token_ids"])
         self._token_ends.append(len(self._tokens))
         self._text += row["text"].encode("utf-8")
@@ -159,7 +157,7 @@ class RefColumns:
                 "token_ids": self.token_ids(i), "text": self._text_of(i), "n_kept": ints["n_kept"][i],
                 "shard": strings["shard"][codes["shard"][i]], "byte_offset": ints["byte_offset"][i],
                 "byte_length": ints["byte_length"][i], "quant_rel_err": floats["quant_rel_err"][i],
-                "quant_max_err": floats["quant_max_err"][i], "ref_key": self._keys[32 * i:32 * i + 32].hex(),
+                "quant_max_err": floats["quant_max_err"][i], "ref_key": self.key(i).hex(),
                 "doc_sha256": strings["doc_sha256"][codes["doc_sha256"][i]]}
 
     def ref_ids(self) -> array:
