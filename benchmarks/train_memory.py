@@ -285,6 +285,9 @@ def main(argv=None):
     ap.add_argument("--start-from", type=Path, default=None,
                     help="continue this memory-trained checkpoint (e.g. m3compile/embedded/reader) instead of the "
                          "warm-ups: it becomes --work's warm/ and lookup/ (a dense-to-sparse curriculum step)")
+    ap.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                    help="keep a resume state in WORK/trained every 200 steps and continue from it after a kill "
+                         "(the same settings only; the world, the warm model and its evaluation are rebuilt first)")
     ap.add_argument("--smoke", action="store_true", help="tiny world and runs, < 60 s")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the figures above: 1; the same seed on "
@@ -332,7 +335,7 @@ def main(argv=None):
     cfg = TrainConfig(model=str(warm), kb=str(kb0), texts=str(work / "train_texts.jsonl"), out=str(work / "trained"),
                       steps=a.steps, batch_size=a.batch_size, lr=a.lr, memory_fraction=a.memory_fraction,
                       grad_through_memory=a.grad_through_memory, warmup_steps=min(50, a.steps // 10),
-                      resume=False, checkpoint_every=0)
+                      resume=a.resume, checkpoint_every=200 if a.resume else 0)
     rep = train(cfg, show)
     kb1 = compile_world(work, Path(cfg.out), "kb-trained", a)
     res["selection"]["trained"] = selection_coverage(kb1, Tokenizer.from_dir(work / "tok"), w["world"], w["H"])

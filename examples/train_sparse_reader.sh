@@ -15,14 +15,22 @@ set -euo pipefail
 work=${1:?usage: bash examples/train_sparse_reader.sh WORK_DIR}
 here=$(cd "$(dirname "$0")/.." && pwd)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-run() { python "$here/benchmarks/train_memory.py" --threads 1 "$@"; }
-run --work "$work/d16b" --start-from "$here/m3compile/embedded/reader" --top-k 4 --memory-layers 2,3 \
-    --steps 3000 --json "$work/d16b.json"
-run --work "$work/d16w" --start-from "$work/d16b/trained" --entities 8000 --world-seed 1 --top-k 4 \
-    --memory-layers 2,3 --steps 2000 --lr 1e-3 --json "$work/d16w.json"
-run --work "$work/d16y" --start-from "$work/d16w/trained" --entities 8000 --world-seed 2 --top-k 8 \
-    --memory-layers 3 --steps 1500 --lr 1e-3 --json "$work/d16y.json"
-run --work "$work/d16z" --start-from "$work/d16y/trained" --entities 8000 --world-seed 3 --top-k 8 \
-    --memory-layers 3 --steps 2700 --lr 1e-3 --json "$work/d16z.json"
-run --work "$work/d32a" --start-from "$work/d16z/trained" --entities 8000 --world-seed 4 --top-k 4 \
-    --memory-layers 3 --steps 1900 --lr 1e-3 --json "$work/d32a.json"
+# A step whose result (WORK_DIR/NAME.json) is there is skipped; a killed step resumes from the state
+# its training leaves every 200 steps (train_memory.py --resume), so the recipe can span sessions.
+run() {
+    local name=$1; shift
+    if [[ -f "$work/$name.json" && -f "$work/$name/trained/config.json" ]]; then
+        echo "$name: done ($work/$name.json), skipped" >&2; return
+    fi
+    python "$here/benchmarks/train_memory.py" --threads 1 --work "$work/$name" --json "$work/$name.json" "$@"
+}
+run d16b --start-from "$here/m3compile/embedded/reader" --top-k 4 --memory-layers 2,3 \
+    --steps 3000
+run d16w --start-from "$work/d16b/trained" --entities 8000 --world-seed 1 --top-k 4 \
+    --memory-layers 2,3 --steps 2000 --lr 1e-3
+run d16y --start-from "$work/d16w/trained" --entities 8000 --world-seed 2 --top-k 8 \
+    --memory-layers 3 --steps 1500 --lr 1e-3
+run d16z --start-from "$work/d16y/trained" --entities 8000 --world-seed 3 --top-k 8 \
+    --memory-layers 3 --steps 2700 --lr 1e-3
+run d32a --start-from "$work/d16z/trained" --entities 8000 --world-seed 4 --top-k 4 \
+    --memory-layers 3 --steps 1900 --lr 1e-3

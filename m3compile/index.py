@@ -18,6 +18,7 @@ Shape letters: R references, N documents, E embedding dim.
 import hashlib
 import importlib
 import importlib.metadata
+import os
 from array import array
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -79,50 +80,87 @@ def bm25_tokenize(texts: list[str], tokens: dict = BM25_TOKENS) -> list[list[str
                           return_ids=False, show_progress=False)
 
 
-def _bm25_ids(texts: Sequence[str], chunk: int = 4096) -> tuple[list[array], dict[str, int]]:
-    """Each text's BM25 tokens as ids into the sorted vocabulary, and that vocabulary. Texts are
-    tokenized `chunk` at a time and kept as 4-byte ids, never as lists of token strings, so the
-    index of a big kb builds in a fraction of the memory (issue 16)."""
+class _TokenIds(Sequence):
+    """Each text's BM25 token ids (into the sorted vocabulary), spilled as int32 to a scratch file:
+    memory holds 12 bytes a text (length, start), not its ids (issue 16, bounded memory). Item i is
+    text i's ids (an int32 array); `flat(c0, n)` the ids of texts c0..c0+n-1 end to end."""
+
+    def __init__(self, path: Path, lengths: np.ndarray, rank: np.ndarray):
+        self.path, self.lengths, self.rank = path, lengths, rank
+        self.starts = np.zeros(len(lengths) + 1, np.int64)
+        np.cumsum(lengths, out=self.starts[1:])
+        self._file = open(path, "rb")
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def flat(self, c0: int, n: int) -> np.ndarray:
+        lo, hi = int(self.starts[c0]), int(self.starts[min(c0 + n, len(self))])
+        raw = os.pread(self._file.fileno(), 4 * (hi - lo), 4 * lo)
+        return self.rank[np.frombuffer(raw, dtype="<i4")]  # first-seen ids -> sorted-vocabulary ids
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = range(len(self))[i]
+        return self.flat(i, 1)
+
+    def close(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _bm25_ids(texts: Sequence[str], scratch: Path, chunk: int = 4096) -> tuple[_TokenIds, dict[str, int]]:
+    """Each text's BM25 tokens as ids into the sorted vocabulary (spilled to the file `scratch`),
+    and that vocabulary. Texts are tokenized `chunk` at a time and never held as lists of token
+    strings, so the index of a big kb builds in bounded memory (issue 16). Close the result."""
     seen: dict[str, int] = {"": 0}  # "" is bm25s' empty token: an all-stop-word corpus still indexes
-    docs = []
-    for i in range(0, len(texts), chunk):
-        for d in bm25_tokenize(texts[i:i + chunk]):
-            docs.append(np.fromiter((seen.setdefault(t, len(seen)) for t in d), dtype=np.int32, count=len(d)))
+    lengths = array("i")
+    with open(scratch, "wb") as f:
+        for i in range(0, len(texts), chunk):
+            part = bm25_tokenize(texts[i:i + chunk])
+            lengths.extend(len(d) for d in part)
+            flat = [seen.setdefault(t, len(seen)) for d in part for t in d]
+            f.write(np.asarray(flat, dtype="<i4").tobytes())
     # a sorted vocabulary: bm25s builds its own from a set, whose order changes with PYTHONHASHSEED
     order = sorted(seen)
     rank = np.empty(len(order), dtype=np.int32)
     rank[[seen[t] for t in order]] = np.arange(len(order), dtype=np.int32)
-    return [array("i", rank[d].tobytes()) for d in docs], {t: i for i, t in enumerate(order)}
+    return _TokenIds(scratch, np.frombuffer(lengths, dtype=np.int32), rank), {t: i for i, t in enumerate(order)}
 
 
-BM25_BLOCK = 1 << 22  # score-matrix entries per column block: 32 MB of scores and row indices
+BM25_BLOCK = 1 << 20  # score-matrix entries per column block: 8 MB of scores and row indices
 
 
-def _write_bm25_scores(out: Path, docs: Sequence[array], n_vocab: int, index, block: int = BM25_BLOCK,
-                       doc_chunk: int = 16384) -> None:
+def _write_bm25_scores(out: Path, docs: _TokenIds, n_vocab: int, index, block: int = BM25_BLOCK,
+                       doc_chunk: int = 4096) -> None:
     """bm25s's CSC score matrix of `docs` (token ids per document) as its three .npy files, in
     bounded memory: bm25s (0.3, scipy backend) holds every (doc, token) score several times over
-    while it builds a scipy matrix, ~1 KB a reference (issue 16). Here each block of columns (vocab
-    ids) whose entries fit in `block` is filled by one pass over the documents, `doc_chunk` at a
-    time, and appended to the files. Scores are bm25s's own idf and tf functions, applied to arrays
-    with the same float64 operations bm25s applies per document, so the bytes are the ones
-    `bm25s.BM25.index` + `save` write (tests/test_retrieval.py compares them)."""
+    while it builds a scipy matrix, ~1 KB a reference (issue 16). Three passes, `doc_chunk`
+    documents at a time: (1) document frequencies; (2) each chunk's (token, doc, score) entries,
+    sorted by token, appended to a scratch file; (3) per block of columns (vocab ids) whose entries
+    fit in `block`, each chunk's part of the block read back and placed, then the block appended to
+    the files. Scores are bm25s's own idf and tf functions, applied to arrays with the same float64
+    operations bm25s applies per document, so the bytes are the ones `bm25s.BM25.index` + `save`
+    write (tests/test_retrieval.py compares them)."""
     from bm25s.scoring import _select_idf_scorer, _select_tfc_scorer
 
+    assert np.dtype(index.dtype) == np.float32, index.dtype  # the scratch file and data hold float32
     n_docs = len(docs)
-    lengths = np.array([len(d) for d in docs])
-    avg_doc_len = lengths.mean()  # as bm25s computes it: float64 over an int64 array
+    lengths = docs.lengths
+    avg_doc_len = lengths.astype(np.int64).mean()  # as bm25s computes it: float64 over an int64 array
+    chunks = range(0, n_docs, doc_chunk)
 
     def pairs(c0: int):
         """(doc, token, count) of docs[c0:c0 + doc_chunk], each (doc, token) once, by doc."""
-        part = docs[c0:c0 + doc_chunk]
-        flat = np.concatenate([np.frombuffer(d, dtype=np.int32) for d in part]).astype(np.int64)
-        doc = np.repeat(np.arange(c0, c0 + len(part), dtype=np.int64), lengths[c0:c0 + len(part)])
+        n = min(doc_chunk, n_docs - c0)
+        flat = docs.flat(c0, n).astype(np.int64)
+        doc = np.repeat(np.arange(c0, c0 + n, dtype=np.int64), lengths[c0:c0 + n])
         key, tf = np.unique(doc * n_vocab + flat, return_counts=True)
         return key // n_vocab, key % n_vocab, tf
 
     df = np.zeros(n_vocab, np.int64)  # documents holding each token (bm25s: the document's token set)
-    for c0 in range(0, n_docs, doc_chunk):
+    for c0 in chunks:
         df += np.bincount(pairs(c0)[1], minlength=n_vocab)
     idf_fn, tfc_fn = _select_idf_scorer(index.idf_method), _select_tfc_scorer(index.method)
     idf = np.zeros(n_vocab, dtype=index.dtype)
@@ -132,53 +170,71 @@ def _write_bm25_scores(out: Path, docs: Sequence[array], n_vocab: int, index, bl
     np.cumsum(df, out=indptr[1:])
     nnz = int(indptr[-1])
     assert nnz < 2**31, "a BM25 matrix past 2^31 entries needs int64 row indices"
-    files = {k: open(out / f"{k}.csc.index.npy", "wb") for k in ("data", "indices", "indptr")}
+    bounds = [0]  # column blocks [bounds[b], bounds[b + 1]), each at most `block` entries (or one column)
+    while bounds[-1] < n_vocab:
+        lo = bounds[-1]
+        hi = int(np.searchsorted(indptr, indptr[lo] + block, side="right")) - 1
+        bounds.append(min(max(hi, lo + 1), n_vocab))
+
+    scratch = out / ".scratch-scores"
+    spans = []  # per chunk: (file offset, entries, each block's first entry)
     try:
-        # indptr as int64: what bm25s 0.3 with scipy 1.17 writes (and so every kb before this writer)
-        for name, dtype, n in (("data", index.dtype, nnz), ("indices", np.int32, nnz), ("indptr", np.int64, n_vocab + 1)):
-            np.lib.format.write_array_header_1_0(files[name], {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                                                               "fortran_order": False, "shape": (n,)})
-        files["indptr"].write(indptr.astype("<i8").tobytes())
-        lo = 0
-        while lo < n_vocab:  # columns [lo, hi) hold entries indptr[lo]..indptr[hi]
-            hi = int(np.searchsorted(indptr, indptr[lo] + block, side="right")) - 1
-            hi = min(max(hi, lo + 1), n_vocab)
-            base = int(indptr[lo])
-            data = np.empty(int(indptr[hi]) - base, dtype=index.dtype)
-            rows = np.empty(len(data), dtype=np.int32)
-            cursor = indptr[lo:hi] - base  # next free slot of each column in the block
-            for c0 in range(0, n_docs, doc_chunk) if len(data) else ():
+        with open(scratch, "wb") as f:
+            for c0 in chunks:
                 doc, tok, tf = pairs(c0)
-                keep = (tok >= lo) & (tok < hi)
-                doc, tok, tf = doc[keep], tok[keep], tf[keep]
-                tfc = tfc_fn(tf_array=tf.astype(index.dtype), l_d=lengths[doc], l_avg=avg_doc_len, k1=index.k1,
-                             b=index.b, delta=index.delta)
+                tfc = tfc_fn(tf_array=tf.astype(index.dtype), l_d=lengths[doc].astype(np.int64), l_avg=avg_doc_len,
+                             k1=index.k1, b=index.b, delta=index.delta)
                 scores = (idf[tok] * tfc).astype(index.dtype)  # bm25s: idf * tfc, stored as float32
                 order = np.argsort(tok, kind="stable")  # by column, documents ascending within one
-                col = tok[order] - lo
-                rank = np.arange(len(col)) - np.searchsorted(col, col, side="left")
-                at = cursor[col] + rank
-                data[at], rows[at] = scores[order], doc[order]
-                cursor += np.bincount(col, minlength=hi - lo)
-            files["data"].write(data.astype(data.dtype.newbyteorder("<")).tobytes())
-            files["indices"].write(rows.astype("<i4").tobytes())
-            lo = hi
+                tok = tok[order]
+                spans.append((f.tell(), len(tok), np.searchsorted(tok, bounds)))
+                for a in (tok.astype("<i4"), doc[order].astype("<i4"), scores[order].astype("<f4")):
+                    f.write(a.tobytes())
+        files = {k: open(out / f"{k}.csc.index.npy", "wb") for k in ("data", "indices", "indptr")}
+        with open(scratch, "rb") as f, files["data"], files["indices"], files["indptr"]:
+            # indptr as int64: what bm25s 0.3 with scipy 1.17 writes (and so every kb before this writer)
+            for name, dtype, n in (("data", index.dtype, nnz), ("indices", np.int32, nnz),
+                                   ("indptr", np.int64, n_vocab + 1)):
+                np.lib.format.write_array_header_1_0(files[name], {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                                   "fortran_order": False, "shape": (n,)})
+            files["indptr"].write(indptr.astype("<i8").tobytes())
+            fd = f.fileno()
+            for b, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+                base = int(indptr[lo])
+                data = np.empty(int(indptr[hi]) - base, dtype="<f4")
+                rows = np.empty(len(data), dtype="<i4")
+                cursor = indptr[lo:hi] - base  # next free slot of each column in the block
+                for at0, m, firsts in spans:  # chunks in document order: each column's documents ascend
+                    s, e = int(firsts[b]), int(firsts[b + 1])
+                    if s == e:
+                        continue
+                    tok, doc, score = (np.frombuffer(os.pread(fd, 4 * (e - s), at0 + 4 * (k * m + s)),
+                                                     dtype=t) for k, t in enumerate(("<i4", "<i4", "<f4")))
+                    col = tok - lo
+                    rank = np.arange(len(col)) - np.searchsorted(col, col, side="left")
+                    at = cursor[col] + rank
+                    data[at], rows[at] = score, doc
+                    cursor += np.bincount(col, minlength=hi - lo)
+                files["data"].write(data.tobytes())
+                files["indices"].write(rows.tobytes())
     finally:
-        for f in files.values():
-            f.close()
+        scratch.unlink(missing_ok=True)
 
 
 def _build_bm25(out: Path, rows: Iterable[dict], texts: Sequence[str]) -> dict:
     """The BM25 index of `texts` in `out`; `rows` (one per text, streamed) are saved beside it."""
     import bm25s
 
-    ids, vocab = _bm25_ids(texts)
-    index = bm25s.BM25(k1=BM25["k1"], b=BM25["b"], method=BM25["method"])
     out.mkdir(parents=True, exist_ok=True)
+    ids, vocab = _bm25_ids(texts, out / ".scratch-ids")
+    index = bm25s.BM25(k1=BM25["k1"], b=BM25["b"], method=BM25["method"])
     # the score matrix is written here, column block by column block (_write_bm25_scores); bm25s
     # writes the rest (vocab, params, saved corpus row i ({"ref_id": ...}), which bm25s returns for
     # its document i, so ids survive alone) with throwaway placeholders for the three arrays
-    _write_bm25_scores(out, ids, len(vocab), index)
+    try:
+        _write_bm25_scores(out, ids, len(vocab), index)
+    finally:
+        ids.close()
     index.scores = {k: np.zeros(0, np.int32) for k in ("data", "indices", "indptr")} | {"num_docs": len(ids)}
     index.vocab_dict, index.nonoccurrence_array = vocab, None
     scratch = {f"{k}_name": f".scratch-{k}.npy" for k in ("data", "indices", "indptr")}
@@ -448,6 +504,12 @@ class _Documents(Sequence):
         self.order = np.lexsort((np.asarray(cols["index"]), codes))  # by document, then reference index
         self.starts = np.searchsorted(codes[self.order], np.arange(len(code) + 1))
         self.ref_ids = np.asarray(cols["ref_id"], dtype=np.int64)
+        self.names = list(code)  # doc_id of each document
+
+    def ids(self):
+        """(doc_id, its ref_ids in reference order) per document, without reading texts."""
+        for i, doc_id in enumerate(self.names):
+            yield doc_id, self.ref_ids[self.order[self.starts[i]:self.starts[i + 1]]].tolist()
 
     def __len__(self) -> int:
         return len(self.starts) - 1
@@ -499,12 +561,13 @@ def build_indexes(kb_dir: Path, ref_ids: list[int], texts: list[str], embedder: 
         'bm25'
     """
     out = Path(kb_dir)
+    ref_ids = np.asarray(ref_ids, dtype=np.int64)
     assert len(ref_ids) == len(texts), (len(ref_ids), len(texts))
-    assert len(set(ref_ids)) == len(ref_ids), "ref_ids must be unique"
-    if documents is not None:
-        grouped = sorted(r for _, refs, _ in documents for r in refs)
-        assert grouped == sorted(ref_ids), "documents must hold every reference exactly once"
-    if not ref_ids:
+    assert len(np.unique(ref_ids)) == len(ref_ids), "ref_ids must be unique"
+    if documents is not None and not isinstance(documents, _Documents):  # _Documents: a partition by construction
+        grouped = np.sort(np.fromiter((r for _, refs, _ in documents for r in refs), dtype=np.int64))
+        assert np.array_equal(grouped, np.sort(ref_ids)), "documents must hold every reference exactly once"
+    if len(ref_ids) == 0:
         raise M3Error("no references to index; the corpus produced none")
     doc_texts = None if documents is None else _Field(documents, 2)
     # dense first: its errors are the user's (embedder, factory string), and nothing is written before them
@@ -516,7 +579,8 @@ def build_indexes(kb_dir: Path, ref_ids: list[int], texts: list[str], embedder: 
                "text": {"title": "first-line", "max_chars": TITLE_MAX_CHARS, "joiner": TITLE_JOINER},
                "bm25": bm25, "dense": dense, "fusion": dict(FUSION) if dense else None}
     if documents is not None:
-        rows = ({"doc_id": d, "ref_ids": [int(r) for r in refs]} for d, refs, _ in documents)
+        ids = documents.ids() if isinstance(documents, _Documents) else ((d, refs) for d, refs, _ in documents)
+        rows = ({"doc_id": d, "ref_ids": [int(r) for r in refs]} for d, refs in ids)
         section["documents"] = {"count": len(documents), "text": "concat",
                                 "bm25": _build_bm25(out / DOC_BM25_DIR, rows, doc_texts), "dense": dense_docs}
         section["format_version"] = FORMAT_VERSION_DOCS

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
+
 from m3compile import __version__
 from m3compile.errors import M3Error
 from m3compile.model import sha256_file
@@ -106,10 +108,12 @@ def build_manifest(kb_dir: Path, spec: MemorySpec, config: dict, model: dict, ro
     (`vq`: the codebooks entry of a vector-quantized kb, m3compile/codebooks.py)."""
     L, H, D = len(spec.memory_layers), spec.n_kv_heads, spec.head_dim
     cols = columns(rows, ("n_kept", "byte_length", "n_tokens", "quant_rel_err", "quant_max_err", "doc_id"))
-    kept_kv = sum(L * H * k for k in cols["n_kept"])
-    raw = sum(payload_nbytes(spec.scheme, L, H, k, D) for k in cols["n_kept"])
-    payload = sum(cols["byte_length"])
-    tokens = sum(cols["n_tokens"])
+    # numbers summed as int64 arrays and floats one at a time: no list of a column's values (issue 16)
+    kept, n_rows = np.unique(np.asarray(cols["n_kept"], dtype=np.int64), return_counts=True)
+    kept_kv = L * H * int(kept @ n_rows)
+    raw = sum(payload_nbytes(spec.scheme, L, H, int(k), D) * int(n) for k, n in zip(kept, n_rows))
+    payload = int(np.sum(np.asarray(cols["byte_length"], dtype=np.int64)))
+    tokens = int(np.sum(np.asarray(cols["n_tokens"], dtype=np.int64)))
     rel = cols["quant_rel_err"]
     from m3compile.config import MEMORY_SETTINGS
 
@@ -125,8 +129,8 @@ def build_manifest(kb_dir: Path, spec: MemorySpec, config: dict, model: dict, ro
                "bits_per_element_at_top_k": round(bits_per_element(spec.scheme, L, H, spec.top_k, D), 4),
                "bits_per_element_stored": round(8 * raw / (2 * kept_kv * D), 4),
                "bits_per_element_compressed": round(8 * payload / (2 * kept_kv * D), 4),
-               "rel_err_max": max(rel), "rel_err_mean": sum(rel) / len(rel),
-               "max_abs_err": max(cols["quant_max_err"]),
+               "rel_err_max": float(np.max(rel)), "rel_err_mean": sum(map(float, rel)) / len(rel),
+               "max_abs_err": float(np.max(cols["quant_max_err"])),
                # codes, positions, headers and zstd, plus the codebooks amortised over this kb
                **({"vq": vq, "bits_per_element_with_codebooks":
                    round(8 * (payload + vq["codebook_bytes"]) / (2 * kept_kv * D), 4)} if vq else {})},

@@ -23,6 +23,7 @@ import os
 import platform
 import signal
 import socket
+import tempfile
 import time
 from array import array
 from collections import defaultdict, deque
@@ -291,7 +292,10 @@ class Plan:
     report: CorpusReport
 
 
-def _plan(setup: Setup, prev: Previous, keep_missing: bool, timer: Timer) -> Plan:
+def _plan(setup: Setup, prev: Previous, keep_missing: bool, timer: Timer, spill_dir: Path | None = None) -> Plan:
+    """What this compile does with each reference of the corpus (kept, new, removed). The rows'
+    token ids and texts are spilled to an anonymous file in `spill_dir` (the kb's own directory, or
+    the system's temporary one: refs_file.RefColumns), so the plan's memory stays small (issue 16)."""
     config, spec = setup.config, setup.spec
     report = CorpusReport()
     doc_sha: dict[str, str] = {}
@@ -305,7 +309,7 @@ def _plan(setup: Setup, prev: Previous, keep_missing: bool, timer: Timer) -> Pla
     old_by_key: dict[str, deque] = defaultdict(deque)
     for row in prev.rows:
         old_by_key[row["ref_key"]].append(row)
-    store, new, next_id = refs_file.RefColumns(), array("q"), prev.next_ref_id  # new: store positions
+    store, new, next_id = refs_file.RefColumns(spill_dir), array("q"), prev.next_ref_id  # new: store positions
     with timer("read+chunk"):
         for ref in chunk_documents(docs, setup.ck.tokenizer, spec.width, spec.boundary, spec.min_fill):
             key = spec.ref_key(ref.token_ids, setup.context).hex()
@@ -646,7 +650,7 @@ def _run(config: CompileConfig, out: Path, progress: Progress, log, keep_missing
             if repair_only and not Path(config.corpus).exists():
                 raise M3Error(f"the references table of {out} is damaged and its corpus {config.corpus} is not "
                               "there to recover it; run `m3 compile CORPUS -o KB --rebuild`")
-            plan = _plan(setup, prev, keep_missing, timer)
+            plan = _plan(setup, prev, keep_missing, timer, spill_dir=out)
         try:
             # a rebuild writes every memory into new shards: the old ones, damaged or not, are garbage
             repaired = [] if rebuild else _repair_shards(out, setup, prev, plan, timer, log)
@@ -665,7 +669,8 @@ def _run(config: CompileConfig, out: Path, progress: Progress, log, keep_missing
             shards = store.shard_state(out, plan.rows)
             gen, retrieval = _build_generation(out, setup, plan.rows, sorted(shards), timer)
             crash_point("generation")
-            next_id = max([prev.next_ref_id] + [i + 1 for i in refs_file.columns(plan.rows, ("ref_id",))["ref_id"]])
+            ids = refs_file.columns(plan.rows, ("ref_id",))["ref_id"]
+            next_id = max(prev.next_ref_id, int(max(ids)) + 1 if len(ids) else 0)
             manifest = mf.build_manifest(out, setup.spec, config_record(config, out), _model_record(setup, out),
                                          plan.rows, gen, retrieval, shards, plan.report.skipped, next_id, setup.vq)
             summary = {"documents": plan.docs, "references": {"encoded": stats["encoded"], "copied": stats["copied"],
@@ -695,7 +700,7 @@ def _drift(setup: Setup, plan: Plan, log) -> dict:
     """vq: how the references encoded now fare with the kb's codebooks, against their training sample."""
     if setup.vq is None or not plan.new:
         return {}
-    new = float(np.mean([row["quant_rel_err"] for row in plan.new]))
+    new = float(np.mean(refs_file.columns(plan.new, ("quant_rel_err",))["quant_rel_err"]))
     base = setup.vq["train_rel_err_mean"]
     ratio = new / base if base > 0 else float("inf")
     log(f"codebook drift: the {len(plan.new)} references written now have relative error {new:.4f}, the codebooks' "
@@ -726,7 +731,7 @@ def check_kb(config: CompileConfig, out_dir: str | Path, keep_missing: bool = Fa
         prev = _previous(out, setup, rebuild=False, log=lambda s: None)
     except M3Error as e:
         return [str(e)]
-    plan = _plan(setup, prev, keep_missing, timer)
+    plan = _plan(setup, prev, keep_missing, timer, spill_dir=Path(tempfile.gettempdir()))  # --check writes nothing in the kb
     changes = [f"damaged {name}: {why}" for name, why in prev.damaged.items()]
     old_config, new_config = prev.manifest.config, config_record(setup.config, out)
     for k in sorted(set(old_config) | set(new_config)):

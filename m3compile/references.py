@@ -5,9 +5,12 @@ holding {format, format_version}. Rows are written incrementally, so memory stay
 """
 
 import json
+import os
+import tempfile
 from array import array
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -76,11 +79,13 @@ class ReferenceWriter:
 
 
 class RefColumns:
-    """Reference rows (SCHEMA's columns) held as columns: a compile's plan in ~300 bytes a reference
-    (a dict a row took ~1 KB: issue 16, bounded memory). Rows are appended once, read back as dicts
-    (`row`), and their frame fields set once encoded (`locate`). Strings a document or a shard
-    shares (doc_id, source, doc_sha256, shard) are stored once; token ids as one int32 buffer,
-    texts as one UTF-8 buffer, content keys as 32 raw bytes."""
+    """Reference rows (SCHEMA's columns) held as columns: a compile's plan in ~150 bytes a reference
+    of memory (a dict a row took ~1 KB: issue 16, bounded memory). Rows are appended once, read back
+    as dicts (`row`), and their frame fields set once encoded (`locate`). Strings a document or a
+    shard shares (doc_id, source, doc_sha256, shard) are stored once, content keys as 32 raw bytes.
+    Each row's token ids (int32) and text (UTF-8) are one record of a byte stream: given
+    `spill_dir`, an anonymous temporary file there (gone when closed or when the process dies), so
+    that the biggest columns cost no memory; else a bytearray."""
 
     INTERNED = ("doc_id", "source", "doc_sha256", "shard")
     INTS = {"ref_id": "q", "index": "i", "char_start": "q", "char_end": "q", "n_tokens": "i", "n_kept": "i",
@@ -88,18 +93,25 @@ class RefColumns:
     FLOATS = ("quant_rel_err", "quant_max_err")  # float64: the encoder's values, rounded to float32 on write
     LOCATION = ("n_kept", "shard", "byte_offset", "byte_length", "quant_rel_err", "quant_max_err")
 
-    def __init__(self):
+    def __init__(self, spill_dir: Path | None = None):
         self._ints = {k: array(t) for k, t in self.INTS.items()}
         self._floats = {k: array("d") for k in self.FLOATS}
         self._codes = {k: array("i") for k in self.INTERNED}
         self._strings: dict[str, list[str]] = {k: [] for k in self.INTERNED}
         self._lookup: dict[str, dict[str, int]] = {k: {} for k in self.INTERNED}
-        self._tokens, self._token_ends = array("i"), array("q")
-        self._text, self._text_ends = bytearray(), array("q")
+        self._ends = array("q")  # end of each row's record in the stream (token ids, then text)
+        self._buf = bytearray() if spill_dir is None else None
+        self._file = None if spill_dir is None else tempfile.TemporaryFile(dir=spill_dir, prefix=".plan-", suffix=".tmp")
+        self._dirty = False  # the file's write buffer holds records not yet readable by pread
         self._keys = bytearray()
 
     def __len__(self) -> int:
         return len(self._keys) // 32
+
+    def close(self) -> None:
+        """Drop the spilled records (the file is anonymous: a killed process leaves nothing)."""
+        if self._file is not None:
+            self._file.close()
 
     def _code(self, name: str, value: str) -> int:
         table = self._lookup[name]
@@ -113,6 +125,7 @@ class RefColumns:
         """Add a row (SCHEMA's columns; frame fields may be missing until `locate`); its position."""
         key = bytes.fromhex(row["ref_key"])
         assert len(key) == 32, row["ref_key"]
+        assert len(row["token_ids"]) == row["n_tokens"], (len(row["token_ids"]), row["n_tokens"])
         get = row.get
         for k, col in self._ints.items():
             col.append(get(k, 0))
@@ -120,12 +133,43 @@ class RefColumns:
             col.append(get(k, 0.0))
         for k, col in self._codes.items():
             col.append(self._code(k, get(k, "")))
-        self._tokens.extend(row["token_ids"])
-        self._token_ends.append(len(self._tokens))
-        self._text += row["text"].encode("utf-8")
-        self._text_ends.append(len(self._text))
+        record = array("i", row["token_ids"]).tobytes() + row["text"].encode("utf-8")
+        if self._file is None:
+            self._buf += record
+        else:
+            self._file.write(record)
+            self._dirty = True
+        self._ends.append((self._ends[-1] if self._ends else 0) + len(record))
         self._keys += key
         return len(self) - 1
+
+    def _read(self, lo: int, hi: int) -> bytes:
+        if self._file is None:
+            return bytes(self._buf[lo:hi])
+        if self._dirty:
+            self._file.flush()
+            self._dirty = False
+        return os.pread(self._file.fileno(), hi - lo, lo)
+
+    def _records(self, positions) -> list[bytes]:
+        """The records of rows at `positions`: one read for an ascending run that is mostly theirs."""
+        ends = self._ends
+        spans = [(ends[p - 1] if p else 0, ends[p]) for p in positions]
+        if not spans:
+            return []
+        lo, hi = spans[0][0], spans[-1][1]
+        if lo <= hi and hi - lo <= 2 * sum(e - b for b, e in spans) and all(
+                a[1] <= b[0] for a, b in zip(spans, spans[1:])):
+            block = self._read(lo, hi)
+            return [block[b - lo:e - lo] for b, e in spans]
+        return [self._read(b, e) for b, e in spans]
+
+    def _split(self, i: int, record: bytes) -> tuple[array, str]:
+        """A record as (token ids, text)."""
+        n = 4 * self._ints["n_tokens"][i]
+        ids = array("i")
+        ids.frombytes(record[:n])
+        return ids, record[n:].decode("utf-8")
 
     def locate(self, i: int, **fields) -> None:
         """Set row i's frame fields (LOCATION: where its memory lies, and its quantization errors)."""
@@ -143,42 +187,44 @@ class RefColumns:
         return bytes(self._keys[32 * i:32 * i + 32])
 
     def token_ids(self, i: int) -> array:
-        return self._tokens[self._token_ends[i - 1] if i else 0:self._token_ends[i]]
+        return self._split(i, self._records([i])[0])[0]
 
-    def _text_of(self, i: int) -> str:
-        return self._text[self._text_ends[i - 1] if i else 0:self._text_ends[i]].decode("utf-8")
-
-    def row(self, i: int) -> dict:
-        """Row i as a dict of SCHEMA's columns, in its order (token_ids an int32 array, as the plan holds them)."""
+    def row(self, i: int, record: bytes | None = None) -> dict:
+        """Row i as a dict of SCHEMA's columns, in its order (token_ids an int32 array, as the plan
+        holds them); `record`: its record, when read already (_records)."""
         ints, codes, strings, floats = self._ints, self._codes, self._strings, self._floats
+        ids, text = self._split(i, self._records([i])[0] if record is None else record)
         return {"ref_id": ints["ref_id"][i], "doc_id": strings["doc_id"][codes["doc_id"][i]],
                 "source": strings["source"][codes["source"][i]], "index": ints["index"][i],
                 "char_start": ints["char_start"][i], "char_end": ints["char_end"][i], "n_tokens": ints["n_tokens"][i],
-                "token_ids": self.token_ids(i), "text": self._text_of(i), "n_kept": ints["n_kept"][i],
+                "token_ids": ids, "text": text, "n_kept": ints["n_kept"][i],
                 "shard": strings["shard"][codes["shard"][i]], "byte_offset": ints["byte_offset"][i],
                 "byte_length": ints["byte_length"][i], "quant_rel_err": floats["quant_rel_err"][i],
                 "quant_max_err": floats["quant_max_err"][i], "ref_key": self.key(i).hex(),
                 "doc_sha256": strings["doc_sha256"][codes["doc_sha256"][i]]}
 
+    def rows(self, positions) -> list[dict]:
+        """The rows at `positions`, their records read together."""
+        return [self.row(p, r) for p, r in zip(positions, self._records(positions))]
+
     def ref_ids(self) -> array:
         return self._ints["ref_id"]
 
-    def column(self, name: str, positions) -> list:
-        """One column's values at `positions`, without building the rows."""
+    def column(self, name: str, positions) -> "list | np.ndarray":
+        """One column's values at `positions`, without building the rows: a numpy array for the
+        numbers (8 bytes a row, not a list of int objects: issue 16), else a list."""
         if name in self._ints:
             col = self._ints[name]
+            return np.frombuffer(col, dtype=np.dtype(col.typecode))[np.asarray(positions, dtype=np.int64)]
         elif name in self._floats:
-            col = self._floats[name]
+            return np.frombuffer(self._floats[name], dtype=np.float64)[np.asarray(positions, dtype=np.int64)]
         elif name in self._codes:
             codes, strings = self._codes[name], self._strings[name]
             return [strings[codes[p]] for p in positions]
-        elif name == "text":
-            return [self._text_of(p) for p in positions]
-        elif name == "token_ids":
-            return [self.token_ids(p) for p in positions]
-        else:
-            return [self.row(p)[name] for p in positions]
-        return [col[p] for p in positions]
+        elif name in ("text", "token_ids"):
+            k = name == "text"
+            return [self._split(p, r)[k] for p, r in zip(positions, self._records(positions))]
+        return [self.row(p)[name] for p in positions]
 
 
 class Rows:
@@ -197,7 +243,8 @@ class Rows:
         return self.store.row(self.positions[j])
 
     def __iter__(self):
-        return (self.store.row(p) for p in self.positions)
+        for k in range(0, len(self.positions), 4096):  # records read 4096 rows at a time
+            yield from self.store.rows(self.positions[k:k + 4096])
 
     def __eq__(self, other) -> bool:
         return len(self) == len(other) and all(a == b for a, b in zip(self, other))
@@ -214,7 +261,8 @@ class Rows:
 
 
 def columns(rows, names) -> dict[str, list]:
-    """{name: values} over rows: a Rows view's columns read directly, or a list of dicts'."""
+    """{name: values} over rows: a Rows view's columns read directly (numbers as numpy arrays), or
+    a list of dicts' (lists)."""
     if isinstance(rows, Rows):
         return {n: rows.store.column(n, rows.positions) for n in names}
     return {n: [r[n] for r in rows] for n in names}

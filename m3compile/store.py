@@ -221,7 +221,7 @@ def shard_state(kb_dir: Path, rows: list[dict]) -> dict:
     cols = columns(rows, ("shard", "byte_length"))
     for shard, length in zip(cols["shard"], cols["byte_length"]):
         live[shard][0] += 1
-        live[shard][1] += length
+        live[shard][1] += int(length)
     state = {}
     for name in sorted(live):
         info = shard_info(Path(kb_dir) / name)

@@ -79,8 +79,10 @@ def test_bf16_without_bf16_units_is_named(tmp_path, monkeypatch, native):
     assert any("without bf16 units" in n and "--dtype float32" in n for n in notes) is not native, notes
 
 
-def test_plan_columns_give_back_the_rows(tmp_path):
-    # a compile's plan holds its rows as columns (issue 16); what comes back is the table's rows
+@pytest.mark.parametrize("spill", [False, True])
+def test_plan_columns_give_back_the_rows(tmp_path, spill):
+    # a compile's plan holds its rows as columns (issue 16), token ids and texts in memory or spilled
+    # to an anonymous file; what comes back is the table's rows
     from array import array
 
     from m3compile.references import SCHEMA, RefColumns, Rows, columns
@@ -93,20 +95,28 @@ def test_plan_columns_give_back_the_rows(tmp_path):
     for r in rows:
         r["token_ids"] = array("i", r["token_ids"])
     assert len({r["shard"] for r in rows}) > 1 and len({r["doc_id"] for r in rows}) == 4
-    store = RefColumns()
+    (tmp_path / "spill").mkdir()
+    store = RefColumns(tmp_path / "spill" if spill else None)
     for r in reversed(rows):
         store.append(r)
+        assert store.row(len(store) - 1) == r  # read back at once: nothing waits in a write buffer
+    assert list((tmp_path / "spill").iterdir()) == []  # the spill file has no name to leave behind
     view = Rows(store, array("q", range(len(rows) - 1, -1, -1)))
     assert view == rows and [list(store.row(0))] == [SCHEMA.names]
     assert view[2:5] == rows[2:5] and list(view[-2:]) == rows[-2:]
     got = columns(view, SCHEMA.names)
-    assert got == {n: [r[n] for r in rows] for n in SCHEMA.names}
+    assert {n: list(v) for n, v in got.items()} == {n: [r[n] for r in rows] for n in SCHEMA.names}
+    # numbers come back as arrays (8 bytes a row, not a list of objects)
+    assert all(isinstance(got[n], np.ndarray) for n in (*RefColumns.INTS, *RefColumns.FLOATS))
     # a new row has no frame until it is written; locate fills it, nothing else moves
     fresh = {k: v for k, v in rows[0].items() if k not in RefColumns.LOCATION}
     j = store.append(fresh)
     assert store.row(j)["shard"] == "" and store.row(j)["byte_length"] == 0
     Rows(store, array("q", [j])).locate(0, **{k: rows[0][k] for k in RefColumns.LOCATION})
     assert store.row(j) == rows[0] and view == rows
+    assert columns(Rows(store, [j, 3, 1]), ("text", "token_ids")) == {  # out of order: one read each
+        k: [store.row(p)[k] for p in (j, 3, 1)] for k in ("text", "token_ids")}
+    store.close()
 
 
 def test_files_open_with_their_standard_libraries(tmp_path):

@@ -134,23 +134,26 @@ def test_bm25_files_are_byte_identical_across_hash_seeds(tmp_path):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
 
 
-@pytest.mark.parametrize("block", [1, 7, 1 << 22])
-def test_bm25_scores_written_by_blocks_are_bm25s_bytes(tmp_path, block):
-    # the score matrix is written column block by column block (bounded memory, issue 16); bm25s's
-    # own index + save of the same token ids is the oracle, byte for byte
+@pytest.mark.parametrize("block,doc_chunk", [(1, 4096), (7, 5), (1 << 22, 3), (1 << 22, 4096)])
+def test_bm25_scores_written_by_blocks_are_bm25s_bytes(tmp_path, block, doc_chunk):
+    # the score matrix is written column block by column block from document chunks spilled to a
+    # scratch file (bounded memory, issue 16); bm25s's own index + save of the same token ids is
+    # the oracle, byte for byte
     import bm25s
 
     from m3compile.index import BM25, _bm25_ids, _write_bm25_scores
     rng = np.random.default_rng(0)
     words = [f"word{i}" for i in range(60)]
     texts = TEXTS + [" ".join(rng.choice(words, size=rng.integers(1, 40))) for _ in range(80)] + ["the of and"]
-    ids, vocab = _bm25_ids(texts)
+    ids, vocab = _bm25_ids(texts, tmp_path / "ids")
     oracle = bm25s.BM25(k1=BM25["k1"], b=BM25["b"], method=BM25["method"])
-    oracle.index((ids, dict(vocab)), show_progress=False)
+    oracle.index(([d.tolist() for d in ids], dict(vocab)), show_progress=False)
     oracle.save(str(tmp_path / "oracle"), show_progress=False)
     (tmp_path / "ours").mkdir()
     _write_bm25_scores(tmp_path / "ours", ids, len(vocab), bm25s.BM25(k1=BM25["k1"], b=BM25["b"], method=BM25["method"]),
-                       block=block)
+                       block=block, doc_chunk=doc_chunk)
+    ids.close()
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == [f"{k}.csc.index.npy" for k in ("data", "indices", "indptr")]
     for name in ("data", "indices"):
         f = f"{name}.csc.index.npy"
         assert (tmp_path / "ours" / f).read_bytes() == (tmp_path / "oracle" / f).read_bytes(), f
