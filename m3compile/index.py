@@ -95,7 +95,14 @@ class _TokenIds(Sequence):
         return len(self.lengths)
 
     def flat(self, c0: int, n: int) -> np.ndarray:
-        lo, hi = int(self.starts[c0]), int(self.starts[min(c0 + n, len(self))])
+        return self._read(int(self.starts[c0]), int(self.starts[min(c0 + n, len(self))]))
+
+    def piece(self, i: int, lo: int, n: int) -> np.ndarray:
+        """Tokens lo..lo+n-1 of text i (fewer at its end)."""
+        start = int(self.starts[i])
+        return self._read(start + lo, min(start + lo + n, int(self.starts[i + 1])))
+
+    def _read(self, lo: int, hi: int) -> np.ndarray:
         raw = os.pread(self._file.fileno(), 4 * (hi - lo), 4 * lo)
         return self.rank[np.frombuffer(raw, dtype="<i4")]  # first-seen ids -> sorted-vocabulary ids
 
@@ -110,18 +117,56 @@ class _TokenIds(Sequence):
         self.path.unlink(missing_ok=True)
 
 
-def _bm25_ids(texts: Sequence[str], scratch: Path, chunk: int = 4096) -> tuple[_TokenIds, dict[str, int]]:
+BM25_CHARS = 1 << 20  # characters tokenized at once: a batch of texts, or a piece of a longer one
+DOC_FETCH = 1  # whole documents built at once for their BM25 index: one (each may be a book)
+
+
+def _pieces(text: str, size: int):
+    """`text` in pieces of at most `size` characters, each cut just after a space or newline. Such a
+    cut changes no token of BM25_TOKENS' pattern (words), nor what `lower` makes of a final sigma
+    (whitespace ends its context); a text with no space in `size` characters is cut there."""
+    at = 0
+    while len(text) - at > size:
+        cut = max(text.rfind(" ", at, at + size), text.rfind("\n", at, at + size)) + 1
+        cut = cut if cut > at else at + size
+        yield text[at:cut]
+        at = cut
+    yield text[at:]
+
+
+def _bm25_ids(texts: Sequence[str], scratch: Path, fetch: int = 4096, chunk: int = 4096,
+              chars: int = BM25_CHARS) -> tuple[_TokenIds, dict[str, int]]:
     """Each text's BM25 tokens as ids into the sorted vocabulary (spilled to the file `scratch`),
-    and that vocabulary. Texts are tokenized `chunk` at a time and never held as lists of token
-    strings, so the index of a big kb builds in bounded memory (issue 16). Close the result."""
+    and that vocabulary. Texts are read `fetch` at a time (a slice of `texts`), tokenized at most
+    `chunk` texts or `chars` characters at a time (a longer text in pieces: _pieces), and never
+    held as lists of token strings, so the index of a big kb, or of a corpus of one huge document,
+    builds in bounded memory (issue 16). Close the result."""
     seen: dict[str, int] = {"": 0}  # "" is bm25s' empty token: an all-stop-word corpus still indexes
     lengths = array("i")
     with open(scratch, "wb") as f:
-        for i in range(0, len(texts), chunk):
-            part = bm25_tokenize(texts[i:i + chunk])
-            lengths.extend(len(d) for d in part)
-            flat = [seen.setdefault(t, len(seen)) for d in part for t in d]
-            f.write(np.asarray(flat, dtype="<i4").tobytes())
+        batch: list[str] = []
+        owner = array("q")  # the text of each piece in the batch
+
+        def flush():
+            for t, tokens in zip(owner, bm25_tokenize(batch)):
+                lengths[t] += len(tokens)
+                f.write(np.fromiter((seen.setdefault(w, len(seen)) for w in tokens), dtype="<i4",
+                                    count=len(tokens)).tobytes())
+            batch.clear()
+            del owner[:]
+
+        size = 0
+        for i in range(0, len(texts), fetch):
+            for text in texts[i:i + fetch]:
+                lengths.append(0)
+                for piece in _pieces(text, chars):
+                    if batch and (size + len(piece) > chars or len(batch) >= chunk):
+                        flush()
+                        size = 0
+                    batch.append(piece)
+                    owner.append(len(lengths) - 1)
+                    size += len(piece)
+        flush()
     # a sorted vocabulary: bm25s builds its own from a set, whose order changes with PYTHONHASHSEED
     order = sorted(seen)
     rank = np.empty(len(order), dtype=np.int32)
@@ -130,14 +175,15 @@ def _bm25_ids(texts: Sequence[str], scratch: Path, chunk: int = 4096) -> tuple[_
 
 
 BM25_BLOCK = 1 << 20  # score-matrix entries per column block: 8 MB of scores and row indices
+BM25_TOKENS_AT_ONCE = 1 << 16  # document tokens counted at once (~7 MB of working arrays)
 
 
 def _write_bm25_scores(out: Path, docs: _TokenIds, n_vocab: int, index, block: int = BM25_BLOCK,
-                       doc_chunk: int = 4096) -> None:
+                       tokens: int = BM25_TOKENS_AT_ONCE) -> None:
     """bm25s's CSC score matrix of `docs` (token ids per document) as its three .npy files, in
     bounded memory: bm25s (0.3, scipy backend) holds every (doc, token) score several times over
-    while it builds a scipy matrix, ~1 KB a reference (issue 16). Three passes, `doc_chunk`
-    documents at a time: (1) document frequencies; (2) each chunk's (token, doc, score) entries,
+    while it builds a scipy matrix, ~1 KB a reference (issue 16). Three passes over chunks of
+    documents holding about `tokens` tokens (a longer document alone, read in pieces): (1) document frequencies; (2) each chunk's (token, doc, score) entries,
     sorted by token, appended to a scratch file; (3) per block of columns (vocab ids) whose entries
     fit in `block`, each chunk's part of the block read back and placed, then the block appended to
     the files. Scores are bm25s's own idf and tf functions, applied to arrays with the same float64
@@ -149,19 +195,28 @@ def _write_bm25_scores(out: Path, docs: _TokenIds, n_vocab: int, index, block: i
     n_docs = len(docs)
     lengths = docs.lengths
     avg_doc_len = lengths.astype(np.int64).mean()  # as bm25s computes it: float64 over an int64 array
-    chunks = range(0, n_docs, doc_chunk)
+    chunks = [0]  # first document of each chunk: documents while their tokens fit `tokens`
+    for c0, n in enumerate(lengths):
+        if c0 > chunks[-1] and docs.starts[c0] - docs.starts[chunks[-1]] + n > tokens:
+            chunks.append(c0)
+    chunks = list(zip(chunks, chunks[1:] + [n_docs])) if n_docs else []
 
-    def pairs(c0: int):
-        """(doc, token, count) of docs[c0:c0 + doc_chunk], each (doc, token) once, by doc."""
-        n = min(doc_chunk, n_docs - c0)
-        flat = docs.flat(c0, n).astype(np.int64)
-        doc = np.repeat(np.arange(c0, c0 + n, dtype=np.int64), lengths[c0:c0 + n])
+    def pairs(c0: int, c1: int):
+        """(doc, token, count) of docs[c0:c1], each (doc, token) once, by doc."""
+        if c1 - c0 == 1 and lengths[c0] > tokens:  # one long document: counted a piece at a time
+            counts = np.zeros(n_vocab, np.int64)
+            for lo in range(0, int(lengths[c0]), tokens):
+                counts += np.bincount(docs.piece(c0, lo, tokens), minlength=n_vocab)
+            tok = np.flatnonzero(counts)
+            return np.full(len(tok), c0, dtype=np.int64), tok, counts[tok]
+        flat = docs.flat(c0, c1 - c0).astype(np.int64)
+        doc = np.repeat(np.arange(c0, c1, dtype=np.int64), lengths[c0:c1])
         key, tf = np.unique(doc * n_vocab + flat, return_counts=True)
         return key // n_vocab, key % n_vocab, tf
 
     df = np.zeros(n_vocab, np.int64)  # documents holding each token (bm25s: the document's token set)
-    for c0 in chunks:
-        df += np.bincount(pairs(c0)[1], minlength=n_vocab)
+    for c in chunks:
+        df += np.bincount(pairs(*c)[1], minlength=n_vocab)
     idf_fn, tfc_fn = _select_idf_scorer(index.idf_method), _select_tfc_scorer(index.method)
     idf = np.zeros(n_vocab, dtype=index.dtype)
     for v in np.flatnonzero(df):
@@ -180,8 +235,8 @@ def _write_bm25_scores(out: Path, docs: _TokenIds, n_vocab: int, index, block: i
     spans = []  # per chunk: (file offset, entries, each block's first entry)
     try:
         with open(scratch, "wb") as f:
-            for c0 in chunks:
-                doc, tok, tf = pairs(c0)
+            for c in chunks:
+                doc, tok, tf = pairs(*c)
                 tfc = tfc_fn(tf_array=tf.astype(index.dtype), l_d=lengths[doc].astype(np.int64), l_avg=avg_doc_len,
                              k1=index.k1, b=index.b, delta=index.delta)
                 scores = (idf[tok] * tfc).astype(index.dtype)  # bm25s: idf * tfc, stored as float32
@@ -221,12 +276,13 @@ def _write_bm25_scores(out: Path, docs: _TokenIds, n_vocab: int, index, block: i
         scratch.unlink(missing_ok=True)
 
 
-def _build_bm25(out: Path, rows: Iterable[dict], texts: Sequence[str]) -> dict:
-    """The BM25 index of `texts` in `out`; `rows` (one per text, streamed) are saved beside it."""
+def _build_bm25(out: Path, rows: Iterable[dict], texts: Sequence[str], fetch: int = 4096) -> dict:
+    """The BM25 index of `texts` in `out`; `rows` (one per text, streamed) are saved beside it.
+    `fetch`: texts read at once (whole documents are big: a few at a time)."""
     import bm25s
 
     out.mkdir(parents=True, exist_ok=True)
-    ids, vocab = _bm25_ids(texts, out / ".scratch-ids")
+    ids, vocab = _bm25_ids(texts, out / ".scratch-ids", fetch=fetch)
     index = bm25s.BM25(k1=BM25["k1"], b=BM25["b"], method=BM25["method"])
     # the score matrix is written here, column block by column block (_write_bm25_scores); bm25s
     # writes the rest (vocab, params, saved corpus row i ({"ref_id": ...}), which bm25s returns for
@@ -582,7 +638,7 @@ def build_indexes(kb_dir: Path, ref_ids: list[int], texts: list[str], embedder: 
         ids = documents.ids() if isinstance(documents, _Documents) else ((d, refs) for d, refs, _ in documents)
         rows = ({"doc_id": d, "ref_ids": [int(r) for r in refs]} for d, refs in ids)
         section["documents"] = {"count": len(documents), "text": "concat",
-                                "bm25": _build_bm25(out / DOC_BM25_DIR, rows, doc_texts), "dense": dense_docs}
+                                "bm25": _build_bm25(out / DOC_BM25_DIR, rows, doc_texts, fetch=DOC_FETCH), "dense": dense_docs}
         section["format_version"] = FORMAT_VERSION_DOCS
         section["fusion"] = dict(CONTEXT, weights=dict(CONTEXT["weights"]["hybrid" if dense else "bm25"]))
     dirs = [BM25_DIR] + ([DOC_BM25_DIR] if documents is not None else [])

@@ -134,8 +134,8 @@ def test_bm25_files_are_byte_identical_across_hash_seeds(tmp_path):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
 
 
-@pytest.mark.parametrize("block,doc_chunk", [(1, 4096), (7, 5), (1 << 22, 3), (1 << 22, 4096)])
-def test_bm25_scores_written_by_blocks_are_bm25s_bytes(tmp_path, block, doc_chunk):
+@pytest.mark.parametrize("block,tokens", [(1, 1 << 18), (7, 5), (1 << 22, 3), (1 << 22, 40), (1 << 22, 1 << 18)])
+def test_bm25_scores_written_by_blocks_are_bm25s_bytes(tmp_path, block, tokens):
     # the score matrix is written column block by column block from document chunks spilled to a
     # scratch file (bounded memory, issue 16); bm25s's own index + save of the same token ids is
     # the oracle, byte for byte
@@ -151,7 +151,7 @@ def test_bm25_scores_written_by_blocks_are_bm25s_bytes(tmp_path, block, doc_chun
     oracle.save(str(tmp_path / "oracle"), show_progress=False)
     (tmp_path / "ours").mkdir()
     _write_bm25_scores(tmp_path / "ours", ids, len(vocab), bm25s.BM25(k1=BM25["k1"], b=BM25["b"], method=BM25["method"]),
-                       block=block, doc_chunk=doc_chunk)
+                       block=block, tokens=tokens)
     ids.close()
     assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == [f"{k}.csc.index.npy" for k in ("data", "indices", "indptr")]
     for name in ("data", "indices"):
@@ -161,6 +161,26 @@ def test_bm25_scores_written_by_blocks_are_bm25s_bytes(tmp_path, block, doc_chun
     ptr = np.load(tmp_path / "ours" / "indptr.csc.index.npy")
     assert ptr.dtype == np.int64 and np.array_equal(ptr, np.load(tmp_path / "oracle" / "indptr.csc.index.npy"))
     assert len(np.load(tmp_path / "ours" / "data.csc.index.npy")) > 200
+
+
+def test_bm25_ids_of_long_texts_cut_into_pieces_are_the_whole_texts_ids(tmp_path):
+    # a text longer than the tokenizer's character budget is tokenized in pieces cut after spaces or
+    # newlines (one huge document in bounded memory, issue 16): the same ids as the text whole, for
+    # words, stop words, stems, and Greek capitals whose final sigma depends on what follows
+    from m3compile.index import _bm25_ids, _pieces, bm25_tokenize
+    rng = np.random.default_rng(1)
+    words = ["Running", "the", "ΟΔΟΣ", "ΟΔΟΣ,", "cat's", "of", "naïve", "x", "\n", "Στο\nΣ", "runs", "ΑΣ\tΑ"]
+    long = " ".join(rng.choice(words, size=3000))
+    texts = ["short one", long, "", "the of and", long[:777], "tail ΣΑΣ end"]
+    assert max(len(p) for p in _pieces(long, 100)) <= 100 and "".join(_pieces(long, 100)) == long
+    whole, vocab = _bm25_ids(texts, tmp_path / "a")
+    cut, vocab_cut = _bm25_ids(texts, tmp_path / "b", fetch=2, chunk=3, chars=100)
+    assert vocab_cut == vocab and len(cut) == len(whole) == len(texts)
+    assert all(np.array_equal(a, b) for a, b in zip(whole, cut))
+    # and the ids are bm25s' tokens of each whole text
+    assert [[vocab[t] for t in d] for d in bm25_tokenize(texts)] == [a.tolist() for a in whole]
+    whole.close(), cut.close()
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_modes_and_arguments_are_checked(tmp_path):
