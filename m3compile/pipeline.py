@@ -341,7 +341,16 @@ def _plan(setup: Setup, prev: Previous, keep_missing: bool, timer: Timer, spill_
             "unchanged": sum(old_docs.get(d) == s for d, s in doc_sha.items()),
             "removed": 0 if keep_missing else sum(d not in doc_sha for d in old_docs),
             "kept": sum(d not in doc_sha for d in old_docs) if keep_missing else 0}
-    return Plan(refs_file.Rows(store, order), refs_file.Rows(store, new), removed, docs, report)
+    return Plan(refs_file.Rows(store, _as_range(order)), refs_file.Rows(store, _as_range(new)), removed, docs, report)
+
+
+def _as_range(positions):
+    """Consecutive ascending positions (a new kb's rows: all new, in ref id order) as a range,
+    which holds no 8 bytes a row (issue 16); other positions as they are."""
+    a = np.asarray(positions, dtype=np.int64)
+    if len(a) and np.array_equal(a, np.arange(a[0], a[0] + len(a))):
+        return range(int(a[0]), int(a[0]) + len(a))
+    return positions
 
 
 def _plan_unchanged(prev: Previous) -> Plan:
