@@ -19,6 +19,7 @@ import hashlib
 import importlib
 import importlib.metadata
 import os
+import re
 from array import array
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -121,14 +122,23 @@ BM25_CHARS = 1 << 20  # characters tokenized at once: a batch of texts, or a pie
 DOC_FETCH = 1  # whole documents built at once for their BM25 index: one (each may be a book)
 
 
+_NON_WORD = re.compile(r"\W")
+
+
 def _pieces(text: str, size: int):
     """`text` in pieces of at most `size` characters, each cut just after a space or newline. Such a
     cut changes no token of BM25_TOKENS' pattern (words), nor what `lower` makes of a final sigma
-    (whitespace ends its context); a text with no space in `size` characters is cut there."""
+    (whitespace ends its context). Where `size` characters hold no space or newline, the cut is
+    after their last non-word character (no word changes, though a Greek final sigma just before
+    it might); where they hold none, at `size` (that one word is split)."""
     at = 0
     while len(text) - at > size:
         cut = max(text.rfind(" ", at, at + size), text.rfind("\n", at, at + size)) + 1
-        cut = cut if cut > at else at + size
+        if cut <= at:
+            last = None
+            for last in _NON_WORD.finditer(text, at, at + size):
+                pass
+            cut = last.end() if last is not None else at + size
         yield text[at:cut]
         at = cut
     yield text[at:]

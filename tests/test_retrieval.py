@@ -173,6 +173,13 @@ def test_bm25_ids_of_long_texts_cut_into_pieces_are_the_whole_texts_ids(tmp_path
     long = " ".join(rng.choice(words, size=3000))
     texts = ["short one", long, "", "the of and", long[:777], "tail ΣΑΣ end"]
     assert max(len(p) for p in _pieces(long, 100)) <= 100 and "".join(_pieces(long, 100)) == long
+    assert list(_pieces("ab,cd" * 30, 50))[0] == "ab,cd" * 9 + "ab,"  # no space: after a non-word character
+    assert list(_pieces("x" * 120, 50)) == ["x" * 50, "x" * 50, "x" * 20]
+    texts_cjk = ["漢字漢字，漢字。" * 40]
+    a, _ = _bm25_ids(texts_cjk, tmp_path / "c")
+    b, _ = _bm25_ids(texts_cjk, tmp_path / "d", chars=30)
+    assert np.array_equal(a[0], b[0]) and len(a[0]) == 80
+    a.close(), b.close()
     whole, vocab = _bm25_ids(texts, tmp_path / "a")
     cut, vocab_cut = _bm25_ids(texts, tmp_path / "b", fetch=2, chunk=3, chars=100)
     assert vocab_cut == vocab and len(cut) == len(whole) == len(texts)
