@@ -26,7 +26,7 @@ import socket
 import tempfile
 import time
 from array import array
-from collections import defaultdict, deque
+from collections import defaultdict
 from contextlib import ExitStack, closing, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -213,14 +213,15 @@ def _use_codebooks(setup: Setup, cb, entry: dict) -> None:
 @dataclass
 class Previous:
     manifest: mf.Manifest | None = None
-    rows: list[dict] = field(default_factory=list)  # live references (only shard locations if recovered)
+    # live references: columns read from the table, or dicts of shard locations if recovered
+    rows: "refs_file.Rows | list[dict]" = field(default_factory=list)
     next_ref_id: int = 0
     next_shard: int = 1
     damaged: dict[str, str] = field(default_factory=dict)  # kb file -> what is wrong with it
     rows_recovered: bool = False  # the references table was damaged: rows come from the shards
 
 
-def _previous(out: Path, setup: Setup, rebuild: bool, log) -> Previous:
+def _previous(out: Path, setup: Setup, rebuild: bool, log, spill_dir: Path | None = None) -> Previous:
     if not (out / mf.FILE_NAME).exists():
         return Previous()
     try:
@@ -247,10 +248,8 @@ def _previous(out: Path, setup: Setup, rebuild: bool, log) -> Previous:
     refs_name = manifest.paths["references"]
     rows = None
     if refs_name not in damaged:
-        try:
-            rows = refs_file.read_references(out / refs_name).to_pylist()
-            for row in rows:  # as the plan holds them: 4 bytes a token, not a Python int
-                row["token_ids"] = array("i", row["token_ids"])
+        try:  # as columns, token ids and texts spilled beside the plan's (not ~1 KB a row as dicts)
+            rows = refs_file.read_reference_rows(out / refs_name, spill_dir)
         except M3Error as e:
             log(f"damaged: {refs_name}: {e}")
     if rows is None:
@@ -306,30 +305,31 @@ def _plan(setup: Setup, prev: Previous, keep_missing: bool, timer: Timer, spill_
             yield d
 
     docs = hashed(iter_documents(Path(config.corpus), report, follow_symlinks=config.follow_symlinks))
-    old_by_key: dict[str, deque] = defaultdict(deque)
-    for row in prev.rows:
-        old_by_key[row["ref_key"]].append(row)
+    old = _ByKey(prev.rows)
     store, new, next_id = refs_file.RefColumns(spill_dir), array("q"), prev.next_ref_id  # new: store positions
     with timer("read+chunk"):
         for ref in chunk_documents(docs, setup.ck.tokenizer, spec.width, spec.boundary, spec.min_fill):
-            key = spec.ref_key(ref.token_ids, setup.context).hex()
+            key = spec.ref_key(ref.token_ids, setup.context)
             meta = {"doc_id": ref.doc_id, "source": ref.source, "index": ref.index, "char_start": ref.char_start,
                     "char_end": ref.char_end, "n_tokens": len(ref.token_ids), "token_ids": array("i", ref.token_ids),
-                    "text": ref.text, "ref_key": key, "doc_sha256": doc_sha[ref.doc_id],
+                    "text": ref.text, "ref_key": key.hex(), "doc_sha256": doc_sha[ref.doc_id],
                     "n_kept": min(spec.top_k, len(ref.token_ids))}
-            same = old_by_key.get(key)
-            if same:
+            same = old.take(key)
+            if same is not None:
                 # the kb already holds this memory: keep its id and its frame
-                old = same.popleft()
-                store.append({**old, **meta})
+                store.append({**prev.rows[same], **meta})
             else:
                 new.append(store.append({"ref_id": next_id, **meta}))
                 next_id += 1
     report.raise_if_empty()
     if not len(store):
         raise M3Error(f"corpus {config.corpus} has documents but no tokens to compile; check the texts")
-    leftover = [r for q in old_by_key.values() for r in q]
-    old_docs = {r["doc_id"]: r["doc_sha256"] for r in prev.rows if "doc_id" in r}
+    leftover = [prev.rows[j] for j in old.left()]
+    if isinstance(prev.rows, refs_file.Rows):
+        c = refs_file.columns(prev.rows, ("doc_id", "doc_sha256"))
+        old_docs = dict(zip(c["doc_id"], c["doc_sha256"]))
+    else:  # rows recovered from the shards hold no document
+        old_docs = {r["doc_id"]: r["doc_sha256"] for r in prev.rows if "doc_id" in r}
     kept = [r for r in leftover if keep_missing and r.get("doc_id", "") in old_docs and r["doc_id"] not in doc_sha]
     kept_ids = {id(r) for r in kept}
     removed = [r for r in leftover if id(r) not in kept_ids]
@@ -344,6 +344,44 @@ def _plan(setup: Setup, prev: Previous, keep_missing: bool, timer: Timer, spill_
     return Plan(refs_file.Rows(store, _as_range(order)), refs_file.Rows(store, _as_range(new)), removed, docs, report)
 
 
+class _ByKey:
+    """The previous kb's live rows by content key, each taken at most once: among rows of one key,
+    the first in ref id order first. Keys are one sorted 32-byte array and a permutation (40 bytes
+    a row, and the keys in row order), not a dict of rows (issue 16: an incremental compile of a
+    big kb)."""
+
+    def __init__(self, rows):
+        if isinstance(rows, refs_file.Rows):
+            keys = np.frombuffer(rows.store.raw_keys(), dtype="V32")[np.asarray(rows.positions, dtype=np.int64)]
+        else:
+            keys = np.frombuffer(b"".join(bytes.fromhex(r["ref_key"]) for r in rows), dtype="V32")
+        self.keys = keys
+        self.order = np.argsort(keys, kind="stable")  # by key (bytes), then by position
+        self.sorted = keys[self.order]
+        self.taken = bytearray(len(keys))
+
+    def _first(self, key: bytes) -> int:
+        """Where `key`'s run starts in the sorted keys (its length if absent)."""
+        return int(np.searchsorted(self.sorted, np.frombuffer(key, dtype="V32")[0]))
+
+    def take(self, key: bytes) -> int | None:
+        """The position of the first row with `key` not taken yet (and take it); None if none."""
+        i = self._first(key)
+        while i < len(self.sorted) and self.sorted[i].tobytes() == key:
+            j = int(self.order[i])
+            if not self.taken[j]:
+                self.taken[j] = 1
+                return j
+            i += 1
+        return None
+
+    def left(self) -> list[int]:
+        """Positions not taken, keys in order of their first row, then by position (the order a
+        dict of keys to queues of rows gave)."""
+        rest = [j for j, t in enumerate(self.taken) if not t]
+        return sorted(rest, key=lambda j: (int(self.order[self._first(self.keys[j].tobytes())]), j))
+
+
 def _as_range(positions):
     """Consecutive ascending positions (a new kb's rows: all new, in ref id order) as a range,
     which holds no 8 bytes a row (issue 16); other positions as they are."""
@@ -356,7 +394,7 @@ def _as_range(positions):
 def _plan_unchanged(prev: Previous) -> Plan:
     """The plan of a repair: the kb's own references, nothing added or removed."""
     docs = {"added": 0, "changed": 0, "removed": 0, "kept": 0,
-            "unchanged": len({r["doc_id"] for r in prev.rows})}
+            "unchanged": len(set(refs_file.columns(prev.rows, ("doc_id",))["doc_id"]))}
     return Plan(prev.rows, [], [], docs, CorpusReport())
 
 
@@ -651,7 +689,7 @@ def _run(config: CompileConfig, out: Path, progress: Progress, log, keep_missing
             elif not has_kb or rebuild or retrain_codebooks:
                 _use_codebooks(setup, *_train_codebooks(out, setup, timer, log))
                 rebuild = rebuild or has_kb  # new codebooks: every memory is written anew
-        prev = _previous(out, setup, rebuild, log)
+        prev = _previous(out, setup, rebuild, log, spill_dir=out)
         if repair_only and not prev.rows_recovered:
             plan = _plan_unchanged(prev)
         else:
@@ -737,7 +775,7 @@ def check_kb(config: CompileConfig, out_dir: str | Path, keep_missing: bool = Fa
     if frozen is not None:
         _use_codebooks(setup, *frozen)
     try:
-        prev = _previous(out, setup, rebuild=False, log=lambda s: None)
+        prev = _previous(out, setup, rebuild=False, log=lambda s: None, spill_dir=Path(tempfile.gettempdir()))
     except M3Error as e:
         return [str(e)]
     plan = _plan(setup, prev, keep_missing, timer, spill_dir=Path(tempfile.gettempdir()))  # --check writes nothing in the kb

@@ -186,6 +186,10 @@ class RefColumns:
         """Row i's content key, raw (its ref_key is the hex of it)."""
         return bytes(self._keys[32 * i:32 * i + 32])
 
+    def raw_keys(self) -> bytes:
+        """Every row's content key, 32 raw bytes each, in row order (a copy)."""
+        return bytes(self._keys)
+
     def token_ids(self, i: int) -> array:
         return self._split(i, self._records([i])[0])[0]
 
@@ -288,6 +292,24 @@ def write_references(path: Path, rows: list[dict]) -> None:
     with ReferenceWriter(path) as w:
         for row in rows:
             w.add(row)
+
+
+def read_reference_rows(path: Path, spill_dir: Path | None = None) -> Rows:
+    """references.parquet as plan rows (RefColumns: token ids and texts spilled to `spill_dir`),
+    read a row group at a time: what an incremental compile holds of its kb (issue 16)."""
+    check_metadata(path)
+    store = RefColumns(spill_dir)
+    try:
+        for batch in pq.ParquetFile(str(path)).iter_batches(ROW_GROUP_SIZE):
+            for row in batch.to_pylist():
+                if len(row["token_ids"]) != row["n_tokens"]:
+                    raise ValueError(f"reference {row['ref_id']} has {len(row['token_ids'])} token ids "
+                                     f"and n_tokens {row['n_tokens']}")
+                store.append(row)
+    except (OSError, pa.ArrowException, ValueError, KeyError, TypeError) as e:
+        store.close()
+        raise M3Error(f"cannot read {path}: {e}; the file is damaged") from None
+    return Rows(store, range(len(store)))
 
 
 def read_references(path: Path, columns: list[str] | None = None) -> pa.Table:

@@ -270,3 +270,37 @@ def test_a_kill_between_shards_loses_at_most_one_checkpoint_of_encoding(env):
     assert refs["copied"] == 12 and refs["encoded"] == json.loads(resumed.stdout)["manifest"]["counts"]["references"] - 12
     assert snapshot(tmp / "kb", with_mtime=False) == snapshot(tmp / "ref", with_mtime=False)
     assert not (tmp / "kb" / ".spill").exists() and verify_kb(tmp / "kb") == []
+
+
+@pytest.mark.parametrize("as_columns", [False, True])
+def test_previous_rows_by_key_match_a_dict_of_queues(tmp_path, as_columns):
+    # an incremental compile finds the previous kb's rows by content key in a sorted key array
+    # (40 bytes a row, issue 16); it must take and leave rows exactly as a dict of queues does:
+    # equal keys first-in first-out, leftovers grouped by key in order of the key's first row
+    import random
+    from array import array
+    from collections import defaultdict, deque
+
+    from m3compile.pipeline import _ByKey
+    from m3compile.references import RefColumns, Rows
+    rng = random.Random(3)
+    pool = [bytes(rng.randrange(256) for _ in range(32)) for _ in range(40)] + [b"\0" * 32, b"\0" * 31 + b"\1"]
+    rows = [{"ref_id": i, "ref_key": rng.choice(pool).hex(), "doc_id": "d", "source": "s", "index": i,
+             "char_start": 0, "char_end": 1, "n_tokens": 1, "token_ids": array("i", [i]), "text": "t",
+             "n_kept": 1, "shard": "x", "byte_offset": 0, "byte_length": 1, "quant_rel_err": 0.0,
+             "quant_max_err": 0.0, "doc_sha256": "h"} for i in range(300)]
+    if as_columns:
+        store = RefColumns(tmp_path)
+        for r in rows:
+            store.append(r)
+        prev = Rows(store, range(len(rows)))
+    else:
+        prev = rows
+    by_key, oracle = _ByKey(prev), defaultdict(deque)
+    for r in rows:
+        oracle[r["ref_key"]].append(r["ref_id"])
+    for key in [rng.choice(pool + [bytes(32 * [7])]) for _ in range(250)]:
+        q = oracle.get(key.hex())
+        assert by_key.take(key) == (q.popleft() if q else None)
+    left = by_key.left()
+    assert left == [i for q in oracle.values() for i in q] and len(left) > 20
