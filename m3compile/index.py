@@ -118,36 +118,44 @@ class _TokenIds(Sequence):
         self.path.unlink(missing_ok=True)
 
 
-BM25_CHARS = 1 << 20  # characters tokenized at once: a batch of texts, or a piece of a longer one
+BM25_CHARS = 1 << 18  # characters tokenized at once (a batch of texts, or a piece of a longer one): ~10 MB
 DOC_FETCH = 1  # whole documents built at once for their BM25 index: one (each may be a book)
 
 
 _NON_WORD = re.compile(r"\W")
 
 
-def _pieces(text: str, size: int):
-    """`text` in pieces of at most `size` characters, each cut just after a space or newline. Such a
-    cut changes no token of BM25_TOKENS' pattern (words), nor what `lower` makes of a final sigma
-    (whitespace ends its context). Where `size` characters hold no space or newline, the cut is
-    after their last non-word character (no word changes, though a Greek final sigma just before
+def _pieces(text, size: int):
+    """`text` (a str, or an iterable of strs that join to it) in pieces of at most `size`
+    characters (or one fragment's length, when longer), each cut just after a space or newline.
+    Such a cut changes no token of BM25_TOKENS' pattern (words), nor what `lower` makes of a final
+    sigma (whitespace ends its context). Where `size` characters hold no space or newline, the cut
+    is after their last non-word character (no word changes, though a Greek final sigma just before
     it might); where they hold none, at `size` (that one word is split)."""
-    at = 0
-    while len(text) - at > size:
-        cut = max(text.rfind(" ", at, at + size), text.rfind("\n", at, at + size)) + 1
-        if cut <= at:
-            last = None
-            for last in _NON_WORD.finditer(text, at, at + size):
-                pass
-            cut = last.end() if last is not None else at + size
-        yield text[at:cut]
-        at = cut
-    yield text[at:]
+    parts, held = [], 0  # fragments not yet cut, and their length
+    for fragment in (text,) if isinstance(text, str) else text:
+        parts.append(fragment)
+        held += len(fragment)
+        if held > size:
+            buf, at = "".join(parts), 0
+            while len(buf) - at > size:
+                cut = max(buf.rfind(" ", at, at + size), buf.rfind("\n", at, at + size)) + 1
+                if cut <= at:
+                    last = None
+                    for last in _NON_WORD.finditer(buf, at, at + size):
+                        pass
+                    cut = last.end() if last is not None else at + size
+                yield buf[at:cut]
+                at = cut
+            parts, held = [buf[at:]], len(buf) - at
+    yield "".join(parts)
 
 
 def _bm25_ids(texts: Sequence[str], scratch: Path, fetch: int = 4096, chunk: int = 4096,
               chars: int = BM25_CHARS) -> tuple[_TokenIds, dict[str, int]]:
     """Each text's BM25 tokens as ids into the sorted vocabulary (spilled to the file `scratch`),
-    and that vocabulary. Texts are read `fetch` at a time (a slice of `texts`), tokenized at most
+    and that vocabulary. A text is a str or an iterable of strs that join to it. Texts are read
+    `fetch` at a time (a slice of `texts`), tokenized at most
     `chunk` texts or `chars` characters at a time (a longer text in pieces: _pieces), and never
     held as lists of token strings, so the index of a big kb, or of a corpus of one huge document,
     builds in bounded memory (issue 16). Close the result."""
@@ -590,6 +598,26 @@ class _Documents(Sequence):
         return doc
 
 
+class _Fragments(Sequence):
+    """Each document of a _Documents as an iterator over its references' texts, in order: what
+    joins to its text, read `chunk` references at a time."""
+
+    def __init__(self, documents: _Documents, chunk: int = 4096):
+        self.documents, self.chunk = documents, chunk
+
+    def __len__(self) -> int:
+        return len(self.documents)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        d = self.documents
+        i = range(len(d))[i]
+        at = d.order[d.starts[i]:d.starts[i + 1]]
+        return (t for k in range(0, len(at), self.chunk)
+                for t in columns(_take(d.rows, at[k:k + self.chunk]), ("text",))["text"])
+
+
 class _Field(Sequence):
     """Field k of each tuple of a sequence, read as it is asked for."""
 
@@ -647,8 +675,11 @@ def build_indexes(kb_dir: Path, ref_ids: list[int], texts: list[str], embedder: 
     if documents is not None:
         ids = documents.ids() if isinstance(documents, _Documents) else ((d, refs) for d, refs, _ in documents)
         rows = ({"doc_id": d, "ref_ids": [int(r) for r in refs]} for d, refs in ids)
+        # a document's text reaches the tokenizer as its references' texts, a few thousand at a
+        # time, never joined whole (a corpus may be one 50 MB line)
+        texts = _Fragments(documents) if isinstance(documents, _Documents) else doc_texts
         section["documents"] = {"count": len(documents), "text": "concat",
-                                "bm25": _build_bm25(out / DOC_BM25_DIR, rows, doc_texts, fetch=DOC_FETCH), "dense": dense_docs}
+                                "bm25": _build_bm25(out / DOC_BM25_DIR, rows, texts, fetch=DOC_FETCH), "dense": dense_docs}
         section["format_version"] = FORMAT_VERSION_DOCS
         section["fusion"] = dict(CONTEXT, weights=dict(CONTEXT["weights"]["hybrid" if dense else "bm25"]))
     dirs = [BM25_DIR] + ([DOC_BM25_DIR] if documents is not None else [])

@@ -184,6 +184,14 @@ def test_bm25_ids_of_long_texts_cut_into_pieces_are_the_whole_texts_ids(tmp_path
     cut, vocab_cut = _bm25_ids(texts, tmp_path / "b", fetch=2, chunk=3, chars=100)
     assert vocab_cut == vocab and len(cut) == len(whole) == len(texts)
     assert all(np.array_equal(a, b) for a, b in zip(whole, cut))
+    # a text given as fragments that join to it (a document as its references' texts)
+    frags = [long[i:i + 37] for i in range(0, len(long), 37)]
+    assert "".join(_pieces(iter(frags), 100)) == long and max(len(p) for p in _pieces(iter(frags), 100)) <= 100
+    parts, vocab_parts = _bm25_ids([iter(frags), "short one"], tmp_path / "e", chars=100)
+    words_of = lambda ids, v: [w for i in ids for w, j in v.items() if j == i]  # noqa: E731
+    assert words_of(parts[0], vocab_parts) == words_of(whole[1], vocab) and len(parts[0]) > 1000
+    assert words_of(parts[1], vocab_parts) == words_of(whole[0], vocab)
+    parts.close()
     # and the ids are bm25s' tokens of each whole text
     assert [[vocab[t] for t in d] for d in bm25_tokenize(texts)] == [a.tolist() for a in whole]
     whole.close(), cut.close()
