@@ -22,6 +22,7 @@ import os
 import re
 from array import array
 from collections.abc import Iterable, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,16 @@ def bm25_tokenize(texts: list[str], tokens: dict = BM25_TOKENS) -> list[list[str
                           return_ids=False, show_progress=False)
 
 
+@contextmanager
+def _unlinked_on_error(path: Path):
+    """Remove `path` if the block raises (a scratch file nobody will close)."""
+    try:
+        yield
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
 class _TokenIds(Sequence):
     """Each text's BM25 token ids (into the sorted vocabulary), spilled as int32 to a scratch file:
     memory holds 12 bytes a text (length, start), not its ids (issue 16, bounded memory). Item i is
@@ -88,7 +99,7 @@ class _TokenIds(Sequence):
 
     def __init__(self, path: Path, lengths: np.ndarray, rank: np.ndarray):
         self.path, self.lengths, self.rank = path, lengths, rank
-        self.starts = np.zeros(len(lengths) + 1, np.int64)
+        self.starts = np.zeros(len(lengths) + 1, np.int64)  # (n + 1,) where each text's ids start
         np.cumsum(lengths, out=self.starts[1:])
         self._file = open(path, "rb")
 
@@ -161,7 +172,7 @@ def _bm25_ids(texts: Sequence[str], scratch: Path, fetch: int = 4096, chunk: int
     builds in bounded memory (issue 16). Close the result."""
     seen: dict[str, int] = {"": 0}  # "" is bm25s' empty token: an all-stop-word corpus still indexes
     lengths = array("i")
-    with open(scratch, "wb") as f:
+    with open(scratch, "wb") as f, _unlinked_on_error(scratch):
         batch: list[str] = []
         owner = array("q")  # the text of each piece in the batch
 
@@ -201,8 +212,9 @@ def _write_bm25_scores(out: Path, docs: _TokenIds, n_vocab: int, index, block: i
     """bm25s's CSC score matrix of `docs` (token ids per document) as its three .npy files, in
     bounded memory: bm25s (0.3, scipy backend) holds every (doc, token) score several times over
     while it builds a scipy matrix, ~1 KB a reference (issue 16). Three passes over chunks of
-    documents holding about `tokens` tokens (a longer document alone, read in pieces): (1) document frequencies; (2) each chunk's (token, doc, score) entries,
-    sorted by token, appended to a scratch file; (3) per block of columns (vocab ids) whose entries
+    documents holding about `tokens` tokens (a longer document alone, read in pieces): (1)
+    document frequencies; (2) each chunk's (token, doc, score) entries, sorted by token, appended
+    to a scratch file; (3) per block of columns (vocab ids) whose entries
     fit in `block`, each chunk's part of the block read back and placed, then the block appended to
     the files. Scores are bm25s's own idf and tf functions, applied to arrays with the same float64
     operations bm25s applies per document, so the bytes are the ones `bm25s.BM25.index` + `save`
@@ -213,11 +225,12 @@ def _write_bm25_scores(out: Path, docs: _TokenIds, n_vocab: int, index, block: i
     n_docs = len(docs)
     lengths = docs.lengths
     avg_doc_len = lengths.astype(np.int64).mean()  # as bm25s computes it: float64 over an int64 array
-    chunks = [0]  # first document of each chunk: documents while their tokens fit `tokens`
-    for c0, n in enumerate(lengths):
-        if c0 > chunks[-1] and docs.starts[c0] - docs.starts[chunks[-1]] + n > tokens:
-            chunks.append(c0)
-    chunks = list(zip(chunks, chunks[1:] + [n_docs])) if n_docs else []
+    chunks = []  # (first, end) documents of each chunk: documents while their tokens fit `tokens`
+    c0 = 0
+    while c0 < n_docs:  # the next chunk starts at the first document that would pass the budget
+        c1 = max(int(np.searchsorted(docs.starts, docs.starts[c0] + tokens, side="right")) - 1, c0 + 1)
+        chunks.append((c0, min(c1, n_docs)))
+        c0 = c1
 
     def pairs(c0: int, c1: int):
         """(doc, token, count) of docs[c0:c1], each (doc, token) once, by doc."""
@@ -263,13 +276,15 @@ def _write_bm25_scores(out: Path, docs: _TokenIds, n_vocab: int, index, block: i
                 spans.append((f.tell(), len(tok), np.searchsorted(tok, bounds)))
                 for a in (tok.astype("<i4"), doc[order].astype("<i4"), scores[order].astype("<f4")):
                     f.write(a.tobytes())
-        files = {k: open(out / f"{k}.csc.index.npy", "wb") for k in ("data", "indices", "indptr")}
-        with open(scratch, "rb") as f, files["data"], files["indices"], files["indptr"]:
+        with ExitStack() as stack:
+            f = stack.enter_context(open(scratch, "rb"))
+            files = {k: stack.enter_context(open(out / f"{k}.csc.index.npy", "wb"))
+                     for k in ("data", "indices", "indptr")}
             # indptr as int64: what bm25s 0.3 with scipy 1.17 writes (and so every kb before this writer)
             for name, dtype, n in (("data", index.dtype, nnz), ("indices", np.int32, nnz),
                                    ("indptr", np.int64, n_vocab + 1)):
-                np.lib.format.write_array_header_1_0(files[name], {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                                                                   "fortran_order": False, "shape": (n,)})
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (n,)}
+                np.lib.format.write_array_header_1_0(files[name], header)
             files["indptr"].write(indptr.astype("<i8").tobytes())
             fd = f.fileno()
             for b, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
@@ -544,7 +559,10 @@ def index_references(kb_dir: Path, rows: list[dict], embedder: str | None, index
 def _take(rows, positions):
     """The rows at `positions` (a Rows view, or a list of dicts)."""
     if isinstance(rows, Rows):
-        return Rows(rows.store, np.asarray(rows.positions)[positions])
+        at = rows.positions
+        if isinstance(at, range):  # a new kb's rows: no array of every position per call
+            return Rows(rows.store, at.start + at.step * np.asarray(positions, dtype=np.int64))
+        return Rows(rows.store, np.asarray(at)[positions])
     return [rows[int(p)] for p in positions]
 
 
@@ -553,8 +571,11 @@ class _IndexTexts(Sequence):
 
     def __init__(self, rows, cols: dict):
         self.rows = rows
-        heads = columns(_take(rows, np.flatnonzero(np.asarray(cols["index"]) == 0)), ("doc_id", "index", "text"))
-        self.titles = document_titles(heads["doc_id"], heads["index"], heads["text"])
+        firsts = np.flatnonzero(np.asarray(cols["index"]) == 0)  # (N,) each document's first reference
+        self.titles = {}
+        for k in range(0, len(firsts), 4096):  # their texts read a batch at a time
+            heads = columns(_take(rows, firsts[k:k + 4096]), ("doc_id", "index", "text"))
+            self.titles.update(document_titles(heads["doc_id"], heads["index"], heads["text"]))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -678,8 +699,8 @@ def build_indexes(kb_dir: Path, ref_ids: list[int], texts: list[str], embedder: 
         # a document's text reaches the tokenizer as its references' texts, a few thousand at a
         # time, never joined whole (a corpus may be one 50 MB line)
         texts = _Fragments(documents) if isinstance(documents, _Documents) else doc_texts
-        section["documents"] = {"count": len(documents), "text": "concat",
-                                "bm25": _build_bm25(out / DOC_BM25_DIR, rows, texts, fetch=DOC_FETCH), "dense": dense_docs}
+        section["documents"] = {"count": len(documents), "text": "concat", "dense": dense_docs,
+                                "bm25": _build_bm25(out / DOC_BM25_DIR, rows, texts, fetch=DOC_FETCH)}
         section["format_version"] = FORMAT_VERSION_DOCS
         section["fusion"] = dict(CONTEXT, weights=dict(CONTEXT["weights"]["hybrid" if dense else "bm25"]))
     dirs = [BM25_DIR] + ([DOC_BM25_DIR] if documents is not None else [])

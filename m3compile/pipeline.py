@@ -295,7 +295,7 @@ def _plan(setup: Setup, prev: Previous, keep_missing: bool, timer: Timer, spill_
     """What this compile does with each reference of the corpus (kept, new, removed). The rows'
     token ids and texts are spilled to an anonymous file in `spill_dir` (the kb's own directory, or
     the system's temporary one: refs_file.RefColumns), so the plan's memory stays small (issue 16)."""
-    config, spec = setup.config, setup.spec
+    config = setup.config
     report = CorpusReport()
     doc_sha: dict[str, str] = {}
 
@@ -306,7 +306,19 @@ def _plan(setup: Setup, prev: Previous, keep_missing: bool, timer: Timer, spill_
 
     docs = hashed(iter_documents(Path(config.corpus), report, follow_symlinks=config.follow_symlinks))
     old = _ByKey(prev.rows)
-    store, new, next_id = refs_file.RefColumns(spill_dir), array("q"), prev.next_ref_id  # new: store positions
+    store = refs_file.RefColumns(spill_dir)
+    try:
+        return _plan_into(store, setup, prev, old, docs, doc_sha, report, keep_missing, timer)
+    except BaseException:
+        store.close()
+        raise
+
+
+def _plan_into(store: "refs_file.RefColumns", setup: Setup, prev: Previous, old: "_ByKey", docs, doc_sha: dict,
+               report: CorpusReport, keep_missing: bool, timer: Timer) -> Plan:
+    """_plan's work, its rows appended to `store`."""
+    config, spec = setup.config, setup.spec
+    new, next_id = array("q"), prev.next_ref_id  # new: store positions
     with timer("read+chunk"):
         for ref in chunk_documents(docs, setup.ck.tokenizer, spec.width, spec.boundary, spec.min_fill):
             key = spec.ref_key(ref.token_ids, setup.context)
@@ -346,19 +358,20 @@ def _plan(setup: Setup, prev: Previous, keep_missing: bool, timer: Timer, spill_
 
 class _ByKey:
     """The previous kb's live rows by content key, each taken at most once: among rows of one key,
-    the first in ref id order first. Keys are one sorted 32-byte array and a permutation (40 bytes
-    a row, and the keys in row order), not a dict of rows (issue 16: an incremental compile of a
-    big kb)."""
+    the first in ref id order first. Keys are numpy arrays (~77 bytes a row: the keys in row order
+    and sorted, the sorting permutation, a count per run of equal keys, a taken flag), not a dict
+    of row dicts (~1 KB a row; issue 16: an incremental compile of a big kb)."""
 
     def __init__(self, rows):
         if isinstance(rows, refs_file.Rows):
             keys = np.frombuffer(rows.store.raw_keys(), dtype="V32")[np.asarray(rows.positions, dtype=np.int64)]
         else:
             keys = np.frombuffer(b"".join(bytes.fromhex(r["ref_key"]) for r in rows), dtype="V32")
-        self.keys = keys
-        self.order = np.argsort(keys, kind="stable")  # by key (bytes), then by position
-        self.sorted = keys[self.order]
-        self.taken = bytearray(len(keys))
+        self.keys = keys  # (R,) in row order
+        self.order = np.argsort(keys, kind="stable")  # (R,) by key (bytes), then by position
+        self.sorted = keys[self.order]  # (R,)
+        self.used = np.zeros(len(keys), dtype=np.int32)  # (R,) at a run's start: rows of that run taken
+        self.taken = np.zeros(len(keys), dtype=bool)  # (R,) by position
 
     def _first(self, key: bytes) -> int:
         """Where `key`'s run starts in the sorted keys (its length if absent)."""
@@ -366,20 +379,21 @@ class _ByKey:
 
     def take(self, key: bytes) -> int | None:
         """The position of the first row with `key` not taken yet (and take it); None if none."""
-        i = self._first(key)
-        while i < len(self.sorted) and self.sorted[i].tobytes() == key:
-            j = int(self.order[i])
-            if not self.taken[j]:
-                self.taken[j] = 1
-                return j
-            i += 1
-        return None
+        i0 = self._first(key)
+        i = i0 + int(self.used[i0]) if i0 < len(self.sorted) else i0
+        if i >= len(self.sorted) or self.sorted[i].tobytes() != key:
+            return None
+        self.used[i0] += 1
+        j = int(self.order[i])
+        self.taken[j] = True
+        return j
 
     def left(self) -> list[int]:
         """Positions not taken, keys in order of their first row, then by position (the order a
         dict of keys to queues of rows gave)."""
-        rest = [j for j, t in enumerate(self.taken) if not t]
-        return sorted(rest, key=lambda j: (int(self.order[self._first(self.keys[j].tobytes())]), j))
+        rest = np.flatnonzero(~self.taken)  # (L,)
+        first = [int(self.order[self._first(self.keys[j].tobytes())]) for j in rest]
+        return [int(j) for _, j in sorted(zip(first, rest.tolist()))]
 
 
 def _as_range(positions):
@@ -717,7 +731,7 @@ def _run(config: CompileConfig, out: Path, progress: Progress, log, keep_missing
             gen, retrieval = _build_generation(out, setup, plan.rows, sorted(shards), timer)
             crash_point("generation")
             ids = refs_file.columns(plan.rows, ("ref_id",))["ref_id"]
-            next_id = max(prev.next_ref_id, int(max(ids)) + 1 if len(ids) else 0)
+            next_id = max(prev.next_ref_id, int(np.max(ids)) + 1 if len(ids) else 0)
             manifest = mf.build_manifest(out, setup.spec, config_record(config, out), _model_record(setup, out),
                                          plan.rows, gen, retrieval, shards, plan.report.skipped, next_id, setup.vq)
             summary = {"documents": plan.docs, "references": {"encoded": stats["encoded"], "copied": stats["copied"],
@@ -737,6 +751,8 @@ def _run(config: CompileConfig, out: Path, progress: Progress, log, keep_missing
             raise M3Error(f"cannot write to {out} ({e.strerror or e}{': ' + e.filename if e.filename else ''}); "
                           "the kb as last committed is intact: free space or fix permissions and run the same "
                           "command again (finished shards are kept)") from None
+        finally:
+            _close_spills(prev.rows, plan.rows)
     for line in plan.report.summary_lines()[1:]:
         log(line)
     progress({"event": "done"})
@@ -778,7 +794,8 @@ def check_kb(config: CompileConfig, out_dir: str | Path, keep_missing: bool = Fa
         prev = _previous(out, setup, rebuild=False, log=lambda s: None, spill_dir=Path(tempfile.gettempdir()))
     except M3Error as e:
         return [str(e)]
-    plan = _plan(setup, prev, keep_missing, timer, spill_dir=Path(tempfile.gettempdir()))  # --check writes nothing in the kb
+    # --check writes nothing in the kb: its spill files go to the system's temporary directory
+    plan = _plan(setup, prev, keep_missing, timer, spill_dir=Path(tempfile.gettempdir()))
     changes = [f"damaged {name}: {why}" for name, why in prev.damaged.items()]
     old_config, new_config = prev.manifest.config, config_record(setup.config, out)
     for k in sorted(set(old_config) | set(new_config)):
@@ -793,4 +810,12 @@ def check_kb(config: CompileConfig, out_dir: str | Path, keep_missing: bool = Fa
         changes.append(f"references to remove: {len(plan.removed)}")
     if not changes and plan.rows != prev.rows:
         changes.append("reference metadata changed (positions in documents, sources or texts)")
+    _close_spills(prev.rows, plan.rows)
     return changes
+
+
+def _close_spills(*rows) -> None:
+    """Close the spill files of these rows' stores (refs_file.RefColumns), once their last read is done."""
+    for r in rows:
+        if isinstance(r, refs_file.Rows):
+            r.store.close()

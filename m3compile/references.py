@@ -92,6 +92,7 @@ class RefColumns:
             "byte_offset": "q", "byte_length": "q"}
     FLOATS = ("quant_rel_err", "quant_max_err")  # float64: the encoder's values, rounded to float32 on write
     LOCATION = ("n_kept", "shard", "byte_offset", "byte_length", "quant_rel_err", "quant_max_err")
+    READ_BYTES = 1 << 24  # the most one read of consecutive records takes
 
     def __init__(self, spill_dir: Path | None = None):
         self._ints = {k: array(t) for k, t in self.INTS.items()}
@@ -101,7 +102,8 @@ class RefColumns:
         self._lookup: dict[str, dict[str, int]] = {k: {} for k in self.INTERNED}
         self._ends = array("q")  # end of each row's record in the stream (token ids, then text)
         self._buf = bytearray() if spill_dir is None else None
-        self._file = None if spill_dir is None else tempfile.TemporaryFile(dir=spill_dir, prefix=".plan-", suffix=".tmp")
+        self._file = None if spill_dir is None else tempfile.TemporaryFile(dir=spill_dir, prefix=".plan-",
+                                                                           suffix=".tmp")
         self._dirty = False  # the file's write buffer holds records not yet readable by pread
         self._keys = bytearray()
 
@@ -149,20 +151,34 @@ class RefColumns:
         if self._dirty:
             self._file.flush()
             self._dirty = False
-        return os.pread(self._file.fileno(), hi - lo, lo)
+        parts, at = [], lo
+        while at < hi:  # pread may return less than asked (past 2 GiB on Linux, or a signal)
+            got = os.pread(self._file.fileno(), hi - at, at)
+            if not got:
+                raise OSError(f"the plan's spill file ends at byte {at}, before {hi}")
+            parts.append(got)
+            at += len(got)
+        return b"".join(parts)
 
     def _records(self, positions) -> list[bytes]:
-        """The records of rows at `positions`: one read for an ascending run that is mostly theirs."""
+        """The records of rows at `positions`: ascending runs that are mostly theirs are read at
+        once, at most READ_BYTES at a time; other records one by one."""
         ends = self._ends
         spans = [(ends[p - 1] if p else 0, ends[p]) for p in positions]
-        if not spans:
-            return []
-        lo, hi = spans[0][0], spans[-1][1]
-        if lo <= hi and hi - lo <= 2 * sum(e - b for b, e in spans) and all(
-                a[1] <= b[0] for a, b in zip(spans, spans[1:])):
-            block = self._read(lo, hi)
-            return [block[b - lo:e - lo] for b, e in spans]
-        return [self._read(b, e) for b, e in spans]
+        out, k = [], 0
+        while k < len(spans):
+            lo, j, used = spans[k][0], k + 1, spans[k][1] - spans[k][0]
+            while j < len(spans) and spans[j - 1][1] <= spans[j][0] and spans[j][1] - lo <= self.READ_BYTES:
+                used += spans[j][1] - spans[j][0]
+                j += 1
+            hi = spans[j - 1][1]
+            if hi - lo <= 2 * used:
+                block = self._read(lo, hi)
+                out += [block[b - lo:e - lo] for b, e in spans[k:j]]
+            else:
+                out += [self._read(b, e) for b, e in spans[k:j]]
+            k = j
+        return out
 
     def _split(self, i: int, record: bytes) -> tuple[array, str]:
         """A record as (token ids, text)."""
@@ -300,16 +316,32 @@ def read_reference_rows(path: Path, spill_dir: Path | None = None) -> Rows:
     check_metadata(path)
     store = RefColumns(spill_dir)
     try:
+        for batch in _row_groups(path):
+            for row in batch:
+                store.append(row)
+    except OSError as e:  # the spill file's disk, not the table (its read errors are M3Errors)
+        store.close()
+        raise M3Error(f"cannot spill the references of {path} to {spill_dir or 'memory'} "
+                      f"({e.strerror or e}); free space there and run the command again") from None
+    except BaseException:
+        store.close()
+        raise
+    return Rows(store, range(len(store)))
+
+
+def _row_groups(path: Path):
+    """references.parquet's rows, a row group at a time (lists of dicts); a table that cannot be
+    read or whose rows contradict themselves is one M3Error naming it damaged."""
+    try:
         for batch in pq.ParquetFile(str(path)).iter_batches(ROW_GROUP_SIZE):
-            for row in batch.to_pylist():
+            rows = batch.to_pylist()
+            for row in rows:
                 if len(row["token_ids"]) != row["n_tokens"]:
                     raise ValueError(f"reference {row['ref_id']} has {len(row['token_ids'])} token ids "
                                      f"and n_tokens {row['n_tokens']}")
-                store.append(row)
+            yield rows
     except (OSError, pa.ArrowException, ValueError, KeyError, TypeError) as e:
-        store.close()
         raise M3Error(f"cannot read {path}: {e}; the file is damaged") from None
-    return Rows(store, range(len(store)))
 
 
 def read_references(path: Path, columns: list[str] | None = None) -> pa.Table:

@@ -304,3 +304,5 @@ def test_previous_rows_by_key_match_a_dict_of_queues(tmp_path, as_columns):
         assert by_key.take(key) == (q.popleft() if q else None)
     left = by_key.left()
     assert left == [i for q in oracle.values() for i in q] and len(left) > 20
+    if as_columns:
+        store.close()
