@@ -1,7 +1,8 @@
 """The density frontier: held-out recall against the kept share of a reference's key-values.
 
-kept share = (kept tokens / reference tokens) x (memory layers / layers). Today's reader keeps
-16 of 32 tokens in all 4 layers: 1/2. The paper keeps 8 of 128 in the first half of the layers:
+kept share = (kept tokens / reference tokens) x (memory layers / layers). The first reader
+(examples/reader-half) keeps 16 of 32 tokens in all 4 layers: 1/2; the embedded default, 8 of 32 in
+layer 3 alone: 1/16. The paper keeps 8 of 128 in the first half of the layers:
 1/32. Each point compiles the reader's 40 held-out articles (examples/reader/corpus: never in any
 training text; `--kb world`: all 2000 articles of its world, the kb benchmarks/train_memory.py
 reads) with one model at one (top-k, memory layers), int8, and measures on the same held-out
@@ -22,12 +23,13 @@ records as examples/README.md (the first --limit records after a seeded shuffle)
             warm-up): of those it answers right without memory (greedy), how many it still answers
             right reading a kb of their own articles; memory must not make it forget.
 
-Points are MODEL:TOP_K:LAYERS (LAYERS like 0-3 or 2,3; MODEL a checkpoint directory or `reader`,
-the embedded default). Without --point: the embedded reader zero-shot at top-16, 8, 4, 2 and 1 of
-its 32-token references in all layers (1/2 ... 1/32).
+Points are MODEL:TOP_K:LAYERS (LAYERS like 0-3 or 2,3; MODEL a checkpoint directory, `reader`
+for the embedded default, or `half` for the 1/2 reader, examples/reader-half/model). Without
+--point: the 1/2 reader zero-shot at top-16, 8, 4, 2 and 1 of its 32-token references in all
+layers (1/2 ... 1/32).
 
     python benchmarks/density_frontier.py --json frontier.json --plot examples/density_frontier.png
-    python benchmarks/density_frontier.py --point reader:16:0-3 /tmp/d16/trained:4:2,3 --known 1000
+    python benchmarks/density_frontier.py --point half:16:0-3 reader:8:3 reader:4:3 --known 1000
 """
 
 import argparse
@@ -53,6 +55,8 @@ from m3compile.pipeline import compile_kb  # noqa: E402
 from m3compile.reader import ChunkMemory, generate  # noqa: E402
 
 READER = ROOT / "examples" / "reader"
+HALF = ROOT / "examples" / "reader-half" / "model"  # the 1/2 reader, the embedded default until 2026-12-03
+ALIASES = {"reader": default_model_dir(), "half": HALF}
 ANSWER_TOKENS = 16  # the longest answer sentence of the demo world is 9 tokens
 
 
@@ -65,7 +69,7 @@ def layers_arg(s: str) -> tuple[int, ...]:
 
 def parse_point(s: str) -> dict:
     model, top_k, layers = s.rsplit(":", 2)
-    path = default_model_dir() if model == "reader" else Path(model)
+    path = ALIASES.get(model, Path(model))
     return {"name": s, "model": path, "top_k": int(top_k), "layers": layers_arg(layers)}
 
 
@@ -156,7 +160,7 @@ def whole_world(tmp: Path) -> Path:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--point", nargs="+",
-                    default=["reader:16:0-3", "reader:8:0-3", "reader:4:0-3", "reader:2:0-3", "reader:1:0-3"])
+                    default=["half:16:0-3", "half:8:0-3", "half:4:0-3", "half:2:0-3", "half:1:0-3"])
     ap.add_argument("--limit", type=int, default=400, help="held-out records evaluated (as examples/README.md)")
     ap.add_argument("--known", type=int, default=0, metavar="N", help="also ask N questions about the known entities W")
     ap.add_argument("--kb", choices=("held-out", "world"), default="held-out",
@@ -234,7 +238,8 @@ def plot(rows, out: Path):
     for (model, layers), rs in by_model.items():
         rs = sorted(rs, key=lambda r: r["share_value"])
         name = Path(model).parent.name if Path(model).name == "trained" else Path(model).name  # a train_memory --work
-        label = (f"{name}, " if Path(model) != default_model_dir() else "embedded reader (trained at 1/2), ") + layers
+        known = {default_model_dir().resolve(): "embedded reader (sparse), ", HALF.resolve(): "1/2 reader, "}
+        label = known.get(Path(model).resolve(), f"{name}, ") + layers
         ax.plot([r["share_value"] for r in rs], [100 * r["greedy"]["memory"]["recall"] for r in rs], "o-",
                 label=label)
         for r in rs:

@@ -1,6 +1,6 @@
 """Bits per element against attention-output error for every memory quantizer, on real memories.
 
-Compiles the embedded memory reader over examples/corpus and examples/reader/corpus (quant
+Compiles a memory reader (--model; default: the embedded one) over examples/corpus and examples/reader/corpus (quant
 none, so the float32 memories are exact), trains each VQ candidate's codebooks on each kb's own
 memories, and for int8, int4, the paper's quantizer scaled to the head dim (vq-paper; the exact
 `OPQ20_80,Residual2x14,PQ8x10` needs D = 80, which no model here has) and every candidate prints:
@@ -252,6 +252,8 @@ def main():
     ap.add_argument("--plot", type=Path, default=None, help="write the frontier as a PNG here")
     ap.add_argument("--only", default="", help="comma-separated candidate labels (default: all)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", type=Path, default=default_model_dir(),
+                    help="a checkpoint with m3-memory.json (default: the embedded reader)")
     ap.add_argument("--corpora", default=",".join(CORPORA),
                     help="comma-separated corpus dirs (relative to the repo or absolute), at least two")
     ap.add_argument("--stories", type=int, default=0,
@@ -263,10 +265,10 @@ def main():
     corpora = [ROOT / c for c in opts.corpora.split(",")]
     assert len(corpora) >= 2, "held-out errors need two kbs"
     with tempfile.TemporaryDirectory(prefix="m3frontier-") as tmp:
-        kbs = prepare(corpora, default_model_dir(), read_model_memory(default_model_dir()), Path(tmp) / "reader")
+        kbs = prepare(corpora, opts.model, read_model_memory(opts.model), Path(tmp) / "reader")
         rows = measure(kbs, labels, opts.seed)
         d = kbs[0][2][0].keys.shape[-1]
-        table(rows, f"embedded reader (D={d}), kbs {', '.join(opts.corpora.split(','))}: "
+        table(rows, f"{opts.model.name} (D={d}), kbs {', '.join(opts.corpora.split(','))}: "
                     f"{sum(len(k[2]) for k in kbs)} references")
         if opts.stories:
             work = Path(tmp) / "stories"

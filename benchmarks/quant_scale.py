@@ -2,10 +2,10 @@
 
 benchmarks/quant_frontier.py measures on two kbs of ~110 references each, where the codebooks of
 the larger codecs outweigh the codes (vq-paper's 2.2 MB against a 0.3 MB kb) and memorise the kb
-they were trained on. This benchmark compiles the embedded reader's whole 2000-article world
-(examples/make_corpus.py, seed 0: the kb benchmarks/train_memory.py reads), at the reader's own
-memory settings, once with `--quant none` (the exact memories) and once per `--quant`, each
-with `m3 compile`'s own codebook training (a seeded sample of --codebook-sample references,
+they were trained on. This benchmark compiles the readers' whole 2000-article world
+(examples/make_corpus.py, seed 0: the kb benchmarks/train_memory.py reads) with --model (default:
+the embedded reader) at its own memory settings, once with `--quant none` (the exact memories) and
+once per `--quant`, each with `m3 compile`'s own codebook training (a seeded sample of --codebook-sample references,
 frozen for the rest of the kb). Per quant:
 
   bits/elt kb    every byte that grows with the quant (the memory shards: zstd frames, offsets,
@@ -56,8 +56,10 @@ class Memories:
         return {r: (self[r].keys, self[r].values) for r in refs}
 
 
-def compile_at(corpus: Path, out: Path, quant: str, sample: int, settings: dict) -> tuple[object, float]:
-    cfg = CompileConfig(corpus=str(corpus), quant=quant, codebook_sample=sample).with_model_memory(settings)
+def compile_at(corpus: Path, out: Path, quant: str, sample: int, settings: dict,
+               model: Path) -> tuple[object, float]:
+    cfg = CompileConfig(corpus=str(corpus), model=str(model), quant=quant,
+                        codebook_sample=sample).with_model_memory(settings)
     t = time.perf_counter()
     compile_kb(cfg, out)
     return open_kb(out), time.perf_counter() - t
@@ -81,13 +83,15 @@ def main() -> int:
     ap.add_argument("--docs", type=int, default=300, help="documents whose chunks measure the attention error")
     ap.add_argument("--codebook-sample", type=int, default=2048, help="as m3 compile --codebook-sample")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", type=Path, default=default_model_dir(),
+                    help="a checkpoint with m3-memory.json (default: the embedded reader)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    settings = read_model_memory(default_model_dir())
+    settings = read_model_memory(a.model)
     with tempfile.TemporaryDirectory(prefix="m3qscale-") as tmp:
         corpus = Path(tmp) / "corpus"
         make_corpus.write_corpus(make_corpus.generate(a.entities, 0), corpus)
-        exact_kb, _ = compile_at(corpus, Path(tmp) / "none", "none", a.codebook_sample, settings)
+        exact_kb, _ = compile_at(corpus, Path(tmp) / "none", "none", a.codebook_sample, settings, a.model)
         docs = sorted(iter_documents(corpus, CorpusReport()), key=lambda d: d.doc_id)[:a.docs]
         exact = Memories(exact_kb)
         queries = chunk_queries(exact_kb, load_kb_model(exact_kb), exact, docs)
@@ -98,7 +102,7 @@ def main() -> int:
               f"{len(queries)} chunks of {len(docs)} documents ({len(refs)} references)", flush=True)
         rows = []
         for q in a.quant:
-            kb, secs = compile_at(corpus, Path(tmp) / q, q, a.codebook_sample, settings)
+            kb, secs = compile_at(corpus, Path(tmp) / q, q, a.codebook_sample, settings, a.model)
             s = sizes(kb)
             err = attention_error(queries, base, Memories(kb).kv(refs))
             rows.append(dict(quant=q, scheme=kb.spec.quant, kb_bits=8 * (s["shards"] + s["books"]) / s["elems"],

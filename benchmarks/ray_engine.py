@@ -2,7 +2,7 @@
 same bytes, wall time with 1 and 2 workers.
 
 Compiles the first --mb megabytes of the Gutenberg books (../shared/data/gutenberg, one document
-per book, as benchmarks/compile_throughput.py cuts them) with the embedded default model, once per
+per book, as benchmarks/compile_throughput.py cuts them) with the embedded default model (or --model), once per
 engine: `--engine local` in this process on --threads torch threads, `--engine local --workers N`
 (worker processes of one thread each, --local-workers), then `--engine ray` on a local Ray cluster
 this script starts (`ray.init(num_cpus=...)`) with 1 and 2 encoder actors of one CPU each
@@ -51,6 +51,7 @@ def main() -> int:
     ap.add_argument("--cpus", type=int, default=2, help="CPUs of the local cluster")
     ap.add_argument("--local-workers", type=int, nargs="*", default=[2], help="worker processes of the local engine")
     ap.add_argument("--no-ray", action="store_true", help="the local engine only")
+    ap.add_argument("--model", default=None, help="a checkpoint (default: the embedded reader)")
     a = ap.parse_args()
 
     torch.set_num_threads(a.threads)
@@ -60,7 +61,7 @@ def main() -> int:
         corpus.mkdir()
         for name, text in book_texts(a.mb).items():
             (corpus / f"{name}.txt").write_text(text, encoding="utf-8")
-        cfg = CompileConfig(corpus=str(corpus))
+        cfg = CompileConfig(corpus=str(corpus), model=a.model)
         t0 = time.perf_counter()
         local = compile_kb(cfg, Path(tmp) / "local")
         base = time.perf_counter() - t0

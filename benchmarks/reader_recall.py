@@ -1,13 +1,14 @@
-"""The embedded reader's held-out fact recall from a kb compiled at each quantization.
+"""A reader's held-out fact recall from a kb compiled at each quantization.
 
-examples/reader/corpus holds the 40 articles of the reader's world that it never trained on; the
-kb of each --quant is compiled from them with the embedded model (its m3-memory.json: 32-token
-references, top-16, memory layers 0-3), then benchmarks/train_memory.py's Evaluator measures
+examples/reader/corpus holds the 40 articles of the readers' world that neither reader trained on;
+the kb of each --quant is compiled from them with --model (default: the embedded reader) at its
+m3-memory.json's settings, then benchmarks/train_memory.py's Evaluator measures
 teacher-forced fact accuracy on the same held-out questions and restatements as examples/README.md
 (the first 400 records after a seeded shuffle, retrieval by BM25, Eq. 6 filter 2/3). Only the
 quantization changes between rows.
 
     python benchmarks/reader_recall.py --quant int8 vq vq-paper
+    python benchmarks/reader_recall.py --quant int8 vq --model examples/reader-half/model   # the 1/2 reader
 """
 
 import argparse
@@ -38,6 +39,8 @@ def records(limit: int) -> list[dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quant", nargs="+", default=["int8", "vq"])
+    ap.add_argument("--model", type=Path, default=default_model_dir(),
+                    help="a memory-trained checkpoint (default: the embedded reader)")
     ap.add_argument("--limit", type=int, default=400, help="held-out records evaluated")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path)
@@ -49,8 +52,8 @@ def main() -> int:
         for quant in a.quant:
             kb = Path(tmp) / quant.replace(":", "_")
             t0 = time.perf_counter()
-            m = compile_kb(CompileConfig(corpus=str(READER / "corpus"), quant=quant), kb).manifest
-            t = Evaluator(kb, default_model_dir(), READER).table(recs, modes=("sparse",))["sparse"]
+            m = compile_kb(CompileConfig(corpus=str(READER / "corpus"), model=str(a.model), quant=quant), kb).manifest
+            t = Evaluator(kb, a.model, READER).table(recs, modes=("sparse",))["sparse"]
             rows[quant] = {"scheme": m.quant["scheme"], "bits_per_element": m.quant["bits_per_element_compressed"],
                            "bits_with_codebooks": m.quant.get("bits_per_element_with_codebooks"),
                            "rel_err_mean": round(m.quant["rel_err_mean"], 4), "questions": t["question"]["fact_acc"],

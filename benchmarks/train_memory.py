@@ -17,7 +17,7 @@ The setup of issue 6 on the project's fictional encyclopedia (examples/make_corp
      retrieval / with the article pasted as text (RAG) / with another entity's memories (harm);
      measured after step 3 (no memory training) and after step 4.
 
-    python benchmarks/train_memory.py                      # the full run (~100 min, one thread; its defaults make examples/reader)
+    python benchmarks/train_memory.py                      # the full run (~100 min, one thread): the 1/2 reader
     python benchmarks/train_memory.py --smoke              # < 60 s, what CI runs
     python benchmarks/train_memory.py --json out.json      # also write every figure as JSON
 
@@ -222,9 +222,10 @@ def selection_coverage(kb_dir: Path, tok: Tokenizer, world, ents) -> dict:
 
 
 def export(out: Path, world, H: set, model: Path, res: dict, a) -> None:
-    """Write the reader example (examples/reader/): the memory-trained model, the held-out
-    entities' articles (the kb's corpus: never in any training text) and their facts."""
-    dest = (out / "model").resolve()  # examples/reader/model links to the package's embedded model
+    """Write a reader example (examples/reader-half/ for the 1/2 reader): the memory-trained model,
+    the held-out entities' articles (the kb's corpus: never in any training text) and their facts.
+    The sparse default is exported from its recipe's steps by examples/export_sparse_reader.py."""
+    dest = (out / "model").resolve()  # resolved: examples/reader/model links to the package's embedded model
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(model, dest, ignore=shutil.ignore_patterns("train-state*"))
     make_corpus.write_corpus(world, out / "corpus", ids=H)
@@ -283,7 +284,7 @@ def main(argv=None):
     ap.add_argument("--memory-layers", type=lambda s: tuple(int(x) for x in s.split(",")), default=(0, 1, 2, 3))
     ap.add_argument("--reuse-warm", action="store_true", help="keep an existing warm model in --work")
     ap.add_argument("--start-from", type=Path, default=None,
-                    help="continue this memory-trained checkpoint (e.g. m3compile/embedded/reader) instead of the "
+                    help="continue this memory-trained checkpoint (e.g. examples/reader-half/model) instead of the "
                          "warm-ups: it becomes --work's warm/ and lookup/ (a dense-to-sparse curriculum step)")
     ap.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                     help="keep a resume state in WORK/trained every 200 steps and continue from it after a kill "
@@ -292,7 +293,7 @@ def main(argv=None):
     ap.add_argument("--json", type=Path)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the figures above: 1; the same seed on "
                     "another thread count gives other weights)")
-    ap.add_argument("--export", type=Path, help="write the reader example here (examples/reader)")
+    ap.add_argument("--export", type=Path, help="write the reader example here (examples/reader-half)")
     a = ap.parse_args(argv)
     if a.smoke:
         a.entities, a.warm_steps, a.lookup_steps, a.steps, a.eval_limit, a.batch_size = 40, 60, 20, 30, 40, 8

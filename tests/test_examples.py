@@ -259,13 +259,14 @@ def test_run_example_script(tmp_path):
 # ---- the reader example: a model trained to read memories, and a corpus it never trained on ----
 
 READER = EXAMPLES / "reader"
+HALF = EXAMPLES / "reader-half"  # the 1/2 reader, the embedded default before the sparse one
 
 
 def test_reader_corpus_is_the_held_out_part_of_its_world(tmp_path):
     # the kb corpus must be exactly the held-out entities of the world the model was trained
     # around: entities whose articles never appeared in any training text
     res = json.loads((READER / "results.json").read_text())
-    args = res["args"]
+    args = res["world"]  # examples/export_sparse_reader.py: the world of the recipe's first step
     world = make_corpus.generate(args["entities"], args["world_seed"])
     H, A, W = make_corpus.split_world([e.id for e in world.entities], args["held_out"], args["memory_only"],
                                       args["world_seed"])
@@ -273,7 +274,15 @@ def test_reader_corpus_is_the_held_out_part_of_its_world(tmp_path):
     make_corpus.write_facts(world, tmp_path / "facts", ids=H)
     for folder in ("corpus", "facts"):
         assert _tree(tmp_path / folder) == _tree(READER / folder), f"examples/reader/{folder} is stale"
-    assert len(H) == res["split"]["H"] and not H & (A | W)
+    steps = list(res["steps"].values())
+    assert len(H) == steps[0]["split"]["H"] and not H & (A | W)
+    # that world's held-out articles stay out of every step: the first trains on that world with
+    # the same split, each later one on a fresh world of its own seed
+    assert {k: steps[0]["args"][k] for k in args} == args
+    assert len({s["args"]["world_seed"] for s in steps}) == len(steps)
+    # and the 1/2 reader it continues was trained around the same world
+    half = json.loads((HALF / "results.json").read_text())["args"]
+    assert {k: half[k] for k in args} == args
 
 
 def test_reader_model_is_the_embedded_default_and_records_its_memory_format():
@@ -285,6 +294,15 @@ def test_reader_model_is_the_embedded_default_and_records_its_memory_format():
     trained = read_model_memory(READER / "model")
     assert (trained["max_tokens"], trained["top_k"], list(trained["memory_layers"])) == \
         (c["max_tokens"], c["top_k"], c["memory_layers"])
+    # the default reads 1/16 of each reference's key-values or less (issue 13); the 1/2 reader
+    # stays beside it for comparison, with the settings it was trained at
+    config = json.loads((READER / "model" / "config.json").read_text())
+    share = trained["top_k"] / trained["max_tokens"] * len(trained["memory_layers"]) / config["num_hidden_layers"]
+    assert share <= 1 / 16
+    c = json.loads((HALF / "results.json").read_text())["compile"]
+    half = read_model_memory(HALF / "model")
+    assert (half["max_tokens"], half["top_k"], list(half["memory_layers"])) == \
+        (c["max_tokens"], c["top_k"], c["memory_layers"]) == (32, 16, [0, 1, 2, 3])
 
 
 # (corpus, every n-th question, least share right with memory): measured in examples/README.md

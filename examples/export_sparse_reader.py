@@ -1,0 +1,90 @@
+"""Export the sparse reader that examples/train_sparse_reader.sh trains, as the reader example.
+
+    python examples/export_sparse_reader.py WORK_DIR --out examples/reader
+
+writes OUT/model (for examples/reader: the package's embedded default model, which
+examples/reader/model links to) and OUT/results.json:
+- the model is the recipe's last step (WORK_DIR/d32a/trained), its resume state left out;
+- its m3-memory.json says the density it is read at by default: 8 of 32 tokens of layer 3, 1/16 of
+  each reference's key-values. The recipe trained it there (d16y, d16z) and then at 4 (d32a); read
+  at 8 it answers best (examples/README.md, "The density frontier"). `m3 compile --top-k 4` reads it
+  at 1/32;
+- results.json: the world whose held-out articles are the example's corpus (the first step's
+  world: every later step trained on fresh worlds, so those articles were never in any training
+  text), each step's arguments and held-out figures, and the settings compiled with.
+
+The corpus and facts of OUT are those of that world's held-out entities; they are rewritten only
+when missing or --corpus is given (tests/test_examples.py checks that they match).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))
+
+from m3compile import __version__  # noqa: E402
+from m3compile.config import read_model_memory, write_model_memory  # noqa: E402
+
+STEPS = ("d16b", "d16w", "d16y", "d16z", "d32a")  # examples/train_sparse_reader.sh, in order
+READ = {"top_k": 8, "memory_layers": [3]}  # 1/16: 8 of 32 tokens, layer 3 of 4
+WORLD = ("entities", "world_seed", "held_out", "memory_only")
+MACHINE_ARGS = ("work", "json", "export", "threads", "resume")  # where it ran, not what it trained
+
+
+def step_record(name: str, res: dict, previous: str | None) -> dict:
+    args = {k: v for k, v in res["args"].items() if k not in MACHINE_ARGS}
+    args["start_from"] = previous or "the 1/2 reader (examples/reader-half/model)"
+    return {"args": args, **{k: res[k] for k in ("split", "selection", "warm", "trained", "wall_seconds")}}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("work", type=Path, help="the recipe's WORK_DIR")
+    ap.add_argument("--out", type=Path, required=True, help="the example folder (examples/reader)")
+    ap.add_argument("--corpus", action="store_true", help="rewrite OUT/corpus and OUT/facts")
+    a = ap.parse_args(argv)
+    missing = [s for s in STEPS if not (a.work / f"{s}.json").is_file() or
+               not (a.work / s / "trained" / "config.json").is_file()]
+    if missing:
+        sys.exit(f"error: {a.work} lacks the recipe steps {', '.join(missing)}; "
+                 f"run `bash examples/train_sparse_reader.sh {a.work}` first")
+    results = {s: json.loads((a.work / f"{s}.json").read_text()) for s in STEPS}
+    world = {k: results[STEPS[0]]["args"][k] for k in WORLD}
+
+    trained = a.work / STEPS[-1] / "trained"
+    dest = (a.out / "model").resolve()
+    settings = {**read_model_memory(trained), **READ}
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(trained, dest, ignore=shutil.ignore_patterns("train-state*"))
+    for f in dest.iterdir():
+        f.chmod(0o644)  # package data: readable by all (training writes its weights owner-only)
+    write_model_memory(dest, settings, f"m3compile {__version__} (examples/export_sparse_reader.py)")
+
+    if a.corpus or not (a.out / "corpus").is_dir():
+        import make_corpus
+        w = make_corpus.generate(world["entities"], world["world_seed"])
+        H, _, _ = make_corpus.split_world([e.id for e in w.entities], world["held_out"],
+                                          world["memory_only"], world["world_seed"])
+        make_corpus.write_corpus(w, a.out / "corpus", ids=H)
+        make_corpus.write_facts(w, a.out / "facts", ids=H)
+
+    out = {
+        "recipe": "bash examples/train_sparse_reader.sh WORK_DIR",
+        "world": world,
+        "steps": {s: step_record(s, results[s], STEPS[i - 1] if i else None) for i, s in enumerate(STEPS)},
+        "compile": {"max_tokens": settings["max_tokens"], "top_k": settings["top_k"],
+                    "memory_layers": list(settings["memory_layers"]), "quant": "int8"},
+    }
+    (a.out / "results.json").write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+    print(f"{dest}: {STEPS[-1]} read at top-{READ['top_k']} of layers {READ['memory_layers']}; "
+          f"{a.out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
