@@ -148,8 +148,9 @@ def load_kb_model(kb: KnowledgeBase, model: str | Path | None = None, device: st
     from m3compile.model import fingerprint, load_checkpoint
 
     recorded = kb.manifest.model
+    embedded = model is None and recorded["path"] == "<embedded example>"
     if model is None:
-        if recorded["path"] == "<embedded example>":
+        if embedded:
             model = default_model_dir()
         else:
             # recorded relative to the kb directory (older kbs: as given, relative to where they were compiled)
@@ -161,6 +162,12 @@ def load_kb_model(kb: KnowledgeBase, model: str | Path | None = None, device: st
     for key, what in (("config_sha256", "config.json"), ("tokenizer_sha256", "tokenizer.json"),
                       ("weights_sha256", "weights")):
         if fp[key] != recorded[key]:
+            if embedded:
+                # the embedded default changed between versions (0.2.0: the sparse reader)
+                raise M3Error(f"{kb.path} was compiled with an earlier embedded model than this "
+                              f"m3compile's ({what} differs); recompile it (m3 compile CORPUS -o {kb.path} "
+                              "--rebuild), or pass --model with that model (before 0.2.0: the 1/2 reader, "
+                              "examples/reader-half/model in the source repository)")
             raise M3Error(f"model {model} differs from the one {kb.path} was compiled with ({what} "
                           "differs); pass the same --model, or recompile the kb with this one")
     return load_checkpoint(model, device=device, dtype=dtype)

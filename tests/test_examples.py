@@ -305,6 +305,27 @@ def test_reader_model_is_the_embedded_default_and_records_its_memory_format():
         (c["max_tokens"], c["top_k"], c["memory_layers"]) == (32, 16, [0, 1, 2, 3])
 
 
+def test_kb_of_an_earlier_embedded_model_is_one_error_naming_the_fix(tmp_path, monkeypatch):
+    # a kb compiled by an earlier m3compile with its embedded default (the manifest records
+    # "<embedded example>", not a path) must not be read with today's default: one error that
+    # says so and how to recompile, not a generic fingerprint mismatch
+    import m3compile.config
+    from m3compile.config import CompileConfig
+    from m3compile.errors import M3Error
+    from m3compile.kb import load_kb_model, open_kb
+    from m3compile.pipeline import compile_kb
+
+    compile_kb(CompileConfig(corpus=str(EXAMPLES / "corpus")), tmp_path / "kb")
+    kb = open_kb(tmp_path / "kb")
+    assert kb.manifest.model["path"] == "<embedded example>"
+    load_kb_model(kb)  # today's default reads its own kb
+    monkeypatch.setattr(m3compile.config, "default_model_dir", lambda: HALF / "model")  # another default
+    with pytest.raises(M3Error, match=r"compiled with an earlier embedded model .*\(weights differs\).*--rebuild"):
+        load_kb_model(kb)
+    with pytest.raises(M3Error, match=r"differs from the one .* was compiled with"):
+        load_kb_model(kb, model=HALF / "model")  # an explicit other model: the plain message
+
+
 # (corpus, every n-th question, least share right with memory): measured in examples/README.md
 ANSWER_CASES = {"held-out": (READER, 4, 0.35), "demo": (EXAMPLES, 2, 0.35)}
 
