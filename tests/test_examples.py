@@ -326,6 +326,27 @@ def test_kb_of_an_earlier_embedded_model_is_one_error_naming_the_fix(tmp_path, m
         load_kb_model(kb, model=HALF / "model")  # an explicit other model: the plain message
 
 
+def test_novel_question_forms_ask_every_held_out_fact_in_no_trained_form():
+    # benchmarks/question_forms.py: the held-out-forms measurement of issue 13 is only meaningful
+    # if its forms are in no training text (no template's question part) and cover every fact
+    bench = EXAMPLES.parent / "benchmarks"
+    if str(bench) not in sys.path:
+        sys.path.insert(0, str(bench))
+    qf = importlib.import_module("question_forms")
+    templates = _example_module("corpus_templates").QUESTIONS
+    assert {t: set(k) for t, k in qf.NOVEL.items()} == {t: set(k) for t, k in templates.items()}
+    entities = qf.held_out_entities()
+    assert {e.id for e in entities} == {r["entity"] for r in _jsonl(READER / "facts" / "questions.jsonl")}
+    recs = qf.novel_records(entities)
+    assert len(recs) == sum(len(e.fact_dict) for e in entities)
+    taught = {r["text"][:r["question_end"]] for r in _jsonl(READER / "facts" / "questions.jsonl")}
+    for r in recs:
+        question = r["text"][:r["question_end"]]
+        assert question.endswith("?") and question not in taught, r
+        (fact,) = r["facts"]  # the asked fact's value, after the question
+        assert r["text"][fact["start"]:fact["end"]] == fact["value"] and fact["start"] > r["question_end"]
+
+
 # (corpus, every n-th question, least share right with memory): measured in examples/README.md
 ANSWER_CASES = {"held-out": (READER, 4, 0.35), "demo": (EXAMPLES, 2, 0.35)}
 

@@ -1,0 +1,154 @@
+"""Question forms no model here ever trained on: greedy recall from memory against the template forms.
+
+Issue 13 asks for recall on question forms held out of training, within 10 points of the template
+forms. Every reader of this project descends from warm-ups that saw all of
+examples/corpus_templates.py's question templates, so no template can be held out after the fact;
+this benchmark asks instead in forms written for it (NOVEL below), which appear in no training text
+of any step, about the same facts of the same held-out entities, and compares:
+
+  template  the questions of examples/reader/facts (two templates per fact kind);
+  novel     one new phrasing per fact kind, same facts, same entities.
+
+Both are answered greedily as `m3 generate --kb` answers (density_frontier.answer: the question as
+the prompt, the kb's retrieval, 16 new tokens), with the kb's memories and without. A question is
+right when the first sentence of the answer contains the fact's value ("892", "Ione Tirnric"):
+the novel forms have no answer sentence the model was taught, so the exact-sentence rule of
+density_frontier.py would measure style, not recall. The template forms are also scored with
+that exact rule, for comparison with the frontier tables.
+
+    OMP_NUM_THREADS=1 python benchmarks/question_forms.py --kb world          # the embedded reader
+    OMP_NUM_THREADS=1 python benchmarks/question_forms.py --kb world --model examples/reader-half/model
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(ROOT / "examples"))
+
+import make_corpus  # noqa: E402
+from corpus_templates import QUESTIONS  # noqa: E402
+from density_frontier import answer, first_sentence, whole_world  # noqa: E402  (same directory)
+from train_memory import Evaluator  # noqa: E402
+from m3compile.config import CompileConfig, default_model_dir  # noqa: E402
+from m3compile.pipeline import compile_kb  # noqa: E402
+
+READER = ROOT / "examples" / "reader"
+
+# One phrasing per fact kind that no template of examples/corpus_templates.py uses (checked in
+# main: none equals a template's question). The answer part only marks where the value goes.
+NOVEL = {
+    "town": {
+        "founded": "What year was {n} established? {founded}.",
+        "founder": "Whom does {n} call its founder? {founder}.",
+        "region": "Which region is {n} part of? {region}.",
+        "river": "What river runs past {n}? The {river}.",
+        "population": "Roughly how many people does {n} have? About {population}.",
+        "export": "What does {n} mostly sell to other towns? {export}.",
+        "emblem": "What is shown on the arms of {n}? A {emblem}.",
+        "market_day": "Which day of the week is market day in {n}? {market_day}.",
+        "rival": "Which town does {n} quarrel with? {rival}.",
+    },
+    "person": {
+        "born": "What year was {n} born in? {born}.",
+        "died": "What year did {n} die in? {died}.",
+        "birthplace": "What was the home town of {n}? {birthplace}.",
+        "occupation": "What trade did {n} follow? {occupation}.",
+        "known_for": "What is the best-known work of {n}? The {known_for}.",
+        "died_in": "In what town did {n} die? {died_in}.",
+        "founder_of": "Which place did {n} found? {founder_of}.",
+    },
+    "org": {
+        "emblem": "What is on the emblem of the {n}? A {emblem}.",
+        "kind": "What sort of body is the {n}? {kind}.",
+        "seat": "In what town does the {n} sit? {seat}.",
+        "founded": "What year was the {n} established? {founded}.",
+        "founder": "Whom was the {n} founded by? {founder}.",
+        "members": "Roughly how many members has the {n}? About {members}.",
+        "specialty": "What is the {n} famous for? {specialty}.",
+    },
+}
+
+
+def held_out_entities() -> list:
+    """The 40 held-out entities of the readers' world (examples/reader/corpus), as World entities."""
+    world = make_corpus.generate(2000, 0)
+    H, _, _ = make_corpus.split_world([e.id for e in world.entities], 0.02, 0.92, 0)
+    return [e for e in world.entities if e.id in H]
+
+
+def novel_records(entities) -> list[dict]:
+    out = []
+    for e in entities:
+        facts, ctx = e.fact_dict, dict(e.ctx)
+        for key in sorted(facts):
+            text, spans = make_corpus.render(NOVEL[e.type][key], ctx, facts)
+            q_end = text.index("? ") + 1
+            out.append({"id": f"{e.id}.novel.{key}", "entity": e.id, "kind": "question",
+                        "template": f"{e.type}.{key}.novel", "text": text, "question_end": q_end,
+                        "facts": [s for s in spans if s["key"] == key and s["start"] > q_end]})
+    return out
+
+
+def score(ev: Evaluator, recs: list[dict], memory: bool) -> dict:
+    value_right, exact_right, kinds = 0, 0, defaultdict(lambda: [0, 0])
+    for r in recs:
+        head = first_sentence(answer(ev, r, memory))
+        ok = r["facts"][0]["value"] in head
+        value_right += ok
+        exact_right += head == r["text"][r["question_end"]:].strip()
+        k = kinds[r["facts"][0]["key"]]
+        k[0] += ok
+        k[1] += 1
+    n = max(1, len(recs))
+    return {"questions": len(recs), "value": round(value_right / n, 4), "exact": round(exact_right / n, 4),
+            "kinds": {k: round(a / b, 4) for k, (a, b) in sorted(kinds.items())}}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=default_model_dir(),
+                    help="a memory-trained checkpoint (default: the embedded reader), read at its m3-memory.json")
+    ap.add_argument("--kb", choices=("held-out", "world"), default="world",
+                    help="the 40 held-out articles, or all 2000 articles of the readers' world (default)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    entities = held_out_entities()
+    ids = {e.id for e in entities}
+    template = [json.loads(line) for line in (READER / "facts" / "questions.jsonl").read_text().splitlines()]
+    assert {r["entity"] for r in template} == ids, "examples/reader/facts is not the held-out part of the world"
+    novel = novel_records(entities)
+    taught = {t.split("?")[0] for forms in QUESTIONS.values() for ts in forms.values() for t in ts}
+    assert not any(NOVEL[t][k].split("?")[0] in taught for t in NOVEL for k in NOVEL[t]), "a novel form is a template"
+    with tempfile.TemporaryDirectory(prefix="m3forms-") as tmp:
+        corpus = whole_world(Path(tmp)) if a.kb == "world" else READER
+        t0 = time.perf_counter()
+        compile_kb(CompileConfig(corpus=str(corpus / "corpus"), model=str(a.model)), Path(tmp) / "kb")
+        ev = Evaluator(Path(tmp) / "kb", a.model, corpus)
+        rows = {f"{name}, {'memory' if mem else 'none'}": score(ev, recs, mem)
+                for name, recs in (("template", template), ("novel", novel)) for mem in (True, False)}
+        seconds = round(time.perf_counter() - t0, 1)
+    print(f"{a.model} on the {a.kb} kb ({seconds} s); right = the answer's first sentence holds the value")
+    print("| forms | memory | questions | right (value) | right (exact sentence) | weakest kinds |")
+    print("|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        weakest = ", ".join(f"{k} {100 * v:.0f} %" for k, v in sorted(r["kinds"].items(), key=lambda kv: kv[1])[:3])
+        forms, mem = name.split(", ")
+        print(f"| {forms} | {mem} | {r['questions']} | {100 * r['value']:.1f} % | {100 * r['exact']:.1f} % | {weakest} |")
+    if a.json:
+        a.json.write_text(json.dumps({"model": str(a.model), "kb": a.kb, "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
