@@ -138,10 +138,16 @@ def measure(point: dict, corpus_dir: Path, recs: list[dict], tmp: Path, modes) -
     return row
 
 
+def readers_world():
+    """The readers' 2000-entity world (seed 0) and its split (H, A, W), as benchmarks/train_memory.py
+    draws them with its defaults: H is examples/reader/corpus."""
+    world = make_corpus.generate(2000, 0)
+    return world, make_corpus.split_world([e.id for e in world.entities], 0.02, 0.92, 0)
+
+
 def known_world(tmp: Path, limit: int) -> tuple[Path, list[dict]]:
     """The reader's known entities W (trained on without memory): their articles and questions."""
-    world = make_corpus.generate(2000, 0)
-    _, _, W = make_corpus.split_world([e.id for e in world.entities], 0.02, 0.92, 0)
+    world, (_, _, W) = readers_world()
     out = tmp / "known"
     make_corpus.write_corpus(world, out / "corpus", ids=W)
     make_corpus.write_facts(world, out / "facts", ids=W)

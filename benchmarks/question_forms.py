@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import make_corpus  # noqa: E402
 from corpus_templates import QUESTIONS  # noqa: E402
-from density_frontier import answer, first_sentence, whole_world  # noqa: E402  (same directory)
+from density_frontier import answer, first_sentence, readers_world, whole_world  # noqa: E402  (same directory)
 from train_memory import Evaluator  # noqa: E402
 from m3compile.config import CompileConfig, default_model_dir  # noqa: E402
 from m3compile.pipeline import compile_kb  # noqa: E402
@@ -80,8 +80,7 @@ NOVEL = {
 
 def held_out_entities() -> list:
     """The 40 held-out entities of the readers' world (examples/reader/corpus), as World entities."""
-    world = make_corpus.generate(2000, 0)
-    H, _, _ = make_corpus.split_world([e.id for e in world.entities], 0.02, 0.92, 0)
+    world, (H, _, _) = readers_world()
     return [e for e in world.entities if e.id in H]
 
 
