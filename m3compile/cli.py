@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from m3compile.config import PAPER_DEFAULTS, CompileConfig, parse_layers
+from m3compile.config import BATCH_TOKENS, PAPER_DEFAULTS, CompileConfig, parse_layers
 from m3compile.errors import M3Error
 from m3compile.reader import CHUNK_TOKENS, REFS_PER_CHUNK
 
@@ -89,7 +89,7 @@ def compile(
     retrain_codebooks: Annotated[bool, typer.Option(help="vq: train new codebooks instead of keeping the kb's (every memory is encoded again)")] = False,
     dtype: Annotated[str, typer.Option(help="compute dtype: float32 | bfloat16")] = DEFAULTS["dtype"],
     device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda")] = DEFAULTS["device"],
-    batch_size: Annotated[int, typer.Option(help="references per forward pass")] = DEFAULTS["batch_size"],
+    batch_size: Annotated[Optional[int], typer.Option(help=f"references per forward pass (default: {BATCH_TOKENS} tokens' worth: 64 at width 32)")] = DEFAULTS["batch_size"],
     max_shard_bytes: Annotated[int, typer.Option(help="compressed bytes per shard file at most")] = DEFAULTS["max_shard_bytes"],
     checkpoint_seconds: Annotated[float, typer.Option(help="encoded frames not yet in a shard are made durable this often; a kill loses at most this much encoding")] = DEFAULTS["checkpoint_seconds"],
     engine: Annotated[str, typer.Option(help="where encoding runs: local | ray (pip install 'm3compile[ray]'; same bytes)")] = DEFAULTS["engine"],

@@ -25,6 +25,11 @@ RUN_SETTINGS = ("device", "batch_size", "model_memory", "checkpoint_seconds", "e
 # settings a model learns to read (formats/model-memory.md): `m3 train` records the kb's values in
 # the checkpoint it writes, and a compile with that checkpoint takes them for the options not given
 READ_SETTINGS = ("max_tokens", "boundary", "min_fill", "prefix", "top_k", "memory_layers")
+# default encode batch: as many references as fill this many token positions: 64 references of
+# the embedded reader's width 32, 16 of the paper's 128 (the old fixed default). At width 32 on 2
+# cores, 32-64 a pass ran 1.1-1.2x faster than 16, and 128 no faster than 16 (activations leave
+# the L2 cache); measured alternately, /work/runs/encab.py in the session notes
+BATCH_TOKENS = 2048
 MODEL_MEMORY_FILE = "m3-memory.json"
 MODEL_MEMORY_FORMAT = "m3-model-memory"
 MODEL_MEMORY_VERSION = 1
@@ -63,7 +68,7 @@ class CompileConfig:
     codebook_seed: int = 0  # vq: seed of that sample and of FAISS training
     dtype: str = "float32"  # model compute dtype: "float32" or "bfloat16"
     device: str = "cpu"  # torch device for the forward pass, e.g. "cuda"
-    batch_size: int = 16  # references per forward pass
+    batch_size: int | None = None  # references per forward pass; None: BATCH_TOKENS' worth (refs_per_batch)
     max_shard_bytes: int = 256 * 2**20  # compressed payload bytes per shard file at most
     checkpoint_seconds: float = 30.0  # encoded frames not yet in a shard are made durable this often (0: every batch)
     engine: str = "local"  # where the map step (encode, select, quantize, compress) runs: "local" or "ray"
@@ -103,13 +108,19 @@ class CompileConfig:
         if self.gpus_per_worker > 0 and not self.device.startswith("cuda"):
             raise M3Error(f"--gpus-per-worker {self.gpus_per_worker} gives the actors GPUs that --device "
                           f"{self.device} would not use; add --device cuda")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise M3Error(f"--batch-size {self.batch_size} must be at least 1")
         if self.memory_layers is not None:
             layers = tuple(sorted(set(self.memory_layers)))
             if not layers or layers[0] < 0:
                 raise M3Error(f"--memory-layers {self.memory_layers} must name layer indices >= 0")
             object.__setattr__(self, "memory_layers", layers)
+
+    def refs_per_batch(self, width: int) -> int:
+        """References per forward pass at a reference width: as given, or BATCH_TOKENS' worth.
+
+        The batch size never changes a memory's bytes (encode pads every batch to the width)."""
+        return self.batch_size or max(1, BATCH_TOKENS // width)
 
     def resolve_layers(self, n_layers: int) -> tuple[int, ...]:
         """The memory layers for a model of n_layers: as given, or the first half (at least one)."""

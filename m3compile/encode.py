@@ -2,18 +2,22 @@
 
 Input per reference = the write prefix (the paper's modified BOS `<s>Reference:`) + its tokens.
 Prefix tokens sit at positions 0..p-1 and reference token j at position p+j; a batch is right-
-padded and padding is masked. Only layers up to the last memory layer run (App. A.2).
+padded and padding is masked. Only layers up to the last memory layer run (App. A.2). The
+prefix's key-values, the same in every reference, are computed once per batch (Transformer.prefill)
+and the references attend to them as a cache: the result is that of the whole sequence.
 
 Shape letters: B references in the batch, T reference tokens (prefix dropped), N query heads,
 H kv heads, D head dim.
 """
 
+import itertools
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
-from m3compile.model import LayerKV, Transformer
+from m3compile.model import KVCache, LayerKV, Transformer
 from m3compile.tokenizer import Tokenizer
 
 
@@ -43,16 +47,45 @@ def encode_batch(model: Transformer, token_lists: Sequence[Sequence[int]], prefi
     lengths = [len(t) for t in token_lists]
     assert min(lengths) > 0 and (pad_to is None or max(lengths) <= pad_to), (lengths, pad_to)
     B, T = len(token_lists), pad_to or max(lengths)
-    ids = torch.zeros(B, p + T, dtype=torch.long)  # (B, p+T)
-    ids[:, :p] = torch.tensor(list(prefix_ids), dtype=torch.long)
-    mask = torch.zeros(B, p + T, dtype=torch.bool)  # (B, p+T)
-    mask[:, :p] = True
-    for b, toks in enumerate(token_lists):
-        ids[b, p:p + len(toks)] = torch.tensor(list(toks), dtype=torch.long)
-        mask[b, p:p + len(toks)] = True
-    positions = torch.arange(p + T).expand(B, -1)  # (B, p+T)
+    ids = np.zeros((B, T), dtype=np.int64)  # (B, T)
+    mask = np.arange(T)[None, :] < np.asarray(lengths)[:, None]  # (B, T)
+    ids[mask] = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int64, count=sum(lengths))
     dev = model.device
-    out = model.forward_kv(ids.to(dev), layers, attention_mask=mask.to(dev), positions=positions.to(dev))
-    # drop the prefix: memories are made of reference tokens only
-    kv = {l: LayerKV(*(t[:, :, p:] for t in v)) for l, v in out.items()}
-    return EncodedBatch(kv=kv, mask=mask[:, p:].to(dev), n_tokens=tuple(lengths))
+    ids, mask = torch.from_numpy(ids).to(dev), torch.from_numpy(mask).to(dev)
+    positions = (p + torch.arange(T, device=dev))[None]  # (1, T): reference token j at p + j in every row
+    # the prefix's key-values are the same in every reference (attention is causal): computed once
+    cache = _prefix_cache(model, prefix_ids, max(layers)).expand(B) if p else None
+    kv = model.forward_kv(ids, layers, attention_mask=mask, positions=positions, cache=cache)
+    return EncodedBatch(kv=kv, mask=mask, n_tokens=tuple(lengths))
+
+
+def _prefix_cache(model: Transformer, prefix_ids: Sequence[int], last: int) -> KVCache:
+    """The write prefix's key-values in layers 0..last (one row), kept on the model between batches
+    while its weights are unchanged: a per-batch prefill cost as much as it saved at 16 references
+    a batch. With autograd on (training) they are computed each time and carry gradients."""
+    tokens = torch.tensor([list(prefix_ids)], device=model.device)
+    if torch.is_grad_enabled():
+        return _prefill(model, tokens, last)
+    try:  # an optimizer step or a load changes a weight's version; a move or a cast its storage
+        weights = tuple((t.data_ptr(), t._version) for t in model.parameters())
+    except RuntimeError:  # weights made in inference mode have no version: nothing to key on
+        return _prefill(model, tokens, last)
+    key = (tuple(prefix_ids), last, weights)
+    kept = getattr(model, "_m3_prefix_cache", None)
+    if kept is None or kept[0] != key:
+        kept = (key, _prefill(model, tokens, last))
+        model._m3_prefix_cache = kept
+    return kept[1]
+
+
+def _prefill(model: Transformer, tokens: torch.Tensor, last: int) -> KVCache:
+    """model.prefill on one CPU thread: a matmul of a few rows gives other bits on 2 threads than
+    on 1 (measured), and memories must not depend on --cpus-per-worker or OMP_NUM_THREADS."""
+    if model.device.type != "cpu":
+        return model.prefill(tokens, last)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return model.prefill(tokens, last)
+    finally:
+        torch.set_num_threads(threads)

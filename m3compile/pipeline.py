@@ -196,7 +196,8 @@ def _train_codebooks(out: Path, setup: Setup, timer: Timer, log):
                                                       spec.min_fill))
         sample = codebooks.sample_references(refs, config.codebook_sample, config.codebook_seed)
     with timer("train_codebooks"):
-        cb, err = codebooks.train(setup.ck.model, sample, spec, config.codebook_seed, config.batch_size)
+        cb, err = codebooks.train(setup.ck.model, sample, spec, config.codebook_seed,
+                                  config.refs_per_batch(spec.width))
     entry = {**codebooks.write(out, cb), "train_references": len(sample), "train_rel_err_mean": err}
     log(f"trained {spec.quant} codebooks ({cb.factory}, {len(cb.codecs)} codecs) on {len(sample)} references: "
         f"relative error {err:.4f}")
@@ -452,7 +453,7 @@ def _write_new(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: Timer
             ExitStack() as stack:
         writer.before_replace = source.move_aside
         stack.callback(checkpoints.discard)  # frames after the last checkpoint are in a shard, or lost with the run
-        size = config.batch_size
+        size = config.refs_per_batch(setup.spec.width)
         starts = range(0, len(plan.new), size)
         # what the engine encodes: the references whose frame no shard or checkpoint holds (one
         # byte a reference; a batch's rows exist as dicts only while it is written)
@@ -553,8 +554,9 @@ def _repair_shards(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: T
                     todo.append(ref_id)
                 else:
                     log(f"{name}: the tombstoned frame of reference {ref_id} is damaged and dropped")
-        for i in range(0, len(todo), setup.config.batch_size):
-            ids = todo[i:i + setup.config.batch_size]
+        size = setup.config.refs_per_batch(setup.spec.width)
+        for i in range(0, len(todo), size):
+            ids = todo[i:i + size]
             for ref_id, (frame, rel, mx, _) in zip(ids, _encode_frames(setup, [list(rows[r]["token_ids"]) for r in ids],
                                                                       timer)):
                 frames[ref_id] = (bytes.fromhex(rows[ref_id]["ref_key"]), frame, (rel, mx))
@@ -744,7 +746,8 @@ def _run(config: CompileConfig, out: Path, progress: Progress, log, keep_missing
                    "stage_seconds": {k: round(v, 4) for k, v in sorted(timer.seconds.items())},
                    "summary": summary, "host": socket.gethostname(), "python": platform.python_version(),
                    "torch": torch.__version__, "threads": torch.get_num_threads(),
-                   **{k: v for k, v in config.to_dict().items() if k in RUN_SETTINGS}}
+                   **{k: v for k, v in config.to_dict().items() if k in RUN_SETTINGS},
+                   "batch_size": config.refs_per_batch(setup.spec.width)}
             mf.atomic_write_text(out / mf.RUN_LOG, mf.to_json(run))
             mf.commit(out, manifest, before_replace=lambda: crash_point("commit"))
         except OSError as e:

@@ -26,17 +26,25 @@ class SparseKV:
     positions: torch.Tensor  # (L, H, K) int64, kept token index j in the reference, ascending
 
 
+@torch.no_grad()
 def token_scores(q_pre: torch.Tensor, k_pre: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Selection scores (B, H, T) from q_pre (B, N, T, D), k_pre (B, H, T, D), mask (B, T)."""
+    """Selection scores (B, H, T) from q_pre (B, N, T, D), k_pre (B, H, T, D), mask (B, T).
+
+    Laid out keys x queries, (B, H, T, R*T), so that the sum over queries runs along contiguous
+    memory, and reduced in place (max, subtract, exp, sum, log): 2x faster than an einsum to
+    (B, H, R, T, T) and torch.logsumexp over a strided dimension (the selection was a fifth of
+    the 110M shape's forward). No gradient: top-k is discrete."""
     B, N, T, D = q_pre.shape
     H = k_pre.shape[1]
-    # score in float32 whatever the model dtype, so the ranking does not depend on bf16 rounding
-    q = q_pre.float().view(B, H, N // H, T, D)  # (B, H, R, T, D): heads h*R..h*R+R-1 share kv head h
-    logits = torch.einsum("bhrid,bhjd->bhrij", q, k_pre.float()) * D**-0.5  # (B, H, R, T, T)
-    neg = torch.finfo(torch.float32).min
-    logits = logits.masked_fill(~mask[:, None, None, :, None], neg)  # padding queries drop out
-    scores = logits.flatten(2, 3).logsumexp(dim=2)  # (B, H, T) over the R*T queries
-    return scores.masked_fill(~mask[:, None, :], float("-inf"))  # padding keys never win
+    R = N // H
+    # score in float32 whatever the model dtype, so the ranking does not depend on bf16 rounding;
+    # heads h*R..h*R+R-1 share kv head h, so a group's queries are R*T consecutive rows
+    q = q_pre.float().reshape(B, H, R * T, D)  # (B, H, R*T, D)
+    logits = (k_pre.float() @ q.transpose(-1, -2)).mul_(D**-0.5)  # (B, H, T, R*T): key j, query (r, i)
+    logits.masked_fill_(~mask.repeat(1, R)[:, None, None, :], float("-inf"))  # padding queries drop out
+    top = logits.amax(dim=-1, keepdim=True)  # (B, H, T, 1): finite, every reference has a real query
+    scores = logits.sub_(top).exp_().sum(dim=-1).log_().add_(top[..., 0])  # (B, H, T) logsumexp
+    return scores.masked_fill_(~mask[:, None, :], float("-inf"))  # padding keys never win
 
 
 def select_topk(batch: EncodedBatch, k: int) -> list[SparseKV]:

@@ -59,3 +59,27 @@ def test_prefix_and_padding_take_no_part(tmp_path):
     assert (alone.keys - padded.keys).abs().max() <= 1e-5
     # and never a prefix or padding position
     assert int(padded.positions.max()) < len(short)
+
+
+def test_the_kept_prefix_cache_follows_the_weights(tmp_path):
+    """Without autograd, the write prefix's key-values are kept on the model between batches
+    (encode._prefix_cache): they must equal a fresh prefill, and an in-place weight update (an
+    optimizer step between two evaluations in `m3 train`) must not leave them stale."""
+    make_checkpoint(tmp_path, "LlamaForCausalLM", {})
+    ck = load_checkpoint(tmp_path)
+    prefix = write_prefix(ck.tokenizer, "w7 w9")
+    refs = [[11, 12, 13, 14, 15, 16, 17, 18, 19, 20], list(range(30, 50))]
+
+    def kept(grad: bool):
+        with torch.set_grad_enabled(grad):
+            return [m.keys.detach() for m in select_topk(encode_batch(ck.model, refs, prefix, [0, 1]), k=4)]
+
+    first = kept(False)
+    assert getattr(ck.model, "_m3_prefix_cache", None) is not None, "no cache was kept: the test tests nothing"
+    assert all(torch.equal(a, b) for a, b in zip(first, kept(False)))  # from the cache
+    assert all(torch.equal(a, b) for a, b in zip(first, kept(True)))  # computed afresh, with autograd
+    with torch.no_grad():
+        ck.model.layers[0].attention.wk.weight.mul_(1.5)  # in place, as an optimizer step
+    after = kept(False)
+    assert all(torch.equal(a, b) for a, b in zip(after, kept(True)))
+    assert not all(torch.equal(a, b) for a, b in zip(first, after))

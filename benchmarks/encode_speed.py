@@ -1,0 +1,119 @@
+"""Encode+select speed of one model, alternating recipes in one run (a shared machine drifts by
+±30 % between runs, so only ratios measured side by side mean anything).
+
+Recipes, each over the same real references (the first --refs of the Gutenberg books, cut with the
+model's own memory settings) and each giving the same kept tokens:
+
+  before   the write prefix inside every sequence (41 positions a reference for the embedded
+           reader), selection scores as an einsum to (B, H, R, T, T) and torch.logsumexp, batches
+           of 16: the encoder before the prefill change
+  now@B    spec.memorize as a compile runs it, batches of B references (the prefix's key-values
+           computed once per batch, scores keys x queries reduced in place)
+
+    OMP_NUM_THREADS=2 python benchmarks/encode_speed.py --threads 2 --rounds 6 --sizes 16 32 64 128
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import m3compile.sparsify as sparsify
+from m3compile.chunk import chunk_documents
+from m3compile.corpus import Document
+from m3compile.encode import EncodedBatch, write_prefix
+from m3compile.model import LayerKV, load_checkpoint
+from m3compile.sparsify import select_topk
+from m3compile.spec import MemorySpec
+
+from common import DATA
+
+EMBEDDED = Path(__file__).resolve().parents[1] / "m3compile" / "embedded" / "reader"
+
+
+def einsum_scores(q_pre, k_pre, mask):
+    """The selection scores as computed before (same values up to float rounding)."""
+    B, N, T, D = q_pre.shape
+    H = k_pre.shape[1]
+    q = q_pre.float().view(B, H, N // H, T, D)
+    logits = torch.einsum("bhrid,bhjd->bhrij", q, k_pre.float()) * D**-0.5
+    logits = logits.masked_fill(~mask[:, None, None, :, None], torch.finfo(torch.float32).min)
+    return logits.flatten(2, 3).logsumexp(dim=2).masked_fill(~mask[:, None, :], float("-inf"))
+
+
+def before(model, refs, prefix, layers, width, top_k):
+    """The prefix in every sequence, einsum scores."""
+    p, B = len(prefix), len(refs)
+    ids = torch.zeros(B, p + width, dtype=torch.long)
+    ids[:, :p] = torch.tensor(prefix)
+    mask = torch.zeros(B, p + width, dtype=torch.bool)
+    mask[:, :p] = True
+    for b, t in enumerate(refs):
+        ids[b, p:p + len(t)] = torch.tensor(t)
+        mask[b, p:p + len(t)] = True
+    out = model.forward_kv(ids, layers, attention_mask=mask, positions=torch.arange(p + width).expand(B, -1))
+    kv = {l: LayerKV(*(t[:, :, p:] for t in v)) for l, v in out.items()}
+    now, sparsify.token_scores = sparsify.token_scores, einsum_scores
+    try:
+        return select_topk(EncodedBatch(kv, mask[:, p:], tuple(len(t) for t in refs)), top_k)
+    finally:
+        sparsify.token_scores = now
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, default=EMBEDDED)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--refs", type=int, default=2048)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 64, 128])
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    ck = load_checkpoint(a.model, dtype=getattr(torch, a.dtype))
+    mem = json.loads((a.model / "m3-memory.json").read_text())["settings"]
+    width, layers, top_k = mem["max_tokens"], mem["memory_layers"], mem["top_k"]
+    prefix = write_prefix(ck.tokenizer, mem["prefix"])
+    docs = (Document(p.stem, p.name, p.read_text(encoding="utf-8-sig")) for p in sorted((DATA / "gutenberg").glob("pg*.txt")))
+    refs = []
+    for r in chunk_documents(docs, ck.tokenizer, width, mem["boundary"], mem["min_fill"]):
+        refs.append(list(r.token_ids))
+        if len(refs) == a.refs:
+            break
+    spec = MemorySpec(model_config_sha256="", model_weights_sha256=(), tokenizer_sha256="", n_layers=ck.args.n_layers,
+                      n_kv_heads=ck.args.n_kv_heads, head_dim=ck.args.head_dim, width=width,
+                      boundary=mem["boundary"], min_fill=mem["min_fill"], chunk_rule_version=0, prefix=mem["prefix"],
+                      prefix_ids=tuple(prefix), memory_layers=tuple(layers), top_k=top_k, quant="none", dtype=a.dtype)
+    from m3compile.spec import memorize
+
+    recipes = {"before@16": lambda b: before(ck.model, b, prefix, layers, width, top_k)}
+    recipes.update({f"now@{s}": (lambda b: memorize(ck.model, b, spec)) for s in a.sizes})
+    size = {"before@16": 16, **{f"now@{s}": s for s in a.sizes}}
+    with torch.inference_mode():
+        x, y = recipes["before@16"](refs[:64]), memorize(ck.model, refs[:64], spec)
+    same = all(torch.equal(u.positions, v.positions) for u, v in zip(x, y))
+    diff = max((u.keys.float() - v.keys.float()).abs().max().item() for u, v in zip(x, y))
+    print(f"{a.model.name}: {len(refs)} references of width {width}, prefix {len(prefix)} tokens, layers {layers}, "
+          f"top-{top_k}, {a.dtype}, {a.threads} threads; same kept tokens as before: {same}, "
+          f"largest key difference {diff:.1e}")
+    times = {k: [] for k in recipes}
+    for _ in range(a.rounds):
+        for name, f in recipes.items():
+            t = time.perf_counter()
+            with torch.inference_mode():
+                for s in range(0, len(refs), size[name]):
+                    f(refs[s:s + size[name]])
+            times[name].append(len(refs) / (time.perf_counter() - t))
+    base = times["before@16"]
+    print("\n| recipe | references/s, median of rounds | best round | vs before, median of per-round ratios |")
+    print("|---|---|---|---|")
+    for name, v in times.items():
+        ratio = statistics.median(x / b for x, b in zip(v, base))
+        print(f"| {name} | {statistics.median(v):.0f} | {max(v):.0f} | {ratio:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
