@@ -482,7 +482,8 @@ class Transformer(nn.Module):
         Runs blocks only up to the last requested layer, and of that one only the q/k/v
         projections: nothing that no requested layer needs is computed (paper App. A.2). With a
         cache (e.g. `prefill`'s), the tokens attend to its key-values first; what is returned
-        covers the new tokens only.
+        covers the new tokens only. positions may be (1, T) when every row has the same ones
+        (encode's): the RoPE tables are then computed once and broadcast.
         """
         wanted = sorted(set(layers))
         assert wanted and 0 <= wanted[0] and wanted[-1] < self.args.n_layers, (layers, self.args.n_layers)
