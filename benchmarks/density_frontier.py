@@ -26,7 +26,8 @@ records as examples/README.md (the first --limit records after a seeded shuffle)
 Points are MODEL:TOP_K:LAYERS (LAYERS like 0-3 or 2,3; MODEL a checkpoint directory, `reader`
 for the embedded default, or `half` for the 1/2 reader, examples/reader-half/model). Without
 --point: the 1/2 reader zero-shot at top-16, 8, 4, 2 and 1 of its 32-token references in all
-layers (1/2 ... 1/32).
+layers (1/2 ... 1/32). `--dtype bfloat16` compiles the memories in bfloat16 (the model still reads
+in float32): does the reader read memories of a bf16 compile as well?
 
     python benchmarks/density_frontier.py --json frontier.json --plot examples/density_frontier.png
     python benchmarks/density_frontier.py --point half:16:0-3 reader:8:3 reader:4:3 --known 1000
@@ -116,11 +117,11 @@ def kb_bytes(kb: Path) -> int:
     return sum(p.stat().st_size for p in kb.rglob("*") if p.is_file())
 
 
-def measure(point: dict, corpus_dir: Path, recs: list[dict], tmp: Path, modes) -> dict:
+def measure(point: dict, corpus_dir: Path, recs: list[dict], tmp: Path, modes, dtype: str = "float32") -> dict:
     kb = tmp / f"kb-{abs(hash(point['name']))}"
     t0 = time.perf_counter()
     m = compile_kb(CompileConfig(corpus=str(corpus_dir / "corpus"), model=str(point["model"]), top_k=point["top_k"],
-                                 memory_layers=point["layers"], quant="int8"), kb).manifest
+                                 memory_layers=point["layers"], quant="int8", dtype=dtype), kb).manifest
     spec = m.spec
     ev = Evaluator(kb, point["model"], corpus_dir)
     n_layers = ev.ck.args.n_layers
@@ -128,7 +129,7 @@ def measure(point: dict, corpus_dir: Path, recs: list[dict], tmp: Path, modes) -
     share = Fraction(spec.top_k, spec.width) * Fraction(len(spec.memory_layers), n_layers)
     qs = [r for r in recs if r["kind"] == "question"]
     row = {"point": point["name"], "model": str(point["model"]), "top_k": spec.top_k, "width": spec.width,
-           "memory_layers": list(spec.memory_layers), "layers": n_layers, "share": str(share),
+           "memory_layers": list(spec.memory_layers), "layers": n_layers, "dtype": spec.dtype, "share": str(share),
            "share_value": float(share), "kb_bytes_per_token": round(kb_bytes(kb) / tokens, 1),
            "memory_bytes_per_token": round(sum(p.stat().st_size for p in kb.glob("memory-*.safetensors")) / tokens, 1),
            "corpus_tokens": tokens}
@@ -173,6 +174,7 @@ def main() -> int:
                     help="the kb's articles: the 40 held-out ones (examples/reader/corpus) or all 2000 of the "
                          "world, as benchmarks/train_memory.py evaluates (same held-out records either way)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", default="float32", help="the compile's dtype (the memories' forward); reading is float32")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot", type=Path)
     a = ap.parse_args()
@@ -185,11 +187,11 @@ def main() -> int:
         corpus = READER if a.kb == "held-out" else whole_world(Path(tmp))
         for s in a.point:
             p = parse_point(s)
-            row = measure(p, corpus, recs, Path(tmp), ("none", "sparse", "rag", "other"))
+            row = measure(p, corpus, recs, Path(tmp), ("none", "sparse", "rag", "other"), a.dtype)
             row["kb"] = a.kb
             if known:
                 # facts the model answers right without memory, asked again with their article's memories
-                kev = measure(p, known[0], known[1], Path(tmp) / "k", ())
+                kev = measure(p, known[0], known[1], Path(tmp) / "k", (), a.dtype)
                 g = kev["greedy"]
                 kept = set(g["none"]["right"]) & set(g["memory"]["right"])
                 row["known"] = {"questions": g["none"]["questions"], "none": g["none"]["recall"],

@@ -27,8 +27,8 @@ RUN_SETTINGS = ("device", "batch_size", "model_memory", "checkpoint_seconds", "e
 READ_SETTINGS = ("max_tokens", "boundary", "min_fill", "prefix", "top_k", "memory_layers")
 # default encode batch: as many references as fill this many token positions: 64 references of
 # the embedded reader's width 32, 16 of the paper's 128 (the old fixed default). At width 32 on 2
-# cores, 32-64 a pass ran 1.1-1.2x faster than 16, and 128 no faster than 16 (activations leave
-# the L2 cache); measured alternately, /work/runs/encab.py in the session notes
+# cores, 32-64 a pass ran 1.3x faster than 16, and 128 only 1.16x (activations leave the L2
+# cache): benchmarks/encode_speed.py, which alternates batch sizes in one run
 BATCH_TOKENS = 2048
 MODEL_MEMORY_FILE = "m3-memory.json"
 MODEL_MEMORY_FORMAT = "m3-model-memory"

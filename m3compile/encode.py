@@ -3,8 +3,9 @@
 Input per reference = the write prefix (the paper's modified BOS `<s>Reference:`) + its tokens.
 Prefix tokens sit at positions 0..p-1 and reference token j at position p+j; a batch is right-
 padded and padding is masked. Only layers up to the last memory layer run (App. A.2). The
-prefix's key-values, the same in every reference, are computed once per batch (Transformer.prefill)
-and the references attend to them as a cache: the result is that of the whole sequence.
+prefix's key-values, the same in every reference, are computed once (Transformer.prefill, kept on
+the model while its weights are unchanged) and the references attend to them as a cache: the
+result is that of the whole sequence up to float rounding.
 
 Shape letters: B references in the batch, T reference tokens (prefix dropped), N query heads,
 H kv heads, D head dim.

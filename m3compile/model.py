@@ -459,7 +459,7 @@ class Transformer(nn.Module):
         """The key-values of `tokens` [B, T] (all real, positions 0..T-1) in layers 0..last.
 
         The write prefix is the same in every reference and, attention being causal, so are its
-        key-values: encode computes them once per batch with this and attends to them as a cache
+        key-values: encode computes them once with this and attends to them as a cache
         (they were a fifth of every forward of the embedded model: 9 of 41 positions)."""
         cache = KVCache()
         x, cos, sin, mask = self._prepare(tokens, None, None, cache)
