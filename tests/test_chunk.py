@@ -298,3 +298,33 @@ def test_windows_stay_bounded_for_every_tokenizer_family(tok):
         pieces = list(chunk.encode_windows(text, tok, window=300, seam=40))
         assert len(pieces) > len(text) // 300 - 1
         assert max(p[-1][1] - p[0][0] for _, p in pieces if p) <= 300
+
+
+def test_piece_cuts_are_the_per_reference_cuts():
+    """_chunk_one takes each piece's cuts at once (_piece_cuts, a running maximum in numpy); they
+    must be _cuts' for any split of the token stream, with spans that share characters (byte
+    fallback) and tokens that cover nothing."""
+    import random
+
+    from m3compile.chunk import _cuts, _piece_cuts
+
+    rng = random.Random(3)
+    for _ in range(200):
+        offsets, c = [], 0
+        for _ in range(rng.randint(1, 60)):
+            kind = rng.random()
+            if kind < 0.2 and offsets:  # another byte of the previous character
+                offsets.append(offsets[-1])
+            elif kind < 0.3:  # a token that covers nothing (a dropped prefix)
+                offsets.append((c, c))
+            else:
+                start = c + rng.randint(0, 2)
+                c = start + rng.randint(1, 5)
+                offsets.append((start, c))
+        whole_pos, whole_clean = _cuts(offsets)
+        split = rng.randint(0, len(offsets))
+        pos_a, clean_a, furthest = _piece_cuts(offsets[:split], 0)
+        pos_b, clean_b, last = _piece_cuts(offsets[split:], furthest)
+        assert pos_a.tolist() + pos_b.tolist() == whole_pos[:-1]
+        assert clean_a.tolist() + clean_b.tolist() == whole_clean[:-1]
+        assert last == whole_pos[-1]
