@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(ROOT / "examples"))
 
 import make_corpus  # noqa: E402
+from common import pyplot  # noqa: E402  (same directory)
 from train_memory import Evaluator, eval_records  # noqa: E402  (same directory)
 from m3compile.config import CompileConfig, default_model_dir  # noqa: E402
 from m3compile.pipeline import compile_kb  # noqa: E402
@@ -232,11 +233,7 @@ def print_table(rows):
 
 
 def plot(rows, out: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     by_model = defaultdict(list)  # one line per model and memory-layer set
     for r in rows:

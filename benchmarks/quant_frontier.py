@@ -27,7 +27,7 @@ import faiss
 import numpy as np
 import torch
 
-from common import stories260k, tinystories  # noqa: E402  (same directory)
+from common import pyplot, stories260k, tinystories  # noqa: E402  (same directory)
 from m3compile.config import CompileConfig, default_model_dir, read_model_memory
 from m3compile.corpus import CorpusReport, iter_documents
 from m3compile.errors import M3Error
@@ -323,11 +323,7 @@ def speed80(rows):
 
 
 def plot(rows, path: Path, d: int):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in rows:
         ax.scatter(r["zstd"], r["held"], color="C3" if "paper" in r["label"] else "C0")
