@@ -1,10 +1,15 @@
 """Encode + sparsify against an independent implementation of the paper's selection rule (§3.3)
 computed in float64 from transformers' own projections and key-value cache."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from conftest import CHECKPOINT_CASES, make_checkpoint, reference_rule
+from conftest import CHECKPOINT_CASES, SHARED_DATA, make_checkpoint, reference_rule, shared
 from m3compile.encode import encode_batch, write_prefix
 from m3compile.model import load_checkpoint
 from m3compile.sparsify import select_topk
@@ -83,3 +88,17 @@ def test_the_kept_prefix_cache_follows_the_weights(tmp_path):
     after = kept(False)
     assert all(torch.equal(a, b) for a, b in zip(after, kept(True)))
     assert not all(torch.equal(a, b) for a, b in zip(first, after))
+
+
+def test_encode_speed_benchmark_keeps_the_tokens_of_the_encoder_before(tmp_path):
+    """benchmarks/encode_speed.py on real references of the books: the encoder now (prefix
+    prefilled, keys x queries scores) keeps the same tokens as the recipe before it (prefix in
+    every sequence, einsum scores), and the benchmark runs. Speed is not checked here."""
+    shared("gutenberg")
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "encode_speed.py"
+    proc = subprocess.run([sys.executable, str(bench), "--refs", "96", "--rounds", "1", "--sizes", "16", "32",
+                           "--threads", "1"], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, M3_SHARED_DATA=str(SHARED_DATA)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "96 references of width 32" in proc.stdout and "same kept tokens as before: True" in proc.stdout
+    assert "| now@32 |" in proc.stdout
