@@ -462,10 +462,7 @@ class Transformer(nn.Module):
         key-values: encode computes them once with this and attends to them as a cache
         (they were a fifth of every forward of the embedded model: 9 of 41 positions)."""
         cache = KVCache()
-        x, cos, sin, mask = self._prepare(tokens, None, None, cache)
-        for i in range(last):
-            x, _ = self.layers[i](x, cos, sin, mask, None, (cache, i))
-        kv = self.layers[last].attention.project(self.layers[last].attention_norm(x), cos, sin)
+        kv = self.forward_kv(tokens, [last], cache=cache)[last]  # fills the cache's layers 0..last-1
         cache.update(last, kv.k_post, kv.v)
         return cache
 
