@@ -300,13 +300,22 @@ def test_windows_stay_bounded_for_every_tokenizer_family(tok):
         assert max(p[-1][1] - p[0][0] for _, p in pieces if p) <= 300
 
 
-def test_piece_cuts_are_the_per_reference_cuts():
-    """_chunk_one takes each piece's cuts at once (_piece_cuts, a running maximum in numpy); they
-    must be _cuts' for any split of the token stream, with spans that share characters (byte
-    fallback) and tokens that cover nothing."""
+def test_cuts_are_the_per_token_rule_for_any_split():
+    """_chunk_one takes each encoded piece's cuts at once (chunk._cuts, a running maximum in
+    numpy); they must be the per-token rule of formats/chunking.md, written here as the loop the
+    chunker used per reference, for any split of the token stream, with spans that share
+    characters (byte fallback) and tokens that cover nothing."""
     import random
 
-    from m3compile.chunk import _cuts, _piece_cuts
+    from m3compile.chunk import _cuts
+
+    def per_token(offsets, furthest=0):
+        pos, clean = [], []
+        for start, end in offsets:
+            pos.append(max(start, furthest))
+            clean.append(start >= furthest)
+            furthest = max(furthest, end)
+        return pos, clean, furthest
 
     rng = random.Random(3)
     for _ in range(200):
@@ -321,10 +330,10 @@ def test_piece_cuts_are_the_per_reference_cuts():
                 start = c + rng.randint(0, 2)
                 c = start + rng.randint(1, 5)
                 offsets.append((start, c))
-        whole_pos, whole_clean = _cuts(offsets)
+        whole_pos, whole_clean, whole_last = per_token(offsets)
         split = rng.randint(0, len(offsets))
-        pos_a, clean_a, furthest = _piece_cuts(offsets[:split], 0)
-        pos_b, clean_b, last = _piece_cuts(offsets[split:], furthest)
-        assert pos_a.tolist() + pos_b.tolist() == whole_pos[:-1]
-        assert clean_a.tolist() + clean_b.tolist() == whole_clean[:-1]
-        assert last == whole_pos[-1]
+        pos_a, clean_a, furthest = _cuts(offsets[:split], 0)
+        pos_b, clean_b, last = _cuts(offsets[split:], furthest)
+        assert pos_a.tolist() + pos_b.tolist() == whole_pos
+        assert clean_a.tolist() + clean_b.tolist() == whole_clean
+        assert last == whole_last
