@@ -8,13 +8,12 @@ model's own memory settings) and each giving the same kept tokens:
            reader), selection scores as an einsum to (B, H, R, T, T) and torch.logsumexp, batches
            of 16: the encoder before the prefill change
   now@B    spec.memorize as a compile runs it, batches of B references (the prefix's key-values
-           computed once per batch, scores keys x queries reduced in place)
+           computed once and kept on the model, scores keys x queries reduced in place)
 
     OMP_NUM_THREADS=2 python benchmarks/encode_speed.py --threads 2 --rounds 6 --sizes 16 32 64 128
 """
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -23,11 +22,12 @@ import torch
 
 import m3compile.sparsify as sparsify
 from m3compile.chunk import chunk_documents
+from m3compile.config import read_model_memory
 from m3compile.corpus import Document
 from m3compile.encode import EncodedBatch, write_prefix
 from m3compile.model import LayerKV, load_checkpoint
 from m3compile.sparsify import select_topk
-from m3compile.spec import MemorySpec
+from m3compile.spec import MemorySpec, memorize
 
 from common import DATA
 
@@ -74,7 +74,9 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     ck = load_checkpoint(a.model, dtype=getattr(torch, a.dtype))
-    mem = json.loads((a.model / "m3-memory.json").read_text())["settings"]
+    mem = read_model_memory(a.model)
+    if mem is None:
+        raise SystemExit(f"{a.model} has no m3-memory.json: this benchmark reads a model at its own memory settings")
     width, layers, top_k = mem["max_tokens"], mem["memory_layers"], mem["top_k"]
     prefix = write_prefix(ck.tokenizer, mem["prefix"])
     docs = (Document(p.stem, p.name, p.read_text(encoding="utf-8-sig")) for p in sorted((DATA / "gutenberg").glob("pg*.txt")))
@@ -86,9 +88,7 @@ def main():
     spec = MemorySpec(model_config_sha256="", model_weights_sha256=(), tokenizer_sha256="", n_layers=ck.args.n_layers,
                       n_kv_heads=ck.args.n_kv_heads, head_dim=ck.args.head_dim, width=width,
                       boundary=mem["boundary"], min_fill=mem["min_fill"], chunk_rule_version=0, prefix=mem["prefix"],
-                      prefix_ids=tuple(prefix), memory_layers=tuple(layers), top_k=top_k, quant="none", dtype=a.dtype)
-    from m3compile.spec import memorize
-
+                      prefix_ids=tuple(prefix), memory_layers=layers, top_k=top_k, quant="none", dtype=a.dtype)
     recipes = {"before@16": lambda b: before(ck.model, b, prefix, layers, width, top_k)}
     recipes.update({f"now@{s}": (lambda b: memorize(ck.model, b, spec)) for s in a.sizes})
     size = {"before@16": 16, **{f"now@{s}": s for s in a.sizes}}
