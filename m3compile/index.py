@@ -18,17 +18,18 @@ Shape letters: R references, N documents, E embedding dim.
 import hashlib
 import importlib
 import importlib.metadata
+import json
 import os
 import re
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from m3compile.errors import M3Error
-from m3compile.references import Rows, columns
+from m3compile.references import Rows, columns, iter_columns
 
 FORMAT = "m3-index"
 # version 2 adds the document indexes and context scoring; sections without "documents" stay version 1
@@ -309,6 +310,46 @@ def _write_bm25_scores(out: Path, docs: _TokenIds, n_vocab: int, index, block: i
         scratch.unlink(missing_ok=True)
 
 
+CORPUS_IDS_AT_ONCE = 1 << 16  # ids of one corpus row's list written at once
+
+
+def _json_pieces(row: dict) -> Iterator[str]:
+    """json.dumps(row, ensure_ascii=False) in pieces: a value that is a list, a range or an array of
+    ints is written CORPUS_IDS_AT_ONCE ids at a time (a document of a million references)."""
+    yield "{"
+    for j, (k, v) in enumerate(row.items()):
+        yield (", " if j else "") + json.dumps(k, ensure_ascii=False) + ": "
+        if isinstance(v, (list, range, np.ndarray)):
+            yield "["
+            for lo in range(0, len(v), CORPUS_IDS_AT_ONCE):
+                yield (", " if lo else "") + ", ".join(map(str, np.asarray(v[lo:lo + CORPUS_IDS_AT_ONCE]).tolist()))
+            yield "]"
+        else:
+            yield json.dumps(v, ensure_ascii=False)
+    yield "}"
+
+
+def _write_corpus(out: Path, rows: Iterable[dict]) -> None:
+    """bm25s's saved corpus, `corpus.jsonl` (one JSON object a line) and `corpus.mmindex.json` (the
+    byte offset of each line), as `BM25.save(corpus=rows)` writes them with the standard json
+    module, streamed: bm25s holds every line's offset as a Python int and then their whole JSON
+    (~50 bytes a row; issue 16). Written with the standard json module whether or not orjson is
+    installed (bm25s would switch to orjson's compact form: other bytes on another machine)."""
+    with open(out / "corpus.jsonl", "wb") as f, open(out / "corpus.mmindex.json", "wb") as index:
+        at, sep = 0, b""
+        index.write(b"[")
+        for row in rows:
+            index.write(sep + str(at).encode())
+            sep = b", "
+            for piece in _json_pieces(row):
+                data = piece.encode("utf-8")
+                f.write(data)
+                at += len(data)
+            f.write(b"\n")
+            at += 1
+        index.write(b"]")
+
+
 def _build_bm25(out: Path, rows: Iterable[dict], texts: Sequence[str], fetch: int = 4096) -> dict:
     """The BM25 index of `texts` in `out`; `rows` (one per text, streamed) are saved beside it.
     `fetch`: texts read at once (whole documents are big: a few at a time)."""
@@ -327,9 +368,10 @@ def _build_bm25(out: Path, rows: Iterable[dict], texts: Sequence[str], fetch: in
     index.scores = {k: np.zeros(0, np.int32) for k in ("data", "indices", "indptr")} | {"num_docs": len(ids)}
     index.vocab_dict, index.nonoccurrence_array = vocab, None
     scratch = {f"{k}_name": f".scratch-{k}.npy" for k in ("data", "indices", "indptr")}
-    index.save(str(out), corpus=rows, show_progress=False, **scratch)
+    index.save(str(out), corpus=None, show_progress=False, **scratch)
     for name in scratch.values():
         (out / name).unlink()
+    _write_corpus(out, rows)
     return {"dir": out.name, "library": f"bm25s {_version('bm25s')}", **BM25, "idf_method": BM25["method"],
             "tokenizer": {**BM25_TOKENS, "library": "bm25s.tokenize",
                           "stemmer_library": f"PyStemmer {_version('PyStemmer')}"},
@@ -549,33 +591,38 @@ def index_references(kb_dir: Path, rows: list[dict], embedder: str | None, index
     Example:
         >>> index_references(Path("kb"), [{"ref_id": 0, "doc_id": "a", "index": 0, "text": "cats"}], None)
     """
-    cols = columns(rows, ("ref_id", "doc_id", "index"))
-    # the texts are read from `rows` a slice at a time as the indexes consume them, never all at
-    # once (issue 16); the bytes are those of index_texts and group_documents over the whole lists
-    texts, docs = _IndexTexts(rows, cols), _Documents(rows, cols)
-    return build_indexes(kb_dir, cols["ref_id"], texts, embedder, index_factory, device, documents=docs)
+    # the rows are read a block at a time and their texts a slice at a time as the indexes consume
+    # them, never all at once (issue 16); the bytes are those of index_texts and group_documents
+    # over the whole lists
+    docs = _Documents(rows)
+    return build_indexes(kb_dir, docs.ref_ids, _IndexTexts(rows, docs.titles), embedder, index_factory, device,
+                         documents=docs)
+
+
+def _at(values, at):
+    """values[at], for a range or an array of values and a range or an array of positions (a range
+    of a range stays a range: no 8 bytes a row)."""
+    if isinstance(at, range):
+        return values[at.start:at.stop:at.step]
+    if isinstance(values, range):
+        return values.start + values.step * np.asarray(at, dtype=np.int64)
+    return values[np.asarray(at, dtype=np.int64)]
 
 
 def _take(rows, positions):
-    """The rows at `positions` (a Rows view, or a list of dicts)."""
+    """The rows at `positions` (a range or an array) of a Rows view or a list of dicts."""
+    if isinstance(positions, range) and positions.step == 1:
+        return rows[positions.start:positions.stop]
     if isinstance(rows, Rows):
-        at = rows.positions
-        if isinstance(at, range):  # a new kb's rows: no array of every position per call
-            return Rows(rows.store, at.start + at.step * np.asarray(positions, dtype=np.int64))
-        return Rows(rows.store, np.asarray(at)[positions])
+        return Rows(rows.store, _at(rows.positions, positions))
     return [rows[int(p)] for p in positions]
 
 
 class _IndexTexts(Sequence):
     """index_texts over rows, computed a slice at a time: each reference's text after its title."""
 
-    def __init__(self, rows, cols: dict):
-        self.rows = rows
-        firsts = np.flatnonzero(np.asarray(cols["index"]) == 0)  # (N,) each document's first reference
-        self.titles = {}
-        for k in range(0, len(firsts), 4096):  # their texts read a batch at a time
-            heads = columns(_take(rows, firsts[k:k + 4096]), ("doc_id", "index", "text"))
-            self.titles.update(document_titles(heads["doc_id"], heads["index"], heads["text"]))
+    def __init__(self, rows, titles: dict[str, str]):
+        self.rows, self.titles = rows, titles
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -590,21 +637,55 @@ class _IndexTexts(Sequence):
 class _Documents(Sequence):
     """group_documents over rows, one document's rows read when it is asked for: (doc_id, its
     ref_ids in reference order, its references' texts concatenated), in order of first appearance
-    (the grouping is done here on ids alone; group_documents makes each document's tuple)."""
+    (the grouping is done here on ids alone; group_documents makes each document's tuple). Also the
+    rows' ref ids (`ref_ids`) and their documents' titles (`titles`, document_titles).
 
-    def __init__(self, rows, cols: dict):
+    One pass over the rows a block at a time finds whether they are grouped already: each
+    document's rows together, in reference order, ids ascending by one (a new kb). Then the
+    grouping is ranges, a few numbers a document; else (an incremental compile's rows) a second
+    pass sorts them, 24 bytes a row."""
+
+    def __init__(self, rows):
         self.rows = rows
-        code: dict[str, int] = {}
-        codes = np.array([code.setdefault(d, len(code)) for d in cols["doc_id"]], dtype=np.int64)
-        self.order = np.lexsort((np.asarray(cols["index"]), codes))  # by document, then reference index
-        self.starts = np.searchsorted(codes[self.order], np.arange(len(code) + 1))
-        self.ref_ids = np.asarray(cols["ref_id"], dtype=np.int64)
+        code: dict[str, int] = {}  # doc_id -> its number, in order of first appearance
+        firsts, starts = [], []  # positions of index-0 rows; where each document starts (grouped rows)
+        grouped, consecutive, last, first_id, n = True, True, (-1, -1), 0, 0
+        for c in iter_columns(rows, ("ref_id", "doc_id", "index")):
+            codes = np.array([last[0], *(code.setdefault(d, len(code)) for d in c["doc_id"])], dtype=np.int64)
+            index = np.array([last[1], *c["index"]], dtype=np.int64)
+            ids = np.asarray(c["ref_id"], dtype=np.int64)
+            first_id = int(ids[0]) if n == 0 else first_id
+            consecutive = consecutive and bool(np.array_equal(ids, first_id + n + np.arange(len(ids))))
+            same = codes[1:] == codes[:-1]  # the row continues the previous row's document
+            # grouped: a row continues its document in reference order, or starts the next new one
+            grouped = grouped and bool(np.all(np.where(same, index[1:] >= index[:-1], codes[1:] == codes[:-1] + 1)))
+            starts += (n + np.flatnonzero(~same)).tolist()
+            firsts += (n + np.flatnonzero(index[1:] == 0)).tolist()
+            last, n = (int(codes[-1]), int(index[-1])), n + len(ids)
         self.names = list(code)  # doc_id of each document
+        heads = columns(_take(rows, firsts), ("doc_id", "index", "text"))  # each document's first reference
+        self.titles = document_titles(heads["doc_id"], heads["index"], heads["text"])
+        self.ref_ids = range(first_id, first_id + n) if consecutive else None
+        self.order, self.starts = range(n), np.asarray(starts + [n], dtype=np.int64)
+        if grouped and consecutive:
+            return
+        cols = {"ref_id": [], "code": [], "index": []}  # the second pass
+        for c in iter_columns(rows, ("ref_id", "doc_id", "index")):
+            cols["ref_id"].append(np.asarray(c["ref_id"], dtype=np.int64))
+            cols["code"].append(np.array([code[d] for d in c["doc_id"]], dtype=np.int64))
+            cols["index"].append(np.asarray(c["index"], dtype=np.int64))
+        if not consecutive:
+            self.ref_ids = np.concatenate(cols["ref_id"]) if n else np.empty(0, np.int64)
+        if not grouped:
+            codes = np.concatenate(cols["code"])
+            self.order = np.lexsort((np.concatenate(cols["index"]), codes))  # by document, then reference index
+            self.starts = np.searchsorted(codes[self.order], np.arange(len(code) + 1))
 
     def ids(self):
-        """(doc_id, its ref_ids in reference order) per document, without reading texts."""
+        """(doc_id, its ref_ids in reference order: a range or an array) per document, without
+        reading texts."""
         for i, doc_id in enumerate(self.names):
-            yield doc_id, self.ref_ids[self.order[self.starts[i]:self.starts[i + 1]]].tolist()
+            yield doc_id, _at(self.ref_ids, self.order[self.starts[i]:self.starts[i + 1]])
 
     def __len__(self) -> int:
         return len(self.starts) - 1
@@ -615,7 +696,7 @@ class _Documents(Sequence):
         i = range(len(self))[i]
         at = self.order[self.starts[i]:self.starts[i + 1]]
         c = columns(_take(self.rows, at), ("doc_id", "index", "text"))
-        (doc,) = group_documents(self.ref_ids[at].tolist(), c["doc_id"], c["index"], c["text"])
+        (doc,) = group_documents(np.asarray(_at(self.ref_ids, at)).tolist(), c["doc_id"], c["index"], c["text"])
         return doc
 
 
@@ -659,7 +740,7 @@ def build_indexes(kb_dir: Path, ref_ids: list[int], texts: list[str], embedder: 
 
     Args:
         kb_dir: the kb directory (exists).
-        ref_ids: the references' ids, one per text; they become the index ids.
+        ref_ids: the references' ids, one per text (a list, an array or a range); they become the index ids.
         texts: what to index of each reference (index_texts: the reference after its title).
         embedder: a local sentence-transformers model directory, a word of EMBEDDERS ("minilm"), or
             None for BM25 only.
@@ -676,9 +757,10 @@ def build_indexes(kb_dir: Path, ref_ids: list[int], texts: list[str], embedder: 
         'bm25'
     """
     out = Path(kb_dir)
-    ref_ids = np.asarray(ref_ids, dtype=np.int64)
+    if not isinstance(ref_ids, range):  # a range (a new kb's ids) is unique, and holds nothing a row
+        ref_ids = np.asarray(ref_ids, dtype=np.int64)
+        assert len(np.unique(ref_ids)) == len(ref_ids), "ref_ids must be unique"
     assert len(ref_ids) == len(texts), (len(ref_ids), len(texts))
-    assert len(np.unique(ref_ids)) == len(ref_ids), "ref_ids must be unique"
     if documents is not None and not isinstance(documents, _Documents):  # _Documents: a partition by construction
         grouped = np.sort(np.fromiter((r for _, refs, _ in documents for r in refs), dtype=np.int64))
         assert np.array_equal(grouped, np.sort(ref_ids)), "documents must hold every reference exactly once"
@@ -695,7 +777,7 @@ def build_indexes(kb_dir: Path, ref_ids: list[int], texts: list[str], embedder: 
                "bm25": bm25, "dense": dense, "fusion": dict(FUSION) if dense else None}
     if documents is not None:
         ids = documents.ids() if isinstance(documents, _Documents) else ((d, refs) for d, refs, _ in documents)
-        rows = ({"doc_id": d, "ref_ids": [int(r) for r in refs]} for d, refs in ids)
+        rows = ({"doc_id": d, "ref_ids": refs} for d, refs in ids)  # ids written a block at a time
         # a document's text reaches the tokenizer as its references' texts, a few thousand at a
         # time, never joined whole (a corpus may be one 50 MB line)
         texts = _Fragments(documents) if isinstance(documents, _Documents) else doc_texts

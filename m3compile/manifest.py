@@ -11,6 +11,7 @@ beside it, which no checksum covers.
 
 import json
 import os
+from collections import defaultdict
 from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 from pathlib import Path
@@ -21,7 +22,7 @@ from m3compile import __version__
 from m3compile.errors import M3Error
 from m3compile.model import sha256_file
 from m3compile.pack import bits_per_element, payload_nbytes
-from m3compile.references import columns
+from m3compile.references import iter_columns
 from m3compile.spec import MemorySpec
 
 FORMAT, FORMAT_VERSION = "m3-kb", 1
@@ -107,14 +108,29 @@ def build_manifest(kb_dir: Path, spec: MemorySpec, config: dict, model: dict, ro
     """The manifest of a compile: its spec, config record and model record, and the live rows
     (`vq`: the codebooks entry of a vector-quantized kb, m3compile/codebooks.py)."""
     L, H, D = len(spec.memory_layers), spec.n_kv_heads, spec.head_dim
-    cols = columns(rows, ("n_kept", "byte_length", "n_tokens", "quant_rel_err", "quant_max_err", "doc_id"))
-    # numbers summed as int64 arrays and floats one at a time: no list of a column's values (issue 16)
-    kept, n_rows = np.unique(np.asarray(cols["n_kept"], dtype=np.int64), return_counts=True)
-    kept_kv = L * H * int(kept @ n_rows)
-    raw = sum(payload_nbytes(spec.scheme, L, H, int(k), D) * int(n) for k, n in zip(kept, n_rows))
-    payload = int(np.sum(np.asarray(cols["byte_length"], dtype=np.int64)))
-    tokens = int(np.sum(np.asarray(cols["n_tokens"], dtype=np.int64)))
-    rel = cols["quant_rel_err"]
+    # one pass over the rows a block at a time, numbers summed as int64 arrays and floats one at a
+    # time in row order: nothing held per row (issue 16)
+    kept_counts: dict[int, int] = defaultdict(int)
+    payload = tokens = n_rows = 0
+    rel_max, max_err, docs = -np.inf, -np.inf, set()
+
+    def rel_errs():
+        nonlocal payload, tokens, n_rows, rel_max, max_err
+        for cols in iter_columns(rows, ("n_kept", "byte_length", "n_tokens", "quant_rel_err", "quant_max_err",
+                                        "doc_id")):
+            for k, n in zip(*np.unique(np.asarray(cols["n_kept"], dtype=np.int64), return_counts=True)):
+                kept_counts[int(k)] += int(n)
+            payload += int(np.sum(np.asarray(cols["byte_length"], dtype=np.int64)))
+            tokens += int(np.sum(np.asarray(cols["n_tokens"], dtype=np.int64)))
+            n_rows += len(cols["doc_id"])
+            rel_max = max(rel_max, float(np.max(cols["quant_rel_err"])))
+            max_err = max(max_err, float(np.max(cols["quant_max_err"])))
+            docs.update(cols["doc_id"])
+            yield from map(float, cols["quant_rel_err"])
+
+    rel_sum = sum(rel_errs())  # one sum over one iterator: the float the whole column gave
+    kept_kv = L * H * sum(k * n for k, n in kept_counts.items())
+    raw = sum(payload_nbytes(spec.scheme, L, H, k, D) * n for k, n in sorted(kept_counts.items()))
     from m3compile.config import MEMORY_SETTINGS
 
     base = Manifest(
@@ -129,12 +145,11 @@ def build_manifest(kb_dir: Path, spec: MemorySpec, config: dict, model: dict, ro
                "bits_per_element_at_top_k": round(bits_per_element(spec.scheme, L, H, spec.top_k, D), 4),
                "bits_per_element_stored": round(8 * raw / (2 * kept_kv * D), 4),
                "bits_per_element_compressed": round(8 * payload / (2 * kept_kv * D), 4),
-               "rel_err_max": float(np.max(rel)), "rel_err_mean": sum(map(float, rel)) / len(rel),
-               "max_abs_err": float(np.max(cols["quant_max_err"])),
+               "rel_err_max": rel_max, "rel_err_mean": rel_sum / n_rows, "max_abs_err": max_err,
                # codes, positions, headers and zstd, plus the codebooks amortised over this kb
                **({"vq": vq, "bits_per_element_with_codebooks":
                    round(8 * (payload + vq["codebook_bytes"]) / (2 * kept_kv * D), 4)} if vq else {})},
-        counts={"documents": len(set(cols["doc_id"])), "references": len(rows), "tokens": tokens,
+        counts={"documents": len(docs), "references": n_rows, "tokens": tokens,
                 "kept_kv": kept_kv, "shards": len(shards), "skipped": dict(sorted(skipped.items()))},
         sizes={"payload_bytes": payload, "payload_raw_bytes": raw,
                # the same references' key-values kept whole in bf16, in every layer: the paper's dense baseline

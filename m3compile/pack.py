@@ -297,10 +297,11 @@ class ShardWriter:
     """Streams frames into memory-NNNNN.safetensors files, one shard at a time.
 
     The open shard's frame bytes go to a temporary file beside it (`.memory-NNNNN.safetensors.kv.tmp`),
-    not to memory: only its per-frame index (id, size, key, errors: 56 bytes a frame) is held, so
-    a compile's memory does not grow with --max-shard-bytes or with the corpus (issue 16). Closing
-    the shard writes the safetensors file (header, index tensors, the frame bytes copied from the
-    temporary file in blocks) and drops the temporary file.
+    and its per-frame index (id, size, errors, key: INDEX_RECORD, 56 bytes a frame) to another
+    (`...idx.tmp`), not to memory: a 256 MB shard of small frames has ~175k of them, so a compile's
+    memory does not grow with --max-shard-bytes or with the corpus (issue 16). Closing the shard
+    writes the safetensors file (header, then index tensors and frame bytes read back from the
+    temporary files in blocks) and drops the temporary files.
 
     Example:
         >>> with ShardWriter(kb, {"quant": s.name, "model_id": m}, 1 << 30) as w:
@@ -309,6 +310,8 @@ class ShardWriter:
     """
 
     COPY_BLOCK = 1 << 22  # bytes read back from the temporary file at a time
+    INDEX_RECORD = np.dtype([("ref_id", "<i8"), ("size", "<i8"), ("errs", "<f4", (2,)), ("key", "V32")])
+    INDEX_BLOCK = 1 << 16  # index records read back at a time
 
     def __init__(self, out_dir: Path, metadata: dict[str, str], max_shard_bytes: int, first_index: int = 1):
         own = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "codec": CODEC,
@@ -324,7 +327,7 @@ class ShardWriter:
         self.metadata = {**metadata, **own}
         self.shards: list[ShardInfo] = []
         self._index = first_index
-        self._kv = None  # the open shard's frame bytes: a temporary file, opened by the first add
+        self._kv = self._idx = None  # the open shard's frame bytes and index: temporary files, opened by the first add
         self._reset()
         self._last_id: int | None = None
         self.written: list[str] = []  # shard files this writer wrote
@@ -332,16 +335,18 @@ class ShardWriter:
         self.before_replace = None  # called with a file name before a differing file of that name is replaced
 
     def _reset(self) -> None:
-        self._sizes, self._ids, self._keys, self._errs, self._bytes = [], [], [], [], 0
+        self._n, self._bytes = 0, 0  # frames and frame bytes in the open shard
 
     def _kv_path(self) -> Path:
         return self.out_dir / f".{_SHARD_NAME.format(self._index)}.kv.tmp"
 
     def _drop_kv(self) -> None:
-        if self._kv is not None:
-            self._kv.close()
-            self._kv = None
+        for f in (self._kv, self._idx):
+            if f is not None:
+                f.close()
+        self._kv = self._idx = None
         self._kv_path().unlink(missing_ok=True)
+        self._kv_path().with_suffix(".idx.tmp").unlink(missing_ok=True)
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -358,16 +363,15 @@ class ShardWriter:
         quantization error (relative, max abs), both stored beside it."""
         assert self._last_id is None or ref_id > self._last_id, ("ref ids must ascend", self._last_id, ref_id)
         assert len(key) == 32, len(key)
-        if _starts_new_shard(len(self._sizes), self._bytes, len(payload), self.max_shard_bytes):
+        if _starts_new_shard(self._n, self._bytes, len(payload), self.max_shard_bytes):
             self.flush()
         if self._kv is None:
             self._kv = open(self._kv_path(), "w+b")
+            self._idx = open(self._kv_path().with_suffix(".idx.tmp"), "w+b")
         loc = RefLocation(ref_id, _SHARD_NAME.format(self._index), self._bytes, len(payload))
         self._kv.write(payload)
-        self._sizes.append(len(payload))
-        self._ids.append(ref_id)
-        self._keys.append(key)
-        self._errs.append(np.asarray(err, dtype="<f4").tobytes())
+        self._idx.write(struct.pack("<qq2f32s", ref_id, len(payload), *err, key))  # INDEX_RECORD; errs float32, as stored
+        self._n += 1
         self._bytes += len(payload)
         self._last_id = ref_id
         return loc
@@ -378,21 +382,40 @@ class ShardWriter:
         while block := self._kv.read(self.COPY_BLOCK):
             yield block
 
+    def _index_blocks(self, field: str) -> Iterator[np.ndarray]:
+        """One field of the open shard's index records, INDEX_BLOCK frames at a time."""
+        self._idx.flush()
+        size = self.INDEX_RECORD.itemsize
+        for lo in range(0, self._n, self.INDEX_BLOCK):
+            hi = min(lo + self.INDEX_BLOCK, self._n)
+            yield np.frombuffer(os.pread(self._idx.fileno(), (hi - lo) * size, lo * size), self.INDEX_RECORD)[field]
+
+    def _offsets(self) -> Iterator[bytes]:
+        """kv_offsets (n + 1,): 0, then the running sum of the frame sizes."""
+        yield np.zeros(1, "<i8").tobytes()
+        total = 0
+        for sizes in self._index_blocks("size"):
+            ends = total + np.cumsum(sizes, dtype=np.int64)
+            total = int(ends[-1])
+            yield ends.astype("<i8").tobytes()
+
     def flush(self) -> None:
-        if not self._sizes:
+        if not self._n:
             return
         name, p = _SHARD_NAME.format(self._index), f"shard.{self._index:05d}"
         final, tmp = self.out_dir / name, self.out_dir / f".{name}.tmp"
-        offsets = np.cumsum([0] + self._sizes, dtype="<i8")  # (n+1,)
-        ids = np.asarray(self._ids, dtype="<i8")  # (n,)
-        n = len(ids)
-        tensors = [(f"{p}.kv_offsets", "I64", [n + 1], [offsets.tobytes()]),
-                   (f"{p}.ref_ids", "I64", [n], [ids.tobytes()]),
-                   (f"{p}.ref_errs", "F32", [n, 2], self._errs),
+        n = self._n
+        fields = (b.tobytes() for b in self._index_blocks("ref_id")), (b.tobytes() for b in self._index_blocks("errs"))
+        tensors = [(f"{p}.kv_offsets", "I64", [n + 1], self._offsets()),
+                   (f"{p}.ref_ids", "I64", [n], fields[0]),
+                   (f"{p}.ref_errs", "F32", [n, 2], fields[1]),
                    (f"{p}.kv", "U8", [self._bytes], self._kv_blocks()),
-                   (f"{p}.ref_keys", "U8", [n, 32], self._keys)]  # safetensors' own order: by dtype, then name
+                   (f"{p}.ref_keys", "U8", [n, 32], (b.tobytes() for b in self._index_blocks("key")))]
+        # (safetensors' own order: by dtype, then name) each streamed from the temporary files
+        sizes = {f"{p}.kv_offsets": 8 * (n + 1), f"{p}.ref_ids": 8 * n, f"{p}.ref_errs": 8 * n,
+                 f"{p}.kv": self._bytes, f"{p}.ref_keys": 32 * n}
         try:
-            nbytes = _write_safetensors(tmp, tensors, self.metadata, sizes={f"{p}.kv": self._bytes})
+            nbytes = _write_safetensors(tmp, tensors, self.metadata, sizes=sizes)
             if final.exists() and _same_bytes(tmp, final):
                 # a resumed compile rebuilds the shard an interrupted one already wrote: keep that
                 # file as it is (same bytes, same mtime)

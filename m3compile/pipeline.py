@@ -319,7 +319,7 @@ def _plan_into(store: "refs_file.RefColumns", setup: Setup, prev: Previous, old:
                report: CorpusReport, keep_missing: bool, timer: Timer) -> Plan:
     """_plan's work, its rows appended to `store`."""
     config, spec = setup.config, setup.spec
-    new, next_id = array("q"), prev.next_ref_id  # new: store positions
+    new, next_id = _Positions(), prev.next_ref_id  # new: store positions
     with timer("read+chunk"):
         for ref in chunk_documents(docs, setup.ck.tokenizer, spec.width, spec.boundary, spec.min_fill):
             key = spec.ref_key(ref.token_ids, setup.context)
@@ -339,8 +339,8 @@ def _plan_into(store: "refs_file.RefColumns", setup: Setup, prev: Previous, old:
         raise M3Error(f"corpus {config.corpus} has documents but no tokens to compile; check the texts")
     leftover = [prev.rows[j] for j in old.left()]
     if isinstance(prev.rows, refs_file.Rows):
-        c = refs_file.columns(prev.rows, ("doc_id", "doc_sha256"))
-        old_docs = dict(zip(c["doc_id"], c["doc_sha256"]))
+        old_docs = {d: h for c in refs_file.iter_columns(prev.rows, ("doc_id", "doc_sha256"))
+                    for d, h in zip(c["doc_id"], c["doc_sha256"])}
     else:  # rows recovered from the shards hold no document
         old_docs = {r["doc_id"]: r["doc_sha256"] for r in prev.rows if "doc_id" in r}
     kept = [r for r in leftover if keep_missing and r.get("doc_id", "") in old_docs and r["doc_id"] not in doc_sha]
@@ -348,13 +348,16 @@ def _plan_into(store: "refs_file.RefColumns", setup: Setup, prev: Previous, old:
     removed = [r for r in leftover if id(r) not in kept_ids]
     for r in kept:
         store.append(r)
-    order = np.argsort(np.frombuffer(store.ref_ids(), dtype=np.int64), kind="stable")
+    # ref id order; a new kb's rows come in it: a range then, not 8 bytes a row (issue 16)
+    order = range(len(store)) if store.ascending else np.argsort(store.column("ref_id", range(len(store))),
+                                                                 kind="stable")
     docs = {"added": sum(d not in old_docs for d in doc_sha),
             "changed": sum(d in old_docs and old_docs[d] != s for d, s in doc_sha.items()),
             "unchanged": sum(old_docs.get(d) == s for d, s in doc_sha.items()),
             "removed": 0 if keep_missing else sum(d not in doc_sha for d in old_docs),
             "kept": sum(d not in doc_sha for d in old_docs) if keep_missing else 0}
-    return Plan(refs_file.Rows(store, _as_range(order)), refs_file.Rows(store, _as_range(new)), removed, docs, report)
+    return Plan(refs_file.Rows(store, order), refs_file.Rows(store, new.positions()), removed, docs,
+                report)
 
 
 class _ByKey:
@@ -365,7 +368,7 @@ class _ByKey:
 
     def __init__(self, rows):
         if isinstance(rows, refs_file.Rows):
-            keys = np.frombuffer(rows.store.raw_keys(), dtype="V32")[np.asarray(rows.positions, dtype=np.int64)]
+            keys = rows.keys()
         else:
             keys = np.frombuffer(b"".join(bytes.fromhex(r["ref_key"]) for r in rows), dtype="V32")
         self.keys = keys  # (R,) in row order
@@ -397,19 +400,29 @@ class _ByKey:
         return [int(j) for _, j in sorted(zip(first, rest.tolist()))]
 
 
-def _as_range(positions):
-    """Consecutive ascending positions (a new kb's rows: all new, in ref id order) as a range,
-    which holds no 8 bytes a row (issue 16); other positions as they are."""
-    a = np.asarray(positions, dtype=np.int64)
-    if len(a) and np.array_equal(a, np.arange(a[0], a[0] + len(a))):
-        return range(int(a[0]), int(a[0]) + len(a))
-    return positions
+class _Positions:
+    """Store positions appended in ascending order, held as a range while they are consecutive (a
+    new kb's plan: every row is new), else as an array: no 8 bytes a row for a new kb (issue 16)."""
+
+    def __init__(self):
+        self._range, self._array = range(0), None
+
+    def append(self, p: int) -> None:
+        if self._array is None and (not self._range or p == self._range.stop):
+            self._range = range(p if not self._range else self._range.start, p + 1)
+            return
+        if self._array is None:
+            self._array = array("q", self._range)
+        self._array.append(p)
+
+    def positions(self):
+        return self._range if self._array is None else self._array
 
 
 def _plan_unchanged(prev: Previous) -> Plan:
     """The plan of a repair: the kb's own references, nothing added or removed."""
     docs = {"added": 0, "changed": 0, "removed": 0, "kept": 0,
-            "unchanged": len(set(refs_file.columns(prev.rows, ("doc_id",))["doc_id"]))}
+            "unchanged": len({d for c in refs_file.iter_columns(prev.rows, ("doc_id",)) for d in c["doc_id"]})}
     return Plan(prev.rows, [], [], docs, CorpusReport())
 
 
@@ -457,9 +470,14 @@ def _write_new(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: Timer
         starts = range(0, len(plan.new), size)
         # what the engine encodes: the references whose frame no shard or checkpoint holds (one
         # byte a reference; a batch's rows exist as dicts only while it is written)
-        sending = bytearray(plan.new.key(j) not in source.frames for j in range(len(plan.new)))
-        lists = ([list(plan.new.token_ids(j)) for j in range(s, min(s + size, len(plan.new))) if sending[j]]
-                 for s in starts)
+        sending = bytearray(b"\1") * len(plan.new)
+        if source.frames:  # frames on disk (a resumed or incremental compile): looked up by key
+            for lo in range(0, len(plan.new), refs_file.COLUMN_BLOCK):
+                keys = plan.new[lo:lo + refs_file.COLUMN_BLOCK].keys()
+                sending[lo:lo + len(keys)] = bytes(k.tobytes() not in source.frames for k in keys)
+        lists = ([ids.tolist() for j, ids in enumerate(refs_file.columns(plan.new[s:s + size],
+                                                                        ("token_ids",))["token_ids"])
+                  if sending[s + j]] for s in starts)
         encoded, stats["engine_workers"] = _engine(setup, lists, timer)
         # the driver's wait for frames encoded elsewhere (run.json); None: encoded here, timed by stage
         waiting = ("encode (waiting for ray)" if config.engine == "ray" else
@@ -732,8 +750,8 @@ def _run(config: CompileConfig, out: Path, progress: Progress, log, keep_missing
             shards = store.shard_state(out, plan.rows)
             gen, retrieval = _build_generation(out, setup, plan.rows, sorted(shards), timer)
             crash_point("generation")
-            ids = refs_file.columns(plan.rows, ("ref_id",))["ref_id"]
-            next_id = max(prev.next_ref_id, int(np.max(ids)) + 1 if len(ids) else 0)
+            next_id = max([prev.next_ref_id] + [int(np.max(c["ref_id"])) + 1
+                                                for c in refs_file.iter_columns(plan.rows, ("ref_id",))])
             manifest = mf.build_manifest(out, setup.spec, config_record(config, out), _model_record(setup, out),
                                          plan.rows, gen, retrieval, shards, plan.report.skipped, next_id, setup.vq)
             summary = {"documents": plan.docs, "references": {"encoded": stats["encoded"], "copied": stats["copied"],
@@ -766,7 +784,8 @@ def _drift(setup: Setup, plan: Plan, log) -> dict:
     """vq: how the references encoded now fare with the kb's codebooks, against their training sample."""
     if setup.vq is None or not plan.new:
         return {}
-    new = float(np.mean(refs_file.columns(plan.new, ("quant_rel_err",))["quant_rel_err"]))
+    new = sum(float(np.sum(c["quant_rel_err"])) for c in refs_file.iter_columns(plan.new, ("quant_rel_err",))) \
+        / len(plan.new)
     base = setup.vq["train_rel_err_mean"]
     ratio = new / base if base > 0 else float("inf")
     log(f"codebook drift: the {len(plan.new)} references written now have relative error {new:.4f}, the codebooks' "

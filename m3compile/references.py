@@ -8,6 +8,7 @@ import json
 import os
 import tempfile
 from array import array
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -78,79 +79,51 @@ class ReferenceWriter:
         self.close()
 
 
-class RefColumns:
-    """Reference rows (SCHEMA's columns) held as columns: a compile's plan in ~150 bytes a reference
-    of memory (a dict a row took ~1 KB: issue 16, bounded memory). Rows are appended once, read back
-    as dicts (`row`), and their frame fields set once encoded (`locate`). Strings a document or a
-    shard shares (doc_id, source, doc_sha256, shard) are stored once, content keys as 32 raw bytes.
-    Each row's token ids (int32) and text (UTF-8) are one record of a byte stream: given
-    `spill_dir`, an anonymous temporary file there (gone when closed or when the process dies), so
-    that the biggest columns cost no memory; else a bytearray."""
+class _Bytes:
+    """A growable byte store read and written at offsets: an anonymous temporary file in `spill_dir`
+    (gone when closed or when the process dies; read with pread, never mapped, so what it holds is
+    not resident memory), or a bytearray when `spill_dir` is None."""
 
-    INTERNED = ("doc_id", "source", "doc_sha256", "shard")
-    INTS = {"ref_id": "q", "index": "i", "char_start": "q", "char_end": "q", "n_tokens": "i", "n_kept": "i",
-            "byte_offset": "q", "byte_length": "q"}
-    FLOATS = ("quant_rel_err", "quant_max_err")  # float64: the encoder's values, rounded to float32 on write
-    LOCATION = ("n_kept", "shard", "byte_offset", "byte_length", "quant_rel_err", "quant_max_err")
-    READ_BYTES = 1 << 24  # the most one read of consecutive records takes
-
-    def __init__(self, spill_dir: Path | None = None):
-        self._ints = {k: array(t) for k, t in self.INTS.items()}
-        self._floats = {k: array("d") for k in self.FLOATS}
-        self._codes = {k: array("i") for k in self.INTERNED}
-        self._strings: dict[str, list[str]] = {k: [] for k in self.INTERNED}
-        self._lookup: dict[str, dict[str, int]] = {k: {} for k in self.INTERNED}
-        self._ends = array("q")  # end of each row's record in the stream (token ids, then text)
+    def __init__(self, spill_dir: Path | None):
         self._buf = bytearray() if spill_dir is None else None
         self._file = None if spill_dir is None else tempfile.TemporaryFile(dir=spill_dir, prefix=".plan-",
                                                                            suffix=".tmp")
-        self._dirty = False  # the file's write buffer holds records not yet readable by pread
-        self._keys = bytearray()
+        self._dirty = False  # the file's write buffer holds appended bytes not yet readable by pread
+        self.size = 0
 
-    def __len__(self) -> int:
-        return len(self._keys) // 32
-
-    def close(self) -> None:
-        """Drop the spilled records (the file is anonymous: a killed process leaves nothing)."""
-        if self._file is not None:
-            self._file.close()
-
-    def _code(self, name: str, value: str) -> int:
-        table = self._lookup[name]
-        code = table.get(value)
-        if code is None:
-            code = table[value] = len(self._strings[name])
-            self._strings[name].append(value)
-        return code
-
-    def append(self, row: dict) -> int:
-        """Add a row (SCHEMA's columns; frame fields may be missing until `locate`); its position."""
-        key = bytes.fromhex(row["ref_key"])
-        assert len(key) == 32, row["ref_key"]
-        assert len(row["token_ids"]) == row["n_tokens"], (len(row["token_ids"]), row["n_tokens"])
-        get = row.get
-        for k, col in self._ints.items():
-            col.append(get(k, 0))
-        for k, col in self._floats.items():
-            col.append(get(k, 0.0))
-        for k, col in self._codes.items():
-            col.append(self._code(k, get(k, "")))
-        record = array("i", row["token_ids"]).tobytes() + row["text"].encode("utf-8")
+    def append(self, data: bytes) -> int:
+        """Add `data` at the end; its offset."""
+        at = self.size
         if self._file is None:
-            self._buf += record
+            self._buf += data
         else:
-            self._file.write(record)
+            self._file.write(data)  # buffered: the file's position is always its end (writes use pwrite)
             self._dirty = True
-        self._ends.append((self._ends[-1] if self._ends else 0) + len(record))
-        self._keys += key
-        return len(self) - 1
+        self.size += len(data)
+        return at
 
-    def _read(self, lo: int, hi: int) -> bytes:
+    def write(self, at: int, data: bytes) -> None:
+        """Put `data` at offset `at` (past the end: the gap is zeros). A store is either appended
+        to or written at offsets, never both (the file's buffered position is its end)."""
         if self._file is None:
-            return bytes(self._buf[lo:hi])
+            if at > len(self._buf):
+                self._buf += bytes(at - len(self._buf))
+            self._buf[at:at + len(data)] = data
+        else:
+            done = 0
+            while done < len(data):
+                done += os.pwrite(self._file.fileno(), data[done:], at + done)
+        self.size = max(self.size, at + len(data))
+
+    def _flush(self) -> None:
         if self._dirty:
             self._file.flush()
             self._dirty = False
+
+    def read(self, lo: int, hi: int) -> bytes:
+        if self._file is None:
+            return bytes(self._buf[lo:hi])
+        self._flush()
         parts, at = [], lo
         while at < hi:  # pread may return less than asked (past 2 GiB on Linux, or a signal)
             got = os.pread(self._file.fileno(), hi - at, at)
@@ -160,11 +133,133 @@ class RefColumns:
             at += len(got)
         return b"".join(parts)
 
-    def _records(self, positions) -> list[bytes]:
-        """The records of rows at `positions`: ascending runs that are mostly theirs are read at
-        once, at most READ_BYTES at a time; other records one by one."""
-        ends = self._ends
-        spans = [(ends[p - 1] if p else 0, ends[p]) for p in positions]
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+class RefColumns:
+    """Reference rows (SCHEMA's columns) for a compile's plan, in bounded memory whatever the
+    number of rows (issue 16: a dict a row took ~1 KB, numbers held as columns ~125 bytes). Rows
+    are appended once, read back as dicts (`row`, `rows`) or as columns (`column`), and their
+    frame fields set once encoded (`locate`).
+
+    Each row is a fixed-size record (RECORD: its numbers, its content key as 32 raw bytes, codes
+    of the strings a document or a shard shares, which are stored once) plus a variable record
+    (its token ids as int32, then its text as UTF-8). Given `spill_dir`, both go to anonymous
+    temporary files there; only CACHE_BLOCKS blocks of BLOCK_ROWS fixed records are held (the
+    block being appended to, the ones being read or located), written back when they leave.
+    Without `spill_dir` both are bytearrays (small plans, tests)."""
+
+    INTERNED = ("doc_id", "source", "doc_sha256", "shard")
+    INTS = {"ref_id": "<i8", "index": "<i4", "char_start": "<i8", "char_end": "<i8", "n_tokens": "<i4",
+            "n_kept": "<i4", "byte_offset": "<i8", "byte_length": "<i8"}
+    FLOATS = ("quant_rel_err", "quant_max_err")  # float64: the encoder's values, rounded to float32 on write
+    LOCATION = ("n_kept", "shard", "byte_offset", "byte_length", "quant_rel_err", "quant_max_err")
+    RECORD = np.dtype([*INTS.items(), *((k, "<f8") for k in FLOATS), *((k, "<i4") for k in INTERNED),
+                       ("start", "<i8"), ("text_bytes", "<i4"), ("key", "V32")])
+    BLOCK_ROWS = 4096  # fixed records per block (~0.5 MB)
+    CACHE_BLOCKS = 8
+    READ_BYTES = 1 << 24  # the most one read of consecutive variable records takes
+
+    def __init__(self, spill_dir: Path | None = None):
+        self._fixed, self._var = _Bytes(spill_dir), _Bytes(spill_dir)
+        self._n = 0
+        self._blocks: OrderedDict[int, list] = OrderedDict()  # block -> [records (BLOCK_ROWS,), dirty]
+        self._strings: dict[str, list[str]] = {k: [] for k in self.INTERNED}
+        self._lookup: dict[str, dict[str, int]] = {k: {} for k in self.INTERNED}
+        self.ascending = True  # the rows' ref ids ascend in row order (a new kb's plan): no sort needed
+        self._last_id: int | None = None
+
+    def __len__(self) -> int:
+        return self._n
+
+    def close(self) -> None:
+        """Drop the spilled records (the files are anonymous: a killed process leaves nothing)."""
+        self._fixed.close()
+        self._var.close()
+
+    def _code(self, name: str, value: str) -> int:
+        table = self._lookup[name]
+        code = table.get(value)
+        if code is None:
+            code = table[value] = len(self._strings[name])
+            self._strings[name].append(value)
+        return code
+
+    def _block(self, b: int, dirty: bool = False) -> np.ndarray:
+        """Block b's fixed records, held until CACHE_BLOCKS newer ones push it out (written back
+        if changed); `dirty`: the caller changes them."""
+        got = self._blocks.get(b)
+        if got is None:
+            size = self.RECORD.itemsize
+            got = [np.zeros(self.BLOCK_ROWS, self.RECORD), False]
+            lo, hi = b * self.BLOCK_ROWS * size, min(self._fixed.size, (b + 1) * self.BLOCK_ROWS * size)
+            if hi > lo:
+                got[0][:(hi - lo) // size] = np.frombuffer(self._fixed.read(lo, hi), self.RECORD)
+            self._blocks[b] = got
+            while len(self._blocks) > self.CACHE_BLOCKS:
+                old, (records, changed) = self._blocks.popitem(last=False)
+                if changed:
+                    rows = min(self.BLOCK_ROWS, self._n - old * self.BLOCK_ROWS)
+                    self._fixed.write(old * self.BLOCK_ROWS * size, records[:rows].tobytes())
+        else:
+            self._blocks.move_to_end(b)
+        got[1] = got[1] or dirty
+        return got[0]
+
+    def _record(self, i: int) -> np.void:
+        """Row i's fixed record: from its block if held, else read alone."""
+        b, k = divmod(i, self.BLOCK_ROWS)
+        got = self._blocks.get(b)
+        if got is not None:
+            return got[0][k]
+        size = self.RECORD.itemsize
+        return np.frombuffer(self._fixed.read(i * size, (i + 1) * size), self.RECORD)[0]
+
+    def _records_at(self, positions) -> np.ndarray:
+        """The fixed records of rows at `positions`, in that order, read a block at a time."""
+        pos = np.asarray(positions, dtype=np.int64)
+        out = np.empty(len(pos), self.RECORD)
+        if not len(pos):
+            return out
+        order = None if bool(np.all(pos[1:] >= pos[:-1])) else np.argsort(pos, kind="stable")
+        sp = pos if order is None else pos[order]
+        blocks = sp // self.BLOCK_ROWS
+        cuts = np.flatnonzero(blocks[1:] != blocks[:-1]) + 1
+        got = np.empty(len(pos), self.RECORD)
+        for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), len(sp)]):
+            b = int(blocks[lo])
+            got[lo:hi] = self._block(b)[sp[lo:hi] - b * self.BLOCK_ROWS]
+        if order is None:
+            return got
+        out[order] = got
+        return out
+
+    def append(self, row: dict) -> int:
+        """Add a row (SCHEMA's columns; frame fields may be missing until `locate`); its position."""
+        key = bytes.fromhex(row["ref_key"])
+        assert len(key) == 32, row["ref_key"]
+        assert len(row["token_ids"]) == row["n_tokens"], (len(row["token_ids"]), row["n_tokens"])
+        get = row.get
+        text = row["text"].encode("utf-8")
+        start = self._var.append(array("i", row["token_ids"]).tobytes() + text)
+        i = self._n
+        self._n += 1
+        self._block(i // self.BLOCK_ROWS, dirty=True)[i % self.BLOCK_ROWS] = (
+            *(get(k, 0) for k in self.INTS), *(get(k, 0.0) for k in self.FLOATS),
+            *(self._code(k, get(k, "")) for k in self.INTERNED), start, len(text), key)
+        ref_id = get("ref_id", 0)
+        self.ascending = self.ascending and (self._last_id is None or ref_id > self._last_id)
+        self._last_id = ref_id
+        return i
+
+    def _variable(self, records: np.ndarray) -> list[bytes]:
+        """The variable records (token ids, then text) of these fixed records: ascending runs that
+        are mostly theirs are read at once, at most READ_BYTES at a time; others one by one."""
+        starts = records["start"].tolist()
+        ends = (records["start"] + 4 * records["n_tokens"] + records["text_bytes"]).tolist()
+        spans = list(zip(starts, ends))
         out, k = [], 0
         while k < len(spans):
             lo, j, used = spans[k][0], k + 1, spans[k][1] - spans[k][0]
@@ -173,78 +268,83 @@ class RefColumns:
                 j += 1
             hi = spans[j - 1][1]
             if hi - lo <= 2 * used:
-                block = self._read(lo, hi)
+                block = self._var.read(lo, hi)
                 out += [block[b - lo:e - lo] for b, e in spans[k:j]]
             else:
-                out += [self._read(b, e) for b, e in spans[k:j]]
+                out += [self._var.read(b, e) for b, e in spans[k:j]]
             k = j
         return out
 
-    def _split(self, i: int, record: bytes) -> tuple[array, str]:
-        """A record as (token ids, text)."""
-        n = 4 * self._ints["n_tokens"][i]
+    @staticmethod
+    def _split(n_tokens: int, record: bytes) -> tuple[array, str]:
+        """A variable record as (token ids, text)."""
         ids = array("i")
-        ids.frombytes(record[:n])
-        return ids, record[n:].decode("utf-8")
+        ids.frombytes(record[:4 * n_tokens])
+        return ids, record[4 * n_tokens:].decode("utf-8")
 
     def locate(self, i: int, **fields) -> None:
         """Set row i's frame fields (LOCATION: where its memory lies, and its quantization errors)."""
-        for k, v in fields.items():
-            assert k in self.LOCATION, k
-            if k in self._ints:
-                self._ints[k][i] = v
-            elif k in self._floats:
-                self._floats[k][i] = v
-            else:
-                self._codes[k][i] = self._code(k, v)
+        records = self._block(i // self.BLOCK_ROWS, dirty=True)
+        k = i % self.BLOCK_ROWS
+        for name, v in fields.items():
+            assert name in self.LOCATION, name
+            records[name][k] = self._code(name, v) if name in self.INTERNED else v
 
     def key(self, i: int) -> bytes:
         """Row i's content key, raw (its ref_key is the hex of it)."""
-        return bytes(self._keys[32 * i:32 * i + 32])
+        return self._record(i)["key"].tobytes()
 
-    def raw_keys(self) -> bytes:
-        """Every row's content key, 32 raw bytes each, in row order (a copy)."""
-        return bytes(self._keys)
+    def keys(self, positions) -> np.ndarray:
+        """The content keys of rows at `positions`, raw (32-byte void), in that order."""
+        return self._records_at(positions)["key"]
 
     def token_ids(self, i: int) -> array:
-        return self._split(i, self._records([i])[0])[0]
+        r = self._record(i)
+        return self._split(int(r["n_tokens"]), self._variable(r[np.newaxis])[0])[0]
 
-    def row(self, i: int, record: bytes | None = None) -> dict:
+    def _dicts(self, records: np.ndarray, variable: list[bytes]) -> list[dict]:
+        """Rows as dicts of SCHEMA's columns, in its order, from their fixed and variable records
+        (numbers taken a column at a time: a numpy scalar field read per row is slow)."""
+        c = {k: records[k].tolist() for k in (*self.INTS, *self.FLOATS, *self.INTERNED)}
+        s = self._strings
+        doc_ids, sources, shas, shards = ([s[k][code] for code in c[k]] for k in self.INTERNED)
+        keys = [k.hex() for k in records["key"].tolist()]
+        out = []
+        for j, record in enumerate(variable):
+            ids, text = self._split(c["n_tokens"][j], record)
+            out.append({"ref_id": c["ref_id"][j], "doc_id": doc_ids[j], "source": sources[j], "index": c["index"][j],
+                        "char_start": c["char_start"][j], "char_end": c["char_end"][j],
+                        "n_tokens": c["n_tokens"][j], "token_ids": ids, "text": text, "n_kept": c["n_kept"][j],
+                        "shard": shards[j], "byte_offset": c["byte_offset"][j], "byte_length": c["byte_length"][j],
+                        "quant_rel_err": c["quant_rel_err"][j], "quant_max_err": c["quant_max_err"][j],
+                        "ref_key": keys[j], "doc_sha256": shas[j]})
+        return out
+
+    def row(self, i: int) -> dict:
         """Row i as a dict of SCHEMA's columns, in its order (token_ids an int32 array, as the plan
-        holds them); `record`: its record, when read already (_records)."""
-        ints, codes, strings, floats = self._ints, self._codes, self._strings, self._floats
-        ids, text = self._split(i, self._records([i])[0] if record is None else record)
-        return {"ref_id": ints["ref_id"][i], "doc_id": strings["doc_id"][codes["doc_id"][i]],
-                "source": strings["source"][codes["source"][i]], "index": ints["index"][i],
-                "char_start": ints["char_start"][i], "char_end": ints["char_end"][i], "n_tokens": ints["n_tokens"][i],
-                "token_ids": ids, "text": text, "n_kept": ints["n_kept"][i],
-                "shard": strings["shard"][codes["shard"][i]], "byte_offset": ints["byte_offset"][i],
-                "byte_length": ints["byte_length"][i], "quant_rel_err": floats["quant_rel_err"][i],
-                "quant_max_err": floats["quant_max_err"][i], "ref_key": self.key(i).hex(),
-                "doc_sha256": strings["doc_sha256"][codes["doc_sha256"][i]]}
+        holds them)."""
+        r = self._record(i)[np.newaxis]
+        return self._dicts(r, self._variable(r))[0]
 
     def rows(self, positions) -> list[dict]:
         """The rows at `positions`, their records read together."""
-        return [self.row(p, r) for p, r in zip(positions, self._records(positions))]
-
-    def ref_ids(self) -> array:
-        return self._ints["ref_id"]
+        records = self._records_at(positions)
+        return self._dicts(records, self._variable(records))
 
     def column(self, name: str, positions) -> "list | np.ndarray":
         """One column's values at `positions`, without building the rows: a numpy array for the
-        numbers (8 bytes a row, not a list of int objects: issue 16), else a list."""
-        if name in self._ints:
-            col = self._ints[name]
-            return np.frombuffer(col, dtype=np.dtype(col.typecode))[np.asarray(positions, dtype=np.int64)]
-        elif name in self._floats:
-            return np.frombuffer(self._floats[name], dtype=np.float64)[np.asarray(positions, dtype=np.int64)]
-        elif name in self._codes:
-            codes, strings = self._codes[name], self._strings[name]
-            return [strings[codes[p]] for p in positions]
-        elif name in ("text", "token_ids"):
-            k = name == "text"
-            return [self._split(p, r)[k] for p, r in zip(positions, self._records(positions))]
-        return [self.row(p)[name] for p in positions]
+        numbers (not a list of int objects: issue 16), else a list. Ask for a block of rows at a
+        time (iter_columns): the result is held whole."""
+        records = self._records_at(positions)
+        if name in self.INTS or name in self.FLOATS:
+            return records[name].astype(self.INTS.get(name, "<f8")[1:])  # native order, a copy
+        if name in self.INTERNED:
+            strings = self._strings[name]
+            return [strings[c] for c in records[name].tolist()]
+        if name == "ref_key":
+            return [k.tobytes().hex() for k in records["key"]]
+        k = name == "text"
+        return [self._split(n, v)[k] for n, v in zip(records["n_tokens"].tolist(), self._variable(records))]
 
 
 class Rows:
@@ -279,13 +379,30 @@ class Rows:
     def token_ids(self, j: int) -> array:
         return self.store.token_ids(self.positions[j])
 
+    def keys(self) -> np.ndarray:
+        """Every row's content key, raw (32-byte void), in order (32 bytes a row: an incremental
+        compile's index of its previous kb)."""
+        return np.concatenate([np.empty(0, "V32"), *(self.store.keys(self.positions[lo:lo + COLUMN_BLOCK])
+                                                     for lo in range(0, len(self), COLUMN_BLOCK))])
+
 
 def columns(rows, names) -> dict[str, list]:
     """{name: values} over rows: a Rows view's columns read directly (numbers as numpy arrays), or
-    a list of dicts' (lists)."""
+    a list of dicts' (lists). Held whole: over a big plan, use iter_columns."""
     if isinstance(rows, Rows):
         return {n: rows.store.column(n, rows.positions) for n in names}
     return {n: [r[n] for r in rows] for n in names}
+
+
+COLUMN_BLOCK = 1 << 16  # rows whose columns iter_columns reads at once
+
+
+def iter_columns(rows, names, block: int | None = None):
+    """columns() of consecutive blocks of `block` rows (default COLUMN_BLOCK), in order: what a pass
+    over every row of a big plan holds at a time (issue 16)."""
+    block = block or COLUMN_BLOCK
+    for lo in range(0, len(rows), block):
+        yield columns(rows[lo:lo + block], names)
 
 
 def check_metadata(path: Path) -> pq.FileMetaData:

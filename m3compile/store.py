@@ -30,7 +30,7 @@ from safetensors import safe_open
 from m3compile.errors import M3Error
 from m3compile.model import sha256_file
 from m3compile.pack import ShardWriter, check_frame, read_frame, read_shard_header, shard_info
-from m3compile.references import columns
+from m3compile.references import iter_columns
 from m3compile.spec import MemorySpec
 
 LOCK_NAME = ".m3.lock"
@@ -218,10 +218,10 @@ def collect_garbage(kb_dir: Path, named: set[str]) -> list[str]:
 def shard_state(kb_dir: Path, rows: list[dict]) -> dict:
     """The manifest's state.shards: per shard holding a live reference, its frames and bytes, live and all."""
     live = defaultdict(lambda: [0, 0])
-    cols = columns(rows, ("shard", "byte_length"))
-    for shard, length in zip(cols["shard"], cols["byte_length"]):
-        live[shard][0] += 1
-        live[shard][1] += int(length)
+    for cols in iter_columns(rows, ("shard", "byte_length")):
+        for shard, length in zip(cols["shard"], cols["byte_length"]):
+            live[shard][0] += 1
+            live[shard][1] += int(length)
     state = {}
     for name in sorted(live):
         info = shard_info(Path(kb_dir) / name)

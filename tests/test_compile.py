@@ -80,12 +80,18 @@ def test_bf16_without_bf16_units_is_named(tmp_path, monkeypatch, native):
 
 
 @pytest.mark.parametrize("spill", [False, True])
-def test_plan_columns_give_back_the_rows(tmp_path, spill):
-    # a compile's plan holds its rows as columns (issue 16), token ids and texts in memory or spilled
-    # to an anonymous file; what comes back is the table's rows
+def test_plan_columns_give_back_the_rows(tmp_path, spill, monkeypatch):
+    # a compile's plan holds its rows as fixed records and variable records (issue 16), in memory or
+    # spilled to anonymous files, with only a few blocks of fixed records held (here blocks of 4
+    # rows, 2 held, so that reads, locates and appends cross blocks written back); what comes
+    # back is the table's rows
     from array import array
 
-    from m3compile.references import SCHEMA, RefColumns, Rows, columns
+    from m3compile import references
+    from m3compile.references import SCHEMA, RefColumns, Rows, columns, iter_columns
+    monkeypatch.setattr(RefColumns, "BLOCK_ROWS", 4)
+    monkeypatch.setattr(RefColumns, "CACHE_BLOCKS", 2)
+    monkeypatch.setattr(references, "COLUMN_BLOCK", 5)
     make_checkpoint(tmp_path / "model", "LlamaForCausalLM", {})
     corpus = word_corpus(tmp_path / "corpus", n_docs=3)
     (corpus / "doc9.txt").write_text("w5 été w6 😀 w7")  # multi-byte text
@@ -116,6 +122,16 @@ def test_plan_columns_give_back_the_rows(tmp_path, spill):
     assert store.row(j) == rows[0] and view == rows
     assert columns(Rows(store, [j, 3, 1]), ("text", "token_ids")) == {  # out of order: one read each
         k: [store.row(p)[k] for p in (j, 3, 1)] for k in ("text", "token_ids")}
+    blocks = list(iter_columns(view, ("ref_id", "shard")))
+    assert [len(b["shard"]) for b in blocks] == [5] * (len(rows) // 5) + ([len(rows) % 5] if len(rows) % 5 else [])
+    assert np.concatenate([b["ref_id"] for b in blocks]).tolist() == [r["ref_id"] for r in rows]
+    assert [k.tobytes().hex() for k in view.keys()] == [r["ref_key"] for r in rows]
+    # appended in descending ref id order: a plan that needs sorting
+    assert not store.ascending and len(rows) > 3 * RefColumns.BLOCK_ROWS
+    ascending = RefColumns(None)
+    for r in rows:
+        ascending.append(r)
+    assert ascending.ascending and Rows(ascending, range(len(rows))) == rows
     store.close()
 
 

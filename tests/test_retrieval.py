@@ -163,6 +163,33 @@ def test_bm25_scores_written_by_blocks_are_bm25s_bytes(tmp_path, block, tokens):
     assert len(np.load(tmp_path / "ours" / "data.csc.index.npy")) > 200
 
 
+def test_bm25_corpus_files_are_the_ones_bm25s_saves(tmp_path, monkeypatch):
+    # corpus.jsonl and corpus.mmindex.json are written streamed (bm25s holds every line's offset as
+    # a Python int, then their whole JSON: issue 16), a long list of ids a block at a time; bm25s's
+    # own save of the same rows, with the standard json module, is the oracle byte for byte
+    import bm25s
+    import bm25s.utils.json_functions as bm25s_json
+
+    from m3compile import index as index_mod
+    monkeypatch.setattr(bm25s_json, "dumps", bm25s_json.dumps_with_builtin)  # as without orjson installed
+    monkeypatch.setattr(index_mod, "CORPUS_IDS_AT_ONCE", 3)
+    rows = [{"ref_id": 7}, {"ref_id": 12345678901}, {"doc_id": "Été \"x\" 😀", "ref_ids": list(range(10))},
+            {"doc_id": "b", "ref_ids": np.arange(4, 11, dtype=np.int64)}, {"doc_id": "c", "ref_ids": range(3, 6)},
+            {"doc_id": "d", "ref_ids": []}]
+    oracle = bm25s.BM25()
+    oracle.index(bm25s.tokenize(["word"] * len(rows), show_progress=False), show_progress=False)
+    oracle.save(str(tmp_path / "oracle"), corpus=[{k: (list(map(int, v)) if k == "ref_ids" else v)
+                                                   for k, v in r.items()} for r in rows], show_progress=False)
+    (tmp_path / "ours").mkdir()
+    index_mod._write_corpus(tmp_path / "ours", iter(rows))
+    for f in ("corpus.jsonl", "corpus.mmindex.json"):
+        assert (tmp_path / "ours" / f).read_bytes() == (tmp_path / "oracle" / f).read_bytes(), f
+    assert len(json.loads((tmp_path / "ours" / "corpus.mmindex.json").read_text())) == len(rows)
+    (tmp_path / "empty").mkdir()
+    index_mod._write_corpus(tmp_path / "empty", [])
+    assert (tmp_path / "empty" / "corpus.mmindex.json").read_text() == "[]"
+
+
 def test_bm25_ids_of_long_texts_cut_into_pieces_are_the_whole_texts_ids(tmp_path):
     # a text longer than the tokenizer's character budget is tokenized in pieces cut after spaces or
     # newlines (one huge document in bounded memory, issue 16): the same ids as the text whole, for
