@@ -191,7 +191,8 @@ def _read_text_file(rel: str, path: Path, report: CorpusReport):
     except UnicodeDecodeError as e:
         report.skip("not-utf8", rel, None, f"invalid UTF-8 at byte {e.start}")
         return
-    if not text.strip():
+    del data  # not held while the document is compiled (a 50 MB single line: issue 16)
+    if not text or text.isspace():  # blank (strip() would copy the whole text)
         report.skip("empty", rel, None, "no text")
         return
     yield Document(rel, rel, text), None

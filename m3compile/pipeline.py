@@ -302,7 +302,7 @@ def _plan(setup: Setup, prev: Previous, keep_missing: bool, timer: Timer, spill_
 
     def hashed(docs):
         for d in docs:
-            doc_sha[d.doc_id] = hashlib.sha256(d.text.encode("utf-8")).hexdigest()
+            doc_sha[d.doc_id] = _text_sha256(d.text)
             yield d
 
     docs = hashed(iter_documents(Path(config.corpus), report, follow_symlinks=config.follow_symlinks))
@@ -358,6 +358,15 @@ def _plan_into(store: "refs_file.RefColumns", setup: Setup, prev: Previous, old:
             "kept": sum(d not in doc_sha for d in old_docs) if keep_missing else 0}
     return Plan(refs_file.Rows(store, order), refs_file.Rows(store, new.positions()), removed, docs,
                 report)
+
+
+def _text_sha256(text: str, piece: int = 1 << 20) -> str:
+    """sha256 of the text's UTF-8, encoded a piece at a time: a 50 MB single-line document is not
+    copied whole (issue 16). A str sliced anywhere encodes to pieces of the whole's encoding."""
+    h = hashlib.sha256()
+    for i in range(0, len(text), piece):
+        h.update(text[i:i + piece].encode("utf-8"))
+    return h.hexdigest()
 
 
 class _ByKey:

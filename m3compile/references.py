@@ -220,9 +220,8 @@ class RefColumns:
     def _records_at(self, positions) -> np.ndarray:
         """The fixed records of rows at `positions`, in that order, read a block at a time."""
         pos = np.asarray(positions, dtype=np.int64)
-        out = np.empty(len(pos), self.RECORD)
         if not len(pos):
-            return out
+            return np.empty(0, self.RECORD)
         order = None if bool(np.all(pos[1:] >= pos[:-1])) else np.argsort(pos, kind="stable")
         sp = pos if order is None else pos[order]
         blocks = sp // self.BLOCK_ROWS
@@ -233,6 +232,7 @@ class RefColumns:
             got[lo:hi] = self._block(b)[sp[lo:hi] - b * self.BLOCK_ROWS]
         if order is None:
             return got
+        out = np.empty(len(pos), self.RECORD)
         out[order] = got
         return out
 

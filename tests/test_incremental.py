@@ -272,6 +272,39 @@ def test_a_kill_between_shards_loses_at_most_one_checkpoint_of_encoding(env):
     assert not (tmp / "kb" / ".spill").exists() and verify_kb(tmp / "kb") == []
 
 
+def test_frames_on_disk_by_key_match_a_dict_of_the_first_found(env):
+    # scan_frames holds every frame of a kb directory by content key in arrays (~60 bytes a frame,
+    # issue 16); the oracle is the dict it replaced: shards in name order, then spills, the first
+    # frame found for a key kept; a damaged shard is skipped
+    import shutil
+
+    from m3compile import store
+    tmp, corpus, cfg = env
+    compile_kb(cfg, tmp / "kb")
+    kb = tmp / "kb"
+    shards = sorted(kb.glob("memory-*.safetensors"))
+    assert len(shards) >= 3
+    (kb / store.SPILL_DIR).mkdir()
+    # a checkpoint spill holding the same frames as shard 1 (a spill's tensors are named by its number)
+    shutil.copy(kb / "memory-00001.safetensors", kb / store.SPILL_DIR / "memory-00001.safetensors")
+    (kb / "memory-00098.safetensors").write_bytes(shards[2].read_bytes()[:100])  # damaged: skipped
+    oracle, total = {}, 0
+    for path in sorted(kb.glob("memory-*.safetensors")) + [kb / store.SPILL_DIR / "memory-00001.safetensors"]:
+        try:
+            found = store.shard_frames(path)
+        except Exception:
+            continue
+        prefix = f"{store.SPILL_DIR}/" if path.parent.name == store.SPILL_DIR else ""
+        total += len(found)
+        for _, key, f in found:
+            oracle.setdefault(key, store.Frame(prefix + f.shard, f.offset, f.length, f.rel_err, f.max_err))
+    index = store.scan_frames(kb)
+    assert len(oracle) == len(open_kb(kb)) and len(index) == total > len(oracle)  # every frame, duplicates too
+    assert all(index.get(k) == f and k in index for k, f in oracle.items())
+    assert index.get(b"\7" * 32) is None and b"\7" * 32 not in index
+    assert len(store.scan_frames(tmp / "corpus")) == 0
+
+
 @pytest.mark.parametrize("as_columns", [False, True])
 def test_previous_rows_by_key_match_a_dict_of_queues(tmp_path, as_columns):
     # an incremental compile finds the previous kb's rows by content key in a sorted key array
