@@ -606,7 +606,7 @@ def _at(values, at):
         return values[at.start:at.stop:at.step]
     if isinstance(values, range):
         return values.start + values.step * np.asarray(at, dtype=np.int64)
-    return values[np.asarray(at, dtype=np.int64)]
+    return np.asarray(values)[np.asarray(at, dtype=np.int64)]  # values may be an array("q")
 
 
 def _take(rows, positions):

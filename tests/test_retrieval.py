@@ -163,6 +163,53 @@ def test_bm25_scores_written_by_blocks_are_bm25s_bytes(tmp_path, block, tokens):
     assert len(np.load(tmp_path / "ours" / "data.csc.index.npy")) > 200
 
 
+@pytest.mark.parametrize("view", ["dicts", "columns", "spilled columns, array positions"])
+def test_documents_read_by_blocks_are_group_documents(tmp_path, monkeypatch, view):
+    # index._Documents reads the rows a block at a time (issue 16): grouped rows with consecutive
+    # ids (a new kb) become ranges, others are sorted; either way each document, its ids and the
+    # rows' ids are group_documents' over the whole lists (blocks of 3 rows, 2 blocks of 4 held)
+    from array import array
+
+    from m3compile import references
+    from m3compile.index import _Documents, group_documents
+    from m3compile.references import RefColumns, Rows
+    monkeypatch.setattr(references, "COLUMN_BLOCK", 3)
+    monkeypatch.setattr(RefColumns, "BLOCK_ROWS", 4)
+    monkeypatch.setattr(RefColumns, "CACHE_BLOCKS", 2)
+    for trial in range(120):
+        rng = random.Random(trial)
+        n, count = rng.randrange(1, 30), {}
+        rows = []
+        for i in range(n):
+            d = f"d{rng.randrange(5)}é"
+            count[d] = count.get(d, 0) + 1
+            rows.append({"ref_id": i + 7, "doc_id": d, "index": count[d] - 1, "text": f"t{i} "})
+        if trial % 2:  # grouped by document, ids consecutive: a new kb
+            rows.sort(key=lambda r: (r["doc_id"], r["index"]))
+            for i, r in enumerate(rows):
+                r["ref_id"] = 100 + i
+        if trial % 5 == 0:
+            rng.shuffle(rows)
+        if trial % 3 == 0:
+            for r, i in zip(rows, rng.sample(range(10**6), n)):
+                r["ref_id"] = i
+        if view == "dicts":
+            got = _Documents(rows)
+        else:
+            store = RefColumns(tmp_path if view.startswith("spilled") else None)
+            for r in reversed(rows):
+                store.append({**r, "ref_key": "00" * 32, "n_tokens": 1, "token_ids": [1], "source": "s",
+                              "char_start": 0, "char_end": 1, "doc_sha256": "x"})
+            positions = array("q", range(n - 1, -1, -1)) if view.endswith("positions") else np.arange(n)[::-1]
+            got = _Documents(Rows(store, positions))
+        want = group_documents([r["ref_id"] for r in rows], [r["doc_id"] for r in rows], [r["index"] for r in rows],
+                               [r["text"] for r in rows])
+        assert [got[i] for i in range(len(got))] == want, trial
+        assert [(d, list(map(int, ids))) for d, ids in got.ids()] == [w[:2] for w in want]
+        assert list(got.ref_ids) == [r["ref_id"] for r in rows]
+        assert isinstance(got.ref_ids, range) == all(r["ref_id"] == rows[0]["ref_id"] + i for i, r in enumerate(rows))
+
+
 def test_bm25_corpus_files_are_the_ones_bm25s_saves(tmp_path, monkeypatch):
     # corpus.jsonl and corpus.mmindex.json are written streamed (bm25s holds every line's offset as
     # a Python int, then their whole JSON: issue 16), a long list of ids a block at a time; bm25s's
