@@ -290,17 +290,9 @@ class RefColumns:
             assert name in self.LOCATION, name
             records[name][k] = self._code(name, v) if name in self.INTERNED else v
 
-    def key(self, i: int) -> bytes:
-        """Row i's content key, raw (its ref_key is the hex of it)."""
-        return self._record(i)["key"].tobytes()
-
     def keys(self, positions) -> np.ndarray:
         """The content keys of rows at `positions`, raw (32-byte void), in that order."""
         return self._records_at(positions)["key"]
-
-    def token_ids(self, i: int) -> array:
-        r = self._record(i)
-        return self._split(int(r["n_tokens"]), self._variable(r[np.newaxis])[0])[0]
 
     def _dicts(self, records: np.ndarray, variable: list[bytes]) -> list[dict]:
         """Rows as dicts of SCHEMA's columns, in its order, from their fixed and variable records
@@ -371,13 +363,6 @@ class Rows:
 
     def locate(self, j: int, **fields) -> None:
         self.store.locate(self.positions[j], **fields)
-
-    def key(self, j: int) -> bytes:
-        """The j-th row's content key, raw (its ref_key is the hex of it)."""
-        return self.store.key(self.positions[j])
-
-    def token_ids(self, j: int) -> array:
-        return self.store.token_ids(self.positions[j])
 
     def keys(self) -> np.ndarray:
         """Every row's content key, raw (32-byte void), in order (32 bytes a row: an incremental
