@@ -24,7 +24,8 @@ records as examples/README.md (the first --limit records after a seeded shuffle)
             right reading a kb of their own articles; memory must not make it forget.
 
 Points are MODEL:TOP_K:LAYERS (LAYERS like 0-3 or 2,3; MODEL a checkpoint directory, `reader`
-for the embedded default, or `half` for the 1/2 reader, examples/reader-half/model). Without
+for the embedded default, or `half` for the 1/2 reader, examples/reader-half/model), with
+`@WIDTH` after them for references of WIDTH tokens instead of the model's (reader:8:3@64). Without
 --point: the 1/2 reader zero-shot at top-16, 8, 4, 2 and 1 of its 32-token references in all
 layers (1/2 ... 1/32). `--dtype bfloat16` compiles the memories in bfloat16 (the model still reads
 in float32): does the reader read memories of a bf16 compile as well?
@@ -70,9 +71,12 @@ def layers_arg(s: str) -> tuple[int, ...]:
 
 
 def parse_point(s: str) -> dict:
-    model, top_k, layers = s.rsplit(":", 2)
+    """MODEL:TOP_K:LAYERS, or MODEL:TOP_K:LAYERS@WIDTH for references of WIDTH tokens instead of the model's."""
+    body, _, width = s.partition("@")
+    model, top_k, layers = body.rsplit(":", 2)
     path = ALIASES.get(model, Path(model))
-    return {"name": s, "model": path, "top_k": int(top_k), "layers": layers_arg(layers)}
+    return {"name": s, "model": path, "top_k": int(top_k), "layers": layers_arg(layers),
+            "width": int(width) if width else None}
 
 
 def load_records(facts: Path) -> list[dict]:
@@ -122,7 +126,8 @@ def measure(point: dict, corpus_dir: Path, recs: list[dict], tmp: Path, modes, d
     kb = tmp / f"kb-{abs(hash(point['name']))}"
     t0 = time.perf_counter()
     m = compile_kb(CompileConfig(corpus=str(corpus_dir / "corpus"), model=str(point["model"]), top_k=point["top_k"],
-                                 memory_layers=point["layers"], quant="int8", dtype=dtype), kb).manifest
+                                 memory_layers=point["layers"], max_tokens=point.get("width"), quant="int8",
+                                 dtype=dtype), kb).manifest
     spec = m.spec
     ev = Evaluator(kb, point["model"], corpus_dir)
     n_layers = ev.ck.args.n_layers

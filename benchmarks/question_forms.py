@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(ROOT / "examples"))
 
 import make_corpus  # noqa: E402
-from corpus_templates import QUESTIONS  # noqa: E402
+from corpus_templates import MORE_QUESTIONS, QUESTIONS  # noqa: E402
 from density_frontier import answer, first_sentence, readers_world, whole_world  # noqa: E402  (same directory)
 from train_memory import Evaluator  # noqa: E402
 from m3compile.config import CompileConfig, default_model_dir  # noqa: E402
@@ -127,8 +127,9 @@ def main() -> int:
     template = [json.loads(line) for line in (READER / "facts" / "questions.jsonl").read_text().splitlines()]
     assert {r["entity"] for r in template} == ids, "examples/reader/facts is not the held-out part of the world"
     novel = novel_records(entities)
-    taught = {t.split("?")[0] for forms in QUESTIONS.values() for ts in forms.values() for t in ts}
-    assert not any(NOVEL[t][k].split("?")[0] in taught for t in NOVEL for k in NOVEL[t]), "a novel form is a template"
+    taught = {t.split("?")[0] for table in (QUESTIONS, MORE_QUESTIONS) for forms in table.values()
+              for ts in forms.values() for t in ts}
+    assert not any(NOVEL[t][k].split("?")[0] in taught for t in NOVEL for k in NOVEL[t]), "a novel form is taught"
     with tempfile.TemporaryDirectory(prefix="m3forms-") as tmp:
         corpus = whole_world(Path(tmp)) if a.kb == "world" else READER
         t0 = time.perf_counter()

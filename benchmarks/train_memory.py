@@ -74,6 +74,11 @@ def make_world(work: Path, a) -> dict:
     by_entity = {}
     for r in recs:
         by_entity.setdefault(r["entity"], []).append(r)
+    if a.more_forms:  # training-only phrasings of A's and W's questions; never evaluated (w["records"])
+        from corpus_templates import MORE_QUESTIONS
+        for e in world.entities:
+            if e.id in A or e.id in W:
+                by_entity[e.id] += make_corpus.questions(e, MORE_QUESTIONS, tag="x")
     for e in sorted(A | W):
         mine = by_entity.get(e, [])
         qs = [r for r in mine if r["kind"] == "question"]
@@ -250,6 +255,9 @@ def add_world_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--held-out", type=float, default=0.02)
     ap.add_argument("--memory-only", type=float, default=0.92)
     ap.add_argument("--rag-share", type=float, default=0.25, help="training texts also given with their article in context")
+    ap.add_argument("--more-forms", action="store_true",
+                    help="also train on examples/corpus_templates.py's MORE_QUESTIONS: four more phrasings of every "
+                         "question kind (issue 13: forms held out of training)")
     ap.add_argument("--pack-questions", type=int, default=4,
                     help="questions of one entity per training text (examples/README.md: what makes memory training help)")
     ap.add_argument("--eval-limit", type=int, default=400, help="held-out records evaluated")

@@ -136,3 +136,73 @@ QUESTIONS = {
                       "For what is the {n} famous? For its {specialty}."],
     },
 }
+
+# More phrasings of every question, for memory training only (benchmarks/train_memory.py
+# --more-forms): never in examples/*/facts, never asked by the frontier. Two forms per kind taught
+# the 1M-parameter readers to map a question to a fact kind by its template's words, so that a
+# new phrasing of a river question got an organisation for an answer (examples/README.md, question
+# forms). These were written without the held-out phrasings of benchmarks/question_forms.py's
+# NOVEL in view of their wording: main there checks that none of them is one of these.
+MORE_QUESTIONS = {
+    "town": {
+        "founded": ["Since which year has {n} existed? Since {founded}.", "What is the founding date of {n}? {founded}.",
+                    "{N} was founded in which year? In {founded}.", "How old is {n}? It was founded in {founded}."],
+        "founder": ["Which person founded {n}? {founder}.", "By whom was {n} founded? By {founder}.",
+                    "{N} was founded by whom? By {founder}.", "Who built the first houses of {n}? {founder}."],
+        "region": ["In what region does {n} lie? In {region}.", "{N} belongs to which region? To {region}.",
+                   "What region holds {n}? {region}.", "Where is {n} to be found? In {region}."],
+        "river": ["What is the river of {n} called? The {river}.", "{N} stands on which river? The {river}.",
+                  "Which river is {n} built on? The River {river}.",
+                  "What is the name of the river at {n}? The {river}."],
+        "population": ["How big is {n}? About {population} people live there.",
+                       "{N} has how many inhabitants? About {population}.",
+                       "How many inhabitants does {n} count? About {population}.",
+                       "What is the size of {n}? About {population} people."],
+        "export": ["What does {n} export? Mainly {export}.", "Which goods is {n} famous for? For its {export}.",
+                   "What do traders buy in {n}? Its {export}.", "What is the main trade good of {n}? {export}."],
+        "emblem": ["What is the emblem of {n}? A {emblem}.", "What do the town arms of {n} carry? A {emblem}.",
+                   "{N} bears which emblem? A {emblem}.", "Which sign does {n} bear on its arms? A {emblem}."],
+        "market_day": ["On what day does {n} hold its market? On {market_day}.",
+                       "When do the stalls open in {n}? On {market_day}.",
+                       "{N} holds its market on which day? On {market_day}.",
+                       "Which day brings the market to {n}? {market_day}."],
+        "rival": ["Who is the rival of {n}? {rival}.", "Which town competes with {n}? {rival}.",
+                  "{N} has long been at odds with which town? With {rival}.", "What is the old enemy of {n}? {rival}."],
+    },
+    "person": {
+        "born": ["When did {n} come into the world? In {born}.", "What is the birth year of {n}? {born}.",
+                 "{N} was born in which year? In {born}.", "How long ago was {n} born? In {born}."],
+        "died": ["What is the year of {n}'s death? {died}.", "When did {n} pass away? In {died}.",
+                 "{N} died in which year? In {died}.", "In what year did {n} pass away? {died}."],
+        "birthplace": ["Which town was {n} born in? {birthplace}.", "What is the birthplace of {n}? {birthplace}.",
+                       "{N} was born where? In {birthplace}.", "Where did {n} come from? From {birthplace}."],
+        "occupation": ["What was {n}'s job? {A} {occupation}.", "What profession did {n} have? {A} {occupation}.",
+                       "How did {n} earn a living? As {a} {occupation}.", "{N} worked in which craft? As {a} {occupation}."],
+        "known_for": ["What is {n} known for? The {known_for}.", "Which book made {n} famous? The {known_for}.",
+                      "What did {n} write? The {known_for}.", "For which work is {n} famous? For the {known_for}."],
+        "died_in": ["Which town did {n} die in? {died_in}.", "Where did {n} pass away? In {died_in}.",
+                    "{N} died in which town? In {died_in}.", "Where did {n} end {poss} days? In {died_in}."],
+        "founder_of": ["What was {n} the founder of? {founded_The}{founder_of}.",
+                       "{N} founded what? {founded_The}{founder_of}.",
+                       "What did {n} set up? {founded_The}{founder_of}.",
+                       "Which foundation is owed to {n}? {founded_The}{founder_of}."],
+    },
+    "org": {
+        "emblem": ["What emblem does the {n} use? A {emblem}.", "What sign does the {n} bear? A {emblem}.",
+                   "The {n} has which emblem? A {emblem}.", "What does the {n} show on its seal? A {emblem}."],
+        "kind": ["How would you describe the {n}? As {a} {kind}.", "The {n} is what kind of body? {A} {kind}.",
+                 "What is the {n}, a company or a school? It is {a} {kind}.",
+                 "Which sort of institution is the {n}? {A} {kind}."],
+        "seat": ["Where does the {n} have its seat? In {seat}.", "Where is the {n} based? In {seat}.",
+                 "The {n} is seated in which town? In {seat}.", "Where is the home of the {n}? In {seat}."],
+        "founded": ["What is the founding year of the {n}? {founded}.", "Since when has the {n} existed? Since {founded}.",
+                    "The {n} was founded in which year? In {founded}.", "How old is the {n}? It was founded in {founded}."],
+        "founder": ["Which person founded the {n}? {founder}.", "Who set up the {n}? {founder}.",
+                    "The {n} was founded by whom? By {founder}.", "Who started the {n}? {founder}."],
+        "members": ["How many people belong to the {n}? About {members}.",
+                    "What is the size of the {n}? About {members} members.",
+                    "The {n} has how many members? About {members}.", "How many members are in the {n}? About {members}."],
+        "specialty": ["For what is the {n} remembered? For its {specialty}.", "What made the {n} famous? Its {specialty}.",
+                      "What is the {n} noted for? Its {specialty}.", "What is special about the {n}? Its {specialty}."],
+    },
+}

@@ -315,18 +315,23 @@ def restatements(entity: Entity, rng: random.Random, n: int = RESTATEMENTS_PER_E
     return records
 
 
-def questions(entity: Entity) -> list[dict]:
-    """Every question template for every fact, the answer after "? "."""
+def questions(entity: Entity, forms: dict | None = None, tag: str = "") -> list[dict]:
+    """Every question template for every fact, the answer after "? ".
+
+    forms: the templates (default QUESTIONS; corpus_templates.MORE_QUESTIONS for training-only
+    phrasings, with tag "x": ids NAME.q.KEY.xJ, so that they never collide with the questions').
+    """
     facts, ctx = entity.fact_dict, dict(entity.ctx)
+    forms = QUESTIONS if forms is None else forms
     records = []
     for key in sorted(facts):
-        for j, t in enumerate(QUESTIONS[entity.type][key]):
+        for j, t in enumerate(forms[entity.type][key]):
             text, spans = render(t, ctx, facts)
             q_end = text.index("? ") + 1
             answer = [s for s in spans if s["key"] == key and s["start"] > q_end]
             assert len(answer) == 1, (entity.id, key, text)
-            records.append({"id": f"{entity.id}.q.{key}.{j}", "entity": entity.id, "kind": "question",
-                            "template": f"{entity.type}.{key}.q{j}", "text": text, "question_end": q_end,
+            records.append({"id": f"{entity.id}.q.{key}.{tag}{j}", "entity": entity.id, "kind": "question",
+                            "template": f"{entity.type}.{key}.{tag or 'q'}{j}", "text": text, "question_end": q_end,
                             "facts": answer})
     return records
 

@@ -347,6 +347,48 @@ def test_novel_question_forms_ask_every_held_out_fact_in_no_trained_form():
         assert r["text"][fact["start"]:fact["end"]] == fact["value"] and fact["start"] > r["question_end"]
 
 
+def test_more_question_forms_are_trained_on_and_never_asked(tmp_path):
+    # benchmarks/train_memory.py --more-forms: four more phrasings of every question kind go into the
+    # training texts of the memory-only and known entities, never into the held-out entities' texts,
+    # never into the evaluated records, and none is a phrasing the question-forms benchmark holds out
+    import argparse
+
+    bench = EXAMPLES.parent / "benchmarks"
+    if str(bench) not in sys.path:
+        sys.path.insert(0, str(bench))
+    tm, qf = importlib.import_module("train_memory"), importlib.import_module("question_forms")
+    templates = _example_module("corpus_templates")
+    mc = _example_module("make_corpus")
+    assert {t: set(k) for t, k in templates.MORE_QUESTIONS.items()} == \
+        {t: set(k) for t, k in templates.QUESTIONS.items()}
+    novel = {f.split("?")[0] for forms in qf.NOVEL.values() for f in forms.values()}
+    taught = {f.split("?")[0] for table in (templates.QUESTIONS, templates.MORE_QUESTIONS)
+              for forms in table.values() for fs in forms.values() for f in fs}
+    assert not novel & taught
+    assert len({f for forms in templates.MORE_QUESTIONS.values() for fs in forms.values() for f in fs}) == \
+        sum(len(fs) for forms in templates.MORE_QUESTIONS.values() for fs in forms.values())  # no form twice
+
+    ap = argparse.ArgumentParser()
+    tm.add_world_args(ap)
+    texts = {}
+    for more in (False, True):
+        a = ap.parse_args(["--entities", "60", "--held-out", "0.1"] + (["--more-forms"] if more else []))
+        w = tm.make_world(tmp_path / str(more), a)
+        texts[more] = [json.loads(line)["text"] for line in (tmp_path / str(more) / "train_texts.jsonl").open()]
+        assert all(".x" not in r["id"] for r in w["records"])  # evaluation is unchanged
+    world = mc.generate(60, 0)
+    held = [e for e in world.entities if e.id in w["H"]]
+    trained = [e for e in world.entities if e.id in w["A"]]
+    assert held and trained
+    extra = lambda e: [r["text"][:r["question_end"]] for r in mc.questions(e, templates.MORE_QUESTIONS, tag="x")]
+    joined = {more: "\n".join(t) for more, t in texts.items()}
+    for e in trained:
+        assert all(q in joined[True] for q in extra(e)) and not any(q in joined[False] for q in extra(e)), e.id
+    for e in held:
+        assert not any(q in joined[True] for q in extra(e)), e.id
+    assert len(texts[True]) > len(texts[False])
+
+
 # (corpus, every n-th question, least share right with memory): measured in examples/README.md
 ANSWER_CASES = {"held-out": (READER, 4, 0.35), "demo": (EXAMPLES, 2, 0.35)}
 
