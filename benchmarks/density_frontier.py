@@ -126,7 +126,7 @@ def measure(point: dict, corpus_dir: Path, recs: list[dict], tmp: Path, modes, d
     kb = tmp / f"kb-{abs(hash(point['name']))}"
     t0 = time.perf_counter()
     m = compile_kb(CompileConfig(corpus=str(corpus_dir / "corpus"), model=str(point["model"]), top_k=point["top_k"],
-                                 memory_layers=point["layers"], max_tokens=point.get("width"), quant="int8",
+                                 memory_layers=point["layers"], max_tokens=point["width"], quant="int8",
                                  dtype=dtype), kb).manifest
     spec = m.spec
     ev = Evaluator(kb, point["model"], corpus_dir)

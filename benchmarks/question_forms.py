@@ -78,6 +78,13 @@ NOVEL = {
 }
 
 
+def taught_forms() -> set[str]:
+    """The question part of every phrasing any training text may hold: the templates and the
+    training-only MORE_QUESTIONS (benchmarks/train_memory.py --more-forms)."""
+    return {t.split("?")[0] for table in (QUESTIONS, MORE_QUESTIONS) for forms in table.values()
+            for ts in forms.values() for t in ts}
+
+
 def held_out_entities() -> list:
     """The 40 held-out entities of the readers' world (examples/reader/corpus), as World entities."""
     world, (H, _, _) = readers_world()
@@ -127,8 +134,7 @@ def main() -> int:
     template = [json.loads(line) for line in (READER / "facts" / "questions.jsonl").read_text().splitlines()]
     assert {r["entity"] for r in template} == ids, "examples/reader/facts is not the held-out part of the world"
     novel = novel_records(entities)
-    taught = {t.split("?")[0] for table in (QUESTIONS, MORE_QUESTIONS) for forms in table.values()
-              for ts in forms.values() for t in ts}
+    taught = taught_forms()
     assert not any(NOVEL[t][k].split("?")[0] in taught for t in NOVEL for k in NOVEL[t]), "a novel form is taught"
     with tempfile.TemporaryDirectory(prefix="m3forms-") as tmp:
         corpus = whole_world(Path(tmp)) if a.kb == "world" else READER

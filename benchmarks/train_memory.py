@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
 import make_corpus  # noqa: E402
+from corpus_templates import MORE_QUESTIONS  # noqa: E402
 import memory_probe  # noqa: E402  (same directory)
 import train_model  # noqa: E402
 import train_tokenizer  # noqa: E402
@@ -74,13 +75,11 @@ def make_world(work: Path, a) -> dict:
     by_entity = {}
     for r in recs:
         by_entity.setdefault(r["entity"], []).append(r)
-    if a.more_forms:  # training-only phrasings of A's and W's questions; never evaluated (w["records"])
-        from corpus_templates import MORE_QUESTIONS
-        for e in world.entities:
-            if e.id in A or e.id in W:
-                by_entity[e.id] += make_corpus.questions(e, MORE_QUESTIONS, tag="x")
+    entities = world.by_id()
     for e in sorted(A | W):
         mine = by_entity.get(e, [])
+        if a.more_forms:  # training-only phrasings of A's and W's questions; never evaluated (w["records"])
+            mine = mine + make_corpus.questions(entities[e], MORE_QUESTIONS, tag="x")
         qs = [r for r in mine if r["kind"] == "question"]
         rng.shuffle(qs)
         # --pack-questions of one entity's questions make one text: one 64-token chunk with
