@@ -243,8 +243,11 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         # normalise in float32 like transformers, then scale in the input dtype
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if h is x or torch.is_grad_enabled() or self.weight.dtype != x.dtype:
+            return self.weight * (h * r).to(x.dtype)
+        # no autograd and h a copy: in place, the same bits with two fresh tensors fewer per call
+        return h.mul_(r).to(x.dtype).mul_(self.weight)
 
 
 class LayerKV(NamedTuple):
@@ -327,14 +330,16 @@ class Attention(nn.Module):
             k = torch.cat([extra.k.to(k.dtype), k], dim=2)  # (B, H, M+T, D)
             v = torch.cat([extra.v.to(v.dtype), v], dim=2)  # (B, H, M+T, D)
             mask = torch.cat([extra.visible[:, None], mask], dim=-1)  # (B, 1, T, M+T)
-        # grouped-query: query head n reads kv head n // n_rep (transformers' repeat_kv)
-        k = k.repeat_interleave(a.n_rep, dim=1)  # (B, N, S, D)
-        v = v.repeat_interleave(a.n_rep, dim=1)  # (B, N, S, D)
-        scores = (q @ k.transpose(-2, -1)) * a.head_dim**-0.5  # (B, N, T, S)
+        # grouped-query: query head n reads kv head n // n_rep (transformers' repeat_kv). The R
+        # query heads of a kv head are one (R*T)-row matrix against its k and v, so no repeated copy
+        # of k and v is made: the same bits as repeat_kv (float32 and bfloat16, checked on 5 shapes)
+        H, R, S, D = a.n_kv_heads, a.n_rep, k.shape[2], a.head_dim
+        scores = (q.reshape(B, H, R * T, D) @ k.transpose(-2, -1)).view(B, a.n_heads, T, S).mul_(D**-0.5)
         # a fully masked row (a padding query) gets a finite uniform row instead of NaN
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)  # (B, N, T, S)
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # (B, N, T, S)
-        out = (probs @ v).transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim)  # (B, T, N*D)
+        out = (probs.view(B, H, R * T, S) @ v).view(B, a.n_heads, T, D)  # (B, N, T, D)
+        out = out.transpose(1, 2).reshape(B, T, a.n_heads * D)  # (B, T, N*D)
         return self.wo(out), kv
 
 
@@ -346,7 +351,9 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=args.mlp_bias)  # down
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if torch.is_grad_enabled():
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(F.silu(self.w1(x), inplace=True).mul_(self.w3(x)))  # the same bits, no fresh tensors
 
 
 class Block(nn.Module):
@@ -359,8 +366,11 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, mask, extra: ExtraKV | None = None, cache: tuple | None = None):
         h, kv = self.attention(self.attention_norm(x), cos, sin, mask, extra, cache)
-        h = x + h
-        return h + self.feed_forward(self.ffn_norm(h)), kv
+        if torch.is_grad_enabled():
+            h = x + h
+            return h + self.feed_forward(self.ffn_norm(h)), kv
+        h = h.add_(x)  # in place on fresh outputs (no autograd): the same bits as x + h
+        return self.feed_forward(self.ffn_norm(h)).add_(h), kv
 
 
 class Transformer(nn.Module):

@@ -41,7 +41,11 @@ def token_scores(q_pre: torch.Tensor, k_pre: torch.Tensor, mask: torch.Tensor) -
     # heads h*R..h*R+R-1 share kv head h, so a group's queries are R*T consecutive rows
     q = q_pre.float().reshape(B, H, R * T, D)  # (B, H, R*T, D)
     logits = (k_pre.float() @ q.transpose(-1, -2)).mul_(D**-0.5)  # (B, H, T, R*T): key j, query (r, i)
-    logits.masked_fill_(~mask.repeat(1, R)[:, None, None, :], float("-inf"))  # padding queries drop out
+    # padding queries drop out: adding 0 or -inf gives masked_fill_'s bits, and the broadcast add
+    # took 0.4 ms a layer where masked_fill_ with a broadcast mask took 3.5-4.7 (110M shape, 16
+    # references, 2 threads: it was a third of the selection)
+    bias = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf")).repeat(1, R)  # (B, R*T)
+    logits.add_(bias[:, None, None, :])
     top = logits.amax(dim=-1, keepdim=True)  # (B, H, T, 1): finite, every reference has a real query
     scores = logits.sub_(top).exp_().sum(dim=-1).log_().add_(top[..., 0])  # (B, H, T) logsumexp
     return scores.masked_fill_(~mask[:, None, :], float("-inf"))  # padding keys never win

@@ -97,6 +97,28 @@ def test_bfloat16_close_to_float32(tmp_path):
     assert (l16 - l32).abs().max() < 0.05 * l32.abs().max()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_inference_path_gives_the_bits_of_the_autograd_path(tmp_path, dtype):
+    """Without autograd the blocks work in place (RMSNorm, SwiGLU, residuals) and grouped-query
+    attention reads k and v without repeating them: the logits and memory key-values must be the
+    same bits as the plain out-of-place path that training runs, padding and GQA included."""
+    make_checkpoint(tmp_path, "LlamaForCausalLM", {})  # GQA: 4 query heads on 2 kv heads
+    model = load_checkpoint(tmp_path, dtype=dtype).model
+    assert model.args.n_heads > model.args.n_kv_heads
+    ids = torch.randint(3, 120, (3, 21), generator=torch.Generator().manual_seed(4))
+    mask = torch.arange(21)[None] < torch.tensor([[21], [13], [5]])
+    with torch.enable_grad():
+        logits = model(ids, attention_mask=mask)
+        kv = model.forward_kv(ids, [0, 1], attention_mask=mask)
+    assert logits.requires_grad  # the autograd path really ran
+    with torch.inference_mode():
+        fast = model(ids, attention_mask=mask)
+        fast_kv = model.forward_kv(ids, [0, 1], attention_mask=mask)
+    assert torch.equal(fast, logits.detach())
+    for layer in (0, 1):
+        assert all(torch.equal(a, b.detach()) for a, b in zip(fast_kv[layer], kv[layer]))
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
