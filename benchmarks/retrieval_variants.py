@@ -16,11 +16,13 @@ before anything is changed. Document vectors tried for dense_doc:
   whole+meanwinN    the normalised sum of whole(trunc) and mean-winN
 
 --grid also scores weights (bm25, bm25_doc, dense, dense_doc) over {0.25, 0.5, 1}², {0.5, 1, 1.5} and
-{0.25, 0.5, 1}. Every figure is document-level nDCG@10 as benchmarks/retrieval.py computes it, over
+{0.25, 0.5, 1}. --norms scores other normalisations of the four scores (top_norm: z-score over the
+top 100, theoretical min-max with a cosine's -1) in pairs BM25:DENSE (--norm-pairs), over a grid
+of weights (--norm-weights, --norm-bm25). Every figure is document-level nDCG@10 as benchmarks/retrieval.py computes it, over
 all 809 train queries and over the halves with even and odd query ids (a change that holds on only
 one half is tuning noise), then recall@100.
 
-    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/retrieval_variants.py --cache /tmp/emb-cache [--grid]
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/retrieval_variants.py --cache /tmp/emb-cache [--grid] [--norms]
 
 With benchmarks/retrieval.py's cache warm (same --cache), the windows take ~15 min of one thread.
 """
@@ -49,6 +51,28 @@ def topminmax(m: np.ndarray, depth: int = 100) -> np.ndarray:
     return out
 
 
+def top_norm(m: np.ndarray, how: str, depth: int = 100) -> np.ndarray:
+    """(Q, X) scores -> normalised over each row's top `depth`; what is outside the top list gets
+    the worst listed value (as a reference the method did not return in _minmax). how:
+    minmax (today's dense), zscore (mean 0, std 1 over the list), tmm (theoretical min-max:
+    (s - lo) / (max - lo) with lo = -1 for a cosine, 0 for BM25), max (s / max, today's BM25)."""
+    idx = np.argpartition(-m, depth, axis=1)[:, :depth]
+    v = np.take_along_axis(m, idx, 1)
+    if how == "minmax":
+        lo, hi = v.min(1, keepdims=True), v.max(1, keepdims=True)
+        v = (v - lo) / np.maximum(hi - lo, 1e-12)
+    elif how == "zscore":
+        v = (v - v.mean(1, keepdims=True)) / np.maximum(v.std(1, keepdims=True), 1e-12)
+    elif how in ("tmm", "max"):
+        lo = -1.0 if how == "tmm" and m.min() < 0 else 0.0
+        v = (v - lo) / np.maximum(v.max(1, keepdims=True) - lo, 1e-12)
+    else:
+        raise ValueError(how)
+    out = np.repeat(v.min(1, keepdims=True), m.shape[1], axis=1)
+    np.put_along_axis(out, idx, v, 1)
+    return out
+
+
 def unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
@@ -59,6 +83,15 @@ def main() -> int:
     ap.add_argument("--cache", type=Path, required=True, help="embedding cache (benchmarks/retrieval.py --cache)")
     ap.add_argument("--windows", type=int, nargs="*", default=[128, 254], help="window sizes in word pieces")
     ap.add_argument("--grid", action="store_true", help="also score a grid of fusion weights")
+    ap.add_argument("--norms", action="store_true",
+                    help="also score normalisations of each score (top_norm) with a grid of dense weights")
+    ap.add_argument("--norm-pairs", nargs="*", default=["max:minmax", "max:zscore", "max:tmm", "zscore:minmax",
+                                                         "zscore:zscore", "zscore:tmm"],
+                    help="BM25NORM:DENSENORM pairs for --norms")
+    ap.add_argument("--norm-weights", type=float, nargs="*", default=[0.25, 0.5, 1.0],
+                    help="values of each of the four weights for --norms (bm25 and bm25_doc stay 0.5 and 1.0 "
+                         "unless --norm-bm25 is given)")
+    ap.add_argument("--norm-bm25", action="store_true", help="--norms also varies the two BM25 weights")
     a = ap.parse_args()
     R.cache_embeddings(a.cache)
     queries, qrels = R.load_scifact(a.data)
@@ -135,6 +168,22 @@ def main() -> int:
         print("\n| bm25 | bm25_doc | dense | dense_doc | nDCG@10 | even ids | odd ids | R@100 |\n|---|---|---|---|---|---|---|---|")
         for wb, wbd, wd, wdd in itertools.product((0.25, 0.5, 1.0), (0.5, 1.0, 1.5), (0.25, 0.5, 1.0), (0.25, 0.5, 1.0)):
             print(f"| {wb} | {wbd} | {wd} | {wdd} | {score(wb * s_n + wbd * sd_n + wd * d_ref + wdd * dd)} |", flush=True)
+    if a.norms:
+        dd_raw = variants["whole(trunc)"]
+        dense_raw = q @ e_ref.T  # (Q, R)
+        print("\n| bm25 norm | dense norm | bm25 | bm25_doc | dense | dense_doc | nDCG@10 | even ids | odd ids | R@100 |\n"
+              "|---|---|---|---|---|---|---|---|---|---|")
+        for bn, dn in (pair.split(":") for pair in a.norm_pairs):
+            if bn == "max":
+                b_ref, b_doc = s_n, sd_n
+            else:
+                b_ref, b_doc = top_norm(s, bn), top_norm(sd, bn)[:, doc_of_ref]
+            d_r, d_d = top_norm(dense_raw, dn), top_norm(dd_raw, dn)[:, doc_of_ref]
+            ws = a.norm_weights
+            bws = list(itertools.product(ws, ws)) if a.norm_bm25 else [(0.5, 1.0)]
+            for (wb, wbd), wd, wdd in itertools.product(bws, ws, ws):
+                print(f"| {bn} | {dn} | {wb} | {wbd} | {wd} | {wdd} | "
+                      f"{score(wb * b_ref + wbd * b_doc + wd * d_r + wdd * d_d)} |", flush=True)
     return 0
 
 
