@@ -41,21 +41,12 @@ from m3compile import index as ix  # noqa: E402
 from m3compile.retrieve import Retriever  # noqa: E402
 
 
-def topminmax(m: np.ndarray, depth: int = 100) -> np.ndarray:
-    """(Q, X) scores -> min-max scaled over each row's top `depth`, 0 elsewhere (as _minmax)."""
-    out = np.zeros_like(m)
-    idx = np.argpartition(-m, depth, axis=1)[:, :depth]
-    v = np.take_along_axis(m, idx, 1)
-    lo, hi = v.min(1, keepdims=True), v.max(1, keepdims=True)
-    np.put_along_axis(out, idx, (v - lo) / np.maximum(hi - lo, 1e-12), 1)
-    return out
-
-
 def top_norm(m: np.ndarray, how: str, depth: int = 100) -> np.ndarray:
     """(Q, X) scores -> normalised over each row's top `depth`; what is outside the top list gets
     the worst listed value (as a reference the method did not return in _minmax). how:
-    minmax (today's dense), zscore (mean 0, std 1 over the list), tmm (theoretical min-max:
-    (s - lo) / (max - lo) with lo = -1 for a cosine, 0 for BM25), max (s / max, today's BM25)."""
+    minmax (today's dense score, as Retriever._context_ranked: the worst listed and the rest 0),
+    zscore (mean 0, std 1 over the list), tmm (theoretical min-max: (s - lo) / (max - lo) with
+    lo = -1 for a cosine, 0 for BM25). Today's BM25 score (s / max over all) is s_n in main."""
     idx = np.argpartition(-m, depth, axis=1)[:, :depth]
     v = np.take_along_axis(m, idx, 1)
     if how == "minmax":
@@ -63,8 +54,8 @@ def top_norm(m: np.ndarray, how: str, depth: int = 100) -> np.ndarray:
         v = (v - lo) / np.maximum(hi - lo, 1e-12)
     elif how == "zscore":
         v = (v - v.mean(1, keepdims=True)) / np.maximum(v.std(1, keepdims=True), 1e-12)
-    elif how in ("tmm", "max"):
-        lo = -1.0 if how == "tmm" and m.min() < 0 else 0.0
+    elif how == "tmm":
+        lo = -1.0 if m.min() < 0 else 0.0
         v = (v - lo) / np.maximum(v.max(1, keepdims=True) - lo, 1e-12)
     else:
         raise ValueError(how)
@@ -118,7 +109,7 @@ def main() -> int:
         sd = np.stack(r._bm25_scores(r._doc_bm25, qtexts)).astype(np.float32)  # (Q, N)
     s_n = s / np.maximum(s.max(1, keepdims=True), 1e-12)
     sd_n = (sd / np.maximum(sd.max(1, keepdims=True), 1e-12))[:, doc_of_ref]
-    d_ref = topminmax(q @ e_ref.T)
+    d_ref = top_norm(q @ e_ref.T, "minmax")
     half = np.array([int(x) % 2 for x in qids])
 
     def score(total: np.ndarray) -> str:
@@ -160,11 +151,11 @@ def main() -> int:
     print(f"BM25 context alone: {score(0.5 * s_n + sd_n)}")
     print("| dense_doc vector | dense_doc weight | nDCG@10 | even ids | odd ids | R@100 |\n|---|---|---|---|---|---|")
     for name, dd in variants.items():
-        scaled = topminmax(dd)[:, doc_of_ref]
+        scaled = top_norm(dd, "minmax")[:, doc_of_ref]
         for w in (0.5, 1.0):
             print(f"| {name} | {w} | {score(0.5 * s_n + sd_n + 0.5 * d_ref + w * scaled)} |", flush=True)
     if a.grid:
-        dd = topminmax(variants["whole(trunc)"])[:, doc_of_ref]
+        dd = top_norm(variants["whole(trunc)"], "minmax")[:, doc_of_ref]
         print("\n| bm25 | bm25_doc | dense | dense_doc | nDCG@10 | even ids | odd ids | R@100 |\n|---|---|---|---|---|---|---|---|")
         for wb, wbd, wd, wdd in itertools.product((0.25, 0.5, 1.0), (0.5, 1.0, 1.5), (0.25, 0.5, 1.0), (0.25, 0.5, 1.0)):
             print(f"| {wb} | {wbd} | {wd} | {wdd} | {score(wb * s_n + wbd * sd_n + wd * d_ref + wdd * dd)} |", flush=True)

@@ -369,7 +369,7 @@ class Block(nn.Module):
         if torch.is_grad_enabled():
             h = x + h
             return h + self.feed_forward(self.ffn_norm(h)), kv
-        h = h.add_(x)  # in place on fresh outputs (no autograd): the same bits as x + h
+        h.add_(x)  # in place on fresh outputs (no autograd): the same bits as x + h
         return self.feed_forward(self.ffn_norm(h)).add_(h), kv
 
 

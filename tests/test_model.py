@@ -99,9 +99,10 @@ def test_bfloat16_close_to_float32(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_inference_path_gives_the_bits_of_the_autograd_path(tmp_path, dtype):
-    """Without autograd the blocks work in place (RMSNorm, SwiGLU, residuals) and grouped-query
-    attention reads k and v without repeating them: the logits and memory key-values must be the
-    same bits as the plain out-of-place path that training runs, padding and GQA included."""
+    """Without autograd the blocks work in place (RMSNorm, SwiGLU, residuals): the logits and memory
+    key-values must be the same bits as the plain out-of-place path that training runs, padding and
+    GQA included. (Grouped-query attention without repeated k and v runs on both paths; its bits
+    are held by the golden kb, a float32 GQA model: tests/test_golden_kb.py.)"""
     make_checkpoint(tmp_path, "LlamaForCausalLM", {})  # GQA: 4 query heads on 2 kv heads
     model = load_checkpoint(tmp_path, dtype=dtype).model
     assert model.args.n_heads > model.args.n_kv_heads
