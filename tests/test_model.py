@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from m3compile.errors import M3Error
-from m3compile.model import ModelArgs, Transformer, load_checkpoint, save_checkpoint
+from m3compile.model import ModelArgs, PackedRows, Transformer, load_checkpoint, save_checkpoint
 from conftest import CHECKPOINT_CASES, SMALL, make_checkpoint, oracle, write_word_tokenizer
 
 transformers = pytest.importorskip("transformers", reason="transformers is the test-only parity oracle")
@@ -99,10 +99,12 @@ def test_bfloat16_close_to_float32(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_inference_path_gives_the_bits_of_the_autograd_path(tmp_path, dtype):
-    """Without autograd the blocks work in place (RMSNorm, SwiGLU, residuals): the logits and memory
-    key-values must be the same bits as the plain out-of-place path that training runs, padding and
-    GQA included. (Grouped-query attention without repeated k and v runs on both paths; its bits
-    are held by the golden kb, a float32 GQA model: tests/test_golden_kb.py.)"""
+    """Without autograd the blocks work in place (RMSNorm, SwiGLU, residuals) and forward_kv runs
+    everything but attention on the real tokens' rows only (PackedRows): the logits and the real
+    tokens' key-values must be the same bits as the plain out-of-place path that training runs,
+    padding and GQA included. Padding positions' q/k/v are unspecified (zeros when packed): every
+    reader masks them. (Grouped-query attention without repeated k and v runs on both paths; its
+    bits are held by the golden kb, a float32 GQA model: tests/test_golden_kb.py.)"""
     make_checkpoint(tmp_path, "LlamaForCausalLM", {})  # GQA: 4 query heads on 2 kv heads
     model = load_checkpoint(tmp_path, dtype=dtype).model
     assert model.args.n_heads > model.args.n_kv_heads
@@ -115,9 +117,42 @@ def test_inference_path_gives_the_bits_of_the_autograd_path(tmp_path, dtype):
     with torch.inference_mode():
         fast = model(ids, attention_mask=mask)
         fast_kv = model.forward_kv(ids, [0, 1], attention_mask=mask)
+        assert PackedRows.of(mask, model.device) is not None  # the packed path is the one tested
     assert torch.equal(fast, logits.detach())
     for layer in (0, 1):
-        assert all(torch.equal(a, b.detach()) for a, b in zip(fast_kv[layer], kv[layer]))
+        for a, b in zip(fast_kv[layer], kv[layer]):  # (B, heads, T, D): real tokens only
+            assert torch.equal(a.transpose(1, 2)[mask], b.detach().transpose(1, 2)[mask])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_memory_is_the_same_bits_in_any_batch(dtype):
+    """Packed rows make a batch's projections as tall as its real tokens, so a reference's
+    neighbours change the row count of every matmul. Its memory must not change with them (resumed
+    and incremental compiles rely on it): the embedded reader's memories of references alone and in
+    batches of other sizes, peers and lengths (padding) are the same bits."""
+    from m3compile.config import CompileConfig, default_model_dir
+    from m3compile.model import fingerprint
+    from m3compile.spec import MemorySpec, memorize
+
+    path = default_model_dir()
+    config, _ = CompileConfig(corpus=".", dtype=dtype).resolved(path)
+    ck = load_checkpoint(path, dtype=dtype)
+    spec = MemorySpec.from_config(config, ck, fingerprint(path))
+    g = torch.Generator().manual_seed(7)
+    refs = [torch.randint(3, ck.args.vocab_size, (int(n),), generator=g).tolist()
+            for n in torch.randint(1, spec.width + 1, (40,), generator=g)]
+    alone = [memorize(ck.model, [r], spec)[0] for r in refs]
+    for size in (2, 5, 16, 40):
+        mask = torch.zeros(size, spec.width, dtype=torch.bool)
+        for b, r in enumerate(refs[:size]):
+            mask[b, :len(r)] = True
+        with torch.no_grad():
+            assert PackedRows.of(mask, ck.model.device) is not None  # these batches take the packed path
+        for start in range(0, len(refs), size):
+            got = memorize(ck.model, refs[start:start + size], spec)
+            for m, want in zip(got, alone[start:start + size]):
+                assert torch.equal(m.keys, want.keys) and torch.equal(m.values, want.values)
+                assert torch.equal(m.positions, want.positions)
 
 
 @pytest.mark.cuda
