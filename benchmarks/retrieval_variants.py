@@ -18,11 +18,13 @@ before anything is changed. Document vectors tried for dense_doc:
 --grid also scores weights (bm25, bm25_doc, dense, dense_doc) over {0.25, 0.5, 1}², {0.5, 1, 1.5} and
 {0.25, 0.5, 1}. --norms scores other normalisations of the four scores (top_norm: z-score over the
 top 100, theoretical min-max with a cosine's -1) in pairs BM25:DENSE (--norm-pairs), over a grid
-of weights (--norm-weights, --norm-bm25). Every figure is document-level nDCG@10 as benchmarks/retrieval.py computes it, over
+of weights (--norm-weights, --norm-bm25). --bm25-params scores the default BM25 context with other
+Lucene k1:b; --prf dense pseudo-relevance feedback (Rocchio, after a hybrid or a BM25 first pass).
+Every figure is document-level nDCG@10 as benchmarks/retrieval.py computes it, over
 all 809 train queries and over the halves with even and odd query ids (a change that holds on only
 one half is tuning noise), then recall@100.
 
-    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/retrieval_variants.py --cache /tmp/emb-cache [--grid] [--norms]
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/retrieval_variants.py --cache /tmp/emb-cache [--grid] [--norms] [--bm25-params K1:B ...] [--prf]
 
 With benchmarks/retrieval.py's cache warm (same --cache), the windows take ~15 min of one thread.
 """
@@ -83,6 +85,12 @@ def main() -> int:
                     help="values of each of the four weights for --norms (bm25 and bm25_doc stay 0.5 and 1.0 "
                          "unless --norm-bm25 is given)")
     ap.add_argument("--norm-bm25", action="store_true", help="--norms also varies the two BM25 weights")
+    ap.add_argument("--bm25-params", nargs="*", metavar="K1:B",
+                    help="also score the default BM25 context (no embedder) with other Lucene k1:b, for both "
+                         "indexes and for the document index alone (e.g. 0.9:0.4 1.2:0.75)")
+    ap.add_argument("--prf", action="store_true",
+                    help="also score dense pseudo-relevance feedback (Rocchio): the query vector plus beta times "
+                         "the mean vector of the first pass's top k documents, then the hybrid again")
     a = ap.parse_args()
     R.cache_embeddings(a.cache)
     queries, qrels = R.load_scifact(a.data)
@@ -175,7 +183,45 @@ def main() -> int:
             for (wb, wbd), wd, wdd in itertools.product(bws, ws, ws):
                 print(f"| {bn} | {dn} | {wb} | {wbd} | {wd} | {wdd} | "
                       f"{score(wb * b_ref + wbd * b_doc + wd * d_r + wdd * d_d)} |", flush=True)
+    if a.bm25_params:
+        bm25_params(a.bm25_params, rows, docs, qtexts, s_n, doc_of_ref, score)
+    if a.prf:
+        d_doc = top_norm(variants["whole(trunc)"], "minmax")[:, doc_of_ref]
+        first = {"hybrid": 0.5 * s_n + sd_n + 0.5 * d_ref + 0.5 * d_doc, "bm25": 0.5 * s_n + sd_n}
+        print("\n| first pass | k documents | beta | nDCG@10 | even ids | odd ids | R@100 |\n|---|---|---|---|---|---|---|")
+        for name, total in first.items():
+            order = np.argsort(-np.maximum.reduceat(total, starts, axis=1), axis=1, kind="stable")  # (Q, N)
+            for k, beta in itertools.product((1, 3, 5, 10), (0.25, 0.5, 1.0, 2.0)):
+                q2 = unit(q + beta * e_doc[order[:, :k]].mean(1))  # (Q, E)
+                again = (0.5 * s_n + sd_n + 0.5 * top_norm(q2 @ e_ref.T, "minmax")
+                         + 0.5 * top_norm(q2 @ e_doc.T, "minmax")[:, doc_of_ref])
+                print(f"| {name} | {k} | {beta} | {score(again)} |", flush=True)
     return 0
+
+
+def bm25_params(pairs, rows, docs, qtexts, s_n, doc_of_ref, score) -> None:
+    """The default context score (0.5 reference BM25 + 1.0 document BM25, each over the query's
+    best) with bm25s indexes of other k1 and b, tokenised as index.py does."""
+    import bm25s
+
+    refs = ix.bm25_tokenize(ix.index_texts([r["doc_id"] for r in rows], [r["index"] for r in rows],
+                                           [r["text"] for r in rows]))
+    whole = ix.bm25_tokenize([t for _, _, t in docs])
+    qtok = ix.bm25_tokenize(qtexts)
+
+    def scaled(tokens, k1, b):
+        index = bm25s.BM25(k1=k1, b=b, method=ix.BM25["method"])
+        index.index(tokens, show_progress=False)
+        m = np.stack([index.get_scores_from_ids(ids) if (ids := index.get_tokens_ids(t)) else
+                      np.zeros(len(tokens), np.float32) for t in qtok]).astype(np.float32)
+        return m / np.maximum(m.max(1, keepdims=True), 1e-12)
+
+    print("\n| k1:b | both indexes: nDCG@10 | even ids | odd ids | R@100 | document index only: nDCG@10 | even | odd | "
+          "R@100 |\n|---|---|---|---|---|---|---|---|---|")
+    for pair in pairs:
+        k1, b = (float(x) for x in pair.split(":"))
+        doc = scaled(whole, k1, b)[:, doc_of_ref]
+        print(f"| {pair} | {score(0.5 * scaled(refs, k1, b) + doc)} | {score(0.5 * s_n + doc)} |", flush=True)
 
 
 if __name__ == "__main__":
