@@ -184,7 +184,7 @@ def main() -> int:
                 print(f"| {bn} | {dn} | {wb} | {wbd} | {wd} | {wdd} | "
                       f"{score(wb * b_ref + wbd * b_doc + wd * d_r + wdd * d_d)} |", flush=True)
     if a.bm25_params:
-        bm25_params(a.bm25_params, rows, docs, qtexts, s_n, doc_of_ref, score)
+        bm25_params(a.bm25_params, texts, docs, qtexts, s_n, doc_of_ref, score)
     if a.prf:
         d_doc = top_norm(variants["whole(trunc)"], "minmax")[:, doc_of_ref]
         first = {"hybrid": 0.5 * s_n + sd_n + 0.5 * d_ref + 0.5 * d_doc, "bm25": 0.5 * s_n + sd_n}
@@ -199,13 +199,13 @@ def main() -> int:
     return 0
 
 
-def bm25_params(pairs, rows, docs, qtexts, s_n, doc_of_ref, score) -> None:
+def bm25_params(pairs, texts, docs, qtexts, s_n, doc_of_ref, score) -> None:
     """The default context score (0.5 reference BM25 + 1.0 document BM25, each over the query's
-    best) with bm25s indexes of other k1 and b, tokenised as index.py does."""
+    best) with bm25s indexes of other k1 and b over the references' index texts and the whole
+    documents, tokenised as index.py does."""
     import bm25s
 
-    refs = ix.bm25_tokenize(ix.index_texts([r["doc_id"] for r in rows], [r["index"] for r in rows],
-                                           [r["text"] for r in rows]))
+    refs = ix.bm25_tokenize(texts)
     whole = ix.bm25_tokenize([t for _, _, t in docs])
     qtok = ix.bm25_tokenize(qtexts)
 
