@@ -9,8 +9,11 @@ model's own memory settings) and each giving the same kept tokens:
            of 16: the encoder before the prefill change
   now@B    spec.memorize as a compile runs it, batches of B references (the prefix's key-values
            computed once and kept on the model, scores keys x queries reduced in place)
+  f32-logits@B  (--dtype bfloat16 only) now@B with the selection's q.k in float32, as before the
+           bf16 logits; its kept tokens may differ from now@B's at near-ties (the count is printed)
 
     OMP_NUM_THREADS=2 python benchmarks/encode_speed.py --threads 2 --rounds 6 --sizes 16 32 64 128
+    OMP_NUM_THREADS=2 python benchmarks/encode_speed.py --dtype bfloat16 --sizes 64
 """
 
 import argparse
@@ -63,6 +66,16 @@ def before(model, refs, prefix, layers, width, top_k):
         sparsify.token_scores = now
 
 
+def f32_logits(model, refs, spec):
+    """memorize with the selection's q.k in float32 (the bf16 models' recipe before bf16 logits)."""
+    now = sparsify.token_scores
+    sparsify.token_scores = lambda q_pre, k_pre, mask: now(q_pre.float(), k_pre.float(), mask)
+    try:
+        return memorize(model, refs, spec)
+    finally:
+        sparsify.token_scores = now
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=EMBEDDED)
@@ -92,6 +105,15 @@ def main():
     recipes = {"before@16": lambda b: before(ck.model, b, prefix, layers, width, top_k)}
     recipes.update({f"now@{s}": (lambda b: memorize(ck.model, b, spec)) for s in a.sizes})
     size = {"before@16": 16, **{f"now@{s}": s for s in a.sizes}}
+    if a.dtype == "bfloat16":
+        recipes.update({f"f32-logits@{s}": (lambda b: f32_logits(ck.model, b, spec)) for s in a.sizes})
+        size.update({f"f32-logits@{s}": s for s in a.sizes})
+        with torch.inference_mode():
+            x, y = f32_logits(ck.model, refs[:256], spec), memorize(ck.model, refs[:256], spec)
+        kept = sum(len(set(u.positions[l, h].tolist()) & set(v.positions[l, h].tolist()))
+                   for u, v in zip(x, y) for l in range(u.positions.shape[0]) for h in range(u.positions.shape[1]))
+        total = sum(u.positions.numel() for u in x)
+        print(f"kept tokens that bf16 logits share with float32 logits (256 references): {100 * kept / total:.2f} %")
     with torch.inference_mode():
         x, y = recipes["before@16"](refs[:64]), memorize(ck.model, refs[:64], spec)
     same = all(torch.equal(u.positions, v.positions) for u, v in zip(x, y))
@@ -113,6 +135,9 @@ def main():
     for name, v in times.items():
         ratio = statistics.median(x / b for x, b in zip(v, base))
         print(f"| {name} | {statistics.median(v):.0f} | {max(v):.0f} | {ratio:.2f}x |")
+    for s in a.sizes if a.dtype == "bfloat16" else ():
+        ratio = statistics.median(x / b for x, b in zip(times[f"now@{s}"], times[f"f32-logits@{s}"]))
+        print(f"now@{s} against f32-logits@{s}, median of per-round ratios: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

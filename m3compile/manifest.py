@@ -31,6 +31,8 @@ RUN_LOG = "run.json"
 REFERENCES, SHARD_INDEX, TOKENIZER = "references.parquet", "memory.safetensors.index.json", "tokenizer.json"
 SELECTION_RULE = ("logsumexp over group query heads and reference queries of pre-RoPE q.k/sqrt(D), "
                   "no causal mask, prefix and padding excluded, ties to lower j")
+# bf16 models compute q.k in bf16 (sparsify._token_scores); float32 manifests keep the text above
+SELECTION_RULE_BF16 = SELECTION_RULE + "; q.k a bf16 matmul rounded to bf16, the rest float32"
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,8 @@ def build_manifest(kb_dir: Path, spec: MemorySpec, config: dict, model: dict, ro
                "memory_layers": list(spec.memory_layers), "top_k": spec.top_k, "max_tokens": spec.width,
                "chunk_rule_version": spec.chunk_rule_version,
                # reference token j was encoded at RoPE position len(prefix_ids) + j
-               "position_offset": spec.position_offset, "rope": "post", "selection": SELECTION_RULE},
+               "position_offset": spec.position_offset, "rope": "post",
+               "selection": SELECTION_RULE_BF16 if spec.dtype == "bfloat16" else SELECTION_RULE},
         quant={"scheme": spec.quant,
                "bits_per_element_at_top_k": round(bits_per_element(spec.scheme, L, H, spec.top_k, D), 4),
                "bits_per_element_stored": round(8 * raw / (2 * kept_kv * D), 4),

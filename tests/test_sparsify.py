@@ -12,7 +12,7 @@ import torch
 from conftest import CHECKPOINT_CASES, SHARED_DATA, make_checkpoint, reference_rule, shared
 from m3compile.encode import encode_batch, write_prefix
 from m3compile.model import load_checkpoint
-from m3compile.sparsify import select_topk
+from m3compile.sparsify import select_topk, token_scores
 
 pytest.importorskip("transformers", reason="transformers is the test-only parity oracle")
 
@@ -102,3 +102,32 @@ def test_encode_speed_benchmark_keeps_the_tokens_of_the_encoder_before(tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "96 references of width 32" in proc.stdout and "same kept tokens as before: True" in proc.stdout
     assert "| now@32 |" in proc.stdout
+
+
+def test_bf16_selection_ranks_as_float64_up_to_its_rounding():
+    """A bf16 model's selection computes q.k as a bf16 matmul rounded to bf16 once (sparsify).
+    Against the rule in float64 on the same bf16 q and k: every kept token outscores every
+    dropped one but for swaps within the rounding's bound, and such swaps are rare."""
+    g = torch.Generator().manual_seed(3)
+    B, N, H, T, D, k = 6, 8, 2, 48, 32, 8
+    q = (torch.randn(B, N, T, D, generator=g) * 0.6).bfloat16()
+    kk = (torch.randn(B, H, T, D, generator=g) * 0.6).bfloat16()
+    lengths = [48, 48, 30, 17, 48, 9]
+    mask = torch.arange(T)[None] < torch.tensor(lengths)[:, None]
+    got = token_scores(q, kk, mask)  # (B, H, T)
+    R = N // H
+    swaps = heads = 0
+    for b, n in enumerate(lengths):
+        for h in range(H):
+            qs = q[b, h * R:(h + 1) * R, :n].double().reshape(R * n, D)  # the group's real queries
+            logits = kk[b, h, :n].double() @ qs.T / D**0.5  # (keys, queries)
+            exact = torch.logsumexp(logits, dim=1)  # (n,)
+            bound = 2 * float(logits.abs().max()) * 2**-8  # bf16 rounds a logit by <= |x| 2^-9
+            kept = set(torch.topk(got[b, h, :n], min(k, n)).indices.tolist())
+            dropped = set(range(n)) - kept
+            assert all(got[b, h, j] == float("-inf") for j in range(n, T))
+            if dropped:
+                assert min(exact[j] for j in kept) >= max(exact[j] for j in dropped) - bound
+            swaps += kept != set(torch.topk(exact, min(k, n)).indices.tolist())
+            heads += 1
+    assert swaps <= heads // 10, (swaps, heads)
