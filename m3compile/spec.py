@@ -147,9 +147,9 @@ class MemorySpec:
         """The part of every content key shared by all references of this spec.
 
         The JSON below is frozen: it is what every kb since format_version 1 hashed, so frames
-        written by earlier versions are found again by key, except a bf16 kb's: since bf16 models
-        select with bf16 logits (sparsify) their memories have other bits, and "selection" keys
-        them apart. Chunking settings are not in it: they decide the token ids, which the key
+        written by earlier versions are found again by key, except a bf16 kb's: since 0.2.0 bf16
+        models select with bf16 logits (sparsify) and attend with torch's bf16 softmax (model),
+        so their memories have other bits, and "bf16_recipe" keys them apart. Chunking settings are not in it: they decide the token ids, which the key
         hashes anyway.
         """
         ctx = {"model": {"config_sha256": self.model_config_sha256,
@@ -158,8 +158,8 @@ class MemorySpec:
                "prefix_ids": list(self.prefix_ids), "top_k": self.top_k, "memory_layers": list(self.memory_layers),
                "quant": self.quant, "dtype": self.dtype, "pad_to": self.width,
                "payload": f"{PAYLOAD_FORMAT}/{PAYLOAD_VERSION}"}
-        if self.dtype == "bfloat16":  # 0.2.0: bf16 selection logits (sparsify), other bits than before
-            ctx["selection"] = "bf16-logits"
+        if self.dtype == "bfloat16":  # 0.2.0: bf16 selection logits and softmax, other bits than 0.1.0's
+            ctx["bf16_recipe"] = 2
         if self.codebooks_sha256 is not None:  # a vq code is only valid with the codebooks that wrote it
             ctx["codebooks_sha256"] = self.codebooks_sha256
         return hashlib.sha256(json.dumps(ctx, sort_keys=True).encode()).digest()
