@@ -31,7 +31,7 @@ RUN_LOG = "run.json"
 REFERENCES, SHARD_INDEX, TOKENIZER = "references.parquet", "memory.safetensors.index.json", "tokenizer.json"
 SELECTION_RULE = ("logsumexp over group query heads and reference queries of pre-RoPE q.k/sqrt(D), "
                   "no causal mask, prefix and padding excluded, ties to lower j")
-# bf16 models compute q.k in bf16 (sparsify._token_scores); float32 manifests keep the text above
+# bf16 models compute q.k in bf16 (sparsify.token_scores); float32 manifests keep the text above
 SELECTION_RULE_BF16 = SELECTION_RULE + "; q.k a bf16 matmul rounded to bf16, the rest float32"
 
 

@@ -391,10 +391,12 @@ class Attention(nn.Module):
         # a fully masked row (a padding query) gets a finite uniform row instead of NaN
         scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)  # (B, N, T, S)
         if scores.dtype == torch.bfloat16:
-            # torch's bf16 softmax computes in float32 and rounds once: 6.4x the float32 softmax
-            # and cast (1.8 against 11.4 ms at 16 x 12 x 128 x 132 scores, 2 AVX512 cores), and the
-            # same probabilities but for 1 ulp in ~6e-6 of them. Since 0.2.0 (a bf16 kb's content
-            # keys say so: MemorySpec.key_context)
+            # torch's bf16 softmax computes in float32 and rounds once: the probabilities of a
+            # float32 softmax and a cast but for 1 ulp in ~6e-6 of them, without a float32
+            # (B, N, T, S) tensor (13 MB a layer at the 110M shape). The 110M shape's encode: 1.13x
+            # (in isolation 1.2x: 2.2 against 2.7 ms at 16 x 12 x 128 x 132 causal scores); the
+            # embedded reader's 0.99x (its 41-key rows are slower in isolation, 0.7 against 0.3
+            # ms). 2 AVX512-BF16 cores. Since 0.2.0 (bf16 content keys say so: MemorySpec.key_context)
             probs = F.softmax(scores, dim=-1)  # (B, N, T, S)
         else:
             probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # (B, N, T, S)

@@ -149,8 +149,8 @@ class MemorySpec:
         The JSON below is frozen: it is what every kb since format_version 1 hashed, so frames
         written by earlier versions are found again by key, except a bf16 kb's: since 0.2.0 bf16
         models select with bf16 logits (sparsify) and attend with torch's bf16 softmax (model),
-        so their memories have other bits, and "bf16_recipe" keys them apart. Chunking settings are not in it: they decide the token ids, which the key
-        hashes anyway.
+        so their memories have other bits, and "bf16_recipe" keys them apart. Chunking settings
+        are not in it: they decide the token ids, which the key hashes anyway.
         """
         ctx = {"model": {"config_sha256": self.model_config_sha256,
                          "weights_sha256": dict(self.model_weights_sha256),
