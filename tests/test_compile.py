@@ -203,3 +203,26 @@ def test_reference_detail_names_kept_tokens(tmp_path):
         assert len(heads) == 2 and all(len(h) == 4 for h in heads)
         for head in heads:
             assert [x["text"] for x in head] == [words[x["j"]] for x in head]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_content_key_context_is_the_documented_json(dtype):
+    """formats/manifest.md, "Content keys": C = sha256 of the canonical JSON of the model identity,
+    prefix ids, top-k, memory layers, quant, dtype, pad_to and payload, plus "bf16_recipe": 2 for a
+    bf16 kb (its selection logits and softmax are bf16 since 0.2.0). float32 keys are those of
+    every earlier version (the golden kb's shards hold them); bf16 keys are not."""
+    import hashlib
+
+    from m3compile.spec import MemorySpec
+
+    spec = MemorySpec(model_config_sha256="c" * 64, model_weights_sha256=(("model.safetensors", "w" * 64),),
+                      tokenizer_sha256="t" * 64, n_layers=4, n_kv_heads=2, head_dim=16, width=32, boundary="sentence",
+                      min_fill=0.5, chunk_rule_version=1, prefix="p", prefix_ids=(1, 7), memory_layers=(1, 3),
+                      top_k=8, quant="int8-sym-g16", dtype=dtype)
+    doc = {"model": {"config_sha256": "c" * 64, "weights_sha256": {"model.safetensors": "w" * 64},
+                     "tokenizer_sha256": "t" * 64},
+           "prefix_ids": [1, 7], "top_k": 8, "memory_layers": [1, 3], "quant": "int8-sym-g16", "dtype": dtype,
+           "pad_to": 32, "payload": "m3-kv/1"}
+    if dtype == "bfloat16":
+        doc["bf16_recipe"] = 2
+    assert spec.key_context() == hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).digest()
