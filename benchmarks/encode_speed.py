@@ -11,24 +11,33 @@ model's own memory settings) and each giving the same kept tokens:
            computed once and kept on the model, scores keys x queries reduced in place)
   f32-logits@B  (--dtype bfloat16 only) now@B with the selection's q.k in float32, as before the
            bf16 logits; its kept tokens may differ from now@B's at near-ties (the count is printed)
+  f32-softmax@B  (--dtype bfloat16 only) now@B with the attention's softmax in float32 and a cast
+           to bf16, as before the bf16 softmax
+
+--shape 110m runs compile_throughput.py's random-weight 125M-parameter Llama (12 x 768, 4 kv
+heads) at the paper's settings (128-token references, the first 6 layers, top-8) over --refs
+references of 96-128 random tokens (45 % full), behind a 4-token prefix, instead of --model.
 
     OMP_NUM_THREADS=2 python benchmarks/encode_speed.py --threads 2 --rounds 6 --sizes 16 32 64 128
     OMP_NUM_THREADS=2 python benchmarks/encode_speed.py --dtype bfloat16 --sizes 64
+    OMP_NUM_THREADS=2 python benchmarks/encode_speed.py --shape 110m --dtype bfloat16 --refs 96 --sizes 16 --rounds 4
 """
 
 import argparse
+import random
 import statistics
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import m3compile.sparsify as sparsify
 from m3compile.chunk import chunk_documents
 from m3compile.config import read_model_memory
 from m3compile.corpus import Document
 from m3compile.encode import EncodedBatch, write_prefix
-from m3compile.model import LayerKV, load_checkpoint
+from m3compile.model import LayerKV, Transformer, load_checkpoint
 from m3compile.sparsify import select_topk
 from m3compile.spec import MemorySpec, memorize
 
@@ -76,9 +85,37 @@ def f32_logits(model, refs, spec):
         sparsify.token_scores = now
 
 
+def f32_softmax(model, refs, spec):
+    """memorize with the attention's softmax in float32 and a cast (bf16 models before 0.2.0)."""
+    softmax = F.softmax
+
+    def old(x, dim, dtype=None):
+        if x.dtype == torch.bfloat16 and dtype is None:
+            return softmax(x, dim, dtype=torch.float32).to(x.dtype)
+        return softmax(x, dim, dtype=dtype)
+
+    F.softmax = old
+    try:
+        return memorize(model, refs, spec)
+    finally:
+        F.softmax = softmax
+
+
+def shape_110m(dtype: str, n: int):
+    """compile_throughput.py's model, random references of 96-128 tokens and a 4-token prefix."""
+    from compile_throughput import ARGS
+
+    model = Transformer(ARGS).init_weights(seed=0).to(getattr(torch, dtype)).eval()
+    rng = random.Random(1)
+    refs = [[rng.randrange(3, ARGS.vocab_size) for _ in range(128 if rng.random() < 0.45 else rng.randint(96, 127))]
+            for _ in range(n)]
+    return model, refs, [1, 500, 600, 700], list(range(ARGS.n_layers // 2)), 8, 128, "sentence", 0.5, "110M shape"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=EMBEDDED)
+    ap.add_argument("--shape", choices=["110m"], help="a random-weight model of this shape instead of --model")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--refs", type=int, default=2048)
@@ -86,39 +123,47 @@ def main():
     ap.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 64, 128])
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    ck = load_checkpoint(a.model, dtype=getattr(torch, a.dtype))
-    mem = read_model_memory(a.model)
-    if mem is None:
-        raise SystemExit(f"{a.model} has no m3-memory.json: this benchmark reads a model at its own memory settings")
-    width, layers, top_k = mem["max_tokens"], mem["memory_layers"], mem["top_k"]
-    prefix = write_prefix(ck.tokenizer, mem["prefix"])
-    docs = (Document(p.stem, p.name, p.read_text(encoding="utf-8-sig")) for p in sorted((DATA / "gutenberg").glob("pg*.txt")))
-    refs = []
-    for r in chunk_documents(docs, ck.tokenizer, width, mem["boundary"], mem["min_fill"]):
-        refs.append(list(r.token_ids))
-        if len(refs) == a.refs:
-            break
-    spec = MemorySpec(model_config_sha256="", model_weights_sha256=(), tokenizer_sha256="", n_layers=ck.args.n_layers,
-                      n_kv_heads=ck.args.n_kv_heads, head_dim=ck.args.head_dim, width=width,
-                      boundary=mem["boundary"], min_fill=mem["min_fill"], chunk_rule_version=0, prefix=mem["prefix"],
-                      prefix_ids=tuple(prefix), memory_layers=layers, top_k=top_k, quant="none", dtype=a.dtype)
-    recipes = {"before@16": lambda b: before(ck.model, b, prefix, layers, width, top_k)}
-    recipes.update({f"now@{s}": (lambda b: memorize(ck.model, b, spec)) for s in a.sizes})
+    if a.shape:
+        model, refs, prefix, layers, top_k, width, boundary, min_fill, label = shape_110m(a.dtype, a.refs)
+        mem_prefix = ""
+    else:
+        ck = load_checkpoint(a.model, dtype=getattr(torch, a.dtype))
+        mem = read_model_memory(a.model)
+        if mem is None:
+            raise SystemExit(f"{a.model} has no m3-memory.json: this benchmark reads a model at its own memory settings")
+        model, label = ck.model, a.model.name
+        width, layers, top_k = mem["max_tokens"], mem["memory_layers"], mem["top_k"]
+        boundary, min_fill, mem_prefix = mem["boundary"], mem["min_fill"], mem["prefix"]
+        prefix = write_prefix(ck.tokenizer, mem["prefix"])
+        docs = (Document(p.stem, p.name, p.read_text(encoding="utf-8-sig"))
+                for p in sorted((DATA / "gutenberg").glob("pg*.txt")))
+        refs = []
+        for r in chunk_documents(docs, ck.tokenizer, width, boundary, min_fill):
+            refs.append(list(r.token_ids))
+            if len(refs) == a.refs:
+                break
+    spec = MemorySpec(model_config_sha256="", model_weights_sha256=(), tokenizer_sha256="", n_layers=model.args.n_layers,
+                      n_kv_heads=model.args.n_kv_heads, head_dim=model.args.head_dim, width=width,
+                      boundary=boundary, min_fill=min_fill, chunk_rule_version=0, prefix=mem_prefix,
+                      prefix_ids=tuple(prefix), memory_layers=tuple(layers), top_k=top_k, quant="none", dtype=a.dtype)
+    recipes = {"before@16": lambda b: before(model, b, prefix, layers, width, top_k)}
+    recipes.update({f"now@{s}": (lambda b: memorize(model, b, spec)) for s in a.sizes})
     size = {"before@16": 16, **{f"now@{s}": s for s in a.sizes}}
     if a.dtype == "bfloat16":
-        recipes.update({f"f32-logits@{s}": (lambda b: f32_logits(ck.model, b, spec)) for s in a.sizes})
-        size.update({f"f32-logits@{s}": s for s in a.sizes})
+        for old, f in (("f32-logits", f32_logits), ("f32-softmax", f32_softmax)):
+            recipes.update({f"{old}@{s}": (lambda b, f=f: f(model, b, spec)) for s in a.sizes})
+            size.update({f"{old}@{s}": s for s in a.sizes})
         with torch.inference_mode():
-            x, y = f32_logits(ck.model, refs[:256], spec), memorize(ck.model, refs[:256], spec)
+            x, y = f32_logits(model, refs[:256], spec), memorize(model, refs[:256], spec)
         kept = sum(len(set(u.positions[l, h].tolist()) & set(v.positions[l, h].tolist()))
                    for u, v in zip(x, y) for l in range(u.positions.shape[0]) for h in range(u.positions.shape[1]))
         total = sum(u.positions.numel() for u in x)
-        print(f"kept tokens that bf16 logits share with float32 logits (256 references): {100 * kept / total:.2f} %")
+        print(f"kept tokens that bf16 logits share with float32 logits ({min(256, len(refs))} references): {100 * kept / total:.2f} %")
     with torch.inference_mode():
-        x, y = recipes["before@16"](refs[:64]), memorize(ck.model, refs[:64], spec)
+        x, y = recipes["before@16"](refs[:64]), memorize(model, refs[:64], spec)
     same = all(torch.equal(u.positions, v.positions) for u, v in zip(x, y))
     diff = max((u.keys.float() - v.keys.float()).abs().max().item() for u, v in zip(x, y))
-    print(f"{a.model.name}: {len(refs)} references of width {width}, prefix {len(prefix)} tokens, layers {layers}, "
+    print(f"{label}: {len(refs)} references of width {width}, prefix {len(prefix)} tokens, layers {layers}, "
           f"top-{top_k}, {a.dtype}, {a.threads} threads; same kept tokens as before: {same}, "
           f"largest key difference {diff:.1e}")
     times = {k: [] for k in recipes}
@@ -136,8 +181,9 @@ def main():
         ratio = statistics.median(x / b for x, b in zip(v, base))
         print(f"| {name} | {statistics.median(v):.0f} | {max(v):.0f} | {ratio:.2f}x |")
     for s in a.sizes if a.dtype == "bfloat16" else ():
-        ratio = statistics.median(x / b for x, b in zip(times[f"now@{s}"], times[f"f32-logits@{s}"]))
-        print(f"now@{s} against f32-logits@{s}, median of per-round ratios: {ratio:.2f}x")
+        for old in ("f32-logits", "f32-softmax"):
+            ratio = statistics.median(x / b for x, b in zip(times[f"now@{s}"], times[f"{old}@{s}"]))
+            print(f"now@{s} against {old}@{s}, median of per-round ratios: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

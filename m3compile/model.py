@@ -393,10 +393,11 @@ class Attention(nn.Module):
         if scores.dtype == torch.bfloat16:
             # torch's bf16 softmax computes in float32 and rounds once: the probabilities of a
             # float32 softmax and a cast but for 1 ulp in ~6e-6 of them, without a float32
-            # (B, N, T, S) tensor (13 MB a layer at the 110M shape). The 110M shape's encode: 1.13x
-            # (in isolation 1.2x: 2.2 against 2.7 ms at 16 x 12 x 128 x 132 causal scores); the
-            # embedded reader's 0.99x (its 41-key rows are slower in isolation, 0.7 against 0.3
-            # ms). 2 AVX512-BF16 cores. Since 0.2.0 (bf16 content keys say so: MemorySpec.key_context)
+            # (B, N, T, S) tensor (13 MB a layer at the 110M shape). Inside compiles of the 110M
+            # shape the float32 softmax took 1.09x the encode+select (benchmarks/bf16_recipe.py);
+            # in a loop of encodes alone 1.00x (encode_speed.py --shape 110m), in isolation 1.2x
+            # (2.7 against 2.2 ms at 16 x 12 x 128 x 132 causal scores); the embedded reader 0.99x.
+            # 2 AVX512-BF16 cores. Since 0.2.0 (bf16 content keys say so: MemorySpec.key_context)
             probs = F.softmax(scores, dim=-1)  # (B, N, T, S)
         else:
             probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # (B, N, T, S)
