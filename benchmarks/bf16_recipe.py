@@ -55,6 +55,15 @@ def recipe(name: str):
         sparsify.token_scores, F.softmax = scores, softmax
 
 
+def kept_in_common(a, b) -> tuple[int, int]:
+    """Kept tokens two memories of the same references share, per layer and head, and their count.
+
+    a, b: sequences of (L, H, K) position tensors."""
+    same = sum(len(set(p[l, h].tolist()) & set(q[l, h].tolist())) for p, q in zip(a, b)
+               for l in range(p.shape[0]) for h in range(p.shape[1]))
+    return same, sum(p.numel() for p in a)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mb", type=float, default=0.25)
@@ -86,12 +95,8 @@ def main():
                 enc = json.loads((out / "run.json").read_text())["stage_seconds"]["encode+select"]
                 times[name].append((wall, enc))
         now, old = open_kb(work / "kb-now"), open_kb(work / "kb-0.1.0")
-        same = total = 0
-        for i in range(len(now.references())):
-            p, q = now.memory(i).positions, old.memory(i).positions  # (L, H, K) kept token indices
-            same += sum(len(set(p[l, h].tolist()) & set(q[l, h].tolist())) for l in range(p.shape[0])
-                        for h in range(p.shape[1]))
-            total += p.numel()
+        same, total = kept_in_common([now.memory(i).positions for i in range(len(now.references()))],
+                                     [old.memory(i).positions for i in range(len(old.references()))])
         print("\n| recipe | encode+select s, median | wall s, median | encode+select against now, median of rounds |")
         print("|---|---|---|---|")
         for name in names:

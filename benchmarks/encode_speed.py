@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import m3compile.sparsify as sparsify
 from m3compile.chunk import chunk_documents
@@ -41,7 +40,9 @@ from m3compile.model import LayerKV, Transformer, load_checkpoint
 from m3compile.sparsify import select_topk
 from m3compile.spec import MemorySpec, memorize
 
+from bf16_recipe import kept_in_common, recipe
 from common import DATA
+from compile_throughput import ARGS
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "m3compile" / "embedded" / "reader"
 
@@ -75,36 +76,14 @@ def before(model, refs, prefix, layers, width, top_k):
         sparsify.token_scores = now
 
 
-def f32_logits(model, refs, spec):
-    """memorize with the selection's q.k in float32 (the bf16 models' recipe before bf16 logits)."""
-    now = sparsify.token_scores
-    sparsify.token_scores = lambda q_pre, k_pre, mask: now(q_pre.float(), k_pre.float(), mask)
-    try:
+def as_before(name: str, model, refs, spec):
+    """memorize with one part of the bf16 recipe as before 0.2.0 (bf16_recipe.recipe's names)."""
+    with recipe(name):
         return memorize(model, refs, spec)
-    finally:
-        sparsify.token_scores = now
-
-
-def f32_softmax(model, refs, spec):
-    """memorize with the attention's softmax in float32 and a cast (bf16 models before 0.2.0)."""
-    softmax = F.softmax
-
-    def old(x, dim, dtype=None):
-        if x.dtype == torch.bfloat16 and dtype is None:
-            return softmax(x, dim, dtype=torch.float32).to(x.dtype)
-        return softmax(x, dim, dtype=dtype)
-
-    F.softmax = old
-    try:
-        return memorize(model, refs, spec)
-    finally:
-        F.softmax = softmax
 
 
 def shape_110m(dtype: str, n: int):
     """compile_throughput.py's model, random references of 96-128 tokens and a 4-token prefix."""
-    from compile_throughput import ARGS
-
     model = Transformer(ARGS).init_weights(seed=0).to(getattr(torch, dtype)).eval()
     rng = random.Random(1)
     refs = [[rng.randrange(3, ARGS.vocab_size) for _ in range(128 if rng.random() < 0.45 else rng.randint(96, 127))]
@@ -150,15 +129,14 @@ def main():
     recipes.update({f"now@{s}": (lambda b: memorize(model, b, spec)) for s in a.sizes})
     size = {"before@16": 16, **{f"now@{s}": s for s in a.sizes}}
     if a.dtype == "bfloat16":
-        for old, f in (("f32-logits", f32_logits), ("f32-softmax", f32_softmax)):
-            recipes.update({f"{old}@{s}": (lambda b, f=f: f(model, b, spec)) for s in a.sizes})
+        for old in ("f32-logits", "f32-softmax"):
+            recipes.update({f"{old}@{s}": (lambda b, old=old: as_before(old, model, b, spec)) for s in a.sizes})
             size.update({f"{old}@{s}": s for s in a.sizes})
         with torch.inference_mode():
-            x, y = f32_logits(model, refs[:256], spec), memorize(model, refs[:256], spec)
-        kept = sum(len(set(u.positions[l, h].tolist()) & set(v.positions[l, h].tolist()))
-                   for u, v in zip(x, y) for l in range(u.positions.shape[0]) for h in range(u.positions.shape[1]))
-        total = sum(u.positions.numel() for u in x)
-        print(f"kept tokens that bf16 logits share with float32 logits ({min(256, len(refs))} references): {100 * kept / total:.2f} %")
+            x, y = as_before("f32-logits", model, refs[:256], spec), memorize(model, refs[:256], spec)
+        kept, total = kept_in_common([u.positions for u in x], [v.positions for v in y])
+        print(f"kept tokens that bf16 logits share with float32 logits ({min(256, len(refs))} references): "
+              f"{100 * kept / total:.2f} %")
     with torch.inference_mode():
         x, y = recipes["before@16"](refs[:64]), memorize(model, refs[:64], spec)
     same = all(torch.equal(u.positions, v.positions) for u, v in zip(x, y))

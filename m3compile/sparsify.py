@@ -6,8 +6,8 @@ positions i of (q_i^h . k_j^g) / sqrt(D), with q and k taken *before* RoPE and *
 prefix and padding tokens are neither queries nor keys. log is monotonic, so this ranks exactly
 like the paper's sum of exp, without overflow. q.k is float32, except in bf16 models, where the
 matmul runs in bf16 and its result is rounded to bf16 once (`token_scores`). Ties go to the lower
-j; kept tokens are returned in ascending j; a reference shorter than k keeps all its tokens. The stored keys are the
-*post*-RoPE keys of the winners, with their values and their j.
+j; kept tokens are returned in ascending j; a reference shorter than k keeps all its tokens. The
+stored keys are the *post*-RoPE keys of the winners, with their values and their j.
 
 Shape letters: B references, L memory layers, H kv heads, R query heads per kv head,
 T reference tokens, K kept tokens, D head dim.
