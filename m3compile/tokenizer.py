@@ -79,5 +79,9 @@ class Tokenizer:
         enc = self.hf.encode(text, add_special_tokens=False)
         return enc.ids, enc.offsets
 
+    def encode_batch_with_offsets(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """encode_with_offsets of each text, encoded on the tokenizer's threads (without the GIL)."""
+        return [(e.ids, e.offsets) for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)

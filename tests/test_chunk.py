@@ -280,7 +280,7 @@ def test_windowed_encoding_is_the_whole_documents(tok, boundary, monkeypatch):
     ids, offsets = tok.encode_with_offsets(doc.text)
     pieces = list(chunk.encode_windows(doc.text, tok, window=300, seam=40))
     assert [t for p, _ in pieces for t in p] == ids
-    assert [o for _, p in pieces for o in p] == [tuple(o) for o in offsets]
+    assert [tuple(o) for _, p in pieces for o in p.tolist()] == [tuple(o) for o in offsets]
     monkeypatch.setattr(chunk, "ENCODE_WINDOW", 300)
     monkeypatch.setattr(chunk, "SEAM_CHARS", 40)
     refs = list(chunk_documents([doc], tok, max_tokens=16, boundary=boundary))
@@ -297,7 +297,51 @@ def test_windows_stay_bounded_for_every_tokenizer_family(tok):
     for text in (DOC * 20, " ".join((DOC * 20).split())):
         pieces = list(chunk.encode_windows(text, tok, window=300, seam=40))
         assert len(pieces) > len(text) // 300 - 1
-        assert max(p[-1][1] - p[0][0] for _, p in pieces if p) <= 300
+        assert max(p[-1][1] - p[0][0] for _, p in pieces if len(p)) <= 300
+
+
+def test_windows_joined_one_after_another_where_neighbours_disagree(tok, monkeypatch):
+    """Windows are encoded several at a time and joined where two neighbours agree; where they do
+    not, the rest of the document is encoded one window after another from the last join. Both
+    paths give the whole document's encoding: here the third join is refused."""
+    import m3compile.chunk as chunk
+
+    text = " ".join((DOC * 20).split())
+    ids, offsets = tok.encode_with_offsets(text)
+    joins, sequential = [], []
+    real_join, real_sequential = chunk._join, chunk._sequential_windows
+
+    def join(prev, piece, base, seam):
+        joins.append(base)
+        return None if len(joins) == 3 else real_join(prev, piece, base, seam)
+
+    def one_at_a_time(text, tokenizer, base, window, seam):
+        sequential.append(base)
+        return real_sequential(text, tokenizer, base, window, seam)
+
+    monkeypatch.setattr(chunk, "_join", join)
+    monkeypatch.setattr(chunk, "_sequential_windows", one_at_a_time)
+    pieces = list(chunk.encode_windows(text, tok, window=300, seam=40))
+    assert len(joins) == 3 and len(sequential) == 1 and sequential[0] > 0
+    assert [t for p, _ in pieces for t in p] == ids
+    assert [tuple(o) for _, p in pieces for o in p.tolist()] == [tuple(o) for o in offsets]
+    assert max(p[-1][1] - p[0][0] for _, p in pieces if len(p)) <= 300
+
+
+def test_short_documents_encoded_together_are_each_their_own(tok, monkeypatch):
+    """Runs of short documents are encoded in one batch call; each document's references must be
+    those it gets alone, and a long document between them is cut in windows as before."""
+    import m3compile.chunk as chunk
+
+    monkeypatch.setattr(chunk, "ENCODE_WINDOW", 300)
+    monkeypatch.setattr(chunk, "SEAM_CHARS", 40)
+    docs = [Document(f"d{i}", f"d{i}.txt", DOC[: 40 + 20 * i]) for i in range(12)]
+    docs.insert(5, Document("long", "long.txt", DOC * 5))
+    runs = [[d.doc_id for d in run] for run in chunk._short_runs(docs, 300)]
+    assert ["long"] in runs and max(len(r) for r in runs) > 2, runs
+    together = list(chunk_documents(docs, tok, max_tokens=16))
+    alone = [r for d in docs for r in chunk_documents([d], tok, max_tokens=16)]
+    assert together == alone
 
 
 def test_cuts_are_the_per_token_rule_for_any_split():

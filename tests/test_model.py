@@ -97,17 +97,20 @@ def test_bfloat16_close_to_float32(tmp_path):
     assert (l16 - l32).abs().max() < 0.05 * l32.abs().max()
 
 
+@pytest.mark.parametrize("case", ["llama-gqa", "llama-bias", "qwen2-bias-tied"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_inference_path_gives_the_bits_of_the_autograd_path(tmp_path, dtype):
-    """Without autograd the blocks work in place (RMSNorm, SwiGLU, residuals) and forward_kv runs
-    everything but attention on the real tokens' rows only (PackedRows): the logits and the real
-    tokens' key-values must be the same bits as the plain out-of-place path that training runs,
-    padding and GQA included. Padding positions' q/k/v are unspecified (zeros when packed): every
-    reader masks them. (Grouped-query attention without repeated k and v runs on both paths; its
-    bits are held by the golden kb, a float32 GQA model: tests/test_golden_kb.py.)"""
-    make_checkpoint(tmp_path, "LlamaForCausalLM", {})  # GQA: 4 query heads on 2 kv heads
+def test_inference_path_gives_the_bits_of_the_autograd_path(tmp_path, dtype, case):
+    """Without autograd the blocks work in place (RMSNorm, SwiGLU, residuals; float32 RMSNorm is
+    torch's fused kernel) and forward_kv runs everything but attention on the real tokens' rows
+    only (PackedRows), their q/k/v as one matmul (Attention._qkv, biases included): the logits and
+    the real tokens' key-values must be the same bits as the plain out-of-place path that training
+    runs, padding and GQA included. Padding positions' q/k/v are unspecified (zeros when packed):
+    every reader masks them. (Grouped-query attention without repeated k and v runs on both paths;
+    its bits are held by the golden kb, a float32 GQA model: tests/test_golden_kb.py.)"""
+    make_checkpoint(tmp_path, *CHECKPOINT_CASES[case])  # GQA: 4 query heads on 2 kv heads
     model = load_checkpoint(tmp_path, dtype=dtype).model
     assert model.args.n_heads > model.args.n_kv_heads
+    assert model.args.qkv_bias == (case != "llama-gqa")
     ids = torch.randint(3, 120, (3, 21), generator=torch.Generator().manual_seed(4))
     mask = torch.arange(21)[None] < torch.tensor([[21], [13], [5]])
     with torch.enable_grad():
