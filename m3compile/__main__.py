@@ -1,3 +1,3 @@
-from m3compile.cli import app
+from m3compile.cli import main
 
-app()
+main()

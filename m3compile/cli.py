@@ -2,6 +2,7 @@
 render the result (STYLE rule 14). Results go to stdout; progress and logs to stderr.
 """
 
+import gc
 import json
 import os
 from contextlib import contextmanager
@@ -39,6 +40,21 @@ Examples:\n
   m3 inspect kb/ --json       # the same, as JSON\n
   m3 inspect kb/ --ref 42     # one reference: its text and the tokens kept per layer and head
 """
+
+
+def main() -> None:
+    """The `m3` entry point (and `python -m m3compile`): the Typer app, then a quick exit.
+
+    gc.freeze() before the interpreter's teardown: its final collections then skip every object
+    alive at that point (torch's modules alone are ~200k), which cuts the exit of a process that
+    imported torch from 0.50 to 0.12 s (2 cores; a 1 MB compile spent 0.65 s after its last line).
+    Nothing is skipped: atexit handlers (Ray's shutdown, temporary directories' finalizers) still
+    run, and the OS takes the memory back.
+    """
+    try:
+        app()
+    finally:
+        gc.freeze()
 
 
 @contextmanager

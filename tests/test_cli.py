@@ -193,3 +193,24 @@ def test_inspect_bad_kb(tmp_path, corpus, model_dir):
     m["format_version"] = 1
     (tmp_path / "kb" / "manifest.json").write_text(json.dumps(m))
     assert_one_line_error(run("inspect", tmp_path / "kb", "--ref", 999), "no reference 999")
+
+
+def test_entry_point_keeps_exit_codes_and_freezes_before_teardown(tmp_path):
+    """`m3` and `python -m m3compile` run cli.main: the app, then gc.freeze() before the
+    interpreter's teardown. Exit codes and the one-line error must be those of the app."""
+    import subprocess
+    import sys
+    import tomllib
+
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["m3"] == "m3compile.cli:main"
+    ok = subprocess.run([sys.executable, "-m", "m3compile", "--help"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "compile" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "m3compile", "inspect", str(tmp_path / "nope")],
+                         capture_output=True, text=True)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 1 and len(lines) == 1 and "is not a directory" in lines[0], bad.stderr
+    froze = subprocess.run([sys.executable, "-c", "import gc, sys; from m3compile import cli; sys.argv = ['m3', '--help']\n"
+                            "try:\n    cli.main()\nexcept SystemExit as e:\n    print(e.code, gc.get_freeze_count() > 0)"],
+                           capture_output=True, text=True)
+    assert froze.stdout.strip().splitlines()[-1] == "0 True"
