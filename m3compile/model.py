@@ -21,7 +21,9 @@ N query heads, H kv heads, D head dim, C model dim, F FFN width, V vocab.
 import hashlib
 import json
 import math
+import os
 import re
+import time
 from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -856,14 +858,78 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+HASH_CACHE_MIN_BYTES = 64 << 20  # weight files at least this large have their sha256 remembered
+HASH_CACHE_ENTRIES = 256  # files remembered per machine, the most recently hashed
+HASH_CACHE_RACY_NS = 2 * 10**9  # a file changed this recently is not remembered (coarse timestamps)
+
+
+def hash_cache_file() -> Path | None:
+    """Where weight digests are remembered: $M3_CACHE_DIR, else $XDG_CACHE_HOME/m3compile, else
+    ~/.cache/m3compile; sha256-cache.json there. None without any of them (no home directory)."""
+    root = os.environ.get("M3_CACHE_DIR")
+    if not root:
+        home = os.path.expanduser("~")
+        base = os.environ.get("XDG_CACHE_HOME") or (None if home.startswith("~") else os.path.join(home, ".cache"))
+        if base is None:
+            return None
+        root = os.path.join(base, "m3compile")
+    return Path(root) / "sha256-cache.json"
+
+
+def sha256_weights(path: Path) -> str:
+    """sha256 of a weight file, remembered on this machine while the file is unchanged.
+
+    Every compile fingerprints its model; hashing a 110M checkpoint in float32 took 0.34 s of a
+    15 s compile, and a 16 GB one takes ~12 s of every run. A file of HASH_CACHE_MIN_BYTES or more
+    is hashed once and its digest kept with its (device, inode, size, mtime, ctime): rewriting the
+    file, even with its mtime restored, changes its ctime, which no user call can set back; a copy
+    is another inode. As with make or git's index, a change that leaves all five equal (bit rot
+    under the file system) goes unseen: M3_HASH_CACHE=0 hashes every time, and `m3 verify` still
+    reads every byte of a kb's own files. An unreadable or unwritable cache is ignored.
+    """
+    st, cache = path.stat(), hash_cache_file()
+    if st.st_size < HASH_CACHE_MIN_BYTES or os.environ.get("M3_HASH_CACHE", "1") == "0" or cache is None:
+        return sha256_file(path)
+    stamp = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    key = str(path.resolve())
+    try:
+        entries = json.loads(cache.read_text(encoding="utf-8"))
+        if not isinstance(entries, dict):
+            entries = {}
+    except (OSError, ValueError):
+        entries = {}
+    kept = entries.get(key)
+    if (isinstance(kept, dict) and kept.get("stat") == stamp and isinstance(kept.get("sha256"), str)
+            and re.fullmatch(r"[0-9a-f]{64}", kept["sha256"])):
+        return kept["sha256"]
+    digest = sha256_file(path)
+    after = path.stat()
+    # remembered only if not written meanwhile, nor so recently that a file system with coarse
+    # timestamps could give its next rewrite the same ones (git's "racy" entries)
+    recent = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < HASH_CACHE_RACY_NS
+    if not recent and [after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns, after.st_ctime_ns] == stamp:
+        entries.pop(key, None)
+        entries[key] = {"stat": stamp, "sha256": digest}  # the newest last; the oldest dropped first
+        entries = dict(list(entries.items())[-HASH_CACHE_ENTRIES:])
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(entries), encoding="utf-8")
+            os.replace(tmp, cache)
+        except OSError:
+            pass
+    return digest
+
+
 def fingerprint(path: str | Path) -> dict:
-    """Model identity: architecture and dims plus sha256 of config.json, every weight file and tokenizer.json."""
+    """Model identity: architecture and dims plus sha256 of config.json, every weight file and
+    tokenizer.json (a large weight file's digest remembered while it is unchanged: sha256_weights)."""
     path = Path(path)
     args = ModelArgs.from_hf_config(_read_config(path))
     return {
         "architecture": args.architecture,
         "args": asdict(args),
         "config_sha256": sha256_file(path / "config.json"),
-        "weights_sha256": {f.name: sha256_file(f) for f in weight_files(path)},
+        "weights_sha256": {f.name: sha256_weights(f) for f in weight_files(path)},
         "tokenizer_sha256": sha256_file(path / "tokenizer.json"),
     }

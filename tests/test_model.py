@@ -346,3 +346,40 @@ def test_mistral_config_without_sliding_window_reads_as_transformers_does():
     assert ModelArgs.from_hf_config({**cfg, "architectures": ["MistralForCausalLM"]}).sliding_window == expected
     cfg["sliding_window"] = None  # an explicit null is full attention
     assert ModelArgs.from_hf_config({**cfg, "architectures": ["MistralForCausalLM"]}).sliding_window is None
+
+
+def test_weight_digests_are_remembered_only_while_the_file_is_unchanged(tmp_path, monkeypatch):
+    """fingerprint hashes a large weight file once per machine (model.sha256_weights): the digest
+    is reused while (device, inode, size, mtime, ctime) are unchanged, and recomputed when the
+    bytes change even with the same size and the mtime set back, or when the cache is damaged."""
+    import os
+
+    import m3compile.model as model
+
+    monkeypatch.setenv("M3_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(model, "HASH_CACHE_MIN_BYTES", 0)
+    monkeypatch.setattr(model, "HASH_CACHE_RACY_NS", 0)  # the file is seconds old here
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"a" * 4096)
+    first = model.sha256_weights(f)
+    assert first == model.sha256_file(f) and model.hash_cache_file().is_file()
+    real = model.sha256_file
+    monkeypatch.setattr(model, "sha256_file", lambda p, *a: pytest.fail(f"{p} hashed again"))
+    assert model.sha256_weights(f) == first  # remembered: the file is not read
+    monkeypatch.setattr(model, "sha256_file", real)
+    st = os.stat(f)
+    f.write_bytes(b"b" * 4096)  # same size; the mtime is set back below, the ctime cannot be
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert model.sha256_weights(f) == real(f) != first
+    model.hash_cache_file().write_text("{not json")  # a damaged cache is ignored and rewritten
+    assert model.sha256_weights(f) == real(f)
+    monkeypatch.setenv("M3_HASH_CACHE", "0")
+    monkeypatch.setattr(model, "sha256_file", lambda p, *a: "off")
+    assert model.sha256_weights(f) == "off"  # M3_HASH_CACHE=0 hashes every time
+    monkeypatch.delenv("M3_HASH_CACHE")
+    monkeypatch.setattr(model, "sha256_file", real)
+    monkeypatch.setattr(model, "HASH_CACHE_RACY_NS", 10**12)
+    g = tmp_path / "fresh.safetensors"
+    g.write_bytes(b"c" * 4096)
+    model.sha256_weights(g)
+    assert str(g.resolve()) not in json.loads(model.hash_cache_file().read_text())  # too recent to trust
