@@ -387,11 +387,12 @@ def _hashed_files(root: Path) -> list[Path]:
 
 
 def embedder_identity(path: str | Path) -> dict:
-    """sha256 of every file of a sentence-transformers directory, and one digest over them all."""
-    from m3compile.model import sha256_file
+    """sha256 of every file of a sentence-transformers directory, and one digest over them all
+    (a weight file's remembered while unchanged, as a model's: model.sha256_weights)."""
+    from m3compile.model import sha256_weights
 
     root = Path(path)
-    files = {p.relative_to(root).as_posix(): sha256_file(p) for p in _hashed_files(root)}
+    files = {p.relative_to(root).as_posix(): sha256_weights(p) for p in _hashed_files(root)}
     digest = hashlib.sha256("".join(f"{k}\0{v}\n" for k, v in files.items()).encode()).hexdigest()
     return {"sha256": digest, "files": files}
 
