@@ -122,9 +122,8 @@ def encode_windows(text: str, tokenizer, window: int | None = None,
     """
     window, seam = window or ENCODE_WINDOW, seam or SEAM_CHARS
     n = len(text)
-    if n <= window:
-        ids, offsets = _stable(_encode_from(text, 0, n, seam, tokenizer), 0, seam)
-        yield ids, _spans(offsets)
+    if n <= window:  # one window
+        yield from _sequential_windows(text, tokenizer, 0, window, seam)
         return
     bases = range(0, n, window - seam)  # the last window reaches the text's end
     prev, first, cut = None, 0, 0  # the window before, its first token not yet given out, where that token starts

@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from m3compile.model import KVCache, LayerKV, Transformer
+from m3compile.model import KVCache, LayerKV, Transformer, kept_while_unchanged
 from m3compile.tokenizer import Tokenizer
 
 
@@ -67,16 +67,8 @@ def _prefix_cache(model: Transformer, prefix_ids: Sequence[int], last: int) -> K
     tokens = torch.tensor([list(prefix_ids)], device=model.device)
     if torch.is_grad_enabled():
         return _prefill(model, tokens, last)
-    try:  # an optimizer step or a load changes a weight's version; a move or a cast its storage
-        weights = tuple((t.data_ptr(), t._version) for t in model.parameters())
-    except RuntimeError:  # weights made in inference mode have no version: nothing to key on
-        return _prefill(model, tokens, last)
-    key = (tuple(prefix_ids), last, weights)
-    kept = getattr(model, "_m3_prefix_cache", None)
-    if kept is None or kept[0] != key:
-        kept = (key, _prefill(model, tokens, last))
-        model._m3_prefix_cache = kept
-    return kept[1]
+    return kept_while_unchanged(model, "_m3_prefix_cache", model.parameters(), lambda: _prefill(model, tokens, last),
+                                key=(tuple(prefix_ids), last))
 
 
 def _prefill(model: Transformer, tokens: torch.Tensor, last: int) -> KVCache:

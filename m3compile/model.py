@@ -307,9 +307,19 @@ class KVCache:
         return k, v
 
 
-def attention_bias(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An additive attention mask: 0 where `keep` is True, the dtype's min elsewhere."""
-    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, torch.finfo(dtype).min)
+def kept_while_unchanged(owner, name: str, tensors, make, key=()):
+    """make()'s result, kept on `owner` as attribute `name` while `tensors` (weights) and `key`
+    are unchanged: an optimizer step or a load changes a tensor's version, a move or a cast its
+    storage. Tensors made in inference mode have no version: nothing to key on, made each call."""
+    try:
+        stamp = (key, tuple((t.data_ptr(), t._version) for t in tensors))
+    except RuntimeError:
+        return make()
+    kept = getattr(owner, name, None)
+    if kept is None or kept[0] != stamp:
+        kept = (stamp, make())
+        setattr(owner, name, kept)
+    return kept[1]
 
 
 class AttentionMask:
@@ -327,8 +337,10 @@ class AttentionMask:
         self._bias: dict[torch.dtype, torch.Tensor] = {}
 
     def bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """0 where a key is seen, the dtype's min elsewhere, (B, 1, T, S)."""
         if dtype not in self._bias:
-            self._bias[dtype] = attention_bias(self.keep, dtype)
+            self._bias[dtype] = torch.zeros(self.keep.shape, dtype=dtype, device=self.keep.device).masked_fill_(
+                ~self.keep, torch.finfo(dtype).min)
         return self._bias[dtype]
 
 
@@ -400,15 +412,8 @@ class Attention(nn.Module):
             return (torch.cat([m.weight for m in parts]),
                     torch.cat([m.bias for m in parts]) if self.wq.bias is not None else None)
 
-        try:  # an optimizer step or a load changes a weight's version; a move or a cast its storage
-            key = tuple((t.data_ptr(), t._version) for m in parts for t in (m.weight, m.bias) if t is not None)
-        except RuntimeError:  # weights made in inference mode have no version: nothing to key on
-            return fused()
-        kept = getattr(self, "_m3_qkv", None)
-        if kept is None or kept[0] != key:
-            kept = (key, fused())
-            self._m3_qkv = kept
-        return kept[1]
+        return kept_while_unchanged(self, "_m3_qkv", [t for m in parts for t in (m.weight, m.bias) if t is not None],
+                                    fused)
 
     def project(self, x, cos, sin, packed: "PackedRows | None" = None) -> LayerKV:
         """q/k/v of x (B, T, C); with `packed`, x is (P, C), the rows packed.rows of the (B*T, C)
@@ -879,8 +884,9 @@ def hash_cache_file() -> Path | None:
 def sha256_weights(path: Path) -> str:
     """sha256 of a weight file, remembered on this machine while the file is unchanged.
 
-    Every compile fingerprints its model; hashing a 110M checkpoint in float32 took 0.34 s of a
-    15 s compile, and a 16 GB one takes ~12 s of every run. A file of HASH_CACHE_MIN_BYTES or more
+    Every compile fingerprints its model; hashing a 110M checkpoint in float32 (500 MB, in the
+    page cache) took 0.34 s of a 15 s compile, so a 16 GB one would take ~11 s of every run
+    (estimated at that rate, not measured). A file of HASH_CACHE_MIN_BYTES or more
     is hashed once and its digest kept with its (device, inode, size, mtime, ctime): rewriting the
     file, even with its mtime restored, changes its ctime, which no user call can set back; a copy
     is another inode. As with make or git's index, a change that leaves all five equal (bit rot
@@ -890,7 +896,7 @@ def sha256_weights(path: Path) -> str:
     st, cache = path.stat(), hash_cache_file()
     if st.st_size < HASH_CACHE_MIN_BYTES or os.environ.get("M3_HASH_CACHE", "1") == "0" or cache is None:
         return sha256_file(path)
-    stamp = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    stamp = _file_stamp(st)
     key = str(path.resolve())
     try:
         entries = json.loads(cache.read_text(encoding="utf-8"))
@@ -903,11 +909,10 @@ def sha256_weights(path: Path) -> str:
             and re.fullmatch(r"[0-9a-f]{64}", kept["sha256"])):
         return kept["sha256"]
     digest = sha256_file(path)
-    after = path.stat()
     # remembered only if not written meanwhile, nor so recently that a file system with coarse
     # timestamps could give its next rewrite the same ones (git's "racy" entries)
     recent = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < HASH_CACHE_RACY_NS
-    if not recent and [after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns, after.st_ctime_ns] == stamp:
+    if not recent and _file_stamp(path.stat()) == stamp:
         entries.pop(key, None)
         entries[key] = {"stat": stamp, "sha256": digest}  # the newest last; the oldest dropped first
         entries = dict(list(entries.items())[-HASH_CACHE_ENTRIES:])
@@ -919,6 +924,11 @@ def sha256_weights(path: Path) -> str:
         except OSError:
             pass
     return digest
+
+
+def _file_stamp(st: os.stat_result) -> list[int]:
+    """What sha256_weights trusts a file's identity to: device, inode, size, mtime, ctime."""
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def fingerprint(path: str | Path) -> dict:
