@@ -38,7 +38,7 @@ _EXPORTS = {
     "verify_kb": "m3compile.verify",
     "compact_kb": "m3compile.compact",
     "load_checkpoint": "m3compile.model",
-    "TrainConfig": "m3compile.train",
+    "TrainConfig": "m3compile.config",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -15,9 +15,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from m3compile.config import BATCH_TOKENS, PAPER_DEFAULTS, CompileConfig, parse_layers
+from m3compile.config import BATCH_TOKENS, CHUNK_TOKENS, PAPER_DEFAULTS, REFS_PER_CHUNK, CompileConfig, parse_layers
 from m3compile.errors import M3Error
-from m3compile.reader import CHUNK_TOKENS, REFS_PER_CHUNK
 
 app = typer.Typer(help="Compile corpora into Memory³ explicit memories and inspect them.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -387,7 +386,7 @@ def query(
         else:
             _, r = _retriever(base, mode, max_overlap)
             hits = r.retrieve(text, k, mode=mode, max_overlap=max_overlap)
-        rows = {row["ref_id"]: row for row in base.references().select(["ref_id", "doc_id", "text"]).to_pylist()}
+        rows = {row["ref_id"]: row for row in base.reference_rows([h.ref_id for h in hits], ["doc_id", "text"])}
     results = [{"ref_id": h.ref_id, "score": h.score, "doc_id": rows[h.ref_id]["doc_id"], "text": rows[h.ref_id]["text"]}
                for h in hits]
     if as_json:
@@ -474,7 +473,7 @@ Examples:\n
 
 
 def _train_defaults() -> dict:
-    from m3compile.train import TrainConfig
+    from m3compile.config import TrainConfig
 
     return {f.name: f.default for f in fields(TrainConfig)}
 
@@ -502,7 +501,8 @@ def train(
     as_json: Annotated[bool, typer.Option("--json", help="print the training report as JSON")] = False,
 ):
     """Continue training a checkpoint to read explicit memories (paper §3.6); resumable."""
-    from m3compile.train import TrainConfig, train as run_train
+    from m3compile.config import TrainConfig
+    from m3compile.train import train as run_train
 
     with user_errors():
         config = TrainConfig(model=str(model), kb=str(kb), texts=str(texts), out=str(output), steps=steps,

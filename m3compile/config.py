@@ -30,6 +30,9 @@ READ_SETTINGS = ("max_tokens", "boundary", "min_fill", "prefix", "top_k", "memor
 # cores, 32-64 a pass ran 1.3x faster than 16, and 128 only 1.16x (activations leave the L2
 # cache): benchmarks/encode_speed.py, which alternates batch sizes in one run
 BATCH_TOKENS = 2048
+# the paper's read schedule (§3.1): stated once, used by the CLI, the reader, evaluate and train
+CHUNK_TOKENS = 64  # text tokens per chunk
+REFS_PER_CHUNK = 5  # references retrieved per chunk
 MODEL_MEMORY_FILE = "m3-memory.json"
 MODEL_MEMORY_FORMAT = "m3-model-memory"
 MODEL_MEMORY_VERSION = 1
@@ -251,3 +254,55 @@ def describe_settings(settings: dict) -> str:
     def value(k, v):
         return ",".join(map(str, v)) if k == "memory_layers" and v is not None else v
     return " ".join(f"--{k.replace('_', '-')} {value(k, v)!s}" for k, v in settings.items())
+
+
+SCHEDULES = ("cosine", "wsd")  # `m3 train`'s learning-rate schedules
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The settings of `m3 train` (train.py runs it); here beside CompileConfig so that the CLI
+    reads its defaults without importing torch."""
+
+    model: str  # Hugging Face checkpoint directory to continue training
+    kb: str  # compiled kb: its index retrieves, its references are encoded, its manifest fixes the layout
+    texts: str  # training texts: a directory or a .txt/.md/.jsonl/.parquet file (as `m3 compile` reads)
+    out: str  # output checkpoint directory (also holds the resume state while training)
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 16  # sequences per step
+    seq_tokens: int = 256  # text tokens per training sequence at most; longer texts are cut
+    chunk_tokens: int = CHUNK_TOKENS  # text tokens per memory chunk (paper: 64)
+    refs_per_chunk: int = REFS_PER_CHUNK  # references retrieved per chunk (paper: 5)
+    max_overlap: float = 0.9  # drop references whose Eq. 6 overlap with the chunk exceeds this (paper: 0.9)
+    retrieval_mode: str | None = None  # "bm25", "dense", "hybrid"; None = the kb's default
+    memory_fraction: float = 0.8  # share of steps that read memories; the rest keep no-memory reading alive
+    grad_through_memory: bool = True  # backpropagate through the memory encoding (see module docstring)
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float = 1e-4  # end of the decay
+    warmup_steps: int = 50  # linear warmup from 0
+    schedule: str = "cosine"  # "cosine" decay, or "wsd": warmup-stable then linear decay over decay_fraction
+    decay_fraction: float = 0.2  # wsd: the last share of steps that decays
+    weight_decay: float = 0.1  # AdamW, matrices only
+    grad_clip: float = 1.0  # max global gradient norm
+    # bf16 autocast (weights and optimizer stay float32); None: where bf16 matmuls are native
+    # (model.bf16_is_native: CUDA, AMX, AVX512-BF16), else float32, which is 34x faster on AVX2 alone
+    bf16: bool | None = None
+    seed: int = 0  # batch order and memory/no-memory steps
+    threads: int | None = None  # torch intra-op threads; None = leave torch's setting
+    device: str = "cpu"  # torch device
+    checkpoint_every: int = 200  # steps between resume states; 0 = only at the end
+    log_every: int = 10  # steps between loss records in the report
+    resume: bool = True  # continue from out/train-state.safetensors when it is there
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise M3Error(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if not 0.0 <= self.memory_fraction <= 1.0:
+            raise M3Error(f"memory_fraction {self.memory_fraction} must lie in [0, 1]")
+        if self.steps < 1 or self.batch_size < 1 or self.seq_tokens < 1 or self.chunk_tokens < 1:
+            raise M3Error("steps, batch_size, seq_tokens and chunk_tokens must be at least 1")
+
+    def run_settings(self) -> dict:
+        """What must match for a state file to be resumed (not bookkeeping like log_every)."""
+        skip = {"checkpoint_every", "log_every", "resume", "threads", "out"}
+        return {k: v for k, v in asdict(self).items() if k not in skip}

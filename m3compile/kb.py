@@ -9,9 +9,10 @@ Shape letters: L memory layers, H kv heads, K kept tokens, D head dim.
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import pyarrow as pa
-import torch
 
 from m3compile import references as refs_file
 from m3compile.errors import M3Error
@@ -19,15 +20,18 @@ from m3compile.manifest import Manifest, read_manifest
 from m3compile.pack import RefLocation, decode_payload, read_payload
 from m3compile.spec import MemorySpec
 
+if TYPE_CHECKING:  # memories are torch tensors, made by pack.decode_payload: opening a kb, its
+    import torch  # manifest, references and index (m3 query, m3 inspect) needs no torch (~1.5 s)
+
 REPAIR_HINT = "run `m3 verify --repair {kb}` (or the same `m3 compile` again) to rebuild it"
 
 
 @dataclass(frozen=True)
 class Memory:
     ref_id: int
-    keys: torch.Tensor  # (L, H, K, D) float32, dequantized, post-RoPE at positions p + j
-    values: torch.Tensor  # (L, H, K, D) float32, dequantized
-    positions: torch.Tensor  # (L, H, K) int64, kept token index j in the reference
+    keys: "torch.Tensor"  # (L, H, K, D) float32, dequantized, post-RoPE at positions p + j
+    values: "torch.Tensor"  # (L, H, K, D) float32, dequantized
+    positions: "torch.Tensor"  # (L, H, K) int64, kept token index j in the reference
     layers: tuple[int, ...]  # the model layer of each of the L entries
 
 
@@ -46,6 +50,7 @@ class KnowledgeBase:
         self.scheme = self.spec.scheme
         self._max_bytes = self.spec.max_payload()
         self._table: pa.Table | None = None
+        self._row_of: dict[int, int] | None = None  # ref_id -> row of references()
         self._loc: dict[int, RefLocation] | None = None
         self._retriever = None
 
@@ -58,6 +63,17 @@ class KnowledgeBase:
         if self._table is None:
             self._table = refs_file.read_references(self.references_path)
         return self._table
+
+    def reference_rows(self, ref_ids, columns: list[str] | None = None) -> list[dict]:
+        """The rows of these references, in the order given (a ref id not in the kb is left out);
+        only those rows become Python objects, not the whole table."""
+        if self._row_of is None:
+            self._row_of = {r: i for i, r in enumerate(self.references().column("ref_id").to_pylist())}
+        at = np.asarray([self._row_of[i] for i in map(int, ref_ids) if i in self._row_of], np.int64)  # table rows
+        t = self.references() if columns is None else self.references().select(list(dict.fromkeys(["ref_id", *columns])))
+        # the row numbers as an arrow array made from their buffer: pa.array() of numpy or Python
+        # values imports pandas where it is installed (0.3 s of an `m3 query`)
+        return t.take(pa.Array.from_buffers(pa.int64(), len(at), [None, pa.py_buffer(at)])).to_pylist()
 
     def _locations(self) -> dict[int, RefLocation]:
         if self._loc is None:
@@ -226,12 +242,9 @@ def describe(kb: KnowledgeBase) -> dict:
 
 def reference_detail(kb: KnowledgeBase, ref_id: int) -> dict:
     """One reference: its row, and per memory layer and kv head the kept tokens (j, id, text)."""
-    table = kb.references()
-    import pyarrow.compute as pc
-
-    rows = table.filter(pc.equal(table["ref_id"], ref_id)).to_pylist()
+    rows = kb.reference_rows([ref_id])
     if not rows:
-        raise M3Error(f"no reference {ref_id} in {kb.path} (ref ids 0..{len(table) - 1}); see `m3 inspect`")
+        raise M3Error(f"no reference {ref_id} in {kb.path} (ref ids 0..{len(kb.references()) - 1}); see `m3 inspect`")
     row = rows[0]
     mem = kb.memory(ref_id)
     tok = None

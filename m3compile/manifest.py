@@ -20,10 +20,10 @@ import numpy as np
 
 from m3compile import __version__
 from m3compile.errors import M3Error
-from m3compile.model import sha256_file
 from m3compile.pack import bits_per_element, payload_nbytes
 from m3compile.references import iter_columns
 from m3compile.spec import MemorySpec
+from m3compile.store import sha256_file
 
 FORMAT, FORMAT_VERSION = "m3-kb", 1
 FILE_NAME = "manifest.json"

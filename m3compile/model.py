@@ -18,7 +18,6 @@ Shape letters: B batch, T tokens, S key length (memory + context), M memory toke
 N query heads, H kv heads, D head dim, C model dim, F FFN width, V vocab.
 """
 
-import hashlib
 import json
 import math
 import os
@@ -35,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from m3compile.errors import M3Error
+from m3compile.store import sha256_file
 from m3compile.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -853,14 +853,6 @@ def save_checkpoint(model: Transformer, out_dir: str | Path, tokenizer_dir: str 
             if src.is_file():
                 (out / name).write_bytes(src.read_bytes())
     return out
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 HASH_CACHE_MIN_BYTES = 64 << 20  # weight files at least this large have their sha256 remembered

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 import zstandard
 from safetensors import SafetensorError, safe_open
 
@@ -199,6 +198,8 @@ def decode_payload(data: bytes, scheme: Scheme, max_bytes: int, where: str = "pa
         keys and values (L, H, K, D) float32 tensors, positions (L, H, K) int64 tensor.
     """
     qk, qv, pos = unpack_payload(_inflate(data, max_bytes, where), scheme, where)
+    import torch  # here, not at the top: reading shard headers and indexes does not need it
+
     keys, values = scheme.dequantize(qk, **_role(scheme, "k")), scheme.dequantize(qv, **_role(scheme, "v"))
     return keys, values, torch.from_numpy(pos.astype(np.int64))
 

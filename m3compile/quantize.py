@@ -21,18 +21,22 @@ stored scale outward is what makes the bound hold for the bytes on disk, not jus
 import math
 import re
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import torch
 
 from m3compile.errors import M3Error
 
+if TYPE_CHECKING:
+    import torch
+# torch is imported inside the functions that make or take tensors: reading a kb's manifest,
+# references and index (m3 query, m3 inspect) names schemes without paying torch's import (~1.5 s)
+
 # little-endian on disk whatever the host; bfloat16 has no numpy dtype, so it travels as its bits
-_NONE_DTYPES = {  # name -> (torch dtype, numpy storage dtype)
-    "float32": (torch.float32, np.dtype("<f4")),
-    "float16": (torch.float16, np.dtype("<f2")),
-    "bfloat16": (torch.bfloat16, np.dtype("<u2")),
+_NONE_DTYPES = {  # name (torch's dtype name) -> numpy storage dtype
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "bfloat16": np.dtype("<u2"),
 }
 _SCALE = np.dtype("<f2")  # scales and mins: float16, rounded outward (see the module docstring)
 
@@ -73,10 +77,12 @@ class Scheme(Protocol):
 
     def parts(self, shape: tuple[int, ...]) -> tuple[PartSpec, ...]: ...
     def quantize(self, x) -> tuple[QuantKV, QuantError]: ...
-    def dequantize(self, q: QuantKV) -> torch.Tensor: ...
+    def dequantize(self, q: QuantKV) -> "torch.Tensor": ...
 
 
 def _to_f32(x) -> np.ndarray:
+    import torch
+
     if isinstance(x, torch.Tensor):
         assert x.is_floating_point(), x.dtype
         x = x.detach().to("cpu", torch.float32).numpy()  # exact for bf16/f16
@@ -133,7 +139,7 @@ class NoneScheme:
         return f"none-{self.dtype}"
 
     def parts(self, shape):
-        return (PartSpec("values", _NONE_DTYPES[self.dtype][1], tuple(shape)),)
+        return (PartSpec("values", _NONE_DTYPES[self.dtype], tuple(shape)),)
 
     def quantize(self, x):
         q, t = self._encode(x)
@@ -144,9 +150,11 @@ class NoneScheme:
         q, t = self._encode(x)
         return q, [QuantError(0.0, 0.0, float(n)) for n in (t.double() ** 2).flatten(1).sum(1)]
 
-    def _encode(self, x) -> tuple[QuantKV, torch.Tensor]:
+    def _encode(self, x) -> tuple[QuantKV, "torch.Tensor"]:
         """The stored values, and x as the contiguous CPU tensor they came from."""
-        tdt, ndt = _NONE_DTYPES[self.dtype]
+        import torch
+
+        tdt, ndt = getattr(torch, self.dtype), _NONE_DTYPES[self.dtype]
         t = torch.as_tensor(x)
         if t.dtype != tdt:
             raise M3Error(f"scheme {self.name} stores {self.dtype} losslessly but got {t.dtype}; "
@@ -157,6 +165,8 @@ class NoneScheme:
         return QuantKV(self.name, tuple(t.shape), (raw,)), t
 
     def dequantize(self, q):
+        import torch
+
         (raw,) = q.parts
         if self.dtype == "bfloat16":
             # (..., D) bf16 bits -> f32 bits: bf16 is the top half of a float32
@@ -164,6 +174,8 @@ class NoneScheme:
         return torch.from_numpy(raw.astype(np.float32))
 
     def bound(self, q):
+        import torch
+
         return torch.zeros(q.shape[:-1] + (1,))  # (..., 1)
 
 
@@ -244,9 +256,13 @@ class IntScheme:
         xh = cg * s.astype(np.float32)[..., None]
         if not self.sym:
             xh = xh + q.parts[2].astype(np.float32)[..., None]
+        import torch
+
         return torch.from_numpy(np.ascontiguousarray(xh.reshape(q.shape)))  # (..., D)
 
     def bound(self, q):
+        import torch
+
         return torch.from_numpy(q.parts[1].astype(np.float32) / 2)  # (..., D/G): |x - x̂| <= s/2
 
 
@@ -262,7 +278,7 @@ SCHEMES: dict[str, Scheme] = {
 _INT_NAME = re.compile(r"int([48])-(sym|asym)-g([1-9][0-9]*)")
 
 
-def get_scheme(name: str, dtype: torch.dtype | None = None, head_dim: int | None = None, codebooks=None) -> Scheme:
+def get_scheme(name: str, dtype: "torch.dtype | None" = None, head_dim: int | None = None, codebooks=None) -> Scheme:
     """The scheme for a CLI name (`none`, `int8`, `int4`) or a full on-disk name (`int8-sym-g16`).
 
     Args:

@@ -21,15 +21,12 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from m3compile.config import CHUNK_TOKENS, REFS_PER_CHUNK
 from m3compile.errors import M3Error
 from m3compile.kb import Memory
 from m3compile.lm import sample
 from m3compile.model import ExtraKV, KVCache, Transformer
 from m3compile.spec import MemorySpec, memorize
-
-# the paper's read schedule (§3.1): stated once, used by the CLI, evaluate and train
-CHUNK_TOKENS = 64  # text tokens per chunk
-REFS_PER_CHUNK = 5  # references retrieved per chunk
 
 
 @dataclass(frozen=True)

@@ -449,6 +449,9 @@ def _row_groups(path: Path):
 def read_references(path: Path, columns: list[str] | None = None) -> pa.Table:
     check_metadata(path)
     try:
-        return pq.read_table(str(path), columns=columns)
+        # ParquetFile, not pq.read_table: the same table, without importing pyarrow.dataset (and
+        # pandas, where installed), 0.25 s of every `m3 query`
+        with pq.ParquetFile(str(path)) as f:
+            return f.read(columns=columns)
     except (OSError, pa.ArrowException, ValueError) as e:
         raise M3Error(f"cannot read {path}: {e}; the file is damaged") from None

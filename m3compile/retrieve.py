@@ -128,18 +128,18 @@ class Retriever:
         b = section["bm25"]
         if not (self.path / b["dir"] / "params.index.json").is_file():
             raise M3Error(f"{self.path / b['dir']} is missing or incomplete; the kb is damaged: recompile it")
-        self._bm25 = bm25s.BM25.load(str(self.path / b["dir"]), load_corpus=True, show_progress=False)
-        self._bm25_ids = np.array([row["ref_id"] for row in self._bm25.corpus], dtype=np.int64)  # (R,)
+        self._bm25 = bm25s.BM25.load(str(self.path / b["dir"]), show_progress=False)
+        self._bm25_ids = np.array([row["ref_id"] for row in ix.read_corpus(self.path / b["dir"])], dtype=np.int64)  # (R,)
         self._tokens = b["tokenizer"]
         self._docs = section.get("documents")  # absent: a version-1 kb, references ranked alone
         if self._docs is not None:
             d = self._docs["bm25"]
             if not (self.path / d["dir"] / "params.index.json").is_file():
                 raise M3Error(f"{self.path / d['dir']} is missing or incomplete; the kb is damaged: recompile it")
-            self._doc_bm25 = bm25s.BM25.load(str(self.path / d["dir"]), load_corpus=True, show_progress=False)
+            self._doc_bm25 = bm25s.BM25.load(str(self.path / d["dir"]), show_progress=False)
             self._by_id = np.argsort(self._bm25_ids)  # (R,) bm25 rows in ref_id order
             self._doc_of_row = np.empty(len(self._bm25_ids), dtype=np.int64)  # (R,) document row of each bm25 row
-            for j, row in enumerate(self._doc_bm25.corpus):
+            for j, row in enumerate(ix.read_corpus(self.path / d["dir"])):
                 self._doc_of_row[self._rows(np.asarray(row["ref_ids"], dtype=np.int64))] = j
         self._embedder_path = embedder
         self._device = device

@@ -19,18 +19,22 @@ import hashlib
 import json
 from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
 
 from m3compile.chunk import CHUNK_RULE_VERSION
-from m3compile.encode import EncodedBatch, encode_batch, write_prefix
 from m3compile.errors import M3Error
-from m3compile.model import LayerKV, Transformer
 from m3compile.pack import FORMAT as PAYLOAD_FORMAT, FORMAT_VERSION as PAYLOAD_VERSION, payload_nbytes
 from m3compile.quantize import Scheme, get_scheme
-from m3compile.sparsify import SparseKV, select_topk
+
+if TYPE_CHECKING:
+    import torch
+
+    from m3compile.model import Transformer
+    from m3compile.sparsify import SparseKV
+# the model side (torch, encode, model, sparsify) is imported by the functions that run it: a kb's
+# spec is read from its manifest by every command, and `m3 query`/`m3 inspect` need no torch (~1.5 s)
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,8 @@ class MemorySpec:
         """
         assert None not in (config.max_tokens, config.boundary, config.min_fill, config.prefix, config.top_k), \
             ("resolve the config first: CompileConfig.resolved", config)
+        from m3compile.encode import write_prefix
+
         a = ck.args
         layers = config.resolve_layers(a.n_layers)
         prefix_ids = write_prefix(ck.tokenizer, config.prefix)
@@ -176,14 +182,14 @@ class MemorySpec:
         return replace(self, top_k=self.width, memory_layers=layers)
 
 
-def _torch_dtype(name: str) -> torch.dtype:
+def _torch_dtype(name: str) -> "torch.dtype":
     from m3compile.model import DTYPES
 
     return DTYPES[name]
 
 
-def memorize(model: Transformer, token_lists: Sequence[Sequence[int]], spec: MemorySpec,
-             grad: bool = False) -> list[SparseKV]:
+def memorize(model: "Transformer", token_lists: Sequence[Sequence[int]], spec: MemorySpec,
+             grad: bool = False) -> "list[SparseKV]":
     """The memories of references: each encoded alone behind the spec's write prefix, its top-k
     tokens per memory layer and kv head kept (paper §3.2-3.3). Not yet quantized.
 
@@ -200,6 +206,12 @@ def memorize(model: Transformer, token_lists: Sequence[Sequence[int]], spec: Mem
         >>> spec = open_kb("kb/").spec
         >>> mem = memorize(ck.model, [[412, 9, 77]], spec)[0]; mem.keys.shape
     """
+    import torch
+
+    from m3compile.encode import EncodedBatch, encode_batch
+    from m3compile.model import LayerKV
+    from m3compile.sparsify import select_topk
+
     if not token_lists:
         return []
     long = max(len(t) for t in token_lists)

@@ -29,7 +29,6 @@ import numpy as np
 from safetensors import safe_open
 
 from m3compile.errors import M3Error
-from m3compile.model import sha256_file
 from m3compile.pack import ShardWriter, check_frame, read_frame, read_shard_header, shard_info
 from m3compile.references import iter_columns
 from m3compile.spec import MemorySpec
@@ -39,6 +38,15 @@ SPILL_DIR = ".spill"  # frames encoded but not yet in a shard, made durable (Che
 NO_SHARD_LIMIT = 1 << 62  # a spill, or a repaired shard, is written whole as one file
 GEN_PREFIX = "gen-"
 _TMP_GEN = ".gen-tmp"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """The hex sha256 of a file's bytes, read in 1 MB pieces (a model's files, every kb file)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)

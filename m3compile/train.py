@@ -27,7 +27,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -37,15 +37,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from m3compile import __version__
-from m3compile.config import MODEL_MEMORY_FILE, write_model_memory
+from m3compile.config import MODEL_MEMORY_FILE, TrainConfig, write_model_memory
 from m3compile.corpus import CorpusReport, iter_documents
 from m3compile.errors import M3Error
 from m3compile.kb import Memory, open_kb
 from m3compile.model import ExtraKV, Transformer, bf16_is_native, fingerprint, load_checkpoint, save_checkpoint
-from m3compile.reader import CHUNK_TOKENS, REFS_PER_CHUNK, ChunkMemory, ReadLayout, build_extra
+from m3compile.reader import ChunkMemory, ReadLayout, build_extra
 from m3compile.spec import MemorySpec, memorize
 
-SCHEDULES = ("cosine", "wsd")
 STATE_FILE = "train-state.safetensors"  # in the output directory while a run is unfinished
 REPORT_FILE = "training.json"
 STATE_FORMAT = "m3-train-state"
@@ -53,52 +52,6 @@ STATE_VERSION = 1
 
 # (chunk texts, their token ids) -> ref ids per chunk, best first
 RetrieveMany = Callable[[list[str], list[list[int]]], list[list[int]]]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    model: str  # Hugging Face checkpoint directory to continue training
-    kb: str  # compiled kb: its index retrieves, its references are encoded, its manifest fixes the layout
-    texts: str  # training texts: a directory or a .txt/.md/.jsonl/.parquet file (as `m3 compile` reads)
-    out: str  # output checkpoint directory (also holds the resume state while training)
-    steps: int = 1000  # optimizer steps
-    batch_size: int = 16  # sequences per step
-    seq_tokens: int = 256  # text tokens per training sequence at most; longer texts are cut
-    chunk_tokens: int = CHUNK_TOKENS  # text tokens per memory chunk (paper: 64)
-    refs_per_chunk: int = REFS_PER_CHUNK  # references retrieved per chunk (paper: 5)
-    max_overlap: float = 0.9  # drop references whose Eq. 6 overlap with the chunk exceeds this (paper: 0.9)
-    retrieval_mode: str | None = None  # "bm25", "dense", "hybrid"; None = the kb's default
-    memory_fraction: float = 0.8  # share of steps that read memories; the rest keep no-memory reading alive
-    grad_through_memory: bool = True  # backpropagate through the memory encoding (see module docstring)
-    lr: float = 1e-3  # peak learning rate
-    min_lr: float = 1e-4  # end of the decay
-    warmup_steps: int = 50  # linear warmup from 0
-    schedule: str = "cosine"  # "cosine" decay, or "wsd": warmup-stable then linear decay over decay_fraction
-    decay_fraction: float = 0.2  # wsd: the last share of steps that decays
-    weight_decay: float = 0.1  # AdamW, matrices only
-    grad_clip: float = 1.0  # max global gradient norm
-    # bf16 autocast (weights and optimizer stay float32); None: where bf16 matmuls are native
-    # (model.bf16_is_native: CUDA, AMX, AVX512-BF16), else float32, which is 34x faster on AVX2 alone
-    bf16: bool | None = None
-    seed: int = 0  # batch order and memory/no-memory steps
-    threads: int | None = None  # torch intra-op threads; None = leave torch's setting
-    device: str = "cpu"  # torch device
-    checkpoint_every: int = 200  # steps between resume states; 0 = only at the end
-    log_every: int = 10  # steps between loss records in the report
-    resume: bool = True  # continue from out/train-state.safetensors when it is there
-
-    def __post_init__(self):
-        if self.schedule not in SCHEDULES:
-            raise M3Error(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
-        if not 0.0 <= self.memory_fraction <= 1.0:
-            raise M3Error(f"memory_fraction {self.memory_fraction} must lie in [0, 1]")
-        if self.steps < 1 or self.batch_size < 1 or self.seq_tokens < 1 or self.chunk_tokens < 1:
-            raise M3Error("steps, batch_size, seq_tokens and chunk_tokens must be at least 1")
-
-    def run_settings(self) -> dict:
-        """What must match for a state file to be resumed (not bookkeeping like log_every)."""
-        skip = {"checkpoint_every", "log_every", "resume", "threads", "out"}
-        return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
 @dataclass(frozen=True)

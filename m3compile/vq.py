@@ -23,13 +23,16 @@ import hashlib
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
-import torch
 
 from m3compile.errors import M3Error
 from m3compile.quantize import PartSpec, QuantError, QuantKV
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT, FORMAT_VERSION = "m3-vq-codebooks", 1
 ROLES = ("k", "v")
@@ -223,6 +226,8 @@ def collect_samples(memories, max_vectors: int = MAX_TRAIN) -> dict[tuple[int, s
             fixed order (e.g. the seeded reference sample of `sample_rows`).
         max_vectors: stop adding once every (layer, role) has this many tokens.
     """
+    import torch
+
     out: dict[tuple[int, str], list[np.ndarray]] = {}
     count = 0
     for m in memories:
@@ -410,6 +415,8 @@ class VQScheme:
         return [(l, None) for l in range(L)]
 
     def quantize(self, x, role: str) -> tuple[QuantKV, QuantError]:
+        import torch
+
         x = torch.as_tensor(x).detach().to("cpu", torch.float32).numpy()  # (L, H, K, D)
         if not np.isfinite(x).all():
             raise M3Error("memory keys/values contain NaN or inf; check the checkpoint and the compute dtype")
@@ -425,7 +432,9 @@ class VQScheme:
         return q, QuantError(float(np.abs(diff).max(initial=0.0)), float((diff * diff).sum()),
                              float((x.astype(np.float64) ** 2).sum()))
 
-    def dequantize(self, q: QuantKV, role: str) -> torch.Tensor:
+    def dequantize(self, q: QuantKV, role: str) -> "torch.Tensor":
+        import torch  # here, not at the top: reading a kb's codebooks (m3 inspect) needs no torch
+
         (codes,) = q.parts  # (L, H, K, C)
         out = np.empty(q.shape, np.float32)  # (L, H, K, D)
         for l, h in self._per_codec(q.shape):

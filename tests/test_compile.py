@@ -196,13 +196,21 @@ def test_int8_int4_errors_on_real_activations(stories260k, tmp_path):
 def test_reference_detail_names_kept_tokens(tmp_path):
     make_checkpoint(tmp_path / "model", "LlamaForCausalLM", {})
     corpus = word_corpus(tmp_path / "corpus", n_docs=1)
-    compile_kb(CompileConfig(corpus=str(corpus), model=str(tmp_path / "model"), top_k=4), tmp_path / "kb")
+    compile_kb(CompileConfig(corpus=str(corpus), model=str(tmp_path / "model"), top_k=4, max_tokens=16), tmp_path / "kb")
     d = reference_detail(open_kb(tmp_path / "kb"), 0)
     words = d["text"].split()
     for layer, heads in d["kept"].items():
         assert len(heads) == 2 and all(len(h) == 4 for h in heads)
         for head in heads:
             assert [x["text"] for x in head] == [words[x["j"]] for x in head]
+    # the rows of given references, in the order asked, an unknown id left out: those of the table
+    kb = open_kb(tmp_path / "kb")
+    table = kb.references().to_pylist()
+    ids = [r["ref_id"] for r in table]
+    assert len(ids) > 2
+    want = [ids[-1], 10**9, ids[0], ids[1]]
+    assert kb.reference_rows(want) == [table[-1], table[0], table[1]]
+    assert kb.reference_rows(want, ["text"]) == [{"ref_id": r["ref_id"], "text": r["text"]} for r in (table[-1], table[0], table[1])]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -220,7 +220,7 @@ def test_bm25_corpus_files_are_the_ones_bm25s_saves(tmp_path, monkeypatch):
     from m3compile import index as index_mod
     monkeypatch.setattr(bm25s_json, "dumps", bm25s_json.dumps_with_builtin)  # as without orjson installed
     monkeypatch.setattr(index_mod, "CORPUS_IDS_AT_ONCE", 3)
-    rows = [{"ref_id": 7}, {"ref_id": 12345678901}, {"doc_id": "Été \"x\" 😀", "ref_ids": list(range(10))},
+    rows = [{"ref_id": 7}, {"ref_id": 12345678901}, {"doc_id": "Été \"x\" 😀\nline", "ref_ids": list(range(10))},
             {"doc_id": "b", "ref_ids": np.arange(4, 11, dtype=np.int64)}, {"doc_id": "c", "ref_ids": range(3, 6)},
             {"doc_id": "d", "ref_ids": []}]
     oracle = bm25s.BM25()
@@ -232,9 +232,16 @@ def test_bm25_corpus_files_are_the_ones_bm25s_saves(tmp_path, monkeypatch):
     for f in ("corpus.jsonl", "corpus.mmindex.json"):
         assert (tmp_path / "ours" / f).read_bytes() == (tmp_path / "oracle" / f).read_bytes(), f
     assert len(json.loads((tmp_path / "ours" / "corpus.mmindex.json").read_text())) == len(rows)
+    # read back in one json.loads (Retriever): the rows bm25s's own loader gives (the same bytes)
+    assert index_mod.read_corpus(tmp_path / "ours") == bm25s.BM25.load(str(tmp_path / "oracle"), load_corpus=True,
+                                                                        show_progress=False).corpus
     (tmp_path / "empty").mkdir()
     index_mod._write_corpus(tmp_path / "empty", [])
     assert (tmp_path / "empty" / "corpus.mmindex.json").read_text() == "[]"
+    assert index_mod.read_corpus(tmp_path / "empty") == []
+    (tmp_path / "empty" / "corpus.jsonl").write_text('{"ref_id": 1}\n{"ref_id": 2')  # cut short
+    with pytest.raises(M3Error, match="corpus.jsonl .*damaged"):
+        index_mod.read_corpus(tmp_path / "empty")
 
 
 def test_bm25_ids_of_long_texts_cut_into_pieces_are_the_whole_texts_ids(tmp_path):
