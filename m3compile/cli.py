@@ -418,7 +418,6 @@ def verify(
     as_json: Annotated[bool, typer.Option("--json", help="print {faults, repaired, recomputed} as JSON")] = False,
 ):
     """Check every file, shard, payload and count of a kb against its manifest; exit 0 only if all hold."""
-    from m3compile.pipeline import repair_kb
     from m3compile.verify import recompute_count, verify_kb
 
     repaired = []
@@ -426,6 +425,8 @@ def verify(
         if recompute < 0:
             raise M3Error(f"--recompute {recompute} must be 0 or more (references to re-encode)")
         if repair and verify_kb(kb):
+            from m3compile.pipeline import repair_kb  # the model side (torch): only to rebuild
+
             repaired = repair_kb(kb, model=model, device=device,
                                  log=lambda s: err.print(s, highlight=False)).summary["repaired"]
         n = recompute_count(kb, recompute) if recompute and (kb / "manifest.json").is_file() else 0

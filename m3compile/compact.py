@@ -14,7 +14,7 @@ from typing import Callable
 
 from m3compile import manifest as mf, references as refs_file, store
 from m3compile.errors import M3Error
-from m3compile.pack import INDEX_NAME, ShardWriter, read_frame, read_shard_header, shard_info, write_shard_index
+from m3compile.pack import INDEX_NAME, ShardReaders, ShardWriter, read_shard_header, shard_info, write_shard_index
 
 
 def compact_kb(kb_dir: str | Path, log: Callable[[str], None] = lambda s: None) -> dict:
@@ -42,11 +42,12 @@ def compact_kb(kb_dir: str | Path, log: Callable[[str], None] = lambda s: None) 
         first = 1 + max(store.shard_number(s) for s in manifest.shards)
         meta = dict(read_shard_header(kb / dirty[0])["__metadata__"])
         moved = 0
-        with ShardWriter(kb, meta, manifest.config["max_shard_bytes"], first_index=first) as writer:
+        with ShardWriter(kb, meta, manifest.config["max_shard_bytes"], first_index=first) as writer, \
+                ShardReaders(kb) as frames:
             writer.before_replace = lambda name: (kb / name).unlink()  # leftovers of an interrupted compact
             for r in rows:  # rows are in ref id order, as a writer needs
                 if r["shard"] in dirty:
-                    frame = read_frame(kb / r["shard"], r["byte_offset"], r["byte_length"])
+                    frame = frames.read(r["shard"], r["byte_offset"], r["byte_length"], r["ref_id"])
                     loc = writer.add(r["ref_id"], frame, bytes.fromhex(r["ref_key"]), (r["quant_rel_err"], r["quant_max_err"]))
                     r.update(shard=loc.shard, byte_offset=loc.byte_offset, byte_length=loc.byte_length)
                     moved += 1

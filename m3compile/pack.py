@@ -15,17 +15,19 @@ determinism is part of the format. The bytes are plain safetensors; tests check 
 safetensors' own writer and reader.
 """
 
+import functools
 import json
+import math
 import os
 import re
 import struct
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import zstandard
-from safetensors import SafetensorError, safe_open
 
 from m3compile.errors import M3Error
 from m3compile.quantize import QuantError, QuantKV, Scheme, get_scheme
@@ -42,10 +44,17 @@ _SHARD_NAME = "memory-{:05d}.safetensors"
 INDEX_NAME = "memory.safetensors.index.json"
 
 
+@functools.lru_cache(maxsize=128)
+def _layout(scheme: Scheme, L: int, H: int, K: int, D: int) -> tuple[tuple, int]:
+    """(scheme.parts of one role's (L, H, K, D), the payload's size): the same for every frame of a
+    shape, so worked out once (reading SciFact's 150,638 frames asked 301,276 times)."""
+    parts = tuple(scheme.parts((L, H, K, D)))
+    return parts, _HEADER.size + _POS.itemsize * L * H * K + 2 * sum(p.dtype.itemsize * math.prod(p.shape) for p in parts)
+
+
 def payload_nbytes(scheme: Scheme, L: int, H: int, K: int, D: int) -> int:
     """Exact decompressed payload size: header, positions, keys and values parts."""
-    parts = sum(p.dtype.itemsize * int(np.prod(p.shape)) for p in scheme.parts((L, H, K, D)))
-    return _HEADER.size + _POS.itemsize * L * H * K + 2 * parts
+    return _layout(scheme, L, H, K, D)[1]
 
 
 def bits_per_element(scheme: Scheme, L: int, H: int, K: int, D: int) -> float:
@@ -83,7 +92,7 @@ def unpack_payload(raw: bytes, scheme: Scheme, where: str = "payload") -> tuple[
     if magic != _MAGIC:
         raise M3Error(f"{where}: payload magic {magic!r} is not {_MAGIC!r}; the shard is damaged or not m3-kv")
     _check_version(version, where)
-    want = payload_nbytes(scheme, L, H, K, D)
+    specs, want = _layout(scheme, L, H, K, D)
     if len(raw) != want:
         raise M3Error(f"{where}: payload is {len(raw)} bytes but (L,H,K,D)=({L},{H},{K},{D}) in {scheme.name} "
                       f"needs {want}; the shard is damaged or its `quant` is wrong")
@@ -93,8 +102,8 @@ def unpack_payload(raw: bytes, scheme: Scheme, where: str = "payload") -> tuple[
     quants = []
     for _ in range(2):
         parts = []
-        for spec in scheme.parts((L, H, K, D)):
-            n = int(np.prod(spec.shape))
+        for spec in specs:
+            n = math.prod(spec.shape)
             parts.append(np.frombuffer(raw, spec.dtype, n, off).reshape(spec.shape).copy())
             off += n * spec.dtype.itemsize
         quants.append(QuantKV(scheme.name, (L, H, K, D), tuple(parts)))
@@ -168,6 +177,18 @@ def encode_payloads(keys, values, positions, scheme: Scheme) -> list[tuple[bytes
             for b in range(B)]
 
 
+_LOCAL = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's decompressor, made once: making one costs ~11 us, a frame's decompress ~1 us
+    (a decompressor may not be shared between threads)."""
+    d = getattr(_LOCAL, "decompressor", None)
+    if d is None:
+        d = _LOCAL.decompressor = zstandard.ZstdDecompressor()
+    return d
+
+
 def _inflate(data: bytes, max_bytes: int, where: str) -> bytes:
     """Decompress one frame, refusing before decompressing one that declares no size or too large a
     size (a damaged or hostile shard), and one whose content checksum fails."""
@@ -180,7 +201,7 @@ def _inflate(data: bytes, max_bytes: int, where: str) -> bytes:
         raise M3Error(f"{where}: zstd frame declares {size}, but a reference of this kb is at most "
                       f"{max_bytes} bytes; refusing to decompress a damaged or hostile shard")
     try:
-        return zstandard.ZstdDecompressor().decompress(data, allow_extra_data=False)
+        return _decompressor().decompress(data, allow_extra_data=False)
     except zstandard.ZstdError as e:
         raise M3Error(f"{where}: zstd frame does not decompress ({e}); the shard is damaged") from None
 
@@ -197,7 +218,7 @@ def decode_payload(data: bytes, scheme: Scheme, max_bytes: int, where: str = "pa
     Returns:
         keys and values (L, H, K, D) float32 tensors, positions (L, H, K) int64 tensor.
     """
-    qk, qv, pos = unpack_payload(_inflate(data, max_bytes, where), scheme, where)
+    qk, qv, pos = open_frame(data, scheme, max_bytes, where)
     import torch  # here, not at the top: reading shard headers and indexes does not need it
 
     keys, values = scheme.dequantize(qk, **_role(scheme, "k")), scheme.dequantize(qv, **_role(scheme, "v"))
@@ -514,34 +535,98 @@ def shard_info(path: Path) -> ShardInfo:
     return ShardInfo(Path(path).name, tensors, nbytes, sum(header[k]["shape"][0] for k in ids))
 
 
+class ShardReader:
+    """One shard's frames read by byte range, its header read and checked once: code that reads
+    many frames (verify, compact, an incremental compile copying frames, repair) opens one reader
+    per shard; `read_payload` opens one per call. Use as a context manager, or close()."""
+
+    def __init__(self, shard_path: Path):
+        self.path = Path(shard_path)
+        header = read_shard_header(self.path)
+        kv = [k for k in header if k.endswith(".kv")]
+        if len(kv) != 1:
+            raise M3Error(f"{self.path.name}: shard has {len(kv)} kv tensors, expected 1; the shard is damaged")
+        self.kv_bytes = int(header[kv[0]]["shape"][0])
+        try:
+            self._file = open(self.path, "rb", buffering=0)  # a frame is one read; no stale buffer
+            n = struct.unpack("<Q", self._file.read(8))[0]  # read_shard_header checked it
+        except OSError as e:
+            raise M3Error(f"cannot read shard {self.path}: {e}; the file is damaged, recompile the kb") from None
+        self._base = 8 + n + int(header[kv[0]]["data_offsets"][0])  # file offset of kv byte 0
+
+    def read(self, offset: int, length: int, ref_id: int = -1) -> bytes:
+        """Bytes [offset, offset+length) of the kv tensor: one frame, no other byte."""
+        a, b = offset, offset + length
+        if not 0 <= a < b <= self.kv_bytes:
+            raise M3Error(f"{self.path.name} ref {ref_id}: byte range [{a}, {b}) is outside the shard's "
+                          f"{self.kv_bytes} kv bytes; references.parquet does not match this shard")
+        try:
+            self._file.seek(self._base + a)
+            data = self._file.read(length)
+        except OSError as e:
+            raise M3Error(f"cannot read shard {self.path}: {e}; the file is damaged, recompile the kb") from None
+        if len(data) != length:
+            raise M3Error(f"{self.path.name} ref {ref_id}: the shard ends inside this frame; it is truncated")
+        return data
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class ShardReaders:
+    """ShardReaders kept open by path, for reading frames from a few shards in any order; with a
+    `root`, shards are named relative to it (a kb directory)."""
+
+    def __init__(self, root: Path | None = None):
+        self.root = root
+        self._open: dict[Path | str, ShardReader] = {}
+
+    def read(self, shard_path: Path | str, offset: int, length: int, ref_id: int = -1) -> bytes:
+        """A frame of the shard at `shard_path`; the same path (a str or Path) reuses its reader."""
+        r = self._open.get(shard_path)
+        if r is None:
+            r = self._open[shard_path] = ShardReader(Path(shard_path) if self.root is None else self.root / shard_path)
+        return r.read(offset, length, ref_id)
+
+    def forget(self, shard_path: Path | str) -> None:
+        """Close the reader of a shard about to be moved or replaced."""
+        r = self._open.pop(shard_path, None)
+        if r is not None:
+            r.close()
+
+    def close(self) -> None:
+        for r in self._open.values():
+            r.close()
+        self._open.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def read_payload(shard_path: Path, loc: RefLocation) -> bytes:
     """One reference's frame, read by slicing its byte range; no other frame is read."""
-    shard_path = Path(shard_path)
-    where = f"{shard_path.name} ref {loc.ref_id}"
-    header = read_shard_header(shard_path)
-    kv = [k for k in header if k.endswith(".kv")]
-    if len(kv) != 1:
-        raise M3Error(f"{where}: shard has {len(kv)} kv tensors, expected 1; the shard is damaged")
-    n = header[kv[0]]["shape"][0]
-    a, b = loc.byte_offset, loc.byte_offset + loc.byte_length
-    if not 0 <= a < b <= n:
-        raise M3Error(f"{where}: byte range [{a}, {b}) is outside the shard's {n} kv bytes; "
-                      "references.parquet does not match this shard")
-    try:
-        with safe_open(str(shard_path), framework="numpy") as f:
-            return f.get_slice(kv[0])[a:b].tobytes()
-    except SafetensorError as e:
-        raise M3Error(f"{where}: safetensors cannot read the shard ({e}); recompile the kb") from None
+    with ShardReader(shard_path) as r:
+        return r.read(loc.byte_offset, loc.byte_length, loc.ref_id)
 
 
 def check_frame(frame: bytes, scheme: Scheme, max_bytes: int, where: str = "frame") -> tuple[int, int, int, int]:
     """(L, H, K, D) of a frame that decompresses whole (zstd content checksum included) into a
     payload of `scheme`, at most max_bytes; M3Error naming `where` otherwise. A frame is reused or
     copied only after this check (formats/kv-shard.md, "Frame and payload")."""
-    q, _, _ = unpack_payload(_inflate(frame, max_bytes, where), scheme, where)
-    return q.shape
+    return open_frame(frame, scheme, max_bytes, where)[0].shape
 
 
-def read_frame(shard_path: Path, offset: int, length: int) -> bytes:
-    """Bytes [offset, offset+length) of a shard's kv tensor (a frame being copied, not decoded)."""
-    return read_payload(Path(shard_path), RefLocation(-1, Path(shard_path).name, offset, length))
+def open_frame(frame: bytes, scheme: Scheme, max_bytes: int, where: str = "frame") -> tuple[QuantKV, QuantKV, np.ndarray]:
+    """A frame decompressed whole (zstd content checksum included) and split into its quantized
+    keys, values and positions (L, H, K) uint16, not dequantized; M3Error naming `where` otherwise."""
+    return unpack_payload(_inflate(frame, max_bytes, where), scheme, where)
+

@@ -45,8 +45,8 @@ from m3compile.distribute import Frames, check_ray, encode_frames, local_frames,
 from m3compile.errors import M3Error
 from m3compile.index import index_references, resolve_embedder
 from m3compile.model import Checkpoint, bf16_is_native, fingerprint, load_checkpoint
-from m3compile.pack import (CODEC, FORMAT, FORMAT_VERSION, LAYOUT, ZSTD_LEVEL, ShardWriter, check_frame,
-                            read_frame, shard_info, write_shard_index)
+from m3compile.pack import (CODEC, FORMAT, FORMAT_VERSION, LAYOUT, ZSTD_LEVEL, ShardReaders, ShardWriter,
+                            check_frame, shard_info, write_shard_index)
 from m3compile.spec import MemorySpec
 
 Progress = Callable[[dict], None]  # receives {"event": "start"|"batch"|"done", ...}
@@ -472,7 +472,7 @@ def _write_new(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: Timer
     stats = {"encoded": 0, "copied": 0}
     checkpoints = store.Checkpoints(out, _shard_metadata(setup), config.checkpoint_seconds)
     with ShardWriter(out, _shard_metadata(setup), config.max_shard_bytes, first_index=prev.next_shard) as writer, \
-            ExitStack() as stack:
+            ExitStack() as stack, closing(source):
         writer.before_replace = source.move_aside
         stack.callback(checkpoints.discard)  # frames after the last checkpoint are in a shard, or lost with the run
         size = config.refs_per_batch(setup.spec.width)
@@ -570,17 +570,18 @@ def _repair_shards(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: T
         for i, key, f in index:
             if i not in expected and (f.offset, f.length) not in spans:
                 expected[i] = (key, f)
-        frames, todo = {}, []
-        for ref_id, (key, f) in sorted(expected.items()):
-            try:
-                data = read_frame(path, f.offset, f.length)
-                check_frame(data, setup.spec.scheme, setup.spec.max_payload(), name)
-                frames[ref_id] = (key, data, (f.rel_err, f.max_err))
-            except (M3Error, OSError):
-                if ref_id in rows and "token_ids" in rows[ref_id]:
-                    todo.append(ref_id)
-                else:
-                    log(f"{name}: the tombstoned frame of reference {ref_id} is damaged and dropped")
+        frames, todo, mx = {}, [], setup.spec.max_payload()
+        with ShardReaders() as readers:  # a damaged header fails every frame's read: all re-encoded
+            for ref_id, (key, f) in sorted(expected.items()):
+                try:
+                    data = readers.read(path, f.offset, f.length, ref_id)
+                    check_frame(data, setup.spec.scheme, mx, name)
+                    frames[ref_id] = (key, data, (f.rel_err, f.max_err))
+                except (M3Error, OSError):
+                    if ref_id in rows and "token_ids" in rows[ref_id]:
+                        todo.append(ref_id)
+                    else:
+                        log(f"{name}: the tombstoned frame of reference {ref_id} is damaged and dropped")
         size = setup.config.refs_per_batch(setup.spec.width)
         for i in range(0, len(todo), size):
             ids = todo[i:i + size]

@@ -29,7 +29,7 @@ import numpy as np
 from safetensors import safe_open
 
 from m3compile.errors import M3Error
-from m3compile.pack import ShardWriter, check_frame, read_frame, read_shard_header, shard_info
+from m3compile.pack import ShardReaders, ShardWriter, check_frame, read_shard_header, shard_info
 from m3compile.references import iter_columns
 from m3compile.spec import MemorySpec
 
@@ -312,6 +312,8 @@ class FrameSource:
         self.out, self.spec = out, spec
         self.frames = scan_frames(out)
         self.alias: dict[str, str] = {}
+        self._readers = ShardReaders(out)  # each shard's header read once, however many frames are copied
+        self._max = spec.max_payload()
 
     def get(self, key: bytes) -> tuple[bytes, Frame, int] | None:
         """(frame bytes, where it was, K) of a frame with this key that checks, or None."""
@@ -319,8 +321,8 @@ class FrameSource:
         if f is None:
             return None
         try:
-            data = read_frame(self.out / self.alias.get(f.shard, f.shard), f.offset, f.length)
-            K = check_frame(data, self.spec.scheme, self.spec.max_payload(), f.shard)[2]
+            data = self._readers.read(self.alias.get(f.shard, f.shard), f.offset, f.length)
+            K = check_frame(data, self.spec.scheme, self._max, f.shard)[2]
         except M3Error:
             # damaged bytes are never copied: the reference is encoded again
             return None
@@ -329,8 +331,12 @@ class FrameSource:
     def move_aside(self, name: str) -> None:
         # an orphan shard (named by no manifest) whose name a new shard takes: keep its frames reachable
         aside = f".orphan-{name}"
+        self._readers.forget(name)
         os.replace(self.out / name, self.out / aside)
         self.alias[name] = aside
+
+    def close(self) -> None:
+        self._readers.close()
 
 
 class Checkpoints:

@@ -1,7 +1,7 @@
 """`m3 verify`: check a knowledge base against its manifest and name every fault.
 
 Every file's size and sha256; every shard's tensors; every reference row against the shard that
-holds it (location, ref id, content key); every payload decoded, with the shape the manifest
+holds it (location, ref id, content key); every payload decompressed and split, with the shape the manifest
 implies; the counts; the retrieval indexes; and optionally N references re-encoded with the model
 and compared within the codec's recorded error. Reads only; a fault is a line of text.
 `m3 verify --repair` then runs pipeline.repair_kb, which rebuilds what is faulted.
@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 from safetensors import safe_open
 
 from m3compile import references as refs_file
 from m3compile.errors import M3Error
 from m3compile.manifest import Manifest, read_manifest
-from m3compile.pack import decode_payload, read_frame, read_shard_header
+from m3compile.pack import ShardReaders, open_frame, read_shard_header
 from m3compile.store import damaged_files, shard_number
 
 Progress = Callable[[int, int], None]  # (done, total) of the references re-encoded
@@ -35,6 +34,7 @@ def _read_shards(kb: Path, manifest: Manifest, faults: list[str]) -> dict[str, d
             with safe_open(str(kb / name), framework="numpy") as f:
                 t = {k: f.get_tensor(f"{p}.{k}") for k in ("kv_offsets", "ref_ids", "ref_keys", "ref_errs")}
                 t["kv_len"] = f.get_slice(f"{p}.kv").get_shape()[0]
+            t["path"] = kb / name
         except Exception as e:  # any damage is a fault to name, not a crash
             faults.append(f"{name}: unreadable shard ({e})")
             continue
@@ -87,33 +87,36 @@ def verify_kb(kb_dir: str | Path, recompute: int = 0, model: str | Path | None =
     if sum(r["n_tokens"] for r in rows) != c["tokens"]:
         faults.append("token count of the references table differs from the manifest")
     L, H, D = len(spec.memory_layers), spec.n_kv_heads, spec.head_dim
-    kept = 0
-    for r in rows:
-        where = f"{r['shard']} reference {r['ref_id']}"
-        t = shards.get(r["shard"])
-        if t is None:
-            if r["shard"] not in manifest.shards:
-                faults.append(f"{where}: its shard is not named by the manifest")
-            continue
-        i = int(np.searchsorted(t["kv_offsets"], r["byte_offset"]))
-        if i >= len(t["ref_ids"]) or t["kv_offsets"][i] != r["byte_offset"] \
-                or t["kv_offsets"][i + 1] - r["byte_offset"] != r["byte_length"] or t["ref_ids"][i] != r["ref_id"]:
-            faults.append(f"{where}: location does not match the shard's offsets and ref ids")
-            continue
-        if t["ref_keys"][i].tobytes().hex() != r["ref_key"]:
-            faults.append(f"{where}: content key differs between the table and the shard")
-        try:
-            keys, values, pos = decode_payload(read_frame(kb / r["shard"], r["byte_offset"], r["byte_length"]),
-                                               spec.scheme, spec.max_payload(), where)
-        except M3Error as e:
-            faults.append(str(e))
-            continue
-        K = min(spec.top_k, r["n_tokens"])
-        if tuple(keys.shape) != (L, H, K, D) or r["n_kept"] != K:
-            faults.append(f"{where}: payload shape {tuple(keys.shape)}, expected {(L, H, K, D)}")
-        elif pos.numel() and (int(pos.max()) >= r["n_tokens"] or (pos.diff(dim=-1) <= 0).any()):
-            faults.append(f"{where}: kept positions are out of range or not ascending")
-        kept += L * H * K
+    kept, mx = 0, spec.max_payload()
+    with ShardReaders() as frames:  # each shard's header read once, not once a frame
+        for r in rows:
+            where = f"{r['shard']} reference {r['ref_id']}"
+            t = shards.get(r["shard"])
+            if t is None:
+                if r["shard"] not in manifest.shards:
+                    faults.append(f"{where}: its shard is not named by the manifest")
+                continue
+            i = int(np.searchsorted(t["kv_offsets"], r["byte_offset"]))
+            if i >= len(t["ref_ids"]) or t["kv_offsets"][i] != r["byte_offset"] \
+                    or t["kv_offsets"][i + 1] - r["byte_offset"] != r["byte_length"] or t["ref_ids"][i] != r["ref_id"]:
+                faults.append(f"{where}: location does not match the shard's offsets and ref ids")
+                continue
+            if t["ref_keys"][i].tobytes().hex() != r["ref_key"]:
+                faults.append(f"{where}: content key differs between the table and the shard")
+            try:
+                # decompressed whole (zstd's checksum) and split by the scheme; not dequantized:
+                # that is arithmetic on parts of the checked sizes, which any bytes pass
+                keys, _, pos = open_frame(frames.read(t["path"], r["byte_offset"], r["byte_length"], r["ref_id"]),
+                                          spec.scheme, mx, where)
+            except M3Error as e:
+                faults.append(str(e))
+                continue
+            K = min(spec.top_k, r["n_tokens"])
+            if keys.shape != (L, H, K, D) or r["n_kept"] != K:
+                faults.append(f"{where}: payload shape {keys.shape}, expected {(L, H, K, D)}")
+            elif pos.size and (int(pos.max()) >= r["n_tokens"] or (np.diff(pos.astype(np.int64), axis=-1) <= 0).any()):
+                faults.append(f"{where}: kept positions are out of range or not ascending")
+            kept += L * H * K
     if kept != c["kept_kv"] and not any("payload" in f for f in faults):
         faults.append(f"kept key-values sum to {kept}, the manifest counts {c['kept_kv']}")
     faults += _check_retrieval(kb, manifest, len(rows))
@@ -134,6 +137,8 @@ def _check_retrieval(kb: Path, manifest: Manifest, n_rows: int) -> list[str]:
 
 
 def _recompute(kb: Path, rows: list[dict], n: int, model, seed: int, device: str, progress: Progress) -> list[str]:
+    import torch
+
     from m3compile.kb import load_kb_model, open_kb
     from m3compile.spec import memorize
 

@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 
 from m3compile.errors import M3Error
 from m3compile.pack import (
-    INDEX_NAME, LAYOUT, ZSTD_LEVEL, RefLocation, ShardWriter, bits_per_element, decode_payload, encode_payload,
+    INDEX_NAME, LAYOUT, ZSTD_LEVEL, RefLocation, ShardReader, ShardReaders, ShardWriter, bits_per_element, decode_payload, encode_payload,
     pack_payload, payload_nbytes, plan_shards, read_payload, read_shard_header, shard_info, unpack_payload,
     encode_payloads,
     write_shard_index,
@@ -260,6 +260,32 @@ def test_reading_one_ref_ignores_damaged_neighbours(tmp_path):
         decode_payload(read_payload(path, locs[2]), s, cap, where=f"{path.name} ref 2")
     with pytest.raises(M3Error, match="outside the shard"):
         read_payload(path, RefLocation(9, path.name, locs[2].byte_offset, locs[2].byte_length + 1))
+
+
+def test_shard_readers_read_the_frames_safetensors_reads(tmp_path):
+    # one reader a shard, frames asked in any order: the bytes safetensors' own reader slices out
+    fr = frames(9)
+    locs, w = write(tmp_path, fr, 3 * max(map(len, fr)))
+    assert len(w.shards) > 1
+    order = list(range(len(fr)))
+    random.Random(0).shuffle(order)
+    with ShardReaders(tmp_path) as readers:
+        for i in order:
+            loc = locs[i]
+            with safe_open(str(tmp_path / loc.shard), framework="numpy") as f:
+                kv = next(k for k in f.keys() if k.endswith(".kv"))
+                want = f.get_slice(kv)[loc.byte_offset:loc.byte_offset + loc.byte_length].tobytes()
+            assert readers.read(loc.shard, loc.byte_offset, loc.byte_length, i) == want == fr[i]
+        assert len(readers._open) == len(w.shards)
+        with pytest.raises(M3Error, match="outside the shard"):
+            readers.read(locs[0].shard, locs[0].byte_offset, 1 << 40)
+    path = tmp_path / locs[-1].shard
+    in_last = [l for l in locs if l.shard == locs[-1].shard]
+    with ShardReader(path) as r:
+        assert r.read(in_last[-1].byte_offset, in_last[-1].byte_length) == fr[-1]
+        os.truncate(path, path.stat().st_size - 32 * len(in_last) - 5)  # the ref keys follow kv: cut into kv
+        with pytest.raises(M3Error, match="truncated"):
+            r.read(in_last[-1].byte_offset, in_last[-1].byte_length)
 
 
 def test_damaged_shards_are_refused(tmp_path):
