@@ -19,6 +19,7 @@ run without reading the corpus (`m3 verify --repair`).
 """
 
 import hashlib
+import itertools
 import os
 import platform
 import signal
@@ -315,22 +316,74 @@ def _plan(setup: Setup, prev: Previous, keep_missing: bool, timer: Timer, spill_
         raise
 
 
+def _previous_documents(prev: Previous) -> tuple[dict[str, tuple[int, str]], np.ndarray, np.ndarray]:
+    """The previous kb's documents, for a kb whose references table was read (rows recovered from
+    shards hold none): (doc_id -> (its number k, its text's sha256), positions of prev.rows by
+    document then index, bounds: document k's rows are positions[bounds[k]:bounds[k + 1]]). Numpy
+    arrays, ~8 bytes a row held, not the rows (issue 16)."""
+    docs: dict[str, tuple[int, str]] = {}
+    codes, index = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+    if isinstance(prev.rows, refs_file.Rows):
+        for c in refs_file.iter_columns(prev.rows, ("doc_id", "doc_sha256", "index")):
+            codes.append(np.fromiter((docs.setdefault(d, (len(docs), h))[0] for d, h in zip(c["doc_id"], c["doc_sha256"])),
+                                     np.int64, len(c["doc_id"])))
+            index.append(np.asarray(c["index"], np.int64))
+    codes, index = np.concatenate(codes), np.concatenate(index)
+    order = np.lexsort((index, codes))  # (R,) by document, then index
+    return docs, order, np.searchsorted(codes[order], np.arange(len(docs) + 1))
+
+
+PRIOR = "_prior"  # not a column: _references' note of the previous row it gave back
+
+
+def _references(setup: Setup, prev: Previous, docs, doc_sha: dict) -> Iterator[dict]:
+    """The corpus's references in order, as plan rows without a key (token_ids an array("i")); a
+    row given back from the previous kb carries PRIOR: (its position in prev.rows, that row).
+
+    A document the kb holds with the same text (doc_id and sha256) gives back its previous rows
+    without being tokenized again: they are the references chunk_documents would cut, since cutting
+    is a function of the text and of settings that are part of the kb's identity (tokenizer, width,
+    boundary, min_fill, chunk rule: _previous refused a kb that differs in any). A no-op compile or
+    `--check` of SciFact then tokenizes nothing (issue 16's incremental compiles of big corpora).
+    """
+    spec = setup.spec
+    seen, order, bounds = _previous_documents(prev)
+
+    def unchanged(d) -> bool:
+        return d.doc_id in seen and seen[d.doc_id][1] == doc_sha[d.doc_id]
+
+    for same, group in itertools.groupby(docs, key=unchanged):
+        if same:
+            for d in group:
+                k = seen[d.doc_id][0]
+                for lo in range(int(bounds[k]), int(bounds[k + 1]), 4096):  # records read 4096 rows at a time
+                    at = order[lo:min(lo + 4096, int(bounds[k + 1]))]
+                    for p, r in zip(at.tolist(), prev.rows.store.rows([prev.rows.positions[p] for p in at.tolist()])):
+                        yield {"doc_id": d.doc_id, "source": d.source, "index": r["index"],
+                               "char_start": r["char_start"], "char_end": r["char_end"], "n_tokens": r["n_tokens"],
+                               "token_ids": array("i", r["token_ids"]), "text": r["text"],
+                               "doc_sha256": doc_sha[d.doc_id], PRIOR: (p, r)}
+            continue
+        for ref in chunk_documents(group, setup.ck.tokenizer, spec.width, spec.boundary, spec.min_fill):
+            yield {"doc_id": ref.doc_id, "source": ref.source, "index": ref.index, "char_start": ref.char_start,
+                   "char_end": ref.char_end, "n_tokens": len(ref.token_ids), "token_ids": array("i", ref.token_ids),
+                   "text": ref.text, "doc_sha256": doc_sha[ref.doc_id]}
+
+
 def _plan_into(store: "refs_file.RefColumns", setup: Setup, prev: Previous, old: "_ByKey", docs, doc_sha: dict,
                report: CorpusReport, keep_missing: bool, timer: Timer) -> Plan:
     """_plan's work, its rows appended to `store`."""
     config, spec = setup.config, setup.spec
     new, next_id = _Positions(), prev.next_ref_id  # new: store positions
     with timer("read+chunk"):
-        for ref in chunk_documents(docs, setup.ck.tokenizer, spec.width, spec.boundary, spec.min_fill):
-            key = spec.ref_key(ref.token_ids, setup.context)
-            meta = {"doc_id": ref.doc_id, "source": ref.source, "index": ref.index, "char_start": ref.char_start,
-                    "char_end": ref.char_end, "n_tokens": len(ref.token_ids), "token_ids": array("i", ref.token_ids),
-                    "text": ref.text, "ref_key": key.hex(), "doc_sha256": doc_sha[ref.doc_id],
-                    "n_kept": min(spec.top_k, len(ref.token_ids))}
+        for meta in _references(setup, prev, docs, doc_sha):
+            prior = meta.pop(PRIOR, None)
+            key = spec.ref_key(meta["token_ids"], setup.context)
+            meta.update(ref_key=key.hex(), n_kept=min(spec.top_k, meta["n_tokens"]))
             same = old.take(key)
             if same is not None:
                 # the kb already holds this memory: keep its id and its frame
-                store.append({**prev.rows[same], **meta})
+                store.append({**(prior[1] if prior is not None and prior[0] == same else prev.rows[same]), **meta})
             else:
                 new.append(store.append({"ref_id": next_id, **meta}))
                 next_id += 1

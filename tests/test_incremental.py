@@ -339,3 +339,42 @@ def test_previous_rows_by_key_match_a_dict_of_queues(tmp_path, as_columns):
     assert left == [i for q in oracle.values() for i in q] and len(left) > 20
     if as_columns:
         store.close()
+
+
+def test_unchanged_documents_are_not_cut_again(env, monkeypatch):
+    """An incremental compile takes an unchanged document's references from the kb instead of
+    tokenizing and cutting it again, and the kb is byte for byte the one cutting every document
+    gives, also where a reference repeats inside and across documents (which previous row a
+    repeated key keeps is decided the same way)."""
+    import shutil
+
+    import numpy as np
+
+    tmp, corpus, cfg = env
+    rep = words(77, 15)  # one reference of 16 tokens: its key repeats
+    (corpus / "doc5.txt").write_text(rep + " " + rep)
+    (corpus / "doc6.txt").write_text(rep)
+    compile_kb(cfg, tmp / "kb")
+    keys = [r["ref_key"] for r in open_kb(tmp / "kb").references().to_pylist()]
+    assert len(set(keys)) < len(keys) - 1
+    shutil.copytree(tmp / "kb", tmp / "full")
+    (corpus / "doc5.txt").write_text(rep)  # changed: one copy left, doc6's row then comes after it
+    (corpus / "doc1.txt").write_text(words(101, 30))
+    (corpus / "doc9.txt").write_text(words(9, 40) + " " + rep)
+    cut, real = [], pipeline.chunk_documents
+
+    def counting(docs, *args):
+        return real((cut.append(d.doc_id) or d for d in docs), *args)
+
+    monkeypatch.setattr(pipeline, "chunk_documents", counting)
+    assert check_kb(cfg, tmp / "kb") != [] and sorted(cut) == ["doc1.txt", "doc5.txt", "doc9.txt"]
+    cut.clear()
+    r = compile_kb(cfg, tmp / "kb")
+    assert sorted(cut) == ["doc1.txt", "doc5.txt", "doc9.txt"] and r.summary["references"]["reused"] > 0
+    cut.clear()
+    # the same step cutting every document
+    monkeypatch.setattr(pipeline, "_previous_documents", lambda prev: ({}, np.empty(0, np.int64), np.zeros(1, np.int64)))
+    compile_kb(cfg, tmp / "full")
+    assert len(cut) == 7
+    assert snapshot(tmp / "kb", with_mtime=False) == snapshot(tmp / "full", with_mtime=False)
+    assert check_kb(cfg, tmp / "kb") == [] and verify_kb(tmp / "kb") == []
