@@ -30,7 +30,7 @@ READ_SETTINGS = ("max_tokens", "boundary", "min_fill", "prefix", "top_k", "memor
 # cores, 32-64 a pass ran 1.3x faster than 16, and 128 only 1.16x (activations leave the L2
 # cache): benchmarks/encode_speed.py, which alternates batch sizes in one run
 BATCH_TOKENS = 2048
-# the paper's read schedule (§3.1): stated once, used by the CLI, the reader, evaluate and train
+# the paper's read schedule (§3.1): stated once, used by the CLI, the reader, generation, evaluate and train
 CHUNK_TOKENS = 64  # text tokens per chunk
 REFS_PER_CHUNK = 5  # references retrieved per chunk
 MODEL_MEMORY_FILE = "m3-memory.json"

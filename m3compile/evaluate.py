@@ -14,11 +14,12 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+from m3compile.config import CHUNK_TOKENS, REFS_PER_CHUNK
 from m3compile.corpus import Document
 from m3compile.errors import M3Error
 from m3compile.kb import KnowledgeBase
 from m3compile.model import Checkpoint
-from m3compile.reader import CHUNK_TOKENS, REFS_PER_CHUNK, ChunkMemory, ReadLayout, full_memories, text_nll
+from m3compile.reader import ChunkMemory, ReadLayout, full_memories, text_nll
 
 ROWS = ("no_memory", "sparse", "full_memory_layers", "full_all_layers")
 RetrieveIds = Callable[[str, int], list[int]]  # (chunk text, k) -> ref ids, best first

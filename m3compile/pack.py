@@ -15,13 +15,14 @@ determinism is part of the format. The bytes are plain safetensors; tests check 
 safetensors' own writer and reader.
 """
 
-import functools
 import json
 import math
 import os
 import re
 import struct
 import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,12 +45,23 @@ _SHARD_NAME = "memory-{:05d}.safetensors"
 INDEX_NAME = "memory.safetensors.index.json"
 
 
-@functools.lru_cache(maxsize=128)
+_LAYOUTS: "weakref.WeakKeyDictionary[Scheme, dict]" = weakref.WeakKeyDictionary()  # a scheme's own, gone with it
+
+
 def _layout(scheme: Scheme, L: int, H: int, K: int, D: int) -> tuple[tuple, int]:
     """(scheme.parts of one role's (L, H, K, D), the payload's size): the same for every frame of a
-    shape, so worked out once (reading SciFact's 150,638 frames asked 301,276 times)."""
-    parts = tuple(scheme.parts((L, H, K, D)))
-    return parts, _HEADER.size + _POS.itemsize * L * H * K + 2 * sum(p.dtype.itemsize * math.prod(p.shape) for p in parts)
+    shape, so worked out once a scheme (reading SciFact's 150,638 frames asked 301,276 times). Kept
+    beside the scheme, weakly: a vq scheme's codebooks are not held after the scheme is dropped."""
+    try:
+        cache = _LAYOUTS.setdefault(scheme, {})
+    except TypeError:  # a scheme that cannot be weakly referenced: worked out every time
+        cache = {}
+    shape = (L, H, K, D)
+    if shape not in cache:
+        parts = tuple(scheme.parts(shape))
+        cache[shape] = parts, (_HEADER.size + _POS.itemsize * L * H * K
+                               + 2 * sum(p.dtype.itemsize * math.prod(p.shape) for p in parts))
+    return cache[shape]
 
 
 def payload_nbytes(scheme: Scheme, L: int, H: int, K: int, D: int) -> int:
@@ -546,13 +558,24 @@ class ShardReader:
         kv = [k for k in header if k.endswith(".kv")]
         if len(kv) != 1:
             raise M3Error(f"{self.path.name}: shard has {len(kv)} kv tensors, expected 1; the shard is damaged")
-        self.kv_bytes = int(header[kv[0]]["shape"][0])
+        t = header[kv[0]]
+        try:  # what safetensors checks before a slice: a U8 vector whose bytes its offsets span
+            a, b = int(t["data_offsets"][0]), int(t["data_offsets"][1])
+            ok = t["dtype"] == "U8" and len(t["shape"]) == 1 and int(t["shape"][0]) == b - a
+        except (KeyError, TypeError, ValueError, IndexError):
+            ok = False
+        if not ok:
+            raise M3Error(f"{self.path.name}: its kv tensor is not a U8 vector of its data_offsets' size; "
+                          "the shard is damaged, recompile the kb")
+        self.kv_bytes = b - a
+        self._file = None
         try:
             self._file = open(self.path, "rb", buffering=0)  # a frame is one read; no stale buffer
             n = struct.unpack("<Q", self._file.read(8))[0]  # read_shard_header checked it
-        except OSError as e:
+        except (OSError, struct.error) as e:
+            self.close()
             raise M3Error(f"cannot read shard {self.path}: {e}; the file is damaged, recompile the kb") from None
-        self._base = 8 + n + int(header[kv[0]]["data_offsets"][0])  # file offset of kv byte 0
+        self._base = 8 + n + a  # file offset of kv byte 0
 
     def read(self, offset: int, length: int, ref_id: int = -1) -> bytes:
         """Bytes [offset, offset+length) of the kv tensor: one frame, no other byte."""
@@ -570,7 +593,8 @@ class ShardReader:
         return data
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
     def __enter__(self):
         return self
@@ -580,18 +604,24 @@ class ShardReader:
 
 
 class ShardReaders:
-    """ShardReaders kept open by path, for reading frames from a few shards in any order; with a
-    `root`, shards are named relative to it (a kb directory)."""
+    """ShardReaders kept open by path, for reading frames from shards in any order; with a `root`,
+    shards are named relative to it (a kb directory). At most `max_open` stay open (the least
+    recently used is closed): a kb of thousands of shards must not run out of file handles."""
 
-    def __init__(self, root: Path | None = None):
-        self.root = root
-        self._open: dict[Path | str, ShardReader] = {}
+    def __init__(self, root: Path | None = None, max_open: int = 64):
+        self.root, self.max_open = root, max_open
+        self._open: OrderedDict[Path | str, ShardReader] = OrderedDict()
 
     def read(self, shard_path: Path | str, offset: int, length: int, ref_id: int = -1) -> bytes:
         """A frame of the shard at `shard_path`; the same path (a str or Path) reuses its reader."""
         r = self._open.get(shard_path)
         if r is None:
-            r = self._open[shard_path] = ShardReader(Path(shard_path) if self.root is None else self.root / shard_path)
+            r = ShardReader(Path(shard_path) if self.root is None else self.root / shard_path)
+            self._open[shard_path] = r
+            if len(self._open) > self.max_open:
+                self._open.popitem(last=False)[1].close()
+        else:
+            self._open.move_to_end(shard_path)
         return r.read(offset, length, ref_id)
 
     def forget(self, shard_path: Path | str) -> None:

@@ -20,6 +20,7 @@ run without reading the corpus (`m3 verify --repair`).
 
 import hashlib
 import itertools
+import json
 import os
 import platform
 import signal
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
+import tokenizers
 import torch
 
 from m3compile import __version__, manifest as mf, references as refs_file, store
@@ -221,6 +223,7 @@ class Previous:
     next_shard: int = 1
     damaged: dict[str, str] = field(default_factory=dict)  # kb file -> what is wrong with it
     rows_recovered: bool = False  # the references table was damaged: rows come from the shards
+    tokenizers: str | None = None  # the tokenizers library that cut its references (run.json), if known
 
 
 def _previous(out: Path, setup: Setup, rebuild: bool, log, spill_dir: Path | None = None) -> Previous:
@@ -257,7 +260,17 @@ def _previous(out: Path, setup: Setup, rebuild: bool, log, spill_dir: Path | Non
     if rows is None:
         return Previous(manifest, _rows_from_shards(out, manifest), manifest.state["next_ref_id"], next_shard,
                         damaged, rows_recovered=True)
-    return Previous(manifest, rows, manifest.state["next_ref_id"], next_shard, damaged)
+    return Previous(manifest, rows, manifest.state["next_ref_id"], next_shard, damaged,
+                    tokenizers=_run_log(out).get("tokenizers"))
+
+
+def _run_log(out: Path) -> dict:
+    """The kb's run.json (what the last compile did), or {} where it is missing or unreadable."""
+    try:
+        run = json.loads((out / mf.RUN_LOG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return run if isinstance(run, dict) else {}
 
 
 def _rows_from_shards(out: Path, manifest: mf.Manifest) -> list[dict]:
@@ -316,35 +329,41 @@ def _plan(setup: Setup, prev: Previous, keep_missing: bool, timer: Timer, spill_
         raise
 
 
-def _previous_documents(prev: Previous) -> tuple[dict[str, tuple[int, str]], np.ndarray, np.ndarray]:
-    """The previous kb's documents, for a kb whose references table was read (rows recovered from
-    shards hold none): (doc_id -> (its number k, its text's sha256), positions of prev.rows by
-    document then index, bounds: document k's rows are positions[bounds[k]:bounds[k + 1]]). Numpy
-    arrays, ~8 bytes a row held, not the rows (issue 16)."""
-    docs: dict[str, tuple[int, str]] = {}
+def _previous_documents(prev: Previous) -> tuple[dict[str, tuple[int, str | None]], np.ndarray, np.ndarray]:
+    """The previous kb's documents whose rows can be given back uncut: (doc_id -> (its number k, its
+    text's sha256), positions of prev.rows by document then index, bounds: document k's rows are
+    positions[bounds[k]:bounds[k + 1]]). Numpy arrays, ~8 bytes a row held, not the rows (issue 16).
+
+    None when the rows were recovered from shards (they hold no documents), or when the kb's last
+    compile ran another tokenizers library (run.json; a kb from before 2026-12-04 has none): the
+    same tokenizer.json could cut differently there. A document whose rows carry two text hashes
+    is left out (cut again)."""
+    docs: dict[str, tuple[int, str | None]] = {}
     codes, index = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
-    if isinstance(prev.rows, refs_file.Rows):
+    if isinstance(prev.rows, refs_file.Rows) and prev.tokenizers == tokenizers.__version__:
+        mixed = set()
         for c in refs_file.iter_columns(prev.rows, ("doc_id", "doc_sha256", "index")):
-            codes.append(np.fromiter((docs.setdefault(d, (len(docs), h))[0] for d, h in zip(c["doc_id"], c["doc_sha256"])),
-                                     np.int64, len(c["doc_id"])))
-            index.append(np.asarray(c["index"], np.int64))
-    codes, index = np.concatenate(codes), np.concatenate(index)
-    order = np.lexsort((index, codes))  # (R,) by document, then index
-    return docs, order, np.searchsorted(codes[order], np.arange(len(docs) + 1))
+            for d, h in zip(c["doc_id"], c["doc_sha256"]):
+                if docs.setdefault(d, (len(docs), h))[1] != h:
+                    mixed.add(d)
+            codes.append(np.fromiter((docs[d][0] for d in c["doc_id"]), np.int64, len(c["doc_id"])))  # (block,)
+            index.append(np.asarray(c["index"], np.int64))  # (block,)
+        for d in mixed:
+            docs[d] = (docs[d][0], None)  # matches no text: cut again
+    codes, index = np.concatenate(codes), np.concatenate(index)  # (R,) each
+    order = np.lexsort((index, codes))  # (R,) positions by document, then index
+    return docs, order, np.searchsorted(codes[order], np.arange(len(docs) + 1))  # (N + 1,)
 
 
-PRIOR = "_prior"  # not a column: _references' note of the previous row it gave back
-
-
-def _references(setup: Setup, prev: Previous, docs, doc_sha: dict) -> Iterator[dict]:
-    """The corpus's references in order, as plan rows without a key (token_ids an array("i")); a
-    row given back from the previous kb carries PRIOR: (its position in prev.rows, that row).
+def _references(setup: Setup, prev: Previous, docs, doc_sha: dict) -> Iterator[tuple[dict, tuple | None]]:
+    """The corpus's references in order: (a plan row without its key, token_ids an array("i"); for
+    a row given back from the previous kb, (its position in prev.rows, that row), else None).
 
     A document the kb holds with the same text (doc_id and sha256) gives back its previous rows
     without being tokenized again: they are the references chunk_documents would cut, since cutting
-    is a function of the text and of settings that are part of the kb's identity (tokenizer, width,
-    boundary, min_fill, chunk rule: _previous refused a kb that differs in any). A no-op compile or
-    `--check` of SciFact then tokenizes nothing (issue 16's incremental compiles of big corpora).
+    is a function of the text, the tokenizers library (_previous_documents) and settings that are
+    part of the kb's identity (tokenizer, width, boundary, min_fill, chunk rule: _previous refused a
+    kb that differs in any). A no-op compile or `--check` of SciFact then tokenizes nothing.
     """
     spec = setup.spec
     seen, order, bounds = _previous_documents(prev)
@@ -357,17 +376,17 @@ def _references(setup: Setup, prev: Previous, docs, doc_sha: dict) -> Iterator[d
             for d in group:
                 k = seen[d.doc_id][0]
                 for lo in range(int(bounds[k]), int(bounds[k + 1]), 4096):  # records read 4096 rows at a time
-                    at = order[lo:min(lo + 4096, int(bounds[k + 1]))]
-                    for p, r in zip(at.tolist(), prev.rows.store.rows([prev.rows.positions[p] for p in at.tolist()])):
-                        yield {"doc_id": d.doc_id, "source": d.source, "index": r["index"],
-                               "char_start": r["char_start"], "char_end": r["char_end"], "n_tokens": r["n_tokens"],
-                               "token_ids": array("i", r["token_ids"]), "text": r["text"],
-                               "doc_sha256": doc_sha[d.doc_id], PRIOR: (p, r)}
+                    at = order[lo:min(lo + 4096, int(bounds[k + 1]))].tolist()
+                    for p, r in zip(at, prev.rows.store.rows([prev.rows.positions[p] for p in at])):
+                        yield ({"doc_id": d.doc_id, "source": d.source, "index": r["index"],
+                                "char_start": r["char_start"], "char_end": r["char_end"], "n_tokens": r["n_tokens"],
+                                "token_ids": r["token_ids"], "text": r["text"], "doc_sha256": doc_sha[d.doc_id]},
+                               (p, r))
             continue
         for ref in chunk_documents(group, setup.ck.tokenizer, spec.width, spec.boundary, spec.min_fill):
-            yield {"doc_id": ref.doc_id, "source": ref.source, "index": ref.index, "char_start": ref.char_start,
-                   "char_end": ref.char_end, "n_tokens": len(ref.token_ids), "token_ids": array("i", ref.token_ids),
-                   "text": ref.text, "doc_sha256": doc_sha[ref.doc_id]}
+            yield ({"doc_id": ref.doc_id, "source": ref.source, "index": ref.index, "char_start": ref.char_start,
+                    "char_end": ref.char_end, "n_tokens": len(ref.token_ids), "token_ids": array("i", ref.token_ids),
+                    "text": ref.text, "doc_sha256": doc_sha[ref.doc_id]}, None)
 
 
 def _plan_into(store: "refs_file.RefColumns", setup: Setup, prev: Previous, old: "_ByKey", docs, doc_sha: dict,
@@ -376,8 +395,7 @@ def _plan_into(store: "refs_file.RefColumns", setup: Setup, prev: Previous, old:
     config, spec = setup.config, setup.spec
     new, next_id = _Positions(), prev.next_ref_id  # new: store positions
     with timer("read+chunk"):
-        for meta in _references(setup, prev, docs, doc_sha):
-            prior = meta.pop(PRIOR, None)
+        for meta, prior in _references(setup, prev, docs, doc_sha):
             key = spec.ref_key(meta["token_ids"], setup.context)
             meta.update(ref_key=key.hex(), n_kept=min(spec.top_k, meta["n_tokens"]))
             same = old.take(key)
@@ -826,7 +844,8 @@ def _run(config: CompileConfig, out: Path, progress: Progress, log, keep_missing
             run = {"created_at_unix": round(t_start, 3), "wall_seconds": round(time.time() - t_start, 3),
                    "stage_seconds": {k: round(v, 4) for k, v in sorted(timer.seconds.items())},
                    "summary": summary, "host": socket.gethostname(), "python": platform.python_version(),
-                   "torch": torch.__version__, "threads": torch.get_num_threads(),
+                   "torch": torch.__version__, "tokenizers": tokenizers.__version__,
+                   "threads": torch.get_num_threads(),
                    **{k: v for k, v in config.to_dict().items() if k in RUN_SETTINGS},
                    "batch_size": config.refs_per_batch(setup.spec.width)}
             mf.atomic_write_text(out / mf.RUN_LOG, mf.to_json(run))

@@ -245,6 +245,8 @@ class IntScheme:
         return QuantKV(self.name, tuple(x.shape), (q, s) if self.sym else (q, s, mins))
 
     def dequantize(self, q):
+        import torch
+
         codes, s = q.parts[0], q.parts[1]
         if self.bits == 4:
             lo, hi = codes & 0xF, codes >> 4  # (..., D/2) each
@@ -256,8 +258,6 @@ class IntScheme:
         xh = cg * s.astype(np.float32)[..., None]
         if not self.sym:
             xh = xh + q.parts[2].astype(np.float32)[..., None]
-        import torch
-
         return torch.from_numpy(np.ascontiguousarray(xh.reshape(q.shape)))  # (..., D)
 
     def bound(self, q):

@@ -452,6 +452,9 @@ def read_references(path: Path, columns: list[str] | None = None) -> pa.Table:
         # ParquetFile, not pq.read_table: the same table, without importing pyarrow.dataset (and
         # pandas, where installed), 0.25 s of every `m3 query`
         with pq.ParquetFile(str(path)) as f:
+            missing = [c for c in columns or () if c not in f.schema_arrow.names]
+            if missing:  # ParquetFile.read leaves an unknown column out where read_table refused it
+                raise ValueError(f"no column {', '.join(missing)}")
             return f.read(columns=columns)
     except (OSError, pa.ArrowException, ValueError) as e:
         raise M3Error(f"cannot read {path}: {e}; the file is damaged") from None

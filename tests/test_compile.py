@@ -211,6 +211,11 @@ def test_reference_detail_names_kept_tokens(tmp_path):
     want = [ids[-1], 10**9, ids[0], ids[1]]
     assert kb.reference_rows(want) == [table[-1], table[0], table[1]]
     assert kb.reference_rows(want, ["text"]) == [{"ref_id": r["ref_id"], "text": r["text"]} for r in (table[-1], table[0], table[1])]
+    from m3compile.errors import M3Error
+    from m3compile.references import read_references
+
+    with pytest.raises(M3Error, match="no column nope; the file is damaged"):  # not silently left out
+        read_references(kb.references_path, ["ref_id", "nope"])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -377,4 +377,11 @@ def test_unchanged_documents_are_not_cut_again(env, monkeypatch):
     compile_kb(cfg, tmp / "full")
     assert len(cut) == 7
     assert snapshot(tmp / "kb", with_mtime=False) == snapshot(tmp / "full", with_mtime=False)
-    assert check_kb(cfg, tmp / "kb") == [] and verify_kb(tmp / "kb") == []
+    monkeypatch.undo()
+    monkeypatch.setattr(pipeline, "chunk_documents", counting)
+    cut.clear()
+    assert check_kb(cfg, tmp / "kb") == [] and cut == [] and verify_kb(tmp / "kb") == []
+    # cut by another tokenizers library (the last compile's run.json says which): every document is cut
+    run = json.loads((tmp / "kb" / "run.json").read_text())
+    (tmp / "kb" / "run.json").write_text(json.dumps({**run, "tokenizers": "0.0.1"}))
+    assert check_kb(cfg, tmp / "kb") == [] and len(cut) == 7

@@ -277,6 +277,10 @@ def test_shard_readers_read_the_frames_safetensors_reads(tmp_path):
                 want = f.get_slice(kv)[loc.byte_offset:loc.byte_offset + loc.byte_length].tobytes()
             assert readers.read(loc.shard, loc.byte_offset, loc.byte_length, i) == want == fr[i]
         assert len(readers._open) == len(w.shards)
+    with ShardReaders(tmp_path, max_open=1) as readers:  # the least recently used shard is closed
+        for i in order:
+            assert readers.read(locs[i].shard, locs[i].byte_offset, locs[i].byte_length) == fr[i]
+            assert list(readers._open) == [locs[i].shard]
         with pytest.raises(M3Error, match="outside the shard"):
             readers.read(locs[0].shard, locs[0].byte_offset, 1 << 40)
     path = tmp_path / locs[-1].shard
