@@ -239,3 +239,23 @@ def test_content_key_context_is_the_documented_json(dtype):
     if dtype == "bfloat16":
         doc["bf16_recipe"] = 2
     assert spec.key_context() == hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).digest()
+
+
+def test_reference_table_is_the_one_pyarrow_converts():
+    # references.parquet's row groups are built from buffers (pa.array() of Python values imports
+    # pandas where installed); pyarrow's own conversion of the same rows is the oracle
+    import pyarrow as pa
+
+    from m3compile.references import _schema_with_metadata, _table
+
+    def row(i, text, ids):
+        return {"ref_id": i, "doc_id": f"d{i} é", "source": "a/b.txt", "index": i, "char_start": 3 * i,
+                "char_end": 3 * i + len(text), "n_tokens": len(ids), "token_ids": ids, "text": text, "n_kept": min(3, len(ids)),
+                "shard": "memory-00001.safetensors", "byte_offset": 1 << 33, "byte_length": 77, "quant_rel_err": 0.25 * i,
+                "quant_max_err": 2.0**-10, "ref_key": "ab" * 32, "doc_sha256": "cd" * 32}
+
+    rows = [row(0, "Été 😀 “quoted”", [5, 6, 2**31 - 1]), row(1, "", []), row(2, "x" * 300, list(range(40)))]
+    schema = _schema_with_metadata()
+    built = _table(rows, schema)
+    assert built.equals(pa.Table.from_pylist(rows, schema=schema)) and built.schema.equals(schema, check_metadata=True)
+    assert _table(rows[1:2], schema).to_pylist() == rows[1:2]
