@@ -329,33 +329,39 @@ def _plan(setup: Setup, prev: Previous, keep_missing: bool, timer: Timer, spill_
         raise
 
 
-def _previous_documents(prev: Previous) -> tuple[dict[str, tuple[int, str | None]], np.ndarray, np.ndarray]:
-    """The previous kb's documents whose rows can be given back uncut: (doc_id -> (its number k, its
-    text's sha256), positions of prev.rows by document then index, bounds: document k's rows are
-    positions[bounds[k]:bounds[k + 1]]). Numpy arrays, ~8 bytes a row held, not the rows (issue 16).
+def _previous_documents(prev: Previous) -> tuple[dict[str, str], dict[str, tuple[int, str | None]], np.ndarray,
+                                                   np.ndarray]:
+    """The previous kb's documents, from one pass over its table's columns: (doc_id -> its text's
+    sha256 (the last row's), the documents whose rows can be given back uncut: doc_id -> (its
+    number k, that sha256), positions of prev.rows by document then index, bounds: document k's
+    rows are positions[bounds[k]:bounds[k + 1]]). Numpy arrays, ~8 bytes a row held, not the rows
+    (issue 16). Rows recovered from shards hold no documents: all empty.
 
-    None when the rows were recovered from shards (they hold no documents), or when the kb's last
-    compile ran another tokenizers library (run.json; a kb from before 2026-12-04 has none): the
-    same tokenizer.json could cut differently there. A document whose rows carry two text hashes
-    is left out (cut again)."""
+    None can be given back when the kb's last compile ran another tokenizers library (run.json; a
+    kb from before 2026-12-04 has none): the same tokenizer.json could cut differently there. A
+    document whose rows carry two text hashes is not given back (cut again)."""
+    hashes: dict[str, str] = {}
     docs: dict[str, tuple[int, str | None]] = {}
     codes, index = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
-    if isinstance(prev.rows, refs_file.Rows) and prev.tokenizers == tokenizers.__version__:
-        mixed = set()
+    if isinstance(prev.rows, refs_file.Rows):
+        reuse, mixed = prev.tokenizers == tokenizers.__version__, set()
         for c in refs_file.iter_columns(prev.rows, ("doc_id", "doc_sha256", "index")):
             for d, h in zip(c["doc_id"], c["doc_sha256"]):
-                if docs.setdefault(d, (len(docs), h))[1] != h:
+                if hashes.setdefault(d, h) != h:
                     mixed.add(d)
-            codes.append(np.fromiter((docs[d][0] for d in c["doc_id"]), np.int64, len(c["doc_id"])))  # (block,)
-            index.append(np.asarray(c["index"], np.int64))  # (block,)
-        for d in mixed:
+                    hashes[d] = h
+            if reuse:
+                codes.append(np.fromiter((docs.setdefault(d, (len(docs), hashes[d]))[0] for d in c["doc_id"]),
+                                         np.int64, len(c["doc_id"])))  # (block,)
+                index.append(np.asarray(c["index"], np.int64))  # (block,)
+        for d in mixed & docs.keys():
             docs[d] = (docs[d][0], None)  # matches no text: cut again
     codes, index = np.concatenate(codes), np.concatenate(index)  # (R,) each
     order = np.lexsort((index, codes))  # (R,) positions by document, then index
-    return docs, order, np.searchsorted(codes[order], np.arange(len(docs) + 1))  # (N + 1,)
+    return hashes, docs, order, np.searchsorted(codes[order], np.arange(len(docs) + 1))  # (N + 1,)
 
 
-def _references(setup: Setup, prev: Previous, docs, doc_sha: dict) -> Iterator[tuple[dict, tuple | None]]:
+def _references(setup: Setup, prev: Previous, docs, doc_sha: dict, previous: tuple) -> Iterator[tuple[dict, tuple | None]]:
     """The corpus's references in order: (a plan row without its key, token_ids an array("i"); for
     a row given back from the previous kb, (its position in prev.rows, that row), else None).
 
@@ -364,9 +370,10 @@ def _references(setup: Setup, prev: Previous, docs, doc_sha: dict) -> Iterator[t
     is a function of the text, the tokenizers library (_previous_documents) and settings that are
     part of the kb's identity (tokenizer, width, boundary, min_fill, chunk rule: _previous refused a
     kb that differs in any). A no-op compile or `--check` of SciFact then tokenizes nothing.
+    `previous` is _previous_documents(prev).
     """
     spec = setup.spec
-    seen, order, bounds = _previous_documents(prev)
+    _, seen, order, bounds = previous
 
     def unchanged(d) -> bool:
         return d.doc_id in seen and seen[d.doc_id][1] == doc_sha[d.doc_id]
@@ -394,8 +401,9 @@ def _plan_into(store: "refs_file.RefColumns", setup: Setup, prev: Previous, old:
     """_plan's work, its rows appended to `store`."""
     config, spec = setup.config, setup.spec
     new, next_id = _Positions(), prev.next_ref_id  # new: store positions
+    previous = _previous_documents(prev)
     with timer("read+chunk"):
-        for meta, prior in _references(setup, prev, docs, doc_sha):
+        for meta, prior in _references(setup, prev, docs, doc_sha, previous):
             key = spec.ref_key(meta["token_ids"], setup.context)
             meta.update(ref_key=key.hex(), n_kept=min(spec.top_k, meta["n_tokens"]))
             same = old.take(key)
@@ -410,8 +418,7 @@ def _plan_into(store: "refs_file.RefColumns", setup: Setup, prev: Previous, old:
         raise M3Error(f"corpus {config.corpus} has documents but no tokens to compile; check the texts")
     leftover = [prev.rows[j] for j in old.left()]
     if isinstance(prev.rows, refs_file.Rows):
-        old_docs = {d: h for c in refs_file.iter_columns(prev.rows, ("doc_id", "doc_sha256"))
-                    for d, h in zip(c["doc_id"], c["doc_sha256"])}
+        old_docs = previous[0]
     else:  # rows recovered from the shards hold no document
         old_docs = {r["doc_id"]: r["doc_sha256"] for r in prev.rows if "doc_id" in r}
     kept = [r for r in leftover if keep_missing and r.get("doc_id", "") in old_docs and r["doc_id"] not in doc_sha]
