@@ -527,13 +527,11 @@ def _encode_frames(setup: Setup, token_lists: list[list[int]], timer: Timer) -> 
 
 def _engine(setup: Setup, batches: Iterable[list[list[int]]], timer: Timer) -> tuple[Iterator[Frames], int]:
     """The frames of each non-empty batch, in order, from the configured engine (distribute.py),
-    and how many processes (or Ray actors) encode them; 1 is this process. The local engine takes
-    the batches as they come (from a lazy iterable, one batch's token lists exist at a time); worker
-    processes and Ray get them all at once."""
+    and how many processes (or Ray actors) encode them; 1 is this process. Every engine takes the
+    batches lazily from `batches`: the local one a batch at a time, worker processes a few per
+    worker ahead, Ray a window at a time, so none holds the plan's token ids (issue 16)."""
     config = setup.config
     todo = (b for b in batches if b)
-    if config.engine == "ray" or (config.workers or 1) > 1:
-        todo = list(todo)
     if config.engine == "ray":
         workers = config.workers or 2
         return ray_frames(setup.model_path, setup.spec, todo, config.device, config.ray_address, workers,

@@ -85,6 +85,34 @@ def test_a_worker_killed_mid_job_changes_nothing(cluster, tmp_path):
     assert snapshot(tmp_path / "kb") == snapshot(cluster["local"])
 
 
+def test_windows_of_the_plan_give_the_same_bytes_with_a_worker_killed(cluster, tmp_path, monkeypatch):
+    """The driver hands Ray the plan a window at a time (distribute._windows): here 512 token ids a
+    window, so the 11 batches of 8 references take 4 Datasets, and the actor encoding batch 3 dies
+    once."""
+    from dataclasses import replace
+
+    from m3compile import distribute
+
+    limit = 8 * 32
+    monkeypatch.setattr(distribute, "WINDOW_TOKENS", limit)  # per actor; 2 actors
+    windows = []
+    real = distribute._ray_window
+
+    def recorded(ray, window, *args):
+        windows.append([(i, sum(map(len, distribute._unpack_tokens(t)))) for i, t in window])
+        return real(ray, window, *args)
+
+    monkeypatch.setattr(distribute, "_ray_window", recorded)
+    cluster["mark"].unlink()  # arm the worker hook
+    compile_kb(replace(cluster["cfg"], engine="ray", workers=2), tmp_path / "kb")
+    assert cluster["mark"].is_file(), "no worker was killed: the test did not test anything"
+    assert len(windows) == 4 and [i for w in windows for i, _ in w] == list(range(11))
+    for w in windows[:-1]:  # a window closes at the batch that brings it to 2 x limit token ids
+        tokens = [n for _, n in w]
+        assert sum(tokens) >= 2 * limit > sum(tokens[:-1])
+    assert snapshot(tmp_path / "kb") == snapshot(cluster["local"])
+
+
 def test_a_killed_driver_resumes_to_the_same_bytes(cluster, tmp_path):
     args = ["compile", CORPUS, "-o", tmp_path / "kb", "--engine", "ray", "--ray-address", cluster["address"],
             "--batch-size", "8", "--checkpoint-seconds", "0"]

@@ -73,3 +73,48 @@ def test_the_cli_runs_workers_when_asked(tmp_path):
     bad = subprocess.run(cmd[:-1] + ["0"], capture_output=True, text=True)
     assert bad.returncode != 0 and "--workers 0 and --cpus-per-worker 1 must be at least 1" in bad.stderr
     assert CompileConfig(corpus=".").workers is None  # the default: this process alone
+
+
+def test_worker_processes_take_the_batches_lazily():
+    """pool_frames pulls POOL_AHEAD batches per worker ahead of the one it yields, not the whole
+    plan (ProcessPoolExecutor.map submits everything at once), and yields the frames the local
+    engine makes, in order."""
+    from m3compile import distribute
+    from m3compile.config import default_model_dir
+    from m3compile.model import fingerprint, load_checkpoint
+    from m3compile.spec import MemorySpec
+
+    path = default_model_dir()
+    config, _ = CompileConfig(corpus=".").resolved(path)
+    ck = load_checkpoint(path)
+    spec = MemorySpec.from_config(config, ck, fingerprint(path))
+    batches = [[[5 + (7 * b + 3 * r + t) % 900 for t in range(1 + (b * r) % spec.width)] for r in range(3)]
+               for b in range(12)]
+    pulled = []
+
+    def lazily():
+        for b in batches:
+            pulled.append(len(pulled))
+            yield b
+
+    frames = distribute.pool_frames(path, spec, lazily(), "cpu", 2, 1)
+    got = [next(frames)]
+    assert len(pulled) == distribute.POOL_AHEAD * 2 + 1  # the queue, refilled once before the first yield
+    got.extend(frames)
+    assert len(pulled) == len(batches)
+    assert got == list(distribute.local_frames(ck.model, spec, batches))
+    assert list(distribute.pool_frames(path, spec, iter([]), "cpu", 2, 1)) == []  # no batch: no worker started
+
+
+def test_ray_windows_pack_the_plan_as_int32_and_cut_it_by_tokens():
+    from m3compile.distribute import _pack_tokens, _unpack_tokens, _windows
+
+    batch = [[1, 2, 3], [2**31 - 1], [0, 7]]
+    assert _unpack_tokens(_pack_tokens(batch)) == batch
+    assert len(_pack_tokens(batch)) == 4 + 4 * 3 + 4 * 6
+    batches = [[[1] * n] for n in (3, 4, 10, 1, 1, 1, 2)]
+    windows = list(_windows(iter(batches), 5))
+    # a window closes once it holds >= 5 token ids; a batch larger than that is a window alone
+    assert [[i for i, _ in w] for w in windows] == [[0, 1], [2], [3, 4, 5, 6]]
+    assert [_unpack_tokens(t) for w in windows for _, t in w] == batches
+    assert list(_windows(iter([]), 5)) == []
