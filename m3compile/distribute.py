@@ -1,8 +1,10 @@
-"""Where the map step of a compile runs: the encode batches of a plan become frames, in order.
+"""Where the map steps of a compile run: documents become references, and the encode batches of
+a plan become frames, in order.
 
-A compile's map step is `encode_frames`: memorize a batch of references (forward, select) and
-quantize + compress each memory into a frame (pack.encode_payload). Everything else (reading,
-cutting, planning, writing shards, the generation, the manifest) stays in the driver, pipeline.py.
+A compile's main map step is `encode_frames`: memorize a batch of references (forward, select) and
+quantize + compress each memory into a frame (pack.encode_payload). With `--engine ray` cutting
+documents into references (chunk.chunk_documents) is one too. Everything else (reading, planning,
+writing shards, the generation, the manifest) stays in the driver, pipeline.py.
 
   local   the batches are encoded one after another in this process (`local_frames`), or, with
           `--workers N`, by N worker processes on this machine, one model and --cpus-per-worker
@@ -12,23 +14,28 @@ cutting, planning, writing shards, the generation, the manifest) stays in the dr
           and spawned workers import the caller's __main__, which a script without an
           `if __name__ == "__main__":` guard would run again. At most POOL_AHEAD batches per
           worker are queued at once, so the driver holds a bounded share of the plan (issue 16).
-  ray     (`m3 compile --engine ray`, the `[ray]` extra) the batches are a Ray Dataset, encoded by
-          a pool of actors, one model per actor, with GPUs per actor when asked (`ray_frames`).
-          Results stream back to the driver in batch order (DataContext preserve_order), so the
-          driver writes exactly what the local engine writes: the same batches through the same
-          `encode_frames` give the same frames (tests/test_distribute.py compares the kb bytes).
-          The driver hands Ray the plan a window at a time (about WINDOW_TOKENS token ids per actor,
-          packed as int32), one Dataset per window, so its memory does not grow with the corpus
-          (issue 16); each window's actors load the model again, a few seconds against minutes of
-          encoding. A worker killed mid-job is restarted and its block of batches is run again by Ray Data
-          (its actor pools' default max_restarts / max_task_retries); a frame depends only on its
-          batch, so nothing in the result changes. A driver killed
-          mid-job resumes like the local engine: frames checkpointed to .spill/ or in written
-          shards are copied, not sent to the workers again.
+  ray     (`m3 compile --engine ray`, the `[ray]` extra) one connection per compile (`RaySession`).
+          The documents to cut are a Ray Dataset cut by a pool of `_Chunker` actors, which get the
+          driver's tokenizer.json text and must run its `tokenizers` version (`ray_references`);
+          the batches are a Ray Dataset encoded by a pool of `_Encoder` actors, one model per
+          actor, with GPUs per actor when asked (`ray_frames`). Results stream back to the driver
+          in order (DataContext preserve_order), so the driver plans and writes exactly what the
+          local engine does: the same documents through the same chunk_documents give the same
+          references, the same batches through the same `encode_frames` the same frames
+          (tests/test_distribute.py compares the kb bytes). The driver hands Ray the corpus and
+          the plan a window at a time (about WINDOW_CHARS characters and WINDOW_TOKENS token ids,
+          packed as int32, per actor), one Dataset per window, so its memory does not grow with the
+          corpus (issue 16); each window's actors start again, a few seconds against minutes of
+          encoding. A document longer than a window is cut in the driver. A worker killed mid-job
+          is restarted and its block is run again by Ray Data (its actor pools' default
+          max_restarts / max_task_retries); a result depends only on its input, so nothing in the
+          kb changes. A driver killed mid-job resumes like the local engine: frames checkpointed to
+          .spill/ or in written shards are copied, not sent to the workers again.
 
-The actors need the model at the same path (a shared filesystem on a real cluster); each checks
-the weights' sha256 against the spec before encoding, so a different checkpoint at that path on
-some node is an error, not a silently mixed kb.
+The encoding actors need the model at the same path (a shared filesystem on a real cluster); each
+checks the weights' sha256 against the spec before encoding, so a different checkpoint at that path
+on some node is an error, not a silently mixed kb. This module imports torch only where tensors are
+made, so the chunking actors do not load it.
 """
 
 import json
@@ -42,14 +49,15 @@ import struct
 from collections import defaultdict, deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from itertools import chain, islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-import torch
 
+from m3compile.chunk import Reference, chunk_documents
+from m3compile.corpus import Document
 from m3compile.errors import M3Error
 from m3compile.pack import encode_payloads
 from m3compile.spec import MemorySpec, memorize
@@ -61,6 +69,9 @@ POOL_AHEAD = 2
 # token ids per actor in one Ray window (ray_frames): 8 MB of int32 each; with the embedded model
 # 2 actors take ~2 minutes over a window, against a few seconds to start the next window's actors
 WINDOW_TOKENS = 1 << 21
+# characters of documents per actor in one Ray chunking window (ray_references); a larger document
+# is cut in the driver, which cuts any document in bounded memory (chunk.encode_windows)
+WINDOW_CHARS = 1 << 22
 CONNECT_TIMEOUT_S = 10  # a --ray-address that accepts no TCP connection in this time is an error
 Frames = list[tuple[bytes, float, float, int]]  # (frame, relative error, max abs error, K) per reference
 
@@ -71,6 +82,8 @@ def encode_frames(model, spec: MemorySpec, token_lists: Sequence[Sequence[int]],
 
     Errors are rounded to float32, as the references table and the shards store them, so a frame
     copied later reports the same figures."""
+    import torch  # here: the chunking actors import this module and need no torch
+
     stage = timer or (lambda name: nullcontext())
     with stage("encode+select"):
         memories = memorize(model, token_lists, spec)
@@ -278,8 +291,31 @@ def _ray_cluster(address: str | None):
             ray.shutdown()
 
 
-def ray_frames(model_path: Path, spec: MemorySpec, batches: Iterable[list[list[int]]], device: str,
-               address: str | None, workers: int, gpus_per_worker: float, threads_per_worker: int) -> Iterator[Frames]:
+class RaySession:
+    """One Ray connection for a whole compile, made when the chunking or the encoding first needs
+    it and closed with the compile (pipeline._run), so a compile starts (or joins) a cluster once."""
+
+    def __init__(self, address: str | None):
+        self.address = address
+        self._stack = ExitStack()
+        self._ray = None
+
+    def __call__(self):
+        """The `ray` module, connected, with Ray Data set to keep the order of its inputs."""
+        if self._ray is None:
+            self._ray = self._stack.enter_context(_ray_cluster(self.address))
+            ctx = self._ray.data.DataContext.get_current()
+            ctx.execution_options.preserve_order = True  # the driver plans and writes in corpus order
+            ctx.enable_progress_bars = False
+        return self._ray
+
+    def close(self) -> None:
+        self._stack.close()
+        self._ray = None
+
+
+def ray_frames(session: RaySession, model_path: Path, spec: MemorySpec, batches: Iterable[list[list[int]]],
+               device: str, workers: int, gpus_per_worker: float, threads_per_worker: int) -> Iterator[Frames]:
     """The Ray engine: `batches` encoded by `workers` actors; frames yielded in batch order. The
     batches are taken lazily, a window of ~WINDOW_TOKENS token ids per actor at a time (_windows)."""
     windows = _windows(batches, WINDOW_TOKENS * workers)
@@ -287,15 +323,12 @@ def ray_frames(model_path: Path, spec: MemorySpec, batches: Iterable[list[list[i
     if window is None:
         return  # nothing to encode: no cluster is started
     fields, codebooks = _spec_for_workers(spec)
-    with _ray_cluster(address) as ray:
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True  # the driver writes frames in plan order
-        ctx.enable_progress_bars = False
-        encoder = {"model_path": str(model_path), "spec_fields": fields, "codebooks": codebooks, "device": device,
-                   "threads": threads_per_worker}
-        while window is not None:
-            yield from _ray_window(ray, window, encoder, workers, gpus_per_worker, threads_per_worker)
-            window = next(windows, None)
+    ray = session()
+    encoder = {"model_path": str(model_path), "spec_fields": fields, "codebooks": codebooks, "device": device,
+               "threads": threads_per_worker}
+    while window is not None:
+        yield from _ray_window(ray, window, encoder, workers, gpus_per_worker, threads_per_worker)
+        window = next(windows, None)
 
 
 def _ray_window(ray, window: list[tuple[int, bytes]], encoder: dict, workers: int, gpus_per_worker: float,
@@ -306,18 +339,119 @@ def _ray_window(ray, window: list[tuple[int, bytes]], encoder: dict, workers: in
     blocks = min(len(window), max(8 * workers, math.ceil(len(window) / MAX_BATCHES_PER_BLOCK)))
     ds = ray.data.from_items([{"i": i, "tokens": tokens} for i, tokens in window], override_num_blocks=blocks)
     # Ray Data's actor pools restart a killed actor and run its block again (their default)
-    ds = ds.map(_Encoder, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=threads_per_worker or 1,
-                num_gpus=gpus_per_worker, fn_constructor_kwargs=encoder)
+    # no more actors than blocks: an actor with nothing to do is a warning from Ray Data
+    ds = ds.map(_Encoder, compute=ray.data.ActorPoolStrategy(size=min(workers, blocks)),
+                num_cpus=threads_per_worker or 1, num_gpus=gpus_per_worker, fn_constructor_kwargs=encoder)
+    rows = _rows(ray, ds, len(window), "the frames encoded so far are checkpointed, run the same command again "
+                                          "to resume")
+    for (want, _), row in zip(window, rows, strict=True):
+        assert row["i"] == want, (row["i"], want)  # preserve_order
+        yield _unpack_result(row["frames"])
+
+
+def _rows(ray, ds, n: int, resume: str) -> Iterator[dict]:
+    """The n rows of a mapped Dataset, in order; a failure in Ray is one M3Error (an M3Error raised
+    in an actor keeps its message)."""
     rows = iter(ds.iter_rows())
-    for want, _ in window:
+    for _ in range(n):
         try:
-            row = next(rows)
+            yield next(rows)
         except ray.exceptions.RayError as e:
             cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
             if isinstance(cause, M3Error):
                 raise M3Error(str(cause)) from None
-            raise M3Error(f"the Ray engine failed: {str(cause).strip().splitlines()[-1][:300]}; the frames "
-                          "encoded so far are checkpointed, run the same command again to resume") from None
-        assert row["i"] == want, (row["i"], want)  # preserve_order
-        yield _unpack_result(row["frames"])
+            raise M3Error(f"the Ray engine failed: {str(cause).strip().splitlines()[-1][:300]}; {resume}") from None
     assert next(rows, None) is None  # the dataset's iterator ends before the next window or the cluster goes
+
+
+# ---- chunking on Ray -----------------------------------------------------------------------------------
+
+def _pack_references(refs: list[Reference]) -> bytes:
+    """A document's references as one binary cell: their count, (char_start, char_end, n_tokens)
+    each, then the token ids, int64/int32 little-endian."""
+    spans = np.array([(r.char_start, r.char_end, len(r.token_ids)) for r in refs], "<i8").reshape(-1, 3)  # (n, 3)
+    ids = np.fromiter(chain.from_iterable(r.token_ids for r in refs), "<i4", int(spans[:, 2].sum()))  # (tokens,)
+    return struct.pack("<q", len(refs)) + spans.tobytes() + ids.tobytes()
+
+
+def _unpack_references(data: bytes, doc: Document) -> Iterator[Reference]:
+    (n,) = struct.unpack_from("<q", data)
+    spans = np.frombuffer(data, "<i8", 3 * n, 8).reshape(n, 3)  # (n, 3)
+    ids = np.frombuffer(data, "<i4", offset=8 + 24 * n)  # (tokens,)
+    at = 0
+    for k, (start, end, length) in enumerate(spans.tolist()):
+        yield Reference(doc.doc_id, doc.source, k, start, end, tuple(ids[at:at + length].tolist()), doc.text[start:end])
+        at += length
+
+
+class _Chunker:
+    """A Ray Data actor that cuts documents as chunk_documents does, with the driver's tokenizer
+    (its tokenizer.json text travels with the actor, so no node needs the checkpoint to cut) under
+    the same `tokenizers` library: another version could cut the same text differently."""
+
+    def __init__(self, tokenizer_json: str, bos_id, eos_id, version: str, width: int, boundary: str,
+                 min_fill: float):
+        import tokenizers
+
+        from m3compile.tokenizer import Tokenizer
+
+        if tokenizers.__version__ != version:
+            raise M3Error(f"this Ray node has tokenizers {tokenizers.__version__} and the driver {version}, which "
+                          "may cut references differently; install the same version on every node")
+        self.tokenizer = Tokenizer(tokenizers.Tokenizer.from_str(tokenizer_json), bos_id, eos_id)
+        self.settings = (width, boundary, min_fill)
+
+    def __call__(self, row: dict) -> dict:
+        refs = list(chunk_documents([Document("", "", row["text"])], self.tokenizer, *self.settings))
+        return {"j": row["j"], "refs": _pack_references(refs)}
+
+
+def _document_windows(docs: Iterable[Document], chars: int) -> Iterator[list[Document]]:
+    """Consecutive documents, a list per ~`chars` characters; a document of more is a list alone,
+    which ray_references cuts in the driver."""
+    window, n = [], 0
+    for doc in docs:
+        if len(doc.text) > chars and window:
+            yield window
+            window, n = [], 0
+        window.append(doc)
+        n += len(doc.text)
+        if n >= chars:
+            yield window
+            window, n = [], 0
+    if window:
+        yield window
+
+
+def ray_references(session: RaySession, docs: Iterable[Document], tokenizer, width: int, boundary: str,
+                   min_fill: float, workers: int, threads_per_worker: int) -> Iterator[Reference]:
+    """chunk_documents on Ray: the documents, taken a window of ~WINDOW_CHARS characters per actor at
+    a time, are cut by `workers` _Chunker actors; references come back in corpus order, the ones
+    chunk_documents gives (tests/test_distribute.py compares the kbs). A document longer than a
+    window is cut here, in bounded memory, as chunk_documents cuts any document, and so are
+    documents that all fit in less than one window (a small corpus, the changed documents between
+    unchanged ones of an incremental compile): starting actors would cost more than cutting them."""
+    import tokenizers
+
+    limit = WINDOW_CHARS * workers
+    windows = _document_windows(docs, limit)
+    ahead = list(islice(windows, 2))
+    if len(ahead) < 2 and sum(len(d.text) for w in ahead for d in w) < limit:
+        yield from chunk_documents(chain.from_iterable(ahead), tokenizer, width, boundary, min_fill)
+        return
+    chunker = None
+    for window in chain(ahead, windows):
+        if len(window) == 1 and len(window[0].text) > limit:
+            yield from chunk_documents(window, tokenizer, width, boundary, min_fill)
+            continue
+        ray = session()
+        chunker = chunker or {"tokenizer_json": tokenizer.hf.to_str(), "bos_id": tokenizer.bos_id,
+                              "eos_id": tokenizer.eos_id, "version": tokenizers.__version__, "width": width,
+                              "boundary": boundary, "min_fill": min_fill}
+        blocks = min(len(window), 8 * workers)
+        ds = ray.data.from_items([{"j": j, "text": d.text} for j, d in enumerate(window)], override_num_blocks=blocks)
+        ds = ds.map(_Chunker, compute=ray.data.ActorPoolStrategy(size=min(workers, blocks)),
+                    num_cpus=threads_per_worker or 1, fn_constructor_kwargs=chunker)
+        for j, row in enumerate(_rows(ray, ds, len(window), "nothing was written: run the same command again")):
+            assert row["j"] == j, (row["j"], j)  # preserve_order
+            yield from _unpack_references(row["refs"], window[j])

@@ -44,7 +44,8 @@ from m3compile.chunk import chunk_documents
 from m3compile.config import (MODEL_MEMORY_FILE, PAPER_DEFAULTS, READ_SETTINGS, RUN_SETTINGS, CompileConfig,
                               default_model_dir, describe_settings, read_model_memory)
 from m3compile.corpus import RECORD_SUFFIXES, TEXT_SUFFIXES, CorpusReport, iter_documents
-from m3compile.distribute import Frames, check_ray, encode_frames, local_frames, pool_frames, ray_frames
+from m3compile.distribute import (Frames, RaySession, check_ray, encode_frames, local_frames, pool_frames,
+                                  ray_frames, ray_references)
 from m3compile.errors import M3Error
 from m3compile.index import index_references, resolve_embedder
 from m3compile.model import Checkpoint, bf16_is_native, fingerprint, load_checkpoint
@@ -133,6 +134,7 @@ class Setup:
     spec: MemorySpec
     context: bytes  # spec.key_context(), shared by every content key
     vq: dict | None = None  # the codebooks' manifest entry, for a vector-quantized kb
+    ray: RaySession | None = None  # --engine ray: the compile's connection, for cutting and encoding
 
 
 def _setup(config: CompileConfig, log) -> tuple[Setup, Timer]:
@@ -390,7 +392,12 @@ def _references(setup: Setup, prev: Previous, docs, doc_sha: dict, previous: tup
                                 "token_ids": r["token_ids"], "text": r["text"], "doc_sha256": doc_sha[d.doc_id]},
                                (p, r))
             continue
-        for ref in chunk_documents(group, setup.ck.tokenizer, spec.width, spec.boundary, spec.min_fill):
+        if setup.ray is not None:  # --engine ray: cut by Ray actors, the same references
+            refs = ray_references(setup.ray, group, setup.ck.tokenizer, spec.width, spec.boundary, spec.min_fill,
+                                  setup.config.workers or 2, setup.config.cpus_per_worker)
+        else:
+            refs = chunk_documents(group, setup.ck.tokenizer, spec.width, spec.boundary, spec.min_fill)
+        for ref in refs:
             yield ({"doc_id": ref.doc_id, "source": ref.source, "index": ref.index, "char_start": ref.char_start,
                     "char_end": ref.char_end, "n_tokens": len(ref.token_ids), "token_ids": array("i", ref.token_ids),
                     "text": ref.text, "doc_sha256": doc_sha[ref.doc_id]}, None)
@@ -534,7 +541,7 @@ def _engine(setup: Setup, batches: Iterable[list[list[int]]], timer: Timer) -> t
     todo = (b for b in batches if b)
     if config.engine == "ray":
         workers = config.workers or 2
-        return ray_frames(setup.model_path, setup.spec, todo, config.device, config.ray_address, workers,
+        return ray_frames(setup.ray, setup.model_path, setup.spec, todo, config.device, workers,
                           config.gpus_per_worker, config.cpus_per_worker), workers
     workers = config.workers or 1
     if workers > 1:
@@ -794,10 +801,12 @@ def _run(config: CompileConfig, out: Path, progress: Progress, log, keep_missing
          repair_only: bool, retrain_codebooks: bool = False) -> CompileResult:
     _prepare_out_dir(out)
     t_start = time.time()
-    with store.KbLock(out, log):
+    with store.KbLock(out, log), ExitStack() as engine:
         store.remove_temporaries(out)
         setup, timer = _setup(config, log)
         config = setup.config  # resolved: every memory setting set
+        if config.engine == "ray":  # one cluster for cutting and encoding, started when first needed
+            setup.ray = engine.enter_context(closing(RaySession(config.ray_address)))
         if setup.spec.quant.startswith("vq"):
             # an incremental compile keeps the kb's codebooks; new ones are trained for a new kb, or
             # when asked (a rebuild, --retrain-codebooks). A kb of other settings is left to

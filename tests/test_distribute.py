@@ -85,24 +85,37 @@ def test_a_worker_killed_mid_job_changes_nothing(cluster, tmp_path):
     assert snapshot(tmp_path / "kb") == snapshot(cluster["local"])
 
 
-def test_windows_of_the_plan_give_the_same_bytes_with_a_worker_killed(cluster, tmp_path, monkeypatch):
-    """The driver hands Ray the plan a window at a time (distribute._windows): here 512 token ids a
-    window, so the 11 batches of 8 references take 4 Datasets, and the actor encoding batch 3 dies
-    once."""
+def test_windows_of_the_corpus_and_the_plan_give_the_same_bytes_with_a_worker_killed(cluster, tmp_path,
+                                                                                      monkeypatch):
+    """The driver hands Ray the corpus and the plan a window at a time (distribute._document_windows,
+    _windows): here 400 characters of documents a window, a longer document cut in the driver, and
+    512 token ids a window, so the 11 batches of 8 references take 4 Datasets; the actor encoding
+    batch 3 dies once. The kb is the local engine's."""
     from dataclasses import replace
 
     from m3compile import distribute
 
     limit = 8 * 32
     monkeypatch.setattr(distribute, "WINDOW_TOKENS", limit)  # per actor; 2 actors
-    windows = []
-    real = distribute._ray_window
+    monkeypatch.setattr(distribute, "WINDOW_CHARS", 200)
+    windows, cut = [], []
+    real_window, real_docs = distribute._ray_window, distribute._document_windows
 
     def recorded(ray, window, *args):
         windows.append([(i, sum(map(len, distribute._unpack_tokens(t)))) for i, t in window])
-        return real(ray, window, *args)
+        return real_window(ray, window, *args)
 
+    def documents(docs, chars):
+        for w in real_docs(docs, chars):
+            cut.append(([d.doc_id for d in w], sum(len(d.text) for d in w)))
+            yield w
+
+    unpacked = []  # documents whose references came back from a _Chunker actor
+    real_unpack = distribute._unpack_references
+    monkeypatch.setattr(distribute, "_unpack_references", lambda data, doc: (unpacked.append(doc.doc_id),
+                                                                            real_unpack(data, doc))[1])
     monkeypatch.setattr(distribute, "_ray_window", recorded)
+    monkeypatch.setattr(distribute, "_document_windows", documents)
     cluster["mark"].unlink()  # arm the worker hook
     compile_kb(replace(cluster["cfg"], engine="ray", workers=2), tmp_path / "kb")
     assert cluster["mark"].is_file(), "no worker was killed: the test did not test anything"
@@ -110,6 +123,10 @@ def test_windows_of_the_plan_give_the_same_bytes_with_a_worker_killed(cluster, t
     for w in windows[:-1]:  # a window closes at the batch that brings it to 2 x limit token ids
         tokens = [n for _, n in w]
         assert sum(tokens) >= 2 * limit > sum(tokens[:-1])
+    alone = [ids for ids, n in cut if len(ids) == 1 and n > 400]  # longer than a window: cut in the driver
+    assert len(alone) >= 2 and len(cut) - len(alone) >= 5  # the rest on Ray, in windows
+    assert sorted(unpacked) == sorted(i for ids, _ in cut if ids not in alone for i in ids)
+    assert sum(len(ids) for ids, _ in cut) == 24
     assert snapshot(tmp_path / "kb") == snapshot(cluster["local"])
 
 

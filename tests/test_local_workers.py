@@ -118,3 +118,30 @@ def test_ray_windows_pack_the_plan_as_int32_and_cut_it_by_tokens():
     assert [[i for i, _ in w] for w in windows] == [[0, 1], [2], [3, 4, 5, 6]]
     assert [_unpack_tokens(t) for w in windows for _, t in w] == batches
     assert list(_windows(iter([]), 5)) == []
+
+
+def test_ray_chunking_packs_references_and_cuts_as_chunk_documents():
+    """What the Ray engine's chunking actors do, without Ray: _Chunker cuts a document into
+    chunk_documents' references, they travel packed, and the corpus goes in windows of characters."""
+    from m3compile import distribute
+    from m3compile.chunk import chunk_documents
+    from m3compile.config import default_model_dir
+    from m3compile.corpus import Document
+    from m3compile.errors import M3Error
+    from m3compile.tokenizer import Tokenizer
+    import tokenizers
+
+    tok = Tokenizer.from_dir(default_model_dir())
+    doc = Document("a/b.md", "a/b.md", (CORPUS / "diavhollow.md").read_text() * 3 + "Ünïcode – ✓ end.")
+    want = list(chunk_documents([doc], tok, 32, "sentence", 0.75))
+    chunker = distribute._Chunker(tok.hf.to_str(), tok.bos_id, tok.eos_id, tokenizers.__version__, 32, "sentence",
+                                  0.75)
+    got = list(distribute._unpack_references(chunker({"j": 4, "text": doc.text})["refs"], doc))
+    assert len(want) > 3 and got == want
+    assert list(distribute._unpack_references(distribute._pack_references([]), doc)) == []
+    with pytest.raises(M3Error, match=r"this Ray node has tokenizers \S+ and the driver 0.0.1, which may cut"):
+        distribute._Chunker(tok.hf.to_str(), None, None, "0.0.1", 32, "sentence", 0.75)
+    docs = [Document(str(n), "", "x" * n) for n in (3, 4, 20, 1, 1, 9, 2)]
+    windows = [[d.doc_id for d in w] for w in distribute._document_windows(iter(docs), 5)]
+    # a window closes at >= 5 characters; a longer document is a window alone, its neighbours apart
+    assert windows == [["3", "4"], ["20"], ["1", "1"], ["9"], ["2"]]
