@@ -74,9 +74,11 @@ class CompileConfig:
     batch_size: int | None = None  # references per forward pass; None: BATCH_TOKENS' worth (refs_per_batch)
     max_shard_bytes: int = 256 * 2**20  # compressed payload bytes per shard file at most
     checkpoint_seconds: float = 30.0  # encoded frames not yet in a shard are made durable this often (0: every batch)
-    engine: str = "local"  # where the map step (encode, select, quantize, compress) runs: "local" or "ray"
+    # where the map steps run: "local" or "ray" (encode, select, quantize, compress; with ray, cutting too)
+    engine: str = "local"
     ray_address: str | None = None  # engine "ray": the cluster to join (None: RAY_ADDRESS, else a new local one)
-    # encoder processes, one model each: engine "local" (None: this process alone) or Ray actors (None: 2)
+    # encoder processes, one model each: engine "local" (None: this process alone) or Ray actors of each
+    # pool, encoding or cutting (None: 2); see engine_workers
     workers: int | None = None
     cpus_per_worker: int = 1  # CPUs (torch threads) per worker process or Ray actor
     gpus_per_worker: float = 0.0  # engine "ray": GPUs per actor (with --device cuda)
@@ -118,6 +120,12 @@ class CompileConfig:
             if not layers or layers[0] < 0:
                 raise M3Error(f"--memory-layers {self.memory_layers} must name layer indices >= 0")
             object.__setattr__(self, "memory_layers", layers)
+
+    @property
+    def engine_workers(self) -> int:
+        """Processes (engine local) or Ray actors per pool (engine ray) of the map steps: as given, else
+        1 (this process) locally and 2 actors on Ray."""
+        return self.workers or (2 if self.engine == "ray" else 1)
 
     def refs_per_batch(self, width: int) -> int:
         """References per forward pass at a reference width: as given, or BATCH_TOKENS' worth.

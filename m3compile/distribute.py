@@ -43,6 +43,7 @@ import logging
 import math
 import multiprocessing
 import os
+import re
 import signal
 import socket
 import struct
@@ -56,7 +57,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from m3compile.chunk import Reference, chunk_documents
+from m3compile.chunk import CHUNK_RULE_VERSION, Reference, chunk_documents
 from m3compile.corpus import Document
 from m3compile.errors import M3Error
 from m3compile.pack import encode_payloads
@@ -69,8 +70,8 @@ POOL_AHEAD = 2
 # token ids per actor in one Ray window (ray_frames): 8 MB of int32 each; with the embedded model
 # 2 actors take ~2 minutes over a window, against a few seconds to start the next window's actors
 WINDOW_TOKENS = 1 << 21
-# characters of documents per actor in one Ray chunking window (ray_references); a larger document
-# is cut in the driver, which cuts any document in bounded memory (chunk.encode_windows)
+# characters of documents per actor in one Ray chunking window (ray_references); a document longer
+# than a window is cut in the driver, which cuts any document in bounded memory (chunk.encode_windows)
 WINDOW_CHARS = 1 << 22
 CONNECT_TIMEOUT_S = 10  # a --ray-address that accepts no TCP connection in this time is an error
 Frames = list[tuple[bytes, float, float, int]]  # (frame, relative error, max abs error, K) per reference
@@ -265,14 +266,22 @@ def check_ray(address: str | None) -> None:
                       "--ray-address") from None
 
 
+def _quiet_errors(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
+
+
 @contextmanager
 def _ray_cluster(address: str | None):
     check_ray(address)
     import ray
     import ray.data  # its import configures the "ray.data" logger (DEBUG, INFO to the console) ...
 
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # ... whose per-dataset INFO lines are not the user's
-    # nor is its notice that the progress bars we turn off (the CLI shows its own) are off
+    data_log = logging.getLogger("ray.data")
+    data_log.setLevel(logging.WARNING)  # ... whose per-dataset INFO lines are not the user's
+    for handler in data_log.handlers:  # nor its errors on the console: a failure is one M3Error (_ray_error)
+        if isinstance(handler, logging.StreamHandler) and _quiet_errors not in handler.filters:
+            handler.addFilter(_quiet_errors)
+    # nor its notice that the progress bars we turn off (the CLI shows its own) are off
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     started = not ray.is_initialized()
     if started:
@@ -307,6 +316,7 @@ class RaySession:
             ctx = self._ray.data.DataContext.get_current()
             ctx.execution_options.preserve_order = True  # the driver plans and writes in corpus order
             ctx.enable_progress_bars = False
+            ctx.raise_original_map_exception = True  # an M3Error raised in an actor's call reaches _ray_error
         return self._ray
 
     def close(self) -> None:
@@ -350,18 +360,29 @@ def _ray_window(ray, window: list[tuple[int, bytes]], encoder: dict, workers: in
 
 
 def _rows(ray, ds, n: int, resume: str) -> Iterator[dict]:
-    """The n rows of a mapped Dataset, in order; a failure in Ray is one M3Error (an M3Error raised
-    in an actor keeps its message)."""
+    """The n rows of a mapped Dataset, in order; a failure in Ray is one M3Error (_ray_error)."""
     rows = iter(ds.iter_rows())
-    for _ in range(n):
+    for k in range(n + 1):
         try:
-            yield next(rows)
+            row = next(rows, None)
         except ray.exceptions.RayError as e:
-            cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
-            if isinstance(cause, M3Error):
-                raise M3Error(str(cause)) from None
-            raise M3Error(f"the Ray engine failed: {str(cause).strip().splitlines()[-1][:300]}; {resume}") from None
-    assert next(rows, None) is None  # the dataset's iterator ends before the next window or the cluster goes
+            raise _ray_error(ray, e, resume) from None
+        assert (row is None) == (k == n), (k, n)  # one row per input, then the end
+        if row is not None:
+            yield row
+
+
+def _ray_error(ray, e: Exception, resume: str) -> M3Error:
+    """An M3Error raised by an actor keeps its message, in a call (raise_original_map_exception) or
+    while it starts (a checkpoint or tokenizers version of its own: Ray then has only the error's
+    text); a rerun alone does not mend those. Anything else says how to resume."""
+    cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
+    if isinstance(cause, M3Error):
+        return M3Error(str(cause))
+    raised = re.findall(r"M3Error: (.+)", str(e))
+    if raised:
+        return M3Error(raised[-1].strip())
+    return M3Error(f"the Ray engine failed: {str(cause).strip().splitlines()[-1][:300]}; {resume}")
 
 
 # ---- chunking on Ray -----------------------------------------------------------------------------------
@@ -390,7 +411,7 @@ class _Chunker:
     the same `tokenizers` library: another version could cut the same text differently."""
 
     def __init__(self, tokenizer_json: str, bos_id, eos_id, version: str, width: int, boundary: str,
-                 min_fill: float):
+                 min_fill: float, rule: int = CHUNK_RULE_VERSION):
         import tokenizers
 
         from m3compile.tokenizer import Tokenizer
@@ -398,6 +419,9 @@ class _Chunker:
         if tokenizers.__version__ != version:
             raise M3Error(f"this Ray node has tokenizers {tokenizers.__version__} and the driver {version}, which "
                           "may cut references differently; install the same version on every node")
+        if rule != CHUNK_RULE_VERSION:
+            raise M3Error(f"this Ray node's m3compile cuts by chunk rule {CHUNK_RULE_VERSION} and the driver's by "
+                          f"{rule}; install the same m3compile on every node")
         self.tokenizer = Tokenizer(tokenizers.Tokenizer.from_str(tokenizer_json), bos_id, eos_id)
         self.settings = (width, boundary, min_fill)
 
@@ -428,26 +452,22 @@ def ray_references(session: RaySession, docs: Iterable[Document], tokenizer, wid
     """chunk_documents on Ray: the documents, taken a window of ~WINDOW_CHARS characters per actor at
     a time, are cut by `workers` _Chunker actors; references come back in corpus order, the ones
     chunk_documents gives (tests/test_distribute.py compares the kbs). A document longer than a
-    window is cut here, in bounded memory, as chunk_documents cuts any document, and so are
-    documents that all fit in less than one window (a small corpus, the changed documents between
-    unchanged ones of an incremental compile): starting actors would cost more than cutting them."""
+    window is cut here, in bounded memory, as chunk_documents cuts any document, and so is a window
+    of less than half the characters (a small corpus, the changed documents between unchanged ones
+    of an incremental compile, a corpus's last documents): starting actors would cost more."""
     import tokenizers
 
     limit = WINDOW_CHARS * workers
-    windows = _document_windows(docs, limit)
-    ahead = list(islice(windows, 2))
-    if len(ahead) < 2 and sum(len(d.text) for w in ahead for d in w) < limit:
-        yield from chunk_documents(chain.from_iterable(ahead), tokenizer, width, boundary, min_fill)
-        return
     chunker = None
-    for window in chain(ahead, windows):
-        if len(window) == 1 and len(window[0].text) > limit:
+    for window in _document_windows(docs, limit):
+        chars = sum(len(d.text) for d in window)
+        if chars < limit // 2 or len(window) == 1 and chars > limit:
             yield from chunk_documents(window, tokenizer, width, boundary, min_fill)
             continue
         ray = session()
         chunker = chunker or {"tokenizer_json": tokenizer.hf.to_str(), "bos_id": tokenizer.bos_id,
                               "eos_id": tokenizer.eos_id, "version": tokenizers.__version__, "width": width,
-                              "boundary": boundary, "min_fill": min_fill}
+                              "boundary": boundary, "min_fill": min_fill, "rule": CHUNK_RULE_VERSION}
         blocks = min(len(window), 8 * workers)
         ds = ray.data.from_items([{"j": j, "text": d.text} for j, d in enumerate(window)], override_num_blocks=blocks)
         ds = ds.map(_Chunker, compute=ray.data.ActorPoolStrategy(size=min(workers, blocks)),

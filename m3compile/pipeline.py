@@ -394,7 +394,7 @@ def _references(setup: Setup, prev: Previous, docs, doc_sha: dict, previous: tup
             continue
         if setup.ray is not None:  # --engine ray: cut by Ray actors, the same references
             refs = ray_references(setup.ray, group, setup.ck.tokenizer, spec.width, spec.boundary, spec.min_fill,
-                                  setup.config.workers or 2, setup.config.cpus_per_worker)
+                                  setup.config.engine_workers, setup.config.cpus_per_worker)
         else:
             refs = chunk_documents(group, setup.ck.tokenizer, spec.width, spec.boundary, spec.min_fill)
         for ref in refs:
@@ -539,11 +539,10 @@ def _engine(setup: Setup, batches: Iterable[list[list[int]]], timer: Timer) -> t
     worker ahead, Ray a window at a time, so none holds the plan's token ids (issue 16)."""
     config = setup.config
     todo = (b for b in batches if b)
+    workers = config.engine_workers
     if config.engine == "ray":
-        workers = config.workers or 2
         return ray_frames(setup.ray, setup.model_path, setup.spec, todo, config.device, workers,
                           config.gpus_per_worker, config.cpus_per_worker), workers
-    workers = config.workers or 1
     if workers > 1:
         return pool_frames(setup.model_path, setup.spec, todo, config.device, workers, config.cpus_per_worker), workers
     return local_frames(setup.ck.model, setup.spec, todo, timer), 1
@@ -574,7 +573,7 @@ def _write_new(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: Timer
         # the driver's wait for frames encoded elsewhere (run.json); None: encoded here, timed by stage
         waiting = ("encode (waiting for ray)" if config.engine == "ray" else
                    "encode (waiting for workers)" if stats["engine_workers"] > 1 else None)
-        stack.enter_context(closing(encoded))  # a failed write stops the engine (and a Ray cluster it started)
+        stack.enter_context(closing(encoded))  # a failed write stops the engine (the Ray session closes in _run)
         for n, s in enumerate(starts):
             batch = list(plan.new[s:s + size])
             todo = [row for j, row in enumerate(batch) if sending[s + j]]
@@ -842,6 +841,7 @@ def _run(config: CompileConfig, out: Path, progress: Progress, log, keep_missing
                     "encoded": 0, "copied": 0, "reused": len(plan.rows), "removed": 0}, "shards_written": [],
                     "shards_kept": sorted(prev.manifest.shards), "repaired": repaired})
             stats = _write_new(out, setup, prev, plan, timer, progress)
+            engine.close()  # the last Ray work is done: a cluster this compile started stops now
             shards = store.shard_state(out, plan.rows)
             gen, retrieval = _build_generation(out, setup, plan.rows, sorted(shards), timer)
             crash_point("generation")

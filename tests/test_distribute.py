@@ -130,6 +130,25 @@ def test_windows_of_the_corpus_and_the_plan_give_the_same_bytes_with_a_worker_ki
     assert snapshot(tmp_path / "kb") == snapshot(cluster["local"])
 
 
+def test_an_error_in_an_actor_is_one_m3_error(cluster, tmp_path, monkeypatch, capsys):
+    """A chunking actor that refuses to start (here: the driver claims another tokenizers version)
+    fails the compile with the actor's own M3Error, no Ray Data error lines on the console, and
+    nothing committed."""
+    from dataclasses import replace
+
+    import tokenizers
+
+    from m3compile import distribute
+
+    monkeypatch.setattr(distribute, "WINDOW_CHARS", 200)  # the example corpus is cut on Ray
+    monkeypatch.setattr(tokenizers, "__version__", "0.0.1")
+    with pytest.raises(M3Error, match=r"^this Ray node has tokenizers \S+ and the driver 0.0.1, which may cut "
+                                      r"references differently; install the same version on every node$"):
+        compile_kb(replace(cluster["cfg"], engine="ray", workers=2), tmp_path / "kb")
+    assert not (tmp_path / "kb" / "manifest.json").exists()
+    assert "ERROR" not in capsys.readouterr().err
+
+
 def test_a_killed_driver_resumes_to_the_same_bytes(cluster, tmp_path):
     args = ["compile", CORPUS, "-o", tmp_path / "kb", "--engine", "ray", "--ray-address", cluster["address"],
             "--batch-size", "8", "--checkpoint-seconds", "0"]
