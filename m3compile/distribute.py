@@ -15,21 +15,21 @@ writing shards, the generation, the manifest) stays in the driver, pipeline.py.
           `if __name__ == "__main__":` guard would run again. At most POOL_AHEAD batches per
           worker are queued at once, so the driver holds a bounded share of the plan (issue 16).
   ray     (`m3 compile --engine ray`, the `[ray]` extra) one connection per compile (`RaySession`).
-          The documents to cut are a Ray Dataset cut by a pool of `_Chunker` actors, which get the
-          driver's tokenizer.json text and must run its `tokenizers` version (`ray_references`);
-          the batches are a Ray Dataset encoded by a pool of `_Encoder` actors, one model per
-          actor, with GPUs per actor when asked (`ray_frames`). Results stream back to the driver
-          in order (DataContext preserve_order), so the driver plans and writes exactly what the
-          local engine does: the same documents through the same chunk_documents give the same
+          The documents to cut are Ray Datasets, a window of about WINDOW_CHARS characters per
+          actor at a time, cut by a pool of `_Chunker` actors, which get the driver's
+          tokenizer.json text and must run its `tokenizers` version and chunk rule
+          (`ray_references`); a window of under half that, or a document longer than a window, is
+          cut in the driver. The batches are encoded by `_Encoder` actors started once per compile,
+          one model each, with GPUs per actor when asked (`ray_frames`), a few calls per actor in
+          flight. Results come back to the driver in order (Ray Data's preserve_order; the
+          encoding calls are collected in batch order), so the driver plans and writes exactly what
+          the local engine does: the same documents through the same chunk_documents give the same
           references, the same batches through the same `encode_frames` the same frames
-          (tests/test_distribute.py compares the kb bytes). The driver hands Ray the corpus and
-          the plan a window at a time (about WINDOW_CHARS characters and WINDOW_TOKENS token ids,
-          packed as int32, per actor), one Dataset per window, so its memory does not grow with the
-          corpus (issue 16); each window's actors start again, a few seconds against minutes of
-          encoding. A document longer than a window is cut in the driver. A worker killed mid-job
-          is restarted and its block is run again by Ray Data (its actor pools' default
-          max_restarts / max_task_retries); a result depends only on its input, so nothing in the
-          kb changes. A driver killed mid-job resumes like the local engine: frames checkpointed to
+          (tests/test_distribute.py compares the kb bytes). Neither step holds more than a window
+          or a few batches in the driver, so its memory does not grow with the corpus (issue 16).
+          A killed actor is restarted, and its block of documents (Ray Data) or its encoding calls
+          (max_task_retries) run again; a result depends only on its input, so nothing in the kb
+          changes. A driver killed mid-job resumes like the local engine: frames checkpointed to
           .spill/ or in written shards are copied, not sent to the workers again.
 
 The encoding actors need the model at the same path (a shared filesystem on a real cluster); each
@@ -40,7 +40,6 @@ made, so the chunking actors do not load it.
 
 import json
 import logging
-import math
 import multiprocessing
 import os
 import re
@@ -63,13 +62,12 @@ from m3compile.errors import M3Error
 from m3compile.pack import encode_payloads
 from m3compile.spec import MemorySpec, memorize
 
-MAX_BATCHES_PER_BLOCK = 64  # encode batches per Ray Data block (one actor call)
 # encode batches queued or encoding per worker process (pool_frames): every worker has its next batch
 # waiting while the driver writes, and the driver holds 2 x workers batches, not the whole plan
 POOL_AHEAD = 2
-# token ids per actor in one Ray window (ray_frames): 8 MB of int32 each; with the embedded model
-# 2 actors take ~2 minutes over a window, against a few seconds to start the next window's actors
-WINDOW_TOKENS = 1 << 21
+# encode calls queued or running per Ray actor (ray_frames): each actor has its next batch waiting
+# while it encodes one and the driver writes another
+RAY_AHEAD = 3
 # characters of documents per actor in one Ray chunking window (ray_references); a document longer
 # than a window is cut in the driver, which cuts any document in bounded memory (chunk.encode_windows)
 WINDOW_CHARS = 1 << 22
@@ -179,20 +177,6 @@ def _unpack_tokens(data: bytes) -> list[list[int]]:
     return [part.tolist() for part in np.split(ids, np.cumsum(lengths)[:-1])]
 
 
-def _windows(batches: Iterable[Sequence[Sequence[int]]], tokens: int) -> Iterator[list[tuple[int, bytes]]]:
-    """(batch number, _pack_tokens) of consecutive batches, a list per ~`tokens` token ids (at
-    least one batch each); batch numbers count on across windows."""
-    window, n = [], 0
-    for i, batch in enumerate(batches):
-        window.append((i, _pack_tokens(batch)))
-        n += sum(map(len, batch))
-        if n >= tokens:
-            yield window
-            window, n = [], 0
-    if window:
-        yield window
-
-
 def _unpack_result(data: bytes) -> Frames:
     cut = data.index(b"\n")
     out, at = [], cut + 1
@@ -219,8 +203,8 @@ def _spec_for_workers(spec: MemorySpec) -> tuple[dict, tuple | None]:
 
 
 class _Encoder:
-    """A Ray Data actor, or the model of a local worker process (pool_frames): loads the model once,
-    checks it is the spec's, encodes batch rows."""
+    """A Ray actor (ray_frames), or the model of a local worker process (pool_frames): loads the
+    model once, checks it is the spec's, encodes batches."""
 
     def __init__(self, model_path: str, spec_fields: dict, codebooks: tuple | None, device: str, threads: int):
         import torch
@@ -242,10 +226,10 @@ class _Encoder:
         self.spec = spec
         self.model = load_checkpoint(model_path, device=device, dtype=spec.dtype).model
 
-    def __call__(self, row: dict) -> dict:
-        _crash_once(f"ray-batch:{row['i']}")
-        frames = encode_frames(self.model, self.spec, _unpack_tokens(row["tokens"]))
-        return {"i": row["i"], "frames": _pack_result(frames)}
+    def encode(self, i: int, tokens: bytes) -> bytes:
+        """Batch i (_pack_tokens) as its frames (_pack_result): a Ray actor's call."""
+        _crash_once(f"ray-batch:{i}")
+        return _pack_result(encode_frames(self.model, self.spec, _unpack_tokens(tokens)))
 
 
 def check_ray(address: str | None) -> None:
@@ -326,37 +310,53 @@ class RaySession:
 
 def ray_frames(session: RaySession, model_path: Path, spec: MemorySpec, batches: Iterable[list[list[int]]],
                device: str, workers: int, gpus_per_worker: float, threads_per_worker: int) -> Iterator[Frames]:
-    """The Ray engine: `batches` encoded by `workers` actors; frames yielded in batch order. The
-    batches are taken lazily, a window of ~WINDOW_TOKENS token ids per actor at a time (_windows)."""
-    windows = _windows(batches, WINDOW_TOKENS * workers)
-    window = next(windows, None)
-    if window is None:
-        return  # nothing to encode: no cluster is started
-    fields, codebooks = _spec_for_workers(spec)
+    """The Ray engine's encoding: `workers` _Encoder actors, started once for the whole compile
+    (each loads the model once); batch i goes to actor i mod workers, packed as int32, at most
+    RAY_AHEAD calls per actor queued or running, and frames come back in batch order. `batches` is
+    taken lazily, so the driver holds a few batches, not the plan. A killed actor is restarted
+    (max_restarts) and the calls it held run again (max_task_retries); a frame depends only on its
+    batch, so nothing in the kb changes."""
+    items = enumerate(batches)
+    first = next(items, None)
+    if first is None:
+        return  # nothing to encode: no actor (nor cluster) is started
     ray = session()
-    encoder = {"model_path": str(model_path), "spec_fields": fields, "codebooks": codebooks, "device": device,
-               "threads": threads_per_worker}
-    while window is not None:
-        yield from _ray_window(ray, window, encoder, workers, gpus_per_worker, threads_per_worker)
-        window = next(windows, None)
+    _check_resources(ray, workers, threads_per_worker or 1, gpus_per_worker)
+    fields, codebooks = _spec_for_workers(spec)
+    encoder = ray.remote(num_cpus=threads_per_worker or 1, num_gpus=gpus_per_worker, max_restarts=-1,
+                         max_task_retries=-1)(_Encoder)
+    actors = [encoder.remote(str(model_path), fields, codebooks, device, threads_per_worker) for _ in range(workers)]
+    pending = deque()  # (batch number, its call), in batch order
+
+    def submit(item):
+        i, batch = item
+        pending.append(actors[i % workers].encode.remote(i, _pack_tokens(batch)))
+
+    try:
+        for item in chain([first], islice(items, RAY_AHEAD * workers - 1)):
+            submit(item)
+        while pending:
+            try:
+                data = ray.get(pending.popleft())
+            except ray.exceptions.RayError as e:
+                raise _ray_error(ray, e, "the frames encoded so far are checkpointed, run the same command "
+                                         "again to resume") from None
+            for item in islice(items, 1):  # the next call queued before the driver writes these frames
+                submit(item)
+            yield _unpack_result(data)
+    finally:  # also when the driver stops early: the actors and their queued calls go
+        for actor in actors:
+            ray.kill(actor)
 
 
-def _ray_window(ray, window: list[tuple[int, bytes]], encoder: dict, workers: int, gpus_per_worker: float,
-                threads_per_worker: int) -> Iterator[Frames]:
-    """One window's batches as a Ray Dataset mapped by a pool of `workers` _Encoder actors."""
-    # a block is one actor call: enough blocks to keep every actor busy and stream results back,
-    # at most MAX_BATCHES_PER_BLOCK batches in each so that a lost worker loses little
-    blocks = min(len(window), max(8 * workers, math.ceil(len(window) / MAX_BATCHES_PER_BLOCK)))
-    ds = ray.data.from_items([{"i": i, "tokens": tokens} for i, tokens in window], override_num_blocks=blocks)
-    # Ray Data's actor pools restart a killed actor and run its block again (their default)
-    # no more actors than blocks: an actor with nothing to do is a warning from Ray Data
-    ds = ds.map(_Encoder, compute=ray.data.ActorPoolStrategy(size=min(workers, blocks)),
-                num_cpus=threads_per_worker or 1, num_gpus=gpus_per_worker, fn_constructor_kwargs=encoder)
-    rows = _rows(ray, ds, len(window), "the frames encoded so far are checkpointed, run the same command again "
-                                          "to resume")
-    for (want, _), row in zip(window, rows, strict=True):
-        assert row["i"] == want, (row["i"], want)  # preserve_order
-        yield _unpack_result(row["frames"])
+def _check_resources(ray, workers: int, cpus: int, gpus: float) -> None:
+    """M3Error now where the cluster cannot ever hold the actors asked for (Ray would wait forever)."""
+    have = ray.cluster_resources()
+    for name, each in (("CPU", cpus), ("GPU", gpus)):
+        if each and have.get(name, 0) < workers * each:
+            flag = "--cpus-per-worker" if name == "CPU" else "--gpus-per-worker"
+            raise M3Error(f"--workers {workers} x {flag} {each:g} needs {workers * each:g} {name}s and the Ray "
+                          f"cluster has {have.get(name, 0):g}; lower --workers or add nodes")
 
 
 def _rows(ray, ds, n: int, resume: str) -> Iterator[dict]:

@@ -85,49 +85,73 @@ def test_a_worker_killed_mid_job_changes_nothing(cluster, tmp_path):
     assert snapshot(tmp_path / "kb") == snapshot(cluster["local"])
 
 
-def test_windows_of_the_corpus_and_the_plan_give_the_same_bytes_with_a_worker_killed(cluster, tmp_path,
-                                                                                      monkeypatch):
-    """The driver hands Ray the corpus and the plan a window at a time (distribute._document_windows,
-    _windows): here 400 characters of documents a window, a longer document cut in the driver, and
-    512 token ids a window, so the 11 batches of 8 references take 4 Datasets; the actor encoding
-    batch 3 dies once. The kb is the local engine's."""
+def test_windows_of_the_corpus_give_the_same_bytes_with_a_worker_killed(cluster, tmp_path, monkeypatch):
+    """The driver hands Ray the corpus a window at a time (distribute._document_windows): here 400
+    characters of documents a window, documents longer than that cut in the driver, the rest by
+    chunking actors; the encoding actor that gets batch 3 dies once. The kb is the local engine's."""
     from dataclasses import replace
 
     from m3compile import distribute
 
-    limit = 8 * 32
-    monkeypatch.setattr(distribute, "WINDOW_TOKENS", limit)  # per actor; 2 actors
-    monkeypatch.setattr(distribute, "WINDOW_CHARS", 200)
-    windows, cut = [], []
-    real_window, real_docs = distribute._ray_window, distribute._document_windows
-
-    def recorded(ray, window, *args):
-        windows.append([(i, sum(map(len, distribute._unpack_tokens(t)))) for i, t in window])
-        return real_window(ray, window, *args)
+    monkeypatch.setattr(distribute, "WINDOW_CHARS", 200)  # per actor; 2 actors
+    cut, unpacked = [], []  # windows of documents; documents whose references came back from an actor
+    real_docs, real_unpack = distribute._document_windows, distribute._unpack_references
 
     def documents(docs, chars):
         for w in real_docs(docs, chars):
             cut.append(([d.doc_id for d in w], sum(len(d.text) for d in w)))
             yield w
 
-    unpacked = []  # documents whose references came back from a _Chunker actor
-    real_unpack = distribute._unpack_references
+    monkeypatch.setattr(distribute, "_document_windows", documents)
     monkeypatch.setattr(distribute, "_unpack_references", lambda data, doc: (unpacked.append(doc.doc_id),
                                                                             real_unpack(data, doc))[1])
-    monkeypatch.setattr(distribute, "_ray_window", recorded)
-    monkeypatch.setattr(distribute, "_document_windows", documents)
     cluster["mark"].unlink()  # arm the worker hook
     compile_kb(replace(cluster["cfg"], engine="ray", workers=2), tmp_path / "kb")
     assert cluster["mark"].is_file(), "no worker was killed: the test did not test anything"
-    assert len(windows) == 4 and [i for w in windows for i, _ in w] == list(range(11))
-    for w in windows[:-1]:  # a window closes at the batch that brings it to 2 x limit token ids
-        tokens = [n for _, n in w]
-        assert sum(tokens) >= 2 * limit > sum(tokens[:-1])
     alone = [ids for ids, n in cut if len(ids) == 1 and n > 400]  # longer than a window: cut in the driver
-    assert len(alone) >= 2 and len(cut) - len(alone) >= 5  # the rest on Ray, in windows
-    assert sorted(unpacked) == sorted(i for ids, _ in cut if ids not in alone for i in ids)
-    assert sum(len(ids) for ids, _ in cut) == 24
+    assert len(alone) >= 2 and len(cut) - len(alone) >= 5 and sum(len(ids) for ids, _ in cut) == 24
+    on_ray = [i for ids, n in cut if n >= 200 and ids not in alone for i in ids]  # under half a window: the driver
+    assert len(on_ray) >= 10 and sorted(unpacked) == sorted(on_ray)
     assert snapshot(tmp_path / "kb") == snapshot(cluster["local"])
+
+
+def test_encoding_actors_take_the_batches_lazily(cluster):
+    """ray_frames keeps RAY_AHEAD calls per actor in flight, not the plan, and yields the frames
+    the local engine makes, in order."""
+    from m3compile import distribute
+    from m3compile.config import default_model_dir
+    from m3compile.model import fingerprint, load_checkpoint
+    from m3compile.spec import MemorySpec
+
+    path = default_model_dir()
+    config, _ = CompileConfig(corpus=".").resolved(path)
+    ck = load_checkpoint(path)
+    spec = MemorySpec.from_config(config, ck, fingerprint(path))
+    batches = [[[5 + (7 * b + 3 * r + t) % 900 for t in range(1 + (b * r) % spec.width)] for r in range(3)]
+               for b in range(13)]
+    pulled = []
+
+    def lazily():
+        for b in batches:
+            pulled.append(len(pulled))
+            yield b
+
+    session = distribute.RaySession(cluster["address"])  # joins the test's cluster
+    frames = distribute.ray_frames(session, path, spec, lazily(), "cpu", 2, 0.0, 1)
+    got = [next(frames)]
+    assert len(pulled) == distribute.RAY_AHEAD * 2 + 1  # the queue, refilled once before the first yield
+    got.extend(frames)
+    assert len(pulled) == len(batches)
+    assert got == list(distribute.local_frames(ck.model, spec, batches))
+    session.close()
+
+
+def test_more_actors_than_the_cluster_holds_is_one_error(cluster, tmp_path):
+    from dataclasses import replace
+
+    with pytest.raises(M3Error, match=r"^--workers 3 x --cpus-per-worker 1 needs 3 CPUs and the Ray cluster has 2; "):
+        compile_kb(replace(cluster["cfg"], engine="ray", workers=3), tmp_path / "kb")
+    assert not (tmp_path / "kb" / "manifest.json").exists()
 
 
 def test_an_error_in_an_actor_is_one_m3_error(cluster, tmp_path, monkeypatch, capsys):

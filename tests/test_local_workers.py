@@ -111,18 +111,12 @@ def test_worker_processes_take_the_batches_lazily():
         assert list(distribute.pool_frames(path, spec, iter([]), "cpu", 2, 1)) == []
 
 
-def test_ray_windows_pack_the_plan_as_int32_and_cut_it_by_tokens():
-    from m3compile.distribute import _pack_tokens, _unpack_tokens, _windows
+def test_ray_calls_carry_the_batches_as_int32():
+    from m3compile.distribute import _pack_tokens, _unpack_tokens
 
     batch = [[1, 2, 3], [2**31 - 1], [0, 7]]
     assert _unpack_tokens(_pack_tokens(batch)) == batch
     assert len(_pack_tokens(batch)) == 4 + 4 * 3 + 4 * 6
-    batches = [[[1] * n] for n in (3, 4, 10, 1, 1, 1, 2)]
-    windows = list(_windows(iter(batches), 5))
-    # a window closes at the batch that brings it to >= 5 token ids (so a larger batch closes its own)
-    assert [[i for i, _ in w] for w in windows] == [[0, 1], [2], [3, 4, 5, 6]]
-    assert [_unpack_tokens(t) for w in windows for _, t in w] == batches
-    assert list(_windows(iter([]), 5)) == []
 
 
 def test_ray_chunking_packs_references_and_cuts_as_chunk_documents():
