@@ -292,10 +292,14 @@ class RaySession:
         self.address = address
         self._stack = ExitStack()
         self._ray = None
+        self.started = False  # a local cluster of this compile's own, which cannot grow
 
     def __call__(self):
         """The `ray` module, connected, with Ray Data set to keep the order of its inputs."""
         if self._ray is None:
+            import ray
+
+            self.started = not ray.is_initialized() and not self.address and not os.environ.get("RAY_ADDRESS")
             self._ray = self._stack.enter_context(_ray_cluster(self.address))
             ctx = self._ray.data.DataContext.get_current()
             ctx.execution_options.preserve_order = True  # the driver plans and writes in corpus order
@@ -321,7 +325,8 @@ def ray_frames(session: RaySession, model_path: Path, spec: MemorySpec, batches:
     if first is None:
         return  # nothing to encode: no actor (nor cluster) is started
     ray = session()
-    _check_resources(ray, workers, threads_per_worker or 1, gpus_per_worker)
+    if session.started:  # a cluster joined may be autoscaling: there Ray waits for the nodes
+        _check_resources(ray, workers, threads_per_worker or 1, gpus_per_worker)
     fields, codebooks = _spec_for_workers(spec)
     encoder = ray.remote(num_cpus=threads_per_worker or 1, num_gpus=gpus_per_worker, max_restarts=-1,
                          max_task_retries=-1)(_Encoder)
@@ -350,13 +355,15 @@ def ray_frames(session: RaySession, model_path: Path, spec: MemorySpec, batches:
 
 
 def _check_resources(ray, workers: int, cpus: int, gpus: float) -> None:
-    """M3Error now where the cluster cannot ever hold the actors asked for (Ray would wait forever)."""
+    """M3Error now where this compile's local cluster cannot hold the actors asked for (Ray would
+    wait forever for resources that never come)."""
     have = ray.cluster_resources()
     for name, each in (("CPU", cpus), ("GPU", gpus)):
         if each and have.get(name, 0) < workers * each:
             flag = "--cpus-per-worker" if name == "CPU" else "--gpus-per-worker"
-            raise M3Error(f"--workers {workers} x {flag} {each:g} needs {workers * each:g} {name}s and the Ray "
-                          f"cluster has {have.get(name, 0):g}; lower --workers or add nodes")
+            raise M3Error(f"--workers {workers} x {flag} {each:g} needs {workers * each:g} {name}s and the local "
+                          f"Ray cluster has {have.get(name, 0):g}; lower them, or join a larger cluster with "
+                          "--ray-address")
 
 
 def _rows(ray, ds, n: int, resume: str) -> Iterator[dict]:
