@@ -536,7 +536,7 @@ def _engine(setup: Setup, batches: Iterable[list[list[int]]], timer: Timer) -> t
     """The frames of each non-empty batch, in order, from the configured engine (distribute.py),
     and how many processes (or Ray actors) encode them; 1 is this process. Every engine takes the
     batches lazily from `batches`: the local one a batch at a time, worker processes a few per
-    worker ahead, Ray a window at a time, so none holds the plan's token ids (issue 16)."""
+    worker ahead, Ray three calls per actor ahead, so none holds the plan's token ids (issue 16)."""
     config = setup.config
     todo = (b for b in batches if b)
     workers = config.engine_workers
