@@ -46,10 +46,11 @@ import re
 import signal
 import socket
 import struct
+import sys
 from collections import defaultdict, deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext, redirect_stdout
 from itertools import chain, islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -300,6 +301,10 @@ class RaySession:
             import ray
 
             self.started = not ray.is_initialized() and not self.address and not os.environ.get("RAY_ADDRESS")
+            # Ray's driver prints the cluster's messages about this job (a task retried after an actor
+            # died, with its traceback) to sys.stdout, where `m3 compile --json` writes its output:
+            # while the session is open, they go to stderr
+            self._stack.enter_context(redirect_stdout(sys.stderr))
             self._ray = self._stack.enter_context(_ray_cluster(self.address))
             ctx = self._ray.data.DataContext.get_current()
             ctx.execution_options.preserve_order = True  # the driver plans and writes in corpus order

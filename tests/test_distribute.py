@@ -174,6 +174,17 @@ def test_an_error_in_an_actor_is_one_m3_error(cluster, tmp_path, monkeypatch, ca
     assert "ERROR" not in capsys.readouterr().err
 
 
+def test_json_output_stays_json_when_an_actor_dies(cluster, tmp_path):
+    # Ray's driver prints the cluster's messages about a failed task to stdout; --json writes there
+    cluster["mark"].unlink()  # arm the worker hook: the actor encoding batch 3 SIGKILLs itself once
+    r = run_cli(["compile", CORPUS, "-o", tmp_path / "kb", "--engine", "ray", "--ray-address", cluster["address"],
+                 "--batch-size", "8", "--checkpoint-seconds", "0", "--json"])
+    assert r.returncode == 0, r.stderr
+    assert cluster["mark"].is_file(), "no worker was killed: the test did not test anything"
+    assert json.loads(r.stdout)["summary"]["references"]["encoded"] == 86
+    assert snapshot(tmp_path / "kb") == snapshot(cluster["local"])
+
+
 def test_a_killed_driver_resumes_to_the_same_bytes(cluster, tmp_path):
     args = ["compile", CORPUS, "-o", tmp_path / "kb", "--engine", "ray", "--ray-address", cluster["address"],
             "--batch-size", "8", "--checkpoint-seconds", "0"]
