@@ -141,11 +141,8 @@ def pool_frames(model_path: Path, spec: MemorySpec, batches: Iterable[list[list[
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_pool_start,
                                initargs=(str(model_path), fields, codebooks, device, threads_per_worker))
     try:
-        ahead = chain([first], islice(items, POOL_AHEAD * workers - 1))
-        pending = deque(pool.submit(_pool_encode, item) for item in ahead)
-        while pending:
-            data = pending.popleft().result()
-            pending.extend(pool.submit(_pool_encode, item) for item in islice(items, 1))  # before the driver writes
+        for data in _in_order(first, items, lambda item: pool.submit(_pool_encode, item), lambda f: f.result(),
+                              POOL_AHEAD * workers):
             yield _unpack_result(data)
     except BrokenProcessPool:
         raise M3Error(f"a compile worker process failed or died (killed, or out of memory with {workers} "
@@ -161,6 +158,17 @@ def _pack_result(frames: Frames) -> bytes:
     """One batch's frames as one binary cell: a JSON line of (length, rel, max, K), then the frames."""
     head = json.dumps([[len(f), rel, mx, k] for f, rel, mx, k in frames]).encode()
     return head + b"\n" + b"".join(f for f, _, _, _ in frames)
+
+
+def _in_order(first, items: Iterator, submit: Callable, result: Callable, ahead: int) -> Iterator:
+    """result(submit(item)) for `first`, then each of `items`, in order, with `ahead` calls queued or
+    running: the next is submitted before the caller gets a result (its workers run while the
+    driver writes), and `items` is taken no further than that (pool_frames, ray_frames)."""
+    pending = deque(submit(item) for item in chain([first], islice(items, ahead - 1)))
+    while pending:
+        done = result(pending.popleft())
+        pending.extend(submit(item) for item in islice(items, 1))
+        yield done
 
 
 def _pack_tokens(batch: Sequence[Sequence[int]]) -> bytes:
@@ -336,23 +344,20 @@ def ray_frames(session: RaySession, model_path: Path, spec: MemorySpec, batches:
     encoder = ray.remote(num_cpus=threads_per_worker or 1, num_gpus=gpus_per_worker, max_restarts=-1,
                          max_task_retries=-1)(_Encoder)
     actors = [encoder.remote(str(model_path), fields, codebooks, device, threads_per_worker) for _ in range(workers)]
-    pending = deque()  # (batch number, its call), in batch order
 
     def submit(item):
         i, batch = item
-        pending.append(actors[i % workers].encode.remote(i, _pack_tokens(batch)))
+        return actors[i % workers].encode.remote(i, _pack_tokens(batch))
+
+    def result(call):
+        try:
+            return ray.get(call)
+        except ray.exceptions.RayError as e:
+            raise _ray_error(ray, e, "the frames encoded so far are checkpointed, run the same command again "
+                                     "to resume") from None
 
     try:
-        for item in chain([first], islice(items, RAY_AHEAD * workers - 1)):
-            submit(item)
-        while pending:
-            try:
-                data = ray.get(pending.popleft())
-            except ray.exceptions.RayError as e:
-                raise _ray_error(ray, e, "the frames encoded so far are checkpointed, run the same command "
-                                         "again to resume") from None
-            for item in islice(items, 1):  # the next call queued before the driver writes these frames
-                submit(item)
+        for data in _in_order(first, items, submit, result, RAY_AHEAD * workers):
             yield _unpack_result(data)
     finally:  # also when the driver stops early: the actors and their queued calls go
         for actor in actors:

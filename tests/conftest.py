@@ -147,3 +147,33 @@ def model_and_corpus(root: Path, sizes) -> Path:
     for i, n in enumerate(sizes):
         (corpus / f"doc{i}.txt").write_text(words(i, n))
     return corpus
+
+
+def check_lazy_engine(frames_of, ahead: int, n_batches: int = 12) -> None:
+    """An engine of distribute.py that encodes on workers (`frames_of(model_path, spec, batches)`)
+    takes its batches lazily, `ahead` of them pulled when the first frames come back (its queue,
+    refilled once), and yields the frames the local engine makes, in order. The embedded model."""
+    from m3compile import distribute
+    from m3compile.config import CompileConfig, default_model_dir
+    from m3compile.model import fingerprint, load_checkpoint
+    from m3compile.spec import MemorySpec
+
+    path = default_model_dir()
+    config, _ = CompileConfig(corpus=".").resolved(path)
+    ck = load_checkpoint(path)
+    spec = MemorySpec.from_config(config, ck, fingerprint(path))
+    batches = [[[5 + (7 * b + 3 * r + t) % 900 for t in range(1 + (b * r) % spec.width)] for r in range(3)]
+               for b in range(n_batches)]
+    pulled = []
+
+    def lazily():
+        for b in batches:
+            pulled.append(len(pulled))
+            yield b
+
+    frames = frames_of(path, spec, lazily())
+    got = [next(frames)]
+    assert len(pulled) == ahead + 1  # the queue, refilled once before the first yield
+    got.extend(frames)
+    assert len(pulled) == len(batches)
+    assert got == list(distribute.local_frames(ck.model, spec, batches))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import check_lazy_engine
 from m3compile.config import CompileConfig
 from m3compile.errors import M3Error
 from m3compile.pipeline import compile_kb
@@ -119,30 +120,10 @@ def test_encoding_actors_take_the_batches_lazily(cluster):
     """ray_frames keeps RAY_AHEAD calls per actor in flight, not the plan, and yields the frames
     the local engine makes, in order."""
     from m3compile import distribute
-    from m3compile.config import default_model_dir
-    from m3compile.model import fingerprint, load_checkpoint
-    from m3compile.spec import MemorySpec
-
-    path = default_model_dir()
-    config, _ = CompileConfig(corpus=".").resolved(path)
-    ck = load_checkpoint(path)
-    spec = MemorySpec.from_config(config, ck, fingerprint(path))
-    batches = [[[5 + (7 * b + 3 * r + t) % 900 for t in range(1 + (b * r) % spec.width)] for r in range(3)]
-               for b in range(13)]
-    pulled = []
-
-    def lazily():
-        for b in batches:
-            pulled.append(len(pulled))
-            yield b
 
     session = distribute.RaySession(cluster["address"])  # joins the test's cluster
-    frames = distribute.ray_frames(session, path, spec, lazily(), "cpu", 2, 0.0, 1)
-    got = [next(frames)]
-    assert len(pulled) == distribute.RAY_AHEAD * 2 + 1  # the queue, refilled once before the first yield
-    got.extend(frames)
-    assert len(pulled) == len(batches)
-    assert got == list(distribute.local_frames(ck.model, spec, batches))
+    check_lazy_engine(lambda path, spec, batches: distribute.ray_frames(session, path, spec, batches, "cpu", 2, 0.0, 1),
+                      distribute.RAY_AHEAD * 2, n_batches=13)
     session.close()
 
 

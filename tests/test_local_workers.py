@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import check_lazy_engine
 from m3compile.config import CompileConfig
 from m3compile.errors import M3Error
 from m3compile.pipeline import compile_kb
@@ -81,34 +82,17 @@ def test_worker_processes_take_the_batches_lazily():
     engine makes, in order."""
     from m3compile import distribute
     from m3compile.config import default_model_dir
-    from m3compile.model import fingerprint, load_checkpoint
-    from m3compile.spec import MemorySpec
 
-    path = default_model_dir()
-    config, _ = CompileConfig(corpus=".").resolved(path)
-    ck = load_checkpoint(path)
-    spec = MemorySpec.from_config(config, ck, fingerprint(path))
-    batches = [[[5 + (7 * b + 3 * r + t) % 900 for t in range(1 + (b * r) % spec.width)] for r in range(3)]
-               for b in range(12)]
-    pulled = []
+    check_lazy_engine(lambda path, spec, batches: distribute.pool_frames(path, spec, batches, "cpu", 2, 1),
+                      distribute.POOL_AHEAD * 2)
 
-    def lazily():
-        for b in batches:
-            pulled.append(len(pulled))
-            yield b
-
-    frames = distribute.pool_frames(path, spec, lazily(), "cpu", 2, 1)
-    got = [next(frames)]
-    assert len(pulled) == distribute.POOL_AHEAD * 2 + 1  # the queue, refilled once before the first yield
-    got.extend(frames)
-    assert len(pulled) == len(batches)
-    assert got == list(distribute.local_frames(ck.model, spec, batches))
     def no_pool(*args, **kwargs):
         raise AssertionError("a pool was started for nothing to encode")
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(distribute, "ProcessPoolExecutor", no_pool)
-        assert list(distribute.pool_frames(path, spec, iter([]), "cpu", 2, 1)) == []
+        # nothing is read of the model or the spec before the first batch
+        assert list(distribute.pool_frames(default_model_dir(), None, iter([]), "cpu", 2, 1)) == []
 
 
 def test_ray_calls_carry_the_batches_as_int32():
