@@ -197,9 +197,14 @@ def _unpack_result(data: bytes) -> Frames:
 
 def _crash_once(name: str) -> None:
     """Test hook: M3_CRASH_AT=<name> SIGKILLs this worker the first time it gets here (the file
-    M3_CRASH_MARK records that it did), as a node failure would; its retry then runs normally."""
-    mark = os.environ.get("M3_CRASH_MARK")
-    if os.environ.get("M3_CRASH_AT") == name and mark and not os.path.exists(mark):
+    M3_CRASH_MARK records that it did), as a node failure would; its retry then runs normally.
+    Both may list several, comma-separated and paired: M3_CRASH_AT=a,b M3_CRASH_MARK=mark_a,mark_b."""
+    names = os.environ.get("M3_CRASH_AT", "").split(",")
+    marks = os.environ.get("M3_CRASH_MARK", "").split(",")
+    if name not in names or names.index(name) >= len(marks):
+        return
+    mark = marks[names.index(name)]
+    if mark and not os.path.exists(mark):
         Path(mark).write_text(str(os.getpid()))
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -425,10 +430,14 @@ def _unpack_references(data: bytes, doc: Document) -> Iterator[Reference]:
 class _Chunker:
     """A Ray Data actor that cuts documents as chunk_documents does, with the driver's tokenizer
     (its tokenizer.json text travels with the actor, so no node needs the checkpoint to cut) under
-    the same `tokenizers` library: another version could cut the same text differently."""
+    the same `tokenizers` library: another version could cut the same text differently. It takes a
+    block of documents a call, so chunk_documents batches their tokenizer calls, on at most
+    `threads` of the tokenizer's threads (the CPUs Ray gave the actor, not every core of its node)."""
 
     def __init__(self, tokenizer_json: str, bos_id, eos_id, version: str, width: int, boundary: str,
-                 min_fill: float, rule: int = CHUNK_RULE_VERSION):
+                 min_fill: float, threads: int = 1, rule: int = CHUNK_RULE_VERSION):
+        # read by the tokenizer's thread pool when it first runs, which is after this in a fresh actor
+        os.environ["RAYON_NUM_THREADS"] = str(max(1, threads))
         import tokenizers
 
         from m3compile.tokenizer import Tokenizer
@@ -442,9 +451,15 @@ class _Chunker:
         self.tokenizer = Tokenizer(tokenizers.Tokenizer.from_str(tokenizer_json), bos_id, eos_id)
         self.settings = (width, boundary, min_fill)
 
-    def __call__(self, row: dict) -> dict:
-        refs = list(chunk_documents([Document("", "", row["text"])], self.tokenizer, *self.settings))
-        return {"j": row["j"], "refs": _pack_references(refs)}
+    def __call__(self, batch: dict) -> dict:
+        js = [int(j) for j in batch["j"]]
+        for j in js:
+            _crash_once(f"ray-chunk:{j}")
+        docs = [Document(str(j), "", str(text)) for j, text in zip(js, batch["text"])]
+        refs: dict[str, list[Reference]] = {d.doc_id: [] for d in docs}
+        for r in chunk_documents(docs, self.tokenizer, *self.settings):
+            refs[r.doc_id].append(r)
+        return {"j": np.array(js, np.int64), "refs": np.array([_pack_references(refs[d.doc_id]) for d in docs], object)}
 
 
 def _document_windows(docs: Iterable[Document], chars: int) -> Iterator[list[Document]]:
@@ -484,11 +499,14 @@ def ray_references(session: RaySession, docs: Iterable[Document], tokenizer, wid
         ray = session()
         chunker = chunker or {"tokenizer_json": tokenizer.hf.to_str(), "bos_id": tokenizer.bos_id,
                               "eos_id": tokenizer.eos_id, "version": tokenizers.__version__, "width": width,
-                              "boundary": boundary, "min_fill": min_fill, "rule": CHUNK_RULE_VERSION}
+                              "boundary": boundary, "min_fill": min_fill, "threads": threads_per_worker or 1,
+                              "rule": CHUNK_RULE_VERSION}
         blocks = min(len(window), 8 * workers)
         ds = ray.data.from_items([{"j": j, "text": d.text} for j, d in enumerate(window)], override_num_blocks=blocks)
-        ds = ds.map(_Chunker, compute=ray.data.ActorPoolStrategy(size=min(workers, blocks)),
-                    num_cpus=threads_per_worker or 1, fn_constructor_kwargs=chunker)
+        # a block a call (batch_size None): its documents' tokenizer calls are batched
+        ds = ds.map_batches(_Chunker, batch_size=None, batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(size=min(workers, blocks)),
+                            num_cpus=threads_per_worker or 1, fn_constructor_kwargs=chunker)
         for j, row in enumerate(_rows(ray, ds, len(window), "nothing was written: run the same command again")):
             assert row["j"] == j, (row["j"], j)  # preserve_order
             yield from _unpack_references(row["refs"], window[j])

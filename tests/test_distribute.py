@@ -35,13 +35,15 @@ def run_cli(args, env_extra=None):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A local cluster of 2 CPUs. Its workers inherit M3_CRASH_AT=ray-batch:3 and a mark file: the
-    worker hook (distribute._crash_once) fires only while the mark file is absent."""
+    """A local cluster of 2 CPUs. Its workers inherit M3_CRASH_AT=ray-batch:3,ray-chunk:1 and a mark
+    file for each: the worker hook (distribute._crash_once) kills the actor that encodes batch 3, or
+    the actor that cuts the second document of a window, only while that mark file is absent."""
     tmp = tmp_path_factory.mktemp("ray")
-    mark = tmp / "crash-mark"
-    mark.write_text("armed by deleting this file")
+    mark, chunk_mark = tmp / "crash-mark", tmp / "chunk-crash-mark"
+    for m in (mark, chunk_mark):
+        m.write_text("armed by deleting this file")
     saved = {k: os.environ.get(k) for k in ("M3_CRASH_AT", "M3_CRASH_MARK")}
-    os.environ.update(M3_CRASH_AT="ray-batch:3", M3_CRASH_MARK=str(mark))
+    os.environ.update(M3_CRASH_AT="ray-batch:3,ray-chunk:1", M3_CRASH_MARK=f"{mark},{chunk_mark}")
     info = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     for k, v in saved.items():  # the driver (this process) must not crash at any point
         if v is None:
@@ -51,7 +53,8 @@ def cluster(tmp_path_factory):
     local = tmp / "local"
     cfg = CompileConfig(corpus=str(CORPUS), batch_size=8, checkpoint_seconds=0)
     compile_kb(cfg, local)
-    yield {"address": info.address_info["address"], "mark": mark, "local": local, "cfg": cfg, "tmp": tmp}
+    yield {"address": info.address_info["address"], "mark": mark, "chunk_mark": chunk_mark, "local": local, "cfg": cfg,
+           "tmp": tmp}
     ray.shutdown()
 
 
@@ -113,6 +116,25 @@ def test_windows_of_the_corpus_give_the_same_bytes_with_a_worker_killed(cluster,
     assert len(alone) >= 2 and len(cut) - len(alone) >= 5 and sum(len(ids) for ids, _ in cut) == 24
     on_ray = [i for ids, n in cut if n >= 200 and ids not in alone for i in ids]  # under half a window: the driver
     assert len(on_ray) >= 10 and sorted(unpacked) == sorted(on_ray)
+    assert snapshot(tmp_path / "kb") == snapshot(cluster["local"])
+
+
+def test_a_chunking_actor_killed_mid_job_changes_nothing(cluster, tmp_path, monkeypatch):
+    """Ray Data cuts windows of documents on _Chunker actors; the one cutting the second document
+    of a window dies (its first window on Ray), Ray Data restarts it and runs the rows again."""
+    from dataclasses import replace
+
+    from m3compile import distribute
+
+    monkeypatch.setattr(distribute, "WINDOW_CHARS", 200)  # per actor; 2 actors: windows of ~400 characters
+    unpacked = []  # documents whose references came back from an actor
+    real_unpack = distribute._unpack_references
+    monkeypatch.setattr(distribute, "_unpack_references", lambda data, doc: (unpacked.append(doc.doc_id),
+                                                                            real_unpack(data, doc))[1])
+    cluster["chunk_mark"].unlink()  # arm the chunking hook only
+    compile_kb(replace(cluster["cfg"], engine="ray", workers=2), tmp_path / "kb")
+    assert cluster["chunk_mark"].is_file(), "no chunking actor was killed: the test did not test anything"
+    assert cluster["mark"].is_file() and len(unpacked) >= 10
     assert snapshot(tmp_path / "kb") == snapshot(cluster["local"])
 
 
