@@ -165,18 +165,19 @@ def encode_payloads(keys, values, positions, scheme: Scheme) -> list[tuple[bytes
     Returns:
         B (frame, error) pairs, each byte-identical to encode_payload's for that reference.
 
-    Schemes that quantize every value group on its own (int, none: `quantize_batch`) quantize
-    the batch in one pass; a per-reference loop of small numpy calls cost more than the forward
-    of a small model. Others (vq) encode one reference at a time.
+    Schemes that quantize every value group or vector on its own (int, none, vq with a plain PQ:
+    `quantize_batch`) quantize the batch in one pass; a per-reference loop of small numpy calls
+    cost more than the forward of a small model. Others (the other vq codecs: `batch_encode`
+    False) encode one reference at a time.
     """
     B = len(keys)
-    if not hasattr(scheme, "quantize_batch") or B == 0:
+    if not hasattr(scheme, "quantize_batch") or not getattr(scheme, "batch_encode", True) or B == 0:
         return [encode_payload(keys[b], values[b], positions[b], scheme) for b in range(B)]
     pos = _checked_positions(positions, ndim=4)  # (B, L, H, K)
     _, L, H, K, D = keys.shape
     assert max(L, H, K, D) <= 0xFFFF and pos.shape == (B, L, H, K), (keys.shape, pos.shape)
-    qk, ek = scheme.quantize_batch(keys)
-    qv, ev = scheme.quantize_batch(values)
+    qk, ek = scheme.quantize_batch(keys, **_role(scheme, "k"))
+    qv, ev = scheme.quantize_batch(values, **_role(scheme, "v"))
     specs = scheme.parts((L, H, K, D))
     parts = []
     for q in (qk, qv):

@@ -9,11 +9,13 @@ of uint8 tensors (FAISS `serialize_index` bytes, no pickle) plus string metadata
 formats/vq-codebooks.md; `VQScheme` is the quantize.Scheme over them, storing one code array
 (L, H, K, C) uint8 per role. Named presets resolve a factory for a head dim D (`resolve`).
 
-Determinism: measured with faiss-cpu 1.15.1, PQ and RQ training give the same bytes on 1 and 2
-threads but OPQ does not (its rotation is fitted with multi-threaded BLAS), so training always
-runs on one FAISS thread (restored afterwards) and every clustering seed is set from `seed`; two
-trainings on the same sample give identical bytes whatever the caller's thread count
-(tests/test_vq.py). Encoding is per vector and does not depend on threads.
+Determinism: measured with faiss-cpu 1.15.1, plain PQ training (k-means per subspace: each point's
+nearest centroid, then sums per centroid in point order) gives the same bytes on 1, 2 and 4
+threads; OPQ does not (its rotation is fitted with multi-threaded BLAS), nor RQ on 4 threads. So a
+plain PQ codec (every vq-pq* preset and the default) trains on FAISS's threads (half the time on 2
+cores), every other codec on one FAISS thread (restored afterwards), and every clustering seed is
+set from `seed`; trainings on the same sample give identical bytes whatever the caller's thread
+count (tests/test_vq.py). Encoding is per vector and does not depend on threads.
 
 Shape letters: N vectors, L memory layers (index into the spec's memory_layers), H kv heads,
 K kept tokens, D head dim, C code bytes per vector.
@@ -21,7 +23,7 @@ K kept tokens, D head dim, C code bytes per vector.
 
 import hashlib
 import json
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -29,7 +31,7 @@ import faiss
 import numpy as np
 
 from m3compile.errors import M3Error
-from m3compile.quantize import PartSpec, QuantError, QuantKV
+from m3compile.quantize import PartSpec, QuantError, QuantKV, _error, _errors
 
 if TYPE_CHECKING:
     import torch
@@ -132,6 +134,12 @@ def _one_thread():
         yield
     finally:
         faiss.omp_set_num_threads(n)
+
+
+def _training_threads(codec):
+    """Where `codec` trains: a plain PQ on FAISS's threads (its k-means gives the same bytes on any
+    count), anything else on one thread (OPQ and RQ do not)."""
+    return nullcontext() if type(faiss.downcast_index(codec)) is faiss.IndexPQ else _one_thread()
 
 
 def _set_seeds(index, seed: int) -> None:
@@ -355,7 +363,7 @@ def train_codecs(samples: dict[tuple[int, str], np.ndarray], factory: str, seed:
         group: "layer" (per layer and role), "head" (per layer, head and role), "role", or "all".
         max_train: at most this many vectors per codec, sampled uniformly with `seed`.
     Returns:
-        Codebooks; training runs on one FAISS thread, so the bytes do not depend on the machine.
+        Codebooks, whose bytes do not depend on the thread count (see the module docstring).
     Example:
         >>> cb = train_codecs(collect_samples(mems), "PQ8x4", seed=0)
         >>> VQScheme(cb).quantize(mem.keys, role="k")
@@ -378,7 +386,7 @@ def train_codecs(samples: dict[tuple[int, str], np.ndarray], factory: str, seed:
         codec = build_codec(factory, d)
         _set_seeds(codec, seed + i)
         try:
-            with _one_thread():
+            with _training_threads(codec):
                 codec.train(x)
         except RuntimeError as e:
             raise M3Error(f"training codec {name} ({factory}) on {len(x)} vectors failed: "
@@ -414,34 +422,67 @@ class VQScheme:
             return [(l, h) for l in range(L) for h in range(H)]
         return [(l, None) for l in range(L)]
 
-    def quantize(self, x, role: str) -> tuple[QuantKV, QuantError]:
+    @property
+    def batch_encode(self) -> bool:
+        """Whether a call's codes are each vector's own, whatever else the call holds, so a batch
+        of references may be encoded in one call (quantize_batch). True for a plain PQ whose
+        subvectors are under 16 dims: FAISS then finds each subvector's nearest centroid directly;
+        from 16 dims it computes distance tables with BLAS over the call, and LSQ starts every call
+        from seeded random codes, so those (and RQ, OPQ) encode one reference a call."""
+        index = faiss.downcast_index(next(iter(self.codebooks.codecs.values())))
+        return type(index) is faiss.IndexPQ and int(index.pq.dsub) < 16
+
+    def _codes(self, x: np.ndarray, role: str) -> np.ndarray:
+        """(B, L, H, K, D) float32 -> (B, L, H, K, C) codes, one encode call per codec."""
+        B, L, H, K, D = x.shape
+        codes = np.empty((B, L, H, K, self.codebooks.code_size), _CODE)
+        for l, h in self._per_codec((L, H)):
+            hs = slice(None) if h is None else slice(h, h + 1)
+            xs = x[:, l, hs].reshape(-1, D)  # (B*h*K, D)
+            codes[:, l, hs] = self.codebooks.encode(l, role, xs, h or 0).reshape(codes[:, l, hs].shape)
+        return codes
+
+    def _decoded(self, codes: np.ndarray, role: str) -> np.ndarray:
+        """(B, L, H, K, C) codes -> (B, L, H, K, D) float32."""
+        B, L, H, K, _ = codes.shape
+        out = np.empty((B, L, H, K, self.codebooks.d), np.float32)
+        for l, h in self._per_codec((L, H)):
+            hs = slice(None) if h is None else slice(h, h + 1)
+            c = codes[:, l, hs].reshape(-1, codes.shape[-1])  # (B*h*K, C)
+            out[:, l, hs] = self.codebooks.decode(l, role, c, h or 0).reshape(out[:, l, hs].shape)
+        return out
+
+    @staticmethod
+    def _checked(x) -> np.ndarray:
         import torch
 
-        x = torch.as_tensor(x).detach().to("cpu", torch.float32).numpy()  # (L, H, K, D)
+        x = torch.as_tensor(x).detach().to("cpu", torch.float32).numpy()
         if not np.isfinite(x).all():
             raise M3Error("memory keys/values contain NaN or inf; check the checkpoint and the compute dtype")
+        return x
+
+    def quantize(self, x, role: str) -> tuple[QuantKV, QuantError]:
+        x = self._checked(x)  # (L, H, K, D)
         (spec,) = self.parts(x.shape)
-        codes = np.empty(spec.shape, _CODE)  # (L, H, K, C)
-        for l, h in self._per_codec(x.shape):
-            hs = slice(None) if h is None else slice(h, h + 1)
-            xs = x[l, hs].reshape(-1, x.shape[-1])  # (h*K, D)
-            codes[l, hs] = self.codebooks.encode(l, role, xs, h or 0).reshape(codes[l, hs].shape)
-        q = QuantKV(self.name, tuple(x.shape), (codes,))
-        xh = self.dequantize(q, role).numpy()  # (L, H, K, D)
-        diff = x.astype(np.float64) - xh
-        return q, QuantError(float(np.abs(diff).max(initial=0.0)), float((diff * diff).sum()),
-                             float((x.astype(np.float64) ** 2).sum()))
+        codes = self._codes(x[None], role)[0]  # (L, H, K, C)
+        assert codes.shape == spec.shape, (codes.shape, spec.shape)
+        return QuantKV(self.name, tuple(x.shape), (codes,)), _error(x, self._decoded(codes[None], role)[0])
+
+    def quantize_batch(self, x, role: str) -> tuple[QuantKV, list[QuantError]]:
+        """quantize of each x[b] alone (B, L, H, K, D), in one encode call per codec: the same codes
+        and float64 error sums (tests/test_vq.py); only where batch_encode says a call's codes are
+        each vector's own (pack.encode_payloads asks)."""
+        assert self.batch_encode, self.codebooks.factory
+        x = self._checked(x)  # (B, L, H, K, D)
+        self.parts(x.shape[1:])  # the shape check
+        codes = self._codes(x, role)  # (B, L, H, K, C)
+        return QuantKV(self.name, tuple(x.shape), (codes,)), _errors(x, self._decoded(codes, role))
 
     def dequantize(self, q: QuantKV, role: str) -> "torch.Tensor":
         import torch  # here, not at the top: reading a kb's codebooks (m3 inspect) needs no torch
 
         (codes,) = q.parts  # (L, H, K, C)
-        out = np.empty(q.shape, np.float32)  # (L, H, K, D)
-        for l, h in self._per_codec(q.shape):
-            hs = slice(None) if h is None else slice(h, h + 1)
-            c = codes[l, hs].reshape(-1, codes.shape[-1])  # (h*K, C)
-            out[l, hs] = self.codebooks.decode(l, role, c, h or 0).reshape(out[l, hs].shape)
-        return torch.from_numpy(out)
+        return torch.from_numpy(self._decoded(codes[None], role)[0])
 
 
 def bits_per_element(code_size: int, d: int) -> float:

@@ -40,19 +40,23 @@ def test_round_trip_error_is_small(codebooks):
     assert torch.allclose(torch.tensor(err.rel), (x - xh).norm() / x.norm(), rtol=1e-4)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("factory, group", [("PQ8x4", "layer"), ("OPQ4,PQ4x4", "head"), ("RQ4x4", "role"),
-                                            ("LSQ4x4", "layer")])
-def test_training_is_deterministic(factory, group, threads):
+@pytest.mark.parametrize("factory, group", [("PQ8x4", "layer"), ("PQ16x8", "layer"), ("PQ4x8", "head"), ("PQ2x8", "layer"), ("OPQ4,PQ4x4", "head"),
+                                            ("RQ4x4", "role"), ("LSQ4x4", "layer")])
+def test_training_is_deterministic_on_any_thread_count(factory, group):
+    # plain PQ trains on FAISS's threads, the rest on one (vq._training_threads): the same bytes on 1, 2, 4
     before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(threads)
+    out = []
     try:
-        a = train_codecs(_samples(), factory, seed=5, group=group, max_train=600).to_tensors()
-        b = train_codecs(_samples(), factory, seed=5, group=group, max_train=600).to_tensors()
+        for threads in (1, 2, 4, 1):
+            faiss.omp_set_num_threads(threads)
+            out.append(train_codecs(_samples(n=1200), factory, seed=5, group=group, max_train=1200).to_tensors())
+            assert faiss.omp_get_max_threads() == threads  # restored after a one-thread (OPQ) training
     finally:
         faiss.omp_set_num_threads(before)
-    assert a[1] == b[1]
-    assert sorted(a[0]) == sorted(b[0]) and all(np.array_equal(a[0][k], b[0][k]) for k in a[0])
+    a = out[0]
+    for b in out[1:]:
+        assert a[1] == b[1]
+        assert sorted(a[0]) == sorted(b[0]) and all(np.array_equal(a[0][k], b[0][k]) for k in a[0])
 
 
 def test_tensors_round_trip(codebooks):
@@ -158,3 +162,23 @@ def test_a_frame_depends_on_its_reference_alone():
     together = scheme.codebooks.encode(0, "k", np.concatenate([keys[1, 0].reshape(-1, D).numpy(), x]))
     assert not np.array_equal(together[-len(x):], scheme.codebooks.encode(0, "k", x)), \
         "LSQ no longer depends on the call: this test no longer guards anything"
+
+
+@pytest.mark.parametrize("factory, group, batched", [("PQ16x8", "layer", True), ("PQ8x4", "head", True),
+                                                     ("PQ2x8", "layer", False), ("RQ4x4", "layer", False),
+                                                     ("LSQ4x4", "layer", False)])
+def test_a_batch_encodes_to_the_frames_of_its_references_alone(factory, group, batched):
+    """A plain PQ with subvectors under 16 dims encodes a batch of references in one call per codec
+    (VQScheme.quantize_batch): the frames and errors equal one-reference calls'; the others say so."""
+    scheme = VQScheme(train_codecs(_samples(n=1200), factory, seed=2, group=group, max_train=1200))
+    assert scheme.batch_encode is batched
+    g = torch.Generator().manual_seed(1)
+    keys, values = torch.randn(6, L, H, K, D, generator=g), torch.randn(6, L, H, K, D, generator=g)
+    pos = torch.arange(K).expand(6, L, H, K)
+    got = encode_payloads(keys, values, pos, scheme)
+    alone = [encode_payload(keys[b], values[b], pos[b], scheme) for b in range(6)]
+    assert [f for f, _ in got] == [f for f, _ in alone]
+    assert [e for _, e in got] == [e for _, e in alone]  # the same float64 sums
+    if batched:
+        q, errs = scheme.quantize_batch(keys, role="k")
+        assert q.parts[0].shape == (6, L, H, K, scheme.codebooks.code_size) and len(errs) == 6
