@@ -38,7 +38,9 @@ from m3compile.pack import decode_payload, encode_payload, payload_nbytes
 from m3compile.pipeline import compile_kb
 from m3compile.quantize import get_scheme
 from m3compile.reader import ChunkMemory, ReadLayout, text_logits
-from m3compile.vq import TableDecoder, VQScheme, build_codec, collect_samples, resolve, train_codecs
+from m3compile.codebooks import resolve_quant
+from m3compile.vq import (ENCODERS, GridEncoder, TableDecoder, VQScheme, build_codec, collect_samples, resolve,
+                         train_codecs)
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPORA = ("examples/corpus", "examples/reader/corpus")
@@ -46,7 +48,8 @@ CORPORA = ("examples/corpus", "examples/reader/corpus")
 CANDIDATES = {  # codec group in brackets
     "int8": "int8", "int4": "int4",
     "vq-paper [all]": ("vq-paper", None),
-    "vq [layer]": ("vq", None),
+    "vq [layer]": ("vq", None),  # vq-grid: vq-pq8-4bit's codecs through the grid encoder
+    "vq-pq8-4bit [layer]": ("vq-pq8-4bit", None),  # the same codecs, FAISS's exact encoder
     "vq-pq4-4bit [layer]": ("vq-pq4-4bit", None),
     "vq-pq4-2bit [layer]": ("vq-pq4-2bit", None),
     "vq-pq4 [layer]": ("vq-pq4", None),
@@ -146,7 +149,8 @@ def build(label, spec, mems, d, seed):
     name = name.format(q=d // 4, e=d // 8)
     factory, default_group = resolve(name, d)
     t = time.perf_counter()
-    cb = train_codecs(collect_samples(mems, max_vectors=1 << 30), factory, seed, group or default_group)
+    cb = train_codecs(collect_samples(mems, max_vectors=1 << 30), factory, seed, group or default_group,
+                      encoder=ENCODERS.get(resolve_quant(name, d), "faiss"))
     return VQScheme(cb, name=f"vq:{factory}"), cb.nbytes(), time.perf_counter() - t
 
 
@@ -306,14 +310,17 @@ def speed80(rows):
           f"{paper.sa_code_size()} bytes")
     print("| codec at D = 80 | bytes | encode vec/s | decode vec/s | encode vs paper | decode vs paper |\n|---|---|---|---|---|---|")
     base = None
-    for name in ["vq-paper", "vq", "vq-pq4-4bit", "vq-pq4-2bit", "vq-pq4", "vq-pq8", "vq-pq4-half", "vq-rq4", "vq-rq8"]:
+    for name in ["vq-paper", "vq", "vq-pq8-4bit", "vq-pq4-4bit", "vq-pq4-2bit", "vq-pq4", "vq-pq8", "vq-pq4-half",
+                 "vq-rq4", "vq-rq8"]:
         factory = resolve(name, 80)[0]
         codec = paper if factory == PAPER else build_codec(factory, 80)
         if codec is not paper:
             codec.train(x[:8192])
         xs = x[:2000] if codec is paper else x
-        codes = codec.sa_encode(xs)  # (N, C)
-        enc = _rate(lambda: codec.sa_encode(xs), len(xs))
+        # encoded as Codebooks.encode encodes in a kb: the grid for vq-grid (the default), else FAISS
+        encode = GridEncoder(codec) if ENCODERS.get(resolve_quant(name, 80)) == "grid" else codec.sa_encode
+        codes = encode(xs)  # (N, C)
+        enc = _rate(lambda: encode(xs), len(xs))
         # decoded as Codebooks.decode decodes in a kb: the table lookup for plain PQ, else FAISS
         decode = TableDecoder.of(codec) or codec.sa_decode
         dec = _rate(lambda: decode(codes), len(codes))

@@ -58,7 +58,7 @@ def train(model, token_lists: list[list[int]], spec: MemorySpec, seed: int, batc
     if not mems:
         raise M3Error("no references to train VQ codebooks on; the corpus is empty")
     factory, group = vq.resolve(spec.quant, spec.head_dim)
-    cb = vq.train_codecs(vq.collect_samples(mems), factory, seed, group)
+    cb = vq.train_codecs(vq.collect_samples(mems), factory, seed, group, encoder=vq.ENCODERS.get(spec.quant, "faiss"))
     scheme = vq.VQScheme(cb, spec.quant)
     errs = []
     for m in mems:
@@ -80,8 +80,11 @@ def write(kb_dir: Path, cb: "vq.Codebooks") -> dict:
             _fsync_replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
-    return {"path": name, "sha256": sha, "factory": cb.factory, "group": cb.group, "code_size": cb.code_size,
-            "seed": cb.seed, "codebook_bytes": final.stat().st_size}
+    entry = {"path": name, "sha256": sha, "factory": cb.factory, "group": cb.group, "code_size": cb.code_size,
+             "seed": cb.seed, "codebook_bytes": final.stat().st_size}
+    if cb.encoder != "faiss":  # absent: FAISS's sa_encode (kbs before 0.2.0's grid keep their manifest)
+        entry["encoder"] = cb.encoder
+    return entry
 
 
 def read(kb_dir: Path, entry: dict) -> "vq.Codebooks":

@@ -36,7 +36,9 @@ from m3compile.quantize import PartSpec, QuantError, QuantKV, _error, _errors
 if TYPE_CHECKING:
     import torch
 
-FORMAT, FORMAT_VERSION = "m3-vq-codebooks", 1
+# version 2: an `encoder` field ("grid": GridEncoder); codebooks without one are written as version 1,
+# byte for byte as before, so their sha256 (in every frame's content key) stays the same
+FORMAT, FORMAT_VERSION = "m3-vq-codebooks", 2
 ROLES = ("k", "v")
 GROUPS = ("layer", "head", "role", "all")  # one codec per (layer, role), (layer, head, role), role, or one
 MAX_TRAIN = 65536  # vectors sampled per codec for training (the paper's 2x14 IMI wants 638,976)
@@ -98,10 +100,16 @@ PRESETS = {
     # 1 bit per element, additive (local search): the lowest error at 1 bit (benchmarks/quant_scale.py)
     "vq-lsq8": (lambda d: f"LSQ{max(1, d // 8)}x8", "layer"),
 }
+# vq-grid: the codecs of vq-pq8-4bit, encoded by GridEncoder (a lookup per 2-dim subvector, ~9x
+# FAISS's exact search; a subvector near the border of two centroids' regions may get the other one)
+PRESETS["vq-grid"] = (PRESETS["vq-pq8-4bit"][0], "layer")
+ENCODERS = {"vq-grid": "grid"}
+ENCODER_NAMES = ("faiss", "grid")  # preset -> encoder its codebooks record; the rest encode with FAISS
 # the default: the embedded reader's held-out recall stays within 2 points of int8 only from ~4 code
 # bits per element at D = 32 (benchmarks/reader_recall.py), and of the 4-bit candidates PQ with
-# 2-dim subvectors and 256-entry books encodes fastest (formats/vq-codebooks.md has the figures)
-PRESETS["vq"] = PRESETS["vq-pq8-4bit"]
+# 2-dim subvectors and 256-entry books encodes fastest, fastest of all through the grid
+# (formats/vq-codebooks.md has the figures). Kbs record the preset (vq-pq8-4bit before 0.2.0's grid).
+PRESETS["vq"] = PRESETS["vq-grid"]
 
 
 def resolve(name: str, d: int) -> tuple[str, str]:
@@ -219,6 +227,54 @@ class TableDecoder:
         return self.table.take(sub, axis=0).reshape(codes.shape[0], self.m * self.dsub)  # (N, D)
 
 
+class GridEncoder:
+    """sa_encode of a plain product quantizer with 2-dim subvectors and 8-bit codes, as one lookup
+    per subvector: the codes FAISS gives, except near the border of two centroids' regions.
+
+    Each subspace's plane, over its centroids' range widened by a tenth of it on each side, is cut
+    into GRID x GRID cells; a cell holds the code FAISS's encoder gives the cell's centre (built with
+    one sa_encode call of GRID² vectors). A vector's subvector takes its cell's code, in float32
+    arithmetic that is the same on every machine; outside the range, the nearest edge cell's. So a
+    subvector is at most the cell's diagonal farther from its code's centroid than from the nearest
+    one (measured at D = 80 with GRID 256: 5-8 % of subvectors get another centroid, the squared
+    error is 0.8-1.6 % higher; benchmarks/quant_frontier.py), and encoding runs ~9x FAISS's.
+    """
+
+    GRID, MARGIN = 256, 0.1
+
+    def __init__(self, codec):
+        pq = faiss.downcast_index(codec).pq
+        self.m, G = int(pq.M), self.GRID
+        c = faiss.vector_to_array(pq.centroids).reshape(self.m, 256, 2).astype(np.float64)  # (M, 256, 2)
+        lo, hi = c.min(1), c.max(1)  # (M, 2)
+        span = np.maximum(hi - lo, 1e-12)
+        lo, hi = lo - self.MARGIN * span, hi + self.MARGIN * span
+        self.lo = lo.reshape(-1).astype(np.float32)  # (D,)
+        self.scale = (G / (hi - lo)).reshape(-1).astype(np.float32)  # (D,) cells per unit
+        centre = self.lo[None] + ((np.arange(G, dtype=np.float32)[:, None] + np.float32(0.5)) / self.scale[None])  # (G, D)
+        cx, cy = centre[:, 0::2], centre[:, 1::2]  # (G, M) each
+        pts = np.empty((G, G, self.m, 2), np.float32)  # cell (i, j) of every subspace at once
+        pts[..., 0], pts[..., 1] = cx[:, None, :], cy[None, :, :]
+        codes = codec.sa_encode(np.ascontiguousarray(pts.reshape(G * G, 2 * self.m)))  # (G², M)
+        self.table = np.ascontiguousarray(codes.T).reshape(-1)  # (M·G²,): subspace m's cell i·G+j
+        self.offsets = (np.arange(self.m, dtype=np.int32) * G * G)[None]  # (1, M)
+
+    @classmethod
+    def of(cls, codec) -> "GridEncoder":
+        index = faiss.downcast_index(codec)
+        if type(index) is not faiss.IndexPQ or index.pq.nbits != 8 or index.pq.dsub != 2:
+            raise M3Error(f"the grid encoder takes a plain PQ with 2-dim subvectors and 8-bit codes, not "
+                          f"{type(index).__name__}; the codebook file is damaged")
+        return cls(codec)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """(N, D) float32 -> (N, M) uint8 codes."""
+        g = ((x - self.lo) * self.scale).astype(np.int32)  # (N, D) cell coordinates
+        np.clip(g, 0, self.GRID - 1, out=g)
+        cell = g[:, 0::2] * self.GRID + g[:, 1::2] + self.offsets  # (N, M)
+        return self.table.take(cell)
+
+
 def sample_rows(n: int, k: int, seed: int) -> np.ndarray:
     """Sorted indices of a seeded uniform sample of min(n, k) of n rows."""
     if n <= k:
@@ -259,7 +315,9 @@ class Codebooks:
     n_heads: int  # H
     codecs: dict  # codec name -> trained FAISS index
     n_train: dict  # codec name -> training vectors used
+    encoder: str = "faiss"  # "faiss" (each codec's sa_encode) or "grid" (GridEncoder)
     _decoders: dict = field(default_factory=dict, repr=False, compare=False)  # name -> TableDecoder | None
+    _encoders: dict = field(default_factory=dict, repr=False, compare=False)  # name -> GridEncoder
 
     @property
     def code_size(self) -> int:
@@ -274,6 +332,11 @@ class Codebooks:
         """(N, D) float32 -> (N, C) uint8 codes."""
         x = np.ascontiguousarray(x, dtype=np.float32)  # (N, D)
         assert x.ndim == 2 and x.shape[1] == self.d, (x.shape, self.d)
+        if self.encoder == "grid":
+            name = codec_name(self.group, layer, head, role)
+            if name not in self._encoders:
+                self._encoders[name] = GridEncoder.of(self.codec(layer, role, head))
+            return self._encoders[name](x)  # (N, C)
         return self.codec(layer, role, head).sa_encode(x)  # (N, C)
 
     def decode(self, layer: int, role: str, codes: np.ndarray, head: int = 0) -> np.ndarray:
@@ -293,12 +356,14 @@ class Codebooks:
     def to_tensors(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         """{"codec.<name>": uint8 serialize_index bytes} and string metadata (formats/vq-codebooks.md)."""
         tensors = {f"codec.{n}": faiss.serialize_index(self.codecs[n]) for n in sorted(self.codecs)}
-        meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "factory": self.factory,
+        meta = {"format": FORMAT, "format_version": "1" if self.encoder == "faiss" else "2", "factory": self.factory,
                 "d": str(self.d), "code_size": str(self.code_size), "group": self.group, "seed": str(self.seed),
                 "n_layers": str(self.n_layers), "n_heads": str(self.n_heads), "roles": ",".join(ROLES),
                 "n_train": json.dumps(self.n_train, sort_keys=True),
                 "sha256": json.dumps({n: hashlib.sha256(t.tobytes()).hexdigest() for n, t in tensors.items()},
                                      sort_keys=True)}
+        if self.encoder != "faiss":
+            meta["encoder"] = self.encoder
         return tensors, meta
 
     def sha256(self) -> str:
@@ -329,6 +394,10 @@ class Codebooks:
                           f"({FORMAT_VERSION}); upgrade m3compile")
         if group not in GROUPS:
             raise M3Error(f"{where}: group {group!r} is not one of {GROUPS}; the codebook file is damaged")
+        encoder = metadata.get("encoder", "faiss")
+        if encoder not in ENCODER_NAMES or (encoder != "faiss") != (version >= 2):
+            raise M3Error(f"{where}: encoder {encoder!r} (format_version {version}) is not one of "
+                          f"{', '.join(ENCODER_NAMES)}; the codebook file is damaged")
         want = sorted({codec_name(group, l, h, r) for l in range(n_layers) for h in range(n_heads) for r in ROLES})
         codecs = {}
         for name in want:
@@ -348,11 +417,15 @@ class Codebooks:
                 raise M3Error(f"{where}: tensor {key} is a {codec.d}-dim codec of {codec.sa_code_size()} bytes, "
                               f"but the metadata says d={d}, code_size={code_size}; the codebook file is damaged")
             codecs[name] = codec
-        return cls(factory, d, group, seed, n_layers, n_heads, codecs, {k: int(v) for k, v in n_train.items()})
+        cb = cls(factory, d, group, seed, n_layers, n_heads, codecs, {k: int(v) for k, v in n_train.items()}, encoder)
+        if encoder == "grid":
+            for name in codecs:  # a grid needs a plain 8-bit PQ of 2-dim subvectors: refuse others now
+                GridEncoder.of(codecs[name])
+        return cb
 
 
 def train_codecs(samples: dict[tuple[int, str], np.ndarray], factory: str, seed: int, group: str = "layer",
-                 max_train: int = MAX_TRAIN) -> Codebooks:
+                 max_train: int = MAX_TRAIN, encoder: str = "faiss") -> Codebooks:
     """Train one codec per group on a bounded, seeded sample of the memories' vectors.
 
     Args:
@@ -362,6 +435,8 @@ def train_codecs(samples: dict[tuple[int, str], np.ndarray], factory: str, seed:
         seed: seeds the row sample and every FAISS clustering.
         group: "layer" (per layer and role), "head" (per layer, head and role), "role", or "all".
         max_train: at most this many vectors per codec, sampled uniformly with `seed`.
+        encoder: "faiss" (each codec's sa_encode) or "grid" (GridEncoder: a plain PQ with 2-dim
+            subvectors and 8-bit codes), recorded in the codebooks.
     Returns:
         Codebooks, whose bytes do not depend on the thread count (see the module docstring).
     Example:
@@ -370,6 +445,8 @@ def train_codecs(samples: dict[tuple[int, str], np.ndarray], factory: str, seed:
     """
     if group not in GROUPS:
         raise M3Error(f"codebook group {group!r} is not one of {', '.join(GROUPS)}")
+    if encoder not in ENCODER_NAMES:
+        raise M3Error(f"encoder {encoder!r} is not one of {', '.join(ENCODER_NAMES)}")
     samples = {k: (v[:, None] if v.ndim == 2 else v) for k, v in samples.items()}  # (N, H, D)
     n_layers = 1 + max(l for l, _ in samples)
     n_heads, d = next(iter(samples.values())).shape[1:]
@@ -394,7 +471,11 @@ def train_codecs(samples: dict[tuple[int, str], np.ndarray], factory: str, seed:
                           "quantizer (k-means needs at least as many vectors as centroids): use a smaller "
                           "one such as vq (PQ with 4-bit codes)") from None
         codecs[name], n_train[name] = codec, len(x)
-    return Codebooks(factory, d, group, seed, n_layers, n_heads, codecs, n_train)
+    cb = Codebooks(factory, d, group, seed, n_layers, n_heads, codecs, n_train, encoder)
+    if encoder == "grid":
+        for name in codecs:
+            GridEncoder.of(codecs[name])  # M3Error now for a codec the grid cannot encode
+    return cb
 
 
 class VQScheme:

@@ -182,3 +182,37 @@ def test_a_batch_encodes_to_the_frames_of_its_references_alone(factory, group, b
     if batched:
         q, errs = scheme.quantize_batch(keys, role="k")
         assert q.parts[0].shape == (6, L, H, K, scheme.codebooks.code_size) and len(errs) == 6
+
+
+def test_the_grid_encoder_gives_faiss_codes_but_near_borders():
+    """vq-grid (the default) encodes each 2-dim subvector by its cell's code: FAISS's exact codes
+    for most subvectors, and where not, a centroid at most a cell's diagonal farther."""
+    g = np.random.default_rng(7)
+    x = (g.standard_t(4, size=(30000, 40)) @ g.normal(size=(40, 40)) / 6).astype(np.float32)  # heavy tails, correlated
+    exact = train_codecs({(0, "k"): x[:10000], (0, "v"): x[:10000]}, "PQ20x8", seed=1, max_train=10000)
+    grid = train_codecs({(0, "k"): x[:10000], (0, "v"): x[:10000]}, "PQ20x8", seed=1, max_train=10000, encoder="grid")
+    test = x[10000:]
+    a, b = exact.encode(0, "k", test), grid.encode(0, "k", test)
+    assert a.shape == b.shape == (20000, 20) and b.dtype == np.uint8
+    assert 0.5 < (a == b).mean() < 1.0, (a == b).mean()  # not all: the test would not see the border
+    assert (a == b).mean() > 0.85
+    da, db = exact.decode(0, "k", a), grid.decode(0, "k", b)
+    assert np.array_equal(exact.decode(0, "k", b), db)  # the same codecs: only the encoder differs
+    sq_a, sq_b = ((test - da) ** 2).reshape(-1, 20, 2).sum(-1), ((test - db) ** 2).reshape(-1, 20, 2).sum(-1)
+    assert (sq_b >= sq_a - 1e-5).all()  # FAISS's codes are the nearest centroids
+    enc = grid._encoders["l0.k"]
+    inside = (((test - enc.lo) * enc.scale >= 0) & ((test - enc.lo) * enc.scale < enc.GRID)).reshape(-1, 20, 2).all(-1)
+    diagonal = np.hypot(*(1 / enc.scale).reshape(20, 2).T)  # (M,)
+    excess = np.sqrt(sq_b) - np.sqrt(sq_a)
+    assert (excess[inside] <= np.broadcast_to(diagonal, excess.shape)[inside] * 1.001 + 1e-6).all()
+    assert sq_b.sum() / sq_a.sum() < 1.03  # a few percent more squared error at most
+    # the encoder is recorded: codebooks round-trip as version 2, exact ones stay version 1
+    tensors, meta = grid.to_tensors()
+    assert meta["encoder"] == "grid" and meta["format_version"] == "2"
+    assert "encoder" not in exact.to_tensors()[1] and exact.to_tensors()[1]["format_version"] == "1"
+    back = Codebooks.from_tensors(tensors, meta)
+    assert back.encoder == "grid" and np.array_equal(back.encode(0, "k", test), b) and back.sha256() == grid.sha256()
+    with pytest.raises(M3Error, match="encoder 'lattice'"):
+        Codebooks.from_tensors(tensors, {**meta, "encoder": "lattice"})
+    with pytest.raises(M3Error, match="grid encoder takes a plain PQ"):
+        train_codecs({(0, "k"): x[:2000], (0, "v"): x[:2000]}, "PQ10x8", seed=1, encoder="grid")  # 4-dim subvectors

@@ -50,6 +50,26 @@ def test_vq_kb_round_trip_is_deterministic_and_verified(env):
     assert max(r["quant_rel_err"] for r in kb.references().to_pylist()) == m.quant["rel_err_max"] < 1.0
 
 
+def test_the_default_vq_kb_encodes_through_its_grid_and_grows_with_it(env):
+    """`--quant vq` records vq-grid; its codebooks say `grid`, verify re-encodes through the grid,
+    and an incremental compile keeps the codebooks and encodes its new references through them."""
+    from dataclasses import replace
+
+    tmp, corpus, cfg = env
+    cfg = replace(cfg, quant="vq", codebook_sample=256)  # PQ8x8 at head dim 16: 256-entry books
+    m = compile_kb(cfg, tmp / "a").manifest
+    assert m.quant["scheme"] == "vq-grid" and m.quant["vq"]["encoder"] == "grid"
+    cb = open_kb(tmp / "a").spec.codebooks
+    assert cb.encoder == "grid" and cb.factory == "PQ8x8"
+    assert verify_kb(tmp / "a", recompute=5) == []
+    extra = corpus / "zz-new.txt"
+    extra.write_text(words(99, 300))
+    r = compile_kb(cfg, tmp / "a")
+    assert r.summary["references"]["encoded"] > 0 and r.manifest.quant["vq"]["sha256"] == m.quant["vq"]["sha256"]
+    # every frame, old and new, is what the kb's own grid gives its reference: recompute checks all
+    assert verify_kb(tmp / "a", recompute=10**6) == []
+
+
 def test_codebooks_are_part_of_every_content_key(env):
     tmp, _, cfg = env
     kb = open_kb(compile_kb(cfg, tmp / "kb") and tmp / "kb")
@@ -105,7 +125,7 @@ def test_a_damaged_codebooks_file_is_named(env, damage):
 def test_vq_is_recorded_as_the_preset_it_resolves_to():
     # `vq` is whichever preset is the default now; a kb records the preset, so a later default
     # change does not change what its memories mean
-    assert cbf.resolve_quant("vq", 32) == "vq-pq8-4bit" and cbf.resolve_quant("vq:PQ8x4", 32) == "vq:PQ8x4"
+    assert cbf.resolve_quant("vq", 32) == "vq-grid" and cbf.resolve_quant("vq:PQ8x4", 32) == "vq:PQ8x4"
 
 
 def test_unknown_vq_names_are_one_clear_error(env):
