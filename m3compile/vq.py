@@ -100,7 +100,7 @@ PRESETS = {
     # 1 bit per element, additive (local search): the lowest error at 1 bit (benchmarks/quant_scale.py)
     "vq-lsq8": (lambda d: f"LSQ{max(1, d // 8)}x8", "layer"),
 }
-# vq-grid: the codecs of vq-pq8-4bit, encoded by GridEncoder (a lookup per 2-dim subvector, ~9x
+# vq-grid: the codecs of vq-pq8-4bit, encoded by GridEncoder (a lookup per 2-dim subvector, 9-17x
 # FAISS's exact search; a subvector near the border of two centroids' regions may get the other one)
 PRESETS["vq-grid"] = (PRESETS["vq-pq8-4bit"][0], "layer")
 ENCODERS = {"vq-grid": "grid"}
@@ -145,9 +145,11 @@ def _one_thread():
 
 
 def _training_threads(codec):
-    """Where `codec` trains: a plain PQ on FAISS's threads (its k-means gives the same bytes on any
-    count), anything else on one thread (OPQ and RQ do not)."""
-    return nullcontext() if type(faiss.downcast_index(codec)) is faiss.IndexPQ else _one_thread()
+    """Where `codec` trains: a plain PQ of subvectors up to 16 dims on FAISS's threads (its k-means
+    gives the same bytes on any count; tested up to 16 dims, beyond which FAISS assigns points
+    through BLAS), anything else on one thread (OPQ and RQ do not)."""
+    index = faiss.downcast_index(codec)
+    return nullcontext() if type(index) is faiss.IndexPQ and index.pq.dsub <= 16 else _one_thread()
 
 
 def _set_seeds(index, seed: int) -> None:
@@ -235,9 +237,10 @@ class GridEncoder:
     into GRID x GRID cells; a cell holds the code FAISS's encoder gives the cell's centre (built with
     one sa_encode call of GRID² vectors). A vector's subvector takes its cell's code, in float32
     arithmetic that is the same on every machine; outside the range, the nearest edge cell's. So a
-    subvector is at most the cell's diagonal farther from its code's centroid than from the nearest
-    one (measured at D = 80 with GRID 256: 5-8 % of subvectors get another centroid, the squared
-    error is 0.8-1.6 % higher; benchmarks/quant_frontier.py), and encoding runs ~9x FAISS's.
+    subvector inside the range is at most the cell's diagonal farther from its code's centroid than
+    from the nearest one (measured at D = 80 with GRID 256: 5-8 % of subvectors get another
+    centroid, the squared error is 0.8-1.6 % higher); one far outside may be farther still. Encoding
+    runs 9-17x FAISS's search (benchmarks/quant_frontier.py).
     """
 
     GRID, MARGIN = 256, 0.1
@@ -259,18 +262,24 @@ class GridEncoder:
         self.table = np.ascontiguousarray(codes.T).reshape(-1)  # (M·G²,): subspace m's cell i·G+j
         self.offsets = (np.arange(self.m, dtype=np.int32) * G * G)[None]  # (1, M)
 
-    @classmethod
-    def of(cls, codec) -> "GridEncoder":
+    @staticmethod
+    def fits(codec) -> bool:
+        """Whether the grid can encode `codec`: a plain PQ of 2-dim subvectors and 8-bit codes (cheap:
+        the table is built when a vector is first encoded, so a reader that only decodes builds none)."""
         index = faiss.downcast_index(codec)
-        if type(index) is not faiss.IndexPQ or index.pq.nbits != 8 or index.pq.dsub != 2:
-            raise M3Error(f"the grid encoder takes a plain PQ with 2-dim subvectors and 8-bit codes, not "
-                          f"{type(index).__name__}; the codebook file is damaged")
-        return cls(codec)
+        return type(index) is faiss.IndexPQ and index.pq.nbits == 8 and index.pq.dsub == 2
+
+    @staticmethod
+    def describe(codec) -> str:
+        index = faiss.downcast_index(codec)
+        pq = getattr(index, "pq", None)
+        return (f"{type(index).__name__} with {pq.dsub}-dim subvectors and {pq.nbits}-bit codes" if pq is not None
+                else type(index).__name__)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """(N, D) float32 -> (N, M) uint8 codes."""
-        g = ((x - self.lo) * self.scale).astype(np.int32)  # (N, D) cell coordinates
-        np.clip(g, 0, self.GRID - 1, out=g)
+        # clipped before the cast: a float beyond int32 casts to INT_MIN on x86 and saturates on ARM
+        g = np.clip((x - self.lo) * self.scale, 0, self.GRID - 1).astype(np.int32)  # (N, D) cell coordinates
         cell = g[:, 0::2] * self.GRID + g[:, 1::2] + self.offsets  # (N, M)
         return self.table.take(cell)
 
@@ -335,7 +344,7 @@ class Codebooks:
         if self.encoder == "grid":
             name = codec_name(self.group, layer, head, role)
             if name not in self._encoders:
-                self._encoders[name] = GridEncoder.of(self.codec(layer, role, head))
+                self._encoders[name] = GridEncoder(self.codec(layer, role, head))
             return self._encoders[name](x)  # (N, C)
         return self.codec(layer, role, head).sa_encode(x)  # (N, C)
 
@@ -418,9 +427,10 @@ class Codebooks:
                               f"but the metadata says d={d}, code_size={code_size}; the codebook file is damaged")
             codecs[name] = codec
         cb = cls(factory, d, group, seed, n_layers, n_heads, codecs, {k: int(v) for k, v in n_train.items()}, encoder)
-        if encoder == "grid":
-            for name in codecs:  # a grid needs a plain 8-bit PQ of 2-dim subvectors: refuse others now
-                GridEncoder.of(codecs[name])
+        bad = [n for n in codecs if encoder == "grid" and not GridEncoder.fits(codecs[n])]
+        if bad:
+            raise M3Error(f"{where}: encoder 'grid' needs a plain PQ with 2-dim subvectors and 8-bit codes, but "
+                          f"codec.{bad[0]} is a {GridEncoder.describe(codecs[bad[0]])}; the codebook file is damaged")
         return cb
 
 
@@ -447,6 +457,10 @@ def train_codecs(samples: dict[tuple[int, str], np.ndarray], factory: str, seed:
         raise M3Error(f"codebook group {group!r} is not one of {', '.join(GROUPS)}")
     if encoder not in ENCODER_NAMES:
         raise M3Error(f"encoder {encoder!r} is not one of {', '.join(ENCODER_NAMES)}")
+    probe = build_codec(factory, next(iter(samples.values())).shape[-1])
+    if encoder == "grid" and not GridEncoder.fits(probe):
+        raise M3Error(f"the grid encoder needs a plain PQ with 2-dim subvectors and 8-bit codes, but {factory!r} is a "
+                      f"{GridEncoder.describe(probe)}; use the factory PQ<D/2>x8 or the faiss encoder")
     samples = {k: (v[:, None] if v.ndim == 2 else v) for k, v in samples.items()}  # (N, H, D)
     n_layers = 1 + max(l for l, _ in samples)
     n_heads, d = next(iter(samples.values())).shape[1:]
@@ -469,13 +483,9 @@ def train_codecs(samples: dict[tuple[int, str], np.ndarray], factory: str, seed:
             raise M3Error(f"training codec {name} ({factory}) on {len(x)} vectors failed: "
                           f"{str(e).strip().splitlines()[-1][:200]}; the kb may be too small for this "
                           "quantizer (k-means needs at least as many vectors as centroids): use a smaller "
-                          "one such as vq (PQ with 4-bit codes)") from None
+                          "one such as vq-pq4 (PQ with 4-bit codes: 16 centroids)") from None
         codecs[name], n_train[name] = codec, len(x)
-    cb = Codebooks(factory, d, group, seed, n_layers, n_heads, codecs, n_train, encoder)
-    if encoder == "grid":
-        for name in codecs:
-            GridEncoder.of(codecs[name])  # M3Error now for a codec the grid cannot encode
-    return cb
+    return Codebooks(factory, d, group, seed, n_layers, n_heads, codecs, n_train, encoder)
 
 
 class VQScheme:

@@ -5,6 +5,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import check_lazy_engine
@@ -104,7 +105,7 @@ def test_ray_calls_carry_the_batches_as_int32():
 
 
 def test_ray_chunking_packs_references_and_cuts_as_chunk_documents():
-    """What the Ray engine's chunking actors do, without Ray: _Chunker cuts a document into
+    """What the Ray engine's chunking actors do, without Ray: _Chunker cuts a block of documents into
     chunk_documents' references, they travel packed, and the corpus goes in windows of characters."""
     from m3compile import distribute
     from m3compile.chunk import chunk_documents
@@ -119,8 +120,13 @@ def test_ray_chunking_packs_references_and_cuts_as_chunk_documents():
     want = list(chunk_documents([doc], tok, 32, "sentence", 0.75))
     chunker = distribute._Chunker(tok.hf.to_str(), tok.bos_id, tok.eos_id, tokenizers.__version__, 32, "sentence",
                                   0.75)
-    got = list(distribute._unpack_references(chunker({"j": 4, "text": doc.text})["refs"], doc))
+    other = Document("c.md", "c.md", (CORPUS / "diavhollow.md").read_text()[:500])
+    out = chunker({"j": np.array([4, 5]), "text": np.array([doc.text, other.text], object)})  # a block of Ray Data
+    assert out["j"].tolist() == [4, 5] and len(out["refs"]) == 2
+    got = list(distribute._unpack_references(out["refs"][0], doc))
     assert len(want) > 3 and got == want
+    assert list(distribute._unpack_references(out["refs"][1], other)) == list(chunk_documents([other], tok, 32,
+                                                                                                "sentence", 0.75))
     assert list(distribute._unpack_references(distribute._pack_references([]), doc)) == []
     with pytest.raises(M3Error, match=r"this Ray node has tokenizers \S+ and the driver 0.0.1, which may cut"):
         distribute._Chunker(tok.hf.to_str(), None, None, "0.0.1", 32, "sentence", 0.75)

@@ -214,5 +214,9 @@ def test_the_grid_encoder_gives_faiss_codes_but_near_borders():
     assert back.encoder == "grid" and np.array_equal(back.encode(0, "k", test), b) and back.sha256() == grid.sha256()
     with pytest.raises(M3Error, match="encoder 'lattice'"):
         Codebooks.from_tensors(tensors, {**meta, "encoder": "lattice"})
-    with pytest.raises(M3Error, match="grid encoder takes a plain PQ"):
-        train_codecs({(0, "k"): x[:2000], (0, "v"): x[:2000]}, "PQ10x8", seed=1, encoder="grid")  # 4-dim subvectors
+    with pytest.raises(M3Error, match="grid encoder needs a plain PQ .* IndexPQ with 4-dim subvectors"):
+        train_codecs({(0, "k"): x[:2000], (0, "v"): x[:2000]}, "PQ10x8", seed=1, encoder="grid")
+    # far outside the range a subvector takes the nearest edge cell's code, on any machine (no int32 overflow)
+    top, bottom = (enc.lo + (enc.GRID - 0.5) / enc.scale)[None], (enc.lo + 0.5 / enc.scale)[None]  # (1, 40)
+    far = np.concatenate([np.full((1, 40), 1e30, np.float32), np.full((1, 40), -1e30, np.float32)])
+    assert np.array_equal(grid.encode(0, "k", far), grid.encode(0, "k", np.concatenate([top, bottom])))
