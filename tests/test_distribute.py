@@ -174,7 +174,10 @@ def test_an_error_in_an_actor_is_one_m3_error(cluster, tmp_path, monkeypatch, ca
                                       r"references differently; install the same version on every node$"):
         compile_kb(replace(cluster["cfg"], engine="ray", workers=2), tmp_path / "kb")
     assert not (tmp_path / "kb" / "manifest.json").exists()
-    assert "ERROR" not in capsys.readouterr().err
+    # Ray Data's error lines stay off the console; the raylet may still report, late, the workers the
+    # tests before this one killed ("(raylet) ... SYSTEM_ERROR Worker exit detail: ..."), which is Ray's own
+    err = [line for line in capsys.readouterr().err.splitlines() if "ERROR" in line]
+    assert all("SYSTEM_ERROR" in line and "Worker" in line for line in err), err
 
 
 def test_json_output_stays_json_when_an_actor_dies(cluster, tmp_path):
