@@ -76,7 +76,27 @@ def make_world(work: Path, a) -> dict:
     for r in recs:
         by_entity.setdefault(r["entity"], []).append(r)
     entities = world.by_id()
-    for e in sorted(A | W):
+    trained = sorted(A | W)
+    if a.replay_world is not None:
+        # a continuation step also trains on the texts of the world its reader came from (its A and W,
+        # with their articles in the kb under corpus/replay/: never its held-out H's texts), so reading
+        # the facts it learned there is kept while it learns a fresh world
+        old = make_corpus.generate(a.replay_entities, a.replay_world)
+        make_corpus.write_corpus(old, work / "corpus" / "replay")
+        make_corpus.write_facts(old, work / "facts-replay", corpus_name="corpus/replay")
+        _, oA, oW = make_corpus.split_world([e.id for e in old.entities], a.held_out, a.memory_only, a.replay_world)
+        clash = (oA | oW) & set(entities)
+        for r in _jsonl(work / "facts-replay" / "restatements.jsonl") + _jsonl(work / "facts-replay" / "questions.jsonl"):
+            if r["entity"] in (oA | oW) - clash:
+                by_entity.setdefault(r["entity"], []).append(r)
+        for e in old.entities:
+            if e.id in (oA | oW) - clash:
+                entities[e.id] = e
+                articles[e.id] = (work / "corpus" / "replay" / f"{e.id}.md").read_text(encoding="utf-8")
+        trained += sorted((oA | oW) - clash)
+        print(json.dumps({"replay": {"world": a.replay_world, "entities": len((oA | oW) - clash),
+                                     "name_clashes_left_out": len(clash)}}), flush=True)
+    for e in trained:
         mine = by_entity.get(e, [])
         if a.more_forms:  # training-only phrasings of A's and W's questions; never evaluated (w["records"])
             mine = mine + make_corpus.questions(entities[e], MORE_QUESTIONS, tag="x")
@@ -257,6 +277,10 @@ def add_world_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--more-forms", action="store_true",
                     help="also train on examples/corpus_templates.py's MORE_QUESTIONS: four more phrasings of every "
                          "question kind (issue 13: forms held out of training)")
+    ap.add_argument("--replay-world", type=int, default=None, metavar="SEED",
+                    help="also train on the memory-only and known entities' texts of this world (the one the "
+                         "--start-from reader learned on, e.g. 0), their articles in the kb (issue 13: known facts)")
+    ap.add_argument("--replay-entities", type=int, default=2000, help="entities of the --replay-world")
     ap.add_argument("--pack-questions", type=int, default=4,
                     help="questions of one entity per training text (examples/README.md: what makes memory training help)")
     ap.add_argument("--eval-limit", type=int, default=400, help="held-out records evaluated")
