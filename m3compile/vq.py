@@ -103,8 +103,8 @@ PRESETS = {
 # vq-grid: the codecs of vq-pq8-4bit, encoded by GridEncoder (a lookup per 2-dim subvector, 9-17x
 # FAISS's exact search; a subvector near the border of two centroids' regions may get the other one)
 PRESETS["vq-grid"] = (PRESETS["vq-pq8-4bit"][0], "layer")
-ENCODERS = {"vq-grid": "grid"}
-ENCODER_NAMES = ("faiss", "grid")  # preset -> encoder its codebooks record; the rest encode with FAISS
+ENCODERS = {"vq-grid": "grid"}  # preset -> encoder its codebooks record; the rest encode with FAISS
+ENCODER_NAMES = ("faiss", "grid")
 # the default: the embedded reader's held-out recall stays within 2 points of int8 only from ~4 code
 # bits per element at D = 32 (benchmarks/reader_recall.py), and of the 4-bit candidates PQ with
 # 2-dim subvectors and 256-entry books encodes fastest, fastest of all through the grid
@@ -425,13 +425,11 @@ class Codebooks:
             if codec.d != d or codec.sa_code_size() != code_size:
                 raise M3Error(f"{where}: tensor {key} is a {codec.d}-dim codec of {codec.sa_code_size()} bytes, "
                               f"but the metadata says d={d}, code_size={code_size}; the codebook file is damaged")
+            if encoder == "grid" and not GridEncoder.fits(codec):
+                raise M3Error(f"{where}: encoder 'grid' needs a plain PQ with 2-dim subvectors and 8-bit codes, but "
+                              f"{key} is a {GridEncoder.describe(codec)}; the codebook file is damaged")
             codecs[name] = codec
-        cb = cls(factory, d, group, seed, n_layers, n_heads, codecs, {k: int(v) for k, v in n_train.items()}, encoder)
-        bad = [n for n in codecs if encoder == "grid" and not GridEncoder.fits(codecs[n])]
-        if bad:
-            raise M3Error(f"{where}: encoder 'grid' needs a plain PQ with 2-dim subvectors and 8-bit codes, but "
-                          f"codec.{bad[0]} is a {GridEncoder.describe(codecs[bad[0]])}; the codebook file is damaged")
-        return cb
+        return cls(factory, d, group, seed, n_layers, n_heads, codecs, {k: int(v) for k, v in n_train.items()}, encoder)
 
 
 def train_codecs(samples: dict[tuple[int, str], np.ndarray], factory: str, seed: int, group: str = "layer",
