@@ -4,11 +4,11 @@
 
 writes OUT/model (for examples/reader: the package's embedded default model, which
 examples/reader/model links to) and OUT/results.json:
-- the model is the recipe's last step (WORK_DIR/d32a/trained), its resume state left out;
+- the model is the recipe's last step (WORK_DIR/d32s/trained), its resume state left out;
 - its m3-memory.json says the density it is read at by default: 8 of 32 tokens of layer 3, 1/16 of
-  each reference's key-values. The recipe trained it there (d16y, d16z) and then at 4 (d32a); read
-  at 8 it answers best (examples/README.md, "The density frontier"). `m3 compile --top-k 4` reads it
-  at 1/32;
+  each reference's key-values. The recipe trained it there (d16y, d16z) and then at 4 (d32a, d32r,
+  d32s); read at 8 it answers best (examples/README.md, "The density frontier"). `m3 compile
+  --top-k 4` reads it at 1/32;
 - results.json: the world whose held-out articles are the example's corpus (the first step's
   world: every later step trained on fresh worlds, so those articles were never in any training
   text), each step's arguments and held-out figures, and the settings compiled with.
@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 from m3compile import __version__  # noqa: E402
 from m3compile.config import read_model_memory, write_model_memory  # noqa: E402
 
-STEPS = ("d16b", "d16w", "d16y", "d16z", "d32a")  # examples/train_sparse_reader.sh, in order
+STEPS = ("d16b", "d16w", "d16y", "d16z", "d32a", "d32r", "d32s")  # examples/train_sparse_reader.sh, in order
 READ = {"top_k": 8, "memory_layers": [3]}  # 1/16: 8 of 32 tokens, layer 3 of 4
 WORLD = ("entities", "world_seed", "held_out", "memory_only")
 MACHINE_ARGS = ("work", "json", "export", "threads", "resume")  # where it ran, not what it trained
@@ -49,8 +49,10 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, required=True, help="the example folder (examples/reader)")
     ap.add_argument("--corpus", action="store_true", help="rewrite OUT/corpus and OUT/facts")
     a = ap.parse_args(argv)
-    missing = [s for s in STEPS if not (a.work / f"{s}.json").is_file() or
-               not (a.work / s / "trained" / "config.json").is_file()]
+    # every step's record, and the last step's weights (the only ones exported)
+    missing = [s for s in STEPS if not (a.work / f"{s}.json").is_file()]
+    if not (a.work / STEPS[-1] / "trained" / "config.json").is_file():
+        missing.append(f"{STEPS[-1]} (its trained model)")
     if missing:
         sys.exit(f"error: {a.work} lacks the recipe steps {', '.join(missing)}; "
                  f"run `bash examples/train_sparse_reader.sh {a.work}` first")

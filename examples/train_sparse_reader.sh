@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
 # The sparse reader's recipe (examples/README.md, "The density frontier"), one command:
 #   bash examples/train_sparse_reader.sh WORK_DIR
-# Five continuations of the embedded reader (trained at 1/2 of a reference's key-values), each a
+# Seven continuations of the 1/2 reader (trained at 1/2 of a reference's key-values), each a
 # benchmarks/train_memory.py run (it prints held-out fact accuracy before and after):
 #   d16b  its own 2000-article world, top-4 of 32 tokens in layers 2-3 (1/16), 3000 steps
 #   d16w  a fresh 8000-article world (seed 1), same memory, 2000 steps at lr 1e-3
 #   d16y  another fresh 8000-article world (seed 2), top-8 in layer 3 alone (1/16), 1500 steps
 #   d16z  a third fresh world (seed 3), top-8 in layer 3, 2700 steps (no gain at 1/16 by itself)
 #   d32a  a fourth fresh world (seed 4), top-4 in layer 3 alone (1/32), 1900 steps
-# ~5.3 h on one core of a 2-core machine with AMX, ~4.5 h on one AVX2 core in float32 (torch threads
-# 1). The result is WORK_DIR/d32a/trained, read at 8 tokens of layer 3 (1/16) or 4 (1/32), exported
+#   d32r  a sixth fresh world (seed 6), the same memory, four more phrasings of every question
+#         (--more-forms), and the first world's memory-only and known entities' texts replayed
+#         (--replay-world 0: never its held-out articles), 1900 steps
+#   d32s  the same on a seventh fresh world (seed 7), 1900 steps
+# ~5.3 h to d32a on one core of a 2-core machine with AMX, ~4.5 h on one AVX2 core in float32 (torch
+# threads 1); d32r and d32s took 57 min each on two threads of an AVX512-BF16 machine.
+# The result is WORK_DIR/d32s/trained, read at 8 tokens of layer 3 (1/16) or 4 (1/32), exported
 # with its m3-memory.json at 8 of layer 3 as WORK_DIR/reader (examples/export_sparse_reader.py;
 # `--out examples/reader` makes it the embedded default, which is how the committed one was made).
 # Measure it with
-#   python benchmarks/density_frontier.py --kb world --known 1000 --point WORK_DIR/d32a/trained:8:3
+#   python benchmarks/density_frontier.py --kb world --known 1000 --point WORK_DIR/d32s/trained:8:3
 set -euo pipefail
 work=${1:?usage: bash examples/train_sparse_reader.sh WORK_DIR}
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -37,4 +42,8 @@ run d16z --start-from "$work/d16y/trained" --entities 8000 --world-seed 3 --top-
     --memory-layers 3 --steps 2700 --lr 1e-3
 run d32a --start-from "$work/d16z/trained" --entities 8000 --world-seed 4 --top-k 4 \
     --memory-layers 3 --steps 1900 --lr 1e-3
+run d32r --start-from "$work/d32a/trained" --entities 8000 --world-seed 6 --top-k 4 \
+    --memory-layers 3 --steps 1900 --lr 1e-3 --more-forms --replay-world 0
+run d32s --start-from "$work/d32r/trained" --entities 8000 --world-seed 7 --top-k 4 \
+    --memory-layers 3 --steps 1900 --lr 1e-3 --more-forms --replay-world 0
 python "$here/examples/export_sparse_reader.py" "$work" --out "$work/reader"

@@ -59,13 +59,35 @@ def train(model, token_lists: list[list[int]], spec: MemorySpec, seed: int, batc
         raise M3Error("no references to train VQ codebooks on; the corpus is empty")
     factory, group = vq.resolve(spec.quant, spec.head_dim)
     cb = vq.train_codecs(vq.collect_samples(mems), factory, seed, group, encoder=vq.ENCODERS.get(spec.quant, "faiss"))
-    scheme = vq.VQScheme(cb, spec.quant)
-    errs = []
-    for m in mems:
-        _, ek = scheme.quantize(m.keys, role="k")
-        _, ev = scheme.quantize(m.values, role="v")
-        errs.append(ek.merge(ev).rel)
-    return cb, float(np.mean(errs))
+    return cb, float(np.mean(_sample_errors(vq.VQScheme(cb, spec.quant), mems)))
+
+
+def _sample_errors(scheme: "vq.VQScheme", mems) -> list[float]:
+    """Each memory's relative quantization error (keys and values together), in `mems`' order.
+
+    Where a call's codes are each vector's own (`batch_encode`), memories of one shape are
+    quantized in one call per codec (`quantize_batch`: the same codes and float64 error sums as one
+    reference at a time, tests/test_vq.py); otherwise one memory at a time."""
+    import torch  # here, not at the top: reading codebooks (m3 inspect) needs no torch
+
+    errs: list[float] = [0.0] * len(mems)
+    if not scheme.batch_encode:
+        for i, m in enumerate(mems):
+            _, ek = scheme.quantize(m.keys, role="k")
+            _, ev = scheme.quantize(m.values, role="v")
+            errs[i] = ek.merge(ev).rel
+        return errs
+    by_shape: dict[tuple, list[int]] = {}
+    for i, m in enumerate(mems):
+        by_shape.setdefault(tuple(m.keys.shape), []).append(i)
+    for idx in by_shape.values():
+        for s in range(0, len(idx), 256):  # bounded stacks: (256, L, H, K, D) at a time
+            part = idx[s:s + 256]
+            _, ek = scheme.quantize_batch(torch.stack([mems[i].keys for i in part]), role="k")
+            _, ev = scheme.quantize_batch(torch.stack([mems[i].values for i in part]), role="v")
+            for i, k, v in zip(part, ek, ev, strict=True):
+                errs[i] = k.merge(v).rel
+    return errs
 
 
 def write(kb_dir: Path, cb: "vq.Codebooks") -> dict:

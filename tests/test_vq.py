@@ -184,6 +184,28 @@ def test_a_batch_encodes_to_the_frames_of_its_references_alone(factory, group, b
         assert q.parts[0].shape == (6, L, H, K, scheme.codebooks.code_size) and len(errs) == 6
 
 
+@pytest.mark.parametrize("factory, encoder", [("PQ16x8", "grid"), ("PQ8x4", "faiss"), ("RQ4x4", "faiss")])
+def test_the_training_samples_error_is_each_references_own(factory, encoder):
+    """codebooks.train's baseline error (the drift reports' reference) quantizes its sample in
+    batches where the codec allows: each memory's error equals quantizing it alone, memories of
+    other shapes (a short reference keeps fewer tokens) included, in the sample's order."""
+    from types import SimpleNamespace
+
+    from m3compile.codebooks import _sample_errors
+
+    scheme = VQScheme(train_codecs(_samples(n=1200), factory, seed=2, max_train=1200, encoder=encoder))
+    g = torch.Generator().manual_seed(4)
+    mems = [SimpleNamespace(keys=torch.randn(L, H, k, D, generator=g), values=torch.randn(L, H, k, D, generator=g))
+            for k in (K, K, 5, K, 5, K)]
+    alone = []
+    for m in mems:
+        _, ek = scheme.quantize(m.keys, role="k")
+        _, ev = scheme.quantize(m.values, role="v")
+        alone.append(ek.merge(ev).rel)
+    assert _sample_errors(scheme, mems) == alone
+    assert len(set(alone)) == len(alone)  # distinct memories: an order mix-up would show
+
+
 def test_the_grid_encoder_gives_faiss_codes_but_near_borders():
     """vq-grid (the default) encodes each 2-dim subvector by its cell's code: FAISS's exact codes
     for most subvectors, and where not, a centroid at most a cell's diagonal farther."""
