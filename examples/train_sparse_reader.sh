@@ -8,10 +8,10 @@
 #   d16y  another fresh 8000-article world (seed 2), top-8 in layer 3 alone (1/16), 1500 steps
 #   d16z  a third fresh world (seed 3), top-8 in layer 3, 2700 steps (no gain at 1/16 by itself)
 #   d32a  a fourth fresh world (seed 4), top-4 in layer 3 alone (1/32), 1900 steps
-#   d32r  a sixth fresh world (seed 6), the same memory, four more phrasings of every question
+#   d32r  a fresh world (seed 6; seed 5 was a step left out), the same memory, four more phrasings of every question
 #         (--more-forms), and the first world's memory-only and known entities' texts replayed
 #         (--replay-world 0: never its held-out articles), 1900 steps
-#   d32s  the same on a seventh fresh world (seed 7), 1900 steps
+#   d32s  the same on another fresh world (seed 7), 1900 steps
 # ~5.3 h to d32a on one core of a 2-core machine with AMX, ~4.5 h on one AVX2 core in float32 (torch
 # threads 1); d32r and d32s took 57 min each on two threads of an AVX512-BF16 machine.
 # The result is WORK_DIR/d32s/trained, read at 8 tokens of layer 3 (1/16) or 4 (1/32), exported
