@@ -321,6 +321,10 @@ def main(argv=None):
                     help="keep a resume state in WORK/trained every 200 steps and continue from it after a kill "
                          "(the same settings only; the world, the warm model and its evaluation are rebuilt first)")
     ap.add_argument("--smoke", action="store_true", help="tiny world and runs, < 60 s")
+    ap.add_argument("--eval-only", action="store_true",
+                    help="measure the warm (or --start-from) model on this world's held-out entities and stop: "
+                         "no training (with --start-from and a --world-seed no step trained on: a reader on a "
+                         "fresh world, ~40 s)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the figures above: 1; the same seed on "
                     "another thread count gives other weights)")
@@ -359,6 +363,11 @@ def main(argv=None):
     print(json.dumps({"selection": res["selection"]}), flush=True)
     res["warm"] = {"held_out": Evaluator(kb0, warm, work).table(held)}
     print(json.dumps({"warm": res["warm"]}), flush=True)
+    if a.eval_only:
+        res["wall_seconds"] = round(time.perf_counter() - t0, 1)
+        if a.json:
+            a.json.write_text(json.dumps(res, indent=2) + "\n")
+        return res
 
     def show(e):
         if e["event"] == "step" and (e["step"] % 50 == 0 or e["step"] == e["steps"]):

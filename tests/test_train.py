@@ -233,6 +233,14 @@ def test_benchmark_smoke(tmp_path):
     sparse = res["trained"]["held_out"]["sparse"]
     assert diag["refs/chunk 5"] == {k: sparse[k]["fact_acc"] for k in ("question", "restatement")}
     assert set(diag) == {"refs/chunk 1", "refs/chunk 2", "refs/chunk 5", "own refs", "titled", "sequential"}
+    # --eval-only: the same world's warm evaluation of a given model, and no training
+    proc = subprocess.run([sys.executable, str(bench.parent / "train_memory.py"), "--smoke", "--eval-only",
+                           "--work", str(tmp_path / "e"), "--start-from", str(tmp_path / "trained"),
+                           "--json", str(tmp_path / "e.json")], capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ev = json.loads((tmp_path / "e.json").read_text())
+    assert "trained" not in ev and not (tmp_path / "e" / "trained").exists()
+    assert ev["warm"]["held_out"]["sparse"] == res["trained"]["held_out"]["sparse"]  # that model, that world
 
 
 
