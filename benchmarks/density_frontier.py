@@ -28,10 +28,14 @@ for the embedded default, or `half` for the 1/2 reader, examples/reader-half/mod
 `@WIDTH` after them for references of WIDTH tokens instead of the model's (reader:8:3@64). Without
 --point: the 1/2 reader zero-shot at top-16, 8, 4, 2 and 1 of its 32-token references in all
 layers (1/2 ... 1/32). `--dtype bfloat16` compiles the memories in bfloat16 (the model still reads
-in float32): does the reader read memories of a bf16 compile as well?
+in float32): does the reader read memories of a bf16 compile as well? `--world-seed SEED` measures
+on another world's held-out entities (split as train_memory.py splits, --world-entities of them,
+--kb world: all its articles): a seed no recipe step trained on is new to every reader, including
+the steps that replay the first world (d32r, d32s).
 
     python benchmarks/density_frontier.py --json frontier.json --plot examples/density_frontier.png
     python benchmarks/density_frontier.py --point half:16:0-3 reader:8:3 reader:4:3 --known 1000
+    python benchmarks/density_frontier.py --kb world --world-seed 9 --point reader:8:3 reader:4:3
 """
 
 import argparse
@@ -170,6 +174,19 @@ def whole_world(tmp: Path) -> Path:
     return out
 
 
+def other_world(tmp: Path, entities: int, seed: int) -> tuple[Path, Path, Path]:
+    """Another world, split as benchmarks/train_memory.py splits its worlds: (its held-out entities'
+    facts, a folder of their articles alone, a folder of every article). With a seed no recipe step
+    trained on (examples/train_sparse_reader.sh: 0-4, 6, 7) it is new to every reader, replay and all."""
+    world = make_corpus.generate(entities, seed)
+    H, _, _ = make_corpus.split_world([e.id for e in world.entities], 0.02, 0.92, seed)
+    out = tmp / f"world-{seed}"
+    make_corpus.write_facts(world, out / "facts", ids=H)
+    make_corpus.write_corpus(world, out / "held" / "corpus", ids=H)
+    make_corpus.write_corpus(world, out / "whole" / "corpus")
+    return out / "facts", out / "held", out / "whole"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--point", nargs="+",
@@ -179,22 +196,34 @@ def main() -> int:
     ap.add_argument("--kb", choices=("held-out", "world"), default="held-out",
                     help="the kb's articles: the 40 held-out ones (examples/reader/corpus) or all 2000 of the "
                          "world, as benchmarks/train_memory.py evaluates (same held-out records either way)")
+    ap.add_argument("--world-seed", type=int, default=None, metavar="SEED",
+                    help="measure on another world's held-out entities instead of the readers' first world's: "
+                         "--kb world compiles all its articles, --kb held-out theirs alone (a seed of 8 or more: "
+                         "a world no recipe step trained on)")
+    ap.add_argument("--world-entities", type=int, default=8000, help="entities of the --world-seed world")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="float32", help="the compile's dtype (the memories' forward); reading is float32")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot", type=Path)
     a = ap.parse_args()
+    if a.world_seed is not None and a.known:
+        ap.error("--known asks about the readers' first world (the facts they were trained on); "
+                 "leave it out with --world-seed")
     torch.set_num_threads(a.threads)
-    recs = load_records(READER / "facts")
-    recs = eval_records(recs, {r["entity"] for r in recs}, a.limit)
     rows = []
     with tempfile.TemporaryDirectory(prefix="m3frontier-") as tmp:
+        if a.world_seed is None:
+            facts, corpus = READER / "facts", READER if a.kb == "held-out" else whole_world(Path(tmp))
+        else:
+            facts, held, whole = other_world(Path(tmp), a.world_entities, a.world_seed)
+            corpus = held if a.kb == "held-out" else whole
+        recs = load_records(facts)
+        recs = eval_records(recs, {r["entity"] for r in recs}, a.limit)
         known = known_world(Path(tmp), a.known) if a.known else None
-        corpus = READER if a.kb == "held-out" else whole_world(Path(tmp))
         for s in a.point:
             p = parse_point(s)
             row = measure(p, corpus, recs, Path(tmp), ("none", "sparse", "rag", "other"), a.dtype)
-            row["kb"] = a.kb
+            row["kb"] = a.kb if a.world_seed is None else f"{a.kb}, world {a.world_seed} ({a.world_entities} entities)"
             if known:
                 # facts the model answers right without memory, asked again with their article's memories
                 kev = measure(p, known[0], known[1], Path(tmp) / "k", (), a.dtype)

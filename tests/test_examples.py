@@ -440,3 +440,25 @@ def test_reader_ask_script_answers_from_memory(tmp_path):
     lines = dict(line.split(":", 1) for line in proc.stdout.splitlines() if line.startswith("with"))
     assert lines["with memory"].strip().startswith(q["text"]), (lines, q["text"])
     assert not lines["without memory"].strip().startswith(q["text"]), lines
+
+
+def test_another_world_for_the_frontier_is_split_as_training_splits_it(tmp_path):
+    # benchmarks/density_frontier.py --world-seed: the held-out entities of another world, split
+    # as benchmarks/train_memory.py splits its worlds (so a seed no step trained on is new to every
+    # reader), their facts, a corpus of their articles alone and one of every article
+    import argparse
+
+    bench = EXAMPLES.parent / "benchmarks"
+    if str(bench) not in sys.path:
+        sys.path.insert(0, str(bench))
+    df, tm = importlib.import_module("density_frontier"), importlib.import_module("train_memory")
+    facts, held, whole = df.other_world(tmp_path, 120, 9)
+    ap = argparse.ArgumentParser()
+    tm.add_world_args(ap)
+    w = tm.make_world(tmp_path / "tm", ap.parse_args(["--entities", "120", "--world-seed", "9"]))
+    H = set(w["H"])
+    assert H and {r["entity"] for r in _jsonl(facts / "questions.jsonl")} == H
+    assert {p.stem for p in (held / "corpus").glob("*.md")} == H
+    assert len(list((whole / "corpus").glob("*.md"))) == 120
+    recs = df.load_records(facts)
+    assert {r["kind"] for r in recs} == {"question", "restatement"}
