@@ -18,6 +18,7 @@ that exact rule, for comparison with the frontier tables.
 
     OMP_NUM_THREADS=1 python benchmarks/question_forms.py --kb world          # the embedded reader
     OMP_NUM_THREADS=1 python benchmarks/question_forms.py --kb world --model examples/reader-half/model
+    OMP_NUM_THREADS=1 python benchmarks/question_forms.py --kb world --world-seed 9   # a world no step trained on
 """
 
 import argparse
@@ -36,7 +37,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import make_corpus  # noqa: E402
 from corpus_templates import MORE_QUESTIONS, QUESTIONS  # noqa: E402
-from density_frontier import answer, first_sentence, readers_world, whole_world  # noqa: E402  (same directory)
+from density_frontier import answer, first_sentence, other_world, readers_world, whole_world  # noqa: E402  (same directory)
 from train_memory import Evaluator  # noqa: E402
 from m3compile.config import CompileConfig, default_model_dir  # noqa: E402
 from m3compile.pipeline import compile_kb  # noqa: E402
@@ -125,26 +126,37 @@ def main() -> int:
                     help="a memory-trained checkpoint (default: the embedded reader), read at its m3-memory.json")
     ap.add_argument("--kb", choices=("held-out", "world"), default="world",
                     help="the 40 held-out articles, or all 2000 articles of the readers' world (default)")
+    ap.add_argument("--world-seed", type=int, default=None, metavar="SEED",
+                    help="ask another world's held-out entities instead (as density_frontier.py --world-seed: a "
+                         "seed of 8 or more is a world no recipe step trained on)")
+    ap.add_argument("--world-entities", type=int, default=8000, help="entities of the --world-seed world")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    entities = held_out_entities()
-    ids = {e.id for e in entities}
-    template = [json.loads(line) for line in (READER / "facts" / "questions.jsonl").read_text().splitlines()]
-    assert {r["entity"] for r in template} == ids, "examples/reader/facts is not the held-out part of the world"
-    novel = novel_records(entities)
     taught = taught_forms()
     assert not any(NOVEL[t][k].split("?")[0] in taught for t in NOVEL for k in NOVEL[t]), "a novel form is taught"
     with tempfile.TemporaryDirectory(prefix="m3forms-") as tmp:
-        corpus = whole_world(Path(tmp)) if a.kb == "world" else READER
+        if a.world_seed is None:
+            entities, facts = held_out_entities(), READER / "facts"
+            corpus = whole_world(Path(tmp)) if a.kb == "world" else READER
+        else:
+            facts, held, whole = other_world(Path(tmp), a.world_entities, a.world_seed)
+            world = make_corpus.generate(a.world_entities, a.world_seed)
+            H, _, _ = make_corpus.split_world([e.id for e in world.entities], 0.02, 0.92, a.world_seed)
+            entities = [e for e in world.entities if e.id in H]
+            corpus = whole if a.kb == "world" else held
+        template = [json.loads(line) for line in (facts / "questions.jsonl").read_text().splitlines()]
+        assert {r["entity"] for r in template} == {e.id for e in entities}, f"{facts} is not the held-out part of the world"
+        novel = novel_records(entities)
         t0 = time.perf_counter()
         compile_kb(CompileConfig(corpus=str(corpus / "corpus"), model=str(a.model)), Path(tmp) / "kb")
         ev = Evaluator(Path(tmp) / "kb", a.model, corpus)
         rows = {f"{name}, {'memory' if mem else 'none'}": score(ev, recs, mem)
                 for name, recs in (("template", template), ("novel", novel)) for mem in (True, False)}
         seconds = round(time.perf_counter() - t0, 1)
-    print(f"{a.model} on the {a.kb} kb ({seconds} s); right = the answer's first sentence holds the value")
+    where = a.kb if a.world_seed is None else f"{a.kb} (world {a.world_seed}, {a.world_entities} entities)"
+    print(f"{a.model} on the {where} kb ({seconds} s); right = the answer's first sentence holds the value")
     print("| forms | memory | questions | right (value) | right (exact sentence) | weakest kinds |")
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():
@@ -152,7 +164,7 @@ def main() -> int:
         forms, mem = name.split(", ")
         print(f"| {forms} | {mem} | {r['questions']} | {100 * r['value']:.1f} % | {100 * r['exact']:.1f} % | {weakest} |")
     if a.json:
-        a.json.write_text(json.dumps({"model": str(a.model), "kb": a.kb, "rows": rows}, indent=2) + "\n")
+        a.json.write_text(json.dumps({"model": str(a.model), "kb": a.kb, "world_seed": a.world_seed, "rows": rows}, indent=2) + "\n")
     return 0
 
 
