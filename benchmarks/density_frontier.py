@@ -149,11 +149,15 @@ def measure(point: dict, corpus_dir: Path, recs: list[dict], tmp: Path, modes, d
     return row
 
 
+def drawn_world(entities: int, seed: int):
+    """A world and its split (H, A, W), as benchmarks/train_memory.py draws them with its defaults."""
+    world = make_corpus.generate(entities, seed)
+    return world, make_corpus.split_world([e.id for e in world.entities], 0.02, 0.92, seed)
+
+
 def readers_world():
-    """The readers' 2000-entity world (seed 0) and its split (H, A, W), as benchmarks/train_memory.py
-    draws them with its defaults: H is examples/reader/corpus."""
-    world = make_corpus.generate(2000, 0)
-    return world, make_corpus.split_world([e.id for e in world.entities], 0.02, 0.92, 0)
+    """The readers' 2000-entity world (seed 0) and its split (H, A, W): H is examples/reader/corpus."""
+    return drawn_world(2000, 0)
 
 
 def known_world(tmp: Path, limit: int) -> tuple[Path, list[dict]]:
@@ -174,17 +178,16 @@ def whole_world(tmp: Path) -> Path:
     return out
 
 
-def other_world(tmp: Path, entities: int, seed: int) -> tuple[Path, Path, Path]:
-    """Another world, split as benchmarks/train_memory.py splits its worlds: (its held-out entities'
-    facts, a folder of their articles alone, a folder of every article). With a seed no recipe step
-    trained on (examples/train_sparse_reader.sh: 0-4, 6, 7) it is new to every reader, replay and all."""
-    world = make_corpus.generate(entities, seed)
-    H, _, _ = make_corpus.split_world([e.id for e in world.entities], 0.02, 0.92, seed)
+def other_world(tmp: Path, entities: int, seed: int) -> tuple[list, Path, Path, Path]:
+    """Another world, split as benchmarks/train_memory.py splits its worlds: (its held-out entities,
+    their facts, a folder of their articles alone, a folder of every article). With a seed no recipe
+    step trained on (examples/train_sparse_reader.sh: 0-4, 6, 7) it is new to every reader, replay and all."""
+    world, (H, _, _) = drawn_world(entities, seed)
     out = tmp / f"world-{seed}"
     make_corpus.write_facts(world, out / "facts", ids=H)
     make_corpus.write_corpus(world, out / "held" / "corpus", ids=H)
     make_corpus.write_corpus(world, out / "whole" / "corpus")
-    return out / "facts", out / "held", out / "whole"
+    return [e for e in world.entities if e.id in H], out / "facts", out / "held", out / "whole"
 
 
 def main() -> int:
@@ -215,7 +218,7 @@ def main() -> int:
         if a.world_seed is None:
             facts, corpus = READER / "facts", READER if a.kb == "held-out" else whole_world(Path(tmp))
         else:
-            facts, held, whole = other_world(Path(tmp), a.world_entities, a.world_seed)
+            _, facts, held, whole = other_world(Path(tmp), a.world_entities, a.world_seed)
             corpus = held if a.kb == "held-out" else whole
         recs = load_records(facts)
         recs = eval_records(recs, {r["entity"] for r in recs}, a.limit)

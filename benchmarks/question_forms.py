@@ -141,10 +141,7 @@ def main() -> int:
             entities, facts = held_out_entities(), READER / "facts"
             corpus = whole_world(Path(tmp)) if a.kb == "world" else READER
         else:
-            facts, held, whole = other_world(Path(tmp), a.world_entities, a.world_seed)
-            world = make_corpus.generate(a.world_entities, a.world_seed)
-            H, _, _ = make_corpus.split_world([e.id for e in world.entities], 0.02, 0.92, a.world_seed)
-            entities = [e for e in world.entities if e.id in H]
+            entities, facts, held, whole = other_world(Path(tmp), a.world_entities, a.world_seed)
             corpus = whole if a.kb == "world" else held
         template = [json.loads(line) for line in (facts / "questions.jsonl").read_text().splitlines()]
         assert {r["entity"] for r in template} == {e.id for e in entities}, f"{facts} is not the held-out part of the world"

@@ -452,12 +452,13 @@ def test_another_world_for_the_frontier_is_split_as_training_splits_it(tmp_path)
     if str(bench) not in sys.path:
         sys.path.insert(0, str(bench))
     df, tm = importlib.import_module("density_frontier"), importlib.import_module("train_memory")
-    facts, held, whole = df.other_world(tmp_path, 120, 9)
+    entities, facts, held, whole = df.other_world(tmp_path, 120, 9)
     ap = argparse.ArgumentParser()
     tm.add_world_args(ap)
     w = tm.make_world(tmp_path / "tm", ap.parse_args(["--entities", "120", "--world-seed", "9"]))
     H = set(w["H"])
     assert H and {r["entity"] for r in _jsonl(facts / "questions.jsonl")} == H
+    assert {e.id for e in entities} == H
     assert {p.stem for p in (held / "corpus").glob("*.md")} == H
     assert len(list((whole / "corpus").glob("*.md"))) == 120
     recs = df.load_records(facts)
