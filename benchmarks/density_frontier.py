@@ -202,7 +202,7 @@ def main() -> int:
     ap.add_argument("--world-seed", type=int, default=None, metavar="SEED",
                     help="measure on another world's held-out entities instead of the readers' first world's: "
                          "--kb world compiles all its articles, --kb held-out theirs alone (a seed of 8 or more: "
-                         "a world no recipe step trained on)")
+                         "a world no recipe step trained on; d32t, outside the recipe, trained on 8)")
     ap.add_argument("--world-entities", type=int, default=8000, help="entities of the --world-seed world")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="float32", help="the compile's dtype (the memories' forward); reading is float32")

@@ -109,7 +109,7 @@ def main() -> int:
                              code_bits=8 * (s["payload"] + s["books"]) / s["elems"],
                              book_bits=8 * s["books"] / s["elems"], err=err, secs=secs))
             print(rows[-1], flush=True)
-    print(f"\n| quant | scheme | bits/elt kb | bits/elt code | of which codebooks | attn err | compile s |")
+    print("\n| quant | scheme | bits/elt kb | bits/elt code | of which codebooks | attn err | compile s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['quant']} | `{r['scheme']}` | {r['kb_bits']:.3f} | {r['code_bits']:.3f} | {r['book_bits']:.3f} "

@@ -7,7 +7,10 @@ this benchmark asks instead in forms written for it (NOVEL below), which appear 
 of any step, about the same facts of the same held-out entities, and compares:
 
   template  the questions of examples/reader/facts (two templates per fact kind);
-  novel     one new phrasing per fact kind, same facts, same entities.
+  novel     one new phrasing per fact kind, same facts, same entities;
+  blind     three phrasings per fact kind written by someone who saw none of this project's
+            phrasings (blind_forms.json), less any that a training phrasing repeats (the composed
+            forms of train_memory.py --composed-forms came after NOVEL, not after these).
 
 Both are answered greedily as `m3 generate --kb` answers (density_frontier.answer: the question as
 the prompt, the kb's retrieval, 16 new tokens), with the kb's memories and without. A question is
@@ -36,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(ROOT / "examples"))
 
 import make_corpus  # noqa: E402
-from corpus_templates import MORE_QUESTIONS, QUESTIONS  # noqa: E402
+from corpus_templates import COMPOSED, MORE_QUESTIONS, QUESTIONS  # noqa: E402
 from density_frontier import answer, first_sentence, other_world, readers_world, whole_world  # noqa: E402  (same directory)
 from train_memory import Evaluator  # noqa: E402
 from m3compile.config import CompileConfig, default_model_dir  # noqa: E402
@@ -79,11 +82,33 @@ NOVEL = {
 }
 
 
+# Forms written for this benchmark by someone who had seen none of the project's templates, the
+# training-only phrasings included (corpus_templates.py MORE_QUESTIONS and COMPOSED), nor NOVEL:
+# three per fact kind. NOVEL was known when COMPOSED was written, so this is the blind check; a blind
+# form that a taught phrasing repeats word for word (27 of 69 with COMPOSED) is left out of it.
+BLIND = json.loads((Path(__file__).parent / "blind_forms.json").read_text(encoding="utf-8"))
+
+
 def taught_forms() -> set[str]:
-    """The question part of every phrasing any training text may hold: the templates and the
-    training-only MORE_QUESTIONS (benchmarks/train_memory.py --more-forms)."""
-    return {t.split("?")[0] for table in (QUESTIONS, MORE_QUESTIONS) for forms in table.values()
-            for ts in forms.values() for t in ts}
+    """The question part of every phrasing any training text may hold: the templates, the
+    training-only MORE_QUESTIONS (benchmarks/train_memory.py --more-forms) and every composed
+    phrasing (--composed-forms)."""
+    taught = {t.split("?")[0] for table in (QUESTIONS, MORE_QUESTIONS) for forms in table.values()
+              for ts in forms.values() for t in ts}
+    taught |= {t.split("?")[0] for type_, kinds in COMPOSED.items() for key in kinds
+               for t in make_corpus.composed_forms(type_, key)}
+    return taught
+
+
+def blind_forms(taught: set[str]) -> tuple[dict, int]:
+    """BLIND less any form that is also taught (none was when this was written): (forms, left out)."""
+    kept, dropped = {}, 0
+    for type_, kinds in BLIND.items():
+        for key, forms in kinds.items():
+            ok = [f for f in forms if f.split("?")[0] not in taught]
+            dropped += len(forms) - len(ok)
+            kept.setdefault(type_, {})[key] = ok
+    return kept, dropped
 
 
 def held_out_entities() -> list:
@@ -92,16 +117,21 @@ def held_out_entities() -> list:
     return [e for e in world.entities if e.id in H]
 
 
-def novel_records(entities) -> list[dict]:
+def novel_records(entities, forms=None, tag: str = "novel") -> list[dict]:
+    """A record per entity, fact and form of forms (default NOVEL: one form per kind; BLIND: several)."""
+    forms = {t: {k: [f] for k, f in kinds.items()} for t, kinds in NOVEL.items()} if forms is None else forms
     out = []
     for e in entities:
         facts, ctx = e.fact_dict, dict(e.ctx)
         for key in sorted(facts):
-            text, spans = make_corpus.render(NOVEL[e.type][key], ctx, facts)
-            q_end = text.index("? ") + 1
-            out.append({"id": f"{e.id}.novel.{key}", "entity": e.id, "kind": "question",
-                        "template": f"{e.type}.{key}.novel", "text": text, "question_end": q_end,
-                        "facts": [s for s in spans if s["key"] == key and s["start"] > q_end]})
+            for j, form in enumerate(forms[e.type][key]):
+                text, spans = make_corpus.render(form, ctx, facts)
+                q_end = text.index("? ") + 1
+                answer = [s for s in spans if s["key"] == key and s["start"] > q_end]
+                assert len(answer) == 1, f"{tag} form {j} of {e.type}.{key} does not hold its answer once"
+                out.append({"id": f"{e.id}.{tag}.{key}.{j}", "entity": e.id, "kind": "question",
+                            "template": f"{e.type}.{key}.{tag}{j}", "text": text, "question_end": q_end,
+                            "facts": answer})
     return out
 
 
@@ -128,7 +158,7 @@ def main() -> int:
                     help="the 40 held-out articles, or all 2000 articles of the readers' world (default)")
     ap.add_argument("--world-seed", type=int, default=None, metavar="SEED",
                     help="ask another world's held-out entities instead (as density_frontier.py --world-seed: a "
-                         "seed of 8 or more is a world no recipe step trained on)")
+                         "seed of 8 or more is a world no recipe step trained on; 9 or more for d32t)")
     ap.add_argument("--world-entities", type=int, default=8000, help="entities of the --world-seed world")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path)
@@ -136,6 +166,9 @@ def main() -> int:
     torch.set_num_threads(a.threads)
     taught = taught_forms()
     assert not any(NOVEL[t][k].split("?")[0] in taught for t in NOVEL for k in NOVEL[t]), "a novel form is taught"
+    blind, dropped = blind_forms(taught)
+    if dropped:
+        print(f"{dropped} blind forms left out: a training phrasing is the same question", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="m3forms-") as tmp:
         if a.world_seed is None:
             entities, facts = held_out_entities(), READER / "facts"
@@ -146,11 +179,13 @@ def main() -> int:
         template = [json.loads(line) for line in (facts / "questions.jsonl").read_text().splitlines()]
         assert {r["entity"] for r in template} == {e.id for e in entities}, f"{facts} is not the held-out part of the world"
         novel = novel_records(entities)
+        blind_recs = novel_records(entities, blind, "blind")
         t0 = time.perf_counter()
         compile_kb(CompileConfig(corpus=str(corpus / "corpus"), model=str(a.model)), Path(tmp) / "kb")
         ev = Evaluator(Path(tmp) / "kb", a.model, corpus)
         rows = {f"{name}, {'memory' if mem else 'none'}": score(ev, recs, mem)
-                for name, recs in (("template", template), ("novel", novel)) for mem in (True, False)}
+                for name, recs in (("template", template), ("novel", novel), ("blind", blind_recs))
+                for mem in (True, False)}
         seconds = round(time.perf_counter() - t0, 1)
     where = a.kb if a.world_seed is None else f"{a.kb} (world {a.world_seed}, {a.world_entities} entities)"
     print(f"{a.model} on the {where} kb ({seconds} s); right = the answer's first sentence holds the value")

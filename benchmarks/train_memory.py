@@ -100,6 +100,9 @@ def make_world(work: Path, a) -> dict:
         mine = by_entity.get(e, [])
         if a.more_forms:  # training-only phrasings of A's and W's questions; never evaluated (w["records"])
             mine = mine + make_corpus.questions(entities[e], MORE_QUESTIONS, tag="x")
+        if a.composed_forms:  # training-only composed phrasings, drawn per entity (never evaluated either)
+            mine = mine + make_corpus.composed_questions(entities[e], a.composed_forms,
+                                                         random.Random(f"{a.world_seed}/composed/{e}"))
         qs = [r for r in mine if r["kind"] == "question"]
         rng.shuffle(qs)
         # --pack-questions of one entity's questions make one text: one 64-token chunk with
@@ -274,6 +277,10 @@ def add_world_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--held-out", type=float, default=0.02)
     ap.add_argument("--memory-only", type=float, default=0.92)
     ap.add_argument("--rag-share", type=float, default=0.25, help="training texts also given with their article in context")
+    ap.add_argument("--composed-forms", type=int, default=0, metavar="K",
+                    help="also train on K composed phrasings of every question of the trained entities, drawn "
+                         "from examples/corpus_templates.py COMPOSED (hundreds per fact kind; half asked by a noun, "
+                         "half by a verb phrase); never evaluated")
     ap.add_argument("--more-forms", action="store_true",
                     help="also train on examples/corpus_templates.py's MORE_QUESTIONS: four more phrasings of every "
                          "question kind (issue 13: forms held out of training)")

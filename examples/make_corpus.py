@@ -29,8 +29,8 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from corpus_templates import (ARTICLE, BEASTS, CODAS, COLOURS, EXPORTS, GIVEN, OCCUPATIONS, ONSETS, ORG_KINDS,
-                              ORG_WORDS, QUESTIONS, REGION_SUFFIXES, RESTATE, SURNAME_SUFFIXES, TOWN_SUFFIXES,
+from corpus_templates import (ARTICLE, BEASTS, CODAS, COLOURS, COMPOSED, EXPORTS, GIVEN, LEAD_INS, NOUN_FRAMES,
+                              OCCUPATIONS, ONSETS, ORG_KINDS, ORG_WORDS, QUESTIONS, REGION_SUFFIXES, RESTATE, SURNAME_SUFFIXES, TOWN_SUFFIXES,
                               VOWELS, WEEKDAYS, WORK_ADJ, WORK_NOUN)
 
 FORMAT = "m3-example-facts"
@@ -334,6 +334,37 @@ def questions(entity: Entity, forms: dict | None = None, tag: str = "") -> list[
                             "template": f"{entity.type}.{key}.{tag or 'q'}{j}", "text": text, "question_end": q_end,
                             "facts": answer})
     return records
+
+
+def composed_forms(type_: str, key: str, part: str | None = None) -> list[str]:
+    """Every composed phrasing of one fact kind (corpus_templates.COMPOSED) as question templates
+    like QUESTIONS's, in a fixed order: lead-in x (noun frame x noun, or verb phrase) x answer.
+    part: "nouns" or "verbs" for those asked by a noun or by a verb phrase alone (default both)."""
+    spec = COMPOSED[type_][key]
+    subject = "the {n}" if type_ == "org" else "{n}"
+    asks = []
+    if part in (None, "nouns"):
+        asks += [f.replace("{rel}", noun) for noun in spec["nouns"] for f in NOUN_FRAMES]
+    if part in (None, "verbs"):
+        asks += [v + "?" for v in spec["verbs"]]
+    out = []
+    for lead in LEAD_INS:
+        for ask in asks:
+            ask = ask.replace("{s}", subject)
+            q = lead + (ask[0].lower() + ask[1:] if lead else ask)
+            out += [f"{q} {answer}" for answer in spec["answers"]]
+    return out
+
+
+def composed_questions(entity: Entity, per_fact: int, rng: random.Random) -> list[dict]:
+    """per_fact composed phrasings of each of the entity's facts, drawn with rng, half of them asked
+    by a noun and half by a verb phrase (there are ~8x more of the former). Training only
+    (benchmarks/train_memory.py --composed-forms); ids NAME.q.KEY.cJ."""
+    forms = {}
+    for key in sorted(entity.fact_dict):
+        nouns, verbs = composed_forms(entity.type, key, "nouns"), composed_forms(entity.type, key, "verbs")
+        forms[key] = rng.sample(nouns, (per_fact + 1) // 2) + rng.sample(verbs, per_fact // 2)
+    return questions(entity, {entity.type: forms}, tag="c")
 
 
 def _jsonl(records) -> str:

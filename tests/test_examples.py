@@ -388,6 +388,59 @@ def test_more_question_forms_are_trained_on_and_never_asked(tmp_path):
     assert len(texts[True]) > len(texts[False])
 
 
+def test_composed_question_forms_cover_every_kind_and_reach_training_alone(tmp_path):
+    # benchmarks/train_memory.py --composed-forms K: K phrasings of every question of the trained
+    # entities, drawn from hundreds per kind (corpus_templates.COMPOSED), half asked by a noun and
+    # half by a verb phrase; deterministic; never in the held-out entities' texts, never evaluated;
+    # no NOVEL form of the question-forms benchmark is among them, and its blind forms leave out any that is
+    import argparse
+
+    bench = EXAMPLES.parent / "benchmarks"
+    if str(bench) not in sys.path:
+        sys.path.insert(0, str(bench))
+    tm, qf = importlib.import_module("train_memory"), importlib.import_module("question_forms")
+    templates, mc = _example_module("corpus_templates"), _example_module("make_corpus")
+    assert {t: set(k) for t, k in templates.COMPOSED.items()} == {t: set(k) for t, k in templates.QUESTIONS.items()}
+    world = mc.generate(60, 0)
+    for type_, kinds in templates.COMPOSED.items():
+        entity = next(e for e in world.entities if e.type == type_)
+        for key in kinds:
+            forms = mc.composed_forms(type_, key)
+            assert len(forms) == len(set(forms)) >= 100, (type_, key)
+            assert set(mc.composed_forms(type_, key, "nouns")) | set(mc.composed_forms(type_, key, "verbs")) == set(forms)
+            for form in forms:  # every form renders with the asked fact once, after the question
+                text, spans = mc.render(form, dict(entity.ctx), entity.fact_dict)
+                q_end = text.index("? ") + 1
+                assert "{" not in text and text.count("?") == 1, form
+                assert [s["key"] for s in spans if s["start"] > q_end] == [key], form
+    taught = qf.taught_forms()
+    assert not {f.split("?")[0] for forms in qf.NOVEL.values() for f in forms.values()} & taught
+    blind, dropped = qf.blind_forms(taught)  # a blind form that a composed one repeats is not held out
+    assert {t: set(k) for t, k in blind.items()} == {t: set(k) for t, k in templates.QUESTIONS.items()}
+    assert all(forms for kinds in blind.values() for forms in kinds.values())
+    assert not {f.split("?")[0] for kinds in blind.values() for fs in kinds.values() for f in fs} & taught
+    assert sum(len(fs) for kinds in blind.values() for fs in kinds.values()) + dropped == \
+        sum(len(fs) for kinds in qf.BLIND.values() for fs in kinds.values())
+    assert len(qf.novel_records(qf.held_out_entities()[:3], blind, "blind")) >= 3 * 7  # 1+ form per fact
+    e = world.entities[0]
+    draw = lambda seed: [r["text"] for r in mc.composed_questions(e, 4, __import__("random").Random(seed))]
+    assert draw(1) == draw(1) != draw(2) and len(draw(1)) == 4 * len(e.fact_dict)
+
+    ap = argparse.ArgumentParser()
+    tm.add_world_args(ap)
+    a = ap.parse_args(["--entities", "60", "--held-out", "0.1", "--composed-forms", "2"])
+    w = tm.make_world(tmp_path / "w", a)
+    ids = [json.loads(line)["id"] for line in (tmp_path / "w" / "train_texts.jsonl").open()]
+    texts = (tmp_path / "w" / "train_texts.jsonl").read_text()
+    assert all(".c" not in r["id"] for r in w["records"])  # evaluation is unchanged
+    trained = [e for e in world.entities if e.id in w["A"]]
+    held = [e for e in world.entities if e.id in w["H"]]
+    assert held and trained and ids
+    asked = lambda e: [r["text"][:r["question_end"]] for r in mc.composed_questions(e, 2, __import__("random").Random(f"0/composed/{e.id}"))]
+    assert all(q in texts for e in trained for q in asked(e))
+    assert not any(q in texts for e in held for q in asked(e))
+
+
 # (corpus, every n-th question, least share right with memory): measured in examples/README.md
 ANSWER_CASES = {"held-out": (READER, 4, 0.35), "demo": (EXAMPLES, 2, 0.35)}
 
