@@ -101,7 +101,7 @@ def taught_forms() -> set[str]:
 
 
 def blind_forms(taught: set[str]) -> tuple[dict, int]:
-    """BLIND less any form that is also taught (none was when this was written): (forms, left out)."""
+    """BLIND less any form that a taught phrasing repeats (27 of 69 with COMPOSED): (forms, left out)."""
     kept, dropped = {}, 0
     for type_, kinds in BLIND.items():
         for key, forms in kinds.items():

@@ -23,6 +23,7 @@ Deterministic: one seeded `random.Random` drives everything; same arguments give
 """
 
 import argparse
+import functools
 import json
 import random
 import string
@@ -30,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from corpus_templates import (ARTICLE, BEASTS, CODAS, COLOURS, COMPOSED, EXPORTS, GIVEN, LEAD_INS, NOUN_FRAMES,
-                              OCCUPATIONS, ONSETS, ORG_KINDS, ORG_WORDS, QUESTIONS, REGION_SUFFIXES, RESTATE, SURNAME_SUFFIXES, TOWN_SUFFIXES,
-                              VOWELS, WEEKDAYS, WORK_ADJ, WORK_NOUN)
+                              OCCUPATIONS, ONSETS, ORG_KINDS, ORG_WORDS, QUESTIONS, REGION_SUFFIXES, RESTATE,
+                              SURNAME_SUFFIXES, TOWN_SUFFIXES, VOWELS, WEEKDAYS, WORK_ADJ, WORK_NOUN)
 
 FORMAT = "m3-example-facts"
 FORMAT_VERSION = 1
@@ -336,7 +337,8 @@ def questions(entity: Entity, forms: dict | None = None, tag: str = "") -> list[
     return records
 
 
-def composed_forms(type_: str, key: str, part: str | None = None) -> list[str]:
+@functools.cache  # drawn from once per entity and fact: make_world asks for the same ~500 forms ~10^5 times
+def composed_forms(type_: str, key: str, part: str | None = None) -> tuple[str, ...]:
     """Every composed phrasing of one fact kind (corpus_templates.COMPOSED) as question templates
     like QUESTIONS's, in a fixed order: lead-in x (noun frame x noun, or verb phrase) x answer.
     part: "nouns" or "verbs" for those asked by a noun or by a verb phrase alone (default both)."""
@@ -353,7 +355,7 @@ def composed_forms(type_: str, key: str, part: str | None = None) -> list[str]:
             ask = ask.replace("{s}", subject)
             q = lead + (ask[0].lower() + ask[1:] if lead else ask)
             out += [f"{q} {answer}" for answer in spec["answers"]]
-    return out
+    return tuple(out)
 
 
 def composed_questions(entity: Entity, per_fact: int, rng: random.Random) -> list[dict]:

@@ -9,6 +9,7 @@ import importlib
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -423,7 +424,7 @@ def test_composed_question_forms_cover_every_kind_and_reach_training_alone(tmp_p
         sum(len(fs) for kinds in qf.BLIND.values() for fs in kinds.values())
     assert len(qf.novel_records(qf.held_out_entities()[:3], blind, "blind")) >= 3 * 7  # 1+ form per fact
     e = world.entities[0]
-    draw = lambda seed: [r["text"] for r in mc.composed_questions(e, 4, __import__("random").Random(seed))]
+    draw = lambda seed: [r["text"] for r in mc.composed_questions(e, 4, random.Random(seed))]
     assert draw(1) == draw(1) != draw(2) and len(draw(1)) == 4 * len(e.fact_dict)
 
     ap = argparse.ArgumentParser()
@@ -436,7 +437,7 @@ def test_composed_question_forms_cover_every_kind_and_reach_training_alone(tmp_p
     trained = [e for e in world.entities if e.id in w["A"]]
     held = [e for e in world.entities if e.id in w["H"]]
     assert held and trained and ids
-    asked = lambda e: [r["text"][:r["question_end"]] for r in mc.composed_questions(e, 2, __import__("random").Random(f"0/composed/{e.id}"))]
+    asked = lambda e: [r["text"][:r["question_end"]] for r in mc.composed_questions(e, 2, random.Random(f"0/composed/{e.id}"))]
     assert all(q in texts for e in trained for q in asked(e))
     assert not any(q in texts for e in held for q in asked(e))
 
