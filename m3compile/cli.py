@@ -98,7 +98,7 @@ def compile(
     prefix: Annotated[Optional[str], typer.Option(help=f"write prefix after BOS (paper: <s>Reference:) {TRAINED.format(PAPER_DEFAULTS['prefix'])}")] = None,
     top_k: Annotated[Optional[int], typer.Option(help=f"tokens kept per memory layer and kv head {TRAINED.format(PAPER_DEFAULTS['top_k'])}")] = None,
     memory_layers: Annotated[Optional[str], typer.Option(help=f"e.g. 0-11 or 0,2,4 {TRAINED.format('first half')}")] = None,
-    quant: Annotated[str, typer.Option(help="none | int8 | int4 | vq (trained codebooks, 1 bit/element) | vq-paper | vq-<preset> | vq:<faiss factory>")] = DEFAULTS["quant"],
+    quant: Annotated[str, typer.Option(help="none | int8 | int4 | vq (trained codebooks: vq-grid, 4 bits/element) | vq-paper (1.4 at head dim 80) | vq-<preset> | vq:<faiss factory>")] = DEFAULTS["quant"],
     codebook_sample: Annotated[int, typer.Option(help="vq: references whose memories train the codebooks")] = DEFAULTS["codebook_sample"],
     codebook_seed: Annotated[int, typer.Option(help="vq: seed of the codebooks' sample and training")] = DEFAULTS["codebook_seed"],
     retrain_codebooks: Annotated[bool, typer.Option(help="vq: train new codebooks instead of keeping the kb's (every memory is encoded again)")] = False,
