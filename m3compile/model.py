@@ -63,7 +63,11 @@ class ModelArgs:
     architecture: str = "LlamaForCausalLM"  # one of SUPPORTED_ARCHITECTURES
 
     def __post_init__(self):
-        assert self.n_heads % self.n_kv_heads == 0, (self.n_heads, self.n_kv_heads)
+        if min(self.n_heads, self.n_kv_heads, self.dim, self.n_layers, self.vocab_size) < 1 \
+                or self.n_heads % self.n_kv_heads:
+            raise M3Error(f"model config: {self.n_heads} attention heads, {self.n_kv_heads} key-value heads, "
+                          f"width {self.dim}, {self.n_layers} layers, vocabulary {self.vocab_size}: the heads must "
+                          "be a multiple of the key-value heads and every size at least 1; fix config.json")
 
     @property
     def n_rep(self) -> int:
@@ -72,6 +76,17 @@ class ModelArgs:
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
         """Read a transformers `config.json` dict; refuse anything this runtime does not compute."""
+        if not isinstance(cfg, dict):
+            raise M3Error(f"config.json holds a JSON {type(cfg).__name__}, not an object; give a Hugging Face "
+                          "checkpoint's config.json")
+        try:
+            return cls._from_hf_config(cfg)
+        except (KeyError, TypeError) as e:  # a key missing, or a value of the wrong type
+            what = f"lacks {e.args[0]!r}" if isinstance(e, KeyError) else f"has a value of the wrong type ({e})"
+            raise M3Error(f"config.json {what}; give a complete Hugging Face checkpoint config.json") from None
+
+    @classmethod
+    def _from_hf_config(cls, cfg: dict) -> "ModelArgs":
         archs = cfg.get("architectures") or []
         if len(archs) != 1 or archs[0] not in SUPPORTED_ARCHITECTURES:
             raise M3Error(

@@ -21,7 +21,7 @@ from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 
 from m3compile import index as ix
-from m3compile.errors import M3Error
+from m3compile.errors import M3Error, damaged_file
 
 MODES = ("bm25", "dense", "hybrid")
 QUERY_BLOCK = 512  # queries scored together by retrieve_many (bounds its memory; rankings are per query)
@@ -85,10 +85,11 @@ class _Dense:
     doc_index: object  # faiss.Index over documents (ids: document rows), or None
 
 
-def _load_faiss(path: Path, section: dict):
+def _load_faiss(path: Path, section: dict, kb_dir: Path):
     import faiss
 
-    index = faiss.read_index(str(path / section["file"]))
+    with damaged_file(path / section["file"], kb_dir):
+        index = faiss.read_index(str(path / section["file"]))
     if section.get("search_params"):
         faiss.ParameterSpace().set_index_parameters(index, section["search_params"])
     return index
@@ -116,7 +117,8 @@ class Retriever:
     def __init__(self, kb_dir: Path, section: dict, embedder: str | None = None, device: str = "cpu"):
         import bm25s
 
-        self.path = Path(kb_dir)
+        self.path = Path(kb_dir)  # the generation directory (open() adds it)
+        self._kb_dir = self.path.parent if self.path.name.startswith("gen-") else self.path  # for messages
         if section.get("format") != ix.FORMAT:
             raise M3Error(f"{self.path}: the manifest has no {ix.FORMAT} retrieval section; recompile the kb "
                           "with this m3compile")
@@ -128,7 +130,8 @@ class Retriever:
         b = section["bm25"]
         if not (self.path / b["dir"] / "params.index.json").is_file():
             raise M3Error(f"{self.path / b['dir']} is missing or incomplete; the kb is damaged: recompile it")
-        self._bm25 = bm25s.BM25.load(str(self.path / b["dir"]), show_progress=False)
+        with damaged_file(self.path / b["dir"], self._kb_dir):
+            self._bm25 = bm25s.BM25.load(str(self.path / b["dir"]), show_progress=False)
         self._bm25_ids = np.array([row["ref_id"] for row in ix.read_corpus(self.path / b["dir"])], dtype=np.int64)  # (R,)
         self._tokens = b["tokenizer"]
         self._docs = section.get("documents")  # absent: a version-1 kb, references ranked alone
@@ -136,7 +139,8 @@ class Retriever:
             d = self._docs["bm25"]
             if not (self.path / d["dir"] / "params.index.json").is_file():
                 raise M3Error(f"{self.path / d['dir']} is missing or incomplete; the kb is damaged: recompile it")
-            self._doc_bm25 = bm25s.BM25.load(str(self.path / d["dir"]), show_progress=False)
+            with damaged_file(self.path / d["dir"], self._kb_dir):
+                self._doc_bm25 = bm25s.BM25.load(str(self.path / d["dir"]), show_progress=False)
             self._by_id = np.argsort(self._bm25_ids)  # (R,) bm25 rows in ref_id order
             self._doc_of_row = np.empty(len(self._bm25_ids), dtype=np.int64)  # (R,) document row of each bm25 row
             for j, row in enumerate(ix.read_corpus(self.path / d["dir"])):
@@ -201,8 +205,8 @@ class Retriever:
                           f"{', '.join(sorted({k for k, _ in changed})[:3])}); query with that same model")
         docs = (self._docs or {}).get("dense")
         model = ix.load_embedder(path, self._device)
-        self._dense = _Dense(_load_faiss(self.path, d), model, e.get("query_prompt"),
-                             _load_faiss(self.path, docs) if docs else None)
+        self._dense = _Dense(_load_faiss(self.path, d, self._kb_dir), model, e.get("query_prompt"),
+                             _load_faiss(self.path, docs, self._kb_dir) if docs else None)
         return self._dense
 
     def _dense_ranked(self, texts: list[str], depth: int) -> list[list[Hit]]:
@@ -305,7 +309,8 @@ class Retriever:
             if not path.is_file():
                 raise M3Error(f"{self.path} has no tokenizer.json, which the overlap filter needs; pass "
                               "query_tokens or recompile the kb")
-            self._tokenizer = Tokenizer.from_file(str(path))
+            with damaged_file(path, self._kb_dir):
+                self._tokenizer = Tokenizer.from_file(str(path))
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
     # -- public --------------------------------------------------------------------------------------
@@ -334,7 +339,8 @@ class Retriever:
         if mode not in MODES:
             raise M3Error(f"retrieval mode {mode!r} is not one of {', '.join(MODES)}")
         if k < 1:
-            raise M3Error(f"k={k} must be at least 1")
+            raise M3Error(f"{k} references asked for (query -k, eval/generate --refs): ask for at least 1 "
+                          "(generate --no-memory reads none)")
         if max_overlap is None:
             return list(self._ranked_blocks(texts, k, mode))
         if query_tokens is None:

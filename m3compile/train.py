@@ -41,7 +41,8 @@ from m3compile.config import MODEL_MEMORY_FILE, TrainConfig, write_model_memory
 from m3compile.corpus import CorpusReport, iter_documents
 from m3compile.errors import M3Error
 from m3compile.kb import Memory, open_kb
-from m3compile.model import ExtraKV, Transformer, bf16_is_native, fingerprint, load_checkpoint, save_checkpoint
+from m3compile.model import (ExtraKV, Transformer, bf16_is_native, check_device, fingerprint, load_checkpoint,
+                             save_checkpoint)
 from m3compile.reader import ChunkMemory, ReadLayout, build_extra
 from m3compile.spec import MemorySpec, memorize
 
@@ -267,6 +268,7 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None,
         >>> train(TrainConfig(model="examples/model", kb="kb/", texts="facts/", out="m2/", steps=500))
     """
     progress = progress or (lambda e: None)
+    check_device(config.device)  # one line for a typo ("gpu"), before bf16_is_native asks torch about it
     if config.bf16 is None:  # resolved before anything records the settings (report, resume state)
         config = replace(config, bf16=bf16_is_native(config.device))
     if config.threads:

@@ -99,6 +99,10 @@ def test_compile_takes_the_settings_a_model_was_trained_to_read(tmp_path, corpus
     (json.dumps({"format": "other", "format_version": 1, "settings": {}}), "not an m3-model-memory file"),
     (json.dumps({"format": "m3-model-memory", "format_version": 2, "settings": {}}), "newer than this m3compile"),
     (json.dumps({"format": "m3-model-memory", "format_version": 1, "settings": {"top_k": 0}}), "invalid setting"),
+    (json.dumps({"format": "m3-model-memory", "format_version": 1, "settings": {"memory_layers": 3}}),
+     "memory_layers is 3"),
+    (json.dumps({"format": "m3-model-memory", "format_version": 1, "settings": {"prefix": 123}}), "prefix is 123"),
+    (json.dumps({"format": "m3-model-memory", "format_version": 1, "settings": {"top_k": "8"}}), "top_k is '8'"),
 ])
 def test_bad_model_memory_file(tmp_path, corpus, model_dir, content, fragment):
     (model_dir / MODEL_MEMORY_FILE).write_text(content)
@@ -139,6 +143,12 @@ def test_missing_and_unsupported_model(tmp_path, corpus, model_dir):
     assert_one_line_error(run("compile", corpus, "-o", tmp_path / "kb", "--model", tmp_path / "none"),
                           "not a directory")
     cfg = json.loads((model_dir / "config.json").read_text())
+    for broken, fragment in (({k: v for k, v in cfg.items() if k != "num_attention_heads"},
+                              "lacks 'num_attention_heads'"),
+                             ([cfg], "holds a JSON list"),
+                             ({**cfg, "num_key_value_heads": 3}, "multiple of the key-value heads")):
+        (model_dir / "config.json").write_text(json.dumps(broken))
+        assert_one_line_error(run("compile", corpus, "-o", tmp_path / "kb", "--model", model_dir), fragment)
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (model_dir / "config.json").write_text(json.dumps(cfg))
     assert_one_line_error(run("compile", corpus, "-o", tmp_path / "kb", "--model", model_dir),

@@ -212,6 +212,32 @@ def test_bad_manifest_versions(kb, version, fragment):
     assert verify_kb(kb_dir)[0].startswith("manifest.json:")
 
 
+@pytest.mark.parametrize("change, fragment", [
+    (lambda m: m.update(state={}), "'shards'"),
+    (lambda m: m["paths"].pop("tokenizer"), "'tokenizer'"),
+    (lambda m: m.update(counts=[]), "counts is list"),
+])
+def test_a_manifest_missing_nested_keys_is_one_line(kb, change, fragment):
+    kb_dir, _ = kb
+    m = json.loads((kb_dir / "manifest.json").read_text())
+    change(m)
+    (kb_dir / "manifest.json").write_text(json.dumps(m))
+    for command in (["inspect", str(kb_dir)], ["query", str(kb_dir), "w5"]):
+        assert_one_line_error(runner.invoke(app, command), "the manifest is damaged", fragment)
+    faults = verify_kb(kb_dir)  # verify names it as a fault instead of raising
+    assert len(faults) == 1 and faults[0].startswith("manifest.json:") and fragment in faults[0], faults
+
+
+@pytest.mark.parametrize("name", ["vocab.index.json", "params.index.json"])
+def test_a_damaged_bm25_file_is_one_line(kb, name):
+    kb_dir, _ = kb
+    m = json.loads((kb_dir / "manifest.json").read_text())
+    path = kb_dir / m["generation"] / m["retrieval"]["bm25"]["dir"] / name
+    path.write_text("{not json")
+    assert_one_line_error(runner.invoke(app, ["query", str(kb_dir), "w5"]), f"cannot read {path.parent}",
+                          "m3 verify --repair")
+
+
 def test_concurrent_compile_names_the_lock_holder(kb):
     kb_dir, cfg = kb
     (kb_dir / ".m3.lock").write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename}))
@@ -234,6 +260,14 @@ def test_concurrent_compile_names_the_lock_holder(kb):
     (["compact", "{tmp}/nope"], ["is not a directory"]),
     (["compile", "{corpus}", "-o", "{out}", "--model", "{model}", "--device", "cuda:7"], ["--device cuda:7"]),
     (["compile", "{corpus}", "-o", "{out}", "--model", "{model}", "--device", "gpu"], ["--device 'gpu'"]),
+    (["train", "--model", "{model}", "--kb", "{kb}", "--texts", "{corpus}", "-o", "{out}", "--device", "gpu"],
+     ["--device 'gpu'"]),
+    (["train", "--model", "{model}", "--kb", "{kb}", "--texts", "{corpus}", "-o", "{out}", "--lr", "-1e-3"],
+     ["--lr -0.001 must be above 0"]),
+    (["query", "{kb}", "w5", "-k", "0"], ["0 references asked for"]),
+    (["eval", "{kb}", "{corpus}", "--refs", "0"], ["--refs 0 must be at least 1"]),
+    (["eval", "{kb}", "{corpus}", "--max-text-tokens", "0"], ["--max-text-tokens 0 must be at least 1"]),
+    (["compile", "{corpus}", "-o", "{out}", "--model", "{model}", "--embedder", "minlm"], ["--embedder minlm: not a directory"]),
 ])
 def test_bad_flags_are_one_line(kb, args, fragments):
     kb_dir, cfg = kb

