@@ -248,7 +248,7 @@ def describe(kb: KnowledgeBase) -> dict:
 
 def reference_detail(kb: KnowledgeBase, ref_id: int) -> dict:
     """One reference: its row, and per memory layer and kv head the kept tokens (j, id, text)."""
-    rows = kb.reference_rows([ref_id])
+    rows = kb.reference_rows([ref_id]) if 0 <= ref_id < 2**63 else []  # ref ids are int64
     if not rows:
         raise M3Error(f"no reference {ref_id} in {kb.path} (ref ids 0..{len(kb.references()) - 1}); see `m3 inspect`")
     row = rows[0]

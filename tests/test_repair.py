@@ -265,6 +265,7 @@ def test_concurrent_compile_names_the_lock_holder(kb):
     (["train", "--model", "{model}", "--kb", "{kb}", "--texts", "{corpus}", "-o", "{out}", "--lr", "-1e-3"],
      ["--lr -0.001 must be above 0"]),
     (["query", "{kb}", "w5", "-k", "0"], ["0 references asked for"]),
+    (["inspect", "{kb}", "--ref", str(2**64)], [f"no reference {2**64}"]),
     (["eval", "{kb}", "{corpus}", "--refs", "0"], ["--refs 0 must be at least 1"]),
     (["eval", "{kb}", "{corpus}", "--max-text-tokens", "0"], ["--max-text-tokens 0 must be at least 1"]),
     (["compile", "{corpus}", "-o", "{out}", "--model", "{model}", "--embedder", "minlm"], ["--embedder minlm: not a directory"]),
