@@ -86,7 +86,7 @@ NOVEL = {
 # training-only phrasings included (corpus_templates.py MORE_QUESTIONS and COMPOSED), nor NOVEL:
 # three per fact kind. NOVEL was known when COMPOSED was written, so this is the blind check; a blind
 # form that a taught phrasing repeats word for word (27 of 69 with COMPOSED) is left out of it.
-BLIND = json.loads((Path(__file__).parent / "blind_forms.json").read_text(encoding="utf-8"))
+BLIND_FILE = Path(__file__).parent / "blind_forms.json"
 
 
 def taught_forms() -> set[str]:
@@ -100,10 +100,11 @@ def taught_forms() -> set[str]:
     return taught
 
 
-def blind_forms(taught: set[str]) -> tuple[dict, int]:
-    """BLIND less any form that a taught phrasing repeats (27 of 69 with COMPOSED): (forms, left out)."""
+def blind_forms(taught: set[str], path: Path = BLIND_FILE) -> tuple[dict, int]:
+    """The blind forms of path (default blind_forms.json) less any form that a taught phrasing
+    repeats (27 of 69 of blind_forms.json with COMPOSED): (forms, left out)."""
     kept, dropped = {}, 0
-    for type_, kinds in BLIND.items():
+    for type_, kinds in json.loads(Path(path).read_text(encoding="utf-8")).items():
         for key, forms in kinds.items():
             ok = [f for f in forms if f.split("?")[0] not in taught]
             dropped += len(forms) - len(ok)
@@ -160,13 +161,16 @@ def main() -> int:
                     help="ask another world's held-out entities instead (as density_frontier.py --world-seed: a "
                          "seed of 8 or more is a world no recipe step trained on; 9 or more for d32t)")
     ap.add_argument("--world-entities", type=int, default=8000, help="entities of the --world-seed world")
+    ap.add_argument("--blind", type=Path, default=BLIND_FILE,
+                    help="the blind forms (default benchmarks/blind_forms.json; blind_forms_2.json is a second set "
+                         "by another writer who saw none of the project's phrasings)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     taught = taught_forms()
     assert not any(NOVEL[t][k].split("?")[0] in taught for t in NOVEL for k in NOVEL[t]), "a novel form is taught"
-    blind, dropped = blind_forms(taught)
+    blind, dropped = blind_forms(taught, a.blind)
     if dropped:
         print(f"{dropped} blind forms left out: a training phrasing is the same question", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="m3forms-") as tmp:
