@@ -5,6 +5,10 @@ and gives the fix. The CLI turns it into one red stderr line and exit code 1.
 """
 
 
+# what to do about a damaged kb file (format with kb=the kb directory)
+REPAIR_HINT = "run `m3 verify --repair {kb}` (or the same `m3 compile` again) to rebuild it"
+
+
 class M3Error(Exception):
     """A user-facing error: what is wrong, why, and how to fix it, in one line."""
 
@@ -24,5 +28,5 @@ class damaged_file:
         if e is None or isinstance(e, (M3Error, KeyboardInterrupt)) or not isinstance(e, Exception):
             return False
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise M3Error(f"cannot read {self.path} ({why}); the kb is damaged: run `m3 verify --repair "
-                      f"{self.kb_dir}`, or compile it again") from None
+        hint = REPAIR_HINT.format(kb=self.kb_dir)
+        raise M3Error(f"cannot read {self.path} ({why}); the kb is damaged: {hint}") from None

@@ -15,15 +15,13 @@ import numpy as np
 import pyarrow as pa
 
 from m3compile import references as refs_file
-from m3compile.errors import M3Error, damaged_file
+from m3compile.errors import REPAIR_HINT, M3Error, damaged_file
 from m3compile.manifest import Manifest, read_manifest
 from m3compile.pack import RefLocation, decode_payload, read_payload
 from m3compile.spec import MemorySpec
 
 if TYPE_CHECKING:  # memories are torch tensors, made by pack.decode_payload: opening a kb, its
     import torch  # manifest, references and index (m3 query, m3 inspect) needs no torch (~1.5 s)
-
-REPAIR_HINT = "run `m3 verify --repair {kb}` (or the same `m3 compile` again) to rebuild it"
 
 
 @dataclass(frozen=True)
