@@ -18,10 +18,12 @@ Shape letters: B batch, T tokens, S key length (memory + context), M memory toke
 N query heads, H kv heads, D head dim, C model dim, F FFN width, V vocab.
 """
 
+import ctypes
 import json
 import math
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass, asdict
 from pathlib import Path
@@ -757,6 +759,36 @@ class Checkpoint:
     path: Path  # the checkpoint directory
 
 
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 32 << 20  # glibc's ceiling for it on 64-bit (HEAP_MAX_SIZE / 2)
+TRIM_THRESHOLD = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc keep freed blocks of up to 32 MiB for reuse instead of returning them to
+    the kernel (process-wide; the first load_checkpoint calls it). Returns whether it was set.
+
+    A forward on the CPU allocates and frees tensors of megabytes in every layer. By default glibc
+    serves blocks over its mmap threshold (128 KiB, raised to at most 32 MiB as such blocks are
+    freed) with a fresh mmap, and gives the top of its heap back once more than twice that is free:
+    every new tensor is then page-faulted in and zeroed by the kernel again. A 0.25 MB compile of the
+    110M shape spent 9.7 s in the kernel against 50.3 s in user code. With blocks up to 32 MiB taken
+    from the heap and the heap kept (up to 1 GiB free at its top), the memory a process holds is
+    its peak working set, as with PyTorch's caching allocators on GPUs. Bits do not depend on it.
+    Only on Linux with glibc (not musl, macOS or Windows, where nothing is changed).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # glibc only: musl's mallopt does nothing
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32) -> Checkpoint:
     """Load a local Hugging Face checkpoint directory, strictly and offline.
 
@@ -773,6 +805,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     path = Path(path)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     device = check_device(device)
+    keep_freed_memory()
     args = ModelArgs.from_hf_config(_read_config(path))
     tokenizer = Tokenizer.from_dir(path)
     state = _load_state_dict(weight_files(path), args, dtype, device)

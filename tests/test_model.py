@@ -2,6 +2,7 @@
 saved with `save_pretrained`, one per supported architecture and feature; and refusals."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -383,3 +384,43 @@ def test_weight_digests_are_remembered_only_while_the_file_is_unchanged(tmp_path
     g.write_bytes(b"c" * 4096)
     model.sha256_weights(g)
     assert str(g.resolve()) not in json.loads(model.hash_cache_file().read_text())  # too recent to trust
+
+
+_HEAP_CHURN = """
+import ctypes, resource, sys
+from m3compile.model import keep_freed_memory
+if sys.argv[1] == "kept":
+    assert keep_freed_memory()
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+size = 24 << 20
+def churn():  # two 24 MiB blocks written and freed, as a forward's activations are
+    blocks = [libc.malloc(size) for _ in range(2)]
+    for b in blocks:
+        ctypes.memset(b, 1, size)
+    for b in blocks:
+        libc.free(b)
+churn()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    churn()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_freed_blocks_are_reused_without_page_faults():
+    """After keep_freed_memory (load_checkpoint calls it) freed blocks of megabytes are reused
+    as they are; with glibc's defaults the heap's top is given back and faulted in again."""
+    import subprocess
+
+    def faults(mode):
+        out = subprocess.run([sys.executable, "-c", _HEAP_CHURN, mode], capture_output=True, text=True, check=True)
+        return int(out.stdout)
+
+    pages = 5 * 2 * (24 << 20) // 4096
+    default, kept = faults("default"), faults("kept")
+    if default < pages // 2:
+        pytest.skip(f"this libc reuses freed blocks by default ({default} page faults for {pages} pages)")
+    assert kept < pages // 50, (kept, default)
