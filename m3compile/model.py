@@ -869,14 +869,30 @@ def bf16_is_native(device: str | torch.device = "cpu") -> bool:
         return False
 
 
+def cpu_description() -> str:
+    """The processor's model name and its bf16 matmul units (Linux /proc/cpuinfo), e.g. "Intel(R)
+    Xeon(R) Processor; amx_bf16 avx512_bf16", for run.json: a bf16 matmul rounds otherwise on AMX
+    than on AVX512-BF16 alone, so bf16 memories depend on the CPU. "unknown" where unreadable."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return "unknown"
+    name = next((l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("model name")), "unknown")
+    return f"{name}; {' '.join(_bf16_units(text)) or 'no bf16 units'}"
+
+
 def cpuinfo_has_bf16(cpuinfo: str) -> bool:
     """Whether a /proc/cpuinfo text names bf16 matmul units: x86 `amx_bf16` or `avx512_bf16` flags,
     aarch64 `bf16` feature."""
+    return bool(_bf16_units(cpuinfo))
+
+
+def _bf16_units(cpuinfo: str) -> list[str]:
     flags = set()
     for line in cpuinfo.splitlines():
         if line.startswith(("flags", "Features")):
             flags.update(line.split(":", 1)[-1].split())
-    return bool(flags & {"amx_bf16", "avx512_bf16", "bf16"})
+    return [f for f in ("amx_bf16", "avx512_bf16", "bf16") if f in flags]
 
 
 def save_checkpoint(model: Transformer, out_dir: str | Path, tokenizer_dir: str | Path | None = None,

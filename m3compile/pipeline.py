@@ -48,7 +48,7 @@ from m3compile.distribute import (Frames, RaySession, check_ray, encode_frames, 
                                   ray_frames, ray_references)
 from m3compile.errors import M3Error
 from m3compile.index import index_references, resolve_embedder
-from m3compile.model import Checkpoint, bf16_is_native, fingerprint, load_checkpoint
+from m3compile.model import Checkpoint, bf16_is_native, cpu_description, fingerprint, load_checkpoint
 from m3compile.pack import (CODEC, FORMAT, FORMAT_VERSION, LAYOUT, ZSTD_LEVEL, ShardReaders, ShardWriter,
                             check_frame, shard_info, write_shard_index)
 from m3compile.spec import MemorySpec
@@ -857,7 +857,8 @@ def _run(config: CompileConfig, out: Path, progress: Progress, log, keep_missing
                        **_drift(setup, plan, log)}
             run = {"created_at_unix": round(t_start, 3), "wall_seconds": round(time.time() - t_start, 3),
                    "stage_seconds": {k: round(v, 4) for k, v in sorted(timer.seconds.items())},
-                   "summary": summary, "host": socket.gethostname(), "python": platform.python_version(),
+                   "summary": summary, "host": socket.gethostname(), "cpu": cpu_description(),
+                   "python": platform.python_version(),
                    "torch": torch.__version__, "tokenizers": tokenizers.__version__,
                    "threads": torch.get_num_threads(),
                    **{k: v for k, v in config.to_dict().items() if k in RUN_SETTINGS},

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from conftest import CHECKPOINT_CASES, make_checkpoint, reference_rule, tinystories
+from m3compile.model import cpu_description
 from m3compile.config import CompileConfig
 from m3compile.kb import describe, open_kb, reference_detail
 from m3compile.pipeline import compile_kb
@@ -63,6 +64,8 @@ def test_two_compiles_are_byte_identical(tmp_path):
     for name in names:
         if name != "run.json":  # timings and host live there, outside every checksum
             assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    run = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert run["cpu"] == cpu_description() and run["cpu"].strip()  # bf16 memories depend on the CPU
 
 
 @pytest.mark.parametrize("native", [True, False])
