@@ -62,16 +62,26 @@ OPTION_OF = {"model_config_sha256": "--model", "model_weights_sha256": "--model"
 
 
 class Timer:
-    """Wall seconds per stage, accumulated across batches."""
+    """Wall seconds per stage, accumulated across batches. Stages are exclusive: a stage timed
+    inside another (the index, built while a generation is written) is not counted in the outer
+    one too, so the stages add up to at most the wall time. One thread times stages."""
 
     def __init__(self):
         self.seconds: dict[str, float] = defaultdict(float)
+        self._open: list[str] = []  # the stages being timed, outermost first
 
     @contextmanager
     def __call__(self, stage: str):
         t0 = time.perf_counter()
-        yield
-        self.seconds[stage] += time.perf_counter() - t0
+        self._open.append(stage)
+        try:
+            yield
+        finally:
+            self._open.pop()
+            took = time.perf_counter() - t0
+            self.seconds[stage] += took
+            if self._open:
+                self.seconds[self._open[-1]] -= took
 
 
 def crash_point(name: str) -> None:

@@ -66,6 +66,9 @@ def test_two_compiles_are_byte_identical(tmp_path):
             assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     run = json.loads((tmp_path / "a" / "run.json").read_text())
     assert run["cpu"] == cpu_description() and run["cpu"].strip()  # bf16 memories depend on the CPU
+    stages = run["stage_seconds"]  # exclusive: the index, built while the generation is written, counts once
+    assert {"encode+select", "write", "index"} <= set(stages) and min(stages.values()) >= 0
+    assert sum(stages.values()) <= run["wall_seconds"] + 0.01, stages
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -262,3 +265,19 @@ def test_reference_table_is_the_one_pyarrow_converts():
     built = _table(rows, schema)
     assert built.equals(pa.Table.from_pylist(rows, schema=schema)) and built.schema.equals(schema, check_metadata=True)
     assert _table(rows[1:2], schema).to_pylist() == rows[1:2]
+
+
+def test_a_stage_timed_inside_another_counts_once():
+    """run.json's stage_seconds are exclusive: the index is built while a generation is written,
+    and its seconds were counted in `write` as well, so the stages summed to more than the run."""
+    import time
+
+    from m3compile.pipeline import Timer
+
+    timer = Timer()
+    with timer("write"):
+        time.sleep(0.01)
+        with timer("index"):
+            time.sleep(0.2)
+    assert timer.seconds["index"] >= 0.2
+    assert 0.01 <= timer.seconds["write"] < 0.15, dict(timer.seconds)
