@@ -767,7 +767,7 @@ TRIM_THRESHOLD = 1 << 30
 
 def keep_freed_memory() -> bool:
     """Let glibc's malloc keep freed blocks of up to 32 MiB for reuse instead of returning them to
-    the kernel (process-wide; the first load_checkpoint calls it). Returns whether it was set.
+    the kernel (process-wide; load_checkpoint calls it). Returns whether it was set.
 
     A forward on the CPU allocates and frees tensors of megabytes in every layer. By default glibc
     serves blocks over its mmap threshold (128 KiB, raised to at most 32 MiB as such blocks are
