@@ -26,7 +26,7 @@ import torch
 
 from m3compile.config import CompileConfig
 from m3compile.kb import open_kb
-from m3compile.model import ModelArgs, Transformer, save_checkpoint
+from m3compile.model import ModelArgs, Transformer, bf16_units, save_checkpoint
 from m3compile.pipeline import compile_kb
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gutenberg"
@@ -83,10 +83,11 @@ def write_flops(l_ref: float, args: ModelArgs, l_mem: int) -> float:
 def cpu_flags() -> str:
     """Which bf16 matmul units the CPU has (Linux /proc/cpuinfo): AMX, AVX512-BF16, or neither."""
     try:
-        flags = set(next(l for l in open("/proc/cpuinfo") if l.startswith("flags")).split(":")[1].split())
-    except (OSError, StopIteration):
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
         return "CPU flags unknown"
-    have = [n for f, n in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16")) if f in flags]
+    names = {"amx_bf16": "AMX", "avx512_bf16": "AVX512-BF16"}
+    have = [names[u] for u in bf16_units(text) if u in names]
     return ("bf16 units: " + ", ".join(have)) if have else "no AMX or AVX512-BF16"
 
 
@@ -185,8 +186,8 @@ def main():
                   " compression or writing):")
             for dtype, rps, mfu, ratio in baselines:
                 print(f"  {dtype}: {rps:.1f} refs/s, MFU {100 * mfu:.1f} %; m3 compile is {ratio:.2f}x as fast "
-                  "(the pipeline runs after the compile, in its process: with the malloc settings of "
-                  "model.keep_freed_memory)")
+                      "(the pipeline runs after the compile, in its process: with the malloc settings of "
+                      "model.keep_freed_memory)")
         if len(rows) == 2:
             print(f"\nbf16 / fp32 throughput ratio: {rows[0][4] / rows[1][4]:.2f}x")
 

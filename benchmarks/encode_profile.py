@@ -67,7 +67,8 @@ def main() -> int:
     total = sum(r.self_cpu_time_total for r in rows)
     print("\n| operator | share of profiled CPU time | calls a batch | ms a batch |\n|---|---|---|---|")
     for r in rows[:25]:
-        print(f"| {r.key} | {100 * r.self_cpu_time_total / total:.1f} % | {r.count / PROFILED:g} | {r.self_cpu_time_total / PROFILED / 1e3:.2f} |")
+        print(f"| {r.key} | {100 * r.self_cpu_time_total / total:.1f} % | {r.count / PROFILED:g} | "
+              f"{r.self_cpu_time_total / PROFILED / 1e3:.2f} |")
     return 0
 
 

@@ -861,33 +861,37 @@ def bf16_is_native(device: str | torch.device = "cpu") -> bool:
     dev = torch.device(device)
     if dev.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if dev.type != "cpu":
-        return False
-    try:
-        return cpuinfo_has_bf16(Path("/proc/cpuinfo").read_text(errors="replace"))
-    except OSError:
-        return False
+    return dev.type == "cpu" and cpuinfo_has_bf16(_cpuinfo())
 
 
 def cpu_description() -> str:
     """The processor's model name and its bf16 matmul units (Linux /proc/cpuinfo), e.g. "Intel(R)
     Xeon(R) Processor; amx_bf16 avx512_bf16", for run.json: a bf16 matmul rounds otherwise on AMX
     than on AVX512-BF16 alone, so bf16 memories depend on the CPU. "unknown" where unreadable."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
+    text = _cpuinfo()
+    if not text:
         return "unknown"
     name = next((l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("model name")), "unknown")
-    return f"{name}; {' '.join(_bf16_units(text)) or 'no bf16 units'}"
+    return f"{name}; {' '.join(bf16_units(text)) or 'no bf16 units'}"
+
+
+def _cpuinfo() -> str:
+    """/proc/cpuinfo's text, "" where there is none (not Linux)."""
+    try:
+        return Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 def cpuinfo_has_bf16(cpuinfo: str) -> bool:
     """Whether a /proc/cpuinfo text names bf16 matmul units: x86 `amx_bf16` or `avx512_bf16` flags,
     aarch64 `bf16` feature."""
-    return bool(_bf16_units(cpuinfo))
+    return bool(bf16_units(cpuinfo))
 
 
-def _bf16_units(cpuinfo: str) -> list[str]:
+def bf16_units(cpuinfo: str) -> list[str]:
+    """The bf16 matmul units a /proc/cpuinfo text names, of `amx_bf16`, `avx512_bf16` (x86 flags)
+    and `bf16` (an aarch64 feature), in that order."""
     flags = set()
     for line in cpuinfo.splitlines():
         if line.startswith(("flags", "Features")):

@@ -10,9 +10,9 @@ import torch
 from safetensors import safe_open
 
 from conftest import CHECKPOINT_CASES, make_checkpoint, reference_rule, tinystories
-from m3compile.model import cpu_description
 from m3compile.config import CompileConfig
 from m3compile.kb import describe, open_kb, reference_detail
+from m3compile.model import cpu_description
 from m3compile.pipeline import compile_kb
 
 pytest.importorskip("transformers", reason="transformers is the test-only parity oracle")
