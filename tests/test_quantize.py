@@ -82,6 +82,60 @@ def test_int_error_within_analytic_bound(name, dtype):
     assert 0.5 * predicted < err.sq_err < 1.2 * predicted
 
 
+def _numpy_int_codes(x: np.ndarray, bits: int, sym: bool, group: int):
+    """The int schemes' codes and float16 scales (and mins) by the rule of quantize.py's docstring,
+    in numpy: an independent oracle for IntScheme's torch arithmetic."""
+    xg = x.reshape(*x.shape[:-1], -1, group)  # (..., D/G, G)
+
+    def f16(a, up):
+        with np.errstate(over="ignore"):
+            h = a.astype(np.float16)
+        wrong = h.astype(np.float32) < a if up else h.astype(np.float32) > a
+        h[wrong] = np.nextafter(h[wrong], np.float16(np.inf if up else -np.inf))
+        return h
+
+    if sym:
+        qmax = 2 ** (bits - 1) - 1
+        s = f16(np.abs(xg).max(-1) / qmax, up=True)
+        sf = s.astype(np.float32)[..., None]
+        q = np.clip(np.rint(np.divide(xg, sf, out=np.zeros_like(xg), where=sf > 0)), -qmax, qmax).astype(np.int8)
+        return q.reshape(x.shape), s, None
+    qmax = 2**bits - 1
+    m = f16(xg.min(-1), up=False)
+    mf = m.astype(np.float32)[..., None]
+    s = f16((xg.max(-1) - mf[..., 0]) / qmax, up=True)
+    sf = s.astype(np.float32)[..., None]
+    q = np.clip(np.rint(np.divide(xg - mf, sf, out=np.zeros_like(xg), where=sf > 0)), 0, qmax).astype(np.uint8)
+    return q.reshape(x.shape), s, m
+
+
+@pytest.mark.parametrize("name", INT_NAMES)
+def test_int_codes_match_a_numpy_oracle(name):
+    """IntScheme computes in torch; its codes, scales, mins and float64 errors are those of the
+    rule computed in numpy, bit for bit, on inputs with ties, zeros, subnormals and wide ranges."""
+    s = get_scheme(name)
+    g = np.random.default_rng(7)
+    x = np.concatenate([keys_like(2, (4, 2, 8, 80)).numpy(),
+                        (g.standard_normal((4, 2, 8, 80)) * 10.0 ** g.integers(-6, 4, (4, 2, 8, 1))),
+                        g.integers(-300, 300, (4, 2, 8, 80)) / 2.0]).astype(np.float32)  # (12, 2, 8, 80)
+    x[0, 0, 0, :16] = 0.0
+    x[0, 0, 1, :16] = -0.0
+    x[0, 0, 2, :16] = np.float32(1e-42)  # subnormal float32: the scale rounds up to float16's smallest
+    q, errs = s.quantize_batch(x)
+    codes, scales, mins = _numpy_int_codes(x, s.bits, s.sym, s.group)
+    if s.bits == 4:
+        u = (codes.astype(np.int16) + 8).astype(np.uint8) if s.sym else codes
+        codes = u[..., 0::2] | (u[..., 1::2] << 4)
+    assert np.array_equal(q.parts[0], codes) and q.parts[0].dtype == codes.dtype
+    assert np.array_equal(q.parts[1].view(np.uint16), scales.view(np.uint16))
+    if not s.sym:
+        assert np.array_equal(q.parts[2].view(np.uint16), mins.view(np.uint16))
+    xh = s.dequantize(q).numpy().astype(np.float64)
+    for b, e in enumerate(errs):  # the float64 sums of quantize's _error, exactly
+        d = x[b].astype(np.float64) - xh[b]
+        assert e == QuantError(float(np.abs(d).max()), float((d * d).sum()), float((x[b].astype(np.float64) ** 2).sum()))
+
+
 def test_int4_nibble_order_and_asym_codes():
     # 0..15 in one group: min 0, scale 1, codes 0..15; even d in the low nibble
     x = torch.arange(16, dtype=torch.float32).reshape(1, 1, 1, 16)
