@@ -230,11 +230,12 @@ class IntScheme:
     def _encode(self, x: np.ndarray) -> QuantKV:
         # in torch (a view of x, no copy): its IEEE division, round-half-even and float16 casts give
         # numpy's codes and scales bit for bit (tests/test_quantize.py checks both against numpy),
-        # on all threads and without numpy's float temporaries: 3.4x numpy's time at the 110M
+        # on all threads and without numpy's float temporaries: 0.29x numpy's time at the 110M
         # shape's memories (64 references x 6 layers x 4 heads x 8 tokens x 64 dims, 2 threads)
         import torch
 
         self._check(x.shape)
+        x = x if x.flags.writeable else x.copy()  # torch.from_numpy warns on a read-only array
         xg = torch.from_numpy(x).view(*x.shape[:-1], -1, self.group)  # (..., D/G, G)
         zero = torch.zeros((), dtype=torch.float32)
         if self.sym:

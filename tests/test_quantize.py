@@ -1,5 +1,7 @@
 """quantize.py: lossless `none`, the analytic error bounds of the int schemes, and the names."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -130,6 +132,11 @@ def test_int_codes_match_a_numpy_oracle(name):
     assert np.array_equal(q.parts[1].view(np.uint16), scales.view(np.uint16))
     if not s.sym:
         assert np.array_equal(q.parts[2].view(np.uint16), mins.view(np.uint16))
+    ro = x[:1].copy()
+    ro.flags.writeable = False  # e.g. np.frombuffer's: quantized as it is, without torch's warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.array_equal(s.quantize(ro[0])[0].parts[0], q.parts[0][0])
     xh = s.dequantize(q).numpy().astype(np.float64)
     for b, e in enumerate(errs):  # the float64 sums of quantize's _error, exactly
         d = x[b].astype(np.float64) - xh[b]
