@@ -19,12 +19,15 @@ before anything is changed. Document vectors tried for dense_doc:
 {0.25, 0.5, 1}. --norms scores other normalisations of the four scores (top_norm: z-score over the
 top 100, theoretical min-max with a cosine's -1) in pairs BM25:DENSE (--norm-pairs), over a grid
 of weights (--norm-weights, --norm-bm25). --bm25-params scores the default BM25 context with other
-Lucene k1:b; --prf dense pseudo-relevance feedback (Rocchio, after a hybrid or a BM25 first pass).
+Lucene k1:b; --prf dense pseudo-relevance feedback (Rocchio, after a hybrid or a BM25 first pass);
+--bm25-prf lexical pseudo-relevance feedback (RM3-like, bm25_prf). --no-dense runs the BM25 variants
+alone, without the embedder or its cache.
 Every figure is document-level nDCG@10 as benchmarks/retrieval.py computes it, over
 all 809 train queries and over the halves with even and odd query ids (a change that holds on only
 one half is tuning noise), then recall@100.
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/retrieval_variants.py --cache /tmp/emb-cache [--grid] [--norms] [--bm25-params K1:B ...] [--prf]
+    OMP_NUM_THREADS=2 python benchmarks/retrieval_variants.py --no-dense --bm25-prf [--bm25-params K1:B ...]
 
 With benchmarks/retrieval.py's cache warm (same --cache), the windows take ~15 min of one thread.
 """
@@ -73,7 +76,7 @@ def unit(x: np.ndarray) -> np.ndarray:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=R.DATA)
-    ap.add_argument("--cache", type=Path, required=True, help="embedding cache (benchmarks/retrieval.py --cache)")
+    ap.add_argument("--cache", type=Path, help="embedding cache (benchmarks/retrieval.py --cache)")
     ap.add_argument("--windows", type=int, nargs="*", default=[128, 254], help="window sizes in word pieces")
     ap.add_argument("--grid", action="store_true", help="also score a grid of fusion weights")
     ap.add_argument("--norms", action="store_true",
@@ -91,8 +94,15 @@ def main() -> int:
     ap.add_argument("--prf", action="store_true",
                     help="also score dense pseudo-relevance feedback (Rocchio): the query vector plus beta times "
                          "the mean vector of the first pass's top k documents, then the hybrid again")
+    ap.add_argument("--bm25-prf", action="store_true",
+                    help="also score BM25 pseudo-relevance feedback (RM3-like, bm25_prf), no embedder needed")
+    ap.add_argument("--no-dense", action="store_true",
+                    help="BM25 variants only (--bm25-params, --bm25-prf): no embedder, no --cache (~3 min)")
     a = ap.parse_args()
-    R.cache_embeddings(a.cache)
+    if a.cache is None and not a.no_dense:
+        ap.error("--cache is required unless --no-dense")
+    if a.cache is not None:
+        R.cache_embeddings(a.cache)
     queries, qrels = R.load_scifact(a.data)
     qids = sorted(queries)
     qtexts = [queries[q] for q in qids]
@@ -106,18 +116,13 @@ def main() -> int:
     assert (np.diff(doc_of_ref) >= 0).all(), "a document's references are consecutive"
     starts = np.flatnonzero(np.r_[True, np.diff(doc_of_ref) != 0])
 
-    model = ix.load_embedder(ix.resolve_embedder("minilm"))
-    p = ix.prompt_names(model)
-    e_ref = ix.embed(model, texts, p["document_prompt"])  # (R, E)
-    e_doc = ix.embed(model, [t for _, _, t in docs], p["document_prompt"])  # (N, E)
-    q = ix.embed(model, qtexts, p["query_prompt"])  # (Q, E)
     with tempfile.TemporaryDirectory() as tmp:
         r = Retriever.open(tmp, ix.index_references(Path(tmp), rows, None))
         s = np.stack(r._bm25_scores(r._bm25, qtexts)).astype(np.float32)  # (Q, R)
         sd = np.stack(r._bm25_scores(r._doc_bm25, qtexts)).astype(np.float32)  # (Q, N)
+        indexes = r._bm25, r._doc_bm25
     s_n = s / np.maximum(s.max(1, keepdims=True), 1e-12)
     sd_n = (sd / np.maximum(sd.max(1, keepdims=True), 1e-12))[:, doc_of_ref]
-    d_ref = top_norm(q @ e_ref.T, "minmax")
     half = np.array([int(x) % 2 for x in qids])
 
     def score(total: np.ndarray) -> str:
@@ -130,6 +135,20 @@ def main() -> int:
         return (f"{res[:, 0].mean():.4f} | {res[half == 0, 0].mean():.4f} | {res[half == 1, 0].mean():.4f} | "
                 f"{res[:, 1].mean():.4f}")
 
+    if a.no_dense:
+        print(f"SciFact TRAIN, width 32, {len(qids)} queries; BM25 weights bm25 0.5, bm25_doc 1.0 (the default)")
+        print(f"BM25 context alone: {score(0.5 * s_n + sd_n)}")
+        if a.bm25_params:
+            bm25_params(a.bm25_params, texts, docs, qtexts, s_n, doc_of_ref, score)
+        if a.bm25_prf:
+            bm25_prf(indexes, qtexts, 0.5 * s_n + sd_n, starts, doc_of_ref, score)
+        return 0
+    model = ix.load_embedder(ix.resolve_embedder("minilm"))
+    p = ix.prompt_names(model)
+    e_ref = ix.embed(model, texts, p["document_prompt"])  # (R, E)
+    e_doc = ix.embed(model, [t for _, _, t in docs], p["document_prompt"])  # (N, E)
+    q = ix.embed(model, qtexts, p["query_prompt"])  # (Q, E)
+    d_ref = top_norm(q @ e_ref.T, "minmax")
     tok = model.tokenizer
     variants = {"whole(trunc)": q @ e_doc.T, "mean-refs": q @ unit(np.add.reduceat(e_ref, starts, axis=0)).T}
     for size in a.windows:
@@ -185,6 +204,8 @@ def main() -> int:
                       f"{score(wb * b_ref + wbd * b_doc + wd * d_r + wdd * d_d)} |", flush=True)
     if a.bm25_params:
         bm25_params(a.bm25_params, texts, docs, qtexts, s_n, doc_of_ref, score)
+    if a.bm25_prf:
+        bm25_prf(indexes, qtexts, 0.5 * s_n + sd_n, starts, doc_of_ref, score)
     if a.prf:
         d_doc = top_norm(variants["whole(trunc)"], "minmax")[:, doc_of_ref]
         first = {"hybrid": 0.5 * s_n + sd_n + 0.5 * d_ref + 0.5 * d_doc, "bm25": 0.5 * s_n + sd_n}
@@ -222,6 +243,53 @@ def bm25_params(pairs, texts, docs, qtexts, s_n, doc_of_ref, score) -> None:
         k1, b = (float(x) for x in pair.split(":"))
         doc = scaled(whole, k1, b)[:, doc_of_ref]
         print(f"| {pair} | {score(0.5 * scaled(refs, k1, b) + doc)} | {score(0.5 * s_n + doc)} |", flush=True)
+
+
+def bm25_prf(indexes, qtexts, first, starts, doc_of_ref, score) -> None:
+    """BM25 pseudo-relevance feedback, RM3-like, at the document level: after the default context
+    score (`first`), the expansion is the mean of the top k documents' BM25 term-weight vectors
+    (each normalised to sum 1, weighted by the document's first-pass score), cut to its `terms`
+    heaviest terms; the new query is lambda x the query's terms (normalised) + (1 - lambda) x the
+    expansion, scored through both BM25 indexes as weighted terms and fused as by default."""
+    import scipy.sparse as sp
+
+    ref_index, doc_index = indexes
+
+    def matrix(index):  # bm25s keeps each term's BM25 weight per document, by term (CSC): (docs, vocab)
+        m = index.scores
+        return sp.csc_matrix((m["data"], m["indices"], m["indptr"]),
+                             shape=(m["num_docs"], len(m["indptr"]) - 1)).tocsr()
+
+    Mr, Md = matrix(ref_index), matrix(doc_index)
+    vr, vd = ref_index.vocab_dict, doc_index.vocab_dict
+    term = {i: t for t, i in vd.items()}
+    to_ref = np.array([vr.get(term[i], -1) for i in range(len(vd))])  # document vocab -> reference vocab
+    Q = np.zeros((len(qtexts), len(vd)), np.float32)  # (Q, V): query term counts (bm25s counts repeats)
+    for i, toks in enumerate(ix.bm25_tokenize(qtexts)):
+        np.add.at(Q[i], [vd[t] for t in toks if t in vd], 1.0)
+    Q /= np.maximum(Q.sum(1, keepdims=True), 1.0)
+    Mdn = sp.diags(1.0 / np.maximum(np.asarray(Md.sum(1)).ravel(), 1e-12)) @ Md  # rows sum to 1
+    best = np.maximum.reduceat(first, starts, axis=1)  # (Q, N): a document at its best reference
+    order = np.argsort(-best, axis=1, kind="stable")
+    known = to_ref >= 0
+
+    def scores(W):  # (Q, V) weighted terms -> the default context score
+        s = np.asarray(Mr[:, to_ref[known]] @ W[:, known].T).T  # (Q, R)
+        sd = np.asarray(Md @ W.T).T  # (Q, N)
+        return (0.5 * s / np.maximum(s.max(1, keepdims=True), 1e-12)
+                + (sd / np.maximum(sd.max(1, keepdims=True), 1e-12))[:, doc_of_ref])
+
+    print(f"\nBM25 PRF; the query alone through these matrices (lambda 1, the default's ranking but for "
+          f"terms only the reference index knows): {score(scores(Q))}")
+    print("| k documents | terms | lambda | nDCG@10 | even ids | odd ids | R@100 |\n|---|---|---|---|---|---|---|")
+    for k, terms, lam in itertools.product((3, 5, 10), (10, 20, 40), (0.3, 0.5, 0.7)):
+        E = np.zeros_like(Q)
+        for i in range(len(Q)):
+            top = order[i, :k]
+            e = np.asarray(Mdn[top].T @ (best[i, top] / best[i, top].sum())).ravel()  # (V,)
+            keep = np.argpartition(-e, terms)[:terms]
+            E[i, keep] = e[keep] / max(e[keep].sum(), 1e-12)
+        print(f"| {k} | {terms} | {lam} | {score(scores(lam * Q + (1 - lam) * E))} |", flush=True)
 
 
 if __name__ == "__main__":
