@@ -94,16 +94,16 @@ def _to_f32(x) -> np.ndarray:
 
 
 def _error(x: np.ndarray, xh: np.ndarray) -> QuantError:
-    d = x.astype(np.float64) - xh.astype(np.float64)
-    return QuantError(float(np.abs(d).max(initial=0.0)), float((d * d).sum()), float((x.astype(np.float64) ** 2).sum()))
+    """max |x - x̂|, Σ (x - x̂)² and Σ x² over all elements, in float64."""
+    return _errors(x[None], xh[None])[0]
 
 
 def _errors(x: np.ndarray, xh: np.ndarray) -> list[QuantError]:
-    """_error of each x[b] alone (B, ...): the same float64 sums, one row per item.
+    """_error of each x[b] alone (B, ...): float64 sums, one row per item (a row's pairwise sum is
+    that of the row alone, so a batch reports each reference's figures: tests/test_pack.py).
 
     Each float64 array comes from one ufunc that widens as it goes (no float64 copies of x and x̂
-    first): the same values and the same pairwise sums as _error's, in 0.7x the time
-    (tests/test_pack.py checks the figures against encode_payload's)."""
+    first): the values of widening first, in 0.7x the time (tests/test_quantize.py checks them)."""
     B = x.shape[0]
     x2, xh2 = x.reshape(B, -1), xh.reshape(B, -1)
     d = np.subtract(x2, xh2, dtype=np.float64)  # (B, n)
