@@ -97,7 +97,7 @@ def main() -> int:
     ap.add_argument("--bm25-prf", action="store_true",
                     help="also score BM25 pseudo-relevance feedback (RM3-like, bm25_prf), no embedder needed")
     ap.add_argument("--no-dense", action="store_true",
-                    help="BM25 variants only (--bm25-params, --bm25-prf): no embedder, no --cache (~3 min)")
+                    help="BM25 variants only (--bm25-params, --bm25-prf): no embedder, no --cache (~2 min)")
     a = ap.parse_args()
     if a.cache is None and not a.no_dense:
         ap.error("--cache is required unless --no-dense")
@@ -135,13 +135,13 @@ def main() -> int:
         return (f"{res[:, 0].mean():.4f} | {res[half == 0, 0].mean():.4f} | {res[half == 1, 0].mean():.4f} | "
                 f"{res[:, 1].mean():.4f}")
 
+    print(f"SciFact TRAIN, width 32, {len(qids)} queries; weights bm25 0.5, bm25_doc 1.0, dense 0.5 (the defaults)")
+    print(f"BM25 context alone: {score(0.5 * s_n + sd_n)}")
+    if a.bm25_params:
+        bm25_params(a.bm25_params, texts, docs, qtexts, s_n, doc_of_ref, score)
+    if a.bm25_prf:
+        bm25_prf(indexes, qtexts, 0.5 * s_n + sd_n, starts, doc_of_ref, score)
     if a.no_dense:
-        print(f"SciFact TRAIN, width 32, {len(qids)} queries; BM25 weights bm25 0.5, bm25_doc 1.0 (the default)")
-        print(f"BM25 context alone: {score(0.5 * s_n + sd_n)}")
-        if a.bm25_params:
-            bm25_params(a.bm25_params, texts, docs, qtexts, s_n, doc_of_ref, score)
-        if a.bm25_prf:
-            bm25_prf(indexes, qtexts, 0.5 * s_n + sd_n, starts, doc_of_ref, score)
         return 0
     model = ix.load_embedder(ix.resolve_embedder("minilm"))
     p = ix.prompt_names(model)
@@ -174,9 +174,7 @@ def main() -> int:
         variants[f"max-win{size}"] = np.maximum.reduceat(q @ e_win.T, wst, axis=1)
         variants[f"whole+meanwin{size}"] = q @ unit(mean + e_doc).T
         print(f"windows of <= {size} word pieces: {len(windows)} for {len(docs)} documents", file=sys.stderr)
-    print(f"SciFact TRAIN, width 32, {len(qids)} queries; weights bm25 0.5, bm25_doc 1.0, dense 0.5 (the default)")
-    print(f"BM25 context alone: {score(0.5 * s_n + sd_n)}")
-    print("| dense_doc vector | dense_doc weight | nDCG@10 | even ids | odd ids | R@100 |\n|---|---|---|---|---|---|")
+    print("\n| dense_doc vector | dense_doc weight | nDCG@10 | even ids | odd ids | R@100 |\n|---|---|---|---|---|---|")
     for name, dd in variants.items():
         scaled = top_norm(dd, "minmax")[:, doc_of_ref]
         for w in (0.5, 1.0):
@@ -202,10 +200,6 @@ def main() -> int:
             for (wb, wbd), wd, wdd in itertools.product(bws, ws, ws):
                 print(f"| {bn} | {dn} | {wb} | {wbd} | {wd} | {wdd} | "
                       f"{score(wb * b_ref + wbd * b_doc + wd * d_r + wdd * d_d)} |", flush=True)
-    if a.bm25_params:
-        bm25_params(a.bm25_params, texts, docs, qtexts, s_n, doc_of_ref, score)
-    if a.bm25_prf:
-        bm25_prf(indexes, qtexts, 0.5 * s_n + sd_n, starts, doc_of_ref, score)
     if a.prf:
         d_doc = top_norm(variants["whole(trunc)"], "minmax")[:, doc_of_ref]
         first = {"hybrid": 0.5 * s_n + sd_n + 0.5 * d_ref + 0.5 * d_doc, "bm25": 0.5 * s_n + sd_n}

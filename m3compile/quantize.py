@@ -112,27 +112,26 @@ def _errors(x: np.ndarray, xh: np.ndarray) -> list[QuantError]:
     return [QuantError(float(mx[b]), float(sq[b]), float(nrm[b])) for b in range(B)]
 
 
-def _f16_up(a: "torch.Tensor") -> "torch.Tensor":
-    """float32 -> float16, rounded up where rounding to nearest went down."""
+def _f16_outward(a: "torch.Tensor", up: bool, overflow: str) -> "torch.Tensor":
+    """float32 -> float16, rounded up (or down) where rounding to nearest went the other way;
+    M3Error(overflow) where a value is beyond float16."""
     import torch
 
     h = a.to(torch.float16)  # to nearest even, as numpy's astype; beyond 65504: inf
-    h = torch.where(h.float() < a, torch.nextafter(h, torch.full((), math.inf, dtype=torch.float16)), h)
+    wrong = h.float() < a if up else h.float() > a
+    h = torch.where(wrong, torch.nextafter(h, torch.full((), math.inf if up else -math.inf, dtype=torch.float16)), h)
     if not bool(torch.isfinite(h).all()):
-        raise M3Error("a quantization group spans more than float16 scales can hold (range > 65504 * qmax); "
-                      "the activations are unusually large: use --quant none")
+        raise M3Error(overflow)
     return h
+
+
+def _f16_up(a: "torch.Tensor") -> "torch.Tensor":
+    return _f16_outward(a, True, "a quantization group spans more than float16 scales can hold (range > 65504 * "
+                                 "qmax); the activations are unusually large: use --quant none")
 
 
 def _f16_down(a: "torch.Tensor") -> "torch.Tensor":
-    """float32 -> float16, rounded down where rounding to nearest went up."""
-    import torch
-
-    h = a.to(torch.float16)
-    h = torch.where(h.float() > a, torch.nextafter(h, torch.full((), -math.inf, dtype=torch.float16)), h)
-    if not bool(torch.isfinite(h).all()):
-        raise M3Error("a group minimum is beyond float16 range (|min| > 65504); use --quant none")
-    return h
+    return _f16_outward(a, False, "a group minimum is beyond float16 range (|min| > 65504); use --quant none")
 
 
 @dataclass(frozen=True)
