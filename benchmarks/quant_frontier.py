@@ -64,6 +64,9 @@ CANDIDATES = {  # codec group in brackets
     "PQ D/4 x5 [layer]": ("vq:PQ{q}x5", None),
     "PQ D/4 x6 [layer]": ("vq:PQ{q}x6", None),  # vq-paper's code bytes at D = 32
     "PQ D/4 x8 [layer]": ("vq:PQ{q}x8", None),
+    # 4-bit scalar quantizer, per-dim ranges trained on the kb: no lookup to decode
+    "vq:SQ4 [layer]": ("vq:SQ4", None),
+    "vq:SQ4 [head]": ("vq:SQ4", "head"),
 }
 PAPER = "OPQ20_80,Residual2x14,PQ8x10"  # the paper's exact quantizer (§4.2), D = 80
 

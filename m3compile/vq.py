@@ -23,6 +23,8 @@ K kept tokens, D head dim, C code bytes per vector.
 
 import hashlib
 import json
+import sys
+import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -194,18 +196,34 @@ def build_codec(factory: str, d: int):
 class TableDecoder:
     """sa_decode of a plain product quantizer (IndexPQ with 4- or 8-bit codes) as one table lookup.
 
-    FAISS decodes PQ codes vector by vector through its bit reader; here the M sub-codes of all N
-    vectors index one (M·ksub, dsub) centroid table at once (numpy `take`), which gives the same
-    floats (a copy, no arithmetic) several times faster (benchmarks/quant_frontier.py prints both).
+    FAISS decodes PQ codes vector by vector through its bit reader; here each code byte of all N
+    vectors indexes one table of rows of floats at once (numpy `take`), which gives the same floats
+    (a copy, no arithmetic) several times faster (benchmarks/quant_frontier.py prints both).
     Code layout (FAISS PQEncoder8 / PQEncoderGeneric): byte m holds sub-code m at 8 bits; at 4 bits
-    byte m//2 holds sub-code m in its low nibble for even m, high nibble for odd m.
+    byte j holds sub-code 2j in its low nibble and 2j+1 in its high one, so at 4 bits a byte value
+    indexes a row of both sub-vectors (built once from the centroids): one lookup a code byte.
+
+    The lookups are what bounds the decode (one core writes the floats ~3x faster), so the index
+    of byte j of a vector, j·256 + byte, is not computed: a per-thread buffer of BLOCK vectors ×
+    C native ints holds j in bytes 1-2 of each int from the start, and a call writes the code
+    bytes into byte 0 (little-endian; a big-endian machine adds the offsets instead). `take` with
+    mode="clip" skips numpy's bounds check, which is moot: a byte cannot exceed 255.
     """
 
+    BLOCK = 1024  # vectors an index buffer serves at once: C x 8 KB, in L2
+    SMALL = 32  # up to this many vectors (a frame's worth) the offsets are added: less overhead
+
     def __init__(self, pq):
-        self.m, self.nbits, self.dsub = int(pq.M), int(pq.nbits), int(pq.dsub)
-        ksub = 1 << self.nbits
-        self.table = faiss.vector_to_array(pq.centroids).reshape(self.m * ksub, self.dsub)  # (M*ksub, dsub)
-        self.offsets = (np.arange(self.m, dtype=np.int32) * ksub)[None]  # (1, M)
+        m, nbits, dsub = int(pq.M), int(pq.nbits), int(pq.dsub)
+        c = faiss.vector_to_array(pq.centroids).reshape(m, 1 << nbits, dsub)  # (M, ksub, dsub)
+        if nbits == 4:  # row b of byte j: centroid b & 15 of sub-code 2j, then b >> 4 of 2j + 1
+            b = np.arange(256)
+            c = np.concatenate([c[0::2][:, b & 15], c[1::2][:, b >> 4]], axis=2)  # (M/2, 256, 2 dsub)
+        self.n_bytes, self.row = c.shape[0], c.shape[2]  # C, floats a row
+        assert self.n_bytes < 1 << 16, self.n_bytes  # j fits bytes 1-2 of the index
+        self.table = np.ascontiguousarray(c.reshape(self.n_bytes * 256, self.row))  # (C*256, row)
+        self._offsets = np.arange(self.n_bytes, dtype=np.intp) * 256  # (C,)
+        self._local = threading.local()
 
     @classmethod
     def of(cls, codec) -> "TableDecoder | None":
@@ -217,16 +235,35 @@ class TableDecoder:
             return None  # an odd count of 4-bit codes ends in a half byte; FAISS decodes those
         return cls(index.pq)
 
+    def __getstate__(self):  # a thread's buffer does not travel (Ray, process pools)
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _local=threading.local())
+
+    def _index(self) -> tuple[np.ndarray, np.ndarray]:
+        """This thread's (bytes (BLOCK, C, 8) uint8, their ints (BLOCK, C) intp), j in bytes 1-2."""
+        mine = getattr(self._local, "index", None)
+        if mine is None:
+            raw = np.zeros((self.BLOCK, self.n_bytes, np.dtype(np.intp).itemsize), np.uint8)
+            raw[:, :, 1:3] = np.arange(self.n_bytes, dtype="<u2").view(np.uint8).reshape(self.n_bytes, 2)
+            mine = self._local.index = (raw, raw.view(np.intp)[..., 0])
+        return mine
+
     def __call__(self, codes: np.ndarray) -> np.ndarray:
         """(N, C) uint8 -> (N, D) float32."""
-        if self.nbits == 4:
-            sub = np.empty((codes.shape[0], self.m), np.int32)  # (N, M)
-            sub[:, 0::2] = codes & 0x0F
-            sub[:, 1::2] = codes >> 4
-        else:
-            sub = codes.astype(np.int32)  # (N, M)
-        sub += self.offsets
-        return self.table.take(sub, axis=0).reshape(codes.shape[0], self.m * self.dsub)  # (N, D)
+        n = codes.shape[0]
+        if n <= self.SMALL or sys.byteorder != "little":  # the buffer's byte layout is little-endian
+            idx = codes.astype(np.intp)  # (N, C)
+            idx += self._offsets
+            return self.table.take(idx, axis=0, mode="clip").reshape(n, self.n_bytes * self.row)  # (N, D)
+        out = np.empty((n, self.n_bytes, self.row), np.float32)  # (N, C, row)
+        raw, idx = self._index()
+        for lo in range(0, n, self.BLOCK):
+            hi = min(n, lo + self.BLOCK)
+            raw[:hi - lo, :, 0] = codes[lo:hi]
+            self.table.take(idx[:hi - lo], axis=0, mode="clip", out=out[lo:hi])
+        return out.reshape(n, self.n_bytes * self.row)  # (N, D)
 
 
 class GridEncoder:

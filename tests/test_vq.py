@@ -1,5 +1,7 @@
 """Vector-quantized memories (m3compile/vq.py): round trip, determinism, serialization, presets, damage."""
 
+import sys
+
 import faiss
 import numpy as np
 import pytest
@@ -82,6 +84,31 @@ def test_table_decoder_gives_faiss_floats(factory):
     assert fast is not None
     assert np.array_equal(fast(codes), codec.sa_decode(codes))
     assert np.array_equal(fast(codes[:0]), codec.sa_decode(codes[:0]))
+
+
+def test_table_decoder_blocks_threads_pickle_and_byte_order(monkeypatch):
+    # the same floats across block edges, from several threads at once (each has its own index
+    # buffer), after a pickle round trip (Ray, process pools), and on the path of a big-endian machine
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    x = _samples(seed=5, n=1200)[(0, "v")].reshape(-1, D)  # (N, D)
+    assert len(x) > 2 * TableDecoder.BLOCK
+    codec = build_codec("PQ8x4", D)
+    codec.train(x)
+    codes = codec.sa_encode(x)  # (N, C)
+    want = codec.sa_decode(codes)
+    fast = TableDecoder.of(codec)
+    for n in (1, TableDecoder.SMALL, TableDecoder.SMALL + 1, TableDecoder.BLOCK - 1, TableDecoder.BLOCK, TableDecoder.BLOCK + 1, len(codes)):
+        assert np.array_equal(fast(codes[:n]), want[:n]), n
+    assert np.array_equal(fast(codes[::-1]), want[::-1])  # a strided view
+    cuts = [codes[i::7] for i in range(7)]
+    with ThreadPoolExecutor(7) as pool:
+        for i, got in enumerate(pool.map(fast, cuts * 3)):
+            assert np.array_equal(got, want[i % 7::7])
+    assert np.array_equal(pickle.loads(pickle.dumps(fast))(codes), want)
+    monkeypatch.setattr(sys, "byteorder", "big")
+    assert np.array_equal(fast(codes), want)
 
 
 @pytest.mark.parametrize("factory", ["RQ4x4", "OPQ4,PQ4x4", "PQ4x6", "PQ3x4"])
