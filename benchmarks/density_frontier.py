@@ -5,7 +5,8 @@ kept share = (kept tokens / reference tokens) x (memory layers / layers). The fi
 layer 3 alone: 1/16. The paper keeps 8 of 128 in the first half of the layers:
 1/32. Each point compiles the reader's 40 held-out articles (examples/reader/corpus: never in any
 training text; `--kb world`: all 2000 articles of its world, the kb benchmarks/train_memory.py
-reads) with one model at one (top-k, memory layers), int8, and measures on the same held-out
+reads) with one model at one (top-k, memory layers), int8 (`--quant` for others: every point at
+each, a vq kb with codebooks trained on its own memories), and measures on the same held-out
 records as examples/README.md (the first --limit records after a seeded shuffle):
 
   greedy    questions answered exactly as `m3 generate --kb` answers them: the question part as
@@ -36,6 +37,7 @@ the steps that replay the first world (d32r, d32s).
     python benchmarks/density_frontier.py --json frontier.json --plot examples/density_frontier.png
     python benchmarks/density_frontier.py --point half:16:0-3 reader:8:3 reader:4:3 --known 1000
     python benchmarks/density_frontier.py --kb world --world-seed 9 --point reader:8:3 reader:4:3
+    python benchmarks/density_frontier.py --kb world --world-seed 9 --point reader:8:3 --quant int8 vq
 """
 
 import argparse
@@ -126,11 +128,12 @@ def kb_bytes(kb: Path) -> int:
     return sum(p.stat().st_size for p in kb.rglob("*") if p.is_file())
 
 
-def measure(point: dict, corpus_dir: Path, recs: list[dict], tmp: Path, modes, dtype: str = "float32") -> dict:
-    kb = tmp / f"kb-{abs(hash(point['name']))}"
+def measure(point: dict, corpus_dir: Path, recs: list[dict], tmp: Path, modes, dtype: str = "float32",
+            quant: str = "int8") -> dict:
+    kb = tmp / f"kb-{abs(hash((point['name'], quant)))}"
     t0 = time.perf_counter()
     m = compile_kb(CompileConfig(corpus=str(corpus_dir / "corpus"), model=str(point["model"]), top_k=point["top_k"],
-                                 memory_layers=point["layers"], max_tokens=point["width"], quant="int8",
+                                 memory_layers=point["layers"], max_tokens=point["width"], quant=quant,
                                  dtype=dtype), kb).manifest
     spec = m.spec
     ev = Evaluator(kb, point["model"], corpus_dir)
@@ -139,7 +142,8 @@ def measure(point: dict, corpus_dir: Path, recs: list[dict], tmp: Path, modes, d
     share = Fraction(spec.top_k, spec.width) * Fraction(len(spec.memory_layers), n_layers)
     qs = [r for r in recs if r["kind"] == "question"]
     row = {"point": point["name"], "model": str(point["model"]), "top_k": spec.top_k, "width": spec.width,
-           "memory_layers": list(spec.memory_layers), "layers": n_layers, "dtype": spec.dtype, "share": str(share),
+           "memory_layers": list(spec.memory_layers), "layers": n_layers, "dtype": spec.dtype, "quant": quant,
+           "share": str(share),
            "share_value": float(share), "kb_bytes_per_token": round(kb_bytes(kb) / tokens, 1),
            "memory_bytes_per_token": round(sum(p.stat().st_size for p in kb.glob("memory-*.safetensors")) / tokens, 1),
            "corpus_tokens": tokens}
@@ -206,6 +210,8 @@ def main() -> int:
     ap.add_argument("--world-entities", type=int, default=8000, help="entities of the --world-seed world")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="float32", help="the compile's dtype (the memories' forward); reading is float32")
+    ap.add_argument("--quant", nargs="+", default=["int8"],
+                    help="the kbs' quantizations: every point is measured at each (int8, vq, ...: m3 compile --quant)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot", type=Path)
     a = ap.parse_args()
@@ -223,13 +229,13 @@ def main() -> int:
         recs = load_records(facts)
         recs = eval_records(recs, {r["entity"] for r in recs}, a.limit)
         known = known_world(Path(tmp), a.known) if a.known else None
-        for s in a.point:
+        for s, quant in ((s, q) for s in a.point for q in a.quant):
             p = parse_point(s)
-            row = measure(p, corpus, recs, Path(tmp), ("none", "sparse", "rag", "other"), a.dtype)
+            row = measure(p, corpus, recs, Path(tmp), ("none", "sparse", "rag", "other"), a.dtype, quant)
             row["kb"] = a.kb if a.world_seed is None else f"{a.kb}, world {a.world_seed} ({a.world_entities} entities)"
             if known:
                 # facts the model answers right without memory, asked again with their article's memories
-                kev = measure(p, known[0], known[1], Path(tmp) / "k", (), a.dtype)
+                kev = measure(p, known[0], known[1], Path(tmp) / "k", (), a.dtype, quant)
                 g = kev["greedy"]
                 kept = set(g["none"]["right"]) & set(g["memory"]["right"])
                 row["known"] = {"questions": g["none"]["questions"], "none": g["none"]["recall"],
@@ -251,16 +257,16 @@ def pct(x) -> str:
 
 
 def print_table(rows):
-    print("| point | kept share | bytes/corpus token: shards / kb | greedy q, memory | greedy q, none | forced q/r, sparse "
+    print("| point | quant | kept share | bytes/corpus token: shards / kb | greedy q, memory | greedy q, none | forced q/r, sparse "
           "| forced q/r, none | forced q/r, RAG | forced q, other's memory | weakest kind | known facts still right with memory |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         f = r["forced"]
         kinds = r["greedy"]["memory"]["kinds"]
         weak = min(kinds, key=kinds.get) if kinds else "-"
         known = (f"{r['known']['still_right_with_memory']} of {r['known']['known_without_memory']}"
                  if "known" in r else "-")
-        print(f"| {r['point']} | {r['share']} | {r['memory_bytes_per_token']} / {r['kb_bytes_per_token']} "
+        print(f"| {r['point']} | {r.get('quant', 'int8')} | {r['share']} | {r['memory_bytes_per_token']} / {r['kb_bytes_per_token']} "
               f"| {pct(r['greedy']['memory']['recall'])} % "
               f"| {pct(r['greedy']['none']['recall'])} % "
               f"| {pct(f['sparse']['question']['fact_acc'])} / {pct(f['sparse']['restatement']['fact_acc'])} % "
