@@ -111,10 +111,12 @@ def _numpy_int_codes(x: np.ndarray, bits: int, sym: bool, group: int):
     return q.reshape(x.shape), s, m
 
 
+@pytest.mark.parametrize("block", [1 << 16, 5 * 2 * 8 * 80, 1])  # _errors: 1 block of 12 items, 3 (5+5+2), 12
 @pytest.mark.parametrize("name", INT_NAMES)
-def test_int_codes_match_a_numpy_oracle(name):
+def test_int_codes_match_a_numpy_oracle(name, block, monkeypatch):
     """IntScheme computes in torch; its codes, scales, mins and float64 errors are those of the
     rule computed in numpy, bit for bit, on inputs with ties, zeros, subnormals and wide ranges."""
+    monkeypatch.setattr("m3compile.quantize.ERROR_BLOCK", block)
     s = get_scheme(name)
     g = np.random.default_rng(7)
     x = np.concatenate([keys_like(2, (4, 2, 8, 80)).numpy(),
