@@ -41,6 +41,7 @@ the steps that replay the first world (d32r, d32s).
 """
 
 import argparse
+import itertools
 import json
 import random
 import sys
@@ -229,7 +230,7 @@ def main() -> int:
         recs = load_records(facts)
         recs = eval_records(recs, {r["entity"] for r in recs}, a.limit)
         known = known_world(Path(tmp), a.known) if a.known else None
-        for s, quant in ((s, q) for s in a.point for q in a.quant):
+        for s, quant in itertools.product(a.point, a.quant):
             p = parse_point(s)
             row = measure(p, corpus, recs, Path(tmp), ("none", "sparse", "rag", "other"), a.dtype, quant)
             row["kb"] = a.kb if a.world_seed is None else f"{a.kb}, world {a.world_seed} ({a.world_entities} entities)"
@@ -266,7 +267,7 @@ def print_table(rows):
         weak = min(kinds, key=kinds.get) if kinds else "-"
         known = (f"{r['known']['still_right_with_memory']} of {r['known']['known_without_memory']}"
                  if "known" in r else "-")
-        print(f"| {r['point']} | {r.get('quant', 'int8')} | {r['share']} | {r['memory_bytes_per_token']} / {r['kb_bytes_per_token']} "
+        print(f"| {r['point']} | {r['quant']} | {r['share']} | {r['memory_bytes_per_token']} / {r['kb_bytes_per_token']} "
               f"| {pct(r['greedy']['memory']['recall'])} % "
               f"| {pct(r['greedy']['none']['recall'])} % "
               f"| {pct(f['sparse']['question']['fact_acc'])} / {pct(f['sparse']['restatement']['fact_acc'])} % "
@@ -278,16 +279,16 @@ def print_table(rows):
 def plot(rows, out: Path):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    by_model = defaultdict(list)  # one line per model and memory-layer set
+    by_model = defaultdict(list)  # one line per model, memory-layer set and quantization
     for r in rows:
         layers = "all layers" if len(r["memory_layers"]) == r["layers"] else \
             "layers " + ",".join(map(str, r["memory_layers"]))
-        by_model[(r["model"], layers)].append(r)
-    for (model, layers), rs in by_model.items():
+        by_model[(r["model"], layers, r["quant"])].append(r)
+    for (model, layers, quant), rs in by_model.items():
         rs = sorted(rs, key=lambda r: r["share_value"])
         name = Path(model).parent.name if Path(model).name == "trained" else Path(model).name  # a train_memory --work
         known = {default_model_dir().resolve(): "embedded reader (sparse), ", HALF.resolve(): "1/2 reader, "}
-        label = known.get(Path(model).resolve(), f"{name}, ") + layers
+        label = known.get(Path(model).resolve(), f"{name}, ") + layers + ("" if quant == "int8" else f", {quant}")
         ax.plot([r["share_value"] for r in rs], [100 * r["greedy"]["memory"]["recall"] for r in rs], "o-",
                 label=label)
         for r in rs:

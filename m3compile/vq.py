@@ -193,6 +193,9 @@ def build_codec(factory: str, d: int):
     return index
 
 
+_INDEX = threading.local()  # TableDecoder's index buffers, per thread
+
+
 class TableDecoder:
     """sa_decode of a plain product quantizer (IndexPQ with 4- or 8-bit codes) as one table lookup.
 
@@ -205,9 +208,10 @@ class TableDecoder:
 
     The lookups are what bounds the decode (one core writes the floats ~3x faster), so the index
     of byte j of a vector, j·256 + byte, is not computed: a per-thread buffer of BLOCK vectors ×
-    C native ints holds j in bytes 1-2 of each int from the start, and a call writes the code
-    bytes into byte 0 (little-endian; a big-endian machine adds the offsets instead). `take` with
-    mode="clip" skips numpy's bounds check, which is moot: a byte cannot exceed 255.
+    C native ints (one per C, shared by every decoder of C code bytes) holds j in bytes 1-2 of each
+    int from the start, and a call writes the code bytes into byte 0 (little-endian; a big-endian
+    machine adds the offsets instead). `take` with mode="clip" clamps where the default raises,
+    which lets it write straight into `out` (no index can be out of range: a byte is at most 255).
     """
 
     BLOCK = 1024  # vectors an index buffer serves at once: C x 8 KB, in L2
@@ -223,7 +227,6 @@ class TableDecoder:
         assert self.n_bytes < 1 << 16, self.n_bytes  # j fits bytes 1-2 of the index
         self.table = np.ascontiguousarray(c.reshape(self.n_bytes * 256, self.row))  # (C*256, row)
         self._offsets = np.arange(self.n_bytes, dtype=np.intp) * 256  # (C,)
-        self._local = threading.local()
 
     @classmethod
     def of(cls, codec) -> "TableDecoder | None":
@@ -235,23 +238,20 @@ class TableDecoder:
             return None  # an odd count of 4-bit codes ends in a half byte; FAISS decodes those
         return cls(index.pq)
 
-    def __getstate__(self):  # a thread's buffer does not travel (Ray, process pools)
-        return {k: v for k, v in self.__dict__.items() if k != "_local"}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state, _local=threading.local())
-
     def _index(self) -> tuple[np.ndarray, np.ndarray]:
         """This thread's (bytes (BLOCK, C, 8) uint8, their ints (BLOCK, C) intp), j in bytes 1-2."""
-        mine = getattr(self._local, "index", None)
+        mine = getattr(_INDEX, "by_bytes", None)  # C -> this thread's buffer
         if mine is None:
+            mine = _INDEX.by_bytes = {}
+        if self.n_bytes not in mine:
             raw = np.zeros((self.BLOCK, self.n_bytes, np.dtype(np.intp).itemsize), np.uint8)
             raw[:, :, 1:3] = np.arange(self.n_bytes, dtype="<u2").view(np.uint8).reshape(self.n_bytes, 2)
-            mine = self._local.index = (raw, raw.view(np.intp)[..., 0])
-        return mine
+            mine[self.n_bytes] = (raw, raw.view(np.intp)[..., 0])
+        return mine[self.n_bytes]
 
     def __call__(self, codes: np.ndarray) -> np.ndarray:
         """(N, C) uint8 -> (N, D) float32."""
+        assert codes.dtype == np.uint8 and codes.ndim == 2 and codes.shape[1] == self.n_bytes, (codes.dtype, codes.shape)
         n = codes.shape[0]
         if n <= self.SMALL or sys.byteorder != "little":  # the buffer's byte layout is little-endian
             idx = codes.astype(np.intp)  # (N, C)

@@ -86,27 +86,35 @@ def test_table_decoder_gives_faiss_floats(factory):
     assert np.array_equal(fast(codes[:0]), codec.sa_decode(codes[:0]))
 
 
-def test_table_decoder_blocks_threads_pickle_and_byte_order(monkeypatch):
-    # the same floats across block edges, from several threads at once (each has its own index
-    # buffer), after a pickle round trip (Ray, process pools), and on the path of a big-endian machine
+@pytest.mark.parametrize("factory", ["PQ8x4", "PQ16x8"])
+def test_table_decoder_blocks_threads_pickle_and_byte_order(factory, monkeypatch):
+    # the same floats across block edges, for every code byte value, after a pickle round trip
+    # (Ray, process pools) and on the path of a big-endian machine; each thread its own index buffer
     import pickle
-    from concurrent.futures import ThreadPoolExecutor
+    import threading
 
     x = _samples(seed=5, n=1200)[(0, "v")].reshape(-1, D)  # (N, D)
     assert len(x) > 2 * TableDecoder.BLOCK
-    codec = build_codec("PQ8x4", D)
+    codec = build_codec(factory, D)
     codec.train(x)
     codes = codec.sa_encode(x)  # (N, C)
     want = codec.sa_decode(codes)
     fast = TableDecoder.of(codec)
-    for n in (1, TableDecoder.SMALL, TableDecoder.SMALL + 1, TableDecoder.BLOCK - 1, TableDecoder.BLOCK, TableDecoder.BLOCK + 1, len(codes)):
+    small, block = TableDecoder.SMALL, TableDecoder.BLOCK
+    for n in (1, small, small + 1, block - 1, block, block + 1, len(codes)):
         assert np.array_equal(fast(codes[:n]), want[:n]), n
     assert np.array_equal(fast(codes[::-1]), want[::-1])  # a strided view
-    cuts = [codes[i::7] for i in range(7)]
-    with ThreadPoolExecutor(7) as pool:
-        for i, got in enumerate(pool.map(fast, cuts * 3)):
-            assert np.array_equal(got, want[i % 7::7])
+    every = np.repeat(np.arange(256, dtype=np.uint8)[:, None], codes.shape[1], axis=1)  # (256, C): each byte value
+    for n in (small, 256):
+        assert np.array_equal(fast(every[:n]), codec.sa_decode(every[:n])), n
     assert np.array_equal(pickle.loads(pickle.dumps(fast))(codes), want)
+    mine = fast._index()
+    other = []
+    t = threading.Thread(target=lambda: other.append(fast._index()))
+    t.start()
+    t.join()
+    assert other[0][0] is not mine[0] and fast._index()[0] is mine[0]
+    assert TableDecoder.of(codec)._index()[0] is mine[0]  # shared by decoders of as many code bytes
     monkeypatch.setattr(sys, "byteorder", "big")
     assert np.array_equal(fast(codes), want)
 
