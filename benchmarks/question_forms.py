@@ -17,7 +17,10 @@ the prompt, the kb's retrieval, 16 new tokens), with the kb's memories and witho
 right when the first sentence of the answer contains the fact's value ("892", "Ione Tirnric"):
 the novel forms have no answer sentence the model was taught, so the exact-sentence rule of
 density_frontier.py would measure style, not recall. The template forms are also scored with
-that exact rule, for comparison with the frontier tables.
+that exact rule, for comparison with the frontier tables. With memory it also reports how often
+the references retrieved for the question hold the answer (one of the entity's article whose text
+holds the value) and how often the answer is right among those questions: reading apart from
+retrieval.
 
     OMP_NUM_THREADS=1 python benchmarks/question_forms.py --kb world          # the embedded reader
     OMP_NUM_THREADS=1 python benchmarks/question_forms.py --kb world --model examples/reader-half/model
@@ -136,8 +139,21 @@ def novel_records(entities, forms=None, tag: str = "novel") -> list[dict]:
     return out
 
 
+def retrieved_answer(ev: Evaluator, rec: dict, texts: dict) -> bool:
+    """Whether the references retrieved for the question (what `m3 generate` reads for its first
+    chunk: the kb's retrieval of the prompt) include one of the entity's article holding the value."""
+    prompt = ev.tok.decode(ev.tok.encode(rec["text"][:rec["question_end"]]))
+    value, doc = rec["facts"][0]["value"], f"{rec['entity']}.md"
+    return any(texts[h.ref_id][0] == doc and value in texts[h.ref_id][1]
+               for h in ev.retriever.retrieve(prompt, ev.layout.refs_per_chunk))
+
+
 def score(ev: Evaluator, recs: list[dict], memory: bool) -> dict:
     value_right, exact_right, kinds = 0, 0, defaultdict(lambda: [0, 0])
+    found, right_found = 0, 0  # memory: questions whose retrieval holds the answer, and right among them
+    refs = ev.kb.references()
+    texts = dict(zip(refs.column("ref_id").to_pylist(), zip(refs.column("doc_id").to_pylist(),
+                                                          refs.column("text").to_pylist())))
     for r in recs:
         head = first_sentence(answer(ev, r, memory))
         ok = r["facts"][0]["value"] in head
@@ -146,9 +162,16 @@ def score(ev: Evaluator, recs: list[dict], memory: bool) -> dict:
         k = kinds[r["facts"][0]["key"]]
         k[0] += ok
         k[1] += 1
+        if memory and retrieved_answer(ev, r, texts):
+            found += 1
+            right_found += ok
     n = max(1, len(recs))
-    return {"questions": len(recs), "value": round(value_right / n, 4), "exact": round(exact_right / n, 4),
-            "kinds": {k: round(a / b, 4) for k, (a, b) in sorted(kinds.items())}}
+    out = {"questions": len(recs), "value": round(value_right / n, 4), "exact": round(exact_right / n, 4),
+           "kinds": {k: round(a / b, 4) for k, (a, b) in sorted(kinds.items())}}
+    if memory:  # reading, apart from retrieval: right among the questions whose answer was retrieved
+        out["retrieved"] = round(found / n, 4)
+        out["right_when_retrieved"] = round(right_found / max(1, found), 4)
+    return out
 
 
 def main() -> int:
@@ -193,12 +216,16 @@ def main() -> int:
         seconds = round(time.perf_counter() - t0, 1)
     where = a.kb if a.world_seed is None else f"{a.kb} (world {a.world_seed}, {a.world_entities} entities)"
     print(f"{a.model} on the {where} kb ({seconds} s); right = the answer's first sentence holds the value")
-    print("| forms | memory | questions | right (value) | right (exact sentence) | weakest kinds |")
-    print("|---|---|---|---|---|---|")
+    print("| forms | memory | questions | right (value) | right (exact sentence) | answer retrieved | right when "
+          "retrieved | weakest kinds |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         weakest = ", ".join(f"{k} {100 * v:.0f} %" for k, v in sorted(r["kinds"].items(), key=lambda kv: kv[1])[:3])
         forms, mem = name.split(", ")
-        print(f"| {forms} | {mem} | {r['questions']} | {100 * r['value']:.1f} % | {100 * r['exact']:.1f} % | {weakest} |")
+        found = (f"{100 * r['retrieved']:.1f} % | {100 * r['right_when_retrieved']:.1f} %" if "retrieved" in r
+                 else "- | -")
+        print(f"| {forms} | {mem} | {r['questions']} | {100 * r['value']:.1f} % | {100 * r['exact']:.1f} % | {found} "
+              f"| {weakest} |")
     if a.json:
         a.json.write_text(json.dumps({"model": str(a.model), "kb": a.kb, "world_seed": a.world_seed, "rows": rows}, indent=2) + "\n")
     return 0
