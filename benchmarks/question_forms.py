@@ -25,6 +25,7 @@ retrieval.
     OMP_NUM_THREADS=1 python benchmarks/question_forms.py --kb world          # the embedded reader
     OMP_NUM_THREADS=1 python benchmarks/question_forms.py --kb world --model examples/reader-half/model
     OMP_NUM_THREADS=1 python benchmarks/question_forms.py --kb world --world-seed 9   # a world no step trained on
+    OMP_NUM_THREADS=1 python benchmarks/question_forms.py --kb world --forced   # and with the article in context
 """
 
 import argparse
@@ -188,6 +189,9 @@ def main() -> int:
                     help="the blind forms (default benchmarks/blind_forms.json; blind_forms_2.json is a second set "
                          "by another writer who saw none of the project's phrasings)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--forced", action="store_true",
+                    help="also teacher-forced fact accuracy per form set: retrieved memory against the article in "
+                         "context (RAG) and nothing: does the model understand the phrasing at all?")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -213,6 +217,8 @@ def main() -> int:
         rows = {f"{name}, {'memory' if mem else 'none'}": score(ev, recs, mem)
                 for name, recs in (("template", template), ("novel", novel), ("blind", blind_recs))
                 for mem in (True, False)}
+        forced = {name: {mode: v["question"] for mode, v in ev.table(recs, modes=("sparse", "rag", "none")).items()}
+                  for name, recs in (("template", template), ("novel", novel), ("blind", blind_recs))} if a.forced else {}
         seconds = round(time.perf_counter() - t0, 1)
     where = a.kb if a.world_seed is None else f"{a.kb} (world {a.world_seed}, {a.world_entities} entities)"
     print(f"{a.model} on the {where} kb ({seconds} s); right = the answer's first sentence holds the value")
@@ -226,8 +232,16 @@ def main() -> int:
                  else "- | -")
         print(f"| {forms} | {mem} | {r['questions']} | {100 * r['value']:.1f} % | {100 * r['exact']:.1f} % | {found} "
               f"| {weakest} |")
+    if forced:
+        print("\nteacher-forced fact accuracy (every token of the value right given the answer so far):")
+        print("| forms | retrieved memory | article in context (RAG) | nothing |")
+        print("|---|---|---|---|")
+        for name, f in forced.items():
+            print(f"| {name} | {100 * f['sparse']['fact_acc']:.1f} % | {100 * f['rag']['fact_acc']:.1f} % "
+                  f"| {100 * f['none']['fact_acc']:.1f} % |")
     if a.json:
-        a.json.write_text(json.dumps({"model": str(a.model), "kb": a.kb, "world_seed": a.world_seed, "rows": rows}, indent=2) + "\n")
+        a.json.write_text(json.dumps({"model": str(a.model), "kb": a.kb, "world_seed": a.world_seed, "rows": rows,
+                                      "forced": forced}, indent=2) + "\n")
     return 0
 
 
