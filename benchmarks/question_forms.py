@@ -149,12 +149,17 @@ def retrieved_answer(ev: Evaluator, rec: dict, texts: dict) -> bool:
                for h in ev.retriever.retrieve(prompt, ev.layout.refs_per_chunk))
 
 
-def score(ev: Evaluator, recs: list[dict], memory: bool) -> dict:
+def ref_texts(ev: Evaluator) -> dict:
+    """ref_id -> (doc_id, text) of every reference of the kb."""
+    refs = ev.kb.references()
+    return dict(zip(refs.column("ref_id").to_pylist(), zip(refs.column("doc_id").to_pylist(),
+                                                         refs.column("text").to_pylist())))
+
+
+def score(ev: Evaluator, recs: list[dict], memory: bool, texts: dict) -> dict:
+    """texts: ref_texts(ev), for whether retrieval found the answer (with memory)."""
     value_right, exact_right, kinds = 0, 0, defaultdict(lambda: [0, 0])
     found, right_found = 0, 0  # memory: questions whose retrieval holds the answer, and right among them
-    refs = ev.kb.references()
-    texts = dict(zip(refs.column("ref_id").to_pylist(), zip(refs.column("doc_id").to_pylist(),
-                                                          refs.column("text").to_pylist())))
     for r in recs:
         head = first_sentence(answer(ev, r, memory))
         ok = r["facts"][0]["value"] in head
@@ -214,7 +219,8 @@ def main() -> int:
         t0 = time.perf_counter()
         compile_kb(CompileConfig(corpus=str(corpus / "corpus"), model=str(a.model)), Path(tmp) / "kb")
         ev = Evaluator(Path(tmp) / "kb", a.model, corpus)
-        rows = {f"{name}, {'memory' if mem else 'none'}": score(ev, recs, mem)
+        texts = ref_texts(ev)
+        rows = {f"{name}, {'memory' if mem else 'none'}": score(ev, recs, mem, texts)
                 for name, recs in (("template", template), ("novel", novel), ("blind", blind_recs))
                 for mem in (True, False)}
         forced = {name: {mode: v["question"] for mode, v in ev.table(recs, modes=("sparse", "rag", "none")).items()}
