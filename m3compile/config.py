@@ -71,7 +71,7 @@ class CompileConfig:
     codebook_seed: int = 0  # vq: seed of that sample and of FAISS training
     dtype: str = "float32"  # model compute dtype: "float32" or "bfloat16"
     device: str = "cpu"  # torch device for the forward pass, e.g. "cuda"
-    batch_size: int | None = None  # references per forward pass; None: BATCH_TOKENS' worth (refs_per_batch)
+    batch_size: int | None = None  # references per forward pass; None: as many as hold BATCH_TOKENS tokens
     max_shard_bytes: int = 256 * 2**20  # compressed payload bytes per shard file at most
     checkpoint_seconds: float = 30.0  # encoded frames not yet in a shard are made durable this often (0: every batch)
     # where the map steps run: "local" or "ray" (encode, select, quantize, compress; with ray, cutting too)
@@ -130,9 +130,9 @@ class CompileConfig:
         return self.workers or (2 if self.engine == "ray" else 1)
 
     def refs_per_batch(self, width: int) -> int:
-        """References per forward pass at a reference width: as given, or BATCH_TOKENS' worth.
-
-        The batch size never changes a memory's bytes (encode pads every batch to the width)."""
+        """References per forward pass at a reference width: as given, or BATCH_TOKENS' worth at
+        full width (codebook training and repairs; a compile's default batches hold BATCH_TOKENS
+        tokens, pipeline._batch_starts). The batch never changes a memory's bytes (model.PackedRows)."""
         return self.batch_size or max(1, BATCH_TOKENS // width)
 
     def resolve_layers(self, n_layers: int) -> tuple[int, ...]:

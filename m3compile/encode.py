@@ -39,9 +39,11 @@ def encode_batch(model: Transformer, token_lists: Sequence[Sequence[int]], prefi
                  layers: Sequence[int], pad_to: int | None = None) -> EncodedBatch:
     """Forward the references (each alone, behind the prefix) and keep the memory layers' q/k/v.
 
-    pad_to fixes the padded width: with the same tensor shapes in every batch, a reference's
-    memory does not depend on which batch it was in (measured bit-exact on CPU, float32 and
-    bfloat16), so resumed and incremental compiles reproduce the bytes of a full one. Autograd
+    pad_to fixes the padded width, and on the CPU every matmul outside attention runs on whole
+    blocks of model.PackedRows.ROW_BLOCK rows: a reference's memory does not depend on which batch
+    it was in (tests/test_model.py checks it bit for bit, float32 and bfloat16, at the embedded
+    reader's widths and at 768/2048), so resumed and incremental compiles reproduce the bytes of a
+    full one. Autograd
     follows the caller's grad mode: spec.memorize is the entry point that sets it.
     """
     p = len(prefix_ids)

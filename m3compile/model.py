@@ -363,48 +363,57 @@ class AttentionMask:
 
 class PackedRows:
     """The rows of a padded (B, T) batch that forward_kv computes outside attention: the real
-    tokens, topped up with padding rows to a multiple of ROW_BLOCK.
+    tokens, packed into whole blocks of ROW_BLOCK rows (a zero tail fills the last block).
 
     Everything in a block but attention is row-wise (norms, projections, SwiGLU, residuals), so
     padding rows need not go through it: their keys and values are masked in attention, the
     selection masks them as queries and keys, and no memory keeps them. Attention still runs on
     the (B, T) layout, with zeros at the rows not computed (a masked key's probability is exactly
-    0, so 0 * v adds nothing, as before). A real row's bits are those of the padded matmul: on
-    this CPU (AVX512, torch 2.13, 1 and 2 threads) a row of x @ W.T gives the same bits whatever
-    the row count and the row's place from 16 rows up, in float32 and bfloat16 (fewer rows take
-    other kernels: 1-7 differ), so the packed count is a multiple of 16. Only on the CPU, where
-    that was measured, and only without autograd (training keeps the plain path). The embedded
-    reader's references fill 95 % of their rows, the 110M benchmark's 91 %.
+    0, so 0 * v adds nothing, as before).
+
+    Why whole blocks: a reference's memory must not depend on the batch it was encoded in
+    (resumed, incremental and differently batched compiles give the same bytes). A row of x @ W.T
+    has the same bits whatever the other rows' values and its own place among them, but only at a
+    fixed row count: BLAS picks kernels and splits work by the row count. On a CPU with AMX
+    (torch 2.13, 2026-12-06) a bf16 row of a 768-wide matmul came out different at 48, 160 or 1024
+    rows than at 2048, and a float32 row of a 2048-wide one (the 110M shape's down projection) at
+    16-160 rows on two threads, so kbs of that shape changed with --batch-size; on the AVX512
+    machine where packing was measured first every count from 16 up agreed. So every matmul here
+    runs on exactly ROW_BLOCK rows (more rows: one call per block). The junk rows of the tail stay
+    zero without biases and are never read back. Only on the CPU, where that was measured, and
+    only without autograd (training keeps the plain path).
     """
 
-    ROW_BLOCK = 16
+    ROW_BLOCK = 2048  # rows a matmul call sees: config.BATCH_TOKENS, a default batch's tokens
 
     def __init__(self, rows: torch.Tensor, shape: tuple[int, int]):
-        self.rows = rows  # (P,) int64, ascending indices into the B*T rows
+        self.rows = rows  # (n,) int64, ascending indices of the real rows among the B*T
         self.shape = shape  # (B, T)
+        self.n_rows = -(-max(len(rows), 1) // self.ROW_BLOCK) * self.ROW_BLOCK  # P: whole blocks
 
     @classmethod
     def of(cls, attention_mask: torch.Tensor | None, device: torch.device) -> "PackedRows | None":
         if attention_mask is None or torch.is_grad_enabled() or device.type != "cpu":
             return None
         B, T = attention_mask.shape
-        keep = attention_mask.reshape(-1).bool().clone()  # (B*T,)
-        n = int(keep.sum())
-        P = min(B * T, -(-max(n, 1) // cls.ROW_BLOCK) * cls.ROW_BLOCK)
-        if P >= B * T:
-            return None  # nothing to save
-        if P > n:  # top up with the first padding rows (computed, then masked as before)
-            keep[(~keep).nonzero()[:P - n, 0]] = True
-        return cls(keep.nonzero()[:, 0], (B, T))
+        return cls(attention_mask.reshape(-1).bool().nonzero()[:, 0], (B, T))
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, F) -> (P, F): the kept rows."""
-        return x.reshape(-1, x.shape[-1]).index_select(0, self.rows)
+        """(B, T, F) -> (P, F): the real rows, then zeros up to whole blocks."""
+        out = x.new_zeros(self.n_rows, x.shape[-1])
+        torch.index_select(x.reshape(-1, x.shape[-1]), 0, self.rows, out=out[:len(self.rows)])
+        return out
 
     def unpack(self, y: torch.Tensor) -> torch.Tensor:
-        """(P, F) -> (B, T, F), zeros at the rows not kept."""
+        """(P, F) -> (B, T, F), zeros at the rows not real."""
         B, T = self.shape
-        return y.new_zeros(B * T, y.shape[-1]).index_copy_(0, self.rows, y).view(B, T, -1)
+        return y.new_zeros(B * T, y.shape[-1]).index_copy_(0, self.rows, y[:len(self.rows)]).view(B, T, -1)
+
+    def rowwise(self, fn, x: torch.Tensor) -> torch.Tensor:
+        """fn (row-wise, matmuls inside) of x (P, F), one ROW_BLOCK-row call at a time."""
+        if x.shape[0] == self.ROW_BLOCK:
+            return fn(x)
+        return torch.cat([fn(b) for b in x.split(self.ROW_BLOCK)])
 
 
 class Attention(nn.Module):
@@ -419,9 +428,11 @@ class Attention(nn.Module):
 
     def _qkv(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """wq, wk and wv as one matrix (and bias), kept while the weights are unchanged: one
-        matmul and one unpack instead of three. A column of x @ W.T has the same bits whatever
-        the other columns (measured on this CPU, float32 and bf16, 1 and 2 threads, widths 64-2048,
-        1-2048 rows); like PackedRows, only used without autograd on the CPU. The copy costs the
+        matmul and one unpack instead of three. Like PackedRows, only used without autograd on the
+        CPU, where every compile takes this path. A column of x @ W.T mostly has the bits of its own
+        matrix's product (float32 and bf16, 1 and 2 threads, widths 64-2048, 1-2048 rows, on an
+        AVX512 CPU), but not always: on a CPU with AMX bf16 q/k/v of width 768 differ at some row
+        counts, so the plain path (training) gives other bits than a compile. The copy costs the
         memory of those three matrices in the layers a compile runs (the first half of a model)."""
         parts = (self.wq, self.wk, self.wv)
 
@@ -440,7 +451,7 @@ class Attention(nn.Module):
             B, T, _ = x.shape
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
         else:
-            (B, T), qkv = packed.shape, packed.unpack(F.linear(x, *self._qkv()))  # (B, T, (N + 2H) D)
+            (B, T), qkv = packed.shape, packed.unpack(packed.rowwise(lambda r: F.linear(r, *self._qkv()), x))
             q, k, v = qkv.split([a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim], dim=-1)
         q = q.view(B, T, a.n_heads, a.head_dim).transpose(1, 2)  # (B, N, T, D)
         k = k.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -483,7 +494,7 @@ class Attention(nn.Module):
         out = (probs.view(B, H, R * T, S) @ v).view(B, a.n_heads, T, D)  # (B, N, T, D)
         out = out.transpose(1, 2).reshape(B, T, a.n_heads * D)  # (B, T, N*D)
         if packed is not None:
-            out = packed.pack(out)  # (P, N*D)
+            return packed.rowwise(self.wo, packed.pack(out)), kv  # (P, C)
         return self.wo(out), kv
 
 
@@ -516,6 +527,8 @@ class Block(nn.Module):
             h = x + h
             return h + self.feed_forward(self.ffn_norm(h)), kv
         h.add_(x)  # in place on fresh outputs (no autograd): the same bits as x + h
+        if packed is not None:
+            return packed.rowwise(self.feed_forward, self.ffn_norm(h)).add_(h), kv
         return self.feed_forward(self.ffn_norm(h)).add_(h), kv
 
 

@@ -41,7 +41,7 @@ import torch
 
 from m3compile import __version__, manifest as mf, references as refs_file, store
 from m3compile.chunk import chunk_documents
-from m3compile.config import (MODEL_MEMORY_FILE, PAPER_DEFAULTS, READ_SETTINGS, RUN_SETTINGS, CompileConfig,
+from m3compile.config import (BATCH_TOKENS, MODEL_MEMORY_FILE, PAPER_DEFAULTS, READ_SETTINGS, RUN_SETTINGS, CompileConfig,
                               default_model_dir, describe_settings, read_model_memory)
 from m3compile.corpus import RECORD_SUFFIXES, TEXT_SUFFIXES, CorpusReport, iter_documents
 from m3compile.distribute import (Frames, RaySession, check_ray, encode_frames, local_frames, pool_frames,
@@ -558,6 +558,24 @@ def _engine(setup: Setup, batches: Iterable[list[list[int]]], timer: Timer) -> t
     return local_frames(setup.ck.model, setup.spec, todo, timer), 1
 
 
+def _batch_starts(config: CompileConfig, new) -> list[int]:
+    """Where each forward pass's references begin in `new`: every --batch-size references, or by
+    default as many as hold at most BATCH_TOKENS tokens (one at least). A memory does not depend
+    on its batch (model.PackedRows), so this decides speed only: the forward packs a batch's real
+    tokens into BATCH_TOKENS-row blocks, and a batch that fills one wastes no rows on padding."""
+    if config.batch_size is not None:
+        return list(range(0, len(new), config.batch_size))
+    starts, used, i = [], BATCH_TOKENS, 0
+    for c in refs_file.iter_columns(new, ("n_tokens",)):
+        for n in c["n_tokens"].tolist():
+            if used + n > BATCH_TOKENS:
+                starts.append(i)
+                used = 0
+            used += n
+            i += 1
+    return starts
+
+
 def _write_new(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: Timer, progress: Progress) -> dict:
     config = setup.config
     source = store.FrameSource(out, setup.spec)
@@ -567,8 +585,8 @@ def _write_new(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: Timer
             ExitStack() as stack, closing(source):
         writer.before_replace = source.move_aside
         stack.callback(checkpoints.discard)  # frames after the last checkpoint are in a shard, or lost with the run
-        size = config.refs_per_batch(setup.spec.width)
-        starts = range(0, len(plan.new), size)
+        starts = _batch_starts(config, plan.new)
+        ends = [*starts[1:], len(plan.new)]
         # what the engine encodes: the references whose frame no shard or checkpoint holds (one
         # byte a reference; a batch's rows exist as dicts only while it is written)
         sending = bytearray(b"\1") * len(plan.new)
@@ -576,16 +594,15 @@ def _write_new(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: Timer
             for lo in range(0, len(plan.new), refs_file.COLUMN_BLOCK):
                 keys = plan.new[lo:lo + refs_file.COLUMN_BLOCK].keys()
                 sending[lo:lo + len(keys)] = bytes(k.tobytes() not in source.frames for k in keys)
-        lists = ([ids.tolist() for j, ids in enumerate(refs_file.columns(plan.new[s:s + size],
-                                                                        ("token_ids",))["token_ids"])
-                  if sending[s + j]] for s in starts)
+        lists = ([ids.tolist() for j, ids in enumerate(refs_file.columns(plan.new[s:e], ("token_ids",))["token_ids"])
+                  if sending[s + j]] for s, e in zip(starts, ends))
         encoded, stats["engine_workers"] = _engine(setup, lists, timer)
         # the driver's wait for frames encoded elsewhere (run.json); None: encoded here, timed by stage
         waiting = ("encode (waiting for ray)" if config.engine == "ray" else
                    "encode (waiting for workers)" if stats["engine_workers"] > 1 else None)
         stack.enter_context(closing(encoded))  # a failed write stops the engine (the Ray session closes in _run)
-        for n, s in enumerate(starts):
-            batch = list(plan.new[s:s + size])
+        for n, (s, e) in enumerate(zip(starts, ends)):
+            batch = list(plan.new[s:e])
             todo = [row for j, row in enumerate(batch) if sending[s + j]]
             sent_ids = {row["ref_id"] for row in todo}
             on_disk = {row["ref_id"]: source.get(bytes.fromhex(row["ref_key"])) for row in batch
@@ -872,7 +889,7 @@ def _run(config: CompileConfig, out: Path, progress: Progress, log, keep_missing
                    "torch": torch.__version__, "tokenizers": tokenizers.__version__,
                    "threads": torch.get_num_threads(),
                    **{k: v for k, v in config.to_dict().items() if k in RUN_SETTINGS},
-                   "batch_size": config.refs_per_batch(setup.spec.width)}
+                   **({} if config.batch_size else {"batch_tokens": BATCH_TOKENS})}
             mf.atomic_write_text(out / mf.RUN_LOG, mf.to_json(run))
             mf.commit(out, manifest, before_replace=lambda: crash_point("commit"))
         except OSError as e:

@@ -15,6 +15,7 @@ import numpy as np
 from safetensors import safe_open
 
 from m3compile import references as refs_file
+from m3compile.config import BATCH_TOKENS
 from m3compile.errors import M3Error
 from m3compile.manifest import Manifest, read_manifest
 from m3compile.pack import ShardReaders, open_frame, read_shard_header
@@ -146,8 +147,12 @@ def _recompute(kb: Path, rows: list[dict], n: int, model, seed: int, device: str
     ck = load_kb_model(base, model, device=device, dtype=base.spec.dtype)
     faults = []
     sample = random.Random(seed).sample(rows, min(n, len(rows)))
-    for done, r in enumerate(sample, 1):
-        mem = memorize(ck.model, [r["token_ids"]], base.spec)[0]
+    # a batch's worth at a time: a forward costs a whole row block however few references it holds
+    # (model.PackedRows), and a memory is the same bits in any batch
+    size = max(1, BATCH_TOKENS // base.spec.width)
+    mems = (m for lo in range(0, len(sample), size)
+            for m in memorize(ck.model, [r["token_ids"] for r in sample[lo:lo + size]], base.spec))
+    for done, (r, mem) in enumerate(zip(sample, mems), 1):
         stored = base.memory(r["ref_id"])
         tol = r["quant_max_err"] * (1 + 1e-3) + 1e-5
         if not torch.equal(stored.positions, mem.positions):

@@ -2,6 +2,7 @@
 real-activation quantization error, and what `inspect` reports."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -69,6 +70,29 @@ def test_two_compiles_are_byte_identical(tmp_path):
     stages = run["stage_seconds"]  # exclusive: the index, built while the generation is written, counts once
     assert {"encode+select", "write", "index"} <= set(stages) and min(stages.values()) >= 0
     assert sum(stages.values()) <= run["wall_seconds"] + 0.01, stages
+
+
+def test_default_batches_hold_a_token_budget_and_give_the_bytes_of_any_batch_size(tmp_path, monkeypatch):
+    """By default a batch holds as many references as fit in BATCH_TOKENS tokens (the forward packs
+    them into one row block); --batch-size fixes the count instead. Either way the kb's bytes are
+    the same, and run.json says which batching ran."""
+    import m3compile.pipeline as pipeline
+    monkeypatch.setattr(pipeline, "BATCH_TOKENS", 40)  # a few 16-token references a batch
+    make_checkpoint(tmp_path / "model", "LlamaForCausalLM", {})
+    corpus = word_corpus(tmp_path / "corpus", n_docs=4)
+    batches = []
+    cfg = CompileConfig(corpus=str(corpus), model=str(tmp_path / "model"), max_tokens=16)
+    compile_kb(cfg, tmp_path / "a", progress=lambda e: batches.append(e) if e.get("event") == "batch" else None)
+    assert len(batches) > 3 and all(b["tokens"] <= 40 or b["refs"] == 1 for b in batches), batches
+    assert any(b["refs"] > 2 for b in batches)  # short references share a batch beyond 40 // 16
+    compile_kb(replace(cfg, batch_size=3), tmp_path / "b")
+    names = sorted(p.name for p in (tmp_path / "a").iterdir() if p.is_file() and p.name != "run.json")
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir() if p.is_file() and p.name != "run.json")
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    run_a, run_b = (json.loads((tmp_path / k / "run.json").read_text()) for k in "ab")
+    assert (run_a["batch_size"], run_a["batch_tokens"]) == (None, 40)
+    assert run_b["batch_size"] == 3 and "batch_tokens" not in run_b
 
 
 @pytest.mark.parametrize("native", [True, False])

@@ -424,3 +424,31 @@ def test_freed_blocks_are_reused_without_page_faults():
     if default < pages // 2:
         pytest.skip(f"this libc reuses freed blocks by default ({default} page faults for {pages} pages)")
     assert kept < pages // 50, (kept, default)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_memory_is_the_same_bits_in_any_batch_at_llama_widths(dtype):
+    """The same at the widths of real models, where BLAS does change a row's bits with the row
+    count: on a CPU with AMX (torch 2.13) a bf16 row of a 768-wide projection and a float32 row
+    of a 2048-wide one came out different at 16-1024 rows than at 2048, and kbs of the 110M shape
+    changed with --batch-size until every matmul ran on whole ROW_BLOCK-row blocks. References
+    alone, in batches of other sizes and peers, and in a batch of more tokens than one block
+    (two blocks) get the same bits (CPUs whose BLAS never varies pass either way)."""
+    from m3compile.encode import encode_batch
+
+    args = ModelArgs(vocab_size=300, dim=768, n_layers=2, n_heads=12, n_kv_heads=4, head_dim=64, hidden_dim=2048)
+    model = Transformer(args).init_weights(seed=0).to(dtype).eval()
+    g = torch.Generator().manual_seed(3)
+    width, prefix = 128, [1, 50, 60]
+    refs = [torch.randint(3, 300, (int(n),), generator=g).tolist() for n in torch.randint(90, width + 1, (24,), generator=g)]
+    assert sum(map(len, refs)) > PackedRows.ROW_BLOCK  # the whole batch packs into two blocks
+
+    def kv(batch):
+        with torch.inference_mode():
+            enc = encode_batch(model, batch, prefix, [0, 1], pad_to=width)
+        return [[t[b, :, :len(r)] for layer in (0, 1) for t in enc.kv[layer]] for b, r in enumerate(batch)]
+
+    whole = kv(refs)
+    for idx in ([3], [0, 5, 10, 15], list(range(8)), list(range(1, 24, 2))):
+        for got, i in zip(kv([refs[i] for i in idx]), idx):
+            assert all(torch.equal(a, b) for a, b in zip(got, whole[i])), (idx, i)
