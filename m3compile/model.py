@@ -380,8 +380,9 @@ class PackedRows:
     16-160 rows on two threads, so kbs of that shape changed with --batch-size; on the AVX512
     machine where packing was measured first every count from 16 up agreed. So every matmul here
     runs on exactly ROW_BLOCK rows (more rows: one call per block). The junk rows of the tail stay
-    zero without biases and are never read back. Only on the CPU, where that was measured, and
-    only without autograd (training keeps the plain path).
+    zero without biases and are never read back. Only on the CPU, where that was measured (on CUDA
+    cuBLAS may pick kernels by row count too; not measured, no GPU was at hand), and only without
+    autograd (training keeps the plain path).
     """
 
     ROW_BLOCK = 2048  # rows a matmul call sees: config.BATCH_TOKENS, a default batch's tokens
