@@ -131,7 +131,9 @@ def transformers_pipeline(model_dir: Path, refs: list[list[int]], prefix: list[i
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mb", type=float, default=1.0, help="megabytes of book text to compile")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="references a forward pass of the compile (default: the compile's, as many as hold "
+                         "2,048 tokens); the transformers pipeline takes this many, or 16 (2,048 / 128)")
     ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the plain transformers pipeline (needs transformers, the [test] extra)")
@@ -172,7 +174,7 @@ def main():
                 kb = open_kb(work / f"kb-{dtype}")
                 refs = kb.references().select(["token_ids"]).to_pydict()["token_ids"]
                 hf_wall = transformers_pipeline(model_dir, refs, list(kb.spec.prefix_ids), list(kb.spec.memory_layers),
-                                                kb.spec.top_k, dtype, opts.batch_size)
+                                                kb.spec.top_k, dtype, opts.batch_size or 16)
                 baselines.append((dtype, n / hf_wall, flops / hf_wall / peak, hf_wall / wall))
         print("\n| dtype | refs | tokens | wall s | refs/s | tokens/s | MFU (vs bf16 peak) |")
         print("|---|---|---|---|---|---|---|")
