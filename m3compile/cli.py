@@ -104,7 +104,7 @@ def compile(
     retrain_codebooks: Annotated[bool, typer.Option(help="vq: train new codebooks instead of keeping the kb's (every memory is encoded again)")] = False,
     dtype: Annotated[str, typer.Option(help="compute dtype: float32 | bfloat16")] = DEFAULTS["dtype"],
     device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda")] = DEFAULTS["device"],
-    batch_size: Annotated[Optional[int], typer.Option(help=f"references per forward pass (default: as many as hold {BATCH_TOKENS} tokens)")] = DEFAULTS["batch_size"],
+    batch_size: Annotated[Optional[int], typer.Option(help=f"references per forward pass (default: as many as hold {BATCH_TOKENS} tokens; on the CPU a pass computes whole blocks of {BATCH_TOKENS} token rows, so fewer tokens waste work)")] = DEFAULTS["batch_size"],
     max_shard_bytes: Annotated[int, typer.Option(help="compressed bytes per shard file at most")] = DEFAULTS["max_shard_bytes"],
     checkpoint_seconds: Annotated[float, typer.Option(help="encoded frames not yet in a shard are made durable this often; a kill loses at most this much encoding")] = DEFAULTS["checkpoint_seconds"],
     engine: Annotated[str, typer.Option(help="where encoding (and, with ray, cutting) runs: local | ray (pip install 'm3compile[ray]'; same bytes)")] = DEFAULTS["engine"],

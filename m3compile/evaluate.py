@@ -86,9 +86,9 @@ def evaluate(kb: KnowledgeBase, ck: Checkpoint, docs: Iterable[Document], oracle
     full_cache: dict[int, object] = {}
 
     def full(ids):
-        missing = [i for i in ids if i not in full_cache]
+        missing = [i for i in dict.fromkeys(ids) if i not in full_cache]
         for m in full_memories(model, [ref_tokens[i] for i in missing], missing, kb.spec,
-                               all_layers.memory_layers):
+                               all_layers.memory_layers) if missing else ():
             full_cache[m.ref_id] = m
         return [full_cache[i] for i in ids]
 
@@ -108,6 +108,7 @@ def evaluate(kb: KnowledgeBase, ck: Checkpoint, docs: Iterable[Document], oracle
                 chunk_refs.append(oracle_refs(by_doc[doc.doc_id], start, refs_per_chunk))
             else:
                 chunk_refs.append(retrieve(tok.decode(ids[start:start + chunk_tokens]), refs_per_chunk))
+        full([i for r in chunk_refs for i in r])  # the document's references in one forward: a pass costs a row block
         mems = {
             "no_memory": None,
             "sparse": [ChunkMemory.gather(kb.memories(r), layout.memory_layers) for r in chunk_refs],
