@@ -132,7 +132,7 @@ class CompileConfig:
     def refs_per_batch(self, width: int) -> int:
         """References per forward pass at a reference width: as given, or BATCH_TOKENS' worth at
         full width (codebook training and repairs; a compile's default batches hold BATCH_TOKENS
-        tokens, pipeline._batch_starts). The batch never changes a memory's bytes (model.PackedRows)."""
+        tokens, pipeline._batch_spans). The batch never changes a memory's bytes (model.PackedRows)."""
         return self.batch_size or max(1, BATCH_TOKENS // width)
 
     def resolve_layers(self, n_layers: int) -> tuple[int, ...]:

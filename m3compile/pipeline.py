@@ -558,22 +558,26 @@ def _engine(setup: Setup, batches: Iterable[list[list[int]]], timer: Timer) -> t
     return local_frames(setup.ck.model, setup.spec, todo, timer), 1
 
 
-def _batch_starts(config: CompileConfig, new) -> list[int]:
-    """Where each forward pass's references begin in `new`: every --batch-size references, or by
-    default as many as hold at most BATCH_TOKENS tokens (one at least). A memory does not depend
-    on its batch (model.PackedRows), so this decides speed only: the forward packs a batch's real
-    tokens into BATCH_TOKENS-row blocks, and a batch that fills one wastes no rows on padding."""
+def _batch_spans(config: CompileConfig, new) -> Iterator[tuple[int, int]]:
+    """(start, end) of each forward pass's references in `new`, streamed (nothing held per batch):
+    every --batch-size references, or by default as many as hold at most BATCH_TOKENS tokens (one
+    at least). A memory does not depend on its batch (model.PackedRows), so this decides speed
+    only: the forward packs a batch's real tokens into BATCH_TOKENS-row blocks, and a batch that
+    fills one wastes no rows on padding."""
     if config.batch_size is not None:
-        return list(range(0, len(new), config.batch_size))
-    starts, used, i = [], BATCH_TOKENS, 0
+        for s in range(0, len(new), config.batch_size):
+            yield s, min(s + config.batch_size, len(new))
+        return
+    start, used, i = 0, 0, 0
     for c in refs_file.iter_columns(new, ("n_tokens",)):
         for n in c["n_tokens"].tolist():
-            if used + n > BATCH_TOKENS:
-                starts.append(i)
-                used = 0
+            if used + n > BATCH_TOKENS and i > start:
+                yield start, i
+                start, used = i, 0
             used += n
             i += 1
-    return starts
+    if i > start:
+        yield start, i
 
 
 def _write_new(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: Timer, progress: Progress) -> dict:
@@ -585,8 +589,6 @@ def _write_new(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: Timer
             ExitStack() as stack, closing(source):
         writer.before_replace = source.move_aside
         stack.callback(checkpoints.discard)  # frames after the last checkpoint are in a shard, or lost with the run
-        starts = _batch_starts(config, plan.new)
-        ends = [*starts[1:], len(plan.new)]
         # what the engine encodes: the references whose frame no shard or checkpoint holds (one
         # byte a reference; a batch's rows exist as dicts only while it is written)
         sending = bytearray(b"\1") * len(plan.new)
@@ -595,13 +597,13 @@ def _write_new(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: Timer
                 keys = plan.new[lo:lo + refs_file.COLUMN_BLOCK].keys()
                 sending[lo:lo + len(keys)] = bytes(k.tobytes() not in source.frames for k in keys)
         lists = ([ids.tolist() for j, ids in enumerate(refs_file.columns(plan.new[s:e], ("token_ids",))["token_ids"])
-                  if sending[s + j]] for s, e in zip(starts, ends))
+                  if sending[s + j]] for s, e in _batch_spans(config, plan.new))
         encoded, stats["engine_workers"] = _engine(setup, lists, timer)
         # the driver's wait for frames encoded elsewhere (run.json); None: encoded here, timed by stage
         waiting = ("encode (waiting for ray)" if config.engine == "ray" else
                    "encode (waiting for workers)" if stats["engine_workers"] > 1 else None)
         stack.enter_context(closing(encoded))  # a failed write stops the engine (the Ray session closes in _run)
-        for n, (s, e) in enumerate(zip(starts, ends)):
+        for n, (s, e) in enumerate(_batch_spans(config, plan.new)):
             batch = list(plan.new[s:e])
             todo = [row for j, row in enumerate(batch) if sending[s + j]]
             sent_ids = {row["ref_id"] for row in todo}
