@@ -167,6 +167,13 @@ def _setup(config: CompileConfig, log) -> tuple[Setup, Timer]:
         # dtype is part of the memories' bytes, so it is never switched behind the user's back
         log(f"note: --dtype bfloat16 on {config.device} without bf16 units (AMX, AVX512-BF16): torch emulates "
             "bf16 matmuls here, ~30x slower than float32; --dtype float32 compiles faster (other bytes)")
+    threads = torch.get_num_threads()
+    if (spec.dtype == "bfloat16" and torch.device(config.device).type == "cpu" and config.cpus_per_worker != threads
+            and (config.engine == "ray" or config.engine_workers > 1)):
+        # measured on a CPU with AMX: 880 of 881 memories of the 110M shape differ between 1 and 2 threads
+        log(f"note: bf16 memories depend on the torch thread count on some CPUs (with AMX they do); workers encode "
+            f"on {config.cpus_per_worker} (--cpus-per-worker), a local compile here on {threads}, so their bytes "
+            f"may differ; --cpus-per-worker {threads} gives a local compile's")
     return Setup(config, ck, model_path, model_id, spec, spec.key_context()), timer  # config resolved
 
 

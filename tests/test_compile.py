@@ -109,6 +109,20 @@ def test_bf16_without_bf16_units_is_named(tmp_path, monkeypatch, native):
     assert any("without bf16 units" in n and "--dtype float32" in n for n in notes) is not native, notes
 
 
+@pytest.mark.parametrize("dtype, workers, cpus, noted", [("bfloat16", 2, 1, True), ("bfloat16", 2, 2, False),
+                                                        ("bfloat16", 1, 1, False), ("float32", 2, 1, False)])
+def test_bf16_workers_on_other_thread_counts_are_named(tmp_path, monkeypatch, dtype, workers, cpus, noted):
+    # bf16 memories depend on the thread count on a CPU with AMX (README, "Compiling on a cluster"):
+    # workers that encode on other counts than a local compile are named before any work
+    import m3compile.pipeline as pipeline
+    monkeypatch.setattr(pipeline.torch, "get_num_threads", lambda: 2)
+    make_checkpoint(tmp_path / "model", "LlamaForCausalLM", {})
+    notes = []
+    pipeline._setup(CompileConfig(corpus=str(tmp_path), model=str(tmp_path / "model"), dtype=dtype, workers=workers,
+                                  cpus_per_worker=cpus), notes.append)
+    assert any("--cpus-per-worker 2 gives a local compile's" in n for n in notes) is noted, notes
+
+
 @pytest.mark.parametrize("spill", [False, True])
 def test_plan_columns_give_back_the_rows(tmp_path, spill, monkeypatch):
     # a compile's plan holds its rows as fixed records and variable records (issue 16), in memory or
