@@ -30,6 +30,13 @@ READ_SETTINGS = ("max_tokens", "boundary", "min_fill", "prefix", "top_k", "memor
 # cores, 32-64 a pass ran 1.3x faster than 16, and 128 only 1.16x (activations leave the L2
 # cache): benchmarks/encode_speed.py, which alternates batch sizes in one run
 BATCH_TOKENS = 2048
+
+
+def default_refs_per_batch(width: int) -> int:
+    """BATCH_TOKENS' worth of references at full width (at least one)."""
+    return max(1, BATCH_TOKENS // width)
+
+
 # the paper's read schedule (§3.1): stated once, used by the CLI, the reader, generation, evaluate and train
 CHUNK_TOKENS = 64  # text tokens per chunk
 REFS_PER_CHUNK = 5  # references retrieved per chunk
@@ -133,7 +140,7 @@ class CompileConfig:
         """References per forward pass at a reference width: as given, or BATCH_TOKENS' worth at
         full width (codebook training and repairs; a compile's default batches hold BATCH_TOKENS
         tokens, pipeline._batch_spans). The batch never changes a memory's bytes (model.PackedRows)."""
-        return self.batch_size or max(1, BATCH_TOKENS // width)
+        return self.batch_size or default_refs_per_batch(width)
 
     def resolve_layers(self, n_layers: int) -> tuple[int, ...]:
         """The memory layers for a model of n_layers: as given, or the first half (at least one)."""

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from m3compile.config import BATCH_TOKENS
 from m3compile.errors import M3Error
 from m3compile.store import sha256_file
 from m3compile.tokenizer import Tokenizer
@@ -385,7 +386,7 @@ class PackedRows:
     autograd (training keeps the plain path).
     """
 
-    ROW_BLOCK = 2048  # rows a matmul call sees: config.BATCH_TOKENS, a default batch's tokens
+    ROW_BLOCK = BATCH_TOKENS  # rows a matmul call sees: a default batch's tokens fill one block
 
     def __init__(self, rows: torch.Tensor, shape: tuple[int, int]):
         self.rows = rows  # (n,) int64, ascending indices of the real rows among the B*T

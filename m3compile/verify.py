@@ -15,7 +15,7 @@ import numpy as np
 from safetensors import safe_open
 
 from m3compile import references as refs_file
-from m3compile.config import BATCH_TOKENS
+from m3compile.config import default_refs_per_batch
 from m3compile.errors import M3Error
 from m3compile.manifest import Manifest, read_manifest
 from m3compile.pack import ShardReaders, open_frame, read_shard_header
@@ -149,7 +149,7 @@ def _recompute(kb: Path, rows: list[dict], n: int, model, seed: int, device: str
     sample = random.Random(seed).sample(rows, min(n, len(rows)))
     # a batch's worth at a time: a forward costs a whole row block however few references it holds
     # (model.PackedRows), and a memory is the same bits in any batch
-    size = max(1, BATCH_TOKENS // base.spec.width)
+    size = default_refs_per_batch(base.spec.width)
     mems = (m for lo in range(0, len(sample), size)
             for m in memorize(ck.model, [r["token_ids"] for r in sample[lo:lo + size]], base.spec))
     for done, (r, mem) in enumerate(zip(sample, mems), 1):
