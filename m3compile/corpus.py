@@ -63,11 +63,25 @@ class CorpusReport:
 
     def raise_if_empty(self) -> None:
         if self.documents == 0:
-            skips = ", ".join(f"{n} {r}" for r, n in sorted(self.skipped.items())) or "no files"
+            if self.skipped:
+                # the first skip's detail says what was wrong: with nothing read, no log line follows
+                ex = next((e for e in self.examples if e.detail), None)
+                where = "" if ex is None else ex.source if ex.line is None else f"{ex.source}:{ex.line}"
+                why = ", ".join(f"{n} {r}" for r, n in sorted(self.skipped.items())) + (
+                    f"; e.g. {where}: {ex.detail}" if ex is not None else "")
+            elif self.files:
+                why = f"{self.files} file{'s' if self.files > 1 else ''} read, no text in {'them' if self.files > 1 else 'it'}"
+            else:
+                why = "no .txt, .md, .jsonl or .parquet file in it"
             raise M3Error(
-                f"no readable document in corpus {self.root} ({skips}); add UTF-8 .txt/.md files or "
+                f"no readable document in corpus {self.root} ({why}); add UTF-8 .txt/.md files or "
                 ".jsonl/.parquet records with id/_id and text"
             )
+
+    def log_skips(self, log) -> None:
+        """One line per reason skipped, with its examples (what compile prints at its end)."""
+        for line in self.summary_lines()[1:]:
+            log(line)
 
 
 def normalize_text(text: str) -> str:
@@ -108,6 +122,15 @@ def iter_documents(root: Path, report: CorpusReport, follow_symlinks: bool = Fal
     return _read_files(_walk(root, report, follow_symlinks), report)
 
 
+# what marks a directory as a knowledge base (formats/manifest.md, formats/kv-shard.md): the lock
+# of a compile under way, or a committed kb's manifest beside its shard index
+KB_MARKERS = (".m3.lock", ("manifest.json", "memory.safetensors.index.json"))
+
+
+def _is_kb(path: Path) -> bool:
+    return any((path / m).exists() if isinstance(m, str) else all((path / n).exists() for n in m) for m in KB_MARKERS)
+
+
 def _walk(root: Path, report: CorpusReport, follow_symlinks: bool) -> list[tuple[str, Path]]:
     # collect every path first: sorting the full relative paths (not per directory) is what makes
     # the order the same on every OS and filesystem; the list holds paths only, not contents
@@ -144,7 +167,10 @@ def _walk(root: Path, report: CorpusReport, follow_symlinks: bool) -> list[tuple
                     stack.append((p, rel + "/", ancestors + (target,)))
                     continue
             elif entry.is_dir(follow_symlinks=False):
-                stack.append((p, rel + "/", ancestors + (p.resolve(),)))
+                if _is_kb(p):  # e.g. `m3 compile docs/ -o docs/kb`: its indexes and tables are not text
+                    report.skip("knowledge-base", rel + "/", None, "a knowledge base inside the corpus, not read")
+                else:
+                    stack.append((p, rel + "/", ancestors + (p.resolve(),)))
                 continue
             if not p.is_file():
                 report.skip("not-a-file", rel, None, "not a regular file")

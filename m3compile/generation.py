@@ -46,6 +46,8 @@ def generate_text(prompt: str, kb: str | Path | None = None, model: str | Path |
         >>> generate_text("Who founded Brerrdale?", kb="kb/", max_new_tokens=10).text
         ' Emrys Viandane.'
     """
+    if not temperature >= 0:  # also NaN
+        raise M3Error(f"--temperature {temperature} must be 0 (greedy) or more, e.g. 0.8")
     from m3compile.kb import load_kb_model, open_kb
     from m3compile.model import load_checkpoint
 

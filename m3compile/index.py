@@ -451,6 +451,12 @@ def load_embedder(path: str | Path, device: str = "cpu"):
     if not (root / "config.json").is_file() and not (root / "modules.json").is_file():
         raise M3Error(f"embedder {path} is not a local sentence-transformers model directory "
                       "(no modules.json or config.json); give the directory, models are never downloaded")
+    try:  # transformers draws a "Loading weights" bar on stderr at every load: every dense query's
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
     return SentenceTransformer(str(root), device=device, local_files_only=True)
 
 
@@ -485,6 +491,13 @@ def _embedding_dim(model) -> int:
     get = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
     dim = get()
     return int(dim) if dim else int(embed(model, ["x"]).shape[1])
+
+
+def check_index_factory(embedder: str, factory: str, device: str = "cpu") -> None:
+    """Refuse a dense index factory FAISS cannot build at the embedder's dimension before a compile
+    encodes anything (the index is built last). "Flat" always builds and loads nothing."""
+    if factory != "Flat":
+        _make_faiss(factory, _embedding_dim(load_embedder(resolve_embedder(embedder), device)))
 
 
 def _make_faiss(factory: str, dim: int):

@@ -57,7 +57,9 @@ class KnowledgeBase:
         return self.path / self.manifest.paths["references"]
 
     def references(self) -> pa.Table:
-        """All reference rows (ref_id, doc_id, source, spans, token_ids, text, shard location, errors)."""
+        """All reference rows: ref_id, doc_id, source, index, char_start, char_end, n_tokens, token_ids,
+        text, n_kept, shard, byte_offset, byte_length, quant_rel_err, quant_max_err, ref_key,
+        doc_sha256 (formats/references.md)."""
         if self._table is None:
             self._table = refs_file.read_references(self.references_path)
         return self._table
@@ -90,6 +92,15 @@ class KnowledgeBase:
     def __len__(self) -> int:
         return len(self._locations())
 
+    def ids_hint(self) -> str:
+        """Which ref ids exist, for an error about one that does not: after incremental compiles
+        and `m3 compact` they need not start at 0 nor be contiguous."""
+        ids = sorted(self._locations())
+        if not ids:
+            return "it holds no references"
+        gaps = "" if ids[-1] - ids[0] + 1 == len(ids) else ", with gaps"
+        return f"{len(ids)} references, ref ids {ids[0]}..{ids[-1]}{gaps}"
+
     def memory(self, ref_id: int) -> Memory:
         """One reference's memory, dequantized.
 
@@ -107,7 +118,7 @@ class KnowledgeBase:
             return self._cache[ref_id]
         loc = self._locations().get(ref_id)
         if loc is None:
-            raise M3Error(f"no reference {ref_id} in {self.path} (it has {len(self)}); see `m3 inspect`")
+            raise M3Error(f"no reference {ref_id} in {self.path} ({self.ids_hint()}); see `m3 inspect`")
         where = f"{loc.shard} reference {ref_id}"
         try:
             frame = read_payload(self.path / loc.shard, loc)
@@ -248,7 +259,7 @@ def reference_detail(kb: KnowledgeBase, ref_id: int) -> dict:
     """One reference: its row, and per memory layer and kv head the kept tokens (j, id, text)."""
     rows = kb.reference_rows([ref_id]) if 0 <= ref_id < 2**63 else []  # ref ids are int64
     if not rows:
-        raise M3Error(f"no reference {ref_id} in {kb.path} (ref ids 0..{len(kb.references()) - 1}); see `m3 inspect`")
+        raise M3Error(f"no reference {ref_id} in {kb.path} ({kb.ids_hint()}); see `m3 inspect`")
     row = rows[0]
     mem = kb.memory(ref_id)
     tok = None

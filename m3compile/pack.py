@@ -33,6 +33,9 @@ import zstandard
 from m3compile.errors import M3Error
 from m3compile.quantize import QuantError, QuantKV, Scheme, get_scheme
 
+# what every "damaged shard" error tells the user: repair copies the frames that still check
+_REPAIR = "`m3 verify --repair {}` rebuilds it"
+
 FORMAT, FORMAT_VERSION, CODEC = "m3-kv", 1, "zstd"
 # measured in formats/kv-shard.md: on quantized K/V level 19 saves 1-3% more at ~1/80 the speed
 ZSTD_LEVEL = 3
@@ -512,8 +515,11 @@ def check_shard_metadata(meta: dict, where: str) -> None:
                           f"{FORMAT_VERSION} defines; the shard is damaged")
 
 
-def read_shard_header(path: Path) -> dict:
-    """Read only the 8-byte length and JSON header of a shard; check that it is whole and ours."""
+def read_shard_header(path: Path, whole: bool = True) -> dict:
+    """Read only the 8-byte length and JSON header of a shard; check that it is whole and ours.
+
+    whole=False accepts a file shorter than its header says (a truncated shard), for a repair that
+    salvages the frames still in it: each frame is checked on its own (pack.check_frame)."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -525,16 +531,16 @@ def read_shard_header(path: Path) -> dict:
                               "the shard is truncated or not safetensors")
             header = json.loads(f.read(n))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise M3Error(f"cannot read shard {path}: {e}; the file is damaged, recompile the kb") from None
+        raise M3Error(f"cannot read shard {path}: {e}; the file is damaged: {_REPAIR.format(path.parent)}") from None
     if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
         raise M3Error(f"{path.name}: safetensors header has no __metadata__; not an m3 kb shard")
     try:
         ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"]
     except (KeyError, TypeError, IndexError, ValueError):
         raise M3Error(f"{path.name}: a tensor entry lacks valid data_offsets; the shard is damaged") from None
-    if max(ends, default=0) != size - 8 - n:
+    if max(ends, default=0) != size - 8 - n and (whole or max(ends, default=0) < size - 8 - n):
         raise M3Error(f"{path.name}: tensors need {max(ends, default=0)} data bytes but the file has "
-                      f"{size - 8 - n}; the shard is truncated or damaged, recompile the kb")
+                      f"{size - 8 - n}; the shard is truncated or damaged: {_REPAIR.format(path.parent)}")
     check_shard_metadata(header["__metadata__"], path.name)
     return header
 
@@ -553,9 +559,9 @@ class ShardReader:
     many frames (verify, compact, an incremental compile copying frames, repair) opens one reader
     per shard; `read_payload` opens one per call. Use as a context manager, or close()."""
 
-    def __init__(self, shard_path: Path):
+    def __init__(self, shard_path: Path, salvage: bool = False):
         self.path = Path(shard_path)
-        header = read_shard_header(self.path)
+        header = read_shard_header(self.path, whole=not salvage)  # salvage: a truncated shard's first frames
         kv = [k for k in header if k.endswith(".kv")]
         if len(kv) != 1:
             raise M3Error(f"{self.path.name}: shard has {len(kv)} kv tensors, expected 1; the shard is damaged")
@@ -567,7 +573,7 @@ class ShardReader:
             ok = False
         if not ok:
             raise M3Error(f"{self.path.name}: its kv tensor is not a U8 vector of its data_offsets' size; "
-                          "the shard is damaged, recompile the kb")
+                          f"the shard is damaged: {_REPAIR.format(self.path.parent)}")
         self.kv_bytes = b - a
         self._file = None
         try:
@@ -575,7 +581,7 @@ class ShardReader:
             n = struct.unpack("<Q", self._file.read(8))[0]  # read_shard_header checked it
         except (OSError, struct.error) as e:
             self.close()
-            raise M3Error(f"cannot read shard {self.path}: {e}; the file is damaged, recompile the kb") from None
+            raise M3Error(f"cannot read shard {self.path}: {e}; the file is damaged: {_REPAIR.format(self.path.parent)}") from None
         self._base = 8 + n + a  # file offset of kv byte 0
 
     def read(self, offset: int, length: int, ref_id: int = -1) -> bytes:
@@ -588,7 +594,7 @@ class ShardReader:
             self._file.seek(self._base + a)
             data = self._file.read(length)
         except OSError as e:
-            raise M3Error(f"cannot read shard {self.path}: {e}; the file is damaged, recompile the kb") from None
+            raise M3Error(f"cannot read shard {self.path}: {e}; the file is damaged: {_REPAIR.format(self.path.parent)}") from None
         if len(data) != length:
             raise M3Error(f"{self.path.name} ref {ref_id}: the shard ends inside this frame; it is truncated")
         return data
@@ -609,15 +615,15 @@ class ShardReaders:
     shards are named relative to it (a kb directory). At most `max_open` stay open (the least
     recently used is closed): a kb of thousands of shards must not run out of file handles."""
 
-    def __init__(self, root: Path | None = None, max_open: int = 64):
-        self.root, self.max_open = root, max_open
+    def __init__(self, root: Path | None = None, max_open: int = 64, salvage: bool = False):
+        self.root, self.max_open, self.salvage = root, max_open, salvage
         self._open: OrderedDict[Path | str, ShardReader] = OrderedDict()
 
     def read(self, shard_path: Path | str, offset: int, length: int, ref_id: int = -1) -> bytes:
         """A frame of the shard at `shard_path`; the same path (a str or Path) reuses its reader."""
         r = self._open.get(shard_path)
         if r is None:
-            r = ShardReader(Path(shard_path) if self.root is None else self.root / shard_path)
+            r = ShardReader(Path(shard_path) if self.root is None else self.root / shard_path, self.salvage)
             self._open[shard_path] = r
             if len(self._open) > self.max_open:
                 self._open.popitem(last=False)[1].close()

@@ -29,7 +29,7 @@ import tempfile
 import time
 from array import array
 from collections import defaultdict
-from contextlib import ExitStack, closing, contextmanager, nullcontext
+from contextlib import ExitStack, closing, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -47,7 +47,7 @@ from m3compile.corpus import RECORD_SUFFIXES, TEXT_SUFFIXES, CorpusReport, iter_
 from m3compile.distribute import (Frames, RaySession, check_ray, encode_frames, local_frames, pool_frames,
                                   ray_frames, ray_references)
 from m3compile.errors import M3Error
-from m3compile.index import index_references, resolve_embedder
+from m3compile.index import check_index_factory, index_references, resolve_embedder
 from m3compile.model import Checkpoint, bf16_is_native, cpu_description, fingerprint, load_checkpoint
 from m3compile.pack import (CODEC, FORMAT, FORMAT_VERSION, LAYOUT, ZSTD_LEVEL, ShardReaders, ShardWriter,
                             check_frame, shard_info, write_shard_index)
@@ -55,6 +55,8 @@ from m3compile.spec import MemorySpec
 
 Progress = Callable[[dict], None]  # receives {"event": "start"|"batch"|"done", ...}
 # the compile option behind a MemorySpec field, for messages only: the kb's identity is the field
+MODEL_FINGERPRINT = {"model_config_sha256": "config.json", "model_weights_sha256": "weights",
+                     "tokenizer_sha256": "tokenizer"}
 OPTION_OF = {"model_config_sha256": "--model", "model_weights_sha256": "--model", "tokenizer_sha256": "--model",
              "width": "--max-tokens", "boundary": "--boundary", "min_fill": "--min-fill", "prefix": "--prefix",
              "prefix_ids": "--prefix", "memory_layers": "--memory-layers", "top_k": "--top-k", "quant": "--quant",
@@ -153,6 +155,8 @@ def _setup(config: CompileConfig, log) -> tuple[Setup, Timer]:
         check_ray(config.ray_address)
     model_path = resolve_model(config, log)
     resolve_embedder(config.embedder)  # an unknown word or a missing package fails now, not after encoding
+    if config.embedder:
+        check_index_factory(config.embedder, config.index_factory, config.device)  # so does a bad factory
     config, adopted = config.resolved(model_path)
     news = {k: v for k, v in adopted.items() if v != PAPER_DEFAULTS[k]}  # what differs from the paper's
     if news:
@@ -223,6 +227,10 @@ def _train_codebooks(out: Path, setup: Setup, timer: Timer, log):
     entry = {**codebooks.write(out, cb), "train_references": len(sample), "train_rel_err_mean": err}
     log(f"trained {spec.quant} codebooks ({cb.factory}, {len(cb.codecs)} codecs) on {len(sample)} references: "
         f"relative error {err:.4f}")
+    few, k = min(cb.n_train.values(), default=0), cb.centroids()
+    if k and few < 39 * k:  # FAISS's own advice (39 vectors a centroid), which its k-means no longer prints
+        log(f"note: {few:,} training vectors a codec, under the {39 * k:,} that k-means over {k} centroids "
+            "wants: codebooks of a kb this small fit it closely; on a bigger corpus they generalise")
     return cb, entry
 
 
@@ -265,6 +273,12 @@ def _previous(out: Path, setup: Setup, rebuild: bool, log, spill_dir: Path | Non
     differ = manifest.spec.differences(setup.spec)
     if differ:
         name = differ[0]
+        if name in MODEL_FINGERPRINT:  # digests say nothing to a user: name the two checkpoints
+            now = setup.config.model if setup.config.model is not None else "the embedded model"
+            raise M3Error(f"{out} was compiled with another model ({manifest.model.get('path')}; its "
+                          f"{MODEL_FINGERPRINT[name]} differs from {now}'s): pass --model with that checkpoint to "
+                          "grow the kb, or --rebuild to compile it anew with this one (it stays readable until "
+                          "the new one is committed)")
         option = f"; option {OPTION_OF[name]}" if name in OPTION_OF else ""
         raise M3Error(f"{out} was compiled with a different {name} ({_short(getattr(manifest.spec, name))} vs "
                       f"{_short(getattr(setup.spec, name))} now{option}); its memories cannot be mixed with these: "
@@ -689,7 +703,9 @@ def _repair_shards(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: T
             if i not in expected and (f.offset, f.length) not in spans:
                 expected[i] = (key, f)
         frames, todo, mx = {}, [], setup.spec.max_payload()
-        with ShardReaders() as readers:  # a damaged header fails every frame's read: all re-encoded
+        # a damaged header fails every frame's read (all re-encoded); a truncated shard gives up the
+        # frames before its cut, each checked whole
+        with ShardReaders(salvage=True) as readers:
             for ref_id, (key, f) in sorted(expected.items()):
                 try:
                     data = readers.read(path, f.offset, f.length, ref_id)
@@ -796,6 +812,8 @@ def compile_kb(config: CompileConfig, out_dir: str | Path, progress: Progress | 
     corpus = Path(config.corpus)
     if not corpus.exists():
         raise M3Error(f"corpus {corpus} does not exist; pass an existing directory or file")
+    if config.model is None and not rebuild:
+        config = _kb_model_as_default(config, Path(out_dir), log)
     return _run(config, Path(out_dir), progress or (lambda e: None), log, keep_missing, rebuild, repair_only=False,
                 retrain_codebooks=retrain_codebooks)
 
@@ -832,9 +850,40 @@ def repair_kb(kb_dir: str | Path, model: str | Path | None = None, device: str =
                 repair_only=True)
 
 
+def _kb_model_as_default(config: CompileConfig, out: Path, log) -> CompileConfig:
+    """Growing a kb without --model uses the checkpoint the kb was compiled with, as generate,
+    eval and verify do; the embedded model is the default only for a new kb (or one whose model is
+    it). A kb whose manifest cannot be read is left to the compile, which names what is wrong."""
+    try:
+        recorded = mf.read_manifest(out).model.get("path")
+    except M3Error:
+        return config
+    if recorded in (None, "<embedded example>"):
+        return config
+    # recorded relative to the kb directory (older kbs: as given)
+    path = next((p for p in (out / recorded, Path(recorded)) if p.is_dir()), None)
+    if path is None:
+        raise M3Error(f"{out} was compiled with the model {recorded!r}, which is not found from here; pass "
+                      "--model with that checkpoint (or --rebuild to compile the kb anew with another)")
+    log(f"no --model given: using the model {out} was compiled with, {path}")
+    return replace(config, model=str(path))
+
+
 def _run(config: CompileConfig, out: Path, progress: Progress, log, keep_missing: bool, rebuild: bool,
          repair_only: bool, retrain_codebooks: bool = False) -> CompileResult:
+    created = not out.exists()
     _prepare_out_dir(out)
+    try:
+        return _run_in(config, out, progress, log, keep_missing, rebuild, repair_only, retrain_codebooks)
+    except BaseException:
+        if created:  # a compile that failed before writing anything leaves no empty kb directory behind
+            with suppress(OSError):
+                out.rmdir()  # only if empty: finished shards and checkpoints stay for the rerun
+        raise
+
+
+def _run_in(config: CompileConfig, out: Path, progress: Progress, log, keep_missing: bool, rebuild: bool,
+            repair_only: bool, retrain_codebooks: bool) -> CompileResult:
     t_start = time.time()
     with store.KbLock(out, log), ExitStack() as engine:
         store.remove_temporaries(out)
@@ -870,8 +919,7 @@ def _run(config: CompileConfig, out: Path, progress: Progress, log, keep_missing
                 prev.damaged = {k: v for k, v in prev.damaged.items() if k not in repaired or k in again}
             if _unchanged(setup, prev, plan, out):
                 # nothing would change: no shard, generation or manifest is written (CI rebuilds)
-                for line in plan.report.summary_lines()[1:]:
-                    log(line)
+                plan.report.log_skips(log)
                 progress({"event": "done"})
                 return CompileResult(prev.manifest, {"documents": plan.docs, "references": {
                     "encoded": 0, "copied": 0, "reused": len(plan.rows), "removed": 0}, "shards_written": [],
@@ -907,8 +955,7 @@ def _run(config: CompileConfig, out: Path, progress: Progress, log, keep_missing
                           "command again (finished shards are kept)") from None
         finally:
             _close_spills(prev.rows, plan.rows)
-    for line in plan.report.summary_lines()[1:]:
-        log(line)
+    plan.report.log_skips(log)
     progress({"event": "done"})
     return CompileResult(manifest, summary)
 
@@ -939,8 +986,12 @@ def check_kb(config: CompileConfig, out_dir: str | Path, keep_missing: bool = Fa
              log: Callable[[str], None] = lambda s: None) -> list[str]:
     """What a compile of `config` into `out_dir` would change; [] when the kb is up to date. Writes nothing."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise M3Error(f"output {out} is a file; give the kb directory to check")
     if not (out / mf.FILE_NAME).exists():
         return [f"{out} holds no knowledge base: everything would be compiled"]
+    if config.model is None:
+        config = _kb_model_as_default(config, out, log)
     setup, timer = _setup(config, log)
     frozen = _frozen_codebooks(out, setup.spec) if setup.spec.quant.startswith("vq") else None
     if frozen is not None:

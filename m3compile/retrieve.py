@@ -129,7 +129,8 @@ class Retriever:
         self.mode = section["mode"]
         b = section["bm25"]
         if not (self.path / b["dir"] / "params.index.json").is_file():
-            raise M3Error(f"{self.path / b['dir']} is missing or incomplete; the kb is damaged: recompile it")
+            raise M3Error(f"{self.path / b['dir']} is missing or incomplete; the kb is damaged: "
+                          f"`m3 verify --repair {self.path}` rebuilds its indexes")
         with damaged_file(self.path / b["dir"], self._kb_dir):
             self._bm25 = bm25s.BM25.load(str(self.path / b["dir"]), show_progress=False)
         self._bm25_ids = np.array([row["ref_id"] for row in ix.read_corpus(self.path / b["dir"])], dtype=np.int64)  # (R,)
@@ -138,7 +139,8 @@ class Retriever:
         if self._docs is not None:
             d = self._docs["bm25"]
             if not (self.path / d["dir"] / "params.index.json").is_file():
-                raise M3Error(f"{self.path / d['dir']} is missing or incomplete; the kb is damaged: recompile it")
+                raise M3Error(f"{self.path / d['dir']} is missing or incomplete; the kb is damaged: "
+                              f"`m3 verify --repair {self.path}` rebuilds its indexes")
             with damaged_file(self.path / d["dir"], self._kb_dir):
                 self._doc_bm25 = bm25s.BM25.load(str(self.path / d["dir"]), show_progress=False)
             self._by_id = np.argsort(self._bm25_ids)  # (R,) bm25 rows in ref_id order
@@ -341,6 +343,9 @@ class Retriever:
         if k < 1:
             raise M3Error(f"{k} references asked for (query -k, eval/generate --refs): ask for at least 1 "
                           "(generate --no-memory reads none)")
+        if max_overlap is not None and not 0 <= max_overlap <= 1:
+            raise M3Error(f"--max-overlap {max_overlap} must be a fraction in [0, 1] (the paper drops references "
+                          "overlapping more than 2/3 at evaluation, 0.9 in training)")
         if max_overlap is None:
             return list(self._ranked_blocks(texts, k, mode))
         if query_tokens is None:

@@ -282,6 +282,8 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None,
     layout = ReadLayout.from_spec(spec, ck.tokenizer.bos_id, config.chunk_tokens, config.refs_per_chunk)
     t = kb.references().select(["ref_id", "token_ids"]).to_pydict()
     ref_tokens = dict(zip(t["ref_id"], t["token_ids"]))
+    if Path(config.out).exists() and not Path(config.out).is_dir():  # before the sequences are prepared
+        raise M3Error(f"output {config.out} is a file; give a directory for the trained checkpoint")
     if retrieve is None:
         retrieve = kb_retriever(config.kb, config.refs_per_chunk, config.retrieval_mode, config.max_overlap)
     t0 = time.perf_counter()

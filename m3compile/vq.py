@@ -166,12 +166,16 @@ def _set_seeds(index, seed: int) -> None:
             continue
         if hasattr(obj, "cp"):
             obj.cp.seed, obj.cp.verbose = seed, False
+            # FAISS warns on stderr, once per k-means, when a codec has < 39 training vectors a
+            # centroid (a small kb: 32 identical lines); the threshold gates that warning only,
+            # and the compile says it once (pipeline._train_codebooks)
+            obj.cp.min_points_per_centroid = 1
         if hasattr(obj, "random_seed"):
             obj.random_seed = seed
         for i in range(getattr(obj, "nsplits", 0)):  # product of residual/additive quantizers
             sub = faiss.downcast_AdditiveQuantizer(obj.subquantizer(i))
             if hasattr(sub, "cp"):
-                sub.cp.seed = seed
+                sub.cp.seed, sub.cp.min_points_per_centroid = seed, 1
             if hasattr(sub, "random_seed"):
                 sub.random_seed = seed
 
@@ -368,6 +372,13 @@ class Codebooks:
     @property
     def code_size(self) -> int:
         return next(iter(self.codecs.values())).sa_code_size()
+
+    def centroids(self) -> int | None:
+        """Centroids of each k-means a product quantizer's training runs (2^bits), else None."""
+        index = faiss.downcast_index(next(iter(self.codecs.values())))
+        index = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
+        pq = getattr(index, "pq", None)
+        return int(pq.ksub) if pq is not None and hasattr(pq, "ksub") else None
 
     def codec(self, layer: int, role: str, head: int = 0):
         name = codec_name(self.group, layer, head, role)

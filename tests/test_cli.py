@@ -117,9 +117,10 @@ def test_missing_corpus(tmp_path, model_dir):
 
 
 @pytest.mark.parametrize("content, reason", [
-    (None, "no files"),
-    (b"\x00\x01\x02binary\x00", "binary"),
+    (None, "no .txt, .md, .jsonl or .parquet file in it"),
+    (b"\x00\x01\x02binary\x00", "1 binary; e.g. bad.txt: "),  # the reason and what the file showed
     ("caf\u00e9 cr\u00e8me".encode("latin-1"), "utf"),
+    (b"   \n", "empty"),
 ])
 def test_corpus_without_readable_documents(tmp_path, model_dir, content, reason):
     root = tmp_path / "corpus"
@@ -129,7 +130,7 @@ def test_corpus_without_readable_documents(tmp_path, model_dir, content, reason)
     r = run("compile", root, "-o", tmp_path / "kb", "--model", model_dir)
     assert_one_line_error(r, "no readable document")
     assert reason in r.stderr.lower()
-    assert not (tmp_path / "kb" / "manifest.json").exists()
+    assert not (tmp_path / "kb").exists()  # a compile that wrote nothing leaves no empty directory
 
 
 def test_bad_file_is_skipped_and_reported(tmp_path, corpus, model_dir):
@@ -243,3 +244,113 @@ def test_reading_commands_do_not_import_torch(tmp_path, corpus, model_dir):
     # a memory is a torch tensor: reading one imports it, and still works
     r = subprocess.run([sys.executable, "-c", probe, "inspect", str(kb), "--ref", "0"], capture_output=True, text=True)
     assert r.stdout.strip().splitlines()[-1] == "True 0" and "kept tokens" in r.stdout, r.stderr[-800:]
+
+
+def _main(*args):
+    """`python -m m3compile ARGS`: cli.main, whose handling of click's errors CliRunner bypasses."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "m3compile", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["compile", "c", "-o", "kb", "--top-k", "abc"], "Invalid value for '--top-k'"),
+    (["compile", "c"], "Missing option '-o'"),
+    (["compile", "c", "-o", "kb", "--quantt", "int8"], "No such option: --quantt"),
+    (["frobnicate"], "No such command 'frobnicate'"),
+])
+def test_usage_errors_are_one_line_with_exit_code_2(tmp_path, args, fragment):
+    r = _main(*args)
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 2 and len(lines) == 1, (r.returncode, r.stderr)
+    assert lines[0].startswith("error: ") and fragment in lines[0] and "--help`" in lines[0], lines[0]
+    assert "Traceback" not in r.stderr and "╭" not in r.stderr
+    v = _main("--version")
+    assert v.returncode == 0 and v.stdout.startswith("m3compile ")
+
+
+def test_check_exit_codes_tell_out_of_date_from_an_error(tmp_path, corpus, model_dir):
+    """--check: 0 up to date, 1 out of date, 2 an error (as diff and cmp), so CI can tell them apart."""
+    kb = tmp_path / "kb"
+    r = run("compile", corpus, "-o", kb, "--model", model_dir, "--check")
+    assert r.exit_code == 1 and "holds no knowledge base" in r.stdout
+    assert run("compile", corpus, "-o", kb, "--model", model_dir).exit_code == 0
+    r = run("compile", corpus, "-o", kb, "--model", model_dir, "--check", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout) == {"kb": str(kb), "up_to_date": True, "changes": []}
+    (corpus / "a.txt").write_text("w40 w41 w42.")
+    r = run("compile", corpus, "-o", kb, "--model", model_dir, "--check", "--json")
+    assert r.exit_code == 1 and "documents changed: 1" in json.loads(r.stdout)["changes"]
+    for args in (["compile", tmp_path / "nope", "-o", kb], ["compile", corpus, "-o", corpus / "a.txt"]):
+        r = run(*args, "--model", model_dir, "--check")
+        assert r.exit_code == 2 and r.stderr.strip().splitlines()[-1].startswith("error: "), (args, r.output)
+
+
+def test_a_kb_inside_its_corpus_is_not_read_as_text(tmp_path, corpus, model_dir):
+    kb = corpus / "kb"
+    assert run("compile", corpus, "-o", kb, "--model", model_dir).exit_code == 0
+    r = run("compile", corpus, "-o", kb, "--model", model_dir, "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["summary"]["documents"]["unchanged"] == 3 and out["summary"]["references"]["encoded"] == 0
+    assert out["manifest"]["counts"]["skipped"] == {"knowledge-base": 1}  # named, not 38 bad records
+
+
+def test_growing_a_kb_uses_its_model_and_names_another(tmp_path, corpus, model_dir):
+    """Without --model a kb grows with the checkpoint it was compiled with (as generate, eval and
+    verify read it); a different one is named by path, not by digests."""
+    kb = tmp_path / "kb"
+    assert run("compile", corpus, "-o", kb, "--model", model_dir).exit_code == 0
+    (corpus / "d.txt").write_text("w50 w51 w52 w53.")
+    r = run("compile", corpus, "-o", kb)
+    assert r.exit_code == 0 and "using the model" in r.stderr and "1 added" in r.stdout, r.output
+    make_checkpoint(tmp_path / "other", "LlamaForCausalLM", {}, seed=1)
+    assert_one_line_error(run("compile", corpus, "-o", kb, "--model", tmp_path / "other"),
+                          "compiled with another model", "--rebuild")
+
+
+def test_bad_values_are_refused_before_work(tmp_path, corpus, model_dir):
+    kb = tmp_path / "kb"
+    assert_one_line_error(run("compile", corpus, "-o", kb, "--model", model_dir, "--index-factory", "IVF4,Flat"),
+                          "--index-factory", "--embedder")
+    assert not kb.exists()
+    assert run("compile", corpus, "-o", kb, "--model", model_dir).exit_code == 0
+    assert_one_line_error(run("query", kb, "w31", "--max-overlap", "2"), "--max-overlap 2")
+    assert_one_line_error(run("generate", "--kb", kb, "w31", "--temperature", "-1"), "--temperature -1")
+
+
+def test_ctrl_c_says_what_it_left(tmp_path, corpus):
+    import subprocess
+    import sys
+
+    code = ("import sys; from m3compile import cli, pipeline\n"
+            "def stop(*a, **k):\n    raise KeyboardInterrupt\n"
+            "pipeline.compile_kb = stop\n"
+            f"sys.argv = ['m3', 'compile', {str(corpus)!r}, '-o', {str(tmp_path / 'kb')!r}]\ncli.main()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 130 and len(lines) == 1 and "interrupted" in lines[0] and "again" in lines[0], r.stderr
+
+
+def test_eval_reports_the_lines_it_skipped(tmp_path, corpus, model_dir):
+    kb = tmp_path / "kb"
+    assert run("compile", corpus, "-o", kb, "--model", model_dir).exit_code == 0
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(json.dumps({"id": "t1", "text": "w3 w4 w5 w6 w7 w8"}) + "\n{broken\n")
+    r = run("eval", kb, texts, "--json")
+    assert r.exit_code == 0, r.output
+    assert "skipped 1 x bad-json" in r.stderr and "texts.jsonl:2" in r.stderr
+
+
+def test_a_missing_reference_names_the_ids_there_are(tmp_path, corpus, model_dir):
+    """After documents leave and `m3 compact`, ref ids no longer start at 0: the error says which exist."""
+    kb = tmp_path / "kb"
+    assert run("compile", corpus, "-o", kb, "--model", model_dir, "--max-tokens", "4", "--top-k", "2").exit_code == 0
+    (corpus / "a.txt").unlink()
+    assert run("compile", corpus, "-o", kb, "--model", model_dir, "--max-tokens", "4", "--top-k", "2").exit_code == 0
+    assert run("compact", kb).exit_code == 0
+    ids = json.loads(run("inspect", kb, "--json").stdout)["counts"]["references"]
+    r = run("inspect", kb, "--ref", 0)
+    assert_one_line_error(r, "no reference 0", f"{ids} references, ref ids ")
+    first = int(r.stderr.split("ref ids ")[1].split("..")[0])
+    assert first > 0 and run("inspect", kb, "--ref", first).exit_code == 0

@@ -145,6 +145,20 @@ def test_damage_is_named_then_repaired_to_the_fresh_bytes(built, kb, kind, how):
         assert r.summary["repaired"] == ([name] if name.startswith("memory-") else [])
 
 
+def test_a_truncated_shard_gives_up_the_frames_before_its_cut(built, kb):
+    """The frames lie before the shard's key table (formats/kv-shard.md): a cut tail loses only
+    those past it, and a repair copies the rest (each checked whole) instead of encoding all again."""
+    root, _ = built
+    kb_dir, cfg = kb
+    shard = kb_dir / sorted(json.loads((kb_dir / "manifest.json").read_text())["state"]["shards"])[0]
+    n = len(shard_frames(shard))
+    shard.write_bytes(shard.read_bytes()[:-40])  # inside the ref_keys table: every frame is whole
+    logs = []
+    compile_kb(cfg, kb_dir, log=logs.append)
+    assert f"repaired {shard.name}: {n} frames copied, 0 encoded again" in logs, logs
+    assert files(kb_dir) == files(root / "pristine")
+
+
 def test_read_errors_name_the_shard_and_the_reference(kb):
     kb_dir, _ = kb
     shard = damage_first_shard("zstd bomb")(kb_dir)
