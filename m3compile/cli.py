@@ -528,6 +528,23 @@ def compact(
               f"{r['bytes_freed']:,} bytes freed", highlight=False)
 
 
+@app.command(name="convert-llama2c")
+def convert_llama2c(
+    model_bin: Annotated[Path, typer.Argument(help="llama2.c legacy (v0) export, e.g. stories260K.bin")],
+    tokenizer_bin: Annotated[Path, typer.Argument(help="its llama2.c tokenizer.bin, e.g. tok512.bin")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="directory to write the checkpoint to")],
+):
+    """Convert a llama2.c checkpoint and tokenizer into a Hugging Face Llama directory (config.json,
+    model.safetensors, tokenizer.json) that --model reads."""
+    from m3compile.llama2c import convert_llama2c as convert
+
+    with user_errors():
+        if output.exists() and (not output.is_dir() or any(output.iterdir())):
+            raise M3Error(f"output {output} exists and is not an empty directory; give a new path")
+        out_dir = convert(model_bin, tokenizer_bin, output)
+    out.print(f"wrote {out_dir}: use it as --model {out_dir}", highlight=False)
+
+
 TRAIN_EXAMPLES = """
 Examples:\n
   m3 train --model ckpt/ --kb kb/ --texts train.jsonl -o ckpt-mem/ --steps 2000\n

@@ -727,9 +727,11 @@ def weight_files(path: Path) -> list[Path]:
 def _read_config(path: Path) -> dict:
     cfg_path = path / "config.json"
     if not path.is_dir():
-        raise M3Error(f"model path {path} is not a directory; give a Hugging Face checkpoint directory")
+        hint = "; a llama2.c .bin converts with `m3 convert-llama2c`" if path.suffix == ".bin" else ""
+        raise M3Error(f"model path {path} is not a directory; give a Hugging Face checkpoint directory{hint}")
     if not cfg_path.is_file():
-        raise M3Error(f"no config.json in {path}; give a Hugging Face checkpoint directory")
+        hint = "; llama2.c .bin files convert with `m3 convert-llama2c`" if any(path.glob("*.bin")) else ""
+        raise M3Error(f"no config.json in {path}; give a Hugging Face checkpoint directory{hint}")
     try:
         return json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:

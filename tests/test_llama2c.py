@@ -222,3 +222,21 @@ def test_tokenizers_bpe_cannot_express_are_refused(tmp_path):
         build_tokenizer(base + ["ll", " l"], [0.0] * 259 + [-9, -9, -1, -1], tmp_path / "t.bin")
     tok = build_tokenizer(base + ["ll", " l"], [0.0] * 259 + [-9, -9, -1, -2], tmp_path / "t.bin")
     assert tok.encode("lll l", add_special_tokens=False).tokens == ["\u2581", "ll", "l", "\u2581l"]
+
+
+def test_the_cli_converts_what_model_refuses_to_read(tmp_path, hf_dir):
+    """`m3 convert-llama2c` writes the same checkpoint as the library, and `--model` pointed at a
+    llama2.c file names the command instead of only "not a directory"."""
+    from typer.testing import CliRunner
+
+    from m3compile.cli import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["compile", str(tmp_path), "-o", str(tmp_path / "kb"), "--model", str(SRC / "stories260K.bin")])
+    assert r.exit_code == 1 and "m3 convert-llama2c" in r.stderr, r.output
+    out = tmp_path / "ckpt"
+    r = runner.invoke(app, ["convert-llama2c", str(SRC / "stories260K.bin"), str(SRC / "tok512.bin"), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in hf_dir.iterdir()}
+    r = runner.invoke(app, ["convert-llama2c", str(SRC / "stories260K.bin"), str(SRC / "tok512.bin"), "-o", str(out)])
+    assert r.exit_code == 1 and "not an empty directory" in r.stderr  # nothing already written is replaced
