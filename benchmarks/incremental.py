@@ -10,12 +10,13 @@ the forward passes each ran (goals: adding 1 % <= 2 %, no change <= 1 % with zer
 """
 
 import argparse
+import json
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from m3compile import pipeline
+from m3compile import distribute, pipeline
 from m3compile.config import CompileConfig
 from m3compile.model import Transformer, save_checkpoint
 
@@ -45,13 +46,13 @@ def main():
     opts = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="m3incr-"))
     calls = {"n": 0}
-    real = pipeline.memorize
+    real = distribute.memorize  # the compile's map step (distribute.encode_frames) calls it per batch
 
     def counted(*a, **k):
         calls["n"] += 1
         return real(*a, **k)
 
-    pipeline.memorize = counted
+    distribute.memorize = counted
     try:
         texts = book_texts(opts.mb)
         docs = split_docs(texts, int(opts.doc_kb * 1024))
@@ -76,17 +77,24 @@ def main():
             calls["n"] = 0
             t = time.perf_counter()
             r = pipeline.compile_kb(cfg, work / "kb")
-            rows.append((step, time.perf_counter() - t, calls["n"], r.summary["references"]))
+            wall = time.perf_counter() - t
+            stages = json.loads((work / "kb" / "run.json").read_text())["stage_seconds"] if r.summary.get(
+                "shards_written") is not None and (work / "kb" / "run.json").is_file() else {}
+            rows.append((step, wall, calls["n"], r.summary["references"], stages))
         full = rows[0][1]
         print(f"corpus: {len(names)} documents ({opts.mb} MB of {len(texts)} books), "
               f"{rows[0][3]['encoded']} references; model 125M params, bfloat16\n")
         print("| step | wall s | share of full compile | forward passes | references encoded / reused / removed |")
         print("|---|---|---|---|---|")
-        for step, wall, n, refs in rows:
+        for step, wall, n, refs, _ in rows:
             print(f"| {step} | {wall:.1f} | {100 * wall / full:.2f} % | {n} | "
                   f"{refs['encoded']} / {refs['reused']} / {refs['removed']} |")
+        # where a step's time went (run.json of the compile that wrote it; a no-change rebuild
+        # writes none, so its stages are the previous step's and are not shown)
+        for step, wall, _, _, stages in rows[:2]:
+            print(f"\n{step}: " + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(stages.items(), key=lambda kv: -kv[1])))
     finally:
-        pipeline.memorize = real
+        distribute.memorize = real
         shutil.rmtree(work, ignore_errors=True)
 
 
