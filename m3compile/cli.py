@@ -136,11 +136,11 @@ def compile(
     prefix: Annotated[Optional[str], typer.Option(help=f"write prefix after BOS (paper: <s>Reference:) {TRAINED.format(PAPER_DEFAULTS['prefix'])}")] = None,
     top_k: Annotated[Optional[int], typer.Option(help=f"tokens kept per memory layer and kv head {TRAINED.format(PAPER_DEFAULTS['top_k'])}")] = None,
     memory_layers: Annotated[Optional[str], typer.Option(help=f"e.g. 0-11 or 0,2,4 {TRAINED.format('first half')}")] = None,
-    quant: Annotated[str, typer.Option(help="none | int8 | int4 | vq (trained codebooks: vq-grid, 4 bits/element) | vq-paper (1.4 at head dim 80) | vq-<preset> | vq:<faiss factory>")] = DEFAULTS["quant"],
+    quant: Annotated[Optional[str], typer.Option(help="none | int8 | int4 | vq (trained codebooks: vq-grid, 4 bits/element) | vq-paper (1.4 at head dim 80) | vq-<preset> | vq:<faiss factory> (default: the kb's when growing one, else int8)")] = None,
     codebook_sample: Annotated[int, typer.Option(help="vq: references whose memories train the codebooks")] = DEFAULTS["codebook_sample"],
     codebook_seed: Annotated[int, typer.Option(help="vq: seed of the codebooks' sample and training")] = DEFAULTS["codebook_seed"],
     retrain_codebooks: Annotated[bool, typer.Option(help="vq: train new codebooks instead of keeping the kb's (every memory is encoded again)")] = False,
-    dtype: Annotated[str, typer.Option(help="compute dtype: float32 | bfloat16")] = DEFAULTS["dtype"],
+    dtype: Annotated[Optional[str], typer.Option(help="compute dtype: float32 | bfloat16 (default: the kb's when growing one, else float32)")] = None,
     device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda")] = DEFAULTS["device"],
     batch_size: Annotated[Optional[int], typer.Option(help=f"references per forward pass (default: as many as hold {BATCH_TOKENS} tokens; on the CPU a pass computes whole blocks of {BATCH_TOKENS} token rows, so fewer tokens waste work)")] = DEFAULTS["batch_size"],
     max_shard_bytes: Annotated[int, typer.Option(help="compressed bytes per shard file at most")] = DEFAULTS["max_shard_bytes"],
@@ -161,10 +161,17 @@ def compile(
 ):
     """Cut a corpus into references, encode each alone, keep the top-k tokens per layer and head,
     quantize, compress and shard them, and write a self-describing knowledge base."""
-    from m3compile.pipeline import check_kb, compile_kb
+    from m3compile.pipeline import check_kb, compile_kb, kb_settings
 
     # --check exits 1 when the kb is out of date, so its errors take 2 (as diff and cmp do): CI can tell them apart
     with user_errors(2 if check else 1):
+        # growing a kb, the quantizer and dtype left out are the kb's (as its model is: compile_kb)
+        recorded = {} if rebuild or (quant and dtype) else kb_settings(output)
+        for name, given in (("quant", quant), ("dtype", dtype)):
+            if given is None and recorded.get(name) not in (None, DEFAULTS[name]):
+                err.print(f"no --{name} given: using the kb's, {recorded[name]}", highlight=False)
+        quant = quant or recorded.get("quant") or DEFAULTS["quant"]
+        dtype = dtype or recorded.get("dtype") or DEFAULTS["dtype"]
         given = {k: v for k, v in dict(max_tokens=max_tokens, boundary=boundary, min_fill=min_fill, prefix=prefix,
                                        top_k=top_k, memory_layers=parse_layers(memory_layers)).items() if v is not None}
         # memory settings not given stay None: compile_kb takes them from the model's m3-memory.json
@@ -503,6 +510,9 @@ def verify(
 def _repair_hint(kb: Path, faults: list[str], repaired: bool) -> str:
     """What to do about verify's faults: --repair rebuilds from the manifest, so it cannot help
     where the manifest itself is unreadable, nor in a directory that never was a kb."""
+    if any("codebooks" in f for f in faults) and not any(f.startswith("manifest.json:") for f in faults):
+        return (f"; codebooks cannot be repaired in place: `m3 compile CORPUS -o {kb} --rebuild --retrain-codebooks` "
+                "trains them again (from the same corpus and seed, the same bytes: every frame that checks is copied)")
     if not any(f.startswith("manifest.json:") for f in faults):
         return "" if repaired else f"; `m3 verify --repair {kb}` rebuilds what it can"
     if not (kb / "manifest.json").exists() and not any(kb.glob("memory-*.safetensors")):

@@ -18,8 +18,9 @@ from m3compile.pack import _fsync_replace, _write_safetensors
 from m3compile.spec import MemorySpec, memorize
 
 PREFIX = "codebooks-"
-FIX = ("compile with --rebuild --retrain-codebooks to train new codebooks (every memory is encoded again), or "
-       "restore the file")
+FIX = ("compile with --rebuild --retrain-codebooks to train them again (from the same corpus and seed they come "
+       "out the same and every memory that checks is copied; otherwise every memory is encoded again), or restore "
+       "the file")
 
 
 def is_vq(quant: str) -> bool:

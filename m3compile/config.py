@@ -6,6 +6,8 @@ compiled with other values of those is a different knowledge base.
 """
 
 import json
+import math
+import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -94,6 +96,7 @@ class CompileConfig:
     index_factory: str = "Flat"  # FAISS factory string of the dense index ("Flat", "IVF{n},PQ{m}", "HNSW32", ...)
 
     def __post_init__(self):
+        self._check_types()
         if self.max_tokens is not None and self.max_tokens < 1:
             raise M3Error(f"--max-tokens {self.max_tokens} must be at least 1")
         if self.top_k is not None and self.top_k < 1:
@@ -124,11 +127,41 @@ class CompileConfig:
                           f"{self.device} would not use; add --device cuda")
         if self.batch_size is not None and self.batch_size < 1:
             raise M3Error(f"--batch-size {self.batch_size} must be at least 1")
+        if self.max_shard_bytes < 1:
+            raise M3Error(f"--max-shard-bytes {self.max_shard_bytes} must be at least 1")
         if self.memory_layers is not None:
             layers = tuple(sorted(set(self.memory_layers)))
             if not layers or layers[0] < 0:
                 raise M3Error(f"--memory-layers {self.memory_layers} must name layer indices >= 0")
             object.__setattr__(self, "memory_layers", layers)
+
+    def _check_types(self) -> None:
+        """Each field's type, before any value is used: from Python a wrong type went through (top_k=True
+        wrote a kb whose manifest says `true`, which no reader could decode; 2.5 failed mid-compile).
+        Paths may be os.PathLike (kept as str); memory_layers any sequence of ints."""
+        for f in fields(self):
+            v = getattr(self, f.name)
+            kind = _FIELD_KINDS[f.name]
+            if v is None and f.name in _OPTIONAL:
+                continue
+            if kind == "path" and isinstance(v, os.PathLike):
+                object.__setattr__(self, f.name, os.fspath(v))
+                continue
+            if kind == "layers" and not isinstance(v, (str, bytes)) and hasattr(v, "__iter__"):
+                v = tuple(v)  # a generator is read once, here
+                object.__setattr__(self, f.name, v)
+            ok = {"int": isinstance(v, int) and not isinstance(v, bool),
+                  "number": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+                  "bool": isinstance(v, bool),
+                  "str": isinstance(v, str), "path": isinstance(v, str),
+                  "layers": not isinstance(v, (str, bytes)) and hasattr(v, "__iter__") and all(
+                      isinstance(x, int) and not isinstance(x, bool) for x in v)}[kind]
+            if not ok:
+                what = {"int": "an integer", "number": "a finite number", "bool": "True or False",
+                        "str": "a string", "path": "a path (str or os.PathLike)",
+                        "layers": "a sequence of layer indices, e.g. (0, 1) or parse_layers('0-3')"}[kind]
+                raise M3Error(f"CompileConfig {f.name}={v!r} ({type(v).__name__}) must be {what}"
+                              + (" or None" if f.name in _OPTIONAL else ""))
 
     @property
     def engine_workers(self) -> int:
@@ -162,7 +195,7 @@ class CompileConfig:
     def from_dict(cls, d: dict) -> "CompileConfig":
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
-        if d.get("memory_layers") is not None:
+        if isinstance(d.get("memory_layers"), list):  # JSON's lists; anything else is checked by __post_init__
             d["memory_layers"] = tuple(d["memory_layers"])
         return cls(**d)
 
@@ -189,6 +222,16 @@ class CompileConfig:
             raise M3Error(f"unknown preset {name!r}; presets are {', '.join(sorted(PRESETS))}")
         return replace(self, **PRESETS[name])
 
+
+# CompileConfig's field types, checked on construction (_check_types)
+_FIELD_KINDS = {"corpus": "path", "model": "path", "max_tokens": "int", "boundary": "str", "min_fill": "number",
+                "prefix": "str", "top_k": "int", "memory_layers": "layers", "model_memory": "bool", "quant": "str",
+                "codebook_sample": "int", "codebook_seed": "int", "dtype": "str", "device": "str",
+                "batch_size": "int", "max_shard_bytes": "int", "checkpoint_seconds": "number", "engine": "str",
+                "ray_address": "str", "workers": "int", "cpus_per_worker": "int", "gpus_per_worker": "number",
+                "follow_symlinks": "bool", "embedder": "str", "index_factory": "str"}
+_OPTIONAL = {"model", "max_tokens", "boundary", "min_fill", "prefix", "top_k", "memory_layers", "batch_size",
+             "ray_address", "workers", "embedder"}
 
 # exact-name presets; each states only what it changes
 PRESETS = {
@@ -333,6 +376,11 @@ class TrainConfig:
         if self.warmup_steps < 0 or self.weight_decay < 0 or not self.grad_clip > 0:
             raise M3Error(f"warmup_steps {self.warmup_steps} and weight_decay {self.weight_decay} must be 0 or "
                           f"more, grad_clip {self.grad_clip} above 0")
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise M3Error(f"decay_fraction {self.decay_fraction} must be a share of the steps in [0, 1]")
+        if self.log_every < 1 or self.checkpoint_every < 0 or (self.threads is not None and self.threads < 1):
+            raise M3Error(f"log_every {self.log_every} must be at least 1, checkpoint_every {self.checkpoint_every} "
+                          f"0 (only at the end) or more, threads {self.threads} at least 1 or None")
 
     def run_settings(self) -> dict:
         """What must match for a state file to be resumed (not bookkeeping like log_every)."""

@@ -48,6 +48,8 @@ def generate_text(prompt: str, kb: str | Path | None = None, model: str | Path |
     """
     if not temperature >= 0:  # also NaN
         raise M3Error(f"--temperature {temperature} must be 0 (greedy) or more, e.g. 0.8")
+    if max_new_tokens < 0:
+        raise M3Error(f"--max-new-tokens {max_new_tokens} must be 0 or more")
     from m3compile.kb import load_kb_model, open_kb
     from m3compile.model import load_checkpoint
 

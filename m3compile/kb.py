@@ -6,6 +6,7 @@ slicing its one zstd frame out of its shard, without touching its neighbours.
 Shape letters: L memory layers, H kv heads, K kept tokens, D head dim.
 """
 
+import operator
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,10 +110,13 @@ class KnowledgeBase:
         Returns:
             Memory with keys/values (L, H, K, D) float32, positions (L, H, K), layers.
         Example:
-            >>> kb = open_kb("kb/"); m = kb.memory(0); m.keys.shape
-            torch.Size([2, 2, 8, 32])
+            >>> kb = open_kb("kb/"); m = kb.memory(0); m.keys.shape  # the embedded reader: layer 3, 2 kv heads
+            torch.Size([1, 2, 8, 32])
         """
-        ref_id = int(ref_id)
+        try:
+            ref_id = operator.index(ref_id)  # ints and numpy integers; 1.7 or "3" is not an id
+        except TypeError:
+            raise M3Error(f"a ref id is an integer, not {ref_id!r}; see `m3 inspect`") from None
         if ref_id in self._cache:
             self._cache.move_to_end(ref_id)
             return self._cache[ref_id]

@@ -820,6 +820,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
         >>> logits = ck.model(torch.tensor([ck.tokenizer.encode("Veldmoor")]))
     """
     path = Path(path)
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise M3Error(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     device = check_device(device)
     keep_freed_memory()

@@ -850,6 +850,15 @@ def repair_kb(kb_dir: str | Path, model: str | Path | None = None, device: str =
                 repair_only=True)
 
 
+def kb_settings(out: str | Path) -> dict:
+    """The compile settings the kb at `out` records (manifest "config"), or {} where there is no
+    readable kb: what `m3 compile` takes for the options a user leaves out when growing one."""
+    try:
+        return dict(mf.read_manifest(Path(out)).config)
+    except M3Error:
+        return {}
+
+
 def _kb_model_as_default(config: CompileConfig, out: Path, log) -> CompileConfig:
     """Growing a kb without --model uses the checkpoint the kb was compiled with, as generate,
     eval and verify do; the embedded model is the default only for a new kb (or one whose model is
@@ -996,10 +1005,9 @@ def check_kb(config: CompileConfig, out_dir: str | Path, keep_missing: bool = Fa
     frozen = _frozen_codebooks(out, setup.spec) if setup.spec.quant.startswith("vq") else None
     if frozen is not None:
         _use_codebooks(setup, *frozen)
-    try:
-        prev = _previous(out, setup, rebuild=False, log=lambda s: None, spill_dir=Path(tempfile.gettempdir()))
-    except M3Error as e:
-        return [str(e)]
+    # a kb the compile would refuse (other settings, an unreadable manifest) is an error, not a change:
+    # `m3 compile --check` exits 2 on it, as the compile would fail
+    prev = _previous(out, setup, rebuild=False, log=lambda s: None, spill_dir=Path(tempfile.gettempdir()))
     # --check writes nothing in the kb: its spill files go to the system's temporary directory
     plan = _plan(setup, prev, keep_missing, timer, spill_dir=Path(tempfile.gettempdir()))
     changes = [f"damaged {name}: {why}" for name, why in prev.damaged.items()]

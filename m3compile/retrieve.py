@@ -336,12 +336,16 @@ class Retriever:
             >>> r.retrieve_many(["cats", "dogs"], k=2, mode="bm25")
             [[Hit(ref_id=3, score=2.1), Hit(ref_id=0, score=1.7)], [Hit(ref_id=5, score=2.4)]]
         """
+        if isinstance(texts, str):  # list("cats") would be four one-letter queries
+            raise M3Error("retrieve_many takes a list of query strings; for one, use retrieve(text) or [text]")
         texts = list(texts)
+        if not all(isinstance(t, str) for t in texts):
+            raise M3Error(f"a query is a string, not {next(t for t in texts if not isinstance(t, str))!r}")
         mode = mode or self.mode
         if mode not in MODES:
             raise M3Error(f"retrieval mode {mode!r} is not one of {', '.join(MODES)}")
-        if k < 1:
-            raise M3Error(f"{k} references asked for (query -k, eval/generate --refs): ask for at least 1 "
+        if isinstance(k, bool) or not hasattr(k, "__index__") or k < 1:  # ints and numpy integers
+            raise M3Error(f"{k!r} references asked for (query -k, eval/generate --refs): ask for at least 1 "
                           "(generate --no-memory reads none)")
         if max_overlap is not None and not 0 <= max_overlap <= 1:
             raise M3Error(f"--max-overlap {max_overlap} must be a fraction in [0, 1] (the paper drops references "

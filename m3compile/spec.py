@@ -217,6 +217,13 @@ def memorize(model: "Transformer", token_lists: Sequence[Sequence[int]], spec: M
     long = max(len(t) for t in token_lists)
     if long > spec.width:
         raise M3Error(f"a reference of {long} tokens is wider than the kb's {spec.width}; cut it first")
+    if min(len(t) for t in token_lists) == 0:
+        raise M3Error("a reference has no tokens; a memory needs at least one (drop empty references)")
+    vocab = model.args.vocab_size
+    bad = next((i for t in token_lists for i in t if not 0 <= i < vocab), None)
+    if bad is not None:
+        raise M3Error(f"token id {bad} is outside the model's vocabulary (0..{vocab - 1}); encode the text "
+                      "with the model's own tokenizer")
     with torch.set_grad_enabled(grad):
         enc = encode_batch(model, token_lists, spec.prefix_ids, spec.memory_layers, pad_to=spec.width)
     kv = {l: LayerKV(t.q_pre.detach(), t.k_pre.detach(), t.k_post, t.v) for l, t in enc.kv.items()}

@@ -307,6 +307,16 @@ def test_growing_a_kb_uses_its_model_and_names_another(tmp_path, corpus, model_d
     make_checkpoint(tmp_path / "other", "LlamaForCausalLM", {}, seed=1)
     assert_one_line_error(run("compile", corpus, "-o", kb, "--model", tmp_path / "other"),
                           "compiled with another model", "--rebuild")
+    # so do its quantizer and dtype: a kb compiled with --quant int4 grows as int4 without --quant
+    k4 = tmp_path / "kb4"
+    assert run("compile", corpus, "-o", k4, "--model", model_dir, "--quant", "int4", "--dtype", "bfloat16").exit_code == 0
+    (corpus / "e.txt").write_text("w60 w61 w62.")
+    r = run("compile", corpus, "-o", k4, "--json")
+    assert r.exit_code == 0 and "using the kb's, int4" in r.stderr and "using the kb's, bfloat16" in r.stderr
+    assert json.loads(r.stdout)["summary"]["documents"]["added"] == 1
+    # a setting the compile would refuse is an error under --check too (2), not a change (1)
+    r = run("compile", corpus, "-o", k4, "--top-k", "2", "--check")
+    assert r.exit_code == 2 and "different top_k" in r.stderr, r.output
 
 
 def test_bad_values_are_refused_before_work(tmp_path, corpus, model_dir):

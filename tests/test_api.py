@@ -1,0 +1,89 @@
+"""The public API (m3compile's top level) refuses wrong types and values with one M3Error, as
+the CLI does, instead of a TypeError from deep inside, or a kb nothing can read."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from m3compile import CompileConfig, compile_kb, generate_text, open_kb
+from m3compile.config import TrainConfig
+from m3compile.errors import M3Error
+from m3compile.model import load_checkpoint
+from m3compile.retrieve import Retriever
+from m3compile.spec import memorize
+
+
+@pytest.fixture(scope="module")
+def kb(tmp_path_factory):
+    root = tmp_path_factory.mktemp("api")
+    (root / "corpus").mkdir()
+    (root / "corpus" / "a.txt").write_text("Brerrdale was founded by Emrys Viandane. It lies on the river Ost. "
+                                           "Its market is held on Saturday, and it sells wool to other towns.")
+    compile_kb(CompileConfig(corpus=str(root / "corpus")), root / "kb")
+    return open_kb(root / "kb")
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(top_k=True), "top_k=True (bool) must be an integer"),  # wrote a kb whose manifest said `true`
+    (dict(top_k=2.5), "top_k=2.5"),
+    (dict(top_k="8"), "top_k='8'"),
+    (dict(max_tokens=20.5), "max_tokens=20.5"),
+    (dict(memory_layers="0-3"), "parse_layers('0-3')"),
+    (dict(memory_layers=3), "memory_layers=3"),
+    (dict(quant=None), "quant=None"),
+    (dict(prefix=5), "prefix=5"),
+    (dict(checkpoint_seconds=math.nan), "finite"),
+    (dict(max_shard_bytes=0), "--max-shard-bytes 0"),
+])
+def test_compile_config_refuses_wrong_types(kwargs, fragment):
+    with pytest.raises(M3Error, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        CompileConfig(corpus="c", **kwargs)
+    with pytest.raises(M3Error):
+        CompileConfig.from_dict({"corpus": "c", **kwargs})
+
+
+def test_compile_config_takes_paths_and_any_sequence_of_layers():
+    c = CompileConfig(corpus=Path("docs"), model=Path("ckpt"), memory_layers=(x for x in (3, 1)))
+    assert (c.corpus, c.model, c.memory_layers) == ("docs", "ckpt", (1, 3))
+    assert CompileConfig.from_dict(c.to_dict()) == c
+
+
+@pytest.mark.parametrize("kwargs", [dict(log_every=0), dict(checkpoint_every=-1), dict(threads=0),
+                                    dict(decay_fraction=2.0)])
+def test_train_config_refuses_what_would_fail_mid_run(kwargs):
+    with pytest.raises(M3Error):
+        TrainConfig(model="m", kb="kb", texts="t", out="o", **kwargs)
+
+
+def test_reading_refuses_wrong_ids_queries_and_counts(kb):
+    with pytest.raises(M3Error, match="ref ids 0..") as e:
+        kb.memory(10**6)
+    assert "references" in str(e.value)
+    for bad in (1.7, "3"):
+        with pytest.raises(M3Error, match="a ref id is an integer"):
+            kb.memory(bad)
+    assert kb.memory(np.int64(0)).keys.shape == kb.memory(0).keys.shape
+    r = Retriever.open(kb.path, kb.manifest.to_dict())
+    with pytest.raises(M3Error, match="list of query strings"):
+        r.retrieve_many("Brerrdale", k=2)  # not nine one-letter queries
+    with pytest.raises(M3Error, match="a query is a string"):
+        kb.retrieve(None, k=2)
+    for k in ("3", True, 0):
+        with pytest.raises(M3Error, match="references asked for"):
+            kb.retrieve("Brerrdale", k=k)
+    assert len(kb.retrieve("Brerrdale", k=np.int64(1))) == 1
+    for kw, fragment in ((dict(max_new_tokens=-1), "--max-new-tokens -1"), (dict(temperature=-1.0), "--temperature")):
+        with pytest.raises(M3Error, match=fragment):
+            generate_text("Who founded Brerrdale?", kb=kb.path, **kw)
+
+
+def test_memorize_refuses_empty_references_and_foreign_ids(kb):
+    ck = load_checkpoint(Path(__import__("m3compile").__file__).parent / "embedded" / "reader")
+    with pytest.raises(M3Error, match="no tokens"):
+        memorize(ck.model, [[5, 6], []], kb.spec)
+    with pytest.raises(M3Error, match="outside the model's vocabulary"):
+        memorize(ck.model, [[5, ck.args.vocab_size]], kb.spec)
+    with pytest.raises(M3Error, match="dtype 'junk'"):
+        load_checkpoint(Path(__import__("m3compile").__file__).parent / "embedded" / "reader", dtype="junk")
