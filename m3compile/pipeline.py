@@ -945,7 +945,10 @@ def _run_in(config: CompileConfig, out: Path, progress: Progress, log, keep_miss
             summary = {"documents": plan.docs, "references": {"encoded": stats["encoded"], "copied": stats["copied"],
                                                               "reused": len(plan.rows) - len(plan.new),
                                                               "removed": len(plan.removed)},
-                       "shards_written": stats["shards_written"], "shards_kept": stats["shards_kept"],
+                       # kept: the kb's shards this compile did not write (the previous kb's, and one a
+                       # resumed compile found already there whole), as the no-change path reports them
+                       "shards_written": stats["shards_written"],
+                       "shards_kept": sorted(set(shards) - set(stats["shards_written"])),
                        "repaired": repaired, "engine_workers": stats["engine_workers"],
                        **_drift(setup, plan, log)}
             run = {"created_at_unix": round(t_start, 3), "wall_seconds": round(time.time() - t_start, 3),

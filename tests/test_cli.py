@@ -313,7 +313,10 @@ def test_growing_a_kb_uses_its_model_and_names_another(tmp_path, corpus, model_d
     (corpus / "e.txt").write_text("w60 w61 w62.")
     r = run("compile", corpus, "-o", k4, "--json")
     assert r.exit_code == 0 and "using the kb's, int4" in r.stderr and "using the kb's, bfloat16" in r.stderr
-    assert json.loads(r.stdout)["summary"]["documents"]["added"] == 1
+    summary = json.loads(r.stdout)["summary"]
+    assert summary["documents"]["added"] == 1
+    # the shards it did not write are listed as kept, as a no-change compile lists them
+    assert summary["shards_kept"] == ["memory-00001.safetensors"] and summary["shards_written"] == ["memory-00002.safetensors"]
     # a setting the compile would refuse is an error under --check too (2), not a change (1)
     r = run("compile", corpus, "-o", k4, "--top-k", "2", "--check")
     assert r.exit_code == 2 and "different top_k" in r.stderr, r.output
