@@ -367,7 +367,7 @@ def eval_(
                               chunk_tokens=chunk_tokens, refs_per_chunk=refs,
                               progress=lambda n: bar.update(task, completed=n))
     if as_json:
-        out.print_json(json.dumps(result))
+        out.print_json(json.dumps({**result, "skipped": dict(sorted(report.skipped.items()))}))
         return
     t = Table(title=f"perplexity over {result['rows']['no_memory']['tokens']:,} tokens of {result['docs']} texts "
                     f"({'oracle' if oracle else 'retrieved'} memories, {refs} per {chunk_tokens}-token chunk)")

@@ -353,6 +353,7 @@ def test_eval_reports_the_lines_it_skipped(tmp_path, corpus, model_dir):
     r = run("eval", kb, texts, "--json")
     assert r.exit_code == 0, r.output
     assert "skipped 1 x bad-json" in r.stderr and "texts.jsonl:2" in r.stderr
+    assert json.loads(r.stdout)["skipped"] == {"bad-json": 1}  # and in the report a script reads
 
 
 def test_a_missing_reference_names_the_ids_there_are(tmp_path, corpus, model_dir):
