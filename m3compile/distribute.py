@@ -253,6 +253,7 @@ def check_ray(address: str | None) -> None:
         import ray
     except ImportError:
         raise M3Error("--engine ray needs Ray: pip install 'm3compile[ray]'") from None
+    address = address or os.environ.get("RAY_ADDRESS")  # ray.init reads it when no --ray-address is given
     if ray.is_initialized() or not address or address == "auto" or address.startswith("ray://"):
         return
     host, _, port = address.rpartition(":")
@@ -288,9 +289,15 @@ def _ray_cluster(address: str | None):
             ray.init(address=address, include_dashboard=False, log_to_driver=False,
                      logging_level="ERROR", configure_logging=False)
         except (ConnectionError, RuntimeError, ValueError) as e:
-            where = address or "a new local cluster"
-            raise M3Error(f"cannot connect to Ray at {where}: {str(e).splitlines()[0][:200]}; start one with "
-                          "`ray start --head` and pass its address to --ray-address") from None
+            where = address or os.environ.get("RAY_ADDRESS") or "a new local cluster"
+            fix = "start one with `ray start --head` and pass its address to --ray-address"
+            if where != "a new local cluster" and not os.environ.get("RAY_AUTH_MODE") and \
+                    (Path.home() / ".ray" / "auth_token").is_file():
+                # Ray >= 2.5x starts a head with token authentication once this machine has a token
+                # (a local ray.init writes one), and a client given an address does not send it
+                fix = ("if the cluster runs with Ray's token authentication (this machine has "
+                       "~/.ray/auth_token), set RAY_AUTH_MODE=token for the compile; else " + fix)
+            raise M3Error(f"cannot connect to Ray at {where}: {str(e).splitlines()[0][:200]}; {fix}") from None
     try:
         yield ray
     finally:

@@ -208,6 +208,9 @@ def test_an_unreachable_cluster_is_one_error_line(tmp_path):
     r = run_cli(["compile", CORPUS, "-o", tmp_path / "kb", "--engine", "ray", "--ray-address", "127.0.0.1:9"])
     assert r.returncode == 1 and r.stderr.strip().startswith("error: cannot connect to Ray at 127.0.0.1:9"), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "kb" / "manifest.json").exists()
+    # the same through RAY_ADDRESS, which --ray-address defaults to (ray.init retried it for minutes)
+    r = run_cli(["compile", CORPUS, "-o", tmp_path / "kb", "--engine", "ray"], {"RAY_ADDRESS": "127.0.0.1:9"})
+    assert r.returncode == 1 and r.stderr.strip().startswith("error: cannot connect to Ray at 127.0.0.1:9"), r.stderr
 
 
 @pytest.mark.parametrize("args, message", [
