@@ -510,10 +510,11 @@ def verify(
 def _repair_hint(kb: Path, faults: list[str], repaired: bool) -> str:
     """What to do about verify's faults: --repair rebuilds from the manifest, so it cannot help
     where the manifest itself is unreadable, nor in a directory that never was a kb."""
-    if any("codebooks" in f for f in faults) and not any(f.startswith("manifest.json:") for f in faults):
+    manifest_ok = not any(f.startswith("manifest.json:") for f in faults)
+    if manifest_ok and any("codebooks" in f for f in faults):
         return (f"; codebooks cannot be repaired in place: `m3 compile CORPUS -o {kb} --rebuild --retrain-codebooks` "
                 "trains them again (from the same corpus and seed, the same bytes: every frame that checks is copied)")
-    if not any(f.startswith("manifest.json:") for f in faults):
+    if manifest_ok:
         return "" if repaired else f"; `m3 verify --repair {kb}` rebuilds what it can"
     if not (kb / "manifest.json").exists() and not any(kb.glob("memory-*.safetensors")):
         return "; it is not a knowledge base: give the directory `m3 compile -o` wrote"

@@ -140,28 +140,18 @@ class CompileConfig:
         wrote a kb whose manifest says `true`, which no reader could decode; 2.5 failed mid-compile).
         Paths may be os.PathLike (kept as str); memory_layers any sequence of ints."""
         for f in fields(self):
-            v = getattr(self, f.name)
-            kind = _FIELD_KINDS[f.name]
-            if v is None and f.name in _OPTIONAL:
+            v, kind, optional = getattr(self, f.name), _FIELD_KINDS[f.name], f.default is None
+            if v is None and optional:
                 continue
             if kind == "path" and isinstance(v, os.PathLike):
-                object.__setattr__(self, f.name, os.fspath(v))
-                continue
-            if kind == "layers" and not isinstance(v, (str, bytes)) and hasattr(v, "__iter__"):
+                v = os.fspath(v)
+            elif kind == "layers" and _is_sequence(v):
                 v = tuple(v)  # a generator is read once, here
-                object.__setattr__(self, f.name, v)
-            ok = {"int": isinstance(v, int) and not isinstance(v, bool),
-                  "number": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
-                  "bool": isinstance(v, bool),
-                  "str": isinstance(v, str), "path": isinstance(v, str),
-                  "layers": not isinstance(v, (str, bytes)) and hasattr(v, "__iter__") and all(
-                      isinstance(x, int) and not isinstance(x, bool) for x in v)}[kind]
-            if not ok:
-                what = {"int": "an integer", "number": "a finite number", "bool": "True or False",
-                        "str": "a string", "path": "a path (str or os.PathLike)",
-                        "layers": "a sequence of layer indices, e.g. (0, 1) or parse_layers('0-3')"}[kind]
+            test, what = _KIND_TESTS[kind]
+            if not test(v):
                 raise M3Error(f"CompileConfig {f.name}={v!r} ({type(v).__name__}) must be {what}"
-                              + (" or None" if f.name in _OPTIONAL else ""))
+                              + (" or None" if optional else ""))
+            object.__setattr__(self, f.name, v)
 
     @property
     def engine_workers(self) -> int:
@@ -230,8 +220,26 @@ _FIELD_KINDS = {"corpus": "path", "model": "path", "max_tokens": "int", "boundar
                 "batch_size": "int", "max_shard_bytes": "int", "checkpoint_seconds": "number", "engine": "str",
                 "ray_address": "str", "workers": "int", "cpus_per_worker": "int", "gpus_per_worker": "number",
                 "follow_symlinks": "bool", "embedder": "str", "index_factory": "str"}
-_OPTIONAL = {"model", "max_tokens", "boundary", "min_fill", "prefix", "top_k", "memory_layers", "batch_size",
-             "ray_address", "workers", "embedder"}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_sequence(v) -> bool:
+    return not isinstance(v, (str, bytes)) and hasattr(v, "__iter__")
+
+
+# kind -> (test, what a value of that kind must be); a field whose default is None may also be None
+_KIND_TESTS = {
+    "int": (_is_int, "an integer"),
+    "number": (lambda v: (_is_int(v) or isinstance(v, float)) and math.isfinite(v), "a finite number"),
+    "bool": (lambda v: isinstance(v, bool), "True or False"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "path": (lambda v: isinstance(v, str), "a path (str or os.PathLike)"),
+    "layers": (lambda v: isinstance(v, tuple) and all(map(_is_int, v)),
+               "a sequence of layer indices, e.g. (0, 1) or parse_layers('0-3')"),
+}
 
 # exact-name presets; each states only what it changes
 PRESETS = {

@@ -30,11 +30,8 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
-from m3compile.errors import M3Error
+from m3compile.errors import REPAIR_HINT, M3Error
 from m3compile.quantize import QuantError, QuantKV, Scheme, get_scheme
-
-# what every "damaged shard" error tells the user: repair copies the frames that still check
-_REPAIR = "`m3 verify --repair {}` rebuilds it"
 
 FORMAT, FORMAT_VERSION, CODEC = "m3-kv", 1, "zstd"
 # measured in formats/kv-shard.md: on quantized K/V level 19 saves 1-3% more at ~1/80 the speed
@@ -531,7 +528,7 @@ def read_shard_header(path: Path, whole: bool = True) -> dict:
                               "the shard is truncated or not safetensors")
             header = json.loads(f.read(n))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise M3Error(f"cannot read shard {path}: {e}; the file is damaged: {_REPAIR.format(path.parent)}") from None
+        raise M3Error(f"cannot read shard {path}: {e}; the file is damaged: {REPAIR_HINT.format(kb=path.parent)}") from None
     if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
         raise M3Error(f"{path.name}: safetensors header has no __metadata__; not an m3 kb shard")
     try:
@@ -540,7 +537,7 @@ def read_shard_header(path: Path, whole: bool = True) -> dict:
         raise M3Error(f"{path.name}: a tensor entry lacks valid data_offsets; the shard is damaged") from None
     if max(ends, default=0) != size - 8 - n and (whole or max(ends, default=0) < size - 8 - n):
         raise M3Error(f"{path.name}: tensors need {max(ends, default=0)} data bytes but the file has "
-                      f"{size - 8 - n}; the shard is truncated or damaged: {_REPAIR.format(path.parent)}")
+                      f"{size - 8 - n}; the shard is truncated or damaged: {REPAIR_HINT.format(kb=path.parent)}")
     check_shard_metadata(header["__metadata__"], path.name)
     return header
 
@@ -573,7 +570,7 @@ class ShardReader:
             ok = False
         if not ok:
             raise M3Error(f"{self.path.name}: its kv tensor is not a U8 vector of its data_offsets' size; "
-                          f"the shard is damaged: {_REPAIR.format(self.path.parent)}")
+                          f"the shard is damaged: {REPAIR_HINT.format(kb=self.path.parent)}")
         self.kv_bytes = b - a
         self._file = None
         try:
@@ -581,7 +578,7 @@ class ShardReader:
             n = struct.unpack("<Q", self._file.read(8))[0]  # read_shard_header checked it
         except (OSError, struct.error) as e:
             self.close()
-            raise M3Error(f"cannot read shard {self.path}: {e}; the file is damaged: {_REPAIR.format(self.path.parent)}") from None
+            raise M3Error(f"cannot read shard {self.path}: {e}; the file is damaged: {REPAIR_HINT.format(kb=self.path.parent)}") from None
         self._base = 8 + n + a  # file offset of kv byte 0
 
     def read(self, offset: int, length: int, ref_id: int = -1) -> bytes:
@@ -594,7 +591,7 @@ class ShardReader:
             self._file.seek(self._base + a)
             data = self._file.read(length)
         except OSError as e:
-            raise M3Error(f"cannot read shard {self.path}: {e}; the file is damaged: {_REPAIR.format(self.path.parent)}") from None
+            raise M3Error(f"cannot read shard {self.path}: {e}; the file is damaged: {REPAIR_HINT.format(kb=self.path.parent)}") from None
         if len(data) != length:
             raise M3Error(f"{self.path.name} ref {ref_id}: the shard ends inside this frame; it is truncated")
         return data

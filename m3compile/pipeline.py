@@ -863,11 +863,8 @@ def _kb_model_as_default(config: CompileConfig, out: Path, log) -> CompileConfig
     """Growing a kb without --model uses the checkpoint the kb was compiled with, as generate,
     eval and verify do; the embedded model is the default only for a new kb (or one whose model is
     it). A kb whose manifest cannot be read is left to the compile, which names what is wrong."""
-    try:
-        recorded = mf.read_manifest(out).model.get("path")
-    except M3Error:
-        return config
-    if recorded in (None, "<embedded example>"):
+    recorded = kb_settings(out).get("model")  # as manifest "model.path", but null for the embedded model
+    if recorded is None:
         return config
     # recorded relative to the kb directory (older kbs: as given)
     path = next((p for p in (out / recorded, Path(recorded)) if p.is_dir()), None)

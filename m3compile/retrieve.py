@@ -21,7 +21,7 @@ from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 
 from m3compile import index as ix
-from m3compile.errors import M3Error, damaged_file
+from m3compile.errors import REPAIR_HINT, M3Error, damaged_file
 
 MODES = ("bm25", "dense", "hybrid")
 QUERY_BLOCK = 512  # queries scored together by retrieve_many (bounds its memory; rankings are per query)
@@ -130,7 +130,7 @@ class Retriever:
         b = section["bm25"]
         if not (self.path / b["dir"] / "params.index.json").is_file():
             raise M3Error(f"{self.path / b['dir']} is missing or incomplete; the kb is damaged: "
-                          f"`m3 verify --repair {self.path}` rebuilds its indexes")
+                          f"{REPAIR_HINT.format(kb=self._kb_dir)}")
         with damaged_file(self.path / b["dir"], self._kb_dir):
             self._bm25 = bm25s.BM25.load(str(self.path / b["dir"]), show_progress=False)
         self._bm25_ids = np.array([row["ref_id"] for row in ix.read_corpus(self.path / b["dir"])], dtype=np.int64)  # (R,)
@@ -140,7 +140,7 @@ class Retriever:
             d = self._docs["bm25"]
             if not (self.path / d["dir"] / "params.index.json").is_file():
                 raise M3Error(f"{self.path / d['dir']} is missing or incomplete; the kb is damaged: "
-                              f"`m3 verify --repair {self.path}` rebuilds its indexes")
+                              f"{REPAIR_HINT.format(kb=self._kb_dir)}")
             with damaged_file(self.path / d["dir"], self._kb_dir):
                 self._doc_bm25 = bm25s.BM25.load(str(self.path / d["dir"]), show_progress=False)
             self._by_id = np.argsort(self._bm25_ids)  # (R,) bm25 rows in ref_id order
