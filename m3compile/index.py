@@ -15,9 +15,11 @@ min-max normalized scores (retrieve.py; formats/index.md "documents" and "fusion
 Shape letters: R references, N documents, E embedding dim.
 """
 
+import functools
 import hashlib
 import importlib
 import importlib.metadata
+import itertools
 import json
 import os
 import re
@@ -29,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from m3compile.errors import M3Error
-from m3compile.references import Rows, columns, iter_columns
+from m3compile.references import Rows, columns, iter_columns, positions_at
 
 FORMAT = "m3-index"
 # version 2 adds the document indexes and context scoring; sections without "documents" stay version 1
@@ -81,6 +83,18 @@ def bm25_tokenize(texts: list[str], tokens: dict = BM25_TOKENS) -> list[list[str
     return bm25s.tokenize(list(texts), lower=tokens["lower"], token_pattern=tokens["token_pattern"],
                           stopwords=tokens["stopwords"], stemmer=Stemmer.Stemmer(tokens["stemmer"]),
                           return_ids=False, show_progress=False)
+
+
+def bm25_token_ids(texts: list[str], tokens: dict = BM25_TOKENS) -> tuple[list[list[int]], dict[str, int]]:
+    """bm25_tokenize's tokens as ids into a vocabulary of these texts' tokens (bm25s' return_ids):
+    the same tokens, without a str object per token."""
+    import bm25s
+    import Stemmer
+
+    got = bm25s.tokenize(list(texts), lower=tokens["lower"], token_pattern=tokens["token_pattern"],
+                         stopwords=tokens["stopwords"], stemmer=Stemmer.Stemmer(tokens["stemmer"]),
+                         return_ids=True, show_progress=False)
+    return got.ids, got.vocab
 
 
 @contextmanager
@@ -178,10 +192,14 @@ def _bm25_ids(texts: Sequence[str], scratch: Path, fetch: int = 4096, chunk: int
         owner = array("q")  # the text of each piece in the batch
 
         def flush():
-            for t, tokens in zip(owner, bm25_tokenize(batch)):
+            ids, vocab = bm25_token_ids(batch)
+            local = np.zeros(len(vocab), "<i4")  # the batch's token ids -> ids in `seen`
+            for w, i in vocab.items():
+                local[i] = seen.setdefault(w, len(seen))
+            for t, tokens in zip(owner, ids):
                 lengths[t] += len(tokens)
-                f.write(np.fromiter((seen.setdefault(w, len(seen)) for w in tokens), dtype="<i4",
-                                    count=len(tokens)).tobytes())
+            flat = np.fromiter(itertools.chain.from_iterable(ids), np.int64, sum(map(len, ids)))
+            f.write(local[flat].tobytes())
             batch.clear()
             del owner[:]
 
@@ -313,13 +331,20 @@ def _write_bm25_scores(out: Path, docs: _TokenIds, n_vocab: int, index, block: i
 CORPUS_IDS_AT_ONCE = 1 << 16  # ids of one corpus row's list written at once
 
 
+@functools.lru_cache(maxsize=64)
+def _json_key(key: str) -> str:
+    return json.dumps(key, ensure_ascii=False) + ": "
+
+
 def _json_pieces(row: dict) -> Iterator[str]:
     """json.dumps(row, ensure_ascii=False) in pieces: a value that is a list, a range or an array of
     ints is written CORPUS_IDS_AT_ONCE ids at a time (a document of a million references)."""
     yield "{"
     for j, (k, v) in enumerate(row.items()):
-        yield (", " if j else "") + json.dumps(k, ensure_ascii=False) + ": "
-        if isinstance(v, (list, range, np.ndarray)):
+        yield (", " if j else "") + _json_key(k)
+        if type(v) is int:  # what json.dumps writes of an int (not of a bool or a numpy number)
+            yield int.__repr__(v)
+        elif isinstance(v, (list, range, np.ndarray)):
             yield "["
             for lo in range(0, len(v), CORPUS_IDS_AT_ONCE):
                 yield (", " if lo else "") + ", ".join(map(str, np.asarray(v[lo:lo + CORPUS_IDS_AT_ONCE]).tolist()))
@@ -633,22 +658,12 @@ def index_references(kb_dir: Path, rows: list[dict], embedder: str | None, index
                          documents=docs)
 
 
-def _at(values, at):
-    """values[at], for a range or an array of values and a range or an array of positions (a range
-    of a range stays a range: no 8 bytes a row)."""
-    if isinstance(at, range):
-        return values[at.start:at.stop:at.step]
-    if isinstance(values, range):
-        return values.start + values.step * np.asarray(at, dtype=np.int64)
-    return np.asarray(values)[np.asarray(at, dtype=np.int64)]  # values may be an array("q")
-
-
 def _take(rows, positions):
     """The rows at `positions` (a range or an array) of a Rows view or a list of dicts."""
     if isinstance(positions, range) and positions.step == 1:
         return rows[positions.start:positions.stop]
     if isinstance(rows, Rows):
-        return Rows(rows.store, _at(rows.positions, positions))
+        return Rows(rows.store, positions_at(rows.positions, positions))
     return [rows[int(p)] for p in positions]
 
 
@@ -719,7 +734,7 @@ class _Documents(Sequence):
         """(doc_id, its ref_ids in reference order: a range or an array) per document, without
         reading texts."""
         for i, doc_id in enumerate(self.names):
-            yield doc_id, _at(self.ref_ids, self.order[self.starts[i]:self.starts[i + 1]])
+            yield doc_id, positions_at(self.ref_ids, self.order[self.starts[i]:self.starts[i + 1]])
 
     def __len__(self) -> int:
         return len(self.starts) - 1
@@ -730,7 +745,7 @@ class _Documents(Sequence):
         i = range(len(self))[i]
         at = self.order[self.starts[i]:self.starts[i + 1]]
         c = columns(_take(self.rows, at), ("doc_id", "index", "text"))
-        (doc,) = group_documents(np.asarray(_at(self.ref_ids, at)).tolist(), c["doc_id"], c["index"], c["text"])
+        (doc,) = group_documents(np.asarray(positions_at(self.ref_ids, at)).tolist(), c["doc_id"], c["index"], c["text"])
         return doc
 
 
@@ -740,6 +755,7 @@ class _Fragments(Sequence):
 
     def __init__(self, documents: _Documents, chunk: int = 4096):
         self.documents, self.chunk = documents, chunk
+        self._ahead: dict[int, list[str]] = {}  # texts read ahead, by document (_read_ahead)
 
     def __len__(self) -> int:
         return len(self.documents)
@@ -750,8 +766,29 @@ class _Fragments(Sequence):
         d = self.documents
         i = range(len(d))[i]
         at = d.order[d.starts[i]:d.starts[i + 1]]
+        if i not in self._ahead and len(at) <= self.chunk:
+            self._read_ahead(i)
+        if i in self._ahead:
+            return iter(self._ahead.pop(i))
         return (t for k in range(0, len(at), self.chunk)
                 for t in columns(_take(d.rows, at[k:k + self.chunk]), ("text",))["text"])
+
+    def _read_ahead(self, i: int) -> None:
+        """Read the texts of document i and of those after it, up to `chunk` references in all, at
+        once (asked for in order, as an index build asks, each is then served from here: one read,
+        not one a document)."""
+        d, runs, n = self.documents, [], 0
+        for j in range(i, len(d)):
+            size = int(d.starts[j + 1] - d.starts[j])
+            if runs and n + size > self.chunk:
+                break
+            runs.append((j, np.asarray(d.order[d.starts[j]:d.starts[j + 1]], np.int64)))
+            n += size
+        texts = columns(_take(d.rows, np.concatenate([a for _, a in runs])), ("text",))["text"]
+        self._ahead, lo = {}, 0
+        for j, a in runs:
+            self._ahead[j] = texts[lo:lo + len(a)]
+            lo += len(a)
 
 
 class _Field(Sequence):

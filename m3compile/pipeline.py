@@ -394,9 +394,10 @@ def _previous_documents(prev: Previous) -> tuple[dict[str, str], dict[str, tuple
     return hashes, docs, order, np.searchsorted(codes[order], np.arange(len(docs) + 1))  # (N + 1,)
 
 
-def _references(setup: Setup, prev: Previous, docs, doc_sha: dict, previous: tuple) -> Iterator[tuple[dict, tuple | None]]:
-    """The corpus's references in order: (a plan row without its key, token_ids an array("i"); for
-    a row given back from the previous kb, (its position in prev.rows, that row), else None).
+def _references(setup: Setup, prev: Previous, docs, doc_sha: dict, previous: tuple) -> Iterator[tuple]:
+    """The corpus's references in order, as pairs: (a plan row without its key, token_ids an
+    array("i"); None) for each reference cut now, and ([(document, its row count)], positions in
+    prev.rows of their rows in order) for documents given back whole, ~4096 rows at a time.
 
     A document the kb holds with the same text (doc_id and sha256) gives back its previous rows
     without being tokenized again: they are the references chunk_documents would cut, since cutting
@@ -412,16 +413,17 @@ def _references(setup: Setup, prev: Previous, docs, doc_sha: dict, previous: tup
         return d.doc_id in seen and seen[d.doc_id][1] == doc_sha[d.doc_id]
 
     for same, group in itertools.groupby(docs, key=unchanged):
-        if same:
+        if same:  # given back in runs of ~4096 rows, whole documents
+            run, at = [], []
             for d in group:
                 k = seen[d.doc_id][0]
-                for lo in range(int(bounds[k]), int(bounds[k + 1]), 4096):  # records read 4096 rows at a time
-                    at = order[lo:min(lo + 4096, int(bounds[k + 1]))].tolist()
-                    for p, r in zip(at, prev.rows.store.rows([prev.rows.positions[p] for p in at])):
-                        yield ({"doc_id": d.doc_id, "source": d.source, "index": r["index"],
-                                "char_start": r["char_start"], "char_end": r["char_end"], "n_tokens": r["n_tokens"],
-                                "token_ids": r["token_ids"], "text": r["text"], "doc_sha256": doc_sha[d.doc_id]},
-                               (p, r))
+                run.append((d, int(bounds[k + 1] - bounds[k])))
+                at.append(order[int(bounds[k]):int(bounds[k + 1])])
+                if sum(len(a) for a in at) >= 4096:
+                    yield run, np.concatenate(at)
+                    run, at = [], []
+            if run:
+                yield run, np.concatenate(at)
             continue
         if setup.ray is not None:  # --engine ray: cut by Ray actors, the same references
             refs = ray_references(setup.ray, group, setup.ck.tokenizer, spec.width, spec.boundary, spec.min_fill,
@@ -441,13 +443,31 @@ def _plan_into(store: "refs_file.RefColumns", setup: Setup, prev: Previous, old:
     new, next_id = _Positions(), prev.next_ref_id  # new: store positions
     previous = _previous_documents(prev)
     with timer("read+chunk"):
-        for meta, prior in _references(setup, prev, docs, doc_sha, previous):
+        for item, at in _references(setup, prev, docs, doc_sha, previous):
+            if at is not None:  # documents given back: their rows at once, as the loop below would add them
+                src = prev.rows.store
+                pos = refs_file.positions_at(prev.rows.positions, at)
+                records = src.records(pos)
+                keys = np.frombuffer(b"".join(spec.ref_key(ids, setup.context) for ids in src.token_ids(records)),
+                                     "V32")  # (n,)
+                same = old.take_many(keys)  # (n,) prev.rows positions, -1: not in the kb (a new row)
+                frames = np.where(same >= 0, refs_file.positions_at(prev.rows.positions, np.maximum(same, 0)), -1)
+                of = [d for d, n in item for _ in range(n)]  # each row's document
+                got = store.extend_from(src, pos, frames=frames, new_id=next_id, key=keys,
+                                        n_kept=np.minimum(spec.top_k, records["n_tokens"]),
+                                        doc_id=[d.doc_id for d in of], source=[d.source for d in of],
+                                        doc_sha256=[doc_sha[d.doc_id] for d in of])
+                for j in np.flatnonzero(same < 0).tolist():
+                    new.append(got[j])
+                next_id += int(np.sum(same < 0))
+                continue
+            meta = item
             key = spec.ref_key(meta["token_ids"], setup.context)
             meta.update(ref_key=key.hex(), n_kept=min(spec.top_k, meta["n_tokens"]))
             same = old.take(key)
             if same is not None:
                 # the kb already holds this memory: keep its id and its frame
-                store.append({**(prior[1] if prior is not None and prior[0] == same else prev.rows[same]), **meta})
+                store.append({**prev.rows[same], **meta})
             else:
                 new.append(store.append({"ref_id": next_id, **meta}))
                 next_id += 1
@@ -515,6 +535,26 @@ class _ByKey:
         self.used[i0] += 1
         j = int(self.order[i])
         self.taken[j] = True
+        return j
+
+    def take_many(self, keys: np.ndarray) -> np.ndarray:
+        """`take` of each of `keys` (V32) in turn, at once: positions, -1 where none."""
+        if not len(keys) or not len(self.sorted):
+            return np.full(len(keys), -1, np.int64)
+        i0 = np.searchsorted(self.sorted, keys)  # (K,) where each key's run starts
+        by_key = np.argsort(keys, kind="stable")  # equal keys together, in their order
+        k = keys[by_key]
+        first = np.r_[True, k[1:] != k[:-1]]  # (K,) a new key in sorted order
+        group = np.cumsum(first) - 1
+        rank = np.empty(len(keys), np.int64)  # (K,) earlier takes of the same key in this call
+        rank[by_key] = np.arange(len(keys)) - np.flatnonzero(first)[group]
+        i = i0 + self.used[np.minimum(i0, len(self.sorted) - 1)] * (i0 < len(self.sorted)) + rank
+        ok = i < len(self.sorted)
+        ok[ok] = self.sorted[i[ok]] == keys[ok]
+        np.add.at(self.used, i0[ok], 1)
+        j = np.full(len(keys), -1, np.int64)
+        j[ok] = self.order[i[ok]]
+        self.taken[j[ok]] = True
         return j
 
     def left(self) -> list[int]:

@@ -176,7 +176,47 @@ def test_plan_columns_give_back_the_rows(tmp_path, spill, monkeypatch):
     for r in rows:
         ascending.append(r)
     assert ascending.ascending and Rows(ascending, range(len(rows))) == rows
+    # rows at once: a table's (an incremental compile reads its kb so), and copies of another
+    # store's rows with some columns replaced and frames taken from other rows (documents given
+    # back); each must store what appending the rows' dicts one by one stores
+    import pyarrow as pa
+    table = pa.Table.from_pylist([{**r, "token_ids": list(r["token_ids"])} for r in rows], SCHEMA)
+    bulk = RefColumns(tmp_path / "spill" if spill else None)
+    assert bulk.extend_from_table(table.slice(0, 5)) == range(0, 5)
+    assert bulk.extend_from_table(table.slice(5)) == range(5, len(rows))  # a slice: offsets into its arrays
+    assert bulk.ascending and Rows(bulk, range(len(rows))) == Rows(ascending, range(len(rows))) == rows
+    # the columnar comparison of two stores sees a change in any column
+    for name, value in [("text", rows[3]["text"] + "x"), ("shard", "other"), ("byte_offset", 7), ("ref_key", "0" * 64),
+                        ("token_ids", array("i", [9] * rows[3]["n_tokens"]))]:
+        other = RefColumns(None)
+        for i, r in enumerate(rows):
+            other.append({**r, name: value} if i == 3 else r)
+        assert Rows(other, range(len(rows))) != Rows(bulk, range(len(rows))), name
+        other.close()
+    src = [7, 2, 9, 3, 3]  # rows copied, in this order
+    frames = [7, -1, 1, -1, 3]  # the memory each takes: its own, none (a new row), another row's
+    want, new_id = [], 1000
+    for p, f in zip(src, frames):
+        meta = {k: v for k, v in rows[p].items() if k not in RefColumns.FRAME}
+        frame = {k: rows[f][k] for k in RefColumns.FRAME} if f >= 0 else {
+            "ref_id": new_id, "shard": "", "byte_offset": 0, "byte_length": 0, "quant_rel_err": 0.0, "quant_max_err": 0.0}
+        new_id += f < 0
+        want.append({**frame, **meta, "doc_id": "moved", "n_kept": 2})
+    copied = RefColumns(None)
+    for r in want:
+        copied.append(r)
+    got = bulk.extend_from(bulk, src, frames=frames, new_id=1000, doc_id=["moved"] * 5, n_kept=2)
+    assert got == range(len(rows), len(rows) + 5)
+    assert Rows(bulk, got) == Rows(copied, range(5)) == want
+    assert Rows(bulk, range(len(rows))) == rows  # the copied rows are untouched
+    # references.parquet written from the records, a row group at a time, is the file the dicts give
+    monkeypatch.setattr(references, "ROW_GROUP_SIZE", 6)
+    references.write_references(tmp_path / "dicts.parquet", rows + want)
+    references.write_references(tmp_path / "records.parquet", Rows(bulk, [*range(len(rows)), *got]))
+    assert (tmp_path / "dicts.parquet").read_bytes() == (tmp_path / "records.parquet").read_bytes()
+    assert pq.ParquetFile(tmp_path / "records.parquet").metadata.num_row_groups == -(-(len(rows) + 5) // 6)
     store.close()
+    bulk.close()
 
 
 def test_files_open_with_their_standard_libraries(tmp_path):

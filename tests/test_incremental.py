@@ -309,10 +309,13 @@ def test_frames_on_disk_by_key_match_a_dict_of_the_first_found(env):
 def test_previous_rows_by_key_match_a_dict_of_queues(tmp_path, as_columns):
     # an incremental compile finds the previous kb's rows by content key in a sorted key array
     # (40 bytes a row, issue 16); it must take and leave rows exactly as a dict of queues does:
-    # equal keys first-in first-out, leftovers grouped by key in order of the key's first row
+    # equal keys first-in first-out, leftovers grouped by key in order of the key's first row;
+    # taking a batch at once (take_many) is taking its keys one by one
     import random
     from array import array
     from collections import defaultdict, deque
+
+    import numpy as np
 
     from m3compile.pipeline import _ByKey
     from m3compile.references import RefColumns, Rows
@@ -332,9 +335,20 @@ def test_previous_rows_by_key_match_a_dict_of_queues(tmp_path, as_columns):
     by_key, oracle = _ByKey(prev), defaultdict(deque)
     for r in rows:
         oracle[r["ref_key"]].append(r["ref_id"])
-    for key in [rng.choice(pool + [bytes(32 * [7])]) for _ in range(250)]:
-        q = oracle.get(key.hex())
-        assert by_key.take(key) == (q.popleft() if q else None)
+    asked = [rng.choice(pool + [bytes(32 * [7])]) for _ in range(250)]
+    lo = 0
+    while lo < len(asked):  # one at a time, or a batch at once (take_many: a document given back)
+        n = rng.choice([1, 1, 2, 5, 17])
+        want = []
+        for key in asked[lo:lo + n]:
+            q = oracle.get(key.hex())
+            want.append(q.popleft() if q else None)
+        if n == 1:
+            assert [by_key.take(asked[lo])] == want
+        else:
+            got = by_key.take_many(np.frombuffer(b"".join(asked[lo:lo + n]), "V32"))
+            assert [None if j < 0 else j for j in got.tolist()] == want
+        lo += n
     left = by_key.left()
     assert left == [i for q in oracle.values() for i in q] and len(left) > 20
     if as_columns:
