@@ -414,14 +414,15 @@ def _references(setup: Setup, prev: Previous, docs, doc_sha: dict, previous: tup
 
     for same, group in itertools.groupby(docs, key=unchanged):
         if same:  # given back in runs of ~4096 rows, whole documents
-            run, at = [], []
+            run, at, n = [], [], 0
             for d in group:
                 k = seen[d.doc_id][0]
                 run.append((d, int(bounds[k + 1] - bounds[k])))
                 at.append(order[int(bounds[k]):int(bounds[k + 1])])
-                if sum(len(a) for a in at) >= 4096:
+                n += run[-1][1]
+                if n >= 4096:
                     yield run, np.concatenate(at)
-                    run, at = [], []
+                    run, at, n = [], [], 0
             if run:
                 yield run, np.concatenate(at)
             continue
@@ -452,11 +453,12 @@ def _plan_into(store: "refs_file.RefColumns", setup: Setup, prev: Previous, old:
                                      "V32")  # (n,)
                 same = old.take_many(keys)  # (n,) prev.rows positions, -1: not in the kb (a new row)
                 frames = np.where(same >= 0, refs_file.positions_at(prev.rows.positions, np.maximum(same, 0)), -1)
-                of = [d for d, n in item for _ in range(n)]  # each row's document
+                counts = [n for _, n in item]  # the rows of each document
                 got = store.extend_from(src, pos, frames=frames, new_id=next_id, key=keys,
                                         n_kept=np.minimum(spec.top_k, records["n_tokens"]),
-                                        doc_id=[d.doc_id for d in of], source=[d.source for d in of],
-                                        doc_sha256=[doc_sha[d.doc_id] for d in of])
+                                        doc_id=([d.doc_id for d, _ in item], counts),
+                                        source=([d.source for d, _ in item], counts),
+                                        doc_sha256=([doc_sha[d.doc_id] for d, _ in item], counts))
                 for j in np.flatnonzero(same < 0).tolist():
                     new.append(got[j])
                 next_id += int(np.sum(same < 0))

@@ -323,8 +323,9 @@ class RefColumns:
         fixed = np.zeros(n, self.RECORD)
         for name in (*self.INTS, *self.FLOATS):
             fixed[name] = _numbers(_whole(batch.column(name)))
-        for name in self.INTERNED:
-            fixed[name] = self.codes(name, _whole(batch.column(name)).to_pylist())
+        for name in self.INTERNED:  # a row group's few distinct strings interned, then their codes spread
+            encoded = _whole(batch.column(name)).dictionary_encode()
+            fixed[name] = self.codes(name, encoded.dictionary.to_pylist())[_numbers(encoded.indices)]
         keys = _whole(batch.column("ref_key")).to_pylist()
         if any(len(k) != 64 for k in keys):
             raise ValueError("a content key that is not 64 hex digits")
@@ -347,7 +348,7 @@ class RefColumns:
         (src positions, -1 for none): each row takes that row's memory (FRAME: its ref id and
         frame), or none, a new row: ref ids from `new_id` on, no frame, as `append` leaves one.
         `columns` replace the rest: numbers as arrays or scalars, INTERNED strings as one string
-        or a list."""
+        or as (strings, a count of rows for each), the rows in order."""
         fixed = src._records_at(positions)
         variable = src._variable(fixed)
         miss = None
@@ -363,7 +364,10 @@ class RefColumns:
         for name in self.INTERNED:
             if name in columns:
                 value = columns.pop(name)
-                fixed[name] = self._code(name, value) if isinstance(value, str) else self.codes(name, value)
+                if isinstance(value, str):
+                    fixed[name] = self._code(name, value)
+                else:  # (strings, how many rows each)
+                    fixed[name] = np.repeat(self.codes(name, value[0]), value[1])
             elif len(fixed):
                 used, at = np.unique(fixed[name], return_inverse=True)
                 fixed[name] = self.codes(name, [src._strings[name][c] for c in used.tolist()])[at]

@@ -201,11 +201,11 @@ def test_plan_columns_give_back_the_rows(tmp_path, spill, monkeypatch):
         frame = {k: rows[f][k] for k in RefColumns.FRAME} if f >= 0 else {
             "ref_id": new_id, "shard": "", "byte_offset": 0, "byte_length": 0, "quant_rel_err": 0.0, "quant_max_err": 0.0}
         new_id += f < 0
-        want.append({**frame, **meta, "doc_id": "moved", "n_kept": 2})
+        want.append({**frame, **meta, "doc_id": "moved" if len(want) < 2 else "other", "n_kept": 2})
     copied = RefColumns(None)
     for r in want:
         copied.append(r)
-    got = bulk.extend_from(bulk, src, frames=frames, new_id=1000, doc_id=["moved"] * 5, n_kept=2)
+    got = bulk.extend_from(bulk, src, frames=frames, new_id=1000, doc_id=(["moved", "other"], [2, 3]), n_kept=2)
     assert got == range(len(rows), len(rows) + 5)
     assert Rows(bulk, got) == Rows(copied, range(5)) == want
     assert Rows(bulk, range(len(rows))) == rows  # the copied rows are untouched
