@@ -394,10 +394,13 @@ def _previous_documents(prev: Previous) -> tuple[dict[str, str], dict[str, tuple
     return hashes, docs, order, np.searchsorted(codes[order], np.arange(len(docs) + 1))  # (N + 1,)
 
 
+GIVE_BACK_ROWS = 4096  # rows of unchanged documents taken from the previous kb at once (~1 MB held)
+
+
 def _references(setup: Setup, prev: Previous, docs, doc_sha: dict, previous: tuple) -> Iterator[tuple]:
     """The corpus's references in order, as pairs: (a plan row without its key, token_ids an
-    array("i"); None) for each reference cut now, and ([(document, its row count)], positions in
-    prev.rows of their rows in order) for documents given back whole, ~4096 rows at a time.
+    array("i"); None) for each reference cut now, and ([(doc_id, source, row count)], positions in
+    prev.rows of those rows in order) for documents given back, GIVE_BACK_ROWS rows at a time.
 
     A document the kb holds with the same text (doc_id and sha256) gives back its previous rows
     without being tokenized again: they are the references chunk_documents would cut, since cutting
@@ -413,16 +416,19 @@ def _references(setup: Setup, prev: Previous, docs, doc_sha: dict, previous: tup
         return d.doc_id in seen and seen[d.doc_id][1] == doc_sha[d.doc_id]
 
     for same, group in itertools.groupby(docs, key=unchanged):
-        if same:  # given back in runs of ~4096 rows, whole documents
+        if same:  # given back GIVE_BACK_ROWS rows at a time (a long document in parts, short ones together)
             run, at, n = [], [], 0
             for d in group:
                 k = seen[d.doc_id][0]
-                run.append((d, int(bounds[k + 1] - bounds[k])))
-                at.append(order[int(bounds[k]):int(bounds[k + 1])])
-                n += run[-1][1]
-                if n >= 4096:
-                    yield run, np.concatenate(at)
-                    run, at, n = [], [], 0
+                lo, hi = int(bounds[k]), int(bounds[k + 1])
+                while lo < hi:
+                    part = min(hi - lo, GIVE_BACK_ROWS - n)
+                    run.append((d.doc_id, d.source, part))
+                    at.append(order[lo:lo + part])
+                    lo, n = lo + part, n + part
+                    if n == GIVE_BACK_ROWS:
+                        yield run, np.concatenate(at)
+                        run, at, n = [], [], 0
             if run:
                 yield run, np.concatenate(at)
             continue
@@ -447,18 +453,18 @@ def _plan_into(store: "refs_file.RefColumns", setup: Setup, prev: Previous, old:
         for item, at in _references(setup, prev, docs, doc_sha, previous):
             if at is not None:  # documents given back: their rows at once, as the loop below would add them
                 src = prev.rows.store
-                pos = refs_file.positions_at(prev.rows.positions, at)
-                records = src.records(pos)
-                keys = np.frombuffer(b"".join(spec.ref_key(ids, setup.context) for ids in src.token_ids(records)),
-                                     "V32")  # (n,)
+                records = src.records(refs_file.positions_at(prev.rows.positions, at))  # (n,)
+                variable = src.variable(records)
+                keys = np.frombuffer(b"".join(spec.ref_key(np.frombuffer(v, "<i4", c), setup.context)
+                                              for v, c in zip(variable, records["n_tokens"].tolist())), "V32")  # (n,)
                 same = old.take_many(keys)  # (n,) prev.rows positions, -1: not in the kb (a new row)
                 frames = np.where(same >= 0, refs_file.positions_at(prev.rows.positions, np.maximum(same, 0)), -1)
-                counts = [n for _, n in item]  # the rows of each document
-                got = store.extend_from(src, pos, frames=frames, new_id=next_id, key=keys,
+                counts = [c for _, _, c in item]  # rows of each document
+                got = store.extend_from(src, records, variable, frames=frames, new_id=next_id, key=keys,
                                         n_kept=np.minimum(spec.top_k, records["n_tokens"]),
-                                        doc_id=([d.doc_id for d, _ in item], counts),
-                                        source=([d.source for d, _ in item], counts),
-                                        doc_sha256=([doc_sha[d.doc_id] for d, _ in item], counts))
+                                        doc_id=([d for d, _, _ in item], counts),
+                                        source=([source for _, source, _ in item], counts),
+                                        doc_sha256=([doc_sha[d] for d, _, _ in item], counts))
                 for j in np.flatnonzero(same < 0).tolist():
                     new.append(got[j])
                 next_id += int(np.sum(same < 0))

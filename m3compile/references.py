@@ -343,14 +343,15 @@ class RefColumns:
 
     FRAME = ("ref_id", "shard", "byte_offset", "byte_length", "quant_rel_err", "quant_max_err")  # a memory's
 
-    def extend_from(self, src: "RefColumns", positions, frames=None, new_id: int = 0, **columns) -> range:
-        """Append copies of `src`'s rows at `positions` at once, their positions here. `frames`
+    def extend_from(self, src: "RefColumns", records: np.ndarray, variable: list[bytes], frames=None,
+                    new_id: int = 0, **columns) -> range:
+        """Append copies of `src`'s rows at once (their fixed and variable records: `records`,
+        `variable`), their positions here. `frames`
         (src positions, -1 for none): each row takes that row's memory (FRAME: its ref id and
         frame), or none, a new row: ref ids from `new_id` on, no frame, as `append` leaves one.
         `columns` replace the rest: numbers as arrays or scalars, INTERNED strings as one string
         or as (strings, a count of rows for each), the rows in order."""
-        fixed = src._records_at(positions)
-        variable = src._variable(fixed)
+        fixed = records.copy()
         miss = None
         if frames is not None:
             frames = np.asarray(frames, np.int64)
@@ -381,9 +382,9 @@ class RefColumns:
         """The fixed records (RECORD) of rows at `positions`, in that order."""
         return self._records_at(positions)
 
-    def token_ids(self, records: np.ndarray) -> list[np.ndarray]:
-        """The token ids (int32 arrays) of these fixed records' rows."""
-        return [np.frombuffer(v, "<i4", n) for v, n in zip(self._variable(records), records["n_tokens"].tolist())]
+    def variable(self, records: np.ndarray) -> list[bytes]:
+        """The variable records (token ids as int32, then text as UTF-8) of these fixed records' rows."""
+        return self._variable(records)
 
     def _variable(self, records: np.ndarray) -> list[bytes]:
         """The variable records (token ids, then text) of these fixed records: ascending runs that
@@ -661,6 +662,10 @@ def _row_groups(path: Path):
     contradict themselves is one M3Error naming it damaged."""
     try:
         for batch in pq.ParquetFile(str(path)).iter_batches(ROW_GROUP_SIZE):
+            if [(f.name, f.type) for f in batch.schema] != [(f.name, f.type) for f in SCHEMA]:
+                raise ValueError("its columns are not those of formats/references.md")
+            if _whole(batch.column("token_ids")).values.null_count:
+                raise ValueError("a null token id")
             counts = np.diff(_offsets(_whole(batch.column("token_ids"))))
             bad = np.flatnonzero(counts != _numbers(_whole(batch.column("n_tokens"))))
             if len(bad):

@@ -205,7 +205,8 @@ def test_plan_columns_give_back_the_rows(tmp_path, spill, monkeypatch):
     copied = RefColumns(None)
     for r in want:
         copied.append(r)
-    got = bulk.extend_from(bulk, src, frames=frames, new_id=1000, doc_id=(["moved", "other"], [2, 3]), n_kept=2)
+    records = bulk.records(src)
+    got = bulk.extend_from(bulk, records, bulk.variable(records), frames=frames, new_id=1000, doc_id=(["moved", "other"], [2, 3]), n_kept=2)
     assert got == range(len(rows), len(rows) + 5)
     assert Rows(bulk, got) == Rows(copied, range(5)) == want
     assert Rows(bulk, range(len(rows))) == rows  # the copied rows are untouched
@@ -217,6 +218,14 @@ def test_plan_columns_give_back_the_rows(tmp_path, spill, monkeypatch):
     assert pq.ParquetFile(tmp_path / "records.parquet").metadata.num_row_groups == -(-(len(rows) + 5) // 6)
     store.close()
     bulk.close()
+    # a table whose columns are of other types is refused as damaged, not read through its buffers
+    from m3compile.errors import M3Error
+    meta = references._schema_with_metadata().metadata
+    for name, kind in (("token_ids", pa.list_(pa.int64())), ("text", pa.large_string())):
+        schema = pa.schema([pa.field(f.name, kind if f.name == name else f.type) for f in SCHEMA], metadata=meta)
+        pq.write_table(pa.Table.from_pylist(table.to_pylist(), schema), tmp_path / "other.parquet")
+        with pytest.raises(M3Error, match="damaged"):
+            references.read_reference_rows(tmp_path / "other.parquet")
 
 
 def test_files_open_with_their_standard_libraries(tmp_path):

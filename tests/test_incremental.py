@@ -355,16 +355,19 @@ def test_previous_rows_by_key_match_a_dict_of_queues(tmp_path, as_columns):
         store.close()
 
 
-def test_unchanged_documents_are_not_cut_again(env, monkeypatch):
+@pytest.mark.parametrize("give_back_rows", [4096, 3])
+def test_unchanged_documents_are_not_cut_again(env, monkeypatch, give_back_rows):
     """An incremental compile takes an unchanged document's references from the kb instead of
     tokenizing and cutting it again, and the kb is byte for byte the one cutting every document
     gives, also where a reference repeats inside and across documents (which previous row a
-    repeated key keeps is decided the same way)."""
+    repeated key keeps is decided the same way), and where the rows given back at once (3) cut
+    documents into parts (a document longer than GIVE_BACK_ROWS rows: memory stays bounded)."""
     import shutil
 
     import numpy as np
 
     tmp, corpus, cfg = env
+    monkeypatch.setattr(pipeline, "GIVE_BACK_ROWS", give_back_rows)
     rep = words(77, 15)  # one reference of 16 tokens: its key repeats
     (corpus / "doc5.txt").write_text(rep + " " + rep)
     (corpus / "doc6.txt").write_text(rep)
@@ -395,6 +398,7 @@ def test_unchanged_documents_are_not_cut_again(env, monkeypatch):
     assert snapshot(tmp / "kb", with_mtime=False) == snapshot(tmp / "full", with_mtime=False)
     monkeypatch.undo()
     monkeypatch.setattr(pipeline, "chunk_documents", counting)
+    monkeypatch.setattr(pipeline, "GIVE_BACK_ROWS", give_back_rows)
     cut.clear()
     assert check_kb(cfg, tmp / "kb") == [] and cut == [] and verify_kb(tmp / "kb") == []
     # cut by another tokenizers library (the last compile's run.json says which): every document is cut
