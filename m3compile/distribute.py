@@ -247,8 +247,8 @@ class _Encoder:
 
 
 def check_ray(address: str | None) -> None:
-    """M3Error now, before any corpus is read, if Ray is not installed or `address` takes no TCP
-    connection (ray.init would retry an unreachable cluster for minutes)."""
+    """M3Error now, before any corpus is read, if Ray is not installed, or `address` takes no TCP
+    connection or answers as no gRPC server does (ray.init would retry either for minutes)."""
     try:
         import ray
     except ImportError:
@@ -258,11 +258,42 @@ def check_ray(address: str | None) -> None:
         return
     host, _, port = address.rpartition(":")
     try:
-        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+        conn = socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S)
     except (OSError, ValueError) as e:
         raise M3Error(f"cannot connect to Ray at {address} ({getattr(e, 'strerror', None) or e}); start a "
                       "cluster with `ray start --head` and pass the address it prints (host:6379) to "
                       "--ray-address") from None
+    with conn:
+        answer = None if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true") else _http2_answer(conn)
+    if answer is not None and not (len(answer) == 9 and answer[3] == HTTP2_SETTINGS):
+        raise M3Error(f"{address} takes connections but does not answer as a Ray cluster (its GCS speaks "
+                      f"gRPC; this port answered {answer[:16]!r}): pass the address `ray start --head` prints "
+                      "(host:6379), not the dashboard's (8265) or Ray Client's (10001)")
+
+
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # + an empty SETTINGS frame
+HTTP2_SETTINGS = 4  # frame type; a frame header is 9 bytes: length (3), type, flags, stream id (4)
+
+
+def _http2_answer(conn: socket.socket) -> bytes | None:
+    """The first 9 bytes a server sends back to an HTTP/2 client's preface: a gRPC server (Ray's
+    GCS) opens with its SETTINGS frame; anything else on that port makes ray.init retry for
+    minutes. None where the exchange itself failed (left to ray.init to report); a TLS cluster
+    (RAY_USE_TLS) is not probed."""
+    try:
+        conn.settimeout(CONNECT_TIMEOUT_S)
+        conn.sendall(HTTP2_PREFACE)
+        got = b""
+        while len(got) < 9:
+            part = conn.recv(9 - len(got))
+            if not part:
+                break
+            got += part
+        return got
+    except socket.timeout:
+        return b""  # silent: no gRPC server
+    except OSError:
+        return None
 
 
 def _quiet_errors(record: logging.LogRecord) -> bool:

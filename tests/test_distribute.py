@@ -213,6 +213,23 @@ def test_an_unreachable_cluster_is_one_error_line(tmp_path):
     assert r.returncode == 1 and r.stderr.strip().startswith("error: cannot connect to Ray at 127.0.0.1:9"), r.stderr
 
 
+def test_a_port_that_is_not_a_ray_cluster_is_one_error_line(tmp_path):
+    # an open port that is not Ray's GCS (here an HTTP server, as the dashboard's 8265 is): ray.init
+    # retried it for minutes; the compile names it at once
+    import http.server
+    import threading
+
+    from m3compile import distribute
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        address = f"127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(M3Error, match=f"{address} takes connections but does not answer as a Ray cluster"):
+            distribute.check_ray(address)
+    finally:
+        server.shutdown()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--engine", "spark"], "--engine 'spark' is not one of local, ray"),
     (["--engine", "ray", "--workers", "0"], "--workers 0 and --cpus-per-worker 1 must be at least 1"),
