@@ -28,9 +28,10 @@ def snapshot(kb: Path) -> dict:
             if p.is_file() and p.name not in ("run.json", ".m3.lock")}
 
 
-def run_cli(args, env_extra=None):
+def run_cli(args, env_extra=None, timeout=None):
     env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "m3compile", *map(str, args)], capture_output=True, text=True, env=env)
+    return subprocess.run([sys.executable, "-m", "m3compile", *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -219,15 +220,17 @@ def test_a_port_that_is_not_a_ray_cluster_is_one_error_line(tmp_path):
     import http.server
     import threading
 
-    from m3compile import distribute
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         address = f"127.0.0.1:{server.server_address[1]}"
-        with pytest.raises(M3Error, match=f"{address} takes connections but does not answer as a Ray cluster"):
-            distribute.check_ray(address)
+        r = run_cli(["compile", CORPUS, "-o", tmp_path / "kb", "--engine", "ray", "--ray-address", address],
+                    timeout=120)  # ray.init itself gives up after minutes
     finally:
         server.shutdown()
+    assert r.returncode == 1 and r.stderr.startswith(
+        f"error: {address} takes connections but does not answer as a Ray cluster"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "kb").exists()
 
 
 @pytest.mark.parametrize("args, message", [
