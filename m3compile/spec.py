@@ -212,6 +212,11 @@ def memorize(model: "Transformer", token_lists: Sequence[Sequence[int]], spec: M
     from m3compile.model import LayerKV
     from m3compile.sparsify import select_topk
 
+    a = model.args
+    if (a.n_layers, a.n_kv_heads, a.head_dim) != (spec.n_layers, spec.n_kv_heads, spec.head_dim):
+        raise M3Error(f"the model ({a.n_layers} layers, {a.n_kv_heads} kv heads x {a.head_dim}) is not the one this "
+                      f"spec's memories belong to ({spec.n_layers} layers, {spec.n_kv_heads} kv heads x "
+                      f"{spec.head_dim}); load the kb's checkpoint (kb.load_kb_model)")
     if not token_lists:
         return []
     long = max(len(t) for t in token_lists)

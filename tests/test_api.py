@@ -85,5 +85,9 @@ def test_memorize_refuses_empty_references_and_foreign_ids(kb):
         memorize(ck.model, [[5, 6], []], kb.spec)
     with pytest.raises(M3Error, match="outside the model's vocabulary"):
         memorize(ck.model, [[5, ck.args.vocab_size]], kb.spec)
+    # a model of another shape than the spec's: memories of the wrong model, refused before encoding
+    from dataclasses import replace
+    with pytest.raises(M3Error, match=r"the model \(4 layers, 2 kv heads x 32\) is not the one"):
+        memorize(ck.model, [[5, 6]], replace(kb.spec, n_kv_heads=4))
     with pytest.raises(M3Error, match="dtype 'junk'"):
         load_checkpoint(Path(__import__("m3compile").__file__).parent / "embedded" / "reader", dtype="junk")
