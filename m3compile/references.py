@@ -598,6 +598,12 @@ def _offsets(column: pa.Array) -> np.ndarray:
     return np.frombuffer(column.buffers()[1], "<i4")[column.offset:column.offset + len(column) + 1]
 
 
+def _layout(kind: pa.DataType):
+    """What of a column's type its buffers depend on (a list's item type, not whether its items are
+    declared nullable)."""
+    return ("list", kind.value_type) if pa.types.is_list(kind) else kind
+
+
 def _whole(column) -> pa.Array:
     """A table's column (chunked) or a batch's as one array without nulls (a damaged table's
     nulls are a ValueError, as `append` of a None would be)."""
@@ -662,7 +668,7 @@ def _row_groups(path: Path):
     contradict themselves is one M3Error naming it damaged."""
     try:
         for batch in pq.ParquetFile(str(path)).iter_batches(ROW_GROUP_SIZE):
-            if [(f.name, f.type) for f in batch.schema] != [(f.name, f.type) for f in SCHEMA]:
+            if [(f.name, _layout(f.type)) for f in batch.schema] != [(f.name, _layout(f.type)) for f in SCHEMA]:
                 raise ValueError("its columns are not those of formats/references.md")
             if _whole(batch.column("token_ids")).values.null_count:
                 raise ValueError("a null token id")
