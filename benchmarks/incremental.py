@@ -14,6 +14,7 @@ setting where a kb is large (150,638 references) and a compile cheap a reference
 incremental compile does beside encoding shows. A fourth step removes the added documents again.
 
     python benchmarks/incremental.py --scifact --add-share 0.0002
+    python benchmarks/incremental.py --scifact --docs 1000 --add-share 0.001 --embedder minilm
 """
 
 import argparse
@@ -54,6 +55,8 @@ def main():
     ap.add_argument("--doc-kb", type=float, default=8.0)
     ap.add_argument("--add-share", type=float, default=0.01, help="share of documents added in step 2")
     ap.add_argument("--scifact", action="store_true", help="SciFact's abstracts and the embedded default model")
+    ap.add_argument("--docs", type=int, help="--scifact: only the first DOCS abstracts")
+    ap.add_argument("--embedder", help="--scifact: a dense index too (e.g. minilm: hybrid retrieval)")
     opts = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="m3incr-"))
     calls = {"n": 0}
@@ -68,13 +71,14 @@ def main():
         corpus = work / "corpus"
         corpus.mkdir()
         if opts.scifact:
-            lines = (SCIFACT / "corpus.jsonl").read_text(encoding="utf-8").splitlines()
+            lines = (SCIFACT / "corpus.jsonl").read_text(encoding="utf-8").splitlines()[:opts.docs]
             n_add = max(1, round(opts.add_share * len(lines)))
             held = set(range(0, len(lines), max(1, len(lines) // n_add))[:n_add])
             (corpus / "abstracts.jsonl").write_text("".join(f"{x}\n" for i, x in enumerate(lines) if i not in held))
             added = {"added.jsonl": "".join(f"{lines[i]}\n" for i in sorted(held))}
-            n_docs, what = len(lines), f"SciFact's {len(lines)} abstracts; the embedded default model, float32"
-            cfg = CompileConfig(corpus=str(corpus))
+            n_docs, what = len(lines), (f"SciFact's first {len(lines)} abstracts; the embedded default model, "
+                                        f"float32; embedder {opts.embedder}")
+            cfg = CompileConfig(corpus=str(corpus), embedder=opts.embedder)
         else:
             texts = book_texts(opts.mb)
             docs = split_docs(texts, int(opts.doc_kb * 1024))

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from m3compile.errors import M3Error
-from m3compile.references import Rows, columns, iter_columns, positions_at
+from m3compile.references import COLUMN_BLOCK, Rows, columns, iter_columns, positions_at
 
 FORMAT = "m3-index"
 # version 2 adds the document indexes and context scoring; sections without "documents" stay version 1
@@ -573,7 +573,8 @@ def _add_dense(path: Path, ids: np.ndarray, x: np.ndarray, factory: str, what: s
 
 
 def _build_dense(out: Path, ref_ids: list[int], texts: list[str], embedder: str, factory: str,
-                 device: str, doc_texts: list[str] | None = None) -> tuple[dict, dict | None]:
+                 device: str, doc_texts: list[str] | None = None, doc_ids: list[str] | None = None,
+                 reuse: "DenseReuse | None" = None) -> tuple[dict, dict | None]:
     """The reference index (and, given doc_texts, the document index): their manifest sections."""
     path = resolve_embedder(embedder)
     root = Path(path)
@@ -584,22 +585,147 @@ def _build_dense(out: Path, ref_ids: list[int], texts: list[str], embedder: str,
     prompts = prompt_names(model)
     dim = _embedding_dim(model)
     _make_faiss(factory, dim)  # before embedding: a bad factory string fails fast
-    x = embed(model, texts, prompts["document_prompt"])  # (R, E)
-    assert x.shape == (len(texts), dim), (x.shape, dim)
-    dense = _add_dense(out / FAISS_FILE, np.asarray(ref_ids, dtype=np.int64), x, factory, "references")
     # a named embedder is recorded by its name only: its package's directory is this machine's
     named = path != embedder
-    dense["embedder"] = {"path": embedder if named else path, "name": embedder if named else None,
-                         **embedder_identity(root),
-                         "library": f"sentence-transformers {_version('sentence-transformers')}",
-                         "pooling": _pooling(model), "normalize": True, "max_seq_length": int(model.max_seq_length),
-                         "batch_size": EMBED_BATCH, **prompts}
+    record = {"path": embedder if named else path, "name": embedder if named else None,
+              **embedder_identity(root),
+              "library": f"sentence-transformers {_version('sentence-transformers')}",
+              "pooling": _pooling(model), "normalize": True, "max_seq_length": int(model.max_seq_length),
+              "batch_size": EMBED_BATCH, **prompts}
+    if reuse is not None and not reuse.usable(record, factory):
+        reuse = None
+    x = _embed_new(model, texts, prompts["document_prompt"], dim,
+                   reuse.take(reuse.references, ref_ids, texts) if reuse is not None else None)  # (R, E)
+    assert x.shape == (len(texts), dim), (x.shape, dim)
+    dense = _add_dense(out / FAISS_FILE, np.asarray(ref_ids, dtype=np.int64), x, factory, "references")
+    dense["embedder"] = record
     if doc_texts is None:
         return dense, None
     # a document is embedded whole: the embedder truncates it at max_seq_length tokens (its lead)
-    xd = embed(model, doc_texts, prompts["document_prompt"])  # (N, E)
+    xd = _embed_new(model, doc_texts, prompts["document_prompt"], dim,
+                    reuse.take(reuse.documents, doc_ids, doc_texts) if reuse is not None and doc_ids is not None
+                    else None)
     docs = _add_dense(out / DOC_FAISS_FILE, np.arange(len(doc_texts), dtype=np.int64), xd, factory, "documents")
     return dense, docs
+
+
+def _embed_new(model, texts: Sequence[str], prompt: str | None, dim: int, known) -> np.ndarray:
+    """(R, E) vectors of `texts`: those `known` gives ((positions, their vectors), from the kb's
+    previous generation) taken as they are, the others embedded."""
+    if known is None or not len(known[0]):
+        return embed(model, texts, prompt)
+    x = np.empty((len(texts), dim), np.float32)  # (R, E)
+    x[known[0]] = known[1]
+    todo = np.setdiff1d(np.arange(len(texts)), known[0])
+    if len(todo):
+        x[todo] = embed(model, [texts[int(i)] for i in todo], prompt)
+    return x
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+class DenseReuse:
+    """The vectors of a kb's previous generation, taken back by an incremental compile: a
+    reference whose id and indexed text (title and text) are unchanged, and a document whose id
+    and text are, get the vector they were given then; only the others are embedded (with
+    MiniLM, SciFact's 150,638 references take ~40 min to embed on 2 cores). Used when the embedder
+    record (files' sha256, library version, pooling, prompts, max_seq_length, batch size) and the
+    factory are the same and the factory is "Flat", whose index holds the vectors exactly. A
+    vector taken back was embedded in other batches than a fresh compile would form, so its last
+    bits may differ from one embedded now (padding): the kb is deterministic for the same history
+    of compiles, as its ref ids are. `taken` counts the vectors taken back (run.json)."""
+
+    def __init__(self, gen: Path, retrieval: dict, rows):
+        """gen: the previous generation's directory; retrieval: its manifest section; rows: its
+        references (references.parquet's rows: a Rows view or dicts)."""
+        self.gen, self.retrieval, self.rows = Path(gen), retrieval, rows
+        self.taken = {"references": 0, "documents": 0}
+        self._prev = None
+
+    def usable(self, record: dict, factory: str) -> bool:
+        dense = self.retrieval.get("dense") or {}
+        same = {k: v for k, v in (dense.get("embedder") or {}).items() if k != "path"} == \
+            {k: v for k, v in record.items() if k != "path"}
+        return same and factory == "Flat" and dense.get("factory") == "Flat"
+
+    @staticmethod
+    def take(method, ids, texts):
+        """method(ids, texts), or None (everything embedded) where the previous generation's index
+        cannot be read as a Flat one: a kb that verified cannot miss it, but taking vectors back is
+        never worth failing a compile."""
+        try:
+            return method(ids, texts)
+        except (OSError, RuntimeError, ValueError, KeyError):
+            return None
+
+    def _previous(self):
+        """The previous generation's references as index texts and documents (read once)."""
+        if self._prev is None:
+            docs = _Documents(self.rows)
+            self._prev = self.rows, docs, _IndexTexts(self.rows, docs.titles)
+        return self._prev
+
+    def references(self, ref_ids, texts) -> tuple[np.ndarray, np.ndarray]:
+        """(positions in ref_ids, their vectors (K, E)) of the references whose vector is taken back."""
+        _, docs, prev_texts = self._previous()
+        before: dict[int, bytes] = {}
+        for lo in range(0, len(prev_texts), COLUMN_BLOCK):
+            ids = np.asarray(positions_at(docs.ref_ids, range(lo, min(lo + COLUMN_BLOCK, len(prev_texts)))))
+            before.update(zip(ids.tolist(), map(_digest, prev_texts[lo:lo + COLUMN_BLOCK])))
+        at, ids = [], []
+        for lo in range(0, len(texts), COLUMN_BLOCK):
+            block = np.asarray(positions_at(ref_ids, range(lo, min(lo + COLUMN_BLOCK, len(texts))))).tolist()
+            for j, (r, t) in enumerate(zip(block, texts[lo:lo + COLUMN_BLOCK])):
+                if before.get(r) == _digest(t):
+                    at.append(lo + j)
+                    ids.append(r)
+        vectors = self._vectors(self.gen / FAISS_FILE, np.asarray(ids, np.int64))
+        self.taken["references"] = len(at)
+        return np.asarray(at, np.int64), vectors
+
+    def documents(self, doc_ids: list[str], doc_texts) -> tuple[np.ndarray, np.ndarray]:
+        """(positions in doc_ids, their vectors) of the documents whose vector is taken back."""
+        if not (self.retrieval.get("documents") or {}).get("dense"):
+            return np.empty(0, np.int64), np.empty((0, 0), np.float32)
+        _, docs, _ = self._previous()
+        frags = _Fragments(docs)
+        before = {}
+        for j, name in enumerate(docs.names):
+            h = hashlib.blake2b(digest_size=16)
+            for t in frags[j]:
+                h.update(t.encode("utf-8"))
+            before[name] = (j, h.digest())
+        at, rows = [], []
+        for i, name in enumerate(doc_ids):
+            j = before.get(name)
+            if j is not None and j[1] == _digest(doc_texts[i]):
+                at.append(i)
+                rows.append(j[0])
+        vectors = self._vectors(self.gen / DOC_FAISS_FILE, np.asarray(rows, np.int64))
+        self.taken["documents"] = len(at)
+        return np.asarray(at, np.int64), vectors
+
+    @staticmethod
+    def _vectors(path: Path, ids: np.ndarray) -> np.ndarray:
+        """The vectors stored under `ids` in a Flat index (IndexIDMap2 over IndexFlat), (K, E)."""
+        import faiss
+
+        read = faiss.read_index(str(path))  # owns the index: its downcast views must not outlive it
+        index = faiss.downcast_index(read)
+        stored = faiss.vector_to_array(index.id_map).astype(np.int64)  # (n,) id of each stored vector
+        order = np.argsort(stored, kind="stable")
+        where = order[np.searchsorted(stored[order], ids)]
+        if len(ids) and not np.array_equal(stored[where], ids):
+            raise ValueError(f"{path.name} lacks vectors the kb's table names")
+        flat = faiss.downcast_index(index.index)
+        if not isinstance(flat, faiss.IndexFlat):
+            raise ValueError(f"{path.name} is not a Flat index")
+        stored_vectors = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)  # a view
+        vectors = np.array(stored_vectors[where], dtype=np.float32)  # (K, E), a copy: the index is freed below
+        del stored_vectors, flat, index, read
+        return vectors
 
 
 # ---- both ----------------------------------------------------------------------------------------
@@ -637,14 +763,14 @@ def group_documents(ref_ids: list[int], doc_ids: list[str], indices: list[int],
 
 
 def index_references(kb_dir: Path, rows: list[dict], embedder: str | None, index_factory: str = "Flat",
-                     device: str = "cpu") -> dict:
+                     device: str = "cpu", reuse: "DenseReuse | None" = None) -> dict:
     """build_indexes over a kb's reference rows, with their titles (index_texts) and their documents
     (group_documents): what a compile calls.
 
     Args:
         kb_dir: the kb directory (exists).
         rows: one dict per reference with "ref_id", "doc_id", "index" and "text" (references.parquet).
-        embedder, index_factory, device: as for build_indexes.
+        embedder, index_factory, device, reuse: as for build_indexes.
     Returns:
         {"retrieval": {...}}, the manifest section.
     Example:
@@ -655,7 +781,7 @@ def index_references(kb_dir: Path, rows: list[dict], embedder: str | None, index
     # over the whole lists
     docs = _Documents(rows)
     return build_indexes(kb_dir, docs.ref_ids, _IndexTexts(rows, docs.titles), embedder, index_factory, device,
-                         documents=docs)
+                         documents=docs, reuse=reuse)
 
 
 def _take(rows, positions):
@@ -806,7 +932,8 @@ class _Field(Sequence):
 
 def build_indexes(kb_dir: Path, ref_ids: list[int], texts: list[str], embedder: str | None,
                   index_factory: str = "Flat", device: str = "cpu",
-                  documents: list[tuple[str, list[int], str]] | None = None) -> dict:
+                  documents: list[tuple[str, list[int], str]] | None = None,
+                  reuse: "DenseReuse | None" = None) -> dict:
     """Write the retrieval indexes over the references into `kb_dir`.
 
     Args:
@@ -820,6 +947,8 @@ def build_indexes(kb_dir: Path, ref_ids: list[int], texts: list[str], embedder: 
         documents: (doc_id, ref_ids, text) per document (group_documents); each reference's ids in
             exactly one. Given, the document indexes are built too and references are scored with
             their document's context (format_version 2); None = references alone (version 1).
+        reuse: the previous generation's dense vectors, taken back where their texts are unchanged
+            (DenseReuse; an incremental compile), or None: every text embedded.
     Returns:
         {"retrieval": {...}}: the manifest section (formats/index.md); its "files" lists the paths
         written, relative to kb_dir.
@@ -839,7 +968,9 @@ def build_indexes(kb_dir: Path, ref_ids: list[int], texts: list[str], embedder: 
         raise M3Error("no references to index; the corpus produced none")
     doc_texts = None if documents is None else _Field(documents, 2)
     # dense first: its errors are the user's (embedder, factory string), and nothing is written before them
-    dense, dense_docs = (_build_dense(out, ref_ids, texts, embedder, index_factory, device, doc_texts)
+    doc_ids = None if documents is None else (documents.names if isinstance(documents, _Documents)
+                                              else [d for d, _, _ in documents])
+    dense, dense_docs = (_build_dense(out, ref_ids, texts, embedder, index_factory, device, doc_texts, doc_ids, reuse)
                          if embedder else (None, None))
     bm25 = _build_bm25(out / BM25_DIR, ({"ref_id": int(r)} for r in ref_ids), texts)
     section = {"format": FORMAT, "format_version": FORMAT_VERSION, "ids": "ref_id", "count": len(ref_ids),

@@ -47,7 +47,7 @@ from m3compile.corpus import RECORD_SUFFIXES, TEXT_SUFFIXES, CorpusReport, iter_
 from m3compile.distribute import (Frames, RaySession, check_ray, encode_frames, local_frames, pool_frames,
                                   ray_frames, ray_references)
 from m3compile.errors import M3Error
-from m3compile.index import check_index_factory, index_references, resolve_embedder
+from m3compile.index import DenseReuse, check_index_factory, index_references, resolve_embedder
 from m3compile.model import Checkpoint, bf16_is_native, cpu_description, fingerprint, load_checkpoint
 from m3compile.pack import (CODEC, FORMAT, FORMAT_VERSION, LAYOUT, ZSTD_LEVEL, ShardReaders, ShardWriter,
                             check_frame, shard_info, write_shard_index)
@@ -786,7 +786,8 @@ def _repair_shards(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: T
     return shards
 
 
-def _build_generation(out: Path, setup: Setup, rows: list[dict], shards: list[str], timer: Timer) -> tuple[str, dict]:
+def _build_generation(out: Path, setup: Setup, rows: list[dict], shards: list[str], timer: Timer,
+                      reuse: "DenseReuse | None" = None) -> tuple[str, dict]:
     retrieval = {}
 
     def build(gen: Path):
@@ -800,7 +801,7 @@ def _build_generation(out: Path, setup: Setup, rows: list[dict], shards: list[st
             # each reference indexed after its document's title and scored with its document's
             # context (formats/index.md, version 2)
             retrieval.update(index_references(gen, rows, setup.config.embedder, setup.config.index_factory,
-                                              setup.config.device)["retrieval"])
+                                              setup.config.device, reuse)["retrieval"])
             dense = retrieval.get("dense")
             if dense and dense["embedder"].get("name") is None:  # a directory: recorded relative to the kb
                 dense["embedder"]["path"] = relative_to_kb(dense["embedder"]["path"], out)
@@ -808,6 +809,19 @@ def _build_generation(out: Path, setup: Setup, rows: list[dict], shards: list[st
     with timer("write"):
         gen = store.write_generation(out, build)
     return gen, retrieval
+
+
+def _dense_reuse(out: Path, setup: Setup, prev: Previous) -> "DenseReuse | None":
+    """The previous generation's dense vectors for this compile to take back (index.DenseReuse),
+    where the kb had a dense index and none of its generation's files is damaged."""
+    m = prev.manifest
+    if m is None or not setup.config.embedder or not (m.retrieval or {}).get("dense") or prev.rows_recovered \
+            or not len(prev.rows):  # a rebuild embeds everything again
+        return None
+    gen = Path(m.paths["references"]).parent
+    if any(Path(name).parent == gen for name in prev.damaged) or not (out / gen).is_dir():
+        return None
+    return DenseReuse(out / gen, m.retrieval, prev.rows)
 
 
 def _model_record(setup: Setup, out: Path) -> dict:
@@ -981,7 +995,8 @@ def _run_in(config: CompileConfig, out: Path, progress: Progress, log, keep_miss
             stats = _write_new(out, setup, prev, plan, timer, progress)
             engine.close()  # the last Ray work is done: a cluster this compile started stops now
             shards = store.shard_state(out, plan.rows)
-            gen, retrieval = _build_generation(out, setup, plan.rows, sorted(shards), timer)
+            reuse = _dense_reuse(out, setup, prev)
+            gen, retrieval = _build_generation(out, setup, plan.rows, sorted(shards), timer, reuse)
             crash_point("generation")
             next_id = max([prev.next_ref_id] + [int(np.max(c["ref_id"])) + 1
                                                 for c in refs_file.iter_columns(plan.rows, ("ref_id",))])
@@ -995,6 +1010,7 @@ def _run_in(config: CompileConfig, out: Path, progress: Progress, log, keep_miss
                        "shards_written": stats["shards_written"],
                        "shards_kept": sorted(set(shards) - set(stats["shards_written"])),
                        "repaired": repaired, "engine_workers": stats["engine_workers"],
+                       **({"dense_vectors_reused": reuse.taken} if reuse is not None else {}),
                        **_drift(setup, plan, log)}
             run = {"created_at_unix": round(t_start, 3), "wall_seconds": round(time.time() - t_start, 3),
                    "stage_seconds": {k: round(v, 4) for k, v in sorted(timer.seconds.items())},
