@@ -819,7 +819,7 @@ def _dense_reuse(out: Path, setup: Setup, prev: Previous) -> "DenseReuse | None"
             or not len(prev.rows):  # a rebuild embeds everything again
         return None
     gen = Path(m.paths["references"]).parent
-    if any(Path(name).parent == gen for name in prev.damaged) or not (out / gen).is_dir():
+    if any(gen in Path(name).parents for name in prev.damaged) or not (out / gen).is_dir():
         return None
     return DenseReuse(out / gen, m.retrieval, prev.rows)
 
