@@ -622,8 +622,13 @@ def _embed_new(model, texts: Sequence[str], prompt: str | None, dim: int, known)
     return x
 
 
-def _digest(text: str) -> bytes:
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+def _digest(pieces: Iterable[str]) -> bytes:
+    """What DenseReuse compares of an indexed text: a digest of its pieces' UTF-8, which is the
+    digest of the text they join to (a document's text comes as its references' texts)."""
+    h = hashlib.blake2b(digest_size=16)
+    for piece in pieces:
+        h.update(piece.encode("utf-8"))
+    return h.digest()
 
 
 class DenseReuse:
@@ -661,24 +666,24 @@ class DenseReuse:
             return None
 
     def _previous(self):
-        """The previous generation's references as index texts and documents (read once)."""
+        """The previous generation's documents and index texts (grouped once)."""
         if self._prev is None:
             docs = _Documents(self.rows)
-            self._prev = self.rows, docs, _IndexTexts(self.rows, docs.titles)
+            self._prev = docs, _IndexTexts(self.rows, docs.titles)
         return self._prev
 
     def references(self, ref_ids, texts) -> tuple[np.ndarray, np.ndarray]:
         """(positions in ref_ids, their vectors (K, E)) of the references whose vector is taken back."""
-        _, docs, prev_texts = self._previous()
+        docs, prev_texts = self._previous()
         before: dict[int, bytes] = {}
         for lo in range(0, len(prev_texts), COLUMN_BLOCK):
             ids = np.asarray(positions_at(docs.ref_ids, range(lo, min(lo + COLUMN_BLOCK, len(prev_texts)))))
-            before.update(zip(ids.tolist(), map(_digest, prev_texts[lo:lo + COLUMN_BLOCK])))
+            before.update(zip(ids.tolist(), (_digest([t]) for t in prev_texts[lo:lo + COLUMN_BLOCK])))
         at, ids = [], []
         for lo in range(0, len(texts), COLUMN_BLOCK):
             block = np.asarray(positions_at(ref_ids, range(lo, min(lo + COLUMN_BLOCK, len(texts))))).tolist()
             for j, (r, t) in enumerate(zip(block, texts[lo:lo + COLUMN_BLOCK])):
-                if before.get(r) == _digest(t):
+                if before.get(r) == _digest([t]):
                     at.append(lo + j)
                     ids.append(r)
         vectors = self._vectors(self.gen / FAISS_FILE, np.asarray(ids, np.int64))
@@ -689,18 +694,13 @@ class DenseReuse:
         """(positions in doc_ids, their vectors) of the documents whose vector is taken back."""
         if not (self.retrieval.get("documents") or {}).get("dense"):
             return np.empty(0, np.int64), np.empty((0, 0), np.float32)
-        _, docs, _ = self._previous()
+        docs, _ = self._previous()
         frags = _Fragments(docs)
-        before = {}
-        for j, name in enumerate(docs.names):
-            h = hashlib.blake2b(digest_size=16)
-            for t in frags[j]:
-                h.update(t.encode("utf-8"))
-            before[name] = (j, h.digest())
+        before = {name: (j, _digest(frags[j])) for j, name in enumerate(docs.names)}
         at, rows = [], []
         for i, name in enumerate(doc_ids):
             j = before.get(name)
-            if j is not None and j[1] == _digest(doc_texts[i]):
+            if j is not None and j[1] == _digest([doc_texts[i]]):
                 at.append(i)
                 rows.append(j[0])
         vectors = self._vectors(self.gen / DOC_FAISS_FILE, np.asarray(rows, np.int64))

@@ -818,7 +818,7 @@ def _dense_reuse(out: Path, setup: Setup, prev: Previous) -> "DenseReuse | None"
     if m is None or not setup.config.embedder or not (m.retrieval or {}).get("dense") or prev.rows_recovered \
             or not len(prev.rows):  # a rebuild embeds everything again
         return None
-    gen = Path(m.paths["references"]).parent
+    gen = Path(m.generation)
     if any(gen in Path(name).parents for name in prev.damaged) or not (out / gen).is_dir():
         return None
     return DenseReuse(out / gen, m.retrieval, prev.rows)

@@ -670,9 +670,10 @@ def _row_groups(path: Path):
         for batch in pq.ParquetFile(str(path)).iter_batches(ROW_GROUP_SIZE):
             if [(f.name, _layout(f.type)) for f in batch.schema] != [(f.name, _layout(f.type)) for f in SCHEMA]:
                 raise ValueError("its columns are not those of formats/references.md")
-            if _whole(batch.column("token_ids")).values.null_count:
+            ids = _whole(batch.column("token_ids"))
+            if ids.values.null_count:
                 raise ValueError("a null token id")
-            counts = np.diff(_offsets(_whole(batch.column("token_ids"))))
+            counts = np.diff(_offsets(ids))
             bad = np.flatnonzero(counts != _numbers(_whole(batch.column("n_tokens"))))
             if len(bad):
                 j = int(bad[0])
