@@ -15,6 +15,7 @@ incremental compile does beside encoding shows. A fourth step removes the added 
 
     python benchmarks/incremental.py --scifact --add-share 0.0002
     python benchmarks/incremental.py --scifact --docs 1000 --add-share 0.001 --embedder minilm
+    python benchmarks/incremental.py --scifact --docs 1000 --add-share 0.001 --embedder minilm --index-factory HNSW32
 """
 
 import argparse
@@ -57,6 +58,7 @@ def main():
     ap.add_argument("--scifact", action="store_true", help="SciFact's abstracts and the embedded default model")
     ap.add_argument("--docs", type=int, help="--scifact: only the first DOCS abstracts")
     ap.add_argument("--embedder", help="--scifact: a dense index too (e.g. minilm: hybrid retrieval)")
+    ap.add_argument("--index-factory", default="Flat", help="--embedder: the dense index's FAISS factory (HNSW32, ...)")
     opts = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="m3incr-"))
     calls = {"n": 0}
@@ -77,8 +79,8 @@ def main():
             (corpus / "abstracts.jsonl").write_text("".join(f"{x}\n" for i, x in enumerate(lines) if i not in held))
             added = {"added.jsonl": "".join(f"{lines[i]}\n" for i in sorted(held))}
             n_docs, what = len(lines), (f"SciFact's first {len(lines)} abstracts; the embedded default model, "
-                                        f"float32; embedder {opts.embedder}")
-            cfg = CompileConfig(corpus=str(corpus), embedder=opts.embedder)
+                                        f"float32; embedder {opts.embedder}, {opts.index_factory}")
+            cfg = CompileConfig(corpus=str(corpus), embedder=opts.embedder, index_factory=opts.index_factory)
         else:
             texts = book_texts(opts.mb)
             docs = split_docs(texts, int(opts.doc_kb * 1024))

@@ -637,7 +637,8 @@ class DenseReuse:
     and text are, get the vector they were given then; only the others are embedded (with
     MiniLM, SciFact's 150,638 references take ~40 min to embed on 2 cores). Used when the embedder
     record (files' sha256, library version, pooling, prompts, max_seq_length, batch size) and the
-    factory are the same and the factory is "Flat", whose index holds the vectors exactly. A
+    factory are the same and the factory's index holds the vectors exactly (`holds_vectors`: Flat,
+    HNSW over Flat, IVF with Flat lists); the index itself (graph, lists) is built again. A
     vector taken back was embedded in other batches than a fresh compile would form, so its last
     bits may differ from one embedded now (padding): the kb is deterministic for the same history
     of compiles, as its ref ids are. `taken` counts the vectors taken back (run.json)."""
@@ -653,7 +654,7 @@ class DenseReuse:
         dense = self.retrieval.get("dense") or {}
         same = {k: v for k, v in (dense.get("embedder") or {}).items() if k != "path"} == \
             {k: v for k, v in record.items() if k != "path"}
-        return same and factory == "Flat" and dense.get("factory") == "Flat"
+        return same and dense.get("factory") == factory and holds_vectors(factory, int(dense.get("dim") or 0))
 
     @staticmethod
     def take(method, ids, texts):
@@ -709,23 +710,67 @@ class DenseReuse:
 
     @staticmethod
     def _vectors(path: Path, ids: np.ndarray) -> np.ndarray:
-        """The vectors stored under `ids` in a Flat index (IndexIDMap2 over IndexFlat), (K, E)."""
+        """The vectors stored under `ids` in a dense index that holds them exactly, (K, E)."""
         import faiss
 
-        read = faiss.read_index(str(path))  # owns the index: its downcast views must not outlive it
-        index = faiss.downcast_index(read)
-        stored = faiss.vector_to_array(index.id_map).astype(np.int64)  # (n,) id of each stored vector
+        read = faiss.read_index(str(path))
+        stored, vectors = stored_vectors(read)  # (n,), (n, E)
+        del read
         order = np.argsort(stored, kind="stable")
-        where = order[np.searchsorted(stored[order], ids)]
-        if len(ids) and not np.array_equal(stored[where], ids):
+        where = order[np.searchsorted(stored[order], ids)] if len(stored) else np.empty(0, np.int64)
+        if len(ids) and (len(where) != len(ids) or not np.array_equal(stored[where], ids)):
             raise ValueError(f"{path.name} lacks vectors the kb's table names")
-        flat = faiss.downcast_index(index.index)
-        if not isinstance(flat, faiss.IndexFlat):
-            raise ValueError(f"{path.name} is not a Flat index")
-        stored_vectors = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)  # a view
-        vectors = np.array(stored_vectors[where], dtype=np.float32)  # (K, E), a copy: the index is freed below
-        del stored_vectors, flat, index, read
-        return vectors
+        return np.ascontiguousarray(vectors[where], dtype=np.float32)
+
+
+def holds_vectors(factory: str, dim: int) -> bool:
+    """Whether the dense index `factory` builds keeps its vectors as they were added (float32, not
+    encoded): Flat, HNSW over Flat storage (`HNSW32`) and IVF with Flat lists (`IVF256,Flat`), so an
+    incremental compile can take them back (DenseReuse). Checked on an empty index of that type."""
+    if dim <= 0:
+        return False
+    try:
+        index = _make_faiss(factory, dim)
+    except M3Error:
+        return False
+    try:
+        stored_vectors(index)
+    except ValueError:
+        return False
+    return True
+
+
+def stored_vectors(index) -> tuple[np.ndarray, np.ndarray]:
+    """(ids (n,) int64, vectors (n, E) float32, copies) of what a dense index holds exactly:
+    IndexFlat (ids = positions), IndexHNSWFlat (its Flat storage), IndexIVFFlat (its lists, ids as
+    added), each under IndexIDMap/IndexIDMap2 or not. ValueError for a type that encodes its
+    vectors (PQ, SQ, ...) and so cannot give them back."""
+    import faiss
+
+    index = faiss.downcast_index(index)
+    ids = None
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        ids = faiss.vector_to_array(index.id_map).astype(np.int64)  # (n,) in insertion order
+        index = faiss.downcast_index(index.index)
+    if isinstance(index, faiss.IndexHNSW):
+        index = faiss.downcast_index(index.storage)  # Flat for HNSW32; SQ, PQ... are refused below
+    if isinstance(index, faiss.IndexFlat):
+        n, d = int(index.ntotal), int(index.d)
+        x = faiss.rev_swig_ptr(index.get_xb(), n * d).reshape(n, d).copy() if n else np.empty((0, d), np.float32)
+        return (np.arange(n, dtype=np.int64) if ids is None else ids), x
+    if type(index) is faiss.IndexIVFFlat:
+        d, lists = int(index.d), index.invlists
+        got_ids, got = [], []
+        for l in range(int(index.nlist)):
+            size = int(lists.list_size(l))
+            if size:
+                got_ids.append(faiss.rev_swig_ptr(lists.get_ids(l), size).astype(np.int64))
+                got.append(faiss.rev_swig_ptr(lists.get_codes(l), size * d * 4).view(np.float32).reshape(size, d).copy())
+        if not got:
+            return np.empty(0, np.int64), np.empty((0, d), np.float32)
+        at = np.concatenate(got_ids)  # the ids the lists hold: positions where an IDMap wraps them
+        return (at if ids is None else ids[at]), np.concatenate(got)
+    raise ValueError(f"a {type(index).__name__} does not hold its vectors as added")
 
 
 # ---- both ----------------------------------------------------------------------------------------

@@ -407,11 +407,13 @@ def test_unchanged_documents_are_not_cut_again(env, monkeypatch, give_back_rows)
     assert check_kb(cfg, tmp / "kb") == [] and len(cut) == 7
 
 
-def test_a_grown_hybrid_kb_takes_back_the_vectors_of_unchanged_texts(tmp_path):
+@pytest.mark.parametrize("factory", ["Flat", "HNSW32", "IVF4,Flat"])
+def test_a_grown_hybrid_kb_takes_back_the_vectors_of_unchanged_texts(tmp_path, factory):
     """An incremental compile with a dense index embeds only the references and documents whose
     indexed text is new (index.DenseReuse): with MiniLM, SciFact's 150,638 references took ~40
     min to embed again for one added abstract. Every vector of the grown kb is the one a fresh
-    compile of the same corpus gives its text (to the last bits the embedder's batches change)."""
+    compile of the same corpus gives its text (to the last bits the embedder's batches change),
+    for each index type that holds its vectors (the graph or lists are built again)."""
     import shutil
 
     import faiss
@@ -422,7 +424,7 @@ def test_a_grown_hybrid_kb_takes_back_the_vectors_of_unchanged_texts(tmp_path):
     corpus = tmp_path / "corpus"
     shutil.copytree(Path(__file__).resolve().parents[1] / "examples" / "corpus", corpus)
     names = sorted(p.name for p in corpus.iterdir())
-    cfg = CompileConfig(corpus=str(corpus), embedder="minilm")
+    cfg = CompileConfig(corpus=str(corpus), embedder="minilm", index_factory=factory)
     compile_kb(cfg, tmp_path / "kb")
     before = {x["ref_id"]: (x["doc_id"], x["text"]) for x in open_kb(tmp_path / "kb").references().to_pylist()}
     (corpus / names[0]).write_text((corpus / names[0]).read_text() + "\nA sentence added at its end.\n")  # changed
@@ -444,7 +446,15 @@ def test_a_grown_hybrid_kb_takes_back_the_vectors_of_unchanged_texts(tmp_path):
     def vectors(kb, name):
         gen = Path(json.loads((kb / "manifest.json").read_text())["paths"]["references"]).parent
         index = faiss.read_index(str(kb / gen / name))
-        return {i: index.reconstruct(int(i)) for i in faiss.vector_to_array(faiss.downcast_index(index).id_map)}
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None:  # ids kept in the lists: FAISS's own reconstruct needs a map of them
+            ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+            ids = np.concatenate([faiss.rev_swig_ptr(ivf.invlists.get_ids(j), ivf.invlists.list_size(j))
+                                  for j in range(ivf.nlist) if ivf.invlists.list_size(j)])
+        else:
+            ids = faiss.vector_to_array(faiss.downcast_index(index).id_map)
+        assert index.ntotal == len(ids)
+        return {int(i): index.reconstruct(int(i)) for i in ids}
 
     a, b = vectors(tmp_path / "kb", "index.faiss"), vectors(tmp_path / "fresh", "index.faiss")
     assert max(float(np.abs(a[grown[k]] - b[fresh[k]]).max()) for k in grown) < 1e-5

@@ -526,6 +526,31 @@ def test_ivf_factory_is_trained_with_a_seed_and_keeps_ref_ids(tmp_path, fake_emb
         build_indexes(tmp_path, ids, texts, str(emb), "NoSuchIndex12")
 
 
+@pytest.mark.parametrize("factory,holds", [("Flat", True), ("HNSW32", True), ("IVF8,Flat", True),
+                                           ("IDMap2,IVF8,Flat", True), ("HNSW32,SQ8", False),
+                                           ("IVF8,PQ4", False), ("PQ4", False)])
+def test_stored_vectors_are_the_added_ones_under_their_ids(factory, holds):
+    """What an incremental compile takes back from a dense index (index.DenseReuse): exactly the
+    float32 vectors added, each under its id, from every type that keeps them; the rest refused."""
+    from m3compile.index import _make_faiss, holds_vectors, stored_vectors
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 16)).astype(np.float32)  # (N, E)
+    ids = rng.permutation(10 ** 6)[:600].astype(np.int64)  # ids in no order, as ref_ids after removals
+    index = _make_faiss(factory, 16)
+    if not index.is_trained:
+        index.train(x)
+    index.add_with_ids(x, ids)
+    assert holds_vectors(factory, 16) is holds
+    if not holds:
+        with pytest.raises(ValueError, match="does not hold its vectors"):
+            stored_vectors(index)
+        return
+    got_ids, got = stored_vectors(index)
+    by_id = dict(zip(ids.tolist(), x))
+    assert sorted(got_ids.tolist()) == sorted(ids.tolist())
+    assert all(np.array_equal(v, by_id[i]) for i, v in zip(got_ids.tolist(), got))  # bit for bit
+
+
 def test_embedder_mismatch_is_refused(tmp_path, fake_embedders):
     a, b = fake_embedders
     sec = build_indexes(tmp_path, REF_IDS, TEXTS, str(a), "Flat")
