@@ -23,7 +23,7 @@ from m3compile.errors import M3Error
 from m3compile.pack import bits_per_element, payload_nbytes
 from m3compile.references import iter_columns
 from m3compile.spec import MemorySpec
-from m3compile.store import sha256_file
+from m3compile.store import file_stamp, sha256_file
 
 FORMAT, FORMAT_VERSION = "m3-kb", 1
 FILE_NAME = "manifest.json"
@@ -89,12 +89,13 @@ class Manifest:
         return cls(**{k: d[k] for k in names if k in d},
                    unknown={k: v for k, v in d.items() if k not in names and k != "format"})
 
-    def with_generation(self, kb_dir: Path, generation: str, shards: dict) -> "Manifest":
+    def with_generation(self, kb_dir: Path, generation: str, shards: dict, checked: dict | None = None) -> "Manifest":
         """This manifest naming a new generation and shard state: files, paths, state and the
-        counts and sizes that follow from them are recomputed (compile and compact both end here)."""
+        counts and sizes that follow from them are recomputed (compile and compact both end here).
+        `checked`: files hashed earlier in this run and unchanged since (file_entry)."""
         gen_files = sorted(p.relative_to(kb_dir).as_posix() for p in (Path(kb_dir) / generation).rglob("*")
                            if p.is_file())
-        files = {name: file_entry(kb_dir, name) for name in sorted(shards) + self.artefacts + gen_files}
+        files = {name: file_entry(kb_dir, name, checked) for name in sorted(shards) + self.artefacts + gen_files}
         state = {**self.state, "shards": shards,
                  "dead_refs": sum(s["refs"] - s["live_refs"] for s in shards.values()),
                  "dead_kv_bytes": sum(s["kv_bytes"] - s["live_kv_bytes"] for s in shards.values())}
@@ -106,9 +107,11 @@ class Manifest:
 
 
 def build_manifest(kb_dir: Path, spec: MemorySpec, config: dict, model: dict, rows: list[dict], generation: str,
-                   retrieval: dict, shards: dict, skipped: dict, next_ref_id: int, vq: dict | None = None) -> Manifest:
+                   retrieval: dict, shards: dict, skipped: dict, next_ref_id: int, vq: dict | None = None,
+                   checked: dict | None = None) -> Manifest:
     """The manifest of a compile: its spec, config record and model record, and the live rows
-    (`vq`: the codebooks entry of a vector-quantized kb, m3compile/codebooks.py)."""
+    (`vq`: the codebooks entry of a vector-quantized kb, m3compile/codebooks.py; `checked`: files
+    this compile hashed before, store.damaged_files)."""
     L, H, D = len(spec.memory_layers), spec.n_kv_heads, spec.head_dim
     # one pass over the rows a block at a time, numbers summed as int64 arrays and floats one at a
     # time in row order: nothing held per row (issue 16)
@@ -159,12 +162,18 @@ def build_manifest(kb_dir: Path, spec: MemorySpec, config: dict, model: dict, ro
                "dense_bf16_bytes": tokens * spec.n_layers * 2 * H * D * 2,
                "sparse_bf16_bytes": kept_kv * 2 * D * 2},
         state={"next_ref_id": next_ref_id}, generation="", paths={}, retrieval=retrieval, files={})
-    return base.with_generation(kb_dir, generation, shards)
+    return base.with_generation(kb_dir, generation, shards, checked)
 
 
-def file_entry(kb_dir: Path, name: str) -> dict:
+def file_entry(kb_dir: Path, name: str, checked: dict | None = None) -> dict:
+    """{"bytes", "sha256"} of a kb file; the sha256 of `checked` (store.damaged_files) where the file
+    is unchanged since it was hashed there (an incremental compile's kept shards: hashed once)."""
     p = Path(kb_dir) / name
-    return {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+    st = p.stat()
+    known = (checked or {}).get(name)
+    if known is not None and known[0] == file_stamp(st):
+        return {"bytes": st.st_size, "sha256": known[1]}
+    return {"bytes": st.st_size, "sha256": sha256_file(p)}
 
 
 def atomic_write_text(path: Path, text: str, before_replace=None) -> None:

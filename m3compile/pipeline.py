@@ -249,6 +249,7 @@ class Previous:
     next_ref_id: int = 0
     next_shard: int = 1
     damaged: dict[str, str] = field(default_factory=dict)  # kb file -> what is wrong with it
+    checked: dict = field(default_factory=dict)  # kb file that holds -> (stamp, sha256): store.damaged_files
     rows_recovered: bool = False  # the references table was damaged: rows come from the shards
     tokenizers: str | None = None  # the tokenizers library that cut its references (run.json), if known
 
@@ -263,13 +264,14 @@ def _previous(out: Path, setup: Setup, rebuild: bool, log, spill_dir: Path | Non
             log(f"the existing kb's manifest cannot be read ({e}); compiling anew")
             return Previous()
         raise M3Error(f"the existing kb in {out} cannot be read ({e}); pass --rebuild to compile it anew") from None
-    damaged = store.damaged_files(out, manifest.files)
+    checked: dict = {}
+    damaged = store.damaged_files(out, manifest.files, checked)
     for name, why in damaged.items():
         log(f"damaged: {name}: {why}; it is rebuilt")
     next_shard = 1 + max((store.shard_number(s) for s in manifest.shards), default=0)
     if rebuild:
         # start over: no reference keeps its id, but frames on disk that still check are found by key
-        return Previous(manifest, [], 0, next_shard, damaged)
+        return Previous(manifest, [], 0, next_shard, damaged, checked)
     differ = manifest.spec.differences(setup.spec)
     if differ:
         name = differ[0]
@@ -292,8 +294,8 @@ def _previous(out: Path, setup: Setup, rebuild: bool, log, spill_dir: Path | Non
             log(f"damaged: {refs_name}: {e}")
     if rows is None:
         return Previous(manifest, _rows_from_shards(out, manifest), manifest.state["next_ref_id"], next_shard,
-                        damaged, rows_recovered=True)
-    return Previous(manifest, rows, manifest.state["next_ref_id"], next_shard, damaged,
+                        damaged, checked, rows_recovered=True)
+    return Previous(manifest, rows, manifest.state["next_ref_id"], next_shard, damaged, checked,
                     tokenizers=_run_log(out).get("tokenizers"))
 
 
@@ -1001,7 +1003,8 @@ def _run_in(config: CompileConfig, out: Path, progress: Progress, log, keep_miss
             next_id = max([prev.next_ref_id] + [int(np.max(c["ref_id"])) + 1
                                                 for c in refs_file.iter_columns(plan.rows, ("ref_id",))])
             manifest = mf.build_manifest(out, setup.spec, config_record(config, out), _model_record(setup, out),
-                                         plan.rows, gen, retrieval, shards, plan.report.skipped, next_id, setup.vq)
+                                         plan.rows, gen, retrieval, shards, plan.report.skipped, next_id, setup.vq,
+                                         prev.checked)
             summary = {"documents": plan.docs, "references": {"encoded": stats["encoded"], "copied": stats["copied"],
                                                               "reused": len(plan.rows) - len(plan.new),
                                                               "removed": len(plan.removed)},

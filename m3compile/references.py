@@ -264,7 +264,11 @@ class RefColumns:
         got = np.empty(len(pos), self.RECORD)
         for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), len(sp)]):
             b = int(blocks[lo])
-            got[lo:hi] = self._block(b)[sp[lo:hi] - b * self.BLOCK_ROWS]
+            first = int(sp[lo]) - b * self.BLOCK_ROWS
+            if int(sp[hi - 1]) - int(sp[lo]) == hi - lo - 1:  # a run of consecutive rows (sorted): a slice
+                got[lo:hi] = self._block(b)[first:first + hi - lo]  # copies 3-4x faster than by index
+            else:
+                got[lo:hi] = self._block(b)[sp[lo:hi] - b * self.BLOCK_ROWS]
         if order is None:
             return got
         out = np.empty(len(pos), self.RECORD)
@@ -459,7 +463,14 @@ class RefColumns:
         """One column's values at `positions`, without building the rows: a numpy array for the
         numbers (not a list of int objects: issue 16), else a list. Ask for a block of rows at a
         time (iter_columns): the result is held whole."""
+        return self._column_of(self._records_at(positions), name)
+
+    def columns(self, names, positions) -> dict[str, "list | np.ndarray"]:
+        """{name: column(name, positions)}, the records read once for all of them."""
         records = self._records_at(positions)
+        return {n: self._column_of(records, n) for n in names}
+
+    def _column_of(self, records: np.ndarray, name: str) -> "list | np.ndarray":
         if name in self.INTS or name in self.FLOATS:
             return records[name].astype(self.INTS.get(name, "<f8")[1:])  # native order, a copy
         if name in self.INTERNED:
@@ -572,7 +583,7 @@ def columns(rows, names) -> dict[str, list]:
     """{name: values} over rows: a Rows view's columns read directly (numbers as numpy arrays), or
     a list of dicts' (lists). Held whole: over a big plan, use iter_columns."""
     if isinstance(rows, Rows):
-        return {n: rows.store.column(n, rows.positions) for n in names}
+        return rows.store.columns(names, rows.positions)
     return {n: [r[n] for r in rows] for n in names}
 
 

@@ -166,6 +166,9 @@ def test_plan_columns_give_back_the_rows(tmp_path, spill, monkeypatch):
     assert store.row(j) == rows[0] and view == rows
     assert columns(Rows(store, [j, 3, 1]), ("text", "token_ids")) == {  # out of order: one read each
         k: [store.row(p)[k] for p in (j, 3, 1)] for k in ("text", "token_ids")}
+    for at in ([0, 1, 2, 5, 6], [0, 2, 3, 7], [1, 1, 2], [6, 5, 4, 9, 8]):  # runs read as slices, the rest by index
+        got = columns(Rows(store, at), ("ref_id", "text", "shard"))
+        assert {k: list(v) for k, v in got.items()} == {k: [store.row(p)[k] for p in at] for k in got}
     blocks = list(iter_columns(view, ("ref_id", "shard")))
     assert [len(b["shard"]) for b in blocks] == [5] * (len(rows) // 5) + ([len(rows) % 5] if len(rows) % 5 else [])
     assert np.concatenate([b["ref_id"] for b in blocks]).tolist() == [r["ref_id"] for r in rows]

@@ -54,6 +54,43 @@ def test_same_corpus_again_is_a_no_op(env, monkeypatch):
     assert check_kb(cfg, tmp / "kb") == []
 
 
+def test_kept_shards_are_hashed_once_and_a_changed_file_again(env, monkeypatch):
+    """An incremental compile checks the previous kb's files (store.damaged_files) and records the
+    new manifest's sha256s: a shard it keeps is hashed once, not twice (the second hash of a big
+    kb's shards cost as much as the first); a file written after its check is hashed again."""
+    from m3compile import manifest as mf
+    from m3compile import store
+
+    tmp, corpus, cfg = env
+    compile_kb(cfg, tmp / "kb")
+    (corpus / "doc9.txt").write_text(words(9, 40))
+    hashed = []
+    real = store.sha256_file
+
+    def counting(path, *a, **k):
+        hashed.append(Path(path).name)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(store, "sha256_file", counting)
+    monkeypatch.setattr(mf, "sha256_file", counting)
+    r = compile_kb(cfg, tmp / "kb")
+    kept = r.summary["shards_kept"]
+    assert kept and r.summary["shards_written"]
+    assert all(hashed.count(s) == 1 for s in kept), (kept, hashed)
+    assert all(hashed.count(s) == 1 for s in r.summary["shards_written"])  # written: hashed for the manifest only
+    assert verify_kb(tmp / "kb") == []
+    # a stamp taken before a file is rewritten is not trusted: the same size, another time
+    files = json.loads((tmp / "kb" / "manifest.json").read_text())["files"]
+    checked = {}
+    assert store.damaged_files(tmp / "kb", {kept[0]: files[kept[0]]}, checked) == {} and kept[0] in checked
+    shard = tmp / "kb" / kept[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(shard.stat().st_atime_ns, checked[kept[0]][0][1] + 1000))
+    assert mf.file_entry(tmp / "kb", kept[0], checked)["sha256"] == real(shard) != files[kept[0]]["sha256"]
+
+
 def test_new_changed_and_removed_documents(env):
     tmp, corpus, cfg = env
     compile_kb(cfg, tmp / "kb")
