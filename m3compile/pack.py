@@ -96,8 +96,10 @@ def pack_payload(keys: QuantKV, values: QuantKV, positions: np.ndarray, scheme: 
     return b"".join(out)
 
 
-def unpack_payload(raw: bytes, scheme: Scheme, where: str = "payload") -> tuple[QuantKV, QuantKV, np.ndarray]:
-    """Split payload bytes into quantized keys, values and positions (L, H, K) uint16."""
+def unpack_payload(raw: bytes, scheme: Scheme, where: str = "payload",
+                   copy: bool = True) -> tuple[QuantKV, QuantKV, np.ndarray]:
+    """Split payload bytes into quantized keys, values and positions (L, H, K) uint16; `copy`
+    False: read-only views of `raw` (what a check of shapes needs), else arrays of their own."""
     if len(raw) < _HEADER.size:
         raise M3Error(f"{where}: payload is {len(raw)} bytes, shorter than its header; the shard is damaged")
     magic, version, L, H, K, D = _HEADER.unpack_from(raw)
@@ -116,10 +118,11 @@ def unpack_payload(raw: bytes, scheme: Scheme, where: str = "payload") -> tuple[
         parts = []
         for spec in specs:
             n = math.prod(spec.shape)
-            parts.append(np.frombuffer(raw, spec.dtype, n, off).reshape(spec.shape).copy())
+            part = np.frombuffer(raw, spec.dtype, n, off).reshape(spec.shape)
+            parts.append(part.copy() if copy else part)
             off += n * spec.dtype.itemsize
         quants.append(QuantKV(scheme.name, (L, H, K, D), tuple(parts)))
-    return quants[0], quants[1], positions.copy()
+    return quants[0], quants[1], positions.copy() if copy else positions
 
 
 def encode_payload(keys, values, positions, scheme: Scheme) -> tuple[bytes, QuantError]:
@@ -554,10 +557,17 @@ def shard_info(path: Path) -> ShardInfo:
 class ShardReader:
     """One shard's frames read by byte range, its header read and checked once: code that reads
     many frames (verify, compact, an incremental compile copying frames, repair) opens one reader
-    per shard; `read_payload` opens one per call. Use as a context manager, or close()."""
+    per shard; `read_payload` opens one per call. Use as a context manager, or close().
 
-    def __init__(self, shard_path: Path, salvage: bool = False):
+    `ahead` > 0: a read takes that many bytes from the frame on (at most to the kv end) and later
+    frames inside them come from that buffer: one read per `ahead` bytes for a scan in offset order
+    (`m3 verify` reads every frame; a read a frame was a quarter of its time). Only for a shard that
+    does not change while the reader is open: the default (0) reads each frame from the file."""
+
+    def __init__(self, shard_path: Path, salvage: bool = False, ahead: int = 0):
         self.path = Path(shard_path)
+        self.ahead = ahead
+        self._buf, self._buf_at = b"", 0  # bytes read ahead, and their kv offset
         header = read_shard_header(self.path, whole=not salvage)  # salvage: a truncated shard's first frames
         kv = [k for k in header if k.endswith(".kv")]
         if len(kv) != 1:
@@ -587,14 +597,24 @@ class ShardReader:
         if not 0 <= a < b <= self.kv_bytes:
             raise M3Error(f"{self.path.name} ref {ref_id}: byte range [{a}, {b}) is outside the shard's "
                           f"{self.kv_bytes} kv bytes; references.parquet does not match this shard")
-        try:
-            self._file.seek(self._base + a)
-            data = self._file.read(length)
-        except OSError as e:
-            raise M3Error(f"cannot read shard {self.path}: {e}; the file is damaged: {REPAIR_HINT.format(kb=self.path.parent)}") from None
+        if self.ahead:
+            if self._buf_at <= a and b <= self._buf_at + len(self._buf):
+                return self._buf[a - self._buf_at:b - self._buf_at]
+            self._buf, self._buf_at = self._read_at(a, max(length, min(self.ahead, self.kv_bytes - a))), a
+            data = self._buf[:length]
+        else:
+            data = self._read_at(a, length)
         if len(data) != length:
             raise M3Error(f"{self.path.name} ref {ref_id}: the shard ends inside this frame; it is truncated")
         return data
+
+    def _read_at(self, offset: int, length: int) -> bytes:
+        """Up to `length` bytes of the kv tensor from `offset` (fewer where the file ends)."""
+        try:
+            self._file.seek(self._base + offset)
+            return self._file.read(length)
+        except OSError as e:
+            raise M3Error(f"cannot read shard {self.path}: {e}; the file is damaged: {REPAIR_HINT.format(kb=self.path.parent)}") from None
 
     def close(self) -> None:
         if self._file is not None:
@@ -610,17 +630,18 @@ class ShardReader:
 class ShardReaders:
     """ShardReaders kept open by path, for reading frames from shards in any order; with a `root`,
     shards are named relative to it (a kb directory). At most `max_open` stay open (the least
-    recently used is closed): a kb of thousands of shards must not run out of file handles."""
+    recently used is closed): a kb of thousands of shards must not run out of file handles.
+    `ahead`: each reader's read-ahead (ShardReader)."""
 
-    def __init__(self, root: Path | None = None, max_open: int = 64, salvage: bool = False):
-        self.root, self.max_open, self.salvage = root, max_open, salvage
+    def __init__(self, root: Path | None = None, max_open: int = 64, salvage: bool = False, ahead: int = 0):
+        self.root, self.max_open, self.salvage, self.ahead = root, max_open, salvage, ahead
         self._open: OrderedDict[Path | str, ShardReader] = OrderedDict()
 
     def read(self, shard_path: Path | str, offset: int, length: int, ref_id: int = -1) -> bytes:
         """A frame of the shard at `shard_path`; the same path (a str or Path) reuses its reader."""
         r = self._open.get(shard_path)
         if r is None:
-            r = ShardReader(Path(shard_path) if self.root is None else self.root / shard_path, self.salvage)
+            r = ShardReader(Path(shard_path) if self.root is None else self.root / shard_path, self.salvage, self.ahead)
             self._open[shard_path] = r
             if len(self._open) > self.max_open:
                 self._open.popitem(last=False)[1].close()
@@ -659,8 +680,10 @@ def check_frame(frame: bytes, scheme: Scheme, max_bytes: int, where: str = "fram
     return open_frame(frame, scheme, max_bytes, where)[0].shape
 
 
-def open_frame(frame: bytes, scheme: Scheme, max_bytes: int, where: str = "frame") -> tuple[QuantKV, QuantKV, np.ndarray]:
+def open_frame(frame: bytes, scheme: Scheme, max_bytes: int, where: str = "frame",
+               copy: bool = True) -> tuple[QuantKV, QuantKV, np.ndarray]:
     """A frame decompressed whole (zstd content checksum included) and split into its quantized
-    keys, values and positions (L, H, K) uint16, not dequantized; M3Error naming `where` otherwise."""
-    return unpack_payload(_inflate(frame, max_bytes, where), scheme, where)
+    keys, values and positions (L, H, K) uint16, not dequantized; M3Error naming `where` otherwise.
+    `copy` as for unpack_payload."""
+    return unpack_payload(_inflate(frame, max_bytes, where), scheme, where, copy)
 

@@ -283,8 +283,19 @@ def test_shard_readers_read_the_frames_safetensors_reads(tmp_path):
             assert list(readers._open) == [locs[i].shard]
         with pytest.raises(M3Error, match="outside the shard"):
             readers.read(locs[0].shard, locs[0].byte_offset, 1 << 40)
+    for ahead in (1, 7, 2 * max(map(len, fr)), 1 << 20):  # read ahead: the same bytes, in order or not
+        with ShardReaders(tmp_path, ahead=ahead) as readers:
+            for i in sorted(order, key=lambda i: (locs[i].shard, locs[i].byte_offset)) + order:
+                assert readers.read(locs[i].shard, locs[i].byte_offset, locs[i].byte_length, i) == fr[i]
     path = tmp_path / locs[-1].shard
     in_last = [l for l in locs if l.shard == locs[-1].shard]
+    whole = path.read_bytes()
+    with ShardReader(path, ahead=1 << 20) as r:  # cut inside the bytes it would read ahead
+        os.truncate(path, path.stat().st_size - 32 * len(in_last) - 5)
+        assert r.read(in_last[0].byte_offset, in_last[0].byte_length) == fr[len(fr) - len(in_last)]
+        with pytest.raises(M3Error, match="truncated"):
+            r.read(in_last[-1].byte_offset, in_last[-1].byte_length)
+    path.write_bytes(whole)
     with ShardReader(path) as r:
         assert r.read(in_last[-1].byte_offset, in_last[-1].byte_length) == fr[-1]
         os.truncate(path, path.stat().st_size - 32 * len(in_last) - 5)  # the ref keys follow kv: cut into kv

@@ -159,6 +159,53 @@ def test_a_truncated_shard_gives_up_the_frames_before_its_cut(built, kb):
     assert files(kb_dir) == files(root / "pristine")
 
 
+@pytest.mark.parametrize("ahead", [1, 100, 1 << 24])
+def test_verify_names_each_damaged_frame_and_no_other(kb, monkeypatch, ahead):
+    """verify_kb reads a shard's frames through a read-ahead buffer (verify.VERIFY_READ_AHEAD): a
+    byte flipped inside one frame of the middle of a shard faults that reference alone, whether
+    the frame lies inside one buffer or across two; two damaged frames come in the table's order."""
+    from m3compile import verify
+
+    monkeypatch.setattr(verify, "VERIFY_READ_AHEAD", ahead)
+    kb_dir, _ = kb
+    state = json.loads((kb_dir / "manifest.json").read_text())["state"]["shards"]
+    shard = max(state, key=lambda s: state[s]["refs"])
+    frames = shard_frames(kb_dir / shard)  # (ref_id, key, Frame) in offset order
+    assert len(frames) >= 3
+    header = read_shard_header(kb_dir / shard)
+    kv_start = 8 + struct.unpack("<Q", (kb_dir / shard).read_bytes()[:8])[0] + \
+        header[f"shard.{int(shard[7:12]):05d}.kv"]["data_offsets"][0]
+    hit = [frames[len(frames) // 2], frames[-1]]
+    for _, _, f in hit:
+        flip(kb_dir / shard, kv_start + f.offset + f.length // 2)
+    faults = verify_kb(kb_dir)
+    per_frame = [f for f in faults if " reference " in f]
+    assert [f.split(":")[0] for f in per_frame] == [f"{shard} reference {ref_id}" for ref_id, _, _ in hit], faults
+    assert all("zstd" in f or "checksum" in f or "decompress" in f for f in per_frame), per_frame
+
+
+def test_the_kept_positions_check_is_the_array_rule():
+    """verify's check of a frame's kept positions (.., K): strictly ascending per (layer, head),
+    all below the reference's token count; a plain loop for small frames, numpy for big ones."""
+    import random
+
+    import numpy as np
+
+    from m3compile.verify import _ascending_below
+    rng = random.Random(0)
+    for _ in range(3000):
+        shape = (rng.randint(1, 3), rng.randint(1, 4), rng.randint(1, 40))
+        n = rng.randint(1, 60)
+        pos = np.sort(np.array([rng.sample(range(64), shape[2]) for _ in range(shape[0] * shape[1])]), -1)
+        pos = pos.reshape(shape).astype(np.uint16)
+        if rng.random() < 0.3:  # a repeat or a swap somewhere
+            i = tuple(rng.randrange(d) for d in shape[:2])
+            j = rng.randrange(shape[2])
+            pos[i][j] = pos[i][max(0, j - 1)]
+        want = not (int(pos.max()) >= n or (np.diff(pos.astype(np.int64), axis=-1) <= 0).any())
+        assert _ascending_below(pos, n) is want, (pos, n)
+
+
 def test_read_errors_name_the_shard_and_the_reference(kb):
     kb_dir, _ = kb
     shard = damage_first_shard("zstd bomb")(kb_dir)
