@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pyarrow.compute as pc
 from safetensors import safe_open
 
 from m3compile import references as refs_file
@@ -73,8 +74,9 @@ def verify_kb(kb_dir: str | Path, recompute: int = 0, model: str | Path | None =
         return [f"manifest.json: {e}"]
     faults = [f"{name}: {why}" for name, why in damaged_files(kb, manifest.files).items()]
     shards = _read_shards(kb, manifest, faults)
-    try:
-        table = refs_file.read_references(kb / manifest.paths["references"])
+    refs_path = kb / manifest.paths["references"]
+    try:  # the columns the checks read (token ids and texts only where --recompute asks)
+        table = refs_file.read_references(refs_path, list(_CHECKED))
     except M3Error as e:
         return faults + [f"{manifest.paths['references']}: {e}"]
     from m3compile.kb import load_spec
@@ -85,62 +87,65 @@ def verify_kb(kb_dir: str | Path, recompute: int = 0, model: str | Path | None =
     except M3Error as e:
         # the file is named once: this message (which says what to do) replaces the checksum fault
         return [f for f in faults if f.split(":")[0] not in str(e)] + [str(e)]
-    # the columns the checks read, not a dict a row (SciFact's 150k rows took a sixth of the time)
-    col = {n: table.column(n).to_pylist() for n in ("ref_id", "shard", "byte_offset", "byte_length", "ref_key",
-                                                     "n_tokens", "n_kept")}
     n_rows = table.num_rows
     if n_rows != c["references"]:
         faults.append(f"references table has {n_rows} rows, the manifest counts {c['references']}")
-    if sum(col["n_tokens"]) != c["tokens"]:
+    if (pc.sum(table.column("n_tokens")).as_py() or 0) != c["tokens"]:
         faults.append("token count of the references table differs from the manifest")
     L, H, D = len(spec.memory_layers), spec.n_kv_heads, spec.head_dim
     kept, mx = 0, spec.max_payload()
-    # frames read shard by shard in offset order, through a 16 MB read-ahead (one read per frame
-    # was a quarter of the time); faults are reported in the table's row order as before
-    order = sorted(range(n_rows), key=lambda j: (col["shard"][j], col["byte_offset"][j]))
-    found: list[tuple[int, str]] = []
     with ShardReaders(ahead=VERIFY_READ_AHEAD) as frames:  # each shard's header read once, not once a frame
-        for j in order:
-            ref_id, shard, offset, length = col["ref_id"][j], col["shard"][j], col["byte_offset"][j], col["byte_length"][j]
-            where = f"{shard} reference {ref_id}"
-            t = shards.get(shard)
-            if t is None:
-                if shard not in manifest.shards:
-                    found.append((j, f"{where}: its shard is not named by the manifest"))
-                continue
-            i = int(np.searchsorted(t["kv_offsets"], offset))
-            if i >= len(t["ref_ids"]) or t["kv_offsets"][i] != offset \
-                    or t["kv_offsets"][i + 1] - offset != length or t["ref_ids"][i] != ref_id:
-                found.append((j, f"{where}: location does not match the shard's offsets and ref ids"))
-                continue
-            if t["ref_keys"][i].tobytes().hex() != col["ref_key"][j]:
-                found.append((j, f"{where}: content key differs between the table and the shard"))
-            try:
-                # decompressed whole (zstd's checksum) and split by the scheme; not dequantized:
-                # that is arithmetic on parts of the checked sizes, which any bytes pass
-                keys, _, pos = open_frame(frames.read(t["path"], offset, length, ref_id), spec.scheme, mx, where,
-                                          copy=False)
-            except M3Error as e:
-                found.append((j, str(e)))
-                continue
-            n_tokens = col["n_tokens"][j]
-            K = min(spec.top_k, n_tokens)
-            if keys.shape != (L, H, K, D) or col["n_kept"][j] != K:
-                found.append((j, f"{where}: payload shape {keys.shape}, expected {(L, H, K, D)}"))
-            elif pos.size and not _ascending_below(pos, n_tokens):
-                found.append((j, f"{where}: kept positions are out of range or not ascending"))
-            kept += L * H * K
-    found.sort(key=lambda f: f[0])  # stable: a row's own faults keep their order
-    faults += [f for _, f in found]
+        for lo in range(0, n_rows, refs_file.COLUMN_BLOCK):
+            # a block of rows as columns (not a dict a row: SciFact's 150k took a sixth of the time),
+            # its frames read shard by shard in offset order through a 16 MB read-ahead (a read a
+            # frame was a quarter of it; a kb's shards hold ref id ranges, so a block's frames lie
+            # together), its faults reported in the table's row order
+            col = {n: table.column(n).slice(lo, refs_file.COLUMN_BLOCK).to_pylist() for n in _CHECKED}
+            order = sorted(range(len(col["ref_id"])), key=lambda j: (col["shard"][j], col["byte_offset"][j]))
+            found: list[tuple[int, str]] = []
+            for j in order:
+                ref_id, shard, offset, length = col["ref_id"][j], col["shard"][j], col["byte_offset"][j], col["byte_length"][j]
+                where = f"{shard} reference {ref_id}"
+                t = shards.get(shard)
+                if t is None:
+                    if shard not in manifest.shards:
+                        found.append((j, f"{where}: its shard is not named by the manifest"))
+                    continue
+                i = int(np.searchsorted(t["kv_offsets"], offset))
+                if i >= len(t["ref_ids"]) or t["kv_offsets"][i] != offset \
+                        or t["kv_offsets"][i + 1] - offset != length or t["ref_ids"][i] != ref_id:
+                    found.append((j, f"{where}: location does not match the shard's offsets and ref ids"))
+                    continue
+                if t["ref_keys"][i].tobytes().hex() != col["ref_key"][j]:
+                    found.append((j, f"{where}: content key differs between the table and the shard"))
+                try:
+                    # decompressed whole (zstd's checksum) and split by the scheme; not dequantized:
+                    # that is arithmetic on parts of the checked sizes, which any bytes pass
+                    keys, _, pos = open_frame(frames.read(t["path"], offset, length, ref_id), spec.scheme, mx, where,
+                                              copy=False)
+                except M3Error as e:
+                    found.append((j, str(e)))
+                    continue
+                n_tokens = col["n_tokens"][j]
+                K = min(spec.top_k, n_tokens)
+                if keys.shape != (L, H, K, D) or col["n_kept"][j] != K:
+                    found.append((j, f"{where}: payload shape {keys.shape}, expected {(L, H, K, D)}"))
+                elif pos.size and not _ascending_below(pos, n_tokens):
+                    found.append((j, f"{where}: kept positions are out of range or not ascending"))
+                kept += L * H * K
+            found.sort(key=lambda f: f[0])  # stable: a row's own faults keep their order
+            faults += [f for _, f in found]
     if kept != c["kept_kv"] and not any("payload" in f for f in faults):
         faults.append(f"kept key-values sum to {kept}, the manifest counts {c['kept_kv']}")
     faults += _check_retrieval(kb, manifest, n_rows)
     if recompute and not faults:
-        faults += _recompute(kb, table, recompute, model, seed, device, progress or (lambda done, total: None))
+        faults += _recompute(kb, refs_file.read_references(refs_path), recompute, model, seed, device,
+                             progress or (lambda done, total: None))
     return faults
 
 
 VERIFY_READ_AHEAD = 1 << 24  # bytes of a shard read at once by verify_kb
+_CHECKED = ("ref_id", "shard", "byte_offset", "byte_length", "ref_key", "n_tokens", "n_kept")  # columns verify_kb reads
 
 
 def _ascending_below(pos: np.ndarray, n: int) -> bool:
