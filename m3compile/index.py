@@ -659,8 +659,8 @@ class DenseReuse:
     @staticmethod
     def take(method, ids, texts):
         """method(ids, texts), or None (everything embedded) where the previous generation's index
-        cannot be read as a Flat one: a kb that verified cannot miss it, but taking vectors back is
-        never worth failing a compile."""
+        cannot be read or does not hold the vectors it should: a kb that verified cannot miss
+        them, but taking vectors back is never worth failing a compile."""
         try:
             return method(ids, texts)
         except (OSError, RuntimeError, ValueError, KeyError):
@@ -713,14 +713,18 @@ class DenseReuse:
         """The vectors stored under `ids` in a dense index that holds them exactly, (K, E)."""
         import faiss
 
-        read = faiss.read_index(str(path))
+        read = faiss.read_index(str(path))  # owns what stored_vectors views
         stored, vectors = stored_vectors(read)  # (n,), (n, E)
-        del read
-        order = np.argsort(stored, kind="stable")
-        where = order[np.searchsorted(stored[order], ids)] if len(stored) else np.empty(0, np.int64)
-        if len(ids) and (len(where) != len(ids) or not np.array_equal(stored[where], ids)):
+        if len(ids) and not len(stored):
             raise ValueError(f"{path.name} lacks vectors the kb's table names")
-        return np.ascontiguousarray(vectors[where], dtype=np.float32)
+        order = np.argsort(stored, kind="stable")
+        at = np.minimum(np.searchsorted(stored[order], ids), max(len(stored) - 1, 0))  # an id past all: caught below
+        where = order[at] if len(stored) else np.empty(0, np.int64)
+        if len(ids) and not np.array_equal(stored[where], ids):
+            raise ValueError(f"{path.name} lacks vectors the kb's table names")
+        out = np.array(vectors[where], dtype=np.float32)  # (K, E), a copy: the index is freed below
+        del vectors, read
+        return out
 
 
 def holds_vectors(factory: str, dim: int) -> bool:
@@ -741,10 +745,12 @@ def holds_vectors(factory: str, dim: int) -> bool:
 
 
 def stored_vectors(index) -> tuple[np.ndarray, np.ndarray]:
-    """(ids (n,) int64, vectors (n, E) float32, copies) of what a dense index holds exactly:
-    IndexFlat (ids = positions), IndexHNSWFlat (its Flat storage), IndexIVFFlat (its lists, ids as
-    added), each under IndexIDMap/IndexIDMap2 or not. ValueError for a type that encodes its
-    vectors (PQ, SQ, ...) and so cannot give them back."""
+    """(ids (n,) int64, vectors (n, E) float32) of what a dense index holds exactly: IndexFlat
+    (ids = positions), IndexHNSWFlat (its Flat storage), IndexIVFFlat (its lists, ids as added),
+    each under IndexIDMap/IndexIDMap2 or not. The vectors of a Flat storage are a view of the
+    index's memory, valid while `index` lives (copy what you keep); an IVF's lists are joined into
+    a new array. ValueError for a type that encodes its vectors (PQ, SQ, ...) and so cannot give
+    them back."""
     import faiss
 
     index = faiss.downcast_index(index)
@@ -756,7 +762,7 @@ def stored_vectors(index) -> tuple[np.ndarray, np.ndarray]:
         index = faiss.downcast_index(index.storage)  # Flat for HNSW32; SQ, PQ... are refused below
     if isinstance(index, faiss.IndexFlat):
         n, d = int(index.ntotal), int(index.d)
-        x = faiss.rev_swig_ptr(index.get_xb(), n * d).reshape(n, d).copy() if n else np.empty((0, d), np.float32)
+        x = faiss.rev_swig_ptr(index.get_xb(), n * d).reshape(n, d) if n else np.empty((0, d), np.float32)
         return (np.arange(n, dtype=np.int64) if ids is None else ids), x
     if type(index) is faiss.IndexIVFFlat:
         d, lists = int(index.d), index.invlists
@@ -765,7 +771,7 @@ def stored_vectors(index) -> tuple[np.ndarray, np.ndarray]:
             size = int(lists.list_size(l))
             if size:
                 got_ids.append(faiss.rev_swig_ptr(lists.get_ids(l), size).astype(np.int64))
-                got.append(faiss.rev_swig_ptr(lists.get_codes(l), size * d * 4).view(np.float32).reshape(size, d).copy())
+                got.append(faiss.rev_swig_ptr(lists.get_codes(l), size * d * 4).view(np.float32).reshape(size, d))
         if not got:
             return np.empty(0, np.int64), np.empty((0, d), np.float32)
         at = np.concatenate(got_ids)  # the ids the lists hold: positions where an IDMap wraps them

@@ -597,12 +597,17 @@ class ShardReader:
         if not 0 <= a < b <= self.kv_bytes:
             raise M3Error(f"{self.path.name} ref {ref_id}: byte range [{a}, {b}) is outside the shard's "
                           f"{self.kv_bytes} kv bytes; references.parquet does not match this shard")
+        data = None
         if self.ahead:
             if self._buf_at <= a and b <= self._buf_at + len(self._buf):
                 return self._buf[a - self._buf_at:b - self._buf_at]
-            self._buf, self._buf_at = self._read_at(a, max(length, min(self.ahead, self.kv_bytes - a))), a
-            data = self._buf[:length]
-        else:
+            self._buf = b""
+            try:
+                self._buf, self._buf_at = self._read_at(a, max(length, min(self.ahead, self.kv_bytes - a))), a
+                data = self._buf[:length]
+            except M3Error:  # an unreadable spot ahead must fault its own frame only: this one read alone
+                pass
+        if data is None:
             data = self._read_at(a, length)
         if len(data) != length:
             raise M3Error(f"{self.path.name} ref {ref_id}: the shard ends inside this frame; it is truncated")
@@ -616,7 +621,12 @@ class ShardReader:
         except OSError as e:
             raise M3Error(f"cannot read shard {self.path}: {e}; the file is damaged: {REPAIR_HINT.format(kb=self.path.parent)}") from None
 
+    def drop_buffer(self) -> None:
+        """Free the bytes read ahead (a reader left open while others are read)."""
+        self._buf, self._buf_at = b"", 0
+
     def close(self) -> None:
+        self.drop_buffer()
         if self._file is not None:
             self._file.close()
 
@@ -631,11 +641,13 @@ class ShardReaders:
     """ShardReaders kept open by path, for reading frames from shards in any order; with a `root`,
     shards are named relative to it (a kb directory). At most `max_open` stay open (the least
     recently used is closed): a kb of thousands of shards must not run out of file handles.
-    `ahead`: each reader's read-ahead (ShardReader)."""
+    `ahead`: each reader's read-ahead (ShardReader); only the reader read last holds its bytes, so
+    at most `ahead` bytes are held however many shards are open."""
 
     def __init__(self, root: Path | None = None, max_open: int = 64, salvage: bool = False, ahead: int = 0):
         self.root, self.max_open, self.salvage, self.ahead = root, max_open, salvage, ahead
         self._open: OrderedDict[Path | str, ShardReader] = OrderedDict()
+        self._last: ShardReader | None = None  # the reader read last
 
     def read(self, shard_path: Path | str, offset: int, length: int, ref_id: int = -1) -> bytes:
         """A frame of the shard at `shard_path`; the same path (a str or Path) reuses its reader."""
@@ -647,6 +659,9 @@ class ShardReaders:
                 self._open.popitem(last=False)[1].close()
         else:
             self._open.move_to_end(shard_path)
+        if self.ahead and self._last is not None and self._last is not r:
+            self._last.drop_buffer()
+        self._last = r
         return r.read(offset, length, ref_id)
 
     def forget(self, shard_path: Path | str) -> None:
@@ -659,6 +674,7 @@ class ShardReaders:
         for r in self._open.values():
             r.close()
         self._open.clear()
+        self._last = None
 
     def __enter__(self):
         return self

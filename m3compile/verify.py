@@ -72,11 +72,14 @@ def verify_kb(kb_dir: str | Path, recompute: int = 0, model: str | Path | None =
         if not kb.is_dir():
             raise
         return [f"manifest.json: {e}"]
-    faults = [f"{name}: {why}" for name, why in damaged_files(kb, manifest.files).items()]
+    damaged = damaged_files(kb, manifest.files)
+    faults = [f"{name}: {why}" for name, why in damaged.items()]
     shards = _read_shards(kb, manifest, faults)
     refs_path = kb / manifest.paths["references"]
-    try:  # the columns the checks read (token ids and texts only where --recompute asks)
-        table = refs_file.read_references(refs_path, list(_CHECKED))
+    try:  # the columns the checks read (token ids and texts only where --recompute asks); a
+        # damaged table whole, so that damage in any column is named as its reader meets it
+        table = refs_file.read_references(refs_path, None if manifest.paths["references"] in damaged
+                                          else list(_CHECKED))
     except M3Error as e:
         return faults + [f"{manifest.paths['references']}: {e}"]
     from m3compile.kb import load_spec

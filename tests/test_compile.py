@@ -166,7 +166,7 @@ def test_plan_columns_give_back_the_rows(tmp_path, spill, monkeypatch):
     assert store.row(j) == rows[0] and view == rows
     assert columns(Rows(store, [j, 3, 1]), ("text", "token_ids")) == {  # out of order: one read each
         k: [store.row(p)[k] for p in (j, 3, 1)] for k in ("text", "token_ids")}
-    for at in ([0, 1, 2, 5, 6], [0, 2, 3, 7], [1, 1, 2], [6, 5, 4, 9, 8]):  # runs read as slices, the rest by index
+    for at in ([0, 1, 2, 5, 6], [0, 2, 3, 7], [1, 1, 2], [1, 1, 3], [2, 2, 2, 5], [6, 5, 4, 9, 8]):  # runs as slices
         got = columns(Rows(store, at), ("ref_id", "text", "shard"))
         assert {k: list(v) for k, v in got.items()} == {k: [store.row(p)[k] for p in at] for k in got}
     blocks = list(iter_columns(view, ("ref_id", "shard")))

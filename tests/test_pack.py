@@ -287,6 +287,24 @@ def test_shard_readers_read_the_frames_safetensors_reads(tmp_path):
         with ShardReaders(tmp_path, ahead=ahead) as readers:
             for i in sorted(order, key=lambda i: (locs[i].shard, locs[i].byte_offset)) + order:
                 assert readers.read(locs[i].shard, locs[i].byte_offset, locs[i].byte_length, i) == fr[i]
+                assert sum(len(r._buf) for r in readers._open.values()) <= max(ahead, max(map(len, fr)))
+    # an unreadable spot inside the bytes read ahead faults its own frame only
+    bad = locs[1]
+    real = ShardReader._read_at
+
+    def failing(self, offset, length):
+        if self.path.name == bad.shard and offset <= bad.byte_offset + 3 < offset + length:
+            raise M3Error(f"cannot read shard {self.path}: [Errno 5] Input/output error")
+        return real(self, offset, length)
+
+    with pytest.MonkeyPatch.context() as mp, ShardReaders(tmp_path, ahead=1 << 20) as readers:
+        mp.setattr(ShardReader, "_read_at", failing)
+        for i, loc in enumerate(locs):
+            if loc is bad:
+                with pytest.raises(M3Error, match="Input/output"):
+                    readers.read(loc.shard, loc.byte_offset, loc.byte_length, i)
+            else:
+                assert readers.read(loc.shard, loc.byte_offset, loc.byte_length, i) == fr[i]
     path = tmp_path / locs[-1].shard
     in_last = [l for l in locs if l.shard == locs[-1].shard]
     whole = path.read_bytes()
