@@ -226,7 +226,9 @@ def compile(
     out.print(f"documents: {d['added']} added, {d['changed']} changed, {d['removed']} removed, {d['unchanged']} "
               f"unchanged" + (f", {d['kept']} kept" if d["kept"] else "") + f"; references: {r['encoded']} encoded, "
               f"{r['copied']} copied, {r['reused']} reused, {r['removed']} removed", highlight=False)
-    out.print(f"wrote {output}: {c['references']} references from {c['documents']} documents, "
+    # a kb already up to date was not written (its files keep their bytes and times): say so
+    done = f"{output} is up to date" if s.get("up_to_date") and not s.get("repaired") else f"wrote {output}"
+    out.print(f"{done}: {c['references']} references from {c['documents']} documents, "
               f"{c['tokens']} tokens, {c['kept_kv']} kept key-values in {c['shards']} shard(s); "
               f"{sz['files_bytes']:,} bytes; {q['scheme']} rel err max {q['rel_err_max']:.4f}", highlight=False)
     if s.get("repaired"):

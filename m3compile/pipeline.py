@@ -993,7 +993,7 @@ def _run_in(config: CompileConfig, out: Path, progress: Progress, log, keep_miss
                 progress({"event": "done"})
                 return CompileResult(prev.manifest, {"documents": plan.docs, "references": {
                     "encoded": 0, "copied": 0, "reused": len(plan.rows), "removed": 0}, "shards_written": [],
-                    "shards_kept": sorted(prev.manifest.shards), "repaired": repaired})
+                    "shards_kept": sorted(prev.manifest.shards), "repaired": repaired, "up_to_date": True})
             stats = _write_new(out, setup, prev, plan, timer, progress)
             engine.close()  # the last Ray work is done: a cluster this compile started stops now
             shards = store.shard_state(out, plan.rows)

@@ -46,6 +46,8 @@ def test_compile_then_inspect(tmp_path, corpus, model_dir):
     r = run("compile", corpus, "-o", tmp_path / "kb", "--model", model_dir, "--top-k", "3")
     assert r.exit_code == 0, r.output
     assert "wrote" in r.stdout and "3 documents" in r.stdout
+    r = run("compile", corpus, "-o", tmp_path / "kb", "--model", model_dir, "--top-k", "3")  # nothing to do
+    assert r.exit_code == 0 and "wrote" not in r.stdout and f"{tmp_path / 'kb'} is up to date: " in r.stdout, r.stdout
     r = run("inspect", tmp_path / "kb", "--json")
     assert r.exit_code == 0, r.output
     info = json.loads(r.stdout)
