@@ -653,6 +653,43 @@ def write_references(path: Path, rows: "Rows | list[dict]") -> None:
             w.add(row)
 
 
+def _indices(a: pa.Array) -> np.ndarray:
+    """A dictionary column's indices (signed integers, no nulls) as int64, read from the buffer."""
+    width = {pa.int8(): "<i1", pa.int16(): "<i2", pa.int32(): "<i4", pa.int64(): "<i8"}[a.type]
+    return np.frombuffer(a.buffers()[1], width)[a.offset:a.offset + len(a)].astype(np.int64)
+
+
+def document_keys(path: Path) -> dict[str, tuple[str, str]] | None:
+    """{doc_id: (doc_sha256, source)} of the documents of references.parquet, its three columns
+    read as dictionaries (~20 ms for SciFact's 150k rows, where their strings take 0.2 s); None
+    where a document's rows disagree (two texts or files: it was cut from two) or the table cannot
+    be read (whoever reads it whole says why)."""
+    names = ["doc_id", "doc_sha256", "source"]
+    out: dict[str, tuple[str, str]] = {}
+    try:
+        check_metadata(path)
+        with pq.ParquetFile(str(path), read_dictionary=names) as f:
+            if any(n not in f.schema_arrow.names for n in names):
+                return None
+            batches = f.iter_batches(columns=names, batch_size=1 << 16)
+            for b in batches:
+                cols = [b.column(i) for i in range(3)]
+                if any(not pa.types.is_dictionary(c.type) or c.null_count for c in cols):
+                    return None
+                idx = [_indices(c.indices) for c in cols]  # (n,) each
+                words = [c.dictionary.to_pylist() for c in cols]
+                # a document's rows lie together in a kb's table, so one row a run of equal keys
+                starts = np.flatnonzero(np.r_[True, (np.diff(idx[0]) != 0) | (np.diff(idx[1]) != 0)
+                                              | (np.diff(idx[2]) != 0)]) if len(idx[0]) else np.zeros(0, np.int64)
+                for j in starts.tolist():
+                    key = (words[1][idx[1][j]], words[2][idx[2][j]])
+                    if out.setdefault(words[0][idx[0][j]], key) != key:
+                        return None
+    except (M3Error, OSError, pa.ArrowException, ValueError, KeyError):  # KeyError: unsigned indices
+        return None
+    return out
+
+
 def read_reference_rows(path: Path, spill_dir: Path | None = None) -> Rows:
     """references.parquet as plan rows (RefColumns: token ids and texts spilled to `spill_dir`),
     read a row group at a time: what an incremental compile holds of its kb (issue 16)."""
