@@ -108,10 +108,10 @@ class Manifest:
 
 def build_manifest(kb_dir: Path, spec: MemorySpec, config: dict, model: dict, rows: list[dict], generation: str,
                    retrieval: dict, shards: dict, skipped: dict, next_ref_id: int, vq: dict | None = None,
-                   checked: dict | None = None) -> Manifest:
+                   checked: dict | None = None, state: dict | None = None) -> Manifest:
     """The manifest of a compile: its spec, config record and model record, and the live rows
     (`vq`: the codebooks entry of a vector-quantized kb, m3compile/codebooks.py; `checked`: files
-    this compile hashed before, store.damaged_files)."""
+    this compile hashed before, store.damaged_files; `state`: more keys of the manifest's state)."""
     L, H, D = len(spec.memory_layers), spec.n_kv_heads, spec.head_dim
     # one pass over the rows a block at a time, numbers summed as int64 arrays and floats one at a
     # time in row order: nothing held per row (issue 16)
@@ -161,7 +161,7 @@ def build_manifest(kb_dir: Path, spec: MemorySpec, config: dict, model: dict, ro
                # the same references' key-values kept whole in bf16, in every layer: the paper's dense baseline
                "dense_bf16_bytes": tokens * spec.n_layers * 2 * H * D * 2,
                "sparse_bf16_bytes": kept_kv * 2 * D * 2},
-        state={"next_ref_id": next_ref_id}, generation="", paths={}, retrieval=retrieval, files={})
+        state={"next_ref_id": next_ref_id, **(state or {})}, generation="", paths={}, retrieval=retrieval, files={})
     return base.with_generation(kb_dir, generation, shards, checked)
 
 

@@ -91,19 +91,21 @@ def test_kept_shards_are_hashed_once_and_a_changed_file_again(env, monkeypatch):
     assert mf.file_entry(tmp / "kb", kept[0], checked)["sha256"] == real(shard) != files[kept[0]]["sha256"]
 
 
-@pytest.mark.parametrize("change", ["none", "text", "added", "removed", "moved to another file", "tokenizers",
-                                    "m3compile version", "setting"])
+@pytest.mark.parametrize("change", ["none", "text", "added", "removed", "moved to another file", "reordered",
+                                    "tokenizers", "m3compile version", "setting"])
 def test_an_up_to_date_kb_is_known_without_reading_its_rows(env, monkeypatch, change):
     """A compile (and --check) of an unchanged corpus decides from the corpus and three columns of
     the table that nothing would change (pipeline._up_to_date), without reading the rows: O(rows)
     before (SciFact: 1.6 s). Any difference in a document's text or file, a document more or less,
-    another tokenizers library, m3compile or setting leaves it to the plan, as before."""
+    another order (documents of equal texts share content keys, whose references go to documents in
+    corpus order), tokenizers library, m3compile or setting leaves it to the plan, as before."""
     import shutil
 
     tmp, _, cfg = env
     corpus = tmp / "records"
     corpus.mkdir()
     recs = [{"id": f"r{i}", "text": words(i, 30 + 5 * i)} for i in range(4)]
+    recs[3]["text"] = recs[0]["text"]  # two documents of one text: their references share keys
     (corpus / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     cfg = CompileConfig(**{**cfg.to_dict(), "corpus": str(corpus)})
     compile_kb(cfg, tmp / "kb")
@@ -116,7 +118,9 @@ def test_an_up_to_date_kb_is_known_without_reading_its_rows(env, monkeypatch, ch
         recs.pop(1)
     elif change == "moved to another file":  # the same id and text, from b.jsonl: its rows' source changes
         (corpus / "b.jsonl").write_text(json.dumps(recs.pop(3)) + "\n")
-    elif change == "tokenizers":
+    elif change == "reordered":  # the same documents, ids, texts and file: r3 now before r0
+        recs = recs[::-1]
+    elif change == "tokenizers":  # the library that cut the kb (run.json)
         run = json.loads((kb / "run.json").read_text())
         (kb / "run.json").write_text(json.dumps({**run, "tokenizers": "0.0.1"}))
     elif change == "m3compile version":
@@ -139,12 +143,16 @@ def test_an_up_to_date_kb_is_known_without_reading_its_rows(env, monkeypatch, ch
     if change == "none":
         assert r.summary["up_to_date"] and r.summary["documents"]["unchanged"] == 4
         assert snapshot(kb) == before  # nothing written: the same bytes and times
-    if change in ("text", "added", "removed", "moved to another file"):
+    if change in ("text", "added", "removed", "moved to another file", "reordered"):
         fresh = tmp / "fresh"
         shutil.rmtree(fresh, ignore_errors=True)
         compile_kb(cfg, fresh)
         got = {x["doc_id"]: (x["source"], x["text"]) for x in open_kb(kb).references().to_pylist()}
         assert got == {x["doc_id"]: (x["source"], x["text"]) for x in open_kb(fresh).references().to_pylist()}
+    if change == "reordered":  # a fresh compile of the new order gives r3 the first ids: so does the grown kb
+        first = {x["ref_id"]: x["doc_id"] for x in open_kb(fresh).references().to_pylist()}
+        assert {x["ref_id"]: x["doc_id"] for x in open_kb(kb).references().to_pylist() if x["ref_id"] in first
+                and x["doc_id"] in ("r0", "r3")} == {i: d for i, d in first.items() if d in ("r0", "r3")}
     assert verify_kb(kb) == []
 
 
@@ -499,6 +507,15 @@ def test_unchanged_documents_are_not_cut_again(env, monkeypatch, give_back_rows)
     run = json.loads((tmp / "kb" / "run.json").read_text())
     (tmp / "kb" / "run.json").write_text(json.dumps({**run, "tokenizers": "0.0.1"}))
     assert check_kb(cfg, tmp / "kb") == [] and len(cut) == 7
+    # a kb written before 2026-12-06 (no corpus order in its manifest's state) is checked by its rows
+    cut.clear()
+    (tmp / "kb" / "run.json").write_text(json.dumps(run))
+    m = json.loads((tmp / "kb" / "manifest.json").read_text())
+    (tmp / "kb" / "manifest.json").write_text(json.dumps(
+        {**m, "state": {k: v for k, v in m["state"].items() if k != "corpus_order"}}))
+    read, real_read = [], pipeline.refs_file.read_reference_rows
+    monkeypatch.setattr(pipeline.refs_file, "read_reference_rows", lambda *a, **k: read.append(1) or real_read(*a, **k))
+    assert check_kb(cfg, tmp / "kb") == [] and cut == [] and read == [1]
 
 
 @pytest.mark.parametrize("factory", ["Flat", "HNSW32", "IVF4,Flat"])
