@@ -1051,6 +1051,12 @@ def _run_in(config: CompileConfig, out: Path, progress: Progress, log, keep_miss
                 prev.damaged = {k: v for k, v in prev.damaged.items() if k not in repaired or k in again}
             if _unchanged(setup, prev, plan, out):
                 # nothing would change: no shard, generation or manifest is written (CI rebuilds)
+                if prev.tokenizers != tokenizers.__version__:
+                    # every document was cut again by this library into the kb's rows: say so in
+                    # run.json, so that the next compile gives them back uncut (and _up_to_date holds)
+                    run = _run_log(out)
+                    if run:
+                        mf.atomic_write_text(out / mf.RUN_LOG, mf.to_json({**run, "tokenizers": tokenizers.__version__}))
                 plan.report.log_skips(log)
                 progress({"event": "done"})
                 return CompileResult(prev.manifest, {"documents": plan.docs, "references": {

@@ -507,6 +507,13 @@ def test_unchanged_documents_are_not_cut_again(env, monkeypatch, give_back_rows)
     run = json.loads((tmp / "kb" / "run.json").read_text())
     (tmp / "kb" / "run.json").write_text(json.dumps({**run, "tokenizers": "0.0.1"}))
     assert check_kb(cfg, tmp / "kb") == [] and len(cut) == 7
+    # a compile that cuts them into the same rows records this library, and the next one cuts none
+    before = snapshot(tmp / "kb")
+    cut.clear()
+    assert compile_kb(cfg, tmp / "kb").summary["up_to_date"] and len(cut) == 7 and snapshot(tmp / "kb") == before
+    assert json.loads((tmp / "kb" / "run.json").read_text()) == run
+    cut.clear()
+    assert compile_kb(cfg, tmp / "kb").summary["up_to_date"] and cut == []
     # a kb written before 2026-12-06 (no corpus order in its manifest's state) is checked by its rows
     cut.clear()
     (tmp / "kb" / "run.json").write_text(json.dumps(run))
