@@ -37,36 +37,52 @@ def compact_kb(kb_dir: str | Path, log: Callable[[str], None] = lambda s: None) 
         dirty = sorted(s for s, v in manifest.shards.items() if v["refs"] > v["live_refs"])
         if not dirty:
             return {"shards_rewritten": [], "refs_moved": 0, "bytes_freed": 0}
-        rows = refs_file.read_references(kb / manifest.paths["references"]).to_pylist()
-        old_gen = kb / manifest.generation
-        first = 1 + max(store.shard_number(s) for s in manifest.shards)
-        meta = dict(read_shard_header(kb / dirty[0])["__metadata__"])
-        moved = 0
-        with ShardWriter(kb, meta, manifest.config["max_shard_bytes"], first_index=first) as writer, \
-                ShardReaders(kb) as frames:
-            writer.before_replace = lambda name: (kb / name).unlink()  # leftovers of an interrupted compact
-            for r in rows:  # rows are in ref id order, as a writer needs
-                if r["shard"] in dirty:
-                    frame = frames.read(r["shard"], r["byte_offset"], r["byte_length"], r["ref_id"])
-                    loc = writer.add(r["ref_id"], frame, bytes.fromhex(r["ref_key"]), (r["quant_rel_err"], r["quant_max_err"]))
-                    r.update(shard=loc.shard, byte_offset=loc.byte_offset, byte_length=loc.byte_length)
-                    moved += 1
-        live = sorted({r["shard"] for r in rows})
+        # the rows as the plan holds them (fixed records, token ids and texts spilled to an anonymous
+        # file in the kb), a block at a time: not a dict a row, which for 10^8 references is ~100 GB
+        rows = refs_file.read_reference_rows(kb / manifest.paths["references"], spill_dir=kb)
+        try:
+            return _compact(kb, manifest, dirty, rows)
+        finally:
+            rows.store.close()
 
-        def build(gen: Path):
-            refs_file.write_references(gen / refs_file.FILE_NAME, rows)
-            index_meta = {k: str(v) for k, v in _index_metadata(old_gen).items()}
-            write_shard_index(gen, [shard_info(kb / s) for s in live], index_meta)
-            for p in old_gen.rglob("*"):
-                rel = p.relative_to(old_gen)
-                if p.is_file() and rel.as_posix() not in (refs_file.FILE_NAME, INDEX_NAME):
-                    (gen / rel).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(p, gen / rel)
 
-        gen = store.write_generation(kb, build)
-        shards = store.shard_state(kb, rows)
-        freed = manifest.state["dead_kv_bytes"] - sum(v["kv_bytes"] - v["live_kv_bytes"] for v in shards.values())
-        mf.commit(kb, manifest.with_generation(kb, gen, shards))
+def _compact(kb: Path, manifest: mf.Manifest, dirty: list[str], rows: "refs_file.Rows") -> dict:
+    old_gen = kb / manifest.generation
+    first = 1 + max(store.shard_number(s) for s in manifest.shards)
+    meta = dict(read_shard_header(kb / dirty[0])["__metadata__"])
+    moved, live, dirty_set = 0, set(), set(dirty)
+    names = ("ref_id", "shard", "byte_offset", "byte_length", "ref_key", "quant_rel_err", "quant_max_err")
+    with ShardWriter(kb, meta, manifest.config["max_shard_bytes"], first_index=first) as writer, \
+            ShardReaders(kb) as frames:
+        writer.before_replace = lambda name: (kb / name).unlink()  # leftovers of an interrupted compact
+        for lo in range(0, len(rows), refs_file.COLUMN_BLOCK):  # rows are in ref id order, as a writer needs
+            c = refs_file.columns(rows[lo:lo + refs_file.COLUMN_BLOCK], names)
+            for j, (ref_id, shard) in enumerate(zip(c["ref_id"].tolist(), c["shard"])):
+                if shard not in dirty_set:
+                    live.add(shard)
+                    continue
+                frame = frames.read(shard, int(c["byte_offset"][j]), int(c["byte_length"][j]), ref_id)
+                loc = writer.add(ref_id, frame, bytes.fromhex(c["ref_key"][j]),
+                                 (float(c["quant_rel_err"][j]), float(c["quant_max_err"][j])))
+                rows.locate(lo + j, shard=loc.shard, byte_offset=loc.byte_offset, byte_length=loc.byte_length)
+                live.add(loc.shard)
+                moved += 1
+    live = sorted(live)
+
+    def build(gen: Path):
+        refs_file.write_references(gen / refs_file.FILE_NAME, rows)
+        index_meta = {k: str(v) for k, v in _index_metadata(old_gen).items()}
+        write_shard_index(gen, [shard_info(kb / s) for s in live], index_meta)
+        for p in old_gen.rglob("*"):
+            rel = p.relative_to(old_gen)
+            if p.is_file() and rel.as_posix() not in (refs_file.FILE_NAME, INDEX_NAME):
+                (gen / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(p, gen / rel)
+
+    gen = store.write_generation(kb, build)
+    shards = store.shard_state(kb, rows)
+    freed = manifest.state["dead_kv_bytes"] - sum(v["kv_bytes"] - v["live_kv_bytes"] for v in shards.values())
+    mf.commit(kb, manifest.with_generation(kb, gen, shards))
     return {"shards_rewritten": dirty, "refs_moved": moved, "bytes_freed": freed}
 
 
