@@ -30,7 +30,8 @@ def compact_kb(kb_dir: str | Path, log: Callable[[str], None] = lambda s: None) 
     with store.KbLock(kb, log):
         store.remove_temporaries(kb)
         manifest = mf.read_manifest(kb)
-        damaged = store.damaged_files(kb, manifest.files)
+        checked: dict = {}  # the files hashed here, whose sha256 the new manifest takes while they are unchanged
+        damaged = store.damaged_files(kb, manifest.files, checked)
         if damaged:
             name, why = next(iter(damaged.items()))
             raise M3Error(f"{kb}: {name}: {why}; compacting would copy damage: run `m3 verify --repair {kb}` first")
@@ -41,12 +42,12 @@ def compact_kb(kb_dir: str | Path, log: Callable[[str], None] = lambda s: None) 
         # file in the kb), a block at a time: not a dict a row, which for 10^8 references is ~100 GB
         rows = refs_file.read_reference_rows(kb / manifest.paths["references"], spill_dir=kb)
         try:
-            return _compact(kb, manifest, dirty, rows)
+            return _compact(kb, manifest, dirty, rows, checked)
         finally:
             rows.store.close()
 
 
-def _compact(kb: Path, manifest: mf.Manifest, dirty: list[str], rows: "refs_file.Rows") -> dict:
+def _compact(kb: Path, manifest: mf.Manifest, dirty: list[str], rows: "refs_file.Rows", checked: dict) -> dict:
     old_gen = kb / manifest.generation
     first = 1 + max(store.shard_number(s) for s in manifest.shards)
     meta = dict(read_shard_header(kb / dirty[0])["__metadata__"])
@@ -82,7 +83,7 @@ def _compact(kb: Path, manifest: mf.Manifest, dirty: list[str], rows: "refs_file
     gen = store.write_generation(kb, build)
     shards = store.shard_state(kb, rows)
     freed = manifest.state["dead_kv_bytes"] - sum(v["kv_bytes"] - v["live_kv_bytes"] for v in shards.values())
-    mf.commit(kb, manifest.with_generation(kb, gen, shards))
+    mf.commit(kb, manifest.with_generation(kb, gen, shards, checked))
     return {"shards_rewritten": dirty, "refs_moved": moved, "bytes_freed": freed}
 
 
