@@ -653,7 +653,42 @@ def write_references(path: Path, rows: "Rows | list[dict]") -> None:
             w.add(row)
 
 
-def _indices(a: pa.Array) -> np.ndarray:
+def int64_column(column: "pa.ChunkedArray | pa.Array") -> np.ndarray:
+    """An int64 column without nulls as a numpy array read from its buffers (.to_numpy() imports
+    pandas where it is installed: 0.3 s of an `m3 query`)."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    return np.concatenate([np.empty(0, np.int64), *(np.frombuffer(c.buffers()[1], np.int64, len(c), 8 * c.offset)
+                                                    for c in chunks)])
+
+
+def read_rows_by_id(path: Path, ref_ids: np.ndarray, columns: list[str] | None = None) -> pa.Table:
+    """The row groups of references.parquet that may hold these ref ids, by the ref_id statistics
+    of its footer (the table is written in ref id order, ROW_GROUP_SIZE rows a group): a few rows of
+    a big kb without reading it whole. Other rows of those groups come too; the caller picks."""
+    check_metadata(path)
+    want = np.unique(np.asarray(ref_ids, np.int64))
+    try:
+        with pq.ParquetFile(str(path)) as f:
+            missing = [c for c in columns or () if c not in f.schema_arrow.names]
+            if missing:
+                raise ValueError(f"no column {', '.join(missing)}")
+            j = f.schema_arrow.get_field_index("ref_id")
+            groups = []
+            for g in range(f.metadata.num_row_groups):
+                st = f.metadata.row_group(g).column(j).statistics
+                if st is None or not st.has_min_max:
+                    groups.append(g)  # no statistics: read it, and let the caller pick
+                    continue
+                first = np.searchsorted(want, st.min, side="left")  # the first id asked >= the group's least
+                if first < len(want) and want[first] <= st.max:
+                    groups.append(g)
+            return f.read_row_groups(groups, columns=columns) if groups else f.schema_arrow.empty_table().select(
+                columns or f.schema_arrow.names)
+    except (OSError, pa.ArrowException, ValueError) as e:
+        raise M3Error(f"cannot read {path}: {e}; the file is damaged") from None
+
+
+def dictionary_indices(a: pa.Array) -> np.ndarray:
     """A dictionary column's indices (signed integers, no nulls) as int64, read from the buffer."""
     width = {pa.int8(): "<i1", pa.int16(): "<i2", pa.int32(): "<i4", pa.int64(): "<i8"}[a.type]
     return np.frombuffer(a.buffers()[1], width)[a.offset:a.offset + len(a)].astype(np.int64)
@@ -676,7 +711,7 @@ def document_keys(path: Path) -> dict[str, tuple[str, str]] | None:
                 cols = [b.column(i) for i in range(3)]
                 if any(not pa.types.is_dictionary(c.type) or c.null_count for c in cols):
                     return None
-                idx = [_indices(c.indices) for c in cols]  # (n,) each
+                idx = [dictionary_indices(c.indices) for c in cols]  # (n,) each
                 words = [c.dictionary.to_pylist() for c in cols]
                 # a document's rows lie together in a kb's table, so one row a run of equal keys
                 starts = np.flatnonzero(np.r_[True, (np.diff(idx[0]) != 0) | (np.diff(idx[1]) != 0)

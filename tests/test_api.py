@@ -79,6 +79,33 @@ def test_reading_refuses_wrong_ids_queries_and_counts(kb):
             generate_text("Who founded Brerrdale?", kb=kb.path, **kw)
 
 
+def test_a_few_rows_come_from_their_row_groups(tmp_path, monkeypatch):
+    """kb.reference_rows of a few ids reads only the row groups whose ref_id statistics hold them
+    (references.read_rows_by_id; `m3 query` and `m3 inspect --ref` of SciFact read 2 of 37 groups):
+    the rows, in the order asked, of the whole table; frames are found by the location arrays."""
+    import random
+
+    import pyarrow.parquet as pq
+
+    from m3compile import references as refs_file
+    monkeypatch.setattr(refs_file, "ROW_GROUP_SIZE", 3)
+    (tmp_path / "corpus").mkdir()
+    for i in range(4):
+        (tmp_path / "corpus" / f"d{i}.txt").write_text(" ".join(f"Town {i} sells wool number {j}." for j in range(12)))
+    compile_kb(CompileConfig(corpus=str(tmp_path / "corpus")), tmp_path / "kb")
+    base = open_kb(tmp_path / "kb")
+    assert pq.ParquetFile(base.references_path).metadata.num_row_groups > 4
+    whole = {r["ref_id"]: r for r in base.references().to_pylist()}
+    rng = random.Random(0)
+    for _ in range(20):
+        ids = rng.sample(sorted(whole), 3) + [10**9, -1]  # the last two are no reference: left out
+        fresh = open_kb(tmp_path / "kb")
+        assert fresh.reference_rows(ids) == [whole[i] for i in ids[:3]]
+        assert fresh._table is None  # the whole table was not read
+        assert fresh.reference_rows(ids, ["text"]) == [{"ref_id": i, "text": whole[i]["text"]} for i in ids[:3]]
+    assert len(base) == len(whole) and base.memory(max(whole)).keys.shape[2] == whole[max(whole)]["n_kept"]
+
+
 def test_memorize_refuses_empty_references_and_foreign_ids(kb):
     ck = load_checkpoint(Path(__import__("m3compile").__file__).parent / "embedded" / "reader")
     with pytest.raises(M3Error, match="no tokens"):
