@@ -54,6 +54,7 @@ class KnowledgeBase:
         self._table: pa.Table | None = None
         self._ids: tuple | None = None  # (ref ids in table order, their sorting permutation), (R,) each
         self._loc: tuple | None = None  # (ref ids, shard codes, shard names, offsets, lengths), by ref id
+        self._groups: "refs_file.RowGroups | None" = None  # the table's row groups by ref id (a few rows read)
         self._retriever = None
 
     @property
@@ -76,7 +77,9 @@ class KnowledgeBase:
         want = np.asarray([int(i) for i in ref_ids], np.int64)  # (Q,)
         cols = None if columns is None else list(dict.fromkeys(["ref_id", *columns]))
         if self._table is None and len(want) <= FEW_ROWS:
-            t = refs_file.read_rows_by_id(self.references_path, want, cols)
+            if self._groups is None:
+                self._groups = refs_file.RowGroups(self.references_path)
+            t = self._groups.read(want, cols)
             ids = refs_file.int64_column(t.column("ref_id"))
             order = np.argsort(ids, kind="stable")
         else:
@@ -96,9 +99,13 @@ class KnowledgeBase:
             t = refs_file.read_references(self.references_path, ["ref_id", "shard", "byte_offset", "byte_length"])
             ids = refs_file.int64_column(t.column("ref_id"))  # (R,) table order
             order = np.argsort(ids, kind="stable")
-            shard = t.column("shard").combine_chunks().dictionary_encode()
-            codes = refs_file.dictionary_indices(shard.indices) if len(ids) else np.zeros(0, np.int64)
-            self._loc = (ids[order], codes[order], shard.dictionary.to_pylist(),
+            # encoded chunk by chunk against one dictionary: the names joined in one array would
+            # pass 2 GiB of offsets at ~90M references
+            shard = t.column("shard").dictionary_encode().unify_dictionaries()
+            codes = np.concatenate([np.zeros(0, np.int64), *(refs_file.dictionary_indices(c.indices)
+                                                             for c in shard.chunks)])  # (R,)
+            names = shard.chunks[0].dictionary.to_pylist() if shard.num_chunks else []
+            self._loc = (ids[order], codes[order], names,
                          refs_file.int64_column(t.column("byte_offset"))[order],
                          refs_file.int64_column(t.column("byte_length"))[order])
         return self._loc

@@ -661,31 +661,39 @@ def int64_column(column: "pa.ChunkedArray | pa.Array") -> np.ndarray:
                                                     for c in chunks)])
 
 
-def read_rows_by_id(path: Path, ref_ids: np.ndarray, columns: list[str] | None = None) -> pa.Table:
-    """The row groups of references.parquet that may hold these ref ids, by the ref_id statistics
-    of its footer (the table is written in ref id order, ROW_GROUP_SIZE rows a group): a few rows of
-    a big kb without reading it whole. Other rows of those groups come too; the caller picks."""
-    check_metadata(path)
-    want = np.unique(np.asarray(ref_ids, np.int64))
-    try:
-        with pq.ParquetFile(str(path)) as f:
-            missing = [c for c in columns or () if c not in f.schema_arrow.names]
-            if missing:
-                raise ValueError(f"no column {', '.join(missing)}")
-            j = f.schema_arrow.get_field_index("ref_id")
-            groups = []
-            for g in range(f.metadata.num_row_groups):
-                st = f.metadata.row_group(g).column(j).statistics
-                if st is None or not st.has_min_max:
-                    groups.append(g)  # no statistics: read it, and let the caller pick
-                    continue
-                first = np.searchsorted(want, st.min, side="left")  # the first id asked >= the group's least
-                if first < len(want) and want[first] <= st.max:
-                    groups.append(g)
-            return f.read_row_groups(groups, columns=columns) if groups else f.schema_arrow.empty_table().select(
-                columns or f.schema_arrow.names)
-    except (OSError, pa.ArrowException, ValueError) as e:
-        raise M3Error(f"cannot read {path}: {e}; the file is damaged") from None
+class RowGroups:
+    """references.parquet's row groups by the ref_id statistics of its footer (the table is written
+    in ref id order, ROW_GROUP_SIZE rows a group): `read` of a few ref ids reads the groups that may
+    hold them, not the table. The footer is read and checked once (a kb holds one)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.meta = check_metadata(self.path)
+        try:
+            j = self.meta.schema.to_arrow_schema().get_field_index("ref_id")
+            n = self.meta.num_row_groups
+            self.lo, self.hi = np.full(n, np.iinfo(np.int64).min), np.full(n, np.iinfo(np.int64).max)  # (G,) each
+            for g in range(n):  # a group without statistics keeps the whole range: it is always read
+                st = self.meta.row_group(g).column(j).statistics if j >= 0 else None
+                if st is not None and st.has_min_max:
+                    self.lo[g], self.hi[g] = int(st.min), int(st.max)
+        except (pa.ArrowException, ValueError, TypeError) as e:
+            raise M3Error(f"cannot read {self.path}: {e}; the file is damaged") from None
+
+    def read(self, ref_ids, columns: list[str] | None = None) -> pa.Table:
+        """The groups that may hold these ids (other rows of them come too: the caller picks)."""
+        want = np.unique(np.asarray(ref_ids, np.int64))  # (Q,) ascending
+        first = np.searchsorted(want, self.lo, side="left")  # (G,) the first id asked >= each group's least
+        hit = (first < len(want)) & (want[np.minimum(first, max(len(want) - 1, 0))] <= self.hi) if len(want) \
+            else np.zeros(len(self.lo), bool)
+        try:
+            with pq.ParquetFile(str(self.path), metadata=self.meta) as f:
+                missing = [c for c in columns or () if c not in f.schema_arrow.names]
+                if missing:
+                    raise ValueError(f"no column {', '.join(missing)}")
+                return f.read_row_groups(np.flatnonzero(hit).tolist(), columns=columns)
+        except (OSError, pa.ArrowException, ValueError) as e:
+            raise M3Error(f"cannot read {self.path}: {e}; the file is damaged") from None
 
 
 def dictionary_indices(a: pa.Array) -> np.ndarray:
