@@ -57,6 +57,14 @@ def test_compile_then_inspect(tmp_path, corpus, model_dir):
     assert r.exit_code == 0 and "memory layers" in r.stdout
     r = run("inspect", tmp_path / "kb", "--ref", 0)
     assert r.exit_code == 0 and "kept tokens" in r.stdout and "w3" in r.stdout
+    # the kept positions come from the frame without dequantizing it: those of the memory
+    from m3compile.kb import open_kb, reference_detail
+    base = open_kb(tmp_path / "kb")
+    for ref_id in range(len(base)):
+        got = reference_detail(base, ref_id)["kept"]
+        mem = base.memory(ref_id)
+        assert {layer: [[k["j"] for k in head] for head in heads] for layer, heads in got.items()} == {
+            layer: mem.positions[i].tolist() for i, layer in enumerate(mem.layers)}
 
 
 def test_embedded_example_model(tmp_path):
