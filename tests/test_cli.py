@@ -238,8 +238,9 @@ def test_entry_point_keeps_exit_codes_and_freezes_before_teardown(tmp_path):
 
 
 def test_reading_commands_do_not_import_torch(tmp_path, corpus, model_dir):
-    """`m3 --help`, `m3 inspect` and a BM25 `m3 query` read a kb's manifest, shard headers,
-    references and index only, so they must not import torch: its import was ~1.5 s of a ~2 s query."""
+    """`m3 --help`, `m3 inspect` (`--ref` too: kept positions come from the frame, not dequantized)
+    and a BM25 `m3 query` read a kb's manifest, shard headers, references, frames and index only, so
+    they must not import torch: its import was ~1.5 s of a ~2 s query."""
     import subprocess
     import sys
 
@@ -248,12 +249,15 @@ def test_reading_commands_do_not_import_torch(tmp_path, corpus, model_dir):
     probe = ("import sys; from m3compile import cli; sys.argv = ['m3', *sys.argv[1:]]\n"
              "try:\n    cli.main()\nexcept SystemExit as e:\n    code = e.code\n"
              "print('torch' in sys.modules, code)")
-    for args in (["--help"], ["inspect", kb], ["query", kb, "w31 w32", "--json"]):
+    for args in (["--help"], ["inspect", kb], ["query", kb, "w31 w32", "--json"], ["inspect", kb, "--ref", "0"]):
         r = subprocess.run([sys.executable, "-c", probe, *map(str, args)], capture_output=True, text=True)
         assert r.stdout.strip().splitlines()[-1] == "False 0", (args, r.stdout[-800:], r.stderr[-800:])
+    assert "kept tokens" in r.stdout
     # a memory is a torch tensor: reading one imports it, and still works
-    r = subprocess.run([sys.executable, "-c", probe, "inspect", str(kb), "--ref", "0"], capture_output=True, text=True)
-    assert r.stdout.strip().splitlines()[-1] == "True 0" and "kept tokens" in r.stdout, r.stderr[-800:]
+    r = subprocess.run([sys.executable, "-c", "import sys; from m3compile import open_kb; "
+                        f"m = open_kb({str(kb)!r}).memory(0); print('torch' in sys.modules, m.keys.ndim)"],
+                       capture_output=True, text=True)
+    assert r.stdout.strip().splitlines()[-1] == "True 4", r.stderr[-800:]
 
 
 def _main(*args):
