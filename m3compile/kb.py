@@ -148,19 +148,7 @@ class KnowledgeBase:
         if ref_id in self._cache:
             self._cache.move_to_end(ref_id)
             return self._cache[ref_id]
-        loc = self._location(ref_id)
-        if loc is None:
-            raise M3Error(f"no reference {ref_id} in {self.path} ({self.ids_hint()}); see `m3 inspect`")
-        where = f"{loc.shard} reference {ref_id}"
-        try:
-            frame = read_payload(self.path / loc.shard, loc)
-            keys, values, positions = decode_payload(frame, self.scheme, self._max_bytes, where=where)
-        except M3Error as e:
-            text = str(e) if where in str(e) else f"{where}: {e}"
-            raise M3Error(f"{text.split('; ')[0]}; {REPAIR_HINT.format(kb=self.path)}") from None
-        except OSError as e:
-            raise M3Error(f"{where}: cannot read the shard ({e.strerror or e}); "
-                          f"{REPAIR_HINT.format(kb=self.path)}") from None
+        keys, values, positions = self._split_frame(ref_id, decode_payload)
         mem = Memory(ref_id, keys, values, positions, self.layers)
         if self.cache_size > 0:
             self._cache[ref_id] = mem
@@ -173,19 +161,23 @@ class KnowledgeBase:
         dequantizing it (no torch: `m3 inspect --ref` took 1.1 s more for its import)."""
         if ref_id in self._cache:
             return self._cache[ref_id].positions.numpy()
+        return self._split_frame(ref_id, open_frame)[2]
+
+    def _split_frame(self, ref_id: int, split):
+        """split(frame, scheme, max bytes, where) of a reference's frame (pack.decode_payload:
+        dequantized; pack.open_frame: not); any fault is one M3Error naming it, with the repair hint."""
         loc = self._location(ref_id)
         if loc is None:
             raise M3Error(f"no reference {ref_id} in {self.path} ({self.ids_hint()}); see `m3 inspect`")
         where = f"{loc.shard} reference {ref_id}"
         try:
-            _, _, positions = open_frame(read_payload(self.path / loc.shard, loc), self.scheme, self._max_bytes, where)
+            return split(read_payload(self.path / loc.shard, loc), self.scheme, self._max_bytes, where)
         except M3Error as e:
             text = str(e) if where in str(e) else f"{where}: {e}"
             raise M3Error(f"{text.split('; ')[0]}; {REPAIR_HINT.format(kb=self.path)}") from None
         except OSError as e:
             raise M3Error(f"{where}: cannot read the shard ({e.strerror or e}); "
                           f"{REPAIR_HINT.format(kb=self.path)}") from None
-        return positions
 
     def memories(self, ref_ids) -> list[Memory]:
         return [self.memory(i) for i in ref_ids]
