@@ -47,7 +47,7 @@ def _schema_with_metadata() -> pa.Schema:
     return SCHEMA.with_metadata(meta)
 
 
-_NUMPY_OF = {pa.int64(): "<i8", pa.int32(): "<i4", pa.float32(): "<f4"}
+_NUMPY_OF = {pa.int64(): "<i8", pa.int32(): "<i4", pa.int16(): "<i2", pa.int8(): "<i1", pa.float32(): "<f4"}
 
 
 def _column(values: list, kind: pa.DataType) -> pa.Array:
@@ -600,8 +600,8 @@ def iter_columns(rows, names, block: int | None = None):
 
 
 def _numbers(column: pa.Array) -> np.ndarray:
-    """A column of SCHEMA's number types as a numpy view of its buffer (Array.to_numpy imports
-    pandas where it is installed: 0.27 s)."""
+    """A column of SCHEMA's number types (or a dictionary's signed indices) as a numpy view of its
+    buffer (Array.to_numpy imports pandas where it is installed: 0.27 s)."""
     return np.frombuffer(column.buffers()[1], _NUMPY_OF[column.type])[column.offset:column.offset + len(column)]
 
 
@@ -657,8 +657,7 @@ def int64_column(column: "pa.ChunkedArray | pa.Array") -> np.ndarray:
     """An int64 column without nulls as a numpy array read from its buffers (.to_numpy() imports
     pandas where it is installed: 0.3 s of an `m3 query`)."""
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    return np.concatenate([np.empty(0, np.int64), *(np.frombuffer(c.buffers()[1], np.int64, len(c), 8 * c.offset)
-                                                    for c in chunks)])
+    return np.concatenate([np.empty(0, np.int64), *map(_numbers, chunks)])
 
 
 class RowGroups:
@@ -697,9 +696,9 @@ class RowGroups:
 
 
 def dictionary_indices(a: pa.Array) -> np.ndarray:
-    """A dictionary column's indices (signed integers, no nulls) as int64, read from the buffer."""
-    width = {pa.int8(): "<i1", pa.int16(): "<i2", pa.int32(): "<i4", pa.int64(): "<i8"}[a.type]
-    return np.frombuffer(a.buffers()[1], width)[a.offset:a.offset + len(a)].astype(np.int64)
+    """A dictionary column's indices (signed integers, no nulls) as int64, read from the buffer
+    (KeyError for unsigned ones)."""
+    return _numbers(a).astype(np.int64)
 
 
 def document_keys(path: Path) -> dict[str, tuple[str, str]] | None:
