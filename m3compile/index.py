@@ -734,12 +734,8 @@ def holds_vectors(factory: str, dim: int) -> bool:
     if dim <= 0:
         return False
     try:
-        index = _make_faiss(factory, dim)
-    except M3Error:
-        return False
-    try:
-        stored_vectors(index)
-    except ValueError:
+        stored_vectors(_make_faiss(factory, dim))
+    except (M3Error, ValueError):  # no factory of FAISS's, or a type that encodes its vectors
         return False
     return True
 
@@ -753,7 +749,10 @@ def stored_vectors(index) -> tuple[np.ndarray, np.ndarray]:
     them back."""
     import faiss
 
-    index = faiss.downcast_index(index)
+    # `held` keeps the caller's object (the owner of every view below) alive whatever it was passed as:
+    # a temporary index freed while its downcast parts are read is a use after free
+    held = index
+    index = faiss.downcast_index(held)
     ids = None
     if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
         ids = faiss.vector_to_array(index.id_map).astype(np.int64)  # (n,) in insertion order
