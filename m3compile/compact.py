@@ -56,8 +56,9 @@ def _compact(kb: Path, manifest: mf.Manifest, dirty: list[str], rows: "refs_file
     with ShardWriter(kb, meta, manifest.config["max_shard_bytes"], first_index=first) as writer, \
             ShardReaders(kb) as frames:
         writer.before_replace = lambda name: (kb / name).unlink()  # leftovers of an interrupted compact
-        for lo in range(0, len(rows), refs_file.COLUMN_BLOCK):  # rows are in ref id order, as a writer needs
-            c = refs_file.columns(rows[lo:lo + refs_file.COLUMN_BLOCK], names)
+        size = refs_file.COLUMN_BLOCK
+        for block, c in enumerate(refs_file.iter_columns(rows, names, size)):  # in ref id order, as a writer needs
+            lo = block * size
             for j, (ref_id, shard) in enumerate(zip(c["ref_id"].tolist(), c["shard"])):
                 if shard not in dirty_set:
                     live.add(shard)
