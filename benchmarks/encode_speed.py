@@ -35,10 +35,11 @@ import m3compile.sparsify as sparsify
 from m3compile.chunk import chunk_documents
 from m3compile.config import read_model_memory
 from m3compile.corpus import Document
-from m3compile.encode import EncodedBatch, write_prefix
+from m3compile.encode import EncodedBatch
 from m3compile.model import LayerKV, Transformer, load_checkpoint
 from m3compile.sparsify import select_topk
 from m3compile.spec import MemorySpec, memorize
+from m3compile.tokenizer import write_prefix
 
 from bf16_recipe import kept_in_common, recipe
 from common import DATA

@@ -32,7 +32,7 @@ from m3compile.model import bf16_is_native, load_checkpoint, save_checkpoint  # 
 from m3compile.reader import ChunkMemory, ReadLayout  # noqa: E402
 from m3compile.train import batch_logits, encode_memories  # noqa: E402
 from m3compile.config import CompileConfig  # noqa: E402
-from m3compile.model import fingerprint  # noqa: E402
+from m3compile.checkpoint import fingerprint  # noqa: E402
 from m3compile.spec import MemorySpec  # noqa: E402
 
 

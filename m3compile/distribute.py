@@ -223,7 +223,8 @@ class _Encoder:
     def __init__(self, model_path: str, spec_fields: dict, codebooks: tuple | None, device: str, threads: int):
         import torch
 
-        from m3compile.model import fingerprint, load_checkpoint
+        from m3compile.checkpoint import fingerprint
+        from m3compile.model import load_checkpoint
 
         if threads:
             torch.set_num_threads(threads)

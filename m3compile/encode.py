@@ -19,13 +19,6 @@ import numpy as np
 import torch
 
 from m3compile.model import KVCache, LayerKV, Transformer, kept_while_unchanged
-from m3compile.tokenizer import Tokenizer
-
-
-def write_prefix(tokenizer: Tokenizer, prefix: str) -> list[int]:
-    """BOS (if the tokenizer has one) followed by the tokens of `prefix` (paper §3.2)."""
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    return bos + (tokenizer.encode(prefix) if prefix else [])
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Callable
 
 from m3compile.config import CHUNK_TOKENS, REFS_PER_CHUNK, default_model_dir, read_model_memory
-from m3compile.encode import write_prefix
 from m3compile.errors import M3Error
 from m3compile.reader import ChunkMemory, ReadLayout, generate
+from m3compile.tokenizer import write_prefix
 
 
 @dataclass

@@ -429,8 +429,8 @@ def _hashed_files(root: Path) -> list[Path]:
 
 def embedder_identity(path: str | Path) -> dict:
     """sha256 of every file of a sentence-transformers directory, and one digest over them all
-    (a weight file's remembered while unchanged, as a model's: model.sha256_weights)."""
-    from m3compile.model import sha256_weights
+    (a weight file's remembered while unchanged, as a model's: checkpoint.sha256_weights)."""
+    from m3compile.checkpoint import sha256_weights
 
     root = Path(path)
     files = {p.relative_to(root).as_posix(): sha256_weights(p) for p in _hashed_files(root)}

@@ -219,7 +219,8 @@ def load_kb_model(kb: KnowledgeBase, model: str | Path | None = None, device: st
     fingerprint: memories are tied to one exact checkpoint (paper Remark 9).
     """
     from m3compile.config import default_model_dir
-    from m3compile.model import fingerprint, load_checkpoint
+    from m3compile.checkpoint import fingerprint
+    from m3compile.model import load_checkpoint
 
     recorded = kb.manifest.model
     embedded = model is None and recorded["path"] == "<embedded example>"

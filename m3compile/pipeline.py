@@ -31,15 +31,15 @@ from array import array
 from collections import defaultdict
 from contextlib import ExitStack, closing, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field, replace
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import tokenizers
-import torch
 
 from m3compile import __version__, manifest as mf, references as refs_file, store
+from m3compile.checkpoint import ModelArgs, _read_config, fingerprint
 from m3compile.chunk import chunk_documents
 from m3compile.config import (BATCH_TOKENS, MODEL_MEMORY_FILE, PAPER_DEFAULTS, READ_SETTINGS, RUN_SETTINGS, CompileConfig,
                               default_model_dir, describe_settings, read_model_memory)
@@ -48,10 +48,10 @@ from m3compile.distribute import (Frames, RaySession, check_ray, encode_frames, 
                                   ray_frames, ray_references)
 from m3compile.errors import M3Error
 from m3compile.index import DenseReuse, check_index_factory, index_references, resolve_embedder
-from m3compile.model import Checkpoint, bf16_is_native, cpu_description, fingerprint, load_checkpoint
 from m3compile.pack import (CODEC, FORMAT, FORMAT_VERSION, LAYOUT, ZSTD_LEVEL, ShardReaders, ShardWriter,
                             check_frame, shard_info, write_shard_index)
 from m3compile.spec import MemorySpec
+from m3compile.tokenizer import Tokenizer
 
 Progress = Callable[[dict], None]  # receives {"event": "start"|"batch"|"done", ...}
 # the compile option behind a MemorySpec field, for messages only: the kb's identity is the field
@@ -135,12 +135,46 @@ def config_record(config: CompileConfig, kb_dir: Path) -> dict:
     return d
 
 
+class _Checkpoint:
+    """The compile's model as model.Checkpoint holds it (`args`, `tokenizer`, `path`, `model`), with
+    the weights loaded when `model` is first asked for. A compile that finds its kb up to date (and
+    `m3 compile --check` in CI) needs the shape and the tokenizer, never the weights: it then imports
+    no torch (~1.1 s of a 1.7 s check) and reads no weights (16 GB for an 8B model in bf16)."""
+
+    def __init__(self, path: Path, config: CompileConfig, timer: "Timer", log):
+        self.path, self._config, self._timer, self._log = path, config, timer, log
+        self.args = ModelArgs.from_hf_config(_read_config(path))
+        self.tokenizer = Tokenizer.from_dir(path)
+
+    @cached_property
+    def model(self):
+        import torch
+
+        from m3compile.model import bf16_is_native, load_checkpoint
+
+        config, log = self._config, self._log
+        with self._timer("load_model"):
+            model = load_checkpoint(self.path, device=config.device, dtype=config.dtype).model
+        if config.dtype == "bfloat16" and not bf16_is_native(config.device):
+            # dtype is part of the memories' bytes, so it is never switched behind the user's back
+            log(f"note: --dtype bfloat16 on {config.device} without bf16 units (AMX, AVX512-BF16): torch emulates "
+                "bf16 matmuls here, ~30x slower than float32; --dtype float32 compiles faster (other bytes)")
+        threads = torch.get_num_threads()
+        if (config.dtype == "bfloat16" and torch.device(config.device).type == "cpu"
+                and config.cpus_per_worker != threads and (config.engine == "ray" or config.engine_workers > 1)):
+            # measured on a CPU with AMX: 880 of 881 memories of the 110M shape differ between 1 and 2 threads
+            log(f"note: bf16 memories depend on the torch thread count on some CPUs (with AMX they do); workers "
+                f"encode on {config.cpus_per_worker} (--cpus-per-worker), a local compile here on {threads}, so "
+                f"their bytes may differ; --cpus-per-worker {threads} gives a local compile's")
+        return model
+
+
 @dataclass
 class Setup:
     """What a compile derives from its config and model before reading the corpus."""
 
     config: CompileConfig
-    ck: Checkpoint
+    ck: _Checkpoint
     model_path: Path
     model_id: dict
     spec: MemorySpec
@@ -162,22 +196,11 @@ def _setup(config: CompileConfig, log) -> tuple[Setup, Timer]:
     if news:
         log(f"using the memory settings {config.model or 'the embedded model'} was trained to read "
             f"({MODEL_MEMORY_FILE}): {describe_settings(news)}")
-    with timer("load_model"):
-        ck = load_checkpoint(model_path, device=config.device, dtype=config.dtype)
+    with timer("load_model"):  # the shape, the tokenizer and the identity; the weights when first used
+        ck = _Checkpoint(model_path, config, timer, log)
         model_id = fingerprint(model_path)
     spec = MemorySpec.from_config(config, ck, model_id)
     _note_model_memory(config, model_path, spec.memory_layers, log)
-    if spec.dtype == "bfloat16" and not bf16_is_native(config.device):
-        # dtype is part of the memories' bytes, so it is never switched behind the user's back
-        log(f"note: --dtype bfloat16 on {config.device} without bf16 units (AMX, AVX512-BF16): torch emulates "
-            "bf16 matmuls here, ~30x slower than float32; --dtype float32 compiles faster (other bytes)")
-    threads = torch.get_num_threads()
-    if (spec.dtype == "bfloat16" and torch.device(config.device).type == "cpu" and config.cpus_per_worker != threads
-            and (config.engine == "ray" or config.engine_workers > 1)):
-        # measured on a CPU with AMX: 880 of 881 memories of the 110M shape differ between 1 and 2 threads
-        log(f"note: bf16 memories depend on the torch thread count on some CPUs (with AMX they do); workers encode "
-            f"on {config.cpus_per_worker} (--cpus-per-worker), a local compile here on {threads}, so their bytes "
-            f"may differ; --cpus-per-worker {threads} gives a local compile's")
     return Setup(config, ck, model_path, model_id, spec, spec.key_context()), timer  # config resolved
 
 
@@ -1030,6 +1053,7 @@ def _run_in(config: CompileConfig, out: Path, progress: Progress, log, keep_miss
             docs, report = prev.up_to_date
             progress({"event": "start", "total_bytes": corpus_bytes(Path(config.corpus))})
             return _nothing_to_do(prev, docs, report, prev.manifest.counts["references"], [], progress, log)
+        setup.ck.model  # the weights, loaded now: a model that does not load fails before the corpus is cut
         if repair_only and not prev.rows_recovered:
             plan = _plan_unchanged(prev)
         else:
@@ -1078,6 +1102,10 @@ def _run_in(config: CompileConfig, out: Path, progress: Progress, log, keep_miss
                        "repaired": repaired, "engine_workers": stats["engine_workers"],
                        **({"dense_vectors_reused": reuse.taken} if reuse is not None else {}),
                        **_drift(setup, plan, log)}
+            import torch
+
+            from m3compile.model import cpu_description
+
             run = {"created_at_unix": round(t_start, 3), "wall_seconds": round(time.time() - t_start, 3),
                    "stage_seconds": {k: round(v, 4) for k, v in sorted(timer.seconds.items())},
                    "summary": summary, "host": socket.gethostname(), "cpu": cpu_description(),

@@ -29,8 +29,6 @@ from m3compile.pack import FORMAT as PAYLOAD_FORMAT, FORMAT_VERSION as PAYLOAD_V
 from m3compile.quantize import Scheme, get_scheme
 
 if TYPE_CHECKING:
-    import torch
-
     from m3compile.model import Transformer
     from m3compile.sparsify import SparseKV
 # the model side (torch, encode, model, sparsify) is imported by the functions that run it: a kb's
@@ -76,7 +74,7 @@ class MemorySpec:
         """
         assert None not in (config.max_tokens, config.boundary, config.min_fill, config.prefix, config.top_k), \
             ("resolve the config first: CompileConfig.resolved", config)
-        from m3compile.encode import write_prefix
+        from m3compile.tokenizer import write_prefix
 
         a = ck.args
         layers = config.resolve_layers(a.n_layers)
@@ -94,7 +92,7 @@ class MemorySpec:
 
             quant = resolve_quant(config.quant, a.head_dim)  # codebooks come later: with_codebooks
         else:
-            quant = get_scheme(config.quant, _torch_dtype(config.dtype), head_dim=a.head_dim).name
+            quant = get_scheme(config.quant, config.dtype, head_dim=a.head_dim).name  # `none` takes the dtype's name
         return cls(model_config_sha256=model_id["config_sha256"],
                    model_weights_sha256=tuple(model_id["weights_sha256"].items()),
                    tokenizer_sha256=model_id["tokenizer_sha256"], n_layers=a.n_layers, n_kv_heads=a.n_kv_heads,
@@ -180,12 +178,6 @@ class MemorySpec:
         no-sparsity baseline of the read side (evaluate.py)."""
         layers = self.memory_layers if memory_layers is None else tuple(memory_layers)
         return replace(self, top_k=self.width, memory_layers=layers)
-
-
-def _torch_dtype(name: str) -> "torch.dtype":
-    from m3compile.model import DTYPES
-
-    return DTYPES[name]
 
 
 def memorize(model: "Transformer", token_lists: Sequence[Sequence[int]], spec: MemorySpec,

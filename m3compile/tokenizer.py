@@ -85,3 +85,9 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)
+
+
+def write_prefix(tokenizer: Tokenizer, prefix: str) -> list[int]:
+    """BOS (if the tokenizer has one) followed by the tokens of `prefix` (paper §3.2)."""
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    return bos + (tokenizer.encode(prefix) if prefix else [])

@@ -37,12 +37,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from m3compile import __version__
+from m3compile.checkpoint import fingerprint
 from m3compile.config import MODEL_MEMORY_FILE, TrainConfig, write_model_memory
 from m3compile.corpus import CorpusReport, iter_documents
 from m3compile.errors import M3Error
 from m3compile.kb import Memory, open_kb
-from m3compile.model import (ExtraKV, Transformer, bf16_is_native, check_device, fingerprint, load_checkpoint,
-                             save_checkpoint)
+from m3compile.model import ExtraKV, Transformer, bf16_is_native, check_device, load_checkpoint, save_checkpoint
 from m3compile.reader import ChunkMemory, ReadLayout, build_extra
 from m3compile.spec import MemorySpec, memorize
 

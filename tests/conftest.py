@@ -155,7 +155,8 @@ def check_lazy_engine(frames_of, ahead: int, n_batches: int = 12) -> None:
     refilled once), and yields the frames the local engine makes, in order. The embedded model."""
     from m3compile import distribute
     from m3compile.config import CompileConfig, default_model_dir
-    from m3compile.model import fingerprint, load_checkpoint
+    from m3compile.checkpoint import fingerprint
+    from m3compile.model import load_checkpoint
     from m3compile.spec import MemorySpec
 
     path = default_model_dir()

@@ -98,8 +98,8 @@ def test_default_batches_hold_a_token_budget_and_give_the_bytes_of_any_batch_siz
 @pytest.mark.parametrize("native", [True, False])
 def test_bf16_without_bf16_units_is_named(tmp_path, monkeypatch, native):
     # the dtype is part of the bytes, so it is kept; the user hears that float32 would be faster
-    import m3compile.pipeline as pipeline
-    monkeypatch.setattr(pipeline, "bf16_is_native", lambda device: native)
+    import m3compile.model as model
+    monkeypatch.setattr(model, "bf16_is_native", lambda device: native)
     make_checkpoint(tmp_path / "model", "LlamaForCausalLM", {})
     corpus = word_corpus(tmp_path / "corpus", n_docs=1)
     notes = []
@@ -113,13 +113,17 @@ def test_bf16_without_bf16_units_is_named(tmp_path, monkeypatch, native):
                                                         ("bfloat16", 1, 1, False), ("float32", 2, 1, False)])
 def test_bf16_workers_on_other_thread_counts_are_named(tmp_path, monkeypatch, dtype, workers, cpus, noted):
     # bf16 memories depend on the thread count on a CPU with AMX (README, "Compiling on a cluster"):
-    # workers that encode on other counts than a local compile are named before any work
+    # workers that encode on other counts than a local compile are named when the model is loaded,
+    # before any encoding
+    import torch
+
     import m3compile.pipeline as pipeline
-    monkeypatch.setattr(pipeline.torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     make_checkpoint(tmp_path / "model", "LlamaForCausalLM", {})
     notes = []
-    pipeline._setup(CompileConfig(corpus=str(tmp_path), model=str(tmp_path / "model"), dtype=dtype, workers=workers,
-                                  cpus_per_worker=cpus), notes.append)
+    setup, _ = pipeline._setup(CompileConfig(corpus=str(tmp_path), model=str(tmp_path / "model"), dtype=dtype,
+                                             workers=workers, cpus_per_worker=cpus), notes.append)
+    setup.ck.model
     assert any("--cpus-per-worker 2 gives a local compile's" in n for n in notes) is noted, notes
 
 

@@ -135,7 +135,7 @@ def test_a_memory_is_the_same_bits_in_any_batch(dtype):
     and incremental compiles rely on it): the embedded reader's memories of references alone and in
     batches of other sizes, peers and lengths (padding) are the same bits."""
     from m3compile.config import CompileConfig, default_model_dir
-    from m3compile.model import fingerprint
+    from m3compile.checkpoint import fingerprint
     from m3compile.spec import MemorySpec, memorize
 
     path = default_model_dir()
@@ -198,7 +198,7 @@ SAVE_CASES = {
 @pytest.mark.parametrize("case", list(SAVE_CASES))
 def test_saved_checkpoint_is_the_same_model_to_transformers(tmp_path, case):
     from safetensors import safe_open
-    from m3compile.model import fingerprint
+    from m3compile.checkpoint import fingerprint
 
     arch, overrides = SAVE_CASES[case]
     src, out = tmp_path / "src", tmp_path / "out"
@@ -350,40 +350,40 @@ def test_mistral_config_without_sliding_window_reads_as_transformers_does():
 
 
 def test_weight_digests_are_remembered_only_while_the_file_is_unchanged(tmp_path, monkeypatch):
-    """fingerprint hashes a large weight file once per machine (model.sha256_weights): the digest
+    """fingerprint hashes a large weight file once per machine (checkpoint.sha256_weights): the digest
     is reused while (device, inode, size, mtime, ctime) are unchanged, and recomputed when the
     bytes change even with the same size and the mtime set back, or when the cache is damaged."""
     import os
 
-    import m3compile.model as model
+    import m3compile.checkpoint as checkpoint
 
     monkeypatch.setenv("M3_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(model, "HASH_CACHE_MIN_BYTES", 0)
-    monkeypatch.setattr(model, "HASH_CACHE_RACY_NS", 0)  # the file is seconds old here
-    f = tmp_path / "model.safetensors"
+    monkeypatch.setattr(checkpoint, "HASH_CACHE_MIN_BYTES", 0)
+    monkeypatch.setattr(checkpoint, "HASH_CACHE_RACY_NS", 0)  # the file is seconds old here
+    f = tmp_path / "checkpoint.safetensors"
     f.write_bytes(b"a" * 4096)
-    first = model.sha256_weights(f)
-    assert first == model.sha256_file(f) and model.hash_cache_file().is_file()
-    real = model.sha256_file
-    monkeypatch.setattr(model, "sha256_file", lambda p, *a: pytest.fail(f"{p} hashed again"))
-    assert model.sha256_weights(f) == first  # remembered: the file is not read
-    monkeypatch.setattr(model, "sha256_file", real)
+    first = checkpoint.sha256_weights(f)
+    assert first == checkpoint.sha256_file(f) and checkpoint.hash_cache_file().is_file()
+    real = checkpoint.sha256_file
+    monkeypatch.setattr(checkpoint, "sha256_file", lambda p, *a: pytest.fail(f"{p} hashed again"))
+    assert checkpoint.sha256_weights(f) == first  # remembered: the file is not read
+    monkeypatch.setattr(checkpoint, "sha256_file", real)
     st = os.stat(f)
     f.write_bytes(b"b" * 4096)  # same size; the mtime is set back below, the ctime cannot be
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert model.sha256_weights(f) == real(f) != first
-    model.hash_cache_file().write_text("{not json")  # a damaged cache is ignored and rewritten
-    assert model.sha256_weights(f) == real(f)
+    assert checkpoint.sha256_weights(f) == real(f) != first
+    checkpoint.hash_cache_file().write_text("{not json")  # a damaged cache is ignored and rewritten
+    assert checkpoint.sha256_weights(f) == real(f)
     monkeypatch.setenv("M3_HASH_CACHE", "0")
-    monkeypatch.setattr(model, "sha256_file", lambda p, *a: "off")
-    assert model.sha256_weights(f) == "off"  # M3_HASH_CACHE=0 hashes every time
+    monkeypatch.setattr(checkpoint, "sha256_file", lambda p, *a: "off")
+    assert checkpoint.sha256_weights(f) == "off"  # M3_HASH_CACHE=0 hashes every time
     monkeypatch.delenv("M3_HASH_CACHE")
-    monkeypatch.setattr(model, "sha256_file", real)
-    monkeypatch.setattr(model, "HASH_CACHE_RACY_NS", 10**12)
+    monkeypatch.setattr(checkpoint, "sha256_file", real)
+    monkeypatch.setattr(checkpoint, "HASH_CACHE_RACY_NS", 10**12)
     g = tmp_path / "fresh.safetensors"
     g.write_bytes(b"c" * 4096)
-    model.sha256_weights(g)
-    assert str(g.resolve()) not in json.loads(model.hash_cache_file().read_text())  # too recent to trust
+    checkpoint.sha256_weights(g)
+    assert str(g.resolve()) not in json.loads(checkpoint.hash_cache_file().read_text())  # too recent to trust
 
 
 _HEAP_CHURN = """

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from conftest import CHECKPOINT_CASES, SHARED_DATA, make_checkpoint, reference_rule, shared
-from m3compile.encode import encode_batch, write_prefix
+from m3compile.encode import encode_batch
 from m3compile.model import load_checkpoint
 from m3compile.sparsify import select_topk, token_scores
+from m3compile.tokenizer import write_prefix
 
 pytest.importorskip("transformers", reason="transformers is the test-only parity oracle")
 
