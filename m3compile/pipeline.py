@@ -139,7 +139,8 @@ class _Checkpoint:
     """The compile's model as model.Checkpoint holds it (`args`, `tokenizer`, `path`, `model`), with
     the weights loaded when `model` is first asked for. A compile that finds its kb up to date (and
     `m3 compile --check` in CI) needs the shape and the tokenizer, never the weights: it then imports
-    no torch (~1.1 s of a 1.7 s check) and reads no weights (16 GB for an 8B model in bf16)."""
+    no torch (~1.1 s of a 1.7 s check) and converts no weights (a bf16 checkpoint compiled in float32:
+    5.5 GB of RAM and 2.8 s for a 0.89B model before, 0.1 GB and 0.4 s now)."""
 
     def __init__(self, path: Path, config: CompileConfig, timer: "Timer", log):
         self.path, self._config, self._timer, self._log = path, config, timer, log
