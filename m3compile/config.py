@@ -8,6 +8,7 @@ compiled with other values of those is a different knowledge base.
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -122,6 +123,10 @@ class CompileConfig:
         if (self.workers is not None and self.workers < 1) or self.cpus_per_worker < 1 or self.gpus_per_worker < 0:
             raise M3Error(f"--workers {self.workers} and --cpus-per-worker {self.cpus_per_worker} must be at least 1, "
                           f"--gpus-per-worker {self.gpus_per_worker} at least 0")
+        if not re.fullmatch(r"(cpu|cuda|mps|xpu)(:\d+)?", self.device):
+            # the spelling, checked here without torch (an up-to-date kb loads no model); whether the
+            # device is there is checked when the model loads (model.check_device)
+            raise M3Error(f"--device {self.device!r} is not a device m3compile runs on; use cpu, cuda or cuda:N")
         if self.gpus_per_worker > 0 and not self.device.startswith("cuda"):
             raise M3Error(f"--gpus-per-worker {self.gpus_per_worker} gives the actors GPUs that --device "
                           f"{self.device} would not use; add --device cuda")

@@ -39,7 +39,7 @@ import numpy as np
 import tokenizers
 
 from m3compile import __version__, manifest as mf, references as refs_file, store
-from m3compile.checkpoint import ModelArgs, _read_config, fingerprint
+from m3compile.checkpoint import ModelArgs, _read_config, fingerprint, weight_files
 from m3compile.chunk import chunk_documents
 from m3compile.config import (BATCH_TOKENS, MODEL_MEMORY_FILE, PAPER_DEFAULTS, READ_SETTINGS, RUN_SETTINGS, CompileConfig,
                               default_model_dir, describe_settings, read_model_memory)
@@ -146,28 +146,26 @@ class _Checkpoint:
         self.path, self._config, self._timer, self._log = path, config, timer, log
         self.args = ModelArgs.from_hf_config(_read_config(path))
         self.tokenizer = Tokenizer.from_dir(path)
+        self._stamps = self._files_stamps()  # before fingerprint() hashes the files
+
+    def _files_stamps(self) -> dict:
+        return {f.name: store.file_stamp(f.stat()) for f in [self.path / "config.json", self.path / "tokenizer.json",
+                                                       *weight_files(self.path)]}
+
+    def check_unchanged(self, model_id: dict) -> None:
+        """An error if the model's files changed since they were fingerprinted (a training job that
+        saved into the checkpoint meanwhile): the manifest would record other weights than those
+        that encode. The weights now load after the kb is read, which can take a while."""
+        if self._files_stamps() != self._stamps:
+            raise M3Error(f"the model's files in {self.path} changed while this compile ran; nothing was written: "
+                          "run the command again once they stay unchanged")
 
     @cached_property
     def model(self):
-        import torch
+        from m3compile.model import load_checkpoint
 
-        from m3compile.model import bf16_is_native, load_checkpoint
-
-        config, log = self._config, self._log
         with self._timer("load_model"):
-            model = load_checkpoint(self.path, device=config.device, dtype=config.dtype).model
-        if config.dtype == "bfloat16" and not bf16_is_native(config.device):
-            # dtype is part of the memories' bytes, so it is never switched behind the user's back
-            log(f"note: --dtype bfloat16 on {config.device} without bf16 units (AMX, AVX512-BF16): torch emulates "
-                "bf16 matmuls here, ~30x slower than float32; --dtype float32 compiles faster (other bytes)")
-        threads = torch.get_num_threads()
-        if (config.dtype == "bfloat16" and torch.device(config.device).type == "cpu"
-                and config.cpus_per_worker != threads and (config.engine == "ray" or config.engine_workers > 1)):
-            # measured on a CPU with AMX: 880 of 881 memories of the 110M shape differ between 1 and 2 threads
-            log(f"note: bf16 memories depend on the torch thread count on some CPUs (with AMX they do); workers "
-                f"encode on {config.cpus_per_worker} (--cpus-per-worker), a local compile here on {threads}, so "
-                f"their bytes may differ; --cpus-per-worker {threads} gives a local compile's")
-        return model
+            return load_checkpoint(self.path, device=self._config.device, dtype=self._config.dtype).model
 
 
 @dataclass
@@ -203,6 +201,26 @@ def _setup(config: CompileConfig, log) -> tuple[Setup, Timer]:
     spec = MemorySpec.from_config(config, ck, model_id)
     _note_model_memory(config, model_path, spec.memory_layers, log)
     return Setup(config, ck, model_path, model_id, spec, spec.key_context()), timer  # config resolved
+
+
+def _note_encoding(config: CompileConfig, log) -> None:
+    """What a compile that will encode says about its dtype and threads (after the up-to-date check:
+    torch is imported here)."""
+    import torch
+
+    from m3compile.model import bf16_is_native
+
+    if config.dtype == "bfloat16" and not bf16_is_native(config.device):
+        # dtype is part of the memories' bytes, so it is never switched behind the user's back
+        log(f"note: --dtype bfloat16 on {config.device} without bf16 units (AMX, AVX512-BF16): torch emulates "
+            "bf16 matmuls here, ~30x slower than float32; --dtype float32 compiles faster (other bytes)")
+    threads = torch.get_num_threads()
+    if (config.dtype == "bfloat16" and torch.device(config.device).type == "cpu" and config.cpus_per_worker != threads
+            and (config.engine == "ray" or config.engine_workers > 1)):
+        # measured on a CPU with AMX: 880 of 881 memories of the 110M shape differ between 1 and 2 threads
+        log(f"note: bf16 memories depend on the torch thread count on some CPUs (with AMX they do); workers encode "
+            f"on {config.cpus_per_worker} (--cpus-per-worker), a local compile here on {threads}, so their bytes "
+            f"may differ; --cpus-per-worker {threads} gives a local compile's")
 
 
 def _note_model_memory(config: CompileConfig, model_path: Path, layers: tuple[int, ...], log) -> None:
@@ -1047,6 +1065,7 @@ def _run_in(config: CompileConfig, out: Path, progress: Progress, log, keep_miss
             if frozen is not None:
                 _use_codebooks(setup, *frozen)
             elif not has_kb or rebuild or retrain_codebooks:
+                setup.ck.model  # loaded first: a model that does not load fails before the sample is cut
                 _use_codebooks(setup, *_train_codebooks(out, setup, timer, log))
                 rebuild = rebuild or has_kb  # new codebooks: every memory is written anew
         prev = _previous(out, setup, rebuild, log, spill_dir=out, quick=not repair_only)
@@ -1054,7 +1073,14 @@ def _run_in(config: CompileConfig, out: Path, progress: Progress, log, keep_miss
             docs, report = prev.up_to_date
             progress({"event": "start", "total_bytes": corpus_bytes(Path(config.corpus))})
             return _nothing_to_do(prev, docs, report, prev.manifest.counts["references"], [], progress, log)
-        setup.ck.model  # the weights, loaded now: a model that does not load fails before the corpus is cut
+        _note_encoding(config, log)
+        if config.engine == "local" and config.engine_workers == 1:
+            # the weights this process encodes with, loaded now: a model that does not load fails
+            # before the corpus is cut. Worker processes and Ray actors load their own (and check
+            # their sha256), so with them this process loads the model only to train codebooks or
+            # repair a shard, and a driver needs no GPU for --device cuda
+            setup.ck.model
+        setup.ck.check_unchanged(setup.model_id)  # the files are the ones fingerprinted above
         if repair_only and not prev.rows_recovered:
             plan = _plan_unchanged(prev)
         else:

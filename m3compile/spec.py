@@ -67,7 +67,8 @@ class MemorySpec:
 
     @classmethod
     def from_config(cls, config, ck, model_id: dict) -> "MemorySpec":
-        """The spec of a compile: its CompileConfig, the loaded checkpoint and its fingerprint.
+        """The spec of a compile: its CompileConfig, the checkpoint (its `args` and `tokenizer`; no
+        weights are read) and its fingerprint.
 
         Checks the settings against the model: memory layers exist, the reference width fits the
         model's positions behind the write prefix, top-k is at most the width.

@@ -113,17 +113,15 @@ def test_bf16_without_bf16_units_is_named(tmp_path, monkeypatch, native):
                                                         ("bfloat16", 1, 1, False), ("float32", 2, 1, False)])
 def test_bf16_workers_on_other_thread_counts_are_named(tmp_path, monkeypatch, dtype, workers, cpus, noted):
     # bf16 memories depend on the thread count on a CPU with AMX (README, "Compiling on a cluster"):
-    # workers that encode on other counts than a local compile are named when the model is loaded,
-    # before any encoding
+    # workers that encode on other counts than a local compile are named once the compile knows it
+    # will encode, before any encoding
     import torch
 
     import m3compile.pipeline as pipeline
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    make_checkpoint(tmp_path / "model", "LlamaForCausalLM", {})
     notes = []
-    setup, _ = pipeline._setup(CompileConfig(corpus=str(tmp_path), model=str(tmp_path / "model"), dtype=dtype,
-                                             workers=workers, cpus_per_worker=cpus), notes.append)
-    setup.ck.model
+    pipeline._note_encoding(CompileConfig(corpus=str(tmp_path), dtype=dtype, workers=workers, cpus_per_worker=cpus),
+                            notes.append)
     assert any("--cpus-per-worker 2 gives a local compile's" in n for n in notes) is noted, notes
 
 
@@ -375,3 +373,49 @@ def test_a_stage_timed_inside_another_counts_once():
             time.sleep(0.2)
     assert timer.seconds["index"] >= 0.2
     assert 0.01 <= timer.seconds["write"] < 0.15, dict(timer.seconds)
+
+
+def test_the_weights_load_once_there_is_work_and_must_be_the_ones_fingerprinted(tmp_path, monkeypatch):
+    """A compile fingerprints the model's files at once but loads the weights only when the kb is
+    not up to date (pipeline._Checkpoint): a vq compile loads them before it cuts its codebook
+    sample, a model whose files were written in between is refused with one error and the kb stays
+    as it was, and --device is checked for its spelling before any of it."""
+    import os
+
+    import m3compile.pipeline as pipeline
+    from m3compile.errors import M3Error
+
+    make_checkpoint(tmp_path / "model", "LlamaForCausalLM", {})
+    corpus = word_corpus(tmp_path / "corpus")
+    cfg = CompileConfig(corpus=str(corpus), model=str(tmp_path / "model"), max_tokens=16, top_k=4)
+    with pytest.raises(M3Error, match="--device 'gpu' is not a device"):
+        replace(cfg, device="gpu")
+    train = pipeline._train_codebooks
+    seen = []
+
+    def train_after_the_load(out, setup, timer, log):
+        seen.append("model" in setup.ck.__dict__)  # the cached_property has run
+        return train(out, setup, timer, log)
+
+    monkeypatch.setattr(pipeline, "_train_codebooks", train_after_the_load)
+    compile_kb(replace(cfg, quant="vq-pq4"), tmp_path / "vq")  # 16 centroids: a small corpus trains them
+    assert seen == [True]
+
+    kb = tmp_path / "kb"
+    compile_kb(cfg, kb)
+    before = {p.name: p.read_bytes() for p in kb.rglob("*") if p.is_file()}
+    (corpus / "doc0.txt").write_text("w5 w6 w7 w8 w9 w10 w11 w12 w13")  # a change: the weights load
+    previous = pipeline._previous
+
+    def weights_saved_meanwhile(*a, **k):
+        prev = previous(*a, **k)
+        weights = tmp_path / "model" / "model.safetensors"
+        st = weights.stat()
+        weights.write_bytes(weights.read_bytes())  # the same bytes, saved again
+        os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a later mtime on any file system
+        return prev
+
+    monkeypatch.setattr(pipeline, "_previous", weights_saved_meanwhile)
+    with pytest.raises(M3Error, match="model's files in .* changed while this compile ran"):
+        compile_kb(cfg, kb)
+    assert {p.name: p.read_bytes() for p in kb.rglob("*") if p.is_file()} == before

@@ -32,8 +32,12 @@ def one_process(tmp_path_factory):
     return cfg, kb
 
 
-def test_worker_processes_write_the_bytes_of_one_process(one_process, tmp_path):
+def test_worker_processes_write_the_bytes_of_one_process(one_process, tmp_path, monkeypatch):
+    import m3compile.pipeline as pipeline
+
     cfg, kb = one_process
+    # the workers load the model; this process, which only plans and writes, does not
+    monkeypatch.setattr(pipeline._Checkpoint, "model", property(lambda ck: pytest.fail("the driver loaded the model")))
     result = compile_kb(replace(cfg, workers=2), tmp_path / "kb")
     assert result.summary["engine_workers"] == 2
     run = json.loads((tmp_path / "kb" / "run.json").read_text())
