@@ -142,8 +142,8 @@ class _Checkpoint:
     no torch (~1.1 s of a 1.7 s check) and converts no weights (a bf16 checkpoint compiled in float32:
     5.5 GB of RAM and 2.8 s for a 0.89B model before, 0.1 GB and 0.4 s now)."""
 
-    def __init__(self, path: Path, config: CompileConfig, timer: "Timer", log):
-        self.path, self._config, self._timer, self._log = path, config, timer, log
+    def __init__(self, path: Path, config: CompileConfig, timer: "Timer"):
+        self.path, self._config, self._timer = path, config, timer
         self.args = ModelArgs.from_hf_config(_read_config(path))
         self.tokenizer = Tokenizer.from_dir(path)
         self._stamps = self._files_stamps()  # before fingerprint() hashes the files
@@ -152,7 +152,7 @@ class _Checkpoint:
         return {f.name: store.file_stamp(f.stat()) for f in [self.path / "config.json", self.path / "tokenizer.json",
                                                        *weight_files(self.path)]}
 
-    def check_unchanged(self, model_id: dict) -> None:
+    def check_unchanged(self) -> None:
         """An error if the model's files changed since they were fingerprinted (a training job that
         saved into the checkpoint meanwhile): the manifest would record other weights than those
         that encode. The weights now load after the kb is read, which can take a while."""
@@ -196,7 +196,7 @@ def _setup(config: CompileConfig, log) -> tuple[Setup, Timer]:
         log(f"using the memory settings {config.model or 'the embedded model'} was trained to read "
             f"({MODEL_MEMORY_FILE}): {describe_settings(news)}")
     with timer("load_model"):  # the shape, the tokenizer and the identity; the weights when first used
-        ck = _Checkpoint(model_path, config, timer, log)
+        ck = _Checkpoint(model_path, config, timer)
         model_id = fingerprint(model_path)
     spec = MemorySpec.from_config(config, ck, model_id)
     _note_model_memory(config, model_path, spec.memory_layers, log)
@@ -1054,6 +1054,7 @@ def _run_in(config: CompileConfig, out: Path, progress: Progress, log, keep_miss
         store.remove_temporaries(out)
         setup, timer = _setup(config, log)
         config = setup.config  # resolved: every memory setting set
+        noted = False  # _note_encoding said its notes
         if config.engine == "ray":  # one cluster for cutting and encoding, started when first needed
             setup.ray = engine.enter_context(closing(RaySession(config.ray_address)))
         if setup.spec.quant.startswith("vq"):
@@ -1065,6 +1066,8 @@ def _run_in(config: CompileConfig, out: Path, progress: Progress, log, keep_miss
             if frozen is not None:
                 _use_codebooks(setup, *frozen)
             elif not has_kb or rebuild or retrain_codebooks:
+                _note_encoding(config, log)
+                noted = True
                 setup.ck.model  # loaded first: a model that does not load fails before the sample is cut
                 _use_codebooks(setup, *_train_codebooks(out, setup, timer, log))
                 rebuild = rebuild or has_kb  # new codebooks: every memory is written anew
@@ -1073,14 +1076,15 @@ def _run_in(config: CompileConfig, out: Path, progress: Progress, log, keep_miss
             docs, report = prev.up_to_date
             progress({"event": "start", "total_bytes": corpus_bytes(Path(config.corpus))})
             return _nothing_to_do(prev, docs, report, prev.manifest.counts["references"], [], progress, log)
-        _note_encoding(config, log)
+        if not noted:
+            _note_encoding(config, log)
         if config.engine == "local" and config.engine_workers == 1:
             # the weights this process encodes with, loaded now: a model that does not load fails
             # before the corpus is cut. Worker processes and Ray actors load their own (and check
             # their sha256), so with them this process loads the model only to train codebooks or
             # repair a shard, and a driver needs no GPU for --device cuda
             setup.ck.model
-        setup.ck.check_unchanged(setup.model_id)  # the files are the ones fingerprinted above
+        setup.ck.check_unchanged()  # the files are the ones fingerprinted above
         if repair_only and not prev.rows_recovered:
             plan = _plan_unchanged(prev)
         else:
