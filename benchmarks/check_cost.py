@@ -82,7 +82,8 @@ def main() -> int:
         size = sum(f.stat().st_size for f in (work / "model").glob("*.safetensors")) / 1e9
         print(f"model: {made[2].strip().splitlines()[-1]}; bf16 weights {size:.1f} GB; kb compiled in float32 in "
               f"{wall:.1f} s; {os.cpu_count()} CPUs")
-        print("| round | check: s | check: peak RSS MB | model load: s | model load: peak RSS MB |\n|---|---|---|---|---|")
+        print("| round | check: s | check: peak RSS MB | model load: s | model load: peak RSS MB |\n"
+              "|---|---|---|---|---|")
         checks, loads = [], []
         for r in range(a.rounds):
             c = run(m3 + ["--check"])

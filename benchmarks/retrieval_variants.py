@@ -21,7 +21,8 @@ top 100, theoretical min-max with a cosine's -1) in pairs BM25:DENSE (--norm-pai
 of weights (--norm-weights, --norm-bm25). --bm25-params scores the default BM25 context with other
 Lucene k1:b; --prf dense pseudo-relevance feedback (Rocchio, after a hybrid or a BM25 first pass);
 --bm25-prf lexical pseudo-relevance feedback (RM3-like, bm25_prf); --token-patterns the default BM25
-context with other token patterns. --no-dense runs the BM25 variants alone, without the embedder or
+context with other token patterns; --bigrams a term-proximity score (BM25 over adjacent stems) added
+to it. --no-dense runs the BM25 variants alone, without the embedder or
 its cache. --doc-proxy scores, without reference vectors (no --cache, ~10 min), the document-level
 part of the hybrid (the BM25 context plus the dense document score; 0.7405 with today's vector
 against the full hybrid's 0.7443) with other document vectors: the embedder's max_seq_length at 384
@@ -33,6 +34,7 @@ one half is tuning noise), then recall@100.
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/retrieval_variants.py --cache /tmp/emb-cache [--grid] [--norms] [--bm25-params K1:B ...] [--prf]
     OMP_NUM_THREADS=2 python benchmarks/retrieval_variants.py --no-dense --bm25-prf [--bm25-params K1:B ...]
     OMP_NUM_THREADS=2 python benchmarks/retrieval_variants.py --no-dense --token-patterns '(?u)\b\w+\b'
+    OMP_NUM_THREADS=2 python benchmarks/retrieval_variants.py --no-dense --bigrams
     OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python benchmarks/retrieval_variants.py --doc-proxy
 
 With benchmarks/retrieval.py's cache warm (same --cache), the windows take ~15 min of one thread.
@@ -108,12 +110,15 @@ def main() -> int:
     ap.add_argument("--token-patterns", nargs="*", metavar="REGEX",
                     help="also score the default BM25 context with other token patterns (index.py: "
                          "r'(?u)\\b\\w\\w+\\b'), no embedder needed")
+    ap.add_argument("--bigrams", action="store_true",
+                    help="the default BM25 context plus a BM25 score over adjacent stems (term proximity): "
+                         "ordered and unordered pairs, at reference and document level (bigram_scores; ~4 min)")
     ap.add_argument("--doc-proxy", action="store_true",
                     help="score other document vectors in the document-level proxy of the hybrid (no reference "
                          "vectors, no --cache), then stop")
     ap.add_argument("--no-dense", action="store_true",
-                    help="BM25 variants only (--bm25-params, --bm25-prf, --token-patterns): no embedder, no --cache "
-                         "(~2 min)")
+                    help="BM25 variants only (--bm25-params, --bm25-prf, --token-patterns, --bigrams): no embedder, "
+                         "no --cache (~2 min)")
     a = ap.parse_args()
     if a.cache is None and not (a.no_dense or a.doc_proxy):
         ap.error("--cache is required unless --no-dense or --doc-proxy")
@@ -162,6 +167,8 @@ def main() -> int:
         for pattern in [ix.BM25_TOKENS["token_pattern"], *a.token_patterns]:
             both = bm25_scaled(dict(ix.BM25_TOKENS, token_pattern=pattern), texts, docs, qtexts)
             print(f"| `{pattern}` | {score(0.5 * both[0] + both[1][:, doc_of_ref])} |", flush=True)
+    if a.bigrams:
+        bigram_scores(texts, docs, qtexts, 0.5 * s_n + sd_n, doc_of_ref, score)
     if a.no_dense:
         return 0
     model = ix.load_embedder(ix.resolve_embedder("minilm"))
@@ -267,6 +274,35 @@ def bm25_scaled(tokens: dict, texts, docs, qtexts, k1: float = 0.9, b: float = 0
         return m / np.maximum(m.max(1, keepdims=True), 1e-12)
 
     return scaled(texts), scaled([t for _, _, t in docs])
+
+
+def bigram_scores(texts, docs, qtexts, context, doc_of_ref, score) -> None:
+    """Term proximity: the default context score plus wr x a BM25 score over the references' pairs of
+    adjacent kept stems and wd x the same over the documents' (bm25s, k1 0.9, b 0.4, each over the
+    query's best), the pairs ordered ("a_b") or unordered; and unigrams and ordered pairs in one bag
+    instead of the default."""
+    import bm25s
+
+    def scaled(corpus, queries):
+        index = bm25s.BM25(k1=ix.BM25["k1"], b=ix.BM25["b"], method=ix.BM25["method"])
+        index.index(corpus, show_progress=False)
+        m = np.stack([index.get_scores_from_ids(ids) if (ids := index.get_tokens_ids(t)) else
+                      np.zeros(len(corpus), np.float32) for t in queries]).astype(np.float32)
+        return m / np.maximum(m.max(1, keepdims=True), 1e-12)
+
+    pairs = {"ordered": lambda toks: [[f"{a}_{b}" for a, b in zip(t, t[1:])] for t in toks],
+             "unordered": lambda toks: [[f"{min(a, b)}_{max(a, b)}" for a, b in zip(t, t[1:])] for t in toks]}
+    q, r, d = ix.bm25_tokenize(qtexts), ix.bm25_tokenize(texts), ix.bm25_tokenize([t for _, _, t in docs])
+    print("\n| pairs | wr | wd | nDCG@10 | even ids | odd ids | R@100 |\n|---|---|---|---|---|---|---|")
+    for name, f in pairs.items():
+        rb, db = scaled(f(r), f(q)), scaled(f(d), f(q))[:, doc_of_ref]
+        for wr, wd in itertools.product((0, 0.1, 0.25, 0.5), (0, 0.1, 0.25, 0.5)):
+            if wr or wd:
+                print(f"| {name} | {wr} | {wd} | {score(context + wr * rb + wd * db)} |", flush=True)
+    f = pairs["ordered"]
+    bag = lambda toks: [a + b for a, b in zip(toks, f(toks))]  # noqa: E731
+    print(f"| one bag: stems and ordered pairs | — | — | "
+          f"{score(0.5 * scaled(bag(r), bag(q)) + scaled(bag(d), bag(q))[:, doc_of_ref])} |")
 
 
 def doc_proxy(model, p, data: Path, docs, qtexts, bm25_context, doc_of_ref, score) -> None:
