@@ -258,22 +258,24 @@ def bm25_params(pairs, texts, docs, qtexts, s_n, doc_of_ref, score) -> None:
         print(f"| {pair} | {score(0.5 * ref + doc)} | {score(0.5 * s_n + doc)} |", flush=True)
 
 
-def bm25_scaled(tokens: dict, texts, docs, qtexts, k1: float = 0.9, b: float = 0.4):
-    """(reference, document) BM25 scores over the query's best, (Q, R) and (Q, N), of bm25s indexes
-    over the references' index texts and the whole documents tokenised with `tokens`."""
+def scaled_scores(corpus: list[list[str]], queries: list[list[str]], k1: float = ix.BM25["k1"],
+                  b: float = ix.BM25["b"]) -> np.ndarray:
+    """(Q, len(corpus)) BM25 scores of a bm25s index over tokenised texts, each query's over its best."""
     import bm25s
 
+    index = bm25s.BM25(k1=k1, b=b, method=ix.BM25["method"])
+    index.index(corpus, show_progress=False)
+    m = np.stack([index.get_scores_from_ids(ids) if (ids := index.get_tokens_ids(t)) else
+                  np.zeros(len(corpus), np.float32) for t in queries]).astype(np.float32)
+    return m / np.maximum(m.max(1, keepdims=True), 1e-12)
+
+
+def bm25_scaled(tokens: dict, texts, docs, qtexts, k1: float = ix.BM25["k1"], b: float = ix.BM25["b"]):
+    """(reference, document) BM25 scores over the query's best, (Q, R) and (Q, N), of bm25s indexes
+    over the references' index texts and the whole documents tokenised with `tokens`."""
     qtok = ix.bm25_tokenize(qtexts, tokens)
-
-    def scaled(corpus):
-        toks = ix.bm25_tokenize(corpus, tokens)
-        index = bm25s.BM25(k1=k1, b=b, method=ix.BM25["method"])
-        index.index(toks, show_progress=False)
-        m = np.stack([index.get_scores_from_ids(ids) if (ids := index.get_tokens_ids(t)) else
-                      np.zeros(len(toks), np.float32) for t in qtok]).astype(np.float32)
-        return m / np.maximum(m.max(1, keepdims=True), 1e-12)
-
-    return scaled(texts), scaled([t for _, _, t in docs])
+    return tuple(scaled_scores(ix.bm25_tokenize(corpus, tokens), qtok, k1, b)
+                 for corpus in (texts, [t for _, _, t in docs]))
 
 
 def bigram_scores(texts, docs, qtexts, context, doc_of_ref, score) -> None:
@@ -281,28 +283,19 @@ def bigram_scores(texts, docs, qtexts, context, doc_of_ref, score) -> None:
     adjacent kept stems and wd x the same over the documents' (bm25s, k1 0.9, b 0.4, each over the
     query's best), the pairs ordered ("a_b") or unordered; and unigrams and ordered pairs in one bag
     instead of the default."""
-    import bm25s
-
-    def scaled(corpus, queries):
-        index = bm25s.BM25(k1=ix.BM25["k1"], b=ix.BM25["b"], method=ix.BM25["method"])
-        index.index(corpus, show_progress=False)
-        m = np.stack([index.get_scores_from_ids(ids) if (ids := index.get_tokens_ids(t)) else
-                      np.zeros(len(corpus), np.float32) for t in queries]).astype(np.float32)
-        return m / np.maximum(m.max(1, keepdims=True), 1e-12)
-
     pairs = {"ordered": lambda toks: [[f"{a}_{b}" for a, b in zip(t, t[1:])] for t in toks],
              "unordered": lambda toks: [[f"{min(a, b)}_{max(a, b)}" for a, b in zip(t, t[1:])] for t in toks]}
     q, r, d = ix.bm25_tokenize(qtexts), ix.bm25_tokenize(texts), ix.bm25_tokenize([t for _, _, t in docs])
     print("\n| pairs | wr | wd | nDCG@10 | even ids | odd ids | R@100 |\n|---|---|---|---|---|---|---|")
     for name, f in pairs.items():
-        rb, db = scaled(f(r), f(q)), scaled(f(d), f(q))[:, doc_of_ref]
+        rb, db = scaled_scores(f(r), f(q)), scaled_scores(f(d), f(q))[:, doc_of_ref]
         for wr, wd in itertools.product((0, 0.1, 0.25, 0.5), (0, 0.1, 0.25, 0.5)):
             if wr or wd:
                 print(f"| {name} | {wr} | {wd} | {score(context + wr * rb + wd * db)} |", flush=True)
     f = pairs["ordered"]
     bag = lambda toks: [a + b for a, b in zip(toks, f(toks))]  # noqa: E731
     print(f"| one bag: stems and ordered pairs | — | — | "
-          f"{score(0.5 * scaled(bag(r), bag(q)) + scaled(bag(d), bag(q))[:, doc_of_ref])} |")
+          f"{score(0.5 * scaled_scores(bag(r), bag(q)) + scaled_scores(bag(d), bag(q))[:, doc_of_ref])} |")
 
 
 def doc_proxy(model, p, data: Path, docs, qtexts, bm25_context, doc_of_ref, score) -> None:

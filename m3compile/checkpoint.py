@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from m3compile.errors import M3Error
-from m3compile.store import sha256_file
+from m3compile.store import file_stamp, sha256_file
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
@@ -200,6 +200,7 @@ def _rope_config(cfg: dict) -> tuple[float, tuple | None]:
         raise M3Error(f"llama3 rope scaling lacks {', '.join(missing)} in config.json; fix the config")
     return theta, tuple(sorted([("rope_type", "llama3")] + [(k, params[k]) for k in keys]))
 
+
 def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint, through the shard index when there is one."""
     index = path / "model.safetensors.index.json"
@@ -234,7 +235,6 @@ def _read_config(path: Path) -> dict:
         raise M3Error(f"cannot parse {cfg_path}: {e}; fix or replace the file") from None
 
 
-
 HASH_CACHE_MIN_BYTES = 64 << 20  # weight files at least this large have their sha256 remembered
 HASH_CACHE_ENTRIES = 256  # files remembered per machine, the most recently hashed
 HASH_CACHE_RACY_NS = 2 * 10**9  # a file changed this recently is not remembered (coarse timestamps)
@@ -258,17 +258,17 @@ def sha256_weights(path: Path) -> str:
 
     Every compile fingerprints its model; hashing a 110M checkpoint in float32 (500 MB, in the
     page cache) took 0.34 s of a 15 s compile, so a 16 GB one would take ~11 s of every run
-    (estimated at that rate, not measured). A file of HASH_CACHE_MIN_BYTES or more
-    is hashed once and its digest kept with its (device, inode, size, mtime, ctime): rewriting the
-    file, even with its mtime restored, changes its ctime, which no user call can set back; a copy
-    is another inode. As with make or git's index, a change that leaves all five equal (bit rot
+    (estimated at that rate, not measured). A file of HASH_CACHE_MIN_BYTES or more is hashed once
+    and its digest kept with its stamp (store.file_stamp: size, mtime, inode, device, ctime):
+    rewriting the file, even with its mtime restored, changes its ctime, which no user call can set
+    back; a copy is another inode. As with make or git's index, a change that leaves all five equal (bit rot
     under the file system) goes unseen: M3_HASH_CACHE=0 hashes every time, and `m3 verify` still
     reads every byte of a kb's own files. An unreadable or unwritable cache is ignored.
     """
     st, cache = path.stat(), hash_cache_file()
     if st.st_size < HASH_CACHE_MIN_BYTES or os.environ.get("M3_HASH_CACHE", "1") == "0" or cache is None:
         return sha256_file(path)
-    stamp = _file_stamp(st)
+    stamp = list(file_stamp(st))  # as JSON keeps it
     key = str(path.resolve())
     try:
         entries = json.loads(cache.read_text(encoding="utf-8"))
@@ -284,7 +284,7 @@ def sha256_weights(path: Path) -> str:
     # remembered only if not written meanwhile, nor so recently that a file system with coarse
     # timestamps could give its next rewrite the same ones (git's "racy" entries)
     recent = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < HASH_CACHE_RACY_NS
-    if not recent and _file_stamp(path.stat()) == stamp:
+    if not recent and list(file_stamp(path.stat())) == stamp:
         entries.pop(key, None)
         entries[key] = {"stat": stamp, "sha256": digest}  # the newest last; the oldest dropped first
         entries = dict(list(entries.items())[-HASH_CACHE_ENTRIES:])
@@ -296,11 +296,6 @@ def sha256_weights(path: Path) -> str:
         except OSError:
             pass
     return digest
-
-
-def _file_stamp(st: os.stat_result) -> list[int]:
-    """What sha256_weights trusts a file's identity to: device, inode, size, mtime, ctime."""
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def fingerprint(path: str | Path) -> dict:

@@ -169,11 +169,13 @@ def damaged_files(kb_dir: Path, files: dict, checked: dict | None = None) -> dic
     return out
 
 
-def file_stamp(st: os.stat_result) -> tuple[int, int, int, int]:
-    """What says a file was not written since: size, modification time (ns), inode and device. A
-    write changes the time (a rename the inode); damage underneath the file system (a flipped bit
-    on disk) does not, so `m3 verify` always hashes, and a stamp is only trusted within one compile."""
-    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev
+def file_stamp(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What says a file was not written since: size, modification and change times (ns), inode and
+    device. A write changes the times, even with its mtime set back (no user call sets a ctime), and
+    a rename or a copy the inode; damage underneath the file system (a flipped bit on disk) changes
+    none, so `m3 verify` always hashes. A kb's files are trusted to their stamps within one compile,
+    a model's weight digests across runs (checkpoint.sha256_weights)."""
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, st.st_ctime_ns
 
 
 class KbLock:

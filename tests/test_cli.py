@@ -237,6 +237,20 @@ def test_entry_point_keeps_exit_codes_and_freezes_before_teardown(tmp_path):
     assert froze.stdout.strip().splitlines()[-1] == "0 True"
 
 
+_TORCH_PROBE = ("import sys; from m3compile import cli; sys.argv = ['m3', *sys.argv[1:]]\n"
+                "try:\n    cli.main()\nexcept SystemExit as e:\n    code = e.code\n"
+                "print('torch' in sys.modules, code)")
+
+
+def _m3_fresh(*args) -> tuple[str, str]:
+    """`m3 ARGS` in a fresh interpreter: ("<torch imported> <exit code>", its stdout and stderr)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _TORCH_PROBE, *map(str, args)], capture_output=True, text=True)
+    return r.stdout.strip().splitlines()[-1], r.stdout + r.stderr
+
+
 def test_reading_commands_do_not_import_torch(tmp_path, corpus, model_dir):
     """`m3 --help`, `m3 inspect` (`--ref` too: kept positions come from the frame, not dequantized)
     and a BM25 `m3 query` read a kb's manifest, shard headers, references, frames and index only, so
@@ -246,13 +260,10 @@ def test_reading_commands_do_not_import_torch(tmp_path, corpus, model_dir):
 
     kb = tmp_path / "kb"
     assert run("compile", corpus, "-o", kb, "--model", model_dir, "--top-k", "3").exit_code == 0
-    probe = ("import sys; from m3compile import cli; sys.argv = ['m3', *sys.argv[1:]]\n"
-             "try:\n    cli.main()\nexcept SystemExit as e:\n    code = e.code\n"
-             "print('torch' in sys.modules, code)")
     for args in (["--help"], ["inspect", kb], ["query", kb, "w31 w32", "--json"], ["inspect", kb, "--ref", "0"]):
-        r = subprocess.run([sys.executable, "-c", probe, *map(str, args)], capture_output=True, text=True)
-        assert r.stdout.strip().splitlines()[-1] == "False 0", (args, r.stdout[-800:], r.stderr[-800:])
-    assert "kept tokens" in r.stdout
+        last, out = _m3_fresh(*args)
+        assert last == "False 0", (args, out[-1600:])
+    assert "kept tokens" in out
     # a memory is a torch tensor: reading one imports it, and still works
     r = subprocess.run([sys.executable, "-c", "import sys; from m3compile import open_kb; "
                         f"m = open_kb({str(kb)!r}).memory(0); print('torch' in sys.modules, m.keys.ndim)"],
@@ -266,28 +277,18 @@ def test_a_compile_that_finds_nothing_to_do_imports_no_torch(tmp_path, corpus, m
     SciFact) and load no weights. --check also plans a change without them; the compile that makes
     it loads the model."""
     import shutil
-    import subprocess
-    import sys
 
     kb, docs = tmp_path / "kb", tmp_path / "docs"
     shutil.copytree(corpus, docs)
     assert run("compile", docs, "-o", kb, "--model", model_dir, "--top-k", "3").exit_code == 0
-    probe = ("import sys; from m3compile import cli; sys.argv = ['m3', *sys.argv[1:]]\n"
-             "try:\n    cli.main()\nexcept SystemExit as e:\n    code = e.code\n"
-             "print('torch' in sys.modules, code)")
-
-    def m3(*args):
-        r = subprocess.run([sys.executable, "-c", probe, *map(str, args)], capture_output=True, text=True)
-        return r.stdout.strip().splitlines()[-1], r.stdout + r.stderr
-
     base = ("compile", docs, "-o", kb, "--model", model_dir, "--top-k", "3")
-    assert m3(*base, "--check")[0] == "False 0"
-    last, out = m3(*base)
+    assert _m3_fresh(*base, "--check")[0] == "False 0"
+    last, out = _m3_fresh(*base)
     assert last == "False 0" and "is up to date" in out, out
     (docs / "new.txt").write_text("w40 w41 w42 w43. w44 w45 w46 w47 w48.\n")
-    last, out = m3(*base, "--check")
+    last, out = _m3_fresh(*base, "--check")
     assert last == "False 1" and "documents added: 1" in out, out
-    last, out = m3(*base)
+    last, out = _m3_fresh(*base)
     assert last == "True 0" and "wrote" in out and "encoded" in out, out
 
 
