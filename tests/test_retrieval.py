@@ -279,6 +279,29 @@ def test_bm25_ids_of_long_texts_cut_into_pieces_are_the_whole_texts_ids(tmp_path
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_bm25_ids_are_bm25s_tokens_on_real_text(tmp_path):
+    # _bm25_ids tokenizes as bm25s.tokenize does (lowercase, the pattern, Lucene's stop words, the
+    # Snowball stemmer) but looks each word up once a batch: the same tokens, checked against bm25s
+    # itself on SciFact abstracts and on Gutenberg books cut into passages (accents, dashes, digits),
+    # in small batches so that words recur across them
+    from conftest import shared
+    from m3compile.index import _bm25_ids, bm25_tokenize
+    with open(shared("scifact") / "corpus.jsonl", encoding="utf-8") as f:
+        texts = [(lambda d: d["title"] + "\n" + d["text"])(json.loads(line)) for line in itertools.islice(f, 800)]
+    for name in ("pg2600.txt", "pg1184.txt"):
+        book = (shared("gutenberg") / name).read_text(encoding="utf-8")
+        texts += [book[i:i + 1500] for i in range(0, 600_000, 1500)]
+    texts += ["", "the of and", "Ünïcödé façade naïve café 2024-12-06 x_y __init__ ΟΔΟΣ"]
+    ids, vocab = _bm25_ids(texts, tmp_path / "ids", chunk=97, chars=20_000)
+    try:
+        want = bm25_tokenize(texts)
+        assert sorted(vocab) == sorted({t for d in want for t in d} | {""})
+        assert [[vocab[t] for t in d] for d in want] == [a.tolist() for a in ids]
+        assert sum(map(len, want)) > 150_000
+    finally:
+        ids.close()
+
+
 def test_modes_and_arguments_are_checked(tmp_path):
     kb, section = bm25_kb(tmp_path)
     r = Retriever.open(kb, section)
