@@ -169,10 +169,10 @@ def _bm25_ids(texts: Sequence[str], scratch: Path, fetch: int = 4096, chunk: int
               chars: int = BM25_CHARS) -> tuple[_TokenIds, dict[str, int]]:
     """Each text's BM25 tokens as ids into the sorted vocabulary (spilled to the file `scratch`),
     and that vocabulary. A text is a str or an iterable of strs that join to it. Texts are read
-    `fetch` at a time (a slice of `texts`), tokenized at most
-    `chunk` texts or `chars` characters at a time (a longer text in pieces: _pieces), and never
-    held as lists of token strings, so the index of a big kb, or of a corpus of one huge document,
-    builds in bounded memory (issue 16). Close the result."""
+    `fetch` at a time (a slice of `texts`), tokenized at most `chunk` texts or `chars` characters
+    at a time (a longer text in pieces: _pieces), and held as token strings only one such batch at
+    a time (~3 MB), so the index of a big kb, or of a corpus of one huge document, builds in
+    bounded memory (issue 16). Close the result."""
     import bm25s.tokenization
     import Stemmer
 
