@@ -932,7 +932,8 @@ def _prepare_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise M3Error(f"output {out} is a file; give a directory path for the knowledge base")
     if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if not store.is_kb_entry(p.name))
+        # hidden files not of a kb (a `.git`, a `.DS_Store`) are left where they are, never removed
+        foreign = sorted(p.name for p in out.iterdir() if not store.is_kb_entry(p.name) and not p.name.startswith("."))
         if foreign:
             raise M3Error(f"output directory {out} holds files that are not part of a knowledge base "
                           f"({', '.join(foreign[:3])}); give a new or empty directory, or an existing kb")
@@ -1145,8 +1146,11 @@ def _run_in(config: CompileConfig, out: Path, progress: Progress, log, keep_miss
                    "threads": torch.get_num_threads(),
                    **{k: v for k, v in config.to_dict().items() if k in RUN_SETTINGS},
                    **({} if config.batch_size else {"batch_tokens": BATCH_TOKENS})}
-            mf.atomic_write_text(out / mf.RUN_LOG, mf.to_json(run))
             mf.commit(out, manifest, before_replace=lambda: crash_point("commit"))
+            # after the commit: run.json's `tokenizers` vouches for the rows' cut (_previous_documents,
+            # _up_to_date), so it never names a library before the rows it cut are committed; a kill
+            # in between leaves the last compile's run.json, which only costs the next one a re-cut
+            mf.atomic_write_text(out / mf.RUN_LOG, mf.to_json(run))
         except OSError as e:
             raise M3Error(f"cannot write to {out} ({e.strerror or e}{': ' + e.filename if e.filename else ''}); "
                           "the kb as last committed is intact: free space or fix permissions and run the same "

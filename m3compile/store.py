@@ -17,6 +17,7 @@ manifest is the commit point; files it does not name are garbage that the next c
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -276,10 +277,13 @@ def _fsync(path: Path) -> None:
 
 
 def collect_garbage(kb_dir: Path, named: set[str]) -> list[str]:
-    """Remove every entry of the kb directory that the manifest does not name (top level)."""
+    """Remove every entry of the kb directory that a compile writes (is_kb_entry) and the manifest
+    does not name (top level). Anything else (a README beside the shards, a `.git`) is not the
+    kb's to remove: `m3 compact`, which takes any kb as it is, and a compile into a directory holding
+    dot-files both leave it alone."""
     removed = []
     for p in sorted(Path(kb_dir).iterdir()):
-        if p.name in named or p.name in ("manifest.json", "run.json", LOCK_NAME):
+        if p.name in named or p.name in ("manifest.json", "run.json", LOCK_NAME) or not is_kb_entry(p.name):
             continue
         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         removed.append(p.name)
@@ -304,17 +308,28 @@ def shard_state(kb_dir: Path, rows: list[dict]) -> dict:
 
 
 def remove_temporaries(kb_dir: Path) -> None:
-    """Temp files of an interrupted compile (never named by a manifest, never a source of frames)."""
+    """Temp files of an interrupted compile (never named by a manifest, never a source of frames):
+    hidden `.tmp` files (every temp name a compile gives starts with a dot) and `.gen-tmp`."""
     for p in Path(kb_dir).iterdir():
-        if p.name.endswith(".tmp") or p.name == _TMP_GEN:
+        if _is_temporary(p.name):
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
+def _is_temporary(name: str) -> bool:
+    return (name.startswith(".") and name.endswith(".tmp")) or name == _TMP_GEN
+
+
+_GENERATION = re.compile(re.escape(GEN_PREFIX) + "[0-9a-f]{16}")
+_ORPHAN = ".orphan-"  # prefix of a shard moved aside (FrameSource)
+
+
 def is_kb_entry(name: str) -> bool:
-    """Names a compile may have written: shards, generations, codebooks, temp files, manifest, run log, lock."""
-    return (shard_number(name) is not None or name.startswith(GEN_PREFIX) or name.startswith(".")
+    """Names a compile writes at the top of a kb: shards, generations, codebooks, manifest, run log,
+    lock, spills, temp files and shards moved aside. Only these are ever removed from a kb."""
+    return (shard_number(name) is not None or _GENERATION.fullmatch(name) is not None
             or (name.startswith("codebooks-") and name.endswith(".safetensors"))
-            or name in ("manifest.json", "run.json"))
+            or name in ("manifest.json", "run.json", LOCK_NAME, SPILL_DIR) or _is_temporary(name)
+            or (name.startswith(_ORPHAN) and shard_number(name[len(_ORPHAN):]) is not None))
 
 
 # ---- frames for a compile: those on disk, and checkpoints of new ones ----------------------------------
@@ -345,7 +360,7 @@ class FrameSource:
 
     def move_aside(self, name: str) -> None:
         # an orphan shard (named by no manifest) whose name a new shard takes: keep its frames reachable
-        aside = f".orphan-{name}"
+        aside = f"{_ORPHAN}{name}"
         self._readers.forget(name)
         os.replace(self.out / name, self.out / aside)
         self.alias[name] = aside

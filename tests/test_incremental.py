@@ -200,6 +200,30 @@ def test_new_changed_and_removed_documents(env):
     assert check_kb(cfg, tmp / "kb") == []
 
 
+def test_files_that_are_not_the_kbs_are_never_removed(env):
+    # a commit removes what a compile wrote and no manifest names, nothing else: a `.git` or a
+    # `.DS_Store` in the kb survives compiles (other hidden files are tolerated), and a README
+    # survives `m3 compact`, which takes a kb as it finds it (a compile refuses such a directory)
+    tmp, corpus, cfg = env
+    kb = tmp / "kb"
+    compile_kb(cfg, kb)
+    (kb / ".git").mkdir()
+    (kb / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (kb / ".DS_Store").write_bytes(b"\0\1")
+    (corpus / "doc2.txt").unlink()  # tombstones for compact, and a commit that collects garbage
+    r = compile_kb(cfg, kb)
+    assert r.summary["documents"]["removed"] == 1 and r.manifest.state["dead_refs"] > 0
+    assert (kb / ".git" / "HEAD").read_text() == "ref: refs/heads/main\n" and (kb / ".DS_Store").exists()
+    (kb / "README.md").write_text("my notes")
+    with pytest.raises(M3Error, match="not part of a knowledge base .README.md"):
+        compile_kb(cfg, kb)
+    assert compact_kb(kb)["refs_moved"] > 0
+    assert (kb / "README.md").read_text() == "my notes" and (kb / ".git" / "HEAD").exists()
+    assert (kb / ".DS_Store").exists() and verify_kb(kb) == []
+    (kb / "README.md").unlink()
+    assert check_kb(cfg, kb) == []
+
+
 def test_keep_missing_only_adds(env):
     tmp, corpus, cfg = env
     compile_kb(cfg, tmp / "kb")
