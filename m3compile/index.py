@@ -417,6 +417,9 @@ def _build_bm25(out: Path, rows: Iterable[dict], texts: Sequence[str], fetch: in
     index.save(str(out), corpus=None, show_progress=False, **scratch)
     for name in scratch.values():
         (out / name).unlink()
+    # bm25s writes the vocabulary through orjson where that is installed (compact separators): other
+    # bytes on another machine. Written again as bm25s writes it without orjson (the json module)
+    (out / "vocab.index.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     _write_corpus(out, rows)
     return {"dir": out.name, "library": f"bm25s {_version('bm25s')}", **BM25, "idf_method": BM25["method"],
             "tokenizer": {**BM25_TOKENS, "library": "bm25s.tokenize",

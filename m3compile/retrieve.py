@@ -133,7 +133,8 @@ class Retriever:
                           f"{REPAIR_HINT.format(kb=self._kb_dir)}")
         with damaged_file(self.path / b["dir"], self._kb_dir):
             self._bm25 = bm25s.BM25.load(str(self.path / b["dir"]), show_progress=False)
-        self._bm25_ids = np.array([row["ref_id"] for row in ix.read_corpus(self.path / b["dir"])], dtype=np.int64)  # (R,)
+        self._bm25_ids = self._corpus_ids(b["dir"], int(self._bm25.scores["num_docs"]),
+                                          lambda rows: np.array([r["ref_id"] for r in rows], dtype=np.int64))  # (R,)
         self._tokens = b["tokenizer"]
         self._docs = section.get("documents")  # absent: a version-1 kb, references ranked alone
         if self._docs is not None:
@@ -144,9 +145,19 @@ class Retriever:
             with damaged_file(self.path / d["dir"], self._kb_dir):
                 self._doc_bm25 = bm25s.BM25.load(str(self.path / d["dir"]), show_progress=False)
             self._by_id = np.argsort(self._bm25_ids)  # (R,) bm25 rows in ref_id order
-            self._doc_of_row = np.empty(len(self._bm25_ids), dtype=np.int64)  # (R,) document row of each bm25 row
-            for j, row in enumerate(ix.read_corpus(self.path / d["dir"])):
-                self._doc_of_row[self._rows(np.asarray(row["ref_ids"], dtype=np.int64))] = j
+
+            def doc_of_row(rows):  # (R,) the document row of each bm25 row; every one in exactly one
+                out = np.full(len(self._bm25_ids), -1, dtype=np.int64)
+                for j, row in enumerate(rows):
+                    at = self._rows(np.asarray(row["ref_ids"], dtype=np.int64), strict=False)
+                    if at is None or (out[at] >= 0).any() or len(np.unique(at)) != len(at):
+                        raise ValueError(f"document row {j} names references the reference index does not hold once")
+                    out[at] = j
+                if (out < 0).any():
+                    raise ValueError(f"{int((out < 0).sum())} references are in no document row")
+                return out
+
+            self._doc_of_row = self._corpus_ids(d["dir"], int(self._doc_bm25.scores["num_docs"]), doc_of_row)
         self._embedder_path = embedder
         self._device = device
         self._dense: _Dense | None = None
@@ -237,9 +248,28 @@ class Retriever:
 
     # -- document context (format_version 2) ---------------------------------------------------------
 
-    def _rows(self, ref_ids: np.ndarray) -> np.ndarray:
-        pos = self._by_id[np.searchsorted(self._bm25_ids, ref_ids, sorter=self._by_id)]
-        assert (self._bm25_ids[pos] == ref_ids).all(), "a dense index returned an id the bm25 index lacks"
+    def _corpus_ids(self, name: str, n: int, parse):
+        """parse(the rows saved beside the index `name`, which must be its `n` documents), or one
+        error naming the file: a corpus.jsonl cut short at a line still parses, and its rows would
+        map scores to the wrong references."""
+        path = self.path / name / "corpus.jsonl"
+        rows = ix.read_corpus(self.path / name)
+        try:
+            if len(rows) != n:
+                raise ValueError(f"{len(rows)} rows for an index of {n}")
+            return parse(rows)
+        except (KeyError, TypeError, ValueError) as e:
+            raise M3Error(f"{path} does not match its index ({e}); the kb is damaged: "
+                          f"{REPAIR_HINT.format(kb=self._kb_dir)}") from None
+
+    def _rows(self, ref_ids: np.ndarray, strict: bool = True) -> np.ndarray | None:
+        """The bm25 rows of these ref ids; one the index lacks: an assertion (strict: the dense
+        indexes' ids were checked against it when written), else None."""
+        at = np.searchsorted(self._bm25_ids, ref_ids, sorter=self._by_id)
+        pos = self._by_id[np.minimum(at, len(self._by_id) - 1)] if len(self._by_id) else at
+        if len(ref_ids) and not (len(self._by_id) and (self._bm25_ids[pos] == ref_ids).all()):
+            assert not strict, "a dense index returned an id the bm25 index lacks"
+            return None
         return pos
 
     def _context_ranked(self, texts: list[str], depth: int, mode: str) -> list[list[Hit]]:

@@ -180,39 +180,105 @@ def file_stamp(st: os.stat_result) -> tuple[int, int, int, int, int]:
 
 
 class KbLock:
-    """An exclusive lock on a kb directory for one compile: `.m3.lock` with the holder's pid and host."""
+    """An exclusive lock on a kb directory for one compile, compact or repair: `.m3.lock`, holding
+    the holder's pid and host.
+
+    Where the file system supports flock(2) (Linux and macOS file systems, NFS through its lock
+    manager) the lock is the kernel's lock on that file: released when the process ends, however it
+    ends, so a lock file left by a killed compile is simply taken again, and two compiles that find
+    it at once cannot both take it (a pid check that removes a dead holder's file races there: both
+    remove it, both create one). The holder unlinks the file while it still holds the lock, so a
+    process that opened the old file and locks it afterwards sees that the path is no longer that
+    file and tries again. Elsewhere (no fcntl, or flock refused) the file is created exclusively,
+    and one left by a process that is gone from this host is removed first."""
 
     def __init__(self, kb_dir: Path, log: Callable[[str], None] = lambda s: None):
         self.path = Path(kb_dir) / LOCK_NAME
         self.log = log
+        self._fd: int | None = None
 
     def __enter__(self):
-        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        me = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
+        for _ in range(8):
+            try:
+                try:
+                    fd, created = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644), True
+                except FileExistsError:
+                    fd, created = os.open(self.path, os.O_RDWR), False
+            except FileNotFoundError:  # removed between the two opens
+                continue
+            except OSError as e:
+                raise M3Error(f"cannot create the lock {self.path}: {e.strerror or e}; choose a writable kb "
+                              "directory") from None
+            try:
+                _flock(fd)
+            except BlockingIOError:
+                os.close(fd)
+                self._refuse(self._holder())
+            except OSError:  # no flock here: the exclusive-create lock, which this open may have taken
+                if created:
+                    os.write(fd, me.encode())
+                    os.close(fd)
+                    return self
+                os.close(fd)
+                return self._create_exclusive(me)
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if not same:  # its holder finished and unlinked it after we opened it: a new file
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, me.encode(), 0)
+            self._fd = fd
+            return self
+        raise M3Error(f"cannot take the lock {self.path}; another process keeps replacing it")
+
+    def _create_exclusive(self, me: str):
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = self._holder()
-                if holder.get("host") == me["host"] and not _alive(holder.get("pid")):
+                if holder.get("host") == socket.gethostname() and not _alive(holder.get("pid")):
                     self.log(f"removing stale lock {self.path} of pid {holder.get('pid')}, which is gone")
                     self.path.unlink(missing_ok=True)
                     continue
-                raise M3Error(f"{self.path.parent} is being compiled by pid {holder.get('pid')} on host "
-                              f"{holder.get('host')} (lock {self.path}); wait for it to finish, or delete the "
-                              "lock file if that process is gone") from None
+                self._refuse(holder)
             with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
+                f.write(me)
             return self
         raise M3Error(f"cannot take the lock {self.path}; delete it if no compile is running")
 
+    def _refuse(self, holder: dict):
+        who = (f"pid {holder.get('pid')} on host {holder.get('host')}" if holder.get("pid") is not None
+               else "another process (its lock names none yet)")
+        raise M3Error(f"{self.path.parent} is being compiled by {who} (lock {self.path}); wait for it to finish, "
+                      "or delete the lock file if that process is gone") from None
+
     def _holder(self) -> dict:
         try:
-            return json.loads(self.path.read_text())
+            holder = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return {}
+        return holder if isinstance(holder, dict) else {}
 
     def __exit__(self, *exc):
         self.path.unlink(missing_ok=True)
+        if self._fd is not None:  # released after the unlink: see the class docstring
+            os.close(self._fd)
+            self._fd = None
+
+
+def _flock(fd: int) -> None:
+    """flock(2) LOCK_EX | LOCK_NB on fd: BlockingIOError when another process holds it, another
+    OSError where the file system or platform has none."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system
+        raise OSError("no fcntl") from None
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def _alive(pid) -> bool:

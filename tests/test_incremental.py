@@ -289,6 +289,38 @@ def test_killed_compile_keeps_the_old_kb_and_resumes_to_the_same_bytes(env, poin
 
 
 def test_lock_refuses_a_second_compile(env):
+    # the lock is the kernel's (flock): a live holder in another process refuses a compile, by name;
+    # killed, it holds nothing, and the file it left is taken again
+    tmp, corpus, cfg = env
+    compile_kb(cfg, tmp / "kb")
+    lock = tmp / "kb" / ".m3.lock"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from m3compile.store import KbLock; KbLock(sys.argv[1]).__enter__(); "
+        "print('locked', flush=True); time.sleep(600)"), str(tmp / "kb")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(M3Error, match=f"being compiled by pid {holder.pid} on host {socket.gethostname()}"):
+            compile_kb(cfg, tmp / "kb")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert json.loads(lock.read_text())["pid"] == holder.pid  # left behind by the kill
+    compile_kb(cfg, tmp / "kb")
+    assert not lock.exists()
+    lock.write_text("")  # a holder killed before it wrote its name: no flock held, so free too
+    compile_kb(cfg, tmp / "kb")
+    assert not lock.exists()
+
+
+def test_lock_without_flock_removes_a_stale_holder(env, monkeypatch):
+    # where the file system has no flock, the lock is created exclusively and a file left by a
+    # process gone from this host is removed
+    from m3compile import store
+
+    def no_flock(fd):
+        raise OSError("flock not supported")
+
+    monkeypatch.setattr(store, "_flock", no_flock)
     tmp, corpus, cfg = env
     compile_kb(cfg, tmp / "kb")
     lock = tmp / "kb" / ".m3.lock"

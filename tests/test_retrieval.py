@@ -134,6 +134,21 @@ def test_bm25_files_are_byte_identical_across_hash_seeds(tmp_path):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
 
 
+def test_bm25_files_do_not_depend_on_orjson(tmp_path, monkeypatch):
+    # bm25s writes JSON through orjson where it is installed (compact, no spaces): the files of a
+    # kb must not depend on whether a machine has it. orjson's output is simulated here
+    from bm25s.utils import json_functions
+
+    texts = TEXTS + ["Ünïcödé café naïve"]
+    bm25_kb(tmp_path / "plain", texts=texts, ref_ids=range(len(texts)))
+    monkeypatch.setattr(json_functions, "dumps", lambda d, **kw: json.dumps(d, separators=(",", ":"), ensure_ascii=False))
+    bm25_kb(tmp_path / "orjson", texts=texts, ref_ids=range(len(texts)))
+    files = sorted(p.relative_to(tmp_path / "plain") for p in (tmp_path / "plain").rglob("*") if p.is_file())
+    assert "café" in (tmp_path / "plain" / "bm25" / "vocab.index.json").read_text(encoding="utf-8")
+    for f in files:
+        assert (tmp_path / "plain" / f).read_bytes() == (tmp_path / "orjson" / f).read_bytes(), f
+
+
 @pytest.mark.parametrize("block,tokens", [(1, 1 << 18), (7, 5), (1 << 22, 3), (1 << 22, 40), (1 << 22, 1 << 18)])
 def test_bm25_scores_written_by_blocks_are_bm25s_bytes(tmp_path, block, tokens):
     # the score matrix is written column block by column block from document chunks spilled to a
@@ -714,6 +729,25 @@ def test_document_context_ranks_a_reference_of_the_relevant_document_first(tmp_p
     lines = (tmp_path / "bm25-doc" / "corpus.jsonl").read_text().splitlines()
     assert [json.loads(x) for x in lines] == [{"doc_id": "orchard.md", "ref_ids": [1, 2, 3]},
                                               {"doc_id": "shop.md", "ref_ids": [4, 5]}]
+
+
+def test_an_id_list_that_no_longer_matches_its_index_is_one_error(tmp_path):
+    # corpus.jsonl cut short at a line still parses; read as it was it would map scores to the
+    # wrong references (or raise IndexError), so opening the indexes names the file instead
+    from m3compile.index import index_references
+
+    sec = {"retrieval": index_references(tmp_path, CONTEXT_ROWS, None)["retrieval"]}
+    assert Retriever.open(tmp_path, sec).retrieve("apple", 1)[0].ref_id == 1
+    for name, edit in (("bm25", lambda lines: lines[:-1]), ("bm25-doc", lambda lines: lines[:-1]),
+                       ("bm25-doc", lambda lines: [lines[0], lines[0]]),  # a reference in two documents
+                       ("bm25", lambda lines: ['{"ref_id": 9}'] + lines[1:])):  # seen from the documents' side
+        path = tmp_path / name / "corpus.jsonl"
+        before = path.read_text()
+        path.write_text("\n".join(edit(before.splitlines())) + "\n")
+        with pytest.raises(M3Error, match="bm25(-doc)?/corpus.jsonl does not match its index .*damaged"):
+            Retriever.open(tmp_path, sec)
+        path.write_text(before)
+    assert Retriever.open(tmp_path, sec).retrieve("apple", 1)[0].ref_id == 1
 
 
 def test_documents_are_their_references_in_order():
