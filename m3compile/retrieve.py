@@ -319,9 +319,10 @@ class Retriever:
         if mode == "dense":
             return self._dense_ranked(texts, depth)
         f = self.section["fusion"] or ix.FUSION
-        fdepth = max(depth, f["depth"])
+        # ranks within each method's top f["depth"] (formats/index.md), whatever k is: deeper lists
+        # would add 1/(rrf_k + rank) past it, and a reference's score would depend on k
         return [fuse({"bm25": b, "dense": d}, f["rrf_k"], f["weights"])[:depth]
-                for b, d in zip(self._bm25_ranked(texts, fdepth), self._dense_ranked(texts, fdepth))]
+                for b, d in zip(self._bm25_ranked(texts, f["depth"]), self._dense_ranked(texts, f["depth"]))]
 
     # -- overlap filter ------------------------------------------------------------------------------
 

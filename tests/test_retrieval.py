@@ -534,6 +534,11 @@ def test_dense_index_records_the_embedder_and_uses_ref_ids(tmp_path, fake_embedd
     want = fuse({"bm25": r.retrieve(q, f["depth"], mode="bm25"), "dense": r.retrieve(q, f["depth"], mode="dense")},
                 f["rrf_k"], f["weights"])[:3]
     assert r.retrieve(q, 3) == want and want[0].ref_id == 415
+    # ranks only within each method's top `depth`, whatever k is: a reference's score does not
+    # depend on k (a depth of 2 here; the kb holds 6)
+    shallow = Retriever.open(tmp_path, {"retrieval": {**sec, "fusion": {**f, "depth": 2}}})
+    want = fuse({"bm25": r.retrieve(q, 2, mode="bm25"), "dense": r.retrieve(q, 2, mode="dense")}, f["rrf_k"], f["weights"])
+    assert shallow.retrieve(q, 6) == want and len(want) < 6 and shallow.retrieve(q, 1) == want[:1]
 
 
 def test_dense_builds_are_byte_identical(tmp_path, fake_embedders):
