@@ -116,11 +116,13 @@ def resolve_model(config: CompileConfig, log: Callable[[str], None]) -> Path:
     return path
 
 
-def relative_to_kb(path: str | None, kb_dir: Path) -> str | None:
+def relative_to_kb(path: str | None, kb_dir: Path, always: bool = False) -> str | None:
     """A path the user gave, as the manifest records it: relative to the kb directory, so that no
     machine's absolute path is stored and the same corpus given either way is the same setting.
-    Names that are not paths on this machine (e.g. an embedder word) are kept as given."""
-    if path is None or not Path(path).exists():
+    Names that are not paths on this machine (e.g. an embedder word) are kept as given, unless
+    `always` (a corpus or model, which are paths even where they are gone: a repair runs without
+    its corpus, and must record the same "../corpus" the kb did)."""
+    if path is None or not (always or Path(path).exists()):
         return path
     return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(kb_dir))).as_posix()
 
@@ -131,7 +133,7 @@ def config_record(config: CompileConfig, kb_dir: Path) -> dict:
     if not config.quant.startswith("vq"):  # settings of codebooks a kb without them does not record
         d = {k: v for k, v in d.items() if not k.startswith("codebook_")}
     for k in ("corpus", "model", "embedder"):
-        d[k] = relative_to_kb(d[k], kb_dir)
+        d[k] = relative_to_kb(d[k], kb_dir, always=k != "embedder")
     return d
 
 

@@ -145,6 +145,20 @@ def test_damage_is_named_then_repaired_to_the_fresh_bytes(built, kb, kind, how):
         assert r.summary["repaired"] == ([name] if name.startswith("memory-") else [])
 
 
+def test_a_repair_without_the_corpus_keeps_the_recorded_paths(built, kb):
+    # a repair that needs no corpus (the table holds the token ids) runs where the corpus is gone;
+    # the manifest it commits records the corpus as before ("../corpus"), not a path made from the
+    # kb directory that exists nowhere
+    kb_dir, cfg = kb
+    recorded = json.loads((kb_dir / "manifest.json").read_text())["config"]
+    (kb_dir.parent / "corpus").unlink()
+    name = DAMAGE["flipped byte"](kb_dir)
+    r = runner.invoke(app, ["verify", str(kb_dir), "--repair"])
+    assert r.exit_code == 0 and "every check holds" in r.stdout, r.output
+    assert json.loads((kb_dir / "manifest.json").read_text())["config"] == recorded
+    assert verify_kb(kb_dir) == [] and name.startswith("memory-")
+
+
 def test_a_truncated_shard_gives_up_the_frames_before_its_cut(built, kb):
     """The frames lie before the shard's key table (formats/kv-shard.md): a cut tail loses only
     those past it, and a repair copies the rest (each checked whole) instead of encoding all again."""
