@@ -873,15 +873,28 @@ def _repair_shards(out: Path, setup: Setup, prev: Previous, plan: Plan, timer: T
         if lost:  # a recovered row whose tokens the corpus no longer has: it leaves with its frame
             raise M3Error(f"{name}: references {lost[:5]} are damaged and their texts are not in the corpus; "
                           "run `m3 compile CORPUS -o KB --rebuild` with the corpus they came from")
+        # in place only where every live frame keeps its recorded place: until the new manifest is
+        # committed (a kill in between, or an error for a later shard) the committed table reads the
+        # shard at those places. Where frames move (a damaged tombstone dropped, or the tombstones of
+        # an unreadable index unknown), the shard is written under a new name, and the damaged file
+        # stays as it was until the commit removes it
+        number, at = store.shard_number(name), 0
+        for ref_id in sorted(frames):
+            size = len(frames[ref_id][1])
+            if ref_id in rows and (rows[ref_id]["byte_offset"], rows[ref_id]["byte_length"]) != (at, size):
+                number, prev.next_shard = prev.next_shard, prev.next_shard + 1
+                break
+            at += size
         with timer("write"), ShardWriter(out, _shard_metadata(setup), store.NO_SHARD_LIMIT,
-                                         first_index=store.shard_number(name)) as writer:
+                                         first_index=number) as writer:
             for ref_id in sorted(frames):
                 key, data, err = frames[ref_id]
                 loc = writer.add(ref_id, data, key, err)
                 if ref_id in rows:
-                    where[ref_id](byte_offset=loc.byte_offset, byte_length=loc.byte_length,
+                    where[ref_id](shard=loc.shard, byte_offset=loc.byte_offset, byte_length=loc.byte_length,
                                   quant_rel_err=float(err[0]), quant_max_err=float(err[1]))
-        log(f"repaired {name}: {len(frames) - len(todo)} frames copied, {len(todo)} encoded again")
+        moved = "" if number == store.shard_number(name) else f" into {loc.shard} (its frames moved)"
+        log(f"repaired {name}{moved}: {len(frames) - len(todo)} frames copied, {len(todo)} encoded again")
     return shards
 
 

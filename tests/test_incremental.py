@@ -224,6 +224,51 @@ def test_files_that_are_not_the_kbs_are_never_removed(env):
     assert check_kb(cfg, kb) == []
 
 
+def test_a_repair_that_moves_frames_never_changes_what_the_committed_kb_reads(env, monkeypatch):
+    # a damaged tombstone is dropped when its shard is rebuilt, so the live frames after it move.
+    # Rewritten under its own name, the shard would no longer hold them where the committed table
+    # says until the new manifest lands; a kill in between left a kb reading wrong bytes. Such a
+    # shard goes to a new name, and the committed kb reads its memories as before throughout
+    import struct
+
+    from m3compile.pack import read_shard_header
+    from m3compile.store import shard_frames
+
+    tmp, corpus, cfg = env
+    kb = tmp / "kb"
+    compile_kb(cfg, kb)
+    (corpus / "doc1.txt").unlink()
+    compile_kb(cfg, kb)
+    live = {r["ref_id"] for r in open_kb(kb).references().select(["ref_id"]).to_pylist()}
+    shards = json.loads((kb / "manifest.json").read_text())["state"]["shards"]
+    name, dead = next((s, f) for s in sorted(shards) for i, f in enumerate(shard_frames(kb / s))
+                      if f[0] not in live and any(g[0] in live for g in shard_frames(kb / s)[i + 1:]))
+    before = memories(kb)
+    header = read_shard_header(kb / name)
+    kv_start = 8 + struct.unpack("<Q", (kb / name).read_bytes()[:8])[0] + \
+        header[f"shard.{int(name[7:12]):05d}.kv"]["data_offsets"][0]
+    data = bytearray((kb / name).read_bytes())
+    data[kv_start + dead[2].offset + dead[2].length // 2] ^= 0xFF  # inside the tombstoned frame
+    (kb / name).write_bytes(bytes(data))
+
+    def killed(*a, **k):  # the repair is done, the commit never comes
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_write_new", killed)
+    notes = []
+    with pytest.raises(KeyboardInterrupt):
+        compile_kb(cfg, kb, log=notes.append)
+    assert any(f"repaired {name} into memory-" in n for n in notes), notes
+    now = memories(kb)  # the committed kb, read between the repair and the commit that never came
+    assert now.keys() == before.keys() and all(now[i][0] == before[i][0] and (now[i][1] == before[i][1]).all() for i in before)
+    monkeypatch.undo()
+    r = compile_kb(cfg, kb)
+    assert r.summary["repaired"] == [name] and name not in r.manifest.shards and not (kb / name).exists()
+    after = memories(kb)
+    assert after.keys() == before.keys() and all((after[i][1] == before[i][1]).all() for i in before)
+    assert verify_kb(kb) == []
+
+
 def test_keep_missing_only_adds(env):
     tmp, corpus, cfg = env
     compile_kb(cfg, tmp / "kb")
