@@ -834,9 +834,12 @@ def index_references(kb_dir: Path, rows: list[dict], embedder: str | None, index
     Example:
         >>> index_references(Path("kb"), [{"ref_id": 0, "doc_id": "a", "index": 0, "text": "cats"}], None)
     """
-    # the rows are read a block at a time and their texts a slice at a time as the indexes consume
-    # them, never all at once (issue 16); the bytes are those of index_texts and group_documents
-    # over the whole lists
+    # the rows are read a block at a time and their texts a slice at a time as the BM25 indexes
+    # consume them, never all at once (issue 16); the bytes are those of index_texts and
+    # group_documents over the whole lists. Not so the dense indexes (an embedder given): the
+    # embedder takes all texts of a kind in one call (sentence-transformers sorts them by length into
+    # its batches, so the vectors' last bits depend on the whole list), whole documents included, and
+    # FAISS holds the (R, E) float32 vectors of a Flat index anyway
     docs = _Documents(rows)
     return build_indexes(kb_dir, docs.ref_ids, _IndexTexts(rows, docs.titles), embedder, index_factory, device,
                          documents=docs, reuse=reuse)
