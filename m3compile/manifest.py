@@ -173,7 +173,13 @@ def file_entry(kb_dir: Path, name: str, checked: dict | None = None) -> dict:
     known = (checked or {}).get(name)
     if known is not None and known[0] == file_stamp(st):
         return {"bytes": st.st_size, "sha256": known[1]}
-    return {"bytes": st.st_size, "sha256": sha256_file(p)}
+    sha = sha256_file(p)
+    if known is not None and sha != known[1]:
+        # a file this compile found whole and never writes (a kept shard) has other bytes now: taking
+        # them as the kb's would make damage, or another process's writes, pass `m3 verify`
+        raise M3Error(f"{p} changed while this compile ran (another process wrote it, or the disk); nothing "
+                      "was committed: run the same command again, which checks it and rebuilds it if damaged")
+    return {"bytes": st.st_size, "sha256": sha}
 
 
 def atomic_write_text(path: Path, text: str, before_replace=None) -> None:

@@ -79,16 +79,20 @@ def test_kept_shards_are_hashed_once_and_a_changed_file_again(env, monkeypatch):
     assert all(hashed.count(s) == 1 for s in kept), (kept, hashed)
     assert all(hashed.count(s) == 1 for s in r.summary["shards_written"])  # written: hashed for the manifest only
     assert verify_kb(tmp / "kb") == []
-    # a stamp taken before a file is rewritten is not trusted: the same size, another time
+    # a stamp taken before a file is touched or rewritten is not trusted: hashed again, the same
+    # bytes pass, other bytes are an error (test_a_kept_shard_that_changes_during_a_compile_...)
     files = json.loads((tmp / "kb" / "manifest.json").read_text())["files"]
     checked = {}
     assert store.damaged_files(tmp / "kb", {kept[0]: files[kept[0]]}, checked) == {} and kept[0] in checked
     shard = tmp / "kb" / kept[0]
+    os.utime(shard, ns=(shard.stat().st_atime_ns, checked[kept[0]][0][1] + 1000))
+    hashed.clear()
+    assert mf.file_entry(tmp / "kb", kept[0], checked)["sha256"] == files[kept[0]]["sha256"] and hashed == [kept[0]]
     data = bytearray(shard.read_bytes())
     data[-1] ^= 1
     shard.write_bytes(bytes(data))
-    os.utime(shard, ns=(shard.stat().st_atime_ns, checked[kept[0]][0][1] + 1000))
-    assert mf.file_entry(tmp / "kb", kept[0], checked)["sha256"] == real(shard) != files[kept[0]]["sha256"]
+    with pytest.raises(M3Error, match="changed while this compile ran"):
+        mf.file_entry(tmp / "kb", kept[0], checked)
 
 
 @pytest.mark.parametrize("change", ["none", "text", "added", "removed", "moved to another file", "reordered",
@@ -267,6 +271,34 @@ def test_a_repair_that_moves_frames_never_changes_what_the_committed_kb_reads(en
     after = memories(kb)
     assert after.keys() == before.keys() and all((after[i][1] == before[i][1]).all() for i in before)
     assert verify_kb(kb) == []
+
+
+def test_a_kept_shard_that_changes_during_a_compile_is_not_committed(env, monkeypatch):
+    # a shard the compile found whole keeps its recorded sha256 (hashed once): one that another
+    # process (or the disk) changes before the commit must not be recorded with its new bytes,
+    # which would make the damage pass `m3 verify`; the compile stops with one error instead
+    tmp, corpus, cfg = env
+    kb = tmp / "kb"
+    compile_kb(cfg, kb)
+    manifest = (kb / "manifest.json").read_bytes()
+    shard = sorted(json.loads(manifest)["state"]["shards"])[0]
+    build = pipeline._build_generation
+
+    def tamper(*a, **k):
+        data = bytearray((kb / shard).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (kb / shard).write_bytes(bytes(data))
+        return build(*a, **k)
+
+    monkeypatch.setattr(pipeline, "_build_generation", tamper)
+    (corpus / "doc9.txt").write_text(words(9, 40))
+    with pytest.raises(M3Error, match=f"{shard} changed while this compile ran"):
+        compile_kb(cfg, kb)
+    assert (kb / "manifest.json").read_bytes() == manifest
+    monkeypatch.undo()
+    assert any(f.startswith(shard) for f in verify_kb(kb))
+    r = compile_kb(cfg, kb)  # finds it damaged and rebuilds it
+    assert r.summary["repaired"] == [shard] and verify_kb(kb) == []
 
 
 def test_keep_missing_only_adds(env):
