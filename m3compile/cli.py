@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -21,8 +22,10 @@ from m3compile.errors import M3Error
 app = typer.Typer(help="Compile corpora into Memory³ explicit memories and inspect them.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 # soft_wrap: text is never hard-wrapped (piped output stays one line per line); tables still fit
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+# markup off: paths, ids and texts printed are the user's, and `[/x]` in one is text (rich would
+# raise MarkupError); the few styled lines ask for it with their contents escaped
+out = Console(soft_wrap=True, markup=False)
+err = Console(stderr=True, soft_wrap=True, markup=False)
 DEFAULTS = {f.name: f.default for f in fields(CompileConfig)}
 TRAINED = "(default: the model's m3-memory.json, else {})"
 
@@ -69,7 +72,7 @@ def main() -> None:
         else:
             where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "m3"
             msg = " ".join(e.format_message().split()).rstrip(".")
-            err.print(f"[red]error:[/red] {msg}; see `{where} --help`", highlight=False, markup=True)
+            err.print(f"[red]error:[/red] {escape(msg)}; see `{where} --help`", highlight=False, markup=True)
         code = e.exit_code
     finally:
         gc.freeze()
@@ -101,13 +104,13 @@ def user_errors(code: int = 1):
     except M3Error as e:
         if os.environ.get("M3_DEBUG") == "1":
             raise
-        err.print(f"[red]error:[/red] {e}", highlight=False, markup=True)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, markup=True)
         raise typer.Exit(code)
     except OSError as e:  # an I/O failure no library call turned into an M3Error: still one line
         if os.environ.get("M3_DEBUG") == "1":
             raise
-        err.print(f"[red]error:[/red] {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}; check the "
-                  "path, free space and permissions, then run the command again", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(e.strerror or e))}{': ' + escape(str(e.filename)) if e.filename else ''}; check the "
+                  "path, free space and permissions, then run the command again", highlight=False, markup=True)
         raise typer.Exit(code)
 
 
@@ -188,7 +191,7 @@ def compile(
         if preset:
             config = config.with_preset(preset)
         if check:
-            changes = check_kb(config, output, keep_missing=keep_missing, log=lambda s: err.print(s, highlight=False))
+            changes = check_kb(config, output, keep_missing=keep_missing, log=lambda s: err.print(s, highlight=False, markup=False))
             if as_json:
                 out.print_json(json.dumps({"kb": str(output), "up_to_date": not changes, "changes": changes}))
             else:
@@ -215,7 +218,7 @@ def compile(
                 elif e["event"] == "done":
                     bar.update(task, completed=bar.tasks[0].total)
 
-            result = compile_kb(config, output, progress=on_event, log=lambda s: err.print(s, highlight=False, soft_wrap=True),
+            result = compile_kb(config, output, progress=on_event, log=lambda s: err.print(s, highlight=False, markup=False, soft_wrap=True),
                                 keep_missing=keep_missing, rebuild=rebuild, retrain_codebooks=retrain_codebooks)
     manifest, s = result.manifest, result.summary
     if as_json:
@@ -296,9 +299,9 @@ def _render_summary(d: dict) -> None:
 
 
 def _render_ref(d: dict) -> None:
-    out.print(f"[bold]reference {d['ref_id']}[/bold]  doc {d['doc_id']!r} ({d['source']}) #{d['index']}  "
+    out.print(f"[bold]reference {d['ref_id']}[/bold]  doc {escape(repr(d['doc_id']))} ({escape(d['source'])}) #{d['index']}  "
               f"chars {d['char_start']}..{d['char_end']}  {d['n_tokens']} tokens  "
-              f"rel err {d['quant_rel_err']:.5f}", highlight=False)
+              f"rel err {d['quant_rel_err']:.5f}", highlight=False, markup=True)
     out.print(d["text"], highlight=False, markup=False)
     t = Table(title="kept tokens (j:token) per memory layer and kv head")
     t.add_column("layer")
@@ -362,7 +365,7 @@ def eval_(
         report = CorpusReport()
         docs = list(iter_documents(texts, report))
         report.raise_if_empty()
-        report.log_skips(lambda line: err.print(line, highlight=False))  # as compile does: nothing dropped unsaid
+        report.log_skips(lambda line: err.print(line, highlight=False, markup=False))  # as compile does: nothing dropped unsaid
         with _steps("evaluating") as bar:
             task = bar.add_task("eval", total=len(docs))
             result = evaluate(base, ck, docs, oracle=oracle, retrieve=retrieve, max_text_tokens=max_text_tokens,
@@ -410,7 +413,7 @@ def generate(
             result = generate_text(prompt, kb=kb, model=model, max_new_tokens=max_new_tokens,
                                    temperature=temperature, seed=seed, memory=memory, chunk_tokens=chunk_tokens,
                                    refs_per_chunk=refs, mode=mode, device=device,
-                                   log=lambda s: err.print(s, highlight=False),
+                                   log=lambda s: err.print(s, highlight=False, markup=False),
                                    progress=lambda n: bar.update(task, completed=n))
     if as_json:
         out.print_json(json.dumps({"prompt": prompt, "text": result.text, "memory": result.memory,
@@ -483,7 +486,7 @@ def verify(
         if repair and verify_kb(kb):
             from m3compile.pipeline import repair_kb  # the model side (torch): only to rebuild
 
-            summary = repair_kb(kb, model=model, device=device, log=lambda s: err.print(s, highlight=False)).summary
+            summary = repair_kb(kb, model=model, device=device, log=lambda s: err.print(s, highlight=False, markup=False)).summary
             repaired = summary["repaired"]
             d, r = summary["documents"], summary["references"]
             if d["added"] or d["changed"] or d["removed"]:  # the table was rebuilt from a corpus that moved on
@@ -503,7 +506,8 @@ def verify(
         if repaired:
             out.print(f"repaired: {', '.join(repaired)}", highlight=False)
     if faults:
-        err.print(f"[red]error:[/red] {len(faults)} fault(s) in {kb}{_repair_hint(kb, faults, repair)}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(f'{len(faults)} fault(s) in {kb}{_repair_hint(kb, faults, repair)}')}",
+                  highlight=False, markup=True)
         raise typer.Exit(1)
     if not as_json:
         out.print(f"{kb}: every check holds" + (f" ({n} references re-encoded)" if n else ""), highlight=False)
@@ -533,7 +537,7 @@ def compact(
     from m3compile.compact import compact_kb
 
     with user_errors():
-        r = compact_kb(kb, log=lambda s: err.print(s, highlight=False))
+        r = compact_kb(kb, log=lambda s: err.print(s, highlight=False, markup=False))
     if as_json:
         out.print_json(json.dumps(r))
         return

@@ -123,11 +123,14 @@ def read(kb_dir: Path, entry: dict) -> "vq.Codebooks":
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own types on a damaged file
         raise M3Error(f"{path}: the kb's VQ codebooks file cannot be read ({e}); {FIX}") from None
+    # the bytes must be the ones the manifest recorded before FAISS deserializes any of them (its
+    # reader is not made for hostile input), and before the metadata sizes anything
+    if vq.digest(tensors, meta) != entry["sha256"]:
+        raise M3Error(f"{path}: these codebooks are not the ones the kb's memories were written with "
+                      f"(sha256 differs from the manifest's: damaged or replaced); {FIX}")
     try:
         cb = vq.Codebooks.from_tensors(tensors, meta, where=path.name)
     except M3Error as e:  # vq names the tensor; the fix is the kb's
         raise M3Error(f"{str(e).split('; ')[0]}; the kb's VQ codebooks file is damaged: {FIX}") from None
-    if cb.sha256() != entry["sha256"]:
-        raise M3Error(f"{path}: these codebooks are not the ones the kb's memories were written with "
-                      f"(sha256 differs from the manifest's); {FIX}")
+    assert cb.sha256() == entry["sha256"], path  # the same bytes, rebuilt
     return cb

@@ -9,6 +9,7 @@ skipped, and the caller raises `report.raise_if_empty()` if nothing readable was
 import errno
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -122,13 +123,25 @@ def iter_documents(root: Path, report: CorpusReport, follow_symlinks: bool = Fal
     return _read_files(_walk(root, report, follow_symlinks), report)
 
 
-# what marks a directory as a knowledge base (formats/manifest.md, formats/kv-shard.md): the lock
-# of a compile under way, or a committed kb's manifest beside its shard index
-KB_MARKERS = (".m3.lock", ("manifest.json", "memory.safetensors.index.json"))
+# what marks a directory as a knowledge base (formats/README.md): the lock of a compile under way
+# (or one a killed compile left), or a committed kb's manifest beside its generation directory
+KB_LOCK, KB_MANIFEST = ".m3.lock", "manifest.json"
+_GENERATION = re.compile(r"gen-[0-9a-f]{16}")
 
 
 def _is_kb(path: Path) -> bool:
-    return any((path / m).exists() if isinstance(m, str) else all((path / n).exists() for n in m) for m in KB_MARKERS)
+    """Whether a directory of the corpus is a kb. A `manifest.json` of something else (a web app's)
+    does not make one without a `gen-<16 hex>` directory beside it. An unreadable directory is not
+    a kb: the walk reports it."""
+    try:
+        if (path / KB_LOCK).exists():
+            return True
+        if not (path / KB_MANIFEST).is_file():
+            return False
+        with os.scandir(path) as entries:
+            return any(_GENERATION.fullmatch(e.name) and e.is_dir(follow_symlinks=False) for e in entries)
+    except OSError:
+        return False
 
 
 def _walk(root: Path, report: CorpusReport, follow_symlinks: bool) -> list[tuple[str, Path]]:
@@ -150,6 +163,10 @@ def _walk(root: Path, report: CorpusReport, follow_symlinks: bool) -> list[tuple
         for entry in entries:
             rel = prefix + entry.name
             p = Path(entry.path)
+            if not _is_unicode(entry.name):  # bytes that are not UTF-8: no doc_id, hash or table takes them
+                report.skip("bad-name", os.fsencode(rel).decode("utf-8", "backslashreplace"), None,
+                            "the name is not UTF-8; rename it")
+                continue
             if entry.is_symlink():
                 try:
                     target = p.resolve(strict=True)
@@ -163,8 +180,10 @@ def _walk(root: Path, report: CorpusReport, follow_symlinks: bool) -> list[tuple
                 if target.is_dir():
                     if target in ancestors:
                         report.skip("symlink-loop", rel, None, f"points back to {target}")
-                        continue
-                    stack.append((p, rel + "/", ancestors + (target,)))
+                    elif _is_kb(target):
+                        report.skip("knowledge-base", rel + "/", None, "a knowledge base inside the corpus, not read")
+                    else:
+                        stack.append((p, rel + "/", ancestors + (target,)))
                     continue
             elif entry.is_dir(follow_symlinks=False):
                 if _is_kb(p):  # e.g. `m3 compile docs/ -o docs/kb`: its indexes and tables are not text
@@ -224,6 +243,16 @@ def _read_text_file(rel: str, path: Path, report: CorpusReport):
     yield Document(rel, rel, text), None
 
 
+def _is_unicode(s: str) -> bool:
+    """Whether `s` encodes as UTF-8: JSON's "\\ud800" escape decodes to an unpaired surrogate, which
+    no later step (hashing, Arrow, the tokenizer) takes."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _record(rec, rel: str, line: int, report: CorpusReport) -> Document | None:
     # one record of a .jsonl/.parquet file -> a document, or a counted skip
     if not isinstance(rec, dict):
@@ -240,6 +269,9 @@ def _record(rec, rel: str, line: int, report: CorpusReport) -> Document | None:
     if title is not None and not isinstance(title, str):
         report.skip("bad-record", rel, line, "non-string title")
         return None
+    if not all(map(_is_unicode, (str(rid), text, title or ""))):
+        report.skip("bad-record", rel, line, "id, title or text holds an unpaired surrogate (not Unicode text)")
+        return None
     if title and title.strip():
         text = title + TITLE_JOINER + text
     text = normalize_text(text)
@@ -253,12 +285,14 @@ def _read_jsonl(rel: str, path: Path, report: CorpusReport):
     try:
         with path.open("rb") as f:
             for line_no, raw in enumerate(f, start=1):
+                if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]  # a UTF-8 byte order mark (PowerShell's utf8) is not part of the record
                 if not raw.strip():
                     continue  # blank lines (a trailing newline) are not records
                 try:
                     rec = json.loads(raw.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    report.skip("bad-json", rel, line_no, str(e).splitlines()[0][:80])
+                except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, a 5,000-digit int, [[[[...
+                    report.skip("bad-json", rel, line_no, (str(e).splitlines() or [type(e).__name__])[0][:80])
                     continue
                 doc = _record(rec, rel, line_no, report)
                 if doc is not None:
@@ -286,5 +320,5 @@ def _read_parquet(rel: str, path: Path, report: CorpusReport):
                 doc = _record(rec, rel, row, report)
                 if doc is not None:
                     yield doc, row
-    except (OSError, pa.ArrowException) as e:
-        report.skip("bad-file", rel, None, str(e).splitlines()[0][:80])
+    except (OSError, pa.ArrowException, ValueError, OverflowError) as e:  # bad UTF-8, dates past 9999
+        report.skip("bad-file", rel, None, (str(e).splitlines() or [type(e).__name__])[0][:80])

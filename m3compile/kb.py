@@ -18,7 +18,7 @@ import pyarrow as pa
 from m3compile import references as refs_file
 from m3compile.errors import REPAIR_HINT, M3Error, damaged_file
 from m3compile.manifest import Manifest, read_manifest
-from m3compile.pack import RefLocation, decode_payload, open_frame, read_payload
+from m3compile.pack import RefLocation, ascending_below, decode_payload, open_frame, read_payload
 from m3compile.spec import MemorySpec
 
 if TYPE_CHECKING:  # memories are torch tensors, made by pack.decode_payload: opening a kb, its
@@ -171,7 +171,17 @@ class KnowledgeBase:
             raise M3Error(f"no reference {ref_id} in {self.path} ({self.ids_hint()}); see `m3 inspect`")
         where = f"{loc.shard} reference {ref_id}"
         try:
-            return split(read_payload(self.path / loc.shard, loc), self.scheme, self._max_bytes, where)
+            keys, values, positions = split(read_payload(self.path / loc.shard, loc), self.scheme, self._max_bytes, where)
+            # a frame of another shape, or kept positions out of order or range, decodes as well as a
+            # good one (the header says its own shape): what `m3 verify` checks, checked here too
+            L, H, K, D = tuple(keys.shape)
+            pos = np.asarray(positions)
+            if (L, H, D) != (len(self.layers), self.spec.n_kv_heads, self.spec.head_dim) or K > self.spec.top_k \
+                    or (pos.size and not ascending_below(pos, self.spec.width)):
+                raise M3Error(f"{where}: payload of shape {(L, H, K, D)} or its kept positions do not fit this kb "
+                              f"(layers {len(self.layers)}, heads {self.spec.n_kv_heads}, head dim {self.spec.head_dim}, "
+                              f"top-k {self.spec.top_k}, width {self.spec.width}); the shard is damaged")
+            return keys, values, positions
         except M3Error as e:
             text = str(e) if where in str(e) else f"{where}: {e}"
             raise M3Error(f"{text.split('; ')[0]}; {REPAIR_HINT.format(kb=self.path)}") from None

@@ -14,7 +14,7 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -236,6 +236,24 @@ def _check_structure(m: Manifest) -> None:
     for name, entry in m.files.items():
         if not isinstance(entry, dict) or not isinstance(entry["sha256"], str):
             raise TypeError(f"files[{name!r}] has no sha256")
+    # the numbers that size every frame read (the decompression bound among them): whole numbers
+    # in range, so a damaged manifest is named here and not as a shard's fault or an out-of-memory
+    spec = m.spec
+    for what, v, hi in (("model.n_layers", spec.n_layers, 1 << 12), ("model.n_kv_heads", spec.n_kv_heads, 1 << 12),
+                        ("model.head_dim", spec.head_dim, 1 << 14), ("write.max_tokens", spec.width, 1 << 20),
+                        ("write.top_k", spec.top_k, spec.width if type(spec.width) is int else 0)):
+        if type(v) is not int or not 1 <= v <= hi:
+            raise ValueError(f"{what} = {v!r}")
+    if not spec.memory_layers or any(type(i) is not int or not 0 <= i < spec.n_layers for i in spec.memory_layers):
+        raise ValueError(f"write.memory_layers = {list(spec.memory_layers)!r}")
+    if not isinstance(spec.quant, str) or not isinstance(spec.dtype, str):
+        raise TypeError("quant.scheme or model.dtype is not a name")
+    # every path the manifest names stays inside the kb directory
+    named = [*m.paths.values(), *m.files, *m.shards, m.generation, *m.artefacts]
+    for name in named:
+        if not isinstance(name, str) or not name or PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts \
+                or "\\" in name:
+            raise ValueError(f"the path {name!r} leaves the kb directory")
 
 
 def read_manifest(kb_dir: Path) -> Manifest:

@@ -17,6 +17,7 @@ safetensors' own writer and reader.
 
 import json
 import math
+import operator
 import os
 import re
 import struct
@@ -530,13 +531,14 @@ def read_shard_header(path: Path, whole: bool = True) -> dict:
                 raise M3Error(f"{path.name}: header length {n} is impossible for a {size}-byte file; "
                               "the shard is truncated or not safetensors")
             header = json.loads(f.read(n))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise M3Error(f"cannot read shard {path}: {e}; the file is damaged: {REPAIR_HINT.format(kb=path.parent)}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: [[[[...
+        raise M3Error(f"cannot read shard {path}: {type(e).__name__ if isinstance(e, RecursionError) else e}; the file "
+                      f"is damaged: {REPAIR_HINT.format(kb=path.parent)}") from None
     if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
         raise M3Error(f"{path.name}: safetensors header has no __metadata__; not an m3 kb shard")
     try:
         ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"]
-    except (KeyError, TypeError, IndexError, ValueError):
+    except (KeyError, TypeError, IndexError, ValueError, OverflowError):  # OverflowError: 1e999
         raise M3Error(f"{path.name}: a tensor entry lacks valid data_offsets; the shard is damaged") from None
     if max(ends, default=0) != size - 8 - n and (whole or max(ends, default=0) < size - 8 - n):
         raise M3Error(f"{path.name}: tensors need {max(ends, default=0)} data bytes but the file has "
@@ -694,6 +696,17 @@ def check_frame(frame: bytes, scheme: Scheme, max_bytes: int, where: str = "fram
     payload of `scheme`, at most max_bytes; M3Error naming `where` otherwise. A frame is reused or
     copied only after this check (formats/kv-shard.md, "Frame and payload")."""
     return open_frame(frame, scheme, max_bytes, where)[0].shape
+
+
+def ascending_below(pos: np.ndarray, n: int) -> bool:
+    """Whether each (layer, head)'s kept positions (.., K) ascend strictly and stay below n: over
+    the flat list, with numpy only for long ones (a frame's few dozen cost more in numpy calls)."""
+    if pos.size > 256:
+        return int(pos.max()) < n and not (np.diff(pos.astype(np.int64), axis=-1) <= 0).any()
+    k = pos.shape[-1]
+    flat = pos.ravel().tolist()
+    return max(flat) < n and all(all(map(operator.lt, flat[r:r + k - 1], flat[r + 1:r + k]))
+                                 for r in range(0, len(flat), k))
 
 
 def open_frame(frame: bytes, scheme: Scheme, max_bytes: int, where: str = "frame",

@@ -548,9 +548,11 @@ def _plan_into(store: "refs_file.RefColumns", setup: Setup, prev: Previous, old:
     config, spec = setup.config, setup.spec
     new, next_id = _Positions(), prev.next_ref_id  # new: store positions
     previous = _previous_documents(prev)
+    with_rows: set[str] = set()  # documents that gave a reference
     with timer("read+chunk"):
         for item, at in _references(setup, prev, docs, doc_sha, previous):
             if at is not None:  # documents given back: their rows at once, as the loop below would add them
+                with_rows.update(d for d, _, _ in item)
                 src = prev.rows.store
                 records = src.records(refs_file.positions_at(prev.rows.positions, at))  # (n,)
                 variable = src.variable(records)
@@ -569,6 +571,7 @@ def _plan_into(store: "refs_file.RefColumns", setup: Setup, prev: Previous, old:
                 next_id += int(np.sum(same < 0))
                 continue
             meta = item
+            with_rows.add(meta["doc_id"])
             key = spec.ref_key(meta["token_ids"], setup.context)
             meta.update(ref_key=key.hex(), n_kept=min(spec.top_k, meta["n_tokens"]))
             same = old.take(key)
@@ -578,6 +581,12 @@ def _plan_into(store: "refs_file.RefColumns", setup: Setup, prev: Previous, old:
             else:
                 new.append(store.append({"ref_id": next_id, **meta}))
                 next_id += 1
+    for d in [d for d in doc_sha if d not in with_rows]:
+        # text the tokenizer keeps nothing of (control characters a normaliser drops): no reference,
+        # so not a document of the kb either, or it would be "added" by every compile and --check
+        report.skip("no-tokens", d, None, "the tokenizer keeps nothing of its text")
+        report.documents -= 1
+        del doc_sha[d]
     report.raise_if_empty()
     if not len(store):
         raise M3Error(f"corpus {config.corpus} has documents but no tokens to compile; check the texts")

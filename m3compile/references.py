@@ -632,11 +632,14 @@ def check_metadata(path: Path) -> pq.FileMetaData:
         meta = pq.read_metadata(str(path))
         raw = (meta.metadata or {}).get(b"m3compile")
         info = json.loads(raw) if raw else {}
-    except (OSError, pa.ArrowException, ValueError) as e:  # ValueError: undecodable metadata
-        raise M3Error(f"cannot read {path}: {e}; the file is damaged or missing") from None
-    if info.get("format") != FORMAT:
+    except (OSError, pa.ArrowException, ValueError, RecursionError) as e:  # ValueError: undecodable metadata
+        raise M3Error(f"cannot read {path}: {type(e).__name__}: {e}; the file is damaged or missing") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise M3Error(f"{path} is not an m3compile references table (no m3compile metadata)")
-    if int(info.get("format_version", 0)) > FORMAT_VERSION:
+    version = info.get("format_version", 0)
+    if type(version) not in (int, str) or not str(version).isdigit():
+        raise M3Error(f"{path}: format_version {version!r} is not a number; the file is damaged")
+    if int(version) > FORMAT_VERSION:
         raise M3Error(f"{path} has format_version {info['format_version']}, newer than this m3compile "
                       f"reads ({FORMAT_VERSION}); upgrade m3compile")
     return meta
@@ -690,7 +693,7 @@ class RowGroups:
                 missing = [c for c in columns or () if c not in f.schema_arrow.names]
                 if missing:
                     raise ValueError(f"no column {', '.join(missing)}")
-                return f.read_row_groups(np.flatnonzero(hit).tolist(), columns=columns)
+                return checked_columns(f.read_row_groups(np.flatnonzero(hit).tolist(), columns=columns))
         except (OSError, pa.ArrowException, ValueError) as e:
             raise M3Error(f"cannot read {self.path}: {e}; the file is damaged") from None
 
@@ -784,6 +787,21 @@ def read_references(path: Path, columns: list[str] | None = None) -> pa.Table:
             missing = [c for c in columns or () if c not in f.schema_arrow.names]
             if missing:  # ParquetFile.read leaves an unknown column out where read_table refused it
                 raise ValueError(f"no column {', '.join(missing)}")
-            return f.read(columns=columns)
+            return checked_columns(f.read(columns=columns))
     except (OSError, pa.ArrowException, ValueError) as e:
         raise M3Error(f"cannot read {path}: {e}; the file is damaged") from None
+
+
+_LAYOUTS = {f.name: _layout(f.type) for f in SCHEMA}
+
+
+def checked_columns(table: pa.Table) -> pa.Table:
+    """`table` if each of its columns has formats/references.md's type and no nulls, else a
+    ValueError naming the column: read as they are, a null offset is whatever its buffer holds, and
+    a null shard name the dictionary's first (another shard)."""
+    for name, column in zip(table.column_names, table.columns):
+        if name in _LAYOUTS and _layout(column.type) != _LAYOUTS[name]:
+            raise ValueError(f"column {name} is {column.type}, not the {_LAYOUTS[name]} of formats/references.md")
+        if column.null_count or (pa.types.is_list(column.type) and any(c.values.null_count for c in column.chunks)):
+            raise ValueError(f"column {name} holds nulls")
+    return table

@@ -14,6 +14,7 @@ exceeds a threshold: overlap(t, r) = N / |r|, N the longest common subsequence o
 matched positions in t span at most 2|r|. The paper uses 2/3 at evaluation and 0.9 in training.
 """
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
@@ -85,11 +86,27 @@ class _Dense:
     doc_index: object  # faiss.Index over documents (ids: document rows), or None
 
 
-def _load_faiss(path: Path, section: dict, kb_dir: Path):
+def _load_faiss(path: Path, section: dict, kb_dir: Path, files: dict | None = None):
+    """The FAISS index `section` names, read only once its bytes are the ones the manifest's `files`
+    records (when it has them): FAISS's reader is not made for damaged input (it may crash the
+    process rather than raise)."""
     import faiss
 
-    with damaged_file(path / section["file"], kb_dir):
-        index = faiss.read_index(str(path / section["file"]))
+    file = path / section["file"]
+    entry = (files or {}).get(file.relative_to(kb_dir).as_posix()) if file.is_relative_to(kb_dir) else None
+    if entry is not None:
+        h = hashlib.sha256()
+        try:
+            with open(file, "rb") as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
+        except OSError as e:
+            raise M3Error(f"cannot read {file} ({e.strerror or e}); {REPAIR_HINT.format(kb=kb_dir)}") from None
+        if h.hexdigest() != entry.get("sha256"):
+            raise M3Error(f"{file} is not the index the manifest records (sha256 differs); the kb is damaged: "
+                          f"{REPAIR_HINT.format(kb=kb_dir)}")
+    with damaged_file(file, kb_dir):
+        index = faiss.read_index(str(file))
     if section.get("search_params"):
         faiss.ParameterSpace().set_index_parameters(index, section["search_params"])
     return index
@@ -160,6 +177,7 @@ class Retriever:
             self._doc_of_row = self._corpus_ids(d["dir"], int(self._doc_bm25.scores["num_docs"]), doc_of_row)
         self._embedder_path = embedder
         self._device = device
+        self._files: dict | None = None  # the manifest's files (open sets them)
         self._dense: _Dense | None = None
         self._ref_tokens: dict[int, list[int]] | None = None
         self._tokenizer = None
@@ -191,7 +209,9 @@ class Retriever:
             raise M3Error(f"{kb_dir} has no retrieval index (its manifest has no 'retrieval' section); "
                           "recompile it with this m3compile")
         # the index files live in the kb's current generation directory
-        return cls(Path(kb_dir) / manifest.get("generation", ""), manifest["retrieval"], embedder, device)
+        r = cls(Path(kb_dir) / manifest.get("generation", ""), manifest["retrieval"], embedder, device)
+        r._files = manifest.get("files")  # checksums the dense indexes are checked against before FAISS reads them
+        return r
 
     # -- dense ---------------------------------------------------------------------------------------
 
@@ -218,8 +238,8 @@ class Retriever:
                           f"{', '.join(sorted({k for k, _ in changed})[:3])}); query with that same model")
         docs = (self._docs or {}).get("dense")
         model = ix.load_embedder(path, self._device)
-        self._dense = _Dense(_load_faiss(self.path, d, self._kb_dir), model, e.get("query_prompt"),
-                             _load_faiss(self.path, docs, self._kb_dir) if docs else None)
+        self._dense = _Dense(_load_faiss(self.path, d, self._kb_dir, self._files), model, e.get("query_prompt"),
+                             _load_faiss(self.path, docs, self._kb_dir, self._files) if docs else None)
         return self._dense
 
     def _dense_ranked(self, texts: list[str], depth: int) -> list[list[Hit]]:

@@ -34,6 +34,15 @@ class Tokenizer:
     bos_id: int | None  # id of the beginning-of-sequence token, None if the tokenizer has none
     eos_id: int | None  # id of the end-of-sequence token, None if the tokenizer has none
 
+    def __post_init__(self):
+        # text is text: a tokenizer.json saved with padding or truncation on would pad a short
+        # document to its batch neighbours' length and cut a long one (a document's references
+        # would depend on what it was encoded with), and "</s>" written in a document would become
+        # the control token. Ids are only ever added by this code (BOS of the write prefix, EOS)
+        self.hf.no_padding()
+        self.hf.no_truncation()
+        self.hf.encode_special_tokens = True
+
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
         path = Path(path)

@@ -7,7 +7,6 @@ and compared within the codec's recorded error. Reads only; a fault is a line of
 `m3 verify --repair` then runs pipeline.repair_kb, which rebuilds what is faulted.
 """
 
-import operator
 import random
 from pathlib import Path
 from typing import Callable
@@ -20,7 +19,7 @@ from m3compile import references as refs_file
 from m3compile.config import default_refs_per_batch
 from m3compile.errors import M3Error
 from m3compile.manifest import Manifest, read_manifest
-from m3compile.pack import ShardReaders, open_frame, read_shard_header
+from m3compile.pack import ShardReaders, ascending_below, open_frame, read_shard_header
 from m3compile.store import damaged_files, shard_number
 
 Progress = Callable[[int, int], None]  # (done, total) of the references re-encoded
@@ -42,7 +41,8 @@ def _read_shards(kb: Path, manifest: Manifest, faults: list[str]) -> dict[str, d
             faults.append(f"{name}: unreadable shard ({e})")
             continue
         o, n = t["kv_offsets"], len(t["ref_ids"])
-        if len(o) != n + 1 or o[0] != 0 or o[-1] != t["kv_len"] or (np.diff(o) <= 0).any() or (np.diff(t["ref_ids"]) <= 0).any():
+        if len(o) != n + 1 or o[0] != 0 or o[-1] != t["kv_len"] or (np.diff(o) <= 0).any() or (np.diff(t["ref_ids"]) <= 0).any() \
+                or t["ref_keys"].shape != (n, 32) or t["ref_errs"].shape != (n, 2):
             faults.append(f"{name}: offsets or ref ids are inconsistent")
             continue
         shards[name] = t
@@ -133,7 +133,7 @@ def verify_kb(kb_dir: str | Path, recompute: int = 0, model: str | Path | None =
                 K = min(spec.top_k, n_tokens)
                 if keys.shape != (L, H, K, D) or col["n_kept"][j] != K:
                     found.append((j, f"{where}: payload shape {keys.shape}, expected {(L, H, K, D)}"))
-                elif pos.size and not _ascending_below(pos, n_tokens):
+                elif pos.size and not ascending_below(pos, n_tokens):
                     found.append((j, f"{where}: kept positions are out of range or not ascending"))
                 kept += L * H * K
             found.sort(key=lambda f: f[0])  # stable: a row's own faults keep their order
@@ -149,17 +149,6 @@ def verify_kb(kb_dir: str | Path, recompute: int = 0, model: str | Path | None =
 
 VERIFY_READ_AHEAD = 1 << 24  # bytes of a shard read at once by verify_kb
 _CHECKED = ("ref_id", "shard", "byte_offset", "byte_length", "ref_key", "n_tokens", "n_kept")  # columns verify_kb reads
-
-
-def _ascending_below(pos: np.ndarray, n: int) -> bool:
-    """Whether each (layer, head)'s kept positions (.., K) ascend strictly and stay below n: over
-    the flat list, with numpy only for long ones (a frame's few dozen cost more in numpy calls)."""
-    if pos.size > 256:
-        return int(pos.max()) < n and not (np.diff(pos.astype(np.int64), axis=-1) <= 0).any()
-    k = pos.shape[-1]
-    flat = pos.ravel().tolist()
-    return max(flat) < n and all(all(map(operator.lt, flat[r:r + k - 1], flat[r + 1:r + k]))
-                                 for r in range(0, len(flat), k))
 
 
 def _check_retrieval(kb: Path, manifest: Manifest, n_rows: int) -> list[str]:

@@ -355,6 +355,15 @@ def collect_samples(memories, max_vectors: int = MAX_TRAIN) -> dict[tuple[int, s
     return {key: np.ascontiguousarray(np.concatenate(v)) for key, v in out.items()}  # (N, H, D) each
 
 
+def digest(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> str:
+    """Codebooks.sha256 of a codebooks file's raw parts (its tensors' bytes and string metadata), as
+    written: what a reader compares with the manifest before FAISS reads any codec."""
+    h = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode())
+    for name in sorted(tensors):
+        h.update(name.encode() + b"\0" + np.ascontiguousarray(tensors[name]).tobytes())
+    return h.hexdigest()
+
+
 @dataclass
 class Codebooks:
     factory: str  # FAISS factory string of every codec
@@ -425,11 +434,7 @@ class Codebooks:
 
     def sha256(self) -> str:
         """One digest of every codec's bytes and the metadata, for the manifest and content keys."""
-        tensors, meta = self.to_tensors()
-        h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
-        for name in sorted(tensors):
-            h.update(name.encode() + b"\0" + tensors[name].tobytes())
-        return h.hexdigest()
+        return digest(*self.to_tensors())
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, np.ndarray], metadata: dict[str, str],
@@ -548,8 +553,10 @@ class VQScheme:
 
     def parts(self, shape):
         L, H, K, D = shape
-        assert D == self.codebooks.d and L == self.codebooks.n_layers and H == self.codebooks.n_heads, \
-            (shape, self.codebooks.d, self.codebooks.n_layers, self.codebooks.n_heads)
+        cb = self.codebooks
+        if (L, H, D) != (cb.n_layers, cb.n_heads, cb.d):  # a damaged frame header, or another kb's frame
+            raise M3Error(f"payload (L, H, D) = {(L, H, D)}, but the codebooks code {(cb.n_layers, cb.n_heads, cb.d)}; "
+                          "the frame is damaged or not this kb's")
         return (PartSpec("codes", _CODE, (L, H, K, self.codebooks.code_size)),)
 
     def _per_codec(self, shape):

@@ -381,3 +381,30 @@ def test_cuts_are_the_per_token_rule_for_any_split():
         assert pos_a.tolist() + pos_b.tolist() == whole_pos
         assert clean_a.tolist() + clean_b.tolist() == whole_clean
         assert last == whole_last
+
+
+def test_a_tokenizer_saved_with_padding_truncation_or_special_tokens_cuts_text_as_text(tmp_path):
+    # a tokenizer.json saved with padding and truncation on padded a short document to its batch
+    # neighbours' length (references of pad ids, and other references than alone) and cut a long
+    # one short; "</s>" written in a document became the control token. The text is cut as text
+    hf = llama2_legacy([TRAIN])
+    (tmp_path / "plain").mkdir()
+    hf.save(str(tmp_path / "plain" / "tokenizer.json"))
+    plain = Tokenizer.from_dir(tmp_path / "plain")
+    hf.enable_padding(pad_id=0, pad_token="<unk>")
+    hf.enable_truncation(max_length=8)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    saved = json.loads((tmp_path / "tokenizer.json").read_text())
+    assert saved["padding"] is not None and saved["truncation"] is not None
+    tok = Tokenizer.from_dir(tmp_path)
+    docs = [Document("short", "s.txt", "Once upon a time."), Document("long", "l.txt", TRAIN * 2),
+            Document("eos", "e.txt", "The tag </s> and <s> are text here.")]
+    together = list(chunk_documents(docs, tok, max_tokens=16))
+    assert together == [r for d in docs for r in chunk_documents([d], tok, max_tokens=16)]
+    assert together == list(chunk_documents(docs, plain, max_tokens=16))
+    for d in docs:
+        refs = [r for r in together if r.doc_id == d.doc_id]
+        assert "".join(r.text for r in refs) == d.text
+        assert [i for r in refs for i in r.token_ids] == tok.encode(d.text)
+    eos = [i for r in together if r.doc_id == "eos" for i in r.token_ids]
+    assert tok.eos_id not in eos and tok.bos_id not in eos and tok.decode(eos) == "The tag </s> and <s> are text here."

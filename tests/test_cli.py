@@ -414,3 +414,22 @@ def test_a_missing_reference_names_the_ids_there_are(tmp_path, corpus, model_dir
     assert_one_line_error(r, "no reference 0", f"{ids} references, ref ids ")
     first = int(r.stderr.split("ref ids ")[1].split("..")[0])
     assert first > 0 and run("inspect", kb, "--ref", first).exit_code == 0
+
+
+def test_paths_ids_and_texts_are_printed_as_they_are(tmp_path, model_dir):
+    # rich reads `[...]` as markup: an id "[/math]" in a skip note raised MarkupError after the kb
+    # was committed, and "[draft] notes.txt" printed as " notes.txt". Printed as text now
+    root = tmp_path / "corpus [draft]"
+    root.mkdir()
+    (root / "[draft] notes.txt").write_text("w3 w4 w5 w6 w7 w8 w9 w10.")
+    (root / "r.jsonl").write_text(json.dumps({"id": "[/math]", "text": "w11 w12"}) + "\n"
+                                  + json.dumps({"id": "[/math]", "text": "w13 w14"}) + "\n")
+    kb = tmp_path / "kb [1]"
+    r = run("compile", root, "-o", kb, "--model", model_dir, "--max-tokens", "8", "--top-k", "2")
+    assert r.exit_code == 0, r.output
+    assert "[/math]" in r.stderr and "duplicate-id" in r.stderr
+    r = run("query", kb, "w3 w4", "-k", "1")
+    assert r.exit_code == 0 and "[draft] notes.txt" in r.stdout, r.output
+    r = run("inspect", kb, "--ref", "0")
+    assert r.exit_code == 0 and "[draft] notes.txt" in r.stdout, r.output
+    assert_one_line_error(run("inspect", tmp_path / "no [such] kb"), "no [such] kb")

@@ -141,6 +141,48 @@ def test_parquet_without_text_column_is_reported(tmp_path):
         report.raise_if_empty()
 
 
+def test_input_that_no_later_step_could_take_is_skipped_not_raised(tmp_path):
+    # each of these crashed a compile with a traceback: a JSON escape of a lone surrogate, a name
+    # that is not UTF-8, JSON nested deeper than Python parses, an integer past its 4,300 digits, a
+    # parquet string column that is not UTF-8; a BOM before a .jsonl's first record dropped it
+    import os
+
+    root = tmp_path / "c"
+    root.mkdir()
+    (root / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + b'{"id": "bom", "text": "first record"}\n'
+                                   b'{"id": "s", "text": "lone \\ud800 half"}\n'
+                                   + b"[" * 200_000 + b"\n" + b'{"id": ' + b"9" * 5000 + b', "text": "big"}\n'
+                                   b'{"id": "ok", "text": "kept"}\n')
+    os.mkdir(os.path.join(os.fsencode(root), b"caf\xe9"))
+    (root / "caf\udce9" / "x.txt").write_text("in a directory whose name is not UTF-8")
+    table = pa.table({"id": pa.array(["p"]), "text": pa.array([b"\xff\xfe not utf-8"], pa.binary()).cast(pa.string(), safe=False)})
+    pq.write_table(table, root / "b.parquet")
+    report = CorpusReport()
+    docs = list(iter_documents(root, report))
+    assert [d.doc_id for d in docs] == ["bom", "ok"]
+    assert report.skipped == {"bad-record": 1, "bad-json": 2, "bad-name": 1, "bad-file": 1}, report.skipped
+    assert any("caf\\xe9" in line for line in report.summary_lines())
+
+
+def test_a_knowledge_base_inside_the_corpus_is_recognised_without_its_lock(tmp_path):
+    # a committed kb is its manifest beside a generation directory (not the lock of a compile under
+    # way), also through a directory link; a folder with some other manifest.json is walked
+    root = tmp_path / "c"
+    (root / "kb" / "gen-0123456789abcdef" / "bm25").mkdir(parents=True)
+    (root / "kb" / "manifest.json").write_text("{}")
+    (root / "kb" / "gen-0123456789abcdef" / "bm25" / "corpus.jsonl").write_text('{"ref_id": 1}\n')
+    (root / "app").mkdir()
+    (root / "app" / "manifest.json").write_text('{"name": "web app"}')
+    (root / "app" / "notes.txt").write_text("walked")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "manifest.json").write_text("{}")
+    (tmp_path / "other" / "gen-fedcba9876543210").mkdir()
+    (root / "linked").symlink_to(tmp_path / "other")
+    report = CorpusReport()
+    assert [d.doc_id for d in iter_documents(root, report, follow_symlinks=True)] == ["app/notes.txt"]
+    assert report.skipped == {"knowledge-base": 2, "unsupported-extension": 1}, report.skipped
+
+
 def test_user_errors(tmp_path):
     with pytest.raises(M3Error, match="does not exist"):
         iter_documents(tmp_path / "missing", CorpusReport())

@@ -301,6 +301,27 @@ def test_a_kept_shard_that_changes_during_a_compile_is_not_committed(env, monkey
     assert r.summary["repaired"] == [shard] and verify_kb(kb) == []
 
 
+def test_a_document_the_tokenizer_keeps_nothing_of_is_not_added_by_every_compile(env):
+    # a normaliser that drops control characters leaves a file of them no token: it gives no
+    # reference, so it is no document of the kb, and it was "added" by every compile (--check
+    # exited 1 forever). It is reported as skipped (no-tokens) and the kb is up to date
+    import tokenizers
+
+    tmp, corpus, cfg = env
+    tok = tokenizers.Tokenizer.from_file(str(tmp / "model" / "tokenizer.json"))
+    tok.normalizer = tokenizers.normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=False,
+                                                           strip_accents=False, lowercase=False)
+    tok.save(str(tmp / "model" / "tokenizer.json"))
+    (corpus / "bell.txt").write_text("\x07\x07 \x07")
+    notes = []
+    r = compile_kb(cfg, tmp / "kb", log=notes.append)
+    assert r.summary["documents"]["added"] == 4 and r.manifest.counts["documents"] == 4
+    assert any("no-tokens" in n for n in notes) and any("bell.txt" in n for n in notes), notes
+    assert check_kb(cfg, tmp / "kb") == []
+    r = compile_kb(cfg, tmp / "kb")
+    assert r.summary["documents"] == {"added": 0, "changed": 0, "unchanged": 4, "removed": 0, "kept": 0}
+
+
 def test_keep_missing_only_adds(env):
     tmp, corpus, cfg = env
     compile_kb(cfg, tmp / "kb")

@@ -205,7 +205,7 @@ def test_the_kept_positions_check_is_the_array_rule():
 
     import numpy as np
 
-    from m3compile.verify import _ascending_below
+    from m3compile.pack import ascending_below as _ascending_below
     rng = random.Random(0)
     for _ in range(3000):
         shape = (rng.randint(1, 3), rng.randint(1, 4), rng.randint(1, 40))
@@ -227,6 +227,96 @@ def test_read_errors_name_the_shard_and_the_reference(kb):
     first = min(r["ref_id"] for r in base.references().to_pylist() if r["shard"] == shard)
     with pytest.raises(M3Error, match=rf"{shard} reference {first}: .*m3 verify --repair"):
         base.memory(first)
+
+
+def _rewrite_first_frame(kb: Path, shard: str, edit) -> int:
+    """Replace the shard's first frame by edit(its decompressed payload), recompressed whole (a
+    frame that passes zstd's checksum and the size checks: crafted, not flipped). Returns its ref id."""
+    frames = shard_frames(kb / shard)
+    meta = dict(read_shard_header(kb / shard)["__metadata__"])
+    raw = (kb / shard).read_bytes()
+    kv_start = 8 + struct.unpack("<Q", raw[:8])[0] + \
+        read_shard_header(kb / shard)[f"shard.{int(shard[7:12]):05d}.kv"]["data_offsets"][0]
+    tmp = kb / "crafted"
+    tmp.mkdir()
+    with ShardWriter(tmp, meta, 1 << 40, first_index=int(shard[7:12])) as w:
+        for i, (ref_id, key, f) in enumerate(frames):
+            data = raw[kv_start + f.offset:kv_start + f.offset + f.length]
+            if i == 0:
+                payload = bytearray(zstandard.ZstdDecompressor().decompress(data))
+                edit(payload)
+                data = zstandard.ZstdCompressor(level=3, write_checksum=True, write_content_size=True).compress(bytes(payload))
+            w.add(ref_id, data, key, (f.rel_err, f.max_err))
+    os.replace(tmp / shard, kb / shard)
+    tmp.rmdir()
+    return frames[0][0]
+
+
+def test_a_frame_that_checks_but_does_not_fit_the_kb_is_refused_by_name(kb):
+    # a frame whose zstd checksum holds but whose kept positions leave the reference, or whose
+    # header names another shape of the same size, decoded as a good one: only `m3 verify` looked.
+    # Reading it is one error naming it now
+    kb_dir, _ = kb
+    shard = sorted(json.loads((kb_dir / "manifest.json").read_text())["state"]["shards"])[0]
+
+    def far_position(payload):
+        struct.pack_into("<H", payload, 14, 60000)  # the first kept position (after the 14-byte header)
+
+    ref = _rewrite_first_frame(kb_dir, shard, far_position)
+    with pytest.raises(M3Error, match=rf"{shard} reference {ref}: payload of shape .* do not fit this kb"):
+        open_kb(kb_dir).memory(ref)
+    with pytest.raises(M3Error, match="do not fit this kb"):
+        open_kb(kb_dir).kept_positions(ref)
+    assert any(f.startswith(f"{shard} reference {ref}") for f in verify_kb(kb_dir))
+    L, H = open_kb(kb_dir).memory(ref + 1).keys.shape[:2]
+    if L != H:  # the same bytes read as (H, L, K, D)
+        def swapped(payload):
+            magic, version, l, h, k, d = struct.unpack_from("<4sHHHHH", payload)
+            struct.pack_into("<4sHHHHH", payload, 0, magic, version, h, l, k, d)
+
+        _rewrite_first_frame(kb_dir, shard, swapped)
+        with pytest.raises(M3Error, match="do not fit this kb"):
+            open_kb(kb_dir).memory(ref)
+
+
+def test_damaged_headers_tables_and_manifests_are_one_error(kb):
+    # each of these raised OverflowError, RecursionError, read garbage offsets or sized frames by a
+    # damaged number; each is one M3Error naming the file now
+    from m3compile.manifest import read_manifest
+
+    kb_dir, _ = kb
+    shard = sorted(json.loads((kb_dir / "manifest.json").read_text())["state"]["shards"])[0]
+    good = (kb_dir / shard).read_bytes()
+    n = struct.unpack("<Q", good[:8])[0]
+    header = good[8:8 + n].decode()
+    import re
+
+    for bad in (re.sub(r'("data_offsets":\s*\[\s*\d+\s*,\s*)\d+', r"\g<1>1e999", header, count=1), "[" * 100_000):
+        assert bad != header
+        (kb_dir / shard).write_bytes(struct.pack("<Q", len(bad)) + bad.encode() + good[8 + n:])
+        with pytest.raises(M3Error, match=shard):
+            read_shard_header(kb_dir / shard)
+    (kb_dir / shard).write_bytes(good)
+    gen = json.loads((kb_dir / "manifest.json").read_text())["generation"]
+    table = kb_dir / gen / refs_file.FILE_NAME
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(table)
+    meta = t.schema.metadata
+    offsets = pa.array([None] + t.column("byte_offset").to_pylist()[1:], t.schema.field("byte_offset").type)
+    pq.write_table(t.set_column(t.schema.get_field_index("byte_offset"), t.schema.field("byte_offset").with_nullable(True),
+                                offsets)
+                   .replace_schema_metadata(meta), table)
+    with pytest.raises(M3Error, match="byte_offset holds nulls"):
+        refs_file.read_references(table)
+    manifest = kb_dir / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    for section, key, value in (("write", "top_k", 10**12), ("write", "top_k", "8"), ("model", "head_dim", -16),
+                                ("paths", "references", "/etc/passwd"), ("paths", "references", "../x.parquet")):
+        manifest.write_text(json.dumps({**doc, section: {**doc[section], key: value}}))
+        with pytest.raises(M3Error, match="manifest is damaged"):
+            read_manifest(kb_dir)
 
 
 def test_rebuild_works_over_any_damage(built, kb):

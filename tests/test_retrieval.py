@@ -827,3 +827,28 @@ def test_minilm_word_builds_a_dense_index(tmp_path, monkeypatch):
     # recorded by its name: the package's directory is this machine's, and is found again from the name
     assert sec["dense"]["embedder"]["name"] == "minilm" and sec["dense"]["embedder"]["path"] == "minilm"
     assert Retriever.open(tmp_path, {"retrieval": sec}).retrieve("a kitten dozing outside", 1, mode="dense")[0].ref_id == 100
+
+
+def test_a_dense_index_the_manifest_does_not_vouch_for_is_never_read_by_faiss(tmp_path, fake_embedders, monkeypatch):
+    # FAISS's reader is not made for damaged input (it may crash the process rather than raise):
+    # a kb's dense indexes are read only once their bytes are the ones its manifest records
+    import faiss
+
+    from conftest import model_and_corpus
+    from m3compile.config import CompileConfig
+    from m3compile.kb import open_kb
+    from m3compile.pipeline import compile_kb
+
+    emb, _ = fake_embedders
+    corpus = model_and_corpus(tmp_path, [30, 37])
+    compile_kb(CompileConfig(corpus=str(corpus), model=str(tmp_path / "model"), max_tokens=16, top_k=4,
+                             embedder=str(emb)), tmp_path / "kb")
+    assert open_kb(tmp_path / "kb").retrieve("w5 w6", k=1, mode="dense")
+    gen = json.loads((tmp_path / "kb" / "manifest.json").read_text())["generation"]
+    index = tmp_path / "kb" / gen / "index.faiss"
+    data = bytearray(index.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    index.write_bytes(bytes(data))
+    monkeypatch.setattr(faiss, "read_index", lambda *a: pytest.fail("FAISS read an index the manifest does not vouch for"))
+    with pytest.raises(M3Error, match=f"{gen}/index.faiss is not the index the manifest records.*damaged"):
+        open_kb(tmp_path / "kb").retrieve("w5 w6", k=1, mode="dense")

@@ -3,8 +3,11 @@ content-addressed safetensors artefact named in the manifest and in every conten
 incremental compiles (with a drift report), deterministic, verified, and refused by name when
 damaged."""
 
+import hashlib
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -121,6 +124,34 @@ def test_a_damaged_codebooks_file_is_named(env, damage):
         compile_kb(cfg, tmp / "kb")
     compile_kb(cfg, tmp / "kb", rebuild=True, retrain_codebooks=True)
     assert verify_kb(tmp / "kb") == []
+
+
+def test_codebooks_the_manifest_does_not_vouch_for_never_reach_faiss(env, monkeypatch):
+    # a codebooks file rewritten whole, its own per-tensor digests made to match, passed the file's
+    # self-check and went to faiss.deserialize_index (not made for hostile bytes) before the
+    # manifest's sha256 was compared; now nothing is deserialized unless the manifest vouches for it
+    import faiss
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    from m3compile import vq
+
+    tmp, _, cfg = env
+    m = compile_kb(cfg, tmp / "kb").manifest
+    path = tmp / "kb" / m.quant["vq"]["path"]
+    with safe_open(str(path), framework="numpy") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    name = sorted(tensors)[0]
+    tensors[name] = np.concatenate([tensors[name], np.zeros(8, np.uint8)])  # other bytes for faiss
+    digests = json.loads(meta["sha256"])
+    digests[name] = hashlib.sha256(tensors[name].tobytes()).hexdigest()
+    meta["sha256"] = json.dumps(digests, sort_keys=True)
+    save_file(tensors, str(path), metadata=meta)
+    assert vq.digest(tensors, meta) != m.quant["vq"]["sha256"]
+    monkeypatch.setattr(faiss, "deserialize_index", lambda t: pytest.fail("deserialized unvouched bytes"))
+    with pytest.raises(M3Error, match=f"{path.name}: these codebooks are not the ones"):
+        open_kb(tmp / "kb")
+    assert any(path.name in f for f in verify_kb(tmp / "kb"))
 
 
 def test_vq_is_recorded_as_the_preset_it_resolves_to():
