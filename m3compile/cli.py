@@ -371,6 +371,9 @@ def eval_(
             result = evaluate(base, ck, docs, oracle=oracle, retrieve=retrieve, max_text_tokens=max_text_tokens,
                               chunk_tokens=chunk_tokens, refs_per_chunk=refs,
                               progress=lambda n: bar.update(task, completed=n))
+    if result["texts_cut_at_position_limit"]:
+        err.print(f"note: {result['texts_cut_at_position_limit']} text(s) scored up to the model's positions only "
+                  f"(the first {result['position_limit']} tokens each; --max-text-tokens sets fewer)", highlight=False)
     if as_json:
         out.print_json(json.dumps({**result, "skipped": dict(sorted(report.skipped.items()))}))
         return

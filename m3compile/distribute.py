@@ -47,6 +47,8 @@ import signal
 import socket
 import struct
 import sys
+import threading
+import time
 from collections import defaultdict, deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -112,15 +114,39 @@ def local_frames(model, spec: MemorySpec, batches: Iterable[list[list[int]]], ti
 # ---- the local engine with worker processes ---------------------------------------------------------
 
 _pool_encoder: "_Encoder | None" = None  # the model of this worker process (pool_frames)
+_pool_failed: str | None = None  # why this worker's model did not load: said by its first batch
+PARENT_POLL_SECONDS = 1.0  # how often a worker process looks whether the compile that started it is gone
 
 
-def _pool_start(model_path: str, fields: dict, codebooks: tuple | None, device: str, threads: int) -> None:
-    global _pool_encoder
-    _pool_encoder = _Encoder(model_path, fields, codebooks, device, threads)
+def _exit_with_parent(parent: int) -> None:
+    """End this worker process when the compile that spawned it is gone. Killed (SIGKILL, the OOM
+    killer), the driver runs no cleanup, and a worker waiting on the pool's queue, whose ends it
+    holds itself, would wait forever, holding a model (a resume would start N more)."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="m3-parent-watch", daemon=True).start()
+
+
+def _pool_start(model_path: str, fields: dict, codebooks: tuple | None, device: str, threads: int,
+                parent: int) -> None:
+    global _pool_encoder, _pool_failed
+    # Ctrl-C reaches the whole process group: the driver stops the pool; each worker saying so with
+    # a traceback of its own would bury the driver's one line
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_parent(parent)
+    try:
+        _pool_encoder = _Encoder(model_path, fields, codebooks, device, threads)
+    except Exception as e:  # raised from the first batch: an initializer's error only breaks the pool
+        _pool_failed = str(e) if isinstance(e, M3Error) else f"{type(e).__name__}: {e}"
 
 
 def _pool_encode(item: tuple[int, list[list[int]]]) -> bytes:
     i, tokens = item
+    if _pool_failed is not None:
+        raise M3Error(f"a compile worker process could not load the model: {_pool_failed}")
     _crash_once(f"pool-batch:{i}")
     return _pack_result(encode_frames(_pool_encoder.model, _pool_encoder.spec, tokens))
 
@@ -139,7 +165,7 @@ def pool_frames(model_path: Path, spec: MemorySpec, batches: Iterable[list[list[
         return  # nothing to encode: no worker is started
     fields, codebooks = _spec_for_workers(spec)
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_pool_start,
-                               initargs=(str(model_path), fields, codebooks, device, threads_per_worker))
+                               initargs=(str(model_path), fields, codebooks, device, threads_per_worker, os.getpid()))
     try:
         for data in _in_order(first, items, lambda item: pool.submit(_pool_encode, item), lambda f: f.result(),
                               POOL_AHEAD * workers):
@@ -320,7 +346,7 @@ def _ray_cluster(address: str | None):
             # no address: a local cluster on this machine (or RAY_ADDRESS's, as `ray` itself reads it)
             ray.init(address=address, include_dashboard=False, log_to_driver=False,
                      logging_level="ERROR", configure_logging=False)
-        except (ConnectionError, RuntimeError, ValueError) as e:
+        except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as e:  # RayError: authentication
             where = address or os.environ.get("RAY_ADDRESS") or "a new local cluster"
             fix = "start one with `ray start --head` and pass its address to --ray-address"
             if where != "a new local cluster" and not os.environ.get("RAY_AUTH_MODE") and \
@@ -369,14 +395,17 @@ class RaySession:
         self._ray = None
 
 
+RAY_RESTARTS = 3  # restarts of a killed encoder actor, and retries of its calls, before the compile fails
+
+
 def ray_frames(session: RaySession, model_path: Path, spec: MemorySpec, batches: Iterable[list[list[int]]],
                device: str, workers: int, gpus_per_worker: float, threads_per_worker: int) -> Iterator[Frames]:
     """The Ray engine's encoding: `workers` _Encoder actors, started once for the whole compile
     (each loads the model once); batch i goes to actor i mod workers, packed as int32, at most
     RAY_AHEAD calls per actor queued or running, and frames come back in batch order. `batches` is
     taken lazily, so the driver holds a few batches, not the plan. A killed actor is restarted
-    (max_restarts) and the calls it held run again (max_task_retries); a frame depends only on its
-    batch, so nothing in the kb changes."""
+    (max_restarts, RAY_RESTARTS times) and the calls it held run again (max_task_retries); a frame
+    depends only on its batch, so nothing in the kb changes."""
     items = enumerate(batches)
     first = next(items, None)
     if first is None:
@@ -385,8 +414,11 @@ def ray_frames(session: RaySession, model_path: Path, spec: MemorySpec, batches:
     if session.started:  # a cluster joined may be autoscaling: there Ray waits for the nodes
         _check_resources(ray, workers, threads_per_worker or 1, gpus_per_worker)
     fields, codebooks = _spec_for_workers(spec)
-    encoder = ray.remote(num_cpus=threads_per_worker or 1, num_gpus=gpus_per_worker, max_restarts=-1,
-                         max_task_retries=-1)(_Encoder)
+    # a killed actor is restarted and its calls run again, a few times: a batch that kills its actor
+    # every time (out of memory, a segfault) or a node that never comes back ends the compile with one
+    # error instead of restarting forever behind a silent driver
+    encoder = ray.remote(num_cpus=threads_per_worker or 1, num_gpus=gpus_per_worker, max_restarts=RAY_RESTARTS,
+                         max_task_retries=RAY_RESTARTS)(_Encoder)
     actors = [encoder.remote(str(model_path), fields, codebooks, device, threads_per_worker) for _ in range(workers)]
 
     def submit(item):
@@ -541,6 +573,8 @@ def ray_references(session: RaySession, docs: Iterable[Document], tokenizer, wid
                               "boundary": boundary, "min_fill": min_fill, "threads": threads_per_worker or 1,
                               "rule": CHUNK_RULE_VERSION}
         blocks = min(len(window), 8 * workers)
+        if session.started:  # as for the encoders (ray_frames): a pool Ray cannot place waits forever
+            _check_resources(ray, min(workers, blocks), threads_per_worker or 1, 0)
         ds = ray.data.from_items([{"j": j, "text": d.text} for j, d in enumerate(window)], override_num_blocks=blocks)
         # a block a call (batch_size None): its documents' tokenizer calls are batched
         ds = ds.map_batches(_Chunker, batch_size=None, batch_format="numpy",

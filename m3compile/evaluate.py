@@ -92,11 +92,19 @@ def evaluate(kb: KnowledgeBase, ck: Checkpoint, docs: Iterable[Document], oracle
             full_cache[m.ref_id] = m
         return [full_cache[i] for i in ids]
 
+    # a text is scored only as far as the model has positions for it (after the write prefix and the
+    # memory interval): past them RoPE runs where the model never trained, for all four rows alike
+    room = ck.args.max_seq_len - max(layout.text_positions(0), all_layers.text_positions(0))
+    if room < 1:
+        raise M3Error(f"the memory layout takes all {ck.args.max_seq_len} positions of the model: no text fits")
+    limit = room if max_text_tokens is None else min(max_text_tokens, room)
     sums = {r: [0.0, 0] for r in ROWS}
     improved = {r: 0 for r in ROWS[1:]}
-    n_docs = 0
+    n_docs = cut = 0
     for doc in docs:
-        ids = tok.encode(doc.text)[:max_text_tokens]
+        ids = tok.encode(doc.text)
+        cut += len(ids) > limit and limit == room and (max_text_tokens is None or max_text_tokens > room)
+        ids = ids[:limit]
         if not ids:
             continue
         if oracle and doc.doc_id not in by_doc:
@@ -132,4 +140,5 @@ def evaluate(kb: KnowledgeBase, ck: Checkpoint, docs: Iterable[Document], oracle
         raise M3Error("no text to evaluate: the texts are empty")
     rows = {r: {"nll": s / n, "tokens": n, "ppl": math.exp(s / n)} for r, (s, n) in sums.items()}
     return {"rows": rows, "improved_docs": improved, "docs": n_docs, "oracle": oracle,
-            "chunk_tokens": chunk_tokens, "refs_per_chunk": refs_per_chunk, "max_text_tokens": max_text_tokens}
+            "chunk_tokens": chunk_tokens, "refs_per_chunk": refs_per_chunk, "max_text_tokens": max_text_tokens,
+            "position_limit": room, "texts_cut_at_position_limit": int(cut)}

@@ -65,11 +65,12 @@ def generate_text(prompt: str, kb: str | Path | None = None, model: str | Path |
                             chunk_tokens, refs_per_chunk)
         memory = False
     prompt_ids = ck.tokenizer.encode(prompt)
-    room = ck.args.max_seq_len - layout.text_positions(len(prompt_ids))
-    if room < 0:
+    free = ck.args.max_seq_len - layout.text_positions(len(prompt_ids))
+    if free < 0:
         raise M3Error(f"the prompt is {len(prompt_ids)} tokens, and with the memory layout it needs "
                       f"{layout.text_positions(len(prompt_ids))} positions; the model has {ck.args.max_seq_len} "
-                      f"(max_position_embeddings): shorten the prompt to at most {len(prompt_ids) + room} tokens")
+                      f"(max_position_embeddings): shorten the prompt to at most {len(prompt_ids) + free} tokens")
+    room = free + 1  # the last generated token is never fed to the model: it needs no position
     if max_new_tokens > room:
         log(f"note: the model has room for {room} more tokens after this {len(prompt_ids)}-token prompt "
             f"({ck.args.max_seq_len} positions); generating at most {room}, not {max_new_tokens}")

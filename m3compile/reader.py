@@ -178,8 +178,10 @@ def generate(model: Transformer, layout: ReadLayout, prompt_ids: Sequence[int], 
         own = prompt[c * C:(c + 1) * C]
         memory = retrieve(own) if retrieve and own else None
         logits = _step(model, layout, piece, memory, cache, dev)
+    if logits is None and max_new_tokens > 0:
+        raise M3Error("nothing to continue: the prompt is empty and the tokenizer has no BOS token; give a prompt")
     new, window = [], []
-    for _ in range(max_new_tokens):
+    while len(new) < max_new_tokens:
         nxt = sample(logits[-1], temperature, g)
         if nxt == eos_id:
             break
@@ -187,11 +189,15 @@ def generate(model: Transformer, layout: ReadLayout, prompt_ids: Sequence[int], 
         window.append(nxt)
         if progress is not None:
             progress(len(new))
+        if len(new) == max_new_tokens:
+            break  # its logits would predict a token nobody asked for
+        # fed with its own chunk's memories, as text_logits scores it (chunk_of): the last token of
+        # a chunk too, whose key-values every later token attends to
+        logits = _step(model, layout, [nxt], memory, cache, dev)
         if len(window) == C:
             # this chunk is done: its tokens fetch the memories of the next one
             memory = retrieve(window) if retrieve else None
             window = []
-        logits = _step(model, layout, [nxt], memory, cache, dev)
     return new
 
 

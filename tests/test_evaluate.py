@@ -42,3 +42,25 @@ def test_full_memory_helps_a_real_model(stories260k, tmp_path):
     assert rows["full_all_layers"]["nll"] < rows["no_memory"]["nll"] - 0.015
     assert r["improved_docs"]["full_all_layers"] >= 17
     assert rows["sparse"]["nll"] < rows["no_memory"]["nll"] + 0.01
+
+
+def test_a_text_past_the_models_positions_is_scored_up_to_them(tmp_path):
+    # `m3 eval` ran a text longer than the model's positions through one forward at RoPE positions
+    # it never trained on (and a scores matrix growing with its square); it scores the first
+    # position_limit tokens now, and says how many texts it cut
+    import math
+
+    from conftest import model_and_corpus
+
+    pytest.importorskip("transformers", reason="transformers builds the tiny test checkpoint")
+    corpus = model_and_corpus(tmp_path, [400, 30])
+    compile_kb(CompileConfig(corpus=str(corpus), model=str(tmp_path / "model"), max_tokens=16, top_k=4), tmp_path / "kb")
+    kb = open_kb(tmp_path / "kb")
+    ck = load_kb_model(kb)
+    docs = list(iter_documents(corpus, CorpusReport()))
+    r = evaluate(kb, ck, docs, oracle=True)
+    room = r["position_limit"]
+    assert 30 < room < 400 and r["texts_cut_at_position_limit"] == 1
+    short = len(ck.tokenizer.encode(docs[1].text))
+    assert r["rows"]["no_memory"]["tokens"] == room + short and all(math.isfinite(v["nll"]) for v in r["rows"].values())
+    assert evaluate(kb, ck, docs, oracle=True, max_text_tokens=20)["texts_cut_at_position_limit"] == 0

@@ -138,3 +138,70 @@ def test_ray_chunking_packs_references_and_cuts_as_chunk_documents():
     windows = [[d.doc_id for d in w] for w in distribute._document_windows(iter(docs), 5)]
     # a window closes at >= 5 characters; a longer document is a window alone, its neighbours apart
     assert windows == [["3", "4"], ["20"], ["1", "1"], ["9"], ["2"]]
+
+
+def test_a_worker_whose_model_does_not_load_says_why(one_process, tmp_path):
+    # an error in a worker's start only broke the pool ("failed or died ... run the same command
+    # again"); the worker's own message is the error now (here: no CUDA for --device cuda, which
+    # the driver, loading no model with workers, never tried)
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: --device cuda loads")
+    cfg, _ = one_process
+    with pytest.raises(M3Error, match="worker process could not load the model: .*cuda"):
+        compile_kb(replace(cfg, workers=2, device="cuda"), tmp_path / "kb")
+
+
+def test_worker_processes_end_when_the_compile_is_killed(tmp_path):
+    # killed by SIGKILL (the OOM killer), the driver runs no cleanup; its spawned workers, waiting on
+    # a queue whose ends they hold themselves, lived on with a model each, and a resume started more
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for k in range(60):  # enough references that the workers are still encoding when the driver dies
+        for p in sorted(CORPUS.iterdir()):
+            (corpus / f"{k}-{p.name}").write_text(p.read_text() + f"\nCopy {k}.\n")
+
+    def children(pid):
+        out = []
+        for d in os.listdir("/proc"):
+            try:
+                if d.isdigit() and open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1] == str(pid):
+                    out.append(int(d))
+            except OSError:
+                pass
+        return out
+
+    driver = subprocess.Popen([sys.executable, "-m", "m3compile", "compile", str(corpus), "-o", str(tmp_path / "kb"),
+                               "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = []
+    try:
+        deadline, workers = time.time() + 120, []
+        while time.time() < deadline and len(workers) < 2 and driver.poll() is None:
+            time.sleep(0.2)  # the pool is started once the plan is made
+            workers = [c for c in children(driver.pid) if b"spawn_main" in open(f"/proc/{c}/cmdline", "rb").read()]
+        time.sleep(3)  # loading or encoding: either way they must go with the driver
+        assert len(workers) >= 2 and driver.poll() is None, (workers, driver.poll())
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        deadline = time.time() + 30
+        while time.time() < deadline and any(os.path.exists(f"/proc/{w}") and
+                                             open(f"/proc/{w}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+                                             for w in workers):
+            time.sleep(0.2)
+        alive = [w for w in workers if os.path.exists(f"/proc/{w}")
+                 and open(f"/proc/{w}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+        assert not alive, alive
+    finally:
+        driver.kill()
+        for w in workers + children(driver.pid):  # reparented once the driver is gone
+            try:
+                os.kill(w, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

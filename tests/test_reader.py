@@ -102,3 +102,28 @@ def test_generation_with_cache_follows_the_scored_path(setup):
     seq = prompt + new
     logits = text_logits(ck.model, layout, seq, [mem] * 4)
     assert logits[len(prompt):].argmax(-1).tolist() == new
+
+
+
+def test_each_generated_token_reads_its_own_chunks_memories(setup):
+    # the last token of a generated chunk was fed with the next chunk's memories (retrieved as soon
+    # as it was sampled), so its key-values, which every later token attends to, were not those
+    # teacher-forced scoring gives it. With other memories in every chunk, greedy generation must
+    # equal the argmax of text_logits under the schedule's memories; no retrieval is made past the
+    # last token
+    tmp_path, ck = setup
+    kb = compile_all_layers(tmp_path, top_k=4)
+    layout = ReadLayout(kb.prefix_ids, 1, (0, 1, 2), chunk_tokens=4)
+    mems = [ChunkMemory.gather(m, layout.memory_layers) for m in ([kb.memory(0)], [kb.memory(1)], [kb.memory(1), kb.memory(0)])]
+    calls = []
+
+    def retrieve(tokens):
+        calls.append(list(tokens))
+        return mems[(len(calls) - 1) % len(mems)]
+
+    prompt = [40, 41, 42, 43]  # one whole chunk: generated chunks fall on text chunks 1, 2, 3
+    new = generate(ck.model, layout, prompt, retrieve, max_new_tokens=12)
+    assert len(new) == 12 and calls == [prompt, new[:4], new[4:8]]
+    # text chunk 0: the prompt's memories; chunk 1 inherits them; then one retrieval a chunk
+    logits = text_logits(ck.model, layout, prompt + new, [mems[0], mems[0], mems[1], mems[2]])
+    assert logits[len(prompt):].argmax(-1).tolist() == new
