@@ -20,6 +20,7 @@ N query heads, H kv heads, D head dim, C model dim, F FFN width, V vocab.
 
 import ctypes
 import json
+import os
 import math
 import re
 import sys
@@ -721,11 +722,15 @@ def save_checkpoint(model: Transformer, out_dir: str | Path, tokenizer_dir: str 
     state = {ours_to_hf[k]: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
              if not (k == "output.weight" and model.args.tie_word_embeddings)}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if tokenizer_dir is not None:
         for name in ("tokenizer.json", "tokenizer_config.json"):
             src = Path(tokenizer_dir) / name
             if src.is_file():
                 (out / name).write_bytes(src.read_bytes())
+    # config.json last, through a temporary file: a directory that has one is a whole checkpoint (a
+    # write cut short leaves none, and loading it says so)
+    tmp = out / ".config.json.tmp"
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, out / "config.json")
     return out
 

@@ -282,8 +282,15 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None,
     layout = ReadLayout.from_spec(spec, ck.tokenizer.bos_id, config.chunk_tokens, config.refs_per_chunk)
     t = kb.references().select(["ref_id", "token_ids"]).to_pydict()
     ref_tokens = dict(zip(t["ref_id"], t["token_ids"]))
-    if Path(config.out).exists() and not Path(config.out).is_dir():  # before the sequences are prepared
+    out_dir = Path(config.out)
+    if out_dir.exists() and not out_dir.is_dir():  # before the sequences are prepared
         raise M3Error(f"output {config.out} is a file; give a directory for the trained checkpoint")
+    if out_dir.resolve() == Path(config.model).resolve():
+        raise M3Error(f"output {config.out} is the input model: training would write over its weights; give a new "
+                      "directory for the trained checkpoint")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / STATE_FILE).is_file():
+        raise M3Error(f"output {config.out} holds files and no unfinished run of this command ({STATE_FILE}): a "
+                      "finished checkpoint or another directory; give a new or empty directory")
     if retrieve is None:
         retrieve = kb_retriever(config.kb, config.refs_per_chunk, config.retrieval_mode, config.max_overlap)
     t0 = time.perf_counter()
@@ -339,11 +346,13 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None,
     wall = time.perf_counter() - t_loop
 
     model.eval()
-    save_checkpoint(model, out, tokenizer_dir=config.model, bos_id=ck.tokenizer.bos_id, eos_id=ck.tokenizer.eos_id)
-    # the memory format it learned to read: `m3 compile` with this checkpoint takes these settings
+    # the memory format it learned to read (`m3 compile` with this checkpoint takes these settings),
+    # written before the checkpoint, whose config.json comes last: a run killed while it writes leaves
+    # no loadable checkpoint that would compile with the paper's defaults, and its state file resumes it
     write_model_memory(out, {"max_tokens": spec.width, "boundary": spec.boundary, "min_fill": spec.min_fill,
                              "prefix": spec.prefix, "top_k": spec.top_k, "memory_layers": list(spec.memory_layers)},
                        f"m3compile {__version__} (m3 train)")
+    save_checkpoint(model, out, tokenizer_dir=config.model, bos_id=ck.tokenizer.bos_id, eos_id=ck.tokenizer.eos_id)
     report = {
         "config": {f.name: getattr(config, f.name) for f in fields(config)},
         "sequences": len(seqs), "text_tokens": sum(len(s.text_ids) for s in seqs),

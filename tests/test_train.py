@@ -292,3 +292,23 @@ def test_m3_train_cli_writes_a_loadable_checkpoint(setup, tmp_path):
     r = CliRunner().invoke(app, ["train", "--model", str(setup / "model"), "--kb", str(setup / "kb"),
                                  "--texts", str(setup / "nope.jsonl"), "-o", str(tmp_path / "out2")])
     assert r.exit_code == 1 and "error:" in r.stderr
+
+
+def test_an_output_that_is_not_a_new_run_is_refused(setup, tmp_path):
+    # -o was only checked for being a file: -o set to the input model wrote over its weights, and a
+    # finished run's directory was trained into again from step 0, its old files beside the new
+    from m3compile.errors import M3Error
+    from m3compile.train import train
+
+    before = (setup / "model" / "model.safetensors").read_bytes()
+    with pytest.raises(M3Error, match="is the input model"):
+        train(_config(setup, setup / "model", steps=1))
+    assert (setup / "model" / "model.safetensors").read_bytes() == before
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.md").write_text("mine")
+    with pytest.raises(M3Error, match="holds files and no unfinished run"):
+        train(_config(setup, tmp_path / "notes", steps=1))
+    train(_config(setup, tmp_path / "out", steps=1))
+    with pytest.raises(M3Error, match="holds files and no unfinished run"):  # finished: not trained again
+        train(_config(setup, tmp_path / "out", steps=1))
+    assert not (tmp_path / "out" / "train-state.safetensors").exists() and (tmp_path / "out" / "config.json").is_file()
