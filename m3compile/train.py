@@ -211,23 +211,29 @@ def save_state(path: Path, model: Transformer, opt: torch.optim.Optimizer, step:
 
 
 def load_state(path: Path, model: Transformer, opt: torch.optim.Optimizer, config: TrainConfig) -> tuple[int, list]:
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != STATE_FORMAT or int(meta.get("format_version", 0)) > STATE_VERSION:
-            raise M3Error(f"{path} is not an m3 training state this version reads; delete it to start afresh")
-        if json.loads(meta["settings"]) != config.run_settings():
-            raise M3Error(f"{path} was written by a run with other settings; resume with the same settings, "
-                          "or delete it (or set resume=False) to start afresh")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    _set_weights(model, tensors)
-    sd = opt.state_dict()
-    sd["state"] = {}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, i, name = k.split(".", 2)
-            sd["state"].setdefault(int(i), {})[name] = v
-    opt.load_state_dict(sd)
-    return int(meta["step"]), json.loads(meta["history"])
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != STATE_FORMAT or int(meta.get("format_version", 0)) > STATE_VERSION:
+                raise M3Error(f"{path} is not an m3 training state this version reads; delete it to start afresh")
+            if json.loads(meta["settings"]) != config.run_settings():
+                raise M3Error(f"{path} was written by a run with other settings; resume with the same settings, "
+                              "or delete it (or set resume=False) to start afresh")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        _set_weights(model, tensors)
+        sd = opt.state_dict()
+        sd["state"] = {}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, i, name = k.split(".", 2)
+                sd["state"].setdefault(int(i), {})[name] = v
+        opt.load_state_dict(sd)
+        return int(meta["step"]), json.loads(meta["history"])
+    except M3Error:
+        raise
+    except Exception as e:  # safetensors' own errors, missing metadata, tensors of other shapes
+        raise M3Error(f"{path} cannot be read ({type(e).__name__}: {str(e)[:200]}); the training state is damaged: "
+                      "delete it to start afresh") from None
 
 
 def load_state_weights(path: Path, model: Transformer) -> int:

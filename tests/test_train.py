@@ -193,6 +193,11 @@ def test_resume_equals_uninterrupted(setup, tmp_path, through):
     assert (tmp_path / "part" / STATE_FILE).is_file()
     with pytest.raises(M3Error, match="other settings"):
         train(_config(setup, tmp_path / "part", checkpoint_every=3, lr=1e-2, grad_through_memory=through))
+    state = (tmp_path / "part" / STATE_FILE).read_bytes()
+    (tmp_path / "part" / STATE_FILE).write_bytes(state[: len(state) // 2])  # cut short (a power loss)
+    with pytest.raises(M3Error, match="training state is damaged: delete it"):
+        train(_config(setup, tmp_path / "part", checkpoint_every=3, grad_through_memory=through))
+    (tmp_path / "part" / STATE_FILE).write_bytes(state)
     resumed = train(_config(setup, tmp_path / "part", checkpoint_every=3, grad_through_memory=through))
     assert resumed["start_step"] == 3
     assert resumed["loss_curve"] == full["loss_curve"]
