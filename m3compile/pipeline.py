@@ -462,11 +462,12 @@ def _plan(setup: Setup, prev: Previous, keep_missing: bool, timer: Timer, spill_
 
 
 def _previous_documents(prev: Previous) -> tuple[dict[str, str], dict[str, tuple[int, str | None]], np.ndarray,
-                                                   np.ndarray]:
+                                                   np.ndarray, np.ndarray]:
     """The previous kb's documents, from one pass over its table's columns: (doc_id -> its text's
     sha256 (the last row's), the documents whose rows can be given back uncut: doc_id -> (its
     number k, that sha256), positions of prev.rows by document then index, bounds: document k's
-    rows are positions[bounds[k]:bounds[k + 1]]). Numpy arrays, ~8 bytes a row held, not the rows
+    rows are positions[bounds[k]:bounds[k + 1]], and the char_end of each document's last row).
+    Numpy arrays, ~16 bytes a row held, not the rows
     (issue 16). Rows recovered from shards hold no documents: all empty.
 
     None can be given back when the kb's last compile ran another tokenizers library (run.json; a
@@ -474,10 +475,10 @@ def _previous_documents(prev: Previous) -> tuple[dict[str, str], dict[str, tuple
     document whose rows carry two text hashes is not given back (cut again)."""
     hashes: dict[str, str] = {}
     docs: dict[str, tuple[int, str | None]] = {}
-    codes, index = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+    codes, index, ends = [np.empty(0, np.int64)], [np.empty(0, np.int64)], [np.empty(0, np.int64)]
     if isinstance(prev.rows, refs_file.Rows):
         reuse, mixed = prev.tokenizers == tokenizers.__version__, set()
-        for c in refs_file.iter_columns(prev.rows, ("doc_id", "doc_sha256", "index")):
+        for c in refs_file.iter_columns(prev.rows, ("doc_id", "doc_sha256", "index", "char_end")):
             for d, h in zip(c["doc_id"], c["doc_sha256"]):
                 if hashes.setdefault(d, h) != h:
                     mixed.add(d)
@@ -486,11 +487,26 @@ def _previous_documents(prev: Previous) -> tuple[dict[str, str], dict[str, tuple
                 codes.append(np.fromiter((docs.setdefault(d, (len(docs), hashes[d]))[0] for d in c["doc_id"]),
                                          np.int64, len(c["doc_id"])))  # (block,)
                 index.append(np.asarray(c["index"], np.int64))  # (block,)
+                ends.append(np.asarray(c["char_end"], np.int64))  # (block,)
         for d in mixed & docs.keys():
             docs[d] = (docs[d][0], None)  # matches no text: cut again
-    codes, index = np.concatenate(codes), np.concatenate(index)  # (R,) each
+    codes, index, ends = np.concatenate(codes), np.concatenate(index), np.concatenate(ends)  # (R,) each
     order = np.lexsort((index, codes))  # (R,) positions by document, then index
-    return hashes, docs, order, np.searchsorted(codes[order], np.arange(len(docs) + 1))  # (N + 1,)
+    bounds = np.searchsorted(codes[order], np.arange(len(docs) + 1))  # (N + 1,)
+    # rows given back uncut must be all the document's references: indexes 0..n-1, the last ending at
+    # the text's end (_references checks that against the text). A document some of whose rows went
+    # to another of equal text (content keys are matched across documents: --keep-missing) is cut again
+    if len(order):
+        at = np.arange(len(order)) - np.repeat(bounds[:-1], np.diff(bounds))  # (R,) each row's place in its document
+        gaps = np.unique(codes[order][index[order] != at])
+        if len(gaps):
+            by_code = {k: d for d, (k, _) in docs.items()}
+            for k in gaps.tolist():
+                docs[by_code[k]] = (k, None)
+    last_end = np.full(len(docs), -1, np.int64)  # (N,) char_end of each document's last row
+    nonempty = np.diff(bounds) > 0
+    last_end[nonempty] = ends[order][bounds[1:][nonempty] - 1]
+    return hashes, docs, order, bounds, last_end
 
 
 GIVE_BACK_ROWS = 4096  # rows of unchanged documents taken from the previous kb at once (~1 MB held)
@@ -509,10 +525,10 @@ def _references(setup: Setup, prev: Previous, docs, doc_sha: dict, previous: tup
     `previous` is _previous_documents(prev).
     """
     spec = setup.spec
-    _, seen, order, bounds = previous
+    _, seen, order, bounds, last_end = previous
 
     def unchanged(d) -> bool:
-        return d.doc_id in seen and seen[d.doc_id][1] == doc_sha[d.doc_id]
+        return d.doc_id in seen and seen[d.doc_id][1] == doc_sha[d.doc_id] and last_end[seen[d.doc_id][0]] == len(d.text)
 
     for same, group in itertools.groupby(docs, key=unchanged):
         if same:  # given back GIVE_BACK_ROWS rows at a time (a long document in parts, short ones together)
@@ -996,8 +1012,8 @@ def compile_kb(config: CompileConfig, out_dir: str | Path, progress: Progress | 
     corpus = Path(config.corpus)
     if not corpus.exists():
         raise M3Error(f"corpus {corpus} does not exist; pass an existing directory or file")
-    if config.model is None and not rebuild:
-        config = _kb_model_as_default(config, Path(out_dir), log)
+    if config.model is None:  # growing the kb, or rebuilding it: its model unless another is given
+        config = _kb_model_as_default(config, Path(out_dir), log, required=not rebuild)
     return _run(config, Path(out_dir), progress or (lambda e: None), log, keep_missing, rebuild, repair_only=False,
                 retrain_codebooks=retrain_codebooks)
 
@@ -1043,7 +1059,7 @@ def kb_settings(out: str | Path) -> dict:
         return {}
 
 
-def _kb_model_as_default(config: CompileConfig, out: Path, log) -> CompileConfig:
+def _kb_model_as_default(config: CompileConfig, out: Path, log, required: bool = True) -> CompileConfig:
     """Growing a kb without --model uses the checkpoint the kb was compiled with, as generate,
     eval and verify do; the embedded model is the default only for a new kb (or one whose model is
     it). A kb whose manifest cannot be read is left to the compile, which names what is wrong."""
@@ -1052,6 +1068,10 @@ def _kb_model_as_default(config: CompileConfig, out: Path, log) -> CompileConfig
         return config
     # recorded relative to the kb directory (older kbs: as given)
     path = next((p for p in (out / recorded, Path(recorded)) if p.is_dir()), None)
+    if path is None and not required:  # --rebuild: the kb is compiled anew, with the default model
+        log(f"note: {out} was compiled with the model {recorded!r}, which is not found from here; --rebuild "
+            "compiles it with the embedded model (pass --model to choose another)")
+        return config
     if path is None:
         raise M3Error(f"{out} was compiled with the model {recorded!r}, which is not found from here; pass "
                       "--model with that checkpoint (or --rebuild to compile the kb anew with another)")

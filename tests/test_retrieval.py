@@ -852,3 +852,36 @@ def test_a_dense_index_the_manifest_does_not_vouch_for_is_never_read_by_faiss(tm
     monkeypatch.setattr(faiss, "read_index", lambda *a: pytest.fail("FAISS read an index the manifest does not vouch for"))
     with pytest.raises(M3Error, match=f"{gen}/index.faiss is not the index the manifest records.*damaged"):
         open_kb(tmp_path / "kb").retrieve("w5 w6", k=1, mode="dense")
+
+
+def test_growing_or_rebuilding_a_kb_keeps_its_embedder_and_quantizer(tmp_path, fake_embedders):
+    # `m3 compile` left without --embedder rebuilt a hybrid kb's generation without its dense index
+    # (queries fell back to BM25 silently), and --rebuild, the fix the tool's messages print, reset
+    # the kb's model, quantizer and dtype to the defaults. Both take the kb's now; `none` drops it
+    from typer.testing import CliRunner
+
+    from conftest import model_and_corpus
+    from m3compile.cli import app
+
+    emb, _ = fake_embedders
+    corpus = model_and_corpus(tmp_path, [30, 37])
+    kb = tmp_path / "kb"
+    base = ["compile", str(corpus), "-o", str(kb), "--max-tokens", "16", "--top-k", "4"]
+    r = CliRunner().invoke(app, base + ["--model", str(tmp_path / "model"), "--embedder", str(emb), "--quant", "int4"])
+    assert r.exit_code == 0, r.output
+    manifest = lambda: json.loads((kb / "manifest.json").read_text())  # noqa: E731
+    assert manifest()["retrieval"]["mode"] == "hybrid"
+    (corpus / "more.txt").write_text("w5 w6 w7 w8 w9. w10 w11.")
+    r = CliRunner().invoke(app, base)
+    assert r.exit_code == 0, r.output
+    assert "no --embedder given: using the kb's" in r.stderr and "no --quant given: using the kb's, int4" in r.stderr
+    m = manifest()
+    assert m["retrieval"]["mode"] == "hybrid" and m["quant"]["scheme"].startswith("int4")
+    r = CliRunner().invoke(app, base + ["--rebuild"])
+    assert r.exit_code == 0, r.output
+    m = manifest()
+    assert m["retrieval"]["mode"] == "hybrid" and m["quant"]["scheme"].startswith("int4")
+    assert m["model"]["path"] is not None and "model" in m["model"]["path"]  # the kb's, not the embedded reader
+    r = CliRunner().invoke(app, base + ["--embedder", "none"])
+    assert r.exit_code == 0, r.output
+    assert manifest()["retrieval"]["mode"] == "bm25"
