@@ -28,7 +28,7 @@ import socket
 import tempfile
 import time
 from array import array
-from collections import defaultdict
+from collections import Counter, defaultdict
 from contextlib import ExitStack, closing, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field, replace
 from functools import cached_property, partial
@@ -720,7 +720,8 @@ def _plan_unchanged(prev: Previous) -> Plan:
     """The plan of a repair: the kb's own references, nothing added or removed."""
     docs = {"added": 0, "changed": 0, "removed": 0, "kept": 0,
             "unchanged": len({d for c in refs_file.iter_columns(prev.rows, ("doc_id",)) for d in c["doc_id"]})}
-    return Plan(prev.rows, [], [], docs, CorpusReport())
+    # the corpus was not read: the skips are the kb's, as its last compile counted them
+    return Plan(prev.rows, [], [], docs, CorpusReport(skipped=Counter(prev.manifest.counts.get("skipped") or {})))
 
 
 # ---- writing --------------------------------------------------------------------------------------
@@ -1130,7 +1131,8 @@ def _run_in(config: CompileConfig, out: Path, progress: Progress, log, keep_miss
             # repair a shard, and a driver needs no GPU for --device cuda
             setup.ck.model
         setup.ck.check_unchanged()  # the files are the ones fingerprinted above
-        if repair_only and not prev.rows_recovered:
+        cut = not (repair_only and not prev.rows_recovered)  # this run cuts the corpus (run.json's tokenizers)
+        if not cut:
             plan = _plan_unchanged(prev)
         else:
             progress({"event": "start", "total_bytes": corpus_bytes(Path(config.corpus))})
@@ -1146,7 +1148,7 @@ def _run_in(config: CompileConfig, out: Path, progress: Progress, log, keep_miss
                 prev.damaged = {k: v for k, v in prev.damaged.items() if k not in repaired or k in again}
             if _unchanged(setup, prev, plan, out):
                 # nothing would change: no shard, generation or manifest is written (CI rebuilds)
-                if prev.tokenizers != tokenizers.__version__:
+                if cut and prev.tokenizers != tokenizers.__version__:
                     # every document was cut again by this library into the kb's rows: say so in
                     # run.json, so that the next compile gives them back uncut (and _up_to_date holds)
                     run = _run_log(out)
@@ -1186,7 +1188,9 @@ def _run_in(config: CompileConfig, out: Path, progress: Progress, log, keep_miss
                    "stage_seconds": {k: round(v, 4) for k, v in sorted(timer.seconds.items())},
                    "summary": summary, "host": socket.gethostname(), "cpu": cpu_description(),
                    "python": platform.python_version(),
-                   "torch": torch.__version__, "tokenizers": tokenizers.__version__,
+                   "torch": torch.__version__,
+                   # the library that cut the rows: this one, unless a repair cut nothing (then the kb's)
+                   "tokenizers": tokenizers.__version__ if cut else prev.tokenizers,
                    "threads": torch.get_num_threads(),
                    **{k: v for k, v in config.to_dict().items() if k in RUN_SETTINGS},
                    **({} if config.batch_size else {"batch_tokens": BATCH_TOKENS})}

@@ -159,6 +159,26 @@ def test_a_repair_without_the_corpus_keeps_the_recorded_paths(built, kb):
     assert verify_kb(kb_dir) == [] and name.startswith("memory-")
 
 
+def test_a_repair_that_cuts_nothing_keeps_what_the_corpus_said(tmp_path):
+    # a repair from the kb's own rows reads no corpus: it recorded `counts.skipped` as {} (a fresh
+    # compile of the same corpus says otherwise) and stamped run.json with the running tokenizers
+    # library, vouching for rows another library cut (the next compile would give them back uncut)
+    corpus = model_and_corpus(tmp_path, [30, 37])
+    (corpus / "empty.txt").write_text("")
+    cfg = CompileConfig(corpus=str(corpus), model=str(tmp_path / "model"), max_tokens=16, top_k=4)
+    kb = tmp_path / "kb"
+    compile_kb(cfg, kb)
+    skipped = json.loads((kb / "manifest.json").read_text())["counts"]["skipped"]
+    assert skipped == {"empty": 1}
+    run = json.loads((kb / "run.json").read_text())
+    (kb / "run.json").write_text(json.dumps({**run, "tokenizers": "0.0.1"}))
+    damage_bm25(kb)
+    r = runner.invoke(app, ["verify", str(kb), "--repair"])
+    assert r.exit_code == 0 and "every check holds" in r.stdout, r.output
+    assert json.loads((kb / "manifest.json").read_text())["counts"]["skipped"] == skipped
+    assert json.loads((kb / "run.json").read_text())["tokenizers"] == "0.0.1"
+
+
 def test_a_truncated_shard_gives_up_the_frames_before_its_cut(built, kb):
     """The frames lie before the shard's key table (formats/kv-shard.md): a cut tail loses only
     those past it, and a repair copies the rest (each checked whole) instead of encoding all again."""
