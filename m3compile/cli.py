@@ -171,6 +171,7 @@ def compile(
         # growing a kb (or rebuilding one: the fixes the tool prints say --rebuild, and mean the same
         # kb), the quantizer, dtype and embedder left out are the kb's, as its model is (compile_kb):
         # left out, a hybrid kb's dense index was silently dropped, and a rebuild reset them all
+        quant_given, dtype_given = quant, dtype
         recorded = {} if quant and dtype and embedder else kb_settings(output)
         for name, given in (("quant", quant), ("dtype", dtype)):
             if given is None and recorded.get(name) not in (None, DEFAULTS[name]):
@@ -199,7 +200,14 @@ def compile(
             raise M3Error(f"--index-factory {index_factory!r} shapes the dense index, which only --embedder builds; "
                           "add --embedder (e.g. minilm) or drop --index-factory")
         if preset:
-            config = config.with_preset(preset)
+            # the preset's settings come first (formats/model-memory.md): say so where one of them
+            # replaces an option given on the command line
+            explicit = {**given, **({"quant": quant_given} if quant_given else {}), **({"dtype": dtype_given} if dtype_given else {})}
+            before, config = config, config.with_preset(preset)
+            for name, value in explicit.items():
+                if getattr(config, name) != getattr(before, name):
+                    err.print(f"note: --preset {preset} sets --{name.replace('_', '-')} {getattr(config, name)}, "
+                              f"not the {value} given", highlight=False, markup=False)
         if check:
             changes = check_kb(config, output, keep_missing=keep_missing, log=lambda s: err.print(s, highlight=False, markup=False))
             if as_json:

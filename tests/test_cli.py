@@ -433,3 +433,15 @@ def test_paths_ids_and_texts_are_printed_as_they_are(tmp_path, model_dir):
     r = run("inspect", kb, "--ref", "0")
     assert r.exit_code == 0 and "[draft] notes.txt" in r.stdout, r.output
     assert_one_line_error(run("inspect", tmp_path / "no [such] kb"), "no [such] kb")
+
+
+def test_a_preset_that_replaces_a_given_option_says_so(tmp_path, corpus, model_dir):
+    # a preset's settings come first (formats/model-memory.md); one that replaces an option given on
+    # the command line did so silently
+    r = run("compile", corpus, "-o", tmp_path / "kb", "--model", model_dir, "--preset", "paper", "--top-k", "16",
+            "--quant", "int4")
+    assert r.exit_code == 0, r.output
+    assert "note: --preset paper sets --top-k 8, not the 16 given" in r.stderr
+    assert "--quant" not in r.stderr.split("note: --preset")[-1]  # the paper preset leaves --quant as given
+    r = run("compile", corpus, "-o", tmp_path / "kb2", "--model", model_dir, "--preset", "lossless", "--quant", "int4")
+    assert r.exit_code == 0 and "note: --preset lossless sets --quant none, not the int4 given" in r.stderr, r.output
