@@ -103,7 +103,7 @@ def evaluate(kb: KnowledgeBase, ck: Checkpoint, docs: Iterable[Document], oracle
     n_docs = cut = 0
     for doc in docs:
         ids = tok.encode(doc.text)
-        cut += len(ids) > limit and limit == room and (max_text_tokens is None or max_text_tokens > room)
+        cut += len(ids) > room and (max_text_tokens is None or max_text_tokens > room)  # cut by the positions
         ids = ids[:limit]
         if not ids:
             continue

@@ -14,7 +14,6 @@ exceeds a threshold: overlap(t, r) = N / |r|, N the longest common subsequence o
 matched positions in t span at most 2|r|. The paper uses 2/3 at evaluation and 0.9 in training.
 """
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
@@ -95,14 +94,13 @@ def _load_faiss(path: Path, section: dict, kb_dir: Path, files: dict | None = No
     file = path / section["file"]
     entry = (files or {}).get(file.relative_to(kb_dir).as_posix()) if file.is_relative_to(kb_dir) else None
     if entry is not None:
-        h = hashlib.sha256()
+        from m3compile.store import sha256_file
+
         try:
-            with open(file, "rb") as f:
-                while block := f.read(1 << 20):
-                    h.update(block)
+            digest = sha256_file(file)
         except OSError as e:
             raise M3Error(f"cannot read {file} ({e.strerror or e}); {REPAIR_HINT.format(kb=kb_dir)}") from None
-        if h.hexdigest() != entry.get("sha256"):
+        if digest != entry.get("sha256"):
             raise M3Error(f"{file} is not the index the manifest records (sha256 differs); the kb is damaged: "
                           f"{REPAIR_HINT.format(kb=kb_dir)}")
     with damaged_file(file, kb_dir):
