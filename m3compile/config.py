@@ -130,6 +130,11 @@ class CompileConfig:
         if self.gpus_per_worker > 0 and not self.device.startswith("cuda"):
             raise M3Error(f"--gpus-per-worker {self.gpus_per_worker} gives the actors GPUs that --device "
                           f"{self.device} would not use; add --device cuda")
+        if self.engine == "ray" and self.device.startswith("cuda") and self.gpus_per_worker == 0:
+            # Ray hides every GPU from an actor that asks for none (CUDA_VISIBLE_DEVICES=""): each
+            # actor would fail to load the model, after the corpus is read and chunked
+            raise M3Error(f"--engine ray --device {self.device} gives the actors no GPU (Ray hides the GPUs "
+                          "from an actor that asks for none); add --gpus-per-worker 1")
         if self.batch_size is not None and self.batch_size < 1:
             raise M3Error(f"--batch-size {self.batch_size} must be at least 1")
         if self.max_shard_bytes < 1:
