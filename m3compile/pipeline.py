@@ -265,10 +265,18 @@ def _train_codebooks(out: Path, setup: Setup, timer: Timer, log):
         refs = (r.token_ids for r in chunk_documents(docs, setup.ck.tokenizer, spec.width, spec.boundary,
                                                       spec.min_fill))
         sample = codebooks.sample_references(refs, config.codebook_sample, config.codebook_seed)
+    batch = config.refs_per_batch(spec.width)
+    inputs = _training_inputs(spec, config.codebook_seed, batch, sample)
+    trained = _trained_before(out, inputs)
+    if trained is not None:  # this compile was killed after training them: the same inputs, the same bytes
+        log(f"{spec.quant} codebooks: the ones an interrupted run of this compile trained on the same "
+            f"{len(sample)} references ({trained[1]['path']}), not trained again")
+        return trained
     with timer("train_codebooks"):
-        cb, err = codebooks.train(setup.ck.model, sample, spec, config.codebook_seed,
-                                  config.refs_per_batch(spec.width))
+        cb, err = codebooks.train(setup.ck.model, sample, spec, config.codebook_seed, batch)
     entry = {**codebooks.write(out, cb), "train_references": len(sample), "train_rel_err_mean": err}
+    _record_trained(out, inputs, entry)
+    crash_point("codebooks")
     log(f"trained {spec.quant} codebooks ({cb.factory}, {len(cb.codecs)} codecs) on {len(sample)} references: "
         f"relative error {err:.4f}")
     few, k = min(cb.n_train.values(), default=0), cb.centroids()
@@ -276,6 +284,45 @@ def _train_codebooks(out: Path, setup: Setup, timer: Timer, log):
         log(f"note: {few:,} training vectors a codec, under the {39 * k:,} that k-means over {k} centroids "
             "wants: codebooks of a kb this small fit it closely; on a bigger corpus they generalise")
     return cb, entry
+
+
+TRAINED = "codebooks-trained.json"  # in .spill/: the codebooks this compile trained, and on what (_record_trained)
+
+
+def _training_inputs(spec: MemorySpec, seed: int, batch: int, sample: list[list[int]]) -> str:
+    """sha256 of everything codebook training reads: the write recipe (model digests, prefix, layers,
+    top-k, quant, dtype), seed, batch and the sampled references' token ids."""
+    h = hashlib.sha256(json.dumps({"context": spec.key_context().hex(), "seed": seed, "batch": batch}).encode())
+    for ids in sample:
+        h.update(np.asarray([len(ids), *ids], dtype="<i4").tobytes())
+    return h.hexdigest()
+
+
+def _record_trained(out: Path, inputs: str, entry: dict) -> None:
+    """Note in .spill/ which codebooks file training wrote from which inputs, so that a compile
+    killed before its commit (which drops .spill/) does not train them again when resumed: they
+    take ~14 s for 1 MB with the default model, and minutes for a big model on a CPU."""
+    spill = out / store.SPILL_DIR
+    spill.mkdir(exist_ok=True)
+    tmp = spill / f".{TRAINED}.tmp"
+    tmp.write_text(json.dumps({"inputs": inputs, "entry": entry}, sort_keys=True))
+    os.replace(tmp, spill / TRAINED)
+
+
+def _trained_before(out: Path, inputs: str):
+    """(codebooks, manifest entry) that an interrupted run trained from these very inputs, if its
+    note and its codebooks file (checked against the sha256 noted) are both whole; else None."""
+    from m3compile import codebooks
+
+    try:
+        note = json.loads((out / store.SPILL_DIR / TRAINED).read_text())
+        if note["inputs"] != inputs:
+            return None
+        entry = note["entry"]
+        float(entry["train_rel_err_mean"]), int(entry["train_references"])
+        return codebooks.read(out, entry), entry
+    except (OSError, ValueError, TypeError, KeyError, M3Error):  # absent or damaged: trained again
+        return None
 
 
 def _use_codebooks(setup: Setup, cb, entry: dict) -> None:

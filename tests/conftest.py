@@ -3,6 +3,8 @@ and tiny random Hugging Face checkpoints made on the spot."""
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -129,6 +131,14 @@ def reference_rule(ref_model, prefix, tokens, layers, k):
         idx = torch.from_numpy(kept)[..., None].expand(-1, -1, d)
         out.append((kept, keys.gather(1, idx), values.gather(1, idx)))
     return out
+
+
+def run_cli(args, env_extra=None, timeout=None) -> subprocess.CompletedProcess:
+    """`python -m m3compile ARGS` in a fresh process (a kill, exit codes and stderr as a user meets
+    them), with `env_extra` added to the environment."""
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "m3compile", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
 
 
 def words(seed: int, n: int) -> str:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import make_checkpoint
+from conftest import make_checkpoint, run_cli
 from m3compile.cli import app
 from m3compile.config import MODEL_MEMORY_FILE, default_model_dir, write_model_memory
 
@@ -294,10 +294,7 @@ def test_a_compile_that_finds_nothing_to_do_imports_no_torch(tmp_path, corpus, m
 
 def _main(*args):
     """`python -m m3compile ARGS`: cli.main, whose handling of click's errors CliRunner bypasses."""
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", "m3compile", *map(str, args)], capture_output=True, text=True)
+    return run_cli(args)
 
 
 @pytest.mark.parametrize("args, fragment", [

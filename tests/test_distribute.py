@@ -5,13 +5,11 @@ after the driver is killed and the compile resumed."""
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import check_lazy_engine
+from conftest import check_lazy_engine, run_cli
 from m3compile.config import CompileConfig
 from m3compile.errors import M3Error
 from m3compile.pipeline import compile_kb
@@ -26,12 +24,6 @@ pytestmark = pytest.mark.slow  # a Ray cluster takes seconds to start
 def snapshot(kb: Path) -> dict:
     return {p.relative_to(kb).as_posix(): p.read_bytes() for p in kb.rglob("*")
             if p.is_file() and p.name not in ("run.json", ".m3.lock")}
-
-
-def run_cli(args, env_extra=None, timeout=None):
-    env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "m3compile", *map(str, args)], capture_output=True, text=True, env=env,
-                          timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import model_and_corpus, words
+from conftest import model_and_corpus, run_cli, words
 from m3compile import distribute, pipeline
 from m3compile.compact import compact_kb
 from m3compile.config import CompileConfig
@@ -371,11 +371,6 @@ def test_mismatch_is_refused_and_rebuild_starts_over(env):
     assert r.manifest.write["top_k"] == 5 and verify_kb(tmp / "kb") == []
     # the old shards held other memories: after the commit they are gone
     assert not set(r.manifest.shards) & {f for f in before if f.startswith("memory-")}
-
-
-def run_cli(args, env_extra=None):
-    env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "m3compile", *map(str, args)], capture_output=True, text=True, env=env)
 
 
 @pytest.mark.slow

@@ -5,13 +5,14 @@ damaged."""
 
 import hashlib
 import json
+import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import model_and_corpus, words
+from conftest import model_and_corpus, run_cli, words
 from m3compile import codebooks as cbf
 from m3compile.config import CompileConfig
 from m3compile.errors import M3Error
@@ -103,6 +104,35 @@ def test_incremental_compiles_keep_frozen_codebooks_and_report_drift(env):
     # other memory settings are refused by name, as for any kb: no silent retraining and rebuild
     with pytest.raises(M3Error, match="different top_k.*--rebuild"):
         compile_kb(CompileConfig(**{**cfg.to_dict(), "top_k": 4}), tmp / "kb")
+
+
+@pytest.mark.slow
+def test_a_new_kb_killed_after_training_its_codebooks_does_not_train_them_again(env):
+    """Killed between training and its commit, a new vq kb resumes with the codebooks it trained
+    (noted in .spill/ with what they were trained from) and gives the bytes of an uninterrupted
+    compile; a note that does not hold, or a seed changed, trains them again."""
+    tmp, corpus, cfg = env
+    compile_kb(cfg, tmp / "ref")
+    args = ["compile", corpus, "-o", tmp / "kb", "--model", tmp / "model", "--max-tokens", 16, "--top-k", 8,
+            "--quant", "vq-pq4", "--codebook-sample", 64]
+    killed = run_cli(args, {"M3_CRASH_AT": "codebooks"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    note = tmp / "kb" / ".spill" / "codebooks-trained.json"
+    assert note.is_file() and not (tmp / "kb" / "manifest.json").exists()
+    resumed = run_cli(args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "not trained again" in resumed.stderr and "trained vq-pq4 codebooks" not in resumed.stderr
+    assert files(tmp / "kb") == files(tmp / "ref") and not note.exists()  # the commit drops .spill/
+    # a damaged note, or other inputs (the seed), are trained anew: never codebooks of another sample
+    for kb, killed_with, damage in (("kb2", [], "{"), ("kb3", ["--codebook-seed", 1], None)):
+        args[3] = tmp / kb
+        killed = run_cli(args + killed_with, {"M3_CRASH_AT": "codebooks"})
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        if damage is not None:
+            (tmp / kb / ".spill" / "codebooks-trained.json").write_text(damage)
+        resumed = run_cli(args)  # the default seed
+        assert resumed.returncode == 0 and "trained vq-pq4 codebooks" in resumed.stderr, resumed.stderr
+        assert files(tmp / kb) == files(tmp / "ref")
 
 
 @pytest.mark.parametrize("damage", ["missing", "flipped"])
