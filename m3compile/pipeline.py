@@ -292,7 +292,8 @@ TRAINED = "codebooks-trained.json"  # in .spill/: the codebooks this compile tra
 def _training_inputs(spec: MemorySpec, seed: int, batch: int, sample: list[list[int]]) -> str:
     """sha256 of everything codebook training reads: the write recipe (model digests, prefix, layers,
     top-k, quant, dtype), seed, batch and the sampled references' token ids."""
-    h = hashlib.sha256(json.dumps({"context": spec.key_context().hex(), "seed": seed, "batch": batch}).encode())
+    h = hashlib.sha256(json.dumps({"batch": batch, "context": spec.key_context().hex(), "seed": seed},
+                                    sort_keys=True).encode())
     for ids in sample:
         h.update(np.asarray([len(ids), *ids], dtype="<i4").tobytes())
     return h.hexdigest()

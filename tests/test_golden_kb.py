@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from conftest import write_word_tokenizer
 from m3compile.config import CompileConfig
@@ -52,6 +53,9 @@ def test_golden_kb(tmp_path):
             (GOLDEN / name).write_bytes(kb_file(kb, name).read_bytes())
         rows = pq.read_table(kb_file(kb, "references.parquet")).to_pylist()
         (GOLDEN / "references.json").write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
+        # compared with what was just written, the test would pass whatever changed: it skips
+        # (which CI's M3_STRICT_SKIPS fails), and the diff is reviewed
+        pytest.skip("golden kb files regenerated (M3_UPDATE_GOLDEN=1): review `git diff tests/data`")
     for name in FILES:
         assert kb_file(kb, name).read_bytes() == (GOLDEN / name).read_bytes(), f"{name} differs from the golden"
     rows = pq.read_table(kb_file(kb, "references.parquet")).to_pylist()

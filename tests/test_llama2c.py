@@ -14,10 +14,10 @@ import pytest
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
+from conftest import SHARED_DATA as DATA
 from m3compile.errors import M3Error
 from m3compile.llama2c import build_tokenizer, convert_llama2c, ensure_converted
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SRC = DATA / "stories260k"
 STORIES = DATA / "tinystories-val" / "tinystories_val_first1000.txt"
 pytestmark = pytest.mark.skipif(

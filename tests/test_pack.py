@@ -457,6 +457,8 @@ def test_golden_bytes(tmp_path):
         GOLDEN.mkdir(parents=True, exist_ok=True)
         for name, data in produced.items():
             (GOLDEN / name).write_bytes(data)
+        # compared with what was just written, the test would pass whatever changed (test_golden_kb)
+        pytest.skip("golden shard files regenerated (M3_REGEN_GOLDEN=1): review `git diff tests/data`")
     stored = {p.name: p.read_bytes() for p in GOLDEN.iterdir()} if GOLDEN.is_dir() else {}
     assert set(stored) == set(produced), "golden files differ in name; regenerate with M3_REGEN_GOLDEN=1"
     for name in sorted(produced):
