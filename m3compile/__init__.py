@@ -11,7 +11,7 @@ The public API (what the README shows):
     generate_text("Who founded Brerrdale?", kb="kb/").text
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 # name -> defining module; imported on first use, so `import m3compile` stays light and the
 # submodules (which import __version__ from here) cannot form an import cycle
