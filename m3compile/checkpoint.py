@@ -66,6 +66,9 @@ class ModelArgs:
         except (KeyError, TypeError) as e:  # a key missing, or a value of the wrong type
             what = f"lacks {e.args[0]!r}" if isinstance(e, KeyError) else f"has a value of the wrong type ({e})"
             raise M3Error(f"config.json {what}; give a complete Hugging Face checkpoint config.json") from None
+        except ZeroDivisionError:  # the head dim from hidden_size / 0 heads, before the sizes are checked
+            raise M3Error(f"config.json has num_attention_heads {cfg.get('num_attention_heads')!r}: a model has "
+                          "at least one attention head; fix config.json") from None
 
     @classmethod
     def _from_hf_config(cls, cfg: dict) -> "ModelArgs":

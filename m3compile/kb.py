@@ -7,6 +7,7 @@ Shape letters: L memory layers, H kv heads, K kept tokens, D head dim.
 """
 
 import operator
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,6 +143,8 @@ class KnowledgeBase:
             torch.Size([1, 2, 8, 32])
         """
         try:
+            if isinstance(ref_id, (bool, np.bool_)):  # operator.index(True) is 1: another reference's memory
+                raise TypeError
             ref_id = operator.index(ref_id)  # ints and numpy integers; 1.7 or "3" is not an id
         except TypeError:
             raise M3Error(f"a ref id is an integer, not {ref_id!r}; see `m3 inspect`") from None
@@ -270,6 +273,9 @@ def open_kb(path: str | Path) -> KnowledgeBase:
         >>> kb = open_kb("kb/")
         >>> kb.manifest.counts["references"], kb.memory(0).keys.shape
     """
+    if not isinstance(path, (str, os.PathLike)):  # open_kb(123): a TypeError traceback from Path
+        raise M3Error(f"open_kb({path!r}): {type(path).__name__} is not a path; give the kb directory "
+                      "(str or os.PathLike)")
     return KnowledgeBase(Path(path))
 
 

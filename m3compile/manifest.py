@@ -248,6 +248,14 @@ def _check_structure(m: Manifest) -> None:
         raise ValueError(f"write.memory_layers = {list(spec.memory_layers)!r}")
     if not isinstance(spec.quant, str) or not isinstance(spec.dtype, str):
         raise TypeError("quant.scheme or model.dtype is not a name")
+    vq = m.quant.get("vq")
+    if vq is not None or spec.quant.startswith("vq"):  # the codebooks' entry, read by open, verify, inspect, grow
+        if not isinstance(vq, dict):
+            raise TypeError("quant.vq is not an object")
+        for key, kinds in (("path", str), ("sha256", str), ("factory", str), ("group", str), ("code_size", int),
+                           ("codebook_bytes", int), ("train_rel_err_mean", (int, float))):
+            if not isinstance(vq.get(key), kinds) or isinstance(vq.get(key), bool):
+                raise TypeError(f"quant.vq.{key} is {vq.get(key)!r}")
     # every path the manifest names stays inside the kb directory
     named = [*m.paths.values(), *m.files, *m.shards, m.generation, *m.artefacts]
     for name in named:

@@ -41,7 +41,7 @@ import tokenizers
 from m3compile import __version__, manifest as mf, references as refs_file, store
 from m3compile.checkpoint import ModelArgs, _read_config, fingerprint, weight_files
 from m3compile.chunk import chunk_documents
-from m3compile.config import (BATCH_TOKENS, MODEL_MEMORY_FILE, PAPER_DEFAULTS, READ_SETTINGS, RUN_SETTINGS, CompileConfig,
+from m3compile.config import (BATCH_TOKENS, KB_DEFAULTS, MODEL_MEMORY_FILE, PAPER_DEFAULTS, READ_SETTINGS, RUN_SETTINGS, CompileConfig,
                               default_model_dir, describe_settings, read_model_memory)
 from m3compile.corpus import RECORD_SUFFIXES, TEXT_SUFFIXES, CorpusReport, iter_documents
 from m3compile.distribute import (Frames, RaySession, check_ray, encode_frames, local_frames, pool_frames,
@@ -189,10 +189,10 @@ def _setup(config: CompileConfig, log) -> tuple[Setup, Timer]:
     if config.engine == "ray":
         check_ray(config.ray_address)
     model_path = resolve_model(config, log)
+    config, adopted = config.resolved(model_path)
     resolve_embedder(config.embedder)  # an unknown word or a missing package fails now, not after encoding
     if config.embedder:
         check_index_factory(config.embedder, config.index_factory, config.device)  # so does a bad factory
-    config, adopted = config.resolved(model_path)
     news = {k: v for k, v in adopted.items() if v != PAPER_DEFAULTS[k]}  # what differs from the paper's
     if news:
         log(f"using the memory settings {config.model or 'the embedded model'} was trained to read "
@@ -1063,6 +1063,10 @@ def compile_kb(config: CompileConfig, out_dir: str | Path, progress: Progress | 
         raise M3Error(f"corpus {corpus} does not exist; pass an existing directory or file")
     if config.model is None:  # growing the kb, or rebuilding it: its model unless another is given
         config = _kb_model_as_default(config, Path(out_dir), log, required=not rebuild)
+    config = with_kb_settings(config, out_dir, log)  # and its quantizer, dtype, codebook settings, embedder
+    if retrain_codebooks and not config.quant.startswith("vq"):
+        raise M3Error(f"--retrain-codebooks trains the codebooks of a vq kb, and this one is --quant {config.quant}: "
+                      "drop it (or give --quant vq --rebuild)")
     return _run(config, Path(out_dir), progress or (lambda e: None), log, keep_missing, rebuild, repair_only=False,
                 retrain_codebooks=retrain_codebooks)
 
@@ -1103,9 +1107,50 @@ def kb_settings(out: str | Path) -> dict:
     """The compile settings the kb at `out` records (manifest "config"), or {} where there is no
     readable kb: what `m3 compile` takes for the options a user leaves out when growing one."""
     try:
-        return dict(mf.read_manifest(Path(out)).config)
+        m = mf.read_manifest(Path(out))
     except M3Error:
         return {}
+    config = dict(m.config)
+    if isinstance(config.get("quant"), str) and config["quant"].startswith("vq"):
+        # `vq` is whichever preset is the default when it runs: the kb's is the preset it resolved to
+        config["quant"] = m.quant.get("scheme", config["quant"])
+    return config
+
+
+def with_kb_settings(config: CompileConfig, out: str | Path, log: Callable[[str], None] = lambda s: None
+                     ) -> CompileConfig:
+    """`config` with each kb setting left unset (None: quant, dtype, codebook_sample, codebook_seed,
+    embedder, index_factory) filled from the kb at `out` when there is one, else from KB_DEFAULTS;
+    `embedder="none"` means no dense index. Growing or rebuilding a kb thus keeps its format and its
+    dense index unless an option says otherwise, from Python as from `m3 compile` (before, only the
+    CLI did this, and `compile_kb` dropped a hybrid kb's dense index). Says what it took from the kb
+    where that differs from the default."""
+    out = Path(out)
+    unset = {k for k in KB_DEFAULTS if getattr(config, k) is None}
+    recorded = kb_settings(out) if unset else {}
+    fill = {}
+    for name in ("quant", "dtype", "codebook_sample", "codebook_seed"):
+        if name in unset:
+            fill[name] = recorded.get(name, KB_DEFAULTS[name])  # codebook_*: recorded by vq kbs only
+            if fill[name] != KB_DEFAULTS[name]:
+                log(f"no --{name.replace('_', '-')} given: using the kb's, {fill[name]}")
+    rec_embedder = recorded.get("embedder")  # a directory relative to the kb, or a name (minilm)
+    if "embedder" in unset and rec_embedder:
+        fill["embedder"] = str(out / rec_embedder) if (out / rec_embedder).exists() else rec_embedder
+    elif config.embedder in ("", "none"):
+        fill["embedder"] = None
+    embedder = fill.get("embedder", config.embedder)
+    if "index_factory" in unset:
+        # the kb's index type goes with the kb's embedder, given again or not
+        same = embedder is not None and relative_to_kb(embedder, out) == rec_embedder
+        fill["index_factory"] = (recorded.get("index_factory") if same else None) or KB_DEFAULTS["index_factory"]
+    elif embedder is None and config.index_factory != KB_DEFAULTS["index_factory"]:
+        raise M3Error(f"--index-factory {config.index_factory!r} shapes the dense index, which only --embedder "
+                      "builds; add --embedder (e.g. minilm) or drop --index-factory")
+    if "embedder" in unset and rec_embedder:
+        log(f"no --embedder given: using the kb's, {rec_embedder} ({fill['index_factory']}); --embedder none "
+            "drops the dense index")
+    return replace(config, **fill)
 
 
 def _kb_model_as_default(config: CompileConfig, out: Path, log, required: bool = True) -> CompileConfig:
@@ -1275,9 +1320,12 @@ def _drift(setup: Setup, plan: Plan, log) -> dict:
     new = sum(float(np.sum(c["quant_rel_err"])) for c in refs_file.iter_columns(plan.new, ("quant_rel_err",))) \
         / len(plan.new)
     base = setup.vq["train_rel_err_mean"]
-    ratio = new / base if base > 0 else float("inf")
+    # a training sample the codebooks reproduce exactly (vq:Flat, as many centroids as vectors) has no
+    # ratio: null in run.json, not the non-JSON Infinity
+    ratio = new / base if base > 0 else None
     log(f"codebook drift: the {len(plan.new)} references written now have relative error {new:.4f}, the codebooks' "
-        f"training sample {base:.4f} (x{ratio:.2f})" + ("; --retrain-codebooks trains new ones" if ratio > 1.2 else ""))
+        f"training sample {base:.4f}" + (f" (x{ratio:.2f})" if ratio is not None else "")
+        + ("; --retrain-codebooks trains new ones" if ratio is not None and ratio > 1.2 else ""))
     return {"codebook_drift": {"references": len(plan.new), "rel_err_mean": new, "train_rel_err_mean": base,
                                "ratio": ratio}}
 
@@ -1296,11 +1344,18 @@ def check_kb(config: CompileConfig, out_dir: str | Path, keep_missing: bool = Fa
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise M3Error(f"output {out} is a file; give the kb directory to check")
+    if not Path(config.corpus).exists():
+        raise M3Error(f"corpus {config.corpus} does not exist; pass an existing directory or file")
     if not (out / mf.FILE_NAME).exists():
+        # the compile would fail on a model that is not there: say so, not "out of date"
+        model = resolve_model(config, log)
+        if not (model / "config.json").is_file():
+            raise M3Error(f"--model {model}: no config.json there; pass a Hugging Face checkpoint directory")
+        with_kb_settings(config, out, log)  # e.g. an --index-factory without an --embedder
         return [f"{out} holds no knowledge base: everything would be compiled"]
     if config.model is None:
         config = _kb_model_as_default(config, out, log)
-    setup, timer = _setup(config, log)
+    setup, timer = _setup(with_kb_settings(config, out, log), log)
     frozen = _frozen_codebooks(out, setup.spec) if setup.spec.quant.startswith("vq") else None
     if frozen is not None:
         _use_codebooks(setup, *frozen)

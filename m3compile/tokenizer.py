@@ -58,6 +58,10 @@ class Tokenizer:
             raise M3Error(f"cannot load {tj}: {e}; the file is not a valid tokenizers JSON") from None
         tc = _read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
         cfg = _read_json(path / "config.json") if (path / "config.json").is_file() else {}
+        for name, doc in (("tokenizer_config.json", tc), ("config.json", cfg)):
+            if not isinstance(doc, dict):  # e.g. a JSON list: an AttributeError traceback on .get
+                raise M3Error(f"{path / name} holds a JSON {type(doc).__name__}, not an object; fix or replace "
+                              "the file")
 
         def resolve(name: str) -> int | None:
             content = _token_content(tc.get(f"{name}_token"))

@@ -210,12 +210,24 @@ def save_state(path: Path, model: Transformer, opt: torch.optim.Optimizer, step:
     tmp.replace(path)  # a crash mid-write leaves the previous state intact
 
 
+def _check_state_format(path: Path, meta: dict, fix: str) -> None:
+    """M3Error unless `meta` is an m3-train-state this version reads; a newer one names both versions
+    (formats/README.md)."""
+    if meta.get("format") != STATE_FORMAT:
+        raise M3Error(f"{path} is not an m3 training state ({STATE_FORMAT}); {fix}")
+    version = meta.get("format_version", "")
+    if not version.isdigit() or not 1 <= int(version) <= STATE_VERSION:
+        newer = version.isdigit() and int(version) > STATE_VERSION
+        raise M3Error(f"{path} has {STATE_FORMAT} format_version {version or '(none)'}, "
+                      f"{'newer than' if newer else 'not one of'} the version{'' if newer else 's'} this "
+                      f"m3compile reads ({STATE_VERSION}); {'upgrade m3compile, or ' if newer else ''}{fix}")
+
+
 def load_state(path: Path, model: Transformer, opt: torch.optim.Optimizer, config: TrainConfig) -> tuple[int, list]:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            if meta.get("format") != STATE_FORMAT or int(meta.get("format_version", 0)) > STATE_VERSION:
-                raise M3Error(f"{path} is not an m3 training state this version reads; delete it to start afresh")
+            _check_state_format(path, meta, "delete it to start afresh")
             if json.loads(meta["settings"]) != config.run_settings():
                 raise M3Error(f"{path} was written by a run with other settings; resume with the same settings, "
                               "or delete it (or set resume=False) to start afresh")
@@ -240,8 +252,7 @@ def load_state_weights(path: Path, model: Transformer) -> int:
     """Only the model weights of a resume state (e.g. to evaluate a run mid-way); returns its step."""
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-        if meta.get("format") != STATE_FORMAT or int(meta.get("format_version", 0)) > STATE_VERSION:
-            raise M3Error(f"{path} is not an m3 training state this version reads")
+        _check_state_format(path, meta, "it cannot be read")
         _set_weights(model, {k: f.get_tensor(k) for k in f.keys() if k.startswith("model.")})
     return int(meta["step"])
 

@@ -188,6 +188,15 @@ def build_codec(factory: str, d: int):
         raise M3Error(f"FAISS cannot build a codec from {factory!r} for head dim {d}: "
                       f"{str(e).strip().splitlines()[-1][:200]}; check the factory string (e.g. PQ8x4, "
                       "OPQ8,PQ8x4, RQ8x4) and that its sizes divide D") from None
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(inner.index)
+    # a search index (HNSW32, IDMap,Flat, Flat,RFlat) builds, trains, and fails only when first asked
+    # to encode; FAISS's standalone codecs are flat codes (PQ, RQ, LSQ, SQ, ...), IVF and Index2Layer
+    if not isinstance(inner, (faiss.IndexFlatCodes, faiss.IndexIVF, faiss.Index2Layer)):
+        raise M3Error(f"{factory!r} is not a vector codec FAISS can encode and decode alone (sa_encode/"
+                      "sa_decode): a memory is stored as its code; use a quantizer such as PQ8x4, OPQ8,PQ8x4 "
+                      "or RQ8x4") from None
     # the factory's PQ turns on polysemous training (a code reordering for Hamming search): a
     # codec never searches, and it costs 20x the training time
     for sub in (index, getattr(faiss.downcast_index(index), "index", None)):
@@ -332,26 +341,36 @@ def sample_rows(n: int, k: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
 
 
-def collect_samples(memories, max_vectors: int = MAX_TRAIN) -> dict[tuple[int, str], np.ndarray]:
+def collect_samples(memories, max_vectors: int = MAX_TRAIN, seed: int = 0) -> dict[tuple[int, str], np.ndarray]:
     """Training samples from memories: {(layer, role): (N, H, D) float32}, N kept tokens.
 
     Args:
-        memories: iterable of objects with .keys/.values (L, H, K, D) (SparseKV or kb Memory), in a
-            fixed order (e.g. the seeded reference sample of `sample_rows`).
-        max_vectors: stop adding once every (layer, role) has this many tokens.
+        memories: a sequence of objects with .keys/.values (L, H, K, D) (SparseKV or kb Memory), in
+            a fixed order (e.g. the seeded reference sample of `sample_rows`).
+        max_vectors: where the memories hold more tokens than this, a seeded uniform subset of them
+            (in their order) that holds at least this many. Before, the first memories up to it were
+            taken: with top-k 64 and 2,048 sampled references, the first half of the corpus only.
+        seed: seeds that subset.
     """
     import torch
 
+    memories = list(memories)
+    counts = [int(m.keys.shape[2]) for m in memories]
+    chosen = range(len(memories))
+    if sum(counts) > max_vectors:
+        order, total, take = np.random.default_rng(seed).permutation(len(memories)), 0, []
+        for i in order:
+            take.append(int(i))
+            total += counts[i]
+            if total >= max_vectors:
+                break
+        chosen = sorted(take)
     out: dict[tuple[int, str], list[np.ndarray]] = {}
-    count = 0
-    for m in memories:
-        for role, x in (("k", m.keys), ("v", m.values)):
-            x = torch.as_tensor(x).detach().float().numpy()  # (L, H, K, D)
+    for i in chosen:
+        for role, x in (("k", memories[i].keys), ("v", memories[i].values)):
+            x = torch.as_tensor(x).detach().float().cpu().numpy()  # (L, H, K, D)
             for layer in range(x.shape[0]):
                 out.setdefault((layer, role), []).append(x[layer].transpose(1, 0, 2))  # (K, H, D)
-        count += x.shape[2]
-        if count >= max_vectors:
-            break
     return {key: np.ascontiguousarray(np.concatenate(v)) for key, v in out.items()}  # (N, H, D) each
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from m3compile import CompileConfig, compile_kb, generate_text, open_kb
+from m3compile import CompileConfig, compile_kb, generate_text, open_kb, verify_kb
 from m3compile.config import TrainConfig
 from m3compile.errors import M3Error
 from m3compile.model import load_checkpoint
@@ -26,13 +26,13 @@ def kb(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
-    (dict(top_k=True), "top_k=True (bool) must be an integer"),  # wrote a kb whose manifest said `true`
+    (dict(top_k=True), "top_k=True (bool, option --top-k) must be an integer"),  # wrote a kb whose manifest said `true`
     (dict(top_k=2.5), "top_k=2.5"),
     (dict(top_k="8"), "top_k='8'"),
     (dict(max_tokens=20.5), "max_tokens=20.5"),
     (dict(memory_layers="0-3"), "parse_layers('0-3')"),
     (dict(memory_layers=3), "memory_layers=3"),
-    (dict(quant=None), "quant=None"),
+    (dict(quant=8), "quant=8"),
     (dict(prefix=5), "prefix=5"),
     (dict(checkpoint_seconds=math.nan), "finite"),
     (dict(max_shard_bytes=0), "--max-shard-bytes 0"),
@@ -51,7 +51,10 @@ def test_compile_config_takes_paths_and_any_sequence_of_layers():
 
 
 @pytest.mark.parametrize("kwargs", [dict(log_every=0), dict(checkpoint_every=-1), dict(threads=0),
-                                    dict(decay_fraction=2.0)])
+                                    dict(decay_fraction=2.0),
+                                    # AdamW takes an infinite rate and writes NaN weights
+                                    dict(lr=math.inf), dict(min_lr=math.inf), dict(grad_clip=math.inf),
+                                    dict(lr=math.nan)])
 def test_train_config_refuses_what_would_fail_mid_run(kwargs):
     with pytest.raises(M3Error):
         TrainConfig(model="m", kb="kb", texts="t", out="o", **kwargs)
@@ -61,7 +64,7 @@ def test_reading_refuses_wrong_ids_queries_and_counts(kb):
     with pytest.raises(M3Error, match="ref ids 0..") as e:
         kb.memory(10**6)
     assert "references" in str(e.value)
-    for bad in (1.7, "3"):
+    for bad in (1.7, "3", True, np.bool_(False)):  # True read reference 1's memory
         with pytest.raises(M3Error, match="a ref id is an integer"):
             kb.memory(bad)
     assert kb.memory(np.int64(0)).keys.shape == kb.memory(0).keys.shape
@@ -74,9 +77,18 @@ def test_reading_refuses_wrong_ids_queries_and_counts(kb):
         with pytest.raises(M3Error, match="references asked for"):
             kb.retrieve("Brerrdale", k=k)
     assert len(kb.retrieve("Brerrdale", k=np.int64(1))) == 1
-    for kw, fragment in ((dict(max_new_tokens=-1), "--max-new-tokens -1"), (dict(temperature=-1.0), "--temperature")):
+    for kw, fragment in ((dict(max_new_tokens=-1), "--max-new-tokens -1"), (dict(temperature=-1.0), "--temperature"),
+                         # TypeError tracebacks before
+                         (dict(max_new_tokens="10"), "max_new_tokens='10' \\(str\\) must be an integer"),
+                         (dict(temperature="0.5"), "temperature='0.5' \\(str\\) must be a number"),
+                         (dict(kb=None, mode="dense"), "no --kb is given")):
         with pytest.raises(M3Error, match=fragment):
-            generate_text("Who founded Brerrdale?", kb=kb.path, **kw)
+            generate_text("Who founded Brerrdale?", **{"kb": kb.path, **kw})
+    with pytest.raises(M3Error, match="--recompute '20' must be a whole number"):
+        verify_kb(kb.path, recompute="20")
+    for bad in (123, None):
+        with pytest.raises(M3Error, match="is not a path"):
+            open_kb(bad)
 
 
 def test_a_few_rows_come_from_their_row_groups(tmp_path, monkeypatch):

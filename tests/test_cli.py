@@ -157,9 +157,18 @@ def test_missing_and_unsupported_model(tmp_path, corpus, model_dir):
     for broken, fragment in (({k: v for k, v in cfg.items() if k != "num_attention_heads"},
                               "lacks 'num_attention_heads'"),
                              ([cfg], "holds a JSON list"),
-                             ({**cfg, "num_key_value_heads": 3}, "multiple of the key-value heads")):
+                             ({**cfg, "num_key_value_heads": 3}, "multiple of the key-value heads"),
+                             # hidden_size // 0 heads: a ZeroDivisionError traceback
+                             ({**{k: v for k, v in cfg.items() if k != "head_dim"}, "num_attention_heads": 0},
+                              "num_attention_heads 0")):
         (model_dir / "config.json").write_text(json.dumps(broken))
         assert_one_line_error(run("compile", corpus, "-o", tmp_path / "kb", "--model", model_dir), fragment)
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    kept = (model_dir / "tokenizer_config.json").read_text()
+    (model_dir / "tokenizer_config.json").write_text("[]")  # an AttributeError traceback
+    assert_one_line_error(run("compile", corpus, "-o", tmp_path / "kb", "--model", model_dir),
+                          "tokenizer_config.json holds a JSON list")
+    (model_dir / "tokenizer_config.json").write_text(kept)
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (model_dir / "config.json").write_text(json.dumps(cfg))
     assert_one_line_error(run("compile", corpus, "-o", tmp_path / "kb", "--model", model_dir),
@@ -327,6 +336,17 @@ def test_check_exit_codes_tell_out_of_date_from_an_error(tmp_path, corpus, model
     for args in (["compile", tmp_path / "nope", "-o", kb], ["compile", corpus, "-o", corpus / "a.txt"]):
         r = run(*args, "--model", model_dir, "--check")
         assert r.exit_code == 2 and r.stderr.strip().splitlines()[-1].startswith("error: "), (args, r.output)
+    # with no kb yet, a compile that would fail is an error too, not "out of date": it said 1 to any typo
+    new = tmp_path / "new"
+    for args, fragment in ((["compile", tmp_path / "nope", "-o", new, "--model", model_dir], "does not exist"),
+                           (["compile", corpus, "-o", new, "--model", tmp_path / "nomodel"], "no config.json"),
+                           (["compile", corpus, "-o", new, "--model", model_dir, "--index-factory", "HNSW8"],
+                            "only --embedder builds"),
+                           (["compile", corpus, "-o", kb, "--model", model_dir, "--rebuild"], "nothing to check")):
+        r = run(*args, "--check")
+        lines = r.stderr.strip().splitlines()
+        assert r.exit_code == 2 and len(lines) == 1 and fragment in lines[0], (args, r.output)
+    assert not new.exists()
 
 
 def test_a_kb_inside_its_corpus_is_not_read_as_text(tmp_path, corpus, model_dir):
@@ -442,3 +462,25 @@ def test_a_preset_that_replaces_a_given_option_says_so(tmp_path, corpus, model_d
     assert "--quant" not in r.stderr.split("note: --preset")[-1]  # the paper preset leaves --quant as given
     r = run("compile", corpus, "-o", tmp_path / "kb2", "--model", model_dir, "--preset", "lossless", "--quant", "int4")
     assert r.exit_code == 0 and "note: --preset lossless sets --quant none, not the int4 given" in r.stderr, r.output
+
+
+def test_options_the_command_would_ignore_are_one_error(tmp_path, corpus, model_dir):
+    """Each combination below was accepted and silently did something else than asked."""
+    kb = tmp_path / "kb"
+    assert run("compile", corpus, "-o", kb, "--model", model_dir).exit_code == 0
+    for args, fragment in (
+            (["query", kb, "w1", "--mode", "keys", "--max-overlap", "0.5"], "--mode keys does not apply it"),
+            (["query", kb, "w1", "--model", model_dir], "add --mode keys or drop --model"),
+            (["generate", "w1", "--mode", "dense", "--model", model_dir], "no --kb is given"),
+            (["generate", "w1", "--refs", "3", "--model", model_dir], "--refs 3"),
+            (["generate", "w1", "--kb", kb, "--no-memory", "--refs", "3"], "--no-memory reads none"),
+            (["eval", kb, corpus, "--oracle", "--mode", "bm25"], "--oracle retrieves nothing"),
+            (["eval", kb, corpus, "--oracle", "--max-overlap", "0.5"], "--oracle retrieves nothing"),
+            (["compile", corpus, "-o", kb, "--model", model_dir, "--retrain-codebooks"], "this one is --quant int8")):
+        assert_one_line_error(run(*args), fragment)
+    # and without them, the same commands run
+    for args in (["generate", "w1", "--model", model_dir, "--max-new-tokens", "2"],
+                 ["generate", "w1", "--kb", kb, "--max-new-tokens", "2", "--refs", "2"],
+                 ["query", kb, "w1", "--max-overlap", "0.5"], ["eval", kb, corpus, "--oracle"]):
+        r = run(*args)
+        assert r.exit_code == 0, (args, r.output)

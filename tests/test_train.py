@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import SHARED_DATA, shared, write_word_tokenizer
@@ -196,6 +197,14 @@ def test_resume_equals_uninterrupted(setup, tmp_path, through):
     state = (tmp_path / "part" / STATE_FILE).read_bytes()
     (tmp_path / "part" / STATE_FILE).write_bytes(state[: len(state) // 2])  # cut short (a power loss)
     with pytest.raises(M3Error, match="training state is damaged: delete it"):
+        train(_config(setup, tmp_path / "part", checkpoint_every=3, grad_through_memory=through))
+    # a newer format's state is refused naming both versions (formats/README.md), not read as damaged
+    from safetensors.torch import load, save
+    (tmp_path / "part" / STATE_FILE).write_bytes(state)
+    with safe_open(str(tmp_path / "part" / STATE_FILE), framework="pt") as f:
+        meta = f.metadata()
+    (tmp_path / "part" / STATE_FILE).write_bytes(save(load(state), {**meta, "format_version": "2"}))
+    with pytest.raises(M3Error, match=r"format_version 2, newer than the version this m3compile reads \(1\)"):
         train(_config(setup, tmp_path / "part", checkpoint_every=3, grad_through_memory=through))
     (tmp_path / "part" / STATE_FILE).write_bytes(state)
     resumed = train(_config(setup, tmp_path / "part", checkpoint_every=3, grad_through_memory=through))

@@ -151,6 +151,18 @@ def test_collect_samples_shapes():
     assert sorted(s) == [(0, "k"), (0, "v"), (1, "k"), (1, "v")] and s[(1, "v")].shape == (2 * K, H, D)
 
 
+def test_collect_samples_past_its_cap_draws_from_the_whole_sample():
+    # it took the first memories up to the cap: codebooks of the first half of a corpus at top-k 64
+    mems = [type("M", (), {"keys": torch.full((L, H, K, D), float(i)), "values": torch.zeros(L, H, K, D)})
+            for i in range(40)]
+    s = collect_samples(mems, max_vectors=5 * K, seed=3)
+    picked = s[(0, "k")][::K, 0, 0].tolist()  # each memory's value, one per K rows
+    assert len(picked) == 5 and picked == sorted(picked) and max(picked) >= 10
+    assert picked == collect_samples(mems, max_vectors=5 * K, seed=3)[(0, "k")][::K, 0, 0].tolist()
+    assert picked != collect_samples(mems, max_vectors=5 * K, seed=4)[(0, "k")][::K, 0, 0].tolist()
+    assert collect_samples(mems, max_vectors=40 * K)[(0, "k")].shape[0] == 40 * K  # under the cap: all
+
+
 @pytest.mark.parametrize("d", [8, 32, 80])
 @pytest.mark.parametrize("preset", ["vq", "vq-paper", "vq-pq4-half", "vq-pq8", "vq-rq4", "vq-rq8", "vq-lsq8"])
 def test_presets_resolve(preset, d):

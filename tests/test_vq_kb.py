@@ -106,6 +106,32 @@ def test_incremental_compiles_keep_frozen_codebooks_and_report_drift(env):
         compile_kb(CompileConfig(**{**cfg.to_dict(), "top_k": 4}), tmp / "kb")
 
 
+def test_a_kb_grows_with_its_codebook_settings_and_the_preset_vq_meant(env, monkeypatch):
+    """Grown without --quant or --codebook-*, a vq kb keeps what it was compiled with: its seed (the
+    manifest recorded the default's and --check never held), and the preset `vq` resolved to then,
+    whatever `vq` means now (it was refused as a "different quant" after a default change)."""
+    from dataclasses import replace
+
+    from m3compile import vq
+    from m3compile.pipeline import check_kb
+
+    tmp, corpus, cfg = env
+    monkeypatch.setitem(vq.PRESETS, "vq", vq.PRESETS["vq-pq4"])  # `vq` as an earlier default meant it
+    first = compile_kb(replace(cfg, quant="vq", codebook_seed=7, codebook_sample=32), tmp / "kb").manifest
+    assert first.quant["scheme"] == "vq-pq4" and first.quant["vq"]["seed"] == 7
+    monkeypatch.undo()
+    assert cbf.resolve_quant("vq", 16) != "vq-pq4"
+    (corpus / "doc9.txt").write_text(words(99, 80))
+    bare = CompileConfig(corpus=str(corpus), max_tokens=16, top_k=8)
+    logged = []
+    r = compile_kb(bare, tmp / "kb", log=logged.append)
+    assert r.manifest.quant["vq"]["sha256"] == first.quant["vq"]["sha256"]  # frozen, not refused
+    assert r.summary["references"]["reused"] == first.counts["references"]
+    assert r.manifest.config["codebook_seed"] == 7 and r.manifest.config["codebook_sample"] == 32
+    assert any("using the kb's, vq-pq4" in line for line in logged), logged
+    assert check_kb(bare, tmp / "kb") == []
+
+
 @pytest.mark.slow
 def test_a_new_kb_killed_after_training_its_codebooks_does_not_train_them_again(env):
     """Killed between training and its commit, a new vq kb resumes with the codebooks it trained
@@ -156,6 +182,24 @@ def test_a_damaged_codebooks_file_is_named(env, damage):
     assert verify_kb(tmp / "kb") == []
 
 
+def test_a_manifest_whose_codebooks_entry_is_damaged_is_one_error(env):
+    # a KeyError traceback from open_kb, verify and inspect (and at the end of a growing compile)
+    tmp, _, cfg = env
+    compile_kb(cfg, tmp / "kb")
+    doc = json.loads((tmp / "kb" / "manifest.json").read_text())
+    for key, value in (("sha256", None), ("train_rel_err_mean", "0.1"), ("code_size", True)):
+        damaged = {**doc, "quant": {**doc["quant"], "vq": {**doc["quant"]["vq"], key: value}}}
+        if value is None:
+            del damaged["quant"]["vq"][key]
+        (tmp / "kb" / "manifest.json").write_text(json.dumps(damaged))
+        with pytest.raises(M3Error, match=f"quant.vq.{key}.*the manifest is damaged"):
+            open_kb(tmp / "kb")
+        faults = verify_kb(tmp / "kb")
+        assert len(faults) == 1 and f"quant.vq.{key}" in faults[0], faults
+        with pytest.raises(M3Error, match=f"quant.vq.{key}"):
+            compile_kb(cfg, tmp / "kb")
+
+
 def test_codebooks_the_manifest_does_not_vouch_for_never_reach_faiss(env, monkeypatch):
     # a codebooks file rewritten whole, its own per-tensor digests made to match, passed the file's
     # self-check and went to faiss.deserialize_index (not made for hostile bytes) before the
@@ -192,7 +236,13 @@ def test_vq_is_recorded_as_the_preset_it_resolves_to():
 
 def test_unknown_vq_names_are_one_clear_error(env):
     tmp, _, cfg = env
-    for quant, fragment in (("vq-nope", "unknown vector quantizer"), ("vq:PQ5x4", "FAISS cannot build")):
+    for quant, fragment in (("vq-nope", "unknown vector quantizer"), ("vq:PQ5x4", "FAISS cannot build"),
+                            # search indexes that FAISS builds but cannot code with: a RuntimeError
+                            # traceback after the sample was memorized
+                            ("vq:HNSW32", "not a vector codec"), ("vq:IDMap,Flat", "not a vector codec")):
         with pytest.raises(M3Error, match=fragment):
             compile_kb(CompileConfig(**{**cfg.to_dict(), "quant": quant}), tmp / "kb")
+    # FAISS takes 32-bit seeds: an OverflowError traceback after the sample was memorized
+    with pytest.raises(M3Error, match="--codebook-seed 3000000000 must be 0 or more and below 2"):
+        CompileConfig(**{**cfg.to_dict(), "codebook_seed": 3_000_000_000})
     assert not (tmp / "kb" / "manifest.json").exists()
