@@ -11,6 +11,7 @@ still works.
 """
 
 import json
+import math
 import os
 import re
 import time
@@ -22,6 +23,9 @@ from m3compile.store import file_stamp, sha256_file
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
+
+
+MAX_SIZE = 1 << 24  # the largest size or count a config.json may give (16.7M: 100x the largest models')
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,26 @@ class ModelArgs:
     architecture: str = "LlamaForCausalLM"  # one of SUPPORTED_ARCHITECTURES
 
     def __post_init__(self):
+        # whole numbers in a sane range before any allocation: a head_dim of 1e10 asked torch for
+        # 40 GB of RoPE frequencies, a billion layers built a billion blocks, 64.0 failed in nn.Linear
+        sizes = {"vocab_size": self.vocab_size, "hidden_size": self.dim, "num_hidden_layers": self.n_layers,
+                 "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
+                 "head_dim": self.head_dim, "intermediate_size": self.hidden_dim,
+                 "max_position_embeddings": self.max_seq_len}
+        for name, v in sizes.items():
+            top = MAX_SIZE if name != "max_position_embeddings" else 1 << 40  # informative: nothing sized by it
+            if type(v) is not int or not 1 <= v <= top:
+                raise M3Error(f"config.json {name} = {v!r}: a size is a whole number from 1 to {top:,}; "
+                              "fix config.json")
+        if self.head_dim % 2:
+            raise M3Error(f"config.json head_dim = {self.head_dim}: RoPE rotates pairs of dimensions, so a head "
+                          "dim is even; fix config.json")
+        for name, v in (("rms_norm_eps", self.norm_eps), ("rope_theta", self.rope_theta)):
+            if type(v) not in (int, float) or not 0 < v < math.inf:
+                raise M3Error(f"config.json {name} = {v!r} must be a positive finite number; fix config.json")
+        if self.sliding_window is not None and (type(self.sliding_window) is not int or self.sliding_window < 1):
+            raise M3Error(f"config.json sliding_window = {self.sliding_window!r} must be a whole number of tokens "
+                          "(or null); fix config.json")
         if min(self.n_heads, self.n_kv_heads, self.dim, self.n_layers, self.vocab_size) < 1 \
                 or self.n_heads % self.n_kv_heads:
             raise M3Error(f"model config: {self.n_heads} attention heads, {self.n_kv_heads} key-value heads, "
@@ -63,7 +87,7 @@ class ModelArgs:
                           "checkpoint's config.json")
         try:
             return cls._from_hf_config(cfg)
-        except (KeyError, TypeError) as e:  # a key missing, or a value of the wrong type
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # a key missing, a value of the wrong type
             what = f"lacks {e.args[0]!r}" if isinstance(e, KeyError) else f"has a value of the wrong type ({e})"
             raise M3Error(f"config.json {what}; give a complete Hugging Face checkpoint config.json") from None
         except ZeroDivisionError:  # the head dim from hidden_size / 0 heads, before the sizes are checked
@@ -94,8 +118,8 @@ class ModelArgs:
             if window is not None and "sliding_attention" not in (cfg.get("layer_types") or ["sliding_attention"]):
                 window = None
         else:
-            qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
-            mlp_bias = bool(cfg.get("mlp_bias", False))
+            qkv_bias = o_bias = _flag(cfg, "attention_bias")
+            mlp_bias = _flag(cfg, "mlp_bias")
             # transformers' MistralConfig defaults a missing sliding_window to 4096 (null = none)
             window = cfg.get("sliding_window", 4096) if arch == "MistralForCausalLM" else None
         return cls(
@@ -112,7 +136,7 @@ class ModelArgs:
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=mlp_bias,
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            tie_word_embeddings=_flag(cfg, "tie_word_embeddings"),
             rope_scaling=scaling,
             sliding_window=window,
             architecture=arch,
@@ -185,9 +209,30 @@ _HF_BIASES = {
 _HF_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 
 
+def _flag(cfg: dict, name: str) -> bool:
+    """A true/false setting of config.json (absent: false); "false" as a string was true (bool("false"))."""
+    v = cfg.get(name, False)
+    if not isinstance(v, bool):
+        raise M3Error(f"config.json {name} = {v!r} must be true or false; fix config.json")
+    return v
+
+
 def _rope_config(cfg: dict) -> tuple[float, tuple | None]:
-    # transformers <5 writes rope_theta + rope_scaling; >=5 writes rope_parameters with both inside
+    # transformers <5 writes rope_theta + rope_scaling; >=5 writes rope_parameters with both inside.
+    # Where both are there (save_checkpoint writes a llama3 scaling as both), transformers 5 reads
+    # rope_scaling and 4 rope_parameters not at all: two that disagree are refused, not guessed
+    both = cfg.get("rope_parameters"), cfg.get("rope_scaling")
+    if all(isinstance(d, dict) for d in both):
+        scaling = [(d.get("rope_type", d.get("type", "default")),
+                    *(d.get(k) for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                         "original_max_position_embeddings"))) for d in both]
+        if scaling[0] != scaling[1]:
+            raise M3Error(f"config.json's rope_parameters and rope_scaling give two RoPE scalings ({scaling[0][0]} "
+                          f"and {scaling[1][0]}, or other factors); transformers versions read one or the other: "
+                          "keep one of them")
     params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise M3Error(f"config.json rope scaling {params!r} is not an object; fix config.json")
     theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -201,20 +246,35 @@ def _rope_config(cfg: dict) -> tuple[float, tuple | None]:
     missing = [k for k in keys if k not in params]
     if missing:
         raise M3Error(f"llama3 rope scaling lacks {', '.join(missing)} in config.json; fix the config")
+    for k in keys:
+        if type(params[k]) not in (int, float) or not 0 < params[k] < math.inf:
+            raise M3Error(f"llama3 rope scaling {k} = {params[k]!r} must be a positive number; fix config.json")
+    if params["high_freq_factor"] <= params["low_freq_factor"]:  # a division by their difference
+        raise M3Error(f"llama3 rope scaling high_freq_factor {params['high_freq_factor']} must exceed "
+                      f"low_freq_factor {params['low_freq_factor']}; fix config.json")
     return theta, tuple(sorted([("rope_type", "llama3")] + [(k, params[k]) for k in keys]))
 
 
 def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint, through the shard index when there is one."""
     index = path / "model.safetensors.index.json"
-    if index.is_file():
+    if (path / "model.safetensors").is_file():  # beside a stale index, the file transformers loads too
+        files = [path / "model.safetensors"]
+    elif index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise M3Error(f"cannot read {index}: {e!r}; fix or re-save the checkpoint") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise M3Error(f"{index}: weight_map is not an object of tensor name -> shard file name; fix or "
+                          "re-save the checkpoint")
+        for name in set(weight_map.values()):
+            # plain file names beside the index (checked as text: the Hugging Face cache's shards are
+            # symlinks into ../../blobs, and a name may not reach another directory)
+            if not name or "/" in name or "\\" in name or name in (".", ".."):
+                raise M3Error(f"{index} names the shard {name!r}, not a file beside it; fix or re-save the "
+                              "checkpoint")
         files = [path / f for f in sorted(set(weight_map.values()))]
-    elif (path / "model.safetensors").is_file():
-        files = [path / "model.safetensors"]
     else:
         hint = " (found PyTorch .bin weights: re-save with safe_serialization=True)" if any(path.glob("*.bin")) else ""
         raise M3Error(f"no model.safetensors or model.safetensors.index.json in {path}{hint}")

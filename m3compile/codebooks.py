@@ -31,7 +31,7 @@ def resolve_quant(name: str, head_dim: int) -> str:
     """The name a kb records: a concrete preset (`vq` is whichever preset is the default now) or
     `vq:<factory>`; refuses a name or factory FAISS cannot build for this head dim."""
     if name == "vq":
-        name = next(k for k, v in vq.PRESETS.items() if v is vq.PRESETS["vq"] and k != "vq")
+        name = vq.default_preset()
     factory, _ = vq.resolve(name, head_dim)
     vq.build_codec(factory, head_dim)
     return name

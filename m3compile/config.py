@@ -116,9 +116,9 @@ class CompileConfig:
                           "vq-<preset> or vq:<faiss factory>")
         if self.codebook_sample is not None and self.codebook_sample < 1:
             raise M3Error(f"--codebook-sample {self.codebook_sample} must be at least 1 (references)")
-        if self.codebook_seed is not None and not 0 <= self.codebook_seed < 2**30:
-            # FAISS takes 32-bit seeds, and codec i trains with seed + i
-            raise M3Error(f"--codebook-seed {self.codebook_seed} must be 0 or more and below 2^30 ({2**30})")
+        if self.codebook_seed is not None and not 0 <= self.codebook_seed < 2**31:
+            # FAISS takes 32-bit seeds (codec i trains with (seed + i) mod 2^31)
+            raise M3Error(f"--codebook-seed {self.codebook_seed} must be 0 or more and below 2^31 ({2**31})")
         if self.dtype is not None and self.dtype not in DTYPE_CHOICES:
             raise M3Error(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
         if self.boundary is not None and self.boundary not in BOUNDARY_CHOICES:
@@ -170,8 +170,8 @@ class CompileConfig:
                 v = tuple(v)  # a generator is read once, here
             test, what = _KIND_TESTS[kind]
             if not test(v):
-                raise M3Error(f"CompileConfig {f.name}={v!r} ({type(v).__name__}, option --{f.name.replace('_', '-')}) "
-                              f"must be {what}"
+                option = "" if f.name in ("corpus", "model_memory") else f", option --{f.name.replace('_', '-')}"
+                raise M3Error(f"CompileConfig {f.name}={v!r} ({type(v).__name__}{option}) must be {what}"
                               + (" or None" if optional else ""))
             object.__setattr__(self, f.name, v)
 

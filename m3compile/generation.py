@@ -7,9 +7,12 @@ then keeps the layout it was trained with, memories left out: the write prefix a
 text after the memory interval, exactly as `--kb KB --no-memory` reads.
 """
 
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 from m3compile.config import CHUNK_TOKENS, REFS_PER_CHUNK, default_model_dir, read_model_memory
 from m3compile.errors import M3Error
@@ -48,10 +51,12 @@ def generate_text(prompt: str, kb: str | Path | None = None, model: str | Path |
     """
     for name, value in (("max_new_tokens", max_new_tokens), ("seed", seed), ("chunk_tokens", chunk_tokens),
                         ("refs_per_chunk", refs_per_chunk)):
-        if not isinstance(value, int) or isinstance(value, bool):  # "10" was a TypeError traceback
+        if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)):  # "10": a TypeError
             raise M3Error(f"{name}={value!r} ({type(value).__name__}) must be an integer")
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
+    if not isinstance(temperature, numbers.Real) or isinstance(temperature, (bool, np.bool_)):
         raise M3Error(f"temperature={temperature!r} ({type(temperature).__name__}) must be a number")
+    max_new_tokens, seed, chunk_tokens, refs_per_chunk = map(int, (max_new_tokens, seed, chunk_tokens, refs_per_chunk))
+    temperature = float(temperature)
     if kb is None and mode is not None:
         raise M3Error(f"--mode {mode} chooses how a kb's references are retrieved, and no --kb is given: add "
                       "--kb or drop --mode")

@@ -492,7 +492,7 @@ def load_embedder(path: str | Path, device: str = "cpu"):
         pass
     try:
         return SentenceTransformer(str(root), device=device, local_files_only=True)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:  # e.g. a config.json transformers does not know
+    except (OSError, ValueError, KeyError) as e:  # e.g. a config.json transformers does not know (not CUDA's errors)
         raise M3Error(f"embedder {path} cannot be loaded by sentence-transformers ({type(e).__name__}: "
                       f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); give a local "
                       "sentence-transformers model directory") from None

@@ -18,6 +18,7 @@ Shapes: V vocab, E model dim, F ffn dim, Q = n_heads * D, KV = n_kv_heads * D, D
 """
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -101,14 +102,14 @@ def read_checkpoint(path: Path) -> tuple[Llama2cHeader, dict[str, np.ndarray]]:
     data = _read_bytes(path)
     h = _read_header(path, data)
     shapes = h.tensor_shapes()
-    expected = _HEADER.size + 4 * sum(int(np.prod(s)) for _, s in shapes)
+    expected = _HEADER.size + 4 * sum(math.prod(s) for _, s in shapes)  # exact: np.prod wraps in int64
     if len(data) != expected:
         raise M3Error(f"{path}: {len(data)} bytes, but its header ({h}) implies {expected}; the file is "
                       "truncated, padded or not a llama2.c v0 export: re-download or re-export it")
     flat = np.frombuffer(data, dtype="<f4", offset=_HEADER.size)
     arrays, pos = {}, 0
     for name, shape in shapes:
-        n = int(np.prod(shape))
+        n = math.prod(shape)
         arrays[name] = flat[pos:pos + n].reshape(shape)
         pos += n
     t = {"model.embed_tokens.weight": arrays["tok"], "model.norm.weight": arrays["rms_final"]}  # (V, E), (E,)

@@ -616,6 +616,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     keep_freed_memory()
     args = ModelArgs.from_hf_config(_read_config(path))
     tokenizer = Tokenizer.from_dir(path)
+    for name, tid in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id)):
+        if tid is not None and tid >= args.vocab_size:  # the prefix's BOS: an IndexError at the first forward
+            raise M3Error(f"the {name} token id {tid} is past the model's vocabulary ({args.vocab_size} "
+                          "embeddings, config.json vocab_size); fix config.json or the tokenizer")
     state = _load_state_dict(weight_files(path), args, dtype, device)
     with torch.device("meta"):
         model = Transformer(args)
@@ -626,6 +630,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     if missing:
         raise M3Error(f"checkpoint {path} lacks tensor(s) {', '.join(missing[:5])}; "
                       "the weights do not match config.json")
+    # tensors of layers or biases the config does not have (a config cut to fewer layers, a Qwen2 saved
+    # as Llama without attention_bias): an AttributeError from get_parameter before
+    extra = sorted(set(state) - set(model.state_dict()))
+    if extra:
+        raise M3Error(f"checkpoint {path} has tensor(s) {', '.join(extra[:5])} that config.json does not make "
+                      "(other layers or biases); the weights do not match config.json")
     for name, tensor in state.items():
         want = model.get_parameter(name).shape
         if tensor.shape != want:

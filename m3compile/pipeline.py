@@ -266,7 +266,7 @@ def _train_codebooks(out: Path, setup: Setup, timer: Timer, log):
                                                       spec.min_fill))
         sample = codebooks.sample_references(refs, config.codebook_sample, config.codebook_seed)
     batch = config.refs_per_batch(spec.width)
-    inputs = _training_inputs(spec, config.codebook_seed, batch, sample)
+    inputs = _training_inputs(spec, config.codebook_seed, batch, config.device, sample)
     trained = _trained_before(out, inputs)
     if trained is not None:  # this compile was killed after training them: the same inputs, the same bytes
         log(f"{spec.quant} codebooks: the ones an interrupted run of this compile trained on the same "
@@ -289,11 +289,15 @@ def _train_codebooks(out: Path, setup: Setup, timer: Timer, log):
 TRAINED = "codebooks-trained.json"  # in .spill/: the codebooks this compile trained, and on what (_record_trained)
 
 
-def _training_inputs(spec: MemorySpec, seed: int, batch: int, sample: list[list[int]]) -> str:
-    """sha256 of everything codebook training reads: the write recipe (model digests, prefix, layers,
-    top-k, quant, dtype), seed, batch and the sampled references' token ids."""
-    h = hashlib.sha256(json.dumps({"batch": batch, "context": spec.key_context().hex(), "seed": seed},
-                                    sort_keys=True).encode())
+def _training_inputs(spec: MemorySpec, seed: int, batch: int, device: str, sample: list[list[int]]) -> str:
+    """sha256 of everything codebook training reads or is: the write recipe (model digests, prefix,
+    layers, top-k, quant, dtype), seed, batch, device, the m3compile and FAISS versions (training
+    code), and the sampled references' token ids."""
+    import faiss
+
+    h = hashlib.sha256(json.dumps({"batch": batch, "context": spec.key_context().hex(), "device": device,
+                                   "faiss": faiss.__version__, "m3compile": __version__, "seed": seed},
+                                  sort_keys=True).encode())
     for ids in sample:
         h.update(np.asarray([len(ids), *ids], dtype="<i4").tobytes())
     return h.hexdigest()
@@ -1065,8 +1069,8 @@ def compile_kb(config: CompileConfig, out_dir: str | Path, progress: Progress | 
         config = _kb_model_as_default(config, Path(out_dir), log, required=not rebuild)
     config = with_kb_settings(config, out_dir, log)  # and its quantizer, dtype, codebook settings, embedder
     if retrain_codebooks and not config.quant.startswith("vq"):
-        raise M3Error(f"--retrain-codebooks trains the codebooks of a vq kb, and this one is --quant {config.quant}: "
-                      "drop it (or give --quant vq --rebuild)")
+        raise M3Error(f"--retrain-codebooks trains the codebooks of a vq kb, and this compile's is --quant "
+                      f"{config.quant}: drop it (or give --quant vq, with --rebuild for an existing kb)")
     return _run(config, Path(out_dir), progress or (lambda e: None), log, keep_missing, rebuild, repair_only=False,
                 retrain_codebooks=retrain_codebooks)
 
@@ -1091,7 +1095,7 @@ def repair_kb(kb_dir: str | Path, model: str | Path | None = None, device: str =
     kb = Path(kb_dir)
     manifest = mf.read_manifest(kb)
     # the manifest's settings are complete (memory_layers null = the first half): nothing to adopt
-    c = {**manifest.config, "device": device, "model_memory": False}
+    c = {**_recorded_config(manifest), "device": device, "model_memory": False}
     c["corpus"] = str(kb / c["corpus"]) if not Path(c["corpus"]).is_absolute() else c["corpus"]
     if model is not None:
         c["model"] = str(model)
@@ -1110,10 +1114,21 @@ def kb_settings(out: str | Path) -> dict:
         m = mf.read_manifest(Path(out))
     except M3Error:
         return {}
+    return _recorded_config(m)
+
+
+def _recorded_config(m: "mf.Manifest") -> dict:
+    """The manifest's `config`, with a recorded `--quant vq` that no longer names the kb's preset (`vq`
+    is whichever preset is the default when it runs) replaced by the preset it resolved to (its
+    `quant.scheme`). Where `vq` still names it, the record stays `vq`: a kb built with `--quant vq`
+    stays up to date for `--check` with or without it."""
     config = dict(m.config)
-    if isinstance(config.get("quant"), str) and config["quant"].startswith("vq"):
-        # `vq` is whichever preset is the default when it runs: the kb's is the preset it resolved to
-        config["quant"] = m.quant.get("scheme", config["quant"])
+    scheme = m.quant.get("scheme")
+    if config.get("quant") == "vq" and isinstance(scheme, str) and scheme != "vq":
+        from m3compile.vq import default_preset
+
+        if default_preset() != scheme:
+            config["quant"] = scheme
     return config
 
 
@@ -1347,11 +1362,10 @@ def check_kb(config: CompileConfig, out_dir: str | Path, keep_missing: bool = Fa
     if not Path(config.corpus).exists():
         raise M3Error(f"corpus {config.corpus} does not exist; pass an existing directory or file")
     if not (out / mf.FILE_NAME).exists():
-        # the compile would fail on a model that is not there: say so, not "out of date"
-        model = resolve_model(config, log)
-        if not (model / "config.json").is_file():
-            raise M3Error(f"--model {model}: no config.json there; pass a Hugging Face checkpoint directory")
-        with_kb_settings(config, out, log)  # e.g. an --index-factory without an --embedder
+        # settings the compile would refuse (a model that is not there, an --index-factory without an
+        # --embedder, a bad vq factory, a width past the model's positions) are errors, not "out of
+        # date": the same checks as a compile's, without its weights
+        _setup(with_kb_settings(config, out, log), log)
         return [f"{out} holds no knowledge base: everything would be compiled"]
     if config.model is None:
         config = _kb_model_as_default(config, out, log)

@@ -63,8 +63,13 @@ class Tokenizer:
                 raise M3Error(f"{path / name} holds a JSON {type(doc).__name__}, not an object; fix or replace "
                               "the file")
 
+        vocab = hf.get_vocab_size(with_added_tokens=True)
+
         def resolve(name: str) -> int | None:
             content = _token_content(tc.get(f"{name}_token"))
+            if content is not None and not isinstance(content, str):
+                raise M3Error(f"tokenizer_config.json {name}_token is {content!r}, not a token's text; fix "
+                              "tokenizer_config.json")
             if content is not None:
                 tid = hf.token_to_id(content)
                 if tid is None:
@@ -76,6 +81,11 @@ class Tokenizer:
             tid = cfg.get(f"{name}_token_id")
             if isinstance(tid, list):  # some configs list several eos ids; the first is the canonical one
                 tid = tid[0] if tid else None
+            # an id the tokenizer does not have was an IndexError (a device-side assert on CUDA) at the
+            # first forward that writes the prefix (whether the embedding has it, load_checkpoint checks)
+            if tid is not None and (type(tid) is not int or not 0 <= tid < vocab):
+                raise M3Error(f"config.json {name}_token_id = {tid!r} is not a token id of tokenizer.json "
+                              f"(0..{vocab - 1}); fix config.json")
             return tid
 
         return cls(hf=hf, bos_id=resolve("bos"), eos_id=resolve("eos"))

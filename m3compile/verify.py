@@ -7,6 +7,7 @@ and compared within the codec's recorded error. Reads only; a fault is a line of
 `m3 verify --repair` then runs pipeline.repair_kb, which rebuilds what is faulted.
 """
 
+import numbers
 import os
 import random
 from pathlib import Path
@@ -64,8 +65,10 @@ def verify_kb(kb_dir: str | Path, recompute: int = 0, model: str | Path | None =
         >>> verify_kb("kb/", recompute=20)
         []
     """
-    if not isinstance(recompute, int) or isinstance(recompute, bool) or recompute < 0:  # "20": a TypeError traceback
+    if not isinstance(recompute, numbers.Integral) or isinstance(recompute, (bool, np.bool_)) or recompute < 0:
+        # "20" was a TypeError traceback
         raise M3Error(f"--recompute {recompute!r} must be a whole number, 0 or more (references to re-encode)")
+    recompute = int(recompute)
     if not isinstance(kb_dir, (str, os.PathLike)):
         raise M3Error(f"kb_dir={kb_dir!r} ({type(kb_dir).__name__}) must be a path (str or os.PathLike)")
     kb = Path(kb_dir)

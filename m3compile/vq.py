@@ -114,6 +114,11 @@ ENCODER_NAMES = ("faiss", "grid")
 PRESETS["vq"] = PRESETS["vq-grid"]
 
 
+def default_preset() -> str:
+    """The preset `vq` names now (a kb records the preset it resolved to, codebooks.resolve_quant)."""
+    return next(k for k, v in PRESETS.items() if v is PRESETS["vq"] and k != "vq")
+
+
 def resolve(name: str, d: int) -> tuple[str, str]:
     """(factory, group) for a preset name or `vq:<factory>` (group "layer") at head dim D.
 
@@ -193,7 +198,9 @@ def build_codec(factory: str, d: int):
         inner = faiss.downcast_index(inner.index)
     # a search index (HNSW32, IDMap,Flat, Flat,RFlat) builds, trains, and fails only when first asked
     # to encode; FAISS's standalone codecs are flat codes (PQ, RQ, LSQ, SQ, ...), IVF and Index2Layer
-    if not isinstance(inner, (faiss.IndexFlatCodes, faiss.IndexIVF, faiss.Index2Layer)):
+    codecs = tuple(getattr(faiss, n) for n in ("IndexFlatCodes", "IndexIVF", "Index2Layer", "IndexLattice",
+                                               "IndexRowwiseMinMaxBase") if hasattr(faiss, n))
+    if not isinstance(inner, codecs):
         raise M3Error(f"{factory!r} is not a vector codec FAISS can encode and decode alone (sa_encode/"
                       "sa_decode): a memory is stored as its code; use a quantizer such as PQ8x4, OPQ8,PQ8x4 "
                       "or RQ8x4") from None
@@ -545,7 +552,7 @@ def train_codecs(samples: dict[tuple[int, str], np.ndarray], factory: str, seed:
         x = np.concatenate(pools[name]).astype(np.float32)  # (N, D)
         x = np.ascontiguousarray(x[sample_rows(len(x), max_train, seed + i)])  # (n, D)
         codec = build_codec(factory, d)
-        _set_seeds(codec, seed + i)
+        _set_seeds(codec, (seed + i) % 2**31)  # FAISS's seeds are 32-bit ints: the same for every seed + i below
         try:
             with _training_threads(codec):
                 codec.train(x)

@@ -339,7 +339,11 @@ def test_check_exit_codes_tell_out_of_date_from_an_error(tmp_path, corpus, model
     # with no kb yet, a compile that would fail is an error too, not "out of date": it said 1 to any typo
     new = tmp_path / "new"
     for args, fragment in ((["compile", tmp_path / "nope", "-o", new, "--model", model_dir], "does not exist"),
-                           (["compile", corpus, "-o", new, "--model", tmp_path / "nomodel"], "no config.json"),
+                           (["compile", corpus, "-o", new, "--model", tmp_path / "nomodel"], "is not a directory"),
+                           (["compile", corpus, "-o", new, "--model", model_dir, "--max-tokens", "100000"],
+                            "does not fit the model"),
+                           (["compile", corpus, "-o", new, "--model", model_dir, "--quant", "vq:HNSW32"],
+                            "not a vector codec"),
                            (["compile", corpus, "-o", new, "--model", model_dir, "--index-factory", "HNSW8"],
                             "only --embedder builds"),
                            (["compile", corpus, "-o", kb, "--model", model_dir, "--rebuild"], "nothing to check")):
@@ -476,7 +480,7 @@ def test_options_the_command_would_ignore_are_one_error(tmp_path, corpus, model_
             (["generate", "w1", "--kb", kb, "--no-memory", "--refs", "3"], "--no-memory reads none"),
             (["eval", kb, corpus, "--oracle", "--mode", "bm25"], "--oracle retrieves nothing"),
             (["eval", kb, corpus, "--oracle", "--max-overlap", "0.5"], "--oracle retrieves nothing"),
-            (["compile", corpus, "-o", kb, "--model", model_dir, "--retrain-codebooks"], "this one is --quant int8")):
+            (["compile", corpus, "-o", kb, "--model", model_dir, "--retrain-codebooks"], "this compile's is --quant int8")):
         assert_one_line_error(run(*args), fragment)
     # and without them, the same commands run
     for args in (["generate", "w1", "--model", model_dir, "--max-new-tokens", "2"],

@@ -266,6 +266,62 @@ def test_unsupported_config_refused(tmp_path, changes, message):
         load_checkpoint(tmp_path)
 
 
+@pytest.mark.parametrize("changes, message", [
+    # each was a traceback (or a 40 GB allocation, or a silent misreading) before any check
+    (dict(head_dim=10_000_000_000), "head_dim = 10000000000: a size is a whole number"),
+    (dict(hidden_size=64.0), "hidden_size = 64.0"),
+    (dict(intermediate_size=-5), "intermediate_size = -5"),
+    (dict(num_hidden_layers=1_000_000_000), "num_hidden_layers = 1000000000"),
+    (dict(head_dim=15, num_attention_heads=4), "head_dim = 15: RoPE rotates pairs"),
+    (dict(rope_parameters=None, rope_scaling="linear"), "rope scaling 'linear' is not an object"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": "abc"}), "has a value of the wrong type"),
+    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 1.0, "original_max_position_embeddings": 64}),
+     "high_freq_factor 1.0 must exceed low_freq_factor 1.0"),
+    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": "8", "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+     "factor = '8' must be a positive number"),
+    (dict(tie_word_embeddings="false"), "tie_word_embeddings = 'false' must be true or false"),  # was tied
+    (dict(rms_norm_eps="1e-6"), "rms_norm_eps = '1e-6'"),
+    (dict(bos_token_id=10**6), "bos_token_id = 1000000 is not a token id"),
+    # transformers 5 reads rope_scaling, 4 rope_parameters: m3 read rope_parameters, silently
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 64}), "two RoPE scalings"),
+])
+def test_config_values_that_would_fail_later_are_refused_by_name(tmp_path, changes, message):
+    make_checkpoint(tmp_path, "LlamaForCausalLM", {})
+    (tmp_path / "tokenizer_config.json").write_text("{}")  # the ids come from config.json
+    _edit_config(tmp_path, **changes)
+    with pytest.raises(M3Error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_checkpoint(tmp_path)
+
+
+def test_model_safetensors_wins_over_a_stale_shard_index(tmp_path):
+    # as transformers loads it: m3 read the index (a model re-saved whole over a sharded one)
+    make_checkpoint(tmp_path, "LlamaForCausalLM", {})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}}))
+    assert load_checkpoint(tmp_path).args.n_layers == 3
+
+
+def test_a_shard_index_names_only_files_beside_it(tmp_path):
+    make_checkpoint(tmp_path, "LlamaForCausalLM", {"_shard": "20KB"})
+    index = tmp_path / "model.safetensors.index.json"
+    doc = json.loads(index.read_text())
+    name = next(iter(doc["weight_map"]))
+    for weight_map, message in (({**doc["weight_map"], name: "../other/model.safetensors"}, "not a file beside it"),
+                                ({**doc["weight_map"], name: "/etc/passwd"}, "not a file beside it"),
+                                ({**doc["weight_map"], name: 5}, "weight_map is not an object"),
+                                ([], "weight_map is not an object")):
+        index.write_text(json.dumps({**doc, "weight_map": weight_map}))
+        with pytest.raises(M3Error, match=message):
+            load_checkpoint(tmp_path)
+    index.write_text("[]")
+    with pytest.raises(M3Error, match="cannot read"):
+        load_checkpoint(tmp_path)
+
+
 def test_active_sliding_window_shorter_than_sequence_refused(tmp_path):
     make_checkpoint(tmp_path, "MistralForCausalLM", dict(sliding_window=16))
     model = load_checkpoint(tmp_path).model
@@ -306,6 +362,15 @@ def test_missing_and_unexpected_tensors_named(tmp_path):
     make_checkpoint(tmp_path, "LlamaForCausalLM", {})
     _rewrite_weights(tmp_path, lambda sd: {**sd, "model.layers.0.extra.weight": torch.zeros(2)})
     with pytest.raises(M3Error, match=r"unexpected tensor\(s\) in checkpoint: model.layers.0.extra.weight"):
+        load_checkpoint(tmp_path)
+    # tensors the config does not make, of names the runtime maps: an AttributeError traceback before
+    make_checkpoint(tmp_path, "LlamaForCausalLM", {})
+    _edit_config(tmp_path, num_hidden_layers=1)  # a config cut to fewer layers than the weights
+    with pytest.raises(M3Error, match=r"has tensor\(s\) layers.1.*that config.json does not make"):
+        load_checkpoint(tmp_path)
+    make_checkpoint(tmp_path, "Qwen2ForCausalLM", {})
+    _edit_config(tmp_path, architectures=["LlamaForCausalLM"], model_type="llama")  # biases, attention_bias unset
+    with pytest.raises(M3Error, match=r"has tensor\(s\) layers.0.attention.w.\.bias"):
         load_checkpoint(tmp_path)
 
 

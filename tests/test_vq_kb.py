@@ -130,6 +130,12 @@ def test_a_kb_grows_with_its_codebook_settings_and_the_preset_vq_meant(env, monk
     assert r.manifest.config["codebook_seed"] == 7 and r.manifest.config["codebook_sample"] == 32
     assert any("using the kb's, vq-pq4" in line for line in logged), logged
     assert check_kb(bare, tmp / "kb") == []
+    # while `vq` still names a kb's preset, its record stays `vq`: up to date with --quant vq or without
+    # (a record replaced by the preset flipped --check between the two spellings)
+    fresh = compile_kb(replace(cfg, quant="vq"), tmp / "kb2").manifest
+    assert fresh.config["quant"] == "vq" and fresh.quant["scheme"] == "vq-grid"
+    assert check_kb(replace(bare, quant="vq"), tmp / "kb2") == [] and check_kb(bare, tmp / "kb2") == []
+    assert compile_kb(bare, tmp / "kb2").manifest.config["quant"] == "vq"
 
 
 @pytest.mark.slow
@@ -245,4 +251,6 @@ def test_unknown_vq_names_are_one_clear_error(env):
     # FAISS takes 32-bit seeds: an OverflowError traceback after the sample was memorized
     with pytest.raises(M3Error, match="--codebook-seed 3000000000 must be 0 or more and below 2"):
         CompileConfig(**{**cfg.to_dict(), "codebook_seed": 3_000_000_000})
+    # a seed of the old range near its top (e.g. `date +%s`) still trains: codec seeds wrap below 2^31
+    compile_kb(CompileConfig(**{**cfg.to_dict(), "codebook_seed": 2**31 - 1}), tmp / "kb-top-seed")
     assert not (tmp / "kb" / "manifest.json").exists()
