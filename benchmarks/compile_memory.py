@@ -19,6 +19,7 @@ encoded and written like any other (a content key already on disk is copied, not
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -92,6 +93,9 @@ def main() -> None:
             corpus, kb = work / f"corpus-{name}", work / f"kb-{name}"
             if not corpus.exists():
                 write_corpus(corpus, mb, one)
+            # from nothing: a kb left by an earlier run is up to date (nothing measured), or of other
+            # settings, which a compile into it keeps where the options after -- leave them out
+            shutil.rmtree(kb, ignore_errors=True)
             rss, wall = compile_rss(corpus, kb, a.threads, a.extra)
             # counted from the manifest, not by opening the kb: a child's peak RSS includes what it
             # shared with this process between fork and exec, so this process must stay small (a

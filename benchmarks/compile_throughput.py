@@ -24,12 +24,14 @@ from pathlib import Path
 
 import torch
 
-from m3compile.config import CompileConfig
-from m3compile.kb import open_kb
-from m3compile.model import ModelArgs, Transformer, bf16_units, save_checkpoint
-from m3compile.pipeline import compile_kb
+sys.path.insert(0, str(Path(__file__).parent))
+from common import DATA as SHARED  # noqa: E402  (same directory)
+from m3compile.config import CompileConfig  # noqa: E402
+from m3compile.kb import open_kb  # noqa: E402
+from m3compile.model import ModelArgs, Transformer, bf16_units, save_checkpoint  # noqa: E402
+from m3compile.pipeline import compile_kb  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gutenberg"
+DATA = SHARED / "gutenberg"  # $M3_SHARED_DATA, else ../shared/data (common.py)
 ARGS = ModelArgs(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=4, head_dim=64,
                  hidden_dim=2048, max_seq_len=2048)
 
@@ -37,7 +39,11 @@ ARGS = ModelArgs(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=
 def book_texts(mb: float) -> dict[str, str]:
     budget = int(mb * 2**20)
     out = {}
-    per_book = budget // len(list(DATA.glob("pg*.txt")))
+    books = list(DATA.glob("pg*.txt"))
+    if not books:  # a ZeroDivisionError before
+        sys.exit(f"no pg*.txt in {DATA}: this benchmark reads the shared Gutenberg books (../shared/data, "
+                 "or set M3_SHARED_DATA)")
+    per_book = budget // len(books)
     for p in sorted(DATA.glob("pg*.txt")):
         text = p.read_text(encoding="utf-8-sig").replace("\r\n", "\n")
         start = text.find("\n", text.find("*** START OF")) + 1

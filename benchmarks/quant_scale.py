@@ -91,7 +91,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="m3qscale-") as tmp:
         corpus = Path(tmp) / "corpus"
         make_corpus.write_corpus(make_corpus.generate(a.entities, 0), corpus)
-        exact_kb, _ = compile_at(corpus, Path(tmp) / "none", "none", a.codebook_sample, settings, a.model)
+        # not tmp/none: `--quant none` among a.quant would find this kb up to date and time nothing
+        exact_kb, _ = compile_at(corpus, Path(tmp) / "exact", "none", a.codebook_sample, settings, a.model)
         docs = sorted(iter_documents(corpus, CorpusReport()), key=lambda d: d.doc_id)[:a.docs]
         exact = Memories(exact_kb)
         queries = chunk_queries(exact_kb, load_kb_model(exact_kb), exact, docs)

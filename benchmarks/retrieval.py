@@ -40,14 +40,16 @@ from pathlib import Path
 
 import numpy as np
 
-from m3compile import index as ix
-from m3compile.chunk import chunk_documents
-from m3compile.corpus import CorpusReport, iter_documents
-from m3compile.retrieve import Retriever
-from m3compile.tokenizer import Tokenizer
+sys.path.insert(0, str(Path(__file__).parent))
+from common import DATA as SHARED  # noqa: E402  (same directory)
+from m3compile import index as ix  # noqa: E402
+from m3compile.chunk import chunk_documents  # noqa: E402
+from m3compile.corpus import CorpusReport, iter_documents  # noqa: E402
+from m3compile.retrieve import Retriever  # noqa: E402
+from m3compile.tokenizer import Tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "scifact"
+DATA = SHARED / "scifact"  # $M3_SHARED_DATA, else ../shared/data (common.py)
 MODEL = ROOT / "examples" / "reader" / "model"  # the embedded default: its tokenizer cuts the references
 
 

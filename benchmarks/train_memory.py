@@ -53,7 +53,7 @@ from m3compile.pipeline import compile_kb  # noqa: E402
 from m3compile.reader import ChunkMemory, ReadLayout, text_logits  # noqa: E402
 from m3compile.retrieve import Retriever  # noqa: E402
 from m3compile.tokenizer import Tokenizer  # noqa: E402
-from m3compile.train import TrainConfig, train  # noqa: E402
+from m3compile.train import STATE_FILE, TrainConfig, train  # noqa: E402
 
 EVAL_OVERLAP = 2 / 3  # paper §3.6: the evaluation-time leakage filter
 
@@ -380,6 +380,10 @@ def main(argv=None):
         if e["event"] == "step" and (e["step"] % 50 == 0 or e["step"] == e["steps"]):
             print(f"step {e['step']}/{e['steps']} loss {e['loss']:.3f} mem {e['memory']} "
                   f"{e['tokens_per_s']:.0f} tok/s", file=sys.stderr, flush=True)
+    if not (a.resume and (work / "trained" / STATE_FILE).is_file()):
+        # a finished run's checkpoint (or a killed one's, without --resume) is trained again: m3 train
+        # refuses an output folder with files and no resume state, late, after the warm-ups
+        shutil.rmtree(work / "trained", ignore_errors=True)
     cfg = TrainConfig(model=str(warm), kb=str(kb0), texts=str(work / "train_texts.jsonl"), out=str(work / "trained"),
                       steps=a.steps, batch_size=a.batch_size, lr=a.lr, memory_fraction=a.memory_fraction,
                       grad_through_memory=a.grad_through_memory, warmup_steps=min(50, a.steps // 10),

@@ -164,6 +164,7 @@ def run(work: Path, a) -> dict:
     curve = [point(0, res["before"])]
     print(json.dumps(curve[-1]), file=sys.stderr, flush=True)
     eval_s = 0.0
+    shutil.rmtree(work / "trained", ignore_errors=True)  # a finished run's: m3 train refuses it (resume=False)
     cfg = TrainConfig(model=str(model), kb=str(kb_train), texts=str(texts), out=str(work / "trained"),
                       steps=a.steps, batch_size=a.batch_size, lr=a.lr, min_lr=a.lr / 10,
                       warmup_steps=min(50, a.steps // 10), memory_fraction=a.memory_fraction,
