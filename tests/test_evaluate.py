@@ -42,6 +42,23 @@ def test_full_memory_helps_a_real_model(stories260k, tmp_path):
     assert rows["full_all_layers"]["nll"] < rows["no_memory"]["nll"] - 0.015
     assert r["improved_docs"]["full_all_layers"] >= 17
     assert rows["sparse"]["nll"] < rows["no_memory"]["nll"] + 0.01
+    # and each memory row reads memories: a row that read none (or the same as another) would pass the
+    # bounds above; the sparse row is the kb's own memories, read as m3 generate reads them
+    nlls = [rows[k]["nll"] for k in ("no_memory", "sparse", "full_memory_layers", "full_all_layers")]
+    assert len({round(x, 9) for x in nlls}) == 4, nlls
+    from m3compile.evaluate import _doc_refs
+    from m3compile.reader import ChunkMemory, ReadLayout, text_nll
+
+    layout = ReadLayout.from_manifest(kb.manifest, ck.tokenizer.bos_id)
+    by_doc, _ = _doc_refs(kb)
+    total = count = 0
+    for d in docs:
+        ids = ck.tokenizer.encode(d.text)[:255]
+        mems = [ChunkMemory.gather(kb.memories(oracle_refs(by_doc[d.doc_id], s, layout.refs_per_chunk)),
+                                   layout.memory_layers) for s in range(0, len(ids), layout.chunk_tokens)]
+        nll, n = text_nll(ck.model, layout, ids, mems)
+        total, count = total + nll, count + n
+    assert count == rows["sparse"]["tokens"] and total / count == pytest.approx(rows["sparse"]["nll"], rel=1e-6)
 
 
 def test_a_text_past_the_models_positions_is_scored_up_to_them(tmp_path):

@@ -65,7 +65,7 @@ def test_pre_keys_are_the_references_own_pre_rope_keys(tiny_kb):
 
     kb, ck = tiny_kb
     ks = KeySearch(kb, ck, rope="pre")
-    refs = kb.references().select(["ref_id", "token_ids"]).to_pylist()
+    refs = kb.references().select(["ref_id", "token_ids", "quant_max_err"]).to_pylist()
     enc = encode_batch(ck.model, [r["token_ids"] for r in refs], kb.spec.prefix_ids, ks.layers)
     for b, r in enumerate(refs):
         m = kb.memory(r["ref_id"])
@@ -73,8 +73,10 @@ def test_pre_keys_are_the_references_own_pre_rope_keys(tiny_kb):
         for li, layer in enumerate(ks.layers):
             k_pre = enc.kv[layer].k_pre[b]  # (H, T, D)
             want = torch.gather(k_pre, 1, m.positions[li][..., None].expand(-1, -1, k_pre.shape[-1]))  # (H, K, D)
-            # int8 keys: the rotation back keeps their (small) quantization error
-            torch.testing.assert_close(ks.keys[i, li, :, :want.shape[1]], want, atol=0.05, rtol=0.05)
+            # int8 keys: the rotation back mixes each pair's quantization errors, at most √2 times the
+            # reference's recorded max (0.05 before: ~30x that bound, a scale 5-10 % off passed)
+            bound = 2 ** 0.5 * r["quant_max_err"] * (1 + 1e-3) + 1e-5
+            torch.testing.assert_close(ks.keys[i, li, :, :want.shape[1]], want, atol=bound, rtol=0)
     assert ks.retrieve("", 3) and len(ks.retrieve("w60", 10)) == len(refs)
     with pytest.raises(M3Error, match="rope"):
         KeySearch(kb, ck, rope="sideways")

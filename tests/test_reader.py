@@ -55,8 +55,10 @@ def test_on_the_fly_full_memories_equal_lossless_kb(setup):
     tmp_path, ck = setup
     kb = compile_all_layers(tmp_path)
     rows = kb.references().to_pylist()
-    fresh = full_memories(ck.model, [r["token_ids"] for r in rows], [0, 1], kb.spec, (0, 1, 2))
-    for r, f in zip(rows, fresh):
+    fresh = full_memories(ck.model, [r["token_ids"] for r in rows], [r["ref_id"] for r in rows], kb.spec, (0, 1, 2))
+    assert rows  # every reference compared: a memorize that returned fewer would fail strict zip
+    for r, f in zip(rows, fresh, strict=True):
+        assert f.ref_id == r["ref_id"]
         stored = kb.memory(r["ref_id"])
         assert torch.equal(stored.positions, f.positions)
         assert (stored.keys - f.keys).abs().max() <= 1e-5 and (stored.values - f.values).abs().max() <= 1e-5

@@ -807,6 +807,31 @@ def test_dense_context_scores_with_the_document_index(tmp_path, fake_embedders):
         assert sorted(h.ref_id for h in hits) == [1, 2, 3, 4, 5]  # 5 references, 2 documents: all reached
         assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
         assert r.retrieve("apple pickers storage", 2, mode=mode) == hits[:2]  # k does not change the scores
+    # the dense score is formats/index.md's sum, computed here from FAISS alone: w_dense times the
+    # reference's cosine min-max scaled over the top `depth`, plus w_dense_doc times its document's
+    import faiss
+
+    from m3compile.index import embed, load_embedder
+
+    q = "apple pickers storage"
+    x = embed(load_embedder(emb), [q])  # (1, E)
+    depth, w = sec["fusion"]["depth"], sec["fusion"]["weights"]
+
+    def scaled(name):  # id -> min-max scaled cosine over the index's top `depth`
+        c, ids = faiss.read_index(str(tmp_path / name)).search(x, depth)
+        c, ids = c[0][ids[0] >= 0], ids[0][ids[0] >= 0]
+        span = c.max() - c.min()
+        return {int(i): (float(v) - c.min()) / span if span > 0 else 1.0 for i, v in zip(ids, c)}
+
+    ref, doc_row = scaled("index.faiss"), scaled("index-doc.faiss")
+    docs = [json.loads(line)["doc_id"] for line in (tmp_path / "bm25-doc" / "corpus.jsonl").read_text().splitlines()]
+    want = {row["ref_id"]: w["dense"] * ref.get(row["ref_id"], 0.0)
+            + w["dense_doc"] * doc_row.get(docs.index(row["doc_id"]), 0.0) for row in CONTEXT_ROWS}
+    hits = r.retrieve(q, 5, mode="dense")
+    assert {h.ref_id for h in hits} == {i for i in want if want[i] > 0}
+    np.testing.assert_allclose([h.score for h in hits], [want[h.ref_id] for h in hits], rtol=1e-5, atol=1e-7)
+    assert all(a.score > b.score or (a.score == b.score and a.ref_id < b.ref_id) for a, b in zip(hits, hits[1:]))
+    assert w["dense_doc"] > 0 and len({doc_row[0], doc_row[1]}) == 2  # the document part moves the scores
 
 
 # ---- named embedders -----------------------------------------------------------------------------

@@ -33,7 +33,7 @@ def test_selection_matches_independent_rule(tmp_path, case):
     layers = [0, 2]
     batch = encode_batch(ck.model, refs, prefix, layers)
     got = select_topk(batch, k=8)
-    for toks, mem in zip(refs, got):
+    for toks, mem in zip(refs, got, strict=True):
         expect = reference_rule(ref, prefix, toks, layers, 8)
         kr = min(8, len(toks))
         assert mem.keys.shape == (2, ck.args.n_kv_heads, kr, ck.args.head_dim)

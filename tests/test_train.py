@@ -92,6 +92,7 @@ def test_training_memories_equal_kb_memories(setup):
     for grad in (False, True):
         with torch.set_grad_enabled(grad):
             mems = encode_memories(ck.model, t["token_ids"], t["ref_id"], kb.spec, grad)
+        assert t["ref_id"] and [m.ref_id for m in mems] == t["ref_id"]  # one memory a reference, none dropped
         for m in mems:
             stored = kb.memory(m.ref_id)
             assert torch.equal(m.positions, stored.positions), m.ref_id
@@ -177,6 +178,16 @@ def test_deterministic_with_a_seed_and_it_learns(setup, tmp_path):
     assert any(not torch.equal(w1[k], w3[k]) for k in w1)
     assert r1["memory_steps_this_run"] == sum(uses_memory(s, _config(setup, "x")) for s in range(6))
     assert r1["loss_curve"][-1]["loss"] < r1["loss_curve"][0]["loss"]
+    # on the same tokens (the logged losses are of different batches): the training texts' mean NLL
+    # without memory falls (gradient ascent, or a step that updated nothing, would not)
+    from m3compile.lm import token_nll
+
+    def text_nll(ck):
+        texts = [json.loads(line)["text"] for line in (setup / "texts.jsonl").read_text().splitlines()]
+        total, n = token_nll(ck.model, [[ck.tokenizer.bos_id] + ck.tokenizer.encode(t) for t in texts])
+        return total / n
+
+    assert text_nll(load_checkpoint(tmp_path / "a")) < text_nll(load_checkpoint(setup / "model")) - 1e-3
     # the output is an ordinary checkpoint that loads, with its training report beside it
     assert load_checkpoint(tmp_path / "a").args.n_layers == 2
     assert not (tmp_path / "a" / STATE_FILE).exists()
