@@ -34,7 +34,12 @@ def _read_shards(kb: Path, manifest: Manifest, faults: list[str]) -> dict[str, d
             continue  # already reported as missing
         p = f"shard.{shard_number(name):05d}"
         try:
-            read_shard_header(kb / name)
+            quant = read_shard_header(kb / name)["__metadata__"].get("quant")
+            if quant != manifest.spec.quant:
+                # readers decode with the manifest's scheme: a shard written with another (two
+                # schemes of equal size, none-float16 and none-bfloat16) would decode to other numbers
+                faults.append(f"{name}: its quant {quant!r} is not the kb's {manifest.spec.quant!r}")
+                continue
             with safe_open(str(kb / name), framework="numpy") as f:
                 t = {k: f.get_tensor(f"{p}.{k}") for k in ("kv_offsets", "ref_ids", "ref_keys", "ref_errs")}
                 t["kv_len"] = f.get_slice(f"{p}.kv").get_shape()[0]

@@ -505,3 +505,27 @@ def test_a_v1_manifest_of_0_1_0_stays_readable_and_compiles_into(tmp_path, monke
     # the kb a fresh compile (of the same version) writes, byte for byte
     fresh = build_example(tmp_path / "fresh")
     assert kb_file(kb_dir, "manifest.json").read_bytes() == kb_file(fresh, "manifest.json").read_bytes()
+
+
+def test_verify_names_a_shard_whose_quant_is_not_the_kbs(kb):
+    # readers decode every shard with the manifest's scheme: a shard that says another, with a
+    # manifest that vouches for its bytes (an independent writer's mistake), decoded silently
+    import hashlib
+    import struct
+
+    kb_dir, _ = kb
+    m = json.loads((kb_dir / "manifest.json").read_text())
+    name = sorted(m["state"]["shards"])[0]
+    data = (kb_dir / name).read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    assert header["__metadata__"]["quant"] == m["quant"]["scheme"]
+    header["__metadata__"]["quant"] = "none-float16"
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    data = struct.pack("<Q", len(head)) + head + data[8 + n:]
+    (kb_dir / name).write_bytes(data)
+    m["files"][name] = {**m["files"][name], "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (kb_dir / "manifest.json").write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
+    faults = verify_kb(kb_dir)
+    assert faults[0] == f"{name}: its quant 'none-float16' is not the kb's {m['quant']['scheme']!r}", faults
