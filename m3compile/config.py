@@ -319,7 +319,9 @@ def read_model_memory(model_dir: str | Path) -> dict | None:
     if name != MODEL_MEMORY_FORMAT:
         raise M3Error(f"{path} is not an {MODEL_MEMORY_FORMAT} file (format {name!r}); {fix}")
     version = d.get("format_version")
-    if not isinstance(version, int) or version > MODEL_MEMORY_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:  # was reported as "newer"
+        raise M3Error(f"{path} has format_version {version!r}, which no m3compile writes (1 is the first); {fix}")
+    if version > MODEL_MEMORY_VERSION:
         raise M3Error(f"{path} has format_version {version!r}, newer than this m3compile reads "
                       f"({MODEL_MEMORY_VERSION}); upgrade m3compile")
     settings = d.get("settings")

@@ -108,6 +108,9 @@ def test_compile_takes_the_settings_a_model_was_trained_to_read(tmp_path, corpus
     ("{not json", "cannot be read"),
     (json.dumps({"format": "other", "format_version": 1, "settings": {}}), "not an m3-model-memory file"),
     (json.dumps({"format": "m3-model-memory", "format_version": 2, "settings": {}}), "newer than this m3compile"),
+    # reported as "newer" before
+    (json.dumps({"format": "m3-model-memory", "format_version": 0, "settings": {}}), "which no m3compile writes"),
+    (json.dumps({"format": "m3-model-memory", "format_version": "1", "settings": {}}), "which no m3compile writes"),
     (json.dumps({"format": "m3-model-memory", "format_version": 1, "settings": {"top_k": 0}}), "invalid setting"),
     (json.dumps({"format": "m3-model-memory", "format_version": 1, "settings": {"memory_layers": 3}}),
      "memory_layers is 3"),
