@@ -527,8 +527,15 @@ def hf_to_ours(name: str) -> str | None:
     return ours.format(m.group(1)) if ours and m else ours
 
 
-def _load_state_dict(files: list[Path], args: ModelArgs, dtype: torch.dtype, device) -> dict:
-    state, unexpected = {}, []
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors' names of the dtypes weights may have
+
+
+def _load_state_dict(files: list[Path], args: ModelArgs, dtype: torch.dtype, device, shapes: dict) -> dict:
+    """The checkpoint's tensors under the runtime's names, converted to `dtype` on `device`. Names,
+    shapes and dtypes are checked against `shapes` (the runtime's, from config.json) from the file's
+    header before any tensor is read: a 14 GB checkpoint beside a wrong config.json was read (and
+    converted) whole before its first shape was found wrong."""
+    state, unexpected, where = {}, [], {}
     for f in files:
         try:
             with safe_open(str(f), framework="pt", device=str(device)) as sf:
@@ -546,6 +553,19 @@ def _load_state_dict(files: list[Path], args: ModelArgs, dtype: torch.dtype, dev
                         continue
                     if ours == "output.weight" and args.tie_word_embeddings:
                         continue  # tied: the head is the embedding, as transformers does
+                    if ours not in shapes:  # a config cut to fewer layers, a Qwen2 saved as Llama
+                        raise M3Error(f"checkpoint tensor {name} ({ours}) is not part of the model config.json "
+                                      "makes (other layers or biases); the weights do not match config.json")
+                    if ours in where:
+                        raise M3Error(f"tensor {name} is in both {where[ours]} and {f.name}; re-save the checkpoint")
+                    where[ours] = f.name
+                    part = sf.get_slice(name)
+                    if part.get_dtype() not in _FLOAT_DTYPES:
+                        raise M3Error(f"tensor {name} in {f.name} is {part.get_dtype()}, not floating point; "
+                                      "quantized or integer weights are not supported: give float weights")
+                    if tuple(part.get_shape()) != tuple(shapes[ours]):
+                        raise M3Error(f"tensor {ours} has shape {tuple(part.get_shape())} but config.json implies "
+                                      f"{tuple(shapes[ours])}")
                     state[ours] = sf.get_tensor(name).to(dtype)
         except M3Error:
             raise
@@ -620,9 +640,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
         if tid is not None and tid >= args.vocab_size:  # the prefix's BOS: an IndexError at the first forward
             raise M3Error(f"the {name} token id {tid} is past the model's vocabulary ({args.vocab_size} "
                           "embeddings, config.json vocab_size); fix config.json or the tokenizer")
-    state = _load_state_dict(weight_files(path), args, dtype, device)
     with torch.device("meta"):
         model = Transformer(args)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    state = _load_state_dict(weight_files(path), args, dtype, device, shapes)
     expected = set(model.state_dict())
     if args.tie_word_embeddings:
         expected.discard("output.weight")
@@ -630,16 +651,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     if missing:
         raise M3Error(f"checkpoint {path} lacks tensor(s) {', '.join(missing[:5])}; "
                       "the weights do not match config.json")
-    # tensors of layers or biases the config does not have (a config cut to fewer layers, a Qwen2 saved
-    # as Llama without attention_bias): an AttributeError from get_parameter before
-    extra = sorted(set(state) - set(model.state_dict()))
-    if extra:
-        raise M3Error(f"checkpoint {path} has tensor(s) {', '.join(extra[:5])} that config.json does not make "
-                      "(other layers or biases); the weights do not match config.json")
-    for name, tensor in state.items():
-        want = model.get_parameter(name).shape
-        if tensor.shape != want:
-            raise M3Error(f"tensor {name} has shape {tuple(tensor.shape)} but config.json implies {tuple(want)}")
     if args.tie_word_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)

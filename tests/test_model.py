@@ -366,12 +366,27 @@ def test_missing_and_unexpected_tensors_named(tmp_path):
     # tensors the config does not make, of names the runtime maps: an AttributeError traceback before
     make_checkpoint(tmp_path, "LlamaForCausalLM", {})
     _edit_config(tmp_path, num_hidden_layers=1)  # a config cut to fewer layers than the weights
-    with pytest.raises(M3Error, match=r"has tensor\(s\) layers.1.*that config.json does not make"):
+    with pytest.raises(M3Error, match=r"tensor model.layers.1.* is not part of the model config.json makes"):
         load_checkpoint(tmp_path)
     make_checkpoint(tmp_path, "Qwen2ForCausalLM", {})
     _edit_config(tmp_path, architectures=["LlamaForCausalLM"], model_type="llama")  # biases, attention_bias unset
-    with pytest.raises(M3Error, match=r"has tensor\(s\) layers.0.attention.w.\.bias"):
+    with pytest.raises(M3Error, match=r"tensor model.layers.0.self_attn.._proj.bias .* is not part of the model"):
         load_checkpoint(tmp_path)
+    # integer tensors were converted silently; a tensor in two shards was last-wins
+    make_checkpoint(tmp_path, "LlamaForCausalLM", {})
+    _rewrite_weights(tmp_path, lambda sd: {k: (v.to(torch.int8) if "layers.0.mlp.up_proj" in k else v) for k, v in sd.items()})
+    with pytest.raises(M3Error, match="is I8, not floating point"):
+        load_checkpoint(tmp_path)
+    sharded = tmp_path / "sharded"
+    make_checkpoint(sharded, "LlamaForCausalLM", {"_shard": "20KB"})
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    from safetensors.torch import load_file, save_file
+    first, second = load_file(sharded / shards[0]), load_file(sharded / shards[1])
+    name = next(iter(first))
+    save_file({**second, name: first[name]}, sharded / shards[1], metadata={"format": "pt"})
+    with pytest.raises(M3Error, match=f"tensor {name} is in both"):
+        load_checkpoint(sharded)
 
 
 def test_shape_mismatch_and_missing_files(tmp_path):
