@@ -426,16 +426,17 @@ def _up_to_date(setup: Setup, out: Path, manifest: mf.Manifest,
     before = refs_file.document_keys(out / manifest.paths["references"])
     if before is None:
         return None
-    report, order = CorpusReport(), []
+    report, n, order = CorpusReport(), 0, hashlib.sha256()  # the order hashed as it streams (_corpus_order)
     for d in iter_documents(Path(setup.config.corpus), report, follow_symlinks=setup.config.follow_symlinks):
         if before.get(d.doc_id) != (_text_sha256(d.text), d.source):
             return None
-        order.append(d.doc_id)
+        n += 1
+        order.update(d.doc_id.encode("utf-8") + b"\0")
     # the documents in the order of the compile that wrote the kb: references of equal content keys
     # (equal texts) go to documents in corpus order (_ByKey), so another order would move ref ids
-    if len(order) != len(before) or _corpus_order(order) != state["corpus_order"]:
+    if n != len(before) or order.hexdigest() != state["corpus_order"]:
         return None
-    return {"added": 0, "changed": 0, "unchanged": len(order), "removed": 0, "kept": 0}, report
+    return {"added": 0, "changed": 0, "unchanged": n, "removed": 0, "kept": 0}, report
 
 
 def _corpus_order(doc_ids) -> str:
@@ -669,8 +670,10 @@ def _plan_into(store: "refs_file.RefColumns", setup: Setup, prev: Previous, old:
     for r in kept:
         store.append(r)
     # ref id order; a new kb's rows come in it: a range then, not 8 bytes a row (issue 16)
-    order = range(len(store)) if store.ascending else np.argsort(store.column("ref_id", range(len(store))),
-                                                                 kind="stable")
+    # (the ids a block of records at a time: column() of every row held all 128-byte records at once)
+    order = range(len(store)) if store.ascending else np.argsort(np.concatenate(
+        [store.column("ref_id", range(lo, min(lo + refs_file.COLUMN_BLOCK, len(store))))
+         for lo in range(0, len(store), refs_file.COLUMN_BLOCK)]), kind="stable")
     docs = {"added": sum(d not in old_docs for d in doc_sha),
             "changed": sum(d in old_docs and old_docs[d] != s for d, s in doc_sha.items()),
             "unchanged": sum(old_docs.get(d) == s for d, s in doc_sha.items()),

@@ -943,3 +943,12 @@ def test_growing_or_rebuilding_a_kb_keeps_its_embedder_and_quantizer(tmp_path, f
     # an index type without an embedder to build it is refused, from Python as from the CLI
     with pytest.raises(M3Error, match="--index-factory 'HNSW8' shapes the dense index"):
         compile_kb(CompileConfig(corpus=str(corpus), embedder="none", index_factory="HNSW8"), tmp_path / "kb2")
+
+
+def test_document_titles_are_read_a_block_at_a_time(monkeypatch):
+    # the heads of all documents were read at once (~2 KB a document); in blocks the titles are the same
+    from m3compile import index
+
+    whole = index._Documents(CONTEXT_ROWS).titles
+    monkeypatch.setattr(index, "TITLE_BLOCK", 1)
+    assert index._Documents(CONTEXT_ROWS).titles == whole == {"orchard.md": "Orchard", "shop.md": "Shop"}
