@@ -659,15 +659,27 @@ def _plan_into(store: "refs_file.RefColumns", setup: Setup, prev: Previous, old:
     report.raise_if_empty()
     if not len(store):
         raise M3Error(f"corpus {config.corpus} has documents but no tokens to compile; check the texts")
-    leftover = [prev.rows[j] for j in old.left()]
+    # the previous rows no new row took: kept (--keep-missing, a document absent from this corpus) or
+    # removed. A view of the previous rows, not their dicts: with their token ids and texts those took
+    # ~1.5 KB a row when most of a corpus was replaced (issue 16)
+    left = np.asarray(old.left(), dtype=np.int64)
     if isinstance(prev.rows, refs_file.Rows):
         old_docs = previous[0]
+
+        def leftover(at):
+            return refs_file.Rows(prev.rows.store, refs_file.positions_at(prev.rows.positions, left[at]))
+
+        doc_ids = (d for c in refs_file.iter_columns(leftover(slice(None)), ("doc_id",)) for d in c["doc_id"])
     else:  # rows recovered from the shards hold no document
         old_docs = {r["doc_id"]: r["doc_sha256"] for r in prev.rows if "doc_id" in r}
-    kept = [r for r in leftover if keep_missing and r.get("doc_id", "") in old_docs and r["doc_id"] not in doc_sha]
-    kept_ids = {id(r) for r in kept}
-    removed = [r for r in leftover if id(r) not in kept_ids]
-    for r in kept:
+
+        def leftover(at):
+            return [prev.rows[int(j)] for j in left[at]]
+
+        doc_ids = (prev.rows[int(j)].get("doc_id", "") for j in left)
+    keep = np.fromiter((keep_missing and d in old_docs and d not in doc_sha for d in doc_ids), bool, len(left))
+    removed = leftover(np.flatnonzero(~keep))
+    for r in leftover(np.flatnonzero(keep)):
         store.append(r)
     # ref id order; a new kb's rows come in it: a range then, not 8 bytes a row (issue 16)
     # (the ids a block of records at a time: column() of every row held all 128-byte records at once)
