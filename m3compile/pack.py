@@ -106,6 +106,9 @@ def unpack_payload(raw: bytes, scheme: Scheme, where: str = "payload",
     magic, version, L, H, K, D = _HEADER.unpack_from(raw)
     if magic != _MAGIC:
         raise M3Error(f"{where}: payload magic {magic!r} is not {_MAGIC!r}; the shard is damaged or not m3-kv")
+    if version < 1:  # no m3compile writes 0: a damaged header, not an older format
+        raise M3Error(f"{where}: payload format_version {version} is not one m3compile writes (1 is the first); "
+                      "the shard is damaged")
     _check_version(version, where)
     specs, want = _layout(scheme, L, H, K, D)
     if len(raw) != want:

@@ -149,6 +149,8 @@ def test_decode_refuses_bad_frames():
 
     with pytest.raises(M3Error, match="format_version 2 is newer than this m3compile reads \\(1\\); upgrade"):
         decode_payload(recompress(raw[:4] + b"\x02\x00" + raw[6:]), s, cap)
+    with pytest.raises(M3Error, match="payload format_version 0 is not one m3compile writes"):  # was read as v1
+        decode_payload(recompress(raw[:4] + b"\x00\x00" + raw[6:]), s, cap)
     with pytest.raises(M3Error, match="magic"):
         decode_payload(recompress(b"XXXX" + raw[4:]), s, cap)
 
