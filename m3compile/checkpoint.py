@@ -219,21 +219,15 @@ def _flag(cfg: dict, name: str) -> bool:
 
 def _rope_config(cfg: dict) -> tuple[float, tuple | None]:
     # transformers <5 writes rope_theta + rope_scaling; >=5 writes rope_parameters with both inside.
-    # Where both are there (save_checkpoint writes a llama3 scaling as both), transformers 5 reads
-    # rope_scaling and 4 rope_parameters not at all: two that disagree are refused, not guessed
-    both = cfg.get("rope_parameters"), cfg.get("rope_scaling")
-    if all(isinstance(d, dict) for d in both):
-        scaling = [(d.get("rope_type", d.get("type", "default")),
-                    *(d.get(k) for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                         "original_max_position_embeddings"))) for d in both]
-        if scaling[0] != scaling[1]:
-            raise M3Error(f"config.json's rope_parameters and rope_scaling give two RoPE scalings ({scaling[0][0]} "
-                          f"and {scaling[1][0]}, or other factors); transformers versions read one or the other: "
-                          "keep one of them")
-    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    if not isinstance(params, dict):
-        raise M3Error(f"config.json rope scaling {params!r} is not an object; fix config.json")
-    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    # Where both are there (save_checkpoint writes a llama3 scaling as both), every transformers
+    # version reads rope_scaling (5: a non-empty rope_scaling wins; 4 knows no rope_parameters), its
+    # theta the top-level rope_theta: so does this (it read rope_parameters first before)
+    scaling, parameters = cfg.get("rope_scaling"), cfg.get("rope_parameters")
+    params = scaling or parameters or {}
+    for name, value in (("rope_scaling", scaling), ("rope_parameters", parameters)):
+        if value is not None and not isinstance(value, dict):
+            raise M3Error(f"config.json {name} {value!r} is not an object; fix config.json")
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", (parameters or {}).get("rope_theta", 10000.0))))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise M3Error(

@@ -537,6 +537,9 @@ def _repair_hint(kb: Path, faults: list[str], repaired: bool) -> str:
     """What to do about verify's faults: --repair rebuilds from the manifest, so it cannot help
     where the manifest itself is unreadable, nor in a directory that never was a kb."""
     manifest_ok = not any(f.startswith("manifest.json:") for f in faults)
+    if manifest_ok and any(" is not the kb's " in f for f in faults):  # verify._read_shards: a shard's quant
+        return (f"; a shard written under another scheme than its manifest's is not damage a repair can undo "
+                f"(its bytes are the ones recorded): `m3 compile CORPUS -o {kb} --rebuild` writes it anew")
     if manifest_ok and any("codebooks" in f for f in faults):
         return (f"; codebooks cannot be repaired in place: `m3 compile CORPUS -o {kb} --rebuild --retrain-codebooks` "
                 "trains them again (from the same corpus and seed, the same bytes: every frame that checks is copied)")

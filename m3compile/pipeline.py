@@ -485,7 +485,7 @@ class Plan:
     # located as they are written); a repair's plan holds the previous kb's list of dicts
     rows: "refs_file.Rows | list[dict]"
     new: "refs_file.Rows | list[dict]"  # rows to fill by encoding or copying, in ref id order (rows of the same store)
-    removed: list[dict]  # live rows that leave (tombstoned)
+    removed: "refs_file.Rows | list[dict]"  # live rows that leave (tombstoned): a view of the previous rows
     docs: dict[str, int]  # added / changed / removed / unchanged / kept
     report: CorpusReport
     corpus_order: str | None = None  # _corpus_order of the corpus's documents; None: a repair's (the kb's own)
@@ -1379,7 +1379,7 @@ def check_kb(config: CompileConfig, out_dir: str | Path, keep_missing: bool = Fa
     if not (out / mf.FILE_NAME).exists():
         # settings the compile would refuse (a model that is not there, an --index-factory without an
         # --embedder, a bad vq factory, a width past the model's positions) are errors, not "out of
-        # date": the same checks as a compile's, without its weights
+        # date": the same checks as a compile's (the weights are fingerprinted, not loaded)
         _setup(with_kb_settings(config, out, log), log)
         return [f"{out} holds no knowledge base: everything would be compiled"]
     if config.model is None:

@@ -63,8 +63,6 @@ class Tokenizer:
                 raise M3Error(f"{path / name} holds a JSON {type(doc).__name__}, not an object; fix or replace "
                               "the file")
 
-        vocab = hf.get_vocab_size(with_added_tokens=True)
-
         def resolve(name: str) -> int | None:
             content = _token_content(tc.get(f"{name}_token"))
             if content is not None and not isinstance(content, str):
@@ -83,9 +81,9 @@ class Tokenizer:
                 tid = tid[0] if tid else None
             # an id the tokenizer does not have was an IndexError (a device-side assert on CUDA) at the
             # first forward that writes the prefix (whether the embedding has it, load_checkpoint checks)
-            if tid is not None and (type(tid) is not int or not 0 <= tid < vocab):
-                raise M3Error(f"config.json {name}_token_id = {tid!r} is not a token id of tokenizer.json "
-                              f"(0..{vocab - 1}); fix config.json")
+            if tid is not None and (type(tid) is not int or tid < 0 or hf.id_to_token(tid) is None):
+                raise M3Error(f"config.json {name}_token_id = {tid!r} is not a token id of tokenizer.json; fix "
+                              "config.json")
             return tid
 
         return cls(hf=hf, bos_id=resolve("bos"), eos_id=resolve("eos"))

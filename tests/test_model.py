@@ -273,7 +273,7 @@ def test_unsupported_config_refused(tmp_path, changes, message):
     (dict(intermediate_size=-5), "intermediate_size = -5"),
     (dict(num_hidden_layers=1_000_000_000), "num_hidden_layers = 1000000000"),
     (dict(head_dim=15, num_attention_heads=4), "head_dim = 15: RoPE rotates pairs"),
-    (dict(rope_parameters=None, rope_scaling="linear"), "rope scaling 'linear' is not an object"),
+    (dict(rope_parameters=None, rope_scaling="linear"), "rope_scaling 'linear' is not an object"),
     (dict(rope_parameters={"rope_type": "default", "rope_theta": "abc"}), "has a value of the wrong type"),
     (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 1.0,
                            "high_freq_factor": 1.0, "original_max_position_embeddings": 64}),
@@ -284,10 +284,6 @@ def test_unsupported_config_refused(tmp_path, changes, message):
     (dict(tie_word_embeddings="false"), "tie_word_embeddings = 'false' must be true or false"),  # was tied
     (dict(rms_norm_eps="1e-6"), "rms_norm_eps = '1e-6'"),
     (dict(bos_token_id=10**6), "bos_token_id = 1000000 is not a token id"),
-    # transformers 5 reads rope_scaling, 4 rope_parameters: m3 read rope_parameters, silently
-    (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4},
-          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                        "original_max_position_embeddings": 64}), "two RoPE scalings"),
 ])
 def test_config_values_that_would_fail_later_are_refused_by_name(tmp_path, changes, message):
     make_checkpoint(tmp_path, "LlamaForCausalLM", {})
@@ -295,6 +291,19 @@ def test_config_values_that_would_fail_later_are_refused_by_name(tmp_path, chang
     _edit_config(tmp_path, **changes)
     with pytest.raises(M3Error, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_checkpoint(tmp_path)
+
+
+def test_rope_scaling_beside_rope_parameters_reads_as_transformers_reads_it(tmp_path):
+    # m3 read rope_parameters first; transformers 5 reads a non-empty rope_scaling (4 knows no other)
+    make_checkpoint(tmp_path, "LlamaForCausalLM", {})
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 64}
+    _edit_config(tmp_path, rope_parameters={"rope_type": "default", "rope_theta": 5e5}, rope_scaling=llama3,
+                 rope_theta=5e5)
+    ours = load_checkpoint(tmp_path).args
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert dict(ours.rope_scaling)["rope_type"] == theirs.rope_parameters["rope_type"] == "llama3"
+    assert ours.rope_theta == theirs.rope_parameters["rope_theta"] == 5e5
 
 
 def test_model_safetensors_wins_over_a_stale_shard_index(tmp_path):

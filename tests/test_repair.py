@@ -529,3 +529,9 @@ def test_verify_names_a_shard_whose_quant_is_not_the_kbs(kb):
     (kb_dir / "manifest.json").write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
     faults = verify_kb(kb_dir)
     assert faults[0] == f"{name}: its quant 'none-float16' is not the kb's {m['quant']['scheme']!r}", faults
+    # and the CLI's hint is the fix that works: a repair finds the shard's bytes the recorded ones
+    from typer.testing import CliRunner
+
+    from m3compile.cli import app
+    r = CliRunner().invoke(app, ["verify", str(kb_dir)])
+    assert r.exit_code == 1 and "--rebuild` writes it anew" in r.output and "verify --repair" not in r.output, r.output
