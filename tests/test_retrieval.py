@@ -945,10 +945,24 @@ def test_growing_or_rebuilding_a_kb_keeps_its_embedder_and_quantizer(tmp_path, f
         compile_kb(CompileConfig(corpus=str(corpus), embedder="none", index_factory="HNSW8"), tmp_path / "kb2")
 
 
-def test_document_titles_are_read_a_block_at_a_time(monkeypatch):
-    # the heads of all documents were read at once (~2 KB a document); in blocks the titles are the same
+def test_document_titles_are_read_a_block_at_a_time(tmp_path, monkeypatch):
+    # the heads of all documents were read at once (~2 KB a document); in blocks the titles are the
+    # same, from rows as dicts and from a compile's plan rows (the spilled store a compile reads)
+    from conftest import make_checkpoint
     from m3compile import index
+    from m3compile.config import CompileConfig
+    from m3compile.pipeline import compile_kb
 
-    whole = index._Documents(CONTEXT_ROWS).titles
-    monkeypatch.setattr(index, "TITLE_BLOCK", 1)
-    assert index._Documents(CONTEXT_ROWS).titles == whole == {"orchard.md": "Orchard", "shop.md": "Shop"}
+    pytest.importorskip("transformers", reason="transformers builds the tiny test checkpoint")
+    make_checkpoint(tmp_path / "model", "LlamaForCausalLM", {})
+    (tmp_path / "corpus").mkdir()
+    for i in range(5):
+        (tmp_path / "corpus" / f"d{i}.md").write_text(f"# w{90 + i}\n\n" + " ".join(f"w{10 + j}" for j in range(20)))
+    m = compile_kb(CompileConfig(corpus=str(tmp_path / "corpus"), model=str(tmp_path / "model"), max_tokens=8),
+                   tmp_path / "kb").manifest
+    plan_rows = refs_file.read_reference_rows(tmp_path / "kb" / m.paths["references"], tmp_path)
+    assert isinstance(plan_rows, refs_file.Rows) and len(plan_rows) > 5
+    whole = {"dicts": index._Documents(CONTEXT_ROWS).titles, "plan": index._Documents(plan_rows).titles}
+    monkeypatch.setattr(index, "TITLE_BLOCK", 2)
+    assert index._Documents(CONTEXT_ROWS).titles == whole["dicts"] == {"orchard.md": "Orchard", "shop.md": "Shop"}
+    assert index._Documents(plan_rows).titles == whole["plan"] == {f"d{i}.md": f"w{90 + i}" for i in range(5)}
