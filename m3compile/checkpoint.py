@@ -111,6 +111,10 @@ class ModelArgs:
         n_heads = cfg["num_attention_heads"]
         dim = cfg["hidden_size"]
         head_dim = cfg.get("head_dim") or dim // n_heads
+        if not cfg.get("head_dim") and type(dim) is type(n_heads) is int and n_heads > 0 \
+                and (dim % n_heads or head_dim % 2):  # the size check below would name a head_dim not in the file
+            raise M3Error(f"config.json hidden_size {dim} / num_attention_heads {n_heads} gives no even whole head "
+                          "dim (RoPE rotates pairs of dimensions); fix config.json (or give head_dim)")
         theta, scaling = _rope_config(cfg)
         if arch == "Qwen2ForCausalLM":
             qkv_bias, o_bias, mlp_bias = True, False, False

@@ -273,6 +273,8 @@ def test_unsupported_config_refused(tmp_path, changes, message):
     (dict(intermediate_size=-5), "intermediate_size = -5"),
     (dict(num_hidden_layers=1_000_000_000), "num_hidden_layers = 1000000000"),
     (dict(head_dim=15, num_attention_heads=4), "head_dim = 15: RoPE rotates pairs"),
+    (dict(head_dim=None, hidden_size=60, num_attention_heads=4, num_key_value_heads=2),
+     "hidden_size 60 / num_attention_heads 4 gives no even whole head dim"),
     (dict(rope_parameters=None, rope_scaling="linear"), "rope_scaling 'linear' is not an object"),
     (dict(rope_parameters={"rope_type": "default", "rope_theta": "abc"}), "has a value of the wrong type"),
     (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 1.0,
