@@ -426,12 +426,12 @@ def _up_to_date(setup: Setup, out: Path, manifest: mf.Manifest,
     before = refs_file.document_keys(out / manifest.paths["references"])
     if before is None:
         return None
-    report, n, order = CorpusReport(), 0, hashlib.sha256()  # the order hashed as it streams (_corpus_order)
+    report, n, order = CorpusReport(), 0, hashlib.sha256()  # the order hashed as it streams
     for d in iter_documents(Path(setup.config.corpus), report, follow_symlinks=setup.config.follow_symlinks):
         if before.get(d.doc_id) != (_text_sha256(d.text), d.source):
             return None
         n += 1
-        order.update(d.doc_id.encode("utf-8") + b"\0")
+        _add_to_order(order, d.doc_id)
     # the documents in the order of the compile that wrote the kb: references of equal content keys
     # (equal texts) go to documents in corpus order (_ByKey), so another order would move ref ids
     if n != len(before) or order.hexdigest() != state["corpus_order"]:
@@ -444,8 +444,13 @@ def _corpus_order(doc_ids) -> str:
     `corpus_order`), each followed by a NUL byte."""
     h = hashlib.sha256()
     for d in doc_ids:
-        h.update(d.encode("utf-8") + b"\0")
+        _add_to_order(h, d)
     return h.hexdigest()
+
+
+def _add_to_order(h, doc_id: str) -> None:
+    """One document of _corpus_order's hash `h`: its id, then a NUL byte."""
+    h.update(doc_id.encode("utf-8") + b"\0")
 
 
 def _run_log(out: Path) -> dict:
@@ -684,8 +689,8 @@ def _plan_into(store: "refs_file.RefColumns", setup: Setup, prev: Previous, old:
     # ref id order; a new kb's rows come in it: a range then, not 8 bytes a row (issue 16)
     # (the ids a block of records at a time: column() of every row held all 128-byte records at once)
     order = range(len(store)) if store.ascending else np.argsort(np.concatenate(
-        [store.column("ref_id", range(lo, min(lo + refs_file.COLUMN_BLOCK, len(store))))
-         for lo in range(0, len(store), refs_file.COLUMN_BLOCK)]), kind="stable")
+        [c["ref_id"] for c in refs_file.iter_columns(refs_file.Rows(store, range(len(store))), ("ref_id",))]),
+        kind="stable")
     docs = {"added": sum(d not in old_docs for d in doc_sha),
             "changed": sum(d in old_docs and old_docs[d] != s for d, s in doc_sha.items()),
             "unchanged": sum(old_docs.get(d) == s for d, s in doc_sha.items()),
@@ -1077,12 +1082,7 @@ def compile_kb(config: CompileConfig, out_dir: str | Path, progress: Progress | 
     Example:
         >>> compile_kb(CompileConfig(corpus="examples/corpus"), "kb/").manifest.counts["references"]
     """
-    corpus = Path(config.corpus)
-    if not corpus.exists():
-        raise M3Error(f"corpus {corpus} does not exist; pass an existing directory or file")
-    if config.model is None:  # growing the kb, or rebuilding it: its model unless another is given
-        config = _kb_model_as_default(config, Path(out_dir), log, required=not rebuild)
-    config = with_kb_settings(config, out_dir, log)  # and its quantizer, dtype, codebook settings, embedder
+    config = _with_kb_defaults(config, Path(out_dir), log, rebuild)
     if retrain_codebooks and not config.quant.startswith("vq"):
         raise M3Error(f"--retrain-codebooks trains the codebooks of a vq kb, and this compile's is --quant "
                       f"{config.quant}: drop it (or give --quant vq, with --rebuild for an existing kb)")
@@ -1147,17 +1147,30 @@ def _recorded_config(m: "mf.Manifest") -> dict:
     return config
 
 
-def with_kb_settings(config: CompileConfig, out: str | Path, log: Callable[[str], None] = lambda s: None
-                     ) -> CompileConfig:
+def _with_kb_defaults(config: CompileConfig, out: Path, log, rebuild: bool = False) -> CompileConfig:
+    """What compile_kb and check_kb start from: the corpus checked, and every setting left out taken
+    from the kb at `out` (its model, then its quantizer, dtype, codebook settings and embedder; a
+    rebuild takes the embedded model where the kb's is gone), its manifest read once."""
+    if not Path(config.corpus).exists():
+        raise M3Error(f"corpus {config.corpus} does not exist; pass an existing directory or file")
+    recorded = kb_settings(out)
+    if config.model is None:  # growing the kb, or rebuilding it: its model unless another is given
+        config = _kb_model_as_default(config, out, log, required=not rebuild, recorded=recorded)
+    return with_kb_settings(config, out, log, recorded)
+
+
+def with_kb_settings(config: CompileConfig, out: str | Path, log: Callable[[str], None] = lambda s: None,
+                     recorded: dict | None = None) -> CompileConfig:
     """`config` with each kb setting left unset (None: quant, dtype, codebook_sample, codebook_seed,
     embedder, index_factory) filled from the kb at `out` when there is one, else from KB_DEFAULTS;
     `embedder="none"` means no dense index. Growing or rebuilding a kb thus keeps its format and its
     dense index unless an option says otherwise, from Python as from `m3 compile` (before, only the
     CLI did this, and `compile_kb` dropped a hybrid kb's dense index). Says what it took from the kb
-    where that differs from the default."""
+    where that differs from the default. `recorded`: kb_settings(out), where the caller read it."""
     out = Path(out)
     unset = {k for k in KB_DEFAULTS if getattr(config, k) is None}
-    recorded = kb_settings(out) if unset else {}
+    if recorded is None:
+        recorded = kb_settings(out) if unset else {}
     fill = {}
     for name in ("quant", "dtype", "codebook_sample", "codebook_seed"):
         if name in unset:
@@ -1183,11 +1196,12 @@ def with_kb_settings(config: CompileConfig, out: str | Path, log: Callable[[str]
     return replace(config, **fill)
 
 
-def _kb_model_as_default(config: CompileConfig, out: Path, log, required: bool = True) -> CompileConfig:
+def _kb_model_as_default(config: CompileConfig, out: Path, log, required: bool, recorded: dict) -> CompileConfig:
     """Growing a kb without --model uses the checkpoint the kb was compiled with, as generate,
     eval and verify do; the embedded model is the default only for a new kb (or one whose model is
-    it). A kb whose manifest cannot be read is left to the compile, which names what is wrong."""
-    recorded = kb_settings(out).get("model")  # as manifest "model.path", but null for the embedded model
+    it). A kb whose manifest cannot be read is left to the compile, which names what is wrong.
+    `recorded`: kb_settings(out)."""
+    recorded = recorded.get("model")  # as manifest "model.path", but null for the embedded model
     if recorded is None:
         return config
     # recorded relative to the kb directory (older kbs: as given)
@@ -1374,17 +1388,13 @@ def check_kb(config: CompileConfig, out_dir: str | Path, keep_missing: bool = Fa
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise M3Error(f"output {out} is a file; give the kb directory to check")
-    if not Path(config.corpus).exists():
-        raise M3Error(f"corpus {config.corpus} does not exist; pass an existing directory or file")
+    config = _with_kb_defaults(config, out, log)
+    # settings the compile would refuse (a model that is not there, an --index-factory without an
+    # --embedder, a bad vq factory, a width past the model's positions) are errors, not "out of
+    # date", with no kb too: the same checks as a compile's (the weights are fingerprinted, not loaded)
+    setup, timer = _setup(config, log)
     if not (out / mf.FILE_NAME).exists():
-        # settings the compile would refuse (a model that is not there, an --index-factory without an
-        # --embedder, a bad vq factory, a width past the model's positions) are errors, not "out of
-        # date": the same checks as a compile's (the weights are fingerprinted, not loaded)
-        _setup(with_kb_settings(config, out, log), log)
         return [f"{out} holds no knowledge base: everything would be compiled"]
-    if config.model is None:
-        config = _kb_model_as_default(config, out, log)
-    setup, timer = _setup(with_kb_settings(config, out, log), log)
     frozen = _frozen_codebooks(out, setup.spec) if setup.spec.quant.startswith("vq") else None
     if frozen is not None:
         _use_codebooks(setup, *frozen)
