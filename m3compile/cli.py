@@ -16,8 +16,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from m3compile.config import (BATCH_TOKENS, CHUNK_TOKENS, KB_DEFAULTS, PAPER_DEFAULTS, REFS_PER_CHUNK, CompileConfig,
-                              parse_layers)
+from m3compile.config import (BATCH_TOKENS, CHUNK_TOKENS, EVAL_MAX_OVERLAP, KB_DEFAULTS, PAPER_DEFAULTS, REFS_PER_CHUNK,
+                              CompileConfig, parse_layers)
 from m3compile.errors import M3Error
 
 app = typer.Typer(help="Compile corpora into Memory³ explicit memories and inspect them.",
@@ -291,10 +291,11 @@ def _render_summary(d: dict) -> None:
                          f"{_human(q['vq']['codebook_bytes'])} in {q['vq']['path']}; "
                          f"{q['bits_per_element_with_codebooks']} bits/element with them")] if "vq" in q else []),
         ("error (relative)", f"max {q['rel_err_max']:.5f}, mean {q['rel_err_mean']:.5f}; max abs {q['max_abs_err']:.4g}"),
-        ("size on disk", f"{_human(s['on_disk_bytes'])} in {c['shards']} shard(s) + table; "
+        ("size on disk", f"{_human(s['on_disk_bytes'])}, every file of the kb ({c['shards']} shard(s), the "
+                         f"references table, indexes); memory frames {_human(s['payload_bytes'])}, "
                          f"{_human(s['bytes_per_reference'])} per reference"),
-        ("vs dense bf16 KV", f"{_human(s['dense_bf16_bytes'])} -> x{s['vs_dense_bf16']} smaller"),
-        ("vs sparse bf16", f"{_human(s['sparse_bf16_bytes'])} -> x{s['vs_sparse_bf16']} smaller"),
+        ("vs dense bf16 KV", f"{_human(s['dense_bf16_bytes'])} -> x{s['vs_dense_bf16']} the kb's files"),
+        ("vs sparse bf16", f"{_human(s['sparse_bf16_bytes'])} -> x{s['vs_sparse_bf16']} its memory frames"),
     ]
     t.add_column(style="bold")
     t.add_column()
@@ -353,7 +354,9 @@ def eval_(
     chunk_tokens: Annotated[int, typer.Option(help="text tokens per chunk")] = CHUNK_TOKENS,
     refs: Annotated[int, typer.Option(help="references per chunk")] = REFS_PER_CHUNK,
     mode: Annotated[Optional[str], typer.Option(help="retrieval: bm25 | dense | hybrid (default: the kb's)")] = None,
-    max_overlap: Annotated[Optional[float], typer.Option(help="drop references overlapping the chunk more (paper Eq. 6)")] = None,
+    max_overlap: Annotated[Optional[float], typer.Option(
+        help="drop retrieved references overlapping the chunk more (paper Eq. 6; default 2/3 as the paper "
+             "evaluates: a chunk's text is its query, and a kb holding the text would read its answer; 1 keeps all)")] = None,
     device: Annotated[str, typer.Option(help="torch device")] = DEFAULTS["device"],
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ):
@@ -367,6 +370,8 @@ def eval_(
         if oracle and (mode is not None or max_overlap is not None):
             raise M3Error(f"{'--mode' if mode is not None else '--max-overlap'} shapes retrieval, and --oracle "
                           "retrieves nothing (each text reads its own references): drop one of them")
+        if not oracle and max_overlap is None:
+            max_overlap = EVAL_MAX_OVERLAP
         base = open_kb(kb)
         ck = load_kb_model(base, model, device=device)
         retrieve = None if oracle else _retriever(base, mode, max_overlap)[0]
@@ -383,10 +388,11 @@ def eval_(
         err.print(f"note: {result['texts_cut_at_position_limit']} text(s) scored up to the model's positions only "
                   f"(the first {result['position_limit']} tokens each; --max-text-tokens sets fewer)", highlight=False)
     if as_json:
-        out.print_json(json.dumps({**result, "skipped": dict(sorted(report.skipped.items()))}))
+        out.print_json(json.dumps({**result, "max_overlap": max_overlap, "skipped": dict(sorted(report.skipped.items()))}))
         return
+    how = "oracle" if oracle else f"retrieved, overlap with the chunk <= {max_overlap:.3g}"
     t = Table(title=f"perplexity over {result['rows']['no_memory']['tokens']:,} tokens of {result['docs']} texts "
-                    f"({'oracle' if oracle else 'retrieved'} memories, {refs} per {chunk_tokens}-token chunk)")
+                    f"({how} memories, {refs} per {chunk_tokens}-token chunk)")
     for col in ("memory", "perplexity", "nats/token", "texts improved"):
         t.add_column(col)
     names = {"no_memory": "none", "sparse": "kb (sparse, as stored)",
@@ -459,6 +465,9 @@ def query(
         base = open_kb(kb)
         if mode == "keys":
             from m3compile.keysearch import KeySearch
+
+            if k < 1:  # before every memory of the kb is read
+                raise M3Error(f"{k} references asked for (query -k): ask for at least 1")
 
             hits = KeySearch(base, load_kb_model(base, model)).retrieve(text, k)
             r = None

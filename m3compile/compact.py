@@ -3,8 +3,11 @@
 Live frames are copied byte for byte into new shards numbered after the existing ones (no model,
 no re-encoding); the references table and shard index move to a new generation; the other
 generation files (retrieval indexes, tokenizer) are carried over unchanged since the set of live
-references does not change. Committed by the manifest like a compile; the old shards are
-removed after the commit.
+references does not change. Committed by the manifest like a compile; the shards it rewrote and
+the old generation are removed after the commit, and nothing else: a compile killed before its
+commit leaves its encoded frames in shards no manifest names and in `.spill/`, which its resume
+copies instead of encoding again, so compact numbers its shards past every shard on disk and
+leaves those alone (the next compile's commit collects what is left of them).
 """
 
 import json
@@ -52,13 +55,12 @@ def compact_kb(kb_dir: str | Path, log: Callable[[str], None] = lambda s: None) 
 
 def _compact(kb: Path, manifest: mf.Manifest, dirty: list[str], rows: "refs_file.Rows", checked: dict) -> dict:
     old_gen = kb / manifest.generation
-    first = 1 + max(store.shard_number(s) for s in manifest.shards)
+    first = 1 + max(store.shard_numbers_on_disk(kb) | {store.shard_number(s) for s in manifest.shards})
     meta = dict(read_shard_header(kb / dirty[0])["__metadata__"])
     moved, live, dirty_set = 0, set(), set(dirty)
     names = ("ref_id", "shard", "byte_offset", "byte_length", "ref_key", "quant_rel_err", "quant_max_err")
     with ShardWriter(kb, meta, manifest.config["max_shard_bytes"], first_index=first) as writer, \
             ShardReaders(kb) as frames:
-        writer.before_replace = lambda name: (kb / name).unlink()  # leftovers of an interrupted compact
         size = refs_file.COLUMN_BLOCK
         for block, c in enumerate(refs_file.iter_columns(rows, names, size)):  # in ref id order, as a writer needs
             lo = block * size
@@ -87,7 +89,12 @@ def _compact(kb: Path, manifest: mf.Manifest, dirty: list[str], rows: "refs_file
     gen = store.write_generation(kb, build)
     shards = store.shard_state(kb, rows)
     freed = manifest.state["dead_kv_bytes"] - sum(v["kv_bytes"] - v["live_kv_bytes"] for v in shards.values())
-    mf.commit(kb, manifest.with_generation(kb, gen, shards, checked))
+    mf.commit(kb, manifest.with_generation(kb, gen, shards, checked), collect=False)
+    for name in dirty:  # what this compact replaced; a killed compile's work stays for its resume
+        if name not in shards:
+            (kb / name).unlink(missing_ok=True)
+    if old_gen.name != gen:
+        shutil.rmtree(old_gen, ignore_errors=True)
     return {"shards_rewritten": dirty, "refs_moved": moved, "bytes_freed": freed}
 
 

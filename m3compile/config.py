@@ -43,6 +43,7 @@ def default_refs_per_batch(width: int) -> int:
 # the paper's read schedule (§3.1): stated once, used by the CLI, the reader, generation, evaluate and train
 CHUNK_TOKENS = 64  # text tokens per chunk
 REFS_PER_CHUNK = 5  # references retrieved per chunk
+EVAL_MAX_OVERLAP = 2 / 3  # `m3 eval`: drop retrieved references overlapping the scored chunk more (paper Eq. 6, §4.4)
 MODEL_MEMORY_FILE = "m3-memory.json"
 MODEL_MEMORY_FORMAT = "m3-model-memory"
 MODEL_MEMORY_VERSION = 1

@@ -82,13 +82,22 @@ def evaluate(kb: KnowledgeBase, ck: Checkpoint, docs: Iterable[Document], oracle
     layout = ReadLayout.from_manifest(kb.manifest, tok.bos_id, chunk_tokens, refs_per_chunk)
     all_layers = ReadLayout.from_manifest(kb.manifest, tok.bos_id, chunk_tokens, refs_per_chunk,
                                           memory_layers=range(ck.args.n_layers))
-    by_doc, ref_tokens = _doc_refs(kb)
+    if not layout.head:  # a kb written before compiles refused an empty write prefix without BOS
+        raise M3Error("this kb's write prefix is empty and its tokenizer has no BOS: no token comes before a text, "
+                      "so its first token cannot be scored; recompile with a --prefix text (--rebuild)")
+    # --oracle needs every document's references; retrieval only the token ids of those it finds,
+    # read a chunk's worth at a time (the whole table as Python lists was ~4 KB a reference)
+    by_doc, ref_tokens = _doc_refs(kb) if oracle else ({}, None)
     full_cache: dict[int, object] = {}
 
     def full(ids):
         missing = [i for i in dict.fromkeys(ids) if i not in full_cache]
-        for m in full_memories(model, [ref_tokens[i] for i in missing], missing, kb.spec,
-                               all_layers.memory_layers) if missing else ():
+        if missing and ref_tokens is None:
+            tokens = [r["token_ids"] for r in kb.reference_rows(missing, ["token_ids"])]
+            assert len(tokens) == len(missing), "a retrieved reference is not in the kb's table"
+        else:
+            tokens = [ref_tokens[i] for i in missing]
+        for m in full_memories(model, tokens, missing, kb.spec, all_layers.memory_layers) if missing else ():
             full_cache[m.ref_id] = m
         return [full_cache[i] for i in ids]
 

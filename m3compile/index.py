@@ -247,6 +247,8 @@ def _write_bm25_scores(out: Path, docs: _TokenIds, n_vocab: int, index, block: i
 
     assert np.dtype(index.dtype) == np.float32, index.dtype  # the scratch file and data hold float32
     n_docs = len(docs)
+    if n_docs >= 2**31:  # row indices (documents) are int32 in bm25s' format
+        raise M3Error(f"a BM25 index holds at most 2^31 - 1 texts, not {n_docs:,}; split the corpus into several kbs")
     lengths = docs.lengths
     avg_doc_len = lengths.astype(np.int64).mean()  # as bm25s computes it: float64 over an int64 array
     chunks = []  # (first, end) documents of each chunk: documents while their tokens fit `tokens`
@@ -278,8 +280,7 @@ def _write_bm25_scores(out: Path, docs: _TokenIds, n_vocab: int, index, block: i
         idf[v] = idf_fn(int(df[v]), N=n_docs)
     indptr = np.zeros(n_vocab + 1, np.int64)
     np.cumsum(df, out=indptr[1:])
-    nnz = int(indptr[-1])
-    assert nnz < 2**31, "a BM25 matrix past 2^31 entries needs int64 row indices"
+    nnz = int(indptr[-1])  # may pass 2^31 (~3e7 references): every offset here and in bm25s' reader is int64
     bounds = [0]  # column blocks [bounds[b], bounds[b + 1]), each at most `block` entries (or one column)
     while bounds[-1] < n_vocab:
         lo = bounds[-1]

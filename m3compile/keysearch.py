@@ -17,18 +17,21 @@ Shape letters: R references, L memory layers, H kv heads, N query heads, T query
 K kept tokens per reference (padded to the largest), D head dim.
 """
 
+import os
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from m3compile.errors import M3Error
+from m3compile.references import int64_column, read_references
 from m3compile.model import apply_rope, rope_cos_sin
 from m3compile.reader import ReadLayout
 from m3compile.retrieve import Hit
 
 ROPES = ("post", "pre")
-REF_BATCH = 4096  # references scored per matmul: bounds memory at R·L·N·T·K floats
+SCORE_BYTES = 1 << 28  # float32 scores of one batch of references (B·L·N·T·K), 256 MB at most
+KEYS_SHARE = 0.5  # of the machine's memory, the most the stacked keys may take (else one M3Error)
 
 
 class KeySearch:
@@ -53,14 +56,21 @@ class KeySearch:
         w = kb.manifest.write
         if w.get("rope", "post") != "post":
             raise M3Error(f"{kb.path} stores {w.get('rope')}-RoPE keys; KeySearch reads post-RoPE keys only")
-        self.ref_ids = np.asarray(kb.references().column("ref_id").to_pylist(), dtype=np.int64)  # (R,)
-        mems = [kb.memory(int(r)) for r in self.ref_ids]
-        self.layers = mems[0].layers
-        L, H, _, D = mems[0].keys.shape
-        k_max = max(m.keys.shape[2] for m in mems)
-        self.keys = torch.zeros(len(mems), L, H, k_max, D)  # (R, L, H, K, D)
-        self.valid = torch.zeros(len(mems), L, H, k_max, dtype=torch.bool)  # (R, L, H, K)
-        for i, m in enumerate(mems):
+        # the ref id column alone, and each memory decoded into its slot of the stack as it is read
+        # (a list of every Memory, values included, then a copy, peaked at ~3x the stack)
+        self.ref_ids = int64_column(read_references(kb.references_path, ["ref_id"]).column("ref_id"))  # (R,)
+        spec = kb.spec
+        self.layers = tuple(spec.memory_layers)
+        R, L, H, K, D = len(self.ref_ids), len(spec.memory_layers), spec.n_kv_heads, spec.top_k, spec.head_dim
+        need, have = R * L * H * K * D * 4, _physical_memory()
+        if have and need > KEYS_SHARE * have:
+            raise M3Error(f"--mode keys holds every stored key as float32: {need / 2**30:.1f} GiB for {R:,} references, "
+                          f"more than half of this machine's {have / 2**30:.1f} GiB; use --mode bm25 (or dense) on "
+                          "this kb")
+        self.keys = torch.zeros(R, L, H, K, D)  # (R, L, H, K, D)
+        self.valid = torch.zeros(R, L, H, K, dtype=torch.bool)  # (R, L, H, K)
+        for i, r in enumerate(self.ref_ids.tolist()):
+            m = kb.memory(r)
             n = m.keys.shape[2]
             keys = m.keys if rope == "post" else self._unrotate(m.keys, m.positions + w["position_offset"])
             self.keys[i, :, :, :n] = keys
@@ -96,10 +106,11 @@ class KeySearch:
         H = self.keys.shape[2]
         q = q.reshape(L, H, N // H * T, D) * D**-0.5  # (L, H, G, D): the query vectors each kv head serves
         out = []
-        for a in range(0, len(self.keys), REF_BATCH):
-            k, v = self.keys[a:a + REF_BATCH], self.valid[a:a + REF_BATCH]  # (B, L, H, K, D), (B, L, H, K)
+        batch = max(1, SCORE_BYTES // (4 * L * N * T * self.keys.shape[3]))
+        for a in range(0, len(self.keys), batch):
+            k, v = self.keys[a:a + batch], self.valid[a:a + batch]  # (B, L, H, K, D), (B, L, H, K)
             s = torch.einsum("lhgd,blhkd->blhgk", q, k)  # (B, L, H, G, K)
-            s = s.masked_fill(~v[:, :, :, None, :], float("-inf")).amax(-1)  # (B, L, H, G)
+            s = s.masked_fill_(~v[:, :, :, None, :], float("-inf")).amax(-1)  # (B, L, H, G)
             out.append(s.flatten(1).mean(1))  # (B,)
         return torch.cat(out).numpy()
 
@@ -116,3 +127,11 @@ class KeySearch:
 
     def retrieve(self, text: str, k: int) -> list[Hit]:
         return self.retrieve_many([text], k)[0]
+
+
+def _physical_memory() -> int:
+    """Bytes of memory of this machine (0 where the platform does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return 0

@@ -212,7 +212,9 @@ def convert_llama2c(model_bin: Path, tokenizer_bin: Path, out_dir: Path) -> Path
     Args:
         model_bin: llama2.c legacy (v0) export, e.g. stories260K.bin.
         tokenizer_bin: the matching llama2.c tokenizer.bin, e.g. tok512.bin.
-        out_dir: directory to write (created; existing files of the same names are replaced).
+        out_dir: directory to write (created; existing files of the same names are replaced). The
+            files are written beside it first and moved in when all are whole, config.json last:
+            a failed or interrupted conversion leaves no partial checkpoint.
 
     Returns:
         out_dir, holding config.json, model.safetensors, tokenizer.json and tokenizer_config.json.
@@ -240,11 +242,25 @@ def convert_llama2c(model_bin: Path, tokenizer_bin: Path, out_dir: Path) -> Path
         "split_special_tokens": True,  # transformers: never read "<s>" in text as BOS (as llama2.c)
     }
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    tok.save(str(out_dir / "tokenizer.json"))
-    for name, obj in (("config.json", config), ("tokenizer_config.json", tok_config)):
-        (out_dir / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        try:
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            tok.save(str(tmp / "tokenizer.json"))
+            for name, obj in (("tokenizer_config.json", tok_config), ("config.json", config)):
+                (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        except Exception as e:  # safetensors' and tokenizers' write errors are not OSErrors
+            raise M3Error(f"cannot write the converted checkpoint beside {out_dir}: {e}; check the path and free "
+                          "space") from None
+        if not out_dir.exists():
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private
+            os.rename(tmp, out_dir)
+        else:  # config.json last: a directory with it holds the whole checkpoint
+            for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "config.json"):
+                os.replace(tmp / name, out_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

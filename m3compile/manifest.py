@@ -207,15 +207,18 @@ def to_json(obj: dict) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-def commit(kb_dir: Path, manifest: Manifest, before_replace=None) -> list[str]:
+def commit(kb_dir: Path, manifest: Manifest, before_replace=None, collect: bool = True) -> list[str]:
     """Make `manifest` the kb's state: write it atomically (unless the file already holds exactly
-    these bytes), then remove every top-level entry it does not name. Returns the removed names."""
+    these bytes), then (collect) remove every top-level entry it does not name. Returns the removed
+    names."""
     from m3compile.store import collect_garbage
 
     path = Path(kb_dir) / FILE_NAME
     text = manifest.to_json()
     if not path.is_file() or path.read_bytes() != text.encode():
         atomic_write_text(path, text, before_replace)
+    if not collect:
+        return []
     return collect_garbage(kb_dir, set(manifest.shards) | {manifest.generation} | set(manifest.artefacts))
 
 
@@ -225,14 +228,26 @@ def _check_structure(m: Manifest) -> None:
         if not isinstance(getattr(m, name), dict):
             raise TypeError(f"{name} is {type(getattr(m, name)).__name__}, not an object")
     for shard, entry in m.shards.items():
-        if not isinstance(entry, dict) or not isinstance(entry["refs"], int):
+        if not isinstance(entry, dict) or any(type(entry[k]) is not int or entry[k] < 0
+                                              for k in ("refs", "live_refs", "kv_bytes", "live_kv_bytes")):
             raise TypeError(f"state.shards[{shard!r}] is not a shard entry")
     for key in ("references", "shard_index", "tokenizer"):
         if not isinstance(m.paths[key], str):
             raise TypeError(f"paths.{key} is not a path")
-    for key in ("references", "shards"):
-        if not isinstance(m.counts[key], int):
-            raise TypeError(f"counts.{key} is not a number")
+    # the numbers `m3 inspect`, `m3 compact` and a compile's plan read (a KeyError or TypeError
+    # traceback from those commands otherwise)
+    for section, keys in (("counts", ("references", "shards", "documents", "tokens", "kept_kv")),
+                          ("state", ("dead_refs", "dead_kv_bytes")),
+                          ("sizes", ("payload_bytes", "dense_bf16_bytes", "sparse_bf16_bytes")),
+                          ("config", ("max_shard_bytes",))):
+        for key in keys:
+            v = getattr(m, section)[key]
+            if type(v) is not int or v < 0:
+                raise TypeError(f"{section}.{key} = {v!r} is not a count")
+    if not isinstance(m.counts["skipped"], dict):
+        raise TypeError("counts.skipped is not an object")
+    if not isinstance(m.model["architecture"], str):
+        raise TypeError("model.architecture is not a name")
     for name, entry in m.files.items():
         if not isinstance(entry, dict) or not isinstance(entry["sha256"], str):
             raise TypeError(f"files[{name!r}] has no sha256")

@@ -80,6 +80,12 @@ class MemorySpec:
         a = ck.args
         layers = config.resolve_layers(a.n_layers)
         prefix_ids = write_prefix(ck.tokenizer, config.prefix)
+        if not prefix_ids:
+            # reading puts the write prefix (and BOS) before the text: with neither, the text's first
+            # token has nothing to be predicted from (m3 eval, m3 train), and a reference's first
+            # token sits alone at position 0 when written
+            raise M3Error(f"--prefix {config.prefix!r} with a tokenizer that has no BOS leaves the write prefix empty; "
+                          "give a prefix text (the default is 'Reference:', paper §3.2)")
         room = a.max_seq_len - len(prefix_ids)
         if config.max_tokens > room:
             raise M3Error(f"--max-tokens {config.max_tokens} does not fit the model: it has {a.max_seq_len} positions "

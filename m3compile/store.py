@@ -65,6 +65,18 @@ def shard_number(name: str) -> int | None:
     return None
 
 
+def shard_numbers_on_disk(kb_dir: Path) -> set[int]:
+    """The numbers of every shard file in the kb directory, named by its manifest or not (a killed
+    compile's), and of the shards moved aside (FrameSource.move_aside)."""
+    found = set()
+    for p in Path(kb_dir).iterdir():
+        name = p.name[len(_ORPHAN):] if p.name.startswith(_ORPHAN) else p.name
+        n = shard_number(name)
+        if n is not None:
+            found.add(n)
+    return found
+
+
 def shard_frames(path: Path) -> list[tuple[int, bytes, "Frame"]]:
     """(ref id, content key, Frame) of every frame of one shard, from its index tensors, in order.
 

@@ -426,6 +426,38 @@ def test_eval_reports_the_lines_it_skipped(tmp_path, corpus, model_dir):
     assert json.loads(r.stdout)["skipped"] == {"bad-json": 1}  # and in the report a script reads
 
 
+def test_eval_drops_retrieved_references_that_hold_the_scored_text(tmp_path, corpus, model_dir, monkeypatch):
+    # a chunk's own text is its query: scoring a text the kb holds read the reference holding the
+    # very tokens being predicted. `m3 eval` now drops references overlapping the chunk by more
+    # than 2/3 (paper Eq. 6, as the paper evaluates); --max-overlap 1 keeps them
+    from m3compile import evaluate as ev
+
+    from m3compile.kb import open_kb
+    from m3compile.retrieve import overlap
+    kb = tmp_path / "kb"
+    assert run("compile", corpus, "-o", kb, "--model", model_dir).exit_code == 0
+    text = "w3 w4 w5 w6 w7 w8 w9 w10. w11 w12 w13 w14."  # a.txt
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(json.dumps({"id": "t1", "text": text}) + "\n")
+    real, got = ev.evaluate, []
+
+    def spy(base, ck, docs, **kw):
+        got.append(kw["retrieve"](text, 5))
+        return real(base, ck, docs, **kw)
+
+    monkeypatch.setattr(ev, "evaluate", spy)
+    rows = {r["ref_id"]: r["token_ids"] for r in open_kb(kb).references().to_pylist()}
+    from m3compile.model import load_checkpoint
+    query = load_checkpoint(model_dir).tokenizer.encode(text)
+    held = {i for i, t in rows.items() if overlap(query, t) > 2 / 3}
+    assert held  # the kb holds the text
+    for args, keeps in (([], False), (["--max-overlap", "1"], True)):
+        r = run("eval", kb, texts, "--json", *args)
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["max_overlap"] == (1.0 if keeps else 2 / 3)
+        assert bool(set(got[-1]) & held) == keeps, (got[-1], held)
+
+
 def test_a_missing_reference_names_the_ids_there_are(tmp_path, corpus, model_dir):
     """After documents leave and `m3 compact`, ref ids no longer start at 0: the error says which exist."""
     kb = tmp_path / "kb"

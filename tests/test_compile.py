@@ -431,3 +431,23 @@ def test_the_weights_load_once_there_is_work_and_must_be_the_ones_fingerprinted(
     with pytest.raises(M3Error, match="model's files in .* changed while this compile ran"):
         compile_kb(cfg, kb)
     assert {p.name: p.read_bytes() for p in kb.rglob("*") if p.is_file()} == before
+
+
+def test_an_empty_write_prefix_without_bos_is_refused(tmp_path):
+    # a BOS-less tokenizer (Qwen2's) with --prefix "": nothing would come before a text when it is
+    # read, so m3 eval's first logits row was the text's own last one (an empty slice, a traceback)
+    # and m3 train's targets were shifted; the compile refuses it, and a prefix text or a BOS is fine
+    from m3compile.errors import M3Error
+
+    make_checkpoint(tmp_path / "model", "Qwen2ForCausalLM", {})
+    cfg = json.loads((tmp_path / "model" / "config.json").read_text())
+    cfg.pop("bos_token_id", None)
+    (tmp_path / "model" / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "model" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    corpus = word_corpus(tmp_path / "corpus")
+    base = dict(corpus=str(corpus), model=str(tmp_path / "model"), max_tokens=16, top_k=4)
+    with pytest.raises(M3Error, match="--prefix '' with a tokenizer that has no BOS"):
+        compile_kb(CompileConfig(**base, prefix=""), tmp_path / "kb")
+    assert not (tmp_path / "kb" / "manifest.json").exists()
+    r = compile_kb(CompileConfig(**base, prefix="w5"), tmp_path / "kb")
+    assert r.manifest.write["prefix_ids"] == [5]  # no BOS: the prefix text alone

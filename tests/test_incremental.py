@@ -545,6 +545,38 @@ def test_a_kill_between_shards_loses_at_most_one_checkpoint_of_encoding(env):
     assert not (tmp / "kb" / ".spill").exists() and verify_kb(tmp / "kb") == []
 
 
+@pytest.mark.slow
+def test_compact_keeps_the_work_of_a_killed_compile_for_its_resume(env):
+    """A compile killed while growing a kb leaves its frames in shards no manifest names and in
+    .spill/. `m3 compact` run before the resume used to take the first of those shard numbers for
+    its own (unlinking the killed compile's shard) and its commit removed the rest, so the resume
+    encoded everything again. Compact now leaves them, and the resume copies them."""
+    tmp, corpus, cfg = env
+    kb = tmp / "kb"
+    compile_kb(cfg, kb)
+    (corpus / "doc2.txt").unlink()
+    assert compile_kb(cfg, kb).manifest.state["dead_refs"] > 0  # tombstones for compact
+    for i in range(5, 9):
+        (corpus / f"doc{i}.txt").write_text(words(i, 60))
+    args = ["compile", corpus, "-o", kb, "--model", tmp / "model", "--max-tokens", 16, "--top-k", 4,
+            "--max-shard-bytes", 1500, "--batch-size", 3, "--checkpoint-seconds", 0]
+    killed = run_cli(args, {"M3_CRASH_AT": "batch:4"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    named = set(json.loads((kb / "manifest.json").read_text())["state"]["shards"])
+    left = {k: v for k, v in snapshot(kb, with_mtime=False).items()
+            if k.startswith(".spill/") or (k.startswith("memory-") and k not in named)}
+    assert any(k.startswith("memory-") for k in left) and any(k.startswith(".spill/") for k in left), sorted(left)
+    result = compact_kb(kb)
+    assert result["refs_moved"] > 0 and not set(result["shards_rewritten"]) & set(open_kb(kb).manifest.shards)
+    after = snapshot(kb, with_mtime=False)
+    assert {k: after.get(k) for k in left} == left  # the killed compile's work, byte for byte
+    assert not any((kb / s).exists() for s in result["shards_rewritten"]) and verify_kb(kb) == []
+    resumed = run_cli(args + ["--json"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["summary"]["references"]["copied"] >= 12  # the 4 batches before the kill
+    assert not (kb / ".spill").exists() and verify_kb(kb) == [] and check_kb(cfg, kb) == []
+
+
 def test_frames_on_disk_by_key_match_a_dict_of_the_first_found(env):
     # scan_frames holds every frame of a kb directory by content key in arrays (~60 bytes a frame,
     # issue 16); the oracle is the dict it replaced: shards in name order, then spills, the first

@@ -80,3 +80,21 @@ def test_pre_keys_are_the_references_own_pre_rope_keys(tiny_kb):
     assert ks.retrieve("", 3) and len(ks.retrieve("w60", 10)) == len(refs)
     with pytest.raises(M3Error, match="rope"):
         KeySearch(kb, ck, rope="sideways")
+
+
+def test_scores_do_not_depend_on_the_batch_and_a_kb_too_large_is_one_error(tiny_kb, monkeypatch):
+    # references are scored in batches sized by a byte budget (4096 a batch was ~8 GiB of scores
+    # for a 7B shape); one reference a batch gives the same scores. Stacked keys that would pass
+    # half of the machine's memory are refused before any is read (an out-of-memory kill before)
+    from m3compile import keysearch
+    from m3compile.keysearch import KeySearch
+
+    kb, ck = tiny_kb
+    ks = KeySearch(kb, ck)
+    whole = ks.scores("w31 w32 w7 w60")
+    monkeypatch.setattr(keysearch, "SCORE_BYTES", 1)
+    assert np.array_equal(ks.scores("w31 w32 w7 w60"), whole)
+    assert ks.keys.shape[0] == len(kb.references()) == 3
+    monkeypatch.setattr(keysearch, "_physical_memory", lambda: ks.keys.numel() * 4)  # the stack is all of it
+    with pytest.raises(M3Error, match="--mode keys holds every stored key as float32.*use --mode bm25"):
+        KeySearch(kb, ck)

@@ -240,3 +240,27 @@ def test_the_cli_converts_what_model_refuses_to_read(tmp_path, hf_dir):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in hf_dir.iterdir()}
     r = runner.invoke(app, ["convert-llama2c", str(SRC / "stories260K.bin"), str(SRC / "tok512.bin"), "-o", str(out)])
     assert r.exit_code == 1 and "not an empty directory" in r.stderr  # nothing already written is replaced
+
+
+@pytest.mark.parametrize("fail_at", ["model.safetensors", "tokenizer.json"])
+def test_a_conversion_that_fails_to_write_leaves_nothing(tmp_path, monkeypatch, fail_at):
+    # the files were written straight into the output directory: a full disk or a Ctrl-C while the
+    # weights were saved left a model.safetensors without config.json that the next run refused
+    # ("not an empty directory"), and safetensors' and tokenizers' write errors (not OSErrors)
+    # were tracebacks. Now they are one error, and no directory or temporary remains
+    from typer.testing import CliRunner
+
+    from m3compile import llama2c
+    from m3compile.cli import app
+
+    def full(*a, **k):
+        raise Exception("No space left on device (os error 28)")
+
+    if fail_at == "model.safetensors":
+        monkeypatch.setattr(llama2c, "save_file", full)
+    else:
+        monkeypatch.setattr(llama2c.Tokenizer, "save", full)
+    r = CliRunner().invoke(app, ["convert-llama2c", str(SRC / "stories260K.bin"), str(SRC / "tok512.bin"),
+                                 "-o", str(tmp_path / "ckpt")])
+    assert r.exit_code == 1 and "cannot write the converted checkpoint" in r.stderr and "No space left" in r.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -401,13 +401,18 @@ def test_bad_manifest_versions(kb, version, fragment):
     (lambda m: m.update(state={}), "'shards'"),
     (lambda m: m["paths"].pop("tokenizer"), "'tokenizer'"),
     (lambda m: m.update(counts=[]), "counts is list"),
+    # what `m3 inspect` and `m3 compact` read besides (a KeyError or TypeError traceback before)
+    (lambda m: m["state"].pop("dead_refs"), "'dead_refs'"),
+    (lambda m: m["sizes"].update(payload_bytes="12"), "sizes.payload_bytes = '12'"),
+    (lambda m: m["config"].update(max_shard_bytes=None), "config.max_shard_bytes = None"),
+    (lambda m: next(iter(m["state"]["shards"].values())).pop("live_kv_bytes"), "'live_kv_bytes'"),
 ])
 def test_a_manifest_missing_nested_keys_is_one_line(kb, change, fragment):
     kb_dir, _ = kb
     m = json.loads((kb_dir / "manifest.json").read_text())
     change(m)
     (kb_dir / "manifest.json").write_text(json.dumps(m))
-    for command in (["inspect", str(kb_dir)], ["query", str(kb_dir), "w5"]):
+    for command in (["inspect", str(kb_dir)], ["query", str(kb_dir), "w5"], ["compact", str(kb_dir)]):
         assert_one_line_error(runner.invoke(app, command), "the manifest is damaged", fragment)
     faults = verify_kb(kb_dir)  # verify names it as a fault instead of raising
     assert len(faults) == 1 and faults[0].startswith("manifest.json:") and fragment in faults[0], faults
@@ -451,6 +456,7 @@ def test_concurrent_compile_names_the_lock_holder(kb):
     (["train", "--model", "{model}", "--kb", "{kb}", "--texts", "{corpus}", "-o", "{out}", "--lr", "-1e-3"],
      ["--lr -0.001 must be above 0"]),
     (["query", "{kb}", "w5", "-k", "0"], ["0 references asked for"]),
+    (["query", "{kb}", "w5", "-k", "0", "--mode", "keys"], ["0 references asked for"]),  # before any memory is read
     (["inspect", "{kb}", "--ref", str(2**64)], [f"no reference {2**64}"]),
     (["eval", "{kb}", "{corpus}", "--refs", "0"], ["--refs 0 must be at least 1"]),
     (["eval", "{kb}", "{corpus}", "--max-text-tokens", "0"], ["--max-text-tokens 0 must be at least 1"]),

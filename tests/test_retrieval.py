@@ -178,6 +178,25 @@ def test_bm25_scores_written_by_blocks_are_bm25s_bytes(tmp_path, block, tokens):
     assert len(np.load(tmp_path / "ours" / "data.csc.index.npy")) > 200
 
 
+def test_bm25_writer_refuses_more_texts_than_int32_row_numbers_hold(tmp_path):
+    # the entries may pass 2^31 (int64 column starts); the row numbers are int32 in bm25s' format,
+    # so 2^31 texts is one error before anything is written (it was an assert on the entry count,
+    # which a kb of ~3e7 references reached at the end of its compile)
+    import bm25s
+
+    from m3compile.index import BM25, _write_bm25_scores
+
+    class Many:
+        lengths = np.zeros(0, np.int32)
+
+        def __len__(self):
+            return 2**31
+
+    with pytest.raises(M3Error, match="at most 2\\^31 - 1 texts"):
+        _write_bm25_scores(tmp_path, Many(), 10, bm25s.BM25(k1=BM25["k1"], b=BM25["b"], method=BM25["method"]))
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("view", ["dicts", "columns", "spilled columns, array positions"])
 def test_documents_read_by_blocks_are_group_documents(tmp_path, monkeypatch, view):
     # index._Documents reads the rows a block at a time (issue 16): grouped rows with consecutive
