@@ -88,6 +88,12 @@ def evaluate(kb: KnowledgeBase, ck: Checkpoint, docs: Iterable[Document], oracle
     # --oracle needs every document's references; retrieval only the token ids of those it finds,
     # read a chunk's worth at a time (the whole table as Python lists was ~4 KB a reference)
     by_doc, ref_tokens = _doc_refs(kb) if oracle else ({}, None)
+    if oracle:  # every text checked before any is scored (a missing last one threw the others' work away)
+        docs = list(docs)
+        absent = next((d.doc_id for d in docs if d.doc_id not in by_doc), None)
+        if absent is not None:
+            raise M3Error(f"document {absent!r} is not in the kb: --oracle reads each document's own "
+                          "references, so compile the kb from the texts being evaluated")
     full_cache: dict[int, object] = {}
 
     def full(ids):
@@ -116,9 +122,6 @@ def evaluate(kb: KnowledgeBase, ck: Checkpoint, docs: Iterable[Document], oracle
         ids = ids[:limit]
         if not ids:
             continue
-        if oracle and doc.doc_id not in by_doc:
-            raise M3Error(f"document {doc.doc_id!r} is not in the kb: --oracle reads each document's own "
-                          "references, so compile the kb from the texts being evaluated")
         chunk_refs = []
         for start in range(0, len(ids), chunk_tokens):
             if oracle:

@@ -9,6 +9,7 @@ Shape letters: L memory layers, H kv heads, K kept tokens, D head dim.
 import operator
 import os
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,6 +47,7 @@ class KnowledgeBase:
         # decoded memories, most recently used last: neighbouring chunks often retrieve the same refs
         self._cache: OrderedDict[int, Memory] = OrderedDict()
         self.cache_size = cache_size
+        self._stamp = _manifest_stamp(self.path)  # before reading it: a commit after is seen as one
         self.manifest: Manifest = read_manifest(self.path)
         self.spec: MemorySpec = load_spec(self.path, self.manifest)  # the write recipe of every memory here
         self.layers = self.spec.memory_layers
@@ -67,8 +69,23 @@ class KnowledgeBase:
         text, n_kept, shard, byte_offset, byte_length, quant_rel_err, quant_max_err, ref_key,
         doc_sha256 (formats/references.md)."""
         if self._table is None:
-            self._table = refs_file.read_references(self.references_path)
+            with self._stale_checked():
+                self._table = refs_file.read_references(self.references_path)
         return self._table
+
+    @contextmanager
+    def _stale_checked(self):
+        """An M3Error inside names a new commit, where one replaced the manifest since this kb was
+        opened: its shards and generation may be gone, and the kb is whole (a repair would be the
+        wrong advice)."""
+        try:
+            yield
+        except M3Error as e:
+            if _manifest_stamp(self.path) == self._stamp:
+                raise
+            raise M3Error(f"{self.path} was committed again since it was opened (by a compile, `m3 compact` or a "
+                          f"repair), and what this reader held moved ({str(e).split('; ')[0]}); open the kb "
+                          "again") from None
 
     def reference_rows(self, ref_ids, columns: list[str] | None = None) -> list[dict]:
         """The rows of these references, in the order given (a ref id not in the kb is left out);
@@ -78,9 +95,10 @@ class KnowledgeBase:
         want = np.asarray([int(i) for i in ref_ids], np.int64)  # (Q,)
         cols = None if columns is None else list(dict.fromkeys(["ref_id", *columns]))
         if self._table is None and len(want) <= FEW_ROWS:
-            if self._groups is None:
-                self._groups = refs_file.RowGroups(self.references_path)
-            t = self._groups.read(want, cols)
+            with self._stale_checked():
+                if self._groups is None:
+                    self._groups = refs_file.RowGroups(self.references_path)
+                t = self._groups.read(want, cols)
             ids = refs_file.int64_column(t.column("ref_id"))
             order = np.argsort(ids, kind="stable")
         else:
@@ -169,10 +187,13 @@ class KnowledgeBase:
     def _split_frame(self, ref_id: int, split):
         """split(frame, scheme, max bytes, where) of a reference's frame (pack.decode_payload:
         dequantized; pack.open_frame: not); any fault is one M3Error naming it, with the repair hint."""
-        loc = self._location(ref_id)
-        if loc is None:
-            raise M3Error(f"no reference {ref_id} in {self.path} ({self.ids_hint()}); see `m3 inspect`")
-        where = f"{loc.shard} reference {ref_id}"
+        with self._stale_checked():
+            loc = self._location(ref_id)
+            if loc is None:
+                raise M3Error(f"no reference {ref_id} in {self.path} ({self.ids_hint()}); see `m3 inspect`")
+            return self._split_checked(ref_id, loc, split, f"{loc.shard} reference {ref_id}")
+
+    def _split_checked(self, ref_id: int, loc, split, where: str):
         try:
             keys, values, positions = split(read_payload(self.path / loc.shard, loc), self.scheme, self._max_bytes, where)
             # a frame of another shape, or kept positions out of order or range, decodes as well as a
@@ -212,6 +233,15 @@ class KnowledgeBase:
 
             self._retriever = Retriever.open(self.path, self.manifest.to_dict())
         return self._retriever.retrieve(text, k, mode=mode, max_overlap=max_overlap)
+
+
+def _manifest_stamp(kb_dir: Path) -> tuple | None:
+    """What changes when a commit replaces manifest.json (a rename over it: a new inode)."""
+    try:
+        st = (Path(kb_dir) / "manifest.json").stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def load_spec(kb_dir: Path, manifest: Manifest) -> MemorySpec:

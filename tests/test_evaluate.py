@@ -81,3 +81,23 @@ def test_a_text_past_the_models_positions_is_scored_up_to_them(tmp_path):
     short = len(ck.tokenizer.encode(docs[1].text))
     assert r["rows"]["no_memory"]["tokens"] == room + short and all(math.isfinite(v["nll"]) for v in r["rows"].values())
     assert evaluate(kb, ck, docs, oracle=True, max_text_tokens=20)["texts_cut_at_position_limit"] == 0
+
+
+def test_oracle_refuses_a_text_the_kb_lacks_before_scoring_any(tmp_path):
+    # --oracle reads each text's own references: a text the kb does not hold was found only when
+    # its turn came, after every text before it had been scored (minutes of work thrown away)
+    from dataclasses import replace
+
+    from conftest import model_and_corpus
+    from m3compile.errors import M3Error
+
+    pytest.importorskip("transformers", reason="transformers builds the tiny test checkpoint")
+    corpus = model_and_corpus(tmp_path, [30, 30])
+    compile_kb(CompileConfig(corpus=str(corpus), model=str(tmp_path / "model"), max_tokens=16, top_k=4), tmp_path / "kb")
+    kb = open_kb(tmp_path / "kb")
+    docs = list(iter_documents(corpus, CorpusReport()))
+    scored = []
+    with pytest.raises(M3Error, match="document 'elsewhere.txt' is not in the kb"):
+        evaluate(kb, load_kb_model(kb), docs + [replace(docs[0], doc_id="elsewhere.txt")], oracle=True,
+                 progress=scored.append)
+    assert scored == []

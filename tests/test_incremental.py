@@ -577,6 +577,25 @@ def test_compact_keeps_the_work_of_a_killed_compile_for_its_resume(env):
     assert not (kb / ".spill").exists() and verify_kb(kb) == [] and check_kb(cfg, kb) == []
 
 
+def test_a_reader_opened_before_a_commit_is_told_to_open_the_kb_again(env):
+    # a kb held open (a server's open_kb) while `m3 compact` or a compile commits: the shards it
+    # read from are removed, and its next read said the kb was damaged and to repair it, when the
+    # kb is whole and only the reader is stale
+    tmp, corpus, cfg = env
+    kb = tmp / "kb"
+    compile_kb(cfg, kb)
+    (corpus / "doc2.txt").unlink()
+    compile_kb(cfg, kb)
+    held = open_kb(kb)
+    dirty = {s for s, v in held.manifest.shards.items() if v["refs"] > v["live_refs"]}
+    moved = next(r["ref_id"] for r in held.references().to_pylist() if r["shard"] in dirty)
+    assert compact_kb(kb)["refs_moved"] > 0
+    with pytest.raises(M3Error, match="was committed again since it was opened .*open the kb again") as e:
+        held.memory(moved)
+    assert "verify --repair" not in str(e.value)
+    assert (open_kb(kb).memory(moved).keys == memories(tmp / "kb")[moved][1]).all() and verify_kb(kb) == []
+
+
 def test_frames_on_disk_by_key_match_a_dict_of_the_first_found(env):
     # scan_frames holds every frame of a kb directory by content key in arrays (~60 bytes a frame,
     # issue 16); the oracle is the dict it replaced: shards in name order, then spills, the first
