@@ -618,6 +618,7 @@ def train(
     output: Annotated[Path, typer.Option("-o", "--output", help="output checkpoint directory")],
     steps: Annotated[int, typer.Option(help="optimizer steps")] = TRAIN_DEFAULTS["steps"],
     batch_size: Annotated[int, typer.Option(help="sequences per step")] = TRAIN_DEFAULTS["batch_size"],
+    seq_tokens: Annotated[int, typer.Option(help="text tokens per training sequence at most; longer texts are cut")] = TRAIN_DEFAULTS["seq_tokens"],
     lr: Annotated[float, typer.Option(help="peak learning rate")] = TRAIN_DEFAULTS["lr"],
     schedule: Annotated[str, typer.Option(help="cosine | wsd")] = TRAIN_DEFAULTS["schedule"],
     memory_fraction: Annotated[float, typer.Option(help="share of steps that read memories")] = TRAIN_DEFAULTS["memory_fraction"],
@@ -635,7 +636,7 @@ def train(
 
     with user_errors():
         config = TrainConfig(model=str(model), kb=str(kb), texts=str(texts), out=str(output), steps=steps,
-                             batch_size=batch_size, lr=lr, schedule=schedule, memory_fraction=memory_fraction,
+                             batch_size=batch_size, seq_tokens=seq_tokens, lr=lr, schedule=schedule, memory_fraction=memory_fraction,
                              grad_through_memory=grad_through_memory, bf16=bf16, seed=seed, device=device)
 
         def on_event(e):

@@ -297,6 +297,11 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None,
         raise M3Error(f"model {config.model} has another tokenizer than the one {config.kb} was compiled with; "
                       "compile the kb with this model's tokenizer")
     layout = ReadLayout.from_spec(spec, ck.tokenizer.bos_id, config.chunk_tokens, config.refs_per_chunk)
+    room = ck.args.max_seq_len - layout.text_positions(0)  # text positions behind the prefix, interval, BOS
+    if config.seq_tokens > room:  # past them RoPE runs at positions the model never trained on
+        raise M3Error(f"--seq-tokens {config.seq_tokens} does not fit the model: it has {ck.args.max_seq_len} positions "
+                      f"and the read layout takes {layout.text_positions(0)} before the text (write prefix, the "
+                      f"kb's {layout.interval}-token memory interval, BOS); use --seq-tokens {max(room, 0)} or less")
     t = kb.references().select(["ref_id", "token_ids"]).to_pydict()
     ref_tokens = dict(zip(t["ref_id"], t["token_ids"]))
     out_dir = Path(config.out)

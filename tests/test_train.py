@@ -337,3 +337,27 @@ def test_an_output_that_is_not_a_new_run_is_refused(setup, tmp_path):
     with pytest.raises(M3Error, match="holds files and no unfinished run"):  # finished: not trained again
         train(_config(setup, tmp_path / "out", steps=1))
     assert not (tmp_path / "out" / "train-state.safetensors").exists() and (tmp_path / "out" / "config.json").is_file()
+
+
+def test_sequences_past_the_models_positions_are_refused(setup, tmp_path):
+    # a training sequence ran at RoPE positions past max_position_embeddings (never trained on),
+    # silently; --seq-tokens (now a CLI option too) is checked against the read layout's room
+    from typer.testing import CliRunner
+
+    from m3compile.cli import app
+    from m3compile.errors import M3Error
+    from m3compile.kb import open_kb
+    from m3compile.model import load_checkpoint
+    from m3compile.reader import ReadLayout
+    from m3compile.train import train
+
+    ck = load_checkpoint(setup / "model")
+    room = ck.args.max_seq_len - ReadLayout.from_spec(open_kb(setup / "kb").spec, ck.tokenizer.bos_id, 8).text_positions(0)
+    with pytest.raises(M3Error, match=f"--seq-tokens {room + 1} does not fit the model.*use --seq-tokens {room} or less"):
+        train(_config(setup, tmp_path / "a", steps=1, seq_tokens=room + 1))
+    assert not (tmp_path / "a").exists()
+    train(_config(setup, tmp_path / "b", steps=1, seq_tokens=room))
+    r = CliRunner().invoke(app, ["train", "--model", str(setup / "model"), "--kb", str(setup / "kb"), "--texts",
+                                 str(setup / "texts.jsonl"), "-o", str(tmp_path / "c"), "--steps", "1",
+                                 "--seq-tokens", str(room + 1)])
+    assert r.exit_code == 1 and f"--seq-tokens {room + 1} does not fit" in r.stderr, r.output
