@@ -127,6 +127,7 @@ def encode_windows(text: str, tokenizer, window: int | None = None,
         return
     bases = range(0, n, window - seam)  # the last window reaches the text's end
     prev, first, cut = None, 0, 0  # the window before, its first token not yet given out, where that token starts
+    cut_lo = 0  # where the encoding that agreed at `cut` began: its left context is the one checked there
     for g in range(0, len(bases), ENCODE_GROUP):
         group = bases[g:g + ENCODE_GROUP]
         spans = [(max(0, b - 2 * seam), min(n, b + window - seam + 2 * seam)) for b in group]
@@ -137,11 +138,14 @@ def encode_windows(text: str, tokenizer, window: int | None = None,
                 continue
             joint = _join(prev, piece, b, seam)
             if joint is None:
-                yield from _sequential_windows(text, tokenizer, cut, window, seam)
+                # from the last cut, with the left context its join was checked with: another one
+                # (the seam) may split the text before it otherwise (digits grouped in threes from
+                # where the context starts), and the tokens from the cut on would not be the document's
+                yield from _sequential_windows(text, tokenizer, cut, window, seam, context=cut - cut_lo)
                 return
             j, k = joint
             yield prev[0][first:j], prev[1][first:j]
-            prev, first, cut = piece, k, piece[1][k][0]
+            prev, first, cut, cut_lo = piece, k, piece[1][k][0], lo
     yield prev[0][first:], prev[1][first:]
 
 
@@ -177,12 +181,13 @@ def _encode_many(tokenizer, texts: list[str]) -> list:
     return batch(texts) if batch is not None else [tokenizer.encode_with_offsets(t) for t in texts]
 
 
-def _sequential_windows(text: str, tokenizer, base: int, window: int, seam: int):
+def _sequential_windows(text: str, tokenizer, base: int, window: int, seam: int, context: int | None = None):
     """The encoding of text[base:] (base 0 or a cut where the tokenizer looks across in neither
     direction), one window after another.
 
     Each window text[base:base+window] is encoded with `seam` characters of the text before it as
-    left context (the tokens starting before `base` are dropped), and a cut is sought at a token
+    left context (the first window with `context` characters, the context `base` was checked
+    with, where given; the tokens starting before `base` are dropped), and a cut is sought at a token
     start between 2 and 1 seams before the window's end that splits no character: the window's
     tokens from the cut on must equal, ids and offsets, those of text[cut:base+window] encoded
     with its own left context. Where they agree, the tokenizer does not look across the cut, so
@@ -191,8 +196,9 @@ def _sequential_windows(text: str, tokenizer, base: int, window: int, seam: int)
     bounded (formats/chunking.md).
     """
     n, w = len(text), window
+    ctx = seam if context is None else context
     while n - base > w:
-        ids, offsets = _stable(_encode_from(text, base, base + w, seam, tokenizer), base, seam)
+        ids, offsets = _stable(_encode_from(text, base, base + w, ctx, tokenizer), base, ctx)
         _, clean, _ = _cuts(offsets, base)
         candidates = [j for j, (a, _) in enumerate(offsets)
                       if j > 0 and clean[j] and base + w - 2 * seam <= a <= base + w - seam]
@@ -200,11 +206,11 @@ def _sequential_windows(text: str, tokenizer, base: int, window: int, seam: int)
             c = offsets[j][0]
             if _encode_from(text, c, base + w, seam, tokenizer) == (ids[j:], offsets[j:]):
                 yield ids[:j], _spans(offsets[:j])
-                base, w = c, window
+                base, w, ctx = c, window, seam  # the next window: the context this cut was checked with
                 break
         else:
             w *= 2
-    ids, offsets = _stable(_encode_from(text, base, n, seam, tokenizer), base, seam)
+    ids, offsets = _stable(_encode_from(text, base, n, ctx, tokenizer), base, ctx)
     yield ids, _spans(offsets)
 
 
