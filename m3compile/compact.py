@@ -3,11 +3,11 @@
 Live frames are copied byte for byte into new shards numbered after the existing ones (no model,
 no re-encoding); the references table and shard index move to a new generation; the other
 generation files (retrieval indexes, tokenizer) are carried over unchanged since the set of live
-references does not change. Committed by the manifest like a compile; the shards it rewrote and
-the old generation are removed after the commit, and nothing else: a compile killed before its
-commit leaves its encoded frames in shards no manifest names and in `.spill/`, which its resume
-copies instead of encoding again, so compact numbers its shards past every shard on disk and
-leaves those alone (the next compile's commit collects what is left of them).
+references does not change. Committed by the manifest like a compile, whose garbage collection
+follows. Except after a killed compile: it leaves its encoded frames in `.spill/` and in shards
+no manifest names, which its resume copies instead of encoding again. While `.spill/` is there,
+compact removes only what it replaced (the shards it rewrote, the old generation) and numbers its
+shards past every shard on disk; the commit of the compile run again collects the rest.
 """
 
 import json
@@ -89,12 +89,14 @@ def _compact(kb: Path, manifest: mf.Manifest, dirty: list[str], rows: "refs_file
     gen = store.write_generation(kb, build)
     shards = store.shard_state(kb, rows)
     freed = manifest.state["dead_kv_bytes"] - sum(v["kv_bytes"] - v["live_kv_bytes"] for v in shards.values())
-    mf.commit(kb, manifest.with_generation(kb, gen, shards, checked), collect=False)
-    for name in dirty:  # what this compact replaced; a killed compile's work stays for its resume
-        if name not in shards:
-            (kb / name).unlink(missing_ok=True)
-    if old_gen.name != gen:
-        shutil.rmtree(old_gen, ignore_errors=True)
+    unfinished = (kb / store.SPILL_DIR).exists()  # a compile killed before its commit: its work stays
+    mf.commit(kb, manifest.with_generation(kb, gen, shards, checked), collect=not unfinished)
+    if unfinished:
+        for name in dirty:  # what this compact replaced
+            if name not in shards:
+                (kb / name).unlink(missing_ok=True)
+        if old_gen.name != gen:
+            shutil.rmtree(old_gen, ignore_errors=True)
     return {"shards_rewritten": dirty, "refs_moved": moved, "bytes_freed": freed}
 
 

@@ -90,7 +90,7 @@ def evaluate(kb: KnowledgeBase, ck: Checkpoint, docs: Iterable[Document], oracle
     by_doc, ref_tokens = _doc_refs(kb) if oracle else ({}, None)
     if oracle:  # every text checked before any is scored (a missing last one threw the others' work away)
         docs = list(docs)
-        absent = next((d.doc_id for d in docs if d.doc_id not in by_doc), None)
+        absent = next((d.doc_id for d in docs if d.doc_id not in by_doc and d.text.strip()), None)
         if absent is not None:
             raise M3Error(f"document {absent!r} is not in the kb: --oracle reads each document's own "
                           "references, so compile the kb from the texts being evaluated")
@@ -100,7 +100,9 @@ def evaluate(kb: KnowledgeBase, ck: Checkpoint, docs: Iterable[Document], oracle
         missing = [i for i in dict.fromkeys(ids) if i not in full_cache]
         if missing and ref_tokens is None:
             tokens = [r["token_ids"] for r in kb.reference_rows(missing, ["token_ids"])]
-            assert len(tokens) == len(missing), "a retrieved reference is not in the kb's table"
+            if len(tokens) != len(missing):
+                raise M3Error(f"a reference the retrieval index returned is not in {kb.references_path}; the kb is "
+                              f"damaged: run `m3 verify --repair {kb.path}`")
         else:
             tokens = [ref_tokens[i] for i in missing]
         for m in full_memories(model, tokens, missing, kb.spec, all_layers.memory_layers) if missing else ():
@@ -122,6 +124,9 @@ def evaluate(kb: KnowledgeBase, ck: Checkpoint, docs: Iterable[Document], oracle
         ids = ids[:limit]
         if not ids:
             continue
+        if oracle and doc.doc_id not in by_doc:  # a text of whitespace with tokens: no reference holds it
+            raise M3Error(f"document {doc.doc_id!r} is not in the kb: --oracle reads each document's own "
+                          "references, so compile the kb from the texts being evaluated")
         chunk_refs = []
         for start in range(0, len(ids), chunk_tokens):
             if oracle:

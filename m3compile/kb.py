@@ -228,11 +228,12 @@ class KnowledgeBase:
             >>> open_kb("kb/").retrieve("river trade in the north", k=3)
             [Hit(ref_id=12, score=0.0489), ...]
         """
-        if self._retriever is None:
-            from m3compile.retrieve import Retriever
+        with self._stale_checked():
+            if self._retriever is None:
+                from m3compile.retrieve import Retriever
 
-            self._retriever = Retriever.open(self.path, self.manifest.to_dict())
-        return self._retriever.retrieve(text, k, mode=mode, max_overlap=max_overlap)
+                self._retriever = Retriever.open(self.path, self.manifest.to_dict())
+            return self._retriever.retrieve(text, k, mode=mode, max_overlap=max_overlap)
 
 
 def _manifest_stamp(kb_dir: Path) -> tuple | None:

@@ -242,25 +242,30 @@ def convert_llama2c(model_bin: Path, tokenizer_bin: Path, out_dir: Path) -> Path
         "split_special_tokens": True,  # transformers: never read "<s>" in text as BOS (as llama2.c)
     }
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    tmp = None
     try:
-        try:
-            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            tok.save(str(tmp / "tokenizer.json"))
-            for name, obj in (("tokenizer_config.json", tok_config), ("config.json", config)):
-                (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        except Exception as e:  # safetensors' and tokenizers' write errors are not OSErrors
-            raise M3Error(f"cannot write the converted checkpoint beside {out_dir}: {e}; check the path and free "
-                          "space") from None
-        if not out_dir.exists():
+        # a temporary directory inside an existing output (the same file system, whatever is
+        # mounted there), else beside it, renamed into place whole
+        exists = out_dir.is_dir()
+        if not exists:
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".m3-convert-", dir=out_dir if exists else out_dir.parent))
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tok.save(str(tmp / "tokenizer.json"))
+        for name, obj in (("tokenizer_config.json", tok_config), ("config.json", config)):
+            (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if not exists:
             os.chmod(tmp, 0o755)  # mkdtemp makes it private
             os.rename(tmp, out_dir)
         else:  # config.json last: a directory with it holds the whole checkpoint
             for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "config.json"):
                 os.replace(tmp / name, out_dir / name)
+    except Exception as e:  # OSErrors, and safetensors' and tokenizers' write errors, which are not
+        raise M3Error(f"cannot write the converted checkpoint to {out_dir}: {e}; check the path, its "
+                      "permissions and free space") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -246,8 +246,14 @@ def _check_structure(m: Manifest) -> None:
                 raise TypeError(f"{section}.{key} = {v!r} is not a count")
     if not isinstance(m.counts["skipped"], dict):
         raise TypeError("counts.skipped is not an object")
-    if not isinstance(m.model["architecture"], str):
-        raise TypeError("model.architecture is not a name")
+    if not isinstance(m.model["architecture"], str) or not isinstance(m.model["path"], str):
+        raise TypeError("model.architecture or model.path is not a string")
+    if type(m.model["n_heads"]) is not int:
+        raise TypeError(f"model.n_heads = {m.model['n_heads']!r}")
+    for key in ("bits_per_element_stored", "bits_per_element_compressed", "rel_err_max", "rel_err_mean", "max_abs_err"):
+        v = m.quant[key]  # printed by `m3 inspect`
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise TypeError(f"quant.{key} = {v!r} is not a number")
     for name, entry in m.files.items():
         if not isinstance(entry, dict) or not isinstance(entry["sha256"], str):
             raise TypeError(f"files[{name!r}] has no sha256")

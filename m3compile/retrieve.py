@@ -126,6 +126,9 @@ def _minmax(x: np.ndarray) -> np.ndarray:
     return (x - lo) / (hi - lo) if hi > lo else np.ones_like(x)
 
 
+REF_TOKENS_KEPT = 1 << 16  # references' token ids the overlap filter keeps between queries (~20 MB)
+
+
 class Retriever:
     """Loaded indexes of one kb. Use `Retriever.open(kb_dir)`."""
 
@@ -177,7 +180,8 @@ class Retriever:
         self._device = device
         self._files: dict | None = None  # the manifest's files (open sets them)
         self._dense: _Dense | None = None
-        self._ref_tokens: dict[int, list[int]] | None = None
+        self._ref_tokens: dict[int, list[int]] = {}  # the overlap filter's, a row group at a time
+        self._ref_groups = None  # references.parquet's row groups (RowGroups), once the filter runs
         self._tokenizer = None
 
     @classmethod
@@ -344,12 +348,24 @@ class Retriever:
 
     # -- overlap filter ------------------------------------------------------------------------------
 
-    def _reference_tokens(self) -> dict[int, list[int]]:
-        if self._ref_tokens is None:
+    def _reference_tokens(self, ref_ids) -> dict[int, list[int]]:
+        """Token ids of at least these references: the row groups holding them are read (4,096 rows
+        each) and kept, up to REF_TOKENS_KEPT references (every reference's ids as Python lists
+        were ~4 KB a reference: `m3 eval` and `m3 train` filter every chunk)."""
+        if len(self._ref_tokens) > REF_TOKENS_KEPT:
+            self._ref_tokens.clear()
+        missing = [i for i in ref_ids if i not in self._ref_tokens]
+        if missing:
             from m3compile import references as refs_file
 
-            t = refs_file.read_references(self.path / refs_file.FILE_NAME, ["ref_id", "token_ids"]).to_pydict()
-            self._ref_tokens = dict(zip(t["ref_id"], t["token_ids"]))
+            if self._ref_groups is None:
+                self._ref_groups = refs_file.RowGroups(self.path / refs_file.FILE_NAME)
+            t = self._ref_groups.read(missing, ["ref_id", "token_ids"]).to_pydict()
+            self._ref_tokens.update(zip(t["ref_id"], t["token_ids"]))
+            absent = [i for i in missing if i not in self._ref_tokens]
+            if absent:
+                raise M3Error(f"reference {absent[0]} of the retrieval index is not in {self.path / refs_file.FILE_NAME}; "
+                              f"the kb is damaged: run `m3 verify --repair {self._kb_dir}`")
         return self._ref_tokens
 
     def _query_tokens(self, text: str) -> list[int]:
@@ -399,17 +415,17 @@ class Retriever:
         if max_overlap is not None and not 0 <= max_overlap <= 1:
             raise M3Error(f"--max-overlap {max_overlap} must be a fraction in [0, 1] (the paper drops references "
                           "overlapping more than 2/3 at evaluation, 0.9 in training)")
-        if max_overlap is None:
+        if max_overlap is None or max_overlap >= 1:  # an overlap is at most 1: nothing to drop
             return list(self._ranked_blocks(texts, k, mode))
         if query_tokens is None:
             query_tokens = [self._query_tokens(t) for t in texts]
         assert len(query_tokens) == len(texts), (len(query_tokens), len(texts))
-        refs = self._reference_tokens()
         depth = 2 * k + 8  # a few spares: most queries leak into no reference at all
         out = []
         for text, qt, ranked in zip(texts, query_tokens, self._ranked_blocks(texts, depth, mode)):
             d = depth
             while True:  # widen this query's candidates until k survive or the kb runs out
+                refs = self._reference_tokens([h.ref_id for h in ranked])
                 kept = [h for h in ranked if overlap(qt, refs[h.ref_id]) <= max_overlap]
                 if len(kept) >= k or len(ranked) < d or d >= self.section["count"]:
                     break

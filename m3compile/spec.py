@@ -85,7 +85,8 @@ class MemorySpec:
             # token has nothing to be predicted from (m3 eval, m3 train), and a reference's first
             # token sits alone at position 0 when written
             raise M3Error(f"--prefix {config.prefix!r} with a tokenizer that has no BOS leaves the write prefix empty; "
-                          "give a prefix text (the default is 'Reference:', paper §3.2)")
+                          "give a prefix text (the default is 'Reference:', paper §3.2; a kb compiled so before "
+                          "m3compile 0.2.0: `m3 compile CORPUS -o KB --rebuild --prefix Reference:`)")
         room = a.max_seq_len - len(prefix_ids)
         if config.max_tokens > room:
             raise M3Error(f"--max-tokens {config.max_tokens} does not fit the model: it has {a.max_seq_len} positions "

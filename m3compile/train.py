@@ -298,6 +298,10 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None,
                       "compile the kb with this model's tokenizer")
     layout = ReadLayout.from_spec(spec, ck.tokenizer.bos_id, config.chunk_tokens, config.refs_per_chunk)
     room = ck.args.max_seq_len - layout.text_positions(0)  # text positions behind the prefix, interval, BOS
+    if room < 1:
+        raise M3Error(f"the read layout takes {layout.text_positions(0)} of the model's {ck.args.max_seq_len} positions "
+                      f"(write prefix, the kb's {layout.interval}-token memory interval, BOS): no text fits; compile "
+                      "the kb with a smaller --max-tokens")
     if config.seq_tokens > room:  # past them RoPE runs at positions the model never trained on
         raise M3Error(f"--seq-tokens {config.seq_tokens} does not fit the model: it has {ck.args.max_seq_len} positions "
                       f"and the read layout takes {layout.text_positions(0)} before the text (write prefix, the "

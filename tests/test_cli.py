@@ -458,6 +458,20 @@ def test_eval_drops_retrieved_references_that_hold_the_scored_text(tmp_path, cor
         assert bool(set(got[-1]) & held) == keeps, (got[-1], held)
 
 
+def test_keys_mode_refuses_k_0_before_reading_any_memory(tmp_path, corpus, model_dir, monkeypatch):
+    # it was refused too, after the model was loaded and every memory of the kb decoded
+    from m3compile import keysearch
+
+    kb = tmp_path / "kb"
+    assert run("compile", corpus, "-o", kb, "--model", model_dir).exit_code == 0
+
+    def never(*a, **k):
+        raise AssertionError("KeySearch built for -k 0")
+
+    monkeypatch.setattr(keysearch.KeySearch, "__init__", never)
+    assert_one_line_error(run("query", kb, "w5", "--mode", "keys", "-k", "0"), "0 references asked for")
+
+
 def test_a_missing_reference_names_the_ids_there_are(tmp_path, corpus, model_dir):
     """After documents leave and `m3 compact`, ref ids no longer start at 0: the error says which exist."""
     kb = tmp_path / "kb"

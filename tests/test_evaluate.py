@@ -101,3 +101,22 @@ def test_oracle_refuses_a_text_the_kb_lacks_before_scoring_any(tmp_path):
         evaluate(kb, load_kb_model(kb), docs + [replace(docs[0], doc_id="elsewhere.txt")], oracle=True,
                  progress=scored.append)
     assert scored == []
+
+
+def test_a_kb_with_nothing_before_the_text_is_one_error(tmp_path):
+    # a kb written before compiles refused an empty write prefix without BOS: its texts' first
+    # token had no logits row (a ValueError traceback from cross_entropy)
+    from dataclasses import replace
+
+    from conftest import model_and_corpus
+    from m3compile.errors import M3Error
+
+    pytest.importorskip("transformers", reason="transformers builds the tiny test checkpoint")
+    corpus = model_and_corpus(tmp_path, [30])
+    compile_kb(CompileConfig(corpus=str(corpus), model=str(tmp_path / "model"), max_tokens=16, top_k=4), tmp_path / "kb")
+    kb = open_kb(tmp_path / "kb")
+    kb.manifest.__dict__["spec"] = replace(kb.manifest.spec, prefix_ids=())  # as such a kb records it
+    ck = load_kb_model(kb)
+    ck.tokenizer.bos_id = None
+    with pytest.raises(M3Error, match="no token comes before a text"):
+        evaluate(kb, ck, list(iter_documents(corpus, CorpusReport())), oracle=True)

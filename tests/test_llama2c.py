@@ -264,3 +264,7 @@ def test_a_conversion_that_fails_to_write_leaves_nothing(tmp_path, monkeypatch, 
                                  "-o", str(tmp_path / "ckpt")])
     assert r.exit_code == 1 and "cannot write the converted checkpoint" in r.stderr and "No space left" in r.stderr
     assert list(tmp_path.iterdir()) == []
+    (tmp_path / "empty").mkdir()  # an existing empty output (a mount point): its temporary is inside it
+    with pytest.raises(M3Error, match="cannot write the converted checkpoint to .*empty: No space left"):
+        convert_llama2c(SRC / "stories260K.bin", SRC / "tok512.bin", tmp_path / "empty")
+    assert list((tmp_path / "empty").iterdir()) == []

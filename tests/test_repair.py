@@ -406,6 +406,8 @@ def test_bad_manifest_versions(kb, version, fragment):
     (lambda m: m["sizes"].update(payload_bytes="12"), "sizes.payload_bytes = '12'"),
     (lambda m: m["config"].update(max_shard_bytes=None), "config.max_shard_bytes = None"),
     (lambda m: next(iter(m["state"]["shards"].values())).pop("live_kv_bytes"), "'live_kv_bytes'"),
+    (lambda m: m["quant"].update(rel_err_max=None), "quant.rel_err_max = None"),
+    (lambda m: m["model"].pop("n_heads"), "'n_heads'"),
 ])
 def test_a_manifest_missing_nested_keys_is_one_line(kb, change, fragment):
     kb_dir, _ = kb

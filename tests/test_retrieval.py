@@ -481,6 +481,16 @@ def test_overlap_filter_drops_leaking_references(tmp_path):
     # pre-tokenized queries (the read side's 64-token chunks) give the same answer
     qt = tok.encode(leak).ids
     assert r.retrieve(leak, k=2, max_overlap=2 / 3, query_tokens=qt) == kept
+    # the filter reads the candidates' token ids by row group, and keeps a bounded number of them
+    # (every reference's as Python lists before); 1.0 drops nothing and reads none
+    import m3compile.retrieve as retrieve_mod
+
+    fresh = Retriever.open(kb, section)
+    assert fresh.retrieve(leak, k=2, max_overlap=1.0) == r.retrieve(leak, k=2)
+    assert fresh._ref_groups is None and fresh._ref_tokens == {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(retrieve_mod, "REF_TOKENS_KEPT", 0)  # cleared before every query's candidates
+        assert [fresh.retrieve(leak, k=2, max_overlap=2 / 3) for _ in range(2)] == [kept, kept]
 
 
 # ---- dense ---------------------------------------------------------------------------------------
