@@ -684,18 +684,73 @@ class RowGroups:
 
     def read(self, ref_ids, columns: list[str] | None = None) -> pa.Table:
         """The groups that may hold these ids (other rows of them come too: the caller picks)."""
+        return self.read_groups(self.groups_of(ref_ids), columns)
+
+    def groups_of(self, ref_ids) -> list[int]:
+        """The row groups that may hold these ids, ascending."""
         want = np.unique(np.asarray(ref_ids, np.int64))  # (Q,) ascending
         first = np.searchsorted(want, self.lo, side="left")  # (G,) the first id asked >= each group's least
         hit = (first < len(want)) & (want[np.minimum(first, max(len(want) - 1, 0))] <= self.hi) if len(want) \
             else np.zeros(len(self.lo), bool)
+        return np.flatnonzero(hit).tolist()
+
+    def read_groups(self, groups: list[int], columns: list[str] | None = None) -> pa.Table:
         try:
             with pq.ParquetFile(str(self.path), metadata=self.meta) as f:
                 missing = [c for c in columns or () if c not in f.schema_arrow.names]
                 if missing:
                     raise ValueError(f"no column {', '.join(missing)}")
-                return checked_columns(f.read_row_groups(np.flatnonzero(hit).tolist(), columns=columns))
+                return checked_columns(f.read_row_groups(groups, columns=columns))
         except (OSError, pa.ArrowException, ValueError) as e:
             raise M3Error(f"cannot read {self.path}: {e}; the file is damaged") from None
+
+
+class TokenGroups:
+    """Token ids of references by ref id, read a row group at a time and kept as numpy arrays (ids,
+    offsets, values: ~4 bytes a token, not a Python list a reference) for the groups used last, up
+    to `budget` bytes of them. For the overlap filter, which looks at each query's candidates."""
+
+    def __init__(self, path: Path, budget: int):
+        self.groups, self.budget = RowGroups(path), budget
+        self.kept: "OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]" = OrderedDict()
+        self.bytes = 0
+
+    def tokens(self, ref_ids) -> dict[int, list[int]]:
+        """{ref id: its token ids} for every id asked that the table holds."""
+        ids = list(dict.fromkeys(int(i) for i in ref_ids))
+        need = self.groups.groups_of(ids)
+        new = [g for g in need if g not in self.kept]
+        if new:
+            t = self.groups.read_groups(new, ["ref_id", "token_ids"])
+            rid = int64_column(t.column("ref_id"))
+            col = t.column("token_ids").combine_chunks()
+            offsets, values = _offsets(col).astype(np.int64), _numbers(col.values)
+            # the groups come back in order, each its rows: split them again by their row counts
+            at = 0
+            for g in new:
+                n = self.groups.meta.row_group(g).num_rows
+                o = offsets[at:at + n + 1]
+                r = rid[at:at + n].copy()
+                part = (r, np.argsort(r, kind="stable"), o - o[0], values[o[0]:o[-1]].copy())
+                self.kept[g] = part
+                self.bytes += part[3].nbytes + 24 * n
+                at += n
+        for g in need:
+            self.kept.move_to_end(g)
+        out = {}
+        want = np.asarray(ids, np.int64)
+        for g in need:
+            rid, order, o, v = self.kept[g]
+            if not len(rid):
+                continue
+            pos = order[np.minimum(np.searchsorted(rid, want, sorter=order), len(rid) - 1)]
+            for i, p, hit in zip(ids, pos.tolist(), (rid[pos] == want).tolist()):
+                if hit:
+                    out[i] = v[o[p]:o[p + 1]].tolist()
+        while self.bytes > self.budget and len(self.kept) > len(need):
+            g, part = self.kept.popitem(last=False)
+            self.bytes -= part[3].nbytes + 24 * len(part[0])
+        return out
 
 
 def dictionary_indices(a: pa.Array) -> np.ndarray:

@@ -126,7 +126,7 @@ def _minmax(x: np.ndarray) -> np.ndarray:
     return (x - lo) / (hi - lo) if hi > lo else np.ones_like(x)
 
 
-REF_TOKENS_KEPT = 1 << 16  # references' token ids the overlap filter keeps between queries (~20 MB)
+REF_TOKEN_BYTES = 1 << 26  # references' token ids the overlap filter keeps between queries, as arrays
 
 
 class Retriever:
@@ -180,8 +180,7 @@ class Retriever:
         self._device = device
         self._files: dict | None = None  # the manifest's files (open sets them)
         self._dense: _Dense | None = None
-        self._ref_tokens: dict[int, list[int]] = {}  # the overlap filter's, a row group at a time
-        self._ref_groups = None  # references.parquet's row groups (RowGroups), once the filter runs
+        self._ref_groups = None  # the overlap filter's token ids (references.TokenGroups), once it runs
         self._tokenizer = None
 
     @classmethod
@@ -349,24 +348,19 @@ class Retriever:
     # -- overlap filter ------------------------------------------------------------------------------
 
     def _reference_tokens(self, ref_ids) -> dict[int, list[int]]:
-        """Token ids of at least these references: the row groups holding them are read (4,096 rows
-        each) and kept, up to REF_TOKENS_KEPT references (every reference's ids as Python lists
-        were ~4 KB a reference: `m3 eval` and `m3 train` filter every chunk)."""
-        if len(self._ref_tokens) > REF_TOKENS_KEPT:
-            self._ref_tokens.clear()
-        missing = [i for i in ref_ids if i not in self._ref_tokens]
-        if missing:
-            from m3compile import references as refs_file
+        """Token ids of these references: the row groups holding them (4,096 rows each) are read and
+        kept as arrays, up to REF_TOKEN_BYTES (every reference's ids as Python lists were ~4 KB a
+        reference: `m3 eval` and `m3 train` filter every chunk)."""
+        from m3compile import references as refs_file
 
-            if self._ref_groups is None:
-                self._ref_groups = refs_file.RowGroups(self.path / refs_file.FILE_NAME)
-            t = self._ref_groups.read(missing, ["ref_id", "token_ids"]).to_pydict()
-            self._ref_tokens.update(zip(t["ref_id"], t["token_ids"]))
-            absent = [i for i in missing if i not in self._ref_tokens]
-            if absent:
-                raise M3Error(f"reference {absent[0]} of the retrieval index is not in {self.path / refs_file.FILE_NAME}; "
-                              f"the kb is damaged: run `m3 verify --repair {self._kb_dir}`")
-        return self._ref_tokens
+        if self._ref_groups is None:
+            self._ref_groups = refs_file.TokenGroups(self.path / refs_file.FILE_NAME, REF_TOKEN_BYTES)
+        found = self._ref_groups.tokens(ref_ids)
+        absent = next((i for i in ref_ids if i not in found), None)
+        if absent is not None:
+            raise M3Error(f"reference {absent} of the retrieval index is not in {self.path / refs_file.FILE_NAME}; "
+                          f"the kb is damaged: run `m3 verify --repair {self._kb_dir}`")
+        return found
 
     def _query_tokens(self, text: str) -> list[int]:
         if self._tokenizer is None:

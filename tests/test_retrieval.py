@@ -487,10 +487,38 @@ def test_overlap_filter_drops_leaking_references(tmp_path):
 
     fresh = Retriever.open(kb, section)
     assert fresh.retrieve(leak, k=2, max_overlap=1.0) == r.retrieve(leak, k=2)
-    assert fresh._ref_groups is None and fresh._ref_tokens == {}
+    assert fresh._ref_groups is None
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(retrieve_mod, "REF_TOKENS_KEPT", 0)  # cleared before every query's candidates
+        mp.setattr(retrieve_mod, "REF_TOKEN_BYTES", 0)  # no group kept past the query that read it
         assert [fresh.retrieve(leak, k=2, max_overlap=2 / 3) for _ in range(2)] == [kept, kept]
+        assert len(fresh._ref_groups.kept) == 1  # the one group of this 6-row table, still in use
+
+
+def test_token_groups_are_the_tables_token_ids_within_their_budget(tmp_path, monkeypatch):
+    # the overlap filter's reader: row groups of 3 rows, ids with gaps, lists of 0-9 tokens; any
+    # subset asked gives the table's lists, and the groups kept stay within the byte budget
+    monkeypatch.setattr(refs_file, "ROW_GROUP_SIZE", 3)
+    rng = random.Random(0)
+    table = {}
+    with refs_file.ReferenceWriter(tmp_path / refs_file.FILE_NAME) as w:
+        for i in range(40):
+            rid, ids = 5 + 3 * i + (i % 2), [rng.randrange(1000) for _ in range(rng.randrange(1, 10))]
+            table[rid] = ids
+            w.add({"ref_id": rid, "doc_id": "d", "source": "s", "index": i, "char_start": 0, "char_end": 1,
+                   "n_tokens": len(ids), "token_ids": ids, "text": "t", "n_kept": 1, "shard": "m", "byte_offset": 0,
+                   "byte_length": 0, "quant_rel_err": 0.0, "quant_max_err": 0.0, "ref_key": "0" * 64,
+                   "doc_sha256": "0" * 64})
+    for budget in (0, 200, 1 << 20):
+        groups = refs_file.TokenGroups(tmp_path / refs_file.FILE_NAME, budget)
+        for _ in range(60):
+            asked = rng.sample(sorted(table), rng.randrange(1, 8)) + [rng.randrange(10**6, 2 * 10**6)]  # one absent
+            assert groups.tokens(asked) == {i: table[i] for i in asked if i in table}
+            # over the budget only while the groups of the query just answered are all it keeps
+            assert groups.bytes <= budget or set(groups.kept) == set(groups.groups.groups_of(asked))
+        if budget == 0:
+            assert len(groups.kept) <= 8  # only the last query's groups
+        if budget == 1 << 20:
+            assert len(groups.kept) == 14  # every group, read once
 
 
 # ---- dense ---------------------------------------------------------------------------------------
