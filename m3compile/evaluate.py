@@ -111,9 +111,10 @@ def evaluate(kb: KnowledgeBase, ck: Checkpoint, docs: Iterable[Document], oracle
 
     # a text is scored only as far as the model has positions for it (after the write prefix and the
     # memory interval): past them RoPE runs where the model never trained, for all four rows alike
-    room = ck.args.max_seq_len - max(layout.text_positions(0), all_layers.text_positions(0))
+    limit, what = ck.args.span
+    room = limit - max(layout.text_positions(0), all_layers.text_positions(0))
     if room < 1:
-        raise M3Error(f"the memory layout takes all {ck.args.max_seq_len} positions of the model: no text fits")
+        raise M3Error(f"the memory layout takes all {limit} positions of the model ({what}): no text fits")
     limit = room if max_text_tokens is None else min(max_text_tokens, room)
     sums = {r: [0.0, 0] for r in ROWS}
     improved = {r: 0 for r in ROWS[1:]}

@@ -64,6 +64,8 @@ def generate_text(prompt: str, kb: str | Path | None = None, model: str | Path |
         raise M3Error(f"--temperature {temperature} must be 0 (greedy) or more, e.g. 0.8")
     if max_new_tokens < 0:
         raise M3Error(f"--max-new-tokens {max_new_tokens} must be 0 or more")
+    if not 0 <= seed < 2**63:  # torch's generator takes no more (a RuntimeError traceback)
+        raise M3Error(f"--seed {seed} must be 0 or more and below 2^63")
     from m3compile.kb import load_kb_model, open_kb
     from m3compile.model import load_checkpoint
 
@@ -79,15 +81,21 @@ def generate_text(prompt: str, kb: str | Path | None = None, model: str | Path |
                             chunk_tokens, refs_per_chunk)
         memory = False
     prompt_ids = ck.tokenizer.encode(prompt)
-    free = ck.args.max_seq_len - layout.text_positions(len(prompt_ids))
+    # the positions a forward may span: the model's, or its sliding window where that is shorter
+    # (the runtime refuses a span past the window: generation stopped there, its tokens lost)
+    limit, what = ck.args.span
+    if layout.text_positions(0) >= limit:  # a kb as wide as the model: not even one text token fits
+        raise M3Error(f"the memory layout takes {layout.text_positions(0)} of the model's {limit} positions ({what}) "
+                      "before the text: no text fits; compile the kb with a smaller --max-tokens")
+    free = limit - layout.text_positions(len(prompt_ids))
     if free < 0:
         raise M3Error(f"the prompt is {len(prompt_ids)} tokens, and with the memory layout it needs "
-                      f"{layout.text_positions(len(prompt_ids))} positions; the model has {ck.args.max_seq_len} "
-                      f"(max_position_embeddings): shorten the prompt to at most {len(prompt_ids) + free} tokens")
+                      f"{layout.text_positions(len(prompt_ids))} positions; the model has {limit} "
+                      f"({what}): shorten the prompt to at most {len(prompt_ids) + free} tokens")
     room = free + 1  # the last generated token is never fed to the model: it needs no position
     if max_new_tokens > room:
         log(f"note: the model has room for {room} more tokens after this {len(prompt_ids)}-token prompt "
-            f"({ck.args.max_seq_len} positions); generating at most {room}, not {max_new_tokens}")
+            f"({limit} positions, {what}); generating at most {room}, not {max_new_tokens}")
         max_new_tokens = room
     read: list[list[int]] = []
     retrieve = None

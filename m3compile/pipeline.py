@@ -254,6 +254,21 @@ def _frozen_codebooks(out: Path, spec: MemorySpec):
     return codebooks.read(out, entry), entry
 
 
+def _keep_codebook_settings(setup: Setup, out: Path, log) -> CompileConfig:
+    """With the kb's codebooks kept, the --codebook-sample and --codebook-seed it records stay its
+    own: other values given would be recorded beside codebooks they did not train (they apply with
+    --retrain-codebooks). Returns the config, also set on `setup`."""
+    config = setup.config
+    recorded = mf.read_manifest(out).config
+    kept = {k: recorded.get(k) for k in ("codebook_sample", "codebook_seed")}
+    given = {k: getattr(config, k) for k in kept}
+    if None not in kept.values() and given != kept:
+        log(f"note: the kb's codebooks are kept (trained with --codebook-sample {kept['codebook_sample']} "
+            f"--codebook-seed {kept['codebook_seed']}); the values given apply with --retrain-codebooks")
+        setup.config = config = replace(config, **kept)
+    return config
+
+
 def _train_codebooks(out: Path, setup: Setup, timer: Timer, log):
     """Codebooks trained now on a seeded sample of the corpus's references (formats/vq-codebooks.md),
     written into `out`; returns them and their manifest entry."""
@@ -383,9 +398,13 @@ def _previous(out: Path, setup: Setup, rebuild: bool, log, spill_dir: Path | Non
                           "grow the kb, or --rebuild to compile it anew with this one (it stays readable until "
                           "the new one is committed)")
         option = f"; option {OPTION_OF[name]}" if name in OPTION_OF else ""
+        # the memory settings left out are the model's, not the kb's: growing a kb compiled with
+        # others takes them given again (--rebuild alone would recompile it with these)
+        keep = f"give {OPTION_OF[name]} as the kb has it to grow it, or " if name in OPTION_OF else ""
         raise M3Error(f"{out} was compiled with a different {name} ({_short(getattr(manifest.spec, name))} vs "
                       f"{_short(getattr(setup.spec, name))} now{option}); its memories cannot be mixed with these: "
-                      "pass --rebuild to compile the kb anew (it stays readable until the new one is committed)")
+                      f"{keep}pass --rebuild to compile the kb anew with these (it stays readable until the new "
+                      "one is committed)")
     refs_name = manifest.paths["references"]
     tokenizers_then = _run_log(out).get("tokenizers")
     if quick and not damaged:
@@ -1248,6 +1267,7 @@ def _run_in(config: CompileConfig, out: Path, progress: Progress, log, keep_miss
             has_kb = (out / mf.FILE_NAME).is_file()
             if frozen is not None:
                 _use_codebooks(setup, *frozen)
+                config = _keep_codebook_settings(setup, out, log)
             elif not has_kb or rebuild or retrain_codebooks:
                 _note_encoding(config, log)
                 noted = True
@@ -1398,6 +1418,7 @@ def check_kb(config: CompileConfig, out_dir: str | Path, keep_missing: bool = Fa
     frozen = _frozen_codebooks(out, setup.spec) if setup.spec.quant.startswith("vq") else None
     if frozen is not None:
         _use_codebooks(setup, *frozen)
+        _keep_codebook_settings(setup, out, log)
     # a kb the compile would refuse (other settings, an unreadable manifest) is an error, not a change:
     # `m3 compile --check` exits 2 on it, as the compile would fail
     prev = _previous(out, setup, rebuild=False, log=lambda s: None, spill_dir=Path(tempfile.gettempdir()),

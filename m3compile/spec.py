@@ -87,10 +87,17 @@ class MemorySpec:
             raise M3Error(f"--prefix {config.prefix!r} with a tokenizer that has no BOS leaves the write prefix empty; "
                           "give a prefix text (the default is 'Reference:', paper §3.2; a kb compiled so before "
                           "m3compile 0.2.0: `m3 compile CORPUS -o KB --rebuild --prefix Reference:`)")
-        room = a.max_seq_len - len(prefix_ids)
+        # a forward spans the model's positions, or its sliding window where that is shorter (the
+        # runtime refuses a longer span); reading puts the references' interval after the write
+        # prefix, then the BOS and the text: a width that leaves no text token is a kb none can read
+        limit, what = a.span
+        after = (ck.tokenizer.bos_id is not None) + 1
+        room = limit - len(prefix_ids) - after
         if config.max_tokens > room:
-            raise M3Error(f"--max-tokens {config.max_tokens} does not fit the model: it has {a.max_seq_len} positions "
-                          f"(max_position_embeddings) and the write prefix takes {len(prefix_ids)}; use at most {room}")
+            raise M3Error(f"--max-tokens {config.max_tokens} does not fit the model: it has {limit} positions ({what}); "
+                          f"the write prefix takes {len(prefix_ids)}, and reading puts "
+                          f"{'the BOS and ' if after == 2 else ''}at least one text token after the references; "
+                          f"use at most {room}")
         if config.top_k > config.max_tokens:
             raise M3Error(f"--top-k {config.top_k} exceeds the reference width --max-tokens {config.max_tokens}: "
                           f"a reference has at most {config.max_tokens} tokens to keep; use --top-k {config.max_tokens} "

@@ -112,15 +112,17 @@ def uses_memory(step: int, config: TrainConfig) -> bool:
 
 
 def lr_at(step: int, c: TrainConfig) -> float:
+    # the floor is min_lr, or lr itself where that is lower (a peak under 1e-4 rose towards 1e-4)
+    floor = min(c.min_lr, c.lr)
     if step < c.warmup_steps:
         return c.lr * (step + 1) / c.warmup_steps
     if c.schedule == "wsd":
         start = c.steps - int(c.decay_fraction * c.steps)
         if step < start:
             return c.lr
-        return c.lr + (c.min_lr - c.lr) * (step - start + 1) / max(1, c.steps - start)
+        return c.lr + (floor - c.lr) * (step - start + 1) / max(1, c.steps - start)
     frac = (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps)
-    return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1 + math.cos(math.pi * frac))
+    return floor + 0.5 * (c.lr - floor) * (1 + math.cos(math.pi * frac))
 
 
 # ---- memories and the forward pass ----------------------------------------------------------------
@@ -297,13 +299,14 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None,
         raise M3Error(f"model {config.model} has another tokenizer than the one {config.kb} was compiled with; "
                       "compile the kb with this model's tokenizer")
     layout = ReadLayout.from_spec(spec, ck.tokenizer.bos_id, config.chunk_tokens, config.refs_per_chunk)
-    room = ck.args.max_seq_len - layout.text_positions(0)  # text positions behind the prefix, interval, BOS
+    limit, what = ck.args.span
+    room = limit - layout.text_positions(0)  # text positions behind the prefix, interval, BOS
     if room < 1:
-        raise M3Error(f"the read layout takes {layout.text_positions(0)} of the model's {ck.args.max_seq_len} positions "
+        raise M3Error(f"the read layout takes {layout.text_positions(0)} of the model's {limit} positions ({what}) "
                       f"(write prefix, the kb's {layout.interval}-token memory interval, BOS): no text fits; compile "
                       "the kb with a smaller --max-tokens")
     if config.seq_tokens > room:  # past them RoPE runs at positions the model never trained on
-        raise M3Error(f"--seq-tokens {config.seq_tokens} does not fit the model: it has {ck.args.max_seq_len} positions "
+        raise M3Error(f"--seq-tokens {config.seq_tokens} does not fit the model: it has {limit} positions ({what}) "
                       f"and the read layout takes {layout.text_positions(0)} before the text (write prefix, the "
                       f"kb's {layout.interval}-token memory interval, BOS); use --seq-tokens {max(room, 0)} or less")
     t = kb.references().select(["ref_id", "token_ids"]).to_pydict()

@@ -129,3 +129,33 @@ def test_each_generated_token_reads_its_own_chunks_memories(setup):
     # text chunk 0: the prompt's memories; chunk 1 inherits them; then one retrieval a chunk
     logits = text_logits(ck.model, layout, prompt + new, [mems[0], mems[0], mems[1], mems[2]])
     assert logits[len(prompt):].argmax(-1).tolist() == new
+
+
+def test_generation_stays_within_a_sliding_window_and_a_full_layout_is_one_error(tmp_path):
+    # a Mistral window shorter than max_position_embeddings: generation was capped by the positions
+    # only, and the runtime refused the first forward past the window mid-generation (its tokens
+    # lost); it is now capped by the window, with a note. A kb whose layout fills the window said
+    # "shorten the prompt to at most -1 tokens"
+    from m3compile.errors import M3Error
+    from m3compile.generation import generate_text
+
+    make_checkpoint(tmp_path / "model", "MistralForCausalLM", dict(sliding_window=48))
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text(" ".join(f"w{i}" for i in range(3, 60)))
+    compile_kb(CompileConfig(corpus=str(tmp_path / "corpus"), model=str(tmp_path / "model"), max_tokens=8, top_k=4),
+               tmp_path / "kb")
+    notes = []
+    r = generate_text("w5 w6 w7 w8 w9", kb=str(tmp_path / "kb"), max_new_tokens=200, log=notes.append)
+    layout_before_text = ReadLayout.from_spec(open_kb(tmp_path / "kb").spec, 1).text_positions(0)
+    assert r.new_tokens == 48 - layout_before_text - 5 + 1  # the last token is never fed: it needs no position
+    assert any("sliding_window" in n and f"generating at most {r.new_tokens}" in n for n in notes), notes
+    # a width that leaves the text no position in the window is refused when compiled (it compiled,
+    # and no text could be read with it)
+    widest = 48 - len(open_kb(tmp_path / "kb").spec.prefix_ids) - 2  # the BOS and one text token
+    with pytest.raises(M3Error, match=f"--max-tokens {widest + 1} does not fit the model: it has 48 positions "
+                                      f"\\(sliding_window\\).*use at most {widest}"):
+        compile_kb(CompileConfig(corpus=str(tmp_path / "corpus"), model=str(tmp_path / "model"), max_tokens=widest + 1,
+                                 top_k=4), tmp_path / "wide")
+    compile_kb(CompileConfig(corpus=str(tmp_path / "corpus"), model=str(tmp_path / "model"), max_tokens=widest,
+                             top_k=4), tmp_path / "wide")
+    assert generate_text("w5", kb=str(tmp_path / "wide"), max_new_tokens=5).new_tokens == 1

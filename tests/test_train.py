@@ -232,6 +232,11 @@ def test_schedules():
     w = TrainConfig(model="m", kb="k", texts="t", out="o", steps=100, lr=1.0, min_lr=0.1, warmup_steps=10,
                     schedule="wsd", decay_fraction=0.2)
     assert lr_at(50, w) == lr_at(79, w) == 1.0 and lr_at(99, w) == pytest.approx(0.1)
+    # a peak under the floor stays the most the rate reaches (it rose towards min_lr after warmup)
+    for schedule in ("cosine", "wsd"):
+        low = TrainConfig(model="m", kb="k", texts="t", out="o", steps=100, lr=0.05, min_lr=0.1, warmup_steps=10,
+                          schedule=schedule)
+        assert max(lr_at(i, low) for i in range(100)) == pytest.approx(0.05) and lr_at(99, low) == pytest.approx(0.05)
     with pytest.raises(M3Error):
         TrainConfig(model="m", kb="k", texts="t", out="o", schedule="linear")
 

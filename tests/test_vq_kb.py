@@ -106,6 +106,29 @@ def test_incremental_compiles_keep_frozen_codebooks_and_report_drift(env):
         compile_kb(CompileConfig(**{**cfg.to_dict(), "top_k": 4}), tmp / "kb")
 
 
+def test_codebook_settings_given_to_a_kb_that_keeps_its_codebooks_are_not_recorded(env):
+    # the kb's codebooks are kept when it grows; --codebook-sample/--codebook-seed given then were
+    # recorded in its manifest beside codebooks they never trained (and --check called them changes)
+    from dataclasses import replace
+
+    from m3compile.pipeline import check_kb
+
+    tmp, corpus, cfg = env
+    first = compile_kb(cfg, tmp / "kb").manifest
+    (corpus / "doc9.txt").write_text(words(99, 80))
+    other = replace(cfg, codebook_sample=32, codebook_seed=5)
+    assert check_kb(other, tmp / "kb") == check_kb(cfg, tmp / "kb") != []  # the new document only
+    logged = []
+    r = compile_kb(other, tmp / "kb", log=logged.append)
+    assert r.manifest.quant["vq"]["sha256"] == first.quant["vq"]["sha256"]
+    assert (r.manifest.config["codebook_sample"], r.manifest.config["codebook_seed"]) == (64, 0)
+    assert any("codebooks are kept (trained with --codebook-sample 64 --codebook-seed 0)" in l for l in logged), logged
+    assert check_kb(other, tmp / "kb") == [] and check_kb(cfg, tmp / "kb") == []
+    r = compile_kb(other, tmp / "kb", retrain_codebooks=True)  # where they apply
+    assert (r.manifest.config["codebook_sample"], r.manifest.quant["vq"]["seed"]) == (32, 5)
+    assert verify_kb(tmp / "kb") == []
+
+
 def test_a_kb_grows_with_its_codebook_settings_and_the_preset_vq_meant(env, monkeypatch):
     """Grown without --quant or --codebook-*, a vq kb keeps what it was compiled with: its seed (the
     manifest recorded the default's and --check never held), and the preset `vq` resolved to then,
