@@ -76,9 +76,17 @@ def generate_text(prompt: str, kb: str | Path | None = None, model: str | Path |
     else:
         ck = load_checkpoint(model if model is not None else default_model_dir(), device=device)
         trained = read_model_memory(ck.path)
-        prefix = write_prefix(ck.tokenizer, trained["prefix"]) if trained and "prefix" in trained else []
-        layout = ReadLayout(tuple(prefix), ck.tokenizer.bos_id, (), (trained or {}).get("max_tokens", 0),
-                            chunk_tokens, refs_per_chunk)
+        if trained:  # a model trained to read memories: the layout a kb compiled with it would have,
+            # its settings missing from m3-memory.json taken as `m3 compile` takes them
+            from m3compile.config import PAPER_DEFAULTS
+
+            def setting(k):
+                return trained[k] if trained.get(k) is not None else PAPER_DEFAULTS[k]
+
+            prefix, interval = write_prefix(ck.tokenizer, setting("prefix")), setting("max_tokens")
+        else:  # a plain model: BOS and the prompt
+            prefix, interval = [], 0
+        layout = ReadLayout(tuple(prefix), ck.tokenizer.bos_id, (), interval, chunk_tokens, refs_per_chunk)
         memory = False
     prompt_ids = ck.tokenizer.encode(prompt)
     # the positions a forward may span: the model's, or its sliding window where that is shorter

@@ -191,13 +191,15 @@ def generate(model: Transformer, layout: ReadLayout, prompt_ids: Sequence[int], 
             progress(len(new))
         if len(new) == max_new_tokens:
             break  # its logits would predict a token nobody asked for
-        # fed with its own chunk's memories, as text_logits scores it (chunk_of): the last token of
-        # a chunk too, whose key-values every later token attends to
+        if len(window) > C:
+            # nxt opens a new chunk: the finished chunk's tokens fetch its memories, when a token is
+            # fed to read them (a chunk ended by EOS or by the last token asked retrieves nothing)
+            memory = retrieve(window[:C]) if retrieve else None
+            window = window[C:]
+        # fed with its own chunk's memories: the last token of a chunk too, whose key-values every
+        # later token attends to. Chunks count from the first generated token (paper §3.1); they are
+        # text_logits' (chunk_of, from the text's start) where the prompt fills whole chunks
         logits = _step(model, layout, [nxt], memory, cache, dev)
-        if len(window) == C:
-            # this chunk is done: its tokens fetch the memories of the next one
-            memory = retrieve(window) if retrieve else None
-            window = []
     return new
 
 

@@ -98,8 +98,9 @@ def test_generation_with_cache_follows_the_scored_path(setup):
 
     prompt = [40, 41, 42, 43, 44, 45]
     new = generate(ck.model, layout, prompt, retrieve, max_new_tokens=9)
-    # prompt chunks retrieve with their own text; then every 4 generated tokens retrieve again
-    assert calls == [prompt[:4], prompt[4:], new[:4], new[4:8]]
+    # prompt chunks retrieve with their own text; then every 4 generated tokens retrieve again, for
+    # the next token fed (new[8], the last asked, is not fed: nothing reads new[4:8]'s memories)
+    assert calls == [prompt[:4], prompt[4:], new[:4]]
     # with one memory everywhere, greedy decoding equals the argmax of the teacher-forced scores
     seq = prompt + new
     logits = text_logits(ck.model, layout, seq, [mem] * 4)
@@ -129,6 +130,12 @@ def test_each_generated_token_reads_its_own_chunks_memories(setup):
     # text chunk 0: the prompt's memories; chunk 1 inherits them; then one retrieval a chunk
     logits = text_logits(ck.model, layout, prompt + new, [mems[0], mems[0], mems[1], mems[2]])
     assert logits[len(prompt):].argmax(-1).tolist() == new
+    # a chunk ended by EOS retrieves nothing after it: the next chunk's memories were fetched as
+    # soon as a chunk's last token was fed, and reported as read though no token read them
+    stop = next(i for i in range(4, 12, 4) if new[i] not in new[:i])  # a token that first comes at a chunk start
+    calls.clear()
+    assert generate(ck.model, layout, prompt, retrieve, max_new_tokens=12, eos_id=new[stop]) == new[:stop]
+    assert calls == [prompt] + [new[i:i + 4] for i in range(0, stop - 4, 4)]
 
 
 def test_generation_stays_within_a_sliding_window_and_a_full_layout_is_one_error(tmp_path):
@@ -159,3 +166,24 @@ def test_generation_stays_within_a_sliding_window_and_a_full_layout_is_one_error
     compile_kb(CompileConfig(corpus=str(tmp_path / "corpus"), model=str(tmp_path / "model"), max_tokens=widest,
                              top_k=4), tmp_path / "wide")
     assert generate_text("w5", kb=str(tmp_path / "wide"), max_new_tokens=5).new_tokens == 1
+
+
+def test_generation_without_a_kb_reads_as_a_kb_without_memory_would(tmp_path):
+    # a model whose m3-memory.json names only some settings: without a kb, generation used no write
+    # prefix (not even the BOS) and a memory interval of 0 for the missing ones, where a kb compiled
+    # with the model (and `--kb KB --no-memory`) takes the paper's
+    import json
+
+    from m3compile.generation import generate_text
+
+    make_checkpoint(tmp_path / "model", "LlamaForCausalLM", {})
+    (tmp_path / "model" / "m3-memory.json").write_text(json.dumps(
+        {"format": "m3-model-memory", "format_version": 1, "settings": {"top_k": 4, "max_tokens": None}}))
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text(" ".join(f"w{i}" for i in range(3, 60)))
+    compile_kb(CompileConfig(corpus=str(tmp_path / "corpus"), model=str(tmp_path / "model")), tmp_path / "kb")
+    assert open_kb(tmp_path / "kb").spec.width == 128 and len(open_kb(tmp_path / "kb").spec.prefix_ids) > 1
+    prompt = "w5 w6 w7 w8 w9 w10 w11"
+    alone = generate_text(prompt, model=str(tmp_path / "model"), max_new_tokens=12)
+    kb = generate_text(prompt, kb=str(tmp_path / "kb"), memory=False, max_new_tokens=12)
+    assert alone.text == kb.text and alone.new_tokens == 12 and not alone.memory
