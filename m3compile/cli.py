@@ -428,6 +428,9 @@ def generate(
         if refs is not None and (kb is None or not memory):
             raise M3Error(f"--refs {refs} sets how many references a chunk reads, and "
                           f"{'no --kb is given' if kb is None else '--no-memory reads none'}: drop --refs")
+        if mode is not None and kb is not None and not memory:
+            raise M3Error(f"--mode {mode} chooses how references are retrieved, and --no-memory retrieves none: "
+                          "drop --mode")
         with _steps("generating") as bar:
             task = bar.add_task("generate", total=max_new_tokens)
             result = generate_text(prompt, kb=kb, model=model, max_new_tokens=max_new_tokens,

@@ -527,6 +527,7 @@ def test_options_the_command_would_ignore_are_one_error(tmp_path, corpus, model_
             (["generate", "w1", "--mode", "dense", "--model", model_dir], "no --kb is given"),
             (["generate", "w1", "--refs", "3", "--model", model_dir], "--refs 3"),
             (["generate", "w1", "--kb", kb, "--no-memory", "--refs", "3"], "--no-memory reads none"),
+            (["generate", "w1", "--kb", kb, "--no-memory", "--mode", "bm25"], "--no-memory retrieves none"),
             (["eval", kb, corpus, "--oracle", "--mode", "bm25"], "--oracle retrieves nothing"),
             (["eval", kb, corpus, "--oracle", "--max-overlap", "0.5"], "--oracle retrieves nothing"),
             (["compile", corpus, "-o", kb, "--model", model_dir, "--retrain-codebooks"], "this compile's is --quant int8")):
