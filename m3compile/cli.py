@@ -141,7 +141,7 @@ def compile(
     top_k: Annotated[Optional[int], typer.Option(help=f"tokens kept per memory layer and kv head {TRAINED.format(PAPER_DEFAULTS['top_k'])}")] = None,
     memory_layers: Annotated[Optional[str], typer.Option(help=f"e.g. 0-11 or 0,2,4 {TRAINED.format('first half')}")] = None,
     quant: Annotated[Optional[str], typer.Option(help="none | int8 | int4 | vq (trained codebooks: vq-grid, 4 bits/element) | vq-paper (1.4 at head dim 80) | vq-<preset> | vq:<faiss factory> (default: the kb's when growing one, else int8)")] = None,
-    codebook_sample: Annotated[Optional[int], typer.Option(help=f"vq: references whose memories train new codebooks: a new kb, or with --retrain-codebooks (a kb's codebooks are otherwise kept, with the settings that trained them) (default: the kb's, else {KB_DEFAULTS['codebook_sample']})")] = None,
+    codebook_sample: Annotated[Optional[int], typer.Option(help=f"vq: references whose memories train new codebooks: a new kb, --retrain-codebooks, or --rebuild with other memory settings (a kb's codebooks are otherwise kept, with the settings that trained them) (default: the kb's, else {KB_DEFAULTS['codebook_sample']})")] = None,
     codebook_seed: Annotated[Optional[int], typer.Option(help=f"vq: seed of new codebooks' sample and training, as for --codebook-sample (default: the kb's, else {KB_DEFAULTS['codebook_seed']})")] = None,
     retrain_codebooks: Annotated[bool, typer.Option(help="vq: train new codebooks instead of keeping the kb's (every memory is encoded again)")] = False,
     dtype: Annotated[Optional[str], typer.Option(help="compute dtype: float32 | bfloat16 (default: the kb's when growing one, else float32)")] = None,
@@ -350,7 +350,7 @@ def eval_(
     texts: Annotated[Path, typer.Argument(help="texts to score: a corpus directory or file, as for compile")],
     model: Annotated[Optional[Path], typer.Option(help="where the kb's own checkpoint is (another is refused; default: the path its manifest records)")] = None,
     oracle: Annotated[bool, typer.Option(help="each text reads its own references instead of retrieved ones")] = False,
-    max_text_tokens: Annotated[Optional[int], typer.Option(help="score the first N tokens of each text (default: whole texts, up to the model's positions)")] = None,
+    max_text_tokens: Annotated[Optional[int], typer.Option(help="score the first N tokens of each text (default: whole texts, up to the model's positions or sliding window)")] = None,
     chunk_tokens: Annotated[int, typer.Option(help="text tokens per chunk")] = CHUNK_TOKENS,
     refs: Annotated[int, typer.Option(help="references per chunk")] = REFS_PER_CHUNK,
     mode: Annotated[Optional[str], typer.Option(help="retrieval: bm25 | dense | hybrid (default: the kb's)")] = None,
@@ -428,9 +428,6 @@ def generate(
         if refs is not None and (kb is None or not memory):
             raise M3Error(f"--refs {refs} sets how many references a chunk reads, and "
                           f"{'no --kb is given' if kb is None else '--no-memory reads none'}: drop --refs")
-        if mode is not None and kb is not None and not memory:
-            raise M3Error(f"--mode {mode} chooses how references are retrieved, and --no-memory retrieves none: "
-                          "drop --mode")
         with _steps("generating") as bar:
             task = bar.add_task("generate", total=max_new_tokens)
             result = generate_text(prompt, kb=kb, model=model, max_new_tokens=max_new_tokens,
@@ -622,7 +619,7 @@ def train(
     steps: Annotated[int, typer.Option(help="optimizer steps")] = TRAIN_DEFAULTS["steps"],
     batch_size: Annotated[int, typer.Option(help="sequences per step")] = TRAIN_DEFAULTS["batch_size"],
     seq_tokens: Annotated[int, typer.Option(help="text tokens per training sequence at most; longer texts are split into several sequences")] = TRAIN_DEFAULTS["seq_tokens"],
-    lr: Annotated[float, typer.Option(help="peak learning rate, reached after a 50-step linear warmup, then decaying to 1e-4 (or staying at a lower peak)")] = TRAIN_DEFAULTS["lr"],
+    lr: Annotated[float, typer.Option(help="peak learning rate, after a 50-step linear warmup; cosine decays to 1e-4 (a lower peak stays), wsd holds it until its last 20 % of steps")] = TRAIN_DEFAULTS["lr"],
     schedule: Annotated[str, typer.Option(help="cosine | wsd")] = TRAIN_DEFAULTS["schedule"],
     memory_fraction: Annotated[float, typer.Option(help="share of steps that read memories")] = TRAIN_DEFAULTS["memory_fraction"],
     grad_through_memory: Annotated[bool, typer.Option(help="backpropagate through the memory encoding (off saves memory and ~16 % time)")] = TRAIN_DEFAULTS["grad_through_memory"],

@@ -60,12 +60,15 @@ def generate_text(prompt: str, kb: str | Path | None = None, model: str | Path |
     if kb is None and mode is not None:
         raise M3Error(f"--mode {mode} chooses how a kb's references are retrieved, and no --kb is given: add "
                       "--kb or drop --mode")
+    if mode is not None and not memory:
+        raise M3Error(f"--mode {mode} chooses how references are retrieved, and --no-memory retrieves none: "
+                      "drop --mode")
     if not temperature >= 0:  # also NaN
         raise M3Error(f"--temperature {temperature} must be 0 (greedy) or more, e.g. 0.8")
     if max_new_tokens < 0:
         raise M3Error(f"--max-new-tokens {max_new_tokens} must be 0 or more")
-    if not 0 <= seed < 2**63:  # torch's generator takes no more (a RuntimeError traceback)
-        raise M3Error(f"--seed {seed} must be 0 or more and below 2^63")
+    if not -2**63 <= seed < 2**64:  # torch's generator takes no other (a RuntimeError traceback)
+        raise M3Error(f"--seed {seed} must be from -2^63 to 2^64 - 1")
     from m3compile.kb import load_kb_model, open_kb
     from m3compile.model import load_checkpoint
 
@@ -76,7 +79,7 @@ def generate_text(prompt: str, kb: str | Path | None = None, model: str | Path |
     else:
         ck = load_checkpoint(model if model is not None else default_model_dir(), device=device)
         trained = read_model_memory(ck.path)
-        if trained:  # a model trained to read memories: the layout a kb compiled with it would have,
+        if trained is not None:  # a model trained to read memories: the layout a kb compiled with it would have,
             # its settings missing from m3-memory.json taken as `m3 compile` takes them
             from m3compile.config import PAPER_DEFAULTS
 
@@ -93,8 +96,10 @@ def generate_text(prompt: str, kb: str | Path | None = None, model: str | Path |
     # (the runtime refuses a span past the window: generation stopped there, its tokens lost)
     limit, what = ck.args.span
     if layout.text_positions(0) >= limit:  # a kb as wide as the model: not even one text token fits
+        fix = ("compile the kb with a smaller --max-tokens" if base is not None else
+               f"the max_tokens of {ck.path / 'm3-memory.json'} is too wide for the model")
         raise M3Error(f"the memory layout takes {layout.text_positions(0)} of the model's {limit} positions ({what}) "
-                      "before the text: no text fits; compile the kb with a smaller --max-tokens")
+                      f"before the text: no text fits; {fix}")
     free = limit - layout.text_positions(len(prompt_ids))
     if free < 0:
         raise M3Error(f"the prompt is {len(prompt_ids)} tokens, and with the memory layout it needs "

@@ -184,7 +184,10 @@ class Setup:
     ray: RaySession | None = None  # --engine ray: the compile's connection, for cutting and encoding
 
 
-def _setup(config: CompileConfig, log) -> tuple[Setup, Timer]:
+def _setup(config: CompileConfig, log, out: Path | None = None) -> tuple[Setup, Timer]:
+    """The compile's setup; `out` the kb it writes to, whose width (if it has one) passes the
+    check that only new widths take (MemorySpec.from_config: a kb of that width is grown,
+    checked and repaired as before)."""
     timer = Timer()
     if config.engine == "ray":
         check_ray(config.ray_address)
@@ -200,7 +203,13 @@ def _setup(config: CompileConfig, log) -> tuple[Setup, Timer]:
     with timer("load_model"):  # the shape, the tokenizer and the identity; the weights when first used
         ck = _Checkpoint(model_path, config, timer)
         model_id = fingerprint(model_path)
-    spec = MemorySpec.from_config(config, ck, model_id)
+    kept = None
+    if out is not None and (out / mf.FILE_NAME).is_file():
+        try:
+            kept = mf.read_manifest(out).spec.width
+        except M3Error:
+            pass  # the compile names it
+    spec = MemorySpec.from_config(config, ck, model_id, kept_width=kept)
     _note_model_memory(config, model_path, spec.memory_layers, log)
     return Setup(config, ck, model_path, model_id, spec, spec.key_context()), timer  # config resolved
 
@@ -1254,7 +1263,7 @@ def _run_in(config: CompileConfig, out: Path, progress: Progress, log, keep_miss
     t_start = time.time()
     with store.KbLock(out, log), ExitStack() as engine:
         store.remove_temporaries(out)
-        setup, timer = _setup(config, log)
+        setup, timer = _setup(config, log, out)
         config = setup.config  # resolved: every memory setting set
         noted = False  # _note_encoding said its notes
         if config.engine == "ray":  # one cluster for cutting and encoding, started when first needed
@@ -1412,7 +1421,7 @@ def check_kb(config: CompileConfig, out_dir: str | Path, keep_missing: bool = Fa
     # settings the compile would refuse (a model that is not there, an --index-factory without an
     # --embedder, a bad vq factory, a width past the model's positions) are errors, not "out of
     # date", with no kb too: the same checks as a compile's (the weights are fingerprinted, not loaded)
-    setup, timer = _setup(config, log)
+    setup, timer = _setup(config, log, out)
     if not (out / mf.FILE_NAME).exists():
         return [f"{out} holds no knowledge base: everything would be compiled"]
     frozen = _frozen_codebooks(out, setup.spec) if setup.spec.quant.startswith("vq") else None

@@ -744,9 +744,9 @@ class TokenGroups:
             if not len(rid):
                 continue
             pos = order[np.minimum(np.searchsorted(rid, want, sorter=order), len(rid) - 1)]
-            for i, p, hit in zip(ids, pos.tolist(), (rid[pos] == want).tolist()):
-                if hit:
-                    out[i] = v[o[p]:o[p + 1]].tolist()
+            for j in np.flatnonzero(rid[pos] == want).tolist():  # only the ids this group holds
+                p = int(pos[j])
+                out[ids[j]] = v[o[p]:o[p + 1]].tolist()
         while self.bytes > self.budget and len(self.kept) > len(need):
             g, part = self.kept.popitem(last=False)
             self.bytes -= part[3].nbytes + 24 * len(part[0])

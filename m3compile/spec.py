@@ -66,7 +66,7 @@ class MemorySpec:
         object.__setattr__(self, "memory_layers", tuple(self.memory_layers))
 
     @classmethod
-    def from_config(cls, config, ck, model_id: dict) -> "MemorySpec":
+    def from_config(cls, config, ck, model_id: dict, kept_width: int | None = None) -> "MemorySpec":
         """The spec of a compile: its CompileConfig, the checkpoint (its `args` and `tokenizer`; no
         weights are read) and its fingerprint.
 
@@ -91,13 +91,15 @@ class MemorySpec:
         # runtime refuses a longer span); reading puts the references' interval after the write
         # prefix, then the BOS and the text: a width that leaves no text token is a kb none can read
         limit, what = a.span
-        after = (ck.tokenizer.bos_id is not None) + 1
+        # a kb of this width written before 0.2.0 took only the write's room (limit - p): it is grown,
+        # checked and repaired as it is (reading it says how much text fits)
+        after = (ck.tokenizer.bos_id is not None) + 1 if config.max_tokens != kept_width else 0
         room = limit - len(prefix_ids) - after
         if config.max_tokens > room:
+            reading = (f", and reading puts {'the BOS and ' if after == 2 else ''}at least one text token after the "
+                       "references" if after else "")
             raise M3Error(f"--max-tokens {config.max_tokens} does not fit the model: it has {limit} positions ({what}); "
-                          f"the write prefix takes {len(prefix_ids)}, and reading puts "
-                          f"{'the BOS and ' if after == 2 else ''}at least one text token after the references; "
-                          f"use at most {room}")
+                          f"the write prefix takes {len(prefix_ids)}{reading}; use at most {room}")
         if config.top_k > config.max_tokens:
             raise M3Error(f"--top-k {config.top_k} exceeds the reference width --max-tokens {config.max_tokens}: "
                           f"a reference has at most {config.max_tokens} tokens to keep; use --top-k {config.max_tokens} "

@@ -166,6 +166,28 @@ def test_generation_stays_within_a_sliding_window_and_a_full_layout_is_one_error
     compile_kb(CompileConfig(corpus=str(tmp_path / "corpus"), model=str(tmp_path / "model"), max_tokens=widest,
                              top_k=4), tmp_path / "wide")
     assert generate_text("w5", kb=str(tmp_path / "wide"), max_new_tokens=5).new_tokens == 1
+    assert generate_text("w5", kb=str(tmp_path / "wide"), max_new_tokens=2, seed=-1, temperature=0.8).new_tokens == 1
+    # a kb compiled before the check with the width it allowed then (the write's room alone) is
+    # still grown, checked and repaired; reading it is one error saying no text fits
+    from m3compile import spec as spec_mod
+    from m3compile.pipeline import check_kb, repair_kb
+
+    old = widest + 2
+    with pytest.MonkeyPatch.context() as mp:
+        real = spec_mod.MemorySpec.from_config.__func__
+        mp.setattr(spec_mod.MemorySpec, "from_config",
+                   classmethod(lambda cls, config, ck, model_id, kept_width=None: real(cls, config, ck, model_id,
+                                                                                        config.max_tokens)))
+        cfg = CompileConfig(corpus=str(tmp_path / "corpus"), model=str(tmp_path / "model"), max_tokens=old, top_k=4)
+        compile_kb(cfg, tmp_path / "old")
+    (tmp_path / "corpus" / "b.txt").write_text(" ".join(f"w{i}" for i in range(60, 100)))
+    assert check_kb(cfg, tmp_path / "old") != []
+    assert compile_kb(cfg, tmp_path / "old").summary["documents"]["added"] == 1
+    assert check_kb(cfg, tmp_path / "old") == [] and repair_kb(tmp_path / "old").summary is not None
+    with pytest.raises(M3Error, match="before the text: no text fits"):
+        generate_text("w5", kb=str(tmp_path / "old"), max_new_tokens=5)
+    with pytest.raises(M3Error, match=f"--max-tokens {old} does not fit"):
+        compile_kb(cfg, tmp_path / "new")
 
 
 def test_generation_without_a_kb_reads_as_a_kb_without_memory_would(tmp_path):

@@ -449,7 +449,7 @@ def test_concurrent_compile_names_the_lock_holder(kb):
     (["compile", "{corpus}", "-o", "{out}", "--model", "{model}", "--memory-layers", "3-1"], ["runs backwards"]),
     (["generate", "--kb", "{kb}", "Who", "--chunk-tokens", "0"], ["--chunk-tokens 0 must be at least 1"]),
     (["generate", "--kb", "{kb}", "w5 " * 3000], ["shorten the prompt"]),
-    (["generate", "--kb", "{kb}", "w5", "--seed", str(2**64)], ["--seed 18446744073709551616 must be 0 or more"]),
+    (["generate", "--kb", "{kb}", "w5", "--seed", str(2**64)], ["--seed 18446744073709551616 must be from -2^63 to 2^64 - 1"]),
     (["verify", "{kb}", "--recompute", "-1"], ["--recompute -1 must be 0 or more"]),
     (["compact", "{tmp}/nope"], ["is not a directory"]),
     (["compile", "{corpus}", "-o", "{out}", "--model", "{model}", "--device", "cuda:7"], ["--device cuda:7"]),

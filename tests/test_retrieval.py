@@ -499,26 +499,29 @@ def test_token_groups_are_the_tables_token_ids_within_their_budget(tmp_path, mon
     # subset asked gives the table's lists, and the groups kept stay within the byte budget
     monkeypatch.setattr(refs_file, "ROW_GROUP_SIZE", 3)
     rng = random.Random(0)
-    table = {}
-    with refs_file.ReferenceWriter(tmp_path / refs_file.FILE_NAME) as w:
-        for i in range(40):
-            rid, ids = 5 + 3 * i + (i % 2), [rng.randrange(1000) for _ in range(rng.randrange(1, 10))]
-            table[rid] = ids
-            w.add({"ref_id": rid, "doc_id": "d", "source": "s", "index": i, "char_start": 0, "char_end": 1,
-                   "n_tokens": len(ids), "token_ids": ids, "text": "t", "n_kept": 1, "shard": "m", "byte_offset": 0,
-                   "byte_length": 0, "quant_rel_err": 0.0, "quant_max_err": 0.0, "ref_key": "0" * 64,
-                   "doc_sha256": "0" * 64})
-    for budget in (0, 200, 1 << 20):
-        groups = refs_file.TokenGroups(tmp_path / refs_file.FILE_NAME, budget)
-        for _ in range(60):
-            asked = rng.sample(sorted(table), rng.randrange(1, 8)) + [rng.randrange(10**6, 2 * 10**6)]  # one absent
-            assert groups.tokens(asked) == {i: table[i] for i in asked if i in table}
-            # over the budget only while the groups of the query just answered are all it keeps
-            assert groups.bytes <= budget or set(groups.kept) == set(groups.groups.groups_of(asked))
-        if budget == 0:
-            assert len(groups.kept) <= 8  # only the last query's groups
-        if budget == 1 << 20:
-            assert len(groups.kept) == 14  # every group, read once
+    table = {5 + 3 * i + (i % 2): [rng.randrange(1000) for _ in range(rng.randrange(1, 10))] for i in range(40)}
+    for order in ("by id", "shuffled"):  # a table out of ref id order: groups with overlapping ranges
+        rows = sorted(table) if order == "by id" else rng.sample(sorted(table), len(table))
+        path = tmp_path / order / refs_file.FILE_NAME
+        path.parent.mkdir()
+        with refs_file.ReferenceWriter(path) as w:
+            for i, rid in enumerate(rows):
+                ids = table[rid]
+                w.add({"ref_id": rid, "doc_id": "d", "source": "s", "index": i, "char_start": 0, "char_end": 1,
+                       "n_tokens": len(ids), "token_ids": ids, "text": "t", "n_kept": 1, "shard": "m",
+                       "byte_offset": 0, "byte_length": 0, "quant_rel_err": 0.0, "quant_max_err": 0.0,
+                       "ref_key": "0" * 64, "doc_sha256": "0" * 64})
+        for budget in (0, 200, 1 << 20):
+            groups = refs_file.TokenGroups(path, budget)
+            for _ in range(60):
+                # ids of the table, ids in the gaps between its ids (inside a group's range), one past all
+                asked = rng.sample(sorted(table), rng.randrange(1, 8)) + [rng.randrange(0, 130) for _ in range(3)] \
+                    + [rng.randrange(10**6, 2 * 10**6)]
+                assert groups.tokens(asked) == {i: table[i] for i in asked if i in table}
+                # over the budget only while the groups of the query just answered are all it keeps
+                assert groups.bytes <= budget or set(groups.kept) == set(groups.groups.groups_of(asked))
+            if budget == 1 << 20 and order == "by id":
+                assert len(groups.kept) == 14  # every group, read once
 
 
 # ---- dense ---------------------------------------------------------------------------------------
