@@ -2,9 +2,10 @@
 
 Sparse, quantized attention key-values for Llama-family models, in self-describing files.
 
-The public API (what the README shows):
+The public API (what the README shows; training is `m3compile.train.train` with TrainConfig: the
+name `train` here is its module's):
 
-    from m3compile import CompileConfig, compile_kb, open_kb, generate_text
+    from m3compile import CompileConfig, compile_kb, generate_text, open_kb, repair_kb, verify_kb
     compile_kb(CompileConfig(corpus="docs/"), "kb/")
     kb = open_kb("kb/")
     kb.retrieve("river trade", k=3)
@@ -39,6 +40,7 @@ _EXPORTS = {
     "compact_kb": "m3compile.compact",
     "load_checkpoint": "m3compile.model",
     "TrainConfig": "m3compile.config",
+    "KeySearch": "m3compile.keysearch",
 }
 
 __all__ = ["__version__", *_EXPORTS]

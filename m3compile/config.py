@@ -264,7 +264,7 @@ _KIND_TESTS = {
     "str": (lambda v: isinstance(v, str), "a string"),
     "path": (lambda v: isinstance(v, str), "a path (str or os.PathLike)"),
     "layers": (lambda v: isinstance(v, tuple) and all(map(_is_int, v)),
-               "a sequence of layer indices, e.g. (0, 1) or parse_layers('0-3')"),
+               "a sequence of layer indices, e.g. (0, 1) or m3compile.config.parse_layers('0-3')"),
 }
 
 # what a kb setting left unset (None) is for a new kb (pipeline.with_kb_settings); a compile into an
@@ -385,10 +385,10 @@ class TrainConfig:
     max_overlap: float = 0.9  # drop references whose Eq. 6 overlap with the chunk exceeds this (paper: 0.9)
     retrieval_mode: str | None = None  # "bm25", "dense", "hybrid"; None = the kb's default
     memory_fraction: float = 0.8  # share of steps that read memories; the rest keep no-memory reading alive
-    grad_through_memory: bool = True  # backpropagate through the memory encoding (see module docstring)
+    grad_through_memory: bool = True  # backpropagate through the memory encoding (train.py's module docstring)
     lr: float = 1e-3  # peak learning rate
     min_lr: float = 1e-4  # end of the decay
-    warmup_steps: int = 50  # linear warmup from 0
+    warmup_steps: int = 50  # linear warmup: lr·(step + 1)/warmup_steps over the first steps
     schedule: str = "cosine"  # "cosine" decay, or "wsd": warmup-stable then linear decay over decay_fraction
     decay_fraction: float = 0.2  # wsd: the last share of steps that decays
     weight_decay: float = 0.1  # AdamW, matrices only

@@ -41,8 +41,14 @@ def generate_text(prompt: str, kb: str | Path | None = None, model: str | Path |
         model: the checkpoint (default: the kb's, else the embedded model).
         max_new_tokens: at most this many tokens; fewer if the model's positions run out (logged).
         temperature: 0 is greedy.
+        seed: the sampling seed (-2^63 to 2^64 - 1).
         memory: with a kb, False reads no memory (same layout).
+        chunk_tokens: tokens per chunk (64: a chunk's memories are retrieved with its text).
+        refs_per_chunk: references a chunk reads (5).
         mode: retrieval mode (default: the kb's).
+        device: torch device.
+        log: called with each note (e.g. a generation capped by the model's positions).
+        progress: called with the number of tokens generated so far.
     Returns:
         GenerationResult(text, memory, references_read, new_tokens).
     Example:

@@ -226,7 +226,7 @@ class KnowledgeBase:
             max_overlap: drop references whose overlap with the query (paper Eq. 6) exceeds this.
         Example:
             >>> open_kb("kb/").retrieve("river trade in the north", k=3)
-            [Hit(ref_id=12, score=0.0489), ...]
+            [Hit(ref_id=12, score=1.5), ...]  # bm25 with document context: 1.0 to 1.5 for the best
         """
         with self._stale_checked():
             if self._retriever is None:
@@ -257,7 +257,9 @@ def load_spec(kb_dir: Path, manifest: Manifest) -> MemorySpec:
 
 
 def load_kb_model(kb: KnowledgeBase, model: str | Path | None = None, device: str = "cpu", dtype: str = "float32"):
-    """The checkpoint a kb was compiled with: `model`, else the path its manifest records.
+    """The checkpoint a kb was compiled with: `model`, else the path its manifest records, on
+    `device`, computing in `dtype` ("float32", or "bfloat16": pass kb.spec.dtype to reproduce a bf16
+    kb's memories with memorize).
 
     Refuses a checkpoint whose config, weights or tokenizer differ from the manifest's
     fingerprint: memories are tied to one exact checkpoint (paper Remark 9).

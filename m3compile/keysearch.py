@@ -1,5 +1,5 @@
 """KeySearch: the model's own memory keys as a retriever (Memory³ Remark on retrieval with the model
-itself; ../shared/docs/memory3-paper.md). A third mode beside bm25 and dense, needing no index: the
+itself; ../shared/docs/memory3-paper.md). A mode beside bm25, dense and hybrid, needing no index: the
 kb's stored keys are the index, and the query's own attention queries at the memory layers search it.
 
 Score of reference r for a query text (multi-vector, MaxSim as in ColBERT, Khattab & Zaharia 2020):
@@ -43,6 +43,7 @@ class KeySearch:
         rope: "post" (the reader's positions, default) or "pre" (no positions).
         chunk_tokens: query tokens used at most (the reader retrieves per 64-token chunk).
     Example:
+        >>> from m3compile import KeySearch, load_kb_model, open_kb
         >>> kb = open_kb("kb/"); ks = KeySearch(kb, load_kb_model(kb))
         >>> ks.retrieve("Who founded Brerrdale?", k=5)
         [Hit(ref_id=12, score=3.1), ...]
@@ -116,8 +117,10 @@ class KeySearch:
 
     def retrieve_many(self, texts: Sequence[str], k: int) -> list[list[Hit]]:
         """Top-k references per text, best first (ties: lower ref_id first)."""
-        if k < 1:
-            raise M3Error(f"k={k} must be at least 1")
+        if isinstance(texts, str):  # a string would be one query a character
+            raise M3Error("retrieve_many takes a list of query strings; for one, use retrieve(text) or [text]")
+        if isinstance(k, bool) or not hasattr(k, "__index__") or k < 1:
+            raise M3Error(f"k={k!r} must be a whole number, at least 1")
         out = []
         for text in texts:
             s = self.scores(text)

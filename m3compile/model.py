@@ -621,12 +621,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     Args:
         path: directory with config.json, model.safetensors (or a sharded index) and tokenizer.json.
         device: where the weights go ("cpu", "cuda", ...).
-        dtype: torch.float32 / torch.bfloat16 (or their names).
+        dtype: torch.float32, torch.bfloat16 or torch.float16 (or their names).
     Returns:
         Checkpoint with `.model` (eval mode), `.args`, `.tokenizer`, `.path`.
     Example:
         >>> ck = load_checkpoint("examples/model")
-        >>> logits = ck.model(torch.tensor([ck.tokenizer.encode("Veldmoor")]))
+        >>> import torch; logits = ck.model(torch.tensor([ck.tokenizer.encode("Veldmoor")]))
     """
     path = Path(path)
     if isinstance(dtype, str) and dtype not in DTYPES:

@@ -190,7 +190,8 @@ class Retriever:
 
         Args:
             kb_dir: the kb directory.
-            manifest: its manifest (read from kb_dir when None); only "retrieval" is used.
+            manifest: its manifest, a dict or Manifest (read from kb_dir when None); its "retrieval",
+                "generation" and "files" are used.
             embedder: where the embedder lives now, if not at the path the manifest records; its
                 files must be the same.
             device: torch device for the embedder.
@@ -198,7 +199,7 @@ class Retriever:
             A Retriever; `retrieve` and `retrieve_many` query it.
         Example:
             >>> r = Retriever.open("kb/"); r.retrieve("what do cats eat", k=3)
-            [Hit(ref_id=12, score=0.0489), ...]
+            [Hit(ref_id=12, score=1.5), ...]
         """
         if manifest is None:
             from m3compile.manifest import read_manifest
@@ -393,7 +394,7 @@ class Retriever:
             One list of Hit(ref_id, score) per text.
         Example:
             >>> r.retrieve_many(["cats", "dogs"], k=2, mode="bm25")
-            [[Hit(ref_id=3, score=2.1), Hit(ref_id=0, score=1.7)], [Hit(ref_id=5, score=2.4)]]
+            [[Hit(ref_id=3, score=1.5), Hit(ref_id=0, score=1.27)], [Hit(ref_id=5, score=1.48)]]
         """
         if isinstance(texts, str):  # list("cats") would be four one-letter queries
             raise M3Error("retrieve_many takes a list of query strings; for one, use retrieve(text) or [text]")
@@ -413,7 +414,8 @@ class Retriever:
             return list(self._ranked_blocks(texts, k, mode))
         if query_tokens is None:
             query_tokens = [self._query_tokens(t) for t in texts]
-        assert len(query_tokens) == len(texts), (len(query_tokens), len(texts))
+        if len(query_tokens) != len(texts):
+            raise M3Error(f"query_tokens holds {len(query_tokens)} token lists for {len(texts)} queries: give one a query")
         depth = 2 * k + 8  # a few spares: most queries leak into no reference at all
         out = []
         for text, qt, ranked in zip(texts, query_tokens, self._ranked_blocks(texts, depth, mode)):

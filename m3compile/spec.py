@@ -212,8 +212,9 @@ def memorize(model: "Transformer", token_lists: Sequence[Sequence[int]], spec: M
         One SparseKV per reference: keys/values (L, H, K, D) post-RoPE in the model dtype, on the
         CPU; positions (L, H, K), K = min(top_k, its length).
     Example:
-        >>> spec = open_kb("kb/").spec
-        >>> mem = memorize(ck.model, [[412, 9, 77]], spec)[0]; mem.keys.shape
+        >>> kb = open_kb("kb/"); ck = load_kb_model(kb, dtype=kb.spec.dtype)
+        >>> memorize(ck.model, [[412, 9, 77]], kb.spec)[0].keys.shape  # the embedded reader's kb
+        torch.Size([1, 2, 3, 32])
     """
     import torch
 
@@ -225,7 +226,7 @@ def memorize(model: "Transformer", token_lists: Sequence[Sequence[int]], spec: M
     if (a.n_layers, a.n_kv_heads, a.head_dim) != (spec.n_layers, spec.n_kv_heads, spec.head_dim):
         raise M3Error(f"the model ({a.n_layers} layers, {a.n_kv_heads} kv heads x {a.head_dim}) is not the one this "
                       f"spec's memories belong to ({spec.n_layers} layers, {spec.n_kv_heads} kv heads x "
-                      f"{spec.head_dim}); load the kb's checkpoint (kb.load_kb_model)")
+                      f"{spec.head_dim}); load the kb's checkpoint (m3compile.load_kb_model(kb))")
     if not token_lists:
         return []
     long = max(len(t) for t in token_lists)

@@ -284,7 +284,8 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None,
         The report (also written to out/training.json): config, steps, loss curve, tokens/s,
         memory steps, wall time, and that kbs compiled with the input model need recompiling.
     Example:
-        >>> train(TrainConfig(model="examples/model", kb="kb/", texts="facts/", out="m2/", steps=500))
+        >>> from m3compile.train import train
+        >>> train(TrainConfig(model="examples/model", kb="kb/", texts="train.jsonl", out="m2/", steps=500))
     """
     progress = progress or (lambda e: None)
     check_device(config.device)  # one line for a typo ("gpu"), before bf16_is_native asks torch about it
@@ -299,6 +300,9 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None,
         raise M3Error(f"model {config.model} has another tokenizer than the one {config.kb} was compiled with; "
                       "compile the kb with this model's tokenizer")
     layout = ReadLayout.from_spec(spec, ck.tokenizer.bos_id, config.chunk_tokens, config.refs_per_chunk)
+    if not layout.head:  # a kb written before compiles refused an empty write prefix without BOS
+        raise M3Error(f"{config.kb}'s write prefix is empty and the tokenizer has no BOS: no token comes before a "
+                      "text, so its first token has no target; recompile the kb with a --prefix text (--rebuild)")
     limit, what = ck.args.span
     room = limit - layout.text_positions(0)  # text positions behind the prefix, interval, BOS
     if room < 1:

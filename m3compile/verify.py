@@ -65,6 +65,8 @@ def verify_kb(kb_dir: str | Path, recompute: int = 0, model: str | Path | None =
         recompute: re-encode this many random references with the model and compare (0: none;
             more than the kb holds: all of them).
         model: the checkpoint (default: the path the manifest records).
+        seed: which references `recompute` samples.
+        device: torch device of the re-encoding.
         progress: called with (done, total) as references are re-encoded.
     Example:
         >>> verify_kb("kb/", recompute=20)

@@ -481,6 +481,8 @@ def test_overlap_filter_drops_leaking_references(tmp_path):
     # pre-tokenized queries (the read side's 64-token chunks) give the same answer
     qt = tok.encode(leak).ids
     assert r.retrieve(leak, k=2, max_overlap=2 / 3, query_tokens=qt) == kept
+    with pytest.raises(M3Error, match="query_tokens holds 1 token lists for 2 queries"):  # an assert before
+        r.retrieve_many([leak, leak], k=2, max_overlap=2 / 3, query_tokens=[qt])
     # the filter reads the candidates' token ids by row group, and keeps a bounded number of them
     # (every reference's as Python lists before); 1.0 drops nothing and reads none
     import m3compile.retrieve as retrieve_mod
