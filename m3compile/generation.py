@@ -103,7 +103,8 @@ def generate_text(prompt: str, kb: str | Path | None = None, model: str | Path |
     limit, what = ck.args.span
     if layout.text_positions(0) >= limit:  # a kb as wide as the model: not even one text token fits
         fix = ("compile the kb with a smaller --max-tokens" if base is not None else
-               f"the max_tokens of {ck.path / 'm3-memory.json'} is too wide for the model")
+               f"the memory interval of {layout.interval} tokens (max_tokens, from {ck.path / 'm3-memory.json'} or "
+               "the paper's default) and the write prefix leave the model no room")
         raise M3Error(f"the memory layout takes {layout.text_positions(0)} of the model's {limit} positions ({what}) "
                       f"before the text: no text fits; {fix}")
     free = limit - layout.text_positions(len(prompt_ids))

@@ -119,6 +119,9 @@ class KeySearch:
         """Top-k references per text, best first (ties: lower ref_id first)."""
         if isinstance(texts, str):  # a string would be one query a character
             raise M3Error("retrieve_many takes a list of query strings; for one, use retrieve(text) or [text]")
+        texts = list(texts)
+        if not all(isinstance(t, str) for t in texts):
+            raise M3Error(f"a query is a string, not {next(t for t in texts if not isinstance(t, str))!r}")
         if isinstance(k, bool) or not hasattr(k, "__index__") or k < 1:
             raise M3Error(f"k={k!r} must be a whole number, at least 1")
         out = []

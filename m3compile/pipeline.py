@@ -1263,7 +1263,8 @@ def _run_in(config: CompileConfig, out: Path, progress: Progress, log, keep_miss
     t_start = time.time()
     with store.KbLock(out, log), ExitStack() as engine:
         store.remove_temporaries(out)
-        setup, timer = _setup(config, log, out)
+        # a rebuild writes a new kb: a width only an old kb may keep is refused (it could not be read)
+        setup, timer = _setup(config, log, None if rebuild else out)
         config = setup.config  # resolved: every memory setting set
         noted = False  # _note_encoding said its notes
         if config.engine == "ray":  # one cluster for cutting and encoding, started when first needed

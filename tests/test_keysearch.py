@@ -96,8 +96,8 @@ def test_scores_do_not_depend_on_the_batch_and_a_kb_too_large_is_one_error(tiny_
     assert np.array_equal(ks.scores("w31 w32 w7 w60"), whole)
     assert ks.keys.shape[0] == len(kb.references()) == 3
     # a string was searched a character at a time, and a bool k taken as 1, as Retriever refuses
-    for bad, k in (("w31 w32", 2), (["w31"], True)):
-        with pytest.raises(M3Error, match="list of query strings|whole number"):
+    for bad, k in (("w31 w32", 2), (["w31"], True), ([b"w31"], 2)):
+        with pytest.raises(M3Error, match="list of query strings|whole number|a query is a string"):
             ks.retrieve_many(bad, k)
     monkeypatch.setattr(keysearch, "_physical_memory", lambda: ks.keys.numel() * 4)  # the stack is all of it
     with pytest.raises(M3Error, match="--mode keys holds every stored key as float32.*use --mode bm25"):

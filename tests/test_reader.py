@@ -188,6 +188,9 @@ def test_generation_stays_within_a_sliding_window_and_a_full_layout_is_one_error
         generate_text("w5", kb=str(tmp_path / "old"), max_new_tokens=5)
     with pytest.raises(M3Error, match=f"--max-tokens {old} does not fit"):
         compile_kb(cfg, tmp_path / "new")
+    with pytest.raises(M3Error, match=f"--max-tokens {old} does not fit"):  # a rebuild writes a new kb
+        compile_kb(cfg, tmp_path / "old", rebuild=True)
+    assert check_kb(cfg, tmp_path / "old") == []  # and left the old one as it was
 
 
 def test_generation_without_a_kb_reads_as_a_kb_without_memory_would(tmp_path):

@@ -366,3 +366,30 @@ def test_sequences_past_the_models_positions_are_refused(setup, tmp_path):
                                  str(setup / "texts.jsonl"), "-o", str(tmp_path / "c"), "--steps", "1",
                                  "--seq-tokens", str(room + 1)])
     assert r.exit_code == 1 and f"--seq-tokens {room + 1} does not fit" in r.stderr, r.output
+
+
+def test_a_kb_with_nothing_before_the_text_is_one_error(setup, tmp_path, monkeypatch):
+    # a kb written before compiles refused an empty write prefix without BOS: its texts' first token
+    # had no target row (an empty slice of the targets)
+    from dataclasses import replace
+
+    from m3compile import train as train_mod
+    from m3compile.errors import M3Error
+    from m3compile.kb import open_kb
+    from m3compile.model import load_checkpoint
+
+    def headless_kb(path):
+        kb = open_kb(path)
+        kb.manifest.__dict__["spec"] = kb.spec = replace(kb.spec, prefix_ids=())  # as such a kb records it
+        return kb
+
+    def no_bos(*a, **k):
+        ck = load_checkpoint(*a, **k)
+        ck.tokenizer.bos_id = None
+        return ck
+
+    monkeypatch.setattr(train_mod, "open_kb", headless_kb)
+    monkeypatch.setattr(train_mod, "load_checkpoint", no_bos)
+    with pytest.raises(M3Error, match="no token comes before a text"):
+        train_mod.train(_config(setup, tmp_path / "out", steps=1))
+    assert not (tmp_path / "out").exists()
