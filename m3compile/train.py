@@ -178,7 +178,25 @@ def _stack_extras(extras: list[dict[int, ExtraKV]], T: int) -> dict[int, ExtraKV
     return out
 
 
-def step_loss(model: Transformer, layout: ReadLayout, seqs: Sequence[TrainSequence], ref_tokens: dict[int, list[int]],
+class _TableTokens:
+    """ref id -> token ids of a kb's references, read a row group at a time and kept within a
+    budget (references.TokenGroups): the whole table as Python lists was read before training."""
+
+    def __init__(self, kb):
+        from m3compile.references import TokenGroups
+        from m3compile.retrieve import REF_TOKEN_BYTES
+
+        self.kb, self.groups = kb, TokenGroups(kb.references_path, REF_TOKEN_BYTES)
+
+    def __getitem__(self, ref_id: int) -> list[int]:
+        found = self.groups.tokens([ref_id])
+        if ref_id not in found:
+            raise M3Error(f"reference {ref_id} of the kb's index is not in {self.kb.references_path}; the kb is "
+                          f"damaged: run `m3 verify --repair {self.kb.path}`")
+        return found[ref_id]
+
+
+def step_loss(model: Transformer, layout: ReadLayout, seqs: Sequence[TrainSequence], ref_tokens,
               with_memory: bool, spec: MemorySpec, grad_through_memory: bool) -> tuple[torch.Tensor, int]:
     """Mean next-token loss over the text tokens of a batch, and their count."""
     chunks = [None] * len(seqs)
@@ -313,8 +331,7 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None,
         raise M3Error(f"--seq-tokens {config.seq_tokens} does not fit the model: it has {limit} positions ({what}) "
                       f"and the read layout takes {layout.text_positions(0)} before the text (write prefix, the "
                       f"kb's {layout.interval}-token memory interval, BOS); use --seq-tokens {max(room, 0)} or less")
-    t = kb.references().select(["ref_id", "token_ids"]).to_pydict()
-    ref_tokens = dict(zip(t["ref_id"], t["token_ids"]))
+    ref_tokens = _TableTokens(kb)  # the retrieved references' token ids, read by row group as needed
     out_dir = Path(config.out)
     if out_dir.exists() and not out_dir.is_dir():  # before the sequences are prepared
         raise M3Error(f"output {config.out} is a file; give a directory for the trained checkpoint")

@@ -393,3 +393,17 @@ def test_a_kb_with_nothing_before_the_text_is_one_error(setup, tmp_path, monkeyp
     with pytest.raises(M3Error, match="no token comes before a text"):
         train_mod.train(_config(setup, tmp_path / "out", steps=1))
     assert not (tmp_path / "out").exists()
+
+
+def test_training_reads_the_references_token_ids_by_row_group(setup):
+    # the whole references table (texts too) was read as Python lists before training began
+    from m3compile.errors import M3Error
+    from m3compile.kb import open_kb
+    from m3compile.train import _TableTokens
+
+    kb = open_kb(setup / "kb")
+    tokens = _TableTokens(kb)
+    table = {r["ref_id"]: r["token_ids"] for r in kb.references().to_pylist()}
+    assert all(tokens[i] == ids for i, ids in table.items()) and len(table) > 5
+    with pytest.raises(M3Error, match="is not in .*references.parquet"):
+        tokens[max(table) + 1]
