@@ -178,22 +178,26 @@ def _stack_extras(extras: list[dict[int, ExtraKV]], T: int) -> dict[int, ExtraKV
     return out
 
 
-class _TableTokens:
-    """ref id -> token ids of a kb's references, read a row group at a time and kept within a
-    budget (references.TokenGroups): the whole table as Python lists was read before training."""
+RETRIEVED_AT_ONCE = 1 << 16  # references whose token ids are read in one pass over their row groups
 
-    def __init__(self, kb):
-        from m3compile.references import TokenGroups
-        from m3compile.retrieve import REF_TOKEN_BYTES
 
-        self.kb, self.groups = kb, TokenGroups(kb.references_path, REF_TOKEN_BYTES)
+def retrieved_tokens(kb, ref_ids) -> dict[int, list[int]]:
+    """{ref id: token ids} of the references the training texts retrieved, read once before the
+    first step, a row group at a time (references.TokenGroups): the whole table (texts too) was
+    read as Python lists before. Read up front, not per step: a compile or compact committing into
+    the kb during training removes the generation its table lies in."""
+    from m3compile.references import TokenGroups
+    from m3compile.retrieve import REF_TOKEN_BYTES
 
-    def __getitem__(self, ref_id: int) -> list[int]:
-        found = self.groups.tokens([ref_id])
-        if ref_id not in found:
-            raise M3Error(f"reference {ref_id} of the kb's index is not in {self.kb.references_path}; the kb is "
-                          f"damaged: run `m3 verify --repair {self.kb.path}`")
-        return found[ref_id]
+    ids = sorted(set(ref_ids))
+    groups, out = TokenGroups(kb.references_path, REF_TOKEN_BYTES), {}
+    for lo in range(0, len(ids), RETRIEVED_AT_ONCE):
+        out.update(groups.tokens(ids[lo:lo + RETRIEVED_AT_ONCE]))
+    absent = next((i for i in ids if i not in out), None)
+    if absent is not None:
+        raise M3Error(f"reference {absent} of the kb's index is not in {kb.references_path}; the kb is damaged: run "
+                      f"`m3 verify --repair {kb.path}`")
+    return out
 
 
 def step_loss(model: Transformer, layout: ReadLayout, seqs: Sequence[TrainSequence], ref_tokens,
@@ -331,7 +335,6 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None,
         raise M3Error(f"--seq-tokens {config.seq_tokens} does not fit the model: it has {limit} positions ({what}) "
                       f"and the read layout takes {layout.text_positions(0)} before the text (write prefix, the "
                       f"kb's {layout.interval}-token memory interval, BOS); use --seq-tokens {max(room, 0)} or less")
-    ref_tokens = _TableTokens(kb)  # the retrieved references' token ids, read by row group as needed
     out_dir = Path(config.out)
     if out_dir.exists() and not out_dir.is_dir():  # before the sequences are prepared
         raise M3Error(f"output {config.out} is a file; give a directory for the trained checkpoint")
@@ -345,6 +348,8 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None,
         retrieve = kb_retriever(config.kb, config.refs_per_chunk, config.retrieval_mode, config.max_overlap)
     t0 = time.perf_counter()
     seqs = prepare_sequences(Path(config.texts), ck.tokenizer, config.seq_tokens, config.chunk_tokens, retrieve)
+    retrieve = None  # the index and its caches are done with
+    ref_tokens = retrieved_tokens(kb, (r for s in seqs for c in s.chunk_refs for r in c))
     prep_s = time.perf_counter() - t0
 
     model = ck.model.train()

@@ -395,15 +395,17 @@ def test_a_kb_with_nothing_before_the_text_is_one_error(setup, tmp_path, monkeyp
     assert not (tmp_path / "out").exists()
 
 
-def test_training_reads_the_references_token_ids_by_row_group(setup):
-    # the whole references table (texts too) was read as Python lists before training began
+def test_training_reads_the_retrieved_references_token_ids_by_row_group(setup, monkeypatch):
+    # the whole references table (texts too) was read as Python lists before training began; now the
+    # retrieved references' ids, in passes of RETRIEVED_AT_ONCE, and an absent one is one error
+    from m3compile import train as train_mod
     from m3compile.errors import M3Error
     from m3compile.kb import open_kb
-    from m3compile.train import _TableTokens
 
     kb = open_kb(setup / "kb")
-    tokens = _TableTokens(kb)
     table = {r["ref_id"]: r["token_ids"] for r in kb.references().to_pylist()}
-    assert all(tokens[i] == ids for i, ids in table.items()) and len(table) > 5
+    monkeypatch.setattr(train_mod, "RETRIEVED_AT_ONCE", 2)
+    some = sorted(table)[1::2]
+    assert train_mod.retrieved_tokens(kb, some + some[:1]) == {i: table[i] for i in some} and len(some) > 2
     with pytest.raises(M3Error, match="is not in .*references.parquet"):
-        tokens[max(table) + 1]
+        train_mod.retrieved_tokens(kb, [max(table) + 1])
