@@ -48,6 +48,11 @@ def _doc_refs(kb: KnowledgeBase) -> tuple[dict[str, list[_RefInfo]], dict[int, l
     return by_doc, tokens
 
 
+def _not_in_kb(doc_id: str) -> M3Error:
+    return M3Error(f"document {doc_id!r} is not in the kb: --oracle reads each document's own references, so "
+                   "compile the kb from the texts being evaluated")
+
+
 def oracle_refs(refs: list[_RefInfo], token_start: int, k: int) -> list[int]:
     """The k references of the document nearest the one holding token `token_start`."""
     home = next((i for i, r in enumerate(refs) if r.start <= token_start < r.start + len(r.token_ids)), len(refs) - 1)
@@ -82,9 +87,10 @@ def evaluate(kb: KnowledgeBase, ck: Checkpoint, docs: Iterable[Document], oracle
     layout = ReadLayout.from_manifest(kb.manifest, tok.bos_id, chunk_tokens, refs_per_chunk)
     all_layers = ReadLayout.from_manifest(kb.manifest, tok.bos_id, chunk_tokens, refs_per_chunk,
                                           memory_layers=range(ck.args.n_layers))
-    if not layout.head:  # a kb written before compiles refused an empty write prefix without BOS
-        raise M3Error("this kb's write prefix is empty and its tokenizer has no BOS: no token comes before a text, "
-                      "so its first token cannot be scored; recompile with a --prefix text (--rebuild)")
+    # a text is scored only as far as the model has positions for it (after the write prefix and the
+    # memory interval): past them RoPE runs where the model never trained, for all four rows alike
+    # (all_layers differs from layout in its memory layers only)
+    room = layout.text_room(ck.args, "compile the kb with a smaller --max-tokens", scoring=True)[0]
     # --oracle needs every document's references; retrieval only the token ids of those it finds,
     # read a chunk's worth at a time (the whole table as Python lists, ~1.6 KB a reference on SciFact's kb)
     by_doc, ref_tokens = _doc_refs(kb) if oracle else ({}, None)
@@ -92,8 +98,7 @@ def evaluate(kb: KnowledgeBase, ck: Checkpoint, docs: Iterable[Document], oracle
         docs = list(docs)
         absent = next((d.doc_id for d in docs if d.doc_id not in by_doc and d.text.strip()), None)
         if absent is not None:
-            raise M3Error(f"document {absent!r} is not in the kb: --oracle reads each document's own "
-                          "references, so compile the kb from the texts being evaluated")
+            raise _not_in_kb(absent)
     full_cache: dict[int, object] = {}
 
     def full(ids):
@@ -109,12 +114,6 @@ def evaluate(kb: KnowledgeBase, ck: Checkpoint, docs: Iterable[Document], oracle
             full_cache[m.ref_id] = m
         return [full_cache[i] for i in ids]
 
-    # a text is scored only as far as the model has positions for it (after the write prefix and the
-    # memory interval): past them RoPE runs where the model never trained, for all four rows alike
-    limit, what = ck.args.span
-    room = limit - max(layout.text_positions(0), all_layers.text_positions(0))
-    if room < 1:
-        raise M3Error(f"the memory layout takes all {limit} positions of the model ({what}): no text fits")
     limit = room if max_text_tokens is None else min(max_text_tokens, room)
     sums = {r: [0.0, 0] for r in ROWS}
     improved = {r: 0 for r in ROWS[1:]}
@@ -126,8 +125,7 @@ def evaluate(kb: KnowledgeBase, ck: Checkpoint, docs: Iterable[Document], oracle
         if not ids:
             continue
         if oracle and doc.doc_id not in by_doc:  # a text of whitespace with tokens: no reference holds it
-            raise M3Error(f"document {doc.doc_id!r} is not in the kb: --oracle reads each document's own "
-                          "references, so compile the kb from the texts being evaluated")
+            raise _not_in_kb(doc.doc_id)
         chunk_refs = []
         for start in range(0, len(ids), chunk_tokens):
             if oracle:

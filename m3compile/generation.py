@@ -100,13 +100,10 @@ def generate_text(prompt: str, kb: str | Path | None = None, model: str | Path |
     prompt_ids = ck.tokenizer.encode(prompt)
     # the positions a forward may span: the model's, or its sliding window where that is shorter
     # (the runtime refuses a span past the window: generation stopped there, its tokens lost)
-    limit, what = ck.args.span
-    if layout.text_positions(0) >= limit:  # a kb as wide as the model: not even one text token fits
-        fix = ("compile the kb with a smaller --max-tokens" if base is not None else
-               f"the memory interval of {layout.interval} tokens (max_tokens, from {ck.path / 'm3-memory.json'} or "
-               "the paper's default) and the write prefix leave the model no room")
-        raise M3Error(f"the memory layout takes {layout.text_positions(0)} of the model's {limit} positions ({what}) "
-                      f"before the text: no text fits; {fix}")
+    _, limit, what = layout.text_room(ck.args, "compile the kb with a smaller --max-tokens" if base is not None else
+                                      f"the memory interval of {layout.interval} tokens (max_tokens, from "
+                                      f"{ck.path / 'm3-memory.json'} or the paper's default) and the write prefix "
+                                      "leave the model no room")
     free = limit - layout.text_positions(len(prompt_ids))
     if free < 0:
         raise M3Error(f"the prompt is {len(prompt_ids)} tokens, and with the memory layout it needs "

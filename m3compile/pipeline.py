@@ -248,9 +248,9 @@ def _note_model_memory(config: CompileConfig, model_path: Path, layers: tuple[in
 
 
 def _frozen_codebooks(out: Path, spec: MemorySpec):
-    """(codebooks, manifest entry) of the kb in `out` when its memories are `spec`'s but for the
-    codebooks, which an incremental compile then keeps; else None. A damaged codebooks file is
-    one error naming it (codebooks.read)."""
+    """(codebooks, manifest entry, the kb's recorded config) of the kb in `out` when its memories
+    are `spec`'s but for the codebooks, which an incremental compile then keeps; else None. A
+    damaged codebooks file is one error naming it (codebooks.read)."""
     from m3compile import codebooks
 
     try:
@@ -260,15 +260,14 @@ def _frozen_codebooks(out: Path, spec: MemorySpec):
     entry = old.quant.get("vq") if old is not None else None
     if entry is None or old.spec.differences(replace(spec, codebooks_sha256=entry["sha256"])):
         return None
-    return codebooks.read(out, entry), entry
+    return codebooks.read(out, entry), entry, old.config
 
 
-def _keep_codebook_settings(setup: Setup, out: Path, log) -> CompileConfig:
-    """With the kb's codebooks kept, the --codebook-sample and --codebook-seed it records stay its
-    own: other values given would be recorded beside codebooks they did not train (they apply with
-    --retrain-codebooks). Returns the config, also set on `setup`."""
+def _keep_codebook_settings(setup: Setup, recorded: dict, log) -> CompileConfig:
+    """With the kb's codebooks kept, the --codebook-sample and --codebook-seed its config
+    (`recorded`) holds stay its own: other values given would be recorded beside codebooks they
+    did not train (they apply with --retrain-codebooks). Returns the config, also set on `setup`."""
     config = setup.config
-    recorded = mf.read_manifest(out).config
     kept = {k: recorded.get(k) for k in ("codebook_sample", "codebook_seed")}
     given = {k: getattr(config, k) for k in kept}
     if None not in kept.values() and given != kept:
@@ -1276,8 +1275,9 @@ def _run_in(config: CompileConfig, out: Path, progress: Progress, log, keep_miss
             frozen = None if retrain_codebooks else _frozen_codebooks(out, setup.spec)
             has_kb = (out / mf.FILE_NAME).is_file()
             if frozen is not None:
-                _use_codebooks(setup, *frozen)
-                config = _keep_codebook_settings(setup, out, log)
+                codebooks_kept, entry, recorded = frozen
+                _use_codebooks(setup, codebooks_kept, entry)
+                config = _keep_codebook_settings(setup, recorded, log)
             elif not has_kb or rebuild or retrain_codebooks:
                 _note_encoding(config, log)
                 noted = True
@@ -1427,8 +1427,9 @@ def check_kb(config: CompileConfig, out_dir: str | Path, keep_missing: bool = Fa
         return [f"{out} holds no knowledge base: everything would be compiled"]
     frozen = _frozen_codebooks(out, setup.spec) if setup.spec.quant.startswith("vq") else None
     if frozen is not None:
-        _use_codebooks(setup, *frozen)
-        _keep_codebook_settings(setup, out, log)
+        codebooks_kept, entry, recorded = frozen
+        _use_codebooks(setup, codebooks_kept, entry)
+        _keep_codebook_settings(setup, recorded, log)
     # a kb the compile would refuse (other settings, an unreadable manifest) is an error, not a change:
     # `m3 compile --check` exits 2 on it, as the compile would fail
     prev = _previous(out, setup, rebuild=False, log=lambda s: None, spill_dir=Path(tempfile.gettempdir()),

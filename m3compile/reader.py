@@ -61,6 +61,22 @@ class ReadLayout:
         """The highest RoPE position n_text text tokens reach, plus one: what the model must hold."""
         return len(self.prefix_ids) + self.interval + n_text + (self.bos_id is not None)
 
+    def text_room(self, args, fix: str, scoring: bool = False) -> tuple[int, int, str]:
+        """(text positions left, the positions a forward may span, the config.json key that says
+        so): the model's span (ModelArgs.span) less the write prefix, the memory interval and the
+        BOS. One M3Error, ending with `fix`, where no text fits; with `scoring`, also where nothing
+        comes before the text (an empty write prefix without BOS, which compiles refuse since 0.2.0:
+        the text's first token would have no prediction)."""
+        if scoring and not self.head:
+            raise M3Error("the kb's write prefix is empty and its tokenizer has no BOS: no token comes before a text, "
+                          "so its first token cannot be scored; recompile the kb with a --prefix text (--rebuild)")
+        limit, what = args.span
+        room = limit - self.text_positions(0)
+        if room < 1:
+            raise M3Error(f"the memory layout takes {self.text_positions(0)} of the model's {limit} positions ({what}) "
+                          f"before the text: no text fits; {fix}")
+        return room, limit, what
+
     @property
     def head(self) -> list[int]:
         """Token ids in front of the text: the write prefix, then the context BOS."""

@@ -752,6 +752,16 @@ class TokenGroups:
             self.bytes -= part[3].nbytes + 24 * len(part[0])
         return out
 
+    def require(self, ref_ids, kb_dir) -> dict[int, list[int]]:
+        """tokens(ref_ids), every id of which must be in the table: one that is not (an index out of
+        step with it) is one M3Error naming the kb's repair."""
+        found = self.tokens(ref_ids)
+        absent = next((i for i in ref_ids if i not in found), None)
+        if absent is not None:
+            raise M3Error(f"reference {absent} of the kb's index is not in {self.groups.path}; the kb is damaged: "
+                          f"run `m3 verify --repair {kb_dir}`")
+        return found
+
 
 def dictionary_indices(a: pa.Array) -> np.ndarray:
     """A dictionary column's indices (signed integers, no nulls) as int64, read from the buffer

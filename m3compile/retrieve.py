@@ -356,12 +356,7 @@ class Retriever:
 
         if self._ref_groups is None:
             self._ref_groups = refs_file.TokenGroups(self.path / refs_file.FILE_NAME, REF_TOKEN_BYTES)
-        found = self._ref_groups.tokens(ref_ids)
-        absent = next((i for i in ref_ids if i not in found), None)
-        if absent is not None:
-            raise M3Error(f"reference {absent} of the retrieval index is not in {self.path / refs_file.FILE_NAME}; "
-                          f"the kb is damaged: run `m3 verify --repair {self._kb_dir}`")
-        return found
+        return self._ref_groups.require(ref_ids, self._kb_dir)
 
     def _query_tokens(self, text: str) -> list[int]:
         if self._tokenizer is None:

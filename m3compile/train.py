@@ -192,11 +192,7 @@ def retrieved_tokens(kb, ref_ids) -> dict[int, list[int]]:
     ids = sorted(set(ref_ids))
     groups, out = TokenGroups(kb.references_path, REF_TOKEN_BYTES), {}
     for lo in range(0, len(ids), RETRIEVED_AT_ONCE):
-        out.update(groups.tokens(ids[lo:lo + RETRIEVED_AT_ONCE]))
-    absent = next((i for i in ids if i not in out), None)
-    if absent is not None:
-        raise M3Error(f"reference {absent} of the kb's index is not in {kb.references_path}; the kb is damaged: run "
-                      f"`m3 verify --repair {kb.path}`")
+        out.update(groups.require(ids[lo:lo + RETRIEVED_AT_ONCE], kb.path))
     return out
 
 
@@ -322,15 +318,7 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None,
         raise M3Error(f"model {config.model} has another tokenizer than the one {config.kb} was compiled with; "
                       "compile the kb with this model's tokenizer")
     layout = ReadLayout.from_spec(spec, ck.tokenizer.bos_id, config.chunk_tokens, config.refs_per_chunk)
-    if not layout.head:  # a kb written before compiles refused an empty write prefix without BOS
-        raise M3Error(f"{config.kb}'s write prefix is empty and the tokenizer has no BOS: no token comes before a "
-                      "text, so its first token has no target; recompile the kb with a --prefix text (--rebuild)")
-    limit, what = ck.args.span
-    room = limit - layout.text_positions(0)  # text positions behind the prefix, interval, BOS
-    if room < 1:
-        raise M3Error(f"the read layout takes {layout.text_positions(0)} of the model's {limit} positions ({what}) "
-                      f"(write prefix, the kb's {layout.interval}-token memory interval, BOS): no text fits; compile "
-                      "the kb with a smaller --max-tokens")
+    room, limit, what = layout.text_room(ck.args, "compile the kb with a smaller --max-tokens", scoring=True)
     if config.seq_tokens > room:  # past them RoPE runs at positions the model never trained on
         raise M3Error(f"--seq-tokens {config.seq_tokens} does not fit the model: it has {limit} positions ({what}) "
                       f"and the read layout takes {layout.text_positions(0)} before the text (write prefix, the "

@@ -37,6 +37,17 @@ def snapshot(kb: Path, with_mtime=True):
             for p in kb.rglob("*") if p.is_file() and p.name not in ("run.json", ".m3.lock")}
 
 
+def with_tombstones(env) -> Path:
+    """The env's kb, compiled, then compiled again without doc2.txt: frames of departed references
+    stay as tombstones (what `m3 compact` drops)."""
+    tmp, corpus, cfg = env
+    kb = tmp / "kb"
+    compile_kb(cfg, kb)
+    (corpus / "doc2.txt").unlink()
+    assert compile_kb(cfg, kb).manifest.state["dead_refs"] > 0
+    return kb
+
+
 def memories(kb: Path):
     base = open_kb(kb)
     return {r["ref_id"]: (r["ref_key"], base.memory(r["ref_id"]).keys) for r in base.references().to_pylist()}
@@ -553,10 +564,7 @@ def test_compact_keeps_the_work_of_a_killed_compile_for_its_resume(env):
     its own (unlinking the killed compile's shard) and its commit removed the rest, so the resume
     encoded everything again. Compact now leaves them, and the resume copies them."""
     tmp, corpus, cfg = env
-    kb = tmp / "kb"
-    compile_kb(cfg, kb)
-    (corpus / "doc2.txt").unlink()
-    assert compile_kb(cfg, kb).manifest.state["dead_refs"] > 0  # tombstones for compact
+    kb = with_tombstones(env)
     for i in range(5, 9):
         (corpus / f"doc{i}.txt").write_text(words(i, 60))
     args = ["compile", corpus, "-o", kb, "--model", tmp / "model", "--max-tokens", 16, "--top-k", 4,
@@ -582,10 +590,7 @@ def test_compact_collects_what_an_interrupted_compact_left(env):
     # without a killed compile's .spill/, the leftovers of a compact killed before its commit (its
     # new shards, a generation) are garbage: the next compact's commit removes them, as a compile's
     tmp, corpus, cfg = env
-    kb = tmp / "kb"
-    compile_kb(cfg, kb)
-    (corpus / "doc2.txt").unlink()
-    compile_kb(cfg, kb)
+    kb = with_tombstones(env)
     named = json.loads((kb / "manifest.json").read_text())
     top = max(int(s[7:12]) for s in named["state"]["shards"])
     left = [f"memory-{top + 1:05d}.safetensors", "gen-0123456789abcdef"]
@@ -602,20 +607,17 @@ def test_a_reader_opened_before_a_commit_is_told_to_open_the_kb_again(env):
     # a kb held open (a server's open_kb) while `m3 compact` or a compile commits: the shards it
     # read from are removed, and its next read said the kb was damaged and to repair it, when the
     # kb is whole and only the reader is stale
-    tmp, corpus, cfg = env
-    kb = tmp / "kb"
-    compile_kb(cfg, kb)
-    (corpus / "doc2.txt").unlink()
-    compile_kb(cfg, kb)
+    kb = with_tombstones(env)
     held, asking = open_kb(kb), open_kb(kb)
     dirty = {s for s, v in held.manifest.shards.items() if v["refs"] > v["live_refs"]}
     moved = next(r["ref_id"] for r in held.references().to_pylist() if r["shard"] in dirty)
+    before = open_kb(kb).memory(moved).keys
     assert compact_kb(kb)["refs_moved"] > 0
     for read in (lambda: held.memory(moved), lambda: asking.retrieve(words(1, 5), k=2)):
         with pytest.raises(M3Error, match="was committed again since it was opened .*open the kb again") as e:
             read()
         assert "verify --repair" not in str(e.value)
-    assert (open_kb(kb).memory(moved).keys == memories(tmp / "kb")[moved][1]).all() and verify_kb(kb) == []
+    assert (open_kb(kb).memory(moved).keys == before).all() and verify_kb(kb) == []  # the kb was whole
 
 
 def test_frames_on_disk_by_key_match_a_dict_of_the_first_found(env):
