@@ -13,6 +13,9 @@ model's own memory settings) and each giving the same kept tokens:
            bf16 logits; its kept tokens may differ from now@B's at near-ties (the count is printed)
   f32-softmax@B  (--dtype bfloat16 only) now@B with the attention's softmax in float32 and a cast
            to bf16, as before the bf16 softmax
+  torch-bf16@B  (--dtype bfloat16 only) now@B with torch's own bf16 products: on a CPU without bf16
+           units now@B runs them in float32 (model.CPU_BF16_UNITS), here torch emulates them; on a
+           CPU with units the two are the same
 
 --shape 110m runs compile_throughput.py's random-weight 125M-parameter Llama (12 x 768, 4 kv
 heads) at the paper's settings (128-token references, the first 6 layers, top-8) over --refs
@@ -21,6 +24,7 @@ references of 96-128 random tokens (45 % full), behind a 4-token prefix, instead
     OMP_NUM_THREADS=2 python benchmarks/encode_speed.py --threads 2 --rounds 6 --sizes 16 32 64 128
     OMP_NUM_THREADS=2 python benchmarks/encode_speed.py --dtype bfloat16 --sizes 64
     OMP_NUM_THREADS=2 python benchmarks/encode_speed.py --shape 110m --dtype bfloat16 --refs 96 --sizes 16 --rounds 4
+    OMP_NUM_THREADS=2 python benchmarks/encode_speed.py --shape 110m --dtype bfloat16 --refs 64 --sizes 16 --rounds 2
 """
 
 import argparse
@@ -83,6 +87,17 @@ def as_before(name: str, model, refs, spec):
         return memorize(model, refs, spec)
 
 
+def torch_bf16(model, refs, spec):
+    """memorize with torch's own bf16 products (no float32 ones where the CPU lacks bf16 units)."""
+    import m3compile.model as model_module
+
+    kept, model_module.CPU_BF16_UNITS = model_module.CPU_BF16_UNITS, True
+    try:
+        return memorize(model, refs, spec)
+    finally:
+        model_module.CPU_BF16_UNITS = kept
+
+
 def shape_110m(dtype: str, n: int):
     """compile_throughput.py's model, random references of 96-128 tokens and a 4-token prefix."""
     model = Transformer(ARGS).init_weights(seed=0).to(getattr(torch, dtype)).eval()
@@ -133,6 +148,8 @@ def main():
         for old in ("f32-logits", "f32-softmax"):
             recipes.update({f"{old}@{s}": (lambda b, old=old: as_before(old, model, b, spec)) for s in a.sizes})
             size.update({f"{old}@{s}": s for s in a.sizes})
+        recipes.update({f"torch-bf16@{s}": (lambda b: torch_bf16(model, b, spec)) for s in a.sizes})
+        size.update({f"torch-bf16@{s}": s for s in a.sizes})
         with torch.inference_mode():
             x, y = as_before("f32-logits", model, refs[:256], spec), memorize(model, refs[:256], spec)
         kept, total = kept_in_common([u.positions for u in x], [v.positions for v in y])
@@ -160,7 +177,7 @@ def main():
         ratio = statistics.median(x / b for x, b in zip(v, base))
         print(f"| {name} | {statistics.median(v):.0f} | {max(v):.0f} | {ratio:.2f}x |")
     for s in a.sizes if a.dtype == "bfloat16" else ():
-        for old in ("f32-logits", "f32-softmax"):
+        for old in ("f32-logits", "f32-softmax", "torch-bf16"):
             ratio = statistics.median(x / b for x, b in zip(times[f"now@{s}"], times[f"{old}@{s}"]))
             print(f"now@{s} against {old}@{s}, median of per-round ratios: {ratio:.2f}x")
 

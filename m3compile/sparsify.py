@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from m3compile.encode import EncodedBatch
+from m3compile.model import matmul
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,8 @@ def token_scores(q_pre: torch.Tensor, k_pre: torch.Tensor, mask: torch.Tensor) -
         # runs at a tenth of the bf16 peak. 99.9 % of the kept tokens are those of float32 logits
         # (the 110M shape, random weights); the rest swap near-ties. CPU matmuls cannot write a
         # float32 result from bf16 inputs (out_dtype is CUDA-only in torch 2.13).
-        logits = (k_pre @ q.transpose(-1, -2)).float().mul_(D**-0.5)  # (B, H, T, R*T): key j, query (r, i)
+        # On a CPU without bf16 units model.matmul computes the same product in float32, rounded once.
+        logits = matmul(k_pre, q.transpose(-1, -2)).float().mul_(D**-0.5)  # (B, H, T, R*T): key j, query (r, i)
     else:
         logits = (k_pre.float() @ q.float().transpose(-1, -2)).mul_(D**-0.5)  # (B, H, T, R*T)
     # padding queries drop out: adding 0 or -inf gives masked_fill_'s bits, and the broadcast add

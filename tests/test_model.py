@@ -86,7 +86,13 @@ def test_forward_kv_stops_after_last_requested_layer(tmp_path):
     assert ran == [("mlp", 0), ("block", 0)]
 
 
-def test_bfloat16_close_to_float32(tmp_path):
+@pytest.mark.parametrize("units", [True, False], ids=["bf16-units", "no-bf16-units"])
+def test_bfloat16_close_to_float32(tmp_path, monkeypatch, units):
+    """On either path of a bf16 product (CPU_BF16_UNITS: torch's bf16 matmul, or float32 on the
+    operands cast up where the CPU has no bf16 units)."""
+    import m3compile.model as model_module
+
+    monkeypatch.setattr(model_module, "CPU_BF16_UNITS", units)
     make_checkpoint(tmp_path, "LlamaForCausalLM", {})
     ids = torch.randint(3, 120, (2, 30))
     with torch.no_grad():
@@ -96,6 +102,51 @@ def test_bfloat16_close_to_float32(tmp_path):
         l16 = m16(ids).float()
     # bf16 keeps ~3 significant digits; logits of this scale agree to a few hundredths
     assert (l16 - l32).abs().max() < 0.05 * l32.abs().max()
+
+
+def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """The spacing of bf16 values at |x| (8 significant bits)."""
+    return torch.exp2(torch.floor(torch.log2(x.abs().clamp(min=1e-30))) - 7)
+
+
+def test_bf16_products_without_bf16_units_run_in_float32_and_round_once(monkeypatch):
+    """Where the CPU has no bf16 units torch emulates bf16 matmuls (~9x slower than float32 on an
+    AVX2 CPU), so model.linear and model.matmul compute a bf16 product as float32 on the operands
+    cast up and round it once: within one bf16 ulp of the exact (float64) product, the weight cast
+    in parts where it is large, the same with or without a bias. Below UPCAST_MIN_ROWS rows, and
+    on a CPU with units, torch's own bf16 product runs."""
+    import m3compile.model as model_module
+    from m3compile.model import UPCAST_MIN_ROWS, linear, matmul
+
+    seen = []
+    real = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: seen.append(x.dtype) or real(x, w, b))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 16, 96, generator=g).bfloat16()  # 48 rows
+    w, b = torch.randn(40, 96, generator=g).bfloat16(), torch.randn(40, generator=g).bfloat16()
+    exact = x.double() @ w.double().T + b.double()  # (3, 16, 40)
+
+    monkeypatch.setattr(model_module, "CPU_BF16_UNITS", False)
+    whole = linear(x, w, b)
+    assert whole.dtype == torch.bfloat16 and seen == [torch.float32]
+    assert ((whole.double() - exact).abs() <= _bf16_ulp(exact)).all()
+    monkeypatch.setattr(model_module, "UPCAST_CHUNK", 96 * 7)  # the weight in 6 parts of <= 7 rows
+    seen.clear()
+    parts = linear(x, w, b)
+    assert len(seen) == 6 and ((parts.double() - exact).abs() <= _bf16_ulp(exact)).all()
+    a, c = torch.randn(2, 4, 24, 64, generator=g).bfloat16(), torch.randn(2, 4, 64, 30, generator=g).bfloat16()
+    prod = matmul(a, c)
+    ref = a.double() @ c.double()
+    assert prod.dtype == torch.bfloat16 and ((prod.double() - ref).abs() <= _bf16_ulp(ref)).all()
+
+    seen.clear()
+    small = x[0, :UPCAST_MIN_ROWS - 1]
+    assert torch.equal(linear(small, w, b), real(small, w, b)) and seen == [torch.bfloat16]
+    monkeypatch.setattr(model_module, "CPU_BF16_UNITS", True)
+    seen.clear()
+    assert torch.equal(linear(x, w, b), real(x, w, b)) and seen == [torch.bfloat16]
+    assert torch.equal(matmul(a, c), a @ c)
+    assert torch.equal(linear(x.float(), w.float()), real(x.float(), w.float()))  # float32 untouched
 
 
 @pytest.mark.parametrize("case", ["llama-gqa", "llama-bias", "qwen2-bias-tied"])
