@@ -91,11 +91,11 @@ def write_flops(l_ref: float, args: ModelArgs, l_mem: int) -> float:
 
 def cpu_flags() -> tuple[str, bool]:
     """Which bf16 matmul units the CPU has (Linux /proc/cpuinfo): AMX, AVX512-BF16, or neither, and
-    whether it has any (an unreadable cpuinfo counts as having them: torch's bf16 path is timed)."""
+    whether it has any (an unreadable cpuinfo counts as none, as model.CPU_BF16_UNITS counts it)."""
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
-        return "CPU flags unknown", True
+        return "CPU flags unknown", False
     names = {"amx_bf16": "AMX", "avx512_bf16": "AVX512-BF16"}
     have = [names[u] for u in bf16_units(text) if u in names]
     return (("bf16 units: " + ", ".join(have)) if have else "no AMX or AVX512-BF16"), bool(bf16_units(text))

@@ -45,14 +45,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 # bf16 matmuls on a CPU without bf16 units. There torch emulates them: on a 2-core AVX2-only AMD
 # EPYC (torch 2.13, 2026-12-07) a (2048 x 768) @ (768 x 2048) bf16 linear took 319 ms against 36 ms
-# for the same product of the operands cast to float32 (8.8x; square 2048 matmuls 0.3 against 185
-# GFLOP/s), and attention's (16, 4, 384, 64) @ (64, 128) 49 against 2.8 ms. So `linear` and `matmul`
+# for the same product of the operands cast to float32 (8.8x; square matmuls 0.3 GFLOP/s at 2048
+# and 1.3 at 512 against 185 in float32), and attention's (16, 4, 384, 64) @ (64, 128) 49 against 2.8 ms. So `linear` and `matmul`
 # below compute a bf16 product there as the float32 product of the operands cast up (exact: a
 # product of two bf16 values fits float32's mantissa), accumulated in float32 and rounded to bf16
 # once: what AMX and AVX512-BF16 compute, but for the order of the sums (1 ulp in ~1e-4 of the
-# outputs against torch's emulation, as AMX against AVX512-BF16). Below UPCAST_MIN_ROWS rows (one
-# token a step of generation) torch's own bf16 path is as fast (1 row: 0.17 against 0.26 ms with the
-# cast) and is kept. None = read /proc/cpuinfo on first use; tests set it to force either path.
+# outputs against torch's emulation, as AMX against AVX512-BF16). Below UPCAST_MIN_ROWS rows (a
+# generation step's projections) torch's own bf16 path is as fast (1 row: 0.17 against 0.26 ms with
+# the cast) and is kept. A compile's row counts are fixed by its spec (memorize pads to the width,
+# PackedRows packs whole blocks), so which path a product takes never depends on the batch. float16
+# stays torch's (emulated too; no dtype choice offers it). None = read /proc/cpuinfo on first use
+# (unreadable: no units); tests set it to force either path.
 CPU_BF16_UNITS: bool | None = None
 UPCAST_MIN_ROWS = 8
 UPCAST_CHUNK = 1 << 22  # weight elements cast to float32 at once (16 MB): a large vocabulary's head in parts
@@ -73,10 +76,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     cast up and rounded to bf16 once (CPU_BF16_UNITS), the weight cast UPCAST_CHUNK elements at once."""
     if not _upcast(x, x.numel() // max(1, x.shape[-1])):
         return F.linear(x, weight, bias)
-    xf, step = x.float(), max(1, UPCAST_CHUNK // max(1, weight.shape[1]))
-    parts = [F.linear(xf, weight[lo:lo + step].float(), None if bias is None else bias[lo:lo + step].float())
-             for lo in range(0, weight.shape[0], step)]
-    return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).to(torch.bfloat16)
+    xf, step = x.float(), max(1, UPCAST_CHUNK // max(1, weight.shape[-1]))
+    if weight.shape[0] <= step:
+        return F.linear(xf, weight.float(), None if bias is None else bias.float()).to(torch.bfloat16)
+    # a large weight (a vocabulary's head) in parts, each written into the bf16 result: no float32
+    # copy of the whole weight or of the whole output is held
+    out = x.new_empty(*x.shape[:-1], weight.shape[0])
+    for lo in range(0, weight.shape[0], step):
+        out[..., lo:lo + step] = F.linear(xf, weight[lo:lo + step].float(),
+                                          None if bias is None else bias[lo:lo + step].float())
+    return out
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

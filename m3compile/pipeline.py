@@ -221,11 +221,11 @@ def _note_encoding(config: CompileConfig, log) -> None:
 
     from m3compile.model import bf16_is_native
 
-    if config.dtype == "bfloat16" and torch.device(config.device).type != "cpu" and not bf16_is_native(config.device):
+    if config.dtype == "bfloat16" and torch.device(config.device).type == "cuda" and not bf16_is_native(config.device):
         # dtype is part of the memories' bytes, so it is never switched behind the user's back. (A CPU
         # without bf16 units runs bf16 products in float32, as fast as a float32 compile: model.linear)
-        log(f"note: --dtype bfloat16 on {config.device}, which has no bf16 support: torch emulates bf16 "
-            "matmuls there; --dtype float32 compiles faster (other bytes)")
+        log(f"note: --dtype bfloat16 on {config.device}, a GPU without bf16 support (before Ampere): torch "
+            "emulates bf16 matmuls there; --dtype float32 compiles faster (other bytes)")
     threads = torch.get_num_threads()
     if (config.dtype == "bfloat16" and torch.device(config.device).type == "cpu" and config.cpus_per_worker != threads
             and (config.engine == "ray" or config.engine_workers > 1)):

@@ -112,6 +112,11 @@ def test_bf16_on_a_cpu_without_bf16_units_runs_its_products_in_float32(tmp_path,
         return real(x, w, b)
 
     monkeypatch.setattr(F, "linear", spy)
+    import m3compile.sparsify as sparsify
+    products = []  # attention's and the selection's bf16 products go through model.matmul
+    for where in (model, sparsify):
+        monkeypatch.setattr(where, "matmul", lambda a, b, real=model.matmul, where=where:
+                            products.append((where.__name__, a.dtype)) or real(a, b))
     make_checkpoint(tmp_path / "model", "LlamaForCausalLM", {})
     corpus = word_corpus(tmp_path / "corpus", n_docs=1)
     notes = []
@@ -119,6 +124,7 @@ def test_bf16_on_a_cpu_without_bf16_units_runs_its_products_in_float32(tmp_path,
                                  dtype="bfloat16"), tmp_path / "kb", log=notes.append).manifest
     assert m.spec.dtype == "bfloat16" and m.counts["references"] > 0
     assert seen == ({torch.bfloat16} if units else {torch.float32}), seen
+    assert set(products) == {("m3compile.model", torch.bfloat16), ("m3compile.sparsify", torch.bfloat16)}, products
     assert not any("bf16" in n for n in notes), notes
 
 

@@ -104,6 +104,18 @@ def test_bfloat16_close_to_float32(tmp_path, monkeypatch, units):
     assert (l16 - l32).abs().max() < 0.05 * l32.abs().max()
 
 
+# bf16 products as this CPU runs them (None), and in float32 as a CPU without bf16 units runs them
+BF16_PATHS = [("float32", None), ("bfloat16", None), ("bfloat16", False)]
+
+
+def _bf16_units(monkeypatch, units: bool | None) -> None:
+    """Force model.CPU_BF16_UNITS (False: bf16 products in float32), or leave it (None)."""
+    if units is not None:
+        import m3compile.model as model_module
+
+        monkeypatch.setattr(model_module, "CPU_BF16_UNITS", units)
+
+
 def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
     """The spacing of bf16 values at |x| (8 significant bits)."""
     return torch.exp2(torch.floor(torch.log2(x.abs().clamp(min=1e-30))) - 7)
@@ -125,19 +137,33 @@ def test_bf16_products_without_bf16_units_run_in_float32_and_round_once(monkeypa
     x = torch.randn(3, 16, 96, generator=g).bfloat16()  # 48 rows
     w, b = torch.randn(40, 96, generator=g).bfloat16(), torch.randn(40, generator=g).bfloat16()
     exact = x.double() @ w.double().T + b.double()  # (3, 16, 40)
+    # one bf16 rounding of a float32 sum of 97 terms: within an ulp of the exact value, plus float32's
+    # accumulation bound (n * 2^-24 * sum of |terms|) for results that cancel to near zero
+    bound = _bf16_ulp(exact) + 97 * 2.0**-24 * ((x.double().abs() @ w.double().abs().T) + b.double().abs())
 
     monkeypatch.setattr(model_module, "CPU_BF16_UNITS", False)
     whole = linear(x, w, b)
     assert whole.dtype == torch.bfloat16 and seen == [torch.float32]
-    assert ((whole.double() - exact).abs() <= _bf16_ulp(exact)).all()
+    assert ((whole.double() - exact).abs() <= bound).all()
+    seen.clear()
+    bare, at_min = linear(x, w), linear(x[0, :UPCAST_MIN_ROWS], w)  # no bias; exactly the threshold's rows
+    assert seen == [torch.float32, torch.float32]
+    assert torch.equal(bare, real(x.float(), w.float()).bfloat16())
+    assert torch.equal(at_min, real(x[0, :UPCAST_MIN_ROWS].float(), w.float()).bfloat16())
     monkeypatch.setattr(model_module, "UPCAST_CHUNK", 96 * 7)  # the weight in 6 parts of <= 7 rows
     seen.clear()
     parts = linear(x, w, b)
-    assert len(seen) == 6 and ((parts.double() - exact).abs() <= _bf16_ulp(exact)).all()
+    assert len(seen) == 6 and ((parts.double() - exact).abs() <= bound).all()
+    seen.clear()
+    in_parts, exact_bare = linear(x, w), x.double() @ w.double().T  # in parts without a bias
+    bound_bare = _bf16_ulp(exact_bare) + 96 * 2.0**-24 * (x.double().abs() @ w.double().abs().T)
+    assert len(seen) == 6 and ((in_parts.double() - exact_bare).abs() <= bound_bare).all()
     a, c = torch.randn(2, 4, 24, 64, generator=g).bfloat16(), torch.randn(2, 4, 64, 30, generator=g).bfloat16()
     prod = matmul(a, c)
     ref = a.double() @ c.double()
-    assert prod.dtype == torch.bfloat16 and ((prod.double() - ref).abs() <= _bf16_ulp(ref)).all()
+    tol = _bf16_ulp(ref) + 64 * 2.0**-24 * (a.double().abs() @ c.double().abs())
+    assert prod.dtype == torch.bfloat16 and ((prod.double() - ref).abs() <= tol).all()
+    assert torch.equal(prod, (a.float() @ c.float()).bfloat16())  # the float32 product, not torch's bf16 one
 
     seen.clear()
     small = x[0, :UPCAST_MIN_ROWS - 1]
@@ -150,8 +176,8 @@ def test_bf16_products_without_bf16_units_run_in_float32_and_round_once(monkeypa
 
 
 @pytest.mark.parametrize("case", ["llama-gqa", "llama-bias", "qwen2-bias-tied"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_inference_path_gives_the_bits_of_the_autograd_path(tmp_path, dtype, case):
+@pytest.mark.parametrize("dtype, units", BF16_PATHS)
+def test_inference_path_gives_the_bits_of_the_autograd_path(tmp_path, monkeypatch, dtype, units, case):
     """Without autograd the blocks work in place (RMSNorm, SwiGLU, residuals; float32 RMSNorm is
     torch's fused kernel) and forward_kv runs everything but attention on the real tokens' rows
     only (PackedRows), their q/k/v as one matmul (Attention._qkv, biases included): the logits and
@@ -159,6 +185,7 @@ def test_inference_path_gives_the_bits_of_the_autograd_path(tmp_path, dtype, cas
     runs, padding and GQA included. Padding positions' q/k/v are unspecified (zeros when packed):
     every reader masks them. (Grouped-query attention without repeated k and v runs on both paths;
     its bits are held by the golden kb, a float32 GQA model: tests/test_golden_kb.py.)"""
+    _bf16_units(monkeypatch, units)
     make_checkpoint(tmp_path, *CHECKPOINT_CASES[case])  # GQA: 4 query heads on 2 kv heads
     model = load_checkpoint(tmp_path, dtype=dtype).model
     assert model.args.n_heads > model.args.n_kv_heads
@@ -179,8 +206,8 @@ def test_inference_path_gives_the_bits_of_the_autograd_path(tmp_path, dtype, cas
             assert torch.equal(a.transpose(1, 2)[mask], b.detach().transpose(1, 2)[mask])
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_a_memory_is_the_same_bits_in_any_batch(dtype):
+@pytest.mark.parametrize("dtype, units", BF16_PATHS)
+def test_a_memory_is_the_same_bits_in_any_batch(monkeypatch, dtype, units):
     """Packed rows make a batch's projections as tall as its real tokens, so a reference's
     neighbours change the row count of every matmul. Its memory must not change with them (resumed
     and incremental compiles rely on it): the embedded reader's memories of references alone and in
@@ -189,6 +216,7 @@ def test_a_memory_is_the_same_bits_in_any_batch(dtype):
     from m3compile.checkpoint import fingerprint
     from m3compile.spec import MemorySpec, memorize
 
+    _bf16_units(monkeypatch, units)
     path = default_model_dir()
     config, _ = CompileConfig(corpus=".", dtype=dtype).resolved(path)
     ck = load_checkpoint(path, dtype=dtype)
@@ -568,8 +596,8 @@ def test_freed_blocks_are_reused_without_page_faults():
     assert kept < pages // 50, (kept, default)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_memory_is_the_same_bits_in_any_batch_at_llama_widths(dtype):
+@pytest.mark.parametrize("dtype, units", [(getattr(torch, d), u) for d, u in BF16_PATHS])
+def test_a_memory_is_the_same_bits_in_any_batch_at_llama_widths(monkeypatch, dtype, units):
     """The same at the widths of real models, where BLAS does change a row's bits with the row
     count: on a CPU with AMX (torch 2.13) a bf16 row of a 768-wide projection and a float32 row
     of a 2048-wide one came out different at 16-1024 rows than at 2048, and kbs of the 110M shape
@@ -578,6 +606,7 @@ def test_a_memory_is_the_same_bits_in_any_batch_at_llama_widths(dtype):
     (two blocks) get the same bits (CPUs whose BLAS never varies pass either way)."""
     from m3compile.encode import encode_batch
 
+    _bf16_units(monkeypatch, units)
     args = ModelArgs(vocab_size=300, dim=768, n_layers=2, n_heads=12, n_kv_heads=4, head_dim=64, hidden_dim=2048)
     model = Transformer(args).init_weights(seed=0).to(dtype).eval()
     g = torch.Generator().manual_seed(3)
