@@ -96,9 +96,9 @@ def cpu_flags() -> tuple[str, bool]:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
         return "CPU flags unknown", False
-    names = {"amx_bf16": "AMX", "avx512_bf16": "AVX512-BF16"}
-    have = [names[u] for u in bf16_units(text) if u in names]
-    return (("bf16 units: " + ", ".join(have)) if have else "no AMX or AVX512-BF16"), bool(bf16_units(text))
+    names, units = {"amx_bf16": "AMX", "avx512_bf16": "AVX512-BF16"}, bf16_units(text)
+    have = [names[u] for u in units if u in names]
+    return (("bf16 units: " + ", ".join(have)) if have else "no AMX or AVX512-BF16"), bool(units)
 
 
 @torch.no_grad()

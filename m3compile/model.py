@@ -67,7 +67,7 @@ def _upcast(x: torch.Tensor, rows: int) -> bool:
     if x.dtype is not torch.bfloat16 or x.device.type != "cpu" or rows < UPCAST_MIN_ROWS:
         return False
     if CPU_BF16_UNITS is None:
-        CPU_BF16_UNITS = cpuinfo_has_bf16(_cpuinfo())
+        CPU_BF16_UNITS = bf16_is_native("cpu")
     return not CPU_BF16_UNITS
 
 
