@@ -39,7 +39,7 @@ from m3compile.pipeline import compile_kb
 from m3compile.quantize import get_scheme
 from m3compile.reader import ChunkMemory, ReadLayout, text_logits
 from m3compile.codebooks import resolve_quant
-from m3compile.vq import (ENCODERS, GridEncoder, TableDecoder, VQScheme, build_codec, collect_samples, resolve,
+from m3compile.vq import (ENCODERS, _lookup, GridEncoder, TableDecoder, VQScheme, build_codec, collect_samples, resolve,
                          train_codecs)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -330,6 +330,13 @@ def speed80(rows):
         base = base or (enc, dec)
         print(f"| {name} `{factory}` | {codec.sa_code_size()} | {enc:.3g} | {dec:.3g} | {enc / base[0]:.0f}x | "
               f"{dec / base[1]:.1f}x |")
+        if name == "vq" and _lookup is not None:  # the same codes through numpy's take (no compiled lookups)
+            TableDecoder.native = False
+            try:
+                slow = _rate(lambda: decode(codes), len(codes))
+            finally:
+                TableDecoder.native = True
+            print(f"| {name} `{factory}`, numpy's take | {codec.sa_code_size()} | | {slow:.3g} | | {slow / base[1]:.1f}x |")
     # what any decoder of float32 vectors must at least do: write N x 80 floats (its table and
     # codes are small and stay in cache). Filling fresh memory bounds it; a copy, which also reads
     # as many bytes as it writes, is slower and no bound

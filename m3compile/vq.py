@@ -35,6 +35,11 @@ import numpy as np
 from m3compile.errors import M3Error
 from m3compile.quantize import PartSpec, QuantError, QuantKV, _error, _errors
 
+try:  # TableDecoder's lookups in C (m3compile/_lookup.c), built by setup.py where a compiler is
+    from m3compile import _lookup
+except ImportError:  # no compiler at install: numpy's take, the same floats, ~2x slower
+    _lookup = None
+
 if TYPE_CHECKING:
     import torch
 
@@ -220,13 +225,18 @@ class TableDecoder:
     """sa_decode of a plain product quantizer (IndexPQ with 4- or 8-bit codes) as one table lookup.
 
     FAISS decodes PQ codes vector by vector through its bit reader; here each code byte of all N
-    vectors indexes one table of rows of floats at once (numpy `take`), which gives the same floats
-    (a copy, no arithmetic) several times faster (benchmarks/quant_frontier.py prints both).
+    vectors indexes one table of rows of floats at once, which gives the same floats (a copy, no
+    arithmetic) several times faster (benchmarks/quant_frontier.py prints both).
     Code layout (FAISS PQEncoder8 / PQEncoderGeneric): byte m holds sub-code m at 8 bits; at 4 bits
     byte j holds sub-code 2j in its low nibble and 2j+1 in its high one, so at 4 bits a byte value
     indexes a row of both sub-vectors (built once from the centroids): one lookup a code byte.
 
-    The lookups are what bounds the decode (one core writes the floats ~3x faster), so the index
+    The lookups run in C (m3compile/_lookup.c) where setup.py could build it: eight code bytes read
+    at once and each row copied with one move, ~2x numpy's take below (the default preset at D = 80:
+    40 lookups a vector, ~0.55 against ~1.1 ns a lookup on a 2-core AMD EPYC). `native` (class
+    attribute) False, or no compiled module, takes numpy's path, the same floats.
+
+    numpy's path: the lookups are what bounds the decode (one core writes the floats ~3x faster), so the index
     of byte j of a vector, j·256 + byte, is not computed: a per-thread buffer of BLOCK vectors ×
     C native ints (one per C, shared by every decoder of C code bytes) holds j in bytes 1-2 of each
     int from the start, and a call writes the code bytes into byte 0 (little-endian; a big-endian
@@ -236,6 +246,7 @@ class TableDecoder:
 
     BLOCK = 1024  # vectors an index buffer serves at once: C x 8 KB, in L2
     SMALL = 32  # up to this many vectors (a frame's worth) the offsets are added: less overhead
+    native = True  # the C lookups where m3compile._lookup was built (tests set False for numpy's path)
 
     def __init__(self, pq):
         m, nbits, dsub = int(pq.M), int(pq.nbits), int(pq.dsub)
@@ -273,6 +284,10 @@ class TableDecoder:
         """(N, C) uint8 -> (N, D) float32."""
         assert codes.dtype == np.uint8 and codes.ndim == 2 and codes.shape[1] == self.n_bytes, (codes.dtype, codes.shape)
         n = codes.shape[0]
+        if _lookup is not None and self.native:
+            out = np.empty((n, self.n_bytes * self.row), np.float32)  # (N, D)
+            _lookup.take_rows(self.table, np.ascontiguousarray(codes), out, self.n_bytes, self.row * 4)
+            return out
         if n <= self.SMALL or sys.byteorder != "little":  # the buffer's byte layout is little-endian
             idx = codes.astype(np.intp)  # (N, C)
             idx += self._offsets

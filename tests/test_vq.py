@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from m3compile import vq
 from m3compile.errors import M3Error
 from m3compile.pack import decode_payload, encode_payload, encode_payloads
 from m3compile.vq import Codebooks, TableDecoder, VQScheme, build_codec, collect_samples, paper_factory, resolve, train_codecs
@@ -73,13 +74,44 @@ def test_tensors_round_trip(codebooks):
     assert np.array_equal(back.decode(1, "v", c), codebooks.decode(1, "v", c))
 
 
-@pytest.mark.parametrize("factory", ["PQ16x8", "PQ8x4", "PQ32x4", "PQ4x8"])
-def test_table_decoder_gives_faiss_floats(factory):
+def test_table_lookups_in_c_are_built():
+    # setup.py builds m3compile/_lookup.c (optional, so an install without a compiler still works);
+    # CI has a compiler, and a build that lost the module would silently decode ~2x slower
+    if vq._lookup is None:
+        pytest.skip("m3compile._lookup was not built (no C compiler at install): numpy's take decodes")
+    assert TableDecoder.native
+    table = np.arange(3 * 256 * 2, dtype=np.float32).reshape(3 * 256, 2)  # (C*256, row)
+    codes = np.array([[0, 255, 7], [1, 2, 3]], np.uint8)  # (N, C)
+    out = np.empty((2, 6), np.float32)
+    vq._lookup.take_rows(table, codes, out, 3, 8)
+    assert np.array_equal(out.reshape(2, 3, 2), table[np.arange(3) * 256 + codes])
+    for args, what in [((table[:-1], codes, out, 3, 8), "table holds"), ((table, codes[:, :2].copy(), out, 3, 8), "whole vectors"),
+                       ((table, codes, out[:1], 3, 8), "out holds"), ((table, codes, out, 3, 0), "positive")]:
+        with pytest.raises(ValueError, match=what):
+            vq._lookup.take_rows(*args)
+    with pytest.raises((TypeError, ValueError, BufferError)):
+        vq._lookup.take_rows(table, codes, out.T, 3, 8)  # not contiguous
+    with pytest.raises(TypeError):
+        vq._lookup.take_rows(table, codes, b"read-only", 3, 8)
+
+
+@pytest.fixture(params=["c", "numpy"])
+def lookups(request, monkeypatch):
+    """TableDecoder's two paths: the C lookups (where built) and numpy's take."""
+    if request.param == "c" and vq._lookup is None:
+        pytest.skip("m3compile._lookup was not built (no C compiler at install)")
+    monkeypatch.setattr(TableDecoder, "native", request.param == "c")
+    return request.param
+
+
+@pytest.mark.parametrize("factory", ["PQ16x8", "PQ8x4", "PQ32x4", "PQ4x8", "PQ12x8"])
+def test_table_decoder_gives_faiss_floats(factory, lookups):
     # the fast path of Codebooks.decode must return exactly what FAISS's own sa_decode returns
+    # (PQ12x8: code bytes not a multiple of the C loop's eight; PQ8x4 and PQ32x4: 16- and 8-byte rows)
     x = _samples(seed=4, n=700)[(0, "k")].reshape(-1, D)  # (N, D)
-    codec = build_codec(factory, D)
-    codec.train(x)
-    codes = codec.sa_encode(x)  # (N, C)
+    codec = build_codec(factory, D if factory != "PQ12x8" else 24)
+    codec.train(x[:, :codec.d])
+    codes = codec.sa_encode(x[:, :codec.d])  # (N, C)
     fast = TableDecoder.of(codec)
     assert fast is not None
     assert np.array_equal(fast(codes), codec.sa_decode(codes))
@@ -87,7 +119,7 @@ def test_table_decoder_gives_faiss_floats(factory):
 
 
 @pytest.mark.parametrize("factory", ["PQ8x4", "PQ16x8"])
-def test_table_decoder_blocks_threads_pickle_and_byte_order(factory, monkeypatch):
+def test_table_decoder_blocks_threads_pickle_and_byte_order(factory, lookups, monkeypatch):
     # the same floats across block edges, for every code byte value, after a pickle round trip
     # (Ray, process pools) and on the path of a big-endian machine; each thread its own index buffer
     import pickle
@@ -100,6 +132,14 @@ def test_table_decoder_blocks_threads_pickle_and_byte_order(factory, monkeypatch
     codes = codec.sa_encode(x)  # (N, C)
     want = codec.sa_decode(codes)
     fast = TableDecoder.of(codec)
+    if lookups == "c":  # threads decoding at once (the GIL is released while C copies)
+        got = [None] * 4
+        workers = [threading.Thread(target=lambda i=i: got.__setitem__(i, fast(codes[i::4]))) for i in range(4)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        assert all(np.array_equal(g, want[i::4]) for i, g in enumerate(got))
     small, block = TableDecoder.SMALL, TableDecoder.BLOCK
     for n in (1, small, small + 1, block - 1, block, block + 1, len(codes)):
         assert np.array_equal(fast(codes[:n]), want[:n]), n
