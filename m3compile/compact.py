@@ -24,7 +24,8 @@ def compact_kb(kb_dir: str | Path, log: Callable[[str], None] = lambda s: None) 
     """Drop tombstoned frames from a kb.
 
     Returns:
-        {"shards_rewritten", "refs_moved", "bytes_freed"}.
+        {"shards_rewritten", "refs_moved", "bytes_freed"}: bytes_freed is what the kb's shard files
+        hold less on disk (the rewritten shards' sizes less the new shards'), headers included.
     Example:
         >>> compact_kb("kb/")["bytes_freed"]
     """
@@ -88,7 +89,10 @@ def _compact(kb: Path, manifest: mf.Manifest, dirty: list[str], rows: "refs_file
 
     gen = store.write_generation(kb, build)
     shards = store.shard_state(kb, rows)
-    freed = manifest.state["dead_kv_bytes"] - sum(v["kv_bytes"] - v["live_kv_bytes"] for v in shards.values())
+    # the shard files' bytes before and after (not only the dead frames': a shard's header and its
+    # frames' index go with it, and a new shard has its own)
+    freed = (sum((kb / s).stat().st_size for s in dirty)
+             - sum((kb / s).stat().st_size for s in shards if s not in manifest.shards))
     unfinished = (kb / store.SPILL_DIR).exists()  # a compile killed before its commit: its work stays
     mf.commit(kb, manifest.with_generation(kb, gen, shards, checked), collect=not unfinished)
     if unfinished:
