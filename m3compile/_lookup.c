@@ -78,8 +78,11 @@ static PyObject *take_rows(PyObject *self, PyObject *args) {
         return NULL;
     }
     PyObject *result = NULL;
-    if (n_bytes <= 0 || row <= 0) {
-        PyErr_Format(PyExc_ValueError, "take_rows: n_bytes %zd and row_bytes %zd must be positive", n_bytes, row);
+    if (n_bytes <= 0 || row <= 0 || n_bytes > PY_SSIZE_T_MAX / 256 / row) {
+        PyErr_Format(PyExc_ValueError, "take_rows: n_bytes %zd and row_bytes %zd must be positive (and their "
+                     "table addressable)", n_bytes, row);
+    } else if (codes.len > PY_SSIZE_T_MAX / row) {
+        PyErr_Format(PyExc_ValueError, "take_rows: %zd code bytes decode to more than a buffer can hold", codes.len);
     } else if (table.len != n_bytes * 256 * row) {
         PyErr_Format(PyExc_ValueError, "take_rows: the table holds %zd bytes, not %zd code bytes x 256 rows x %zd",
                      table.len, n_bytes, row);

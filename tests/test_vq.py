@@ -86,7 +86,8 @@ def test_table_lookups_in_c_are_built():
     vq._lookup.take_rows(table, codes, out, 3, 8)
     assert np.array_equal(out.reshape(2, 3, 2), table[np.arange(3) * 256 + codes])
     for args, what in [((table[:-1], codes, out, 3, 8), "table holds"), ((table, codes[:, :2].copy(), out, 3, 8), "whole vectors"),
-                       ((table, codes, out[:1], 3, 8), "out holds"), ((table, codes, out, 3, 0), "positive")]:
+                       ((table, codes, out[:1], 3, 8), "out holds"), ((table, codes, out, 3, 0), "positive"),
+                       ((table, codes, out, 2**62, 8), "addressable")]:
         with pytest.raises(ValueError, match=what):
             vq._lookup.take_rows(*args)
     with pytest.raises((TypeError, ValueError, BufferError)):
