@@ -105,12 +105,15 @@ def lookups(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("factory", ["PQ16x8", "PQ8x4", "PQ32x4", "PQ4x8", "PQ12x8"])
-def test_table_decoder_gives_faiss_floats(factory, lookups):
-    # the fast path of Codebooks.decode must return exactly what FAISS's own sa_decode returns
-    # (PQ12x8: code bytes not a multiple of the C loop's eight; PQ8x4 and PQ32x4: 16- and 8-byte rows)
+@pytest.mark.parametrize("factory,d", [("PQ16x8", D), ("PQ8x4", D), ("PQ32x4", D), ("PQ4x8", D), ("PQ12x8", 24),
+                                       ("PQ32x8", D), ("PQ16x4", D), ("PQ2x8", D), ("PQ8x8", 24)])
+def test_table_decoder_gives_faiss_floats(factory, d, lookups):
+    # the fast path of Codebooks.decode must return exactly what FAISS's own sa_decode returns, at
+    # every row size the C loop has a case for (bytes a row: PQ32x8 4, PQ16x8 and PQ32x4 8, PQ16x4 16,
+    # PQ8x4 and PQ4x8 32, PQ2x8 64; PQ8x8 at d 24: 12, the general loop) and code bytes not a
+    # multiple of its eight (PQ12x8)
     x = _samples(seed=4, n=700)[(0, "k")].reshape(-1, D)  # (N, D)
-    codec = build_codec(factory, D if factory != "PQ12x8" else 24)
+    codec = build_codec(factory, d)
     codec.train(x[:, :codec.d])
     codes = codec.sa_encode(x[:, :codec.d])  # (N, C)
     fast = TableDecoder.of(codec)
