@@ -346,6 +346,36 @@ def speed80(rows):
     print(f"\nThe decoded bytes alone: writing the {len(x)} float32 vectors into fresh memory runs at {fill:.3g} "
           f"vectors/s ({fill / base[1]:.1f}x the paper's decode, {fill * 80 * 4 / 1e9:.1f} GB/s): no float32 decoder "
           f"at D = 80 beats it. Copying them (read and write) runs at {copy:.3g} ({copy / base[1]:.1f}x)")
+    decode32()
+
+
+def decode32():
+    """Decode speed at the embedded reader's D = 32: `vq` against vq-paper's quantizer scaled to it
+    (paper_factory), trained as in speed80 on Gaussian vectors, one thread, 20,000 vectors a call."""
+    x = np.random.default_rng(0).normal(size=(20000, 32)).astype(np.float32)  # (N, 32)
+    rates = {}
+    for name in ("vq-paper", "vq"):
+        factory = resolve(name, 32)[0]
+        if name == "vq-paper":
+            codec = faiss.index_factory(32, factory)
+            pt = faiss.downcast_index(codec)
+            faiss.downcast_VectorTransform(pt.chain.at(0)).niter = 2
+            two = faiss.downcast_index(pt.index)
+            two.q1.cp.niter, two.pq.cp.niter = 2, 4
+        else:
+            codec = build_codec(factory, 32)
+        codec.train(x)
+        codes = codec.sa_encode(x)  # (N, C)
+        decode = TableDecoder.of(codec) or codec.sa_decode
+        rates[f"{name} `{factory}`"] = _rate(lambda: decode(codes), len(codes))
+        if name == "vq" and _lookup is not None:
+            TableDecoder.native = False
+            try:
+                rates[f"{name} `{factory}`, numpy's take"] = _rate(lambda: decode(codes), len(codes))
+            finally:
+                TableDecoder.native = True
+    base = next(iter(rates.values()))
+    print("\nD = 32 (the embedded reader's), decode vec/s: " + "; ".join(f"{k} {v:.3g} ({v / base:.1f}x)" for k, v in rates.items()))
 
 
 def plot(rows, path: Path, d: int):
