@@ -130,4 +130,12 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_lookup", "Table lookups of vq.TableDecoder in C.", -1,
                                     methods, NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__lookup(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__lookup(void) {
+    PyObject *m = PyModule_Create(&module);
+#ifdef Py_GIL_DISABLED
+    if (m != NULL) {
+        PyUnstable_Module_SetGIL(m, Py_MOD_GIL_NOT_USED);  /* no module state: a free-threaded build keeps its GIL off */
+    }
+#endif
+    return m;
+}

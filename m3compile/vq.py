@@ -284,7 +284,7 @@ class TableDecoder:
         """(N, C) uint8 -> (N, D) float32."""
         assert codes.dtype == np.uint8 and codes.ndim == 2 and codes.shape[1] == self.n_bytes, (codes.dtype, codes.shape)
         n = codes.shape[0]
-        if _lookup is not None and self.native:
+        if _lookup is not None and self.native and self.table.dtype.isnative:  # C copies raw bytes: native floats only
             out = np.empty((n, self.n_bytes * self.row), np.float32)  # (N, D)
             _lookup.take_rows(self.table, np.ascontiguousarray(codes), out, self.n_bytes, self.row * 4)
             return out
