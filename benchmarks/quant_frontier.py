@@ -297,16 +297,23 @@ def main():
         plot(rows, opts.plot, d)
 
 
+def _quick_paper(factory: str, d: int):
+    """The paper's quantizer (OPQ, a 2x14-bit multi-index, PQ) untrained, with 2 OPQ and multi-index
+    k-means iterations and 4 PQ ones: for speed only, which does not depend on how well it fits."""
+    paper = faiss.index_factory(d, factory)
+    pt = faiss.downcast_index(paper)
+    faiss.downcast_VectorTransform(pt.chain.at(0)).niter = 2
+    two = faiss.downcast_index(pt.index)
+    two.q1.cp.niter, two.pq.cp.niter = 2, 4
+    return paper
+
+
 def speed80(rows):
     """The paper's exact quantizer at its own D = 80 against each VQ preset at D = 80, speed only:
     no model here has D = 80, so both are trained on Gaussian vectors (the paper's with 2 k-means
     iterations: speed does not depend on how well its centroids fit)."""
     x = np.random.default_rng(0).normal(size=(20000, 80)).astype(np.float32)  # (N, 80)
-    paper = faiss.index_factory(80, PAPER)
-    pt = faiss.downcast_index(paper)
-    faiss.downcast_VectorTransform(pt.chain.at(0)).niter = 2
-    two = faiss.downcast_index(pt.index)
-    two.q1.cp.niter, two.pq.cp.niter = 2, 4
+    paper = _quick_paper(PAPER, 80)
     t = time.perf_counter()
     paper.train(x)
     print(f"\nD = 80, Gaussian vectors, one thread: `{PAPER}` trained in {time.perf_counter() - t:.0f} s (2 iterations), "
@@ -356,14 +363,7 @@ def decode32():
     rates = {}
     for name in ("vq-paper", "vq"):
         factory = resolve(name, 32)[0]
-        if name == "vq-paper":
-            codec = faiss.index_factory(32, factory)
-            pt = faiss.downcast_index(codec)
-            faiss.downcast_VectorTransform(pt.chain.at(0)).niter = 2
-            two = faiss.downcast_index(pt.index)
-            two.q1.cp.niter, two.pq.cp.niter = 2, 4
-        else:
-            codec = build_codec(factory, 32)
+        codec = _quick_paper(factory, 32) if name == "vq-paper" else build_codec(factory, 32)
         codec.train(x)
         codes = codec.sa_encode(x)  # (N, C)
         decode = TableDecoder.of(codec) or codec.sa_decode
