@@ -122,6 +122,51 @@ def test_table_decoder_gives_faiss_floats(factory, d, lookups):
     assert np.array_equal(fast(codes[:0]), codec.sa_decode(codes[:0]))
 
 
+def test_table_decoder_shares_a_large_batch_among_faiss_threads(monkeypatch):
+    # a batch of at least PARALLEL_BYTES code bytes is cut into one contiguous part a FAISS OpenMP
+    # thread, each copied by C in a pool thread: the floats of one call, also in a forked child
+    # (whose pool is its own: its parent's threads do not survive the fork)
+    import os
+    import threading
+
+    if vq._lookup is None:
+        pytest.skip("m3compile._lookup was not built (no C compiler at install)")
+    x = _samples(seed=6, n=400)[(1, "k")].reshape(-1, D)  # (N, D)
+    codec = build_codec("PQ16x8", D)
+    codec.train(x)
+    codes = codec.sa_encode(x)  # (N, C)
+    want = codec.sa_decode(codes)
+    fast = TableDecoder.of(codec)
+    calls = []
+    take = vq._lookup.take_rows
+
+    class Spy:  # the module's take_rows, counted by the thread it ran in
+        @staticmethod
+        def take_rows(*args):
+            calls.append((threading.current_thread().name, len(args[1])))
+            return take(*args)
+
+    monkeypatch.setattr(vq, "_lookup", Spy)
+    monkeypatch.setattr(TableDecoder, "PARALLEL_BYTES", 64)
+    monkeypatch.setattr(faiss, "omp_get_max_threads", lambda: 3)  # what OMP_NUM_THREADS=3 would say
+    assert np.array_equal(fast(codes), want)
+    assert sorted(n for _, n in calls) == sorted(len(codes) * i // 3 - len(codes) * (i - 1) // 3 for i in (1, 2, 3))
+    assert all(name.startswith("m3-decode") for name, _ in calls)
+    calls.clear()
+    assert np.array_equal(fast(codes[:3]), want[:3]) and calls == [(threading.current_thread().name, 3)]  # under 64 bytes
+    if hasattr(os, "fork"):
+        pid = os.fork()
+        if pid == 0:  # the child: exit status 0 if it decodes the same floats (a pool inherited hangs: 20 s alarm)
+            import signal
+
+            signal.alarm(20)
+            os._exit(0 if vq._Pool._pool is None and np.array_equal(fast(codes), want) else 1)
+        assert os.waitpid(pid, 0)[1] == 0
+    monkeypatch.setattr(faiss, "omp_get_max_threads", lambda: 1)
+    calls.clear()
+    assert np.array_equal(fast(codes), want) and len(calls) == 1  # one thread: no pool
+
+
 @pytest.mark.parametrize("factory", ["PQ8x4", "PQ16x8"])
 def test_table_decoder_blocks_threads_pickle_and_byte_order(factory, lookups, monkeypatch):
     # the same floats across block edges, for every code byte value, after a pickle round trip
