@@ -297,6 +297,15 @@ def main():
         plot(rows, opts.plot, d)
 
 
+def _numpy_rate(decode, codes: np.ndarray) -> float:
+    """Vectors/s of a TableDecoder's numpy path (its C lookups switched off for the timing)."""
+    TableDecoder.native = False
+    try:
+        return _rate(lambda: decode(codes), len(codes))
+    finally:
+        TableDecoder.native = True
+
+
 def _quick_paper(factory: str, d: int):
     """The paper's quantizer (OPQ, a 2x14-bit multi-index, PQ) untrained, with 2 OPQ and multi-index
     k-means iterations and 4 PQ ones: for speed only, which does not depend on how well it fits."""
@@ -337,12 +346,10 @@ def speed80(rows):
         base = base or (enc, dec)
         print(f"| {name} `{factory}` | {codec.sa_code_size()} | {enc:.3g} | {dec:.3g} | {enc / base[0]:.0f}x | "
               f"{dec / base[1]:.1f}x |")
+        if name == "vq":  # kept for the two-thread timing below
+            vq_decode, vq_codes = decode, codes
         if name == "vq" and _lookup is not None:  # the same codes through numpy's take (no compiled lookups)
-            TableDecoder.native = False
-            try:
-                slow = _rate(lambda: decode(codes), len(codes))
-            finally:
-                TableDecoder.native = True
+            slow = _numpy_rate(decode, codes)
             print(f"| {name} `{factory}`, numpy's take | {codec.sa_code_size()} | | {slow:.3g} | | {slow / base[1]:.1f}x |")
     # what any decoder of float32 vectors must at least do: write N x 80 floats (its table and
     # codes are small and stay in cache). Filling fresh memory bounds it; a copy, which also reads
@@ -359,9 +366,6 @@ def speed80(rows):
     faiss.omp_set_num_threads(2)
     try:
         paper_codes = np.tile(paper.sa_encode(x[:2000]), (10, 1))  # (N, 14)
-        vq_codec = build_codec(resolve("vq", 80)[0], 80)
-        vq_codec.train(x[:8192])
-        vq_codes, vq_decode = vq_codec.sa_encode(x), TableDecoder.of(vq_codec) or vq_codec.sa_decode
         p2 = _rate(lambda: paper.sa_decode(paper_codes), len(paper_codes))
         v2 = _rate(lambda: vq_decode(vq_codes), len(vq_codes))
         print(f"\nTwo threads each (faiss.omp_set_num_threads(2)), D = 80: the paper's decoder {p2:.3g} vectors/s, "
@@ -384,11 +388,7 @@ def decode32():
         decode = TableDecoder.of(codec) or codec.sa_decode
         rates[f"{name} `{factory}`"] = _rate(lambda: decode(codes), len(codes))
         if name == "vq" and _lookup is not None:
-            TableDecoder.native = False
-            try:
-                rates[f"{name} `{factory}`, numpy's take"] = _rate(lambda: decode(codes), len(codes))
-            finally:
-                TableDecoder.native = True
+            rates[f"{name} `{factory}`, numpy's take"] = _numpy_rate(decode, codes)
     base = next(iter(rates.values()))
     print("\nD = 32 (the embedded reader's), decode vec/s: " + "; ".join(f"{k} {v:.3g} ({v / base:.1f}x)" for k, v in rates.items()))
 

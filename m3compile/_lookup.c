@@ -103,7 +103,7 @@ static PyObject *take_rows(PyObject *self, PyObject *args) {
         uint8_t *o = (uint8_t *)out.buf;
         Py_ssize_t n = codes.len / n_bytes;
         Py_BEGIN_ALLOW_THREADS
-        switch (row) {  /* the presets' rows: 2, 4, 8 or 16 floats (PQ40x8 at D = 80: 2) */
+        switch (row) {  /* the presets' rows: 1, 2, 4, 8 or 16 floats (PQ40x8 at D = 80: 2) */
         case 8: take_fixed8(t, c, o, n, n_bytes); break;
         case 4: take_fixed4(t, c, o, n, n_bytes); break;
         case 16: take_fixed16(t, c, o, n, n_bytes); break;
