@@ -74,11 +74,16 @@ def test_tensors_round_trip(codebooks):
     assert np.array_equal(back.decode(1, "v", c), codebooks.decode(1, "v", c))
 
 
-def test_table_lookups_in_c_are_built():
+def _need_c_lookups():
     # setup.py builds m3compile/_lookup.c (optional, so an install without a compiler still works);
-    # CI has a compiler, and a build that lost the module would silently decode ~2x slower
+    # CI has a compiler (its strict skips fail this one), and a build that lost the module would
+    # silently decode ~2x slower
     if vq._lookup is None:
         pytest.skip("m3compile._lookup was not built (no C compiler at install): numpy's take decodes")
+
+
+def test_table_lookups_in_c_are_built():
+    _need_c_lookups()
     assert TableDecoder.native
     table = np.arange(3 * 256 * 2, dtype=np.float32).reshape(3 * 256, 2)  # (C*256, row)
     codes = np.array([[0, 255, 7], [1, 2, 3]], np.uint8)  # (N, C)
@@ -99,8 +104,8 @@ def test_table_lookups_in_c_are_built():
 @pytest.fixture(params=["c", "numpy"])
 def lookups(request, monkeypatch):
     """TableDecoder's two paths: the C lookups (where built) and numpy's take."""
-    if request.param == "c" and vq._lookup is None:
-        pytest.skip("m3compile._lookup was not built (no C compiler at install)")
+    if request.param == "c":
+        _need_c_lookups()
     monkeypatch.setattr(TableDecoder, "native", request.param == "c")
     return request.param
 
@@ -129,8 +134,7 @@ def test_table_decoder_shares_a_large_batch_among_faiss_threads(monkeypatch):
     import os
     import threading
 
-    if vq._lookup is None:
-        pytest.skip("m3compile._lookup was not built (no C compiler at install)")
+    _need_c_lookups()
     x = _samples(seed=6, n=400)[(1, "k")].reshape(-1, D)  # (N, D)
     codec = build_codec("PQ16x8", D)
     codec.train(x)
