@@ -20,6 +20,12 @@ from m3compile.errors import M3Error
 FORMAT, FORMAT_VERSION = "m3-references", 1
 FILE_NAME = "references.parquet"
 ROW_GROUP_SIZE = 4096  # rows per row group (fixed, so the bytes do not depend on the batch size)
+# Columns written with dictionary pages: a document's values, repeated on each of its rows, which
+# document_keys and KB._locations read as dictionaries straight from the pages. The other columns
+# are unique per row (ref_key, text, token ids, offsets), where a dictionary only adds bytes: without
+# theirs the file is 9 % smaller (the demo world's kb, 7,178 rows: 815 -> 741 KB, 0.39 bytes per
+# corpus token).
+DICTIONARY_COLUMNS = ("doc_id", "source", "doc_sha256", "shard")
 
 SCHEMA = pa.schema([
     pa.field("ref_id", pa.int64(), nullable=False),  # primary key: shard ref_ids, FAISS ids
@@ -82,7 +88,8 @@ class ReferenceWriter:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._rows: list[dict] = []
-        self._writer = pq.ParquetWriter(str(self.path), _schema_with_metadata(), compression="zstd")
+        self._writer = pq.ParquetWriter(str(self.path), _schema_with_metadata(), compression="zstd",
+                                        use_dictionary=list(DICTIONARY_COLUMNS))
         self.n_rows = 0
 
     def add_table(self, table: pa.Table) -> None:
@@ -186,7 +193,7 @@ class RefColumns:
     block being appended to, the ones being read or located), written back when they leave.
     Without `spill_dir` both are bytearrays (small plans, tests)."""
 
-    INTERNED = ("doc_id", "source", "doc_sha256", "shard")
+    INTERNED = DICTIONARY_COLUMNS  # the strings a document or a shard shares
     INTS = {"ref_id": "<i8", "index": "<i4", "char_start": "<i8", "char_end": "<i8", "n_tokens": "<i4",
             "n_kept": "<i4", "byte_offset": "<i8", "byte_length": "<i8"}
     FLOATS = ("quant_rel_err", "quant_max_err")  # float64: the encoder's values, rounded to float32 on write

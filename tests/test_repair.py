@@ -495,12 +495,16 @@ def test_a_v1_manifest_of_0_1_0_stays_readable_and_compiles_into(tmp_path, monke
         monkeypatch.setattr(module, "__version__", "0.1.0")
     kb_dir = build_example(tmp_path)
     old = json.loads((Path(__file__).parent / "data" / "kb-example-v1-0.1.0" / "manifest.json").read_text())
-    # its generation as 0.1.0 wrote it: the same table, shard index and tokenizer, a version-1 index
+    # its generation as 0.1.0 wrote it: its table (beside its manifest: 0.1.0 wrote every column with
+    # dictionary pages), the same shard index and tokenizer, a version-1 index
     new_gen = kb_dir / json.loads((kb_dir / "manifest.json").read_text())["generation"]
-    rows = refs_file.read_references(new_gen / refs_file.FILE_NAME).to_pylist()
+    old_table = Path(__file__).parent / "data" / "kb-example-v1-0.1.0" / refs_file.FILE_NAME
+    rows = refs_file.read_references(old_table).to_pylist()
+    assert rows == refs_file.read_references(new_gen / refs_file.FILE_NAME).to_pylist()
 
     def build(gen):
-        for name in (refs_file.FILE_NAME, "memory.safetensors.index.json", "tokenizer.json"):
+        shutil.copyfile(old_table, gen / refs_file.FILE_NAME)
+        for name in ("memory.safetensors.index.json", "tokenizer.json"):
             shutil.copyfile(new_gen / name, gen / name)
         build_indexes(gen, [r["ref_id"] for r in rows], index_texts([r["doc_id"] for r in rows],
                       [r["index"] for r in rows], [r["text"] for r in rows]), None)
