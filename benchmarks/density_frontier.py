@@ -1,8 +1,8 @@
 """The density frontier: held-out recall against the kept share of a reference's key-values.
 
 kept share = (kept tokens / reference tokens) x (memory layers / layers). The first reader
-(examples/reader-half) keeps 16 of 32 tokens in all 4 layers: 1/2; the embedded default, 8 of 32 in
-layer 3 alone: 1/16. The paper keeps 8 of 128 in the first half of the layers:
+(examples/reader-half) keeps 16 of 32 tokens in all 4 layers: 1/2; the embedded default, 5 of 32 in
+layer 3 alone: 5/128 (8 of 32: 1/16). The paper keeps 8 of 128 in the first half of the layers:
 1/32. Each point compiles the reader's 40 held-out articles (examples/reader/corpus: never in any
 training text; `--kb world`: all 2000 articles of its world, the kb benchmarks/train_memory.py
 reads) with one model at one (top-k, memory layers), int8 (`--quant` for others: every point at

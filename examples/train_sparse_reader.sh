@@ -14,8 +14,8 @@
 #   d32s  the same on another fresh world (seed 7), 1900 steps
 # ~5.3 h to d32a on one core of a 2-core machine with AMX, ~4.5 h on one AVX2 core in float32 (torch
 # threads 1); d32r and d32s took 57 min each on two threads of an AVX512-BF16 machine.
-# The result is WORK_DIR/d32s/trained, read at 8 tokens of layer 3 (1/16) or 4 (1/32), exported
-# with its m3-memory.json at 8 of layer 3 as WORK_DIR/reader (examples/export_sparse_reader.py;
+# The result is WORK_DIR/d32s/trained, read at 5 tokens of layer 3 (5/128), 8 (1/16) or 4 (1/32),
+# exported with its m3-memory.json at 5 of layer 3 as WORK_DIR/reader (examples/export_sparse_reader.py;
 # `--out examples/reader` makes it the embedded default, which is how the committed one was made).
 # Measure it with
 #   python benchmarks/density_frontier.py --kb world --known 1000 --point WORK_DIR/d32s/trained:8:3
