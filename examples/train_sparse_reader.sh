@@ -18,7 +18,7 @@
 # exported with its m3-memory.json at 5 of layer 3 as WORK_DIR/reader (examples/export_sparse_reader.py;
 # `--out examples/reader` makes it the embedded default, which is how the committed one was made).
 # Measure it with
-#   python benchmarks/density_frontier.py --kb world --known 1000 --point WORK_DIR/d32s/trained:8:3
+#   python benchmarks/density_frontier.py --kb world --known 1000 --point WORK_DIR/d32s/trained:5:3 WORK_DIR/d32s/trained:8:3
 set -euo pipefail
 work=${1:?usage: bash examples/train_sparse_reader.sh WORK_DIR}
 here=$(cd "$(dirname "$0")/.." && pwd)

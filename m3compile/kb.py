@@ -158,7 +158,7 @@ class KnowledgeBase:
             Memory with keys/values (L, H, K, D) float32, positions (L, H, K), layers.
         Example:
             >>> kb = open_kb("kb/"); m = kb.memory(0); m.keys.shape  # the embedded reader: layer 3, 2 kv heads
-            torch.Size([1, 2, 8, 32])
+            torch.Size([1, 2, 5, 32])
         """
         try:
             if isinstance(ref_id, (bool, np.bool_)):  # operator.index(True) is 1: another reference's memory
