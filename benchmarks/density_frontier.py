@@ -291,10 +291,10 @@ def plot(rows, out: Path):
         label = known.get(Path(model).resolve(), f"{name}, ") + layers + ("" if quant == "int8" else f", {quant}")
         ax.plot([r["share_value"] for r in rs], [100 * r["greedy"]["memory"]["recall"] for r in rs], "o-",
                 label=label)
-        for r in rs:
+        for i, r in enumerate(rs):  # neighbours' labels alternate above and below their points
             ax.annotate(f"{r['top_k']}/{r['width']}, L{min(r['memory_layers'])}-{max(r['memory_layers'])}",
                         (r["share_value"], 100 * r["greedy"]["memory"]["recall"]), fontsize=7,
-                        textcoords="offset points", xytext=(4, 4))
+                        textcoords="offset points", xytext=(4, 4) if i % 2 == 0 else (4, -11))
     none = [100 * r["greedy"]["none"]["recall"] for r in rows]
     ax.axhline(sum(none) / len(none), color="grey", ls=":", label="no memory")
     ax.axhline(80, color="red", ls="--", lw=0.8, label="goal at <= 1/16")
