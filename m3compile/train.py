@@ -23,6 +23,7 @@ Shape letters: B sequences, T tokens (head + text), R references, M memory token
 D head dim, V vocab.
 """
 
+import functools
 import json
 import math
 import random
@@ -97,14 +98,23 @@ def prepare_sequences(texts_path: Path, tokenizer, seq_tokens: int, chunk_tokens
 
 
 def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
-    """Sequences of one step: consecutive slices of seeded per-epoch permutations (stateless)."""
+    """Sequences of one step: consecutive slices of seeded per-epoch permutations (stateless: a
+    function of the arguments, so a resumed run draws the batches of an uninterrupted one)."""
     out = []
     for flat in range(step * batch_size, (step + 1) * batch_size):
         epoch, i = divmod(flat, n)
-        perm = list(range(n))
-        random.Random(f"{seed}/epoch/{epoch}").shuffle(perm)
-        out.append(perm[i])
+        out.append(_epoch_order(seed, epoch, n)[i])
     return out
+
+
+@functools.lru_cache(maxsize=2)  # a step's batch spans at most two epochs
+def _epoch_order(seed: int, epoch: int, n: int) -> tuple[int, ...]:
+    """The order of the n sequences in one epoch. Kept between steps: it was shuffled anew for
+    every sequence of every step, 16 shuffles of ~300k sequences a step on a demo world of 8000
+    articles (~3 s, ~6x the rest of a step on two AVX2 cores, 2026-12-07)."""
+    perm = list(range(n))
+    random.Random(f"{seed}/epoch/{epoch}").shuffle(perm)
+    return tuple(perm)
 
 
 def uses_memory(step: int, config: TrainConfig) -> bool:

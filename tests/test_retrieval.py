@@ -19,6 +19,7 @@ import pytest
 from m3compile import references as refs_file
 from m3compile.errors import M3Error
 from m3compile.index import build_indexes
+from m3compile import retrieve
 from m3compile.retrieve import Hit, Retriever, fuse, overlap
 
 REF_IDS = [100, 205, 310, 415, 520, 625]  # not 0..R-1, so a position-for-id mix-up shows
@@ -427,7 +428,50 @@ def overlap_windows_dp(t, r):
     return best / len(r) if r else 0.0
 
 
-def test_overlap_matches_brute_force_on_small_random_sequences():
+@pytest.fixture(params=["c", "python"])
+def count_in(request, monkeypatch):
+    """Run a test with overlap's count in C (m3compile._overlap) and in Python (its fallback)."""
+    if request.param == "python":
+        monkeypatch.setattr(retrieve, "_overlap", None)
+    else:
+        _need_c_overlap()
+    return request.param
+
+
+def _need_c_overlap():
+    # setup.py builds m3compile/_overlap.c (optional, so an install without a compiler still works);
+    # CI has a compiler (its strict skips fail this one), and a build that lost the module would
+    # filter ~100x slower
+    if retrieve._overlap is None:
+        pytest.skip("m3compile._overlap was not built (no C compiler at install): the Python loop counts")
+
+
+def test_overlap_count_in_c_is_the_python_loops():
+    _need_c_overlap()
+    rng = random.Random(7)
+    # one word, exactly one, a word and a bit, two and more (the carry between words), long queries
+    # (many windows), few symbols (long common subsequences) and many
+    for rlen in (1, 2, 31, 32, 63, 64, 65, 100, 127, 128, 129, 200):
+        for tlen in (1, rlen // 2 + 1, 64, 2 * rlen + 1, 2 * rlen + 40, 300):
+            for vocab in (2, 5, 1000):
+                t = [rng.randrange(vocab) for _ in range(tlen)]
+                r = [rng.randrange(vocab) for _ in range(rlen)]
+                assert overlap(t, r) == retrieve._overlap_python(t, r), (tlen, rlen, vocab)
+    r = list(range(70))  # the whole reference, spread over 2|r| + 1 query tokens, at the end of a long query
+    t = [-1] * 500 + [x for y in r for x in (y, -2)][:-1] + [-3] * 2
+    assert overlap(t, r) == retrieve._overlap_python(t, r) == 1.0
+    # other sequence types and token ids as numpy integers, and what is not a token
+    assert overlap(np.array([9, 1, 2, 9, 3]), (1, 2, 3)) == overlap(range(5), np.arange(1, 4)) == 1.0
+    assert overlap([2**40, 5], [2**40]) == 1.0
+    with pytest.raises(TypeError):
+        retrieve._overlap.lcs_in_windows([1, "a"], [1])
+    with pytest.raises(TypeError):
+        retrieve._overlap.lcs_in_windows(5, [1])
+    with pytest.raises(OverflowError):
+        retrieve._overlap.lcs_in_windows([2**70], [1])
+
+
+def test_overlap_matches_brute_force_on_small_random_sequences(count_in):
     rng = random.Random(0)
     for _ in range(400):
         r = [rng.randrange(3) for _ in range(rng.randint(1, 4))]
@@ -435,7 +479,7 @@ def test_overlap_matches_brute_force_on_small_random_sequences():
         assert overlap(t, r) == overlap_brute(t, r), (t, r)
 
 
-def test_overlap_matches_a_windowed_dp_on_query_sized_sequences():
+def test_overlap_matches_a_windowed_dp_on_query_sized_sequences(count_in):
     rng = random.Random(1)
     for tlen, rlen, vocab in ((64, 128, 8), (64, 10, 4), (64, 20, 3), (40, 3, 2), (64, 31, 5)):
         for _ in range(3):
@@ -444,7 +488,7 @@ def test_overlap_matches_a_windowed_dp_on_query_sized_sequences():
             assert overlap(t, r) == overlap_windows_dp(t, r), (tlen, rlen)
 
 
-def test_overlap_paper_cases():
+def test_overlap_paper_cases(count_in):
     ref = [5, 6, 7, 8, 9, 10]
     assert overlap([1, 2] + ref + [3, 4], ref) == 1.0  # the reference inside the query
     assert overlap([5, 0, 6, 0, 7, 0, 8, 0, 9, 0, 10], ref) == 1.0  # spread, span 10 <= 12

@@ -7,6 +7,7 @@ memories are the write side's exact floats; training memories and the training f
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +25,8 @@ from m3compile.model import (ModelArgs, Transformer, bf16_is_native, cpuinfo_has
                              save_checkpoint)
 from m3compile.pipeline import compile_kb
 from m3compile.reader import ChunkMemory, ReadLayout, text_logits
-from m3compile.train import (STATE_FILE, TrainConfig, batch_logits, encode_memories, kb_retriever, lr_at,
-                             prepare_sequences, step_loss, train, uses_memory)
+from m3compile.train import (STATE_FILE, TrainConfig, batch_indices, batch_logits, encode_memories, kb_retriever,
+                             lr_at, prepare_sequences, step_loss, train, uses_memory)
 
 VOCAB = 120
 
@@ -223,6 +224,22 @@ def test_resume_equals_uninterrupted(setup, tmp_path, through):
     assert resumed["loss_curve"] == full["loss_curve"]
     wf, wp = _weights(tmp_path / "full"), _weights(tmp_path / "part")
     assert all(torch.equal(wf[k], wp[k]) for k in wf)
+
+
+def test_batches_are_slices_of_seeded_epoch_permutations():
+    # the definition, written out: epoch e's order is range(n) shuffled by Random(f"{seed}/epoch/{e}"), and
+    # step s takes flat positions s*B .. (s+1)*B - 1 of the epochs laid end to end. Kept orders must not
+    # leak between seeds, sizes or epochs, and a step across an epoch's end takes from both
+    def order(seed, epoch, n):
+        perm = list(range(n))
+        random.Random(f"{seed}/epoch/{epoch}").shuffle(perm)
+        return perm
+
+    for n, B, seed in [(7, 3, 0), (7, 3, 1), (8, 3, 0), (5, 16, 2), (1000, 16, 0)]:
+        flat = [i for e in range(60 * B // n + 2) for i in order(seed, e, n)]
+        for step in list(range(12)) + [59, 3, 0]:  # out of order too, as a resumed run asks
+            assert batch_indices(step, n, B, seed) == flat[step * B:(step + 1) * B], (n, B, seed, step)
+    assert sorted(batch_indices(0, 5, 5, 0)) == list(range(5))  # an epoch is a permutation
 
 
 def test_schedules():
