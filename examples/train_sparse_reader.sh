@@ -13,7 +13,10 @@
 #         (--replay-world 0: never its held-out articles), 1900 steps
 #   d32s  the same on another fresh world (seed 7), 1900 steps
 # ~5.3 h to d32a on one core of a 2-core machine with AMX, ~4.5 h on one AVX2 core in float32 (torch
-# threads 1); d32r and d32s took 57 min each on two threads of an AVX512-BF16 machine.
+# threads 1); d32r and d32s took 57 min each on two threads of an AVX512-BF16 machine. Those times
+# are from before 2026-12-07, when m3 train shuffled an epoch's order for every sequence of every
+# step and the retrieval's Eq. 6 filter ran in Python: a step of d32s's size on an 8000-article
+# world now trains in 12.5 min on two AVX2 cores, 22 min with its retrieval and evaluations.
 # The result is WORK_DIR/d32s/trained, read at 5 tokens of layer 3 (5/128), 8 (1/16) or 4 (1/32),
 # exported with its m3-memory.json at 5 of layer 3 as WORK_DIR/reader (examples/export_sparse_reader.py;
 # `--out examples/reader` makes it the embedded default, which is how the committed one was made).
