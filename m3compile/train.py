@@ -110,8 +110,8 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
 @functools.lru_cache(maxsize=2)  # a step's batch spans at most two epochs
 def _epoch_order(seed: int, epoch: int, n: int) -> tuple[int, ...]:
     """The order of the n sequences in one epoch. Kept between steps: it was shuffled anew for
-    every sequence of every step, 16 shuffles of ~300k sequences a step on a demo world of 8000
-    articles (~3 s, ~6x the rest of a step on two AVX2 cores, 2026-12-07)."""
+    every sequence of every step: 16 shuffles of ~260k sequences a step on a demo world of 8000
+    articles, which made a step ~6x slower on two AVX2 cores (2026-12-07)."""
     perm = list(range(n))
     random.Random(f"{seed}/epoch/{epoch}").shuffle(perm)
     return tuple(perm)
