@@ -1,7 +1,7 @@
 """What the paper's Eq. 6 leakage filter costs in retrieval: its count in C against the Python loop.
 
-Cuts training texts into 64-token chunks as `m3 train` does (train.prepare_sequences: the first
---seq-tokens of each text, then chunks), retrieves --refs references for every chunk with the filter
+Cuts the first 256 tokens of each training text (TrainConfig.seq_tokens; `m3 train`'s
+prepare_sequences cuts a longer text into more sequences) into 64-token chunks, retrieves --refs references for every chunk with the filter
 at 0.9 (training's threshold), with the count in C (m3compile/_overlap.c) and in Python
 (retrieve._overlap_python), alternating, --rounds times each, and once with no filter. Then the
 cost of one check on the (chunk, candidate) pairs the retrieval looked at. Checks that both counts
@@ -45,6 +45,7 @@ def main() -> int:
     tok = Tokenizer.from_dir(r.path)  # the kb's own tokenizer.json, in its generation
     with open(a.texts, encoding="utf-8") as f:
         lines = list(itertools.islice(f, a.n_texts))
+    lines = [x for x in lines if x.strip()]
     texts = [json.loads(x)["text"] for x in lines] if a.texts.suffix == ".jsonl" else lines
     chunks = []
     for t in texts:
@@ -70,8 +71,19 @@ def main() -> int:
     for ids, ranked in zip(chunks, r._ranked_blocks(queries, 2 * a.refs + 8, r.mode)):
         refs = r._reference_tokens([h.ref_id for h in ranked])
         pairs += [(ids, refs[h.ref_id]) for h in ranked]
-    c = min(timeit.repeat(lambda: [native.lcs_in_windows(t, x) for t, x in pairs], number=3, repeat=3)) / 3
-    p = min(timeit.repeat(lambda: [retrieve._overlap_python(t, x) for t, x in pairs], number=1, repeat=3))
+    if not pairs:
+        print("no query retrieved any reference: nothing to time", file=sys.stderr)
+        return 1
+
+    def checks(impl):  # every pair through retrieve.overlap, its count in C or in Python
+        retrieve._overlap = impl
+        try:
+            return [retrieve.overlap(t, x) for t, x in pairs]
+        finally:
+            retrieve._overlap = native
+
+    c = min(timeit.repeat(lambda: checks(native), number=3, repeat=3)) / 3
+    p = min(timeit.repeat(lambda: checks(None), number=1, repeat=3))
 
     print(f"{len(texts)} texts -> {len(chunks)} chunks of <= {CHUNK_TOKENS} tokens; {a.refs} references each, "
           f"filter at {a.max_overlap}; kb {a.kb} ({r.mode})")

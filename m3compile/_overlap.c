@@ -11,8 +11,8 @@
 
    Why C: the filter runs on every candidate of every query with max_overlap (`m3 train` filters
    each 64-token chunk's candidates, `m3 eval` and the benchmarks each question's): a 64-token
-   query against a 32-token reference is 64 steps of Python big-int arithmetic: 44 us a check on a
-   training run's chunks against 3.6 us here, and the retrieval before that run 1.8x as fast
+   query against a 32-token reference is 64 steps of Python big-int arithmetic: 45 us a check on a
+   training run's chunks against 4.0 us here, and the retrieval before that run 1.8x as fast
    (benchmarks/overlap_filter.py, 2026-12-07, AVX2 AMD EPYC). */
 
 #define PY_SSIZE_T_CLEAN
@@ -30,20 +30,26 @@ static int popcount64(uint64_t x) {
 #endif
 }
 
-/* the ints of a list or tuple into a fresh array (NULL with an exception set) */
+/* the ints of a sequence into a fresh array (NULL with an exception set). Read from a tuple copy:
+   PyLong_AsLongLong may run an item's __index__, which could change a list under a borrowed
+   items pointer; the tuple holds its own references */
 static long long *as_tokens(PyObject *seq, Py_ssize_t *n, const char *what) {
-    PyObject *fast = PySequence_Fast(seq, what);
-    if (fast == NULL) return NULL;
-    *n = PySequence_Fast_GET_SIZE(fast);
+    PyObject *fast = PyTuple_Check(seq) ? (Py_INCREF(seq), seq) : PySequence_Tuple(seq);
+    if (fast == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_SetString(PyExc_TypeError, what);
+        }
+        return NULL;
+    }
+    *n = PyTuple_GET_SIZE(fast);
     long long *out = PyMem_Malloc(sizeof(long long) * (size_t)(*n > 0 ? *n : 1));
     if (out == NULL) {
         Py_DECREF(fast);
         PyErr_NoMemory();
         return NULL;
     }
-    PyObject **items = PySequence_Fast_ITEMS(fast);
     for (Py_ssize_t i = 0; i < *n; i++) {
-        out[i] = PyLong_AsLongLong(items[i]);
+        out[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(fast, i));
         if (out[i] == -1 && PyErr_Occurred()) {
             PyMem_Free(out);
             Py_DECREF(fast);

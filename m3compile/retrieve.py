@@ -51,8 +51,8 @@ def overlap(query_tokens: Sequence[int], ref_tokens: Sequence[int]) -> float:
     Cost: max(1, |t| - W + 1) windows × min(|t|, W) steps; a 64-token query against a 128-token
     reference is one window of 64 steps.
 
-    In C where m3compile._overlap was built (64 reference positions a machine word: 3.6 against
-    44 us a check on a training run's chunks, benchmarks/overlap_filter.py), else _overlap_python:
+    In C where m3compile._overlap was built (64 reference positions a machine word: 4.0 against
+    45 us a check on a training run's chunks, benchmarks/overlap_filter.py), else _overlap_python:
     the same N.
 
     Args:
@@ -68,7 +68,12 @@ def overlap(query_tokens: Sequence[int], ref_tokens: Sequence[int]) -> float:
         return _overlap_python(query_tokens, ref_tokens)
     t = query_tokens if isinstance(query_tokens, (list, tuple)) else list(query_tokens)
     r = ref_tokens if isinstance(ref_tokens, (list, tuple)) else list(ref_tokens)
-    return _overlap.lcs_in_windows(t, r) / len(r) if r else 0.0
+    if not r:
+        return 0.0
+    try:
+        return _overlap.lcs_in_windows(t, r) / len(r)
+    except (TypeError, OverflowError):  # tokens that are not 64-bit ints: the loop compares any values
+        return _overlap_python(t, r)
 
 
 def _overlap_python(query_tokens: Sequence[int], ref_tokens: Sequence[int]) -> float:

@@ -441,7 +441,7 @@ def count_in(request, monkeypatch):
 def _need_c_overlap():
     # setup.py builds m3compile/_overlap.c (optional, so an install without a compiler still works);
     # CI has a compiler (its strict skips fail this one), and a build that lost the module would
-    # filter ~100x slower
+    # filter ~11x slower a check
     if retrieve._overlap is None:
         pytest.skip("m3compile._overlap was not built (no C compiler at install): the Python loop counts")
 
@@ -469,6 +469,20 @@ def test_overlap_count_in_c_is_the_python_loops():
         retrieve._overlap.lcs_in_windows(5, [1])
     with pytest.raises(OverflowError):
         retrieve._overlap.lcs_in_windows([2**70], [1])
+    # overlap() itself counts any tokens: what C cannot take goes to the Python loop
+    assert overlap(["a", "b", "c"], ["b", "c"]) == 1.0 and overlap([2**70, 1], [2**70]) == 1.0
+
+    class Clears:  # a token whose __index__ empties the list being read: a copy is read, no crash
+        def __init__(self, victim):
+            self.victim = victim
+
+        def __index__(self):
+            self.victim.clear()
+            return 1
+
+    t = [1, 2, 3]
+    t.insert(0, Clears(t))
+    assert retrieve._overlap.lcs_in_windows(t, [1, 2, 3]) == 3
 
 
 def test_overlap_matches_brute_force_on_small_random_sequences(count_in):

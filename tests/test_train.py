@@ -240,6 +240,9 @@ def test_batches_are_slices_of_seeded_epoch_permutations():
         for step in list(range(12)) + [59, 3, 0]:  # out of order too, as a resumed run asks
             assert batch_indices(step, n, B, seed) == flat[step * B:(step + 1) * B], (n, B, seed, step)
     assert sorted(batch_indices(0, 5, 5, 0)) == list(range(5))  # an epoch is a permutation
+    # seeds that a cache would take for one (1 == 1.0 == True) shuffle apart, as their strings do
+    for seed in (1, 1.0, True):
+        assert batch_indices(0, 50, 50, seed) == order(seed, 0, 50), seed
 
 
 def test_schedules():
