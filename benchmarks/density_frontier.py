@@ -47,7 +47,7 @@ import random
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from fractions import Fraction
 from pathlib import Path
 
@@ -186,7 +186,7 @@ def whole_world(tmp: Path) -> Path:
 def other_world(tmp: Path, entities: int, seed: int) -> tuple[list, Path, Path, Path]:
     """Another world, split as benchmarks/train_memory.py splits its worlds: (its held-out entities,
     their facts, a folder of their articles alone, a folder of every article). With a seed no recipe
-    step trained on (examples/train_sparse_reader.sh: 0-4, 6, 7) it is new to every reader, replay and all."""
+    step trained on (examples/train_sparse_reader.sh: 0-4, 6, 7, 14, 15) it is new to every reader, replay and all."""
     world, (H, _, _) = drawn_world(entities, seed)
     out = tmp / f"world-{seed}"
     make_corpus.write_facts(world, out / "facts", ids=H)
@@ -201,6 +201,11 @@ def main() -> int:
                     default=["half:16:0-3", "half:8:0-3", "half:4:0-3", "half:2:0-3", "half:1:0-3"])
     ap.add_argument("--limit", type=int, default=400, help="held-out records evaluated (as examples/README.md)")
     ap.add_argument("--known", type=int, default=0, metavar="N", help="also ask N questions about the known entities W")
+    ap.add_argument("--known-kb", choices=("own", "world"), default="own",
+                    help="the kb the known questions read: their 120 articles alone (own), or the whole 2000-article "
+                         "world that holds them (world: the kb the held-out questions read with --kb world, so that "
+                         "known and held-out facts differ only in what the model learned; a small kb of unrelated "
+                         "neighbours reads worse, examples/README.md)")
     ap.add_argument("--kb", choices=("held-out", "world"), default="held-out",
                     help="the kb's articles: the 40 held-out ones (examples/reader/corpus) or all 2000 of the "
                          "world, as benchmarks/train_memory.py evaluates (same held-out records either way)")
@@ -236,13 +241,24 @@ def main() -> int:
             row["kb"] = a.kb if a.world_seed is None else f"{a.kb}, world {a.world_seed} ({a.world_entities} entities)"
             if known:
                 # facts the model answers right without memory, asked again with their article's memories
-                kev = measure(p, known[0], known[1], Path(tmp) / "k", (), a.dtype, quant)
+                if a.known_kb == "own":
+                    kev = measure(p, known[0], known[1], Path(tmp) / "k", (), a.dtype, quant)
+                elif a.kb == "world":  # the kb just compiled for this point (measure finds it up to date)
+                    kev = measure(p, corpus, known[1], Path(tmp), (), a.dtype, quant)
+                else:
+                    kev = measure(p, whole_world(Path(tmp)), known[1], Path(tmp) / "kw", (), a.dtype, quant)
                 g = kev["greedy"]
                 kept = set(g["none"]["right"]) & set(g["memory"]["right"])
-                row["known"] = {"questions": g["none"]["questions"], "none": g["none"]["recall"],
+                row["known"] = {"kb": a.known_kb, "questions": g["none"]["questions"], "none": g["none"]["recall"],
                                 "memory": g["memory"]["recall"], "known_without_memory": len(g["none"]["right"]),
                                 "still_right_with_memory": len(kept),
-                                "ratio": round(len(kept) / max(1, len(g["none"]["right"])), 4)}
+                                "ratio": round(len(kept) / max(1, len(g["none"]["right"])), 4),
+                                # which ones memory lost, and what the known ones are (a fact kind the model
+                                # guesses without memory, e.g. a guild's kind from its name, or a fact it learned)
+                                "lost": sorted(set(g["none"]["right"]) - kept),
+                                "known_kinds": dict(Counter(q.split(".q.")[1].rsplit(".", 1)[0]
+                                                            for q in g["none"]["right"])),
+                                "memory_kinds": g["memory"]["kinds"]}
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     print_table(rows)

@@ -4,10 +4,14 @@
 
 writes OUT/model (for examples/reader: the package's embedded default model, which
 examples/reader/model links to) and OUT/results.json:
-- the model is the recipe's last step (WORK_DIR/d32s/trained), its resume state left out;
+- the model is the mean of two steps' weights, d32s's and d5r's (every tensor (a + b) / 2 in
+  float32: a "soup"; examples/README.md, "Composed phrasings at 5/128"): d5r, the recipe's last
+  step, reads held-out phrasings better and d32s, the step before the composed ones, reads small kbs
+  better; their mean reads both about as well as the better one. The files beside the weights
+  (config, tokenizer, training.json) are d5r's, its resume state left out;
 - its m3-memory.json says the density it is read at by default: 5 of 32 tokens of layer 3, 5/128
-  (~1/26) of each reference's key-values. The recipe trained it at 8 (d16y, d16z) and then at 4
-  (d32a, d32r, d32s). Read at 5 it answers at least as well as the 1/2 reader on every world
+  (~1/26) of each reference's key-values. The recipe trained it at 8 (d16y, d16z), then at 4
+  (d32a, d32r, d32s) and at 5 (d5e, d5r). Read at 5 it answers at least as well as the 1/2 reader on every world
   measured and its kbs are 8x smaller than that reader's (issue 13); read at 8 (`m3 compile --top-k
   8`, 1/16) it answers best; `--top-k 4` reads it at 1/32 (examples/README.md, "The density
   frontier");
@@ -33,10 +37,27 @@ sys.path.insert(0, str(ROOT / "examples"))
 from m3compile import __version__  # noqa: E402
 from m3compile.config import read_model_memory, write_model_memory  # noqa: E402
 
-STEPS = ("d16b", "d16w", "d16y", "d16z", "d32a", "d32r", "d32s")  # examples/train_sparse_reader.sh, in order
+STEPS = ("d16b", "d16w", "d16y", "d16z", "d32a", "d32r", "d32s", "d5e", "d5r")  # examples/train_sparse_reader.sh, in order
 READ = {"top_k": 5, "memory_layers": [3]}  # 5/128: 5 of 32 tokens, layer 3 of 4
 WORLD = ("entities", "world_seed", "held_out", "memory_only")
 MACHINE_ARGS = ("work", "json", "export", "threads", "resume")  # where it ran, not what it trained
+SOUP = ("d32s", "d5r")  # the steps whose weights' mean is exported (equal weights)
+
+
+def soup(dirs: list[Path], out: Path) -> None:
+    """out/model.safetensors: every tensor the mean of the dirs' model.safetensors (float32)."""
+    from safetensors.numpy import load_file, save_file
+
+    models = [load_file(str(d / "model.safetensors")) for d in dirs]
+    if any(m.keys() != models[0].keys() or any(m[k].shape != models[0][k].shape for k in m) for m in models):
+        sys.exit(f"error: {', '.join(map(str, dirs))} do not hold the same tensors; they are not steps of one recipe")
+    mean = {}
+    for k in sorted(models[0]):
+        acc = models[0][k].astype("float32")
+        for m in models[1:]:
+            acc = acc + m[k].astype("float32")
+        mean[k] = (acc / len(models)).astype(models[-1][k].dtype)
+    save_file(mean, str(out / "model.safetensors"), metadata={"format": "pt"})  # as torch writes it (transformers asks)
 
 
 def step_record(name: str, res: dict, previous: str | None) -> dict:
@@ -53,8 +74,7 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     # every step's record, and the last step's weights (the only ones exported)
     missing = [s for s in STEPS if not (a.work / f"{s}.json").is_file()]
-    if not (a.work / STEPS[-1] / "trained" / "config.json").is_file():
-        missing.append(f"{STEPS[-1]} (its trained model)")
+    missing += [f"{s} (its trained model)" for s in SOUP if not (a.work / s / "trained" / "config.json").is_file()]
     if missing:
         sys.exit(f"error: {a.work} lacks the recipe steps {', '.join(missing)}; "
                  f"run `bash examples/train_sparse_reader.sh {a.work}` first")
@@ -66,6 +86,7 @@ def main(argv=None) -> None:
     settings = {**read_model_memory(trained), **READ}
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(trained, dest, ignore=shutil.ignore_patterns("train-state*"))
+    soup([a.work / s / "trained" for s in SOUP], dest)  # over the last step's weights
     for f in dest.iterdir():
         f.chmod(0o644)  # package data: readable by all (training writes its weights owner-only)
     write_model_memory(dest, settings, f"m3compile {__version__} (examples/export_sparse_reader.py)")
@@ -82,11 +103,12 @@ def main(argv=None) -> None:
         "recipe": "bash examples/train_sparse_reader.sh WORK_DIR",
         "world": world,
         "steps": {s: step_record(s, results[s], STEPS[i - 1] if i else None) for i, s in enumerate(STEPS)},
+        "model": {"mean_of": list(SOUP)},  # every tensor the mean of these steps' trained weights
         "compile": {"max_tokens": settings["max_tokens"], "top_k": settings["top_k"],
                     "memory_layers": list(settings["memory_layers"]), "quant": "int8"},
     }
     (a.out / "results.json").write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
-    print(f"{dest}: {STEPS[-1]} read at top-{READ['top_k']} of layers {READ['memory_layers']}; "
+    print(f"{dest}: the mean of {' and '.join(SOUP)} read at top-{READ['top_k']} of layers {READ['memory_layers']}; "
           f"{a.out / 'results.json'}")
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The sparse reader's recipe (examples/README.md, "The density frontier"), one command:
 #   bash examples/train_sparse_reader.sh WORK_DIR
-# Seven continuations of the 1/2 reader (trained at 1/2 of a reference's key-values), each a
+# Nine continuations of the 1/2 reader (trained at 1/2 of a reference's key-values), each a
 # benchmarks/train_memory.py run (it prints held-out fact accuracy before and after):
 #   d16b  its own 2000-article world, top-4 of 32 tokens in layers 2-3 (1/16), 3000 steps
 #   d16w  a fresh 8000-article world (seed 1), same memory, 2000 steps at lr 1e-3
@@ -12,16 +12,24 @@
 #         (--more-forms), and the first world's memory-only and known entities' texts replayed
 #         (--replay-world 0: never its held-out articles), 1900 steps
 #   d32s  the same on another fresh world (seed 7), 1900 steps
+#   d5e   a fresh world (seed 14) at the reading density, top-5 of layer 3 (5/128), four composed
+#         phrasings of every question besides (--composed-forms 4: held-out forms), 1900 steps at lr 5e-4
+#   d5r   a fresh world (seed 15), the same without composed phrasings (re-anchors the templates),
+#         800 steps at lr 2.5e-4
 # ~5.3 h to d32a on one core of a 2-core machine with AMX, ~4.5 h on one AVX2 core in float32 (torch
 # threads 1); d32r and d32s took 57 min each on two threads of an AVX512-BF16 machine. Those times
 # are from before 2026-12-07, when m3 train shuffled an epoch's order for every sequence of every
 # step and the retrieval's Eq. 6 filter ran in Python: a step of d32s's size on an 8000-article
-# world now trains in 12.5 min on two AVX2 cores, 22 min with its retrieval and evaluations.
-# The result is WORK_DIR/d32s/trained, read at 5 tokens of layer 3 (5/128), 8 (1/16) or 4 (1/32),
-# exported with its m3-memory.json at 5 of layer 3 as WORK_DIR/reader (examples/export_sparse_reader.py;
+# world now trains in 12.5 min on two AVX2 cores, 22 min with its retrieval and evaluations
+# (d5e: 21.6 min, d5r: 11.0 min, two threads of a 2-core AVX2 AMD EPYC, 2026-12-07; both steps run
+# on two threads, as they were trained: other thread counts give other bits).
+# The result is the mean of d32s's and d5r's weights (every tensor; examples/README.md, "Composed
+# phrasings at 5/128"), read at 5 tokens of layer 3 (5/128), 8 (1/16) or 4 (1/32), exported with
+# its m3-memory.json at 5 of layer 3 as WORK_DIR/reader/model (examples/export_sparse_reader.py;
 # `--out examples/reader` makes it the embedded default, which is how the committed one was made).
 # Measure it with
-#   python benchmarks/density_frontier.py --kb world --known 1000 --point WORK_DIR/d32s/trained:5:3 WORK_DIR/d32s/trained:8:3
+#   python benchmarks/density_frontier.py --kb world --known 1852 --point WORK_DIR/reader/model:5:3 WORK_DIR/reader/model:8:3
+#   python benchmarks/question_forms.py --kb world --model WORK_DIR/reader/model
 set -euo pipefail
 work=${1:?usage: bash examples/train_sparse_reader.sh WORK_DIR}
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -49,4 +57,8 @@ run d32r --start-from "$work/d32a/trained" --entities 8000 --world-seed 6 --top-
     --memory-layers 3 --steps 1900 --lr 1e-3 --more-forms --replay-world 0
 run d32s --start-from "$work/d32r/trained" --entities 8000 --world-seed 7 --top-k 4 \
     --memory-layers 3 --steps 1900 --lr 1e-3 --more-forms --replay-world 0
+run d5e --start-from "$work/d32s/trained" --threads 2 --entities 8000 --world-seed 14 --top-k 5 \
+    --memory-layers 3 --steps 1900 --lr 5e-4 --more-forms --composed-forms 4 --replay-world 0
+run d5r --start-from "$work/d5e/trained" --threads 2 --entities 8000 --world-seed 15 --top-k 5 \
+    --memory-layers 3 --steps 800 --lr 2.5e-4 --more-forms --replay-world 0
 python "$here/examples/export_sparse_reader.py" "$work" --out "$work/reader"

@@ -280,17 +280,17 @@ def load_kb_model(kb: KnowledgeBase, model: str | Path | None = None, device: st
             raise M3Error(f"the kb's model {recorded['path']!r} is not found from here; pass --model "
                           "with the checkpoint the kb was compiled with")
     fp = fingerprint(model)
-    for key, what in (("config_sha256", "config.json"), ("tokenizer_sha256", "tokenizer.json"),
-                      ("weights_sha256", "weights")):
+    for key, what in (("config_sha256", "the config.json differs"),
+                      ("tokenizer_sha256", "the tokenizer.json differs"), ("weights_sha256", "the weights differ")):
         if fp[key] != recorded[key]:
             if embedded:
                 # the embedded default changed between versions (0.2.0: the sparse reader)
                 raise M3Error(f"{kb.path} was compiled with an earlier embedded model than this "
-                              f"m3compile's ({what} differs); recompile it (m3 compile CORPUS -o {kb.path} "
+                              f"m3compile's ({what}); recompile it (m3 compile CORPUS -o {kb.path} "
                               "--rebuild), or pass --model with that model (before 0.2.0: the 1/2 reader, "
                               "examples/reader-half/model in the source repository)")
-            raise M3Error(f"model {model} differs from the one {kb.path} was compiled with ({what} "
-                          "differs); pass the same --model, or recompile the kb with this one")
+            raise M3Error(f"model {model} differs from the one {kb.path} was compiled with ({what}); "
+                          "pass the same --model, or recompile the kb with this one")
     return load_checkpoint(model, device=device, dtype=dtype)
 
 

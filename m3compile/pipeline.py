@@ -55,8 +55,8 @@ from m3compile.tokenizer import Tokenizer
 
 Progress = Callable[[dict], None]  # receives {"event": "start"|"batch"|"done", ...}
 # the compile option behind a MemorySpec field, for messages only: the kb's identity is the field
-MODEL_FINGERPRINT = {"model_config_sha256": "config.json", "model_weights_sha256": "weights",
-                     "tokenizer_sha256": "tokenizer"}
+MODEL_FINGERPRINT = {"model_config_sha256": "config.json differs", "model_weights_sha256": "weights differ",
+                     "tokenizer_sha256": "tokenizer differs"}
 OPTION_OF = {"model_config_sha256": "--model", "model_weights_sha256": "--model", "tokenizer_sha256": "--model",
              "width": "--max-tokens", "boundary": "--boundary", "min_fill": "--min-fill", "prefix": "--prefix",
              "prefix_ids": "--prefix", "memory_layers": "--memory-layers", "top_k": "--top-k", "quant": "--quant",
@@ -403,7 +403,7 @@ def _previous(out: Path, setup: Setup, rebuild: bool, log, spill_dir: Path | Non
         if name in MODEL_FINGERPRINT:  # digests say nothing to a user: name the two checkpoints
             now = setup.config.model if setup.config.model is not None else "the embedded model"
             raise M3Error(f"{out} was compiled with another model ({manifest.model.get('path')}; its "
-                          f"{MODEL_FINGERPRINT[name]} differs from {now}'s): pass --model with that checkpoint to "
+                          f"{MODEL_FINGERPRINT[name]} from {now}'s): pass --model with that checkpoint to "
                           "grow the kb, or --rebuild to compile it anew with this one (it stays readable until "
                           "the new one is committed)")
         option = f"; option {OPTION_OF[name]}" if name in OPTION_OF else ""

@@ -286,6 +286,31 @@ def test_reader_corpus_is_the_held_out_part_of_its_world(tmp_path):
     assert {k: half[k] for k in args} == args
 
 
+def test_export_soups_the_steps_weights(tmp_path):
+    # the embedded reader is the mean of two recipe steps' weights (examples/export_sparse_reader.py
+    # SOUP): every tensor (a + b) / 2, as float32, the names and shapes checked
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    export = _example_module("export_sparse_reader")
+    rng = np.random.default_rng(0)
+    dirs = [tmp_path / n for n in ("a", "b", "out")]
+    for d in dirs:
+        d.mkdir()
+    tensors = [{"w": rng.standard_normal((3, 4)).astype(np.float32), "n": rng.standard_normal(4).astype(np.float32)}
+               for _ in range(2)]
+    for d, t in zip(dirs, tensors):
+        save_file(t, str(d / "model.safetensors"))
+    export.soup(dirs[:2], dirs[2])
+    out = load_file(str(dirs[2] / "model.safetensors"))
+    assert out.keys() == {"w", "n"}
+    for k in out:
+        assert out[k].dtype == np.float32 and np.array_equal(out[k], (tensors[0][k] + tensors[1][k]) / 2)
+    save_file({"w": tensors[0]["w"][:2], "n": tensors[0]["n"]}, str(dirs[1] / "model.safetensors"))
+    with pytest.raises(SystemExit, match="not hold the same tensors"):
+        export.soup(dirs[:2], dirs[2])
+
+
 def test_reader_model_is_the_embedded_default_and_records_its_memory_format():
     from m3compile.config import default_model_dir, read_model_memory
 
@@ -344,7 +369,7 @@ def test_kb_of_an_earlier_embedded_model_is_one_error_naming_the_fix(tmp_path, m
     assert kb.manifest.model["path"] == "<embedded example>"
     load_kb_model(kb)  # today's default reads its own kb
     monkeypatch.setattr(m3compile.config, "default_model_dir", lambda: HALF / "model")  # another default
-    with pytest.raises(M3Error, match=r"compiled with an earlier embedded model .*\(weights differs\).*--rebuild"):
+    with pytest.raises(M3Error, match=r"compiled with an earlier embedded model .*\(the weights differ\).*--rebuild"):
         load_kb_model(kb)
     with pytest.raises(M3Error, match=r"differs from the one .* was compiled with"):
         load_kb_model(kb, model=HALF / "model")  # an explicit other model: the plain message
