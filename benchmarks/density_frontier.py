@@ -22,7 +22,8 @@ records as examples/README.md (the first --limit records after a seeded shuffle)
   kinds     greedy question recall with memory per fact kind (founded, market_day, ...);
   known     (--known) questions about the reader's known entities W (their articles were in its
             warm-up): of those it answers right without memory (greedy), how many it still answers
-            right reading a kb of their own articles; memory must not make it forget.
+            right reading a kb of their own articles (or, --known-kb world, the world kb that holds
+            them); memory must not make it forget. --known 1852 asks all of them.
 
 Points are MODEL:TOP_K:LAYERS (LAYERS like 0-3 or 2,3; MODEL a checkpoint directory, `reader`
 for the embedded default, or `half` for the 1/2 reader, examples/reader-half/model), with
@@ -32,7 +33,7 @@ layers (1/2 ... 1/32). `--dtype bfloat16` compiles the memories in bfloat16 (the
 in float32): does the reader read memories of a bf16 compile as well? `--world-seed SEED` measures
 on another world's held-out entities (split as train_memory.py splits, --world-entities of them,
 --kb world: all its articles): a seed no recipe step trained on is new to every reader, including
-the steps that replay the first world (d32r, d32s).
+the steps that replay the first world (d32r, d32s, d5e, d5r).
 
     python benchmarks/density_frontier.py --json frontier.json --plot examples/density_frontier.png
     python benchmarks/density_frontier.py --point half:16:0-3 reader:8:3 reader:4:3 --known 1000
@@ -211,8 +212,9 @@ def main() -> int:
                          "world, as benchmarks/train_memory.py evaluates (same held-out records either way)")
     ap.add_argument("--world-seed", type=int, default=None, metavar="SEED",
                     help="measure on another world's held-out entities instead of the readers' first world's: "
-                         "--kb world compiles all its articles, --kb held-out theirs alone (a seed of 8 or more: "
-                         "a world no recipe step trained on; d32t, outside the recipe, trained on 8)")
+                         "--kb world compiles all its articles, --kb held-out theirs alone (9, 10 or 13: "
+                         "worlds no step trained on; the recipe trained on 0-4, 6, 7, 14 and 15, steps outside "
+                         "it on 5, 8, 11, 12 and 16-18)")
     ap.add_argument("--world-entities", type=int, default=8000, help="entities of the --world-seed world")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="float32", help="the compile's dtype (the memories' forward); reading is float32")
@@ -235,18 +237,18 @@ def main() -> int:
         recs = load_records(facts)
         recs = eval_records(recs, {r["entity"] for r in recs}, a.limit)
         known = known_world(Path(tmp), a.known) if a.known else None
+        # the known questions' kb: their own articles, or the world's (already there with --kb world)
+        known_corpus = None if not known else known[0] if a.known_kb == "own" else \
+            corpus if a.kb == "world" else whole_world(Path(tmp))
         for s, quant in itertools.product(a.point, a.quant):
             p = parse_point(s)
             row = measure(p, corpus, recs, Path(tmp), ("none", "sparse", "rag", "other"), a.dtype, quant)
             row["kb"] = a.kb if a.world_seed is None else f"{a.kb}, world {a.world_seed} ({a.world_entities} entities)"
             if known:
                 # facts the model answers right without memory, asked again with their article's memories
-                if a.known_kb == "own":
-                    kev = measure(p, known[0], known[1], Path(tmp) / "k", (), a.dtype, quant)
-                elif a.kb == "world":  # the kb just compiled for this point (measure finds it up to date)
-                    kev = measure(p, corpus, known[1], Path(tmp), (), a.dtype, quant)
-                else:
-                    kev = measure(p, whole_world(Path(tmp)), known[1], Path(tmp) / "kw", (), a.dtype, quant)
+                # with --kb world and --known-kb world: the kb just compiled for this point (up to date)
+                kdir = Path(tmp) if known_corpus == corpus else Path(tmp) / "k"
+                kev = measure(p, known_corpus, known[1], kdir, (), a.dtype, quant)
                 g = kev["greedy"]
                 kept = set(g["none"]["right"]) & set(g["memory"]["right"])
                 row["known"] = {"kb": a.known_kb, "questions": g["none"]["questions"], "none": g["none"]["recall"],

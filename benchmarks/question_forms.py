@@ -187,8 +187,8 @@ def main() -> int:
     ap.add_argument("--kb", choices=("held-out", "world"), default="world",
                     help="the 40 held-out articles, or all 2000 articles of the readers' world (default)")
     ap.add_argument("--world-seed", type=int, default=None, metavar="SEED",
-                    help="ask another world's held-out entities instead (as density_frontier.py --world-seed: a "
-                         "seed of 8 or more is a world no recipe step trained on; 9 or more for d32t)")
+                    help="ask another world's held-out entities instead (as density_frontier.py --world-seed: "
+                         "9, 10 and 13 are worlds no step trained on)")
     ap.add_argument("--world-entities", type=int, default=8000, help="entities of the --world-seed world")
     ap.add_argument("--blind", type=Path, default=BLIND_FILE,
                     help="the blind forms (default benchmarks/blind_forms.json; blind_forms_2.json is a second set "

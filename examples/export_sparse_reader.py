@@ -44,20 +44,34 @@ MACHINE_ARGS = ("work", "json", "export", "threads", "resume")  # where it ran, 
 SOUP = ("d32s", "d5r")  # the steps whose weights' mean is exported (equal weights)
 
 
-def soup(dirs: list[Path], out: Path) -> None:
-    """out/model.safetensors: every tensor the mean of the dirs' model.safetensors (float32)."""
-    from safetensors.numpy import load_file, save_file
+def soup_tensors(dirs: list[Path]) -> dict:
+    """Every tensor of the dirs' model.safetensors, the mean of theirs: summed and divided in
+    float32, stored in their dtype (the recipe's steps are float32: exactly (a + b) / 2)."""
+    from safetensors.torch import load_file
 
     models = [load_file(str(d / "model.safetensors")) for d in dirs]
-    if any(m.keys() != models[0].keys() or any(m[k].shape != models[0][k].shape for k in m) for m in models):
-        sys.exit(f"error: {', '.join(map(str, dirs))} do not hold the same tensors; they are not steps of one recipe")
+    if any(m.keys() != models[0].keys() or any(m[k].shape != models[0][k].shape or m[k].dtype != models[0][k].dtype
+                                                 for k in m) for m in models):
+        sys.exit(f"error: {', '.join(map(str, dirs))} do not hold the same tensors (names, shapes, dtypes); "
+                 "they are not steps of one recipe")
     mean = {}
     for k in sorted(models[0]):
-        acc = models[0][k].astype("float32")
+        acc = models[0][k].float()
         for m in models[1:]:
-            acc = acc + m[k].astype("float32")
-        mean[k] = (acc / len(models)).astype(models[-1][k].dtype)
-    save_file(mean, str(out / "model.safetensors"), metadata={"format": "pt"})  # as torch writes it (transformers asks)
+            acc = acc + m[k].float()
+        mean[k] = (acc / len(models)).to(models[0][k].dtype).contiguous()
+    return mean
+
+
+def soup(dirs: list[Path], out: Path) -> None:
+    """out/model.safetensors: soup_tensors(dirs)."""
+    save_tensors(soup_tensors(dirs), out)
+
+
+def save_tensors(tensors: dict, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})  # as torch writes it (transformers asks)
 
 
 def step_record(name: str, res: dict, previous: str | None) -> dict:
@@ -72,9 +86,10 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, required=True, help="the example folder (examples/reader)")
     ap.add_argument("--corpus", action="store_true", help="rewrite OUT/corpus and OUT/facts")
     a = ap.parse_args(argv)
-    # every step's record, and the last step's weights (the only ones exported)
+    # every step's record, the last step's files and the SOUP steps' weights (their mean is exported)
     missing = [s for s in STEPS if not (a.work / f"{s}.json").is_file()]
-    missing += [f"{s} (its trained model)" for s in SOUP if not (a.work / s / "trained" / "config.json").is_file()]
+    missing += [f"{s} (its trained model)" for s in dict.fromkeys((*SOUP, STEPS[-1]))
+                if not all((a.work / s / "trained" / f).is_file() for f in ("config.json", "model.safetensors"))]
     if missing:
         sys.exit(f"error: {a.work} lacks the recipe steps {', '.join(missing)}; "
                  f"run `bash examples/train_sparse_reader.sh {a.work}` first")
@@ -84,9 +99,10 @@ def main(argv=None) -> None:
     trained = a.work / STEPS[-1] / "trained"
     dest = (a.out / "model").resolve()
     settings = {**read_model_memory(trained), **READ}
+    mean = soup_tensors([a.work / s / "trained" for s in SOUP])  # before dest is touched: a failure leaves it whole
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(trained, dest, ignore=shutil.ignore_patterns("train-state*"))
-    soup([a.work / s / "trained" for s in SOUP], dest)  # over the last step's weights
+    save_tensors(mean, dest)  # over the last step's weights
     for f in dest.iterdir():
         f.chmod(0o644)  # package data: readable by all (training writes its weights owner-only)
     write_model_memory(dest, settings, f"m3compile {__version__} (examples/export_sparse_reader.py)")

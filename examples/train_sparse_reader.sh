@@ -23,6 +23,11 @@
 # world now trains in 12.5 min on two AVX2 cores, 22 min with its retrieval and evaluations
 # (d5e: 21.6 min, d5r: 11.0 min, two threads of a 2-core AVX2 AMD EPYC, 2026-12-07; both steps run
 # on two threads, as they were trained: other thread counts give other bits).
+# Bits: m3 train trains in bf16 autocast where the CPU has native bf16 (AVX512-BF16, AMX) and in
+# float32 elsewhere, and the thread count changes float sums, so a rerun gives the committed weights
+# only step by step on the CPU kind and threads each step had (d32r, d32s: bf16, an AVX512-BF16 CPU,
+# two threads, where this script now gives one; d5e, d5r: float32, AVX2, two); elsewhere expect
+# close figures, not the same bytes.
 # The result is the mean of d32s's and d5r's weights (every tensor; examples/README.md, "Composed
 # phrasings at 5/128"), read at 5 tokens of layer 3 (5/128), 8 (1/16) or 4 (1/32), exported with
 # its m3-memory.json at 5 of layer 3 as WORK_DIR/reader/model (examples/export_sparse_reader.py;

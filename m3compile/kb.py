@@ -288,7 +288,8 @@ def load_kb_model(kb: KnowledgeBase, model: str | Path | None = None, device: st
                 raise M3Error(f"{kb.path} was compiled with an earlier embedded model than this "
                               f"m3compile's ({what}); recompile it (m3 compile CORPUS -o {kb.path} "
                               "--rebuild), or pass --model with that model (before 0.2.0: the 1/2 reader, "
-                              "examples/reader-half/model in the source repository)")
+                              "examples/reader-half/model in the source repository; an earlier 0.2.0 "
+                              "development default: examples/reader/model in its git history)")
             raise M3Error(f"model {model} differs from the one {kb.path} was compiled with ({what}); "
                           "pass the same --model, or recompile the kb with this one")
     return load_checkpoint(model, device=device, dtype=dtype)
