@@ -238,8 +238,10 @@ def main() -> int:
         recs = eval_records(recs, {r["entity"] for r in recs}, a.limit)
         known = known_world(Path(tmp), a.known) if a.known else None
         # the known questions' kb: their own articles, or the world's (already there with --kb world)
-        known_corpus = None if not known else known[0] if a.known_kb == "own" else \
-            corpus if a.kb == "world" else whole_world(Path(tmp))
+        if known and a.known_kb == "own":
+            known_corpus = known[0]
+        elif known:
+            known_corpus = corpus if a.kb == "world" else whole_world(Path(tmp))
         for s, quant in itertools.product(a.point, a.quant):
             p = parse_point(s)
             row = measure(p, corpus, recs, Path(tmp), ("none", "sparse", "rag", "other"), a.dtype, quant)

@@ -63,17 +63,6 @@ def soup_tensors(dirs: list[Path]) -> dict:
     return mean
 
 
-def soup(dirs: list[Path], out: Path) -> None:
-    """out/model.safetensors: soup_tensors(dirs)."""
-    save_tensors(soup_tensors(dirs), out)
-
-
-def save_tensors(tensors: dict, out: Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})  # as torch writes it (transformers asks)
-
-
 def step_record(name: str, res: dict, previous: str | None) -> dict:
     args = {k: v for k, v in res["args"].items() if k not in MACHINE_ARGS}
     args["start_from"] = previous or "the 1/2 reader (examples/reader-half/model)"
@@ -102,7 +91,10 @@ def main(argv=None) -> None:
     mean = soup_tensors([a.work / s / "trained" for s in SOUP])  # before dest is touched: a failure leaves it whole
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(trained, dest, ignore=shutil.ignore_patterns("train-state*"))
-    save_tensors(mean, dest)  # over the last step's weights
+    from safetensors.torch import save_file
+
+    # over the last step's weights, with the metadata torch writes (transformers asks for it)
+    save_file(mean, str(dest / "model.safetensors"), metadata={"format": "pt"})
     for f in dest.iterdir():
         f.chmod(0o644)  # package data: readable by all (training writes its weights owner-only)
     write_model_memory(dest, settings, f"m3compile {__version__} (examples/export_sparse_reader.py)")
