@@ -97,7 +97,7 @@ def answer(ev: Evaluator, rec: dict, memory: bool) -> str:
     prompt = ev.tok.encode(rec["text"][:rec["question_end"]])
 
     def retrieve(tokens):
-        hits = ev.retriever.retrieve(ev.tok.decode(tokens), ev.layout.refs_per_chunk)
+        hits = ev.retriever.retrieve(ev.tok.decode(tokens), ev.layout.refs_per_chunk, min_relative_score=ev.floor)
         return ChunkMemory.gather(ev.kb.memories([h.ref_id for h in hits]), ev.layout.memory_layers)
 
     new = generate(ev.ck.model, ev.layout, prompt, retrieve if memory else None, ANSWER_TOKENS, 0.0,
@@ -131,14 +131,14 @@ def kb_bytes(kb: Path) -> int:
 
 
 def measure(point: dict, corpus_dir: Path, recs: list[dict], tmp: Path, modes, dtype: str = "float32",
-            quant: str = "int8") -> dict:
+            quant: str = "int8", min_relative_score: float | None = None) -> dict:
     kb = tmp / f"kb-{abs(hash((point['name'], quant)))}"
     t0 = time.perf_counter()
     m = compile_kb(CompileConfig(corpus=str(corpus_dir / "corpus"), model=str(point["model"]), top_k=point["top_k"],
                                  memory_layers=point["layers"], max_tokens=point["width"], quant=quant,
                                  dtype=dtype), kb).manifest
     spec = m.spec
-    ev = Evaluator(kb, point["model"], corpus_dir)
+    ev = Evaluator(kb, point["model"], corpus_dir, min_relative_score)
     n_layers = ev.ck.args.n_layers
     tokens = sum(ev.kb.references().column("n_tokens").to_pylist())
     share = Fraction(spec.top_k, spec.width) * Fraction(len(spec.memory_layers), n_layers)
@@ -146,7 +146,7 @@ def measure(point: dict, corpus_dir: Path, recs: list[dict], tmp: Path, modes, d
     row = {"point": point["name"], "model": str(point["model"]), "top_k": spec.top_k, "width": spec.width,
            "memory_layers": list(spec.memory_layers), "layers": n_layers, "dtype": spec.dtype, "quant": quant,
            "share": str(share),
-           "share_value": float(share), "kb_bytes_per_token": round(kb_bytes(kb) / tokens, 1),
+           "share_value": float(share), "min_relative_score": ev.floor, "kb_bytes_per_token": round(kb_bytes(kb) / tokens, 1),
            "memory_bytes_per_token": round(sum(p.stat().st_size for p in kb.glob("memory-*.safetensors")) / tokens, 1),
            "corpus_tokens": tokens}
     row["greedy"] = {"memory": greedy(ev, qs, True), "none": greedy(ev, qs, False)}
@@ -218,6 +218,9 @@ def main() -> int:
     ap.add_argument("--world-entities", type=int, default=8000, help="entities of the --world-seed world")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="float32", help="the compile's dtype (the memories' forward); reading is float32")
+    ap.add_argument("--min-relative-score", type=float, default=None, metavar="F",
+                    help="read only retrieved references scoring at least F of the best (default: each model's "
+                         "m3-memory.json, as m3 generate reads: 0.7 for the embedded reader, 0 for models without one)")
     ap.add_argument("--quant", nargs="+", default=["int8"],
                     help="the kbs' quantizations: every point is measured at each (int8, vq, ...: m3 compile --quant)")
     ap.add_argument("--json", type=Path)
@@ -244,13 +247,14 @@ def main() -> int:
             known_corpus = corpus if a.kb == "world" else whole_world(Path(tmp))
         for s, quant in itertools.product(a.point, a.quant):
             p = parse_point(s)
-            row = measure(p, corpus, recs, Path(tmp), ("none", "sparse", "rag", "other"), a.dtype, quant)
+            row = measure(p, corpus, recs, Path(tmp), ("none", "sparse", "rag", "other"), a.dtype, quant,
+                          a.min_relative_score)
             row["kb"] = a.kb if a.world_seed is None else f"{a.kb}, world {a.world_seed} ({a.world_entities} entities)"
             if known:
                 # facts the model answers right without memory, asked again with their article's memories
                 # with --kb world and --known-kb world: the kb just compiled for this point (up to date)
                 kdir = Path(tmp) if known_corpus == corpus else Path(tmp) / "k"
-                kev = measure(p, known_corpus, known[1], kdir, (), a.dtype, quant)
+                kev = measure(p, known_corpus, known[1], kdir, (), a.dtype, quant, a.min_relative_score)
                 g = kev["greedy"]
                 kept = set(g["none"]["right"]) & set(g["memory"]["right"])
                 row["known"] = {"kb": a.known_kb, "questions": g["none"]["questions"], "none": g["none"]["recall"],

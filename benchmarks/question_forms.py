@@ -146,7 +146,7 @@ def retrieved_answer(ev: Evaluator, rec: dict, texts: dict) -> bool:
     prompt = ev.tok.decode(ev.tok.encode(rec["text"][:rec["question_end"]]))
     value, doc = rec["facts"][0]["value"], f"{rec['entity']}.md"
     return any(texts[h.ref_id][0] == doc and value in texts[h.ref_id][1]
-               for h in ev.retriever.retrieve(prompt, ev.layout.refs_per_chunk))
+               for h in ev.retriever.retrieve(prompt, ev.layout.refs_per_chunk, min_relative_score=ev.floor))
 
 
 def ref_texts(ev: Evaluator) -> dict:
@@ -194,6 +194,9 @@ def main() -> int:
                     help="the blind forms (default benchmarks/blind_forms.json; blind_forms_2.json is a second set "
                          "by another writer who saw none of the project's phrasings)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--min-relative-score", type=float, default=None, metavar="F",
+                    help="read only retrieved references scoring at least F of the best (default: the model's "
+                         "m3-memory.json, as m3 generate reads)")
     ap.add_argument("--forced", action="store_true",
                     help="also teacher-forced fact accuracy per form set: retrieved memory against the article in "
                          "context (RAG) and nothing: does the model understand the phrasing at all?")
@@ -218,7 +221,7 @@ def main() -> int:
         blind_recs = novel_records(entities, blind, "blind")
         t0 = time.perf_counter()
         compile_kb(CompileConfig(corpus=str(corpus / "corpus"), model=str(a.model)), Path(tmp) / "kb")
-        ev = Evaluator(Path(tmp) / "kb", a.model, corpus)
+        ev = Evaluator(Path(tmp) / "kb", a.model, corpus, a.min_relative_score)
         texts = ref_texts(ev)
         rows = {f"{name}, {'memory' if mem else 'none'}": score(ev, recs, mem, texts)
                 for name, recs in (("template", template), ("novel", novel), ("blind", blind_recs))
@@ -227,7 +230,8 @@ def main() -> int:
                   for name, recs in (("template", template), ("novel", novel), ("blind", blind_recs))} if a.forced else {}
         seconds = round(time.perf_counter() - t0, 1)
     where = a.kb if a.world_seed is None else f"{a.kb} (world {a.world_seed}, {a.world_entities} entities)"
-    print(f"{a.model} on the {where} kb ({seconds} s); right = the answer's first sentence holds the value")
+    floor = f", reading references scoring >= {ev.floor:g} of the best" if ev.floor else ""
+    print(f"{a.model} on the {where} kb ({seconds} s{floor}); right = the answer's first sentence holds the value")
     print("| forms | memory | questions | right (value) | right (exact sentence) | answer retrieved | right when "
           "retrieved | weakest kinds |")
     print("|---|---|---|---|---|---|---|---|")
@@ -246,8 +250,8 @@ def main() -> int:
             print(f"| {name} | {100 * f['sparse']['fact_acc']:.1f} % | {100 * f['rag']['fact_acc']:.1f} % "
                   f"| {100 * f['none']['fact_acc']:.1f} % |")
     if a.json:
-        a.json.write_text(json.dumps({"model": str(a.model), "kb": a.kb, "world_seed": a.world_seed, "rows": rows,
-                                      "forced": forced}, indent=2) + "\n")
+        a.json.write_text(json.dumps({"model": str(a.model), "kb": a.kb, "world_seed": a.world_seed,
+                                      "min_relative_score": ev.floor, "rows": rows, "forced": forced}, indent=2) + "\n")
     return 0
 
 

@@ -46,7 +46,7 @@ from corpus_templates import MORE_QUESTIONS  # noqa: E402
 import memory_probe  # noqa: E402  (same directory)
 import train_model  # noqa: E402
 import train_tokenizer  # noqa: E402
-from m3compile.config import CompileConfig  # noqa: E402
+from m3compile.config import CompileConfig, model_min_relative_score  # noqa: E402
 from m3compile.kb import open_kb  # noqa: E402
 from m3compile.model import load_checkpoint  # noqa: E402
 from m3compile.pipeline import compile_kb  # noqa: E402
@@ -154,9 +154,12 @@ def compile_world(work: Path, model: Path, name: str, a) -> Path:
 # ---- evaluation -------------------------------------------------------------------------------------
 
 class Evaluator:
-    def __init__(self, kb_dir: Path, model_dir: Path, work: Path):
+    def __init__(self, kb_dir: Path, model_dir: Path, work: Path, min_relative_score: float | None = None):
+        """min_relative_score: the retrieval floor (Retriever.retrieve_many) its questions read with;
+        None = the model's m3-memory.json, as `m3 generate` reads (the recipe's steps have none: 0)."""
         self.kb = open_kb(kb_dir)
         self.ck = load_checkpoint(model_dir)
+        self.floor = model_min_relative_score(model_dir) if min_relative_score is None else min_relative_score
         self.tok = self.ck.tokenizer
         self.layout = ReadLayout.from_manifest(self.kb.manifest, self.tok.bos_id)
         self.retriever = Retriever.open(kb_dir)
@@ -168,7 +171,8 @@ class Evaluator:
 
     def _retrieve(self, text: str) -> list[int]:
         ids = self.tok.encode(text)
-        hits = self.retriever.retrieve(text, self.layout.refs_per_chunk, max_overlap=EVAL_OVERLAP, query_tokens=ids)
+        hits = self.retriever.retrieve(text, self.layout.refs_per_chunk, max_overlap=EVAL_OVERLAP, query_tokens=ids,
+                                       min_relative_score=self.floor)
         return [h.ref_id for h in hits]
 
     def _chunks(self, rec, ids, mode, other):

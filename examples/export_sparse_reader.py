@@ -39,6 +39,9 @@ from m3compile.config import read_model_memory, write_model_memory  # noqa: E402
 
 STEPS = ("d16b", "d16w", "d16y", "d16z", "d32a", "d32r", "d32s", "d5e", "d5r")  # examples/train_sparse_reader.sh, in order
 READ = {"top_k": 5, "memory_layers": [3]}  # 5/128: 5 of 32 tokens, layer 3 of 4
+# the retrieval floor it reads with (m3-memory.json `reading`): a retrieved reference scoring under 0.7
+# of the chunk's best is not read (examples/README.md, "A floor under the retrieval score")
+MIN_RELATIVE_SCORE = 0.7
 WORLD = ("entities", "world_seed", "held_out", "memory_only")
 MACHINE_ARGS = ("work", "json", "export", "threads", "resume")  # where it ran, not what it trained
 SOUP = ("d32s", "d5r")  # the steps whose weights' mean is exported (equal weights)
@@ -97,7 +100,8 @@ def main(argv=None) -> None:
     save_file(mean, str(dest / "model.safetensors"), metadata={"format": "pt"})
     for f in dest.iterdir():
         f.chmod(0o644)  # package data: readable by all (training writes its weights owner-only)
-    write_model_memory(dest, settings, f"m3compile {__version__} (examples/export_sparse_reader.py)")
+    write_model_memory(dest, settings, f"m3compile {__version__} (examples/export_sparse_reader.py)",
+                       min_relative_score=MIN_RELATIVE_SCORE)
 
     if a.corpus or not (a.out / "corpus").is_dir():
         import make_corpus
@@ -114,6 +118,7 @@ def main(argv=None) -> None:
         "model": {"mean_of": list(SOUP)},  # every tensor the mean of these steps' trained weights
         "compile": {"max_tokens": settings["max_tokens"], "top_k": settings["top_k"],
                     "memory_layers": list(settings["memory_layers"]), "quant": "int8"},
+        "reading": {"min_relative_score": MIN_RELATIVE_SCORE},
     }
     (a.out / "results.json").write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
     print(f"{dest}: the mean of {' and '.join(SOUP)} read at top-{READ['top_k']} of layers {READ['memory_layers']}; "

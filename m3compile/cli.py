@@ -17,7 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from m3compile.config import (BATCH_TOKENS, CHUNK_TOKENS, EVAL_MAX_OVERLAP, KB_DEFAULTS, PAPER_DEFAULTS, REFS_PER_CHUNK,
-                              CompileConfig, parse_layers)
+                              CompileConfig, check_min_relative_score, model_min_relative_score, parse_layers)
 from m3compile.errors import M3Error
 
 app = typer.Typer(help="Compile corpora into Memory³ explicit memories and inspect them.",
@@ -337,11 +337,16 @@ Examples:\n
 """
 
 
-def _retriever(base, mode, max_overlap):
+MIN_RELATIVE_HELP = ("read only retrieved references scoring at least this fraction of a chunk's best, 0 to 1 "
+                     "(default: the model's m3-memory.json, 0.7 for the embedded reader; else 0, all of them)")
+
+
+def _retriever(base, mode, max_overlap, min_relative_score=0.0):
     from m3compile.retrieve import Retriever
 
     r = Retriever.open(base.path, base.manifest.to_dict())
-    return lambda text, k: [h.ref_id for h in r.retrieve(text, k, mode=mode, max_overlap=max_overlap)], r
+    return lambda text, k: [h.ref_id for h in r.retrieve(text, k, mode=mode, max_overlap=max_overlap,
+                                                         min_relative_score=min_relative_score)], r
 
 
 @app.command(name="eval", epilog=EVAL_EXAMPLES)
@@ -357,6 +362,7 @@ def eval_(
     max_overlap: Annotated[Optional[float], typer.Option(
         help="drop retrieved references overlapping the chunk more (paper Eq. 6; default 2/3 as the paper "
              "evaluates: a chunk's text is its query, and a kb holding the text would read its answer; 1 keeps all)")] = None,
+    min_relative_score: Annotated[Optional[float], typer.Option(help=MIN_RELATIVE_HELP)] = None,
     device: Annotated[str, typer.Option(help="torch device")] = DEFAULTS["device"],
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ):
@@ -367,14 +373,19 @@ def eval_(
     from m3compile.kb import load_kb_model, open_kb
 
     with user_errors():
-        if oracle and (mode is not None or max_overlap is not None):
-            raise M3Error(f"{'--mode' if mode is not None else '--max-overlap'} shapes retrieval, and --oracle "
+        if oracle and (mode is not None or max_overlap is not None or min_relative_score is not None):
+            given = "--mode" if mode is not None else "--max-overlap" if max_overlap is not None else "--min-relative-score"
+            raise M3Error(f"{given} shapes retrieval, and --oracle "
                           "retrieves nothing (each text reads its own references): drop one of them")
         if not oracle and max_overlap is None:
             max_overlap = EVAL_MAX_OVERLAP
+        if min_relative_score is not None:
+            check_min_relative_score(min_relative_score)
         base = open_kb(kb)
         ck = load_kb_model(base, model, device=device)
-        retrieve = None if oracle else _retriever(base, mode, max_overlap)[0]
+        if not oracle and min_relative_score is None:
+            min_relative_score = model_min_relative_score(ck.path)
+        retrieve = None if oracle else _retriever(base, mode, max_overlap, min_relative_score)[0]
         report = CorpusReport()
         docs = list(iter_documents(texts, report))
         report.raise_if_empty()
@@ -388,9 +399,11 @@ def eval_(
         err.print(f"note: {result['texts_cut_at_position_limit']} text(s) scored up to the model's positions only "
                   f"(the first {result['position_limit']} tokens each; --max-text-tokens sets fewer)", highlight=False)
     if as_json:
-        out.print_json(json.dumps({**result, "max_overlap": max_overlap, "skipped": dict(sorted(report.skipped.items()))}))
+        out.print_json(json.dumps({**result, "max_overlap": max_overlap, "min_relative_score": min_relative_score,
+                                   "skipped": dict(sorted(report.skipped.items()))}))
         return
-    how = "oracle" if oracle else f"retrieved, overlap with the chunk <= {max_overlap:.3g}"
+    how = "oracle" if oracle else (f"retrieved, overlap with the chunk <= {max_overlap:.3g}"
+                                   + (f", scoring >= {min_relative_score:.3g} of the best" if min_relative_score else ""))
     t = Table(title=f"perplexity over {result['rows']['no_memory']['tokens']:,} tokens of {result['docs']} texts "
                     f"({how} memories, {refs} per {chunk_tokens}-token chunk)")
     for col in ("memory", "perplexity", "nats/token", "texts improved"):
@@ -416,6 +429,7 @@ def generate(
     chunk_tokens: Annotated[int, typer.Option(help="tokens per chunk")] = CHUNK_TOKENS,
     refs: Annotated[Optional[int], typer.Option(help=f"references per chunk (default {REFS_PER_CHUNK})")] = None,
     mode: Annotated[Optional[str], typer.Option(help="retrieval: bm25 | dense | hybrid (default: the kb's)")] = None,
+    min_relative_score: Annotated[Optional[float], typer.Option(help=MIN_RELATIVE_HELP)] = None,
     device: Annotated[str, typer.Option(help="torch device")] = DEFAULTS["device"],
     as_json: Annotated[bool, typer.Option("--json", help="print the text and the references read as JSON")] = False,
 ):
@@ -432,7 +446,8 @@ def generate(
             task = bar.add_task("generate", total=max_new_tokens)
             result = generate_text(prompt, kb=kb, model=model, max_new_tokens=max_new_tokens,
                                    temperature=temperature, seed=seed, memory=memory, chunk_tokens=chunk_tokens,
-                                   refs_per_chunk=REFS_PER_CHUNK if refs is None else refs, mode=mode, device=device,
+                                   refs_per_chunk=REFS_PER_CHUNK if refs is None else refs, mode=mode,
+                                   min_relative_score=min_relative_score, device=device,
                                    log=lambda s: err.print(s, highlight=False, markup=False),
                                    progress=lambda n: bar.update(task, completed=n))
     if as_json:

@@ -47,6 +47,7 @@ EVAL_MAX_OVERLAP = 2 / 3  # `m3 eval`: drop retrieved references overlapping the
 MODEL_MEMORY_FILE = "m3-memory.json"
 MODEL_MEMORY_FORMAT = "m3-model-memory"
 MODEL_MEMORY_VERSION = 1
+MODEL_MEMORY_FIX = "restore it from where the checkpoint came from, or delete it to compile with the paper's settings"
 
 
 # the paper's values of the settings a model learns to read (READ_SETTINGS): what an unset one
@@ -308,23 +309,11 @@ def read_model_memory(model_dir: str | Path) -> dict | None:
     """The memory settings a checkpoint was trained to read (its m3-memory.json), or None if it has none.
 
     Keys are READ_SETTINGS (memory_layers as a tuple); formats/model-memory.md."""
-    path = Path(model_dir) / MODEL_MEMORY_FILE
-    if not path.is_file():
+    doc = _model_memory_doc(model_dir)
+    if doc is None:
         return None
-    fix = "restore it from where the checkpoint came from, or delete it to compile with the paper's settings"
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise M3Error(f"{path} cannot be read ({e}); {fix}") from None
-    name = d.get("format") if isinstance(d, dict) else None
-    if name != MODEL_MEMORY_FORMAT:
-        raise M3Error(f"{path} is not an {MODEL_MEMORY_FORMAT} file (format {name!r}); {fix}")
-    version = d.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:  # was reported as "newer"
-        raise M3Error(f"{path} has format_version {version!r}, which no m3compile writes (1 is the first); {fix}")
-    if version > MODEL_MEMORY_VERSION:
-        raise M3Error(f"{path} has format_version {version!r}, newer than this m3compile reads "
-                      f"({MODEL_MEMORY_VERSION}); upgrade m3compile")
+    path, d = doc
+    fix = MODEL_MEMORY_FIX
     settings = d.get("settings")
     if not isinstance(settings, dict):
         raise M3Error(f"{path} has no settings object; {fix}")
@@ -347,12 +336,66 @@ def read_model_memory(model_dir: str | Path) -> dict | None:
     return out
 
 
-def write_model_memory(model_dir: str | Path, settings: dict, created_by: str) -> Path:
-    """Record in a checkpoint the memory settings it was trained to read (formats/model-memory.md)."""
+def check_min_relative_score(value) -> float:
+    """A retrieval floor (Retriever.retrieve_many's min_relative_score) as a float, or one M3Error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:  # also NaN
+        raise M3Error(f"--min-relative-score {value!r} must be a fraction in [0, 1] of the best hit's score "
+                      "(0 reads every retrieved reference)")
+    return float(value)
+
+
+def model_min_relative_score(model_dir: str | Path) -> float:
+    """The retrieval floor a checkpoint reads with: its m3-memory.json's `reading.min_relative_score`,
+    else 0 (every retrieved reference: the paper's read schedule). formats/model-memory.md."""
+    doc = _model_memory_doc(model_dir)
+    if doc is None or "reading" not in doc[1]:
+        return 0.0
+    path, d = doc
+    reading = d["reading"]
+    if not isinstance(reading, dict):
+        raise M3Error(f"{path} holds an invalid reading setting (reading is {reading!r}, not an object); "
+                      f"{MODEL_MEMORY_FIX}")
+    value = reading.get("min_relative_score", 0.0)
+    try:
+        return check_min_relative_score(value)
+    except M3Error:
+        raise M3Error(f"{path} holds an invalid reading setting (min_relative_score is {value!r}, not a fraction "
+                      f"in [0, 1]); {MODEL_MEMORY_FIX}") from None
+
+
+def _model_memory_doc(model_dir: str | Path) -> tuple[Path, dict] | None:
+    """(path, parsed object) of a checkpoint's m3-memory.json, its format and version checked; None
+    where the checkpoint has none."""
+    path = Path(model_dir) / MODEL_MEMORY_FILE
+    if not path.is_file():
+        return None
+    fix = MODEL_MEMORY_FIX
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise M3Error(f"{path} cannot be read ({e}); {fix}") from None
+    name = d.get("format") if isinstance(d, dict) else None
+    if name != MODEL_MEMORY_FORMAT:
+        raise M3Error(f"{path} is not an {MODEL_MEMORY_FORMAT} file (format {name!r}); {fix}")
+    version = d.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:  # was reported as "newer"
+        raise M3Error(f"{path} has format_version {version!r}, which no m3compile writes (1 is the first); {fix}")
+    if version > MODEL_MEMORY_VERSION:
+        raise M3Error(f"{path} has format_version {version!r}, newer than this m3compile reads "
+                      f"({MODEL_MEMORY_VERSION}); upgrade m3compile")
+    return path, d
+
+
+def write_model_memory(model_dir: str | Path, settings: dict, created_by: str,
+                       min_relative_score: float = 0.0) -> Path:
+    """Record in a checkpoint the memory settings it was trained to read, and the retrieval floor
+    it reads with where it has one (formats/model-memory.md)."""
     assert set(settings) == set(READ_SETTINGS), sorted(settings)
     s = {k: (list(v) if k == "memory_layers" else v) for k, v in settings.items()}
     doc = {"format": MODEL_MEMORY_FORMAT, "format_version": MODEL_MEMORY_VERSION, "created_by": created_by,
            "settings": s}
+    if min_relative_score:  # 0, the paper's schedule, is what a file without `reading` means
+        doc["reading"] = {"min_relative_score": min_relative_score}
     path = Path(model_dir) / MODEL_MEMORY_FILE
     path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return path

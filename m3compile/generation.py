@@ -14,7 +14,8 @@ from typing import Callable
 
 import numpy as np
 
-from m3compile.config import CHUNK_TOKENS, REFS_PER_CHUNK, default_model_dir, read_model_memory
+from m3compile.config import (CHUNK_TOKENS, REFS_PER_CHUNK, check_min_relative_score, default_model_dir,
+                              model_min_relative_score, read_model_memory)
 from m3compile.errors import M3Error
 from m3compile.reader import ChunkMemory, ReadLayout, generate
 from m3compile.tokenizer import write_prefix
@@ -31,7 +32,7 @@ class GenerationResult:
 def generate_text(prompt: str, kb: str | Path | None = None, model: str | Path | None = None,
                   max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0, memory: bool = True,
                   chunk_tokens: int = CHUNK_TOKENS, refs_per_chunk: int = REFS_PER_CHUNK, mode: str | None = None,
-                  device: str = "cpu", log: Callable[[str], None] = lambda s: None,
+                  min_relative_score: float | None = None, device: str = "cpu", log: Callable[[str], None] = lambda s: None,
                   progress: Callable[[int], None] | None = None) -> GenerationResult:
     """Continue `prompt`, reading `kb`'s memories chunk by chunk (or plainly without a kb).
 
@@ -46,6 +47,9 @@ def generate_text(prompt: str, kb: str | Path | None = None, model: str | Path |
         chunk_tokens: tokens per chunk (64: a chunk's memories are retrieved with its text).
         refs_per_chunk: references a chunk reads (5).
         mode: retrieval mode (default: the kb's).
+        min_relative_score: read only the retrieved references scoring at least this fraction of a
+            chunk's best (Retriever.retrieve_many); None = the model's m3-memory.json (the embedded
+            reader: 0.7), else 0 (all refs_per_chunk, the paper's schedule).
         device: torch device.
         log: called with each note (e.g. a generation capped by the model's positions).
         progress: called with the number of tokens generated so far.
@@ -75,6 +79,11 @@ def generate_text(prompt: str, kb: str | Path | None = None, model: str | Path |
         raise M3Error(f"--max-new-tokens {max_new_tokens} must be 0 or more")
     if not -2**63 <= seed < 2**64:  # torch's generator takes no other (a RuntimeError traceback)
         raise M3Error(f"--seed {seed} must be from -2^63 to 2^64 - 1")
+    if min_relative_score is not None:
+        if kb is None or not memory:
+            raise M3Error(f"--min-relative-score {min_relative_score} sets which retrieved references a chunk reads, "
+                          f"and {'no --kb is given' if kb is None else '--no-memory reads none'}: drop it")
+        min_relative_score = check_min_relative_score(min_relative_score)
     from m3compile.kb import load_kb_model, open_kb
     from m3compile.model import load_checkpoint
 
@@ -120,9 +129,11 @@ def generate_text(prompt: str, kb: str | Path | None = None, model: str | Path |
         from m3compile.retrieve import Retriever
 
         retriever = Retriever.open(base.path, base.manifest.to_dict())
+        floor = model_min_relative_score(ck.path) if min_relative_score is None else min_relative_score
 
         def retrieve(tokens):  # noqa: F811 - None above means "no memory"
-            ids = [h.ref_id for h in retriever.retrieve(ck.tokenizer.decode(tokens), refs_per_chunk, mode=mode)]
+            ids = [h.ref_id for h in retriever.retrieve(ck.tokenizer.decode(tokens), refs_per_chunk, mode=mode,
+                                                        min_relative_score=floor)]
             read.append(ids)
             return ChunkMemory.gather(base.memories(ids), layout.memory_layers)
 

@@ -21,6 +21,7 @@ from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 
 from m3compile import index as ix
+from m3compile.config import check_min_relative_score
 from m3compile.errors import REPAIR_HINT, M3Error, damaged_file
 
 try:  # overlap's count in C (m3compile/_overlap.c), built by setup.py where a compiler is
@@ -396,7 +397,8 @@ class Retriever:
     # -- public --------------------------------------------------------------------------------------
 
     def retrieve_many(self, texts: Sequence[str], k: int, mode: str | None = None, max_overlap: float | None = None,
-                      query_tokens: Sequence[Sequence[int]] | None = None) -> list[list[Hit]]:
+                      query_tokens: Sequence[Sequence[int]] | None = None,
+                      min_relative_score: float = 0.0) -> list[list[Hit]]:
         """Top-k references for each text, best first (ties: lower ref_id first).
 
         Args:
@@ -408,6 +410,11 @@ class Retriever:
                 2/3 at evaluation, 0.9 in training); None = no filter.
             query_tokens: the queries' token ids under the kb's tokenizer, for the filter; None =
                 tokenize the texts with the kb's tokenizer.json.
+            min_relative_score: drop hits scoring under this fraction of the query's best hit (after
+                the Eq. 6 filter); 0 keeps all k. A reader reads retrieved memories whatever their
+                score, and a small model copies a fact of the same kind from a weakly matching
+                reference of another entity (examples/README.md, "A floor under the retrieval
+                score"); the embedded reader's m3-memory.json sets 0.7 (formats/model-memory.md).
         Returns:
             One list of Hit(ref_id, score) per text.
         Example:
@@ -425,6 +432,9 @@ class Retriever:
         if isinstance(k, bool) or not hasattr(k, "__index__") or k < 1:  # ints and numpy integers
             raise M3Error(f"{k!r} references asked for (query -k, eval/generate --refs): ask for at least 1 "
                           "(generate --no-memory reads none)")
+        if check_min_relative_score(min_relative_score) > 0:
+            return [_above(hits, min_relative_score)
+                    for hits in self.retrieve_many(texts, k, mode, max_overlap, query_tokens)]
         if max_overlap is not None and not 0 <= max_overlap <= 1:
             raise M3Error(f"--max-overlap {max_overlap} must be a fraction in [0, 1] (the paper drops references "
                           "overlapping more than 2/3 at evaluation, 0.9 in training)")
@@ -449,10 +459,18 @@ class Retriever:
         return out
 
     def retrieve(self, text: str, k: int, mode: str | None = None, max_overlap: float | None = None,
-                 query_tokens: Sequence[int] | None = None) -> list[Hit]:
+                 query_tokens: Sequence[int] | None = None, min_relative_score: float = 0.0) -> list[Hit]:
         """Top-k references for one text; see `retrieve_many`."""
         qt = None if query_tokens is None else [query_tokens]
-        return self.retrieve_many([text], k, mode, max_overlap, qt)[0]
+        return self.retrieve_many([text], k, mode, max_overlap, qt, min_relative_score)[0]
+
+
+def _above(hits: list[Hit], fraction: float) -> list[Hit]:
+    """The hits scoring at least `fraction` of the first (best) one's score; all of them where that
+    score is not positive (a v1 kb's dense cosines can be), which gives no ratio to compare."""
+    if not hits or hits[0].score <= 0:
+        return hits
+    return [h for h in hits if h.score >= fraction * hits[0].score]
 
 
 def fuse(rankings: dict[str, list[Hit]], rrf_k: int, weights: dict[str, float]) -> list[Hit]:

@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 
 from m3compile import __version__
 from m3compile.checkpoint import fingerprint
-from m3compile.config import MODEL_MEMORY_FILE, TrainConfig, write_model_memory
+from m3compile.config import MODEL_MEMORY_FILE, TrainConfig, model_min_relative_score, write_model_memory
 from m3compile.corpus import CorpusReport, iter_documents
 from m3compile.errors import M3Error
 from m3compile.kb import Memory, open_kb
@@ -324,6 +324,10 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None,
         torch.set_num_threads(config.threads)
     kb = open_kb(config.kb)
     ck = load_checkpoint(config.model, device=config.device)
+    # the retrieval floor the start model reads with (its m3-memory.json), carried to the output:
+    # training itself reads every retrieved reference, as the paper's schedule does (weak matches are
+    # the distractors a reader learns to ignore)
+    floor = model_min_relative_score(config.model)
     spec = kb.spec
     if fingerprint(config.model)["tokenizer_sha256"] != spec.tokenizer_sha256:
         raise M3Error(f"model {config.model} has another tokenizer than the one {config.kb} was compiled with; "
@@ -405,7 +409,7 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None,
     # no loadable checkpoint that would compile with the paper's defaults, and its state file resumes it
     write_model_memory(out, {"max_tokens": spec.width, "boundary": spec.boundary, "min_fill": spec.min_fill,
                              "prefix": spec.prefix, "top_k": spec.top_k, "memory_layers": list(spec.memory_layers)},
-                       f"m3compile {__version__} (m3 train)")
+                       f"m3compile {__version__} (m3 train)", min_relative_score=floor)
     save_checkpoint(model, out, tokenizer_dir=config.model, bos_id=ck.tokenizer.bos_id, eos_id=ck.tokenizer.eos_id)
     report = {
         "config": {f.name: getattr(config, f.name) for f in fields(config)},

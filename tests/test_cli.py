@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 
 from conftest import make_checkpoint, run_cli
 from m3compile.cli import app
-from m3compile.config import MODEL_MEMORY_FILE, default_model_dir, write_model_memory
+from m3compile.config import (MODEL_MEMORY_FILE, default_model_dir, model_min_relative_score, read_model_memory,
+                              write_model_memory)
 
 pytest.importorskip("transformers", reason="transformers builds the tiny test checkpoints")
 runner = CliRunner()
@@ -102,6 +103,39 @@ def test_compile_takes_the_settings_a_model_was_trained_to_read(tmp_path, corpus
     assert "was trained to read memories compiled with" in r.stderr and "--max-tokens 8" in r.stderr
     m = json.loads((tmp_path / "kb-paper" / "manifest.json").read_text())
     assert (m["write"]["max_tokens"], m["write"]["top_k"], m["write"]["memory_layers"]) == (128, 8, [0])
+
+
+def test_generation_reads_the_retrieval_floor_its_model_names(tmp_path, corpus, model_dir):
+    # formats/model-memory.md `reading`: a retrieved reference scoring under the fraction of a chunk's best is not
+    # read; a model without the key reads every retrieved reference (the paper's schedule), an option overrides
+    from m3compile.retrieve import Retriever
+
+    kb = tmp_path / "kb"
+    assert run("compile", corpus, "-o", kb, "--model", model_dir).exit_code == 0
+    prompt = "w3 w4 w20 w31"
+    hits = Retriever.open(kb).retrieve(prompt, 5)
+    assert len(hits) >= 3 and hits[-1].score < 0.9 * hits[0].score  # a floor of 0.9 leaves some out
+
+    def read(*args):
+        r = run("generate", prompt, "--kb", kb, "--max-new-tokens", "2", "--json", *args)
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)["references_read"][0]
+
+    assert model_min_relative_score(model_dir) == 0.0 and read() == [h.ref_id for h in hits]
+    _trained_model(model_dir, max_tokens=128, boundary="sentence", prefix="Reference:", top_k=8, memory_layers=[0])
+    write_model_memory(model_dir, read_model_memory(model_dir), "test", min_relative_score=0.9)
+    assert json.loads((model_dir / MODEL_MEMORY_FILE).read_text())["reading"] == {"min_relative_score": 0.9}
+    above = [h.ref_id for h in hits if h.score >= 0.9 * hits[0].score]
+    assert read() == above and read("--min-relative-score", "0") == [h.ref_id for h in hits]
+    assert read("--min-relative-score", "1") == [h.ref_id for h in hits if h.score >= hits[0].score]
+    r = run("eval", kb, corpus, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["min_relative_score"] == 0.9, r.output
+    for bad in ('{"min_relative_score": 1.5}', '{"min_relative_score": true}', '0.5'):
+        doc = json.loads((model_dir / MODEL_MEMORY_FILE).read_text())
+        doc["reading"] = json.loads(bad)
+        (model_dir / MODEL_MEMORY_FILE).write_text(json.dumps(doc))
+        assert_one_line_error(run("generate", prompt, "--kb", kb, "--max-new-tokens", "2"), MODEL_MEMORY_FILE,
+                              "invalid reading setting")
 
 
 @pytest.mark.parametrize("content, fragment", [
@@ -530,6 +564,10 @@ def test_options_the_command_would_ignore_are_one_error(tmp_path, corpus, model_
             (["generate", "w1", "--kb", kb, "--no-memory", "--mode", "bm25"], "--no-memory retrieves none"),
             (["eval", kb, corpus, "--oracle", "--mode", "bm25"], "--oracle retrieves nothing"),
             (["eval", kb, corpus, "--oracle", "--max-overlap", "0.5"], "--oracle retrieves nothing"),
+            (["eval", kb, corpus, "--oracle", "--min-relative-score", "0.5"], "--oracle retrieves nothing"),
+            (["generate", "w1", "--min-relative-score", "0.5", "--model", model_dir], "no --kb is given"),
+            (["generate", "w1", "--kb", kb, "--no-memory", "--min-relative-score", "0.5"], "--no-memory reads none"),
+            (["generate", "w1", "--kb", kb, "--min-relative-score", "1.5"], "must be a fraction in [0, 1]"),
             (["compile", corpus, "-o", kb, "--model", model_dir, "--retrain-codebooks"], "this compile's is --quant int8")):
         assert_one_line_error(run(*args), fragment)
     # and without them, the same commands run

@@ -871,6 +871,33 @@ def test_document_context_ranks_a_reference_of_the_relevant_document_first(tmp_p
                                               {"doc_id": "shop.md", "ref_ids": [4, 5]}]
 
 
+def test_a_floor_under_the_best_score_drops_the_weak_hits_and_only_them(tmp_path):
+    from m3compile.index import index_references
+
+    sec = index_references(tmp_path, CONTEXT_ROWS, None)["retrieval"]
+    r = Retriever.open(tmp_path, {"retrieval": sec})
+    q = "apple pickers storage"
+    every = r.retrieve(q, 5)
+    best = every[0].score
+    assert len(every) == 5 and every[-1].score < 0.7 * best  # the shop's references score far under the orchard's
+    for floor in (0.0, 0.3, 0.7, 0.95, 1.0):
+        kept = r.retrieve(q, 5, min_relative_score=floor)
+        # the hits at or over the fraction of the best, in their order; the best is always read
+        assert kept == [h for h in every if h.score >= floor * best] and kept[0] == every[0]
+    assert r.retrieve_many([q, "orchard"], 5, min_relative_score=0.7) == [
+        [h for h in hits if h.score >= 0.7 * hits[0].score] for hits in r.retrieve_many([q, "orchard"], 5)]
+    for bad in (-0.1, 1.5, float("nan"), True, "0.7"):
+        with pytest.raises(M3Error, match="min-relative-score"):
+            r.retrieve(q, 5, min_relative_score=bad)
+
+
+def test_a_floor_keeps_every_hit_where_the_best_score_is_not_positive():
+    hits = [Hit(3, -0.2), Hit(1, -0.5)]  # a version 1 kb's dense mode ranks by cosine, which can be negative
+    assert retrieve._above(hits, 0.7) == hits
+    assert retrieve._above([], 0.7) == []
+    assert retrieve._above([Hit(3, 2.0), Hit(1, 1.4), Hit(2, 1.39)], 0.7) == [Hit(3, 2.0), Hit(1, 1.4)]
+
+
 def test_an_id_list_that_no_longer_matches_its_index_is_one_error(tmp_path):
     # corpus.jsonl cut short at a line still parses; read as it was it would map scores to the
     # wrong references (or raise IndexError), so opening the indexes names the file instead

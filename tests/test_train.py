@@ -65,6 +65,30 @@ def _config(root, out, **kw):
     return TrainConfig(**{**base, **kw})
 
 
+def test_the_start_models_retrieval_floor_is_carried_and_training_reads_every_reference(setup, tmp_path,
+                                                                                         monkeypatch):
+    import shutil
+
+    from m3compile.config import model_min_relative_score, write_model_memory
+    from m3compile.retrieve import Retriever
+
+    start = tmp_path / "start"
+    shutil.copytree(setup / "model", start)
+    settings = {"max_tokens": 16, "boundary": "sentence", "min_fill": 0.75, "prefix": "Reference:", "top_k": 3,
+                "memory_layers": [0]}
+    write_model_memory(start, settings, "test", min_relative_score=0.5)
+    floors, retrieve_many = [], Retriever.retrieve_many
+
+    def spy(self, texts, k, *args, **kwargs):
+        floors.append(kwargs.get("min_relative_score", args[3] if len(args) > 3 else 0.0))
+        return retrieve_many(self, texts, k, *args, **kwargs)
+
+    monkeypatch.setattr(Retriever, "retrieve_many", spy)
+    train(_config(setup, tmp_path / "out", model=str(start), steps=1))
+    assert floors and set(floors) == {0.0}  # training reads every retrieved reference (the paper's schedule)
+    assert model_min_relative_score(tmp_path / "out") == 0.5  # and the output reads as its start did
+
+
 def test_bf16_autocast_only_where_the_hardware_has_bf16_units(setup, tmp_path):
     # emulated bf16 matmuls run 34x slower than float32 on an AVX2-only CPU: the default follows the flags
     assert cpuinfo_has_bf16("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f amx_bf16 amx_tile\n")
