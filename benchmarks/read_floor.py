@@ -17,6 +17,7 @@ one model, on the held-out articles alone and on the whole world kb:
 
     OMP_NUM_THREADS=2 python benchmarks/read_floor.py --threads 2                    # the embedded reader, ~4 min
     OMP_NUM_THREADS=2 python benchmarks/read_floor.py --threads 2 --world-seed 9     # a world no step trained on
+    OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python benchmarks/read_floor.py --threads 2 --embedder minilm   # hybrid retrieval
 """
 
 import argparse
@@ -95,7 +96,7 @@ def measure(kb: Path, model: Path, corpus: Path, questions: list[dict], floors: 
                 hits = ev.retriever.retrieve(prompt, ev.layout.refs_per_chunk, min_relative_score=f)
                 copied += bool(got) and any(entity[h.ref_id] != r["entity"] and got in text[h.ref_id] for h in hits)
         weakest = min(kinds.items(), key=lambda kv: kv[1][0] / kv[1][1])
-        out["floors"][str(f)] = {"recall": round(right / len(questions), 4), "wrong": wrong,
+        out["floors"][str(f)] = {"recall": round(right / len(questions), 4), "right": right, "wrong": wrong,
                                  "wrong_read_from_another_entity": copied,
                                  "weakest_kind": [weakest[0], round(weakest[1][0] / weakest[1][1], 4)]}
         print(f"  floor {f:g}: {100 * right / len(questions):.1f} % right; of {wrong} wrong, {copied} another "
@@ -111,11 +112,13 @@ def main() -> int:
                     help="another world's held-out entities (density_frontier.py --world-seed)")
     ap.add_argument("--world-entities", type=int, default=8000)
     ap.add_argument("--limit", type=int, default=400, help="held-out records drawn (as density_frontier.py)")
+    ap.add_argument("--embedder", default=None,
+                    help="compile the kbs with this embedder (m3 compile --embedder, e.g. minilm): hybrid retrieval's scores")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    res = {"model": str(a.model), "world_seed": a.world_seed, "kbs": {}}
+    res = {"model": str(a.model), "world_seed": a.world_seed, "embedder": a.embedder, "kbs": {}}
     with tempfile.TemporaryDirectory(prefix="m3floor-") as tmp:
         if a.world_seed is None:
             facts, corpora = READER / "facts", {"held-out": READER, "world": whole_world(Path(tmp))}
@@ -127,7 +130,7 @@ def main() -> int:
         for name, corpus in corpora.items():
             t0 = time.perf_counter()
             kb = Path(tmp) / f"kb-{name}"
-            compile_kb(CompileConfig(corpus=str(corpus / "corpus"), model=str(a.model)), kb)
+            compile_kb(CompileConfig(corpus=str(corpus / "corpus"), model=str(a.model), embedder=a.embedder), kb)
             print(f"{name} kb:", flush=True)
             res["kbs"][name] = measure(kb, a.model, corpus, questions, a.floors)
             res["kbs"][name]["seconds"] = round(time.perf_counter() - t0, 1)
@@ -135,7 +138,7 @@ def main() -> int:
           + " | ".join(f"floor {f:g}" for f in a.floors) + " | wrong at 0: another entity's value |")
     print("|---|---|---|" + "---|" * len(a.floors) + "---|")
     for name, r in res["kbs"].items():
-        cells = " | ".join(f"{100 * r['floors'][str(f)]['recall']:.1f} %" for f in a.floors)
+        cells = " | ".join(f"{100 * r['floors'][str(f)]['right'] / r['questions']:.1f} %" for f in a.floors)
         z = r["floors"].get("0.0")
         copied = f"{z['wrong_read_from_another_entity']} of {z['wrong']}" if z else "-"
         print(f"| {name} | {r['own_references_per_question']} | {r['own_score_ratio'].get('median')} / "

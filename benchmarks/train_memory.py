@@ -155,8 +155,10 @@ def compile_world(work: Path, model: Path, name: str, a) -> Path:
 
 class Evaluator:
     def __init__(self, kb_dir: Path, model_dir: Path, work: Path, min_relative_score: float | None = None):
-        """min_relative_score: the retrieval floor (Retriever.retrieve_many) its questions read with;
-        None = the model's m3-memory.json, as `m3 generate` reads (the recipe's steps have none: 0)."""
+        """min_relative_score: the retrieval floor (Retriever.retrieve_many) its records read with;
+        None = the model's m3-memory.json, as `m3 generate` reads: 0 for the recipe's steps, which start
+        from the 1/2 reader (none), and the start model's for a step started from one that has one
+        (`m3 train` carries it, e.g. 0.7 from a copy of the embedded reader); --min-relative-score sets it."""
         self.kb = open_kb(kb_dir)
         self.ck = load_checkpoint(model_dir)
         self.floor = model_min_relative_score(model_dir) if min_relative_score is None else min_relative_score
@@ -324,6 +326,9 @@ def main(argv=None):
     # all layers, not the paper's first half: in this 4-layer model the lookup reads keys in
     # layers 2-3, and memory in layers 0-1 caps recall at ~30 % (examples/README.md)
     ap.add_argument("--memory-layers", type=lambda s: tuple(int(x) for x in s.split(",")), default=(0, 1, 2, 3))
+    ap.add_argument("--min-relative-score", type=float, default=None, metavar="F",
+                    help="evaluate reading only retrieved references scoring at least F of the best (default: each "
+                         "evaluated model's m3-memory.json, as m3 generate reads; training reads every one)")
     ap.add_argument("--reuse-warm", action="store_true", help="keep an existing warm model in --work")
     ap.add_argument("--start-from", type=Path, default=None,
                     help="continue this memory-trained checkpoint (e.g. examples/reader-half/model) instead of the "
@@ -372,7 +377,7 @@ def main(argv=None):
            "split": {k: len(w[k]) for k in "HAW"}}
     res["selection"] = {"warm": selection_coverage(kb0, Tokenizer.from_dir(work / "tok"), w["world"], w["H"])}
     print(json.dumps({"selection": res["selection"]}), flush=True)
-    res["warm"] = {"held_out": Evaluator(kb0, warm, work).table(held)}
+    res["warm"] = {"held_out": Evaluator(kb0, warm, work, a.min_relative_score).table(held)}
     print(json.dumps({"warm": res["warm"]}), flush=True)
     if a.eval_only:
         res["wall_seconds"] = round(time.perf_counter() - t0, 1)
@@ -395,7 +400,7 @@ def main(argv=None):
     rep = train(cfg, show)
     kb1 = compile_world(work, Path(cfg.out), "kb-trained", a)
     res["selection"]["trained"] = selection_coverage(kb1, Tokenizer.from_dir(work / "tok"), w["world"], w["H"])
-    ev = Evaluator(kb1, Path(cfg.out), work)
+    ev = Evaluator(kb1, Path(cfg.out), work, a.min_relative_score)
     res["trained"] = {"held_out": ev.table(held), "memory_only_train": ev.table(seen, modes=("none", "sparse"))}
     res["train"] = {k: rep[k] for k in ("train_seconds", "tokens_per_s", "final_loss", "loss_curve")}
     res["wall_seconds"] = round(time.perf_counter() - t0, 1)

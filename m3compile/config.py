@@ -7,6 +7,7 @@ compiled with other values of those is a different knowledge base.
 
 import json
 import math
+import numbers
 import os
 import re
 from dataclasses import asdict, dataclass, fields, replace
@@ -338,7 +339,7 @@ def read_model_memory(model_dir: str | Path) -> dict | None:
 
 def check_min_relative_score(value) -> float:
     """A retrieval floor (Retriever.retrieve_many's min_relative_score) as a float, or one M3Error."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:  # also NaN
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:  # also NaN
         raise M3Error(f"--min-relative-score {value!r} must be a fraction in [0, 1] of the best hit's score "
                       "(0 reads every retrieved reference)")
     return float(value)
@@ -391,6 +392,7 @@ def write_model_memory(model_dir: str | Path, settings: dict, created_by: str,
     """Record in a checkpoint the memory settings it was trained to read, and the retrieval floor
     it reads with where it has one (formats/model-memory.md)."""
     assert set(settings) == set(READ_SETTINGS), sorted(settings)
+    min_relative_score = check_min_relative_score(min_relative_score)  # what the reader would refuse is not written
     s = {k: (list(v) if k == "memory_layers" else v) for k, v in settings.items()}
     doc = {"format": MODEL_MEMORY_FORMAT, "format_version": MODEL_MEMORY_VERSION, "created_by": created_by,
            "settings": s}

@@ -216,7 +216,8 @@ class KnowledgeBase:
     def memories(self, ref_ids) -> list[Memory]:
         return [self.memory(i) for i in ref_ids]
 
-    def retrieve(self, text: str, k: int = 5, mode: str | None = None, max_overlap: float | None = None):
+    def retrieve(self, text: str, k: int = 5, mode: str | None = None, max_overlap: float | None = None,
+                 min_relative_score: float = 0.0):
         """The k references nearest `text`, best first, as Hit(ref_id, score).
 
         Args:
@@ -224,6 +225,8 @@ class KnowledgeBase:
             k: how many.
             mode: "bm25", "dense" or "hybrid" (default: the kb's).
             max_overlap: drop references whose overlap with the query (paper Eq. 6) exceeds this.
+            min_relative_score: drop references scoring under this fraction of the best (0: none;
+                generation reads the model's, formats/model-memory.md `reading`).
         Example:
             >>> open_kb("kb/").retrieve("river trade in the north", k=3)
             [Hit(ref_id=12, score=1.5), ...]  # bm25 with document context: 1.0 to 1.5 for the best
@@ -233,7 +236,8 @@ class KnowledgeBase:
                 from m3compile.retrieve import Retriever
 
                 self._retriever = Retriever.open(self.path, self.manifest.to_dict())
-            return self._retriever.retrieve(text, k, mode=mode, max_overlap=max_overlap)
+            return self._retriever.retrieve(text, k, mode=mode, max_overlap=max_overlap,
+                                            min_relative_score=min_relative_score)
 
 
 def _manifest_stamp(kb_dir: Path) -> tuple | None:

@@ -128,8 +128,17 @@ def test_generation_reads_the_retrieval_floor_its_model_names(tmp_path, corpus, 
     above = [h.ref_id for h in hits if h.score >= 0.9 * hits[0].score]
     assert read() == above and read("--min-relative-score", "0") == [h.ref_id for h in hits]
     assert read("--min-relative-score", "1") == [h.ref_id for h in hits if h.score >= hits[0].score]
-    r = run("eval", kb, corpus, "--json")
-    assert r.exit_code == 0 and json.loads(r.stdout)["min_relative_score"] == 0.9, r.output
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(json.dumps({"id": "q", "text": prompt + " w5 w21"}) + "\n")
+
+    def sparse_nll(*args):  # `m3 eval`'s row with the kb's memories, retrieved with the Eq. 6 filter
+        r = run("eval", kb, texts, "--json", *args)
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)["min_relative_score"], json.loads(r.stdout)["rows"]["sparse"]["nll"]
+
+    floor, nll = sparse_nll()
+    assert floor == 0.9 and nll == sparse_nll("--min-relative-score", "0.9")[1]
+    assert nll != sparse_nll("--min-relative-score", "0")[1]  # it reads fewer references
     for bad in ('{"min_relative_score": 1.5}', '{"min_relative_score": true}', '0.5'):
         doc = json.loads((model_dir / MODEL_MEMORY_FILE).read_text())
         doc["reading"] = json.loads(bad)
