@@ -97,7 +97,7 @@ def answer(ev: Evaluator, rec: dict, memory: bool) -> str:
     prompt = ev.tok.encode(rec["text"][:rec["question_end"]])
 
     def retrieve(tokens):
-        hits = ev.retriever.retrieve(ev.tok.decode(tokens), ev.layout.refs_per_chunk, min_relative_score=ev.floor)
+        hits = ev.read_hits(ev.tok.decode(tokens))
         return ChunkMemory.gather(ev.kb.memories([h.ref_id for h in hits]), ev.layout.memory_layers)
 
     new = generate(ev.ck.model, ev.layout, prompt, retrieve if memory else None, ANSWER_TOKENS, 0.0,

@@ -146,7 +146,7 @@ def retrieved_answer(ev: Evaluator, rec: dict, texts: dict) -> bool:
     prompt = ev.tok.decode(ev.tok.encode(rec["text"][:rec["question_end"]]))
     value, doc = rec["facts"][0]["value"], f"{rec['entity']}.md"
     return any(texts[h.ref_id][0] == doc and value in texts[h.ref_id][1]
-               for h in ev.retriever.retrieve(prompt, ev.layout.refs_per_chunk, min_relative_score=ev.floor))
+               for h in ev.read_hits(prompt))
 
 
 def ref_texts(ev: Evaluator) -> dict:

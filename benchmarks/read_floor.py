@@ -66,10 +66,11 @@ def measure(kb: Path, model: Path, corpus: Path, questions: list[dict], floors: 
     rows = ev.kb.references().select(["ref_id", "doc_id", "text"]).to_pydict()
     entity = {i: Path(d).stem for i, d in zip(rows["ref_id"], rows["doc_id"])}
     text = dict(zip(rows["ref_id"], rows["text"]))
+    # each question's prompt as generation decodes it (the text its first chunk retrieves with)
+    prompts = [ev.tok.decode(ev.tok.encode(r["text"][:r["question_end"]])) for r in questions]
     own, own_ratio, other_ratio, answer_found = 0, [], [], 0
-    for r in questions:
-        prompt = ev.tok.decode(ev.tok.encode(r["text"][:r["question_end"]]))
-        hits = ev.retriever.retrieve(prompt, ev.layout.refs_per_chunk)
+    for r, prompt in zip(questions, prompts):
+        hits = ev.read_hits(prompt)  # the floor is 0 here: every retrieved reference
         value = str(r["facts"][0]["value"])
         answer_found += any(entity[h.ref_id] == r["entity"] and value in text[h.ref_id] for h in hits)
         for h in hits:
@@ -82,7 +83,7 @@ def measure(kb: Path, model: Path, corpus: Path, questions: list[dict], floors: 
     for f in floors:
         ev.floor = f
         right, wrong, copied, kinds = 0, 0, 0, {}
-        for r in questions:
+        for r, prompt in zip(questions, prompts):
             said = first_sentence(answer(ev, r, True))
             ok = said == r["text"][r["question_end"]:].strip()
             right += ok
@@ -92,9 +93,8 @@ def measure(kb: Path, model: Path, corpus: Path, questions: list[dict], floors: 
             if not ok:
                 wrong += 1
                 got = other_value(r, said)
-                prompt = ev.tok.decode(ev.tok.encode(r["text"][:r["question_end"]]))
-                hits = ev.retriever.retrieve(prompt, ev.layout.refs_per_chunk, min_relative_score=f)
-                copied += bool(got) and any(entity[h.ref_id] != r["entity"] and got in text[h.ref_id] for h in hits)
+                copied += bool(got) and any(entity[h.ref_id] != r["entity"] and got in text[h.ref_id]
+                                            for h in ev.read_hits(prompt))
         weakest = min(kinds.items(), key=lambda kv: kv[1][0] / kv[1][1])
         out["floors"][str(f)] = {"recall": round(right / len(questions), 4), "right": right, "wrong": wrong,
                                  "wrong_read_from_another_entity": copied,

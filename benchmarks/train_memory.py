@@ -171,6 +171,11 @@ class Evaluator:
             self.refs_of.setdefault(Path(doc).stem, []).append(rid)
         self.articles = {p.stem: p.read_text(encoding="utf-8") for p in (work / "corpus").glob("*.md")}
 
+    def read_hits(self, text: str):
+        """The references `m3 generate --kb` reads for a chunk of `text`: the kb's retrieval, refs_per_chunk
+        of them, this evaluator's floor, no Eq. 6 filter (generation has no text to leak from)."""
+        return self.retriever.retrieve(text, self.layout.refs_per_chunk, min_relative_score=self.floor)
+
     def _retrieve(self, text: str) -> list[int]:
         ids = self.tok.encode(text)
         hits = self.retriever.retrieve(text, self.layout.refs_per_chunk, max_overlap=EVAL_OVERLAP, query_tokens=ids,
