@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(ROOT / "examples"))
 
 import make_corpus  # noqa: E402
-from corpus_templates import COMPOSED, MORE_QUESTIONS, QUESTIONS  # noqa: E402
+from corpus_templates import COMPOSED, FREE_FORMS, MORE_QUESTIONS, QUESTIONS  # noqa: E402
 from density_frontier import answer, first_sentence, other_world, readers_world, whole_world  # noqa: E402  (same directory)
 from train_memory import Evaluator  # noqa: E402
 from m3compile.config import CompileConfig, default_model_dir  # noqa: E402
@@ -95,12 +95,13 @@ BLIND_FILE = Path(__file__).parent / "blind_forms.json"
 
 def taught_forms() -> set[str]:
     """The question part of every phrasing any training text may hold: the templates, the
-    training-only MORE_QUESTIONS (benchmarks/train_memory.py --more-forms) and every composed
-    phrasing (--composed-forms)."""
+    training-only MORE_QUESTIONS (benchmarks/train_memory.py --more-forms), every composed
+    phrasing (--composed-forms) and every free one (--free-forms)."""
     taught = {t.split("?")[0] for table in (QUESTIONS, MORE_QUESTIONS) for forms in table.values()
               for ts in forms.values() for t in ts}
     taught |= {t.split("?")[0] for type_, kinds in COMPOSED.items() for key in kinds
                for t in make_corpus.composed_forms(type_, key)}
+    taught |= {t.split("?")[0] for kinds in FREE_FORMS.values() for ts in kinds.values() for t in ts}
     return taught
 
 

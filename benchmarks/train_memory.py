@@ -103,6 +103,8 @@ def make_world(work: Path, a) -> dict:
         if a.composed_forms:  # training-only composed phrasings, drawn per entity (never evaluated either)
             mine = mine + make_corpus.composed_questions(entities[e], a.composed_forms,
                                                          random.Random(f"{a.world_seed}/composed/{e}"))
+        if a.free_forms:  # training-only free phrasings (FREE_FORMS), drawn per entity (never evaluated)
+            mine = mine + make_corpus.free_questions(entities[e], a.free_forms, random.Random(f"{a.world_seed}/free/{e}"))
         qs = [r for r in mine if r["kind"] == "question"]
         rng.shuffle(qs)
         # --pack-questions of one entity's questions make one text: one 64-token chunk with
@@ -292,6 +294,10 @@ def add_world_args(ap: argparse.ArgumentParser) -> None:
                     help="also train on K composed phrasings of every question of the trained entities, drawn "
                          "from examples/corpus_templates.py COMPOSED (hundreds per fact kind; half asked by a noun, "
                          "half by a verb phrase); never evaluated")
+    ap.add_argument("--free-forms", type=int, default=0, metavar="K",
+                    help="also train on K of examples/corpus_templates.py FREE_FORMS's phrasings of every question "
+                         "of the trained entities (30 whole questions per fact kind, written blind to the "
+                         "project's phrasings), drawn per entity; never evaluated")
     ap.add_argument("--more-forms", action="store_true",
                     help="also train on examples/corpus_templates.py's MORE_QUESTIONS: four more phrasings of every "
                          "question kind (issue 13: forms held out of training)")

@@ -6,6 +6,9 @@ Articles, restatements and questions word the facts differently, so a model that
 question from an article in memory has to map one phrasing onto another, not copy a sentence.
 """
 
+import json
+from pathlib import Path
+
 # name parts; names are onset + vowel + coda (+ suffix), checked unique across the whole world
 ONSETS = ("B", "Br", "C", "Cr", "D", "Dr", "F", "G", "Gr", "H", "K", "L", "M", "N", "P", "R",
           "S", "St", "T", "Th", "V", "W", "Y", "Z")
@@ -347,3 +350,11 @@ COMPOSED = {
                       "answers": ("Its {specialty}.",)},
     },
 }
+
+# Free phrasings, for memory training only (benchmarks/train_memory.py --free-forms K): whole
+# questions, 30 per fact kind, written on 2026-12-07 by a helper that read no file of this project (no
+# template, no COMPOSED part, no held-out or blind form), asked only for the many ways people ask for
+# each fact; four that repeat a held-out form of benchmarks/question_forms.py (NOVEL) were taken out. COMPOSED varies the words inside a few frames; these vary the frame (indirect, fronted,
+# situational, chatty questions). Placeholders as in QUESTIONS. Never in examples/*/facts, never asked
+# by the frontier; benchmarks/question_forms.py drops any blind form that one of them repeats.
+FREE_FORMS = json.loads((Path(__file__).parent / "free_forms.json").read_text(encoding="utf-8"))

@@ -30,7 +30,7 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from corpus_templates import (ARTICLE, BEASTS, CODAS, COLOURS, COMPOSED, EXPORTS, GIVEN, LEAD_INS, NOUN_FRAMES,
+from corpus_templates import (ARTICLE, BEASTS, CODAS, COLOURS, COMPOSED, EXPORTS, FREE_FORMS, GIVEN, LEAD_INS, NOUN_FRAMES,
                               OCCUPATIONS, ONSETS, ORG_KINDS, ORG_WORDS, QUESTIONS, REGION_SUFFIXES, RESTATE,
                               SURNAME_SUFFIXES, TOWN_SUFFIXES, VOWELS, WEEKDAYS, WORK_ADJ, WORK_NOUN)
 
@@ -367,6 +367,13 @@ def composed_questions(entity: Entity, per_fact: int, rng: random.Random) -> lis
         nouns, verbs = composed_forms(entity.type, key, "nouns"), composed_forms(entity.type, key, "verbs")
         forms[key] = rng.sample(nouns, (per_fact + 1) // 2) + rng.sample(verbs, per_fact // 2)
     return questions(entity, {entity.type: forms}, tag="c")
+
+
+def free_questions(entity: Entity, per_fact: int, rng: random.Random) -> list[dict]:
+    """per_fact of corpus_templates.FREE_FORMS's phrasings of each of the entity's facts, drawn with
+    rng. Training only (benchmarks/train_memory.py --free-forms); ids NAME.q.KEY.fJ."""
+    forms = {key: rng.sample(FREE_FORMS[entity.type][key], per_fact) for key in sorted(entity.fact_dict)}
+    return questions(entity, {entity.type: forms}, tag="f")
 
 
 def _jsonl(records) -> str:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The sparse reader's recipe (examples/README.md, "The density frontier"), one command:
 #   bash examples/train_sparse_reader.sh WORK_DIR
-# Nine continuations of the 1/2 reader (trained at 1/2 of a reference's key-values), each a
+# Eleven continuations of the 1/2 reader (trained at 1/2 of a reference's key-values), each a
 # benchmarks/train_memory.py run (it prints held-out fact accuracy before and after):
 #   d16b  its own 2000-article world, top-4 of 32 tokens in layers 2-3 (1/16), 3000 steps
 #   d16w  a fresh 8000-article world (seed 1), same memory, 2000 steps at lr 1e-3
@@ -16,20 +16,26 @@
 #         phrasings of every question besides (--composed-forms 4: held-out forms), 1900 steps at lr 5e-4
 #   d5r   a fresh world (seed 15), the same without composed phrasings (re-anchors the templates),
 #         800 steps at lr 2.5e-4
+#   d5m   not a step: the mean of d32s's and d5r's weights (the default before d7m), d7f's start
+#   d7f   a fresh world (seed 19), from d5m, two composed and four free phrasings of every question
+#         (--free-forms 4: examples/free_forms.json, written blind to every other phrasing), 1900
+#         steps at lr 5e-4
+#   d7r   a fresh world (seed 20), d5r's re-anchoring step after d7f, 800 steps at lr 2.5e-4
 # ~5.3 h to d32a on one core of a 2-core machine with AMX, ~4.5 h on one AVX2 core in float32 (torch
 # threads 1); d32r and d32s took 57 min each on two threads of an AVX512-BF16 machine. Those times
 # are from before 2026-12-07, when m3 train shuffled an epoch's order for every sequence of every
 # step and the retrieval's Eq. 6 filter ran in Python: a step of d32s's size on an 8000-article
 # world now trains in 12.5 min on two AVX2 cores, 22 min with its retrieval and evaluations
-# (d5e: 21.6 min, d5r: 11.0 min, two threads of a 2-core AVX2 AMD EPYC, 2026-12-07; both steps run
-# on two threads, as they were trained: other thread counts give other bits).
+# (d5e: 21.6 min, d5r: 11.0 min, d7f ~22 min, d7r ~11 min, two threads of a 2-core AVX2 AMD EPYC,
+# 2026-12-07; those four steps run on two threads, as they were trained: other thread counts give
+# other bits).
 # Bits: m3 train trains in bf16 autocast where the CPU has native bf16 (AVX512-BF16, AMX) and in
 # float32 elsewhere, and the thread count changes float sums, so a rerun gives the committed weights
 # only step by step on the CPU kind and threads each step had (d32r, d32s: bf16, an AVX512-BF16 CPU,
-# two threads, where this script now gives one; d5e, d5r: float32, AVX2, two); elsewhere expect
+# two threads, where this script now gives one; d5e, d5r, d7f, d7r: float32, AVX2, two); elsewhere expect
 # close figures, not the same bytes.
-# The result is the mean of d32s's and d5r's weights (every tensor; examples/README.md, "Composed
-# phrasings at 5/128"), read at 5 tokens of layer 3 (5/128), 8 (1/16) or 4 (1/32), exported with
+# The result, d7m, is the mean of d5m's and d7r's weights (every tensor; examples/README.md, "Free
+# phrasings: d7f, d7r and d7m"), read at 5 tokens of layer 3 (5/128), 8 (1/16) or 4 (1/32), exported with
 # its m3-memory.json at 5 of layer 3 as WORK_DIR/reader/model (examples/export_sparse_reader.py;
 # `--out examples/reader` makes it the embedded default, which is how the committed one was made).
 # Measure it with
@@ -65,5 +71,10 @@ run d32s --start-from "$work/d32r/trained" --entities 8000 --world-seed 7 --top-
 run d5e --start-from "$work/d32s/trained" --threads 2 --entities 8000 --world-seed 14 --top-k 5 \
     --memory-layers 3 --steps 1900 --lr 5e-4 --more-forms --composed-forms 4 --replay-world 0
 run d5r --start-from "$work/d5e/trained" --threads 2 --entities 8000 --world-seed 15 --top-k 5 \
+    --memory-layers 3 --steps 800 --lr 2.5e-4 --more-forms --replay-world 0
+[[ -f "$work/d5m/trained/model.safetensors" ]] || python "$here/examples/export_sparse_reader.py" "$work" --soup d5m
+run d7f --start-from "$work/d5m/trained" --threads 2 --entities 8000 --world-seed 19 --top-k 5 \
+    --memory-layers 3 --steps 1900 --lr 5e-4 --more-forms --composed-forms 2 --free-forms 4 --replay-world 0
+run d7r --start-from "$work/d7f/trained" --threads 2 --entities 8000 --world-seed 20 --top-k 5 \
     --memory-layers 3 --steps 800 --lr 2.5e-4 --more-forms --replay-world 0
 python "$here/examples/export_sparse_reader.py" "$work" --out "$work/reader"

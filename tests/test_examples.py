@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -309,6 +310,39 @@ def test_export_soups_the_steps_weights(tmp_path):
         export.soup_tensors(dirs)
 
 
+def test_export_soups_of_soups_in_the_recipe_order(tmp_path):
+    # SOUPS: d5m = mean(d32s, d5r), made by `--soup d5m` before the recipe's d7f starts from it,
+    # and the export d7m = mean(d5m, d7r), beside d7r's files, with the export's m3-memory.json
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    from m3compile.config import model_min_relative_score, read_model_memory
+
+    export = _example_module("export_sparse_reader")
+    assert export.leaves(export.EXPORTED) == ["d32s", "d5r", "d7r"]
+    rng = np.random.default_rng(1)
+    w = {}
+    for step in ("d32s", "d5r", "d7r"):
+        d = tmp_path / step / "trained"
+        d.mkdir(parents=True)
+        w[step] = {"w": rng.standard_normal((3, 4)).astype(np.float32)}
+        save_file(w[step], str(d / "model.safetensors"))
+        for f in ("config.json", "m3-memory.json"):
+            (d / f).write_bytes((READER / "model" / f).read_bytes())
+        (d / "train-state.safetensors").write_bytes(b"resume state")
+    (tmp_path / "d7r" / "trained" / "training.json").write_text("{}")
+    export.main([str(tmp_path), "--soup", "d5m"])
+    d5m = load_file(str(tmp_path / "d5m" / "trained" / "model.safetensors"))["w"]
+    assert np.array_equal(d5m, (w["d32s"]["w"] + w["d5r"]["w"]) / 2)
+    dest = export.write_soup(tmp_path, "d7m", tmp_path / "out")
+    assert np.array_equal(load_file(str(dest / "model.safetensors"))["w"], (d5m + w["d7r"]["w"]) / 2)
+    assert (dest / "training.json").is_file() and not (dest / "train-state.safetensors").exists()
+    assert read_model_memory(dest)["top_k"] == export.READ["top_k"]
+    assert model_min_relative_score(dest) == export.MIN_RELATIVE_SCORE
+    with pytest.raises(SystemExit, match="lacks the recipe steps"):  # the export needs every step's record
+        export.main([str(tmp_path), "--out", str(tmp_path / "reader")])
+
+
 def test_reader_model_is_the_embedded_default_and_records_its_memory_format():
     from m3compile.config import default_model_dir, read_model_memory
 
@@ -467,8 +501,8 @@ def test_composed_question_forms_cover_every_kind_and_reach_training_alone(tmp_p
                 assert [s["key"] for s in spans if s["start"] > q_end] == [key], form
     taught = qf.taught_forms()
     assert not {f.split("?")[0] for forms in qf.NOVEL.values() for f in forms.values()} & taught
-    sets = sorted(qf.BLIND_FILE.parent.glob("blind_forms*.json"))  # blind_forms.json, blind_forms_2.json
-    assert len(sets) == 2
+    sets = sorted(qf.BLIND_FILE.parent.glob("blind_forms*.json"))  # blind_forms.json, _2, _3
+    assert len(sets) == 3
     for path in sets:
         blind, dropped = qf.blind_forms(taught, path)  # a blind form that a composed one repeats is not held out
         assert {t: set(k) for t, k in blind.items()} == {t: set(k) for t, k in templates.QUESTIONS.items()}
@@ -494,6 +528,49 @@ def test_composed_question_forms_cover_every_kind_and_reach_training_alone(tmp_p
     assert held and trained and ids
     asked = lambda e: [r["text"][:r["question_end"]] for r in mc.composed_questions(e, 2, random.Random(f"0/composed/{e.id}"))]
     assert all(q in texts for e in trained for q in asked(e))
+    assert not any(q in texts for e in held for q in asked(e))
+
+
+def test_free_question_forms_cover_every_kind_and_reach_training_alone(tmp_path):
+    # benchmarks/train_memory.py --free-forms K: K of corpus_templates.FREE_FORMS's whole questions
+    # (~30 per kind) for every question of the trained entities; deterministic; never in the held-out
+    # entities' texts; none of them is a held-out form of the question-forms benchmark (NOVEL), and
+    # a blind form that one repeats is left out of the blind sets (question_forms.taught_forms)
+    import argparse
+
+    bench = EXAMPLES.parent / "benchmarks"
+    if str(bench) not in sys.path:
+        sys.path.insert(0, str(bench))
+    tm, qf = importlib.import_module("train_memory"), importlib.import_module("question_forms")
+    templates, mc = _example_module("corpus_templates"), _example_module("make_corpus")
+    assert {t: set(k) for t, k in templates.FREE_FORMS.items()} == {t: set(k) for t, k in templates.QUESTIONS.items()}
+    world = mc.generate(60, 0)
+    for type_, kinds in templates.FREE_FORMS.items():
+        entity = next(e for e in world.entities if e.type == type_)
+        for key, forms in kinds.items():
+            assert len({f.split("?")[0] for f in forms}) == len(forms) >= 29, (type_, key)
+            for form in forms:  # every form renders with the asked fact once, after the question
+                text, spans = mc.render(form, dict(entity.ctx), entity.fact_dict)
+                q_end = text.index("? ") + 1
+                assert "{" not in text and text.count("?") == 1, form
+                assert [s["key"] for s in spans if s["start"] > q_end] == [key], form
+    free = {f.split("?")[0] for kinds in templates.FREE_FORMS.values() for fs in kinds.values() for f in fs}
+    assert free <= qf.taught_forms()
+    assert not {f.split("?")[0] for forms in qf.NOVEL.values() for f in forms.values()} & free
+    e = world.entities[0]
+    draw = lambda seed: [r["text"] for r in mc.free_questions(e, 4, random.Random(seed))]
+    assert draw(1) == draw(1) != draw(2) and len(draw(1)) == 4 * len(e.fact_dict)
+
+    ap = argparse.ArgumentParser()
+    tm.add_world_args(ap)
+    a = ap.parse_args(["--entities", "60", "--held-out", "0.1", "--free-forms", "2"])
+    w = tm.make_world(tmp_path / "w", a)
+    texts = (tmp_path / "w" / "train_texts.jsonl").read_text()
+    assert not any(re.search(r"\.f\d+$", r["id"]) for r in w["records"])  # evaluation is unchanged
+    trained = [e for e in world.entities if e.id in w["A"]]
+    held = [e for e in world.entities if e.id in w["H"]]
+    asked = lambda e: [r["text"][:r["question_end"]] for r in mc.free_questions(e, 2, random.Random(f"0/free/{e.id}"))]
+    assert held and trained and all(q in texts for e in trained for q in asked(e))
     assert not any(q in texts for e in held for q in asked(e))
 
 
