@@ -474,13 +474,41 @@ def test_more_question_forms_are_trained_on_and_never_asked(tmp_path):
     assert len(texts[True]) > len(texts[False])
 
 
+def _assert_forms_render(mc, entity, key, forms):
+    """Every form renders for entity with the asked fact once, after the question."""
+    for form in forms:
+        text, spans = mc.render(form, dict(entity.ctx), entity.fact_dict)
+        q_end = text.index("? ") + 1
+        assert "{" not in text and text.count("?") == 1, form
+        assert [s["key"] for s in spans if s["start"] > q_end] == [key], form
+
+
+def _assert_trained_alone(tmp_path, tm, world, flag: str, tag: str, drawn):
+    """train_memory.make_world with `flag 2` (world: mc.generate(60, 0)): the questions drawn(entity)
+    draws are in the training texts of every trained entity and of no held-out one, and none of
+    the evaluated records is one of them (ids NAME.q.KEY.<tag>J)."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    tm.add_world_args(ap)
+    w = tm.make_world(tmp_path / "w", ap.parse_args(["--entities", "60", "--held-out", "0.1", flag, "2"]))
+    ids = [json.loads(line)["id"] for line in (tmp_path / "w" / "train_texts.jsonl").open()]
+    texts = (tmp_path / "w" / "train_texts.jsonl").read_text()
+    assert not any(re.search(rf"\.{tag}\d+$", r["id"]) for r in w["records"])  # evaluation is unchanged
+    trained = [e for e in world.entities if e.id in w["A"]]
+    held = [e for e in world.entities if e.id in w["H"]]
+    assert held and trained and ids
+    asked = lambda e: [r["text"][:r["question_end"]] for r in drawn(e)]
+    assert all(q in texts for e in trained for q in asked(e))
+    assert not any(q in texts for e in held for q in asked(e))
+    return w
+
+
 def test_composed_question_forms_cover_every_kind_and_reach_training_alone(tmp_path):
     # benchmarks/train_memory.py --composed-forms K: K phrasings of every question of the trained
     # entities, drawn from hundreds per kind (corpus_templates.COMPOSED), half asked by a noun and
     # half by a verb phrase; deterministic; never in the held-out entities' texts, never evaluated;
     # no NOVEL form of the question-forms benchmark is among them, and its blind forms leave out any that is
-    import argparse
-
     bench = EXAMPLES.parent / "benchmarks"
     if str(bench) not in sys.path:
         sys.path.insert(0, str(bench))
@@ -494,11 +522,7 @@ def test_composed_question_forms_cover_every_kind_and_reach_training_alone(tmp_p
             forms = mc.composed_forms(type_, key)
             assert len(forms) == len(set(forms)) >= 100, (type_, key)
             assert set(mc.composed_forms(type_, key, "nouns")) | set(mc.composed_forms(type_, key, "verbs")) == set(forms)
-            for form in forms:  # every form renders with the asked fact once, after the question
-                text, spans = mc.render(form, dict(entity.ctx), entity.fact_dict)
-                q_end = text.index("? ") + 1
-                assert "{" not in text and text.count("?") == 1, form
-                assert [s["key"] for s in spans if s["start"] > q_end] == [key], form
+            _assert_forms_render(mc, entity, key, forms)
     taught = qf.taught_forms()
     assert not {f.split("?")[0] for forms in qf.NOVEL.values() for f in forms.values()} & taught
     sets = sorted(qf.BLIND_FILE.parent.glob("blind_forms*.json"))  # blind_forms.json, _2, _3
@@ -516,19 +540,9 @@ def test_composed_question_forms_cover_every_kind_and_reach_training_alone(tmp_p
     draw = lambda seed: [r["text"] for r in mc.composed_questions(e, 4, random.Random(seed))]
     assert draw(1) == draw(1) != draw(2) and len(draw(1)) == 4 * len(e.fact_dict)
 
-    ap = argparse.ArgumentParser()
-    tm.add_world_args(ap)
-    a = ap.parse_args(["--entities", "60", "--held-out", "0.1", "--composed-forms", "2"])
-    w = tm.make_world(tmp_path / "w", a)
-    ids = [json.loads(line)["id"] for line in (tmp_path / "w" / "train_texts.jsonl").open()]
-    texts = (tmp_path / "w" / "train_texts.jsonl").read_text()
-    assert all(".c" not in r["id"] for r in w["records"])  # evaluation is unchanged
-    trained = [e for e in world.entities if e.id in w["A"]]
-    held = [e for e in world.entities if e.id in w["H"]]
-    assert held and trained and ids
-    asked = lambda e: [r["text"][:r["question_end"]] for r in mc.composed_questions(e, 2, random.Random(f"0/composed/{e.id}"))]
-    assert all(q in texts for e in trained for q in asked(e))
-    assert not any(q in texts for e in held for q in asked(e))
+    w = _assert_trained_alone(tmp_path, tm, world, "--composed-forms", "c",
+                              lambda e: mc.composed_questions(e, 2, random.Random(f"0/composed/{e.id}")))
+    assert all(".c" not in r["id"] for r in w["records"])
 
 
 def test_free_question_forms_cover_every_kind_and_reach_training_alone(tmp_path):
@@ -536,8 +550,6 @@ def test_free_question_forms_cover_every_kind_and_reach_training_alone(tmp_path)
     # (~30 per kind) for every question of the trained entities; deterministic; never in the held-out
     # entities' texts; none of them is a held-out form of the question-forms benchmark (NOVEL), and
     # a blind form that one repeats is left out of the blind sets (question_forms.taught_forms)
-    import argparse
-
     bench = EXAMPLES.parent / "benchmarks"
     if str(bench) not in sys.path:
         sys.path.insert(0, str(bench))
@@ -549,11 +561,7 @@ def test_free_question_forms_cover_every_kind_and_reach_training_alone(tmp_path)
         entity = next(e for e in world.entities if e.type == type_)
         for key, forms in kinds.items():
             assert len({f.split("?")[0] for f in forms}) == len(forms) >= 29, (type_, key)
-            for form in forms:  # every form renders with the asked fact once, after the question
-                text, spans = mc.render(form, dict(entity.ctx), entity.fact_dict)
-                q_end = text.index("? ") + 1
-                assert "{" not in text and text.count("?") == 1, form
-                assert [s["key"] for s in spans if s["start"] > q_end] == [key], form
+            _assert_forms_render(mc, entity, key, forms)
     free = {f.split("?")[0] for kinds in templates.FREE_FORMS.values() for fs in kinds.values() for f in fs}
     assert free <= qf.taught_forms()
     assert not {f.split("?")[0] for forms in qf.NOVEL.values() for f in forms.values()} & free
@@ -561,17 +569,8 @@ def test_free_question_forms_cover_every_kind_and_reach_training_alone(tmp_path)
     draw = lambda seed: [r["text"] for r in mc.free_questions(e, 4, random.Random(seed))]
     assert draw(1) == draw(1) != draw(2) and len(draw(1)) == 4 * len(e.fact_dict)
 
-    ap = argparse.ArgumentParser()
-    tm.add_world_args(ap)
-    a = ap.parse_args(["--entities", "60", "--held-out", "0.1", "--free-forms", "2"])
-    w = tm.make_world(tmp_path / "w", a)
-    texts = (tmp_path / "w" / "train_texts.jsonl").read_text()
-    assert not any(re.search(r"\.f\d+$", r["id"]) for r in w["records"])  # evaluation is unchanged
-    trained = [e for e in world.entities if e.id in w["A"]]
-    held = [e for e in world.entities if e.id in w["H"]]
-    asked = lambda e: [r["text"][:r["question_end"]] for r in mc.free_questions(e, 2, random.Random(f"0/free/{e.id}"))]
-    assert held and trained and all(q in texts for e in trained for q in asked(e))
-    assert not any(q in texts for e in held for q in asked(e))
+    _assert_trained_alone(tmp_path, tm, world, "--free-forms", "f",
+                          lambda e: mc.free_questions(e, 2, random.Random(f"0/free/{e.id}")))
 
 
 # (corpus, every n-th question, least share right with memory): measured in examples/README.md
