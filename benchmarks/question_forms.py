@@ -20,7 +20,10 @@ density_frontier.py would measure style, not recall. The template forms are also
 that exact rule, for comparison with the frontier tables. With memory it also reports how often
 the references retrieved for the question hold the answer (one of the entity's article whose text
 holds the value) and how often the answer is right among those questions: reading apart from
-retrieval.
+retrieval. Of the wrong answers it counts those holding another of the entity's facts (a fact kind
+mistaken for the asked one, not a fact unread) and, of the rest, those holding the entity's own
+name (the question echoed), and it lists each set's five weakest forms; the JSON holds every
+form's share.
 
     OMP_NUM_THREADS=1 python benchmarks/question_forms.py --kb world          # the embedded reader
     OMP_NUM_THREADS=1 python benchmarks/question_forms.py --kb world --model examples/reader-half/model
@@ -157,28 +160,46 @@ def ref_texts(ev: Evaluator) -> dict:
                                                          refs.column("text").to_pylist())))
 
 
-def score(ev: Evaluator, recs: list[dict], memory: bool, texts: dict) -> dict:
-    """texts: ref_texts(ev), for whether retrieval found the answer (with memory)."""
-    value_right, exact_right, kinds = 0, 0, defaultdict(lambda: [0, 0])
-    found, right_found = 0, 0  # memory: questions whose retrieval holds the answer, and right among them
-    for r in recs:
-        head = first_sentence(answer(ev, r, memory))
-        ok = r["facts"][0]["value"] in head
+def tally(recs: list[dict], heads: list[str], entities: dict, found: list[bool] | None = None) -> dict:
+    """A row of the table from each record's answer's first sentence (heads, in recs' order;
+    entities: id -> make_corpus.Entity): right by value and by exact sentence, per fact kind and
+    per form (the question with the entity's name as {n}), and the shares of the wrong answers
+    that hold another of the entity's facts instead (a fact kind mistaken, not a fact unread) and,
+    of the rest, the entity's own name (the question echoed). found (with memory): per record,
+    whether retrieval brought an answer-bearing reference."""
+    value_right, exact_right, other, echo = 0, 0, 0, 0
+    kinds, forms = defaultdict(lambda: [0, 0]), defaultdict(lambda: [0, 0])
+    asked = {}
+    for r, head in zip(recs, heads, strict=True):
+        value, e = r["facts"][0]["value"], entities[r["entity"]]
+        ok = value in head
         value_right += ok
         exact_right += head == r["text"][r["question_end"]:].strip()
-        k = kinds[r["facts"][0]["key"]]
-        k[0] += ok
-        k[1] += 1
-        if memory and retrieved_answer(ev, r, texts):
-            found += 1
-            right_found += ok
-    n = max(1, len(recs))
+        mistaken = not ok and any(v != value and v in head for v in e.fact_dict.values())
+        other += mistaken
+        echo += not ok and not mistaken and e.name in head
+        for table, key in ((kinds, r["facts"][0]["key"]), (forms, r["template"])):
+            table[key][0] += ok
+            table[key][1] += 1
+        asked.setdefault(r["template"], r["text"][:r["question_end"]].replace(e.name, "{n}"))
+    n, wrong = max(1, len(recs)), len(recs) - value_right
     out = {"questions": len(recs), "value": round(value_right / n, 4), "exact": round(exact_right / n, 4),
-           "kinds": {k: round(a / b, 4) for k, (a, b) in sorted(kinds.items())}}
-    if memory:  # reading, apart from retrieval: right among the questions whose answer was retrieved
-        out["retrieved"] = round(found / n, 4)
-        out["right_when_retrieved"] = round(right_found / max(1, found), 4)
+           "wrong_other_fact": round(other / max(1, wrong), 4), "wrong_name": round(echo / max(1, wrong), 4),
+           "kinds": {k: round(a / b, 4) for k, (a, b) in sorted(kinds.items())},
+           "forms": {t: {"asked": asked[t], "questions": b, "value": round(a / b, 4)} for t, (a, b) in sorted(forms.items())}}
+    if found is not None:  # reading, apart from retrieval: right among the questions whose answer was retrieved
+        right_found = sum(f and r["facts"][0]["value"] in h for r, h, f in zip(recs, heads, found))
+        out["retrieved"] = round(sum(found) / n, 4)
+        out["right_when_retrieved"] = round(right_found / max(1, sum(found)), 4)
     return out
+
+
+def score(ev: Evaluator, recs: list[dict], memory: bool, texts: dict, entities: dict) -> dict:
+    """texts: ref_texts(ev), for whether retrieval found the answer (with memory); entities: id ->
+    Entity of the asked entities. The row of tally() for greedy answers as m3 generate gives them."""
+    heads = [first_sentence(answer(ev, r, memory)) for r in recs]
+    found = [retrieved_answer(ev, r, texts) for r in recs] if memory else None
+    return tally(recs, heads, entities, found)
 
 
 def main() -> int:
@@ -224,7 +245,8 @@ def main() -> int:
         compile_kb(CompileConfig(corpus=str(corpus / "corpus"), model=str(a.model)), Path(tmp) / "kb")
         ev = Evaluator(Path(tmp) / "kb", a.model, corpus, a.min_relative_score)
         texts = ref_texts(ev)
-        rows = {f"{name}, {'memory' if mem else 'none'}": score(ev, recs, mem, texts)
+        by_id = {e.id: e for e in entities}
+        rows = {f"{name}, {'memory' if mem else 'none'}": score(ev, recs, mem, texts, by_id)
                 for name, recs in (("template", template), ("novel", novel), ("blind", blind_recs))
                 for mem in (True, False)}
         forced = {name: {mode: v["question"] for mode, v in ev.table(recs, modes=("sparse", "rag", "none")).items()}
@@ -234,15 +256,19 @@ def main() -> int:
     floor = f", reading references scoring >= {ev.floor:g} of the best" if ev.floor else ""
     print(f"{a.model} on the {where} kb ({seconds} s{floor}); right = the answer's first sentence holds the value")
     print("| forms | memory | questions | right (value) | right (exact sentence) | answer retrieved | right when "
-          "retrieved | weakest kinds |")
-    print("|---|---|---|---|---|---|---|---|")
+          "retrieved | wrong: another of its facts / its name | weakest kinds |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         weakest = ", ".join(f"{k} {100 * v:.0f} %" for k, v in sorted(r["kinds"].items(), key=lambda kv: kv[1])[:3])
         forms, mem = name.split(", ")
         found = (f"{100 * r['retrieved']:.1f} % | {100 * r['right_when_retrieved']:.1f} %" if "retrieved" in r
                  else "- | -")
         print(f"| {forms} | {mem} | {r['questions']} | {100 * r['value']:.1f} % | {100 * r['exact']:.1f} % | {found} "
-              f"| {weakest} |")
+              f"| {100 * r['wrong_other_fact']:.1f} / {100 * r['wrong_name']:.1f} % | {weakest} |")
+    print("\nweakest forms with memory (share right, the question asked of each held-out entity):")
+    for name in ("template", "novel", "blind"):
+        worst = sorted(rows[f"{name}, memory"]["forms"].items(), key=lambda kv: (kv[1]["value"], kv[0]))[:5]
+        print(f"  {name}: " + "; ".join(f"{100 * f['value']:.0f} % {f['asked']!r}" for _, f in worst))
     if forced:
         print("\nteacher-forced fact accuracy (every token of the value right given the answer so far):")
         print("| forms | retrieved memory | article in context (RAG) | nothing |")

@@ -433,6 +433,53 @@ def test_novel_question_forms_ask_every_held_out_fact_in_no_trained_form():
         assert r["text"][fact["start"]:fact["end"]] == fact["value"] and fact["start"] > r["question_end"]
 
 
+def test_question_forms_tally_counts_kinds_forms_and_mistaken_facts():
+    # question_forms.tally, the table's row from the answers' first sentences: right by value, per
+    # kind and per form (asked with the name as {n}), and which wrong answers hold another of the
+    # entity's facts (a kind mistaken) or its name (the question echoed) rather than neither
+    bench = EXAMPLES.parent / "benchmarks"
+    if str(bench) not in sys.path:
+        sys.path.insert(0, str(bench))
+    qf = importlib.import_module("question_forms")
+    entities = qf.held_out_entities()[:3]
+    recs = qf.novel_records(entities)
+    by_id = {e.id: e for e in entities}
+    heads, right, mistaken, echoed = [], 0, 0, 0
+    for i, r in enumerate(recs):
+        facts = by_id[r["entity"]].fact_dict
+        value = r["facts"][0]["value"]
+        other = next((v for v in facts.values() if v not in value and value not in v), None)
+        if i % 3 == 0:
+            heads.append(f"It is {value}.")
+            right += 1
+        elif i % 3 == 1 and other is not None:
+            heads.append(f"It is {other}.")
+            mistaken += 1
+        elif i % 3 == 1:
+            heads.append("I do not know.")
+        else:
+            heads.append(f"{by_id[r['entity']].name}.")  # the question echoed
+            echoed += 1
+    found = [i % 2 == 0 for i in range(len(recs))]
+    row = qf.tally(recs, heads, by_id, found)
+    assert row["questions"] == len(recs) and row["value"] == round(right / len(recs), 4) and mistaken
+    assert row["wrong_other_fact"] == round(mistaken / (len(recs) - right), 4)
+    assert row["wrong_name"] == round(echoed / (len(recs) - right), 4) and echoed
+    assert row["exact"] == 0.0  # no head is the form's own answer sentence
+    assert row["retrieved"] == round(sum(found) / len(recs), 4)
+    assert row["right_when_retrieved"] == round(sum(1 for i in range(len(recs)) if i % 6 == 0) / sum(found), 4)
+    kinds = {r["facts"][0]["key"] for r in recs}
+    assert set(row["kinds"]) == kinds
+    first = recs[0]
+    form = row["forms"][first["template"]]
+    assert form["questions"] == sum(r["template"] == first["template"] for r in recs)
+    assert form["asked"].count("{n}") == 1 and by_id[first["entity"]].name not in form["asked"]
+    assert sum(f["questions"] for f in row["forms"].values()) == len(recs)
+    assert qf.tally(recs, [r["text"][r["question_end"]:].strip() for r in recs], by_id)["exact"] == 1.0
+    with pytest.raises(ValueError):  # one head per record
+        qf.tally(recs, heads[:-1], by_id)
+
+
 def test_more_question_forms_are_trained_on_and_never_asked(tmp_path):
     # benchmarks/train_memory.py --more-forms: four more phrasings of every question kind go into the
     # training texts of the memory-only and known entities, never into the held-out entities' texts,
