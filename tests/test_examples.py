@@ -28,6 +28,14 @@ def _example_module(name: str):
     return importlib.import_module(name)
 
 
+def _bench_module(name: str):
+    # benchmarks/ is a folder of scripts too; question_forms imports its sibling density_frontier
+    bench = EXAMPLES.parent / "benchmarks"
+    if str(bench) not in sys.path:
+        sys.path.insert(0, str(bench))
+    return importlib.import_module(name)
+
+
 make_corpus = _example_module("make_corpus")
 train_tokenizer = _example_module("train_tokenizer")
 
@@ -415,10 +423,7 @@ def test_kb_of_an_earlier_embedded_model_is_one_error_naming_the_fix(tmp_path, m
 def test_novel_question_forms_ask_every_held_out_fact_in_no_trained_form():
     # benchmarks/question_forms.py: the held-out-forms measurement of issue 13 is only meaningful
     # if its forms are in no training text (no template's question part) and cover every fact
-    bench = EXAMPLES.parent / "benchmarks"
-    if str(bench) not in sys.path:
-        sys.path.insert(0, str(bench))
-    qf = importlib.import_module("question_forms")
+    qf = _bench_module("question_forms")
     templates = _example_module("corpus_templates").QUESTIONS
     assert {t: set(k) for t, k in qf.NOVEL.items()} == {t: set(k) for t, k in templates.items()}
     entities = qf.held_out_entities()
@@ -437,10 +442,7 @@ def test_question_forms_tally_counts_kinds_forms_and_mistaken_facts():
     # question_forms.tally, the table's row from the answers' first sentences: right by value, per
     # kind and per form (asked with the name as {n}), and which wrong answers hold another of the
     # entity's facts (a kind mistaken) or its name (the question echoed) rather than neither
-    bench = EXAMPLES.parent / "benchmarks"
-    if str(bench) not in sys.path:
-        sys.path.insert(0, str(bench))
-    qf = importlib.import_module("question_forms")
+    qf = _bench_module("question_forms")
     entities = qf.held_out_entities()[:3]
     recs = qf.novel_records(entities)
     by_id = {e.id: e for e in entities}
@@ -486,10 +488,7 @@ def test_more_question_forms_are_trained_on_and_never_asked(tmp_path):
     # never into the evaluated records, and none is a phrasing the question-forms benchmark holds out
     import argparse
 
-    bench = EXAMPLES.parent / "benchmarks"
-    if str(bench) not in sys.path:
-        sys.path.insert(0, str(bench))
-    tm, qf = importlib.import_module("train_memory"), importlib.import_module("question_forms")
+    tm, qf = _bench_module("train_memory"), _bench_module("question_forms")
     templates = _example_module("corpus_templates")
     mc = _example_module("make_corpus")
     assert {t: set(k) for t, k in templates.MORE_QUESTIONS.items()} == \
@@ -556,10 +555,7 @@ def test_composed_question_forms_cover_every_kind_and_reach_training_alone(tmp_p
     # entities, drawn from hundreds per kind (corpus_templates.COMPOSED), half asked by a noun and
     # half by a verb phrase; deterministic; never in the held-out entities' texts, never evaluated;
     # no NOVEL form of the question-forms benchmark is among them, and its blind forms leave out any that is
-    bench = EXAMPLES.parent / "benchmarks"
-    if str(bench) not in sys.path:
-        sys.path.insert(0, str(bench))
-    tm, qf = importlib.import_module("train_memory"), importlib.import_module("question_forms")
+    tm, qf = _bench_module("train_memory"), _bench_module("question_forms")
     templates, mc = _example_module("corpus_templates"), _example_module("make_corpus")
     assert {t: set(k) for t, k in templates.COMPOSED.items()} == {t: set(k) for t, k in templates.QUESTIONS.items()}
     world = mc.generate(60, 0)
@@ -597,10 +593,7 @@ def test_free_question_forms_cover_every_kind_and_reach_training_alone(tmp_path)
     # (~30 per kind) for every question of the trained entities; deterministic; never in the held-out
     # entities' texts; none of them is a held-out form of the question-forms benchmark (NOVEL), and
     # a blind form that one repeats is left out of the blind sets (question_forms.taught_forms)
-    bench = EXAMPLES.parent / "benchmarks"
-    if str(bench) not in sys.path:
-        sys.path.insert(0, str(bench))
-    tm, qf = importlib.import_module("train_memory"), importlib.import_module("question_forms")
+    tm, qf = _bench_module("train_memory"), _bench_module("question_forms")
     templates, mc = _example_module("corpus_templates"), _example_module("make_corpus")
     assert {t: set(k) for t, k in templates.FREE_FORMS.items()} == {t: set(k) for t, k in templates.QUESTIONS.items()}
     world = mc.generate(60, 0)
@@ -684,10 +677,7 @@ def test_another_world_for_the_frontier_is_split_as_training_splits_it(tmp_path)
     # reader), their facts, a corpus of their articles alone and one of every article
     import argparse
 
-    bench = EXAMPLES.parent / "benchmarks"
-    if str(bench) not in sys.path:
-        sys.path.insert(0, str(bench))
-    df, tm = importlib.import_module("density_frontier"), importlib.import_module("train_memory")
+    df, tm = _bench_module("density_frontier"), _bench_module("train_memory")
     entities, facts, held, whole = df.other_world(tmp_path, 120, 9)
     ap = argparse.ArgumentParser()
     tm.add_world_args(ap)
