@@ -167,13 +167,13 @@ def tally(recs: list[dict], heads: list[str], entities: dict, found: list[bool] 
     that hold another of the entity's facts instead (a fact kind mistaken, not a fact unread) and,
     of the rest, the entity's own name (the question echoed). found (with memory): per record,
     whether retrieval brought an answer-bearing reference."""
-    value_right, exact_right, other, echo = 0, 0, 0, 0
+    rights, exact_right, other, echo = [], 0, 0, 0
     kinds, forms = defaultdict(lambda: [0, 0]), defaultdict(lambda: [0, 0])
     asked = {}
     for r, head in zip(recs, heads, strict=True):
         value, e = r["facts"][0]["value"], entities[r["entity"]]
         ok = value in head
-        value_right += ok
+        rights.append(ok)
         exact_right += head == r["text"][r["question_end"]:].strip()
         mistaken = not ok and any(v != value and v in head for v in e.fact_dict.values())
         other += mistaken
@@ -182,13 +182,14 @@ def tally(recs: list[dict], heads: list[str], entities: dict, found: list[bool] 
             table[key][0] += ok
             table[key][1] += 1
         asked.setdefault(r["template"], r["text"][:r["question_end"]].replace(e.name, "{n}"))
+    value_right = sum(rights)
     n, wrong = max(1, len(recs)), len(recs) - value_right
     out = {"questions": len(recs), "value": round(value_right / n, 4), "exact": round(exact_right / n, 4),
            "wrong_other_fact": round(other / max(1, wrong), 4), "wrong_name": round(echo / max(1, wrong), 4),
            "kinds": {k: round(a / b, 4) for k, (a, b) in sorted(kinds.items())},
            "forms": {t: {"asked": asked[t], "questions": b, "value": round(a / b, 4)} for t, (a, b) in sorted(forms.items())}}
     if found is not None:  # reading, apart from retrieval: right among the questions whose answer was retrieved
-        right_found = sum(f and r["facts"][0]["value"] in h for r, h, f in zip(recs, heads, found))
+        right_found = sum(f and ok for f, ok in zip(found, rights, strict=True))
         out["retrieved"] = round(sum(found) / n, 4)
         out["right_when_retrieved"] = round(right_found / max(1, sum(found)), 4)
     return out
