@@ -29,6 +29,7 @@ form's share.
     OMP_NUM_THREADS=1 python benchmarks/question_forms.py --kb world --model examples/reader-half/model
     OMP_NUM_THREADS=1 python benchmarks/question_forms.py --kb world --world-seed 9   # a world no step trained on
     OMP_NUM_THREADS=1 python benchmarks/question_forms.py --kb world --forced   # and with the article in context
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/question_forms.py --kb world --embedder minilm   # hybrid retrieval
 """
 
 import argparse
@@ -217,6 +218,8 @@ def main() -> int:
                     help="the blind forms (default benchmarks/blind_forms.json; blind_forms_2.json is a second set "
                          "by another writer who saw none of the project's phrasings)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--embedder", default=None,
+                    help="compile the kb with this embedder (m3 compile --embedder, e.g. minilm): hybrid retrieval")
     ap.add_argument("--min-relative-score", type=float, default=None, metavar="F",
                     help="read only retrieved references scoring at least F of the best (default: the model's "
                          "m3-memory.json, as m3 generate reads)")
@@ -243,7 +246,7 @@ def main() -> int:
         novel = novel_records(entities)
         blind_recs = novel_records(entities, blind, "blind")
         t0 = time.perf_counter()
-        compile_kb(CompileConfig(corpus=str(corpus / "corpus"), model=str(a.model)), Path(tmp) / "kb")
+        compile_kb(CompileConfig(corpus=str(corpus / "corpus"), model=str(a.model), embedder=a.embedder), Path(tmp) / "kb")
         ev = Evaluator(Path(tmp) / "kb", a.model, corpus, a.min_relative_score)
         texts = ref_texts(ev)
         by_id = {e.id: e for e in entities}
@@ -255,7 +258,8 @@ def main() -> int:
         seconds = round(time.perf_counter() - t0, 1)
     where = a.kb if a.world_seed is None else f"{a.kb} (world {a.world_seed}, {a.world_entities} entities)"
     floor = f", reading references scoring >= {ev.floor:g} of the best" if ev.floor else ""
-    print(f"{a.model} on the {where} kb ({seconds} s{floor}); right = the answer's first sentence holds the value")
+    hybrid = f", hybrid retrieval with {a.embedder}" if a.embedder else ""
+    print(f"{a.model} on the {where} kb{hybrid} ({seconds} s{floor}); right = the answer's first sentence holds the value")
     print("| forms | memory | questions | right (value) | right (exact sentence) | answer retrieved | right when "
           "retrieved | wrong: another of its facts / its name | weakest kinds |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -279,7 +283,7 @@ def main() -> int:
                   f"| {100 * f['none']['fact_acc']:.1f} % |")
     if a.json:
         a.json.write_text(json.dumps({"model": str(a.model), "kb": a.kb, "world_seed": a.world_seed,
-                                      "min_relative_score": ev.floor, "rows": rows, "forced": forced}, indent=2) + "\n")
+                                      "min_relative_score": ev.floor, "embedder": a.embedder, "rows": rows, "forced": forced}, indent=2) + "\n")
     return 0
 
 

@@ -145,6 +145,38 @@ def lookup_warm_up(work: Path, warm: Path, a) -> Path:
     return out
 
 
+ADD_LAYERS_SEED = 1234  # the new blocks' draws (--add-layers; the runs of examples/README.md used it)
+
+
+def add_layers(ckpt: Path, extra: int, seed: int = ADD_LAYERS_SEED) -> None:
+    """Put `extra` blocks on top of the checkpoint in `ckpt` (its config.json and model.safetensors,
+    in place), shaped as its last block, whose residual branches start at zero: o_proj, down_proj
+    and every bias zero, norms one, the other matrices N(0, 0.02) drawn from one generator seeded
+    with `seed`, block after block, in the order of their names. The deeper model gives the same
+    logits as before and training grows the new blocks. Its other files (m3-memory.json, the
+    tokenizer) are kept: the memory layers are the same layers."""
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((ckpt / "config.json").read_text())
+    n = config["num_hidden_layers"]
+    weights = load_file(str(ckpt / "model.safetensors"))
+    last = sorted(k for k in weights if k.startswith(f"model.layers.{n - 1}."))
+    g = torch.Generator().manual_seed(seed)
+    for i in range(n, n + extra):
+        for k in last:
+            t = weights[k]
+            if "norm" in k:
+                new = torch.ones_like(t)
+            elif k.endswith("bias") or "o_proj" in k or "down_proj" in k:
+                new = torch.zeros_like(t)
+            else:
+                new = (torch.randn(t.shape, generator=g) * 0.02).to(t.dtype)
+            weights[k.replace(f"model.layers.{n - 1}.", f"model.layers.{i}.")] = new
+    config["num_hidden_layers"] = n + extra
+    save_file(weights, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    (ckpt / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
 def compile_world(work: Path, model: Path, name: str, a) -> Path:
     kb = work / name
     shutil.rmtree(kb, ignore_errors=True)
@@ -344,6 +376,9 @@ def main(argv=None):
     ap.add_argument("--start-from", type=Path, default=None,
                     help="continue this memory-trained checkpoint (e.g. examples/reader-half/model) instead of the "
                          "warm-ups: it becomes --work's warm/ and lookup/ (a dense-to-sparse curriculum step)")
+    ap.add_argument("--add-layers", type=int, default=0, metavar="N",
+                    help="with --start-from: N more blocks on top of it, their residual branches zero at the start "
+                         "(the same logits; the memory layers stay where they are, so a compile costs the same)")
     ap.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                     help="keep a resume state in WORK/trained every 200 steps and continue from it after a kill "
                          "(the same settings only; the world, the warm model and its evaluation are rebuilt first)")
@@ -369,6 +404,8 @@ def main(argv=None):
         for d in ("warm", "lookup"):
             shutil.rmtree(work / d, ignore_errors=True)
             shutil.copytree(a.start_from, work / d, ignore=shutil.ignore_patterns("train-state*"))
+            if a.add_layers:
+                add_layers(work / d, a.add_layers)
         (work / "tok").mkdir(exist_ok=True)
         for f in ("tokenizer.json", "tokenizer_config.json"):
             if (a.start_from / f).is_file():

@@ -613,6 +613,34 @@ def test_free_question_forms_cover_every_kind_and_reach_training_alone(tmp_path)
                           lambda e: mc.free_questions(e, 2, random.Random(f"0/free/{e.id}")))
 
 
+def test_add_layers_deepens_a_reader_that_computes_what_it_did(tmp_path):
+    # benchmarks/train_memory.py --start-from M --add-layers N: N blocks on top of M whose residual
+    # branches start at zero, so the deeper model's logits are M's to the bit before training, and
+    # its m3-memory.json (the memory layers) is M's; the same draws every time
+    import shutil
+
+    import torch
+    from m3compile.model import load_checkpoint
+
+    tm = _bench_module("train_memory")
+    src = READER / "model"
+    for name in ("a", "b"):
+        shutil.copytree(src, tmp_path / name)
+        tm.add_layers(tmp_path / name, 2)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert (tmp_path / "a" / "m3-memory.json").read_bytes() == (src / "m3-memory.json").read_bytes()
+    before, after = load_checkpoint(src).model, load_checkpoint(tmp_path / "a").model
+    assert len(after.layers) == len(before.layers) + 2
+    for block in after.layers[len(before.layers):]:
+        assert not block.attention.wo.weight.any() and not block.feed_forward.w2.weight.any()
+        assert block.attention.wq.weight.std() > 0.01 and block.feed_forward.w1.weight.std() > 0.01
+    tokens = torch.randint(0, before.args.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(before(tokens), after(tokens))
+        after.layers[-1].feed_forward.w2.weight.fill_(0.01)  # a grown branch changes them: the check can fail
+        assert not torch.equal(before(tokens), after(tokens))
+
+
 # (corpus, every n-th question, least share right with memory): measured in examples/README.md
 # (d5m with its retrieval floor: 134 of 150 held-out, 147 of 184 demo; reading all 5 references of
 # every chunk, 89 and 134: the held-out articles alone are where the floor matters)
