@@ -22,8 +22,8 @@ the references retrieved for the question hold the answer (one of the entity's a
 holds the value) and how often the answer is right among those questions: reading apart from
 retrieval. Of the wrong answers it counts those holding another of the entity's facts (a fact kind
 mistaken for the asked one, not a fact unread) and, of the rest, those holding the entity's own
-name (the question echoed), and it lists each set's five weakest forms; the JSON holds every
-form's share.
+name (the question echoed), and it lists each set's five weakest forms with the kinds their wrong
+answers were taken for; the JSON holds every form's share and those kinds (`taken_for`).
 
     OMP_NUM_THREADS=1 python benchmarks/question_forms.py --kb world          # the embedded reader
     OMP_NUM_THREADS=1 python benchmarks/question_forms.py --kb world --model examples/reader-half/model
@@ -166,18 +166,23 @@ def tally(recs: list[dict], heads: list[str], entities: dict, found: list[bool] 
     entities: id -> make_corpus.Entity): right by value and by exact sentence, per fact kind and
     per form (the question with the entity's name as {n}), and the shares of the wrong answers
     that hold another of the entity's facts instead (a fact kind mistaken, not a fact unread) and,
-    of the rest, the entity's own name (the question echoed). found (with memory): per record,
-    whether retrieval brought an answer-bearing reference."""
+    of the rest, the entity's own name (the question echoed); per form, `taken_for`: the kind whose
+    value such an answer holds (the first in the entity's facts where it holds several), counted.
+    found (with memory): per record, whether retrieval brought an answer-bearing reference."""
     rights, exact_right, other, echo = [], 0, 0, 0
     kinds, forms = defaultdict(lambda: [0, 0]), defaultdict(lambda: [0, 0])
+    taken_for = defaultdict(lambda: defaultdict(int))  # form -> the kind whose value a wrong answer holds -> count
     asked = {}
     for r, head in zip(recs, heads, strict=True):
         value, e = r["facts"][0]["value"], entities[r["entity"]]
         ok = value in head
         rights.append(ok)
         exact_right += head == r["text"][r["question_end"]:].strip()
-        mistaken = not ok and any(v != value and v in head for v in e.fact_dict.values())
+        held = [k for k, v in e.fact_dict.items() if v != value and v in head] if not ok else []
+        mistaken = bool(held)
         other += mistaken
+        if mistaken:
+            taken_for[r["template"]][held[0]] += 1
         echo += not ok and not mistaken and e.name in head
         for table, key in ((kinds, r["facts"][0]["key"]), (forms, r["template"])):
             table[key][0] += ok
@@ -188,12 +193,20 @@ def tally(recs: list[dict], heads: list[str], entities: dict, found: list[bool] 
     out = {"questions": len(recs), "value": round(value_right / n, 4), "exact": round(exact_right / n, 4),
            "wrong_other_fact": round(other / max(1, wrong), 4), "wrong_name": round(echo / max(1, wrong), 4),
            "kinds": {k: round(a / b, 4) for k, (a, b) in sorted(kinds.items())},
-           "forms": {t: {"asked": asked[t], "questions": b, "value": round(a / b, 4)} for t, (a, b) in sorted(forms.items())}}
+           "forms": {t: {"asked": asked[t], "questions": b, "value": round(a / b, 4),
+                         "taken_for": dict(sorted(taken_for[t].items(), key=lambda kv: (-kv[1], kv[0])))}
+                     for t, (a, b) in sorted(forms.items())}}
     if found is not None:  # reading, apart from retrieval: right among the questions whose answer was retrieved
         right_found = sum(f and ok for f, ok in zip(found, rights, strict=True))
         out["retrieved"] = round(sum(found) / n, 4)
         out["right_when_retrieved"] = round(right_found / max(1, sum(found)), 4)
     return out
+
+
+def _taken(form: dict) -> str:
+    """' (answered with: KIND N, ...)': the kinds whose values a form's wrong answers held."""
+    taken = ", ".join(f"{k} {n}" for k, n in list(form["taken_for"].items())[:2])
+    return f" (answered with its {taken})" if taken else ""
 
 
 def score(ev: Evaluator, recs: list[dict], memory: bool, texts: dict, entities: dict) -> dict:
@@ -273,7 +286,7 @@ def main() -> int:
     print("\nweakest forms with memory (share right, the question asked of each held-out entity):")
     for name in ("template", "novel", "blind"):
         worst = sorted(rows[f"{name}, memory"]["forms"].items(), key=lambda kv: (kv[1]["value"], kv[0]))[:5]
-        print(f"  {name}: " + "; ".join(f"{100 * f['value']:.0f} % {f['asked']!r}" for _, f in worst))
+        print(f"  {name}: " + "; ".join(f"{100 * f['value']:.0f} % {f['asked']!r}" + _taken(f) for _, f in worst))
     if forced:
         print("\nteacher-forced fact accuracy (every token of the value right given the answer so far):")
         print("| forms | retrieved memory | article in context (RAG) | nothing |")

@@ -477,6 +477,13 @@ def test_question_forms_tally_counts_kinds_forms_and_mistaken_facts():
     assert form["questions"] == sum(r["template"] == first["template"] for r in recs)
     assert form["asked"].count("{n}") == 1 and by_id[first["entity"]].name not in form["asked"]
     assert sum(f["questions"] for f in row["forms"].values()) == len(recs)
+    # the kinds a wrong answer was taken for: every mistaken answer once, under the kind it holds
+    taken = [(t, k) for t, f in row["forms"].items() for k, c in f["taken_for"].items() for _ in range(c)]
+    assert len(taken) == mistaken
+    for t, k in taken:
+        r = next(r for i, r in enumerate(recs) if r["template"] == t and i % 3 == 1
+                 and by_id[r["entity"]].fact_dict[k] in heads[i])
+        assert k != r["facts"][0]["key"]
     assert qf.tally(recs, [r["text"][r["question_end"]:].strip() for r in recs], by_id)["exact"] == 1.0
     with pytest.raises(ValueError):  # one head per record
         qf.tally(recs, heads[:-1], by_id)
