@@ -204,7 +204,8 @@ def tally(recs: list[dict], heads: list[str], entities: dict, found: list[bool] 
 
 
 def _taken(form: dict) -> str:
-    """' (answered with: KIND N, ...)': the kinds whose values a form's wrong answers held."""
+    """' (answered with its KIND N, KIND N)': the (at most two) kinds whose values most of a form's wrong
+    answers held, from tally's `taken_for`; '' where none held another fact."""
     taken = ", ".join(f"{k} {n}" for k, n in list(form["taken_for"].items())[:2])
     return f" (answered with its {taken})" if taken else ""
 
@@ -259,7 +260,8 @@ def main() -> int:
         novel = novel_records(entities)
         blind_recs = novel_records(entities, blind, "blind")
         t0 = time.perf_counter()
-        compile_kb(CompileConfig(corpus=str(corpus / "corpus"), model=str(a.model), embedder=a.embedder), Path(tmp) / "kb")
+        compile_kb(CompileConfig(corpus=str(corpus / "corpus"), model=str(a.model), embedder=a.embedder),
+                   Path(tmp) / "kb")
         ev = Evaluator(Path(tmp) / "kb", a.model, corpus, a.min_relative_score)
         texts = ref_texts(ev)
         by_id = {e.id: e for e in entities}
@@ -296,7 +298,8 @@ def main() -> int:
                   f"| {100 * f['none']['fact_acc']:.1f} % |")
     if a.json:
         a.json.write_text(json.dumps({"model": str(a.model), "kb": a.kb, "world_seed": a.world_seed,
-                                      "min_relative_score": ev.floor, "embedder": a.embedder, "rows": rows, "forced": forced}, indent=2) + "\n")
+                                      "min_relative_score": ev.floor, "embedder": a.embedder, "rows": rows,
+                                      "forced": forced}, indent=2) + "\n")
     return 0
 
 
