@@ -2,6 +2,7 @@
 the CLI does, instead of a TypeError from deep inside, or a kb nothing can read."""
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -50,13 +51,18 @@ def test_compile_config_takes_paths_and_any_sequence_of_layers():
     assert CompileConfig.from_dict(c.to_dict()) == c
 
 
-@pytest.mark.parametrize("kwargs", [dict(log_every=0), dict(checkpoint_every=-1), dict(threads=0),
-                                    dict(decay_fraction=2.0),
-                                    # AdamW takes an infinite rate and writes NaN weights
-                                    dict(lr=math.inf), dict(min_lr=math.inf), dict(grad_clip=math.inf),
-                                    dict(lr=math.nan)])
-def test_train_config_refuses_what_would_fail_mid_run(kwargs):
-    with pytest.raises(M3Error):
+@pytest.mark.parametrize("kwargs, names", [(dict(log_every=0), "log_every 0 must"),
+                                           (dict(checkpoint_every=-1), "checkpoint_every -1 0"),
+                                           (dict(threads=0), "threads 0 at least"),
+                                           (dict(decay_fraction=2.0), "decay_fraction 2.0 must"),
+                                           # AdamW takes an infinite rate and writes NaN weights
+                                           (dict(lr=math.inf), "--lr inf must"),
+                                           (dict(min_lr=math.inf), "min_lr inf 0 or more"),
+                                           (dict(grad_clip=math.inf), "grad_clip inf above 0"),
+                                           (dict(lr=math.nan), "--lr nan must")])
+def test_train_config_refuses_what_would_fail_mid_run(kwargs, names):
+    # the message names the value refused, not only some setting
+    with pytest.raises(M3Error, match=re.escape(names)):
         TrainConfig(model="m", kb="kb", texts="t", out="o", **kwargs)
 
 

@@ -389,10 +389,13 @@ def test_rope_scaling_beside_rope_parameters_reads_as_transformers_reads_it(tmp_
 
 def test_model_safetensors_wins_over_a_stale_shard_index(tmp_path):
     # as transformers loads it: m3 read the index (a model re-saved whole over a sharded one)
-    make_checkpoint(tmp_path, "LlamaForCausalLM", {})
+    ref = make_checkpoint(tmp_path, "LlamaForCausalLM", {})
+    ref.config._attn_implementation = "eager"
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}}))
-    assert load_checkpoint(tmp_path).args.n_layers == 3
+    ids = torch.randint(3, SMALL["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # the weights of model.safetensors: transformers' logits
+        assert (load_checkpoint(tmp_path).model(ids) - ref(ids).logits).abs().max() <= 1e-4
 
 
 def test_a_shard_index_names_only_files_beside_it(tmp_path):
@@ -412,17 +415,26 @@ def test_a_shard_index_names_only_files_beside_it(tmp_path):
         load_checkpoint(tmp_path)
 
 
-def test_active_sliding_window_shorter_than_sequence_refused(tmp_path):
-    make_checkpoint(tmp_path, "MistralForCausalLM", dict(sliding_window=16))
+def _window_parity(tmp_path, arch, overrides, T):
+    """Our logits against transformers' (eager attention, its own window rule) on T tokens."""
+    ref = make_checkpoint(tmp_path, arch, overrides)
+    ref.config._attn_implementation = "eager"
     model = load_checkpoint(tmp_path).model
-    model(torch.randint(3, 120, (1, 16)))  # within the window: full attention is exact
+    ids = torch.randint(3, SMALL["vocab_size"], (1, T), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (model(ids) - ref(ids).logits).abs().max() <= 1e-4
+    return model
+
+
+def test_active_sliding_window_shorter_than_sequence_refused(tmp_path):
+    model = _window_parity(tmp_path, "MistralForCausalLM", dict(sliding_window=16), 16)  # within the window
     with pytest.raises(M3Error, match="sliding window is 16"):
         model(torch.randint(3, 120, (1, 17)))
 
 
 def test_qwen2_sliding_window_only_when_enabled(tmp_path):
-    make_checkpoint(tmp_path, "Qwen2ForCausalLM", dict(sliding_window=8, use_sliding_window=False))
-    load_checkpoint(tmp_path).model(torch.randint(3, 120, (1, 20)))  # inactive: no refusal
+    # inactive: no refusal, and full attention over all 20 tokens, as transformers computes them
+    _window_parity(tmp_path, "Qwen2ForCausalLM", dict(sliding_window=8, use_sliding_window=False), 20)
 
 
 def _rewrite_weights(path, fn):

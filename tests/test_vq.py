@@ -259,11 +259,27 @@ def test_collect_samples_past_its_cap_draws_from_the_whole_sample():
     assert collect_samples(mems, max_vectors=40 * K)[(0, "k")].shape[0] == 40 * K  # under the cap: all
 
 
+# the bits per element each preset is documented at (vq.PRESETS' comments, formats/vq-codebooks.md):
+# code bytes x 8 / D at each head dim here (every one divides them), and the codebooks' grouping
+PRESET_BITS = {"vq": 4, "vq-grid": 4, "vq-pq8-4bit": 4, "vq-pq4-4bit": 4, "vq-pq4-2bit": 2, "vq-pq4": 1,
+               "vq-pq4-half": 0.5, "vq-pq8": 1, "vq-rq4": 1, "vq-rq8": 1, "vq-lsq8": 1}
+PRESET_GROUPS = {"vq-paper": "all", "vq-rq4": "role"}  # the rest: per layer
+
+
 @pytest.mark.parametrize("d", [8, 32, 80])
-@pytest.mark.parametrize("preset", ["vq", "vq-paper", "vq-pq4-half", "vq-pq8", "vq-rq4", "vq-rq8", "vq-lsq8"])
+@pytest.mark.parametrize("preset", [*PRESET_BITS, "vq-paper"])
 def test_presets_resolve(preset, d):
     factory, group = resolve(preset, d)
-    assert build_codec(factory, d).d == d and group in ("layer", "head", "role", "all")
+    codec = build_codec(factory, d)
+    assert codec.d == d and group == PRESET_GROUPS.get(preset, "layer")
+    bits = codec.sa_code_size() * 8 / d
+    if preset == "vq-paper":  # the paper's 14 bytes at its D = 80 (§4.2); scaled as vq.paper_factory says
+        assert bits == {8: 6, 32: 1.5, 80: 1.4}[d], factory
+    elif (preset, d) == ("vq-pq4-half", 8):  # PQ1x4: one 4-bit code, stored in a whole byte
+        assert bits == 1, factory
+    else:
+        assert bits == PRESET_BITS[preset], factory
+    assert set(PRESET_BITS) | {"vq-paper"} == set(vq.PRESETS)  # a new preset gets a documented rate here
 
 
 def test_paper_preset():
