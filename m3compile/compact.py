@@ -81,11 +81,14 @@ def _compact(kb: Path, manifest: mf.Manifest, dirty: list[str], rows: "refs_file
         refs_file.write_references(gen / refs_file.FILE_NAME, rows)
         index_meta = {k: str(v) for k, v in _index_metadata(old_gen).items()}
         write_shard_index(gen, [shard_info(kb / s) for s in live], index_meta)
-        for p in old_gen.rglob("*"):
-            rel = p.relative_to(old_gen)
-            if p.is_file() and rel.as_posix() not in (refs_file.FILE_NAME, INDEX_NAME):
+        # the generation's files as the manifest lists them (formats/README.md: never by listing the
+        # directory; a stray file there, checked by no one, was copied and then listed as the kb's)
+        prefix = manifest.generation + "/"
+        for name in manifest.files:
+            rel = name[len(prefix):]
+            if name.startswith(prefix) and rel not in (refs_file.FILE_NAME, INDEX_NAME):
                 (gen / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(p, gen / rel)
+                shutil.copyfile(old_gen / rel, gen / rel)
 
     gen = store.write_generation(kb, build)
     shards = store.shard_state(kb, rows)

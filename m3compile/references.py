@@ -643,10 +643,11 @@ def check_metadata(path: Path) -> pq.FileMetaData:
         raise M3Error(f"cannot read {path}: {type(e).__name__}: {e}; the file is damaged or missing") from None
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise M3Error(f"{path} is not an m3compile references table (no m3compile metadata)")
-    version = info.get("format_version", 0)
-    if type(version) not in (int, str) or not str(version).isdigit():
-        raise M3Error(f"{path}: format_version {version!r} is not a number; the file is damaged")
-    if int(version) > FORMAT_VERSION:
+    version = info.get("format_version")  # every m3compile, 0.1.0 on, wrote the integer 1
+    if type(version) is not int or version < 1:
+        raise M3Error(f"{path}: format_version {version!r} is not an integer of 1 or more (formats/references.md); "
+                      "the file is damaged: run `m3 verify --repair` on its kb")
+    if version > FORMAT_VERSION:
         raise M3Error(f"{path} has format_version {info['format_version']}, newer than this m3compile "
                       f"reads ({FORMAT_VERSION}); upgrade m3compile")
     return meta

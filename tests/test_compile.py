@@ -265,6 +265,16 @@ def test_files_open_with_their_standard_libraries(tmp_path):
     assert table.num_rows == manifest.counts["references"]
     meta = json.loads(pq.read_metadata(kb / paths["references"]).metadata[b"m3compile"])
     assert meta == {"format": "m3-references", "format_version": 1}
+    # a table whose version is missing, not an integer or newer is refused by name (formats/references.md)
+    from m3compile.errors import M3Error
+    from m3compile.references import check_metadata
+
+    for version, message in ((None, "is not an integer"), ("1", "is not an integer"), (0, "is not an integer"),
+                             (True, "is not an integer"), (2, "newer than this m3compile reads")):
+        info = {"format": "m3-references", **({} if version is None else {"format_version": version})}
+        pq.write_table(table.replace_schema_metadata({"m3compile": json.dumps(info)}), tmp_path / "r.parquet")
+        with pytest.raises(M3Error, match=message):
+            check_metadata(tmp_path / "r.parquet")
     n_refs = 0
     for shard in sorted(set(index["weight_map"].values())):
         with safe_open(str(kb / shard), framework="numpy") as f:

@@ -238,7 +238,14 @@ def test_files_that_are_not_the_kbs_are_never_removed(env):
     (kb / "README.md").write_text("my notes")
     with pytest.raises(M3Error, match="not part of a knowledge base .README.md"):
         compile_kb(cfg, kb)
+    # a stray file inside the generation is no file of the kb either: compact copies the files the
+    # manifest lists, and the new generation (written whole by it) holds only those
+    (kb / r.manifest.generation / "stray.txt").write_text("not the kb's")
     assert compact_kb(kb)["refs_moved"] > 0
+    m = json.loads((kb / "manifest.json").read_text())
+    assert m["generation"] != r.manifest.generation and not any("stray" in f for f in m["files"])
+    assert sorted(p.name for p in (kb / m["generation"]).rglob("*") if p.is_file()) == sorted(
+        f.rsplit("/", 1)[-1] for f in m["files"] if f.startswith(m["generation"] + "/"))
     assert (kb / "README.md").read_text() == "my notes" and (kb / ".git" / "HEAD").exists()
     assert (kb / ".DS_Store").exists() and verify_kb(kb) == []
     (kb / "README.md").unlink()
