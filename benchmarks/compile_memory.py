@@ -4,8 +4,11 @@ Builds corpora of --mb megabytes from ../shared/data/gutenberg (text between the
 Gutenberg START/END markers, the books taken in turn, one document per book and copy), plus, with
 --single-line, the same text as one single-line document. Each is compiled from nothing by
 `python -m m3compile compile CORPUS -o KB` (the embedded default model) in a child process of its
-own; its peak resident set size comes from the kernel (os.wait4's rusage), not from sampling (so
-this process holds nothing big: the child's peak counts what it shares with it before exec). It
+own; its peak resident set size comes from the kernel (os.wait4's rusage), not from sampling. On
+Linux a child's rusage peak starts from this process's own peak (subprocess starts it by vfork,
+and exec keeps the high-water mark of the memory it leaves), so this process holds nothing big:
+the corpora are written by a spawned process of their own. With `-- --workers N` the figure is
+the largest process's peak, not the sum of the workers'. It
 prints per corpus: references, peak RSS, wall seconds, references/s, and the RSS as a ratio to the
 smallest corpus of the run.
 
@@ -18,6 +21,7 @@ encoded and written like any other (a content key already on disk is copied, not
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -91,8 +95,12 @@ def main() -> None:
         for mb, one in runs:
             name = f"{mb:g}mb" + ("-line" if one else "")
             corpus, kb = work / f"corpus-{name}", work / f"kb-{name}"
-            if not corpus.exists():
-                write_corpus(corpus, mb, one)
+            if not corpus.exists():  # in a process of its own: see the docstring
+                writer = multiprocessing.get_context("spawn").Process(target=write_corpus, args=(corpus, mb, one))
+                writer.start()
+                writer.join()
+                if writer.exitcode != 0:
+                    sys.exit(f"writing the corpus {corpus} failed (exit code {writer.exitcode})")
             # from nothing: a kb left by an earlier run is up to date (nothing measured), or of other
             # settings, which a compile into it keeps where the options after -- leave them out
             shutil.rmtree(kb, ignore_errors=True)

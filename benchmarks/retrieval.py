@@ -53,13 +53,24 @@ DATA = SHARED / "scifact"  # $M3_SHARED_DATA, else ../shared/data (common.py)
 MODEL = ROOT / "examples" / "reader" / "model"  # the embedded default: its tokenizer cuts the references
 
 
-def load_scifact(root: Path):
+QUERY_TEXTS: set[str] = set()  # every query load_scifact returned: embedded afresh (and timed), never cached
+
+
+def load_scifact(root: Path, split: str = "train"):
+    """The queries judged in qrels/<split>.tsv and their judgements. Only the train split is on this
+    project's machine, and the fusion weights of index.py were tuned on it; a held-out split (BEIR's
+    test.tsv) placed beside it is read with --qrels test."""
     queries = {q["_id"]: q["text"] for q in map(json.loads, (root / "queries.jsonl").open(encoding="utf-8"))}
     qrels: dict[str, dict[str, int]] = {}
-    for line in (root / "qrels" / "train.tsv").read_text().splitlines()[1:]:
+    path = root / "qrels" / f"{split}.tsv"
+    if not path.is_file():
+        sys.exit(f"{path} is missing: --qrels names a split whose judgements are in qrels/ ({root})")
+    for line in path.read_text().splitlines()[1:]:
         qid, did, score = line.split("\t")
         qrels.setdefault(qid, {})[did] = int(score)
-    return {q: t for q, t in queries.items() if q in qrels}, qrels
+    judged = {q: t for q, t in queries.items() if q in qrels}
+    QUERY_TEXTS.update(judged.values())
+    return judged, qrels
 
 
 def reference_rows(corpus: Path, tokenizer_dir: Path, width: int) -> list[dict]:
@@ -90,7 +101,7 @@ def cache_embeddings(cache: Path) -> None:
     embed = ix.embed
 
     def cached(model, texts, prompt_name=None, batch_size=ix.EMBED_BATCH):
-        if len(texts) < 1000:  # queries: cheap, and timed
+        if all(t in QUERY_TEXTS for t in texts):  # queries: embedded inside the timing, whatever their number
             return embed(model, texts, prompt_name, batch_size)
         # the key holds no model identity: one cache directory per embedder
         h = hashlib.sha256(json.dumps([prompt_name, list(texts)]).encode()).hexdigest()[:32]
@@ -103,7 +114,7 @@ def cache_embeddings(cache: Path) -> None:
 
 
 def run_scifact(a, embedder: str | None) -> list[dict]:
-    queries, qrels = load_scifact(a.data)
+    queries, qrels = load_scifact(a.data, a.qrels)
     qids = sorted(queries)
     qtexts = [queries[q] for q in qids]
     modes = ["bm25"] + (["dense", "hybrid"] if embedder else [])
@@ -227,7 +238,7 @@ def run_keys_scifact(a) -> list[dict]:
     from m3compile.retrieve import fuse
 
     torch.set_num_threads(1)
-    queries, qrels = load_scifact(a.data)
+    queries, qrels = load_scifact(a.data, a.qrels)
     qids = sorted(queries)[:a.keys_queries]
     records = [json.loads(line) for line in (a.data / "corpus.jsonl").open(encoding="utf-8")]
     wanted = {d for q in qids for d in qrels[q]}
@@ -269,6 +280,7 @@ def run_keys_scifact(a) -> list[dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--qrels", default="train", help="the split whose judgements score (qrels/SPLIT.tsv; only train here)")
     ap.add_argument("--tokenizer", type=Path, default=MODEL, help="model dir whose tokenizer.json cuts references")
     ap.add_argument("--widths", type=int, nargs="+", default=[32, 128], help="reference widths (max_tokens)")
     ap.add_argument("--embedder", default="minilm", help="sentence-transformers directory or 'minilm'")

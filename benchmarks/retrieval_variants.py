@@ -87,6 +87,7 @@ def unit(x: np.ndarray) -> np.ndarray:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=R.DATA)
+    ap.add_argument("--qrels", default="train", help="the split whose judgements score (qrels/SPLIT.tsv; only train here)")
     ap.add_argument("--cache", type=Path, help="embedding cache (benchmarks/retrieval.py --cache)")
     ap.add_argument("--windows", type=int, nargs="*", default=[128, 254], help="window sizes in word pieces")
     ap.add_argument("--grid", action="store_true", help="also score a grid of fusion weights")
@@ -124,7 +125,7 @@ def main() -> int:
         ap.error("--cache is required unless --no-dense or --doc-proxy")
     if a.cache is not None:
         R.cache_embeddings(a.cache)
-    queries, qrels = R.load_scifact(a.data)
+    queries, qrels = R.load_scifact(a.data, a.qrels)
     qids = sorted(queries)
     qtexts = [queries[q] for q in qids]
     rows = R.reference_rows(a.data / "corpus.jsonl", R.MODEL, 32)
