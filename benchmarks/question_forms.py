@@ -34,6 +34,7 @@ answers were taken for; the JSON holds every form's share and those kinds (`take
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
@@ -145,12 +146,18 @@ def novel_records(entities, forms=None, tag: str = "novel") -> list[dict]:
     return out
 
 
+def holds(text: str, value: str) -> bool:
+    """Whether `text` states `value` as a whole: not inside a longer word or number ("45" is not in
+    "1450" or "1,450"; a plain substring test counted such answers right)."""
+    return re.search(rf"(?<![\w,]){re.escape(value)}(?!\w|,\d)", text) is not None
+
+
 def retrieved_answer(ev: Evaluator, rec: dict, texts: dict) -> bool:
     """Whether the references retrieved for the question (what `m3 generate` reads for its first
     chunk: the kb's retrieval of the prompt) include one of the entity's article holding the value."""
     prompt = ev.tok.decode(ev.tok.encode(rec["text"][:rec["question_end"]]))
     value, doc = rec["facts"][0]["value"], f"{rec['entity']}.md"
-    return any(texts[h.ref_id][0] == doc and value in texts[h.ref_id][1]
+    return any(texts[h.ref_id][0] == doc and holds(texts[h.ref_id][1], value)
                for h in ev.read_hits(prompt))
 
 
@@ -175,10 +182,10 @@ def tally(recs: list[dict], heads: list[str], entities: dict, found: list[bool] 
     asked = {}
     for r, head in zip(recs, heads, strict=True):
         value, e = r["facts"][0]["value"], entities[r["entity"]]
-        ok = value in head
+        ok = holds(head, value)
         rights.append(ok)
         exact_right += head == r["text"][r["question_end"]:].strip()
-        held = [k for k, v in e.fact_dict.items() if v != value and v in head] if not ok else []
+        held = [k for k, v in e.fact_dict.items() if v != value and holds(head, v)] if not ok else []
         mistaken = bool(held)
         other += mistaken
         if mistaken:

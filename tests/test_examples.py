@@ -487,6 +487,14 @@ def test_question_forms_tally_counts_kinds_forms_and_mistaken_facts():
     assert qf.tally(recs, [r["text"][r["question_end"]:].strip() for r in recs], by_id)["exact"] == 1.0
     with pytest.raises(ValueError):  # one head per record
         qf.tally(recs, heads[:-1], by_id)
+    # a value inside a longer number or word is not stated: "45" is not in "1450" or "1,450"
+    assert qf.holds("It has 45 members.", "45") and qf.holds("about 127,100.", "127,100")
+    assert not any(qf.holds(t, "45") for t in ("In 1450.", "It has 1,450 members.", "It has 450.", "45,000"))
+    digits = [i for i, r in enumerate(recs) if r["facts"][0]["value"].isdigit()]
+    assert digits, "no numeric fact among the records: the check below would check nothing"
+    r = recs[digits[0]]
+    assert qf.tally([r], [f"It is {r['facts'][0]['value']}."], by_id)["value"] == 1.0
+    assert qf.tally([r], [f"It is 1{r['facts'][0]['value']}0."], by_id)["value"] == 0.0
 
 
 def test_more_question_forms_are_trained_on_and_never_asked(tmp_path):
