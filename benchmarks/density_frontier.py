@@ -1,6 +1,11 @@
 """The density frontier: held-out recall against the kept share of a reference's key-values.
 
-kept share = (kept tokens / reference tokens) x (memory layers / layers). The first reader
+kept share = (kept tokens / reference tokens) x (memory layers / layers), nominal: top-k over the
+width (the table's column, the plot's axis); the JSON's `share_measured` is what the kb keeps of
+its own references, kept key-values over their tokens x kv heads x layers, a little higher where
+sentence cuts leave references short of the width. With several --quant, each point's rows are
+compared with its first one question by question (the paired difference in greedy recall, with
+a 95 % interval). The first reader
 (examples/reader-half) keeps 16 of 32 tokens in all 4 layers: 1/2; the embedded default, 5 of 32 in
 layer 3 alone: 5/128 (8 of 32: 1/16). The paper keeps 8 of 128 in the first half of the layers:
 1/32. Each point compiles the reader's 40 held-out articles (examples/reader/corpus: never in any
@@ -44,6 +49,7 @@ the steps that replay the first world (d32r, d32s, d5e, d5r).
 import argparse
 import itertools
 import json
+import math
 import random
 import sys
 import tempfile
@@ -146,7 +152,10 @@ def measure(point: dict, corpus_dir: Path, recs: list[dict], tmp: Path, modes, d
     row = {"point": point["name"], "model": str(point["model"]), "top_k": spec.top_k, "width": spec.width,
            "memory_layers": list(spec.memory_layers), "layers": n_layers, "dtype": spec.dtype, "quant": quant,
            "share": str(share),
-           "share_value": float(share), "min_relative_score": ev.floor, "kb_bytes_per_token": round(kb_bytes(kb) / tokens, 1),
+           "share_value": float(share),
+           # what the kb keeps of its own references (kept key-values over their tokens x kv heads x
+           # layers): above the nominal share where sentence cuts leave references short of the width
+           "share_measured": round(m.counts["kept_kv"] / (m.counts["tokens"] * spec.n_kv_heads * n_layers), 5), "min_relative_score": ev.floor, "kb_bytes_per_token": round(kb_bytes(kb) / tokens, 1),
            "memory_bytes_per_token": round(sum(p.stat().st_size for p in kb.glob("memory-*.safetensors")) / tokens, 1),
            "corpus_tokens": tokens}
     row["greedy"] = {"memory": greedy(ev, qs, True), "none": greedy(ev, qs, False)}
@@ -270,11 +279,37 @@ def main() -> int:
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     print_table(rows)
+    print_paired(rows)
     if a.json:
         a.json.write_text(json.dumps(rows, indent=2) + "\n")
     if a.plot:
         plot(rows, a.plot)
     return 0
+
+
+def paired(base: dict, other: dict) -> dict:
+    """Greedy recall of `other` against `base` on the same questions: the difference, its 95 %
+    interval from the questions the two answer differently (paired: each question's pair of
+    outcomes, not two independent samples), and how many each alone answered."""
+    a, b = set(base["greedy"]["memory"]["right"]), set(other["greedy"]["memory"]["right"])
+    n = base["greedy"]["memory"]["questions"]
+    only_a, only_b = len(a - b), len(b - a)
+    diff = (only_b - only_a) / n
+    se = math.sqrt(max(0.0, (only_a + only_b) / n - diff**2) / n)
+    return {"against": base["quant"], "points": round(100 * diff, 2), "ci95": [round(100 * (diff - 1.96 * se), 2),
+            round(100 * (diff + 1.96 * se), 2)], "only_base": only_a, "only_this": only_b, "questions": n}
+
+
+def print_paired(rows):
+    """For each point read at several quantizations: each against the first, question by question."""
+    first = {}
+    for r in rows:
+        base = first.setdefault(r["point"], r)
+        if r is not base and base["greedy"]["memory"]["questions"] == r["greedy"]["memory"]["questions"]:
+            r["paired"] = p = paired(base, r)
+            print(f"{r['point']}: {r['quant']} against {p['against']}, greedy with memory: {p['points']:+.1f} points "
+                  f"(95 % CI {p['ci95'][0]:+.1f} to {p['ci95'][1]:+.1f}; {p['only_base']} questions right only with "
+                  f"{p['against']}, {p['only_this']} only with {r['quant']}, of {p['questions']})")
 
 
 def pct(x) -> str:

@@ -732,3 +732,29 @@ def test_another_world_for_the_frontier_is_split_as_training_splits_it(tmp_path)
     assert len(list((whole / "corpus").glob("*.md"))) == 120
     recs = df.load_records(facts)
     assert {r["kind"] for r in recs} == {"question", "restatement"}
+
+
+def test_quantizations_are_compared_question_by_question():
+    # density_frontier.paired: the difference in greedy recall between two quantizations of one
+    # point over the same questions, with the 95 % interval of the mean of the per-question
+    # differences (+1 only the second right, -1 only the first, 0 both or neither)
+    import random
+    import statistics
+
+    df = _bench_module("density_frontier")
+    rng = random.Random(3)
+    n = 400
+    first = [q for q in range(n) if rng.random() < 0.88]
+    second = [q for q in range(n) if (q in first) != (rng.random() < 0.05)]
+
+    def row(quant, right):
+        return {"quant": quant, "greedy": {"memory": {"right": [f"q{i}" for i in right], "questions": n}}}
+
+    p = df.paired(row("int8", first), row("vq", second))
+    d = [(q in second) - (q in first) for q in range(n)]
+    mean, se = statistics.fmean(d), statistics.pstdev(d) / n ** 0.5
+    assert p["points"] == round(100 * mean, 2) == round(100 * (len(second) - len(first)) / n, 2)
+    assert p["ci95"] == [round(100 * (mean - 1.96 * se), 2), round(100 * (mean + 1.96 * se), 2)]
+    assert (p["only_base"], p["only_this"]) == (d.count(-1), d.count(1)) and p["against"] == "int8"
+    same = df.paired(row("int8", first), row("vq", first))
+    assert same["points"] == 0 and same["ci95"] == [0, 0]
