@@ -269,7 +269,7 @@ def weight_files(path: Path) -> list[Path]:
     elif index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
             raise M3Error(f"cannot read {index}: {e!r}; fix or re-save the checkpoint") from None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise M3Error(f"{index}: weight_map is not an object of tensor name -> shard file name; fix or "
@@ -300,8 +300,8 @@ def _read_config(path: Path) -> dict:
         raise M3Error(f"no config.json in {path}; give a Hugging Face checkpoint directory{hint}")
     try:
         return json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise M3Error(f"cannot parse {cfg_path}: {e}; fix or replace the file") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: nested too deep
+        raise M3Error(f"cannot parse {cfg_path}: {type(e).__name__}: {e}; fix or replace the file") from None
 
 
 HASH_CACHE_MIN_BYTES = 64 << 20  # weight files at least this large have their sha256 remembered
@@ -343,7 +343,7 @@ def sha256_weights(path: Path) -> str:
         entries = json.loads(cache.read_text(encoding="utf-8"))
         if not isinstance(entries, dict):
             entries = {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         entries = {}
     kept = entries.get(key)
     if (isinstance(kept, dict) and kept.get("stat") == stamp and isinstance(kept.get("sha256"), str)

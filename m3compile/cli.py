@@ -5,6 +5,7 @@ render the result (STYLE rule 14). Results go to stdout; progress and logs to st
 import gc
 import json
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
@@ -58,6 +59,10 @@ def main() -> None:
     Nothing is skipped: atexit handlers (Ray's shutdown, temporary directories' finalizers) still
     run, and the OS takes the memory back.
     """
+    bad = _bad_argument(sys.argv[1:])
+    if bad:
+        err.print(f"[red]error:[/red] {escape(bad)}", highlight=False, markup=True)
+        raise SystemExit(2)  # click's code for a usage error
     try:
         code = app(standalone_mode=False)  # Typer turns KeyboardInterrupt into Exit(130): returned here
     except (typer.Abort, KeyboardInterrupt):  # EOF at a prompt (none of ours prompts), or a Ctrl-C
@@ -81,6 +86,28 @@ def main() -> None:
         err.print("[red]error:[/red] interrupted; what a command had committed is intact (a compile keeps "
                   "its finished shards and checkpoints: run it again to resume)", highlight=False, markup=True)
     raise SystemExit(code if isinstance(code, int) else 0)
+
+
+EMPTY_ALLOWED = ("--prefix",)  # options whose empty value means something (no write prefix text)
+
+
+def _bad_argument(argv: list[str]) -> str | None:
+    """What is wrong with an argument no command could take, before any command runs: an empty one
+    (an unset shell variable: `m3 compile "$CORPUS" -o kb` compiled the current directory, as
+    Path("") is "."; `--preset ""` was the default) or one that is not UTF-8 (bytes the terminal
+    could not decode reached the tokenizer, pyarrow or a path, each with a traceback of its own)."""
+    for i, a in enumerate(argv):
+        option, eq, value = a.partition("=") if a.startswith("--") else ("", "", a)
+        given_to = option if eq else (argv[i - 1] if i and argv[i - 1].startswith("--") else None)
+        if (eq or not a.startswith("--")) and value == "" and given_to not in EMPTY_ALLOWED:
+            what = f"the value of {option}" if eq else f"argument {i + 1}" + (f" (after {argv[i - 1]})" if i else "")
+            return f"{what} is empty (an unset shell variable?); give it, or leave the option out for its default"
+        try:
+            a.encode("utf-8")
+        except UnicodeEncodeError:
+            return (f"argument {i + 1} ({ascii(a)}) holds bytes that are not UTF-8; m3 takes UTF-8 text and paths: "
+                    "rename the path, or set the terminal to UTF-8")
+    return None
 
 
 def _print_version(value: bool) -> None:

@@ -130,9 +130,10 @@ class CompileConfig:
             raise M3Error(f"--checkpoint-seconds {self.checkpoint_seconds} must be 0 or more")
         if self.engine not in ENGINE_CHOICES:
             raise M3Error(f"--engine {self.engine!r} is not one of {', '.join(ENGINE_CHOICES)}")
-        if (self.workers is not None and self.workers < 1) or self.cpus_per_worker < 1 or self.gpus_per_worker < 0:
-            raise M3Error(f"--workers {self.workers} and --cpus-per-worker {self.cpus_per_worker} must be at least 1, "
-                          f"--gpus-per-worker {self.gpus_per_worker} at least 0")
+        for option, value, low in (("--workers", self.workers, 1), ("--cpus-per-worker", self.cpus_per_worker, 1),
+                                   ("--gpus-per-worker", self.gpus_per_worker, 0)):
+            if value is not None and not value >= low:  # `not >=`: NaN too
+                raise M3Error(f"{option} {value} must be at least {low}")
         if not re.fullmatch(r"(cpu|cuda|mps|xpu)(:\d+)?", self.device):
             # the spelling, checked here without torch (an up-to-date kb loads no model); whether the
             # device is there is checked when the model loads (model.check_device)
@@ -282,10 +283,17 @@ PRESETS = {
 }
 
 
+MAX_LAYER_INDEX = 1 << 16  # far above any model's depth: a range past it is refused before it is expanded
+
+
 def parse_layers(text: str | None) -> tuple[int, ...] | None:
-    """'0-3,6' -> (0, 1, 2, 3, 6); None or '' -> None (the default)."""
-    if not text:
+    """'0-3,6' -> (0, 1, 2, 3, 6); None -> None (the default). An empty or blank text is refused: an
+    unset shell variable (`--memory-layers "$L"`) must not quietly mean the default."""
+    if text is None:
         return None
+    if not text.strip():
+        raise M3Error("--memory-layers is empty; give layer indices like '0-3,6', or leave the option out for "
+                      "the default (the first half of the layers)")
     out = []
     try:
         for part in text.split(","):
@@ -293,6 +301,9 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
             if b and int(b) < int(a):
                 raise M3Error(f"--memory-layers {text!r}: the range {part.strip()!r} runs backwards; write "
                               f"{int(b)}-{int(a)}")
+            if max(int(a), int(b or a)) > MAX_LAYER_INDEX:
+                raise M3Error(f"--memory-layers {text!r}: layer {max(int(a), int(b or a))} is past any model's "
+                              "depth; give layer indices of the model (0 to its layers - 1)")
             out.extend(range(int(a), int(b) + 1) if b else [int(a)])
     except ValueError:
         raise M3Error(f"--memory-layers {text!r} is not a list of layer indices like '0-3,6'") from None
@@ -373,8 +384,8 @@ def _model_memory_doc(model_dir: str | Path) -> tuple[Path, dict] | None:
     fix = MODEL_MEMORY_FIX
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise M3Error(f"{path} cannot be read ({e}); {fix}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep
+        raise M3Error(f"{path} cannot be read ({type(e).__name__}: {e}); {fix}") from None
     name = d.get("format") if isinstance(d, dict) else None
     if name != MODEL_MEMORY_FORMAT:
         raise M3Error(f"{path} is not an {MODEL_MEMORY_FORMAT} file (format {name!r}); {fix}")
@@ -469,6 +480,8 @@ class TrainConfig:
                           f"more, grad_clip {self.grad_clip} above 0")
         if not 0.0 <= self.decay_fraction <= 1.0:
             raise M3Error(f"decay_fraction {self.decay_fraction} must be a share of the steps in [0, 1]")
+        if not 0 <= self.seed < 2**63:  # torch's generator and random take no other (a traceback mid-run)
+            raise M3Error(f"--seed {self.seed} must be 0 or more and below 2^63")
         if self.log_every < 1 or self.checkpoint_every < 0 or (self.threads is not None and self.threads < 1):
             raise M3Error(f"log_every {self.log_every} must be at least 1, checkpoint_every {self.checkpoint_every} "
                           f"0 (only at the end) or more, threads {self.threads} at least 1 or None")

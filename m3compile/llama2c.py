@@ -107,6 +107,9 @@ def read_checkpoint(path: Path) -> tuple[Llama2cHeader, dict[str, np.ndarray]]:
         raise M3Error(f"{path}: {len(data)} bytes, but its header ({h}) implies {expected}; the file is "
                       "truncated, padded or not a llama2.c v0 export: re-download or re-export it")
     flat = np.frombuffer(data, dtype="<f4", offset=_HEADER.size)
+    if not np.isfinite(flat).all():  # a NaN or infinite weight: every output is garbage, and `generate` exits 0
+        raise M3Error(f"{path}: {int((~np.isfinite(flat)).sum())} of its {flat.size} weights are NaN or infinite; "
+                      "the file is damaged or was exported from a diverged run: re-export it")
     arrays, pos = {}, 0
     for name, shape in shapes:
         n = math.prod(shape)

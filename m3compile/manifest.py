@@ -277,8 +277,44 @@ def _check_structure(m: Manifest) -> None:
                            ("codebook_bytes", int), ("train_rel_err_mean", (int, float))):
             if not isinstance(vq.get(key), kinds) or isinstance(vq.get(key), bool):
                 raise TypeError(f"quant.vq.{key} is {vq.get(key)!r}")
-    # every path the manifest names stays inside the kb directory
-    named = [*m.paths.values(), *m.files, *m.shards, m.generation, *m.artefacts]
+    # what compiles and repairs take from `config` and `state` (a TypeError or an AssertionError deep in
+    # a compile otherwise, or a kb written with a negative ref id)
+    for key in ("corpus", "model", "embedder"):
+        if m.config.get(key) is not None and not isinstance(m.config[key], str):
+            raise TypeError(f"config.{key} = {m.config[key]!r} is not a path or name")
+    nxt = m.state["next_ref_id"]
+    if type(nxt) is not int or nxt < m.counts["references"]:
+        raise ValueError(f"state.next_ref_id = {nxt!r}, not above every ref id of its {m.counts['references']} references")
+    live = sum(e["live_refs"] for e in m.shards.values())
+    dead = sum(e["refs"] - e["live_refs"] for e in m.shards.values())
+    if live != m.counts["references"] or dead != m.state["dead_refs"] or any(
+            e["live_refs"] > e["refs"] for e in m.shards.values()):
+        raise ValueError(f"state.shards hold {live} live and {dead} dead references, counts.references "
+                         f"{m.counts['references']} and state.dead_refs {m.state['dead_refs']}")
+    # the write prefix the reading side builds positions from is the one the identity names
+    ident = m.identity.get("prefix_ids") if isinstance(m.identity, dict) else None
+    if ident is not None and list(spec.prefix_ids) != ident or not all(type(i) is int for i in spec.prefix_ids):
+        raise ValueError(f"write.prefix_ids = {list(spec.prefix_ids)!r}, not identity.prefix_ids {ident!r}")
+    # the retrieval section that `m3 query`, `m3 generate` and `m3 eval` open (retrieve.Retriever)
+    r = m.retrieval
+    if type(r["format_version"]) is not int or r["mode"] not in ("bm25", "dense", "hybrid") or type(r["count"]) is not int:
+        raise ValueError(f"retrieval: format_version {r['format_version']!r}, mode {r['mode']!r}, count {r['count']!r}")
+    docs = r.get("documents")
+    indexes = [("retrieval.bm25", r["bm25"])] + ([("retrieval.documents.bm25", docs["bm25"])] if docs is not None else [])
+    for what, entry in indexes:
+        if not isinstance(entry, dict) or not isinstance(entry["dir"], str) or not isinstance(entry["tokenizer"], dict):
+            raise TypeError(f"{what} is not an index entry (dir, tokenizer)")
+    fusion = r.get("fusion")
+    if fusion is not None or docs is not None:
+        weights = fusion["weights"] if isinstance(fusion, dict) else None
+        needed = ["bm25"] + (["bm25_doc"] if docs is not None else [])
+        if not isinstance(weights, dict) or any(not isinstance(weights.get(k), (int, float))
+                                                or isinstance(weights.get(k), bool) for k in needed) \
+                or (fusion.get("depth") is not None and (type(fusion["depth"]) is not int or fusion["depth"] < 1)):
+            raise ValueError(f"retrieval.fusion = {fusion!r} lacks the weights {needed} or a depth")
+    # every path the manifest names stays inside the kb directory (the indexes' inside the generation)
+    named = [*m.paths.values(), *m.files, *m.shards, m.generation, *m.artefacts,
+             *(f"{m.generation}/{e['dir']}" for _, e in indexes)]
     for name in named:
         if not isinstance(name, str) or not name or PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts \
                 or "\\" in name:
@@ -295,7 +331,7 @@ def read_manifest(kb_dir: Path) -> Manifest:
                       "finish; run `m3 compile` into it")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: nested too deep
         raise M3Error(f"cannot parse {path}: {e}; the manifest is damaged: run `m3 compile` with --rebuild "
                       "into the kb") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:

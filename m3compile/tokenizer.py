@@ -24,8 +24,8 @@ def _token_content(value) -> str | None:
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise M3Error(f"cannot read {path}: {e}; fix or replace the file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep
+        raise M3Error(f"cannot read {path}: {type(e).__name__}: {e}; fix or replace the file") from None
 
 
 @dataclass

@@ -59,7 +59,9 @@ def test_compile_config_takes_paths_and_any_sequence_of_layers():
                                            (dict(lr=math.inf), "--lr inf must"),
                                            (dict(min_lr=math.inf), "min_lr inf 0 or more"),
                                            (dict(grad_clip=math.inf), "grad_clip inf above 0"),
-                                           (dict(lr=math.nan), "--lr nan must")])
+                                           (dict(lr=math.nan), "--lr nan must"),
+                                           # torch's generator takes no larger seed (a traceback mid-run)
+                                           (dict(seed=2**70), f"--seed {2**70} must be"), (dict(seed=-1), "--seed -1")])
 def test_train_config_refuses_what_would_fail_mid_run(kwargs, names):
     # the message names the value refused, not only some setting
     with pytest.raises(M3Error, match=re.escape(names)):

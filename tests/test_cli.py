@@ -585,3 +585,42 @@ def test_options_the_command_would_ignore_are_one_error(tmp_path, corpus, model_
                  ["query", kb, "w1", "--max-overlap", "0.5"], ["eval", kb, corpus, "--oracle"]):
         r = run(*args)
         assert r.exit_code == 0, (args, r.output)
+
+
+def test_empty_and_undecodable_arguments_are_one_line_before_any_command_runs(tmp_path):
+    # `m3 compile "$CORPUS" -o kb` with CORPUS unset compiled the current directory (Path("") is
+    # "."), and bytes the terminal could not decode reached the tokenizer or pyarrow as tracebacks
+    import os
+    import subprocess
+    import sys
+
+    def m3(*args):
+        argv = [sys.executable, "-m", "m3compile", *args]
+        return subprocess.run(argv, capture_output=True, cwd=tmp_path, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+
+    for args, fragment in ((["compile", "", "-o", "kb"], b"argument 2 (after compile) is empty"),
+                           (["compile", "docs", "-o", "kb", "--preset="], b"the value of --preset is empty"),
+                           (["query", "kb", "--mode", ""], b"argument 4 (after --mode) is empty"),
+                           (["generate", os.fsdecode(b"The\xff")], b"holds bytes that are not UTF-8")):
+        r = m3(*args)
+        lines = r.stderr.decode().strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and fragment.decode() in lines[0], r.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing was compiled, nothing written
+    r = m3("compile", "docs", "-o", "kb", "--memory-layers", "0-99999999999")  # expanded, it was a MemoryError
+    assert r.returncode == 1 and b"layer 99999999999 is past any model's depth" in r.stderr, r.stderr
+    assert b"is empty" not in m3("compile", "docs", "-o", "kb", "--prefix", "").stderr  # an empty prefix may mean one
+
+
+def test_json_nested_past_the_interpreter_is_one_line(tmp_path, corpus, model_dir):
+    # a config.json or manifest.json nested 10^5 deep raised RecursionError out of json.loads
+    deep = "[" * 100000 + "]" * 100000
+    (tmp_path / "kb").mkdir()
+    (tmp_path / "kb" / "manifest.json").write_text(deep)
+    r = run_cli(["inspect", tmp_path / "kb"])
+    assert r.returncode == 1 and "the manifest is damaged" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    import shutil
+
+    shutil.copytree(model_dir, tmp_path / "deep-model")
+    (tmp_path / "deep-model" / "config.json").write_text(deep)
+    r = run_cli(["generate", "w5", "--model", tmp_path / "deep-model", "--max-new-tokens", "2"])
+    assert r.returncode == 1 and "cannot parse" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -233,7 +233,7 @@ def test_a_port_that_is_not_a_ray_cluster_is_one_error_line(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--engine", "spark"], "--engine 'spark' is not one of local, ray"),
-    (["--engine", "ray", "--workers", "0"], "--workers 0 and --cpus-per-worker 1 must be at least 1"),
+    (["--engine", "ray", "--workers", "0"], "--workers 0 must be at least 1"),
     (["--engine", "ray", "--gpus-per-worker", "1"], "--gpus-per-worker 1.0 gives the actors GPUs that --device cpu"),
     (["--engine", "ray", "--device", "cuda"], "--engine ray --device cuda gives the actors no GPU"),
     (["--ray-address", "10.0.0.1:6379"], "--ray-address sets up the Ray engine, which --engine local does not use"),

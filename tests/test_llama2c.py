@@ -200,6 +200,8 @@ def test_bad_checkpoint_files_raise_m3error(tmp_path):
         "badhead.bin": (struct.pack("<i", 63) + model[4:], toks, "not a valid llama2.c v0 header"),
         "tok_short.bin": (model, toks[:-50], "truncated"),
         "tok_long.bin": (model, toks + b"\0" * 12, "12 bytes after the model's 512 tokens"),
+        # one weight NaN, one infinite: garbage out, and `generate` exits 0 on it
+        "nan.bin": (model[:-8] + struct.pack("<ff", float("nan"), float("inf")), toks, "2 of its .* weights are NaN or"),
     }
     for name, (m, t, why) in cases.items():
         (tmp_path / "m.bin").write_bytes(m)

@@ -408,6 +408,15 @@ def test_bad_manifest_versions(kb, version, fragment):
     (lambda m: next(iter(m["state"]["shards"].values())).pop("live_kv_bytes"), "'live_kv_bytes'"),
     (lambda m: m["quant"].update(rel_err_max=None), "quant.rel_err_max = None"),
     (lambda m: m["model"].pop("n_heads"), "'n_heads'"),
+    # hand edits an audit found reaching a traceback, a kb damaged by a compile, or a quiet misreading
+    (lambda m: m["retrieval"]["fusion"].update(weights={}), "lacks the weights ['bm25', 'bm25_doc']"),
+    (lambda m: m["retrieval"].update(mode="fast"), "mode 'fast'"),
+    (lambda m: m["retrieval"]["bm25"].pop("tokenizer"), "'tokenizer'"),
+    (lambda m: m["retrieval"]["bm25"].update(dir="../../elsewhere"), "leaves the kb directory"),
+    (lambda m: m["config"].update(model=5), "config.model = 5"),
+    (lambda m: m["state"].update(next_ref_id=-1), "state.next_ref_id = -1"),
+    (lambda m: m["state"].update(shards={}), "state.shards hold 0 live"),
+    (lambda m: m["write"].update(prefix_ids=[1, 2]), "not identity.prefix_ids"),
 ])
 def test_a_manifest_missing_nested_keys_is_one_line(kb, change, fragment):
     kb_dir, _ = kb
