@@ -555,15 +555,28 @@ def verify(
         if recompute < 0:
             raise M3Error(f"--recompute {recompute} must be 0 or more (references to re-encode)")
         if repair and verify_kb(kb):
+            from m3compile.manifest import read_manifest
             from m3compile.pipeline import repair_kb  # the model side (torch): only to rebuild
 
-            summary = repair_kb(kb, model=model, device=device, log=lambda s: err.print(s, highlight=False, markup=False)).summary
+            try:
+                before = read_manifest(kb).counts["references"]
+            except M3Error:  # a damaged manifest: the repair rebuilds it
+                before = None
+            result = repair_kb(kb, model=model, device=device, log=lambda s: err.print(s, highlight=False, markup=False))
+            summary = result.summary
             repaired = summary["repaired"]
             d, r = summary["documents"], summary["references"]
-            if d["added"] or d["changed"] or d["removed"]:  # the table was rebuilt from a corpus that moved on
-                err.print(f"the corpus changed since the kb was compiled, and the repair took it as it is now: "
-                          f"documents {d['added']} added, {d['changed']} changed, {d['removed']} removed; "
-                          f"references {r['encoded']} encoded, {r['removed']} removed", highlight=False)
+            if d["added"] or d["changed"] or d["removed"]:  # the table was rebuilt from the corpus
+                if not (d["changed"] or d["removed"] or r["encoded"] or r["removed"]) \
+                        and before == result.manifest.counts["references"]:
+                    # a lost table: every document is new to the repair, but each reference it cut
+                    # had its frame in the shards and the count is the kb's
+                    err.print(f"the references table was rebuilt from the corpus: {d['added']} documents cut again, "
+                              "every memory found in the shards by its content key (none encoded)", highlight=False)
+                else:
+                    err.print(f"the corpus changed since the kb was compiled, and the repair took it as it is now: "
+                              f"documents {d['added']} added, {d['changed']} changed, {d['removed']} removed; "
+                              f"references {r['encoded']} encoded, {r['removed']} removed", highlight=False)
         n = recompute_count(kb, recompute) if recompute and (kb / "manifest.json").is_file() else 0
         with _steps("re-encoding") as bar:
             task = bar.add_task("verify", total=n)

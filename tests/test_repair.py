@@ -136,6 +136,9 @@ def test_damage_is_named_then_repaired_to_the_fresh_bytes(built, kb, kind, how):
         r = runner.invoke(app, ["verify", str(kb_dir), "--repair"])
         assert r.exit_code == 0, r.output
         assert "every check holds" in r.stdout
+        # a lost table is cut again from the same corpus: said so, not as a corpus that changed
+        assert "the corpus changed" not in r.output
+        assert ("the references table was rebuilt from the corpus" in r.output) == (kind == "corrupt parquet"), r.output
     assert verify_kb(kb_dir, recompute=3) == []
     assert files(kb_dir) == fresh
     # healthy shards are not touched
