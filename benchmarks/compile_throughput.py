@@ -195,8 +195,8 @@ def main():
             wall = time.perf_counter() - t
             run = json.loads((work / f"kb-{dtype}" / "run.json").read_text())
             n, toks = m.counts["references"], m.counts["tokens"]
-            rows_layers = list(m.write["memory_layers"])
-            flops = write_flops(toks / n, ARGS, len(m.write["memory_layers"])) * n
+            memory_layers = list(m.write["memory_layers"])  # the same for every dtype
+            flops = write_flops(toks / n, ARGS, len(memory_layers)) * n
             stages = run["stage_seconds"]
             own = fp32 if dtype == "float32" else peak  # each dtype's own matmul peak
             rows.append((dtype, n, toks, wall, n / wall, toks / wall, flops / wall / peak,
@@ -224,7 +224,7 @@ def main():
                       "(the pipeline runs after the compile, in its process: with the malloc settings of "
                       "model.keep_freed_memory)")
             print(f"  (the MFU above counts the compiler's FLOPs; per token the pipeline's projections are "
-                  f"{projection_ratio(ARGS, rows_layers):.1f}x the compiler's: every layer and the LM head against the "
+                  f"{projection_ratio(ARGS, memory_layers):.1f}x the compiler's: every layer and the LM head against the "
                   "layers up to the last memory layer's q/k/v)")
         if len(rows) == 2:
             print(f"\nbf16 / fp32 throughput ratio: {rows[0][4] / rows[1][4]:.2f}x")

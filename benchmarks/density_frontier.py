@@ -155,7 +155,8 @@ def measure(point: dict, corpus_dir: Path, recs: list[dict], tmp: Path, modes, d
            "share_value": float(share),
            # what the kb keeps of its own references (kept key-values over their tokens x kv heads x
            # layers): above the nominal share where sentence cuts leave references short of the width
-           "share_measured": round(m.counts["kept_kv"] / (m.counts["tokens"] * spec.n_kv_heads * n_layers), 5), "min_relative_score": ev.floor, "kb_bytes_per_token": round(kb_bytes(kb) / tokens, 1),
+           "share_measured": round(m.counts["kept_kv"] / (m.counts["tokens"] * spec.n_kv_heads * n_layers), 5),
+           "min_relative_score": ev.floor, "kb_bytes_per_token": round(kb_bytes(kb) / tokens, 1),
            "memory_bytes_per_token": round(sum(p.stat().st_size for p in kb.glob("memory-*.safetensors")) / tokens, 1),
            "corpus_tokens": tokens}
     row["greedy"] = {"memory": greedy(ev, qs, True), "none": greedy(ev, qs, False)}

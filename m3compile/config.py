@@ -301,9 +301,10 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
             if b and int(b) < int(a):
                 raise M3Error(f"--memory-layers {text!r}: the range {part.strip()!r} runs backwards; write "
                               f"{int(b)}-{int(a)}")
-            if max(int(a), int(b or a)) > MAX_LAYER_INDEX:
-                raise M3Error(f"--memory-layers {text!r}: layer {max(int(a), int(b or a))} is past any model's "
-                              "depth; give layer indices of the model (0 to its layers - 1)")
+            last = int(b or a)
+            if last > MAX_LAYER_INDEX:  # checked on the range's end: a backwards range was refused above
+                raise M3Error(f"--memory-layers {text!r}: layer {last} is past any model's depth; give layer "
+                              "indices of the model (0 to its layers - 1)")
             out.extend(range(int(a), int(b) + 1) if b else [int(a)])
     except ValueError:
         raise M3Error(f"--memory-layers {text!r} is not a list of layer indices like '0-3,6'") from None

@@ -296,8 +296,10 @@ def _check_structure(m: Manifest) -> None:
     if ident is not None and list(spec.prefix_ids) != ident or not all(type(i) is int for i in spec.prefix_ids):
         raise ValueError(f"write.prefix_ids = {list(spec.prefix_ids)!r}, not identity.prefix_ids {ident!r}")
     # the retrieval section that `m3 query`, `m3 generate` and `m3 eval` open (retrieve.Retriever)
+    from m3compile.retrieve import MODES  # numpy and the index module: no torch
+
     r = m.retrieval
-    if type(r["format_version"]) is not int or r["mode"] not in ("bm25", "dense", "hybrid") or type(r["count"]) is not int:
+    if type(r["format_version"]) is not int or r["mode"] not in MODES or type(r["count"]) is not int:
         raise ValueError(f"retrieval: format_version {r['format_version']!r}, mode {r['mode']!r}, count {r['count']!r}")
     docs = r.get("documents")
     indexes = [("retrieval.bm25", r["bm25"])] + ([("retrieval.documents.bm25", docs["bm25"])] if docs is not None else [])

@@ -164,6 +164,19 @@ def reference_rule(ref_model, prefix, tokens, layers, k):
     return out
 
 
+def memory_errors(exact, approx, ref_id: int) -> tuple[float, float]:
+    """(||x - x^|| / ||x||, max |x - x^|) of one reference's keys and values together: its memory in
+    the kb `approx` against the lossless kb `exact` of the same corpus (references.parquet's
+    quant_rel_err and quant_max_err, formats/references.md); the kept positions must agree."""
+    import torch
+
+    a, b = exact.memory(ref_id), approx.memory(ref_id)
+    assert torch.equal(a.positions, b.positions), ref_id
+    x = torch.cat([a.keys.flatten(), a.values.flatten()]).double()
+    d = x - torch.cat([b.keys.flatten(), b.values.flatten()]).double()
+    return float(d.norm() / x.norm()), float(d.abs().max())
+
+
 def run_cli(args, env_extra=None, timeout=None) -> subprocess.CompletedProcess:
     """`python -m m3compile ARGS` in a fresh process (a kill, exit codes and stderr as a user meets
     them), with `env_extra` added to the environment."""

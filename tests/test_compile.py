@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import CHECKPOINT_CASES, make_checkpoint, reference_rule, tinystories
+from conftest import CHECKPOINT_CASES, make_checkpoint, memory_errors, reference_rule, tinystories
 from m3compile.config import CompileConfig
 from m3compile.kb import describe, open_kb, reference_detail
 from m3compile.model import cpu_description
@@ -320,11 +320,7 @@ def test_int8_int4_errors_on_real_activations(stories260k, tmp_path):
         rows = approx.references().select(["ref_id", "quant_rel_err", "quant_max_err"]).to_pylist()
         assert len(rows) == results[quant].counts["references"] > 7
         for row in rows:
-            a, b = exact.memory(row["ref_id"]), approx.memory(row["ref_id"])
-            assert torch.equal(a.positions, b.positions)
-            x = torch.cat([a.keys.flatten(), a.values.flatten()]).double()
-            d = x - torch.cat([b.keys.flatten(), b.values.flatten()]).double()
-            rel, mx = float(d.norm() / x.norm()), float(d.abs().max())
+            rel, mx = memory_errors(exact, approx, row["ref_id"])
             assert row["quant_rel_err"] == pytest.approx(rel, rel=1e-4), row
             assert row["quant_max_err"] == pytest.approx(mx, rel=1e-4, abs=1e-7), row
         q = results[quant].quant
